@@ -1,0 +1,179 @@
+"""The frozen configuration tree. Validated once at construction; errors name the bad values.
+
+Values learned at run time (number of KV blocks that fit, etc.) live in separate objects, never here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. `kind` is "default" (none), "linear" or "llama3"."""
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("default", "linear", "llama3"):
+            raise ConfigError(f"unsupported rope scaling type {self.kind!r} (default, linear, llama3)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False          # Qwen2
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "llama"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model config: num_heads={self.num_heads} is not a multiple of "
+                              f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model config: head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Builds from a Hugging Face config.json dict (Llama, Mistral, Qwen2)."""
+        arch = cfg.get("model_type", "llama")
+        if arch not in ("llama", "mistral", "qwen2"):
+            raise ConfigError(f"unsupported model_type {arch!r} (llama, mistral, qwen2)")
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        rs = cfg.get("rope_scaling") or {}
+        # transformers 5 folds rope settings into rope_parameters.
+        rp = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rp.get("rope_theta", 10000.0))
+        if not rs and rp.get("rope_type", "default") != "default":
+            rs = rp
+        kind = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
+        scaling = RopeScaling(
+            kind=kind,
+            factor=float(rs.get("factor", 1.0)),
+            low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+            original_max_position=int(rs.get("original_max_position_embeddings", 8192)),
+        )
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads", num_heads),
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            architecture=arch,
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. `num_blocks` None means: size from `max_kv_tokens`."""
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_kv_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ConfigError(f"cache: block_size must be positive, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"cache: num_blocks must be positive, got {self.num_blocks}")
+        if self.max_kv_tokens <= 0:
+            raise ConfigError(f"cache: max_kv_tokens must be positive, got {self.max_kv_tokens}")
+
+    def total_blocks(self) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        return -(-self.max_kv_tokens // self.block_size)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Grid of tp × spp × kvp workers. `kvp_tokens` (M) is how many tokens one KVP group holds."""
+    tp: int = 1
+    spp: int = 1
+    kvp: int = 1
+    kvp_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "spp", "kvp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel: {name} must be >= 1, got {getattr(self, name)}")
+        if self.kvp > 1 and (self.kvp_tokens is None or self.kvp_tokens <= 0):
+            raise ConfigError(f"parallel: kvp={self.kvp} needs kvp_tokens > 0, got {self.kvp_tokens}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.spp * self.kvp
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What one engine iteration may hold."""
+    chunk_size: int = 512              # fixed prefill chunk (tokens) when adaptive chunking is off
+    max_batch_tokens: int = 8192       # tokens in one forward pass
+    max_num_seqs: int = 64             # requests in one forward pass
+    policy: str = "fcfs"               # "fcfs" | "lars" (see common/scheduler)
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise ConfigError(f"scheduler: chunk_size must be positive, got {self.chunk_size}")
+        if self.max_batch_tokens <= 0 or self.max_num_seqs <= 0:
+            raise ConfigError("scheduler: max_batch_tokens and max_num_seqs must be positive")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None           # HF dir or GGUF file; None = built-in model
+    dtype: str = "float32"
+    device: str = "cpu"
+    attention_backend: str = "auto"    # auto | reference | cpu_flash | sdpa | flash_attn
+    max_model_len: int | None = None   # None = the model's max_position
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")

@@ -1,0 +1,38 @@
+"""Typed errors. Services map them to gRPC status codes in one place (common/rpc/status.py)."""
+from __future__ import annotations
+
+
+class MnemosyneError(Exception):
+    """Base of every error the system raises on purpose."""
+
+
+class ConfigError(MnemosyneError, ValueError):
+    """A configuration value is invalid; the message names it."""
+
+
+class InvalidRequestError(MnemosyneError, ValueError):
+    """A request is malformed (empty prompt, bad token ids, too long, bad sampling values)."""
+
+
+class ModelLoadError(MnemosyneError):
+    """A checkpoint could not be found or read."""
+
+
+class CapacityError(MnemosyneError):
+    """Not enough KV blocks (or another resource) to take the request now."""
+
+
+class KVTransferError(MnemosyneError):
+    """A KV transfer failed, timed out, or the peers' layouts do not match."""
+
+
+class RequestAbortedError(MnemosyneError):
+    """The request was aborted (client cancel or failure elsewhere)."""
+
+
+class WorkerFailedError(MnemosyneError):
+    """A worker process died or stopped answering."""
+
+
+class PlacementError(MnemosyneError):
+    """The kvstore could not place, find or renew a request's KV placement."""
