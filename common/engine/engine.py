@@ -1,0 +1,152 @@
+"""The single-process engine: one step = schedule -> run -> postprocess.
+
+This is also the reference every parallel layout (TP x SPP x KVP) must reproduce exactly.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from common.attention.registry import get_backend
+from common.config import EngineConfig, ModelConfig
+from common.engine.model_runner import ModelRunner
+from common.engine.sampler import Sampler
+from common.errors import InvalidRequestError
+from common.kv_cache.block_pool import BlockPool
+from common.kv_cache.paged import PagedKVCache
+from common.model.llama import LlamaModel
+from common.model.loader import Checkpoint, load_checkpoint
+from common.sampling_params import SamplingParams
+from common.scheduler.request import FinishReason, Request
+from common.scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    token_id: int | None          # None for a step that only advanced a prefill
+    logprob: float | None
+    num_computed: int
+    prompt_len: int
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    ttft_s: float
+    tbt_s: list[float] = field(default_factory=list)
+
+
+def build_model(cfg: ModelConfig, checkpoint: Checkpoint, dtype: torch.dtype, device: str,
+                first_layer: int = 0, last_layer: int | None = None) -> LlamaModel:
+    """Builds a stage of the model without initialising weights, then loads its tensors."""
+    with torch.device("meta"):
+        model = LlamaModel(cfg, first_layer, last_layer)
+    model = model.to_empty(device=device)
+    model.load_weights(checkpoint.weights(model.wanted))
+    return model.to(dtype).eval()
+
+
+def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:
+    if not prompt_ids:
+        raise InvalidRequestError("prompt is empty")
+    bad = [t for t in prompt_ids if not isinstance(t, int) or t < 0 or t >= vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if len(prompt_ids) >= max_model_len:
+        raise InvalidRequestError(f"prompt has {len(prompt_ids)} tokens; the model allows at most "
+                                  f"{max_model_len - 1} (max_model_len {max_model_len})")
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+        self.cfg = cfg
+        self.checkpoint = checkpoint or load_checkpoint(cfg.model)
+        self.model_config = self.checkpoint.config
+        self.max_model_len = cfg.max_model_len or self.model_config.max_position
+        self.dtype = TORCH_DTYPES[cfg.dtype]
+        mc = self.model_config
+        self.model = build_model(mc, self.checkpoint, self.dtype, cfg.device)
+        num_blocks = cfg.cache.total_blocks()
+        self.pool = BlockPool(num_blocks, cfg.cache.block_size)
+        self.cache = PagedKVCache(range(mc.num_layers), num_blocks, cfg.cache.block_size, mc.num_kv_heads,
+                                  mc.head_dim, self.dtype, cfg.device)
+        self.backend = get_backend(cfg.attention_backend, cfg.device)
+        self.scheduler = Scheduler(cfg.scheduler, self.pool)
+        self.runner = ModelRunner(self.model, self.cache, self.pool, self.backend, cfg.device)
+        self.sampler = Sampler()
+        self._ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_s: float | None = None, ttft_deadline_s: float | None = None) -> str:
+        validate_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens)
+        rid = request_id or f"req-{next(self._ids)}"
+        req = Request(rid, list(prompt_ids), params, arrival_s if arrival_s is not None else time.monotonic(),
+                      eos_ids=frozenset(self.model_config.eos_token_ids), max_model_len=self.max_model_len,
+                      ttft_deadline_s=ttft_deadline_s)
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        self.sampler.forget(request_id)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one iteration ----------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.items:
+            return []
+        logits = self.runner.run(sched.items)
+        samplers = [it for it in sched.items if it.sample]
+        tokens, logprobs = self.sampler.sample(logits, [it.request.request_id for it in samplers],
+                                               [it.request.params for it in samplers])
+        sampled = {it.request.request_id: (t, lp) for it, t, lp in zip(samplers, tokens, logprobs)}
+        self.scheduler.postprocess(sched, sampled)
+        outs = []
+        for it in sched.items:
+            req = it.request
+            tok = sampled.get(req.request_id)
+            if req.finished:
+                self.sampler.forget(req.request_id)
+            outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
+                                   req.num_computed, req.prompt_len, req.finish_reason))
+        return outs
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
+        """Runs the prompts together (continuous batching) until all finish."""
+        t0 = time.monotonic()
+        rids = [self.add_request(p, params) for p in prompts]
+        results = {r: GenerationResult(r, [], [], "", 0.0) for r in rids}
+        last = {r: t0 for r in rids}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.token_id is None:
+                    continue
+                now = time.monotonic()
+                res = results[o.request_id]
+                if not res.token_ids:
+                    res.ttft_s = now - t0
+                else:
+                    res.tbt_s.append(now - last[o.request_id])
+                last[o.request_id] = now
+                res.token_ids.append(o.token_id)
+                res.logprobs.append(o.logprob)
+                if o.finish_reason is not None:
+                    res.finish_reason = o.finish_reason.value
+        return [results[r] for r in rids]

@@ -1,0 +1,49 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds; logprobs of chosen tokens.
+
+Logprobs are those of the model's own distribution (log_softmax of the raw logits), whatever the
+sampling settings, so they can be compared with a reference model.
+"""
+from __future__ import annotations
+
+import torch
+
+from common.sampling_params import SamplingParams
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self.generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
+               ) -> tuple[list[int], list[float]]:
+        """logits [B, V] float32 -> chosen token ids [B], their logprobs [B]."""
+        logprobs = torch.log_softmax(logits, dim=-1)                    # [B, V]
+        tokens = logits.argmax(dim=-1)                                  # [B]
+        for i, (rid, p) in enumerate(zip(request_ids, params)):
+            if not p.greedy:
+                tokens[i] = self._draw(logits[i], rid, p)
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        return tokens.tolist(), chosen.tolist()
+
+    def _draw(self, logits: torch.Tensor, rid: str, p: SamplingParams) -> int:
+        gen = self.generators.get(rid)
+        if gen is None:
+            gen = torch.Generator(device=logits.device)
+            gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            self.generators[rid] = gen
+        scores = logits / p.temperature                                  # [V]
+        if p.top_k > 0:
+            kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=True)
+            cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+            # drop tokens once the mass before them already reaches top_p (always keep the first)
+            drop = (cum - torch.softmax(sorted_scores, dim=-1)) >= p.top_p
+            sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+            scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -1,0 +1,161 @@
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, SmolLM2) over a flat batch of tokens.
+
+The model is plain torch: no torch.distributed here. Tensor parallelism is applied as a transform
+(common/parallel/tp.py) that shards the linears; attention reads the local head count from the
+projection outputs. Attention itself is delegated to a forward context (`ctx.attend`) that owns the
+paged KV cache, the attention backend and, under KV-cache parallelism, the cross-group LSE merge.
+
+Activations are flat: all sequences of a batch are concatenated, [T, hidden], with absolute positions
+[T]. Parameter names follow Hugging Face exactly so checkpoints load by name.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.config import ModelConfig
+from common.model.rope import Rope, apply_rope
+
+
+class AttendFn(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] (already rotated) -> attention output [T, Hq, D]."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttendFn) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, -1, self.head_dim)      # [T, Hq_local, D]
+        k = self.k_proj(x).view(t, -1, self.head_dim)      # [T, Hkv_local, D]
+        v = self.v_proj(x).view(t, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = ctx.attend(self.layer, q, k, v)                # [T, Hq_local, D]
+        return self.o_proj(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttendFn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Holds layers [first_layer, last_layer) (a pipeline stage) or all of them.
+
+    Only the first stage owns the embedding; only the last owns the final norm and LM head.
+    """
+
+    def __init__(self, cfg: ModelConfig, first_layer: int = 0, last_layer: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.first_layer = first_layer
+        self.last_layer = cfg.num_layers if last_layer is None else last_layer
+        self.is_first = first_layer == 0
+        self.is_last = self.last_layer == cfg.num_layers
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i)
+                                     for i in range(self.first_layer, self.last_layer)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> hidden [T, hidden]."""
+        return self.embed_tokens(input_ids)
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, ctx: AttendFn) -> torch.Tensor:
+        """hidden [T, hidden] entering this stage, positions [T] -> hidden leaving it."""
+        cos, sin = self.rope.cos_sin(positions, hidden.dtype)
+        for layer in self.layers.values():
+            hidden = layer(hidden, cos, sin, ctx)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] (rows to sample) -> float32 logits [N, vocab]."""
+        return self.lm_head(self.norm(hidden)).float()
+
+    # ---- weights ---------------------------------------------------------------------------------
+    def wanted(self, name: str) -> bool:
+        """Whether the checkpoint tensor `name` belongs to this stage."""
+        if name.startswith("model.layers."):
+            layer = int(name.split(".")[2])
+            return self.first_layer <= layer < self.last_layer
+        if name == "model.embed_tokens.weight":
+            return self.is_first or (self.is_last and self.cfg.tie_word_embeddings)
+        if name in ("model.norm.weight", "lm_head.weight"):
+            return self.is_last
+        return False
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies checkpoint tensors (HF names) into this stage's parameters; checks none is missing."""
+        params = dict(self._param_names())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if not self.wanted(name):
+                continue
+            targets = [name]
+            if name == "model.embed_tokens.weight" and self.cfg.tie_word_embeddings and self.is_last:
+                targets = ([name] if self.is_first else []) + ["lm_head.weight"]
+            for target in targets:
+                param = params[target]
+                if param.shape != tensor.shape:
+                    raise ValueError(f"{target}: checkpoint shape {tuple(tensor.shape)} != model "
+                                     f"{tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor)
+                loaded.add(target)
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+
+    def _param_names(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in self.named_parameters():
+            if name.startswith("layers."):
+                yield "model." + name, param
+            elif name.startswith(("embed_tokens.", "norm.")):
+                yield "model." + name, param
+            else:
+                yield name, param
