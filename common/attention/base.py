@@ -47,4 +47,6 @@ class AttentionBackend(ABC):
             o, l = self.forward(q[b:b + 1], k, v, q_start=max(n - 1, 0), k_start=0, scale=scale)
             outs.append(o)
             lses.append(l)
+        if not outs:  # empty batch: torch.cat([]) would raise
+            return q.new_zeros(q.shape), torch.empty(0, q.shape[1], dtype=torch.float32, device=q.device)
         return torch.cat(outs), torch.cat(lses)

@@ -214,3 +214,10 @@ def test_registry_cuda_is_config_error_when_missing():
             get_backend("auto", "cuda")
     else:
         pytest.skip("the CUDA backend exists")
+
+
+@pytest.mark.parametrize("backend", [REF, FLASH], ids=lambda b: b.name)
+def test_decode_paged_empty_batch(backend):
+    o, l = backend.decode_paged(torch.zeros(0, 4, 8), torch.zeros(2, 16, 2, 8), torch.zeros(2, 16, 2, 8),
+                                torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), scale=0.3)
+    assert o.shape == (0, 4, 8) and l.shape == (0, 4) and l.dtype == torch.float32
