@@ -1,8 +1,9 @@
 """A request's state as the scheduler and engine see it (torch-free).
 
-Tokens = prompt + generated. `num_computed` tokens already have their KV in the cache; the next step
-processes tokens [num_computed, num_computed + n). A step that reaches the last known token samples
-the next one. Prefill, chunked prefill, decode and recompute after preemption are the same path.
+Tokens = prompt + generated. `num_computed` tokens already have their KV in the cache and
+`num_inflight` more are in steps still running (a sequence pipeline keeps several chunks of one request
+in flight); the next step processes tokens [next_pos, next_pos + n). A step that reaches the last known
+token samples the next one. Prefill, chunked prefill, decode and recompute after preemption are the same path.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     num_computed: int = 0
+    num_inflight: int = 0                    # scheduled tokens whose step has not completed (SPP)
     last_chunk: int = 0
     num_preemptions: int = 0
     status: Status = Status.WAITING
@@ -52,8 +54,17 @@ class Request:
 
     @property
     def remaining(self) -> int:
-        """Tokens not yet in the KV cache."""
+        """Known tokens not yet in the KV cache."""
         return self.num_tokens - self.num_computed
+
+    @property
+    def next_pos(self) -> int:
+        """First token not yet scheduled: chunks of one request may be in flight back to back."""
+        return self.num_computed + self.num_inflight
+
+    @property
+    def unscheduled(self) -> int:
+        return self.num_tokens - self.next_pos
 
     @property
     def in_prefill(self) -> bool:

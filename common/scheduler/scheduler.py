@@ -81,11 +81,13 @@ class Scheduler:
         scheduled: set[str] = set()
 
         def take(req: Request, n: int) -> bool:
-            while not self.pool.can_allocate(req.request_id, req.num_computed + n):
+            start = req.next_pos
+            while not self.pool.can_allocate(req.request_id, start + n):
                 if not self._preempt_one(exclude=scheduled | {req.request_id}, out=out):
                     return False
-            self.pool.allocate(req.request_id, req.num_computed + n)
-            out.items.append(ScheduledItem(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
+            self.pool.allocate(req.request_id, start + n)
+            out.items.append(ScheduledItem(req, start, n, start + n == req.num_tokens))
+            req.num_inflight += n
             scheduled.add(req.request_id)
             return True
 
@@ -93,10 +95,11 @@ class Scheduler:
         for req in list(self.running):
             if len(out.items) >= self.cfg.max_num_seqs or budget <= 0:
                 break
-            if req.remaining == 1 and req.output_ids and req.request_id not in scheduled:
+            if req.unscheduled == 1 and not req.num_inflight and req.output_ids \
+                    and req.request_id not in scheduled:
                 if req in self.running and take(req, 1):
                     budget -= 1
-                elif req in self.running:
+                elif req in self.running and not req.num_inflight:
                     self._preempt(req, out)
         # 2. prefills: running ones first (in arrival order), then waiting ones
         candidates = [r for r in self.running if r.request_id not in scheduled] + list(self.waiting)
@@ -119,9 +122,9 @@ class Scheduler:
         return out
 
     def chunk_for(self, req: Request, budget: int) -> int:
-        n = min(req.remaining, self.cfg.chunk_size, budget)
+        n = min(req.unscheduled, self.cfg.chunk_size, budget)
         if self.kvp_tokens:                       # a chunk never crosses a KVP group boundary
-            n = min(n, self.kvp_tokens - req.num_computed % self.kvp_tokens)
+            n = min(n, self.kvp_tokens - req.next_pos % self.kvp_tokens)
         return n
 
     def postprocess(self, out: SchedulerOutput, sampled: dict[str, tuple[int, float]]) -> list[Request]:
@@ -132,6 +135,7 @@ class Scheduler:
             if req.request_id not in self.requests:      # aborted while the step ran
                 continue
             req.num_computed += item.num_tokens
+            req.num_inflight -= item.num_tokens
             if item.sample:
                 token, logprob = sampled[req.request_id]
                 req.append(token, logprob)
@@ -146,7 +150,7 @@ class Scheduler:
     # ---- preemption ------------------------------------------------------------------------------
     def _preempt_one(self, exclude: set[str], out: SchedulerOutput) -> bool:
         for victim in reversed(self.running):             # latest arrival loses its place first
-            if victim.request_id not in exclude:
+            if victim.request_id not in exclude and not victim.num_inflight:
                 self._preempt(victim, out)
                 return True
         return False
