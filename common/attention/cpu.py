@@ -2,8 +2,9 @@
 
 The kernel, aten::_scaled_dot_product_flash_attention_for_cpu, takes [B, H, L, D] and returns
 (out [B, H, L, D] in the input dtype, lse [B, H, L] float32 natural log). Its is_causal is TOP-LEFT
-aligned, it crashes the process (SIGFPE) on zero queries or zero keys, and with an additive mask a fully
-masked row gives lse 0 (not -inf). So we never call it with an empty side or a mask: the keys are split
+aligned, it crashes the process (SIGFPE) on zero queries or zero keys, with an additive mask a fully
+masked row gives lse 0 (not -inf), and it silently computes garbage when the last (head) dim is not
+unit-stride (any other strides, even 0, are fine, so K/V are passed as strided views, never copied). So we never call it with an empty side or a mask: the keys are split
 
     A = keys at positions <= q_start        (visible to every query: non-causal)
     B = keys at positions q_start+1 .. q_start+n-1   seen by queries 1..n-1 (top-left causal is right:
@@ -24,6 +25,11 @@ from common.attention.reference import check_shapes
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernel assumes stride 1 along the head dim and reads wrong data otherwise."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _empty(n: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return (q.new_zeros(n, q.shape[1], q.shape[2]),
@@ -41,9 +47,9 @@ def _noncausal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     hkv = k.shape[1]
     g = hq // hkv
     qf = q.reshape(n, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, n * g, d)   # copies
-    kf = k.permute(1, 0, 2).unsqueeze(0).contiguous()                             # [1, Hkv, L, D]
-    vf = v.permute(1, 0, 2).unsqueeze(0).contiguous()
-    out, lse = _flash(qf, kf, vf, 0.0, False, scale=scale)      # [1, Hkv, n*g, D], [1, Hkv, n*g]
+    kf = k.permute(1, 0, 2).unsqueeze(0)          # [1, Hkv, L, D]; a strided view: a copy costs more
+    vf = v.permute(1, 0, 2).unsqueeze(0)
+    out, lse = _flash(_unit_last(qf), _unit_last(kf), _unit_last(vf), 0.0, False, scale=scale)      # [1, Hkv, n*g, D], [1, Hkv, n*g]
     out = out.reshape(hkv, n, g, d).permute(1, 0, 2, 3).reshape(n, hq, d)
     lse = lse.reshape(hkv, n, g).permute(1, 0, 2).reshape(n, hq)
     return out, lse
@@ -53,10 +59,10 @@ def _causal_topleft(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Query i sees keys j <= i (top-left). q [n, Hq, D], k, v [m, Hkv, D], 0 < m <= n: no row is empty."""
     g = q.shape[1] // k.shape[1]
-    qf = q.permute(1, 0, 2).unsqueeze(0).contiguous()                             # [1, Hq, n, D]
-    kf = k.repeat_interleave(g, dim=1).permute(1, 0, 2).unsqueeze(0).contiguous()  # [1, Hq, m, D]
-    vf = v.repeat_interleave(g, dim=1).permute(1, 0, 2).unsqueeze(0).contiguous()
-    out, lse = _flash(qf, kf, vf, 0.0, True, scale=scale)       # [1, Hq, n, D], [1, Hq, n]
+    qf = q.permute(1, 0, 2).unsqueeze(0)                                  # [1, Hq, n, D]
+    kf = k.repeat_interleave(g, dim=1).permute(1, 0, 2).unsqueeze(0)      # [1, Hq, m, D]
+    vf = v.repeat_interleave(g, dim=1).permute(1, 0, 2).unsqueeze(0)
+    out, lse = _flash(_unit_last(qf), _unit_last(kf), _unit_last(vf), 0.0, True, scale=scale)       # [1, Hq, n, D], [1, Hq, n]
     return out[0].permute(1, 0, 2), lse[0].transpose(0, 1)
 
 

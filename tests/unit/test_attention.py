@@ -161,6 +161,13 @@ def test_non_contiguous_views():
     q, k, v = qkv[-9:, :8], qkv[:, 8:10], qkv[:, 10:]
     assert not q.is_contiguous() and not k.is_contiguous()
     _check_against_reference(FLASH, q, k, v, q_start=31, k_start=0)
+    # The CPU kernel silently misreads a head dim that is not unit-stride: the backend must copy then.
+    q2, k2, v2 = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (q, k, v))
+    k3, v3 = torch.randn(40, 2, 32)[..., ::2], torch.randn(40, 2, 32)[..., ::2]
+    assert q2.stride(-1) != 1 and k3.stride(-1) != 1
+    _check_against_reference(FLASH, q2, k2, v2, q_start=31, k_start=0)
+    _check_against_reference(FLASH, q2, k3, v3, q_start=31, k_start=0)
+    _check_against_reference(FLASH, q2[:1], k3, v3, q_start=39, k_start=0)   # decode
 
 
 # --- paged decode (the base class default) ----------------------------------------------------------
