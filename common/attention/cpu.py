@@ -4,7 +4,8 @@ The kernel, aten::_scaled_dot_product_flash_attention_for_cpu, takes [B, H, L, D
 (out [B, H, L, D] in the input dtype, lse [B, H, L] float32 natural log). Its is_causal is TOP-LEFT
 aligned, it crashes the process (SIGFPE) on zero queries or zero keys, with an additive mask a fully
 masked row gives lse 0 (not -inf), and it silently computes garbage when the last (head) dim is not
-unit-stride (any other strides, even 0, are fine, so K/V are passed as strided views, never copied). So we never call it with an empty side or a mask: the keys are split
+unit-stride (any other strides, even 0, are fine, so K/V are passed as strided views, not copied).
+So we never call it with an empty side or a mask, and the keys are split
 
     A = keys at positions <= q_start        (visible to every query: non-causal)
     B = keys at positions q_start+1 .. q_start+n-1   seen by queries 1..n-1 (top-left causal is right:
