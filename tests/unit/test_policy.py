@@ -1,0 +1,83 @@
+"""Ordering policies (FCFS, EDF, LARS), the LARS budget share and the long-prefill predicate."""
+from __future__ import annotations
+
+import pytest
+
+from common.errors import ConfigError
+from common.scheduler.policy import (EDF, FCFS, LARS, POLICIES, effective_budget, is_long_prefill,
+                                     make_policy, order)
+from common.scheduler.types import ReqView
+
+
+def req(rid, arrival=0.0, prompt=1000, done=0, deadline=None):
+    return ReqView(rid, arrival, prompt, num_computed=done, ttft_deadline_s=deadline)
+
+
+def linear_work(per_token=1e-3):
+    """(remaining, total) seconds for a model where every prompt token costs `per_token`."""
+    return lambda r: (per_token * r.remaining_prompt, per_token * r.prompt_len)
+
+
+def test_registry_by_name_and_unknown_name():
+    assert set(POLICIES) == {"fcfs", "edf", "lars"}
+    assert isinstance(make_policy("fcfs"), FCFS)
+    assert isinstance(make_policy("EDF"), EDF)
+    lars = make_policy("lars", rho_max=0.5)
+    assert isinstance(lars, LARS) and lars.rho_max == 0.5
+    with pytest.raises(ConfigError, match="sjf"):
+        make_policy("sjf")
+    with pytest.raises(ConfigError):
+        LARS(rho_max=1.0)
+
+
+def test_fcfs_orders_by_arrival_then_id():
+    reqs = [req("b", 2.0), req("a", 2.0), req("c", 1.0, deadline=1.5)]
+    assert [r.request_id for r in order(FCFS(), reqs, 3.0, linear_work())] == ["c", "a", "b"]
+
+
+def test_edf_orders_by_deadline_and_puts_no_deadline_last():
+    reqs = [req("none", 0.0), req("late", 1.0, deadline=20.0), req("soon", 2.0, deadline=5.0)]
+    assert [r.request_id for r in order(EDF(), reqs, 3.0, linear_work())] == ["soon", "late", "none"]
+
+
+def test_lars_rho_is_slack_over_total_work():
+    # paper example at t=5: long (10 s of work, 5 s done, due at 16) and short (0.5 s, due at 6)
+    long = req("long", 0.0, prompt=10_000, done=5_000, deadline=16.0)
+    short = req("short", 5.0, prompt=500, deadline=6.0)
+    work = linear_work(1e-3)
+    assert LARS.rho(long, 5.0, *work(long)) == pytest.approx((16 - 5 - 5) / 10)
+    assert LARS.rho(short, 5.0, *work(short)) == pytest.approx((6 - 5 - 0.5) / 0.5)
+    assert LARS.rho(req("x"), 5.0, 1.0, 1.0) is None
+    # the same absolute slack is riskier for the long job: it ranks first
+    a = req("a", 0.0, prompt=10_000, deadline=12.0)       # slack 2 s over 10 s of work
+    b = req("b", 0.0, prompt=1_000, deadline=3.0)         # slack 2 s over 1 s of work
+    assert [r.request_id for r in order(LARS(), [b, a], 0.0, work)] == ["a", "b"]
+
+
+def test_lars_puts_requests_without_deadline_last_and_late_ones_first():
+    work = linear_work(1e-3)
+    reqs = [req("none", 0.0), req("ok", 1.0, deadline=100.0), req("late", 2.0, deadline=2.5)]
+    assert [r.request_id for r in order(LARS(), reqs, 3.0, work)] == ["late", "ok", "none"]
+
+
+def test_effective_budget_clips_rho():
+    assert effective_budget(0.05, None) == 0.05
+    assert effective_budget(0.05, -3.0) == 0.05            # out of slack: the whole budget
+    assert effective_budget(0.05, 0.1) == pytest.approx(0.045)
+    assert effective_budget(0.05, 7.0) == pytest.approx(0.03)   # capped at rho_max = 0.4
+    assert effective_budget(0.05, 7.0, rho_max=0.5) == pytest.approx(0.025)
+
+
+def test_prefill_budget_only_lars_yields():
+    long = req("long", 0.0, prompt=10_000, done=5_000, deadline=16.0)
+    rem, tot = linear_work()(long)
+    assert FCFS().prefill_budget(0.05, long, 5.0, rem, tot) == 0.05
+    assert EDF().prefill_budget(0.05, long, 5.0, rem, tot) == 0.05
+    assert LARS().prefill_budget(0.05, long, 5.0, rem, tot) == pytest.approx(0.05 * 0.6)
+
+
+def test_long_prefill_predicate_counts_processed_tokens():
+    assert not is_long_prefill(req("a", prompt=1_000_000, done=0))
+    assert is_long_prefill(req("a", prompt=1_000_000, done=256 * 1024))
+    assert is_long_prefill(req("a", prompt=5000, done=2048), long_threshold=2048)
+    assert not is_long_prefill(req("a", prompt=2048, done=2048), long_threshold=1024)   # prefill done
