@@ -8,6 +8,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 
@@ -15,7 +16,7 @@ from common.attention.registry import get_backend
 from common.config import EngineConfig, ModelConfig
 from common.engine.model_runner import ModelRunner
 from common.engine.sampler import Sampler
-from common.errors import InvalidRequestError
+from common.errors import CapacityError, InvalidRequestError
 from common.kv_cache.block_pool import BlockPool
 from common.kv_cache.paged import PagedKVCache
 from common.model.llama import LlamaModel
@@ -71,10 +72,14 @@ def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, 
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(self, cfg: EngineConfig, checkpoint: Checkpoint | None = None,
+                 extra_eos_ids: Iterable[int] = ()) -> None:
+        """`extra_eos_ids`: stop tokens besides the model config's, e.g. the tokenizer's (SmolLM2's
+        chat turns end with <|im_end|>). Every request stops on their union unless ignore_eos."""
         self.cfg = cfg
         self.checkpoint = checkpoint or load_checkpoint(cfg.model)
         self.model_config = self.checkpoint.config
+        self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(int(i) for i in extra_eos_ids)
         self.max_model_len = cfg.max_model_len or self.model_config.max_position
         self.dtype = TORCH_DTYPES[cfg.dtype]
         mc = self.model_config
@@ -95,7 +100,7 @@ class LLMEngine:
         validate_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens)
         rid = request_id or f"req-{next(self._ids)}"
         req = Request(rid, list(prompt_ids), params, arrival_s if arrival_s is not None else time.monotonic(),
-                      eos_ids=frozenset(self.model_config.eos_token_ids), max_model_len=self.max_model_len,
+                      eos_ids=self.eos_ids, max_model_len=self.max_model_len,
                       ttft_deadline_s=ttft_deadline_s)
         self.scheduler.add(req)
         return rid
@@ -135,7 +140,15 @@ class LLMEngine:
         results = {r: GenerationResult(r, [], [], "", 0.0) for r in rids}
         last = {r: t0 for r in rids}
         while self.has_unfinished():
-            for o in self.step():
+            outs = self.step()
+            if not outs:
+                # Nothing could be scheduled and nothing is in flight: no later step will differ.
+                stuck = [r for r in rids if r in self.scheduler.requests]
+                for r in stuck:
+                    self.abort(r)
+                raise CapacityError(f"requests {stuck} cannot make progress: the KV cache "
+                                    f"({self.pool.num_blocks} blocks of {self.pool.block_size}) is too small")
+            for o in outs:
                 if o.token_id is None:
                     continue
                 now = time.monotonic()
