@@ -1,0 +1,141 @@
+"""Starts a real, throw-away `redis-server` on a free loopback port (tests, and `make up` when no
+Redis URL is configured).
+
+    with RedisServer() as redis:          # or: redis = RedisServer().start(); ...; redis.stop()
+        store = MetadataStore(redis.url)
+
+The server runs in a private temporary directory with persistence off (no RDB, no AOF), answers
+PING before start() returns, and is stopped with SIGTERM (SIGKILL after a timeout) by stop().
+"""
+from __future__ import annotations
+
+import logging
+import pathlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import redis
+
+from common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it). Another process may take it before
+    we bind it, so whoever binds must handle failure (RedisServer retries with a new port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server child process. Not thread-safe; start and stop from one thread."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int | None = None,
+                 binary: str = "redis-server") -> None:
+        path = shutil.which(binary)
+        if path is None:
+            raise ConfigError(f"redis: {binary!r} not found on PATH (apt-get install redis-server)")
+        self.binary = path
+        self.host = host
+        self.port = port            # None = a free port, chosen at start()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: pathlib.Path | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("redis server not started")
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout_s: float = 10.0, attempts: int = 3) -> "RedisServer":
+        """Starts the server and waits until it answers PING. A lost race for a free port is
+        retried `attempts` times; other failures raise ConfigError with the server's log tail."""
+        if self._proc is not None:
+            raise RuntimeError("redis server already started")
+        fixed = self.port is not None
+        for attempt in range(attempts if not fixed else 1):
+            port = self.port if fixed else free_port(self.host)
+            if self._try_start(port, timeout_s):
+                self.port = port
+                log.info("redis-server pid %d on %s", self._proc.pid, self.url)
+                return self
+            log.warning("redis-server did not start on port %d (attempt %d)", port, attempt + 1)
+        message = (f"redis: could not start {self.binary} on {self.host}"
+                   f"{':' + str(self.port) if fixed else ''}: {self._log_tail()}")
+        self._proc = None
+        self._cleanup_dir()
+        raise ConfigError(message)
+
+    def _try_start(self, port: int, timeout_s: float) -> bool:
+        self._cleanup_dir()
+        self._dir = pathlib.Path(tempfile.mkdtemp(prefix="mnemosyne-redis-"))
+        args = [self.binary, "--bind", self.host, "--port", str(port), "--dir", str(self._dir),
+                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--logfile", str(self._dir / "redis.log"), "--databases", "1"]
+        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        client = redis.Redis(host=self.host, port=port, socket_timeout=1.0,
+                             socket_connect_timeout=1.0)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:           # exited: port taken, bad config...
+                    break
+                try:
+                    # Our process, not another server that already held the port.
+                    if client.info("server")["process_id"] == self._proc.pid:
+                        return True
+                except redis.exceptions.ConnectionError:
+                    pass
+                except redis.exceptions.ResponseError as e:
+                    if "LOADING" not in str(e):
+                        raise
+                time.sleep(0.02)
+        finally:
+            client.close()
+        self._kill()
+        return False
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM (redis exits cleanly, nothing to save), SIGKILL after timeout_s. Idempotent."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("redis-server pid %d ignored SIGTERM; killing", self._proc.pid)
+                self._kill()
+        self._proc = None
+        self._cleanup_dir()
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self._dir / "redis.log").read_text().strip().splitlines()
+            return " | ".join(lines[-3:]) or "(empty log)"
+        except (OSError, TypeError):
+            return "(no log)"
+
+    def _cleanup_dir(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "RedisServer":
+        return self if self._proc is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,104 @@
+"""Domain types of the metadata layer: instances and placements. Plain frozen dataclasses; the
+proto <-> domain conversions are in common/rpc/convert.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import InvalidRequestError
+
+ROLES = ("prefill", "decode")
+MAX_ID_LEN = 256
+
+
+def check_id(kind: str, value: str) -> str:
+    """Request and instance ids: non-empty, at most MAX_ID_LEN characters, printable."""
+    if not value:
+        raise InvalidRequestError(f"{kind} must not be empty")
+    if len(value) > MAX_ID_LEN:
+        raise InvalidRequestError(f"{kind} is {len(value)} characters long (at most {MAX_ID_LEN})")
+    if not value.isprintable():
+        raise InvalidRequestError(f"{kind} {value!r} has non-printable characters")
+    return value
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A prefill or decode instance as registered with the kvstore.
+
+    `capacity` has one entry per KVP group (blocks); its length is the number of groups (empty for
+    a prefill instance). `free` is what the instance last reported (informational). `reserved` is
+    the kvstore's accounting of live placements (filled when read back from the store).
+    """
+    instance_id: str
+    role: str
+    address: str
+    block_size: int = 16
+    kvp_tokens: int = 0                      # M; 0 = one group holds any length
+    capacity: tuple[int, ...] = ()
+    free: tuple[int, ...] = ()
+    reserved: tuple[int, ...] = ()
+    heartbeat_age_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_id("instance_id", self.instance_id)
+        if self.role not in ROLES:
+            raise InvalidRequestError(f"instance {self.instance_id}: role must be one of {ROLES}, "
+                                      f"got {self.role!r}")
+        if not self.address:
+            raise InvalidRequestError(f"instance {self.instance_id}: address must not be empty")
+        if self.block_size <= 0:
+            raise InvalidRequestError(f"instance {self.instance_id}: block_size must be positive, "
+                                      f"got {self.block_size}")
+        if self.kvp_tokens < 0:
+            raise InvalidRequestError(f"instance {self.instance_id}: kvp_tokens must be >= 0, "
+                                      f"got {self.kvp_tokens}")
+        if self.role == "decode" and not self.capacity:
+            raise InvalidRequestError(f"instance {self.instance_id}: a decode instance needs the "
+                                      "block capacity of each KVP group")
+        if len(self.capacity) > 1 and self.kvp_tokens == 0:
+            raise InvalidRequestError(f"instance {self.instance_id}: {len(self.capacity)} KVP groups "
+                                      "need kvp_tokens > 0")
+        if any(c < 0 for c in self.capacity):
+            raise InvalidRequestError(f"instance {self.instance_id}: negative capacity {self.capacity}")
+        for name in ("free", "reserved"):
+            v = getattr(self, name)
+            if v and len(v) != len(self.capacity):
+                raise InvalidRequestError(f"instance {self.instance_id}: {name} has {len(v)} groups, "
+                                          f"capacity has {len(self.capacity)}")
+            if any(x < 0 for x in v):
+                raise InvalidRequestError(f"instance {self.instance_id}: negative {name} {v}")
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.capacity)
+
+    def available(self, group: int) -> int:
+        """Blocks of `group` not held by a live placement."""
+        return self.capacity[group] - (self.reserved[group] if self.reserved else 0)
+
+
+@dataclass(frozen=True)
+class GroupRange:
+    """One KVP group's share: prompt tokens [token_start, token_end) and the blocks reserved."""
+    group: int
+    token_start: int
+    token_end: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A request's decode-side placement. `lease_deadline_ms` is on the store's clock (0 until the
+    placement is recorded)."""
+    request_id: str
+    instance_id: str
+    address: str
+    groups: tuple[GroupRange, ...]
+    num_tokens: int
+    max_new_tokens: int
+    lease_s: float
+    lease_deadline_ms: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(g.num_blocks for g in self.groups)
