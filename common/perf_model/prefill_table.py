@@ -1,0 +1,62 @@
+"""C[l]: predicted seconds to prefill l tokens alone with adaptive chunking under a budget.
+
+Built once by walking one prompt through the chunker (each chunk's batch is predicted alone) and
+interpolated linearly between chunk boundaries; it grows on demand when asked past its end. LARS
+uses remaining(total, done) = C[total] - C[done] and total work C[total].
+"""
+from __future__ import annotations
+
+import bisect
+
+from common.perf_model.base import PerfModel
+from common.scheduler.chunking import AdaptiveChunker, ChunkingConfig, tokens_to_boundary
+from common.scheduler.types import BatchShape, ReqView
+
+_UNBOUNDED = 1 << 62
+
+
+class PrefillTable:
+    def __init__(self, model: PerfModel, budget_s: float, max_len: int = 0,
+                 chunking: ChunkingConfig = ChunkingConfig(), kvp_tokens: int | None = None) -> None:
+        if not budget_s > 0:
+            raise ValueError(f"prefill table: budget_s must be positive, got {budget_s}")
+        self.model = model
+        self.budget_s = budget_s
+        self.chunker = AdaptiveChunker(model.predict, chunking)
+        # one prompt that never ends: chunks are never clipped at a prompt end
+        self._req = ReqView("prefill-table", 0.0, _UNBOUNDED, kvp_tokens=kvp_tokens)
+        self.tokens: list[int] = [0]
+        self.times: list[float] = [0.0]
+        self.extend(max_len)
+
+    def extend(self, max_len: int) -> None:
+        """Walks the prompt until the table covers `max_len` tokens."""
+        req = self._req
+        while self.tokens[-1] < max_len:
+            n = self.chunker.chunk(BatchShape(), self.budget_s, req)
+            if n == 0:       # not even the smallest chunk fits alone: the scheduler forces it anyway
+                n = min(self.chunker.config.min_chunk, tokens_to_boundary(req))
+            t = self.model.predict(BatchShape(((n, req.num_computed),)))
+            req = req.advanced(n)
+            self.tokens.append(req.num_computed)
+            self.times.append(self.times[-1] + t)
+        self._req = req
+
+    def time(self, num_tokens: int) -> float:
+        """C[num_tokens]."""
+        if num_tokens <= 0:
+            return 0.0
+        self.extend(num_tokens)
+        i = bisect.bisect_left(self.tokens, num_tokens)
+        if self.tokens[i] == num_tokens:
+            return self.times[i]
+        l0, l1 = self.tokens[i - 1], self.tokens[i]
+        t0, t1 = self.times[i - 1], self.times[i]
+        return t0 + (t1 - t0) * (num_tokens - l0) / (l1 - l0)
+
+    def remaining(self, total: int, done: int) -> float:
+        return max(self.time(total) - self.time(done), 0.0)
+
+    def work(self, req: ReqView) -> tuple[float, float]:
+        """(remaining, total) predicted prefill seconds: the `work` callback of the planner."""
+        return self.remaining(req.prompt_len, req.num_computed), self.time(req.prompt_len)
