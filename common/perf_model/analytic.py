@@ -40,11 +40,13 @@ class Hardware:
 # Measured on the 2-core development machine (matmul, copy); GPU figures are datasheet rates derated
 # to what dense kernels sustain. Keys: "<device>-<dtype>".
 HARDWARE: dict[str, Hardware] = {
-    "cpu-float32": Hardware("cpu-float32", 190e9, 50e9, iter_overhead_s=2e-3, layer_overhead_s=1e-4),
-    "cpu-bfloat16": Hardware("cpu-bfloat16", 410e9, 50e9, iter_overhead_s=2e-3, layer_overhead_s=1e-4),
-    "a100-bfloat16": Hardware("a100-bfloat16", 250e12, 1.6e12, iter_overhead_s=3e-3, layer_overhead_s=2e-5),
-    "h100-bfloat16": Hardware("h100-bfloat16", 700e12, 2.8e12, iter_overhead_s=3e-3, layer_overhead_s=2e-5),
-    "h200-bfloat16": Hardware("h200-bfloat16", 700e12, 4.0e12, iter_overhead_s=3e-3, layer_overhead_s=2e-5),
+    h.name: h for h in (
+        Hardware("cpu-float32", 190e9, 50e9, iter_overhead_s=2e-3, layer_overhead_s=1e-4),
+        Hardware("cpu-bfloat16", 410e9, 50e9, iter_overhead_s=2e-3, layer_overhead_s=1e-4),
+        Hardware("a100-bfloat16", 250e12, 1.6e12, iter_overhead_s=3e-3, layer_overhead_s=2e-5),
+        Hardware("h100-bfloat16", 700e12, 2.8e12, iter_overhead_s=3e-3, layer_overhead_s=2e-5),
+        Hardware("h200-bfloat16", 700e12, 4.0e12, iter_overhead_s=3e-3, layer_overhead_s=2e-5),
+    )
 }
 
 

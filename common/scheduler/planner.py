@@ -35,7 +35,8 @@ class PlannerConfig:
             raise ConfigError(f"planner: long_threshold={self.long_threshold} and "
                               f"max_num_seqs={self.max_num_seqs} must be positive")
         if self.max_batch_tokens is not None and self.max_batch_tokens <= 0:
-            raise ConfigError(f"planner: max_batch_tokens must be positive, got {self.max_batch_tokens}")
+            raise ConfigError(f"planner: max_batch_tokens must be positive, "
+                              f"got {self.max_batch_tokens}")
 
 
 @dataclass(frozen=True)

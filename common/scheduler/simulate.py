@@ -16,7 +16,8 @@ from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
 from common.scheduler.chunking import AdaptiveChunker, ChunkingConfig, FixedChunker
 from common.scheduler.planner import PlannerConfig, plan_prefills
-from common.scheduler.policy import DEFAULT_LONG_THRESHOLD, DEFAULT_RHO_MAX, is_long_prefill, make_policy
+from common.scheduler.policy import (DEFAULT_LONG_THRESHOLD, DEFAULT_RHO_MAX, is_long_prefill,
+                                     make_policy)
 from common.scheduler.types import BatchShape, ReqView
 
 
@@ -158,7 +159,8 @@ def simulate(requests: Iterable[SimRequest], model: PerfModel, config: SimConfig
                              work=table.work, config=planner)
         dt = model.predict(plan.batch)
         chunks = tuple((rid, n, views[rid].num_computed) for rid, n in plan.chunks)
-        longs = tuple(rid for rid, _ in plan.chunks if is_long_prefill(views[rid], config.long_threshold))
+        longs = tuple(rid for rid, _ in plan.chunks
+                      if is_long_prefill(views[rid], config.long_threshold))
         batches.append(SimBatch(now, dt, plan.batch, chunks, tuple(decodes), longs, plan.waiting,
                                 plan.forced))
         for rid, n, ctx in chunks:

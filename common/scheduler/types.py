@@ -33,14 +33,16 @@ class ReqView:
 
     def __post_init__(self) -> None:
         if self.prompt_len <= 0:
-            raise ValueError(f"request {self.request_id}: prompt_len must be positive, got {self.prompt_len}")
+            raise ValueError(f"request {self.request_id}: prompt_len must be positive, "
+                             f"got {self.prompt_len}")
         if not 0 <= self.num_computed <= self.prompt_len:
             raise ValueError(f"request {self.request_id}: num_computed={self.num_computed} outside "
                              f"[0, prompt_len={self.prompt_len}]")
         if self.num_generated < 0 or self.last_chunk < 0:
             raise ValueError(f"request {self.request_id}: num_generated and last_chunk must be >= 0")
         if self.kvp_tokens is not None and self.kvp_tokens <= 0:
-            raise ValueError(f"request {self.request_id}: kvp_tokens must be positive, got {self.kvp_tokens}")
+            raise ValueError(f"request {self.request_id}: kvp_tokens must be positive, "
+                             f"got {self.kvp_tokens}")
 
     @property
     def in_prefill(self) -> bool:

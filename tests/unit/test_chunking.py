@@ -33,7 +33,9 @@ def brute_force(predict, batch, budget, req, cfg=ChunkingConfig()):
     """Largest legal chunk that fits, by trying every candidate."""
     best = 0
     end = tokens_to_boundary(req)
-    cap = cfg.max_chunk if not req.last_chunk else min(cfg.max_chunk, max(cfg.min_chunk, 2 * req.last_chunk))
+    cap = cfg.max_chunk
+    if req.last_chunk:
+        cap = min(cap, max(cfg.min_chunk, 2 * req.last_chunk))
     cands = [c for c in range(cfg.min_chunk, cap + 1, cfg.multiple) if c < end]
     if end <= cap:
         cands.append(end)
@@ -101,7 +103,8 @@ def test_returns_zero_when_nothing_fits():
     assert AdaptiveChunker(toy_predict).chunk(BatchShape(), 1.0, view(), max_tokens=0) == 0
     # a short tail still fits where a full min chunk would not
     tail = view(prompt=1000, done=995)
-    assert AdaptiveChunker(toy_predict).chunk(BatchShape(), toy_predict(BatchShape(((5, 995),))), tail) == 5
+    just_enough = toy_predict(BatchShape(((5, 995),)))
+    assert AdaptiveChunker(toy_predict).chunk(BatchShape(), just_enough, tail) == 5
 
 
 def test_chunk_never_grows_as_kv_grows():

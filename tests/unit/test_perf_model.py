@@ -35,7 +35,8 @@ def prefill(n, ctx=0):
 def test_scheduler_and_perf_model_never_import_torch():
     mods = ["common.scheduler.types", "common.scheduler.policy", "common.scheduler.chunking",
             "common.scheduler.planner", "common.scheduler.simulate", "common.perf_model.base",
-            "common.perf_model.analytic", "common.perf_model.calibrated", "common.perf_model.prefill_table"]
+            "common.perf_model.analytic", "common.perf_model.calibrated",
+            "common.perf_model.prefill_table"]
     code = ("import importlib, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
@@ -103,7 +104,8 @@ def random_batch(rng: random.Random) -> BatchShape:
 def synthetic(n, noise=0.02, seed=0):
     rng = random.Random(seed)
     truth = CalibratedModel(TRUE)
-    return [(b, truth.predict(b) * (1 + rng.gauss(0, noise))) for b in (random_batch(rng) for _ in range(n))]
+    batches = [random_batch(rng) for _ in range(n)]
+    return [(b, truth.predict(b) * (1 + rng.gauss(0, noise))) for b in batches]
 
 
 def test_nnls_matches_known_solution_and_clips_negative():

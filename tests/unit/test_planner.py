@@ -28,7 +28,8 @@ def req(rid, arrival, prompt, done=0, deadline=None):
 
 def plan(cands, *, policy=FCFS(), budget=0.05, chunker=None, **kw):
     cfg = PlannerConfig(budget, **{k: v for k, v in kw.items() if k != "admit"})
-    return plan_prefills(BatchShape(), cands, 0.0, policy=policy, chunker=chunker or AdaptiveChunker(toy_predict),
+    return plan_prefills(BatchShape(), cands, 0.0, policy=policy,
+                         chunker=chunker or AdaptiveChunker(toy_predict),
                          work=work, config=cfg, admit=kw.get("admit"))
 
 
