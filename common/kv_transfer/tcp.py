@@ -1,0 +1,115 @@
+"""Plain TCP backend: the chunk's bytes travel in the control frame itself.
+
+Frame payload: K bytes then V bytes, each [layers, tokens, Hkv, D] in the layout's dtype, C order.
+The receiver reads the payload into a per-connection staging buffer, then scatters it into the cache
+slots under the tracker lock (so a concurrent cancel() never races the write) and acks; the sender's
+handle reaches DONE only on that ack.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import torch
+
+from common.kv_transfer.base import Caches, KVChunk, KVLayout, TransferHandle, TransferState
+from common.kv_transfer.session import ReceiverBase, SenderBase
+from common.kv_transfer.tracker import Reservation
+from common.kv_transfer.wire import Conn
+
+
+def byte_view(t: torch.Tensor) -> Any:
+    """A zero-copy 1-D uint8 numpy view of a contiguous CPU tensor (works for bfloat16 too)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+class TCPSender(SenderBase):
+    backend = "tcp"
+
+    def __init__(self, layout: KVLayout, name: str | None = None) -> None:
+        super().__init__(layout, name)
+        self._queue: queue.Queue[tuple[TransferHandle, dict[str, Any], torch.Tensor, torch.Tensor] | None] = \
+            queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name=f"{self.name}-writer", daemon=True)
+        self._writer.start()
+
+    def _start(self, handle: TransferHandle, chunk: KVChunk, header: dict[str, Any],
+               runs: list[tuple[int, int, int]]) -> None:
+        k, v = chunk.k.contiguous(), chunk.v.contiguous()
+        handle.keepalive = (k, v)
+        header.update(dtype=self.layout.dtype, shape=list(k.shape))
+        self._queue.put((handle, header, k, v))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            handle, header, k, v = item
+            if not handle._advance(TransferState.TRANSFERRING):
+                continue  # already failed (deadline or connection): skip the bytes
+            try:
+                assert self._conn is not None
+                self._conn.send(header, [byte_view(k), byte_view(v)])
+            except OSError as e:
+                self._fail(f"sending transfer {handle.seq} failed: {e}")
+
+    def _on_failed(self) -> None:
+        self._queue.put(None)
+
+
+class TCPReceiver(ReceiverBase):
+    backend = "tcp"
+
+    def __init__(self, layout: KVLayout, caches: Caches, address: str = "127.0.0.1:0") -> None:
+        super().__init__(layout, caches, address)
+        self._staging: dict[int, bytearray] = {}
+
+    def _on_chunk(self, conn: Conn, header: dict[str, Any], plen: int, res: Reservation | None,
+                  rejected: str | None) -> None:
+        seq = header["seq"]
+        if res is not None:
+            why = self._check_payload(header, plen, res)
+            if why:
+                self._tracker.abort(res, why)
+                res, rejected = None, why
+        if res is None:
+            conn.skip(plen)
+            conn.send({"type": "ack", "seq": seq, "ok": False, "reason": rejected})
+            return
+        buf = self._staging.get(conn.id)
+        if buf is None or len(buf) < plen:
+            buf = self._staging[conn.id] = bytearray(plen)
+        conn.recv_payload(memoryview(buf)[:plen])   # a broken connection here fails the request
+        ok, reason = self._tracker.commit(res, lambda: self._scatter(res, buf, plen))
+        conn.send({"type": "ack", "seq": seq, "ok": ok, "reason": reason})
+
+    def _check_payload(self, header: dict[str, Any], plen: int, res: Reservation) -> str | None:
+        lay = self.layout
+        shape = [res.layers[1] - res.layers[0], res.tokens[1] - res.tokens[0], lay.num_kv_heads, lay.head_dim]
+        if header.get("dtype") != lay.dtype or header.get("shape") != shape:
+            return f"payload {header.get('dtype')} {header.get('shape')} != expected {lay.dtype} {shape}"
+        if plen != 2 * shape[0] * shape[1] * lay.slot_bytes:
+            return f"payload of {plen} bytes, expected {2 * shape[0] * shape[1] * lay.slot_bytes}"
+        return None
+
+    def _scatter(self, res: Reservation, buf: bytearray, nbytes: int) -> None:
+        lay = self.layout
+        (l0, l1), (t0, t1) = res.layers, res.tokens
+        H, D, bs = lay.num_kv_heads, lay.head_dim, lay.block_size
+        src = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(lay.torch_dtype)
+        src = src.view(2, l1 - l0, t1 - t0, H, D)                        # [K|V, layers, tokens, Hkv, D]
+        s0, s1 = t0 - res.group_start, t1 - res.group_start
+        first = s0 // bs
+        table = torch.tensor(res.block_table[first:(s1 - 1) // bs + 1], dtype=torch.int64)
+        s = torch.arange(s0, s1)
+        slots = table[s // bs - first] * bs + s % bs                       # [tokens] cache slots
+        for i, l in enumerate(range(l0, l1)):
+            kc, vc = self.caches[l]
+            kc.view(-1, H, D).index_copy_(0, slots, src[0, i])
+            vc.view(-1, H, D).index_copy_(0, slots, src[1, i])
+
+    def _on_conn_closed(self, conn: Conn) -> None:
+        self._staging.pop(conn.id, None)
+
