@@ -31,8 +31,12 @@ Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class ForwardContext:
     def __init__(self, cache: PagedKVCache, backend: AttentionBackend, seqs: list[SeqAttn], scale: float,
                  write_rows: torch.Tensor | None, write_slots: torch.Tensor | None,
-                 combine: Combine | None = None) -> None:
-        """write_rows [N] int64: rows whose K/V this worker stores, at cache slots write_slots [N]."""
+                 combine: Combine | None = None,
+                 kv_map: tuple[tuple[int, int, int], ...] | None = None) -> None:
+        """write_rows [N] int64: rows whose K/V this worker stores, at cache slots write_slots [N].
+
+        kv_map: (q_lo, q_hi, kv) runs when the local query heads do not map uniformly onto the local
+        KV heads (a tensor-parallel split inside a GQA group); attention then runs per run."""
         self.cache = cache
         self.backend = backend
         self.seqs = seqs
@@ -40,6 +44,7 @@ class ForwardContext:
         self.write_rows = write_rows
         self.write_slots = write_slots
         self.combine = combine
+        self.kv_map = kv_map
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]."""
@@ -52,10 +57,17 @@ class ForwardContext:
             if s.kv_len == 0:
                 continue
             ks, vs = self.cache.gather(layer, s.block_table, s.kv_len)
-            o, l = self.backend.forward(q[s.rows], ks, vs, q_start=s.q_start, k_start=s.kv_start,
-                                        scale=self.scale)
-            out[s.rows] = o
-            lse[s.rows] = l
+            if self.kv_map is None:
+                o, l = self.backend.forward(q[s.rows], ks, vs, q_start=s.q_start, k_start=s.kv_start,
+                                            scale=self.scale)
+                out[s.rows] = o
+                lse[s.rows] = l
+                continue
+            for q_lo, q_hi, kv in self.kv_map:
+                o, l = self.backend.forward(q[s.rows, q_lo:q_hi], ks[:, kv:kv + 1], vs[:, kv:kv + 1],
+                                            q_start=s.q_start, k_start=s.kv_start, scale=self.scale)
+                out[s.rows, q_lo:q_hi] = o
+                lse[s.rows, q_lo:q_hi] = l
         if self.combine is not None:
             out = self.combine(out, lse)
         return out

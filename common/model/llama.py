@@ -10,7 +10,7 @@ Activations are flat: all sequences of a batch are concatenated, [T, hidden], wi
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -129,8 +129,11 @@ class LlamaModel(nn.Module):
             return self.is_last
         return False
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copies checkpoint tensors (HF names) into this stage's parameters; checks none is missing."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Copies checkpoint tensors (HF names) into this stage's parameters; checks none is missing.
+
+        `transform(target_name, tensor)` may cut each tensor first (tensor-parallel slices)."""
         params = dict(self._param_names())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -141,6 +144,8 @@ class LlamaModel(nn.Module):
                 targets = ([name] if self.is_first else []) + ["lm_head.weight"]
             for target in targets:
                 param = params[target]
+                if transform is not None:
+                    tensor = transform(target, tensor)
                 if param.shape != tensor.shape:
                     raise ValueError(f"{target}: checkpoint shape {tuple(tensor.shape)} != model "
                                      f"{tuple(param.shape)}")

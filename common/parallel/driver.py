@@ -1,0 +1,210 @@
+"""The driver of a TP x SPP x KVP grid (rank 0): runs the scheduler, sends step plans to stage 0 of
+every KVP group, keeps up to `spp` steps in flight, and receives sampled tokens from the reporter.
+
+It has the same request interface as the single-process LLMEngine, which it must reproduce exactly.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import time
+from collections import deque
+from typing import Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from common.config import EngineConfig
+from common.engine.engine import GenerationResult, StepOutput, validate_prompt
+from common.errors import ConfigError, WorkerFailedError
+from common.kv_cache.kvp_blocks import KVPBlockManager
+from common.model.loader import load_checkpoint
+from common.parallel import comm
+from common.parallel.groups import DRIVER_RANK, Groups, init_world, world_size
+from common.parallel.plan import SeqPlan, StepPlan, decode_result, encode_plan
+from common.parallel.worker import WorkerArgs, worker_main
+from common.sampling_params import SamplingParams
+from common.scheduler.request import Request
+from common.scheduler.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ParallelEngine:
+    """Owns the worker processes it spawned (local mode) or joins workers started elsewhere."""
+
+    def __init__(self, cfg: EngineConfig, master_addr: str = "127.0.0.1", master_port: int | None = None,
+                 spawn_workers: bool = True, timeout_s: float = 30.0, threads_per_worker: int = 1,
+                 control_port: int | None = None, load_timeout_s: float = 600.0) -> None:
+        self.cfg = cfg
+        pcfg = cfg.parallel
+        self.pcfg = pcfg
+        self.timeout_s = timeout_s
+        self.model_config = load_checkpoint(cfg.model).config
+        mc = self.model_config
+        self.max_model_len = cfg.max_model_len or mc.max_position
+        m = pcfg.kvp_tokens if pcfg.kvp > 1 else self.max_model_len
+        if pcfg.kvp > 1 and pcfg.kvp * m < self.max_model_len:
+            self.max_model_len = pcfg.kvp * m          # the grid cannot hold more than kvp * M tokens
+        blocks_per_group = cfg.cache.total_blocks()
+        self.blocks = KVPBlockManager(pcfg.kvp, m, blocks_per_group, cfg.cache.block_size)
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks, kvp_tokens=m if pcfg.kvp > 1 else None)
+        self.master_port = master_port or free_port()
+        self.control = comm.ControlServer(master_addr if spawn_workers else "0.0.0.0",
+                                          control_port if control_port is not None else
+                                          (0 if spawn_workers else self.master_port + 1))
+        self.procs: list = []
+        if spawn_workers:
+            ctx = mp.get_context("spawn")
+            for rank in range(1, world_size(pcfg)):
+                args = WorkerArgs(rank, cfg, master_addr, self.master_port, self.control.port, timeout_s,
+                                  threads_per_worker, blocks_per_group, local=True)
+                p = ctx.Process(target=worker_main, args=(args,), daemon=True, name=f"mnemosyne-worker-{rank}")
+                p.start()
+                self.procs.append(p)
+        init_world(pcfg, DRIVER_RANK, master_addr, self.master_port, timeout_s)
+        self.groups = Groups(pcfg, DRIVER_RANK)
+        self.control.accept(list(range(1, world_size(pcfg))), load_timeout_s, self._dead_worker)
+        self.inflight: deque[tuple[int, SchedulerOutput]] = deque()
+        self.forget: list[str] = []
+        self.step_ids = itertools.count()
+        self.req_ids = itertools.count()
+        self.timelines: list[list[tuple[int, float, float]]] = []
+        self.record_timeline = False
+        self.closed = False
+
+    # ---- requests (same interface as LLMEngine) ------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_s: float | None = None, ttft_deadline_s: float | None = None) -> str:
+        validate_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens)
+        rid = request_id or f"req-{next(self.req_ids)}"
+        self.scheduler.add(Request(rid, list(prompt_ids), params,
+                                   arrival_s if arrival_s is not None else time.monotonic(),
+                                   eos_ids=frozenset(self.model_config.eos_token_ids),
+                                   max_model_len=self.max_model_len, ttft_deadline_s=ttft_deadline_s))
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        found = self.scheduler.abort(request_id) is not None
+        if found:
+            self.forget.append(request_id)
+        return found
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.inflight)
+
+    # ---- one iteration -------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Fills the pipeline (at most spp steps in flight), then completes the oldest step."""
+        self._check_open()
+        while len(self.inflight) < self.pcfg.spp:
+            sched = self.scheduler.schedule()
+            if not sched.items:
+                break
+            self._send(sched)
+        if not self.inflight:
+            return []
+        step_id, sched = self.inflight.popleft()
+        res = decode_result(comm.recv_msg(self.control.peers[self.groups.reporter_rank()], self.timeout_s,
+                                          self._dead_worker, "the reporting worker"))
+        if res.step_id != step_id:
+            raise WorkerFailedError(f"step results out of order: expected {step_id}, got {res.step_id}")
+        if self.record_timeline:
+            self.timelines.append(res.timeline)
+        self.scheduler.postprocess(sched, res.tokens)
+        outs = []
+        for it in sched.items:
+            req = it.request
+            tok = res.tokens.get(req.request_id) if it.sample else None
+            if req.finished:
+                self.forget.append(req.request_id)
+            outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
+                                   req.num_computed, req.prompt_len, req.finish_reason))
+        return outs
+
+    def _send(self, sched: SchedulerOutput) -> None:
+        seqs = []
+        for it in sched.items:
+            req, p = it.request, it.request.params
+            seqs.append(SeqPlan(req.request_id, it.start, req.token_ids(it.start, it.start + it.num_tokens),
+                                it.sample, self.blocks.table(req.request_id), p.temperature, p.top_p, p.top_k,
+                                p.seed))
+        step_id = next(self.step_ids)
+        data = encode_plan(StepPlan(step_id, seqs, self.forget))
+        self.forget = []
+        self.control.broadcast(data)
+        self.inflight.append((step_id, sched))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
+        t0 = time.monotonic()
+        rids = [self.add_request(p, params) for p in prompts]
+        results = {r: GenerationResult(r, [], [], "", 0.0) for r in rids}
+        last = {r: t0 for r in rids}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.token_id is None:
+                    continue
+                now = time.monotonic()
+                res = results[o.request_id]
+                if not res.token_ids:
+                    res.ttft_s = now - t0
+                else:
+                    res.tbt_s.append(now - last[o.request_id])
+                last[o.request_id] = now
+                res.token_ids.append(o.token_id)
+                res.logprobs.append(o.logprob)
+                if o.finish_reason is not None:
+                    res.finish_reason = o.finish_reason.value
+        return [results[r] for r in rids]
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def _dead_worker(self) -> str | None:
+        for p in self.procs:
+            if not p.is_alive():
+                return f"worker {p.name} exited with code {p.exitcode}"
+        return None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise WorkerFailedError("the engine is shut down")
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.control.broadcast(encode_plan(StepPlan(-1, [], stop=True)))
+        except OSError:
+            pass                                   # a worker already gone: it will not need telling
+        finally:
+            self.control.close()
+            deadline = time.monotonic() + timeout_s
+            for p in self.procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+                if p.is_alive():
+                    p.kill()
+                    p.join(1.0)
+            dist.destroy_process_group()
+
+    def __enter__(self) -> "ParallelEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def make_engine(cfg: EngineConfig, **kwargs):
+    """The single-process engine for a 1x1x1 grid, else a ParallelEngine."""
+    if cfg.parallel.world_size == 1:
+        from common.engine.engine import LLMEngine
+        return LLMEngine(cfg)
+    if cfg.device != "cpu":
+        raise ConfigError("the multi-process grid runs on CPU (gloo) in this build")
+    return ParallelEngine(cfg, **kwargs)

@@ -1,0 +1,124 @@
+"""The grid of one instance: rank 0 is the driver (scheduler, no weights); ranks 1..N are workers at
+(kvp group, pipeline stage, tp rank). Process groups are built here once and passed explicitly.
+Collectives are no-ops at size 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from common.config import ParallelConfig
+
+DRIVER_RANK = 0
+
+
+@dataclass(frozen=True)
+class Coord:
+    kvp: int
+    stage: int
+    tp: int
+
+
+def worker_rank(cfg: ParallelConfig, c: Coord) -> int:
+    return 1 + (c.kvp * cfg.spp + c.stage) * cfg.tp + c.tp
+
+
+def coord_of(cfg: ParallelConfig, rank: int) -> Coord:
+    r = rank - 1
+    return Coord(kvp=r // (cfg.spp * cfg.tp), stage=(r // cfg.tp) % cfg.spp, tp=r % cfg.tp)
+
+
+def world_size(cfg: ParallelConfig) -> int:
+    return 1 + cfg.world_size
+
+
+def stage_layers(num_layers: int, spp: int, stage: int) -> range:
+    """Contiguous layer range of a stage; earlier stages take the remainder."""
+    base, extra = divmod(num_layers, spp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
+def init_world(cfg: ParallelConfig, rank: int, master_addr: str, master_port: int, timeout_s: float) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                            world_size=world_size(cfg), timeout=timedelta(seconds=timeout_s))
+
+
+class Groups:
+    """What one rank needs to talk to its neighbours. Every rank (driver included) must construct it,
+    in the same order, because torch.distributed.new_group is collective over the world."""
+
+    def __init__(self, cfg: ParallelConfig, rank: int) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.coord = coord_of(cfg, rank) if rank != DRIVER_RANK else None
+        self.tp_group = self.kvp_group = None
+        self.tp_ranks: list[int] = []
+        self.kvp_ranks: list[int] = []
+        for k in range(cfg.kvp):
+            for s in range(cfg.spp):
+                ranks = [worker_rank(cfg, Coord(k, s, t)) for t in range(cfg.tp)]
+                g = dist.new_group(ranks) if cfg.tp > 1 else None
+                if rank in ranks:
+                    self.tp_group, self.tp_ranks = g, ranks
+        for s in range(cfg.spp):
+            for t in range(cfg.tp):
+                ranks = [worker_rank(cfg, Coord(k, s, t)) for k in range(cfg.kvp)]
+                g = dist.new_group(ranks) if cfg.kvp > 1 else None
+                if rank in ranks:
+                    self.kvp_group, self.kvp_ranks = g, ranks
+
+    # ---- neighbours ---------------------------------------------------------------------------------
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coord.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coord.stage == self.cfg.spp - 1
+
+    @property
+    def prev_rank(self) -> int:
+        c = self.coord
+        return DRIVER_RANK if c.stage == 0 else worker_rank(self.cfg, Coord(c.kvp, c.stage - 1, c.tp))
+
+    @property
+    def next_rank(self) -> int | None:
+        c = self.coord
+        return None if self.is_last_stage else worker_rank(self.cfg, Coord(c.kvp, c.stage + 1, c.tp))
+
+    @property
+    def is_reporter(self) -> bool:
+        """The one worker that samples and reports results to the driver."""
+        c = self.coord
+        return self.is_last_stage and c.kvp == 0 and c.tp == 0
+
+    def first_stage_ranks(self) -> list[int]:
+        return [worker_rank(self.cfg, Coord(k, 0, t)) for k in range(self.cfg.kvp) for t in range(self.cfg.tp)]
+
+    def reporter_rank(self) -> int:
+        return worker_rank(self.cfg, Coord(0, self.cfg.spp - 1, 0))
+
+    # ---- collectives ----------------------------------------------------------------------------------
+    def all_reduce_tp(self, t: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:
+            dist.all_reduce(t, group=self.tp_group)
+        return t
+
+    def all_gather_tp(self, t: torch.Tensor) -> list[torch.Tensor]:
+        if self.tp_group is None:
+            return [t]
+        parts = [torch.empty_like(t) for _ in self.tp_ranks]
+        dist.all_gather(parts, t.contiguous(), group=self.tp_group)
+        return parts
+
+    def all_gather_kvp(self, t: torch.Tensor) -> torch.Tensor:
+        """t [...] -> [kvp, ...] stacked in group order."""
+        if self.kvp_group is None:
+            return t[None]
+        parts = [torch.empty_like(t) for _ in self.kvp_ranks]
+        dist.all_gather(parts, t.contiguous(), group=self.kvp_group)
+        return torch.stack(parts)

@@ -1,0 +1,70 @@
+"""The driver -> worker step plan and the worker -> driver step result: the contract that crosses the
+process boundary inside one instance's grid. Encoded as JSON bytes (no pickle), one function per
+direction, round-trip tested.
+
+A plan travels driver -> every stage-0 worker, then stage s -> stage s+1 together with the hidden
+states, each stage appending its (start, end) timestamps so the last stage can report the timeline.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class SeqPlan:
+    request_id: str
+    start: int                        # absolute position of the first token processed
+    token_ids: list[int]              # tokens [start, start + n)
+    sample: bool                      # the last row samples the next token
+    tables: list[list[int]]           # per KVP group: that group's local block table
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step_id: int
+    seqs: list[SeqPlan]
+    forget: list[str] = field(default_factory=list)    # finished/aborted requests (sampler state)
+    stop: bool = False                                  # workers exit their loop
+    timeline: list[tuple[int, float, float]] = field(default_factory=list)  # (stage, start, end)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step_id: int
+    tokens: dict[str, tuple[int, float]]                # request id -> (token, logprob)
+    timeline: list[tuple[int, float, float]]            # (stage, start, end) monotonic seconds
+    error: str | None = None
+
+
+def encode_plan(plan: StepPlan) -> bytes:
+    return json.dumps(asdict(plan), separators=(",", ":")).encode()
+
+
+def decode_plan(data: bytes) -> StepPlan:
+    d = json.loads(data)
+    seqs = [SeqPlan(**s) for s in d.pop("seqs")]
+    timeline = [tuple(t) for t in d.pop("timeline")]
+    return StepPlan(seqs=seqs, timeline=timeline, **d)
+
+
+def encode_result(res: StepResult) -> bytes:
+    return json.dumps(asdict(res), separators=(",", ":")).encode()
+
+
+def decode_result(data: bytes) -> StepResult:
+    d = json.loads(data)
+    return StepResult(step_id=d["step_id"], tokens={k: (int(v[0]), float(v[1])) for k, v in d["tokens"].items()},
+                      timeline=[tuple(t) for t in d["timeline"]], error=d.get("error"))

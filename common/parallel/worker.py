@@ -1,0 +1,175 @@
+"""One worker of a TP x SPP x KVP grid: a model stage (its layers, its TP slice), the KV cache of its
+KVP group for those layers, and a loop that runs step plans strictly in the order they arrive.
+
+Per step: receive the plan (from the driver at stage 0, else from the previous stage, together with
+the hidden states), run the stage, pass plan + hidden on, or at the last stage compute logits and (one
+reporter rank) sample and report to the driver. Stage 0 starts step i+1 as soon as it has handed step
+i on: that is the sequence pipeline.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from common.attention.merge import merge_stacked
+from common.attention.registry import get_backend
+from common.config import EngineConfig, ParallelConfig
+from common.engine.engine import TORCH_DTYPES
+from common.engine.forward_context import ForwardContext, SeqAttn
+from common.engine.sampler import Sampler
+from common.kv_cache.paged import PagedKVCache
+from common.model.llama import LlamaModel
+from common.model.loader import load_checkpoint
+from common.parallel import comm
+from common.parallel.groups import Groups, init_world, stage_layers
+from common.parallel.plan import StepPlan, StepResult, decode_plan, encode_result
+from common.parallel.tp import apply_tp, slice_weight, tp_shard
+from common.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT_S = 7 * 24 * 3600.0     # a serving worker may idle; it still exits when its driver dies
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    rank: int
+    engine: EngineConfig
+    master_addr: str
+    master_port: int
+    control_port: int
+    timeout_s: float = 120.0
+    threads: int = 1
+    blocks_per_group: int = 0
+    local: bool = True               # spawned by a local driver (exit when it dies)
+
+
+class Worker:
+    def __init__(self, args: WorkerArgs) -> None:
+        cfg = args.engine
+        self.args = args
+        self.pcfg: ParallelConfig = cfg.parallel
+        self.groups = Groups(self.pcfg, args.rank)
+        ckpt = load_checkpoint(cfg.model)
+        mc = ckpt.config
+        self.mc = mc
+        self.dtype = TORCH_DTYPES[cfg.dtype]
+        c = self.groups.coord
+        self.layers = stage_layers(mc.num_layers, self.pcfg.spp, c.stage)
+        self.shard = tp_shard(mc, c.tp, self.pcfg.tp)
+        with torch.device("meta"):
+            model = LlamaModel(mc, self.layers.start, self.layers.stop)
+            apply_tp(model, self.shard, self.groups)
+        model = model.to_empty(device="cpu")
+        model.load_weights(ckpt.weights(model.wanted), transform=lambda n, t: slice_weight(self.shard, mc, n, t))
+        self.model = model.to(self.dtype).eval()
+        self.cache = PagedKVCache(self.layers, args.blocks_per_group, cfg.cache.block_size,
+                                  self.shard.num_kv_heads, mc.head_dim, self.dtype)
+        self.backend = get_backend(cfg.attention_backend, "cpu")
+        self.sampler = Sampler() if self.groups.is_reporter else None
+        self.kvp_tokens = self.pcfg.kvp_tokens or (1 << 62)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self) -> None:
+        g = self.groups
+        ctl = comm.connect(self.args.master_addr, self.args.control_port, self.args.rank, self.args.timeout_s)
+        ppid = os.getppid()
+
+        def driver_alive() -> str | None:        # a locally spawned worker exits with its driver
+            return "driver process exited" if self.args.local and os.getppid() != ppid else None
+
+        pending: list = []                        # in-flight sends to the next stage (one step)
+        try:
+            while True:
+                plan = decode_plan(comm.recv_msg(ctl, IDLE_TIMEOUT_S, driver_alive, "the driver"))
+                if plan.stop:
+                    return
+                if not plan.seqs:
+                    continue
+                timeline = torch.zeros(2 * g.coord.stage + 2, dtype=torch.float64)
+                hidden = None
+                if not g.is_first_stage:             # announced by the plan: arrives promptly
+                    hidden = torch.empty(plan.num_tokens, self.mc.hidden_size, dtype=self.dtype)
+                    dist.recv(hidden, g.prev_rank)
+                    dist.recv(timeline[:-2], g.prev_rank)
+                timeline[-2] = time.monotonic()
+                hidden, logits_rows = self.forward(plan, hidden)
+                timeline[-1] = time.monotonic()
+                if g.next_rank is not None:
+                    for w in pending:
+                        w.wait()                      # at most one step buffered per link
+                    pending = [dist.isend(hidden.contiguous(), g.next_rank),
+                               dist.isend(timeline, g.next_rank)]
+                    continue
+                logits = self.model.logits(hidden.index_select(0, logits_rows)) if logits_rows.numel() else None
+                if g.is_reporter:
+                    t = timeline.tolist()
+                    self.report(ctl, plan, logits, [(i, t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)])
+        finally:
+            for w in pending:
+                w.wait()
+            ctl.close()
+
+    def forward(self, plan: StepPlan, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        c, m = self.groups.coord, self.kvp_tokens
+        ids, positions, seqs, sample_rows, w_rows, w_slots = [], [], [], [], [], []
+        row = 0
+        for s in plan.seqs:
+            n = s.num_tokens
+            ids += s.token_ids
+            positions += range(s.start, s.start + n)
+            group = s.start // m                          # the group that holds (and stores) this chunk
+            g0 = c.kvp * m
+            table = s.tables[c.kvp] if c.kvp < len(s.tables) else []
+            if c.kvp < group:                             # an earlier shard: all of it precedes the chunk
+                seqs.append(SeqAttn(slice(row, row + n), s.start, g0, m, table))
+            elif c.kvp == group:                          # the last shard: causal, and it stores the KV
+                seqs.append(SeqAttn(slice(row, row + n), s.start, g0, s.start + n - g0, table))
+                w_rows += range(row, row + n)
+                w_slots += self.cache.slots(table, s.start - g0, s.start + n - g0)
+            if s.sample:
+                sample_rows.append(row + n - 1)
+            row += n
+        if hidden is None:
+            hidden = self.model.embed(torch.tensor(ids, dtype=torch.long))
+        combine = self._combine if self.pcfg.kvp > 1 else None
+        ctx = ForwardContext(self.cache, self.backend, seqs, self.mc.head_dim ** -0.5,
+                             torch.tensor(w_rows, dtype=torch.long), torch.tensor(w_slots, dtype=torch.long),
+                             combine=combine, kv_map=self.shard.kv_map)
+        hidden = self.model(hidden, torch.tensor(positions, dtype=torch.long), ctx)
+        return hidden, torch.tensor(sample_rows, dtype=torch.long)
+
+    def _combine(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """Merges the partial attention of every KVP group: out [T, H, D], lse [T, H]."""
+        outs = self.groups.all_gather_kvp(out)           # [kvp, T, H, D]
+        lses = self.groups.all_gather_kvp(lse)           # [kvp, T, H]
+        return merge_stacked(outs, lses)[0]
+
+    def report(self, ctl, plan: StepPlan, logits: torch.Tensor | None, timeline) -> None:
+        tokens: dict[str, tuple[int, float]] = {}
+        for rid in plan.forget:
+            self.sampler.forget(rid)
+        samplers = [s for s in plan.seqs if s.sample]
+        if samplers:
+            params = [SamplingParams(max_tokens=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                     seed=s.seed) for s in samplers]
+            toks, lps = self.sampler.sample(logits, [s.request_id for s in samplers], params)
+            tokens = {s.request_id: (t, lp) for s, t, lp in zip(samplers, toks, lps)}
+        comm.send_msg(ctl, encode_result(StepResult(plan.step_id, tokens, timeline)))
+
+
+def worker_main(args: WorkerArgs) -> None:
+    """Entry point of a worker process (spawned locally, or `mnemosyne worker` on another machine)."""
+    logging.basicConfig(level=os.environ.get("MNEMOSYNE_LOG", "WARNING"))
+    torch.set_num_threads(args.threads)
+    init_world(args.engine.parallel, args.rank, args.master_addr, args.master_port, args.timeout_s)
+    try:
+        Worker(args).run()
+    finally:
+        dist.destroy_process_group()
