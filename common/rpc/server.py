@@ -1,0 +1,137 @@
+"""The gRPC server bootstrap every service uses (grpc.aio).
+
+    server = RpcServer(host="127.0.0.1", port=0)
+    server.add_service(kvstore_pb2_grpc.add_KVStoreServicer_to_server, servicer, protos.KVSTORE)
+    port = await server.start()          # bound port (a free one for port=0); health SERVING
+    await serve_until_signal(server)     # SIGINT/SIGTERM -> NOT_SERVING, drain, stop
+
+Every server also runs the standard health service (grpc.health.v1.Health: "" and each added
+service; NOT_SERVING until start() and again from the beginning of shutdown) and the reflection
+service, so `grpcurl` and load balancers work against any of them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.errors import ConfigError
+from common.rpc.client import MESSAGE_OPTIONS
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE_S = 5.0
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class RpcServer:
+    """One grpc.aio server: services, health, reflection, graceful stop.
+
+    Lifecycle: construct, add_service() for each servicer, `await start()`, later `await stop()`.
+    Must be constructed and used inside the running event loop that serves it.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
+                 grace_s: float = DEFAULT_GRACE_S) -> None:
+        if not 0 <= port < 65536:
+            raise ConfigError(f"rpc server: port must be in [0, 65535], got {port}")
+        if grace_s < 0:
+            raise ConfigError(f"rpc server: grace_s must be >= 0, got {grace_s}")
+        self.host = host
+        self.port = port
+        self.grace_s = grace_s
+        # so_reuseport off: a port that is already taken must fail to bind, not be shared.
+        self._server = grpc.aio.server(options=MESSAGE_OPTIONS + (("grpc.so_reuseport", 0),))
+        self._health = health.aio.HealthServicer()
+        self._services: list[str] = []
+        self._started = False
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        """"host:port" once started (the bound port)."""
+        return f"{self.host}:{self.port}"
+
+    def add_service(self, add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any,
+                    full_name: str) -> None:
+        """Registers a servicer, e.g. (add_KVStoreServicer_to_server, servicer, "mnemosyne.v1.KVStore")."""
+        if self._started:
+            raise RuntimeError("add_service after start")
+        add_to_server(servicer, self._server)
+        self._services.append(full_name)
+
+    async def start(self, serving: bool = True) -> int:
+        """Binds, starts and returns the bound port. `serving=False` leaves health NOT_SERVING
+        until set_serving(True) (for services that warm up after binding)."""
+        if self._started:
+            raise RuntimeError("server already started")
+        target = f"{self.host}:{self.port}"
+        try:
+            bound = self._server.add_insecure_port(target)
+        except RuntimeError as e:
+            raise ConfigError(f"rpc server: cannot bind {target}: {e}") from e
+        if bound == 0:
+            raise ConfigError(f"rpc server: cannot bind {target}")
+        self.port = bound
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        await self.set_serving(False)
+        await self._server.start()
+        self._started = True
+        if serving:
+            await self.set_serving(True)
+        log.info("gRPC server on %s: %s", self.address, ", ".join(self._services) or "(no services)")
+        return bound
+
+    async def set_serving(self, serving: bool) -> None:
+        """Health status of the server ("") and every added service."""
+        status = _SERVING if serving else _NOT_SERVING
+        for name in ("", *self._services):
+            await self._health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING at once, then refuses new RPCs and lets running ones finish for up
+        to `grace_s` (default: the constructor's) before cancelling them. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.grace_s if grace_s is None else grace_s)
+        log.info("gRPC server on %s stopped", self.address)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve_until_signal(server: RpcServer, *,
+                             cleanup: Callable[[], Awaitable[None]] | None = None,
+                             signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+    """Runs until one of `signals` arrives (or the server terminates), then stops the server
+    gracefully and awaits `cleanup` (close stores, cancel background tasks)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.create_task(stop.wait())
+    terminated = asyncio.create_task(server.wait_for_termination())
+    try:
+        await asyncio.wait((stopped, terminated), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        log.info("shutting down %s", server.address)
+        try:
+            await server.stop()
+        finally:
+            for task in (stopped, terminated):
+                task.cancel()
+            await asyncio.gather(stopped, terminated, return_exceptions=True)
+            if cleanup is not None:
+                await cleanup()
