@@ -1,0 +1,94 @@
+"""Proto <-> domain conversions: one function per direction, each pair round-trip tested
+(tests/unit/test_proto_roundtrip.py). Servicers and clients translate only through these.
+
+Validation happens in the domain constructors (e.g. Instance raises InvalidRequestError), so a
+malformed message becomes INVALID_ARGUMENT with a message naming the bad field.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from common.errors import InvalidRequestError
+from common.metadata.types import GroupRange, Instance, Placement
+from common.rpc.protos import common_pb2, kvstore_pb2
+
+if TYPE_CHECKING:
+    from common.kv_transfer.base import KVLayout
+
+_ROLE_TO_PB = {"prefill": kvstore_pb2.ROLE_PREFILL, "decode": kvstore_pb2.ROLE_DECODE}
+_ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
+
+
+def role_to_proto(role: str | None) -> int:
+    """None = ROLE_UNSPECIFIED (e.g. "all roles" in ListInstances)."""
+    return kvstore_pb2.ROLE_UNSPECIFIED if role is None else _ROLE_TO_PB[role]
+
+
+def role_from_proto(role: int) -> str | None:
+    if role == kvstore_pb2.ROLE_UNSPECIFIED:
+        return None
+    try:
+        return _ROLE_FROM_PB[role]
+    except KeyError:
+        raise InvalidRequestError(f"unknown role {role}") from None
+
+
+def instance_to_proto(inst: Instance) -> kvstore_pb2.InstanceInfo:
+    return kvstore_pb2.InstanceInfo(
+        instance_id=inst.instance_id, role=role_to_proto(inst.role), address=inst.address,
+        block_size=inst.block_size, kvp_tokens=inst.kvp_tokens,
+        capacity_blocks=inst.capacity, free_blocks=inst.free, reserved_blocks=inst.reserved,
+        heartbeat_age_s=inst.heartbeat_age_s)
+
+
+def instance_from_proto(msg: kvstore_pb2.InstanceInfo) -> Instance:
+    """Raises InvalidRequestError for a malformed registration (missing role, bad sizes...)."""
+    role = role_from_proto(msg.role)
+    if role is None:
+        raise InvalidRequestError(f"instance {msg.instance_id!r}: role must be set")
+    return Instance(
+        instance_id=msg.instance_id, role=role, address=msg.address,
+        block_size=msg.block_size, kvp_tokens=msg.kvp_tokens,
+        capacity=tuple(msg.capacity_blocks), free=tuple(msg.free_blocks),
+        reserved=tuple(msg.reserved_blocks), heartbeat_age_s=msg.heartbeat_age_s)
+
+
+def group_to_proto(g: GroupRange) -> common_pb2.GroupRange:
+    return common_pb2.GroupRange(group=g.group, token_start=g.token_start, token_end=g.token_end,
+                                 num_blocks=g.num_blocks)
+
+
+def group_from_proto(msg: common_pb2.GroupRange) -> GroupRange:
+    return GroupRange(msg.group, msg.token_start, msg.token_end, msg.num_blocks)
+
+
+def placement_to_proto(p: Placement) -> common_pb2.Placement:
+    return common_pb2.Placement(
+        request_id=p.request_id, instance_id=p.instance_id, address=p.address,
+        groups=[group_to_proto(g) for g in p.groups], num_tokens=p.num_tokens,
+        max_new_tokens=p.max_new_tokens, lease_s=p.lease_s,
+        lease_deadline_unix_ms=p.lease_deadline_ms)
+
+
+def placement_from_proto(msg: common_pb2.Placement) -> Placement:
+    return Placement(
+        request_id=msg.request_id, instance_id=msg.instance_id, address=msg.address,
+        groups=tuple(group_from_proto(g) for g in msg.groups), num_tokens=msg.num_tokens,
+        max_new_tokens=msg.max_new_tokens, lease_s=msg.lease_s,
+        lease_deadline_ms=msg.lease_deadline_unix_ms)
+
+
+# KVLayout's domain class lives with the KV transfer, which imports torch; imported here on use
+# only, so services without torch (the kvstore) can use this module.
+
+def layout_to_proto(layout: KVLayout) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(dtype=layout.dtype, block_size=layout.block_size,
+                               num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                               num_layers=layout.num_layers, model_fingerprint=layout.model)
+
+
+def layout_from_proto(msg: common_pb2.KVLayout) -> KVLayout:
+    """Raises ConfigError for an invalid layout (unknown dtype, non-positive sizes)."""
+    from common.kv_transfer.base import KVLayout
+    return KVLayout(dtype=msg.dtype, block_size=msg.block_size, num_kv_heads=msg.num_kv_heads,
+                    head_dim=msg.head_dim, num_layers=msg.num_layers, model=msg.model_fingerprint)

@@ -1,0 +1,134 @@
+"""Contracts: every proto message survives the wire, and every proto <-> domain conversion pair
+round-trips (common/rpc/convert.py)."""
+from __future__ import annotations
+
+import pytest
+
+from common.errors import InvalidRequestError
+from common.metadata.types import GroupRange, Instance, Placement
+from common.rpc import convert, protos
+from common.rpc.protos import common_pb2, decode_pb2, kvstore_pb2, prefill_pb2, router_pb2
+
+MODULES = (common_pb2, router_pb2, prefill_pb2, decode_pb2, kvstore_pb2)
+
+
+def _all_messages():
+    for mod in MODULES:
+        for name, desc in mod.DESCRIPTOR.message_types_by_name.items():
+            yield pytest.param(getattr(mod, name), id=desc.full_name)
+
+
+@pytest.mark.parametrize("cls", list(_all_messages()))
+def test_every_message_is_in_the_versioned_package_and_round_trips_empty(cls):
+    assert cls.DESCRIPTOR.full_name.startswith("mnemosyne.v1.")
+    assert cls.FromString(cls().SerializeToString()) == cls()
+
+
+def test_services():
+    assert (protos.ROUTER, protos.PREFILL, protos.DECODE, protos.KVSTORE) == (
+        "mnemosyne.v1.Router", "mnemosyne.v1.Prefill", "mnemosyne.v1.Decode",
+        "mnemosyne.v1.KVStore")
+    methods = {s.name: [m.name for m in s.methods] for mod in MODULES
+               for s in mod.DESCRIPTOR.services_by_name.values()}
+    assert methods["Router"] == ["Generate", "Abort", "ModelInfo"]
+    assert methods["KVStore"] == ["RegisterInstance", "Heartbeat", "DeregisterInstance", "Reserve",
+                                  "Renew", "Release", "GetPlacement", "ListInstances"]
+    assert methods["Decode"] == ["PrepareReceive", "Decode", "Abort", "Stats"]
+    assert methods["Prefill"] == ["Prefill", "Abort"]
+    assert router_pb2.DESCRIPTOR.services_by_name["Router"].methods_by_name[
+        "Generate"].server_streaming
+
+
+def _wire(msg):
+    return type(msg).FromString(msg.SerializeToString())
+
+
+def test_sampling_params_presence():
+    unset = _wire(common_pb2.SamplingParams())
+    assert not unset.HasField("temperature") and not unset.HasField("max_tokens")
+    greedy = _wire(common_pb2.SamplingParams(temperature=0.0, max_tokens=-1, stop_token_ids=[2, 7]))
+    assert greedy.HasField("temperature") and greedy.temperature == 0.0
+    assert greedy.max_tokens == -1                      # negative survives, to be rejected
+    assert list(greedy.stop_token_ids) == [2, 7]
+
+
+def test_generate_request_prompt_oneof_and_events():
+    req = _wire(router_pb2.GenerateRequest(token_ids=router_pb2.TokenIds(ids=[1, -3, 5]),
+                                           slo=common_pb2.SLO(ttft_s=2.0)))
+    assert req.WhichOneof("prompt") == "token_ids" and list(req.token_ids.ids) == [1, -3, 5]
+    assert req.HasField("slo") and not req.slo.HasField("tbt_s")
+    req.text = "hello"                                  # setting one member clears the other
+    assert req.WhichOneof("prompt") == "text" and not req.HasField("token_ids")
+
+    fin = router_pb2.GenerateResponse(finished=common_pb2.Finished(
+        finish_reason=common_pb2.FINISH_REASON_LENGTH,
+        timings=common_pb2.Timings(ttft_s=0.5, tbt_s=[0.01, 0.03], tbt_mean_s=0.02, e2e_s=0.54,
+                                   prompt_tokens=100, completion_tokens=3)))
+    back = _wire(fin)
+    assert back.WhichOneof("event") == "finished" and back == fin
+    delta = _wire(router_pb2.GenerateResponse(delta=common_pb2.TokenDelta(token_ids=[9], text="a")))
+    assert delta.WhichOneof("event") == "delta"
+
+
+def test_decode_request_first_token_presence():
+    assert not _wire(decode_pb2.DecodeRequest(prompt_token_ids=[1, 2])).HasField("first_token_id")
+    assert _wire(decode_pb2.DecodeRequest(first_token_id=0)).HasField("first_token_id")
+
+
+# ---- domain conversions ------------------------------------------------------------------------
+
+PLACEMENT = Placement("req-1", "decode-0", "127.0.0.1:5000",
+                      (GroupRange(0, 0, 4096, 256), GroupRange(1, 4096, 5000, 66)),
+                      5000, 100, 10.0, 1_795_000_000_123)
+
+
+def test_placement_round_trip():
+    msg = convert.placement_to_proto(PLACEMENT)
+    assert convert.placement_from_proto(_wire(msg)) == PLACEMENT
+    assert msg.groups[1].token_end == 5000 and msg.lease_deadline_unix_ms == 1_795_000_000_123
+
+
+def test_group_round_trip():
+    g = GroupRange(3, 12, 40, 2)
+    assert convert.group_from_proto(_wire(convert.group_to_proto(g))) == g
+
+
+@pytest.mark.parametrize("inst", [
+    Instance("decode-0", "decode", "10.0.0.1:50060", 16, 4096, (1000, 1000), (900, 1000),
+             (100, 0), 1.5),
+    Instance("prefill-0", "prefill", "10.0.0.2:50061"),
+])
+def test_instance_round_trip(inst):
+    assert convert.instance_from_proto(_wire(convert.instance_to_proto(inst))) == inst
+
+
+def test_role_round_trip():
+    for role in (None, "prefill", "decode"):
+        assert convert.role_from_proto(convert.role_to_proto(role)) == role
+    with pytest.raises(InvalidRequestError, match="unknown role"):
+        convert.role_from_proto(99)
+
+
+@pytest.mark.parametrize("msg, match", [
+    (kvstore_pb2.InstanceInfo(instance_id="d", address="a:1", capacity_blocks=[1]), "role must be set"),
+    (kvstore_pb2.InstanceInfo(instance_id="", role=kvstore_pb2.ROLE_DECODE, address="a:1",
+                              block_size=16, capacity_blocks=[1]), "instance_id must not be empty"),
+    (kvstore_pb2.InstanceInfo(instance_id="d", role=kvstore_pb2.ROLE_DECODE, address="a:1",
+                              block_size=16), "block capacity"),
+    (kvstore_pb2.InstanceInfo(instance_id="d", role=kvstore_pb2.ROLE_DECODE, address="a:1",
+                              block_size=0, capacity_blocks=[1]), "block_size must be positive"),
+    (kvstore_pb2.InstanceInfo(instance_id="d", role=kvstore_pb2.ROLE_DECODE, address="a:1",
+                              block_size=16, capacity_blocks=[1, 1]), "need kvp_tokens"),
+])
+def test_malformed_instance_is_an_invalid_request(msg, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        convert.instance_from_proto(msg)
+
+
+def test_kv_layout_round_trip():
+    base = pytest.importorskip("common.kv_transfer.base")
+    layout = base.KVLayout(dtype="bfloat16", block_size=16, num_kv_heads=4, head_dim=64,
+                           num_layers=30, model="smollm2-135m@abc123")
+    msg = convert.layout_to_proto(layout)
+    assert msg.model_fingerprint == "smollm2-135m@abc123"
+    assert convert.layout_from_proto(_wire(msg)) == layout
