@@ -188,11 +188,13 @@ class NixlSender(SenderBase):
             self._fail(f"receiver connection lost: {e}")
 
     def _progress_loop(self) -> None:
-        """Progresses UCX (check_xfer_state) while transfers are in flight; sleeps otherwise."""
+        """Progresses UCX while a granted transfer is unconfirmed; sleeps otherwise. Progress must go
+        on after the local side is DONE: the notification is an active message that leaves only
+        when the worker is progressed, and without it the receiver never learns of the write."""
         while True:
             with self._cond:
-                while not self._failed and not any(x.xh is not None for x in self._xfers.values()):
-                    self._cond.wait()
+                while not self._failed and not self._granted_unacked():
+                    self._cond.wait(0.05)
                 if self._failed:
                     return
                 active = [x for x in self._xfers.values() if x.xh is not None]
@@ -210,7 +212,14 @@ class NixlSender(SenderBase):
                         self._release(x)
                 if st == "ERR":
                     self._local_failure(x, err)
+            if not active:
+                with self._alock:
+                    self._agent.get_new_notifs()   # progresses the worker; the sender gets no notifs
             time.sleep(self._poll_interval)
+
+    def _granted_unacked(self) -> bool:
+        with self._lock:
+            return any(h._state is TransferState.TRANSFERRING for h in self._handles.values())
 
     def _on_failed(self) -> None:
         with self._cond:

