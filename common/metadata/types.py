@@ -32,7 +32,7 @@ class Instance:
     instance_id: str
     role: str
     address: str
-    block_size: int = 16
+    block_size: int = 16                     # tokens per block (decode; 0 allowed for prefill)
     kvp_tokens: int = 0                      # M; 0 = one group holds any length
     capacity: tuple[int, ...] = ()
     free: tuple[int, ...] = ()
@@ -46,7 +46,7 @@ class Instance:
                                       f"got {self.role!r}")
         if not self.address:
             raise InvalidRequestError(f"instance {self.instance_id}: address must not be empty")
-        if self.block_size <= 0:
+        if self.block_size < 0 or (self.role == "decode" and self.block_size == 0):
             raise InvalidRequestError(f"instance {self.instance_id}: block_size must be positive, "
                                       f"got {self.block_size}")
         if self.kvp_tokens < 0:

@@ -83,13 +83,13 @@ def test_register_list_heartbeat_deregister(store):
 
 
 def test_registration_expires_without_heartbeats(store):
-    store.register_instance(decode("d0"), ttl_s=0.2)
-    store.register_instance(decode("d1"), ttl_s=0.2)
-    for _ in range(4):
+    store.register_instance(decode("d0"), ttl_s=0.5)
+    store.register_instance(decode("d1"), ttl_s=0.5)
+    for _ in range(7):
         time.sleep(0.1)
-        assert store.heartbeat("d1", (), ttl_s=0.2)
+        assert store.heartbeat("d1", (), ttl_s=0.5)
     assert [i.instance_id for i in store.list_instances()] == ["d1"]
-    assert not store.heartbeat("d0", (), ttl_s=0.2)
+    assert not store.heartbeat("d0", (), ttl_s=0.5)
 
 
 # ---- placements -------------------------------------------------------------------------------
@@ -143,9 +143,9 @@ def test_concurrent_reservations_never_over_commit(store):
 
 def test_expired_lease_is_reclaimed_once_and_counted(store):
     store.register_instance(decode(), ttl_s=30)
-    assert store.try_reserve(placement("short", lease_s=0.2)).ok
-    assert store.try_reserve(placement("kept", lease_s=0.2, blocks=(1, 1))).ok
-    for _ in range(4):                                 # 0.4 s > lease, kept alive by renewals
+    assert store.try_reserve(placement("short", lease_s=0.5)).ok
+    assert store.try_reserve(placement("kept", lease_s=0.5, blocks=(1, 1))).ok
+    for _ in range(7):                                 # 0.7 s > lease, kept alive by renewals
         time.sleep(0.1)
         assert store.renew("kept") is not None
     assert store.get_placement("short") is None        # dead once past its deadline

@@ -1,0 +1,36 @@
+"""`python -m services.kvstore [--port N] [--redis-url URL] [--lease-s S] ...` (see --help).
+
+Prints "kvstore listening on HOST:PORT" once serving; SIGTERM or SIGINT stop it gracefully.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from common.errors import ConfigError
+from common.rpc.server import serve_until_signal
+from services.kvstore.config import KVStoreConfig
+from services.kvstore.service import KVStoreService
+
+
+async def _main(config: KVStoreConfig) -> None:
+    svc = await KVStoreService.start(config)
+    # The one line scripts (make up, tests) wait for; stdout, flushed.
+    print(f"kvstore listening on {svc.address}", flush=True)
+    await serve_until_signal(svc.server, cleanup=svc.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = KVStoreConfig.from_args(argv)
+        asyncio.run(_main(config))
+    except ConfigError as e:
+        logging.getLogger("kvstore").error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Placement and capacity accounting of the kvstore: the logic, testable without gRPC.
+
+A request of `num_tokens` prompt tokens that may generate `max_new_tokens` is placed on one decode
+instance. Its prompt is split by KVP group: group k holds tokens [k*M, (k+1)*M) (M = the
+instance's kvp_tokens; M = 0 means one group holds everything); the last group used also holds
+the generated tokens, since only the last group appends new KV. Each group needs
+ceil(tokens / block_size) blocks.
+
+The kvstore owns capacity accounting (capacity minus live placements, per group); the decode
+instance owns its block pool and assigns concrete block ids (decode.PrepareReceive). Every request
+that will hold KV on a decode instance is reserved here first.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from common.errors import CapacityError, ConfigError, InvalidRequestError, PlacementError
+from common.metadata.store import MetadataStore
+from common.metadata.types import GroupRange, Instance, Placement, check_id
+
+log = logging.getLogger(__name__)
+
+REAP_BATCH = 256        # expired placements freed per Redis script call
+
+
+def split_groups(num_tokens: int, max_new_tokens: int, kvp_tokens: int,
+                 block_size: int) -> tuple[GroupRange, ...]:
+    """Per-group token ranges and block counts of a request on an instance with the given M and
+    block size. The last group's blocks also cover max_new_tokens."""
+    m = kvp_tokens if kvp_tokens > 0 else num_tokens
+    n_groups = -(-num_tokens // m)
+    out = []
+    for k in range(n_groups):
+        start, end = k * m, min(num_tokens, (k + 1) * m)
+        tokens = end - start + (max_new_tokens if k == n_groups - 1 else 0)
+        out.append(GroupRange(k, start, end, -(-tokens // block_size)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    instance: Instance
+    groups: tuple[GroupRange, ...]
+    headroom: int          # min over the used groups of blocks left after placing
+
+    @property
+    def fits_now(self) -> bool:
+        return self.headroom >= 0
+
+
+def rank(instances: list[Instance], num_tokens: int, max_new_tokens: int) -> list[Candidate]:
+    """The decode instances that could ever hold the request (enough groups, enough capacity in
+    each when empty), best first: those with room now before the others, then the largest
+    headroom (spreads load, keeps the fullest instances for small requests), then by id."""
+    out = []
+    for inst in instances:
+        if inst.role != "decode":
+            continue
+        groups = split_groups(num_tokens, max_new_tokens, inst.kvp_tokens, inst.block_size)
+        if len(groups) > inst.num_groups:
+            continue
+        if any(g.num_blocks > inst.capacity[g.group] for g in groups):
+            continue
+        headroom = min(inst.available(g.group) - g.num_blocks for g in groups)
+        out.append(Candidate(inst, groups, headroom))
+    out.sort(key=lambda c: (not c.fits_now, -c.headroom, c.instance.instance_id))
+    return out
+
+
+class PlacementService:
+    """Reserve / renew / release / expire placements, and instance membership, over the store.
+
+    Blocking (Redis round trips); thread-safe. Raises InvalidRequestError (bad input, or a request
+    no live instance could ever hold), CapacityError (no room now), PlacementError (unknown or
+    expired placement or instance).
+    """
+
+    def __init__(self, store: MetadataStore, *, lease_s: float, instance_ttl_s: float,
+                 max_attempts: int = 8) -> None:
+        if lease_s <= 0 or instance_ttl_s <= 0 or max_attempts < 1:
+            raise ConfigError(
+                f"placement: lease_s={lease_s} and instance_ttl_s={instance_ttl_s} must be "
+                f"positive, max_attempts={max_attempts} >= 1")
+        self.store = store
+        self.lease_s = lease_s
+        self.instance_ttl_s = instance_ttl_s
+        self.max_attempts = max_attempts
+
+    # ---- membership ------------------------------------------------------------------------
+
+    def register(self, inst: Instance) -> float:
+        """Registers (or replaces) an instance; returns the heartbeat interval it should use."""
+        self.store.register_instance(inst, self.instance_ttl_s)
+        log.info("registered %s %s at %s, capacity %s", inst.role, inst.instance_id, inst.address,
+                 inst.capacity)
+        return self.instance_ttl_s / 3
+
+    def heartbeat(self, instance_id: str, free: tuple[int, ...]) -> None:
+        check_id("instance_id", instance_id)
+        if any(f < 0 for f in free):
+            raise InvalidRequestError(f"heartbeat of {instance_id}: negative free blocks {free}")
+        if not self.store.heartbeat(instance_id, free, self.instance_ttl_s):
+            raise PlacementError(f"instance {instance_id} is not registered (or its registration "
+                                 "expired); register again")
+
+    def deregister(self, instance_id: str) -> bool:
+        check_id("instance_id", instance_id)
+        return self.store.deregister_instance(instance_id)
+
+    def list_instances(self, role: str | None = None) -> list[Instance]:
+        return self.store.list_instances(role)
+
+    # ---- placements ------------------------------------------------------------------------
+
+    def reserve(self, request_id: str, num_tokens: int, max_new_tokens: int,
+                instance_id: str | None = None) -> Placement:
+        """Places a request (on `instance_id` only, when given). Idempotent: a retry with the same
+        arguments returns the existing placement."""
+        check_id("request_id", request_id)
+        if num_tokens < 1:
+            raise InvalidRequestError(f"request {request_id}: num_tokens must be >= 1, got {num_tokens}")
+        if max_new_tokens < 0:
+            raise InvalidRequestError(f"request {request_id}: max_new_tokens must be >= 0, "
+                                      f"got {max_new_tokens}")
+        if instance_id:
+            check_id("instance_id", instance_id)
+        for _ in range(self.max_attempts):
+            for cand in self._candidates(request_id, num_tokens, max_new_tokens, instance_id):
+                p = Placement(request_id, cand.instance.instance_id, cand.instance.address,
+                              cand.groups, num_tokens, max_new_tokens, self.lease_s)
+                res = self.store.try_reserve(p)
+                if res.ok:
+                    return res.placement
+                if res.reason == "exists":
+                    existing = self.store.get_placement(request_id)
+                    if existing is None:            # released meanwhile: start over
+                        break
+                    return self._same_request(existing, num_tokens, max_new_tokens, instance_id)
+                # "full" / "gone": another reservation or an expiry got there first.
+        raise CapacityError(f"request {request_id}: no decode instance had room for "
+                            f"{num_tokens}+{max_new_tokens} tokens after {self.max_attempts} "
+                            "attempts (contention)")
+
+    def _candidates(self, request_id: str, num_tokens: int, max_new_tokens: int,
+                    instance_id: str | None) -> list[Candidate]:
+        """Those with room now, best first; raises when there are none."""
+        if instance_id:
+            inst = self.store.get_instance(instance_id)
+            if inst is None:
+                raise PlacementError(f"decode instance {instance_id} is not registered (or its "
+                                     "registration expired)")
+            instances = [inst]
+        else:
+            instances = self.store.list_instances("decode")
+            if not instances:
+                raise CapacityError("no live decode instance")
+        ranked = rank(instances, num_tokens, max_new_tokens)
+        if not ranked:
+            largest = max(instances, key=lambda i: (i.num_groups, sum(i.capacity)))
+            raise InvalidRequestError(
+                f"request {request_id}: {num_tokens} prompt + {max_new_tokens} new tokens fit on no "
+                f"live decode instance (largest: {largest.instance_id}, {largest.num_groups} KVP "
+                f"groups of {largest.kvp_tokens or 'any number of'} tokens, capacity "
+                f"{list(largest.capacity)} blocks of {largest.block_size} tokens)")
+        now = [c for c in ranked if c.fits_now]
+        if not now:
+            best = ranked[0]
+            raise CapacityError(
+                f"request {request_id}: no decode instance has room now for {num_tokens}+"
+                f"{max_new_tokens} tokens (needs {[g.num_blocks for g in best.groups]} blocks on "
+                f"{best.instance.instance_id}, free {[best.instance.available(g.group) for g in best.groups]})")
+        return now
+
+    @staticmethod
+    def _same_request(p: Placement, num_tokens: int, max_new_tokens: int,
+                      instance_id: str | None) -> Placement:
+        if (p.num_tokens, p.max_new_tokens) != (num_tokens, max_new_tokens) or (
+                instance_id and p.instance_id != instance_id):
+            raise InvalidRequestError(
+                f"request {p.request_id} already has a placement for {p.num_tokens}+"
+                f"{p.max_new_tokens} tokens on {p.instance_id}; request ids must be unique")
+        return p
+
+    def renew(self, request_id: str) -> int:
+        """Extends the lease; returns the new deadline (ms, store clock)."""
+        check_id("request_id", request_id)
+        deadline = self.store.renew(request_id)
+        if deadline is None:
+            raise PlacementError(f"no placement for request {request_id} (unknown, released, or "
+                                 "its lease expired)")
+        return deadline
+
+    def release(self, request_id: str) -> None:
+        check_id("request_id", request_id)
+        if not self.store.release(request_id):
+            raise PlacementError(f"no placement for request {request_id} (unknown, released, or "
+                                 "its lease expired)")
+
+    def get(self, request_id: str) -> Placement:
+        check_id("request_id", request_id)
+        p = self.store.get_placement(request_id)
+        if p is None:
+            raise PlacementError(f"no placement for request {request_id} (unknown, released, or "
+                                 "its lease expired)")
+        return p
+
+    def expire(self) -> list[str]:
+        """Reclaims every placement whose lease expired; returns their request ids."""
+        expired: list[str] = []
+        while True:
+            batch = self.store.reap(limit=REAP_BATCH)
+            expired += batch
+            if len(batch) < REAP_BATCH:
+                break
+        if expired:
+            log.warning("leases expired, capacity reclaimed: %s", ", ".join(expired[:20]) +
+                        (f" (+{len(expired) - 20})" if len(expired) > 20 else ""))
+        return expired

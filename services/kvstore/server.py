@@ -1,0 +1,67 @@
+"""The kvstore's gRPC servicer: proto <-> domain translation only; the logic is placement.py.
+
+The store is blocking (Redis round trips), so each call runs in a worker thread and never blocks
+the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from common.rpc import convert
+from common.rpc.protos import kvstore_pb2, kvstore_pb2_grpc
+from common.rpc.status import handles_errors
+from services.kvstore.placement import PlacementService
+
+
+class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
+    def __init__(self, logic: PlacementService) -> None:
+        self.logic = logic
+
+    @handles_errors
+    async def RegisterInstance(self, request, context):
+        # reserved / heartbeat_age are output-only fields.
+        inst = dataclasses.replace(convert.instance_from_proto(request.instance), reserved=(),
+                                   heartbeat_age_s=0.0)
+        interval = await asyncio.to_thread(self.logic.register, inst)
+        return kvstore_pb2.RegisterInstanceResponse(ttl_s=self.logic.instance_ttl_s,
+                                                    heartbeat_interval_s=interval)
+
+    @handles_errors
+    async def Heartbeat(self, request, context):
+        await asyncio.to_thread(self.logic.heartbeat, request.instance_id,
+                                tuple(request.free_blocks))
+        return kvstore_pb2.HeartbeatResponse()
+
+    @handles_errors
+    async def DeregisterInstance(self, request, context):
+        found = await asyncio.to_thread(self.logic.deregister, request.instance_id)
+        return kvstore_pb2.DeregisterInstanceResponse(found=found)
+
+    @handles_errors
+    async def Reserve(self, request, context):
+        p = await asyncio.to_thread(self.logic.reserve, request.request_id, request.num_tokens,
+                                    request.max_new_tokens, request.instance_id or None)
+        return kvstore_pb2.ReserveResponse(placement=convert.placement_to_proto(p))
+
+    @handles_errors
+    async def Renew(self, request, context):
+        deadline = await asyncio.to_thread(self.logic.renew, request.request_id)
+        return kvstore_pb2.RenewResponse(lease_deadline_unix_ms=deadline)
+
+    @handles_errors
+    async def Release(self, request, context):
+        await asyncio.to_thread(self.logic.release, request.request_id)
+        return kvstore_pb2.ReleaseResponse()
+
+    @handles_errors
+    async def GetPlacement(self, request, context):
+        p = await asyncio.to_thread(self.logic.get, request.request_id)
+        return kvstore_pb2.GetPlacementResponse(placement=convert.placement_to_proto(p))
+
+    @handles_errors
+    async def ListInstances(self, request, context):
+        role = convert.role_from_proto(request.role)
+        instances = await asyncio.to_thread(self.logic.list_instances, role)
+        return kvstore_pb2.ListInstancesResponse(
+            instances=[convert.instance_to_proto(i) for i in instances])

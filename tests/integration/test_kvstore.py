@@ -1,0 +1,302 @@
+"""The kvstore service: placement logic (pure), then a real gRPC server on a free loopback port over
+the session's real redis-server, and the `python -m services.kvstore` process."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.errors import CapacityError
+from common.metadata.types import GroupRange, Instance
+from common.rpc import client, status
+from common.rpc.protos import kvstore_pb2 as pb
+from common.rpc.protos import kvstore_pb2_grpc
+from services.kvstore.config import KVStoreConfig
+from services.kvstore.placement import rank, split_groups
+from services.kvstore.service import KVStoreService
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# ---- placement logic, no gRPC -----------------------------------------------------------------
+
+
+def test_split_groups():
+    assert split_groups(5000, 100, 4096, 16) == (GroupRange(0, 0, 4096, 256),
+                                                 GroupRange(1, 4096, 5000, 63))  # 904+100 tokens
+    assert split_groups(8192, 10, 4096, 16) == (GroupRange(0, 0, 4096, 256),
+                                                GroupRange(1, 4096, 8192, 257))  # last one grows
+    assert split_groups(10, 0, 4096, 16) == (GroupRange(0, 0, 10, 1),)
+    assert split_groups(100_000, 7, 0, 16) == (GroupRange(0, 0, 100_000, 6251),)  # M = 0: one group
+
+
+def _inst(iid, capacity, reserved=None, kvp_tokens=64, block_size=16):
+    return Instance(iid, "decode", "h:1", block_size, kvp_tokens, capacity,
+                    reserved=reserved or (0,) * len(capacity))
+
+
+def test_rank_prefers_room_now_then_headroom():
+    instances = [_inst("full", (10, 10), (9, 9)), _inst("busy", (10, 10), (5, 5)),
+                 _inst("idle", (10, 10)), _inst("one-group", (100,)),
+                 Instance("p", "prefill", "h:2")]
+    ranked = rank(instances, 100, 0)                  # groups need 4 and 3 blocks
+    assert [c.instance.instance_id for c in ranked] == ["idle", "busy", "full"]
+    assert [c.fits_now for c in ranked] == [True, True, False]
+    assert ranked[0].headroom == 6                    # min(10-4, 10-3)
+    assert rank(instances, 10_000, 0) == []           # never fits anywhere
+
+
+# ---- the gRPC service -------------------------------------------------------------------------
+
+
+class Loop:
+    """An asyncio loop in a background thread, so sync tests can drive async services."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout_s: float = 20.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def kvstore(redis_url):
+    """start(**config overrides) -> (service, KVStoreStub); a fresh deployment each."""
+    loop, started = Loop(), []
+
+    def start(**overrides):
+        cfg = KVStoreConfig(**{"port": 0, "redis_url": redis_url, "lease_s": 30.0,
+                               "reap_interval_s": 0.05, "grace_s": 1.0,
+                               "deployment": f"t-{uuid.uuid4().hex[:12]}", **overrides})
+        svc = loop.run(KVStoreService.start(cfg))
+        channel = client.blocking_channel(svc.address)
+        started.append((svc, channel))
+        return svc, kvstore_pb2_grpc.KVStoreStub(channel)
+
+    yield start
+    for svc, channel in started:
+        channel.close()
+        loop.run(svc.stop())
+    loop.close()
+
+
+def register(stub, iid, capacity=(50, 50), kvp_tokens=64, block_size=16):
+    return stub.RegisterInstance(pb.RegisterInstanceRequest(instance=pb.InstanceInfo(
+        instance_id=iid, role=pb.ROLE_DECODE, address=f"127.0.0.1:{7000 + len(iid)}",
+        block_size=block_size, kvp_tokens=kvp_tokens, capacity_blocks=capacity)))
+
+
+def reserve(stub, rid, num_tokens=100, max_new_tokens=0, instance_id=""):
+    return stub.Reserve(pb.ReserveRequest(request_id=rid, num_tokens=num_tokens,
+                                          max_new_tokens=max_new_tokens,
+                                          instance_id=instance_id)).placement
+
+
+def reserved(stub):
+    return {i.instance_id: tuple(i.reserved_blocks)
+            for i in stub.ListInstances(pb.ListInstancesRequest(role=pb.ROLE_DECODE)).instances}
+
+
+def rpc_error(fn, *args):
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args)
+    return info.value
+
+
+def test_health_serving(kvstore):
+    svc, stub = kvstore()
+    with client.blocking_channel(svc.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "mnemosyne.v1.KVStore"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_register_list_heartbeat(kvstore):
+    _, stub = kvstore(instance_ttl_s=9.0)
+    resp = register(stub, "d0")
+    assert resp.ttl_s == 9.0 and resp.heartbeat_interval_s == 3.0
+    stub.RegisterInstance(pb.RegisterInstanceRequest(instance=pb.InstanceInfo(
+        instance_id="p0", role=pb.ROLE_PREFILL, address="127.0.0.1:9")))
+    stub.Heartbeat(pb.HeartbeatRequest(instance_id="d0", free_blocks=[40, 50]))
+    everyone = stub.ListInstances(pb.ListInstancesRequest()).instances
+    assert [i.instance_id for i in everyone] == ["d0", "p0"]
+    assert list(everyone[0].free_blocks) == [40, 50]
+    assert list(everyone[0].capacity_blocks) == [50, 50] and everyone[0].kvp_tokens == 64
+    assert stub.DeregisterInstance(pb.DeregisterInstanceRequest(instance_id="p0")).found
+    assert reserved(stub) == {"d0": (0, 0)}
+
+
+def test_reserve_get_renew_release(kvstore):
+    _, stub = kvstore()
+    register(stub, "d0")
+    register(stub, "d1")
+    reserve(stub, "warm", instance_id="d0")            # d0 busier: the next goes to d1
+    p = reserve(stub, "r1", num_tokens=100, max_new_tokens=20)
+    assert p.instance_id == "d1" and p.address == "127.0.0.1:7002"
+    assert [(g.group, g.token_start, g.token_end, g.num_blocks) for g in p.groups] == [
+        (0, 0, 64, 4), (1, 64, 100, 4)]                 # (36 + 20) tokens -> 4 blocks
+    assert p.lease_s == 30.0 and p.lease_deadline_unix_ms > 0
+    assert reserved(stub) == {"d0": (4, 3), "d1": (4, 4)}
+
+    got = stub.GetPlacement(pb.GetPlacementRequest(request_id="r1")).placement
+    assert got == p
+    deadline = stub.Renew(pb.RenewRequest(request_id="r1")).lease_deadline_unix_ms
+    assert deadline >= p.lease_deadline_unix_ms
+    assert reserve(stub, "r1", num_tokens=100, max_new_tokens=20).instance_id == "d1"  # idempotent
+    stub.Release(pb.ReleaseRequest(request_id="r1"))
+    stub.Release(pb.ReleaseRequest(request_id="warm"))
+    assert reserved(stub) == {"d0": (0, 0), "d1": (0, 0)}
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda s: reserve(s, ""), "request_id must not be empty"),
+    (lambda s: reserve(s, "r", num_tokens=0), "num_tokens must be >= 1, got 0"),
+    (lambda s: reserve(s, "r", max_new_tokens=-5), "max_new_tokens must be >= 0, got -5"),
+    (lambda s: reserve(s, "x" * 300), "at most 256"),
+    (lambda s: reserve(s, "r", num_tokens=64 * 3), "fit on no live decode instance"),
+    (lambda s: reserve(s, "taken", num_tokens=5), "already has a placement"),
+    (lambda s: s.RegisterInstance(pb.RegisterInstanceRequest(instance=pb.InstanceInfo(
+        instance_id="x", address="h:1", capacity_blocks=[1]))), "role must be set"),
+    (lambda s: s.RegisterInstance(pb.RegisterInstanceRequest(instance=pb.InstanceInfo(
+        instance_id="x", role=pb.ROLE_DECODE, address="h:1", block_size=16))), "block capacity"),
+    (lambda s: s.Heartbeat(pb.HeartbeatRequest(instance_id="d0", free_blocks=[1, 2, 3])),
+     "do not match the registered KVP groups"),
+    (lambda s: s.Heartbeat(pb.HeartbeatRequest(instance_id="d0", free_blocks=[-1, 2])),
+     "negative free blocks"),
+])
+def test_bad_input_is_invalid_argument(kvstore, call, match):
+    _, stub = kvstore()
+    register(stub, "d0")                                # 2 groups of 64 tokens
+    reserve(stub, "taken")
+    err = rpc_error(call, stub)
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert match in err.details()
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.Renew(pb.RenewRequest(request_id="nope")),
+    lambda s: s.Release(pb.ReleaseRequest(request_id="nope")),
+    lambda s: s.GetPlacement(pb.GetPlacementRequest(request_id="nope")),
+    lambda s: s.Heartbeat(pb.HeartbeatRequest(instance_id="ghost")),
+    lambda s: reserve(s, "r", instance_id="ghost"),
+])
+def test_unknown_is_not_found(kvstore, call):
+    _, stub = kvstore()
+    register(stub, "d0")
+    err = rpc_error(call, stub)
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+    assert "nope" in err.details() or "ghost" in err.details()
+
+
+def test_released_twice_is_not_found(kvstore):
+    _, stub = kvstore()
+    register(stub, "d0")
+    reserve(stub, "r")
+    stub.Release(pb.ReleaseRequest(request_id="r"))
+    assert rpc_error(stub.Release, pb.ReleaseRequest(request_id="r")).code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_no_capacity_is_resource_exhausted(kvstore):
+    _, stub = kvstore()
+    err = rpc_error(reserve, stub, "r")
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "no live decode instance" in err.details()
+    register(stub, "d0", capacity=(8, 8))
+    reserve(stub, "a")                                  # 4 + 3 blocks
+    reserve(stub, "b")                                  # 4 + 3 blocks: group 0 now full
+    err = rpc_error(reserve, stub, "c")
+    assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "has room now" in err.details()
+    assert isinstance(status.error_from_rpc(err), CapacityError)
+    stub.Release(pb.ReleaseRequest(request_id="a"))
+    assert reserve(stub, "c").instance_id == "d0"
+
+
+def test_concurrent_reservations_never_over_commit(kvstore):
+    _, stub = kvstore()
+    register(stub, "d0", capacity=(50, 50))             # each request: 4 + 3 blocks -> 12 fit
+    register(stub, "d1", capacity=(20, 50))             # -> 5 fit
+    barrier = threading.Barrier(24)
+
+    def one(n):
+        barrier.wait()
+        try:
+            return reserve(stub, f"r{n}").instance_id
+        except grpc.RpcError as e:
+            assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, e.details()
+            return None
+
+    with ThreadPoolExecutor(24) as pool:
+        placed = list(pool.map(one, range(24)))
+    counts = {i: placed.count(i) for i in ("d0", "d1")}
+    assert counts == {"d0": 12, "d1": 5}
+    assert reserved(stub) == {"d0": (48, 36), "d1": (20, 15)}
+
+
+def test_lease_expiry_reclaims_capacity_and_renewal_keeps_it(kvstore):
+    svc, stub = kvstore(lease_s=0.5)
+    register(stub, "d0")
+    reserve(stub, "forgotten")
+    reserve(stub, "kept")
+    assert reserved(stub) == {"d0": (8, 6)}
+    end = time.monotonic() + 1.2
+    while time.monotonic() < end:                       # the owner renews well within the lease
+        stub.Renew(pb.RenewRequest(request_id="kept"))
+        time.sleep(0.1)
+    assert reserved(stub) == {"d0": (4, 3)}             # the reaper gave "forgotten" back
+    assert svc.store.expired_total() == 1
+    err = rpc_error(stub.GetPlacement, pb.GetPlacementRequest(request_id="forgotten"))
+    assert err.code() is grpc.StatusCode.NOT_FOUND and "expired" in err.details()
+    assert stub.GetPlacement(pb.GetPlacementRequest(request_id="kept")).placement.instance_id == "d0"
+
+
+def test_instance_without_heartbeats_disappears(kvstore):
+    _, stub = kvstore(instance_ttl_s=0.6)
+    register(stub, "d0")
+    register(stub, "d1")
+    for _ in range(8):
+        time.sleep(0.1)
+        stub.Heartbeat(pb.HeartbeatRequest(instance_id="d1", free_blocks=[50, 50]))
+    assert list(reserved(stub)) == ["d1"]
+    assert rpc_error(stub.Heartbeat, pb.HeartbeatRequest(instance_id="d0")).code() is \
+        grpc.StatusCode.NOT_FOUND
+    assert reserve(stub, "r").instance_id == "d1"
+
+
+def test_main_serves_and_stops_on_sigterm(redis_url):
+    env = {**os.environ, "PYTHONPATH": ROOT, "MNEMOSYNE_REDIS_URL": redis_url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.kvstore", "--port", "0", "--lease-s", "5",
+         "--deployment", f"t-{uuid.uuid4().hex[:12]}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("kvstore listening on 127.0.0.1:"), proc.stderr.read()
+        address = line.split()[-1]
+        with client.blocking_channel(address) as ch:
+            stub = kvstore_pb2_grpc.KVStoreStub(ch)
+            register(stub, "d0")
+            assert reserve(stub, "r").lease_s == 5.0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
