@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -163,6 +164,21 @@ class ParallelEngine:
                 if o.finish_reason is not None:
                     res.finish_reason = o.finish_reason.value
         return [results[r] for r in rids]
+
+    def dump_kv(self, request_id: str, directory: str, timeout_s: float = 60.0) -> list[str]:
+        """Debug/test hook: every worker writes the K/V it holds for a running request to `directory`.
+        Returns the file paths once all exist."""
+        req = self.scheduler.requests[request_id]
+        spec = {"dir": directory, "tables": self.blocks.table(request_id), "num_tokens": req.num_computed}
+        self.control.broadcast(encode_plan(StepPlan(-1, [], dump=spec)))
+        paths = [os.path.join(directory, f"kv-g{k}-s{s}-t{t}.safetensors") for k in range(self.pcfg.kvp)
+                 for s in range(self.pcfg.spp) for t in range(self.pcfg.tp)]
+        deadline = time.monotonic() + timeout_s
+        while not all(os.path.exists(p) for p in paths):
+            if time.monotonic() > deadline:
+                raise WorkerFailedError("workers did not dump their KV in time")
+            time.sleep(0.05)
+        return paths
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     def _dead_worker(self) -> str | None:

@@ -34,6 +34,7 @@ class StepPlan:
     seqs: list[SeqPlan]
     forget: list[str] = field(default_factory=list)    # finished/aborted requests (sampler state)
     stop: bool = False                                  # workers exit their loop
+    dump: dict | None = None                            # debug: {"dir", "tables", "num_tokens"} (see worker)
     timeline: list[tuple[int, float, float]] = field(default_factory=list)  # (stage, start, end)
 
     @property

@@ -90,6 +90,9 @@ class Worker:
                 plan = decode_plan(comm.recv_msg(ctl, IDLE_TIMEOUT_S, driver_alive, "the driver"))
                 if plan.stop:
                     return
+                if plan.dump is not None:
+                    self.dump(plan.dump)
+                    continue
                 if not plan.seqs:
                     continue
                 timeline = torch.zeros(2 * g.coord.stage + 2, dtype=torch.float64)
@@ -144,6 +147,22 @@ class Worker:
                              combine=combine, kv_map=self.shard.kv_map)
         hidden = self.model(hidden, torch.tensor(positions, dtype=torch.long), ctx)
         return hidden, torch.tensor(sample_rows, dtype=torch.long)
+
+    def dump(self, spec: dict) -> None:
+        """Debug/test hook: writes the K/V this worker holds for one request (its KVP group's token
+        range, its layers, its TP heads) to spec["dir"]/kv-g{kvp}-s{stage}-t{tp}.safetensors."""
+        from safetensors.torch import save_file
+        c, m = self.groups.coord, self.kvp_tokens
+        n = max(0, min(spec["num_tokens"] - c.kvp * m, m))
+        table = spec["tables"][c.kvp]
+        tensors = {"num_tokens": torch.tensor([n]), "num_blocks": torch.tensor([len(table)])}
+        for layer in self.layers:
+            if n:
+                k, v = self.cache.gather(layer, table, len(table) * self.cache.block_size)
+                tensors[f"k.{layer}"], tensors[f"v.{layer}"] = k.float().contiguous(), v.float().contiguous()
+        path = os.path.join(spec["dir"], f"kv-g{c.kvp}-s{c.stage}-t{c.tp}.safetensors")
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
     def _combine(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """Merges the partial attention of every KVP group: out [T, H, D], lse [T, H]."""
