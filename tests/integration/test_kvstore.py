@@ -17,6 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.errors import CapacityError
+from common.metadata.redis_server import RedisServer
 from common.metadata.types import GroupRange, Instance
 from common.rpc import client, status
 from common.rpc.protos import kvstore_pb2 as pb
@@ -300,3 +301,17 @@ def test_main_serves_and_stops_on_sigterm(redis_url):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_redis_down_is_unavailable_not_a_hang(kvstore):
+    private = RedisServer().start()
+    try:
+        _, stub = kvstore(redis_url=private.url)
+        register(stub, "d0")
+        private.stop()
+        t0 = time.monotonic()
+        err = rpc_error(reserve, stub, "r")
+        assert err.code() is grpc.StatusCode.UNAVAILABLE and "unavailable" in err.details()
+        assert time.monotonic() - t0 < 5
+    finally:
+        private.stop()
