@@ -71,7 +71,10 @@ def details_for(exc: BaseException) -> str:
 
 
 def _trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
-    name = type(exc).__name__ if isinstance(exc, errors.MnemosyneError) else "InternalError"
+    """The nearest class the peer knows (common/errors.py), e.g. StoreUnavailableError ->
+    WorkerFailedError; "InternalError" for a non-typed error."""
+    name = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in _BY_NAME
+                 and _BY_NAME[c.__name__] is c), "InternalError")
     return ((ERROR_KEY, name),)
 
 

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.errors import CapacityError
+from common.errors import CapacityError, WorkerFailedError
 from common.metadata.redis_server import RedisServer
 from common.metadata.types import GroupRange, Instance
 from common.rpc import client, status
@@ -312,6 +312,7 @@ def test_redis_down_is_unavailable_not_a_hang(kvstore):
         t0 = time.monotonic()
         err = rpc_error(reserve, stub, "r")
         assert err.code() is grpc.StatusCode.UNAVAILABLE and "unavailable" in err.details()
+        assert type(status.error_from_rpc(err)) is WorkerFailedError
         assert time.monotonic() - t0 < 5
     finally:
         private.stop()
