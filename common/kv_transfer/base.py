@@ -241,7 +241,9 @@ class KVSender(ABC):
     @abstractmethod
     def send(self, chunk: KVChunk, dest: KVDest, timeout: float = 30.0) -> TransferHandle:
         """Starts sending; returns at once. The handle FAILS if the receiver has not confirmed within
-        `timeout` seconds. Raises KVTransferError for an invalid chunk or a dead connection."""
+        `timeout` seconds (and then the connection is closed: a stuck peer is a dead peer). Raises
+        KVTransferError for a chunk that does not fit the layout or the receiver, or when the
+        connection has already failed (then connect a new sender)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -107,7 +107,10 @@ class SenderBase(KVSender):
                                            chunk.tokens)}
         try:
             self._start(handle, chunk, header, runs)
-        except (OSError, KVTransferError) as e:
+        except KVTransferError as e:   # refused before anything moved: the connection stays usable
+            self._fail_one(handle.seq, str(e))
+            raise
+        except OSError as e:
             self._fail(f"starting transfer {handle.seq} failed: {e}")
         return handle
 

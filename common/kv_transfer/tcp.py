@@ -1,9 +1,10 @@
 """Plain TCP backend: the chunk's bytes travel in the control frame itself.
 
 Frame payload: K bytes then V bytes, each [layers, tokens, Hkv, D] in the layout's dtype, C order.
-The receiver reads the payload into a per-connection staging buffer, then scatters it into the cache
-slots under the tracker lock (so a concurrent cancel() never races the write) and acks; the sender's
-handle reaches DONE only on that ack.
+The receiver reads the payload one (K|V, layer) slab at a time into a per-connection staging buffer
+and scatters each slab into the cache slots under the tracker lock (so a concurrent cancel() never
+races the write); after the last slab it commits and acks. The sender's handle reaches DONE only on
+that ack.
 """
 from __future__ import annotations
 
@@ -78,11 +79,22 @@ class TCPReceiver(ReceiverBase):
             conn.skip(plen)
             conn.send({"type": "ack", "seq": seq, "ok": False, "reason": rejected})
             return
+        # Receive and scatter one (K|V, layer) slab at a time: the staging buffer stays cache-sized
+        # (a whole 4 MiB chunk staged first made the scatter run at DRAM speed, 2x slower overall).
+        lay = self.layout
+        L, T = res.layers[1] - res.layers[0], res.tokens[1] - res.tokens[0]
+        slab = T * lay.slot_bytes
         buf = self._staging.get(conn.id)
-        if buf is None or len(buf) < plen:
-            buf = self._staging[conn.id] = bytearray(plen)
-        conn.recv_payload(memoryview(buf)[:plen])   # a broken connection here fails the request
-        ok, reason = self._tracker.commit(res, lambda: self._scatter(res, buf, plen))
+        if buf is None or len(buf) < slab:
+            buf = self._staging[conn.id] = bytearray(slab)
+        runs = KVDest(res.block_table, res.group_start).slot_runs(res.tokens, lay.block_size)
+        live = True
+        for kv in range(2):
+            for i in range(L):
+                conn.recv_payload(memoryview(buf)[:slab])   # a broken connection here fails the request
+                if live:
+                    live = self._tracker.write(res, lambda: self._scatter(buf, slab, kv, res.layers[0] + i, runs))
+        ok, reason = self._tracker.commit(res)
         conn.send({"type": "ack", "seq": seq, "ok": ok, "reason": reason})
 
     def _check_payload(self, header: dict[str, Any], plen: int, res: Reservation) -> str | None:
@@ -94,19 +106,14 @@ class TCPReceiver(ReceiverBase):
             return f"payload of {plen} bytes, expected {2 * shape[0] * shape[1] * lay.slot_bytes}"
         return None
 
-    def _scatter(self, res: Reservation, buf: bytearray, nbytes: int) -> None:
+    def _scatter(self, buf: bytearray, nbytes: int, kv: int, layer: int, runs: list[tuple[int, int, int]]) -> None:
         # One copy_ per contiguous slot run: on CPU this is ~10x faster than index_copy_ over slots.
-        lay = self.layout
-        (l0, l1), (t0, t1) = res.layers, res.tokens
-        H, D = lay.num_kv_heads, lay.head_dim
-        src = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(lay.torch_dtype)
-        src = src.view(2, l1 - l0, t1 - t0, H, D)                        # [K|V, layers, tokens, Hkv, D]
-        runs = KVDest(res.block_table, res.group_start).slot_runs(res.tokens, lay.block_size)
-        for i, l in enumerate(range(l0, l1)):
-            for kv, cache in enumerate(self.caches[l]):
-                flat = cache.view(-1, H, D)                                # [slots, Hkv, D]
-                for slot, off, n in runs:
-                    flat[slot:slot + n].copy_(src[kv, i, off:off + n])
+        H, D = self.layout.num_kv_heads, self.layout.head_dim
+        src = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(self.layout.torch_dtype)
+        src = src.view(-1, H, D)                                            # [tokens, Hkv, D]
+        flat = self.caches[layer][kv].view(-1, H, D)                        # [slots, Hkv, D]
+        for slot, off, n in runs:
+            flat[slot:slot + n].copy_(src[off:off + n])
 
     def _on_conn_closed(self, conn: Conn) -> None:
         self._staging.pop(conn.id, None)

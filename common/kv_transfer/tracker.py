@@ -1,9 +1,9 @@
 """Receiver-side bookkeeping: which (layer, token) cells of each expected request have arrived.
 
 Pure Python and thread-safe. A chunk goes through begin() (validated and its cells reserved, so a
-duplicate or overlapping chunk is refused before any byte is written) and then commit() (the write
-callback runs under the lock, so cancel() never races a write into blocks it has just given up) or
-abort(). A request is DONE when every expected layer has exactly `num_tokens` cells; since reserved
+duplicate or overlapping chunk is refused before any byte is written), then write() for each piece
+the backend copies into the cache itself (run under the lock, only while the reservation is live, so
+cancel() never races a write into blocks it has just given up), then commit() or abort(). A request is DONE when every expected layer has exactly `num_tokens` cells; since reserved
 ranges never overlap, the count proves every cell arrived exactly once.
 
 Failure rules: a chunk that contradicts the registration (unknown layers, tokens outside the group's
@@ -148,9 +148,24 @@ class RequestTracker:
                 return f"layer {l} tokens already arrived or in flight (duplicate)"
         return None
 
-    def commit(self, res: Reservation, write: Callable[[], None] | None = None) -> tuple[bool, str | None]:
-        """Runs `write` (the scatter into the cache, if the backend still has to do it) and records the
-        cells, unless the request was cancelled or failed meanwhile. Returns (ok, reason)."""
+    def write(self, res: Reservation, fn: Callable[[], None]) -> bool:
+        """Runs `fn` (a write into the reservation's cells) under the lock iff the reservation is still
+        live, so a cancel() never races a write into blocks it has just given up. An exception from
+        `fn` fails the request. Returns whether it ran and succeeded."""
+        with self._cond:
+            req = self._requests.get(res.request_id)
+            if req is None or res.id not in req.open or req.state is TransferState.FAILED:
+                return False
+            try:
+                fn()
+            except Exception as e:  # a failed scatter must fail the request, not kill the server
+                self._fail(req, f"writing chunk into the cache failed: {e!r}")
+                return False
+            return True
+
+    def commit(self, res: Reservation) -> tuple[bool, str | None]:
+        """Records the reservation's cells as arrived (the bytes are in the cache by now), unless the
+        request was cancelled or failed meanwhile. Returns (ok, reason)."""
         with self._cond:
             res.resolved.set()
             req = self._requests.get(res.request_id)
@@ -158,12 +173,6 @@ class RequestTracker:
                 return False, f"request {res.request_id} was cancelled"
             if req.state is TransferState.FAILED:
                 return False, f"request {res.request_id} failed: {req.reason}"
-            if write is not None:
-                try:
-                    write()
-                except Exception as e:  # a failed scatter must fail the request, not kill the server
-                    self._fail(req, f"writing chunk into the cache failed: {e!r}")
-                    return False, req.reason
             (l0, l1), (t0, t1) = res.layers, res.tokens
             for l in range(l0, l1):
                 _insert(req.arrived[l], t0, t1)

@@ -249,6 +249,21 @@ def test_cancel_drops_state(remote, sender, block_pool):
     assert remote.call("wait_complete", "c", 10.0) is True
 
 
+def test_invalid_chunk_raises_and_the_connection_survives(remote, sender, block_pool):
+    table = shuffled_table(16, block_pool)
+    dest = KVDest(table, 0)
+    good = chunk_of(LAYOUT, "inv", 18, (0, 4), (0, 16))
+    with pytest.raises(KVTransferError, match="shape"):
+        sender.send(replace(good, k=good.k[:, :8]), dest)
+    with pytest.raises(KVTransferError, match="float32"):
+        sender.send(replace(good, k=good.k.double()), dest)
+    with pytest.raises(KVTransferError, match="not covered"):
+        sender.send(chunk_of(LAYOUT, "inv", 18, (0, 4), (0, 17)), dest)
+    remote.call("expect", "inv", table, 0, range(4), 16)
+    send_all(sender, [good], dest)
+    assert remote.call("wait_complete", "inv", 10.0) is True
+
+
 @pytest.mark.parametrize("field,value", [("dtype", "bfloat16"), ("num_kv_heads", 4), ("block_size", 32),
                                          ("num_layers", 8), ("model", "other-model")])
 def test_layout_mismatch_refused_naming_the_field(remote, field, value):
