@@ -1,0 +1,137 @@
+"""Block pool: allocation, growth, free, fork/refcounts, capacity errors, invariant checks."""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+
+from common.errors import CapacityError
+from common.kv_cache.block_pool import BlockPool
+
+
+def snapshot(pool: BlockPool) -> tuple:
+    return (list(pool.ref_counts), list(pool.free_ids), copy.deepcopy(pool.tables))
+
+
+def test_allocate_grows_table_and_counts_blocks():
+    pool = BlockPool(8, 4)
+    assert pool.blocks_for(0) == 0 and pool.blocks_for(1) == 1 and pool.blocks_for(4) == 1
+    assert pool.blocks_for(5) == 2
+    t = pool.allocate("a", 5)                 # 2 blocks
+    assert len(t) == 2 and pool.num_used == 2 and pool.num_free == 6
+    pool.check()
+    assert pool.allocate("a", 8) == t and len(t) == 2      # still fits: nothing new
+    assert len(pool.allocate("a", 9)) == 3                   # one more block
+    assert pool.allocate("a", 1) == pool.table("a")          # shrinking asks never free
+    pool.check()
+    assert pool.table("nobody") == []
+
+
+def test_free_returns_blocks_and_is_idempotent():
+    pool = BlockPool(4, 2)
+    pool.allocate("a", 3)
+    pool.allocate("b", 4)
+    assert pool.num_free == 0
+    assert pool.free("a") == 2
+    pool.check()
+    assert pool.free("a") == 0 and pool.free("unknown") == 0
+    assert pool.free("b") == 2
+    assert pool.num_used == 0 and pool.num_free == 4
+    pool.check()
+
+
+def test_capacity_error_leaves_state_unchanged():
+    pool = BlockPool(4, 4)
+    pool.allocate("a", 8)
+    before = snapshot(pool)
+    assert not pool.can_allocate("b", 9)
+    with pytest.raises(CapacityError, match="needs 3 more blocks"):
+        pool.allocate("b", 9)                 # new request: no empty table left behind
+    assert snapshot(pool) == before and "b" not in pool.tables
+    with pytest.raises(CapacityError):
+        pool.allocate("a", 8 + 4 * 3)         # growing request: its table keeps its blocks
+    assert snapshot(pool) == before
+    pool.check()
+    assert pool.can_allocate("a", 16) and pool.can_allocate("b", 8)
+
+
+def test_fork_shares_blocks_with_reference_counts():
+    pool = BlockPool(6, 4)
+    src = list(pool.allocate("a", 8))
+    shared = pool.fork("a", "b")
+    assert shared == src and pool.num_used == 2
+    assert all(pool.ref_counts[b] == 2 for b in src)
+    pool.check()
+    with pytest.raises(ValueError):
+        pool.fork("a", "b")                   # destination already has blocks
+    assert pool.free("a") == 0                # b still holds them
+    pool.check()
+    assert all(pool.ref_counts[b] == 1 for b in src)
+    pool.allocate("b", 12)                    # b grows with a private block
+    assert pool.num_used == 3
+    assert pool.free("b") == 3 and pool.num_used == 0
+    pool.check()
+
+
+def test_fork_of_unknown_request_is_empty():
+    pool = BlockPool(2, 4)
+    assert pool.fork("nobody", "x") == []
+    assert pool.free("x") == 0
+    pool.check()
+
+
+def test_check_detects_corruption():
+    pool = BlockPool(4, 4)
+    pool.allocate("a", 4)
+    pool.ref_counts[pool.table("a")[0]] = 2
+    with pytest.raises(AssertionError, match="reference counts"):
+        pool.check()
+    pool = BlockPool(4, 4)
+    pool.allocate("a", 4)
+    pool.free_ids.append(pool.table("a")[0])
+    with pytest.raises(AssertionError):
+        pool.check()
+    pool = BlockPool(4, 4)
+    pool.free_ids.append(0)
+    with pytest.raises(AssertionError, match="twice"):
+        pool.check()
+
+
+@pytest.mark.parametrize("bad", [(0, 4), (4, 0), (-1, 4)])
+def test_rejects_empty_pool(bad):
+    with pytest.raises(ValueError):
+        BlockPool(*bad)
+
+
+def test_random_operations_keep_invariants():
+    rng = random.Random(0)
+    pool = BlockPool(32, 4)
+    tokens: dict[str, int] = {}
+    for step in range(2000):
+        op = rng.random()
+        rid = f"r{rng.randrange(12)}"
+        if op < 0.5:
+            n = tokens.get(rid, 0) + rng.randrange(1, 12)
+            if pool.can_allocate(rid, n):
+                pool.allocate(rid, n)
+                tokens[rid] = n
+            else:
+                before = snapshot(pool)
+                with pytest.raises(CapacityError):
+                    pool.allocate(rid, n)
+                assert snapshot(pool) == before
+        elif op < 0.6 and rid in pool.tables:
+            dst = f"f{step}"
+            pool.fork(rid, dst)
+            tokens[dst] = tokens[rid]
+        else:
+            pool.free(rid)
+            tokens.pop(rid, None)
+        pool.check()
+        for r, n in tokens.items():
+            assert len(pool.table(r)) == pool.blocks_for(n)
+    for r in list(pool.tables):
+        pool.free(r)
+    pool.check()
+    assert pool.num_used == 0 and pool.num_free == 32

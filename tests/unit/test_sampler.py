@@ -1,0 +1,113 @@
+"""Sampler: greedy, seeds, top-k, top-p, temperature, logprobs of the chosen tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.engine.sampler import Sampler
+from common.errors import InvalidRequestError
+from common.sampling_params import SamplingParams
+
+V = 50
+
+
+def logits(b: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def draw(params: SamplingParams, lg: torch.Tensor, n: int, rid: str = "r") -> list[int]:
+    """n successive draws for one request from the same logits row."""
+    s = Sampler()
+    return [s.sample(lg, [rid], [params])[0][0] for _ in range(n)]
+
+
+def test_greedy_is_argmax_and_logprobs_are_log_softmax():
+    lg = logits()
+    toks, lps = Sampler().sample(lg, ["a", "b", "c", "d"], [SamplingParams()] * 4)
+    assert toks == lg.argmax(-1).tolist()
+    ref = torch.log_softmax(lg, -1)
+    for i, (t, lp) in enumerate(zip(toks, lps)):
+        assert lp == pytest.approx(ref[i, t].item(), abs=1e-6)
+        assert lp <= 0
+
+
+def test_logprobs_are_of_the_model_distribution_whatever_the_settings():
+    lg = logits(1)
+    ref = torch.log_softmax(lg, -1)[0]
+    s = Sampler()
+    for _ in range(20):
+        (t,), (lp,) = s.sample(lg, ["r"], [SamplingParams(temperature=0.7, top_k=5, seed=3)])
+        assert lp == pytest.approx(ref[t].item(), abs=1e-6)
+
+
+def test_seed_reproducible_and_seeds_differ():
+    lg = logits(1, seed=1)
+    p = SamplingParams(temperature=1.5, seed=1234)
+    a, b = draw(p, lg, 40), draw(p, lg, 40)
+    assert a == b
+    c = draw(SamplingParams(temperature=1.5, seed=99), lg, 40)
+    assert a != c
+    assert len(set(a)) > 1          # it really samples
+
+
+def test_per_request_generators_are_independent_of_batch_mates():
+    lg = logits(2, seed=2)
+    p = SamplingParams(temperature=1.0, seed=7)
+    alone = draw(p, lg[:1], 10, rid="x")
+    s = Sampler()
+    together = [s.sample(lg, ["x", "y"], [p, SamplingParams(temperature=1.0, seed=8)])[0][0]
+                for _ in range(10)]
+    assert together == alone
+
+
+def test_forget_restarts_the_seeded_stream():
+    lg = logits(1, seed=3)
+    p = SamplingParams(temperature=1.0, seed=5)
+    s = Sampler()
+    first = [s.sample(lg, ["r"], [p])[0][0] for _ in range(5)]
+    s.forget("r")
+    again = [s.sample(lg, ["r"], [p])[0][0] for _ in range(5)]
+    assert first == again
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    lg = logits(1, seed=4)
+    best = int(lg.argmax())
+    assert set(draw(SamplingParams(temperature=2.0, top_k=1, seed=0), lg, 20)) == {best}
+    assert set(draw(SamplingParams(temperature=2.0, top_p=1e-6, seed=0), lg, 20)) == {best}
+
+
+def test_top_k_keeps_only_the_k_best():
+    lg = logits(1, seed=5)
+    top3 = set(torch.topk(lg[0], 3).indices.tolist())
+    got = draw(SamplingParams(temperature=5.0, top_k=3, seed=0), lg, 200)
+    assert set(got) <= top3 and len(set(got)) == 3
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps the first two (0.5 < 0.7 <= 0.8)
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    lg = probs.log()
+    got = draw(SamplingParams(temperature=1.0, top_p=0.7, seed=0), lg, 300)
+    assert set(got) == {1, 3}
+    got = draw(SamplingParams(temperature=1.0, top_p=0.85, seed=0), lg, 300)
+    assert set(got) == {1, 3, 2}
+
+
+def test_low_temperature_concentrates_and_high_spreads():
+    lg = logits(1, seed=6)
+    cold = draw(SamplingParams(temperature=0.05, seed=0), lg, 50)
+    hot = draw(SamplingParams(temperature=10.0, seed=0), lg, 50)
+    assert len(set(cold)) <= 2 and len(set(hot)) > 10
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(max_tokens=-1), dict(temperature=-0.1),
+                                 dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)])
+def test_sampling_params_validation(bad):
+    with pytest.raises(InvalidRequestError):
+        SamplingParams(**bad)
+
+
+def test_greedy_property():
+    assert SamplingParams().greedy and SamplingParams(temperature=1.0, top_k=1).greedy
+    assert not SamplingParams(temperature=0.5).greedy
