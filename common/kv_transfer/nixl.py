@@ -118,8 +118,12 @@ class NixlSender(SenderBase):
         xfer = _Xfer(handle, _descs(local, nbytes), _descs(remote, nbytes), [], sources=(k, v))
         handle.keepalive = (k, v)
         with self._alock:
-            for t in (k, v):
-                xfer.regs.append(self._register(t))
+            try:
+                for t in (k, v):
+                    xfer.regs.append(self._register(t))
+            except Exception as e:  # nixl binding errors
+                self._release(xfer)
+                raise KVTransferError(f"NIXL could not register the chunk's memory: {e!r}") from e
         with self._cond:
             self._xfers[handle.seq] = xfer
         assert self._conn is not None
@@ -160,6 +164,9 @@ class NixlSender(SenderBase):
             return
         error = None
         with self._alock:
+            with self._cond:   # failed meanwhile? then its registrations are gone: never post
+                if self._xfers.get(seq) is not xfer:
+                    return
             try:
                 xfer.xh = self._agent.initialize_xfer(
                     "WRITE", self._agent.get_xfer_descs(xfer.local, "DRAM"),
