@@ -79,6 +79,7 @@ class ParallelEngine:
         self.req_ids = itertools.count()
         self.timelines: list[list[tuple[int, float, float]]] = []
         self.record_timeline = False
+        self.comm_s = 0.0                 # the reporter's cumulative time in communication
         self.closed = False
 
     # ---- requests (same interface as LLMEngine) ------------------------------------------------------
@@ -117,6 +118,7 @@ class ParallelEngine:
                                           self._dead_worker, "the reporting worker"))
         if res.step_id != step_id:
             raise WorkerFailedError(f"step results out of order: expected {step_id}, got {res.step_id}")
+        self.comm_s += res.comm_s
         if self.record_timeline:
             self.timelines.append(res.timeline)
         self.scheduler.postprocess(sched, res.tokens)

@@ -4,6 +4,7 @@ Collectives are no-ops at size 1.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -54,6 +55,7 @@ class Groups:
     def __init__(self, cfg: ParallelConfig, rank: int) -> None:
         self.cfg = cfg
         self.rank = rank
+        self.comm_s = 0.0          # seconds spent inside collectives (transfer + waiting for peers)
         self.coord = coord_of(cfg, rank) if rank != DRIVER_RANK else None
         self.tp_group = self.kvp_group = None
         self.tp_ranks: list[int] = []
@@ -105,14 +107,18 @@ class Groups:
     # ---- collectives ----------------------------------------------------------------------------------
     def all_reduce_tp(self, t: torch.Tensor) -> torch.Tensor:
         if self.tp_group is not None:
+            t0 = time.perf_counter()
             dist.all_reduce(t, group=self.tp_group)
+            self.comm_s += time.perf_counter() - t0
         return t
 
     def all_gather_tp(self, t: torch.Tensor) -> list[torch.Tensor]:
         if self.tp_group is None:
             return [t]
         parts = [torch.empty_like(t) for _ in self.tp_ranks]
+        t0 = time.perf_counter()
         dist.all_gather(parts, t.contiguous(), group=self.tp_group)
+        self.comm_s += time.perf_counter() - t0
         return parts
 
     def all_gather_kvp(self, t: torch.Tensor) -> torch.Tensor:
@@ -120,5 +126,7 @@ class Groups:
         if self.kvp_group is None:
             return t[None]
         parts = [torch.empty_like(t) for _ in self.kvp_ranks]
+        t0 = time.perf_counter()
         dist.all_gather(parts, t.contiguous(), group=self.kvp_group)
+        self.comm_s += time.perf_counter() - t0
         return torch.stack(parts)

@@ -47,6 +47,7 @@ class StepResult:
     step_id: int
     tokens: dict[str, tuple[int, float]]                # request id -> (token, logprob)
     timeline: list[tuple[int, float, float]]            # (stage, start, end) monotonic seconds
+    comm_s: float = 0.0                                 # reporter's time in collectives + p2p this step
     error: str | None = None
 
 
@@ -68,4 +69,5 @@ def encode_result(res: StepResult) -> bytes:
 def decode_result(data: bytes) -> StepResult:
     d = json.loads(data)
     return StepResult(step_id=d["step_id"], tokens={k: (int(v[0]), float(v[1])) for k, v in d["tokens"].items()},
-                      timeline=[tuple(t) for t in d["timeline"]], error=d.get("error"))
+                      timeline=[tuple(t) for t in d["timeline"]], comm_s=float(d.get("comm_s", 0.0)),
+                      error=d.get("error"))

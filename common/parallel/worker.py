@@ -97,10 +97,13 @@ class Worker:
                     continue
                 timeline = torch.zeros(2 * g.coord.stage + 2, dtype=torch.float64)
                 hidden = None
+                comm0 = g.comm_s
                 if not g.is_first_stage:             # announced by the plan: arrives promptly
                     hidden = torch.empty(plan.num_tokens, self.mc.hidden_size, dtype=self.dtype)
+                    t_recv = time.perf_counter()
                     dist.recv(hidden, g.prev_rank)
                     dist.recv(timeline[:-2], g.prev_rank)
+                    g.comm_s += time.perf_counter() - t_recv
                 timeline[-2] = time.monotonic()
                 hidden, logits_rows = self.forward(plan, hidden)
                 timeline[-1] = time.monotonic()
@@ -113,7 +116,8 @@ class Worker:
                 logits = self.model.logits(hidden.index_select(0, logits_rows)) if logits_rows.numel() else None
                 if g.is_reporter:
                     t = timeline.tolist()
-                    self.report(ctl, plan, logits, [(i, t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)])
+                    self.report(ctl, plan, logits, [(i, t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)],
+                                g.comm_s - comm0)
         finally:
             for w in pending:
                 w.wait()
@@ -170,7 +174,7 @@ class Worker:
         lses = self.groups.all_gather_kvp(lse)           # [kvp, T, H]
         return merge_stacked(outs, lses)[0]
 
-    def report(self, ctl, plan: StepPlan, logits: torch.Tensor | None, timeline) -> None:
+    def report(self, ctl, plan: StepPlan, logits: torch.Tensor | None, timeline, comm_s: float) -> None:
         tokens: dict[str, tuple[int, float]] = {}
         for rid in plan.forget:
             self.sampler.forget(rid)
@@ -180,7 +184,7 @@ class Worker:
                                      seed=s.seed) for s in samplers]
             toks, lps = self.sampler.sample(logits, [s.request_id for s in samplers], params)
             tokens = {s.request_id: (t, lp) for s, t, lp in zip(samplers, toks, lps)}
-        comm.send_msg(ctl, encode_result(StepResult(plan.step_id, tokens, timeline)))
+        comm.send_msg(ctl, encode_result(StepResult(plan.step_id, tokens, timeline, comm_s)))
 
 
 def worker_main(args: WorkerArgs) -> None:
