@@ -171,8 +171,12 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kv_backend: str = "tcp"            # KV transfer to/from other instances: tcp | nixl
+    kv_host: str = "127.0.0.1"         # address this instance's KV receivers listen on
 
     def __post_init__(self) -> None:
+        if self.kv_backend not in ("tcp", "nixl"):
+            raise ConfigError(f"unknown kv_backend {self.kv_backend!r}; choose tcp or nixl")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.max_model_len is not None and self.max_model_len <= 0:

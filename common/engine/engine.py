@@ -14,6 +14,8 @@ import torch
 
 from common.attention.registry import get_backend
 from common.config import EngineConfig, ModelConfig
+from common.engine.disagg import Disaggregation
+from common.engine.kv_sink import GroupSink, KVSink
 from common.engine.model_runner import ModelRunner
 from common.engine.sampler import Sampler
 from common.errors import CapacityError, InvalidRequestError
@@ -38,6 +40,7 @@ class StepOutput:
     num_computed: int
     prompt_len: int
     finish_reason: FinishReason | None
+    error: str | None = None      # set when the request failed (e.g. its KV never arrived)
 
 
 @dataclass
@@ -93,31 +96,61 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.cache, self.pool, self.backend, cfg.device)
         self.sampler = Sampler()
         self._ids = itertools.count()
+        self.disagg = Disaggregation(self)
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival_s: float | None = None, ttft_deadline_s: float | None = None) -> str:
+                    arrival_s: float | None = None, ttft_deadline_s: float | None = None,
+                    kv_sink: KVSink | None = None) -> str:
+        """kv_sink: stream this request's KV, chunk by chunk, to a decode instance (prefill role)."""
         validate_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens)
         rid = request_id or f"req-{next(self._ids)}"
-        req = Request(rid, list(prompt_ids), params, arrival_s if arrival_s is not None else time.monotonic(),
-                      eos_ids=self.eos_ids, max_model_len=self.max_model_len,
-                      ttft_deadline_s=ttft_deadline_s)
+        req = self.make_request(rid, prompt_ids, params, arrival_s, ttft_deadline_s)
         self.scheduler.add(req)
+        if kv_sink is not None:
+            self.disagg.sinks[rid] = kv_sink
         return rid
+
+    def make_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float | None = None,
+                     ttft_deadline_s: float | None = None) -> Request:
+        return Request(rid, list(prompt_ids), params, arrival_s if arrival_s is not None else time.monotonic(),
+                       eos_ids=self.eos_ids, max_model_len=self.max_model_len, ttft_deadline_s=ttft_deadline_s)
 
     def abort(self, request_id: str) -> bool:
         self.sampler.forget(request_id)
-        return self.scheduler.abort(request_id) is not None
+        found = self.disagg.abort(request_id)
+        return self.scheduler.abort(request_id) is not None or found
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.disagg.awaiting)
+
+    # ---- disaggregation (see common/engine/disagg.py) ------------------------------------------------
+    def prepare_receive(self, request_id: str, num_prompt_tokens: int, max_new_tokens: int) -> list[GroupSink]:
+        return self.disagg.prepare_receive(request_id, num_prompt_tokens, max_new_tokens)
+
+    def add_prefilled(self, prompt_ids: list[int], params: SamplingParams, request_id: str, first_token: int,
+                      first_logprob: float, kv_timeout_s: float = 60.0) -> str:
+        return self.disagg.add_prefilled(prompt_ids, params, request_id, first_token, first_logprob, kv_timeout_s)
+
+    def kv_status(self, request_id: str) -> tuple[str, str | None]:
+        return self.disagg.kv_status(request_id)
+
+    @property
+    def kv_backend(self) -> str:
+        return self.cfg.kv_backend
+
+    @property
+    def kv_layout(self):
+        return self.disagg.layout
 
     # ---- one iteration ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        early = self.disagg.admit_arrived()
         sched = self.scheduler.schedule()
         if not sched.items:
-            return []
+            return early
         logits = self.runner.run(sched.items)
+        self.disagg.stream(sched.items)
         samplers = [it for it in sched.items if it.sample]
         tokens, logprobs = self.sampler.sample(logits, [it.request.request_id for it in samplers],
                                                [it.request.params for it in samplers])
@@ -131,7 +164,7 @@ class LLMEngine:
                 self.sampler.forget(req.request_id)
             outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
                                    req.num_computed, req.prompt_len, req.finish_reason))
-        return outs
+        return early + outs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
         """Runs the prompts together (continuous batching) until all finish."""
