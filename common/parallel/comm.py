@@ -55,6 +55,7 @@ class ControlServer:
         self.sock = socket.create_server((host, port))
         self.port = self.sock.getsockname()[1]
         self.peers: dict[int, socket.socket] = {}
+        self.hello: dict[int, dict] = {}           # what each worker said when it connected
 
     def accept(self, ranks: list[int], timeout_s: float, alive=None) -> None:
         deadline = time.monotonic() + timeout_s
@@ -71,8 +72,21 @@ class ControlServer:
             except socket.timeout:
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            rank = json.loads(recv_msg(conn, timeout_s, what="a connecting worker"))["rank"]
-            self.peers[rank] = conn
+            hello = json.loads(recv_msg(conn, timeout_s, what="a connecting worker"))
+            self.peers[hello["rank"]] = conn
+            self.hello[hello["rank"]] = hello
+
+    def recv_any(self, timeout_s: float, alive=None) -> tuple[int, bytes] | None:
+        """One message from whichever worker has one (None after `timeout_s` with none)."""
+        socks = {conn: rank for rank, conn in self.peers.items()}
+        ready, _, _ = select.select(list(socks), [], [], timeout_s)
+        if not ready:
+            err = alive() if alive else None
+            if err:
+                raise WorkerFailedError(err)
+            return None
+        rank = socks[ready[0]]
+        return rank, recv_msg(ready[0], 30.0, alive, f"worker rank {rank}")
 
     def broadcast(self, data: bytes) -> None:
         for conn in self.peers.values():
@@ -84,7 +98,7 @@ class ControlServer:
         self.sock.close()
 
 
-def connect(host: str, port: int, rank: int, timeout_s: float) -> socket.socket:
+def connect(host: str, port: int, rank: int, timeout_s: float, **hello) -> socket.socket:
     """Worker side: connects to the driver's control server, retrying until it listens."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -97,5 +111,5 @@ def connect(host: str, port: int, rank: int, timeout_s: float) -> socket.socket:
             time.sleep(0.1)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    send_msg(sock, json.dumps({"rank": rank}).encode())
+    send_msg(sock, json.dumps({"rank": rank, **hello}).encode())
     return sock

@@ -6,6 +6,7 @@ It has the same request interface as the single-process LLMEngine, which it must
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import socket
@@ -18,12 +19,14 @@ import torch.multiprocessing as mp
 
 from common.config import EngineConfig
 from common.engine.engine import GenerationResult, StepOutput, validate_prompt
+from common.engine.kv_sink import GroupSink, KVSink
 from common.errors import ConfigError, WorkerFailedError
 from common.kv_cache.kvp_blocks import KVPBlockManager
 from common.model.loader import load_checkpoint
 from common.parallel import comm
 from common.parallel.groups import DRIVER_RANK, Groups, init_world, world_size
-from common.parallel.plan import SeqPlan, StepPlan, decode_result, encode_plan
+from common.parallel.disagg import GridDisaggregation
+from common.parallel.plan import SeqPlan, StepPlan, StepResult, decode_result, encode_plan
 from common.parallel.worker import WorkerArgs, worker_main
 from common.sampling_params import SamplingParams
 from common.scheduler.request import Request
@@ -43,7 +46,8 @@ class ParallelEngine:
 
     def __init__(self, cfg: EngineConfig, master_addr: str = "127.0.0.1", master_port: int | None = None,
                  spawn_workers: bool = True, timeout_s: float = 30.0, threads_per_worker: int = 1,
-                 control_port: int | None = None, load_timeout_s: float = 600.0) -> None:
+                 control_port: int | None = None, load_timeout_s: float = 600.0,
+                 extra_eos_ids: tuple[int, ...] = ()) -> None:
         self.cfg = cfg
         pcfg = cfg.parallel
         self.pcfg = pcfg
@@ -79,45 +83,96 @@ class ParallelEngine:
         self.req_ids = itertools.count()
         self.timelines: list[list[tuple[int, float, float]]] = []
         self.record_timeline = False
+        self.results: dict[int, StepResult] = {}
+        self.eos_ids = frozenset(mc.eos_token_ids) | frozenset(int(i) for i in extra_eos_ids)
+        self.disagg = GridDisaggregation(self)
         self.comm_s = 0.0                 # the reporter's cumulative time in communication
         self.closed = False
 
     # ---- requests (same interface as LLMEngine) ------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival_s: float | None = None, ttft_deadline_s: float | None = None) -> str:
+                    arrival_s: float | None = None, ttft_deadline_s: float | None = None,
+                    kv_sink: KVSink | None = None) -> str:
         validate_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens)
         rid = request_id or f"req-{next(self.req_ids)}"
-        self.scheduler.add(Request(rid, list(prompt_ids), params,
-                                   arrival_s if arrival_s is not None else time.monotonic(),
-                                   eos_ids=frozenset(self.model_config.eos_token_ids),
-                                   max_model_len=self.max_model_len, ttft_deadline_s=ttft_deadline_s))
+        if kv_sink is not None:
+            self.disagg.attach(rid, kv_sink)
+        self.scheduler.add(self.make_request(rid, prompt_ids, params, arrival_s, ttft_deadline_s))
         return rid
+
+    def make_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float | None = None,
+                     ttft_deadline_s: float | None = None) -> Request:
+        return Request(rid, list(prompt_ids), params, arrival_s if arrival_s is not None else time.monotonic(),
+                       eos_ids=self.eos_ids, max_model_len=self.max_model_len, ttft_deadline_s=ttft_deadline_s)
 
     def abort(self, request_id: str) -> bool:
         found = self.scheduler.abort(request_id) is not None
         if found:
             self.forget.append(request_id)
-        return found
+        return self.disagg.abort(request_id) or found
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.inflight)
+        return self.scheduler.has_unfinished() or bool(self.inflight) or bool(self.disagg.awaiting)
+
+    # ---- disaggregation (common/parallel/disagg.py) -------------------------------------------------
+    def prepare_receive(self, request_id: str, num_prompt_tokens: int, max_new_tokens: int) -> list[GroupSink]:
+        return self.disagg.prepare_receive(request_id, num_prompt_tokens, max_new_tokens)
+
+    def add_prefilled(self, prompt_ids: list[int], params: SamplingParams, request_id: str, first_token: int,
+                      first_logprob: float, kv_timeout_s: float = 60.0) -> str:
+        return self.disagg.add_prefilled(prompt_ids, params, request_id, first_token, first_logprob, kv_timeout_s)
+
+    def kv_status(self, request_id: str) -> tuple[str, str | None]:
+        return self.disagg.kv_status(request_id)
+
+    @property
+    def kv_backend(self) -> str:
+        return self.cfg.kv_backend
+
+    @property
+    def kv_layout(self):
+        return self.disagg.layout
+
+    # ---- control plane -------------------------------------------------------------------------------
+    def pump(self, timeout_s: float) -> bool:
+        """Handles one message from any worker; False when none came within `timeout_s`."""
+        got = self.control.recv_any(timeout_s, self._dead_worker)
+        if got is None:
+            return False
+        rank, raw = got
+        msg = json.loads(raw)
+        if "step_id" in msg:
+            self.results[msg["step_id"]] = decode_result(raw)
+        else:
+            self.disagg.on_message(rank, msg)
+        return True
+
+    def drain(self) -> None:
+        while self.pump(0.0):
+            pass
+
+    def _result(self, step_id: int) -> StepResult:
+        deadline = time.monotonic() + self.timeout_s
+        while step_id not in self.results:
+            if time.monotonic() > deadline:
+                raise WorkerFailedError(f"no result for step {step_id} within {self.timeout_s:.0f} s")
+            self.pump(min(0.5, max(0.0, deadline - time.monotonic())))
+        return self.results.pop(step_id)
 
     # ---- one iteration -------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Fills the pipeline (at most spp steps in flight), then completes the oldest step."""
         self._check_open()
+        early = self.disagg.admit_arrived()
         while len(self.inflight) < self.pcfg.spp:
             sched = self.scheduler.schedule()
             if not sched.items:
                 break
             self._send(sched)
         if not self.inflight:
-            return []
+            return early
         step_id, sched = self.inflight.popleft()
-        res = decode_result(comm.recv_msg(self.control.peers[self.groups.reporter_rank()], self.timeout_s,
-                                          self._dead_worker, "the reporting worker"))
-        if res.step_id != step_id:
-            raise WorkerFailedError(f"step results out of order: expected {step_id}, got {res.step_id}")
+        res = self._result(step_id)
         self.comm_s += res.comm_s
         if self.record_timeline:
             self.timelines.append(res.timeline)
@@ -128,9 +183,10 @@ class ParallelEngine:
             tok = res.tokens.get(req.request_id) if it.sample else None
             if req.finished:
                 self.forget.append(req.request_id)
+                self.disagg.finished(req.request_id)
             outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
                                    req.num_computed, req.prompt_len, req.finish_reason))
-        return outs
+        return early + outs
 
     def _send(self, sched: SchedulerOutput) -> None:
         seqs = []
@@ -138,7 +194,7 @@ class ParallelEngine:
             req, p = it.request, it.request.params
             seqs.append(SeqPlan(req.request_id, it.start, req.token_ids(it.start, it.start + it.num_tokens),
                                 it.sample, self.blocks.table(req.request_id), p.temperature, p.top_p, p.top_k,
-                                p.seed))
+                                p.seed, self.disagg.sink_for(req.request_id, it.start)))
         step_id = next(self.step_ids)
         data = encode_plan(StepPlan(step_id, seqs, self.forget))
         self.forget = []

@@ -22,6 +22,7 @@ class SeqPlan:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    sink: dict | None = None          # KVSink.to_dict(): stream this request's KV (on its first chunk)
 
     @property
     def num_tokens(self) -> int:

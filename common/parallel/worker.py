@@ -8,8 +8,10 @@ i on: that is the sequence pipeline.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -21,6 +23,8 @@ from common.attention.registry import get_backend
 from common.config import EngineConfig, ParallelConfig
 from common.engine.engine import TORCH_DTYPES
 from common.engine.forward_context import ForwardContext, SeqAttn
+from common.engine.kv_sink import KVSink, kv_layout
+from common.errors import MnemosyneError
 from common.engine.sampler import Sampler
 from common.kv_cache.paged import PagedKVCache
 from common.model.llama import LlamaModel
@@ -29,6 +33,7 @@ from common.parallel import comm
 from common.parallel.groups import Groups, init_world, stage_layers
 from common.parallel.plan import StepPlan, StepResult, decode_plan, encode_result
 from common.parallel.tp import apply_tp, slice_weight, tp_shard
+from common.parallel.worker_kv import WorkerKV
 from common.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -73,12 +78,18 @@ class Worker:
         self.backend = get_backend(cfg.attention_backend, "cpu")
         self.sampler = Sampler() if self.groups.is_reporter else None
         self.kvp_tokens = self.pcfg.kvp_tokens or (1 << 62)
+        layout = kv_layout(mc, cfg.cache, cfg.dtype, self.shard.num_kv_heads)
+        self.kv = WorkerKV(layout, self.cache, cfg.kv_backend, cfg.kv_host, c.tp, c.kvp, self.kvp_tokens,
+                           receive=self.pcfg.spp == 1)
+        self.send_lock = threading.Lock()
 
     # ---- the loop ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self) -> None:
         g = self.groups
-        ctl = comm.connect(self.args.master_addr, self.args.control_port, self.args.rank, self.args.timeout_s)
+        ctl = comm.connect(self.args.master_addr, self.args.control_port, self.args.rank, self.args.timeout_s,
+                           kv_address=self.kv.address)
+        self.kv.start(ctl, self.send_lock)
         ppid = os.getppid()
 
         def driver_alive() -> str | None:        # a locally spawned worker exits with its driver
@@ -87,7 +98,11 @@ class Worker:
         pending: list = []                        # in-flight sends to the next stage (one step)
         try:
             while True:
-                plan = decode_plan(comm.recv_msg(ctl, IDLE_TIMEOUT_S, driver_alive, "the driver"))
+                raw = comm.recv_msg(ctl, IDLE_TIMEOUT_S, driver_alive, "the driver")
+                if raw.startswith(b'{"cmd"'):
+                    self.command(json.loads(raw))
+                    continue
+                plan = decode_plan(raw)
                 if plan.stop:
                     return
                 if plan.dump is not None:
@@ -106,6 +121,7 @@ class Worker:
                     g.comm_s += time.perf_counter() - t_recv
                 timeline[-2] = time.monotonic()
                 hidden, logits_rows = self.forward(plan, hidden)
+                self.stream_kv(plan)
                 timeline[-1] = time.monotonic()
                 if g.next_rank is not None:
                     for w in pending:
@@ -121,7 +137,32 @@ class Worker:
         finally:
             for w in pending:
                 w.wait()
+            self.kv.close()
             ctl.close()
+
+    def command(self, msg: dict) -> None:
+        """Control commands between steps: expect (decode: register a request's KV), cancel."""
+        rid = msg["rid"]
+        if msg["cmd"] == "expect":
+            try:
+                ok, err = self.kv.expect(rid, msg["tables"], msg["num_tokens"]), None
+            except MnemosyneError as e:
+                ok, err = False, str(e)
+            self.send({"type": "ack", "rid": rid, "ok": ok, "error": err})
+        elif msg["cmd"] == "cancel":
+            self.kv.cancel(rid)
+
+    def send(self, msg: dict) -> None:
+        with self.send_lock:
+            comm.send_msg(self.kv.ctl, json.dumps(msg).encode())
+
+    def stream_kv(self, plan: StepPlan) -> None:
+        """Prefill role: sends the KV this stage just computed for requests that have a sink."""
+        for s in plan.seqs:
+            if s.sink is not None and s.start == 0:
+                self.kv.sinks[s.request_id] = KVSink.from_dict(s.sink)
+            if s.request_id in self.kv.sinks:
+                self.kv.stream(s.request_id, s.start, s.num_tokens, s.tables[0], s.sample)
 
     def forward(self, plan: StepPlan, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         c, m = self.groups.coord, self.kvp_tokens
@@ -184,7 +225,8 @@ class Worker:
                                      seed=s.seed) for s in samplers]
             toks, lps = self.sampler.sample(logits, [s.request_id for s in samplers], params)
             tokens = {s.request_id: (t, lp) for s, t, lp in zip(samplers, toks, lps)}
-        comm.send_msg(ctl, encode_result(StepResult(plan.step_id, tokens, timeline, comm_s)))
+        with self.send_lock:
+            comm.send_msg(ctl, encode_result(StepResult(plan.step_id, tokens, timeline, comm_s)))
 
 
 def worker_main(args: WorkerArgs) -> None:
