@@ -1,0 +1,135 @@
+"""Prefill -> decode KV streaming at the engine level, against the single-process engine.
+
+A prefill engine (one process, or an spp=2 grid in a child process) streams each chunk's KV over TCP or
+NIXL into the reserved blocks of a decode engine (one process, or a kvp=2 grid); the decode must produce
+exactly the tokens of one process that did everything.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+
+from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from common.engine.engine import LLMEngine
+from common.engine.kv_sink import KVSink
+from common.parallel.driver import make_engine
+from common.sampling_params import SamplingParams
+from tests.fixtures.hf_models import write_random_hf_model
+
+pytestmark = pytest.mark.timeout(300)
+PROMPT = [(7 * i + 3) % 300 + 10 for i in range(90)]      # spans both decode groups at M=64
+PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+def config(model: str, backend: str, **parallel) -> EngineConfig:
+    return EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=64),
+                        scheduler=SchedulerConfig(chunk_size=24), kv_backend=backend,
+                        parallel=ParallelConfig(**parallel))
+
+
+def run_prefill(engine, sink: KVSink) -> tuple[tuple[int, float], tuple[str, str | None]]:
+    engine.add_request(PROMPT, SamplingParams(max_tokens=1, ignore_eos=True), request_id="r1", kv_sink=sink)
+    first = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.token_id is not None:
+                first = (o.token_id, o.logprob)
+    deadline = time.monotonic() + 30
+    while engine.kv_status("r1")[0] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return first, engine.kv_status("r1")
+
+
+def prefill_child(model, backend, q_in, q_out):
+    engine = make_engine(config(model, backend, spp=2))
+    try:
+        q_out.put(run_prefill(engine, q_in.get(timeout=120)))
+    finally:
+        engine.shutdown()
+
+
+def decode(engine, first) -> tuple[list[int], list[float]]:
+    engine.add_prefilled(PROMPT, PARAMS, "r1", first[0], first[1], kv_timeout_s=30)
+    toks, lps = [first[0]], [first[1]]
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.error is None, o.error
+            if o.token_id is not None:
+                toks.append(o.token_id)
+                lps.append(o.logprob)
+    return toks, lps
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(write_random_hf_model(tmp_path_factory.mktemp("m"), "llama", num_attention_heads=6,
+                                     num_key_value_heads=2, num_hidden_layers=4, seed=7))
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return LLMEngine(config(model, "tcp")).generate([PROMPT], PARAMS)[0]
+
+
+def check(reference, toks, lps):
+    assert toks == reference.token_ids
+    assert max(abs(a - b) for a, b in zip(lps, reference.logprobs)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["tcp", "nixl"])
+def test_single_process_prefill_to_decode(model, reference, backend):
+    pre, dec = LLMEngine(config(model, backend)), LLMEngine(config(model, backend))
+    groups = dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens)
+    first, status = run_prefill(pre, KVSink(backend, 1 << 30, groups))
+    assert status == ("done", None)
+    check(reference, *decode(dec, first))
+    for e in (pre, dec):
+        e.pool.check()
+        assert e.pool.num_used == 0
+
+
+@pytest.mark.parametrize("backend", ["tcp", "nixl"])
+def test_spp_grid_streams_to_kvp_grid(model, reference, backend):
+    ctx = mp.get_context("spawn")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=prefill_child, args=(model, backend, q_in, q_out))
+    child.start()
+    try:
+        with make_engine(config(model, backend, kvp=2, kvp_tokens=64)) as dec:
+            groups = dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens)
+            assert [(g.group, g.token_start) for g in groups] == [(0, 0), (1, 64)]
+            q_in.put(KVSink(backend, 64, groups))
+            first, status = q_out.get(timeout=180)
+            assert status == ("done", None)
+            check(reference, *decode(dec, first))
+            dec.blocks.check()
+            assert dec.blocks.num_used == 0
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+
+
+def test_missing_kv_times_out_and_frees(model):
+    dec = LLMEngine(config(model, "tcp"))
+    dec.prepare_receive("r1", len(PROMPT), 4)
+    assert dec.pool.num_used > 0
+    dec.add_prefilled(PROMPT, PARAMS, "r1", 5, -1.0, kv_timeout_s=0.3)
+    outs = []
+    deadline = time.monotonic() + 10
+    while dec.has_unfinished() and time.monotonic() < deadline:
+        outs += dec.step()
+        time.sleep(0.05)
+    assert [o.error for o in outs if o.error] and "did not arrive" in outs[-1].error
+    dec.pool.check()
+    assert dec.pool.num_used == 0
+
+
+def test_abort_prepared_request_frees_blocks(model):
+    dec = LLMEngine(config(model, "tcp"))
+    dec.prepare_receive("r1", len(PROMPT), 4)
+    assert dec.abort("r1")
+    dec.pool.check()
+    assert dec.pool.num_used == 0
