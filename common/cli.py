@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -22,7 +23,7 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.config import DTYPES, CacheConfig, EngineConfig, SchedulerConfig
+from common.config import DTYPES, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from common.errors import InvalidRequestError, MnemosyneError
 from common.sampling_params import SamplingParams
 
@@ -123,10 +124,29 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = None)
     return g
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("parallel", "worker layout (tensor, sequence-pipeline, KV-cache parallelism); "
+                                         "tp*spp*kvp > 1 starts a grid of worker processes")
+    add_config_flags(g, ParallelConfig, {
+        "tp": "tensor-parallel ranks (split heads and MLP columns)",
+        "spp": "sequence-pipeline stages (split layers; chunks of one prompt overlap)",
+        "kvp": "KV-cache-parallel groups (split the context by token ranges)",
+        "kvp_tokens": "tokens each KVP group holds (needed when --kvp > 1)",
+    }, dest_prefix="par_", tp=dict(metavar="T"), spp=dict(metavar="S"), kvp=dict(metavar="K"),
+        kvp_tokens=dict(metavar="M"))
+    g.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default: 127.0.0.1)")
+    g.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    g.add_argument("--control-port", type=int, default=None,
+                   help="driver control port for remote workers (default: a free one)")
+    g.add_argument("--remote-workers", action="store_true",
+                   help="do not start workers here: wait for `mnemosyne worker --driver HOST:PORT --rank R`")
+    return g
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Mnemosyne: exact long-context LLM serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,demo,worker}")
 
     gen = sub.add_parser("generate", help="run one prompt through the in-process engine",
                          description="Run one prompt through the in-process engine.")
@@ -142,7 +162,7 @@ def build_parser() -> ArgumentParser:
     add_scheduling_args(gen)
     # Multi-worker layouts (--tp --spp --kvp --kvp-tokens) and remote serving (--server ADDR) add
     # their flags to these groups; run_generate reads them through getattr(args, ..., default).
-    gen.add_argument_group("parallel", "worker layout (tensor, sequence-pipeline, KV-cache parallelism)")
+    add_parallel_args(gen)
     gen.add_argument_group("serving", "send the request to a running Mnemosyne router instead")
     out = gen.add_argument_group("output")
     out.add_argument("--json", action="store_true",
@@ -158,6 +178,14 @@ def build_parser() -> ArgumentParser:
     add_sampling_args(demo, max_tokens=48)
     add_scheduling_args(demo)
     demo.set_defaults(func=run_demo)
+
+    worker = sub.add_parser("worker", help="one rank of a grid whose driver runs on another machine",
+                            description="Join a grid: fetch the configuration from the driver, load this "
+                                        "rank's slice of the model and serve steps until the driver stops.")
+    worker.add_argument("--driver", required=True, metavar="HOST:PORT", help="the driver's control address")
+    worker.add_argument("--rank", required=True, type=int, help="this worker's rank, 1 .. tp*spp*kvp")
+    worker.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
+    worker.set_defaults(func=run_worker)
     return parser
 
 
@@ -219,13 +247,21 @@ def open_session(args: argparse.Namespace, load_tokenizer_required: bool = True)
 
 
 def build_engine(args: argparse.Namespace, checkpoint: Any, tokenizer: Any, kv_tokens: int) -> Any:
-    """The in-process engine, its KV cache sized for `kv_tokens` tokens (the request at hand)."""
+    """The engine, its KV cache sized for `kv_tokens` tokens (the request at hand): in-process for a
+    1x1x1 layout, else a grid of worker processes (local, or remote with --remote-workers)."""
     from common.engine.engine import LLMEngine
     cache = config_from_args(CacheConfig, args, "cache_", max_kv_tokens=kv_tokens + args.cache_block_size)
     sched = config_from_args(SchedulerConfig, args, "sched_")
-    cfg = config_from_args(EngineConfig, args, "engine_", model=args.model, cache=cache, scheduler=sched)
+    par = config_from_args(ParallelConfig, args, "par_") if hasattr(args, "par_tp") else ParallelConfig()
+    cfg = config_from_args(EngineConfig, args, "engine_", model=args.model, cache=cache, scheduler=sched,
+                           parallel=par)
     eos = tokenizer.eos_token_ids if tokenizer is not None else ()
-    return LLMEngine(cfg, checkpoint, extra_eos_ids=eos)
+    if par.world_size == 1:
+        return LLMEngine(cfg, checkpoint, extra_eos_ids=eos)
+    from common.parallel.driver import ParallelEngine
+    return ParallelEngine(cfg, master_addr=args.master_addr, master_port=args.master_port,
+                          control_port=args.control_port, spawn_workers=not args.remote_workers,
+                          extra_eos_ids=eos, threads_per_worker=max(1, (os.cpu_count() or 1) // par.world_size))
 
 
 @dataclasses.dataclass
@@ -307,7 +343,11 @@ def run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(decoder.push(token_id))
         sys.stdout.flush()
 
-    g = stream_one(engine, prompt_ids, params, on_token=show if stream else None)
+    try:
+        g = stream_one(engine, prompt_ids, params, on_token=show if stream else None)
+    finally:
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
     text_out = tokenizer.decode(g.token_ids, skip_special_tokens=True) if tokenizer is not None else ""
     if args.json:
         print(json.dumps({"token_ids": g.token_ids, "text": text_out, "logprobs": g.logprobs,
@@ -320,6 +360,14 @@ def run_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         print(timing_line(len(prompt_ids), g), file=sys.stderr)
     return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from common.parallel.worker import main as worker_main
+    argv = ["--driver", args.driver, "--rank", str(args.rank)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    return worker_main(argv)
 
 
 def run_demo(args: argparse.Namespace) -> int:

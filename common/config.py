@@ -4,6 +4,7 @@ Values learned at run time (number of KV blocks that fit, etc.) live in separate
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,3 +182,14 @@ class EngineConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+def engine_config_to_dict(cfg: EngineConfig) -> dict[str, Any]:
+    """JSON-safe form of an EngineConfig (sent by a grid driver to remote workers)."""
+    return dataclasses.asdict(cfg)
+
+
+def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
+    d = dict(d)
+    return EngineConfig(cache=CacheConfig(**d.pop("cache")), scheduler=SchedulerConfig(**d.pop("scheduler")),
+                        parallel=ParallelConfig(**d.pop("parallel")), **d)

@@ -76,6 +76,28 @@ class ControlServer:
             self.peers[hello["rank"]] = conn
             self.hello[hello["rank"]] = hello
 
+    def serve_joins(self, ranks: list[int], payload: dict, timeout_s: float) -> None:
+        """Remote workers first connect to fetch their configuration (`payload` plus their rank)."""
+        deadline = time.monotonic() + timeout_s
+        self.sock.settimeout(0.5)
+        joined: set[int] = set()
+        while joined != set(ranks):
+            if time.monotonic() > deadline:
+                missing = sorted(set(ranks) - joined)
+                raise WorkerFailedError(f"workers {missing} did not join within {timeout_s:.0f} s")
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                hello = json.loads(recv_msg(conn, 30.0, what="a joining worker"))
+                rank = hello.get("rank")
+                if rank not in ranks or rank in joined:
+                    send_msg(conn, json.dumps({"error": f"rank {rank} is not expected"}).encode())
+                    continue
+                send_msg(conn, json.dumps({**payload, "rank": rank}).encode())
+                joined.add(rank)
+
     def recv_any(self, timeout_s: float, alive=None) -> tuple[int, bytes] | None:
         """One message from whichever worker has one (None after `timeout_s` with none)."""
         socks = {conn: rank for rank, conn in self.peers.items()}

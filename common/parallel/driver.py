@@ -17,7 +17,7 @@ from typing import Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common.config import EngineConfig
+from common.config import EngineConfig, engine_config_to_dict
 from common.engine.engine import GenerationResult, StepOutput, validate_prompt
 from common.engine.kv_sink import GroupSink, KVSink
 from common.errors import ConfigError, WorkerFailedError
@@ -74,7 +74,15 @@ class ParallelEngine:
                 p = ctx.Process(target=worker_main, args=(args,), daemon=True, name=f"mnemosyne-worker-{rank}")
                 p.start()
                 self.procs.append(p)
-        init_world(pcfg, DRIVER_RANK, master_addr, self.master_port, timeout_s)
+        else:                                   # workers run elsewhere: `mnemosyne worker --driver ...`
+            log.warning("waiting for %d workers: mnemosyne worker --driver HOST:%d --rank R (R = 1..%d)",
+                        world_size(pcfg) - 1, self.control.port, world_size(pcfg) - 1)
+            self.control.serve_joins(list(range(1, world_size(pcfg))), {
+                "engine": engine_config_to_dict(cfg), "master_addr": master_addr,
+                "master_port": self.master_port, "timeout_s": timeout_s, "blocks_per_group": blocks_per_group,
+            }, load_timeout_s)
+        init_world(pcfg, DRIVER_RANK, "0.0.0.0" if not spawn_workers else master_addr, self.master_port,
+                   timeout_s)
         self.groups = Groups(pcfg, DRIVER_RANK)
         self.control.accept(list(range(1, world_size(pcfg))), load_timeout_s, self._dead_worker)
         self.inflight: deque[tuple[int, SchedulerOutput]] = deque()

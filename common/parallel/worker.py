@@ -238,3 +238,30 @@ def worker_main(args: WorkerArgs) -> None:
         Worker(args).run()
     finally:
         dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mnemosyne worker --driver HOST:PORT --rank R`: one rank of a grid whose driver runs elsewhere.
+    The configuration comes from the driver, so every rank runs the same model and layout."""
+    import argparse
+    from common.config import engine_config_from_dict
+    p = argparse.ArgumentParser(prog="mnemosyne worker", description=main.__doc__)
+    p.add_argument("--driver", required=True, metavar="HOST:PORT", help="the driver's control address")
+    p.add_argument("--rank", required=True, type=int, help="this worker's rank, 1 .. tp*spp*kvp")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="torch threads")
+    p.add_argument("--join-timeout", type=float, default=600.0, help="seconds to wait for the driver")
+    a = p.parse_args(argv)
+    host, _, port = a.driver.rpartition(":")
+    sock = comm.connect(host, int(port), a.rank, a.join_timeout, join=True)
+    with sock:
+        payload = json.loads(comm.recv_msg(sock, a.join_timeout, what="the driver"))
+    if "error" in payload:
+        raise SystemExit(f"mnemosyne worker: error: {payload['error']}")
+    worker_main(WorkerArgs(a.rank, engine_config_from_dict(payload["engine"]), payload["master_addr"],
+                           payload["master_port"], int(port), payload["timeout_s"], a.threads,
+                           payload["blocks_per_group"], local=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

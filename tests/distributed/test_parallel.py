@@ -125,3 +125,36 @@ def test_bad_grid_is_rejected(gqa_uneven):
         from common.model.loader import load_checkpoint
         from common.parallel.tp import tp_shard
         tp_shard(load_checkpoint(str(gqa_uneven)).config, 0, 5)
+
+
+def test_remote_workers_join_through_the_driver(gqa_uneven, reference):
+    """Multi-machine mode on one machine: workers started separately fetch their config from the driver."""
+    import subprocess
+    import sys
+    from common.parallel.driver import free_port
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "common.cli", "worker", "--driver", f"127.0.0.1:{port}",
+                               "--rank", str(r), "--threads", "1"]) for r in (1, 2)]
+    try:
+        with ParallelEngine(engine_config(gqa_uneven, spp=2), spawn_workers=False, control_port=port) as eng:
+            assert_same(reference, eng.generate(PROMPTS, PARAMS))
+        assert [p.wait(30) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_cli_grid_prints_the_single_process_json(gqa_uneven, tmp_path):
+    import json
+    import subprocess
+    import sys
+    tokens = tmp_path / "p.json"
+    tokens.write_text(json.dumps(PROMPTS[0]))
+    base = [sys.executable, "-m", "common.cli", "generate", "--model", str(gqa_uneven), "--prompt-tokens",
+            str(tokens), "--max-tokens", "6", "--ignore-eos", "--json", "--chunk-size", "16"]
+    one = json.loads(subprocess.run(base, capture_output=True, text=True, check=True).stdout)
+    grid = json.loads(subprocess.run(base + ["--tp", "2", "--spp", "2", "--kvp", "2", "--kvp-tokens", "64"],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert grid["token_ids"] == one["token_ids"]
+    assert max(abs(a - b) for a, b in zip(grid["logprobs"], one["logprobs"])) < 1e-5
