@@ -1,0 +1,166 @@
+"""`mnemosyne` CLI, run as a real subprocess (`python -m common.cli`): --json output equals the
+in-process engine; every bad argument gives exit status 2 and one line on stderr, no traceback."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.cli import build_parser
+from common.config import CacheConfig, EngineConfig, SchedulerConfig
+from common.engine.engine import LLMEngine
+from common.model.tokenizer import load_tokenizer
+from common.sampling_params import SamplingParams
+from tests.fixtures.hf_models import write_random_hf_model
+
+ROOT = Path(__file__).resolve().parents[2]
+JSON_KEYS = {"token_ids", "text", "logprobs", "ttft_s", "tbt_s"}
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    """A random Llama HF directory with a tokenizer (max_position_embeddings 256)."""
+    return str(write_random_hf_model(tmp_path_factory.mktemp("cli-llama"), "llama", seed=7))
+
+
+def in_process(model: str | None, prompt_ids: list[int], params: SamplingParams, eos=()) -> tuple[list, list]:
+    engine = LLMEngine(EngineConfig(model=model, cache=CacheConfig(max_kv_tokens=1024),
+                                    scheduler=SchedulerConfig()), extra_eos_ids=eos)
+    res = engine.generate([prompt_ids], params)[0]
+    return res.token_ids, res.logprobs
+
+
+def check_schema(out: dict, n: int | None = None) -> None:
+    assert set(out) == JSON_KEYS
+    assert all(isinstance(t, int) for t in out["token_ids"]) and isinstance(out["text"], str)
+    assert len(out["logprobs"]) == len(out["token_ids"]) and all(lp <= 0 for lp in out["logprobs"])
+    assert out["ttft_s"] > 0 and len(out["tbt_s"]) == len(out["token_ids"]) - 1
+    assert all(t >= 0 for t in out["tbt_s"])
+    if n is not None:
+        assert len(out["token_ids"]) == n
+
+
+def test_json_from_prompt_tokens_equals_in_process_engine(tiny, tmp_path):
+    ids = [5, 17, 99, 250, 31, 8, 64, 200, 12]
+    f = tmp_path / "ids.json"
+    f.write_text(json.dumps(ids))
+    r = cli("generate", "--model", tiny, "--prompt-tokens", str(f), "--max-tokens", "12", "--ignore-eos",
+            "--chunk-size", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    check_schema(out, 12)
+    tokens, logprobs = in_process(tiny, ids, SamplingParams(max_tokens=12, ignore_eos=True))
+    assert out["token_ids"] == tokens
+    assert max(abs(a - b) for a, b in zip(out["logprobs"], logprobs)) < 1e-6
+    assert out["text"] == load_tokenizer(tiny).decode(tokens, skip_special_tokens=True)
+
+
+def test_text_prompt_file_and_plain_output(tiny, tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text("The quick brown fox", encoding="utf-8")
+    r = cli("generate", "--model", tiny, "--prompt-file", str(f), "--max-tokens", "5", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    tok = load_tokenizer(tiny)
+    tokens, _ = in_process(tiny, tok.encode("The quick brown fox"), SamplingParams(max_tokens=5, ignore_eos=True))
+    assert r.stdout == tok.decode(tokens, skip_special_tokens=True) + "\n"
+    assert "TTFT" in r.stderr and "5 generated" in r.stderr
+
+
+def test_sampling_flags_are_seeded(tiny):
+    args = ("generate", "--model", tiny, "--prompt", "hello", "--max-tokens", "8", "--ignore-eos",
+            "--temperature", "1.5", "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--json")
+    a, b = cli(*args), cli(*args)
+    assert a.returncode == 0, a.stderr
+    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+def test_builtin_chat_answer_and_bf16(tmp_path):
+    r = cli("generate", "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "24", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    check_schema(out)
+    assert "Paris" in out["text"]
+    assert len(out["token_ids"]) < 24                    # stopped at <|im_end|>, the tokenizer's eos
+    tok = load_tokenizer(None)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    tokens, logprobs = in_process(None, prompt, SamplingParams(max_tokens=24), eos=tok.eos_token_ids)
+    assert out["token_ids"] == tokens
+    assert max(abs(a - b) for a, b in zip(out["logprobs"], logprobs)) < 1e-6
+    r = cli("generate", "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "24",
+            "--dtype", "bfloat16", "--attention-backend", "reference", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in json.loads(r.stdout)["text"]
+
+
+def bad_cases(tiny: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "bad.json").write_text("[1, 2,")
+    (tmp / "obj.json").write_text('{"ids": [1, 2]}')
+    (tmp / "strs.json").write_text('["a", "b"]')
+    (tmp / "empty.json").write_text("[]")
+    (tmp / "range.json").write_text("[1, 2, 999999]")
+    (tmp / "long.json").write_text(json.dumps([5] * 300))        # tiny allows 256 positions
+    (tmp / "ok.json").write_text("[5, 6, 7]")
+    (tmp / "notgguf.bin").write_text("x")
+    gen = ["generate", "--model", tiny]
+    return {
+        "missing prompt file": (gen + ["--prompt-file", str(tmp / "nope.txt")], "nope.txt"),
+        "missing token file": (gen + ["--prompt-tokens", str(tmp / "nope.json")], "nope.json"),
+        "malformed token json": (gen + ["--prompt-tokens", str(tmp / "bad.json")], "not valid JSON"),
+        "token json not a list": (gen + ["--prompt-tokens", str(tmp / "obj.json")], "JSON list"),
+        "token json of strings": (gen + ["--prompt-tokens", str(tmp / "strs.json")], "JSON list"),
+        "empty token list": (gen + ["--prompt-tokens", str(tmp / "empty.json")], "empty"),
+        "token id out of range": (gen + ["--prompt-tokens", str(tmp / "range.json")], "out of range"),
+        "prompt too long": (gen + ["--prompt-tokens", str(tmp / "long.json")], "at most 255"),
+        "prompt longer than --max-model-len": (gen + ["--prompt", "hello world " * 10, "--max-model-len", "8"],
+                                               "max_model_len 8"),
+        "unknown dtype": (gen + ["--prompt", "hi", "--dtype", "float16"], "--dtype"),
+        "negative max tokens": (gen + ["--prompt", "hi", "--max-tokens", "-3"], "max_tokens"),
+        "zero max tokens": (gen + ["--prompt", "hi", "--max-tokens", "0"], "max_tokens"),
+        "non-integer max tokens": (gen + ["--prompt", "hi", "--max-tokens", "many"], "--max-tokens"),
+        "bad top-p": (gen + ["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+        "negative temperature": (gen + ["--prompt", "hi", "--temperature", "-1"], "temperature"),
+        "zero chunk size": (gen + ["--prompt", "hi", "--chunk-size", "0"], "--chunk-size"),
+        "unknown attention backend": (gen + ["--prompt", "hi", "--attention-backend", "magic"],
+                                      "--attention-backend"),
+        "missing model": (["generate", "--model", str(tmp / "no-such-model"), "--prompt", "hi"], "does not exist"),
+        "model file not gguf": (["generate", "--model", str(tmp / "notgguf.bin"), "--prompt", "hi"], "gguf"),
+        "no prompt": (gen, "one of the arguments"),
+        "two prompts": (gen + ["--prompt", "a", "--prompt-tokens", str(tmp / "ok.json")], "not allowed"),
+        "chat with token ids": (gen + ["--prompt-tokens", str(tmp / "ok.json"), "--chat"], "--chat"),
+        "no subcommand": ([], "required"),
+        "unknown subcommand": (["serve"], "invalid choice"),
+        "unknown flag": (gen + ["--prompt", "hi", "--frobnicate"], "unrecognized"),
+    }
+
+
+def test_bad_arguments_exit_2_with_one_line(tiny, tmp_path):
+    failures = []
+    for name, (args, needle) in bad_cases(tiny, tmp_path).items():
+        r = cli(*args)
+        lines = r.stderr.strip().splitlines()
+        ok = (r.returncode == 2 and len(lines) == 1 and lines[0].startswith("mnemosyne: error: ")
+              and needle in lines[0] and "Traceback" not in r.stderr and r.stdout == "")
+        if not ok:
+            failures.append(f"{name}: rc={r.returncode} stderr={r.stderr!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_parser_has_room_for_parallel_and_serving_flags():
+    parser = build_parser()
+    gen = parser._subparsers._group_actions[0].choices["generate"]
+    titles = {g.title for g in gen._action_groups}
+    assert {"model", "prompt", "sampling", "scheduling", "parallel", "serving", "output"} <= titles
+    args = parser.parse_args(["generate", "--prompt", "x"])
+    assert args.sp_max_tokens == SamplingParams().max_tokens          # defaults come from the config
+    assert args.sched_chunk_size == SchedulerConfig().chunk_size
+    assert args.engine_dtype == EngineConfig().dtype and args.engine_max_model_len is None
