@@ -236,6 +236,10 @@ def worker_main(args: WorkerArgs) -> None:
     init_world(args.engine.parallel, args.rank, args.master_addr, args.master_port, args.timeout_s)
     try:
         Worker(args).run()
+    except (MnemosyneError, RuntimeError, OSError) as e:
+        # A peer died or the driver went away: the driver reports the failure to its caller.
+        log.error("worker rank %d stops: %s", args.rank, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise SystemExit(1)
     finally:
         dist.destroy_process_group()
 

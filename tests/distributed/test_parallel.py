@@ -158,3 +158,29 @@ def test_cli_grid_prints_the_single_process_json(gqa_uneven, tmp_path):
                                      capture_output=True, text=True, check=True).stdout)
     assert grid["token_ids"] == one["token_ids"]
     assert max(abs(a - b) for a, b in zip(grid["logprobs"], one["logprobs"])) < 1e-5
+
+
+def test_dead_worker_fails_fast(gqa_uneven):
+    """A worker killed mid-generation: the driver raises WorkerFailedError within seconds, not a hang."""
+    import os
+    import signal
+    import threading
+    import time
+    from common.errors import WorkerFailedError
+    cfg = EngineConfig(model=str(gqa_uneven), cache=CacheConfig(block_size=16, num_blocks=256),
+                       scheduler=SchedulerConfig(chunk_size=8),
+                       parallel=ParallelConfig(spp=2, kvp=2, kvp_tokens=1024))
+    eng = ParallelEngine(cfg)
+    try:
+        eng.generate([PROMPTS[2]], SamplingParams(max_tokens=2, ignore_eos=True))       # warm
+        victim = eng.procs[2]
+        threading.Timer(0.5, lambda: os.kill(victim.pid, signal.SIGKILL)).start()
+        t0 = time.monotonic()
+        with pytest.raises(WorkerFailedError):
+            eng.generate([PROMPTS[0]], SamplingParams(max_tokens=1500, ignore_eos=True))
+        assert time.monotonic() - t0 < 10
+    finally:
+        t0 = time.monotonic()
+        eng.shutdown()
+        assert time.monotonic() - t0 < 15
+    assert all(not p.is_alive() for p in eng.procs)
