@@ -41,7 +41,10 @@ def _read(sock, n: int, deadline: float, alive, what: str) -> bytes:
             if err:
                 raise WorkerFailedError(err)
             continue
-        chunk = sock.recv(n - len(buf))
+        try:
+            chunk = sock.recv(n - len(buf))
+        except OSError as e:
+            raise WorkerFailedError(f"{what}: connection lost ({e.strerror or e})") from e
         if not chunk:
             raise WorkerFailedError(f"{what} closed the connection")
         buf += chunk
@@ -111,8 +114,11 @@ class ControlServer:
         return rank, recv_msg(ready[0], 30.0, alive, f"worker rank {rank}")
 
     def broadcast(self, data: bytes) -> None:
-        for conn in self.peers.values():
-            send_msg(conn, data)
+        for rank, conn in self.peers.items():
+            try:
+                send_msg(conn, data)
+            except OSError as e:
+                raise WorkerFailedError(f"worker rank {rank}: connection lost ({e.strerror or e})") from e
 
     def close(self) -> None:
         for conn in self.peers.values():

@@ -263,7 +263,7 @@ class ParallelEngine:
         self.closed = True
         try:
             self.control.broadcast(encode_plan(StepPlan(-1, [], stop=True)))
-        except OSError:
+        except (OSError, WorkerFailedError):
             pass                                   # a worker already gone: it will not need telling
         finally:
             self.control.close()
