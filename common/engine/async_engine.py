@@ -1,0 +1,361 @@
+"""An engine on its own thread, with an asyncio API for the gRPC servicers.
+
+The engines (LLMEngine, ParallelEngine) are single-threaded objects: every call goes through ONE
+thread, which owns the engine from construction to shutdown. The loop of that thread is:
+
+    run queued commands (add_request, prepare_receive, abort, ...)   # in submission order
+    step() if anything is unfinished, deliver each StepOutput to its request's asyncio queue
+    check the KV-transfer watches (prefill role)
+    otherwise block on the command queue (short timeout while KV transfers are pending)
+
+Outputs cross to asyncio with `loop.call_soon_threadsafe`; commands come back as
+`concurrent.futures.Future`s awaited with a timeout. Every wait has a timeout.
+
+Ownership: a request's stream (`generate`, `add_prefilled`) owns the request: leaving the stream
+early (consumer cancelled, stream closed) aborts it in the engine. A step that raises (e.g. a grid
+worker died: WorkerFailedError) fails the engine: every open stream and watch gets that error,
+the engine is shut down, and later calls raise WorkerFailedError. The owner may then build a new one.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, WorkerFailedError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Default deadline of a command (prepare_receive on a grid waits for its workers' acks).
+COMMAND_TIMEOUT_S = 60.0
+#: How long a stream may go without any output before it is failed (the engine is stuck).
+STALL_TIMEOUT_S = 300.0
+#: How often the thread looks at pending KV transfers / awaiting requests when it has no step to do.
+POLL_S = 0.005
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot taken by the engine thread after every iteration (read from any thread)."""
+    running: int = 0
+    waiting: int = 0
+    total_blocks: tuple[int, ...] = ()      # per KVP group
+    free_blocks: tuple[int, ...] = ()
+
+
+def engine_stats(engine: Any) -> EngineStats:
+    """Blocks and queue lengths of an LLMEngine (`pool`) or a ParallelEngine (`blocks.pools`)."""
+    pools = engine.blocks.pools if hasattr(engine, "blocks") else [engine.pool]
+    sched = engine.scheduler
+    awaiting = len(engine.disagg.awaiting)
+    return EngineStats(running=len(sched.running), waiting=len(sched.waiting) + awaiting,
+                       total_blocks=tuple(p.num_blocks for p in pools),
+                       free_blocks=tuple(p.num_free for p in pools))
+
+
+class _Stream:
+    """One request's outputs, consumed in the event loop."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.done = False                   # set in the loop when the final output was queued
+
+
+class AsyncEngine:
+    """Owns an engine and the thread that drives it.
+
+        ae = await AsyncEngine.start(lambda: LLMEngine(cfg))      # built on the engine thread
+        async for out in ae.generate(prompt_ids, params, "r1"):   # StepOutput, last one finished
+            ...
+        await ae.shutdown()
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str = "engine",
+                 command_timeout_s: float = COMMAND_TIMEOUT_S,
+                 stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
+        self._loop = loop
+        self.name = name
+        self.command_timeout_s = command_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self._commands: queue.Queue[tuple[Callable[[Any], Any], concurrent.futures.Future] | None] = \
+            queue.Queue()
+        self._streams: dict[str, _Stream] = {}          # loop-side registry (touched in the loop)
+        self._routes: set[str] = set()                  # thread-side: requests whose outputs we deliver
+        self._watches: dict[str, tuple[concurrent.futures.Future, float]] = {}   # thread-side
+        self._engine: Any = None
+        self._thread: threading.Thread | None = None
+        self._failure: MnemosyneError | None = None
+        self._stopping = False
+        self.stats = EngineStats()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    async def start(cls, factory: Callable[[], Any], *, name: str = "engine",
+                    load_timeout_s: float = 600.0, **kwargs: Any) -> "AsyncEngine":
+        """Builds the engine with `factory()` on the new thread (so it is created where it runs)."""
+        self = cls(asyncio.get_running_loop(), name, **kwargs)
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(factory, ready), name=name, daemon=True)
+        self._thread.start()
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(ready), load_timeout_s)
+        except asyncio.TimeoutError:
+            self._stopping = True
+            raise WorkerFailedError(f"{name}: the engine did not load within {load_timeout_s:.0f} s") from None
+        return self
+
+    @property
+    def engine(self) -> Any:
+        """The engine object; touch it only through `call` (it belongs to the engine thread)."""
+        return self._engine
+
+    @property
+    def failed(self) -> MnemosyneError | None:
+        """The error that stopped the engine, or None while it runs."""
+        return self._failure
+
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Aborts what runs, shuts the engine down on its thread and joins it. Idempotent."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._commands.put(None)
+        thread, self._thread = self._thread, None
+        await asyncio.to_thread(thread.join, timeout_s)
+        if thread.is_alive():
+            log.warning("%s: the engine thread did not stop within %.0f s", self.name, timeout_s)
+        self._fail_streams(WorkerFailedError(f"{self.name} is shut down"))
+
+    # ---- commands ----------------------------------------------------------------------------
+    async def call(self, fn: Callable[[Any], T], timeout_s: float | None = None) -> T:
+        """Runs `fn(engine)` on the engine thread, between two steps; returns its result or raises
+        its error. WorkerFailedError when the engine failed or the call timed out."""
+        self._check()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        timeout = self.command_timeout_s if timeout_s is None else timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except asyncio.TimeoutError:
+            raise WorkerFailedError(f"{self.name}: no answer from the engine within {timeout:.0f} s") from None
+
+    async def abort(self, request_id: str) -> bool:
+        """Aborts a request (frees its blocks, pending KV expectations included); False if unknown.
+        Its stream, if open, ends with a RequestAbortedError-free finish (finish_reason ABORT)."""
+        if self._failure is not None:
+            return False
+        return await self.call(lambda e: self._abort(e, request_id))
+
+    async def prepare_receive(self, request_id: str, num_prompt_tokens: int,
+                              max_new_tokens: int) -> list:
+        """Decode role: reserves the request's blocks in every KVP group; list[GroupSink]."""
+        return await self.call(lambda e: e.prepare_receive(request_id, num_prompt_tokens, max_new_tokens))
+
+    async def kv_info(self) -> tuple[str, Any]:
+        """(backend, KVLayout) of this engine's KV receivers / senders."""
+        return await self.call(lambda e: (e.kv_backend, e.kv_layout))
+
+    # ---- request streams ---------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params: Any, request_id: str, *,
+                 kv_sink: Any = None) -> AsyncIterator[Any]:
+        """Adds a request and yields its StepOutputs; the last has finish_reason (or error) set."""
+        return self._stream(request_id, lambda e: e.add_request(prompt_ids, params, request_id=request_id,
+                                                                kv_sink=kv_sink))
+
+    def add_prefilled(self, prompt_ids: list[int], params: Any, request_id: str, first_token: int,
+                      first_logprob: float, kv_timeout_s: float) -> AsyncIterator[Any]:
+        """Decode role: the request decodes once its KV (prepared by prepare_receive) arrived.
+        Yields StepOutputs from the second token on; a failed intake ends with `error` set."""
+        return self._stream(request_id, lambda e: e.add_prefilled(prompt_ids, params, request_id,
+                                                                  first_token, first_logprob, kv_timeout_s))
+
+    async def _stream(self, request_id: str, add: Callable[[Any], Any]) -> AsyncIterator[Any]:
+        self._check()
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        stream = _Stream()
+        self._streams[request_id] = stream
+
+        def start(e: Any) -> None:
+            add(e)
+            self._routes.add(request_id)          # only once accepted: a failed add leaves nothing
+
+        try:
+            await self.call(start)
+            while True:
+                try:
+                    item = await asyncio.wait_for(stream.queue.get(), self.stall_timeout_s)
+                except asyncio.TimeoutError:
+                    raise WorkerFailedError(f"{self.name}: request {request_id} produced nothing for "
+                                            f"{self.stall_timeout_s:.0f} s") from None
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None or item.error is not None:
+                    stream.done = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not stream.done and self._failure is None and self._thread is not None:
+                # Left early (cancelled, closed, failed): the request must not keep its blocks.
+                self._commands.put((lambda e: self._abort(e, request_id), concurrent.futures.Future()))
+
+    def _abort(self, engine: Any, request_id: str) -> bool:
+        """On the engine thread. An open stream ends with a finish_reason ABORT output."""
+        from common.engine.engine import StepOutput
+        from common.scheduler.request import FinishReason
+        watch = self._watches.pop(request_id, None)
+        if watch is not None and not watch[0].done():
+            watch[0].set_exception(KVTransferError(f"request {request_id} was aborted"))
+        found = engine.abort(request_id)
+        if request_id in self._routes:
+            self._routes.discard(request_id)
+            self._loop.call_soon_threadsafe(self._deliver, request_id, StepOutput(
+                request_id, None, None, 0, 0, FinishReason.ABORT))
+            found = True
+        return found
+
+    async def wait_kv(self, request_id: str, timeout_s: float) -> None:
+        """Prefill role: returns once every KV chunk of the request is confirmed written by the
+        receivers; KVTransferError when a transfer failed or did not finish within `timeout_s`."""
+        self._check()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def watch(e: Any) -> None:
+            self._watches[request_id] = (fut, time.monotonic() + timeout_s)
+
+        await self.call(watch)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s + 5.0)
+        except asyncio.TimeoutError:
+            raise KVTransferError(f"KV of request {request_id} was not confirmed within {timeout_s:.0f} s") from None
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _run(self, factory: Callable[[], Any], ready: concurrent.futures.Future) -> None:
+        try:
+            self._engine = factory()
+            self.stats = engine_stats(self._engine)
+        except BaseException as e:  # noqa: BLE001 - reported to start(); the thread ends
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - any step failure fails the whole engine
+            err = e if isinstance(e, MnemosyneError) else WorkerFailedError(f"{self.name} failed: {e!r}")
+            if not isinstance(e, MnemosyneError):
+                log.exception("%s: engine failure", self.name)
+            else:
+                log.error("%s: engine failure: %s", self.name, e)
+            self._failure = err
+            self._loop.call_soon_threadsafe(self._fail_streams, err)
+            self._fail_commands(err)
+        finally:
+            self._close_engine()
+            self._fail_commands(WorkerFailedError(f"{self.name} is shut down"))
+
+    def _serve(self) -> None:
+        e = self._engine
+        while True:
+            busy = e.has_unfinished()
+            if not self._drain_commands(block=not busy and not self._watches):
+                return
+            outs = e.step() if e.has_unfinished() else []
+            for o in outs:
+                if o.request_id in self._routes:
+                    if o.finish_reason is not None or o.error is not None:
+                        self._routes.discard(o.request_id)
+                    self._loop.call_soon_threadsafe(self._deliver, o.request_id, o)
+            self._check_watches(e)
+            self.stats = engine_stats(e)
+            if not outs and (busy or self._watches):
+                # Waiting for KV to arrive / be confirmed: do not spin.
+                if not self._drain_commands(block=True, timeout_s=POLL_S):
+                    return
+
+    def _drain_commands(self, block: bool, timeout_s: float = 0.5) -> bool:
+        """Runs queued commands; blocks for the first one (up to timeout_s) when `block`.
+        False when shutdown was requested."""
+        first = True
+        while True:
+            try:
+                item = self._commands.get(block=block and first, timeout=timeout_s if block and first else None)
+            except queue.Empty:
+                return not self._stopping
+            first = False
+            if item is None:
+                return False
+            fn, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(self._engine))
+            except MnemosyneError as exc:
+                fut.set_exception(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug in a command must not kill the engine
+                log.exception("%s: command failed", self.name)
+                fut.set_exception(exc)
+
+    def _check_watches(self, e: Any) -> None:
+        now = time.monotonic()
+        for rid, (fut, deadline) in list(self._watches.items()):
+            state, reason = e.kv_status(rid)
+            if state == "pending" and now < deadline:
+                continue
+            del self._watches[rid]
+            if state == "done":
+                fut.set_result(None)
+            else:
+                fut.set_exception(KVTransferError(reason or f"KV of request {rid} was not confirmed in time"))
+
+    def _fail_commands(self, err: MnemosyneError) -> None:
+        for fut, _ in self._watches.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._watches.clear()
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(err)
+
+    def _close_engine(self) -> None:
+        e, self._engine = self._engine, None
+        if e is None:
+            return
+        for rid in list(getattr(e.scheduler, "requests", {})) + list(e.disagg.awaiting):
+            try:
+                e.abort(rid)
+            except (MnemosyneError, OSError):
+                pass                                    # a dead grid cannot be told; it is going away
+        if hasattr(e, "shutdown"):
+            try:
+                e.shutdown()
+            except Exception:  # noqa: BLE001 - shutting down a failed grid must not raise
+                log.exception("%s: engine shutdown", self.name)
+        self.stats = EngineStats(total_blocks=self.stats.total_blocks, free_blocks=self.stats.total_blocks)
+
+    # ---- loop side ---------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: Any) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.queue.put_nowait(item)
+
+    def _fail_streams(self, err: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(err)
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            raise WorkerFailedError(f"{self.name} failed: {self._failure}")
+        if self._thread is None or self._stopping:
+            raise WorkerFailedError(f"{self.name} is not running")
