@@ -1,0 +1,237 @@
+"""Clients of the Mnemosyne services, speaking domain types (conversions in common/rpc/convert.py).
+
+- `KVStoreClient` (asyncio): membership, placements and leases, for the router and the instances.
+- `Membership` (asyncio): registers an instance and keeps it alive with heartbeats.
+- `RouterClient` (blocking): the public Generate API, for `mnemosyne generate --server ADDR`.
+
+Every call carries a deadline (common/rpc/client.py); failed calls raise the typed error of the peer
+(common/rpc/status.error_from_rpc).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from common.errors import MnemosyneError, PlacementError
+from common.metadata.types import Instance, Placement
+from common.rpc import client as rpc_client
+from common.rpc import convert
+from common.rpc.protos import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
+from common.rpc.status import error_from_rpc
+
+log = logging.getLogger(__name__)
+
+
+class KVStoreClient:
+    """The kvstore service over one asyncio channel. Methods raise typed errors (PlacementError for
+    an unknown placement or instance, CapacityError when nothing has room, WorkerFailedError when
+    the kvstore does not answer)."""
+
+    def __init__(self, address: str, timeout_s: float = 5.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = rpc_client.aio_channel(address, default_deadline_s=timeout_s)
+        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+
+    async def register(self, inst: Instance) -> float:
+        """Returns the heartbeat interval the kvstore asks for."""
+        resp = await self._call("RegisterInstance", kvstore_pb2.RegisterInstanceRequest(
+            instance=convert.instance_to_proto(inst)))
+        return resp.heartbeat_interval_s
+
+    async def heartbeat(self, instance_id: str, free: tuple[int, ...]) -> None:
+        await self._call("Heartbeat", kvstore_pb2.HeartbeatRequest(instance_id=instance_id, free_blocks=free))
+
+    async def deregister(self, instance_id: str) -> None:
+        await self._call("DeregisterInstance", kvstore_pb2.DeregisterInstanceRequest(instance_id=instance_id))
+
+    async def list_instances(self, role: str | None = None) -> list[Instance]:
+        resp = await self._call("ListInstances", kvstore_pb2.ListInstancesRequest(
+            role=convert.role_to_proto(role)))
+        return [convert.instance_from_proto(i) for i in resp.instances]
+
+    async def reserve(self, request_id: str, num_tokens: int, max_new_tokens: int,
+                      instance_id: str = "") -> Placement:
+        resp = await self._call("Reserve", kvstore_pb2.ReserveRequest(
+            request_id=request_id, num_tokens=num_tokens, max_new_tokens=max_new_tokens,
+            instance_id=instance_id))
+        return convert.placement_from_proto(resp.placement)
+
+    async def renew(self, request_id: str) -> int:
+        resp = await self._call("Renew", kvstore_pb2.RenewRequest(request_id=request_id))
+        return resp.lease_deadline_unix_ms
+
+    async def release(self, request_id: str) -> bool:
+        """False when the placement was already gone (released or expired)."""
+        try:
+            await self._call("Release", kvstore_pb2.ReleaseRequest(request_id=request_id))
+        except PlacementError:
+            return False
+        return True
+
+    async def get_placement(self, request_id: str) -> Placement | None:
+        try:
+            resp = await self._call("GetPlacement", kvstore_pb2.GetPlacementRequest(request_id=request_id))
+        except PlacementError:
+            return None
+        return convert.placement_from_proto(resp.placement)
+
+
+class Membership:
+    """Keeps one instance registered: register at start (retrying until the kvstore answers),
+    heartbeat every interval with `free_blocks()`, register again after a NOT_FOUND (the
+    registration expired, e.g. the kvstore restarted), deregister at stop."""
+
+    def __init__(self, kvstore: KVStoreClient, info: Callable[[], Instance],
+                 free_blocks: Callable[[], tuple[int, ...]] = tuple) -> None:
+        self.kvstore = kvstore
+        self.info = info
+        self.free_blocks = free_blocks
+        self.interval_s = 1.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.interval_s = min(await self.kvstore.register(self.info()), 2.0)
+                break
+            except MnemosyneError as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("kvstore at %s: %s; retrying", self.kvstore.address, e)
+                await asyncio.sleep(0.5)
+        self._task = asyncio.create_task(self._beat(), name="membership-heartbeat")
+
+    async def _beat(self) -> None:
+        inst_id = self.info().instance_id
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.kvstore.heartbeat(inst_id, self.free_blocks())
+            except PlacementError:
+                log.warning("registration of %s expired; registering again", inst_id)
+                try:
+                    await self.kvstore.register(self.info())
+                except MnemosyneError as e:
+                    log.warning("register %s: %s", inst_id, e)
+            except MnemosyneError as e:
+                log.warning("heartbeat of %s: %s", inst_id, e)
+
+    async def stop(self) -> None:
+        """Stops heartbeating and deregisters (best effort: the registration expires anyway)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+            try:
+                await self.kvstore.deregister(self.info().instance_id)
+            except MnemosyneError as e:
+                log.warning("deregister: %s", e)
+
+
+# ---- the public API, blocking -------------------------------------------------------------------
+
+@dataclass
+class Completion:
+    """What one Generate stream produced, with latencies measured by the client."""
+    request_id: str = ""
+    route: str = ""
+    prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = ""
+    ttft_s: float = 0.0
+    tbt_s: list[float] = field(default_factory=list)
+
+
+FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+                  common_pb2.FINISH_REASON_ABORTED: "abort"}
+ROUTES = {router_pb2.ROUTE_DECODE_ONLY: "decode_only", router_pb2.ROUTE_DISAGGREGATED: "disaggregated"}
+
+
+class RouterClient:
+    """`with RouterClient("127.0.0.1:50051") as c: c.complete(text="Hi", max_tokens=8)`."""
+
+    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = rpc_client.blocking_channel(address)
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "RouterClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def request(*, text: str | None = None, token_ids: list[int] | None = None, chat: bool = False,
+                max_tokens: int | None = None, temperature: float | None = None,
+                top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                stop_token_ids: tuple[int, ...] = (), logprobs: bool = True, model: str = "",
+                request_id: str = "") -> router_pb2.GenerateRequest:
+        sampling = common_pb2.SamplingParams(stop_token_ids=list(stop_token_ids))
+        for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
+                            ("top_k", top_k), ("seed", seed)):
+            if value is not None:
+                setattr(sampling, name, value)
+        req = router_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling,
+                                         model=model, return_logprobs=logprobs)
+        if token_ids is not None:
+            req.token_ids.ids.extend(token_ids)
+        else:
+            req.text = text or ""
+        return req
+
+    def stream(self, request: router_pb2.GenerateRequest) -> Iterator[router_pb2.GenerateResponse]:
+        """The raw event stream; a failed call raises the peer's typed error."""
+        try:
+            yield from self._stub.Generate(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+
+    def complete(self, on_text: Callable[[str], None] | None = None, **kwargs: Any) -> Completion:
+        """Runs one request to its end (kwargs as for `request`); `on_text(delta)` as text arrives."""
+        t0 = time.monotonic()
+        last = t0
+        out = Completion()
+        for ev in self.stream(self.request(**kwargs)):
+            kind = ev.WhichOneof("event")
+            if kind == "started":
+                out.request_id, out.prompt_tokens = ev.started.request_id, ev.started.prompt_tokens
+                out.route = ROUTES.get(ev.started.route, "")
+            elif kind == "delta":
+                now = time.monotonic()
+                if ev.delta.token_ids:
+                    if not out.token_ids:
+                        out.ttft_s = now - t0
+                    else:
+                        out.tbt_s.append(now - last)
+                    last = now
+                out.token_ids.extend(ev.delta.token_ids)
+                out.logprobs.extend(ev.delta.logprobs)
+                out.text += ev.delta.text
+                if on_text is not None and ev.delta.text:
+                    on_text(ev.delta.text)
+            elif kind == "finished":
+                out.finish_reason = FINISH_REASONS.get(ev.finished.finish_reason, "")
+        return out

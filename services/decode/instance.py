@@ -1,0 +1,135 @@
+"""The decode instance's logic, without gRPC: KV intake, decoding streams, leases.
+
+Ownership (decode.proto): from PrepareReceive on, the request's blocks belong to this instance. It
+frees them when the request finishes, is aborted (Abort RPC or the Decode call cancelled), fails
+(KV never arrived, a worker died), or when its placement's lease cannot be renewed any more (the
+kvstore reclaimed it: somebody gave up on the request). While a request holds blocks here, this
+instance renews its lease.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from common.client import KVStoreClient
+from common.engine.async_engine import AsyncEngine, EngineStats
+from common.engine.kv_sink import GroupSink
+from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, PlacementError
+from common.metadata.types import Placement
+from common.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a prefill instance writes a request's KV (proto: KVDestination)."""
+    request_id: str
+    backend: str
+    layout: object                     # common.kv_transfer.KVLayout
+    groups: list[GroupSink]
+    token_ends: list[int]              # per group: end of its prompt token range
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    placement: Placement | None
+    first_token: int | None            # set: the KV comes from a prefill instance
+
+
+class DecodeInstance:
+    def __init__(self, instance_id: str, engine: AsyncEngine, kvstore: KVStoreClient,
+                 kv_timeout_s: float) -> None:
+        self.instance_id = instance_id
+        self.engine = engine
+        self.kvstore = kvstore
+        self.kv_timeout_s = kv_timeout_s
+        self.leases: dict[str, Placement] = {}       # requests holding blocks here, with a placement
+        self._renewer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._renewer = asyncio.create_task(self._renew_forever(), name="decode-lease-renewal")
+
+    async def stop(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+            self._renewer = None
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def prepare_receive(self, placement: Placement, sender_layout: object | None,
+                              backend: str) -> Destination:
+        rid = placement.request_id
+        if placement.instance_id and placement.instance_id != self.instance_id:
+            raise InvalidRequestError(f"placement of {rid} names decode instance {placement.instance_id}, "
+                                      f"this is {self.instance_id}")
+        own_backend, layout = await self.engine.kv_info()
+        if backend and backend != own_backend:
+            raise InvalidRequestError(f"this decode instance receives KV over {own_backend!r}, not {backend!r}")
+        if sender_layout is not None and sender_layout != layout:
+            raise InvalidRequestError(f"KV layout mismatch: sender {sender_layout}, receiver {layout}")
+        groups = await self.engine.prepare_receive(rid, placement.num_tokens, placement.max_new_tokens)
+        self.leases[rid] = placement
+        by_group = {g.group: g.token_end for g in placement.groups}
+        m = _kvp_tokens(groups, placement.num_tokens)
+        ends = [by_group.get(g.group, min(placement.num_tokens, g.token_start + m)) for g in groups]
+        return Destination(rid, own_backend, layout, groups, ends)
+
+    async def decode(self, job: DecodeJob) -> AsyncIterator:
+        """Yields the request's StepOutputs (tokens; the last one has finish_reason). A failed KV
+        intake raises KVTransferError; a failed engine WorkerFailedError."""
+        rid = job.request_id
+        if job.placement is not None:
+            self.leases[rid] = job.placement
+        try:
+            if job.first_token is not None:
+                stream = self.engine.add_prefilled(job.prompt_ids, job.params, rid, job.first_token, 0.0,
+                                                   self.kv_timeout_s)
+            else:
+                stream = self.engine.generate(job.prompt_ids, job.params, rid)
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    if out.error is not None:
+                        raise KVTransferError(f"request {rid}: {out.error}")
+                    yield out
+        finally:
+            self.leases.pop(rid, None)
+
+    async def abort(self, request_id: str) -> bool:
+        self.leases.pop(request_id, None)
+        return await self.engine.abort(request_id)
+
+    # ---- leases ------------------------------------------------------------------------------
+    async def _renew_forever(self) -> None:
+        while True:
+            lease_s = min((p.lease_s for p in self.leases.values()), default=3.0)
+            await asyncio.sleep(max(0.05, lease_s / 3))
+            for rid in list(self.leases):
+                try:
+                    await self.kvstore.renew(rid)
+                except PlacementError:
+                    if self.leases.pop(rid, None) is not None:
+                        log.warning("lease of %s is gone: aborting it here", rid)
+                        try:
+                            await self.engine.abort(rid)
+                        except MnemosyneError as e:
+                            log.warning("abort %s: %s", rid, e)
+                except MnemosyneError as e:          # kvstore unreachable: try again next round
+                    log.warning("renew %s: %s", rid, e)
+
+
+def _kvp_tokens(groups: list[GroupSink], num_tokens: int) -> int:
+    """M of this instance as seen in a request's groups (group k starts at k*M)."""
+    for g in groups:
+        if g.group > 0:
+            return g.token_start // g.group
+    return max(num_tokens, 1)

@@ -1,0 +1,81 @@
+"""gRPC servicer of a decode instance: proto <-> domain only (logic in instance.py)."""
+from __future__ import annotations
+
+from common.errors import InvalidRequestError
+from common.rpc import convert
+from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc
+from common.rpc.status import handles_errors
+from common.sampling_params import SamplingParams
+from common.scheduler.request import FinishReason
+from services.decode.instance import DecodeInstance, DecodeJob, Destination
+
+FINISH = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+          FinishReason.ABORT: common_pb2.FINISH_REASON_ABORTED}
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Unset fields keep the domain defaults; bad values raise InvalidRequestError."""
+    kw = {name: getattr(msg, name) for name in ("temperature", "top_p", "top_k", "seed", "max_tokens")
+          if msg.HasField(name)}
+    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), **kw)
+
+
+def destination_to_proto(d: Destination) -> common_pb2.KVDestination:
+    return common_pb2.KVDestination(
+        request_id=d.request_id, layout=convert.layout_to_proto(d.layout), backend=d.backend,
+        groups=[common_pb2.GroupReceiver(
+            group=g.group, token_start=g.token_start, token_end=end, block_ids=g.block_table,
+            workers=[common_pb2.WorkerEndpoint(tp_rank=t, address=a) for t, a in enumerate(g.addresses)])
+            for g, end in zip(d.groups, d.token_ends)])
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, instance: DecodeInstance) -> None:
+        self.instance = instance
+
+    @handles_errors
+    async def PrepareReceive(self, request, context):
+        if not request.HasField("placement"):
+            raise InvalidRequestError("PrepareReceive needs the request's placement")
+        placement = convert.placement_from_proto(request.placement)
+        if request.request_id and request.request_id != placement.request_id:
+            raise InvalidRequestError(f"request_id {request.request_id!r} differs from the placement's "
+                                      f"{placement.request_id!r}")
+        layout = convert.layout_from_proto(request.sender_layout) if request.HasField("sender_layout") else None
+        dest = await self.instance.prepare_receive(placement, layout, request.backend)
+        return decode_pb2.PrepareReceiveResponse(destination=destination_to_proto(dest))
+
+    @handles_errors
+    async def Decode(self, request, context):
+        job = DecodeJob(
+            request_id=request.request_id, prompt_ids=list(request.prompt_token_ids),
+            params=sampling_from_proto(request.sampling),
+            placement=convert.placement_from_proto(request.placement) if request.HasField("placement") else None,
+            first_token=request.first_token_id if request.HasField("first_token_id") else None)
+        if not job.request_id:
+            raise InvalidRequestError("request_id must not be empty")
+        reason = None
+        count = 0
+        async for out in self.instance.decode(job):
+            if out.token_id is not None:
+                count += 1
+                delta = common_pb2.TokenDelta(token_ids=[out.token_id])
+                if request.return_logprobs:
+                    delta.logprobs.append(out.logprob)
+                yield decode_pb2.DecodeResponse(delta=delta)
+            reason = out.finish_reason
+        yield decode_pb2.DecodeResponse(finished=common_pb2.Finished(
+            finish_reason=FINISH.get(reason, common_pb2.FINISH_REASON_UNSPECIFIED),
+            timings=common_pb2.Timings(prompt_tokens=len(job.prompt_ids), completion_tokens=count)))
+
+    @handles_errors
+    async def Abort(self, request, context):
+        return common_pb2.AbortResponse(found=await self.instance.abort(request.request_id))
+
+    @handles_errors
+    async def Stats(self, request, context):
+        s = self.instance.stats()
+        return decode_pb2.StatsResponse(
+            instance_id=self.instance.instance_id, running=s.running, waiting=s.waiting,
+            groups=[decode_pb2.GroupBlocks(group=g, total_blocks=t, free_blocks=f)
+                    for g, (t, f) in enumerate(zip(s.total_blocks, s.free_blocks))])

@@ -1,0 +1,117 @@
+"""Wiring of one decode instance: engine thread + logic + gRPC server + kvstore membership.
+
+    svc = await DecodeService.start(config)     # svc.address; registered with the kvstore
+    ...
+    await svc.stop()
+
+A supervisor watches the engine: when it fails (a grid worker died), the instance leaves the kvstore
+and goes NOT_SERVING (every running request has already failed with UNAVAILABLE), then builds a fresh
+engine and registers again (`restart_on_failure`), or stays out.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from common.client import KVStoreClient, Membership
+from common.engine.async_engine import AsyncEngine
+from common.metadata.types import Instance
+from common.rpc import protos
+from common.rpc.protos import decode_pb2_grpc
+from common.rpc.server import RpcServer
+from services.decode.config import DecodeConfig
+from services.decode.instance import DecodeInstance
+from services.decode.server import DecodeServicer
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: DecodeConfig):
+    """The engine of this instance (runs on the engine thread)."""
+    ec = config.engine
+    if ec.parallel.world_size == 1:
+        from common.engine.engine import LLMEngine
+        return LLMEngine(ec)
+    from common.parallel.driver import ParallelEngine
+    return ParallelEngine(ec, threads_per_worker=config.threads)
+
+
+class DecodeService:
+    def __init__(self, config: DecodeConfig, server: RpcServer, instance: DecodeInstance,
+                 kvstore: KVStoreClient) -> None:
+        self.config = config
+        self.server = server
+        self.instance = instance
+        self.kvstore = kvstore
+        self.membership = Membership(kvstore, self.info, self.free_blocks)
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def info(self) -> Instance:
+        ec = self.config.engine
+        kvp_tokens = ec.parallel.kvp_tokens if ec.parallel.kvp > 1 else 0
+        return Instance(self.instance.instance_id, "decode", self.address, ec.cache.block_size, kvp_tokens,
+                        self.instance.stats().total_blocks, self.free_blocks())
+
+    def free_blocks(self) -> tuple[int, ...]:
+        return self.instance.stats().free_blocks
+
+    @classmethod
+    async def start(cls, config: DecodeConfig) -> "DecodeService":
+        engine = await AsyncEngine.start(lambda: build_engine(config), name="decode-engine")
+        kvstore = KVStoreClient(config.kvstore)
+        instance = DecodeInstance(config.instance_id or f"decode-{uuid.uuid4().hex[:8]}", engine, kvstore,
+                                  config.kv_timeout_s)
+        server = RpcServer(config.host, config.port, grace_s=config.grace_s)
+        server.add_service(decode_pb2_grpc.add_DecodeServicer_to_server, DecodeServicer(instance), protos.DECODE)
+        svc = cls(config, server, instance, kvstore)
+        try:
+            await server.start(serving=False)
+            await svc.membership.start()
+            instance.start()
+            await server.set_serving(True)
+        except BaseException:
+            await svc.stop()
+            raise
+        svc._supervisor = asyncio.create_task(svc._supervise(), name="decode-supervisor")
+        log.info("decode instance %s on %s: %s, KV over %s", instance.instance_id, svc.address,
+                 config.engine.parallel, config.engine.kv_backend)
+        return svc
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            err = self.instance.engine.failed
+            if err is None:
+                continue
+            log.error("decode engine failed (%s): leaving the kvstore", err)
+            await self.server.set_serving(False)
+            await self.membership.stop()
+            await self.instance.engine.shutdown()
+            if not self.config.restart_on_failure:
+                return
+            try:
+                self.instance.engine = await AsyncEngine.start(lambda: build_engine(self.config),
+                                                               name="decode-engine")
+                await self.membership.start()
+            except Exception:  # noqa: BLE001 - stay out of the pool, keep the process inspectable
+                log.exception("decode engine restart failed")
+                return
+            await self.server.set_serving(True)
+            log.info("decode engine restarted; %s is back", self.instance.instance_id)
+
+    async def stop(self) -> None:
+        """NOT_SERVING and deregistered first, then drain RPCs, then the engine. Idempotent."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        await self.membership.stop()
+        await self.server.stop()
+        await self.instance.stop()
+        await self.instance.engine.shutdown()
+        await self.kvstore.close()
