@@ -21,7 +21,8 @@ Kernels ("dense ops"), first that applies wins:
     logsumexp is [B, H, ceil(L / 32) * 32] (sliced to L here); no GQA, so the query heads of a KV head
     are folded into the sequence dim for non-causal calls and K/V are expanded for the (small)
     square-causal part, as the CPU backend does;
-  - a float32/float64 einsum fallback (float64 inputs, odd head dims), O(n * L) memory.
+  - a float32/float64 einsum fallback (float64 inputs, odd head dims, tensors not on CUDA), O(n * L)
+    memory.
 Every LSE is sanitised (NaN / +inf, FlashAttention's "empty row" sentinel, -> -inf; such rows' output
 -> 0).
 
@@ -157,6 +158,8 @@ class CudaAttentionBackend(AttentionBackend):
     def op_for(self, q: torch.Tensor) -> DenseOp:
         if self.op is not None:
             return self.op
+        if q.device.type != "cuda":     # the aten kernels above are CUDA-only; stay exact elsewhere
+            return EINSUM
         if self._flash_attn_ok is None:
             self._flash_attn_ok = self.use_flash_attn and _flash_attn_importable()
         return choose_op(q.dtype, q.shape[-1], self._flash_attn_ok)
