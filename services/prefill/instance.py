@@ -1,0 +1,100 @@
+"""The prefill instance's logic, without gRPC: run a prompt through the (SPP) engine with a KV sink,
+report progress and the first token, and confirm that every KV chunk reached the decode side.
+
+Ownership: the prefill engine owns its own blocks and frees them right after the first token; the
+staged KV copies belong to the transfers until the receivers confirm them. Leaving a prefill early
+(cancel, Abort, failure) aborts the request in the engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import AsyncIterator
+
+from common.engine.async_engine import AsyncEngine
+from common.engine.kv_sink import KVSink
+from common.errors import InvalidRequestError, RequestAbortedError
+from common.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class PrefillJob:
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    sink: KVSink
+    receiver_layout: object | None            # common.kv_transfer.KVLayout of the decode side
+
+
+@dataclass(frozen=True)
+class Progress:
+    tokens_done: int
+    tokens_total: int
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    token_id: int
+    logprob: float
+    prefill_s: float
+
+
+@dataclass(frozen=True)
+class Done:
+    kv_bytes: int
+    transfer_tail_s: float
+
+
+class PrefillInstance:
+    def __init__(self, instance_id: str, engine: AsyncEngine, kv_timeout_s: float, tp: int = 1) -> None:
+        self.instance_id = instance_id
+        self.engine = engine
+        self.kv_timeout_s = kv_timeout_s
+        self.tp = tp
+        self.running: set[str] = set()
+
+    async def prefill(self, job: PrefillJob) -> AsyncIterator[Progress | FirstToken | Done]:
+        rid = job.request_id
+        _, layout = await self.engine.kv_info()
+        if job.receiver_layout is not None and job.receiver_layout != layout:
+            raise InvalidRequestError(f"KV layout mismatch: this prefill instance has {layout}, the "
+                                      f"decode side {job.receiver_layout}")
+        t0 = time.monotonic()
+        params = replace(job.params, max_tokens=1)      # the decode instance samples the rest
+        self.running.add(rid)
+        confirmed = False
+        try:
+            stream = self.engine.generate(job.token_ids, params, rid, kv_sink=job.sink)
+            t_first = None
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    if out.token_id is None and out.finish_reason is not None:
+                        break                            # aborted before the first token
+                    yield Progress(out.num_computed, out.prompt_len)
+                    if out.token_id is not None:
+                        t_first = time.monotonic()
+                        yield FirstToken(out.token_id, out.logprob, t_first - t0)
+            if t_first is None:
+                raise RequestAbortedError(f"prefill of {rid} was aborted")
+            await self.engine.wait_kv(rid, self.kv_timeout_s)
+            confirmed = True
+            kv_bytes = (len(job.token_ids) * layout.num_layers * 2 * layout.num_kv_heads * self.tp
+                        * layout.head_dim * DTYPE_BYTES.get(layout.dtype, 4))
+            yield Done(kv_bytes, time.monotonic() - t_first)
+        finally:
+            self.running.discard(rid)
+            # Forget the transfer state (and stop any transfer still running when we left early).
+            if self.engine.failed is None:
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(rid)
+            if not confirmed:
+                log.info("prefill of %s ended before its KV was confirmed", rid)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self.engine.abort(request_id)

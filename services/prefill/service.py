@@ -1,0 +1,108 @@
+"""Wiring of one prefill instance: engine thread + logic + gRPC server + kvstore membership.
+
+    svc = await PrefillService.start(config)    # svc.address; registered with the kvstore
+    ...
+    await svc.stop()
+
+As for a decode instance, a supervisor takes the instance out of the pool when its engine fails (a
+grid worker died) and builds a fresh one (`restart_on_failure`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from common.client import KVStoreClient, Membership
+from common.engine.async_engine import AsyncEngine
+from common.metadata.types import Instance
+from common.rpc import protos
+from common.rpc.protos import prefill_pb2_grpc
+from common.rpc.server import RpcServer
+from services.prefill.config import PrefillConfig
+from services.prefill.instance import PrefillInstance
+from services.prefill.server import PrefillServicer
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: PrefillConfig):
+    """The engine of this instance (runs on the engine thread)."""
+    ec = config.engine
+    if ec.parallel.world_size == 1:
+        from common.engine.engine import LLMEngine
+        return LLMEngine(ec)
+    from common.parallel.driver import ParallelEngine
+    return ParallelEngine(ec, threads_per_worker=config.threads)
+
+
+class PrefillService:
+    def __init__(self, config: PrefillConfig, server: RpcServer, instance: PrefillInstance,
+                 kvstore: KVStoreClient) -> None:
+        self.config = config
+        self.server = server
+        self.instance = instance
+        self.kvstore = kvstore
+        self.membership = Membership(kvstore, self.info)
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def info(self) -> Instance:
+        return Instance(self.instance.instance_id, "prefill", self.address, self.config.engine.cache.block_size)
+
+    @classmethod
+    async def start(cls, config: PrefillConfig) -> "PrefillService":
+        engine = await AsyncEngine.start(lambda: build_engine(config), name="prefill-engine")
+        kvstore = KVStoreClient(config.kvstore)
+        instance = PrefillInstance(config.instance_id or f"prefill-{uuid.uuid4().hex[:8]}", engine,
+                                   config.kv_timeout_s, config.engine.parallel.tp)
+        server = RpcServer(config.host, config.port, grace_s=config.grace_s)
+        server.add_service(prefill_pb2_grpc.add_PrefillServicer_to_server, PrefillServicer(instance),
+                           protos.PREFILL)
+        svc = cls(config, server, instance, kvstore)
+        try:
+            await server.start(serving=False)
+            await svc.membership.start()
+            await server.set_serving(True)
+        except BaseException:
+            await svc.stop()
+            raise
+        svc._supervisor = asyncio.create_task(svc._supervise(), name="prefill-supervisor")
+        log.info("prefill instance %s on %s: %s", instance.instance_id, svc.address, config.engine.parallel)
+        return svc
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            err = self.instance.engine.failed
+            if err is None:
+                continue
+            log.error("prefill engine failed (%s): leaving the kvstore", err)
+            await self.server.set_serving(False)
+            await self.membership.stop()
+            await self.instance.engine.shutdown()
+            if not self.config.restart_on_failure:
+                return
+            try:
+                self.instance.engine = await AsyncEngine.start(lambda: build_engine(self.config),
+                                                               name="prefill-engine")
+                await self.membership.start()
+            except Exception:  # noqa: BLE001 - stay out of the pool, keep the process inspectable
+                log.exception("prefill engine restart failed")
+                return
+            await self.server.set_serving(True)
+            log.info("prefill engine restarted; %s is back", self.instance.instance_id)
+
+    async def stop(self) -> None:
+        """Deregistered first, then drain RPCs, then the engine. Idempotent."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        await self.membership.stop()
+        await self.server.stop()
+        await self.instance.engine.shutdown()
+        await self.kvstore.close()

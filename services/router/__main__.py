@@ -1,0 +1,34 @@
+"""`python -m services.router --kvstore HOST:PORT [--port 50051] [--model ...]` (see --help).
+
+Prints "router listening on HOST:PORT" once serving; SIGTERM or SIGINT stop it gracefully.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from common.errors import MnemosyneError
+from common.rpc.server import serve_until_signal
+from services.router.config import RouterConfig
+
+
+async def _main(config: RouterConfig) -> None:
+    from services.router.service import RouterService
+    svc = await RouterService.start(config)
+    print(f"router listening on {svc.address}", flush=True)
+    await serve_until_signal(svc.server, cleanup=svc.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_main(RouterConfig.from_args(argv)))
+    except MnemosyneError as e:
+        logging.getLogger("router").error("%s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""What the router does before any instance is involved: tokenize and validate a request.
+
+Every problem a client can fix is an InvalidRequestError whose message says what is wrong (it
+becomes INVALID_ARGUMENT): empty prompt, unknown model, prompt too long, bad sampling values,
+malformed token ids.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from common.config import ModelConfig
+from common.errors import InvalidRequestError
+from common.metadata.types import check_id
+from common.model.tokenizer import Tokenizer
+from common.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """A request as the client sent it (proto-free). Exactly one of text / token_ids."""
+    request_id: str = ""
+    text: str | None = None
+    token_ids: list[int] | None = None
+    chat: bool = False
+    model: str = ""
+    sampling: dict = field(default_factory=dict)    # SamplingParams fields the client set
+    return_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request: what the instances are asked to do."""
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams                          # stop_token_ids include the model's EOS ids
+    return_logprobs: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+
+
+class Frontend:
+    def __init__(self, tokenizer: Tokenizer, config: ModelConfig, name: str, source: str,
+                 max_model_len: int, max_prompt_tokens: int, default_max_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.name = name or Path(source).name.split(".")[0]
+        self.vocab_size = config.vocab_size
+        self.max_model_len = max_model_len
+        self.max_prompt_tokens = min(max_prompt_tokens or max_model_len - 1, max_model_len - 1)
+        self.default_max_tokens = default_max_tokens
+        self.eos_ids = tuple(dict.fromkeys((*config.eos_token_ids, *tokenizer.eos_token_ids)))
+        self.info = ModelInfo(self.name, max_model_len, config.vocab_size, self.eos_ids, config.bos_token_id)
+
+    def prepare(self, req: PromptInput) -> Job:
+        """Tokenizes (chat template when asked) and validates; raises InvalidRequestError."""
+        rid = req.request_id or f"req-{uuid.uuid4().hex}"
+        check_id("request_id", rid)
+        if req.model and req.model != self.name:
+            raise InvalidRequestError(f"unknown model {req.model!r}; this deployment serves {self.name!r}")
+        ids = self._prompt_ids(req)
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens; this deployment accepts at most "
+                                      f"{self.max_prompt_tokens}")
+        sampling = {"max_tokens": self.default_max_tokens, **req.sampling}
+        stops = tuple(sampling.pop("stop_token_ids", ()))
+        self._check_ids("stop_token_ids", stops)
+        params = SamplingParams(**sampling)             # raises for max_tokens < 1, temperature < 0, ...
+        params = replace(params, stop_token_ids=tuple(dict.fromkeys((*stops, *self.eos_ids))))
+        return Job(rid, ids, params, req.return_logprobs)
+
+    def _prompt_ids(self, req: PromptInput) -> list[int]:
+        if req.token_ids is not None:
+            if req.chat:
+                raise InvalidRequestError("chat applies to a text prompt, not to token_ids")
+            if not req.token_ids:
+                raise InvalidRequestError("prompt is empty: token_ids has no ids")
+            self._check_ids("token_ids", req.token_ids)
+            return list(req.token_ids)
+        if req.text is None:
+            raise InvalidRequestError("prompt is empty: set text or token_ids")
+        if not req.text:
+            raise InvalidRequestError("prompt is empty: text is an empty string")
+        if req.chat:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": req.text}])
+        else:
+            ids = self.tokenizer.encode(req.text)
+        if not ids:
+            raise InvalidRequestError("prompt is empty after tokenization")
+        return ids
+
+    def _check_ids(self, what: str, ids) -> None:
+        bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < self.vocab_size]
+        if bad:
+            shown = ", ".join(f"{t} at position {i}" for i, t in bad[:5])
+            raise InvalidRequestError(f"{what}: {len(bad)} id(s) outside the vocabulary [0, "
+                                      f"{self.vocab_size}): {shown}")

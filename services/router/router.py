@@ -1,0 +1,331 @@
+"""The router's request flow, without the public gRPC server: reserve, route, relay, clean up.
+
+    short prompt:  kvstore.Reserve -> decode.Decode (it prefills itself) -> relay tokens
+    long prompt:   kvstore.Reserve -> decode.PrepareReceive -> prefill.Prefill (progress, first
+                   token; KV streams to the decode workers) -> decode.Decode(first_token) -> relay
+
+Every request ends (finish, error, client cancel, Abort) with the same cleanup: the calls still
+open are cancelled, the instances are told to abort (unless the request finished normally), and
+the placement is released; a dead router's placements expire with their leases instead.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+
+from common.client import KVStoreClient
+from common.errors import InvalidRequestError, MnemosyneError, WorkerFailedError
+from common.metadata.types import Instance, Placement
+from common.model.tokenizer import IncrementalDecoder
+from common.rpc import client as rpc_client
+from common.rpc import convert
+from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from common.rpc.status import error_from_rpc
+from common.sampling_params import SamplingParams
+from services.router.config import RouterConfig
+from services.router.discovery import Discovery
+from services.router.frontend import Frontend, Job
+
+log = logging.getLogger(__name__)
+
+FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+          common_pb2.FINISH_REASON_ABORTED: "abort"}
+
+
+# ---- events of a Generate stream ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Started:
+    request_id: str
+    prompt_tokens: int
+    route: str                      # "decode_only" | "disaggregated"
+    prefill_instance: str
+    decode_instance: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    tokens_done: int
+    tokens_total: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class Timings:
+    ttft_s: float
+    tbt_s: list[float]
+    e2e_s: float
+    queue_s: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str                     # "stop" | "length" | "abort"
+    timings: Timings
+
+
+# ---- per request ----------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Active:
+    job: Job
+    placement: Placement | None = None
+    prefill: Instance | None = None
+    calls: list = field(default_factory=list)          # open grpc.aio calls to instances
+    decode_called: bool = False
+    aborted: bool = False                               # Router.Abort
+    reason: str | None = None                           # the decode instance's finish reason
+    failure: MnemosyneError | None = None               # the prefill failed while decode ran
+
+
+class _Relay:
+    """Text deltas (incremental detokenization) and timings of one request."""
+
+    def __init__(self, frontend: Frontend, t0: float, logprobs: bool) -> None:
+        self.decoder = IncrementalDecoder(frontend.tokenizer, skip_special_tokens=True)
+        self.t0, self.logprobs = t0, logprobs
+        self.last: float | None = None
+        self.ttft = 0.0
+        self.tbt: list[float] = []
+        self.count = 0
+
+    def tokens(self, ids: list[int], logprobs: list[float]) -> Delta:
+        now = time.monotonic()
+        if self.last is None:
+            self.ttft = now - self.t0
+        else:
+            self.tbt.append(now - self.last)
+        self.last = now
+        self.count += len(ids)
+        text = "".join(self.decoder.push(t) for t in ids)
+        return Delta(list(ids), text, list(logprobs) if self.logprobs else [])
+
+    def flush(self) -> Delta | None:
+        text = self.decoder.flush()
+        return Delta([], text, []) if text else None
+
+    def timings(self, prompt_tokens: int) -> Timings:
+        return Timings(self.ttft, self.tbt, time.monotonic() - self.t0, 0.0, prompt_tokens, self.count)
+
+
+def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                                    max_tokens=p.max_tokens, stop_token_ids=list(p.stop_token_ids))
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def _rpc_error(who: str, e: grpc.aio.AioRpcError) -> MnemosyneError:
+    err = error_from_rpc(e)
+    return type(err)(f"{who}: {err}")
+
+
+class Router:
+    def __init__(self, config: RouterConfig, frontend: Frontend, kvstore: KVStoreClient) -> None:
+        self.config = config
+        self.frontend = frontend
+        self.kvstore = kvstore
+        self.discovery = Discovery(kvstore, config.discovery_ttl_s)
+        self.active: dict[str, _Active] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        if self._cleanups:
+            await asyncio.wait(self._cleanups, timeout=self.config.rpc_timeout_s * 2)
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = rpc_client.aio_channel(address,
+                                                                  default_deadline_s=self.config.rpc_timeout_s)
+        return ch
+
+    # ---- Generate --------------------------------------------------------------------------------
+    async def generate(self, job: Job, t0: float) -> AsyncIterator[Started | Progress | Delta | Finished]:
+        """The events of one request; errors are typed (InvalidRequestError, CapacityError,
+        WorkerFailedError / KVTransferError when an instance failed)."""
+        rid, n = job.request_id, len(job.prompt_ids)
+        if rid in self.active:
+            raise InvalidRequestError(f"request id {rid!r} is already running")
+        st = _Active(job)
+        self.active[rid] = st
+        finished = False
+        try:
+            if n >= self.config.short_prompt_tokens:
+                st.prefill = await self.discovery.pick_prefill()
+                if st.prefill is None:
+                    log.warning("no live prefill instance: %s (%d tokens) takes the decode-only route", rid, n)
+            max_new = max(0, min(job.params.max_tokens, self.frontend.max_model_len - n))
+            st.placement = await self.kvstore.reserve(rid, n, max_new)
+            if st.prefill is not None:
+                self.discovery.inflight[st.prefill.instance_id] += 1
+            yield Started(rid, n, "disaggregated" if st.prefill else "decode_only",
+                          st.prefill.instance_id if st.prefill else "", st.placement.instance_id)
+            relay = _Relay(self.frontend, t0, job.return_logprobs)
+            try:
+                async for ev in self._run(st, relay):
+                    yield ev
+                reason = st.reason
+            except asyncio.CancelledError:
+                if st.failure is not None:
+                    raise st.failure from None
+                if not st.aborted:
+                    raise
+                reason = "abort"
+            tail = relay.flush()
+            if tail is not None:
+                yield tail
+            finished = reason != "abort"
+            yield Finished(reason, relay.timings(n))
+        finally:
+            self.active.pop(rid, None)
+            for call in st.calls:
+                call.cancel()
+            task = asyncio.create_task(self._cleanup(st, finished), name=f"cleanup-{rid}")
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                pass            # the client is gone; the cleanup goes on, tracked in _cleanups
+
+    async def _run(self, st: _Active, relay: _Relay) -> AsyncIterator[Progress | Delta]:
+        job, placement = st.job, st.placement
+        decode = decode_pb2_grpc.DecodeStub(self._channel(placement.address))
+        who_decode = f"decode instance {placement.instance_id} ({placement.address})"
+        placement_pb = convert.placement_to_proto(placement)
+        sampling = sampling_to_proto(job.params)
+        first = None
+        tail: asyncio.Task[None] | None = None
+        try:
+            if st.aborted:
+                raise asyncio.CancelledError()
+            if st.prefill is not None:
+                who_prefill = f"prefill instance {st.prefill.instance_id} ({st.prefill.address})"
+                try:
+                    dest = await decode.PrepareReceive(decode_pb2.PrepareReceiveRequest(
+                        request_id=job.request_id, placement=placement_pb, backend=self.config.kv_backend),
+                        timeout=self.config.rpc_timeout_s)
+                except grpc.aio.AioRpcError as e:
+                    raise _rpc_error(who_decode, e) from None
+                st.decode_called = True
+                pcall = prefill_pb2_grpc.PrefillStub(self._channel(st.prefill.address)).Prefill(
+                    prefill_pb2.PrefillRequest(request_id=job.request_id, token_ids=job.prompt_ids,
+                                               sampling=sampling, placement=placement_pb,
+                                               destination=dest.destination),
+                    timeout=self.config.request_timeout_s)
+                st.calls.append(pcall)
+                try:
+                    while first is None:
+                        ev = await pcall.read()
+                        if ev is grpc.aio.EOF:
+                            raise WorkerFailedError(f"{who_prefill} ended the stream without a first token")
+                        if ev.HasField("progress"):
+                            yield Progress(ev.progress.tokens_done, ev.progress.tokens_total)
+                        elif ev.HasField("first_token"):
+                            first = ev.first_token
+                except grpc.aio.AioRpcError as e:
+                    raise _rpc_error(who_prefill, e) from None
+                tail = asyncio.create_task(self._prefill_tail(st, pcall, who_prefill))
+                yield relay.tokens([first.token_id], [first.logprob])
+            request = decode_pb2.DecodeRequest(request_id=job.request_id, prompt_token_ids=job.prompt_ids,
+                                               sampling=sampling, placement=placement_pb,
+                                               return_logprobs=job.return_logprobs)
+            if first is not None:
+                request.first_token_id = first.token_id
+            if st.aborted:
+                raise asyncio.CancelledError()
+            dcall = decode.Decode(request, timeout=self.config.request_timeout_s)
+            st.calls.append(dcall)
+            st.decode_called = True
+            try:
+                while True:
+                    ev = await dcall.read()
+                    if ev is grpc.aio.EOF:
+                        break
+                    if ev.HasField("delta"):
+                        if ev.delta.token_ids:
+                            yield relay.tokens(list(ev.delta.token_ids), list(ev.delta.logprobs))
+                    elif ev.HasField("finished"):
+                        st.reason = FINISH.get(ev.finished.finish_reason, "stop")
+            except grpc.aio.AioRpcError as e:
+                if st.failure is not None:
+                    raise st.failure from None
+                raise _rpc_error(who_decode, e) from None
+            if st.reason is None:
+                raise WorkerFailedError(f"{who_decode} ended the stream without a finish")
+            if tail is not None:
+                # The decode started only once all KV arrived, so PrefillDone is due now.
+                await asyncio.wait({tail}, timeout=self.config.rpc_timeout_s)
+                if st.failure is not None:
+                    raise st.failure
+        finally:
+            if tail is not None and not tail.done():
+                tail.cancel()
+                await asyncio.gather(tail, return_exceptions=True)
+
+    async def _prefill_tail(self, st: _Active, pcall, who: str) -> None:
+        """Reads the prefill stream to its end (PrefillDone). A failure (the KV never fully
+        arrived) fails the request: it cancels the decode call, whose reader raises st.failure."""
+        try:
+            while (ev := await pcall.read()) is not grpc.aio.EOF:
+                if ev.HasField("done"):
+                    log.debug("%s: KV of %s sent (%d bytes, tail %.3f s)", who, st.job.request_id,
+                              ev.done.kv_bytes, ev.done.transfer_tail_s)
+        except grpc.aio.AioRpcError as e:
+            if e.code() is grpc.StatusCode.CANCELLED and (st.aborted or st.failure):
+                return
+            st.failure = _rpc_error(who, e)
+            for call in st.calls:
+                if call is not pcall:
+                    call.cancel()
+
+    async def _cleanup(self, st: _Active, finished: bool) -> None:
+        rid, t = st.job.request_id, self.config.rpc_timeout_s
+        if st.prefill is not None:
+            self.discovery.inflight[st.prefill.instance_id] -= 1
+        if not finished:
+            aborts = []
+            if st.decode_called and st.placement is not None:
+                aborts.append((f"decode instance {st.placement.instance_id}", decode_pb2_grpc.DecodeStub(
+                    self._channel(st.placement.address)).Abort(common_pb2.AbortRequest(request_id=rid), timeout=t)))
+            if st.prefill is not None and st.calls:
+                aborts.append((f"prefill instance {st.prefill.instance_id}", prefill_pb2_grpc.PrefillStub(
+                    self._channel(st.prefill.address)).Abort(common_pb2.AbortRequest(request_id=rid), timeout=t)))
+            for who, call in aborts:
+                try:
+                    await call
+                except grpc.aio.AioRpcError as e:
+                    log.info("abort %s on %s: %s", rid, who, e.code().name)
+        if st.placement is not None:
+            try:
+                await self.kvstore.release(rid)
+            except MnemosyneError as e:
+                log.warning("release of %s: %s (its lease will expire)", rid, e)
+
+    # ---- Abort -----------------------------------------------------------------------------------
+    def abort(self, request_id: str) -> bool:
+        """Ends a running request: its stream finishes with reason "abort"."""
+        st = self.active.get(request_id)
+        if st is None:
+            return False
+        st.aborted = True
+        for call in st.calls:
+            call.cancel()
+        return True
