@@ -147,19 +147,79 @@ class ParallelConfig:
         return self.tp * self.spp * self.kvp
 
 
+SCHED_POLICIES = ("fcfs", "edf", "lars")
+SCHED_CHUNKINGS = ("fixed", "adaptive")
+SCHED_ROLES = ("decode", "prefill")
+CHUNK_MULTIPLE = 32                    # adaptive chunks are multiples of this (paper: 32)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """What one engine iteration may hold."""
+    """What one engine iteration may hold, and how prefills are ordered and cut into chunks.
+
+    policy    fcfs | edf | lars: the order in which prefills get the iteration (common/scheduler/policy.py).
+    chunking  fixed: `chunk_size` tokens per chunk; adaptive: the largest chunk (a multiple of 32 in
+              [min_chunk, max_chunk]) whose predicted batch time fits the iteration budget. Adaptive
+              chunking and LARS need a performance model (the engine loads or builds one).
+    Iteration budget (`iteration_budget()`): `iteration_budget_s` when set, else by `role`:
+      decode   `tbt_slo_s`: decodes share every iteration with the prefill chunks, so an iteration may
+               last no longer than the time between tokens they are promised (a running request's own
+               tighter TBT SLO lowers it for the iterations it decodes in).
+      prefill  `preempt_interval_s` / pipeline depth: no decodes to protect; a newly arrived request
+               waits at most for the iterations in flight (~preempt_interval_s) before it can take the
+               server (preemption granularity), and equal-time chunks keep pipeline stages balanced.
+    LARS: a prefill that has processed >= `long_threshold` tokens is long (at most one per batch) and
+    fills only t * (1 - clip(rho, 0, rho_max)) of the budget.
+    """
     chunk_size: int = 512              # fixed prefill chunk (tokens) when adaptive chunking is off
     max_batch_tokens: int = 8192       # tokens in one forward pass
     max_num_seqs: int = 64             # requests in one forward pass
-    policy: str = "fcfs"               # "fcfs" | "lars" (see common/scheduler)
+    policy: str = "fcfs"               # fcfs | edf | lars
+    chunking: str = "fixed"            # fixed | adaptive
+    role: str = "decode"               # decode | prefill: which rule picks the iteration budget
+    tbt_slo_s: float = 0.05            # decode role: budget = the TBT SLO
+    preempt_interval_s: float = 0.2    # prefill role: budget = this / pipeline depth
+    iteration_budget_s: float | None = None   # explicit budget, overrides the role's rule
+    min_chunk: int = 32                # adaptive chunk bounds (tokens, multiples of 32)
+    max_chunk: int = 8192
+    long_threshold: int = 256 * 1024   # prompt tokens processed before a prefill counts as long
+    rho_max: float = 0.4               # cap of the budget share a long prefill yields
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
             raise ConfigError(f"scheduler: chunk_size must be positive, got {self.chunk_size}")
         if self.max_batch_tokens <= 0 or self.max_num_seqs <= 0:
             raise ConfigError("scheduler: max_batch_tokens and max_num_seqs must be positive")
+        for name, allowed in (("policy", SCHED_POLICIES), ("chunking", SCHED_CHUNKINGS),
+                              ("role", SCHED_ROLES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"scheduler: unknown {name} {getattr(self, name)!r}; "
+                                  f"choose one of {', '.join(allowed)}")
+        for name in ("tbt_slo_s", "preempt_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"scheduler: {name} must be positive, got {getattr(self, name)}")
+        if self.iteration_budget_s is not None and not self.iteration_budget_s > 0:
+            raise ConfigError(f"scheduler: iteration_budget_s must be positive (or unset), "
+                              f"got {self.iteration_budget_s}")
+        if self.min_chunk <= 0 or self.min_chunk % CHUNK_MULTIPLE or self.max_chunk % CHUNK_MULTIPLE:
+            raise ConfigError(f"scheduler: min_chunk={self.min_chunk} and max_chunk={self.max_chunk} "
+                              f"must be positive multiples of {CHUNK_MULTIPLE}")
+        if self.max_chunk < self.min_chunk:
+            raise ConfigError(f"scheduler: max_chunk={self.max_chunk} < min_chunk={self.min_chunk}")
+        if self.long_threshold <= 0:
+            raise ConfigError(f"scheduler: long_threshold must be positive, got {self.long_threshold}")
+        if not 0.0 <= self.rho_max < 1.0:
+            raise ConfigError(f"scheduler: rho_max must be in [0, 1), got {self.rho_max}")
+
+    def iteration_budget(self, pipeline_depth: int = 1) -> float:
+        """Seconds one iteration may take (the adaptive chunker's target), by the rule above."""
+        if pipeline_depth < 1:
+            raise ConfigError(f"scheduler: pipeline_depth must be >= 1, got {pipeline_depth}")
+        if self.iteration_budget_s is not None:
+            return self.iteration_budget_s
+        if self.role == "prefill":
+            return self.preempt_interval_s / pipeline_depth
+        return self.tbt_slo_s
 
 
 @dataclass(frozen=True)
