@@ -39,6 +39,10 @@ COMMAND_TIMEOUT_S = 60.0
 STALL_TIMEOUT_S = 300.0
 #: How often the thread looks at pending KV transfers / awaiting requests when it has no step to do.
 POLL_S = 0.005
+#: A grid's kv_status can say "failed" for a moment between a request's last chunk and the workers'
+#: first reports (the driver forgets the sink before they arrive); a failure is believed once it
+#: persisted this long. Real failures stay failed, so they are only reported this much later.
+FAILURE_CONFIRM_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}          # loop-side registry (touched in the loop)
         self._routes: set[str] = set()                  # thread-side: requests whose outputs we deliver
         self._watches: dict[str, tuple[concurrent.futures.Future, float]] = {}   # thread-side
+        self._failing: dict[str, float] = {}            # thread-side: watch -> first "failed" seen
         self._engine: Any = None
         self._thread: threading.Thread | None = None
         self._failure: MnemosyneError | None = None
@@ -212,6 +217,7 @@ class AsyncEngine:
         from common.engine.engine import StepOutput
         from common.scheduler.request import FinishReason
         watch = self._watches.pop(request_id, None)
+        self._failing.pop(request_id, None)
         if watch is not None and not watch[0].done():
             watch[0].set_exception(KVTransferError(f"request {request_id} was aborted"))
         found = engine.abort(request_id)
@@ -307,9 +313,14 @@ class AsyncEngine:
         now = time.monotonic()
         for rid, (fut, deadline) in list(self._watches.items()):
             state, reason = e.kv_status(rid)
-            if state == "pending" and now < deadline:
+            if state == "failed" and now < deadline:
+                if now - self._failing.setdefault(rid, now) < FAILURE_CONFIRM_S:
+                    continue
+            elif state == "pending" and now < deadline:
+                self._failing.pop(rid, None)
                 continue
             del self._watches[rid]
+            self._failing.pop(rid, None)
             if state == "done":
                 fut.set_result(None)
             else:
