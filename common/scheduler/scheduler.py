@@ -3,7 +3,16 @@
 Decodes go first (one token each), then prefill chunks. KV blocks are allocated here, so a batch that
 is scheduled always fits; when the cache is full the most recently arrived running request is
 preempted (its blocks freed, its KV recomputed later, exactly, from its tokens).
-Torch-free: tested without a model.
+
+Two ways to pick the prefill chunks, chosen by SchedulerConfig:
+  policy="fcfs", chunking="fixed" (the core): running prefills first, then waiting ones, in arrival
+      order, `chunk_size` tokens each until the batch's token budget is spent.
+  anything else (planned): the shared planner (common/scheduler/planner.py) orders the prefills by the
+      policy (LARS: slack / total predicted work, remaining work from the PrefillTable), gives each
+      the largest chunk whose predicted batch time fits the iteration budget (or the fixed size), at
+      most one long prefill per batch, and allocates KV through the same preempting path as the core.
+A chunk never crosses a KVP group boundary (`kvp_tokens`) in either mode.
+Torch-free: tested without a model. The performance model is injected (any `predict(BatchShape)`).
 """
 from __future__ import annotations
 
@@ -12,9 +21,15 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from common.config import SchedulerConfig
-from common.errors import CapacityError, InvalidRequestError
+from common.errors import CapacityError, ConfigError, InvalidRequestError
 from common.kv_cache.block_pool import BlockPool
+from common.perf_model.base import PerfModel
+from common.perf_model.prefill_table import PrefillTable
+from common.scheduler.chunking import AdaptiveChunker, Chunker, ChunkingConfig, FixedChunker
+from common.scheduler.planner import PlannerConfig, plan_prefills
+from common.scheduler.policy import make_policy
 from common.scheduler.request import FinishReason, Request, Status
+from common.scheduler.types import BatchShape, ReqView
 
 
 @dataclass(frozen=True)
@@ -29,22 +44,66 @@ class ScheduledItem:
 class SchedulerOutput:
     items: list[ScheduledItem] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    predicted_s: float | None = None     # the performance model's time for this batch (if it has one)
+    budget_s: float | None = None        # the iteration budget the chunks were sized for (planned mode)
+    forced: bool = False                 # a chunk ran over the budget so that the server never stalls
+
+    def shape(self) -> BatchShape:
+        """What the performance model sees of this batch."""
+        return batch_shape(self.items)
 
     @property
     def num_tokens(self) -> int:
         return sum(i.num_tokens for i in self.items)
 
 
+def batch_shape(items: list[ScheduledItem]) -> BatchShape:
+    """Decodes (one token after their cached context) and prefill chunks (n tokens after `start`)."""
+    prefills, decodes = [], []
+    for it in items:
+        req = it.request
+        if it.num_tokens == 1 and it.sample and req.output_ids and it.start == req.num_tokens - 1:
+            decodes.append(it.start)
+        else:
+            prefills.append((it.num_tokens, it.start))
+    return BatchShape(tuple(prefills), tuple(decodes))
+
+
 class Scheduler:
+    """`perf_model` (any object with `predict(BatchShape) -> seconds`) is required by adaptive
+    chunking and LARS; `pipeline_depth` (spp) divides the prefill role's budget."""
+
     def __init__(self, cfg: SchedulerConfig, pool: BlockPool, kvp_tokens: int | None = None,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, perf_model: PerfModel | None = None,
+                 pipeline_depth: int = 1) -> None:
         self.cfg = cfg
         self.pool = pool
         self.kvp_tokens = kvp_tokens
         self.clock = clock
+        self.perf_model = perf_model
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.planned = cfg.policy != "fcfs" or cfg.chunking != "fixed"
+        self.budget_s = cfg.iteration_budget(pipeline_depth)
+        self.table: PrefillTable | None = None
+        if self.planned:
+            self._setup_planner()
+
+    def _setup_planner(self) -> None:
+        cfg, model = self.cfg, self.perf_model
+        needs = [what for what, on in (("chunking='adaptive'", cfg.chunking == "adaptive"),
+                                       ("policy='lars'", cfg.policy == "lars")) if on]
+        if needs and model is None:
+            raise ConfigError(f"scheduler: {' and '.join(needs)} need a performance model "
+                              "(Scheduler(..., perf_model=...); the engine loads a profile or the "
+                              "analytic model)")
+        self.policy = make_policy(cfg.policy, rho_max=cfg.rho_max)
+        self.chunking = ChunkingConfig(min_chunk=cfg.min_chunk, max_chunk=cfg.max_chunk)
+        self.chunker: Chunker = (AdaptiveChunker(model.predict, self.chunking)
+                                 if cfg.chunking == "adaptive" else FixedChunker(cfg.chunk_size))
+        if model is not None:
+            self.table = PrefillTable(model, self.budget_s, 0, self.chunking, self.kvp_tokens)
 
     # ---- requests --------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -76,6 +135,12 @@ class Scheduler:
 
     # ---- one iteration ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        out = self._schedule_planned() if self.planned else self._schedule_core()
+        if self.perf_model is not None and out.items:
+            out.predicted_s = self.perf_model.predict(out.shape())
+        return out
+
+    def _schedule_core(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.cfg.max_batch_tokens
         scheduled: set[str] = set()
@@ -121,6 +186,74 @@ class Scheduler:
                 req.status = Status.RUNNING
         return out
 
+    def _schedule_planned(self) -> SchedulerOutput:
+        """Decodes first, then the planner's prefill chunks (policy order, budgeted chunk sizes)."""
+        out = SchedulerOutput()
+        cfg = self.cfg
+        now = self.clock()
+        scheduled: set[str] = set()
+        batch = BatchShape()
+
+        # 1. decodes: running ones, and waiting ones whose KV is complete (received from elsewhere)
+        for req in list(self.running) + [r for r in self.waiting if is_decode(r)]:
+            if len(out.items) >= cfg.max_num_seqs or batch.num_tokens >= cfg.max_batch_tokens:
+                break
+            if not is_decode(req) or req.request_id in scheduled:
+                continue                                   # not decoding, or preempted meanwhile
+            ctx = req.num_computed
+            if self._take(req, 1, out, scheduled):
+                batch = batch.with_decode(ctx)
+            elif req in self.running and not req.num_inflight:
+                self._preempt(req, out)
+
+        # 2. prefill chunks, planned against the budget (a tighter TBT SLO of a decode here lowers it)
+        budget = self.budget_s
+        if cfg.role == "decode":
+            slos = [it.request.tbt_slo_s for it in out.items if it.request.tbt_slo_s]
+            budget = min([budget] + slos)
+        out.budget_s = budget
+        views = [self._view(r) for r in list(self.running) + list(self.waiting)
+                 if r.request_id not in scheduled and r.unscheduled > 0 and not is_decode(r)]
+
+        def admit(view: ReqView, n: int) -> bool:
+            req = self.requests.get(view.request_id)
+            if req is None or req.request_id in out.preempted or req.next_pos != view.num_computed:
+                return False                               # preempted while this batch was planned
+            return self._take(req, n, out, scheduled)
+
+        plan = plan_prefills(batch, views, now, policy=self.policy, chunker=self.chunker,
+                             work=self.table.work if self.table is not None else _no_work,
+                             config=PlannerConfig(budget, cfg.long_threshold, cfg.max_num_seqs,
+                                                  cfg.max_batch_tokens),
+                             admit=admit)
+        out.forced = plan.forced
+        return out
+
+    def _take(self, req: Request, n: int, out: SchedulerOutput, scheduled: set[str]) -> bool:
+        """Allocates KV for tokens [next_pos, next_pos + n) (preempting others if needed) and adds
+        the item; a waiting request becomes running."""
+        start = req.next_pos
+        while not self.pool.can_allocate(req.request_id, start + n):
+            if not self._preempt_one(exclude=scheduled | {req.request_id}, out=out):
+                return False
+        self.pool.allocate(req.request_id, start + n)
+        out.items.append(ScheduledItem(req, start, n, start + n == req.num_tokens))
+        req.num_inflight += n
+        scheduled.add(req.request_id)
+        if n > 1 or not req.output_ids:
+            req.last_chunk = n
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+            self.running.append(req)
+            req.status = Status.RUNNING
+        return True
+
+    def _view(self, req: Request) -> ReqView:
+        """The request as the policy and chunker see it: its known tokens (prompt, plus generated ones
+        when it recomputes after a preemption) are the prompt, `next_pos` of them are done."""
+        return ReqView(req.request_id, req.arrival_s, req.num_tokens, req.next_pos, len(req.output_ids),
+                       req.ttft_deadline_s, req.tbt_slo_s, req.last_chunk, self.kvp_tokens)
+
     def chunk_for(self, req: Request, budget: int) -> int:
         n = min(req.unscheduled, self.cfg.chunk_size, budget)
         if self.kvp_tokens:                       # a chunk never crosses a KVP group boundary
@@ -159,7 +292,17 @@ class Scheduler:
         self.running.remove(req)
         self.pool.free(req.request_id)
         req.num_computed = 0
+        req.last_chunk = 0
         req.num_preemptions += 1
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         out.preempted.append(req.request_id)
+
+
+def is_decode(req: Request) -> bool:
+    """Its whole known sequence but the newest token is cached and nothing is in flight."""
+    return bool(req.output_ids) and req.unscheduled == 1 and not req.num_inflight
+
+
+def _no_work(view: ReqView) -> tuple[float, float]:
+    return 0.0, 0.0
