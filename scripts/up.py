@@ -126,6 +126,18 @@ class Cluster:
             raise
         return self
 
+    def restart(self, name: str) -> Service:
+        """Starts service `name` again (after it died or was killed), with the same arguments."""
+        old = self.services[name]
+        if old.proc.poll() is None:
+            raise RuntimeError(f"{name} (pid {old.pid}) is still running")
+        args = {"kvstore": self._kvstore_args, "router": self._router_args}.get(
+            name, lambda: self._engine_args(name))()
+        old.log_path.rename(old.log_path.with_suffix(f".{old.pid}.log"))
+        svc = self._spawn(name, args)
+        self._wait(svc)
+        return svc
+
     def _kvstore_args(self) -> list[str]:
         c = self.config
         return ["--host", c.host, "--port", "0", "--redis-url", self.redis_url, "--deployment", c.deployment,
