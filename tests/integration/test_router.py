@@ -1,0 +1,278 @@
+"""The router against real services in this process: kvstore (real Redis), one prefill and one
+decode instance (single-process engines on their own threads), real gRPC on loopback.
+
+Routing by prompt length, discovery from the kvstore's heartbeats, text prompts with the chat
+template and exact text deltas, logprobs on request, the Abort RPC, client cancellation reaching
+every instance, duplicate ids, the instances' own input checks, falling back to the short path
+when no prefill instance is alive.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.client import RouterClient
+from common.config import CacheConfig, EngineConfig, SchedulerConfig
+from common.engine.engine import LLMEngine
+from common.model.tokenizer import load_tokenizer
+from common.rpc import client as rpc_client
+from common.rpc.protos import (common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc,
+                               router_pb2, router_pb2_grpc)
+from common.sampling_params import SamplingParams
+from services.decode.config import DecodeConfig
+from services.decode.service import DecodeService
+from services.kvstore.config import KVStoreConfig
+from services.kvstore.service import KVStoreService
+from services.prefill.config import PrefillConfig
+from services.prefill.service import PrefillService
+from services.router.config import RouterConfig
+from services.router.service import RouterService
+from tests.fixtures.hf_models import write_random_hf_model
+
+pytestmark = pytest.mark.timeout(120)
+SHORT = 32
+LONG_RUN = 900              # tokens: a request that is still running when we abort or cancel it
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return [(5 * i + 17 * seed + 1) % 300 + 10 for i in range(n)]
+
+
+class Loop:
+    """An asyncio loop in a background thread, so blocking tests can drive the async services."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout_s: float = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def engine_config(model: str) -> EngineConfig:
+    return EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=128),
+                        scheduler=SchedulerConfig(chunk_size=32))
+
+
+class Stack:
+    def __init__(self, model: str, redis_url: str) -> None:
+        self.model = model
+        self.loop = Loop()
+        self.kv = self.loop.run(KVStoreService.start(KVStoreConfig(
+            port=0, redis_url=redis_url, deployment=f"router-{uuid.uuid4().hex[:8]}", lease_s=5.0,
+            reap_interval_s=0.1, grace_s=0.5)))
+        self.decode = self.loop.run(DecodeService.start(DecodeConfig(kvstore=self.kv.address,
+                                                                     engine=engine_config(model), grace_s=0.5)))
+        self.prefill = self.start_prefill()
+        self.router = self.loop.run(RouterService.start(RouterConfig(
+            kvstore=self.kv.address, port=0, model=model, short_prompt_tokens=SHORT, discovery_ttl_s=0.1,
+            grace_s=0.5)))
+
+    def start_prefill(self) -> PrefillService:
+        return self.loop.run(PrefillService.start(PrefillConfig(kvstore=self.kv.address,
+                                                                engine=engine_config(self.model), grace_s=0.5)))
+
+    def close(self) -> None:
+        for svc in (self.router, self.prefill, self.decode, self.kv):
+            self.loop.run(svc.stop())
+        self.loop.close()
+
+    def client(self) -> RouterClient:
+        return RouterClient(self.router.address, timeout_s=60)
+
+    def engines_idle(self) -> bool:
+        """No request and every block free on both instances (read from their engine threads)."""
+        d, p = self.decode.instance.engine.stats, self.prefill.instance.engine.stats
+        return (d.running == d.waiting == p.running == p.waiting == 0 and d.free_blocks == d.total_blocks
+                and p.free_blocks == p.total_blocks)
+
+    def placements(self) -> int:
+        return self.kv.store.num_placements()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(write_random_hf_model(tmp_path_factory.mktemp("router-model"), "llama", num_hidden_layers=2,
+                                     max_position_embeddings=1024, seed=3))
+
+
+@pytest.fixture(scope="module")
+def stack(model, redis_url):
+    s = Stack(model, redis_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def offline(model):
+    engine = LLMEngine(engine_config(model), extra_eos_ids=load_tokenizer(model).eos_token_ids)
+    return lambda ids, n=12: engine.generate([ids], SamplingParams(max_tokens=n))[0]
+
+
+def wait_until(cond, timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not reached within {timeout_s} s")
+
+
+def test_model_info_and_health(stack, model):
+    with rpc_client.blocking_channel(stack.router.address) as ch:
+        info = router_pb2_grpc.RouterStub(ch).ModelInfo(router_pb2.ModelInfoRequest())
+    assert info.name == model.rsplit("/", 1)[-1] and info.vocab_size == 320 and info.max_model_len == 1024
+    assert {1, 3} <= set(info.eos_token_ids) and info.bos_token_id == 0
+    for svc in (stack.router, stack.decode, stack.prefill):
+        with rpc_client.blocking_channel(svc.address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_discovery_sees_the_heartbeating_instances(stack):
+    live = stack.loop.run(stack.router.router.discovery.instances())
+    by_role = {i.role: i for i in live}
+    assert by_role["decode"].address == stack.decode.address
+    assert by_role["decode"].capacity == (128,) and by_role["decode"].block_size == 16
+    assert by_role["prefill"].address == stack.prefill.address
+
+
+@pytest.mark.parametrize("n, route", [(SHORT - 1, "decode_only"), (SHORT, "disaggregated"),
+                                      (200, "disaggregated")])
+def test_routes_by_prompt_length_and_matches_offline(stack, offline, n, route):
+    ids = prompt(n, n)
+    with stack.client() as c:
+        out = c.complete(token_ids=ids, max_tokens=12)
+    assert out.route == route and out.prompt_tokens == n
+    ref = offline(ids)
+    assert out.token_ids == ref.token_ids and out.finish_reason == ref.finish_reason
+    assert max(abs(a - b) for a, b in zip(out.logprobs, ref.logprobs)) < 1e-4
+    wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what="everything released")
+
+
+def test_chat_text_prompt_gives_exact_text_deltas(stack, model, offline):
+    tok = load_tokenizer(model)
+    text = "What is the capital of France? Grüße aus München 🙂"
+    deltas: list[str] = []
+    with stack.client() as c:
+        out = c.complete(text=text, chat=True, max_tokens=20, logprobs=False, on_text=deltas.append)
+    ids = tok.apply_chat_template([{"role": "user", "content": text}])
+    assert out.prompt_tokens == len(ids) and out.route == "disaggregated"
+    assert out.token_ids == offline(ids, 20).token_ids
+    assert out.text == "".join(deltas) == tok.decode(out.token_ids, skip_special_tokens=True)
+    assert out.logprobs == []                                     # not asked for
+
+
+def _running_request(stack, rid: str, ids: list[int]):
+    """A Generate call that is past its first tokens; returns (channel, call, events so far)."""
+    ch = rpc_client.blocking_channel(stack.router.address)
+    call = router_pb2_grpc.RouterStub(ch).Generate(
+        RouterClient.request(token_ids=ids, max_tokens=LONG_RUN, request_id=rid), timeout=60)
+    seen = []
+    for ev in call:
+        seen.append(ev)
+        if sum(len(e.delta.token_ids) for e in seen if e.HasField("delta")) >= 2:
+            return ch, call, seen
+    raise AssertionError("the request ended too early")
+
+
+def test_abort_rpc_finishes_the_stream_as_aborted_and_frees(stack, offline):
+    ids = prompt(100, 7)
+    assert len(offline(ids, LONG_RUN).token_ids) == LONG_RUN        # no early EOS
+    ch, call, _ = _running_request(stack, "to-abort", ids)
+    try:
+        with rpc_client.blocking_channel(stack.router.address) as ch2:
+            stub = router_pb2_grpc.RouterStub(ch2)
+            assert stub.Abort(common_pb2.AbortRequest(request_id="to-abort")).found
+            assert not stub.Abort(common_pb2.AbortRequest(request_id="never-was")).found
+        rest = list(call)
+    finally:
+        ch.close()
+    assert rest[-1].finished.finish_reason == common_pb2.FINISH_REASON_ABORTED
+    assert sum(len(e.delta.token_ids) for e in rest if e.HasField("delta")) < LONG_RUN
+    wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what="everything released")
+
+
+def test_client_cancel_reaches_every_instance(stack, offline):
+    ids = prompt(300, 8)
+    assert len(offline(ids, LONG_RUN - 300).token_ids) == LONG_RUN - 300
+    for when in ("prefill", "decode"):                  # just after Started, and while decoding
+        ch = rpc_client.blocking_channel(stack.router.address)
+        try:
+            call = router_pb2_grpc.RouterStub(ch).Generate(
+                RouterClient.request(token_ids=ids, max_tokens=LONG_RUN - 300), timeout=60)
+            for ev in call:
+                if when == "prefill" and ev.HasField("started"):
+                    break
+                if when == "decode" and ev.HasField("delta"):
+                    break
+            call.cancel()
+        finally:
+            ch.close()
+        wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what=f"released after a {when} cancel")
+
+
+def test_duplicate_running_request_id_is_refused(stack):
+    ch, call, _ = _running_request(stack, "dup", prompt(40, 9))
+    try:
+        with rpc_client.blocking_channel(stack.router.address) as ch2:
+            with pytest.raises(grpc.RpcError) as info:
+                list(router_pb2_grpc.RouterStub(ch2).Generate(
+                    RouterClient.request(token_ids=prompt(10), request_id="dup"), timeout=30))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "already" in info.value.details()
+        call.cancel()
+    finally:
+        ch.close()
+    wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what="everything released")
+
+
+def test_instances_check_their_own_input(stack):
+    with rpc_client.blocking_channel(stack.decode.address) as ch:
+        stub = decode_pb2_grpc.DecodeStub(ch)
+        cases = [
+            lambda: list(stub.Decode(decode_pb2.DecodeRequest(request_id="x"), timeout=10)),
+            lambda: list(stub.Decode(decode_pb2.DecodeRequest(request_id="x", prompt_token_ids=[1, 2],
+                                                              first_token_id=5), timeout=10)),
+            lambda: stub.PrepareReceive(decode_pb2.PrepareReceiveRequest(request_id="x")),
+            lambda: stub.PrepareReceive(decode_pb2.PrepareReceiveRequest(
+                request_id="x", placement=common_pb2.Placement(request_id="x", instance_id="someone-else",
+                                                               num_tokens=10)), timeout=10),
+        ]
+        for case, needle in zip(cases, ["prompt is empty", "was not prepared", "needs the request's placement",
+                                        "names decode instance someone-else"]):
+            with pytest.raises(grpc.RpcError) as info:
+                case()
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert needle in info.value.details()
+    with rpc_client.blocking_channel(stack.prefill.address) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            list(prefill_pb2_grpc.PrefillStub(ch).Prefill(prefill_pb2.PrefillRequest(
+                request_id="x", token_ids=[1, 2, 3]), timeout=10))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "needs a KV destination" in info.value.details()
+    assert stack.engines_idle()
+
+
+def test_without_a_live_prefill_instance_long_prompts_take_the_short_path(stack, offline):
+    stack.loop.run(stack.prefill.stop())                 # deregisters: gone once the router's list expires
+    time.sleep(0.3)                                      # discovery_ttl_s = 0.1
+    try:
+        ids = prompt(120, 4)
+        with stack.client() as c:
+            out = c.complete(token_ids=ids, max_tokens=12)
+        assert out.route == "decode_only" and out.token_ids == offline(ids).token_ids
+    finally:
+        stack.prefill = stack.start_prefill()
