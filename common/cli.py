@@ -163,7 +163,10 @@ def build_parser() -> ArgumentParser:
     # Multi-worker layouts (--tp --spp --kvp --kvp-tokens) and remote serving (--server ADDR) add
     # their flags to these groups; run_generate reads them through getattr(args, ..., default).
     add_parallel_args(gen)
-    gen.add_argument_group("serving", "send the request to a running Mnemosyne router instead")
+    serving = gen.add_argument_group("serving", "send the request to a running Mnemosyne router instead")
+    serving.add_argument("--server", metavar="HOST:PORT", default=None,
+                         help="a Mnemosyne router (e.g. 127.0.0.1:50051, started by `make up`); the model, "
+                              "scheduling and parallel flags are then the server's business")
     out = gen.add_argument_group("output")
     out.add_argument("--json", action="store_true",
                      help='print one JSON object {"token_ids", "text", "logprobs", "ttft_s", "tbt_s"}')
@@ -320,6 +323,8 @@ def timing_line(prompt_len: int, g: Generation) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     check_args(args)
     params = sampling_from_args(args)
+    if getattr(args, "server", None):
+        return run_remote(args, params)
     text = read_prompt_text(args)
     token_file = args.prompt_tokens
     prompt_ids = read_prompt_tokens(token_file) if token_file is not None else None
@@ -359,6 +364,33 @@ def run_generate(args: argparse.Namespace) -> int:
             print(" ".join(map(str, g.token_ids)))
         sys.stdout.flush()
         print(timing_line(len(prompt_ids), g), file=sys.stderr)
+    return 0
+
+
+def run_remote(args: argparse.Namespace, params: SamplingParams) -> int:
+    """`generate --server ADDR`: the same request and output, served by a router (common/client.py)."""
+    from common.client import RouterClient
+    if params.ignore_eos:
+        raise InvalidRequestError("--ignore-eos is not supported with --server (the API has no such option)")
+    text = read_prompt_text(args)
+    token_ids = read_prompt_tokens(args.prompt_tokens) if args.prompt_tokens is not None else None
+
+    def show(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    with RouterClient(args.server) as client:
+        c = client.complete(on_text=None if args.json else show, text=text, token_ids=token_ids, chat=args.chat,
+                            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                            top_k=params.top_k, seed=params.seed, logprobs=True)
+    if args.json:
+        print(json.dumps({"token_ids": c.token_ids, "text": c.text, "logprobs": c.logprobs,
+                          "ttft_s": c.ttft_s, "tbt_s": c.tbt_s}))
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        g = Generation(c.token_ids, c.logprobs, c.ttft_s, c.tbt_s, c.finish_reason)
+        print(timing_line(c.prompt_tokens, g) + f" [{c.route} via {args.server}]", file=sys.stderr)
     return 0
 
 
