@@ -30,6 +30,7 @@ at the time of writing: tests/gpu/test_cuda_attention.py and bench/gpu_probe.py 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -151,7 +152,12 @@ def _kernels():
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 when triton was imported)."""
-    return triton is not None and bool(triton.knobs.runtime.interpret)
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)            # triton >= 3.4; older ones read the variable
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def default_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.device) -> int:
