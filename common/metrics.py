@@ -1,0 +1,596 @@
+"""Every Mnemosyne metric, defined once, and the few calls the services make to record them.
+
+One `CollectorRegistry` per process, created by `new_registry()` and passed explicitly; `Metrics`
+registers every family below on it and binds the process's identity labels, so a service records a
+value in one call:
+
+    registry = new_registry()
+    metrics = Metrics(registry, role="decode", pool=config.deployment, instance=instance_id)
+    server = serve_metrics(config.metrics_port, registry, host=config.host)   # server.port, .close()
+    metrics.observe_iteration(0.031, num_seqs=12, chunk_tokens=(256,), generated_tokens=11)
+
+Identity labels on every family: `pool` (the deployment: router, pools and kvstore of one model share
+it), `role` (router | prefill | decode | kvstore), `instance` (the instance id). Scrape with
+`honor_labels: true` so Prometheus keeps the service's `instance` (deploy/prometheus/).
+
+| family                                         | type      | extra labels              | recorded by |
+|------------------------------------------------|-----------|---------------------------|-------------|
+| mnemosyne_time_to_first_token_seconds          | histogram | prompt_class              | router (RequestRecorder / observe_request_done) |
+| mnemosyne_time_between_tokens_seconds          | histogram |                           | router, per streamed token after the first |
+| mnemosyne_request_latency_seconds              | histogram | prompt_class              | router, arrival to last token |
+| mnemosyne_queue_time_seconds                   | histogram |                           | router (admission queue), prefill/decode (waiting to first chunk) |
+| mnemosyne_requests_finished_total              | counter   | finish_reason             | router |
+| mnemosyne_slo_requests_total                   | counter   | slo, result               | router: ttft/tbt met or missed, per admitted request |
+| mnemosyne_slo_target_seconds                   | gauge     | slo, prompt_class         | router, from its SLO config (dashboard lines) |
+| mnemosyne_slo_objective_ratio                  | gauge     | slo                       | router, the objective (e.g. 0.99) for error budgets |
+| mnemosyne_admission_decisions_total            | counter   | outcome, reason           | router (common/admission.py decisions) |
+| mnemosyne_admission_queued_requests            | gauge     |                           | router, admission queue length |
+| mnemosyne_active_requests                      | gauge     |                           | every service: requests in flight here |
+| mnemosyne_rpc_errors_total                     | counter   | method, code              | every gRPC server (MetricsInterceptor) |
+| mnemosyne_tokens_total                         | counter   | kind (prompt, generated)  | prefill/decode engines, tokens computed |
+| mnemosyne_prefill_chunk_tokens                 | histogram |                           | prefill/decode engines, per prefill chunk |
+| mnemosyne_iteration_seconds                    | histogram |                           | prefill/decode engines, per engine step |
+| mnemosyne_batch_size                           | histogram |                           | prefill/decode engines, sequences per step |
+| mnemosyne_scheduler_queued_prefill_tokens      | gauge     |                           | prefill/decode: prompt tokens not yet prefilled |
+| mnemosyne_scheduler_running_decodes            | gauge     |                           | decode: requests in the decode phase |
+| mnemosyne_scheduler_waiting_requests           | gauge     |                           | prefill/decode: requests not yet scheduled |
+| mnemosyne_kv_blocks_used / _free               | gauge     | group, tp_rank            | prefill/decode workers (group: KVP group, or SPP stage on prefill) |
+| mnemosyne_kv_block_size_tokens                 | gauge     |                           | prefill/decode (admission turns tokens into blocks) |
+| mnemosyne_kvp_group_tokens                     | gauge     |                           | decode: M, tokens per KVP group (0 = one group) |
+| mnemosyne_kv_transfer_bytes_total              | counter   | backend, direction        | prefill (send) / decode (recv) |
+| mnemosyne_kv_transfer_seconds                  | histogram | backend, direction        | prefill / decode, per transfer |
+| mnemosyne_kv_transfer_failures_total           | counter   | backend, direction        | prefill / decode |
+| mnemosyne_kvstore_lease_expiries_total         | counter   |                           | kvstore (deployment-wide count from Redis: aggregate with max) |
+| mnemosyne_kvstore_reservations_total           | counter   | outcome                   | kvstore Reserve |
+| mnemosyne_kvstore_placements                   | gauge     |                           | kvstore: live placements |
+| mnemosyne_kvstore_live_instances               | gauge     | member_role               | kvstore: instances with a live heartbeat |
+
+Plus the standard process_* collector. Buckets: TTFT 10 ms .. 10 min, TBT 1 ms .. 2 s (see below).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import start_http_server
+
+from common.errors import CapacityError, ConfigError, InvalidRequestError, PlacementError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "mnemosyne_"
+IDENTITY = ("pool", "role", "instance")
+ROLES = ("router", "prefill", "decode", "kvstore")
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+                300.0, 600.0)
+TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+               1.0, 2.0)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                   1200.0, 1800.0, 3600.0)
+QUEUE_BUCKETS = (0.001, 0.005) + TTFT_BUCKETS
+ITERATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+CHUNK_BUCKETS = tuple(float(2 ** k) for k in range(4, 21))           # 16 .. 1Mi tokens
+BATCH_BUCKETS = tuple(float(2 ** k) for k in range(0, 10))           # 1 .. 512 sequences
+TRANSFER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+SLOS = ("ttft", "tbt")
+SLO_RESULTS = ("met", "missed")
+FINISH_REASONS = ("stop", "length", "abort", "error")
+TOKEN_KINDS = ("prompt", "generated")
+DIRECTIONS = ("send", "recv")
+ADMISSION_OUTCOMES = ("admitted", "queued", "rejected")
+RESERVATION_OUTCOMES = ("reserved", "no_capacity", "invalid", "unknown_instance", "error")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One metric family: its name (full, with unit and _total), type, extra labels, buckets, and
+    the roles that record it (their children of enumerable labels are created at 0 up front, so
+    rates and ratios exist before the first event)."""
+    name: str
+    kind: str                                   # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+    recorded_by: tuple[str, ...] = ROLES
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("mnemosyne_time_to_first_token_seconds", "histogram",
+         "Time from the router receiving a request to its first token leaving the router.",
+         ("prompt_class",), TTFT_BUCKETS, ("router",)),
+    Spec("mnemosyne_time_between_tokens_seconds", "histogram",
+         "Gap between consecutive streamed tokens of a request (one observation per token).",
+         (), TBT_BUCKETS, ("router",)),
+    Spec("mnemosyne_request_latency_seconds", "histogram",
+         "End-to-end request latency: arrival to the final message.",
+         ("prompt_class",), LATENCY_BUCKETS, ("router",)),
+    Spec("mnemosyne_queue_time_seconds", "histogram",
+         "Time a request waited before service: router admission queue, or an engine's waiting "
+         "queue before its first scheduled chunk.", (), QUEUE_BUCKETS),
+    Spec("mnemosyne_requests_finished_total", "counter",
+         "Requests that ended, by finish reason (stop, length, abort, error).",
+         ("finish_reason",), (), ("router",)),
+    Spec("mnemosyne_slo_requests_total", "counter",
+         "Admitted requests judged against their own SLO: ttft (first token by the deadline) and "
+         "tbt (mean time between tokens within the SLO).", ("slo", "result"), (), ("router",)),
+    Spec("mnemosyne_slo_target_seconds", "gauge",
+         "Default SLO targets from the router's configuration (per prompt class for ttft).",
+         ("slo", "prompt_class"), (), ("router",)),
+    Spec("mnemosyne_slo_objective_ratio", "gauge",
+         "Fraction of requests that must meet the SLO (the error budget is 1 - this).",
+         ("slo",), (), ("router",)),
+    Spec("mnemosyne_admission_decisions_total", "counter",
+         "Admission decisions by outcome (admitted, queued, rejected) and reason.",
+         ("outcome", "reason"), (), ("router",)),
+    Spec("mnemosyne_admission_queued_requests", "gauge",
+         "Requests waiting in the router's admission queue.", (), (), ("router",)),
+    Spec("mnemosyne_active_requests", "gauge", "Requests in flight in this process."),
+    Spec("mnemosyne_rpc_errors_total", "counter",
+         "gRPC calls served by this process that ended with a non-OK status.", ("method", "code")),
+    Spec("mnemosyne_tokens_total", "counter",
+         "Tokens computed by the engine: prompt (prefilled, recomputation included) and generated.",
+         ("kind",), (), ("prefill", "decode")),
+    Spec("mnemosyne_prefill_chunk_tokens", "histogram", "Tokens in each scheduled prefill chunk.",
+         (), CHUNK_BUCKETS, ("prefill", "decode")),
+    Spec("mnemosyne_iteration_seconds", "histogram", "Wall time of one engine iteration (step).",
+         (), ITERATION_BUCKETS, ("prefill", "decode")),
+    Spec("mnemosyne_batch_size", "histogram", "Sequences in one engine iteration.",
+         (), BATCH_BUCKETS, ("prefill", "decode")),
+    Spec("mnemosyne_scheduler_queued_prefill_tokens", "gauge",
+         "Prompt tokens admitted to this instance and not yet prefilled.", (), (), ("prefill", "decode")),
+    Spec("mnemosyne_scheduler_running_decodes", "gauge",
+         "Requests in the decode phase on this instance.", (), (), ("prefill", "decode")),
+    Spec("mnemosyne_scheduler_waiting_requests", "gauge",
+         "Requests on this instance not scheduled yet.", (), (), ("prefill", "decode")),
+    Spec("mnemosyne_kv_blocks_used", "gauge", "KV cache blocks in use, per worker.",
+         ("group", "tp_rank"), (), ("prefill", "decode")),
+    Spec("mnemosyne_kv_blocks_free", "gauge", "KV cache blocks free, per worker.",
+         ("group", "tp_rank"), (), ("prefill", "decode")),
+    Spec("mnemosyne_kv_block_size_tokens", "gauge", "Tokens per KV cache block.",
+         (), (), ("prefill", "decode")),
+    Spec("mnemosyne_kvp_group_tokens", "gauge",
+         "Tokens one KVP group holds (M); 0 when one group holds any length.", (), (), ("decode",)),
+    Spec("mnemosyne_kv_transfer_bytes_total", "counter", "KV bytes transferred between instances.",
+         ("backend", "direction"), (), ("prefill", "decode")),
+    Spec("mnemosyne_kv_transfer_seconds", "histogram", "Duration of one KV transfer.",
+         ("backend", "direction"), TRANSFER_BUCKETS, ("prefill", "decode")),
+    Spec("mnemosyne_kv_transfer_failures_total", "counter", "KV transfers that failed or timed out.",
+         ("backend", "direction"), (), ("prefill", "decode")),
+    Spec("mnemosyne_kvstore_lease_expiries_total", "counter",
+         "Placement leases that expired (deployment-wide count kept in Redis).", (), (), ("kvstore",)),
+    Spec("mnemosyne_kvstore_reservations_total", "counter", "Reserve calls by outcome.",
+         ("outcome",), (), ("kvstore",)),
+    Spec("mnemosyne_kvstore_placements", "gauge", "Live placements (not released, not reaped).",
+         (), (), ("kvstore",)),
+    Spec("mnemosyne_kvstore_live_instances", "gauge", "Registered instances with a live heartbeat.",
+         ("member_role",), (), ("kvstore",)),
+)
+
+SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+# Label values known in advance: children created at 0 for the roles that record the family.
+_KNOWN_VALUES: dict[str, tuple[str, ...]] = {
+    "slo": SLOS, "result": SLO_RESULTS, "finish_reason": FINISH_REASONS, "kind": TOKEN_KINDS,
+    "outcome": RESERVATION_OUTCOMES, "member_role": ("prefill", "decode"),
+}
+_PREINIT = {"mnemosyne_slo_requests_total", "mnemosyne_requests_finished_total",
+            "mnemosyne_tokens_total", "mnemosyne_kvstore_reservations_total",
+            "mnemosyne_kvstore_live_instances", "mnemosyne_time_to_first_token_seconds",
+            "mnemosyne_request_latency_seconds", "mnemosyne_active_requests",
+            "mnemosyne_admission_queued_requests", "mnemosyne_scheduler_queued_prefill_tokens",
+            "mnemosyne_scheduler_running_decodes", "mnemosyne_scheduler_waiting_requests",
+            "mnemosyne_kvstore_lease_expiries_total", "mnemosyne_kvstore_placements"}
+
+
+def exposed_names(spec: Spec) -> tuple[str, ...]:
+    """The sample names a family shows in the exposition (and so in PromQL)."""
+    if spec.kind == "histogram":
+        return tuple(spec.name + s for s in ("_bucket", "_sum", "_count"))
+    return (spec.name,)
+
+
+@dataclass(frozen=True)
+class PromptClasses:
+    """Prompt-length classes (the `prompt_class` label; TTFT SLOs are per class): a prompt of n
+    tokens is in the first class whose upper bound exceeds n; the last bound is infinite."""
+    bounds: tuple[tuple[str, float], ...] = (("short", 8192), ("medium", 131072),
+                                             ("long", 1048576), ("xlong", math.inf))
+
+    def __post_init__(self) -> None:
+        uppers = [b for _, b in self.bounds]
+        if not self.bounds or uppers != sorted(uppers) or uppers[-1] != math.inf:
+            raise ConfigError(f"prompt classes must have increasing bounds ending with inf, "
+                              f"got {self.bounds}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.bounds)
+
+    def of(self, prompt_tokens: int) -> str:
+        return next(n for n, b in self.bounds if prompt_tokens < b)
+
+
+DEFAULT_PROMPT_CLASSES = PromptClasses()
+
+
+def new_registry(process_collector: bool = True) -> CollectorRegistry:
+    """A fresh per-process registry (with the process_* collector unless disabled)."""
+    registry = CollectorRegistry(auto_describe=True)
+    if process_collector:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """What the router knows when a request ends (seconds on one clock; None = did not happen).
+
+    ttft_slo_s / tbt_slo_s: the SLO this request was admitted under (its own or the default);
+    None = not judged. token_times: when each token left the router (for TBT); may be omitted when
+    the gaps were already observed live (RequestRecorder)."""
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    latency_s: float
+    ttft_s: float | None = None
+    queue_s: float | None = None
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
+    mean_tbt_s: float | None = None
+    token_gaps_s: tuple[float, ...] = ()
+
+
+class Metrics:
+    """All families on one registry, with this process's identity labels bound. Thread-safe (the
+    prometheus-client primitives are). Attribute `family[name]` gives the raw family."""
+
+    def __init__(self, registry: CollectorRegistry, *, role: str, pool: str = "default",
+                 instance: str = "", prompt_classes: PromptClasses = DEFAULT_PROMPT_CLASSES) -> None:
+        if role not in ROLES:
+            raise ConfigError(f"metrics: role must be one of {ROLES}, got {role!r}")
+        if not pool:
+            raise ConfigError("metrics: pool must not be empty")
+        self.registry = registry
+        self.identity = {"pool": pool, "role": role, "instance": instance or role}
+        self.prompt_classes = prompt_classes
+        self.family: dict[str, Any] = {}
+        for spec in SPECS:
+            self.family[spec.name] = _make(spec, registry)
+        for spec in SPECS:
+            if spec.name in _PREINIT and role in spec.recorded_by:
+                for values in self._known_combinations(spec):
+                    self._child(spec.name, **values)
+
+    def _known_combinations(self, spec: Spec) -> list[dict[str, str]]:
+        combos: list[dict[str, str]] = [{}]
+        for label in spec.labels:
+            values = self.prompt_classes.names if label == "prompt_class" else _KNOWN_VALUES[label]
+            combos = [{**c, label: v} for c in combos for v in values]
+        return combos
+
+    def _child(self, name: str, **labels: str) -> Any:
+        return self.family[name].labels(**self.identity, **labels)
+
+    # ---- every service ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def track_active(self) -> Iterator[None]:
+        """`with metrics.track_active(): ...` counts a request in flight for the block."""
+        g = self._child("mnemosyne_active_requests")
+        g.inc()
+        try:
+            yield
+        finally:
+            g.dec()
+
+    def observe_rpc_error(self, method: str, code: grpc.StatusCode | str) -> None:
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        self._child("mnemosyne_rpc_errors_total", method=method, code=name).inc()
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self._child("mnemosyne_queue_time_seconds").observe(max(seconds, 0.0))
+
+    # ---- router: requests, SLOs, admission -------------------------------------------------
+
+    def request(self, prompt_tokens: int, *, ttft_slo_s: float | None = None,
+                tbt_slo_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                arrival_s: float | None = None) -> "RequestRecorder":
+        """A recorder for one request from its arrival (see RequestRecorder)."""
+        return RequestRecorder(self, prompt_tokens, ttft_slo_s, tbt_slo_s, clock, arrival_s)
+
+    def observe_first_token(self, ttft_s: float, prompt_tokens: int) -> None:
+        self._child("mnemosyne_time_to_first_token_seconds",
+                    prompt_class=self.prompt_classes.of(prompt_tokens)).observe(ttft_s)
+
+    def observe_token_gap(self, seconds: float) -> None:
+        self._child("mnemosyne_time_between_tokens_seconds").observe(seconds)
+
+    def observe_request_done(self, t: RequestTiming, *, live: bool = False) -> None:
+        """Records a finished request in one call: latency, finish reason, SLO results, and (unless
+        `live`, i.e. a RequestRecorder already observed them as they happened) TTFT, token gaps and
+        queue time. SLO rules: ttft met iff a first token came within ttft_slo_s; a request that
+        failed before its first token missed it; a client abort before the first token is not
+        judged. tbt met iff the mean gap (mean_tbt_s, else the mean of token_gaps_s) is within
+        tbt_slo_s; judged only with >= 2 tokens."""
+        cls = self.prompt_classes.of(t.prompt_tokens)
+        if not live:
+            if t.ttft_s is not None:
+                self.observe_first_token(t.ttft_s, t.prompt_tokens)
+            for gap in t.token_gaps_s:
+                self.observe_token_gap(gap)
+            if t.queue_s is not None:
+                self.observe_queue_time(t.queue_s)
+        self._child("mnemosyne_request_latency_seconds", prompt_class=cls).observe(t.latency_s)
+        reason = t.finish_reason if t.finish_reason in FINISH_REASONS else "error"
+        self._child("mnemosyne_requests_finished_total", finish_reason=reason).inc()
+        if t.ttft_slo_s is not None:
+            if t.ttft_s is not None:
+                self._slo("ttft", t.ttft_s <= t.ttft_slo_s)
+            elif reason != "abort":
+                self._slo("ttft", False)
+        mean_tbt = t.mean_tbt_s
+        if mean_tbt is None and t.token_gaps_s:
+            mean_tbt = sum(t.token_gaps_s) / len(t.token_gaps_s)
+        if t.tbt_slo_s is not None and t.generated_tokens >= 2 and mean_tbt is not None:
+            self._slo("tbt", mean_tbt <= t.tbt_slo_s)
+
+    def _slo(self, slo: str, met: bool) -> None:
+        self._child("mnemosyne_slo_requests_total", slo=slo,
+                    result="met" if met else "missed").inc()
+
+    def set_slo_targets(self, ttft_s: Mapping[str, float], tbt_s: float,
+                        objective: float | Mapping[str, float]) -> None:
+        """Publishes the configured default SLOs: ttft per prompt class, tbt, and the objective."""
+        for cls, seconds in ttft_s.items():
+            self._child("mnemosyne_slo_target_seconds", slo="ttft", prompt_class=cls).set(seconds)
+        self._child("mnemosyne_slo_target_seconds", slo="tbt", prompt_class="all").set(tbt_s)
+        for slo in SLOS:
+            obj = objective if isinstance(objective, (int, float)) else objective[slo]
+            self._child("mnemosyne_slo_objective_ratio", slo=slo).set(obj)
+
+    def observe_admission(self, outcome: str, reason: str) -> None:
+        if outcome not in ADMISSION_OUTCOMES:
+            raise ValueError(f"admission outcome must be one of {ADMISSION_OUTCOMES}, got {outcome!r}")
+        self._child("mnemosyne_admission_decisions_total", outcome=outcome, reason=reason).inc()
+
+    def set_admission_queue(self, length: int) -> None:
+        self._child("mnemosyne_admission_queued_requests").set(length)
+
+    # ---- engines (prefill / decode) --------------------------------------------------------
+
+    def observe_iteration(self, seconds: float, num_seqs: int, *, chunk_tokens: Iterable[int] = (),
+                          generated_tokens: int = 0) -> None:
+        """One engine step: its time, batch size, each prefill chunk, and the tokens it computed
+        (prompt = the chunks' tokens, generated = tokens sampled for decoding sequences)."""
+        self._child("mnemosyne_iteration_seconds").observe(seconds)
+        self._child("mnemosyne_batch_size").observe(num_seqs)
+        chunks = self._child("mnemosyne_prefill_chunk_tokens")
+        prompt = 0
+        for n in chunk_tokens:
+            chunks.observe(n)
+            prompt += n
+        if prompt:
+            self._child("mnemosyne_tokens_total", kind="prompt").inc(prompt)
+        if generated_tokens:
+            self._child("mnemosyne_tokens_total", kind="generated").inc(generated_tokens)
+
+    def set_scheduler_load(self, *, queued_prefill_tokens: int, running_decodes: int,
+                           waiting_requests: int) -> None:
+        """The load the router's admission reads (call after every step, or on change)."""
+        self._child("mnemosyne_scheduler_queued_prefill_tokens").set(queued_prefill_tokens)
+        self._child("mnemosyne_scheduler_running_decodes").set(running_decodes)
+        self._child("mnemosyne_scheduler_waiting_requests").set(waiting_requests)
+
+    def set_kv_blocks(self, group: int, tp_rank: int, *, used: int, free: int) -> None:
+        labels = {"group": str(group), "tp_rank": str(tp_rank)}
+        self._child("mnemosyne_kv_blocks_used", **labels).set(used)
+        self._child("mnemosyne_kv_blocks_free", **labels).set(free)
+
+    def set_kv_layout(self, block_size: int, kvp_tokens: int = 0) -> None:
+        self._child("mnemosyne_kv_block_size_tokens").set(block_size)
+        self._child("mnemosyne_kvp_group_tokens").set(kvp_tokens)
+
+    def observe_kv_transfer(self, backend: str, direction: str, nbytes: int, seconds: float,
+                            ok: bool = True) -> None:
+        """One finished transfer (direction: send | recv). A failed one counts its bytes moved."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"kv transfer direction must be send or recv, got {direction!r}")
+        labels = {"backend": backend, "direction": direction}
+        if nbytes:
+            self._child("mnemosyne_kv_transfer_bytes_total", **labels).inc(nbytes)
+        if ok:
+            self._child("mnemosyne_kv_transfer_seconds", **labels).observe(seconds)
+        else:
+            self._child("mnemosyne_kv_transfer_failures_total", **labels).inc()
+
+    # ---- kvstore ---------------------------------------------------------------------------
+
+    def observe_reservation(self, error: BaseException | None) -> None:
+        """A Reserve call's outcome, from the error it raised (None = reserved)."""
+        if error is None:
+            outcome = "reserved"
+        elif isinstance(error, CapacityError):
+            outcome = "no_capacity"
+        elif isinstance(error, InvalidRequestError):
+            outcome = "invalid"
+        elif isinstance(error, PlacementError):
+            outcome = "unknown_instance"
+        else:
+            outcome = "error"
+        self._child("mnemosyne_kvstore_reservations_total", outcome=outcome).inc()
+
+    def add_lease_expiries(self, n: int) -> None:
+        if n > 0:
+            self._child("mnemosyne_kvstore_lease_expiries_total").inc(n)
+
+    def set_placements(self, n: int) -> None:
+        self._child("mnemosyne_kvstore_placements").set(n)
+
+    def set_live_instances(self, member_role: str, n: int) -> None:
+        self._child("mnemosyne_kvstore_live_instances", member_role=member_role).set(n)
+
+
+def _make(spec: Spec, registry: CollectorRegistry) -> Any:
+    labels = IDENTITY + spec.labels
+    if spec.kind == "counter":
+        # prometheus-client appends _total itself
+        return Counter(spec.name.removesuffix("_total"), spec.help, labels, registry=registry)
+    if spec.kind == "gauge":
+        return Gauge(spec.name, spec.help, labels, registry=registry)
+    return Histogram(spec.name, spec.help, labels, registry=registry, buckets=spec.buckets)
+
+
+class RequestRecorder:
+    """One request as the router streams it: observes TTFT at the first token and each gap after,
+    then the rest at `done`. Also counts the request as active from creation to `done`.
+
+        rec = metrics.request(len(prompt_ids), ttft_slo_s=slo.ttft_s, tbt_slo_s=slo.tbt_s)
+        rec.admitted()                   # after admission: records the queue time
+        for each token: rec.token()
+        rec.done("stop")                 # or "length" / "abort" / "error"; idempotent
+    """
+
+    def __init__(self, metrics: Metrics, prompt_tokens: int, ttft_slo_s: float | None,
+                 tbt_slo_s: float | None, clock: Callable[[], float],
+                 arrival_s: float | None) -> None:
+        self.metrics = metrics
+        self.prompt_tokens = prompt_tokens
+        self.ttft_slo_s, self.tbt_slo_s = ttft_slo_s, tbt_slo_s
+        self.clock = clock
+        self.arrival_s = clock() if arrival_s is None else arrival_s
+        self.queue_s: float | None = None
+        self.first_s: float | None = None
+        self.last_s: float | None = None
+        self.tokens = 0
+        self._done = False
+        self._active = metrics._child("mnemosyne_active_requests")
+        self._active.inc()
+        self._lock = threading.Lock()
+
+    def admitted(self) -> None:
+        self.queue_s = self.clock() - self.arrival_s
+        self.metrics.observe_queue_time(self.queue_s)
+
+    def token(self, count: int = 1) -> None:
+        """`count` tokens left the router now (a message may carry several: one gap, the rest 0)."""
+        now = self.clock()
+        with self._lock:
+            if self.first_s is None:
+                self.first_s = now
+                self.metrics.observe_first_token(now - self.arrival_s, self.prompt_tokens)
+            else:
+                self.metrics.observe_token_gap(now - self.last_s)
+            for _ in range(count - 1):
+                self.metrics.observe_token_gap(0.0)
+            self.last_s = now
+            self.tokens += count
+
+    def done(self, finish_reason: str) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        now = self.clock()
+        mean_tbt = None
+        if self.tokens >= 2 and self.first_s is not None:
+            mean_tbt = (self.last_s - self.first_s) / (self.tokens - 1)
+        self.metrics.observe_request_done(RequestTiming(
+            prompt_tokens=self.prompt_tokens, generated_tokens=self.tokens,
+            finish_reason=finish_reason, latency_s=now - self.arrival_s,
+            ttft_s=None if self.first_s is None else self.first_s - self.arrival_s,
+            queue_s=self.queue_s, ttft_slo_s=self.ttft_slo_s, tbt_slo_s=self.tbt_slo_s,
+            mean_tbt_s=mean_tbt), live=True)
+        self._active.dec()
+
+
+# ---- gRPC: errors by status code -----------------------------------------------------------
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC that ends with a non-OK status in mnemosyne_rpc_errors_total{method, code}.
+
+        grpc.aio.server(interceptors=[MetricsInterceptor(metrics)])
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def observe(context: grpc.aio.ServicerContext) -> None:
+            code = context.code()
+            if context.cancelled() and code is None:
+                code = grpc.StatusCode.CANCELLED
+            if code is not None and code != grpc.StatusCode.OK:
+                self.metrics.observe_rpc_error(method, code)
+
+        def wrap(behavior, streaming_response: bool):
+            if behavior is None:
+                return None
+            if streaming_response:
+                async def stream(request_or_iterator, context):
+                    context.add_done_callback(observe)
+                    async for item in behavior(request_or_iterator, context):
+                        yield item
+                return stream
+
+            async def unary(request_or_iterator, context):
+                context.add_done_callback(observe)
+                return await behavior(request_or_iterator, context)
+            return unary
+
+        return handler._replace(
+            unary_unary=wrap(handler.unary_unary, False),
+            unary_stream=wrap(handler.unary_stream, True),
+            stream_unary=wrap(handler.stream_unary, False),
+            stream_stream=wrap(handler.stream_stream, True))
+
+
+# ---- the /metrics endpoint -----------------------------------------------------------------
+
+@dataclass
+class MetricsServer:
+    """A running /metrics HTTP endpoint (daemon thread). close() stops it."""
+    host: str
+    port: int
+    _httpd: Any
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+
+def serve_metrics(port: int, registry: CollectorRegistry, host: str = "127.0.0.1") -> MetricsServer:
+    """Serves `registry` on http://host:port/metrics (port 0 = a free one)."""
+    if not 0 <= port < 65536:
+        raise ConfigError(f"metrics: port must be in [0, 65535], got {port}")
+    try:
+        httpd, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise ConfigError(f"metrics: cannot bind {host}:{port}: {e}") from e
+    server = MetricsServer(host, httpd.server_address[1], httpd, thread)
+    log.info("metrics on %s", server.url)
+    return server
+
+
+def start_metrics_server(port: int, registry: CollectorRegistry, host: str = "127.0.0.1") -> int:
+    """Starts the endpoint for the life of the process; returns the bound port."""
+    return serve_metrics(port, registry, host).port
