@@ -1,0 +1,672 @@
+"""SLO-aware admission: admit, queue or reject a request from its predicted TTFT and KV need against
+the live load of the candidate instances. Plain logic (no gRPC, no asyncio, injected clock values);
+the router owns the waiting and the RPCs.
+
+Prediction (seconds from now, on one candidate):
+  own      = C[prompt] + (pipeline_depth - 1) * budget     C: the pool's PrefillTable (adaptive chunks)
+  ahead    = C[queued prefill tokens]                      the instance's backlog, as one prompt: an
+                                                           upper estimate (attention is superlinear)
+  ttft     = (ahead + own) * slowdown / (1 - decode share)
+  slowdown = recent mean iteration time / iteration budget, clipped to [1, max_slowdown]: the model's
+             error on this instance right now (1 when idle or unknown)
+  decode share (decode instances only, short prompts prefilled there): the predicted time of the
+             running decodes' step over the budget, capped at max_decode_share: what is left for chunks.
+Long prompts (>= short_prompt_tokens) are prefilled by the best prefill instance and need a decode
+instance with room now; short prompts are prefilled by the decode instance that holds them.
+A decode instance has room when every KVP group has the blocks the request needs (prompt split by
+M = kvp_tokens, the last group also holds max_new_tokens; as services/kvstore/placement.split_groups)
+and one more decode keeps its predicted step within the TBT SLO.
+
+Decision, with waited = now - arrival and the request's own SLO (or the default for its prompt class):
+  ADMIT  (fits)                waited + ttft <= ttft SLO and a decode instance has room now
+  QUEUE  (kv_full | tbt_full)  the TTFT fits but no decode instance has room now; the request waits in
+                               a bounded queue ordered by LARS until room appears (poll), its TTFT no
+                               longer fits, or max_queue_wait_s passes
+  REJECT ttft_slo              the TTFT does not fit; retry_after = the excess (backlog must drain)
+         ttft_unattainable     not even an idle instance would meet it (no retry hint)
+         kv_too_large          no live decode instance could ever hold it (INVALID_ARGUMENT)
+         queue_full | queue_timeout | no_instance
+  ADMIT  (fail_open)           no fresh load at all and config.fail_open (default off)
+
+Staleness: an instance whose load is older than max_staleness_s (scrape failed, target gone, sample
+not updated) is unknown and never a candidate: we cannot predict its TTFT, and a silent instance is
+more likely dead than idle. With no fresh instance of a needed role the request is rejected
+(no_instance, retry after max_staleness_s) unless fail_open.
+
+Between scrapes, admitted requests are added to their instances' load locally (queued prompt tokens,
+KV blocks, one running decode) until a sample newer than the admission (plus visibility_lag_s) shows
+them, so a burst does not pile onto one instance.
+
+Load sources (both give a LoadSnapshot): MetricsScraper reads the services' /metrics directly (the
+default), PrometheusSource a Prometheus server's HTTP API. Both have per-request timeouts.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import json
+import logging
+import math
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping, Sequence
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.errors import CapacityError, ConfigError, InvalidRequestError
+from common.metrics import DEFAULT_PROMPT_CLASSES, PromptClasses
+from common.perf_model.base import PerfModel
+from common.perf_model.prefill_table import PrefillTable
+from common.scheduler.chunking import ChunkingConfig
+from common.scheduler.policy import LARS
+from common.scheduler.types import BatchShape, ReqView
+
+log = logging.getLogger(__name__)
+
+RETRY_METADATA_KEY = "grpc-retry-pushback-ms"     # gRPC's server pushback for client retries
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SLOConfig:
+    """Default SLOs: TTFT per prompt class (seconds from arrival), TBT (mean gap, seconds), and the
+    objective (fraction of requests that must meet them; the error budget is 1 - objective)."""
+    ttft_s: tuple[tuple[str, float], ...] = (("short", 2.0), ("medium", 20.0), ("long", 120.0),
+                                             ("xlong", 600.0))
+    tbt_s: float = 0.2
+    objective: float = 0.99
+
+    def __post_init__(self) -> None:
+        if any(not s > 0 for _, s in self.ttft_s) or not self.tbt_s > 0:
+            raise ConfigError(f"slo: ttft_s {self.ttft_s} and tbt_s {self.tbt_s} must be positive")
+        if not 0.0 < self.objective < 1.0:
+            raise ConfigError(f"slo: objective must be in (0, 1), got {self.objective}")
+
+    def ttft_for(self, prompt_class: str) -> float:
+        return dict(self.ttft_s)[prompt_class]
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    prompt_classes: PromptClasses = DEFAULT_PROMPT_CLASSES
+    short_prompt_tokens: int = 256     # shorter prompts are prefilled by the decode instance
+    max_queue: int = 256               # bounded admission queue
+    max_queue_wait_s: float = 30.0     # a queued request is rejected after this long at most
+    max_staleness_s: float = 5.0       # older load = instance unknown (not a candidate)
+    max_slowdown: float = 4.0
+    max_decode_share: float = 0.9
+    visibility_lag_s: float = 0.2      # an admission shows in an instance's metrics within this
+    min_retry_after_s: float = 0.5
+    fail_open: bool = False            # admit blindly when no load is known at all
+
+    def __post_init__(self) -> None:
+        missing = set(self.prompt_classes.names) - {c for c, _ in self.slo.ttft_s}
+        if missing:
+            raise ConfigError(f"admission: no TTFT SLO for prompt classes {sorted(missing)}")
+        if self.short_prompt_tokens < 1 or self.max_queue < 0:
+            raise ConfigError(f"admission: short_prompt_tokens={self.short_prompt_tokens} must be "
+                              f">= 1 and max_queue={self.max_queue} >= 0")
+        for name in ("max_queue_wait_s", "max_staleness_s", "min_retry_after_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"admission: {name} must be positive, got {getattr(self, name)}")
+        if self.max_slowdown < 1 or not 0 <= self.max_decode_share < 1 or self.visibility_lag_s < 0:
+            raise ConfigError(f"admission: max_slowdown={self.max_slowdown} must be >= 1, "
+                              f"max_decode_share={self.max_decode_share} in [0, 1), "
+                              f"visibility_lag_s={self.visibility_lag_s} >= 0")
+
+
+@dataclass(frozen=True)
+class PoolModel:
+    """How long work takes on an instance of one pool: its performance model (its parallel layout),
+    the PrefillTable under its iteration budget, and its pipeline depth (SPP stages)."""
+    model: PerfModel
+    table: PrefillTable
+    pipeline_depth: int = 1
+
+    @classmethod
+    def build(cls, model: PerfModel, budget_s: float, *, pipeline_depth: int = 1,
+              kvp_tokens: int | None = None, chunking: ChunkingConfig = ChunkingConfig()) -> "PoolModel":
+        return cls(model, PrefillTable(model, budget_s, 0, chunking, kvp_tokens), pipeline_depth)
+
+    @property
+    def budget_s(self) -> float:
+        return self.table.budget_s
+
+    def prefill_alone_s(self, prompt_tokens: int) -> float:
+        return self.table.time(prompt_tokens) + (self.pipeline_depth - 1) * self.budget_s
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AdmissionRequest:
+    """A request as admission sees it. Times on the caller's monotonic clock; SLOs are relative to
+    arrival, None = the configured default for its prompt class."""
+    request_id: str
+    prompt_tokens: int
+    max_new_tokens: int
+    arrival_s: float
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.max_new_tokens < 0:
+            raise InvalidRequestError(f"request {self.request_id}: prompt_tokens={self.prompt_tokens} "
+                                      f"must be >= 1, max_new_tokens={self.max_new_tokens} >= 0")
+        for name in ("ttft_slo_s", "tbt_slo_s"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise InvalidRequestError(f"request {self.request_id}: {name} must be positive, got {v}")
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """One instance's live load. `observed_at`: when the sample was taken (monotonic clock).
+    KV lists are per KVP group (the smallest free / largest used over its TP ranks)."""
+    instance_id: str
+    role: str
+    pool: str = "default"
+    observed_at: float = -math.inf
+    active_requests: int = 0
+    queued_prefill_tokens: int = 0
+    running_decodes: int = 0
+    kv_free_blocks: tuple[int, ...] = ()
+    kv_used_blocks: tuple[int, ...] = ()
+    kv_block_size: int = 0
+    kvp_tokens: int = 0
+    iteration_s: float | None = None      # recent mean iteration time; None = idle or unknown
+
+    @property
+    def kv_capacity(self) -> tuple[int, ...]:
+        used = self.kv_used_blocks or (0,) * len(self.kv_free_blocks)
+        return tuple(f + u for f, u in zip(self.kv_free_blocks, used))
+
+    def slowdown(self, budget_s: float, cap: float) -> float:
+        if self.iteration_s is None:
+            return 1.0
+        return min(max(self.iteration_s / budget_s, 1.0), cap)
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    loads: Mapping[str, InstanceLoad]     # by instance id
+    taken_at: float
+    errors: Mapping[str, str] = field(default_factory=dict)   # target or query -> why it failed
+
+    def fresh(self, now: float, max_staleness_s: float, role: str | None = None) -> list[InstanceLoad]:
+        return [l for l in self.loads.values() if now - l.observed_at <= max_staleness_s
+                and (role is None or l.role == role)]
+
+
+def kv_need_blocks(prompt_tokens: int, max_new_tokens: int, block_size: int,
+                   kvp_tokens: int) -> tuple[int, ...]:
+    """Blocks per KVP group: the prompt split by M (0 = one group), the last group also holding the
+    generated tokens. Must equal services/kvstore/placement.split_groups (a test checks it)."""
+    m = kvp_tokens if kvp_tokens > 0 else prompt_tokens
+    n = -(-prompt_tokens // m)
+    out = []
+    for k in range(n):
+        tokens = min(prompt_tokens, (k + 1) * m) - k * m + (max_new_tokens if k == n - 1 else 0)
+        out.append(-(-tokens // block_size))
+    return tuple(out)
+
+
+# ---- decisions -------------------------------------------------------------------------------
+
+class Outcome(str, enum.Enum):
+    ADMIT = "admitted"
+    QUEUE = "queued"
+    REJECT = "rejected"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """outcome + reason (metric labels); the instances chosen (ADMIT; prefill None on the short
+    path or fail_open); predicted TTFT from arrival; retry_after_s (REJECT; None = retrying will
+    not help); detail (human-readable); latest_start_s (QUEUE: rejected if not admitted by then);
+    kv_blocks (ADMIT: what the request needs per KVP group of the chosen decode instance)."""
+    outcome: Outcome
+    reason: str
+    prefill_instance: str | None = None
+    decode_instance: str | None = None
+    predicted_ttft_s: float | None = None
+    retry_after_s: float | None = None
+    detail: str = ""
+    latest_start_s: float | None = None
+    kv_blocks: tuple[int, ...] = ()       # ADMIT: blocks per KVP group on the decode instance
+
+    def error(self, request_id: str) -> CapacityError | InvalidRequestError:
+        """The error to end a rejected request with: AdmissionRejected (RESOURCE_EXHAUSTED), or
+        InvalidRequestError (INVALID_ARGUMENT) when the request can never fit (kv_too_large)."""
+        if self.outcome is not Outcome.REJECT:
+            raise ValueError(f"decision {self.outcome.value} is not a rejection")
+        if self.reason == "kv_too_large":
+            return InvalidRequestError(f"request {request_id}: {self.detail}")
+        return AdmissionRejected(request_id, self)
+
+
+class AdmissionRejected(CapacityError):
+    """RESOURCE_EXHAUSTED with the reason and the retry hint (also as gRPC pushback metadata)."""
+
+    def __init__(self, request_id: str, decision: Decision) -> None:
+        hint = (f"; retry after {decision.retry_after_s:.1f}s" if decision.retry_after_s is not None
+                else "; retrying will not help without a longer deadline")
+        super().__init__(f"request {request_id} rejected by admission ({decision.reason}): "
+                         f"{decision.detail}{hint}")
+        self.decision = decision
+        self.retry_after_s = decision.retry_after_s
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.retry_after_s is None:
+            return ()
+        return ((RETRY_METADATA_KEY, str(math.ceil(round(self.retry_after_s * 1000, 6)))),)
+
+
+@dataclass
+class _Pending:
+    at: float
+    prefill_id: str | None
+    decode_id: str | None
+    prompt_tokens: int
+    kv_blocks: tuple[int, ...]
+
+
+@dataclass
+class _Queued:
+    request: AdmissionRequest
+    expires_at: float
+    work_s: float
+
+
+class AdmissionController:
+    """decide() each new request; poll() after every new snapshot (and when requests finish) to
+    admit or expire queued ones, in LARS order; cancel() a queued request the client gave up on.
+
+        d = ctl.decide(req, snapshot, now)        # ADMIT: route to d.prefill_instance / d.decode_instance
+        if d.outcome is Outcome.QUEUE: wait for a poll() result naming req.request_id
+        if d.outcome is Outcome.REJECT: raise d.error(req.request_id)
+    """
+
+    def __init__(self, config: AdmissionConfig, decode: PoolModel,
+                 prefill: PoolModel | None = None) -> None:
+        self.config = config
+        self.decode = decode
+        self.prefill = prefill
+        self._lars = LARS()
+        self._queue: dict[str, _Queued] = {}
+        self._pending: list[_Pending] = []
+
+    # ---- public --------------------------------------------------------------------------
+
+    def slo_for(self, req: AdmissionRequest) -> tuple[float, float]:
+        """(ttft, tbt) SLO seconds the request is judged by: its own, else the defaults."""
+        slo = self.config.slo
+        ttft = req.ttft_slo_s or slo.ttft_for(self.config.prompt_classes.of(req.prompt_tokens))
+        return ttft, req.tbt_slo_s or slo.tbt_s
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def queued_ids(self, snapshot_now: float | None = None) -> list[str]:
+        """Queued request ids in LARS order (first = admitted first when room appears)."""
+        now = time.monotonic() if snapshot_now is None else snapshot_now
+        return [q.request.request_id for q in self._ordered(now)]
+
+    def decide(self, req: AdmissionRequest, snapshot: LoadSnapshot, now: float) -> Decision:
+        if req.request_id in self._queue:
+            raise InvalidRequestError(f"request {req.request_id} is already queued")
+        d = self._evaluate(req, snapshot, now)
+        if d.outcome is Outcome.QUEUE:
+            if len(self._queue) >= self.config.max_queue:
+                soonest = min((q.expires_at for q in self._queue.values()), default=now)
+                return Decision(Outcome.REJECT, "queue_full", retry_after_s=self._retry(soonest - now),
+                                detail=f"admission queue is full ({self.config.max_queue} requests); "
+                                       f"{d.detail}")
+            expires = min(now + self.config.max_queue_wait_s, d.latest_start_s)
+            self._queue[req.request_id] = _Queued(req, expires, self._work(req))
+            d = replace(d, latest_start_s=expires)
+        elif d.outcome is Outcome.ADMIT:
+            self._admitted(req, d, now)
+        return d
+
+    def poll(self, snapshot: LoadSnapshot, now: float) -> list[tuple[AdmissionRequest, Decision]]:
+        """Queued requests that are now admitted or rejected (removed from the queue), LARS order."""
+        out = []
+        for q in self._ordered(now):
+            req = q.request
+            if now >= q.expires_at:
+                d = Decision(Outcome.REJECT, "queue_timeout", retry_after_s=self.config.min_retry_after_s,
+                             detail=f"no decode instance had room within {now - req.arrival_s:.1f}s")
+            else:
+                d = self._evaluate(req, snapshot, now)
+                if d.outcome is Outcome.QUEUE:
+                    continue
+                if d.outcome is Outcome.REJECT and d.reason == "ttft_slo":
+                    d = replace(d, reason="queue_timeout")
+            del self._queue[req.request_id]
+            if d.outcome is Outcome.ADMIT:
+                self._admitted(req, d, now)
+            out.append((req, d))
+        return out
+
+    def cancel(self, request_id: str) -> bool:
+        return self._queue.pop(request_id, None) is not None
+
+    # ---- evaluation ----------------------------------------------------------------------
+
+    def _evaluate(self, req: AdmissionRequest, snapshot: LoadSnapshot, now: float) -> Decision:
+        cfg = self.config
+        ttft_slo, tbt_slo = self.slo_for(req)
+        waited = now - req.arrival_s
+        self._pending = [p for p in self._pending if now - p.at <= cfg.max_staleness_s + cfg.visibility_lag_s]
+        short = self.prefill is None or req.prompt_tokens < cfg.short_prompt_tokens
+        decodes = [self._effective(l) for l in snapshot.fresh(now, cfg.max_staleness_s, "decode")]
+        prefills = [] if short else [self._effective(l) for l in
+                                     snapshot.fresh(now, cfg.max_staleness_s, "prefill")]
+        if not decodes or not (short or prefills):
+            if cfg.fail_open and not snapshot.fresh(now, cfg.max_staleness_s):
+                return Decision(Outcome.ADMIT, "fail_open", detail="no fresh load data")
+            role = "decode" if not decodes else "prefill"
+            return Decision(Outcome.REJECT, "no_instance", retry_after_s=self._retry(cfg.max_staleness_s),
+                            detail=f"no {role} instance with fresh load (within {cfg.max_staleness_s}s)")
+
+        states = {l.instance_id: self._kv_state(req, l, tbt_slo) for l in decodes}
+        fits_ever = [l for l in decodes if states[l.instance_id] != "kv_too_large"]
+        room = [l for l in fits_ever if states[l.instance_id] == "room"]
+        if not fits_ever:
+            return Decision(Outcome.REJECT, "kv_too_large",
+                            detail=f"{req.prompt_tokens}+{req.max_new_tokens} tokens fit on no live "
+                                   f"decode instance even when empty")
+        pool = self.decode if short else self.prefill
+        alone = pool.prefill_alone_s(req.prompt_tokens)
+        if waited + alone > ttft_slo:
+            return Decision(Outcome.REJECT, "ttft_unattainable", predicted_ttft_s=waited + alone,
+                            detail=f"prefilling {req.prompt_tokens} tokens alone takes ~{alone:.2f}s; "
+                                   f"TTFT SLO {ttft_slo:.2f}s")
+        if short:
+            cands = [(self._predict(self.decode, l, req), l) for l in (room or fits_ever)]
+        else:
+            cands = [(self._predict(self.prefill, l, req), l) for l in prefills]
+        pred, best = min(cands, key=lambda c: (c[0], c[1].instance_id))
+        if waited + pred > ttft_slo:
+            return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
+                            retry_after_s=self._retry(waited + pred - ttft_slo),
+                            detail=f"predicted TTFT {waited + pred:.2f}s > SLO {ttft_slo:.2f}s "
+                                   f"(best instance {best.instance_id})")
+        if not room:
+            why = "kv_full" if "kv_full" in states.values() else "tbt_full"
+            return Decision(Outcome.QUEUE, why, predicted_ttft_s=waited + pred,
+                            latest_start_s=req.arrival_s + ttft_slo - pred,
+                            detail=f"no decode instance has room now ({why})")
+        if short:
+            return Decision(Outcome.ADMIT, "fits", None, best.instance_id, waited + pred,
+                            kv_blocks=self._need(req, best))
+        dec = max(room, key=lambda l: (self._headroom(req, l), l.instance_id))
+        return Decision(Outcome.ADMIT, "fits", best.instance_id, dec.instance_id, waited + pred,
+                        kv_blocks=self._need(req, dec))
+
+    def _predict(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest) -> float:
+        """Predicted seconds from now to the first token on instance `l`."""
+        t = pool.table.time(l.queued_prefill_tokens) + pool.prefill_alone_s(req.prompt_tokens)
+        if l.role == "decode" and l.running_decodes:
+            share = self._decode_step_s(pool, l, extra=None) / pool.budget_s
+            t /= 1.0 - min(share, self.config.max_decode_share)
+        return t * l.slowdown(pool.budget_s, self.config.max_slowdown)
+
+    def _decode_step_s(self, pool: PoolModel, l: InstanceLoad, extra: int | None) -> float:
+        """Predicted step of the running decodes (mean context from the KV in use), plus one new
+        decode of context `extra`."""
+        used_tokens = sum(l.kv_used_blocks) * max(l.kv_block_size, 1)
+        ctx = used_tokens // max(l.running_decodes, 1)
+        batch = BatchShape(decodes=(ctx,) * l.running_decodes + (() if extra is None else (extra,)))
+        return pool.model.predict(batch)
+
+    def _need(self, req: AdmissionRequest, l: InstanceLoad) -> tuple[int, ...]:
+        return kv_need_blocks(req.prompt_tokens, req.max_new_tokens, max(l.kv_block_size, 1), l.kvp_tokens)
+
+    def _kv_state(self, req: AdmissionRequest, l: InstanceLoad, tbt_slo: float) -> str:
+        """room | kv_full | tbt_full | kv_too_large on decode instance `l`."""
+        need = self._need(req, l)
+        if not l.kv_free_blocks or len(need) > len(l.kv_free_blocks) or any(
+                n > c for n, c in zip(need, l.kv_capacity)):
+            return "kv_too_large"
+        if any(n > f for n, f in zip(need, l.kv_free_blocks)):
+            return "kv_full"
+        step = self._decode_step_s(self.decode, l, extra=req.prompt_tokens)
+        if step * l.slowdown(self.decode.budget_s, self.config.max_slowdown) > tbt_slo:
+            return "tbt_full"
+        return "room"
+
+    def _headroom(self, req: AdmissionRequest, l: InstanceLoad) -> int:
+        return min(f - n for n, f in zip(self._need(req, l), l.kv_free_blocks))
+
+    def _effective(self, l: InstanceLoad) -> InstanceLoad:
+        """`l` plus the admissions its sample cannot show yet."""
+        mine = [p for p in self._pending if p.at > l.observed_at - self.config.visibility_lag_s
+                and l.instance_id in (p.prefill_id, p.decode_id)]
+        if not mine:
+            return l
+        queued, running = l.queued_prefill_tokens, l.running_decodes
+        free, used = list(l.kv_free_blocks), list(l.kv_capacity)
+        for k, f in enumerate(free):
+            used[k] -= f
+        for p in mine:
+            if p.prefill_id == l.instance_id or (p.prefill_id is None and p.decode_id == l.instance_id):
+                queued += p.prompt_tokens
+            if p.decode_id == l.instance_id:
+                running += 1
+                for k, n in enumerate(p.kv_blocks[:len(free)]):
+                    free[k] -= n
+                    used[k] += n
+        return replace(l, queued_prefill_tokens=queued, running_decodes=running,
+                       kv_free_blocks=tuple(free), kv_used_blocks=tuple(used))
+
+    def _admitted(self, req: AdmissionRequest, d: Decision, now: float) -> None:
+        if d.decode_instance is not None:
+            self._pending.append(_Pending(now, d.prefill_instance, d.decode_instance,
+                                          req.prompt_tokens, d.kv_blocks))
+
+    def _work(self, req: AdmissionRequest) -> float:
+        short = self.prefill is None or req.prompt_tokens < self.config.short_prompt_tokens
+        return (self.decode if short else self.prefill).prefill_alone_s(req.prompt_tokens)
+
+    def _ordered(self, now: float) -> list[_Queued]:
+        def key(q: _Queued) -> tuple:
+            r = q.request
+            view = ReqView(r.request_id, r.arrival_s, r.prompt_tokens,
+                           ttft_deadline_s=r.arrival_s + self.slo_for(r)[0])
+            return self._lars.sort_key(view, now, q.work_s, q.work_s)
+        return sorted(self._queue.values(), key=key)
+
+    def _retry(self, seconds: float) -> float:
+        return max(seconds, self.config.min_retry_after_s)
+
+
+# ---- load sources ----------------------------------------------------------------------------
+
+_GAUGES = {
+    "mnemosyne_active_requests": "active_requests",
+    "mnemosyne_scheduler_queued_prefill_tokens": "queued_prefill_tokens",
+    "mnemosyne_scheduler_running_decodes": "running_decodes",
+    "mnemosyne_kv_block_size_tokens": "kv_block_size",
+    "mnemosyne_kvp_group_tokens": "kvp_tokens",
+}
+_KV = {"mnemosyne_kv_blocks_free": "free", "mnemosyne_kv_blocks_used": "used"}
+
+
+class _Acc:
+    """One instance's samples while a scrape or a query result is read."""
+
+    def __init__(self, labels: Mapping[str, str]) -> None:
+        self.instance_id, self.role, self.pool = labels["instance"], labels["role"], labels["pool"]
+        self.values: dict[str, int] = {}
+        self.kv: dict[str, dict[int, list[float]]] = {"free": {}, "used": {}}
+        self.iter_sum = self.iter_count = 0.0
+
+    def add(self, name: str, labels: Mapping[str, str], value: float) -> None:
+        if math.isnan(value):
+            return
+        if name in _GAUGES:
+            self.values[_GAUGES[name]] = int(value)
+        elif name in _KV:
+            self.kv[_KV[name]].setdefault(int(labels.get("group", 0)), []).append(value)
+        elif name == "mnemosyne_iteration_seconds_sum":
+            self.iter_sum = value
+        elif name == "mnemosyne_iteration_seconds_count":
+            self.iter_count = value
+
+    def load(self, observed_at: float, iteration_s: float | None) -> InstanceLoad:
+        free, used = self.kv["free"], self.kv["used"]
+        groups = sorted(set(free) | set(used))
+        return InstanceLoad(
+            self.instance_id, self.role, self.pool, observed_at, iteration_s=iteration_s,
+            kv_free_blocks=tuple(int(min(free.get(g, [0]))) for g in groups),
+            kv_used_blocks=tuple(int(max(used.get(g, [0]))) for g in groups), **self.values)
+
+
+def _identity(labels: Mapping[str, str], pool: str | None) -> bool:
+    return all(k in labels for k in ("instance", "role", "pool")) and (pool is None or labels["pool"] == pool)
+
+
+class MetricsScraper:
+    """Reads the services' /metrics endpoints directly (the default load source).
+
+    targets: URLs (http://host:port/metrics). One scrape fetches them in parallel, each with
+    `timeout_s`; a failed target keeps its last load, whose age then grows until it is stale.
+    The recent iteration time is the mean over the iterations between two scrapes of an instance.
+    """
+
+    def __init__(self, targets: Sequence[str], *, timeout_s: float = 1.0, pool: str | None = None,
+                 clock: Callable[[], float] = time.monotonic, forget_after_s: float = 300.0) -> None:
+        if not timeout_s > 0:
+            raise ConfigError(f"metrics scraper: timeout_s must be positive, got {timeout_s}")
+        self.targets = list(targets)
+        self.timeout_s, self.pool, self.clock = timeout_s, pool, clock
+        self.forget_after_s = forget_after_s
+        self._loads: dict[str, InstanceLoad] = {}
+        self._iters: dict[str, tuple[float, float]] = {}      # instance -> (sum, count) last seen
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _fetch(self, url: str) -> tuple[str, float]:
+        with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
+            body = resp.read().decode()
+        return body, self.clock()
+
+    def scrape(self) -> LoadSnapshot:
+        """Blocking; run it in a thread from asyncio code (watch_load does)."""
+        errors: dict[str, str] = {}
+        futures = {url: self._pool.submit(self._fetch, url) for url in self.targets}
+        for url, fut in futures.items():
+            try:
+                body, at = fut.result(timeout=self.timeout_s + 1.0)
+                for load in self.parse(body, at):
+                    self._loads[load.instance_id] = load
+            except Exception as e:  # noqa: BLE001 - any failure makes the target unknown, logged
+                errors[url] = f"{type(e).__name__}: {e}"
+        now = self.clock()
+        self._loads = {k: v for k, v in self._loads.items() if now - v.observed_at < self.forget_after_s}
+        return LoadSnapshot(dict(self._loads), now, errors)
+
+    def parse(self, text: str, observed_at: float) -> list[InstanceLoad]:
+        """The loads of every instance in one exposition text (a process shows one instance)."""
+        accs: dict[str, _Acc] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if _identity(s.labels, self.pool):
+                    acc = accs.setdefault(s.labels["instance"], _Acc(s.labels))
+                    acc.add(s.name, s.labels, s.value)
+        out = []
+        for iid, acc in accs.items():
+            iteration_s = None
+            prev = self._iters.get(iid)
+            if prev is not None and acc.iter_count > prev[1]:
+                iteration_s = (acc.iter_sum - prev[0]) / (acc.iter_count - prev[1])
+            self._iters[iid] = (acc.iter_sum, acc.iter_count)
+            out.append(acc.load(observed_at, iteration_s))
+        return out
+
+
+class PrometheusSource:
+    """Reads the same load through a Prometheus server's HTTP API (/api/v1/query).
+
+    A sample's age is its own timestamp (timestamp()), so a target Prometheus stopped scraping goes
+    stale here too (and vanishes once Prometheus marks its series stale). The recent iteration time
+    is rate(sum)/rate(count) over `window`.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 2.0, pool: str | None = None,
+                 window: str = "1m", clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"prometheus source: url must be http(s)://..., got {url!r}")
+        self.url = url.rstrip("/")
+        self.timeout_s, self.pool, self.window = timeout_s, pool, window
+        self.clock, self.wall = clock, wall
+
+    def queries(self) -> dict[str, str]:
+        sel = f',pool="{self.pool}"' if self.pool else ""
+        names = "|".join(n.removeprefix("mnemosyne_") for n in (*_GAUGES, *_KV))
+        by = "sum by (pool, role, instance)"
+        return {
+            "gauges": f'{{__name__=~"mnemosyne_({names})"{sel}}}',
+            "timestamps": f"max by (pool, role, instance) (timestamp(mnemosyne_active_requests{{{sel[1:]}}}))",
+            "iteration": (f"{by} (rate(mnemosyne_iteration_seconds_sum{{{sel[1:]}}}[{self.window}])) / "
+                          f"{by} (rate(mnemosyne_iteration_seconds_count{{{sel[1:]}}}[{self.window}]))"),
+        }
+
+    def query(self, expr: str) -> list[dict]:
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr,
+                                                                      "timeout": f"{self.timeout_s}s"})
+        with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
+            body = json.loads(resp.read().decode())
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus query failed: {body.get('error', body)}")
+        return body["data"]["result"]
+
+    def scrape(self) -> LoadSnapshot:
+        """Blocking; run it in a thread from asyncio code (watch_load does)."""
+        now, wall = self.clock(), self.wall()
+        results: dict[str, list[dict]] = {}
+        errors: dict[str, str] = {}
+        for key, expr in self.queries().items():
+            try:
+                results[key] = self.query(expr)
+            except Exception as e:  # noqa: BLE001 - the load is then unknown, logged
+                errors[key] = f"{type(e).__name__}: {e}"
+        if "gauges" in errors or "timestamps" in errors:
+            return LoadSnapshot({}, now, errors)
+        accs: dict[str, _Acc] = {}
+        for r in results["gauges"]:
+            labels = r["metric"]
+            if _identity(labels, self.pool):
+                acc = accs.setdefault(labels["instance"], _Acc(labels))
+                acc.add(labels["__name__"], labels, float(r["value"][1]))
+        ages = {r["metric"].get("instance"): wall - float(r["value"][1]) for r in results["timestamps"]}
+        iters = {r["metric"].get("instance"): float(r["value"][1]) for r in results.get("iteration", ())}
+        loads = {}
+        for iid, acc in accs.items():
+            it = iters.get(iid)
+            observed = now - ages[iid] if iid in ages else -math.inf
+            loads[iid] = acc.load(observed, None if it is None or math.isnan(it) else it)
+        return LoadSnapshot(loads, now, errors)
+
+
+async def watch_load(source: MetricsScraper | PrometheusSource, interval_s: float,
+                     on_snapshot: Callable[[LoadSnapshot], None]) -> None:
+    """Scrapes every `interval_s` (in a worker thread) and hands each snapshot to `on_snapshot`
+    (e.g. store it and call AdmissionController.poll). Runs until cancelled."""
+    while True:
+        snap = await asyncio.to_thread(source.scrape)
+        for where, err in snap.errors.items():
+            log.warning("load source %s: %s", where, err)
+        on_snapshot(snap)
+        await asyncio.sleep(interval_s)

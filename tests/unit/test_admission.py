@@ -1,0 +1,325 @@
+"""SLO-aware admission (common/admission.py): predictions, admit / queue / reject, the LARS-ordered
+bounded queue, KV need vs free, staleness, and the load sources (a real /metrics endpoint).
+
+The performance model is linear (1 ms per token, 1 us per decode context token) so predicted times
+are exact: prefilling l tokens alone takes l ms under any chunking.
+"""
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+
+from common import admission as adm
+from common.admission import (AdmissionConfig, AdmissionController, AdmissionRejected, AdmissionRequest,
+                              InstanceLoad, LoadSnapshot, MetricsScraper, Outcome, PoolModel, SLOConfig,
+                              kv_need_blocks)
+from common.errors import CapacityError, ConfigError, InvalidRequestError
+from common.metrics import Metrics, new_registry, serve_metrics
+from common.rpc.status import status_for
+from common.scheduler.policy import LARS, order
+from common.scheduler.types import BatchShape, ReqView
+from services.kvstore.placement import split_groups
+
+
+class Linear:
+    def predict(self, b: BatchShape) -> float:
+        return 0.0 if b.is_empty else 1e-3 * b.num_tokens + 1e-6 * sum(b.decodes)
+
+
+NOW = 100.0
+SLO = SLOConfig(ttft_s=(("short", 2.0), ("medium", 20.0), ("long", 120.0), ("xlong", 600.0)),
+                tbt_s=0.1)
+
+
+def controller(**cfg) -> AdmissionController:
+    config = AdmissionConfig(**{"slo": SLO, "short_prompt_tokens": 256, **cfg})
+    return AdmissionController(config, decode=PoolModel.build(Linear(), 0.1),
+                               prefill=PoolModel.build(Linear(), 0.1))
+
+
+def prefill(iid, queued=0, at=NOW, **kw):
+    return InstanceLoad(iid, "prefill", observed_at=at, queued_prefill_tokens=queued, **kw)
+
+
+def decode(iid, free=(100,) * 8, used=(0,) * 8, running=0, at=NOW, **kw):
+    """Default: 8 KVP groups of M = 1024 tokens, 100 blocks of 16 tokens each, all free."""
+    return InstanceLoad(iid, "decode", observed_at=at, kv_free_blocks=free, kv_used_blocks=used,
+                        kv_block_size=16, kvp_tokens=1024, running_decodes=running, **kw)
+
+
+FULL = {"free": (0,) * 8, "used": (100,) * 8}
+
+
+def snap(*loads):
+    return LoadSnapshot({l.instance_id: l for l in loads}, NOW)
+
+
+def request(rid="r", prompt=1000, new=16, arrival=NOW, **kw):
+    return AdmissionRequest(rid, prompt, new, arrival, **kw)
+
+
+def test_prefill_table_of_the_linear_model_is_exact():
+    assert PoolModel.build(Linear(), 0.1).prefill_alone_s(1000) == pytest.approx(1.0)
+
+
+def test_admits_to_the_instance_with_the_smallest_predicted_ttft():
+    ctl = controller()
+    d = ctl.decide(request(), snap(prefill("p1", queued=500), prefill("p2", queued=100),
+                                   decode("d1", free=(10, 10)), decode("d2")), NOW)
+    assert (d.outcome, d.reason) == (Outcome.ADMIT, "fits")
+    assert d.prefill_instance == "p2" and d.decode_instance == "d2"    # most KV headroom
+    assert d.predicted_ttft_s == pytest.approx(1.1)                     # 100 queued + 1000 own, 1 ms each
+    assert d.kv_blocks == (64,)                                         # 1016 tokens, 16 per block
+
+
+def test_short_prompts_are_prefilled_on_the_decode_instance():
+    d = controller().decide(request(prompt=100), snap(prefill("p1"), decode("d1")), NOW)
+    assert d.outcome is Outcome.ADMIT and d.prefill_instance is None and d.decode_instance == "d1"
+    # decodes running there take part of each iteration: the prediction grows accordingly
+    busy = decode("d1", used=(50, 0), running=10)
+    d2 = controller().decide(request(prompt=100), snap(busy), NOW)
+    assert d2.predicted_ttft_s > d.predicted_ttft_s
+
+
+def test_rejects_with_resource_exhausted_and_a_retry_hint_when_the_ttft_cannot_fit():
+    d = controller().decide(request(), snap(prefill("p1", queued=10_000), decode("d1")), NOW)
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_slo")
+    assert d.predicted_ttft_s == pytest.approx(11.0)
+    assert d.retry_after_s == pytest.approx(9.0)            # the backlog must drain by 11 - 2 s
+    err = d.error("r")
+    assert isinstance(err, AdmissionRejected) and isinstance(err, CapacityError)
+    assert status_for(err) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "ttft_slo" in str(err) and "retry after 9.0s" in str(err)
+    assert err.trailing_metadata() == (("grpc-retry-pushback-ms", "9000"),)
+
+
+def test_time_already_waited_counts_against_the_deadline():
+    d = controller().decide(request(arrival=NOW - 1.5), snap(prefill("p1"), decode("d1")), NOW)
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_unattainable")
+
+
+def test_unattainable_ttft_gets_no_retry_hint_and_own_slo_overrides_the_default():
+    ctl = controller()
+    s = snap(prefill("p1"), decode("d1"))
+    d = ctl.decide(request(prompt=3000), s, NOW)       # 3 s alone, default short SLO 2 s
+    assert (d.outcome, d.reason, d.retry_after_s) == (Outcome.REJECT, "ttft_unattainable", None)
+    assert "retrying will not help" in str(d.error("r"))
+    assert ctl.decide(request("own", prompt=3000, ttft_slo_s=5.0), s, NOW).outcome is Outcome.ADMIT
+    assert ctl.slo_for(request(prompt=50_000)) == (20.0, 0.1)    # medium class default
+    assert ctl.slo_for(request(ttft_slo_s=3.0, tbt_slo_s=0.05)) == (3.0, 0.05)
+
+
+def test_kv_need_matches_the_kvstore_placement_split():
+    for prompt, new, m, bs in [(1, 0, 0, 16), (1000, 16, 1024, 16), (1024, 0, 1024, 16),
+                               (5000, 300, 1024, 16), (4097, 1, 4096, 32), (300, 7, 0, 8)]:
+        assert kv_need_blocks(prompt, new, bs, m) == tuple(g.num_blocks for g in
+                                                           split_groups(prompt, new, m, bs))
+
+
+def test_kv_need_vs_free_per_group():
+    ctl = controller()
+    # 2000 tokens over two groups of M=1024: 64 + 62 blocks (16 new tokens in the last group)
+    req = request(prompt=2000, new=16, ttft_slo_s=10.0)
+    assert kv_need_blocks(2000, 16, 16, 1024) == (64, 62)
+    enough_in_total = decode("d1", free=(200, 50), used=(0, 150))   # 250 free, group 1 short
+    d = ctl.decide(req, snap(prefill("p1"), enough_in_total), NOW)
+    assert (d.outcome, d.reason) == (Outcome.QUEUE, "kv_full")
+    # more than the instance could ever hold: INVALID_ARGUMENT, no retry
+    d = ctl.decide(request("big", prompt=2000, new=5000, ttft_slo_s=10.0),
+                   snap(prefill("p1"), decode("d1")), NOW)
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "kv_too_large")
+    assert isinstance(d.error("big"), InvalidRequestError)
+    assert status_for(d.error("big")) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_queues_when_kv_is_full_and_admits_when_room_appears():
+    ctl = controller()
+    full = snap(prefill("p1"), decode("d1", **FULL))
+    d = ctl.decide(request(), full, NOW)
+    assert (d.outcome, d.reason) == (Outcome.QUEUE, "kv_full")
+    assert d.latest_start_s == pytest.approx(NOW + 1.0)     # 2 s SLO - 1 s of prefill
+    assert ctl.queue_length == 1 and ctl.poll(full, NOW + 0.1) == []
+    freed = snap(prefill("p1", at=NOW + 0.5), decode("d1", at=NOW + 0.5))
+    [(req, d2)] = ctl.poll(freed, NOW + 0.5)
+    assert req.request_id == "r" and d2.outcome is Outcome.ADMIT
+    assert d2.predicted_ttft_s == pytest.approx(1.5)        # waited 0.5 s + 1 s
+    assert ctl.queue_length == 0
+
+
+def test_queued_request_is_rejected_once_it_can_no_longer_make_its_deadline():
+    ctl = controller(max_queue_wait_s=30.0)
+    full = snap(prefill("p1"), decode("d1", **FULL))
+    assert ctl.decide(request(), full, NOW).outcome is Outcome.QUEUE
+    [(_, d)] = ctl.poll(full, NOW + 1.01)                    # latest start was NOW + 1
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "queue_timeout")
+    assert d.retry_after_s > 0 and isinstance(d.error("r"), AdmissionRejected)
+
+
+def test_max_queue_wait_bounds_the_wait():
+    ctl = controller(max_queue_wait_s=0.2)
+    full = snap(prefill("p1"), decode("d1", **FULL))
+    d = ctl.decide(request(prompt=1000, ttft_slo_s=60.0), full, NOW)
+    assert d.outcome is Outcome.QUEUE and d.latest_start_s == pytest.approx(NOW + 0.2)
+    assert ctl.poll(full, NOW + 0.1) == []
+    assert ctl.poll(full, NOW + 0.2)[0][1].reason == "queue_timeout"
+
+
+def test_queue_is_bounded():
+    ctl = controller(max_queue=2)
+    full = snap(prefill("p1"), decode("d1", **FULL))
+    assert [ctl.decide(request(f"q{i}"), full, NOW).outcome for i in range(2)] == [Outcome.QUEUE] * 2
+    d = ctl.decide(request("q2"), full, NOW)
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "queue_full")
+    assert d.retry_after_s == pytest.approx(1.0)             # the soonest queued deadline
+    assert ctl.cancel("q0") and not ctl.cancel("q0")
+    assert ctl.decide(request("q3"), full, NOW).outcome is Outcome.QUEUE
+
+
+def test_queue_is_ordered_by_lars_and_admits_in_that_order():
+    ctl = controller()
+    full = snap(prefill("p1"), decode("d1", **FULL))
+    # (id, prompt tokens, ttft SLO): work = prompt ms; slack = SLO - work at NOW
+    specs = [("relaxed", 1000, 20.0), ("tight", 1000, 1.5), ("long-tight", 8000, 9.0),
+             ("medium", 4000, 10.0)]
+    for rid, prompt, slo in specs:
+        assert ctl.decide(request(rid, prompt=prompt, new=0, ttft_slo_s=slo), full, NOW).outcome \
+            is Outcome.QUEUE
+    views = [ReqView(rid, NOW, p, ttft_deadline_s=NOW + s) for rid, p, s in specs]
+    expected = [v.request_id for v in order(LARS(), views, NOW, lambda v: (v.prompt_len * 1e-3,) * 2)]
+    # rho: tight 0.5, long-tight 0.125, medium 1.5, relaxed 19
+    assert expected == ["long-tight", "tight", "medium", "relaxed"]
+    assert ctl.queued_ids(NOW) == expected
+    # room for exactly one request at a time: poll admits the head of the LARS order first
+    one = snap(prefill("p1"), decode("d1", free=(64,) * 8, used=(36,) * 8))
+    admitted = [r.request_id for r, d in ctl.poll(one, NOW) if d.outcome is Outcome.ADMIT]
+    assert admitted[0] == "long-tight"
+
+
+def test_stale_instances_are_unknown_and_never_candidates():
+    ctl = controller(max_staleness_s=5.0)
+    stale = snap(prefill("p1", at=NOW - 10), decode("d1", at=NOW - 10))
+    d = ctl.decide(request(), stale, NOW)
+    assert (d.outcome, d.reason, d.retry_after_s) == (Outcome.REJECT, "no_instance", 5.0)
+    # a fresh prefill but a stale decode instance: still no decode candidate
+    assert ctl.decide(request(), snap(prefill("p1"), decode("d1", at=NOW - 6)), NOW).reason == "no_instance"
+    # the stale one is skipped, the fresh one chosen
+    d = ctl.decide(request(), snap(prefill("p1", at=NOW - 6), prefill("p2", queued=900),
+                                   decode("d1")), NOW)
+    assert d.outcome is Outcome.ADMIT and d.prefill_instance == "p2"
+    # fail_open admits blindly only when nothing at all is known
+    d = controller(fail_open=True).decide(request(), stale, NOW)
+    assert (d.outcome, d.reason, d.decode_instance) == (Outcome.ADMIT, "fail_open", None)
+
+
+def test_admissions_count_against_an_instance_until_its_metrics_show_them():
+    ctl = controller()
+    roomy = {"free": (1000,) * 8, "used": (0,) * 8}
+    s = snap(prefill("p1"), prefill("p2", queued=300), decode("d1", **roomy))
+    first = ctl.decide(request("a", prompt=1000), s, NOW + 0.01)
+    second = ctl.decide(request("b", prompt=1000), s, NOW + 0.02)
+    assert (first.prefill_instance, second.prefill_instance) == ("p1", "p2")
+    # a sample taken well after the admissions includes them: no more double counting
+    later = snap(prefill("p1", queued=1000, at=NOW + 1), prefill("p2", queued=1300, at=NOW + 1),
+                 decode("d1", at=NOW + 1, **roomy))
+    third = ctl.decide(request("c", prompt=1000, arrival=NOW + 1.1, ttft_slo_s=5.0), later, NOW + 1.1)
+    assert third.prefill_instance == "p1" and third.predicted_ttft_s == pytest.approx(2.0)
+
+
+def test_slow_instances_are_predicted_slower():
+    ctl = controller()
+    fast = ctl.decide(request("a"), snap(prefill("p1", iteration_s=0.05), decode("d1")), NOW)
+    slow = controller().decide(request("b"), snap(prefill("p1", iteration_s=0.3), decode("d1")), NOW)
+    assert fast.predicted_ttft_s == pytest.approx(1.0)      # faster than the budget: no speed-up
+    assert (slow.outcome, slow.predicted_ttft_s) == (Outcome.REJECT, pytest.approx(3.0))
+
+
+def test_a_decode_instance_whose_step_would_break_the_tbt_slo_has_no_room():
+    ctl = controller()
+    # 120 running decodes: step = 121 tokens * 1 ms > 0.1 s TBT SLO
+    busy = decode("d1", used=(50, 50), running=120)
+    d = ctl.decide(request(), snap(prefill("p1"), busy), NOW)
+    assert (d.outcome, d.reason) == (Outcome.QUEUE, "tbt_full")
+    d = ctl.decide(request("own", tbt_slo_s=0.5), snap(prefill("p1"), busy), NOW)
+    assert d.outcome is Outcome.ADMIT
+
+
+def test_config_and_request_validation():
+    with pytest.raises(ConfigError, match="prompt classes"):
+        AdmissionConfig(slo=SLOConfig(ttft_s=(("short", 1.0),)))
+    with pytest.raises(ConfigError, match="objective"):
+        SLOConfig(objective=1.0)
+    with pytest.raises(InvalidRequestError):
+        request(prompt=0)
+    with pytest.raises(InvalidRequestError):
+        request(ttft_slo_s=-1.0)
+
+
+# ---- load sources ----------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self, t: float = NOW) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_scraper_reads_a_real_metrics_endpoint_and_unreachable_targets_go_stale():
+    registry = new_registry()
+    m = Metrics(registry, role="decode", pool="p", instance="d1")
+    m.set_scheduler_load(queued_prefill_tokens=700, running_decodes=3, waiting_requests=1)
+    m.set_kv_layout(block_size=16, kvp_tokens=1024)
+    for group, (used, free) in enumerate([(10, 90), (30, 70)]):
+        for tp in (0, 1):
+            m.set_kv_blocks(group, tp, used=used + tp, free=free - tp)
+    m.observe_iteration(0.02, 4)
+    server = serve_metrics(0, registry)
+    clock = Clock()
+    scraper = MetricsScraper([server.url, "http://127.0.0.1:9/metrics"], timeout_s=1.0, pool="p",
+                             clock=clock)
+    try:
+        first = scraper.scrape()
+        load = first.loads["d1"]
+        assert (load.role, load.pool, load.observed_at) == ("decode", "p", NOW)
+        assert (load.queued_prefill_tokens, load.running_decodes) == (700, 3)
+        assert (load.kv_block_size, load.kvp_tokens) == (16, 1024)
+        assert load.kv_free_blocks == (89, 69) and load.kv_used_blocks == (11, 31)  # worst TP rank
+        assert load.iteration_s is None                   # no earlier scrape to compare with
+        assert list(first.errors) == ["http://127.0.0.1:9/metrics"]
+        for t in (0.1, 0.3):
+            m.observe_iteration(t, 4)
+        clock.t = NOW + 1
+        assert scraper.scrape().loads["d1"].iteration_s == pytest.approx(0.2)
+        server.close()
+        clock.t = NOW + 7
+        later = scraper.scrape()
+        assert later.loads["d1"].observed_at == NOW + 1    # kept, aging
+        assert later.fresh(clock.t, 5.0) == [] and len(later.errors) == 2
+    finally:
+        scraper.close()
+        if server._thread.is_alive():
+            server.close()
+
+
+def test_scraper_filters_by_pool_and_skips_samples_without_identity():
+    scraper = MetricsScraper([], pool="mine")
+    text = ('mnemosyne_scheduler_queued_prefill_tokens{instance="a",pool="mine",role="prefill"} 5\n'
+            'mnemosyne_scheduler_queued_prefill_tokens{instance="b",pool="other",role="prefill"} 7\n'
+            'process_cpu_seconds_total 3\n')
+    [load] = scraper.parse(text, NOW)
+    assert (load.instance_id, load.queued_prefill_tokens) == ("a", 5)
+    scraper.close()
+
+
+def test_prometheus_source_queries_are_well_formed():
+    src = adm.PrometheusSource("http://127.0.0.1:9090", pool="p")
+    q = src.queries()
+    assert set(q) == {"gauges", "timestamps", "iteration"}
+    assert 'pool="p"' in q["gauges"] and "timestamp(mnemosyne_active_requests" in q["timestamps"]
+    with pytest.raises(ConfigError):
+        adm.PrometheusSource("localhost:9090")
+    unreachable = adm.PrometheusSource("http://127.0.0.1:9", timeout_s=0.5).scrape()
+    assert unreachable.loads == {} and "gauges" in unreachable.errors
+    assert math.isinf(InstanceLoad("x", "decode").observed_at)
