@@ -1,6 +1,7 @@
 """The one GPU probe of issue 7: features, bandwidth, exactness and speed of the CUDA path.
 
-    python bench/gpu_probe.py                          # everything, about 3-5 minutes on one H100/H200
+    python bench/gpu_probe.py                          # everything; estimated 3-5 minutes on one H100/H200
+                                                       # (not yet run on a GPU when this was written)
     python bench/gpu_probe.py --sections decode,summary --out /tmp/p.json
 
 Sections (run in this order; the JSON file is rewritten after each, so a partial run still leaves data):
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -188,7 +188,8 @@ def features(p: Probe, out: dict) -> None:
                             (q.float(), k.float().repeat_interleave(4, 2), v.float().repeat_interleave(4, 2)))):
         try:
             o, l = op.fn(*args, False, 0.125)
-            out[name] = bool(torch.allclose(l.float(), ref_l, atol=2e-2) and torch.allclose(o.float(), ref_o, atol=3e-2))
+            out[name] = bool(torch.allclose(l.float(), ref_l, atol=2e-2)
+                             and torch.allclose(o.float(), ref_o, atol=3e-2))
         except Exception as e:  # the probe records what does not work
             out[name] = f"error: {type(e).__name__}: {str(e)[:200]}"
     # Causal alignment of the aten flash op for 3 queries over 5 keys (the backend never relies on it).
@@ -348,7 +349,8 @@ def prefill(p: Probe, out: dict) -> None:
         k, v = randn((L, hkv, d), dtype, p.dev, 1), randn((L, hkv, d), dtype, p.dev, 2)
         for n in chunks:
             q = randn((n, hq, d), dtype, p.dev, 3)
-            t = p.time(lambda: be.forward(q, k[:ctx + n], v[:ctx + n], q_start=ctx, k_start=0, scale=d ** -0.5), iters=5)
+            t = p.time(lambda: be.forward(q, k[:ctx + n], v[:ctx + n], q_start=ctx, k_start=0, scale=d ** -0.5),
+                       iters=5)
             flops = 4 * d * hq * (n * ctx + n * (n + 1) / 2)
             rows.append({"context": ctx, "chunk": n, "ms": round(t * 1e3, 3), "TFLOPs": round(flops / t / 1e12, 1),
                          "op": be.op_for(q).name})
@@ -362,7 +364,8 @@ def prefill(p: Probe, out: dict) -> None:
                            iters=5)
                 flops = 4 * d * hq * (n * ctx + n * (n + 1) / 2)
                 out.setdefault("short_chunk", []).append(
-                    {"context": ctx, "chunk": n, "kv_shards": shards, "shards_used": b2._shards(q, ctx + 1, b2.op_for(q)),
+                    {"context": ctx, "chunk": n, "kv_shards": shards,
+                     "shards_used": b2._shards(q, ctx + 1, b2.op_for(q)),
                      "ms": round(t * 1e3, 3), "TFLOPs": round(flops / t / 1e12, 1)})
         del k, v
         p.free()
@@ -611,7 +614,8 @@ def summary(p: Probe, out: dict) -> None:
     out["targets"] = {
         "decode_ge_70pct_copy_bw_at_BL_ge_128K": None if dec is None else dec >= 70,
         "prefill_ge_250_TFLOPs_chunk_ge_2048_ctx_ge_16K": None if pre is None else pre >= 250,
-        "llama8b_step_le_1.3x_floor_at_128K": None if "graph_over_floor" not in r128 else r128["graph_over_floor"] <= 1.3,
+        "llama8b_step_le_1.3x_floor_at_128K": (None if "graph_over_floor" not in r128
+                                               else r128["graph_over_floor"] <= 1.3),
         "llama8b_faster_than_transformers_at_128K": (None if not hf_best or "ours_graph_ms" not in r128
                                                      else r128["ours_graph_ms"] < min(hf_best)),
         "correctness_all_ok": s.get("correctness", {}).get("all_ok"),

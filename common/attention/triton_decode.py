@@ -23,9 +23,10 @@ bits for P·V (finer than the bf16 probabilities flash kernels use).
 Where it runs: compiled for CUDA tensors; on CPU tensors only under Triton's interpreter, which must be
 chosen before triton is imported (TRITON_INTERPRET=1: Triton's own library functions are decorated at
 its import), so the CPU tests run the kernels in a subprocess. The interpreter ignores input_precision
-and computes in float32 throughout. This file was developed and tested on CPU with the interpreter only
-(triton 3.9.0, torch 2.13 CPU); the compiled CUDA path is written for an H100/H200 and had not been run
-at the time of writing: tests/gpu/test_cuda_attention.py and bench/gpu_probe.py exercise it.
+and computes in float32 throughout. This file was developed on CPU (triton 3.9.0, torch 2.13 CPU): the
+numerics are tested in the interpreter, and stage 1 is compiled ahead of time for sm_90 in the unit tests
+(it lowers, streams K/V with cp.async, does not spill). It had not been run on a GPU at the time of
+writing: tests/gpu/test_cuda_attention.py and bench/gpu_probe.py exercise it there.
 """
 from __future__ import annotations
 
@@ -51,9 +52,9 @@ def available() -> bool:
 
 
 def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, plse_ptr,
-            stride_qb, stride_qh, stride_qd,
-            stride_kn, stride_ks, stride_kh, stride_kd,
-            stride_vn, stride_vs, stride_vh, stride_vd,
+            stride_qb, stride_qh,
+            stride_kn, stride_ks, stride_kh,
+            stride_vn, stride_vs, stride_vh,
             stride_btb,
             stride_ob, stride_oh, stride_os,
             stride_lb, stride_lh,
@@ -62,7 +63,7 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, plse_ptr,
             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
             PRECISION: tl.constexpr):
     """q [B, Hq, D]; k, v [num_blocks, PAGE, Hkv, D]; bt [B, max_blocks] int32; len [B] int32.
-    po [B, Hq, S, D] float32, plse [B, Hq, S] float32 (stride 1 along S)."""
+    po [B, Hq, S, D] float32, plse [B, Hq, S] float32. Stride 1 along D (and S): vectorised loads."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -79,7 +80,7 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, plse_ptr,
     d_mask = offs_d < HEAD_DIM
     heads = kvh * G + offs_g                                                    # [BLOCK_G]
     b64 = b.to(tl.int64)
-    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -93,7 +94,7 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, plse_ptr,
         page = tl.load(bt_ptr + b64 * stride_btb + tok // PAGE, mask=n_mask, other=0).to(tl.int64)
         slot = tok % PAGE
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + page[:, None] * stride_kn + slot[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+        k = tl.load(k_base + page[:, None] * stride_kn + slot[:, None] * stride_ks + offs_d[None, :],
                     mask=kv_mask, other=0.0).to(tl.float32)                     # [BLOCK_N, BLOCK_D]
         sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale          # [BLOCK_G, BLOCK_N]
         sc = tl.where(n_mask[None, :], sc, float("-inf"))
@@ -101,7 +102,7 @@ def _stage1(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, po_ptr, plse_ptr,
         alpha = tl.exp(m - m_new)                 # 0 on the first tile (m = -inf)
         p = tl.exp(sc - m_new[:, None])           # 0 on masked tokens
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + page[:, None] * stride_vn + slot[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        v = tl.load(v_base + page[:, None] * stride_vn + slot[:, None] * stride_vs + offs_d[None, :],
                     mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
         m = m_new
@@ -180,9 +181,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention of one query per sequence over its paged keys.
 
-    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] (any strides, e.g. a layer view of
-    `PagedKVCache.data`); block_tables [B, max_blocks] int32 (entries past a sequence's length are never
-    read); seq_lens [B] int32 (may be 0). Returns out [B, Hq, D] in q.dtype (written into `out` when
+    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] (any strides but a unit one along D,
+    e.g. a layer view of `PagedKVCache.data`); block_tables [B, max_blocks] int32 (entries past a
+    sequence's length are never read); seq_lens [B] int32 (may be 0). Returns out [B, Hq, D] in q.dtype (written into `out` when
     given) and lse [B, Hq] float32, natural log; a sequence of length 0 gives (0, -inf).
     No host synchronisation: safe to capture in a CUDA graph.
     """
@@ -200,6 +201,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"block_tables must be [B, max_blocks] int32 and seq_lens [B] int32 with B = {B}; "
                          f"got {tuple(block_tables.shape)} {block_tables.dtype}, "
                          f"{tuple(seq_lens.shape)} {seq_lens.dtype}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("paged decode wants caches with unit stride along the head dim (views of "
+                         "PagedKVCache.data are); copying a whole cache here would cost more than the kernel")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     g = hq // hkv
     if num_splits is None:
         num_splits = default_num_splits(B, hkv, block_tables.shape[1] * page, q.device)
@@ -220,8 +226,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
     stage1[(B, hkv, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_o, part_lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        *k_cache.stride(), *v_cache.stride(),
+        q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_lse.stride(0), part_lse.stride(1),
