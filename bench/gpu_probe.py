@@ -398,7 +398,7 @@ def decode(p: Probe, out: dict) -> None:
                                                                      block_n=block_n))
                     rows[-1][f"pct_block_n{block_n}"] = round(100 * nbytes / tb / bw, 1)
             p.report.save()
-            del q, k, v, tables, seq, o
+            del fn, q, k, v, tables, seq, o          # fn holds them too: up to 17 GB
             p.free()
     big = [r["pct_of_copy_bw"] for r in rows if r["B"] * r["L"] >= 131072]
     out["min_pct_of_copy_bw_BL_ge_128K"] = min(big) if big else None
