@@ -4,15 +4,23 @@ spp=2, decode kvp=2, router), real gRPC, real Redis, for each KV backend (NIXL a
 Checked against the offline single-process engine: a long prompt spanning both KVP groups gives the
 same greedy tokens (and logprobs within float32 rounding); a short prompt takes the short path; 8
 concurrent requests of mixed lengths all complete correctly; a client cancel frees every block on
-every decode worker and removes the placement from Redis.
+every decode worker and removes the placement from Redis. And `scripts/up.py` (make up) with the
+CLI's --server mode as its client, stopped with Ctrl-C.
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psutil
 import pytest
 
 from common.client import RouterClient
@@ -28,6 +36,7 @@ from tests.fixtures.hf_models import write_random_hf_model
 
 pytestmark = pytest.mark.timeout(300)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 M = 256                         # tokens per decode KVP group
 SHORT = 64                      # prompts below this many tokens skip the prefill pool
 MAX_TOKENS = 16
@@ -181,3 +190,42 @@ def test_client_cancel_frees_every_block_and_the_placement(cluster, offline):
         assert store.expired_total() == 0          # released by the router, not reclaimed by a lease
     finally:
         store.close()
+
+
+def test_make_up_script_serves_the_cli_and_stops_on_ctrl_c(model, offline, tmp_path):
+    """scripts/up.py (what `make up` runs) as a user runs it, with `mnemosyne generate --server` as
+    the client: same JSON as offline; SIGINT stops every process it started."""
+    py = sys.executable
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    up = subprocess.Popen([py, "scripts/up.py", "--model", model, "--port", "0", "--kv-backend", "tcp",
+                           "--kvp-tokens", str(M), "--log-dir", str(tmp_path)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in up.stdout:
+            lines.append(line)
+            if line.startswith("Ready."):
+                break
+        text = "".join(lines)
+        assert "Ready." in text, text
+        router = re.search(r"router\s+(\S+)", text).group(1)
+        pids = [int(p) for p in re.findall(r"^  (?:kvstore|prefill|decode|router)\s+\S+\s+pid (\d+)", text, re.M)]
+        assert len(pids) == 4 and re.search(r"prefill\s+\S+\s+pid \d+\s+spp=2", text)
+        prompt_file = tmp_path / "prompt.json"
+        prompt_file.write_text(json.dumps(LONG))
+        out = subprocess.run([py, "-m", "common.cli", "generate", "--server", router, "--prompt-tokens",
+                              str(prompt_file), "--max-tokens", str(MAX_TOKENS), "--json"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+        ref = offline(LONG)
+        assert got["token_ids"] == ref.token_ids and len(got["tbt_s"]) == len(ref.token_ids) - 1
+        up.send_signal(signal.SIGINT)
+        rest = up.communicate(timeout=60)[0]
+        assert up.returncode == 0 and "All stopped." in rest, rest
+        for pid in pids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
