@@ -625,7 +625,7 @@ class PrometheusSource:
 
     def query(self, expr: str) -> list[dict]:
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr,
-                                                                      "timeout": f"{self.timeout_s}s"})
+                                                                      "timeout": str(float(self.timeout_s))})
         with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
             body = json.loads(resp.read().decode())
         if body.get("status") != "success":
