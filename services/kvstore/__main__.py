@@ -18,6 +18,8 @@ async def _main(config: KVStoreConfig) -> None:
     svc = await KVStoreService.start(config)
     # The one line scripts (make up, tests) wait for; stdout, flushed.
     print(f"kvstore listening on {svc.address}", flush=True)
+    if svc.metrics_server is not None:
+        print(f"kvstore metrics on {svc.metrics_server.url}", flush=True)
     await serve_until_signal(svc.server, cleanup=svc.stop)
 
 

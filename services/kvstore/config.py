@@ -30,6 +30,8 @@ class KVStoreConfig:
                                   "MNEMOSYNE_KVSTORE_REAP_INTERVAL_S")
     grace_s: float = _opt(5.0, "shutdown grace period for running RPCs",
                           "MNEMOSYNE_KVSTORE_GRACE_S")
+    metrics_port: int = _opt(0, "port of the Prometheus /metrics endpoint (0 = a free one, "
+                                "printed at start; -1 = none)", "MNEMOSYNE_KVSTORE_METRICS_PORT")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -37,6 +39,8 @@ class KVStoreConfig:
         for name in ("lease_s", "instance_ttl_s", "reap_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"kvstore: {name} must be positive, got {getattr(self, name)}")
+        if not -1 <= self.metrics_port < 65536:
+            raise ConfigError(f"kvstore: metrics_port must be in [-1, 65535], got {self.metrics_port}")
         if self.grace_s < 0:
             raise ConfigError(f"kvstore: grace_s must be >= 0, got {self.grace_s}")
 

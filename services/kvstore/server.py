@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from common.metrics import Metrics
 from common.rpc import convert
 from common.rpc.protos import kvstore_pb2, kvstore_pb2_grpc
 from common.rpc.status import handles_errors
@@ -15,8 +16,9 @@ from services.kvstore.placement import PlacementService
 
 
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
-    def __init__(self, logic: PlacementService) -> None:
+    def __init__(self, logic: PlacementService, metrics: Metrics | None = None) -> None:
         self.logic = logic
+        self.metrics = metrics
 
     @handles_errors
     async def RegisterInstance(self, request, context):
@@ -40,8 +42,15 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @handles_errors
     async def Reserve(self, request, context):
-        p = await asyncio.to_thread(self.logic.reserve, request.request_id, request.num_tokens,
-                                    request.max_new_tokens, request.instance_id or None)
+        try:
+            p = await asyncio.to_thread(self.logic.reserve, request.request_id, request.num_tokens,
+                                        request.max_new_tokens, request.instance_id or None)
+        except Exception as e:
+            if self.metrics is not None:
+                self.metrics.observe_reservation(e)
+            raise
+        if self.metrics is not None:
+            self.metrics.observe_reservation(None)
         return kvstore_pb2.ReserveResponse(placement=convert.placement_to_proto(p))
 
     @handles_errors

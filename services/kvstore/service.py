@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import time
 
 from common.errors import MnemosyneError
 from common.metadata.redis_server import RedisServer
 from common.metadata.store import MetadataStore
+from common.metrics import Metrics, MetricsServer, new_registry, serve_metrics
 from common.rpc import protos
 from common.rpc.protos import kvstore_pb2_grpc
 from common.rpc.server import RpcServer
@@ -23,16 +27,23 @@ from services.kvstore.server import KVStoreServicer
 
 log = logging.getLogger(__name__)
 
+METRICS_REFRESH_S = 1.0       # placements, live instances and lease expiries are read from Redis
+
 
 class KVStoreService:
     def __init__(self, config: KVStoreConfig, store: MetadataStore, server: RpcServer,
-                 logic: PlacementService, redis_server: RedisServer | None) -> None:
+                 logic: PlacementService, redis_server: RedisServer | None,
+                 metrics: Metrics, metrics_server: MetricsServer | None = None) -> None:
         self.config = config
         self.store = store
         self.server = server
         self.logic = logic
+        self.metrics = metrics
+        self.metrics_server = metrics_server    # /metrics endpoint (None: metrics_port = -1)
         self._redis_server = redis_server      # owned: started here when no URL was configured
         self._reaper: asyncio.Task[None] | None = None
+        self._expired_seen: int | None = None   # the store's expiry count at the last refresh
+        self._metrics_at = -1e9
 
     @property
     def port(self) -> int:
@@ -51,16 +62,24 @@ class KVStoreService:
             url = redis_server.url
             log.warning("no Redis URL configured: started a private redis-server at %s", url)
         store = MetadataStore(url, deployment=config.deployment)
+        metrics_server: MetricsServer | None = None
         try:
             await asyncio.to_thread(store.redis.ping)
             logic = PlacementService(store, lease_s=config.lease_s,
                                      instance_ttl_s=config.instance_ttl_s)
+            metrics = Metrics(new_registry(), role="kvstore", pool=config.deployment,
+                              instance=f"kvstore-{socket.gethostname()}-{os.getpid()}")
+            if config.metrics_port >= 0:
+                metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host)
             server = RpcServer(config.host, config.port, grace_s=config.grace_s)
             server.add_service(kvstore_pb2_grpc.add_KVStoreServicer_to_server,
-                               KVStoreServicer(logic), protos.KVSTORE)
-            svc = cls(config, store, server, logic, redis_server)
+                               KVStoreServicer(logic, metrics), protos.KVSTORE)
+            svc = cls(config, store, server, logic, redis_server, metrics, metrics_server)
+            svc._expired_seen = await asyncio.to_thread(store.expired_total)
             await server.start()
         except BaseException:
+            if metrics_server is not None:
+                metrics_server.close()
             store.close()
             if redis_server is not None:
                 redis_server.stop()
@@ -74,11 +93,27 @@ class KVStoreService:
         while True:
             try:
                 await asyncio.to_thread(self.logic.expire)
+                if time.monotonic() - self._metrics_at >= METRICS_REFRESH_S:
+                    self._metrics_at = time.monotonic()
+                    await asyncio.to_thread(self._refresh_metrics)
             except MnemosyneError as e:            # Redis down: keep trying
                 log.warning("lease reaper: %s", e)
             except Exception:                       # noqa: BLE001 - a bug; keep reclaiming
                 log.exception("lease reaper failed")
             await asyncio.sleep(self.config.reap_interval_s)
+
+    def _refresh_metrics(self) -> None:
+        """Live placements and instances, and lease expiries: the count in Redis is deployment-wide
+        (expiries found by any kvstore or by an eager renew/release), so this counter grows by its
+        increase since the last refresh; aggregate it with max, not sum, over kvstore replicas."""
+        expired = self.store.expired_total()
+        if self._expired_seen is not None:
+            self.metrics.add_lease_expiries(expired - self._expired_seen)
+        self._expired_seen = expired
+        self.metrics.set_placements(self.store.num_placements())
+        instances = self.store.list_instances()
+        for role in ("prefill", "decode"):
+            self.metrics.set_live_instances(role, sum(i.role == role for i in instances))
 
     async def stop(self) -> None:
         """Stops serving (graceful), then the reaper, then closes the store. Idempotent."""
@@ -87,6 +122,9 @@ class KVStoreService:
             self._reaper.cancel()
             await asyncio.gather(self._reaper, return_exceptions=True)
             self._reaper = None
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         self.store.close()
         if self._redis_server is not None:
             await asyncio.to_thread(self._redis_server.stop)

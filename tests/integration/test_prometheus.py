@@ -356,3 +356,53 @@ def test_admission_reads_the_load_through_prometheus(prom):
     assert (decode.running_decodes, decode.kv_block_size, decode.kvp_tokens) == (15, 16, 4096)
     assert decode.kv_used_blocks == (50, 50)
     assert decode.iteration_s == pytest.approx(0.03) and prefill.iteration_s == pytest.approx(0.1)
+
+
+# ---- the kvstore's own metrics (a real kvstore over the session's redis-server) ----------------
+
+def test_kvstore_exports_reservations_placements_instances_and_lease_expiries(redis_url):
+    import asyncio
+
+    from common.rpc import client
+    from common.rpc.protos import kvstore_pb2 as pb
+    from common.rpc.protos import kvstore_pb2_grpc
+    from services.kvstore.config import KVStoreConfig
+    from services.kvstore.service import KVStoreService
+    from tests.unit.test_metrics import value
+
+    async def scenario():
+        deployment = f"metrics-{time.monotonic_ns()}"
+        svc = await KVStoreService.start(KVStoreConfig(port=0, redis_url=redis_url, lease_s=0.3,
+                                                       reap_interval_s=0.05, grace_s=0.5,
+                                                       deployment=deployment))
+        try:
+            async with client.aio_channel(svc.address) as ch:
+                stub = kvstore_pb2_grpc.KVStoreStub(ch)
+                await stub.RegisterInstance(pb.RegisterInstanceRequest(instance=pb.InstanceInfo(
+                    instance_id="d0", role=pb.ROLE_DECODE, address="127.0.0.1:7000", block_size=16,
+                    kvp_tokens=64, capacity_blocks=[8, 8])))
+                await stub.Reserve(pb.ReserveRequest(request_id="r1", num_tokens=100))
+                # never fits (INVALID_ARGUMENT); fits an empty instance, not now (RESOURCE_EXHAUSTED)
+                for rid, n, new in (("big", 10_000, 0), ("full", 128, 40)):
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await stub.Reserve(pb.ReserveRequest(request_id=rid, num_tokens=n,
+                                                             max_new_tokens=new))
+            registry = svc.metrics.registry
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not value(
+                    registry, "mnemosyne_kvstore_lease_expiries_total"):
+                await asyncio.sleep(0.1)           # r1 is never renewed: its lease expires
+            body = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(svc.metrics_server.url, timeout=5).read().decode())
+            return registry, body, deployment
+        finally:
+            await svc.stop()
+
+    registry, body, deployment = asyncio.run(scenario())
+    assert value(registry, "mnemosyne_kvstore_reservations_total", outcome="reserved") == 1
+    assert value(registry, "mnemosyne_kvstore_reservations_total", outcome="invalid") == 1
+    assert value(registry, "mnemosyne_kvstore_reservations_total", outcome="no_capacity") == 1
+    assert value(registry, "mnemosyne_kvstore_lease_expiries_total") == 1
+    assert value(registry, "mnemosyne_kvstore_placements") == 0
+    assert value(registry, "mnemosyne_kvstore_live_instances", member_role="decode") == 1
+    assert f'pool="{deployment}"' in body and 'role="kvstore"' in body
