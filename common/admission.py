@@ -15,7 +15,8 @@ Long prompts (>= short_prompt_tokens) are prefilled by the best prefill instance
 instance with room now; short prompts are prefilled by the decode instance that holds them.
 A decode instance has room when every KVP group has the blocks the request needs (prompt split by
 M = kvp_tokens, the last group also holds max_new_tokens; as services/kvstore/placement.split_groups)
-and one more decode keeps its predicted step within the TBT SLO.
+and one more decode keeps its predicted step within the TBT SLO. An instance that reports no KV
+gauges gets no KV check here (the kvstore's reservation still makes it).
 
 Decision, with waited = now - arrival and the request's own SLO (or the default for its prompt class):
   ADMIT  (fits)                waited + ttft <= ttft SLO and a decode instance has room now
@@ -313,9 +314,8 @@ class AdmissionController:
     def queue_length(self) -> int:
         return len(self._queue)
 
-    def queued_ids(self, snapshot_now: float | None = None) -> list[str]:
-        """Queued request ids in LARS order (first = admitted first when room appears)."""
-        now = time.monotonic() if snapshot_now is None else snapshot_now
+    def queued_ids(self, now: float) -> list[str]:
+        """Queued request ids in LARS order at `now` (first = admitted first when room appears)."""
         return [q.request.request_id for q in self._ordered(now)]
 
     def decide(self, req: AdmissionRequest, snapshot: LoadSnapshot, now: float) -> Decision:
@@ -427,14 +427,18 @@ class AdmissionController:
         batch = BatchShape(decodes=(ctx,) * l.running_decodes + (() if extra is None else (extra,)))
         return pool.model.predict(batch)
 
-    def _need(self, req: AdmissionRequest, l: InstanceLoad) -> tuple[int, ...]:
-        return kv_need_blocks(req.prompt_tokens, req.max_new_tokens, max(l.kv_block_size, 1), l.kvp_tokens)
+    @staticmethod
+    def _need(req: AdmissionRequest, l: InstanceLoad) -> tuple[int, ...]:
+        """Blocks per KVP group on `l`; () when `l` does not report its KV (then the kvstore's
+        reservation is the only KV check)."""
+        if not l.kv_free_blocks or l.kv_block_size <= 0:
+            return ()
+        return kv_need_blocks(req.prompt_tokens, req.max_new_tokens, l.kv_block_size, l.kvp_tokens)
 
     def _kv_state(self, req: AdmissionRequest, l: InstanceLoad, tbt_slo: float) -> str:
         """room | kv_full | tbt_full | kv_too_large on decode instance `l`."""
         need = self._need(req, l)
-        if not l.kv_free_blocks or len(need) > len(l.kv_free_blocks) or any(
-                n > c for n, c in zip(need, l.kv_capacity)):
+        if len(need) > len(l.kv_free_blocks) or any(n > c for n, c in zip(need, l.kv_capacity)):
             return "kv_too_large"
         if any(n > f for n, f in zip(need, l.kv_free_blocks)):
             return "kv_full"
@@ -444,7 +448,7 @@ class AdmissionController:
         return "room"
 
     def _headroom(self, req: AdmissionRequest, l: InstanceLoad) -> int:
-        return min(f - n for n, f in zip(self._need(req, l), l.kv_free_blocks))
+        return min((f - n for n, f in zip(self._need(req, l), l.kv_free_blocks)), default=0)
 
     def _effective(self, l: InstanceLoad) -> InstanceLoad:
         """`l` plus the admissions its sample cannot show yet."""

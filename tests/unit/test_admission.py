@@ -126,6 +126,10 @@ def test_kv_need_vs_free_per_group():
     enough_in_total = decode("d1", free=(200, 50), used=(0, 150))   # 250 free, group 1 short
     d = ctl.decide(req, snap(prefill("p1"), enough_in_total), NOW)
     assert (d.outcome, d.reason) == (Outcome.QUEUE, "kv_full")
+    # an instance that does not report its KV is not KV-checked here (the kvstore still is)
+    d = ctl.decide(request("blind", prompt=2000, new=16, ttft_slo_s=10.0),
+                   snap(prefill("p1"), InstanceLoad("d9", "decode", observed_at=NOW)), NOW)
+    assert (d.outcome, d.decode_instance, d.kv_blocks) == (Outcome.ADMIT, "d9", ())
     # more than the instance could ever hold: INVALID_ARGUMENT, no retry
     d = ctl.decide(request("big", prompt=2000, new=5000, ttft_slo_s=10.0),
                    snap(prefill("p1"), decode("d1")), NOW)
@@ -323,3 +327,29 @@ def test_prometheus_source_queries_are_well_formed():
     unreachable = adm.PrometheusSource("http://127.0.0.1:9", timeout_s=0.5).scrape()
     assert unreachable.loads == {} and "gauges" in unreachable.errors
     assert math.isinf(InstanceLoad("x", "decode").observed_at)
+
+
+def test_overload_simulation_admitted_requests_meet_their_ttft_and_the_rest_are_rejected():
+    """One prefill instance (FCFS, 1 ms per token) offered 4x its capacity; its load is scraped every
+    0.5 s. Every admitted request's TTFT is within its SLO, the rest are rejected with a retry hint,
+    and the instance stays busy (admission does not throw the capacity away)."""
+    ctl = controller()
+    busy_until, last_scrape, snapshot = 0.0, -1.0, None
+    ttfts, rejected = [], []
+    for i in range(120):
+        t = NOW + 0.25 * i                                   # 1000-token prompts, 1 s of work each
+        if t - last_scrape >= 0.5:
+            backlog_tokens = int(max(busy_until - t, 0.0) * 1000)
+            snapshot = snap(prefill("p1", queued=backlog_tokens, at=t), decode("d1", at=t,
+                                                                             free=(10 ** 6,) * 8))
+            last_scrape = t
+        d = ctl.decide(request(f"r{i}", prompt=1000, new=0, arrival=t, ttft_slo_s=3.0), snapshot, t)
+        if d.outcome is Outcome.ADMIT:
+            busy_until = max(busy_until, t) + 1.0
+            ttfts.append(busy_until - t)
+        else:
+            assert d.outcome is Outcome.REJECT and d.reason == "ttft_slo" and d.retry_after_s > 0
+            rejected.append(i)
+    assert max(ttfts) <= 3.0 + 1e-9
+    assert len(rejected) >= 80
+    assert len(ttfts) >= 0.9 * 30                          # >= 90% of what 30 s of work can serve
