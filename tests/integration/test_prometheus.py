@@ -1,7 +1,11 @@
-"""deploy/prometheus against the real thing: promtool accepts the config and the rules; a real
-Prometheus (the Debian package, started here on a free port) scrapes four real exporters (router,
-prefill, decode, kvstore registries of common/metrics.py, fed synthetic observations of every
-metric) through the repository's scrape job; then every PromQL expression of the dashboards, the
+"""deploy/prometheus against the real thing.
+
+promtool accepts the config and the rules and passes the alert unit tests
+(deploy/prometheus/tests/alerts_test.yml: multi-window burn, KV full, no decode instance, lease
+expiries counted with max). A real Prometheus (the Debian package, started here on a free port)
+scrapes four real exporters (router, prefill, decode and kvstore registries of common/metrics.py,
+fed synthetic observations of every metric) through the repository's scrape job; then every PromQL
+expression of the dashboards, the
 recording rules, the alerting rules and the admission's Prometheus load source returns data, every
 rule evaluates without error, and every alert is pending or firing (the synthetic load is an
 overload that trips them all). Also: the Kubernetes monitors and the PrometheusRule validate
@@ -47,9 +51,10 @@ needs_prometheus = pytest.mark.skipif(
 # ---- static checks ---------------------------------------------------------------------------
 
 @needs_prometheus
-def test_promtool_accepts_the_config_and_the_rules():
+def test_promtool_accepts_the_config_and_the_rules_and_the_alert_unit_tests_pass():
     for args in (["check", "config", str(DEPLOY / "prometheus.yml")],
-                 ["check", "rules", *map(str, sorted((DEPLOY / "rules").glob("*.yml")))]):
+                 ["check", "rules", *map(str, sorted((DEPLOY / "rules").glob("*.yml")))],
+                 ["test", "rules", str(DEPLOY / "tests/alerts_test.yml")]):
         proc = subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "SUCCESS" in proc.stdout
