@@ -368,12 +368,21 @@ def test_admission_reads_the_load_through_prometheus(prom):
 def test_kvstore_exports_reservations_placements_instances_and_lease_expiries(redis_url):
     import asyncio
 
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
     from common.rpc import client
     from common.rpc.protos import kvstore_pb2 as pb
     from common.rpc.protos import kvstore_pb2_grpc
     from services.kvstore.config import KVStoreConfig
     from services.kvstore.service import KVStoreService
-    from tests.unit.test_metrics import value
+
+    def value(registry, name, **labels):
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for smp in family.samples:
+                if smp.name == name and labels.items() <= smp.labels.items():
+                    return smp.value
+        return None
 
     async def scenario():
         deployment = f"metrics-{time.monotonic_ns()}"
