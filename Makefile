@@ -10,8 +10,13 @@ setup:
 
 proto: setup
 
-# The main job. Runs the built-in model on a long prompt and prints text, TTFT and TBT.
+# The main job: Redis, kvstore, a prefill instance (spp=2), a decode instance (kvp=2) and the router on
+# 127.0.0.1:50051, serving the built-in model. Ctrl-C stops them all.
 up: setup
+	$(PY) scripts/up.py
+
+# Offline: the built-in model answers a question about a long document; prints text, TTFT and TBT.
+demo: setup
 	$(PY) -m common.cli demo
 
 test: setup
