@@ -201,6 +201,7 @@ def test_make_up_script_serves_the_cli_and_stops_on_ctrl_c(model, offline, tmp_p
                            "--kvp-tokens", str(M), "--log-dir", str(tmp_path)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
+    pids: list[int] = []
     try:
         for line in up.stdout:
             lines.append(line)
@@ -226,6 +227,16 @@ def test_make_up_script_serves_the_cli_and_stops_on_ctrl_c(model, offline, tmp_p
         for pid in pids:
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, pid
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(10)
+        if up.poll() is None:                  # a failed check: still stop what up.py started
+            up.send_signal(signal.SIGINT)
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait(10)
+        for pid in pids:                       # each service leads its own process group (grid workers too)
+            try:
+                if "services." in " ".join(psutil.Process(pid).cmdline()):
+                    os.killpg(pid, signal.SIGKILL)
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                pass                           # gone, as it should be
