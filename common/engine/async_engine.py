@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, WorkerFailedError
 
@@ -36,7 +36,7 @@ T = TypeVar("T")
 #: Default deadline of a command (prepare_receive on a grid waits for its workers' acks).
 COMMAND_TIMEOUT_S = 60.0
 #: How long a stream may go without any output before it is failed (the engine is stuck).
-STALL_TIMEOUT_S = 300.0
+STALL_TIMEOUT_S = 600.0
 #: How often the thread looks at pending KV transfers / awaiting requests when it has no step to do.
 POLL_S = 0.005
 #: A grid's kv_status can say "failed" for a moment between a request's last chunk and the workers'
@@ -370,3 +370,28 @@ class AsyncEngine:
             raise WorkerFailedError(f"{self.name} failed: {self._failure}")
         if self._thread is None or self._stopping:
             raise WorkerFailedError(f"{self.name} is not running")
+
+
+async def keep_alive(holder: Any, factory: Callable[[], Any], *, name: str,
+                     on_down: Callable[[MnemosyneError], Awaitable[None]], on_up: Callable[[], Awaitable[None]],
+                     restart: bool = True, poll_s: float = 0.2) -> None:
+    """Supervises `holder.engine` (an AsyncEngine) until cancelled. When it fails: `on_down(error)`
+    (leave the pool: its requests have already failed), shut it down, then, if `restart`, build a
+    fresh one with `factory` (on its own thread), put it in `holder.engine` and `on_up()`."""
+    while True:
+        await asyncio.sleep(poll_s)
+        err = holder.engine.failed
+        if err is None:
+            continue
+        log.error("%s failed (%s): leaving the pool", name, err)
+        await on_down(err)
+        await holder.engine.shutdown()
+        if not restart:
+            return
+        try:
+            holder.engine = await AsyncEngine.start(factory, name=name)
+            await on_up()
+        except Exception:  # noqa: BLE001 - stay out of the pool; the process stays up to be inspected
+            log.exception("%s: restart failed", name)
+            return
+        log.info("%s restarted", name)

@@ -15,7 +15,7 @@ import logging
 import uuid
 
 from common.client import KVStoreClient, Membership
-from common.engine.async_engine import AsyncEngine
+from common.engine.async_engine import AsyncEngine, keep_alive
 from common.metadata.types import Instance
 from common.rpc import protos
 from common.rpc.protos import decode_pb2_grpc
@@ -77,32 +77,20 @@ class DecodeService:
         except BaseException:
             await svc.stop()
             raise
-        svc._supervisor = asyncio.create_task(svc._supervise(), name="decode-supervisor")
+        svc._supervisor = asyncio.create_task(keep_alive(
+            instance, lambda: build_engine(config), name="decode-engine", on_down=svc._leave, on_up=svc._rejoin,
+            restart=config.restart_on_failure), name="decode-supervisor")
         log.info("decode instance %s on %s: %s, KV over %s", instance.instance_id, svc.address,
                  config.engine.parallel, config.engine.kv_backend)
         return svc
 
-    async def _supervise(self) -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            err = self.instance.engine.failed
-            if err is None:
-                continue
-            log.error("decode engine failed (%s): leaving the kvstore", err)
-            await self.server.set_serving(False)
-            await self.membership.stop()
-            await self.instance.engine.shutdown()
-            if not self.config.restart_on_failure:
-                return
-            try:
-                self.instance.engine = await AsyncEngine.start(lambda: build_engine(self.config),
-                                                               name="decode-engine")
-                await self.membership.start()
-            except Exception:  # noqa: BLE001 - stay out of the pool, keep the process inspectable
-                log.exception("decode engine restart failed")
-                return
-            await self.server.set_serving(True)
-            log.info("decode engine restarted; %s is back", self.instance.instance_id)
+    async def _leave(self, err: Exception) -> None:
+        await self.server.set_serving(False)
+        await self.membership.stop()
+
+    async def _rejoin(self) -> None:
+        await self.membership.start()
+        await self.server.set_serving(True)
 
     async def stop(self) -> None:
         """NOT_SERVING and deregistered first, then drain RPCs, then the engine. Idempotent."""

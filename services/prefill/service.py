@@ -14,7 +14,7 @@ import logging
 import uuid
 
 from common.client import KVStoreClient, Membership
-from common.engine.async_engine import AsyncEngine
+from common.engine.async_engine import AsyncEngine, keep_alive
 from common.metadata.types import Instance
 from common.rpc import protos
 from common.rpc.protos import prefill_pb2_grpc
@@ -70,31 +70,19 @@ class PrefillService:
         except BaseException:
             await svc.stop()
             raise
-        svc._supervisor = asyncio.create_task(svc._supervise(), name="prefill-supervisor")
+        svc._supervisor = asyncio.create_task(keep_alive(
+            instance, lambda: build_engine(config), name="prefill-engine", on_down=svc._leave, on_up=svc._rejoin,
+            restart=config.restart_on_failure), name="prefill-supervisor")
         log.info("prefill instance %s on %s: %s", instance.instance_id, svc.address, config.engine.parallel)
         return svc
 
-    async def _supervise(self) -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            err = self.instance.engine.failed
-            if err is None:
-                continue
-            log.error("prefill engine failed (%s): leaving the kvstore", err)
-            await self.server.set_serving(False)
-            await self.membership.stop()
-            await self.instance.engine.shutdown()
-            if not self.config.restart_on_failure:
-                return
-            try:
-                self.instance.engine = await AsyncEngine.start(lambda: build_engine(self.config),
-                                                               name="prefill-engine")
-                await self.membership.start()
-            except Exception:  # noqa: BLE001 - stay out of the pool, keep the process inspectable
-                log.exception("prefill engine restart failed")
-                return
-            await self.server.set_serving(True)
-            log.info("prefill engine restarted; %s is back", self.instance.instance_id)
+    async def _leave(self, err: Exception) -> None:
+        await self.server.set_serving(False)
+        await self.membership.stop()
+
+    async def _rejoin(self) -> None:
+        await self.membership.start()
+        await self.server.set_serving(True)
 
     async def stop(self) -> None:
         """Deregistered first, then drain RPCs, then the engine. Idempotent."""
