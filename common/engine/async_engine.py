@@ -153,7 +153,7 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> bool:
         """Aborts a request (frees its blocks, pending KV expectations included); False if unknown.
-        Its stream, if open, ends with a RequestAbortedError-free finish (finish_reason ABORT)."""
+        Its stream, if open, ends with an output whose finish_reason is ABORT."""
         if self._failure is not None:
             return False
         return await self.call(lambda e: self._abort(e, request_id))
