@@ -28,6 +28,8 @@ class Disaggregation:
         mc = engine.model_config
         self.layout = kv_layout(mc, engine.cfg.cache, engine.cfg.dtype, mc.num_kv_heads)
         self.sinks: dict[str, KVSink] = {}
+        self.streaming: set[str] = set()                        # rids whose KV is being sent
+        self.final: dict[str, tuple[str, str | None]] = {}      # terminal kv_status, kept briefly
         self.prepared: dict[str, int] = {}                      # rid -> prompt tokens expected
         self.arrived: dict[str, tuple[str, str | None]] = {}    # rid -> terminal receive state
         self.awaiting: dict[str, tuple[Request, float]] = {}    # rid -> (request, KV deadline)
@@ -60,9 +62,19 @@ class Disaggregation:
                 del self.sinks[rid]
 
     def kv_status(self, request_id: str) -> tuple[str, str | None]:
-        if self._streamer is None:
+        """pending / done / failed; a terminal answer releases the staged KV copies and is remembered."""
+        if request_id in self.final:
+            return self.final[request_id]
+        if self._streamer is None or request_id not in self.streaming:
             return "failed", f"request {request_id} streams no KV"
-        return self.streamer.status(request_id)
+        result = self.streamer.status(request_id)
+        if result[0] != "pending":
+            self.streamer.forget(request_id)
+            self.streaming.discard(request_id)
+            self.final[request_id] = result
+            while len(self.final) > 4096:
+                self.final.pop(next(iter(self.final)))
+        return result
 
     # ---- decode role -------------------------------------------------------------------------------
     def prepare_receive(self, rid: str, num_prompt_tokens: int, max_new_tokens: int) -> list[GroupSink]:
@@ -119,8 +131,10 @@ class Disaggregation:
         return StepOutput(req.request_id, None, None, req.num_computed, req.prompt_len, reason, error)
 
     def abort(self, rid: str) -> bool:
-        found = rid in self.prepared or rid in self.sinks
+        found = rid in self.prepared or rid in self.sinks or rid in self.streaming
         self.sinks.pop(rid, None)
+        self.streaming.discard(rid)
+        self.final.pop(rid, None)
         if self._streamer is not None:
             self._streamer.forget(rid)
         if rid in self.prepared:

@@ -24,6 +24,8 @@ class GridDisaggregation:
     def __init__(self, engine: "ParallelEngine") -> None:
         self.e = engine
         self.sinks: dict[str, KVSink] = {}
+        self.streaming: set[str] = set()                                  # attached, not yet all reported
+        self.final: dict[str, tuple[str, str | None]] = {}                # terminal kv_status, kept briefly
         self.sent: dict[str, dict[int, tuple[str, str | None]]] = {}     # rid -> rank -> state
         self.recv: dict[str, dict[int, tuple[str, str | None]]] = {}
         self.acks: dict[str, dict[int, dict]] = {}
@@ -52,22 +54,34 @@ class GridDisaggregation:
         if self.e.pcfg.kvp > 1:
             raise ConfigError("a prefill grid that streams KV must have kvp = 1")
         self.sinks[rid] = sink
+        self.streaming.add(rid)
 
     def sink_for(self, rid: str, start: int) -> dict | None:
         sink = self.sinks.get(rid)
         return sink.to_dict() if sink is not None and start == 0 else None
 
     def kv_status(self, rid: str) -> tuple[str, str | None]:
+        """pending until every worker reported its part; then done, or failed with the first reason.
+        A terminal answer is remembered (bounded) so that repeated queries agree."""
         self.e.drain()
-        states = self.sent.get(rid, {})
-        for state, reason in states.values():
-            if state == "failed":
-                return "failed", reason
-        if rid not in self.sinks and not states:
+        if rid in self.final:
+            return self.final[rid]
+        if rid not in self.streaming:
             return "failed", f"request {rid} streams no KV"
-        if len(states) == self.e.pcfg.world_size:
-            return "done", None
-        return "pending", None
+        states = self.sent.get(rid, {})
+        failed = [reason for state, reason in states.values() if state == "failed"]
+        if failed:
+            result = ("failed", failed[0])
+        elif len(states) == self.e.pcfg.world_size:
+            result = ("done", None)
+        else:
+            return "pending", None
+        self.streaming.discard(rid)
+        self.sent.pop(rid, None)
+        self.final[rid] = result
+        while len(self.final) > 4096:
+            self.final.pop(next(iter(self.final)))
+        return result
 
     # ---- decode role -----------------------------------------------------------------------------------
     def prepare_receive(self, rid: str, num_tokens: int, max_new_tokens: int, timeout_s: float = 30.0
@@ -141,9 +155,11 @@ class GridDisaggregation:
         return StepOutput(req.request_id, None, None, req.num_computed, req.prompt_len, reason, error)
 
     def abort(self, rid: str) -> bool:
-        found = rid in self.prepared or rid in self.sinks
+        found = rid in self.prepared or rid in self.sinks or rid in self.streaming
         self.sinks.pop(rid, None)
         self.sent.pop(rid, None)
+        self.streaming.discard(rid)
+        self.final.pop(rid, None)
         if found:
             self.e.control.broadcast(json.dumps({"cmd": "cancel", "rid": rid}).encode())
         if rid in self.prepared and rid not in self.e.scheduler.requests:
