@@ -18,11 +18,13 @@ from common.engine.disagg import Disaggregation
 from common.engine.kv_sink import GroupSink, KVSink
 from common.engine.model_runner import ModelRunner
 from common.engine.sampler import Sampler
+from common.engine.stream import RequestStream, StreamHub
 from common.errors import CapacityError, InvalidRequestError
 from common.kv_cache.block_pool import BlockPool
 from common.kv_cache.paged import PagedKVCache
 from common.model.llama import LlamaModel
 from common.model.loader import Checkpoint, load_checkpoint
+from common.perf_model.base import PerfModel
 from common.sampling_params import SamplingParams
 from common.scheduler.request import FinishReason, Request
 from common.scheduler.scheduler import Scheduler
@@ -76,9 +78,12 @@ def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, 
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, checkpoint: Checkpoint | None = None,
-                 extra_eos_ids: Iterable[int] = ()) -> None:
+                 extra_eos_ids: Iterable[int] = (), perf_model: PerfModel | None = None) -> None:
         """`extra_eos_ids`: stop tokens besides the model config's, e.g. the tokenizer's (SmolLM2's
-        chat turns end with <|im_end|>). Every request stops on their union unless ignore_eos."""
+        chat turns end with <|im_end|>). Every request stops on their union unless ignore_eos.
+        `perf_model`: predicts iteration times for adaptive chunking and LARS; when they are
+        configured and none is given, the saved profile for this machine (common/engine/profile.py)
+        or else the analytic roofline is used."""
         self.cfg = cfg
         self.checkpoint = checkpoint or load_checkpoint(cfg.model)
         self.model_config = self.checkpoint.config
@@ -92,20 +97,28 @@ class LLMEngine:
         self.cache = PagedKVCache(range(mc.num_layers), num_blocks, cfg.cache.block_size, mc.num_kv_heads,
                                   mc.head_dim, self.dtype, cfg.device)
         self.backend = get_backend(cfg.attention_backend, cfg.device)
-        self.scheduler = Scheduler(cfg.scheduler, self.pool)
+        if perf_model is None and (cfg.scheduler.chunking == "adaptive" or cfg.scheduler.policy == "lars"):
+            from common.engine.profile import load_perf_model
+            perf_model = load_perf_model(self)
+        self.perf_model = perf_model
+        self.scheduler = Scheduler(cfg.scheduler, self.pool, perf_model=perf_model)
         self.runner = ModelRunner(self.model, self.cache, self.pool, self.backend, cfg.device)
         self.sampler = Sampler()
+        self.streams = StreamHub()
         self._ids = itertools.count()
         self.disagg = Disaggregation(self)
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_s: float | None = None, ttft_deadline_s: float | None = None,
-                    kv_sink: KVSink | None = None) -> str:
-        """kv_sink: stream this request's KV, chunk by chunk, to a decode instance (prefill role)."""
+                    kv_sink: KVSink | None = None, tbt_slo_s: float | None = None) -> str:
+        """kv_sink: stream this request's KV, chunk by chunk, to a decode instance (prefill role).
+        ttft_deadline_s: absolute (time.monotonic clock) deadline of the first token; tbt_slo_s: the
+        time between tokens promised (both steer LARS and the decode budget)."""
         validate_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens)
         rid = request_id or f"req-{next(self._ids)}"
         req = self.make_request(rid, prompt_ids, params, arrival_s, ttft_deadline_s)
+        req.tbt_slo_s = tbt_slo_s
         self.scheduler.add(req)
         if kv_sink is not None:
             self.disagg.sinks[rid] = kv_sink
@@ -119,7 +132,21 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         self.sampler.forget(request_id)
         found = self.disagg.abort(request_id)
-        return self.scheduler.abort(request_id) is not None or found
+        found = self.scheduler.abort(request_id) is not None or found
+        if found:
+            self.streams.aborted(request_id)
+        return found
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+               **kwargs) -> RequestStream:
+        """Adds a request and returns an iterator of its TokenEvents (see common/engine/stream.py);
+        kwargs as add_request. Iterating steps the engine, so other requests advance too."""
+        rid = self.add_request(prompt_ids, params, request_id, **kwargs)
+        return RequestStream(self, rid)
+
+    def subscribe(self, request_id: str, callback) -> None:
+        """Calls `callback(TokenEvent)` for each new token of the request, and once when it ends."""
+        self.streams.subscribe(request_id, callback)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.disagg.awaiting)
@@ -148,6 +175,7 @@ class LLMEngine:
         early = self.disagg.admit_arrived()
         sched = self.scheduler.schedule()
         if not sched.items:
+            self.streams.publish(early)
             return early
         logits = self.runner.run(sched.items)
         self.disagg.stream(sched.items)
@@ -164,6 +192,7 @@ class LLMEngine:
                 self.sampler.forget(req.request_id)
             outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
                                    req.num_computed, req.prompt_len, req.finish_reason))
+        self.streams.publish(early + outs)
         return early + outs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:

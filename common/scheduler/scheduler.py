@@ -164,14 +164,15 @@ class Scheduler:
                     and req.request_id not in scheduled:
                 if req in self.running and take(req, 1):
                     budget -= 1
-                elif req in self.running and not req.num_inflight:
+                elif req in self.running and not req.num_inflight and self._fits_alone(req):
                     self._preempt(req, out)
         # 2. prefills: running ones first (in arrival order), then waiting ones
         candidates = [r for r in self.running if r.request_id not in scheduled] + list(self.waiting)
         for req in candidates:
             if len(out.items) >= self.cfg.max_num_seqs or budget <= 0:
                 break
-            if req.request_id in scheduled or req.request_id not in self.requests:
+            if req.request_id in scheduled or req.request_id not in self.requests \
+                    or not self._fits_alone(req):
                 continue
             n = self.chunk_for(req, budget)
             if n <= 0:
@@ -203,7 +204,7 @@ class Scheduler:
             ctx = req.num_computed
             if self._take(req, 1, out, scheduled):
                 batch = batch.with_decode(ctx)
-            elif req in self.running and not req.num_inflight:
+            elif req in self.running and not req.num_inflight and self._fits_alone(req):
                 self._preempt(req, out)
 
         # 2. prefill chunks, planned against the budget (a tighter TBT SLO of a decode here lowers it)
@@ -281,6 +282,12 @@ class Scheduler:
         return done
 
     # ---- preemption ------------------------------------------------------------------------------
+    def _fits_alone(self, req: Request) -> bool:
+        """Whether the whole cache could hold its next step. If not, preempting it to recompute is
+        pointless (it would stall at the same place, or loop when the recompute lands exactly on
+        its last token): it stays, unscheduled, and the engine reports that it cannot progress."""
+        return self.pool.blocks_for(req.num_tokens) <= self.pool.num_blocks
+
     def _preempt_one(self, exclude: set[str], out: SchedulerOutput) -> bool:
         for victim in reversed(self.running):             # latest arrival loses its place first
             if victim.request_id not in exclude and not victim.num_inflight:
