@@ -1,12 +1,16 @@
 """A performance model fitted on profiled iterations of the real engine (numpy, no torch).
 
-time = a * tokens + b * attention pairs + c * decode KV tokens + d * sequences + e   (all >= 0)
+time = a * tokens + b * attention pairs + c * decode KV tokens + d * sequences + e
+       + f * prefill chunks + g * prefill context tokens                       (all coefficients >= 0)
   tokens          prefill chunk tokens + decodes (the linears' work)
   attention pairs sum over chunks of n * (ctx + n/2) (query-key pairs a chunk computes)
   decode KV tokens sum over decodes of ctx + 1 (KV read by decode attention)
   sequences       one LM-head row, sampling and bookkeeping per sequence
   constant        per-iteration overhead (only for a non-empty batch)
+  prefill chunks  what a chunk costs beyond a decode (more attention calls and merges per layer)
+  prefill context sum over chunks of ctx: reading (gathering) the cached KV, whatever the chunk size
 ctx is what the slowest KVP group holds (min(ctx, M)) when the model was fitted with kvp_tokens.
+The first five are the format-1 model; a 5-coefficient model leaves the last two at 0.
 The coefficients come from non-negative least squares on relative errors (every row divided by its
 measured time), so small and large batches count alike, as the held-out metric does.
 
@@ -33,8 +37,9 @@ from common.scheduler.types import BatchShape
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("token", "attn_pair", "kv_token", "seq", "const")
-FORMAT_VERSION = 1
+FEATURES = ("token", "attn_pair", "kv_token", "seq", "const", "prefill_seq", "prefill_ctx")
+LEGACY_FEATURES = 5                        # format 1: the first five
+FORMAT_VERSION = 2
 
 Sample = tuple[BatchShape, float]          # (batch, measured seconds)
 
@@ -76,15 +81,19 @@ def features(batch: BatchShape, kvp_tokens: int | None = None) -> list[float]:
 
     pairs = sum(n * (shard(c) + n / 2) for n, c in batch.prefills)
     kv = sum(shard(c) + 1 for c in batch.decodes)
-    return [float(batch.num_tokens), float(pairs), float(kv), float(batch.num_seqs), 1.0]
+    ctx = sum(shard(c) for _, c in batch.prefills)
+    return [float(batch.num_tokens), float(pairs), float(kv), float(batch.num_seqs), 1.0,
+            float(len(batch.prefills)), float(ctx)]
 
 
 class CalibratedModel:
     def __init__(self, coefficients: Sequence[float], key: ProfileKey | None = None,
                  kvp_tokens: int | None = None, fit_info: dict | None = None) -> None:
-        if len(coefficients) != len(FEATURES):
+        if len(coefficients) not in (LEGACY_FEATURES, len(FEATURES)):
             raise ConfigError(f"calibrated model needs {len(FEATURES)} coefficients "
-                              f"({', '.join(FEATURES)}), got {len(coefficients)}")
+                              f"({', '.join(FEATURES)}) or the first {LEGACY_FEATURES}, "
+                              f"got {len(coefficients)}")
+        coefficients = list(coefficients) + [0.0] * (len(FEATURES) - len(coefficients))
         if any(c < 0 for c in coefficients):
             raise ConfigError(f"calibrated model coefficients must be >= 0, got {list(coefficients)}")
         self.coefficients = tuple(float(c) for c in coefficients)
@@ -118,7 +127,9 @@ class CalibratedModel:
     def load(cls, path: str | os.PathLike, expected: ProfileKey) -> "CalibratedModel":
         """Reads a saved model; ConfigError if it was profiled for another key or format."""
         data = json.loads(Path(path).read_text())
-        if data.get("version") != FORMAT_VERSION or tuple(data.get("features", ())) != FEATURES:
+        names = tuple(data.get("features", ()))
+        if data.get("version") not in (1, FORMAT_VERSION) or names not in (FEATURES,
+                                                                          FEATURES[:LEGACY_FEATURES]):
             raise ConfigError(f"{path}: performance profile format {data.get('version')} / features "
                               f"{data.get('features')} is not {FORMAT_VERSION} / {list(FEATURES)}")
         key = ProfileKey(**data["key"])

@@ -36,7 +36,7 @@ def test_scheduler_and_perf_model_never_import_torch():
     mods = ["common.scheduler.types", "common.scheduler.policy", "common.scheduler.chunking",
             "common.scheduler.planner", "common.scheduler.simulate", "common.perf_model.base",
             "common.perf_model.analytic", "common.perf_model.calibrated",
-            "common.perf_model.prefill_table"]
+            "common.perf_model.prefill_table", "common.scheduler.scheduler"]
     code = ("import importlib, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
@@ -203,3 +203,23 @@ def test_prefill_table_sums_adaptive_chunks():
     ts = [table.time(l) for l in range(0, 200_001, 10_000)]
     incr = [b - a for a, b in zip(ts, ts[1:])]
     assert incr == sorted(incr)                                           # quadratic attention: convex
+
+
+def test_prefill_chunk_and_context_features():
+    """Format 2 adds a per-chunk cost and a cost per cached token a chunk reads; format-1 (five
+    coefficient) models and files still work, with those at 0."""
+    m = CalibratedModel([0, 0, 0, 0, 0, 2e-3, 1e-6])
+    assert m.predict(prefill(64, 1000)) == pytest.approx(2e-3 + 1e-6 * 1000)
+    assert m.predict(BatchShape(decodes=(1000,))) == 0.0
+    two = BatchShape(((32, 0), (32, 500)))
+    assert m.predict(two) == pytest.approx(2 * 2e-3 + 1e-6 * 500)
+    assert CalibratedModel(TRUE).coefficients == tuple(TRUE) + (0.0, 0.0)
+
+
+def test_format_1_profile_still_loads(tmp_path):
+    key = ProfileKey.make("cpu-test", TINY, "float32")
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps({"version": 1, "key": key.__dict__, "features": list(FEATURES[:5]),
+                                "coefficients": TRUE, "kvp_tokens": None, "fit": {}}))
+    b = prefill(512, 4096).with_decode(100)
+    assert CalibratedModel.load(path, key).predict(b) == pytest.approx(CalibratedModel(TRUE).predict(b))

@@ -1,0 +1,284 @@
+"""Calibrating the performance model on this machine: time the real engine on synthetic batches.
+
+`calibrate(engine)` runs the engine's own forward pass (ModelRunner + Sampler, what one engine step
+costs besides Python bookkeeping) on synthetic batches — prefill chunks of several sizes over several
+context lengths, decode batches of several sizes and context lengths, and mixes of both — fits
+`CalibratedModel` on a training split, reports the median relative error on the held-out split, and
+saves the model as JSON under its `ProfileKey` (hardware incl. CPU model and torch thread count,
+model shape, dtype, parallel layout). A later call with the same key reuses the file.
+
+Timing on a shared machine: every batch is run `repeats` times, round-robin over all batches (so a
+burst of background load hits many batches once rather than one batch every time), after a short
+warm-up; its time is the median of its repeats. Both wall-clock and process CPU time are recorded:
+the model is fitted on the wall clock (what an iteration takes, what the scheduler budgets) unless
+the spec says `clock="cpu"`; the CPU-time fit's error is reported too, since it shows the model's
+accuracy without the other processes that share the machine.
+
+Block tables are deliberately scattered (every sequence's blocks interleaved with others'), as they
+are in a cache that has served many requests: the KV gather then copies, as it does in serving. The
+cache contents are whatever the blocks hold: cost does not depend on them. Profiling needs an idle
+engine (its blocks are borrowed and returned).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from common.errors import ConfigError
+from common.perf_model.analytic import DTYPE_BYTES, HARDWARE, AnalyticModel, Hardware, hardware
+from common.perf_model.base import PerfModel
+from common.perf_model.calibrated import (CalibratedModel, ProfileKey, Sample, fit_from_samples,
+                                          held_out_error, load_or_fallback, split_samples)
+from common.sampling_params import SamplingParams
+from common.scheduler.request import Request
+from common.scheduler.scheduler import ScheduledItem
+from common.scheduler.types import BatchShape
+
+if TYPE_CHECKING:
+    from common.engine.engine import LLMEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """Which synthetic batches to time. Sizes beyond the engine's cache or max_model_len are dropped."""
+    chunk_sizes: tuple[int, ...] = (32, 64, 128, 256)
+    contexts: tuple[int, ...] = (0, 512, 1024, 2048)
+    decode_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    decode_contexts: tuple[int, ...] = (64, 512, 1024, 2048)
+    num_prefill: int = 16          # single prefill chunks, drawn from the grid
+    num_decode: int = 12           # decode-only batches
+    num_mixed: int = 20            # decodes + one or two prefill chunks
+    repeats: int = 3
+    warmup: int = 1                # untimed passes over all batches first
+    holdout: float = 0.25
+    seed: int = 0
+    clock: str = "wall"            # wall | cpu: which time the model is fitted on
+
+    def __post_init__(self) -> None:
+        if min(self.chunk_sizes + self.decode_sizes, default=0) <= 0 or not self.contexts \
+                or not self.decode_contexts or min(self.contexts + self.decode_contexts) < 0:
+            raise ConfigError(f"profile spec: sizes must be positive and contexts >= 0: {self}")
+        if self.repeats < 1 or self.warmup < 0 or min(self.num_prefill, self.num_decode,
+                                                       self.num_mixed) < 0:
+            raise ConfigError(f"profile spec: repeats must be >= 1 and counts >= 0: {self}")
+        if self.clock not in ("wall", "cpu"):
+            raise ConfigError(f"profile spec: clock must be 'wall' or 'cpu', got {self.clock!r}")
+
+
+@dataclass(frozen=True)
+class Timing:
+    batch: BatchShape
+    wall_s: float                  # medians over the repeats
+    cpu_s: float                   # process CPU time (all threads)
+
+    def sample(self, clock: str) -> Sample:
+        return self.batch, self.wall_s if clock == "wall" else self.cpu_s
+
+
+@dataclass
+class Calibration:
+    model: CalibratedModel
+    held_out_error: float          # median |predicted - measured| / measured on held-out batches
+    path: Path
+    reused: bool                   # loaded from `path` instead of profiled now
+    timings: list[Timing] = field(default_factory=list)    # if profiled now
+    held_out: list[Sample] = field(default_factory=list)
+    cpu_held_out_error: float | None = None                 # the same fit on CPU time
+
+
+# ---- keys and paths --------------------------------------------------------------------------------
+def hardware_id(device: str | torch.device = "cpu") -> str:
+    """What the timings depend on besides the model: the processor and how many threads torch uses."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "cuda-" + torch.cuda.get_device_name(dev).replace(" ", "_")
+    cpu = _cpu_name() or platform.machine() or "unknown"
+    return f"cpu-{cpu.replace(' ', '_')}-{torch.get_num_threads()}t"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def profile_key(engine: "LLMEngine") -> ProfileKey:
+    return ProfileKey.make(hardware_id(engine.cfg.device), engine.model_config, engine.cfg.dtype,
+                           engine.cfg.parallel)
+
+
+def default_profile_path(key: ProfileKey) -> Path:
+    """<cache dir>/perf/<hash of the key>.json (cache dir: $MNEMOSYNE_CACHE or ~/.cache/mnemosyne)."""
+    from common.model.gguf_loader import default_cache_dir
+    digest = hashlib.sha256(json.dumps(asdict(key), sort_keys=True).encode()).hexdigest()[:16]
+    return default_cache_dir() / "perf" / f"{digest}.json"
+
+
+def analytic_model(engine: "LLMEngine") -> AnalyticModel:
+    """The roofline fallback for this engine's model, dtype and layout (CPU presets on CPU)."""
+    dev = torch.device(engine.cfg.device).type
+    name = f"{dev}-{engine.cfg.dtype}"
+    hw: Hardware = HARDWARE.get(name) or hardware(f"cpu-{engine.cfg.dtype}")
+    return AnalyticModel(engine.model_config, hw, engine.cfg.parallel, DTYPE_BYTES[engine.cfg.dtype])
+
+
+def load_perf_model(engine: "LLMEngine", path: str | Path | None = None) -> PerfModel:
+    """The saved calibrated model for this engine's key, else the analytic roofline (logged)."""
+    key = profile_key(engine)
+    return load_or_fallback(Path(path) if path else default_profile_path(key), key, analytic_model(engine))
+
+
+# ---- synthetic batches -----------------------------------------------------------------------------
+def synthetic_batches(spec: ProfileSpec, max_len: int, max_kv_tokens: int) -> list[BatchShape]:
+    """Deterministic draws from the spec's grid that fit max_len (per sequence) and the cache."""
+    rng = random.Random(spec.seed)
+    chunks = [n for n in spec.chunk_sizes if n < max_len]
+    ctxs = [c for c in spec.contexts if min(chunks, default=max_len) + c < max_len]
+    dctxs = [c for c in spec.decode_contexts if c + 1 < max_len]
+    if not chunks or not ctxs or not dctxs:
+        raise ConfigError(f"profile spec has no batch that fits max_model_len {max_len}")
+
+    def prefill() -> tuple[int, int]:
+        n = rng.choice(chunks)
+        return n, rng.choice([c for c in ctxs if n + c < max_len] or [0])
+
+    def decodes(k: int) -> list[int]:
+        return [rng.choice(dctxs) for _ in range(k)]
+
+    out: list[BatchShape] = []
+    for _ in range(spec.num_prefill):
+        out.append(BatchShape((prefill(),)))
+    for _ in range(spec.num_decode):
+        out.append(BatchShape(decodes=tuple(decodes(rng.choice(spec.decode_sizes)))))
+    for _ in range(spec.num_mixed):
+        pre = tuple(prefill() for _ in range(rng.choice((1, 1, 2))))
+        out.append(BatchShape(pre, tuple(decodes(rng.choice(spec.decode_sizes)))))
+    return [b for b in out if kv_tokens(b) <= max_kv_tokens]
+
+
+def kv_tokens(batch: BatchShape) -> int:
+    return sum(n + c for n, c in batch.prefills) + sum(c + 1 for c in batch.decodes)
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+class _Runner:
+    """Runs a BatchShape through the engine's model runner and sampler on borrowed blocks."""
+
+    def __init__(self, engine: "LLMEngine") -> None:
+        if engine.has_unfinished() or engine.pool.num_used:
+            raise ConfigError("profiling needs an idle engine (no requests, no used KV blocks)")
+        self.e = engine
+        self.params = SamplingParams(max_tokens=1)
+
+    def items(self, batch: BatchShape, tag: str) -> list[ScheduledItem]:
+        items = [self._item(f"{tag}-p{i}", ctx, n, False) for i, (n, ctx) in enumerate(batch.prefills)]
+        items += [self._item(f"{tag}-d{i}", ctx, 1, True) for i, ctx in enumerate(batch.decodes)]
+        # one block at a time for every sequence in turn, plus a spacer block after each round
+        pool, bs = self.e.pool, self.e.pool.block_size
+        need = {it.request.request_id: it.start + it.num_tokens for it in items}
+        spacer = f"{tag}-spacer"
+        rounds = max(pool.blocks_for(t) for t in need.values())
+        for k in range(1, rounds + 1):
+            for rid, total in need.items():
+                if pool.blocks_for(total) >= k:
+                    pool.allocate(rid, min(k * bs, total))
+            if pool.num_free > sum(pool.blocks_for(t) - len(pool.table(r)) for r, t in need.items()):
+                pool.allocate(spacer, k * bs)
+        pool.free(spacer)
+        return items
+
+    def _item(self, rid: str, ctx: int, n: int, sample: bool) -> ScheduledItem:
+        return ScheduledItem(Request(rid, [1] * (ctx + n), self.params, 0.0), ctx, n, sample)
+
+    def release(self, items: list[ScheduledItem]) -> None:
+        for it in items:
+            self.e.pool.free(it.request.request_id)
+
+    def time(self, items: list[ScheduledItem]) -> tuple[float, float]:
+        """(wall, CPU) seconds of the forward pass and the sampling of its sampling rows."""
+        samplers = [it for it in items if it.sample]
+        w0, c0 = time.perf_counter(), time.process_time()
+        logits = self.e.runner.run(items)
+        if samplers:
+            self.e.sampler.sample(logits, [it.request.request_id for it in samplers],
+                                  [self.params] * len(samplers))
+        return time.perf_counter() - w0, time.process_time() - c0
+
+    def run(self, batch: BatchShape, tag: str) -> tuple[float, float]:
+        items = self.items(batch, tag)
+        try:
+            return self.time(items)
+        finally:
+            self.release(items)
+
+
+def measure(engine: "LLMEngine", batches: Sequence[BatchShape], repeats: int = 3,
+            warmup: int = 1) -> list[Timing]:
+    """Median wall and CPU time over `repeats` of each batch, timed round-robin after `warmup`
+    untimed passes (allocator, kernels, caches)."""
+    runner = _Runner(engine)
+    for _ in range(warmup):
+        for i, b in enumerate(batches):
+            runner.run(b, f"__profile-warm{i}")
+    times: list[list[tuple[float, float]]] = [[] for _ in batches]
+    for _ in range(repeats):
+        for i, b in enumerate(batches):
+            times[i].append(runner.run(b, f"__profile-{i}"))
+    return [Timing(b, statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
+            for b, ts in zip(batches, times)]
+
+
+def profile(engine: "LLMEngine", spec: ProfileSpec = ProfileSpec()) -> list[Timing]:
+    max_len = engine.max_model_len
+    max_kv = engine.pool.num_blocks * engine.pool.block_size
+    return measure(engine, synthetic_batches(spec, max_len, max_kv), spec.repeats, spec.warmup)
+
+
+def calibrate(engine: "LLMEngine", spec: ProfileSpec = ProfileSpec(), path: str | Path | None = None,
+              reuse: bool = True) -> Calibration:
+    """Profiles (or reuses the saved profile for this engine's key), fits, reports, saves."""
+    key = profile_key(engine)
+    path = Path(path) if path else default_profile_path(key)
+    if reuse and path.exists():
+        try:
+            model = CalibratedModel.load(path, key)
+            log.info("reusing performance profile %s (%s)", path, key)
+            return Calibration(model, float(model.fit_info.get("held_out_median_rel_err", float("nan"))),
+                               path, True)
+        except (ConfigError, KeyError, ValueError) as e:
+            log.warning("not reusing %s: %s", path, e)
+    t0 = time.monotonic()
+    timings = profile(engine, spec)
+    kvp_tokens = engine.cfg.parallel.kvp_tokens if engine.cfg.parallel.kvp > 1 else None
+    errors = {}
+    for clock in ("wall", "cpu"):
+        train, held = split_samples([t.sample(clock) for t in timings], spec.holdout, spec.seed)
+        fitted = fit_from_samples(train, key, kvp_tokens)
+        errors[clock] = held_out_error(fitted, held)
+        if clock == spec.clock:
+            model, held_out = fitted, held
+    model.fit_info.update(held_out_median_rel_err=errors[spec.clock], num_held_out=len(held_out),
+                          wall_held_out_median_rel_err=errors["wall"],
+                          cpu_held_out_median_rel_err=errors["cpu"],
+                          profile_seconds=round(time.monotonic() - t0, 1), spec=asdict(spec))
+    model.save(path)
+    log.info("performance profile %s: %d batches, held-out median error %.1f%% (%s clock; CPU "
+             "time %.1f%%)", path, len(timings), 100 * errors[spec.clock], spec.clock,
+             100 * errors["cpu"])
+    return Calibration(model, errors[spec.clock], path, False, timings, held_out, errors["cpu"])
