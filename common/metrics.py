@@ -512,6 +512,13 @@ class RequestRecorder:
         self._active.dec()
 
 
+def kv_transfer_bytes(layout: Any, num_tokens: int, tp: int = 1) -> int:
+    """Bytes of the KV of `num_tokens` tokens over all `tp` ranks (K and V, every layer) for a
+    common.kv_transfer.KVLayout (num_layers, num_kv_heads per rank, head_dim, dtype)."""
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(layout.dtype), 4)
+    return num_tokens * layout.num_layers * 2 * layout.num_kv_heads * tp * layout.head_dim * dtype_bytes
+
+
 # ---- gRPC: errors by status code -----------------------------------------------------------
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

@@ -52,6 +52,8 @@ class EngineStats:
     waiting: int = 0
     total_blocks: tuple[int, ...] = ()      # per KVP group
     free_blocks: tuple[int, ...] = ()
+    queued_prefill_tokens: int = 0          # prompt tokens of unfinished requests not yet prefilled
+    running_decodes: int = 0                # requests past their prefill
 
 
 def engine_stats(engine: Any) -> EngineStats:
@@ -59,9 +61,61 @@ def engine_stats(engine: Any) -> EngineStats:
     pools = engine.blocks.pools if hasattr(engine, "blocks") else [engine.pool]
     sched = engine.scheduler
     awaiting = len(engine.disagg.awaiting)
+    reqs = list(sched.running) + list(sched.waiting)
+    queued = sum(max(r.prompt_len - r.num_computed, 0) for r in reqs)
+    decoding = sum(1 for r in sched.running if r.num_computed >= r.prompt_len)
     return EngineStats(running=len(sched.running), waiting=len(sched.waiting) + awaiting,
                        total_blocks=tuple(p.num_blocks for p in pools),
-                       free_blocks=tuple(p.num_free for p in pools))
+                       free_blocks=tuple(p.num_free for p in pools),
+                       queued_prefill_tokens=queued, running_decodes=decoding)
+
+
+class StepRecorder:
+    """Turns the engine thread's steps into metrics (common/metrics.py), from the StepOutputs alone:
+    a request's prefill chunk is the growth of its num_computed within the prompt, a generated
+    token is an output with a token, the batch is the requests that advanced. Engine thread only.
+
+    `track(request_id, computed)` when a request is added (computed = prompt tokens whose KV it
+    already has: 0, or the whole prompt for a prefilled request arriving on a decode instance)."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+        self._computed: dict[str, int] = {}
+
+    def track(self, request_id: str, computed: int) -> None:
+        self._computed[request_id] = computed
+
+    def forget(self, request_id: str) -> None:
+        self._computed.pop(request_id, None)
+
+    def step(self, seconds: float, outs: list, stats: EngineStats) -> None:
+        chunks, generated, seqs = [], 0, 0
+        for o in outs:
+            prev = self._computed.get(o.request_id)
+            advanced = o.token_id is not None
+            if prev is not None:
+                if o.num_computed < prev:             # preempted: recomputes from the start
+                    prev = 0
+                chunk = min(o.num_computed, o.prompt_len) - min(prev, o.prompt_len)
+                if chunk > 0:
+                    chunks.append(chunk)
+                    advanced = True
+                self._computed[o.request_id] = o.num_computed
+            if o.token_id is not None:
+                generated += 1
+            seqs += advanced
+            if o.finish_reason is not None or o.error is not None:
+                self._computed.pop(o.request_id, None)
+        if seqs:
+            self.metrics.observe_iteration(seconds, seqs, chunk_tokens=chunks, generated_tokens=generated)
+        self.load(stats)
+
+    def load(self, stats: EngineStats) -> None:
+        self.metrics.set_scheduler_load(queued_prefill_tokens=stats.queued_prefill_tokens,
+                                        running_decodes=stats.running_decodes,
+                                        waiting_requests=stats.waiting)
+        for g, (total, free) in enumerate(zip(stats.total_blocks, stats.free_blocks)):
+            self.metrics.set_kv_blocks(g, 0, used=total - free, free=free)
 
 
 class _Stream:
@@ -83,8 +137,11 @@ class AsyncEngine:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, name: str = "engine",
                  command_timeout_s: float = COMMAND_TIMEOUT_S,
-                 stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
+                 stall_timeout_s: float = STALL_TIMEOUT_S, metrics: Any = None) -> None:
+        """`metrics`: a common.metrics.Metrics the engine thread records every step on (None = none)."""
         self._loop = loop
+        self.metrics = metrics
+        self._recorder = StepRecorder(metrics) if metrics is not None else None
         self.name = name
         self.command_timeout_s = command_timeout_s
         self.stall_timeout_s = stall_timeout_s
@@ -172,16 +229,17 @@ class AsyncEngine:
                  kv_sink: Any = None) -> AsyncIterator[Any]:
         """Adds a request and yields its StepOutputs; the last has finish_reason (or error) set."""
         return self._stream(request_id, lambda e: e.add_request(prompt_ids, params, request_id=request_id,
-                                                                kv_sink=kv_sink))
+                                                                kv_sink=kv_sink), computed=0)
 
     def add_prefilled(self, prompt_ids: list[int], params: Any, request_id: str, first_token: int,
                       first_logprob: float, kv_timeout_s: float) -> AsyncIterator[Any]:
         """Decode role: the request decodes once its KV (prepared by prepare_receive) arrived.
         Yields StepOutputs from the second token on; a failed intake ends with `error` set."""
         return self._stream(request_id, lambda e: e.add_prefilled(prompt_ids, params, request_id,
-                                                                  first_token, first_logprob, kv_timeout_s))
+                                                                  first_token, first_logprob, kv_timeout_s),
+                            computed=len(prompt_ids))
 
-    async def _stream(self, request_id: str, add: Callable[[Any], Any]) -> AsyncIterator[Any]:
+    async def _stream(self, request_id: str, add: Callable[[Any], Any], computed: int = 0) -> AsyncIterator[Any]:
         self._check()
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
@@ -191,6 +249,8 @@ class AsyncEngine:
         def start(e: Any) -> None:
             add(e)
             self._routes.add(request_id)          # only once accepted: a failed add leaves nothing
+            if self._recorder is not None:
+                self._recorder.track(request_id, computed)
 
         try:
             await self.call(start)
@@ -221,6 +281,8 @@ class AsyncEngine:
         if watch is not None and not watch[0].done():
             watch[0].set_exception(KVTransferError(f"request {request_id} was aborted"))
         found = engine.abort(request_id)
+        if self._recorder is not None:
+            self._recorder.forget(request_id)
         if request_id in self._routes:
             self._routes.discard(request_id)
             self._loop.call_soon_threadsafe(self._deliver, request_id, StepOutput(
@@ -248,6 +310,8 @@ class AsyncEngine:
         try:
             self._engine = factory()
             self.stats = engine_stats(self._engine)
+            if self._recorder is not None:
+                self._recorder.load(self.stats)
         except BaseException as e:  # noqa: BLE001 - reported to start(); the thread ends
             ready.set_exception(e)
             return
@@ -273,7 +337,9 @@ class AsyncEngine:
             busy = e.has_unfinished()
             if not self._drain_commands(block=not busy and not self._watches):
                 return
+            t0 = time.perf_counter()
             outs = e.step() if e.has_unfinished() else []
+            seconds = time.perf_counter() - t0
             for o in outs:
                 if o.request_id in self._routes:
                     if o.finish_reason is not None or o.error is not None:
@@ -281,6 +347,8 @@ class AsyncEngine:
                     self._loop.call_soon_threadsafe(self._deliver, o.request_id, o)
             self._check_watches(e)
             self.stats = engine_stats(e)
+            if self._recorder is not None:
+                self._recorder.step(seconds, outs, self.stats)
             if not outs and (busy or self._watches):
                 # Waiting for KV to arrive / be confirmed: do not spin.
                 if not self._drain_commands(block=True, timeout_s=POLL_S):
@@ -354,6 +422,8 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - shutting down a failed grid must not raise
                 log.exception("%s: engine shutdown", self.name)
         self.stats = EngineStats(total_blocks=self.stats.total_blocks, free_blocks=self.stats.total_blocks)
+        if self._recorder is not None:
+            self._recorder.load(self.stats)
 
     # ---- loop side ---------------------------------------------------------------------------
     def _deliver(self, request_id: str, item: Any) -> None:
@@ -389,7 +459,7 @@ async def keep_alive(holder: Any, factory: Callable[[], Any], *, name: str,
         if not restart:
             return
         try:
-            holder.engine = await AsyncEngine.start(factory, name=name)
+            holder.engine = await AsyncEngine.start(factory, name=name, metrics=holder.engine.metrics)
             await on_up()
         except Exception:  # noqa: BLE001 - stay out of the pool; the process stays up to be inspected
             log.exception("%s: restart failed", name)

@@ -224,7 +224,8 @@ class MetadataStore:
         """Adds or replaces a registration, alive for ttl_s without a heartbeat."""
         fields = {"role": inst.role, "address": inst.address, "block_size": inst.block_size,
                   "kvp_tokens": inst.kvp_tokens, "num_groups": inst.num_groups,
-                  "capacity": _csv(inst.capacity), "free": _csv(inst.free)}
+                  "capacity": _csv(inst.capacity), "free": _csv(inst.free),
+                  "metrics_url": inst.metrics_url}
         flat = [str(x) for kv in fields.items() for x in kv]
         self._register(keys=[self._inst(inst.instance_id), self._instances],
                        args=[inst.instance_id, _ms(ttl_s), *flat])
@@ -280,7 +281,8 @@ class MetadataStore:
                 block_size=int(h["block_size"]), kvp_tokens=int(h["kvp_tokens"]),
                 capacity=_ints(h["capacity"]), free=_ints(h.get("free", "")),
                 reserved=tuple(int(resv.get(str(g), 0)) for g in range(groups)),
-                heartbeat_age_s=max(0, now_ms - int(h["heartbeat_ms"])) / 1000))
+                heartbeat_age_s=max(0, now_ms - int(h["heartbeat_ms"])) / 1000,
+                metrics_url=h.get("metrics_url", "")))
         if dead:
             self.redis.srem(self._instances, *dead)
         return out

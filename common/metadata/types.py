@@ -38,6 +38,7 @@ class Instance:
     free: tuple[int, ...] = ()
     reserved: tuple[int, ...] = ()
     heartbeat_age_s: float = 0.0
+    metrics_url: str = ""                    # its /metrics endpoint ("" = none)
 
     def __post_init__(self) -> None:
         check_id("instance_id", self.instance_id)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from common.errors import InvalidRequestError
 from common.metadata.types import GroupRange, Instance, Placement
 from common.rpc.protos import common_pb2, kvstore_pb2
+from common.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from common.kv_transfer.base import KVLayout
@@ -38,7 +39,7 @@ def instance_to_proto(inst: Instance) -> kvstore_pb2.InstanceInfo:
         instance_id=inst.instance_id, role=role_to_proto(inst.role), address=inst.address,
         block_size=inst.block_size, kvp_tokens=inst.kvp_tokens,
         capacity_blocks=inst.capacity, free_blocks=inst.free, reserved_blocks=inst.reserved,
-        heartbeat_age_s=inst.heartbeat_age_s)
+        heartbeat_age_s=inst.heartbeat_age_s, metrics_url=inst.metrics_url)
 
 
 def instance_from_proto(msg: kvstore_pb2.InstanceInfo) -> Instance:
@@ -50,7 +51,8 @@ def instance_from_proto(msg: kvstore_pb2.InstanceInfo) -> Instance:
         instance_id=msg.instance_id, role=role, address=msg.address,
         block_size=msg.block_size, kvp_tokens=msg.kvp_tokens,
         capacity=tuple(msg.capacity_blocks), free=tuple(msg.free_blocks),
-        reserved=tuple(msg.reserved_blocks), heartbeat_age_s=msg.heartbeat_age_s)
+        reserved=tuple(msg.reserved_blocks), heartbeat_age_s=msg.heartbeat_age_s,
+        metrics_url=msg.metrics_url)
 
 
 def group_to_proto(g: GroupRange) -> common_pb2.GroupRange:
@@ -92,3 +94,22 @@ def layout_from_proto(msg: common_pb2.KVLayout) -> KVLayout:
     from common.kv_transfer.base import KVLayout
     return KVLayout(dtype=msg.dtype, block_size=msg.block_size, num_kv_heads=msg.num_kv_heads,
                     head_dim=msg.head_dim, num_layers=msg.num_layers, model=msg.model_fingerprint)
+
+
+# ---- sampling parameters -------------------------------------------------------------------
+
+_SAMPLING_OPTIONAL = ("temperature", "top_p", "top_k", "seed", "max_tokens")
+
+
+def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                                    max_tokens=p.max_tokens, stop_token_ids=list(p.stop_token_ids))
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Unset fields keep the domain defaults; bad values raise InvalidRequestError."""
+    kw = {name: getattr(msg, name) for name in _SAMPLING_OPTIONAL if msg.HasField(name)}
+    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), **kw)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,7 +38,9 @@ class RpcServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
-                 grace_s: float = DEFAULT_GRACE_S) -> None:
+                 grace_s: float = DEFAULT_GRACE_S,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+        """`interceptors` wrap every RPC (e.g. common.metrics.MetricsInterceptor)."""
         if not 0 <= port < 65536:
             raise ConfigError(f"rpc server: port must be in [0, 65535], got {port}")
         if grace_s < 0:
@@ -47,7 +49,8 @@ class RpcServer:
         self.port = port
         self.grace_s = grace_s
         # so_reuseport off: a port that is already taken must fail to bind, not be shared.
-        self._server = grpc.aio.server(options=MESSAGE_OPTIONS + (("grpc.so_reuseport", 0),))
+        self._server = grpc.aio.server(options=MESSAGE_OPTIONS + (("grpc.so_reuseport", 0),),
+                                       interceptors=tuple(interceptors))
         self._health = health.aio.HealthServicer()
         self._services: list[str] = []
         self._started = False

@@ -28,6 +28,7 @@ from common import errors
 log = logging.getLogger(__name__)
 
 ERROR_KEY = "mnemosyne-error"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"   # = common.admission.RETRY_METADATA_KEY
 
 # Most specific first (ConfigError and InvalidRequestError are also ValueErrors).
 _CODES: tuple[tuple[type[errors.MnemosyneError], grpc.StatusCode], ...] = (
@@ -72,10 +73,25 @@ def details_for(exc: BaseException) -> str:
 
 def _trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """The nearest class the peer knows (common/errors.py), e.g. StoreUnavailableError ->
-    WorkerFailedError; "InternalError" for a non-typed error."""
+    WorkerFailedError; "InternalError" for a non-typed error. An error that carries its own
+    trailers (an admission rejection's retry hint, `grpc-retry-pushback-ms`) adds them."""
     name = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in _BY_NAME
                  and _BY_NAME[c.__name__] is c), "InternalError")
-    return ((ERROR_KEY, name),)
+    extra = getattr(exc, "trailing_metadata", None)
+    return ((ERROR_KEY, name), *(extra() if callable(extra) else ()))
+
+
+def retry_after_s(err: grpc.RpcError) -> float | None:
+    """The server's retry hint (gRPC pushback trailer, milliseconds) of a failed call, in seconds;
+    None when it sent none."""
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return int(value) / 1000
+            except ValueError:
+                return None
+    return None
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:

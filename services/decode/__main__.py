@@ -18,6 +18,8 @@ async def _main(config: DecodeConfig) -> None:
     from services.decode.service import DecodeService
     svc = await DecodeService.start(config)
     print(f"decode listening on {svc.address} (instance {svc.instance.instance_id})", flush=True)
+    if svc.metrics_server is not None:
+        print(f"decode metrics on {svc.metrics_server.url}", flush=True)
     await serve_until_signal(svc.server, cleanup=svc.stop)
 
 

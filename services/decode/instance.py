@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -19,6 +20,7 @@ from common.engine.async_engine import AsyncEngine, EngineStats
 from common.engine.kv_sink import GroupSink
 from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, PlacementError
 from common.metadata.types import Placement
+from common.metrics import kv_transfer_bytes
 from common.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,11 @@ class DecodeJob:
 
 class DecodeInstance:
     def __init__(self, instance_id: str, engine: AsyncEngine, kvstore: KVStoreClient,
-                 kv_timeout_s: float) -> None:
+                 kv_timeout_s: float, metrics: object | None = None) -> None:
+        """`metrics`: a common.metrics.Metrics (active requests, KV received); None = none."""
         self.instance_id = instance_id
+        self.metrics = metrics
+        self._receiving: dict[str, tuple[float, str, int]] = {}   # rid -> (since, backend, bytes)
         self.engine = engine
         self.kvstore = kvstore
         self.kv_timeout_s = kv_timeout_s
@@ -79,6 +84,8 @@ class DecodeInstance:
             raise InvalidRequestError(f"KV layout mismatch: sender {sender_layout}, receiver {layout}")
         groups = await self.engine.prepare_receive(rid, placement.num_tokens, placement.max_new_tokens)
         self.leases[rid] = placement
+        tp = len(groups[0].addresses) if groups else 1
+        self._receiving[rid] = (time.monotonic(), own_backend, kv_transfer_bytes(layout, placement.num_tokens, tp))
         by_group = {g.group: g.token_end for g in placement.groups}
         m = _kvp_tokens(groups, placement.num_tokens)
         ends = [by_group.get(g.group, min(placement.num_tokens, g.token_start + m)) for g in groups]
@@ -87,6 +94,23 @@ class DecodeInstance:
     async def decode(self, job: DecodeJob) -> AsyncIterator:
         """Yields the request's StepOutputs (tokens; the last one has finish_reason). A failed KV
         intake raises KVTransferError; a failed engine WorkerFailedError."""
+        if self.metrics is None:
+            async for out in self._decode(job):
+                yield out
+            return
+        with self.metrics.track_active():
+            async for out in self._decode(job):
+                yield out
+
+    def _received(self, rid: str, ok: bool) -> None:
+        """A prefilled request's KV intake ended (its first output came, or it failed)."""
+        recv = self._receiving.pop(rid, None)
+        if recv is not None and self.metrics is not None:
+            since, backend, nbytes = recv
+            self.metrics.observe_kv_transfer(backend, "recv", nbytes if ok else 0,
+                                             time.monotonic() - since, ok=ok)
+
+    async def _decode(self, job: DecodeJob) -> AsyncIterator:
         rid = job.request_id
         if job.placement is not None:
             self.leases[rid] = job.placement
@@ -99,13 +123,17 @@ class DecodeInstance:
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     if out.error is not None:
+                        self._received(rid, ok=False)
                         raise KVTransferError(f"request {rid}: {out.error}")
+                    self._received(rid, ok=True)
                     yield out
         finally:
             self.leases.pop(rid, None)
+            self._receiving.pop(rid, None)
 
     async def abort(self, request_id: str) -> bool:
         self.leases.pop(request_id, None)
+        self._receiving.pop(request_id, None)
         return await self.engine.abort(request_id)
 
     # ---- leases ------------------------------------------------------------------------------

@@ -5,19 +5,12 @@ from common.errors import InvalidRequestError
 from common.rpc import convert
 from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc
 from common.rpc.status import handles_errors
-from common.sampling_params import SamplingParams
 from common.scheduler.request import FinishReason
 from services.decode.instance import DecodeInstance, DecodeJob, Destination
 
 FINISH = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
           FinishReason.ABORT: common_pb2.FINISH_REASON_ABORTED}
 
-
-def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
-    """Unset fields keep the domain defaults; bad values raise InvalidRequestError."""
-    kw = {name: getattr(msg, name) for name in ("temperature", "top_p", "top_k", "seed", "max_tokens")
-          if msg.HasField(name)}
-    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), **kw)
 
 
 def destination_to_proto(d: Destination) -> common_pb2.KVDestination:
@@ -49,7 +42,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Decode(self, request, context):
         job = DecodeJob(
             request_id=request.request_id, prompt_ids=list(request.prompt_token_ids),
-            params=sampling_from_proto(request.sampling),
+            params=convert.sampling_from_proto(request.sampling),
             placement=convert.placement_from_proto(request.placement) if request.HasField("placement") else None,
             first_token=request.first_token_id if request.HasField("first_token_id") else None)
         if not job.request_id:

@@ -17,6 +17,7 @@ import uuid
 from common.client import KVStoreClient, Membership
 from common.engine.async_engine import AsyncEngine, keep_alive
 from common.metadata.types import Instance
+from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
 from common.rpc import protos
 from common.rpc.protos import decode_pb2_grpc
 from common.rpc.server import RpcServer
@@ -39,8 +40,9 @@ def build_engine(config: DecodeConfig):
 
 class DecodeService:
     def __init__(self, config: DecodeConfig, server: RpcServer, instance: DecodeInstance,
-                 kvstore: KVStoreClient) -> None:
+                 kvstore: KVStoreClient, metrics_server: MetricsServer | None = None) -> None:
         self.config = config
+        self.metrics_server = metrics_server          # /metrics (None: metrics_port = -1)
         self.server = server
         self.instance = instance
         self.kvstore = kvstore
@@ -55,20 +57,32 @@ class DecodeService:
         ec = self.config.engine
         kvp_tokens = ec.parallel.kvp_tokens if ec.parallel.kvp > 1 else 0
         return Instance(self.instance.instance_id, "decode", self.address, ec.cache.block_size, kvp_tokens,
-                        self.instance.stats().total_blocks, self.free_blocks())
+                        self.instance.stats().total_blocks, self.free_blocks(),
+                        metrics_url=self.metrics_server.url if self.metrics_server else "")
 
     def free_blocks(self) -> tuple[int, ...]:
         return self.instance.stats().free_blocks
 
     @classmethod
     async def start(cls, config: DecodeConfig) -> "DecodeService":
-        engine = await AsyncEngine.start(lambda: build_engine(config), name="decode-engine")
+        iid = config.instance_id or f"decode-{uuid.uuid4().hex[:8]}"
+        ec = config.engine
+        metrics = Metrics(new_registry(), role="decode", pool=config.deployment, instance=iid)
+        metrics.set_kv_layout(ec.cache.block_size, ec.parallel.kvp_tokens if ec.parallel.kvp > 1 else 0)
+        metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host) \
+            if config.metrics_port >= 0 else None
+        try:
+            engine = await AsyncEngine.start(lambda: build_engine(config), name="decode-engine", metrics=metrics)
+        except BaseException:
+            if metrics_server is not None:
+                metrics_server.close()
+            raise
         kvstore = KVStoreClient(config.kvstore)
-        instance = DecodeInstance(config.instance_id or f"decode-{uuid.uuid4().hex[:8]}", engine, kvstore,
-                                  config.kv_timeout_s)
-        server = RpcServer(config.host, config.port, grace_s=config.grace_s)
+        instance = DecodeInstance(iid, engine, kvstore, config.kv_timeout_s, metrics)
+        server = RpcServer(config.host, config.port, grace_s=config.grace_s,
+                           interceptors=[MetricsInterceptor(metrics)])
         server.add_service(decode_pb2_grpc.add_DecodeServicer_to_server, DecodeServicer(instance), protos.DECODE)
-        svc = cls(config, server, instance, kvstore)
+        svc = cls(config, server, instance, kvstore, metrics_server)
         try:
             await server.start(serving=False)
             await svc.membership.start()
@@ -103,3 +117,6 @@ class DecodeService:
         await self.instance.stop()
         await self.instance.engine.shutdown()
         await self.kvstore.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None

@@ -18,6 +18,8 @@ async def _main(config: PrefillConfig) -> None:
     from services.prefill.service import PrefillService
     svc = await PrefillService.start(config)
     print(f"prefill listening on {svc.address} (instance {svc.instance.instance_id})", flush=True)
+    if svc.metrics_server is not None:
+        print(f"prefill metrics on {svc.metrics_server.url}", flush=True)
     await serve_until_signal(svc.server, cleanup=svc.stop)
 
 

@@ -5,12 +5,12 @@ the config; `PrefillConfig.from_args` validates once.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from common.cli import ArgumentParser, add_config_flags, config_from_args
-from common.config import DTYPES, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from common.config import EngineConfig
+from common.engine_flags import add_engine_flags, engine_config
 from common.errors import ConfigError
 
 
@@ -24,6 +24,8 @@ class PrefillConfig:
     kv_timeout_s: float = 60.0                    # every KV chunk must be confirmed within this
     threads: int = 1                              # torch threads of the engine (and of each worker)
     restart_on_failure: bool = True               # rebuild the engine after a worker died
+    deployment: str = "default"                   # the metrics' pool label (as the kvstore's)
+    metrics_port: int = 0                         # /metrics HTTP port; 0 = a free one, -1 = none
     grace_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -31,6 +33,8 @@ class PrefillConfig:
             raise ConfigError("prefill: --kvstore HOST:PORT is required")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"prefill: port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.metrics_port < 65536:
+            raise ConfigError(f"prefill: metrics_port must be in [-1, 65535], got {self.metrics_port}")
         for name in ("kv_timeout_s", "threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"prefill: {name} must be positive, got {getattr(self, name)}")
@@ -42,7 +46,7 @@ class PrefillConfig:
     def from_args(cls, argv: Sequence[str] | None = None) -> "PrefillConfig":
         p = ArgumentParser(prog="python -m services.prefill",
                            description="Mnemosyne prefill instance (TP x SPP grid)")
-        add_engine_flags(p)
+        add_engine_flags(p, "prefill")
         g = p.add_argument_group("service")
         add_config_flags(g, cls, {
             "kvstore": "kvstore address HOST:PORT", "host": "address to bind and advertise",
@@ -50,32 +54,8 @@ class PrefillConfig:
             "kv_timeout_s": "seconds the decode side has to confirm all KV of a request",
             "threads": "torch threads of the engine and of each grid worker",
             "restart_on_failure": "rebuild the engine when a worker process dies",
+            "deployment": "deployment name (the pool label of the metrics)",
+            "metrics_port": "Prometheus /metrics port (0 = free, -1 = none)",
             "grace_s": "shutdown grace period for running RPCs"}, dest_prefix="svc_")
         args = p.parse_args(argv)
         return config_from_args(cls, args, "svc_", engine=engine_config(args))
-
-
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", metavar="DIR|FILE", default=None,
-                   help="Hugging Face directory or .gguf file (default: the built-in model)")
-    add_config_flags(g, EngineConfig, {"dtype": "weights and KV type", "max_model_len": "longest sequence",
-                                       "attention_backend": "attention kernels", "device": "torch device",
-                                       "kv_backend": "KV transfer backend (tcp | nixl)",
-                                       "kv_host": "address of this host for KV transfers"},
-                     dest_prefix="engine_", dtype=dict(choices=DTYPES), kv_backend=dict(choices=("tcp", "nixl")))
-    add_config_flags(g, CacheConfig, {"block_size": "tokens per KV block",
-                                      "num_blocks": "KV blocks per KVP group (default: from --max-kv-tokens)",
-                                      "max_kv_tokens": "KV tokens per KVP group"}, dest_prefix="cache_")
-    add_config_flags(g, SchedulerConfig, {"chunk_size": "prefill chunk in tokens",
-                                          "max_batch_tokens": "tokens per step", "max_num_seqs": "requests per step"},
-                     dest_prefix="sched_")
-    add_config_flags(g, ParallelConfig, {"tp": "tensor-parallel ranks", "spp": "sequence-pipeline stages"},
-                     dest_prefix="par_")
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return config_from_args(EngineConfig, args, "engine_", model=args.model,
-                            cache=config_from_args(CacheConfig, args, "cache_"),
-                            scheduler=config_from_args(SchedulerConfig, args, "sched_"),
-                            parallel=config_from_args(ParallelConfig, args, "par_"))

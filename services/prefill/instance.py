@@ -15,12 +15,11 @@ from typing import AsyncIterator
 
 from common.engine.async_engine import AsyncEngine
 from common.engine.kv_sink import KVSink
-from common.errors import InvalidRequestError, RequestAbortedError
+from common.errors import InvalidRequestError, KVTransferError, RequestAbortedError
+from common.metrics import kv_transfer_bytes
 from common.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -52,14 +51,26 @@ class Done:
 
 
 class PrefillInstance:
-    def __init__(self, instance_id: str, engine: AsyncEngine, kv_timeout_s: float, tp: int = 1) -> None:
+    def __init__(self, instance_id: str, engine: AsyncEngine, kv_timeout_s: float, tp: int = 1,
+                 metrics: object | None = None) -> None:
+        """`metrics`: a common.metrics.Metrics (active requests, KV sent); None = none."""
         self.instance_id = instance_id
+        self.metrics = metrics
         self.engine = engine
         self.kv_timeout_s = kv_timeout_s
         self.tp = tp
         self.running: set[str] = set()
 
     async def prefill(self, job: PrefillJob) -> AsyncIterator[Progress | FirstToken | Done]:
+        if self.metrics is None:
+            async for ev in self._prefill(job):
+                yield ev
+            return
+        with self.metrics.track_active():
+            async for ev in self._prefill(job):
+                yield ev
+
+    async def _prefill(self, job: PrefillJob) -> AsyncIterator[Progress | FirstToken | Done]:
         rid = job.request_id
         _, layout = await self.engine.kv_info()
         if job.receiver_layout is not None and job.receiver_layout != layout:
@@ -82,10 +93,16 @@ class PrefillInstance:
                         yield FirstToken(out.token_id, out.logprob, t_first - t0)
             if t_first is None:
                 raise RequestAbortedError(f"prefill of {rid} was aborted")
-            await self.engine.wait_kv(rid, self.kv_timeout_s)
+            kv_bytes = kv_transfer_bytes(layout, len(job.token_ids), self.tp)
+            try:
+                await self.engine.wait_kv(rid, self.kv_timeout_s)
+            except KVTransferError:
+                if self.metrics is not None:
+                    self.metrics.observe_kv_transfer(job.sink.backend, "send", 0, 0.0, ok=False)
+                raise
             confirmed = True
-            kv_bytes = (len(job.token_ids) * layout.num_layers * 2 * layout.num_kv_heads * self.tp
-                        * layout.head_dim * DTYPE_BYTES.get(layout.dtype, 4))
+            if self.metrics is not None:     # the transfer streams chunk by chunk from the start
+                self.metrics.observe_kv_transfer(job.sink.backend, "send", kv_bytes, time.monotonic() - t0)
             yield Done(kv_bytes, time.monotonic() - t_first)
         finally:
             self.running.discard(rid)

@@ -6,18 +6,11 @@ from common.errors import InvalidRequestError
 from common.rpc import convert
 from common.rpc.protos import common_pb2, prefill_pb2, prefill_pb2_grpc
 from common.rpc.status import handles_errors
-from common.sampling_params import SamplingParams
 from services.prefill.instance import Done, FirstToken, PrefillInstance, PrefillJob, Progress
 
 #: kvp_tokens of a destination with a single group: any token index stays in group 0.
 ONE_GROUP = 1 << 40
 
-
-def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
-    """Unset fields keep the domain defaults; bad values raise InvalidRequestError."""
-    kw = {name: getattr(msg, name) for name in ("temperature", "top_p", "top_k", "seed", "max_tokens")
-          if msg.HasField(name)}
-    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), **kw)
 
 
 def sink_from_proto(dest: common_pb2.KVDestination, num_tokens: int) -> KVSink:
@@ -52,7 +45,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise InvalidRequestError("Prefill needs a KV destination (decode.PrepareReceive)")
         layout = convert.layout_from_proto(request.destination.layout) \
             if request.destination.HasField("layout") else None
-        job = PrefillJob(request.request_id, list(request.token_ids), sampling_from_proto(request.sampling),
+        job = PrefillJob(request.request_id, list(request.token_ids), convert.sampling_from_proto(request.sampling),
                          sink_from_proto(request.destination, len(request.token_ids)), layout)
         async for ev in self.instance.prefill(job):
             if isinstance(ev, Progress):

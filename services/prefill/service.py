@@ -16,6 +16,7 @@ import uuid
 from common.client import KVStoreClient, Membership
 from common.engine.async_engine import AsyncEngine, keep_alive
 from common.metadata.types import Instance
+from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
 from common.rpc import protos
 from common.rpc.protos import prefill_pb2_grpc
 from common.rpc.server import RpcServer
@@ -38,8 +39,9 @@ def build_engine(config: PrefillConfig):
 
 class PrefillService:
     def __init__(self, config: PrefillConfig, server: RpcServer, instance: PrefillInstance,
-                 kvstore: KVStoreClient) -> None:
+                 kvstore: KVStoreClient, metrics_server: MetricsServer | None = None) -> None:
         self.config = config
+        self.metrics_server = metrics_server          # /metrics (None: metrics_port = -1)
         self.server = server
         self.instance = instance
         self.kvstore = kvstore
@@ -51,18 +53,29 @@ class PrefillService:
         return self.server.address
 
     def info(self) -> Instance:
-        return Instance(self.instance.instance_id, "prefill", self.address, self.config.engine.cache.block_size)
+        return Instance(self.instance.instance_id, "prefill", self.address, self.config.engine.cache.block_size,
+                        metrics_url=self.metrics_server.url if self.metrics_server else "")
 
     @classmethod
     async def start(cls, config: PrefillConfig) -> "PrefillService":
-        engine = await AsyncEngine.start(lambda: build_engine(config), name="prefill-engine")
+        iid = config.instance_id or f"prefill-{uuid.uuid4().hex[:8]}"
+        metrics = Metrics(new_registry(), role="prefill", pool=config.deployment, instance=iid)
+        metrics.set_kv_layout(config.engine.cache.block_size)
+        metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host) \
+            if config.metrics_port >= 0 else None
+        try:
+            engine = await AsyncEngine.start(lambda: build_engine(config), name="prefill-engine", metrics=metrics)
+        except BaseException:
+            if metrics_server is not None:
+                metrics_server.close()
+            raise
         kvstore = KVStoreClient(config.kvstore)
-        instance = PrefillInstance(config.instance_id or f"prefill-{uuid.uuid4().hex[:8]}", engine,
-                                   config.kv_timeout_s, config.engine.parallel.tp)
-        server = RpcServer(config.host, config.port, grace_s=config.grace_s)
+        instance = PrefillInstance(iid, engine, config.kv_timeout_s, config.engine.parallel.tp, metrics)
+        server = RpcServer(config.host, config.port, grace_s=config.grace_s,
+                           interceptors=[MetricsInterceptor(metrics)])
         server.add_service(prefill_pb2_grpc.add_PrefillServicer_to_server, PrefillServicer(instance),
                            protos.PREFILL)
-        svc = cls(config, server, instance, kvstore)
+        svc = cls(config, server, instance, kvstore, metrics_server)
         try:
             await server.start(serving=False)
             await svc.membership.start()
@@ -94,3 +107,6 @@ class PrefillService:
         await self.server.stop()
         await self.instance.engine.shutdown()
         await self.kvstore.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None

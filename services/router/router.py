@@ -26,7 +26,6 @@ from common.rpc import client as rpc_client
 from common.rpc import convert
 from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from common.rpc.status import error_from_rpc
-from common.sampling_params import SamplingParams
 from services.router.config import RouterConfig
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend, Job
@@ -119,13 +118,6 @@ class _Relay:
         return Timings(self.ttft, self.tbt, time.monotonic() - self.t0, 0.0, prompt_tokens, self.count)
 
 
-def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
-    msg = common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                    max_tokens=p.max_tokens, stop_token_ids=list(p.stop_token_ids))
-    if p.seed is not None:
-        msg.seed = p.seed
-    return msg
-
 
 def _rpc_error(who: str, e: grpc.aio.AioRpcError) -> MnemosyneError:
     err = error_from_rpc(e)
@@ -210,7 +202,7 @@ class Router:
         decode = decode_pb2_grpc.DecodeStub(self._channel(placement.address))
         who_decode = f"decode instance {placement.instance_id} ({placement.address})"
         placement_pb = convert.placement_to_proto(placement)
-        sampling = sampling_to_proto(job.params)
+        sampling = convert.sampling_to_proto(job.params)
         first = None
         tail: asyncio.Task[None] | None = None
         try:
