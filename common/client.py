@@ -188,7 +188,10 @@ class RouterClient:
                 max_tokens: int | None = None, temperature: float | None = None,
                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                 stop_token_ids: tuple[int, ...] = (), logprobs: bool = True, model: str = "",
-                request_id: str = "") -> router_pb2.GenerateRequest:
+                request_id: str = "", ttft_slo_s: float | None = None,
+                tbt_slo_s: float | None = None) -> router_pb2.GenerateRequest:
+        """One GenerateRequest; `ttft_slo_s` / `tbt_slo_s`: the request's own SLO (None = the
+        deployment's default)."""
         sampling = common_pb2.SamplingParams(stop_token_ids=list(stop_token_ids))
         for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                             ("top_k", top_k), ("seed", seed)):
@@ -196,6 +199,10 @@ class RouterClient:
                 setattr(sampling, name, value)
         req = router_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling,
                                          model=model, return_logprobs=logprobs)
+        if ttft_slo_s is not None:
+            req.slo.ttft_s = ttft_slo_s
+        if tbt_slo_s is not None:
+            req.slo.tbt_s = tbt_slo_s
         if token_ids is not None:
             req.token_ids.ids.extend(token_ids)
         else:

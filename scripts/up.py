@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import pathlib
@@ -34,6 +35,8 @@ from common.metadata.redis_server import RedisServer  # noqa: E402
 
 log = logging.getLogger("up")
 LISTENING = re.compile(r"^(\w+) listening on (\S+)", re.M)
+METRICS = re.compile(r"^(\w+) metrics on (\S+)", re.M)
+TARGETS_DIR = ROOT / "deploy" / "prometheus" / "targets"
 
 
 def default_kv_backend() -> str:
@@ -64,6 +67,7 @@ class ClusterConfig:
     kv_timeout_s: float = 60.0
     start_timeout_s: float = 300.0
     log_dir: str = ""                        # "" = a new temporary directory
+    admission: bool = True                   # the router's SLO-aware admission
     extra: dict = field(default_factory=dict)   # service name -> extra flags
 
 
@@ -73,6 +77,7 @@ class Service:
     proc: subprocess.Popen
     log_path: pathlib.Path
     address: str = ""
+    metrics_url: str = ""                    # its /metrics endpoint (printed at start)
 
     @property
     def pid(self) -> int:
@@ -107,6 +112,21 @@ class Cluster:
     @property
     def kvstore_address(self) -> str:
         return self.services["kvstore"].address
+
+    @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Service name -> its /metrics URL."""
+        return {n: s.metrics_url for n, s in self.services.items() if s.metrics_url}
+
+    def write_targets(self, directory: pathlib.Path = TARGETS_DIR) -> pathlib.Path:
+        """Writes <deployment>.json (Prometheus file_sd) listing every service's /metrics, for a
+        local Prometheus run with deploy/prometheus/prometheus.yml."""
+        targets = [u.removeprefix("http://").removesuffix("/metrics") for u in self.metrics_urls.values()]
+        path = directory / f"{self.config.deployment}.json"
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([{"targets": targets, "labels": {"deployment": self.config.deployment}}],
+                                   indent=2) + "\n")
+        return path
 
     # ---- start -------------------------------------------------------------------------------
     def start(self) -> "Cluster":
@@ -149,7 +169,7 @@ class Cluster:
         args = ["--kvstore", self.kvstore_address, "--host", c.host, "--port", "0", "--dtype", c.dtype,
                 "--block-size", str(c.block_size), "--chunk-size", str(c.chunk_size), "--kv-backend", c.kv_backend,
                 "--kv-host", c.host, "--threads", str(c.threads), "--kv-timeout-s", str(c.kv_timeout_s),
-                "--grace-s", "2"]
+                "--grace-s", "2", "--deployment", c.deployment]
         if c.model:
             args += ["--model", c.model]
         if c.max_model_len:
@@ -165,7 +185,10 @@ class Cluster:
     def _router_args(self) -> list[str]:
         c = self.config
         args = ["--kvstore", self.kvstore_address, "--host", c.host, "--port", str(c.router_port),
-                "--short-prompt-tokens", str(c.short_prompt_tokens), "--grace-s", "2"]
+                "--short-prompt-tokens", str(c.short_prompt_tokens), "--grace-s", "2",
+                "--deployment", c.deployment]
+        if not c.admission:
+            args.append("--no-admission")
         if c.model:
             args += ["--model", c.model]
         if c.max_model_len:
@@ -188,9 +211,17 @@ class Cluster:
     def _wait(self, svc: Service) -> None:
         deadline = time.monotonic() + self.config.start_timeout_s
         while time.monotonic() < deadline:
-            m = LISTENING.search(svc.log_path.read_text(errors="replace"))
+            text = svc.log_path.read_text(errors="replace")
+            m = LISTENING.search(text)
             if m:
                 svc.address = m.group(2)
+                metrics = METRICS.search(text)      # printed right after (unless --metrics-port -1)
+                for _ in range(20):
+                    if metrics is not None or "--metrics-port" in self.config.extra.get(svc.name, ()):
+                        break
+                    time.sleep(0.1)
+                    metrics = METRICS.search(svc.log_path.read_text(errors="replace"))
+                svc.metrics_url = metrics.group(2) if metrics else ""
                 return
             if svc.proc.poll() is not None:
                 raise ConfigError(f"{svc.name} exited with code {svc.proc.returncode} while starting:\n"
@@ -279,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
                            ("router", "the public API")):
             svc = cluster.services[name]
             print(f"  {name:<8} {svc.address:<22} pid {svc.pid:<7} {what}")
+        for name, url in cluster.metrics_urls.items():
+            print(f"  {name:<8} metrics {url}")
+        try:
+            print(f"  Prometheus targets: {cluster.write_targets()} (prometheus "
+                  f"--config.file=deploy/prometheus/prometheus.yml)")
+        except OSError as e:
+            print(f"up: cannot write the Prometheus targets: {e}", file=sys.stderr)
         print(f"\nReady. Try:\n  .venv/bin/python -m common.cli generate --server {cluster.router_address} "
               f"--prompt 'What is the capital of France?' --chat\nCtrl-C stops everything.", flush=True)
         while not stop:

@@ -24,6 +24,20 @@ class RouterConfig:
     rpc_timeout_s: float = 10.0           # deadline of every unary call
     discovery_ttl_s: float = 0.5          # how long a list of live instances is reused
     grace_s: float = 5.0
+    deployment: str = "default"           # the metrics' pool label; the pool admission watches
+    metrics_port: int = 0                 # /metrics HTTP port; 0 = a free one, -1 = none
+    admission: bool = True                # SLO-aware admission (off: every request goes through)
+    prometheus_url: str = ""              # read load from this Prometheus; "" = scrape the instances
+    scrape_interval_s: float = 0.25       # how often the instances' load is read
+    ttft_slo_s: float = 2.0               # default TTFT SLO of short prompts (longer classes: defaults)
+    tbt_slo_s: float = 0.2                # default TBT SLO (mean gap)
+    slo_objective: float = 0.99
+    max_queue: int = 256                  # admission queue bound
+    max_queue_wait_s: float = 30.0
+    max_staleness_s: float = 5.0          # older load = instance unknown
+    perf_step_s: float = 0.02             # performance model: fixed cost of one iteration
+    perf_token_s: float = 0.0005          # ... plus this per token in the batch
+    iteration_budget_s: float = 0.05      # the instances' iteration budget (adaptive chunking)
 
     def __post_init__(self) -> None:
         if not self.kvstore:
@@ -37,7 +51,15 @@ class RouterConfig:
             raise ConfigError(f"router: max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         if self.kv_backend not in ("", "tcp", "nixl"):
             raise ConfigError(f"router: kv_backend must be tcp, nixl or empty, got {self.kv_backend!r}")
-        for name in ("request_timeout_s", "rpc_timeout_s", "discovery_ttl_s"):
+        if not -1 <= self.metrics_port < 65536:
+            raise ConfigError(f"router: metrics_port must be in [-1, 65535], got {self.metrics_port}")
+        if self.prometheus_url and not self.prometheus_url.startswith(("http://", "https://")):
+            raise ConfigError(f"router: prometheus_url must be http(s)://..., got {self.prometheus_url!r}")
+        if self.perf_step_s < 0 or self.perf_token_s < 0:
+            raise ConfigError(f"router: perf_step_s={self.perf_step_s} and perf_token_s={self.perf_token_s} "
+                              "must be >= 0")
+        for name in ("request_timeout_s", "rpc_timeout_s", "discovery_ttl_s", "scrape_interval_s",
+                     "iteration_budget_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"router: {name} must be positive, got {getattr(self, name)}")
 
@@ -54,5 +76,16 @@ class RouterConfig:
             "kv_backend": "KV transfer backend to ask decode instances for (default: theirs)",
             "request_timeout_s": "deadline of a request's streams to the instances",
             "rpc_timeout_s": "deadline of unary calls", "discovery_ttl_s": "instance list cache",
-            "grace_s": "shutdown grace period"}, dest_prefix="r_")
+            "grace_s": "shutdown grace period",
+            "deployment": "deployment name (the metrics' pool label)",
+            "metrics_port": "Prometheus /metrics port (0 = free, -1 = none)",
+            "admission": "SLO-aware admission (--no-admission lets every request through)",
+            "prometheus_url": "read the instances' load from this Prometheus (default: scrape them)",
+            "scrape_interval_s": "seconds between load reads", "ttft_slo_s": "default TTFT SLO, short prompts",
+            "tbt_slo_s": "default TBT SLO", "slo_objective": "fraction of requests that must meet the SLO",
+            "max_queue": "admission queue bound", "max_queue_wait_s": "longest wait in the admission queue",
+            "max_staleness_s": "load older than this makes an instance unknown",
+            "perf_step_s": "performance model: seconds per iteration",
+            "perf_token_s": "performance model: seconds per token in an iteration",
+            "iteration_budget_s": "the instances' iteration budget"}, dest_prefix="r_")
         return config_from_args(cls, p.parse_args(argv), "r_")

@@ -27,6 +27,8 @@ class PromptInput:
     model: str = ""
     sampling: dict = field(default_factory=dict)    # SamplingParams fields the client set
     return_logprobs: bool = False
+    ttft_slo_s: float | None = None                 # the request's own SLO (None = the default)
+    tbt_slo_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams                          # stop_token_ids include the model's EOS ids
     return_logprobs: bool
+    ttft_slo_s: float | None = None                 # the request's own SLO (None = the default)
+    tbt_slo_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,11 @@ class Frontend:
         self._check_ids("stop_token_ids", stops)
         params = SamplingParams(**sampling)             # raises for max_tokens < 1, temperature < 0, ...
         params = replace(params, stop_token_ids=tuple(dict.fromkeys((*stops, *self.eos_ids))))
-        return Job(rid, ids, params, req.return_logprobs)
+        for name in ("ttft_slo_s", "tbt_slo_s"):
+            v = getattr(req, name)
+            if v is not None and not v > 0:
+                raise InvalidRequestError(f"slo: {name.removesuffix('_slo_s')}_s must be positive, got {v}")
+        return Job(rid, ids, params, req.return_logprobs, req.ttft_slo_s, req.tbt_slo_s)
 
     def _prompt_ids(self, req: PromptInput) -> list[int]:
         if req.token_ids is not None:

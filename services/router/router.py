@@ -27,6 +27,9 @@ from common.rpc import convert
 from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from common.rpc.status import error_from_rpc
 from services.router.config import RouterConfig
+from common.admission import AdmissionRequest
+from common.metrics import Metrics, RequestRecorder
+from services.router.admission import AdmissionGate, admission_config
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend, Job
 
@@ -91,8 +94,11 @@ class _Active:
 class _Relay:
     """Text deltas (incremental detokenization) and timings of one request."""
 
-    def __init__(self, frontend: Frontend, t0: float, logprobs: bool) -> None:
+    def __init__(self, frontend: Frontend, t0: float, logprobs: bool,
+                 recorder: RequestRecorder | None = None) -> None:
         self.decoder = IncrementalDecoder(frontend.tokenizer, skip_special_tokens=True)
+        self.recorder = recorder
+        self.queue_s = 0.0
         self.t0, self.logprobs = t0, logprobs
         self.last: float | None = None
         self.ttft = 0.0
@@ -107,6 +113,8 @@ class _Relay:
             self.tbt.append(now - self.last)
         self.last = now
         self.count += len(ids)
+        if self.recorder is not None and ids:
+            self.recorder.token(len(ids))
         text = "".join(self.decoder.push(t) for t in ids)
         return Delta(list(ids), text, list(logprobs) if self.logprobs else [])
 
@@ -115,7 +123,7 @@ class _Relay:
         return Delta([], text, []) if text else None
 
     def timings(self, prompt_tokens: int) -> Timings:
-        return Timings(self.ttft, self.tbt, time.monotonic() - self.t0, 0.0, prompt_tokens, self.count)
+        return Timings(self.ttft, self.tbt, time.monotonic() - self.t0, self.queue_s, prompt_tokens, self.count)
 
 
 
@@ -125,11 +133,19 @@ def _rpc_error(who: str, e: grpc.aio.AioRpcError) -> MnemosyneError:
 
 
 class Router:
-    def __init__(self, config: RouterConfig, frontend: Frontend, kvstore: KVStoreClient) -> None:
+    """`metrics`: where requests are recorded (TTFT, TBT, latency, SLOs); `gate`: the admission
+    gate (None = admission off: every valid request goes to the kvstore's placement)."""
+
+    def __init__(self, config: RouterConfig, frontend: Frontend, kvstore: KVStoreClient,
+                 metrics: Metrics | None = None, discovery: Discovery | None = None,
+                 gate: "AdmissionGate | None" = None) -> None:
         self.config = config
         self.frontend = frontend
         self.kvstore = kvstore
-        self.discovery = Discovery(kvstore, config.discovery_ttl_s)
+        self.metrics = metrics
+        self.gate = gate
+        self.slo = admission_config(config)
+        self.discovery = discovery or Discovery(kvstore, config.discovery_ttl_s)
         self.active: dict[str, _Active] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -158,18 +174,31 @@ class Router:
         st = _Active(job)
         self.active[rid] = st
         finished = False
+        rec: RequestRecorder | None = None
+        outcome = "error"
         try:
+            max_new = max(0, min(job.params.max_tokens, self.frontend.max_model_len - n))
+            decision = None
+            if self.gate is not None:
+                decision = await self.gate.admit(AdmissionRequest(rid, n, max_new, t0, job.ttft_slo_s,
+                                                                  job.tbt_slo_s))
+            queue_s = time.monotonic() - t0
+            if self.metrics is not None:
+                rec = self.metrics.request(n, ttft_slo_s=self._slo(job)[0], tbt_slo_s=self._slo(job)[1],
+                                           arrival_s=t0)
+                rec.admitted()
             if n >= self.config.short_prompt_tokens:
-                st.prefill = await self.discovery.pick_prefill()
+                st.prefill = await self._prefill_instance(decision)
                 if st.prefill is None:
                     log.warning("no live prefill instance: %s (%d tokens) takes the decode-only route", rid, n)
-            max_new = max(0, min(job.params.max_tokens, self.frontend.max_model_len - n))
-            st.placement = await self.kvstore.reserve(rid, n, max_new)
+            st.placement = await self.kvstore.reserve(rid, n, max_new,
+                                                      decision.decode_instance or "" if decision else "")
             if st.prefill is not None:
                 self.discovery.inflight[st.prefill.instance_id] += 1
             yield Started(rid, n, "disaggregated" if st.prefill else "decode_only",
                           st.prefill.instance_id if st.prefill else "", st.placement.instance_id)
-            relay = _Relay(self.frontend, t0, job.return_logprobs)
+            relay = _Relay(self.frontend, t0, job.return_logprobs, rec)
+            relay.queue_s = queue_s
             try:
                 async for ev in self._run(st, relay):
                     yield ev
@@ -178,14 +207,23 @@ class Router:
                 if st.failure is not None:
                     raise st.failure from None
                 if not st.aborted:
+                    outcome = "abort"
                     raise
                 reason = "abort"
             tail = relay.flush()
             if tail is not None:
                 yield tail
             finished = reason != "abort"
+            outcome = reason
             yield Finished(reason, relay.timings(n))
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "abort"            # the client went away
+            raise
         finally:
+            if rec is not None:
+                rec.done(outcome)
+            if self.gate is not None:
+                self.gate.poll()         # room may have appeared for a queued request
             self.active.pop(rid, None)
             for call in st.calls:
                 call.cancel()
@@ -196,6 +234,20 @@ class Router:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
                 pass            # the client is gone; the cleanup goes on, tracked in _cleanups
+
+    def _slo(self, job: Job) -> tuple[float, float]:
+        """(ttft, tbt) SLO seconds the request is judged by: its own, else the defaults."""
+        slo = self.slo.slo
+        return (job.ttft_slo_s or slo.ttft_for(self.slo.prompt_classes.of(len(job.prompt_ids))),
+                job.tbt_slo_s or slo.tbt_s)
+
+    async def _prefill_instance(self, decision) -> Instance | None:
+        """The prefill instance admission chose, else the least loaded live one."""
+        if decision is not None and decision.prefill_instance:
+            for inst in await self.discovery.instances("prefill"):
+                if inst.instance_id == decision.prefill_instance:
+                    return inst
+        return await self.discovery.pick_prefill()
 
     async def _run(self, st: _Active, relay: _Relay) -> AsyncIterator[Progress | Delta]:
         job, placement = st.job, st.placement

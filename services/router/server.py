@@ -21,9 +21,12 @@ def prompt_from_proto(req: router_pb2.GenerateRequest) -> PromptInput:
     sampling = {name: getattr(req.sampling, name) for name in SAMPLING_FIELDS if req.sampling.HasField(name)}
     if req.sampling.stop_token_ids:
         sampling["stop_token_ids"] = tuple(req.sampling.stop_token_ids)
+    slo = req.slo if req.HasField("slo") else None
     return PromptInput(request_id=req.request_id, text=req.text if which == "text" else None,
                        token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
-                       chat=req.chat, model=req.model, sampling=sampling, return_logprobs=req.return_logprobs)
+                       chat=req.chat, model=req.model, sampling=sampling, return_logprobs=req.return_logprobs,
+                       ttft_slo_s=slo.ttft_s if slo is not None and slo.HasField("ttft_s") else None,
+                       tbt_slo_s=slo.tbt_s if slo is not None and slo.HasField("tbt_s") else None)
 
 
 def event_to_proto(ev: Started | Progress | Delta | Finished) -> router_pb2.GenerateResponse:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from common.client import KVStoreClient
+from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
 from common.rpc import protos
 from common.rpc.protos import router_pb2_grpc
 from common.rpc.server import RpcServer
+from services.router.admission import AdmissionGate, admission_config
 from services.router.config import RouterConfig
+from services.router.discovery import Discovery
 from services.router.frontend import Frontend
 from services.router.router import Router
 from services.router.server import RouterServicer
@@ -33,8 +37,10 @@ def load_frontend(config: RouterConfig) -> Frontend:
 
 
 class RouterService:
-    def __init__(self, config: RouterConfig, server: RpcServer, router: Router, kvstore: KVStoreClient) -> None:
+    def __init__(self, config: RouterConfig, server: RpcServer, router: Router, kvstore: KVStoreClient,
+                 metrics_server: MetricsServer | None = None) -> None:
         self.config = config
+        self.metrics_server = metrics_server          # /metrics (None: metrics_port = -1)
         self.server = server
         self.router = router
         self.kvstore = kvstore
@@ -47,16 +53,30 @@ class RouterService:
     async def start(cls, config: RouterConfig) -> "RouterService":
         frontend = await asyncio.to_thread(load_frontend, config)
         kvstore = KVStoreClient(config.kvstore, timeout_s=config.rpc_timeout_s)
-        router = Router(config, frontend, kvstore)
-        server = RpcServer(config.host, config.port, grace_s=config.grace_s)
+        metrics = Metrics(new_registry(), role="router", pool=config.deployment,
+                          instance=f"router-{config.host}-{os.getpid()}")
+        slo = admission_config(config).slo
+        metrics.set_slo_targets(dict(slo.ttft_s), slo.tbt_s, slo.objective)
+        discovery = Discovery(kvstore, config.discovery_ttl_s)
+        gate = AdmissionGate(config, metrics, discovery) if config.admission else None
+        router = Router(config, frontend, kvstore, metrics, discovery, gate)
+        server = RpcServer(config.host, config.port, grace_s=config.grace_s,
+                           interceptors=[MetricsInterceptor(metrics)])
         server.add_service(router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(frontend, router),
                            protos.ROUTER)
-        svc = cls(config, server, router, kvstore)
+        metrics_server = None
         try:
+            if config.metrics_port >= 0:
+                metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host)
+            svc = cls(config, server, router, kvstore, metrics_server)
             await server.start()
         except BaseException:
             await kvstore.close()
+            if metrics_server is not None:
+                metrics_server.close()
             raise
+        if gate is not None:
+            gate.start()
         log.info("router on %s serving %s (max prompt %d tokens, prompts >= %d tokens go to a prefill instance)",
                  svc.address, frontend.name, frontend.max_prompt_tokens, config.short_prompt_tokens)
         return svc
@@ -64,5 +84,10 @@ class RouterService:
     async def stop(self) -> None:
         """Drains running requests (grace period), then finishes their cleanups. Idempotent."""
         await self.server.stop()
+        if self.router.gate is not None:
+            await self.router.gate.stop()
         await self.router.close()
         await self.kvstore.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None

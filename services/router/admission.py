@@ -1,0 +1,135 @@
+"""The router's admission gate: common/admission.py's decisions, driven by live load.
+
+    gate = AdmissionGate(config, metrics, discovery)
+    gate.start()                                  # the load watcher (a task)
+    d = await gate.admit(request)                 # ADMIT decision, or raises (RESOURCE_EXHAUSTED)
+    ...
+    await gate.stop()
+
+Load comes from the instances' /metrics endpoints (their URLs from the kvstore registrations) or,
+with --prometheus-url, from a Prometheus server. A queued request waits for a poll() that admits or
+rejects it; every wait is bounded by the controller (max_queue_wait_s, the request's TTFT SLO).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from common.admission import (AdmissionConfig, AdmissionController, AdmissionRequest, Decision,
+                              LoadSnapshot, MetricsScraper, Outcome, PoolModel, PrometheusSource,
+                              SLOConfig)
+from common.errors import CapacityError
+from common.metrics import Metrics
+from common.perf_model.calibrated import CalibratedModel
+from services.router.config import RouterConfig
+from services.router.discovery import Discovery
+
+log = logging.getLogger(__name__)
+
+
+def admission_config(config: RouterConfig) -> AdmissionConfig:
+    """The router's SLO defaults and queue bounds: the short-prompt TTFT SLO from the config, the
+    longer classes keep the defaults (never below the short one)."""
+    base = SLOConfig()
+    ttft = tuple((c, config.ttft_slo_s if c == "short" else max(s, config.ttft_slo_s)) for c, s in base.ttft_s)
+    return AdmissionConfig(slo=SLOConfig(ttft, config.tbt_slo_s, config.slo_objective),
+                           short_prompt_tokens=config.short_prompt_tokens, max_queue=config.max_queue,
+                           max_queue_wait_s=config.max_queue_wait_s, max_staleness_s=config.max_staleness_s)
+
+
+def pool_model(config: RouterConfig) -> PoolModel:
+    """A linear model of one iteration: perf_step_s + perf_token_s per token (+ per decode's KV
+    token nothing: small next to the fixed cost at these sizes). The observed slowdown corrects it."""
+    model = CalibratedModel([config.perf_token_s, 0.0, 0.0, 0.0, config.perf_step_s])
+    return PoolModel.build(model, config.iteration_budget_s)
+
+
+class AdmissionGate:
+    def __init__(self, config: RouterConfig, metrics: Metrics, discovery: Discovery) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.discovery = discovery
+        model = pool_model(config)
+        self.controller = AdmissionController(admission_config(config), decode=model, prefill=model)
+        self.snapshot = LoadSnapshot({}, -1e9)
+        self._waiting: dict[str, asyncio.Future[Decision]] = {}
+        self._scraper: MetricsScraper | None = None
+        self._source: MetricsScraper | PrometheusSource | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._fresh = asyncio.Event()
+
+    def start(self) -> None:
+        if self.config.prometheus_url:
+            self._source = PrometheusSource(self.config.prometheus_url, pool=self.config.deployment,
+                                            timeout_s=min(2.0, self.config.rpc_timeout_s))
+        else:
+            self._source = self._scraper = MetricsScraper([], pool=self.config.deployment, timeout_s=1.0)
+        self._task = asyncio.create_task(self._watch(), name="admission-load")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._scraper is not None:
+            self._scraper.close()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(CapacityError("the router is shutting down"))
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                if self._scraper is not None:
+                    instances = await self.discovery.instances()
+                    self._scraper.targets = [i.metrics_url for i in instances if i.metrics_url]
+                snap = await asyncio.to_thread(self._source.scrape)
+                for where, err in snap.errors.items():
+                    log.debug("load source %s: %s", where, err)
+                self._on_snapshot(snap)
+            except Exception as e:  # noqa: BLE001 - the load goes stale; admission then rejects
+                log.warning("admission load: %s", e)
+            await asyncio.sleep(self.config.scrape_interval_s)
+
+    def _on_snapshot(self, snap: LoadSnapshot) -> None:
+        self.snapshot = snap
+        self._fresh.set()
+        self.poll()
+
+    def poll(self) -> None:
+        """Admits or rejects queued requests against the latest load (also when a request ends)."""
+        for req, d in self.controller.poll(self.snapshot, time.monotonic()):
+            fut = self._waiting.pop(req.request_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(d)
+        self.metrics.set_admission_queue(self.controller.queue_length)
+
+    async def admit(self, req: AdmissionRequest) -> Decision:
+        """An ADMIT decision (instances chosen), after queueing if needed; raises the rejection's
+        error (AdmissionRejected: RESOURCE_EXHAUSTED with a retry hint; or INVALID_ARGUMENT)."""
+        if not self._fresh.is_set():       # first scrape after start: wait for it (bounded)
+            try:
+                await asyncio.wait_for(self._fresh.wait(), self.config.max_staleness_s)
+            except asyncio.TimeoutError:
+                pass
+        d = self.controller.decide(req, self.snapshot, time.monotonic())
+        self.metrics.observe_admission(d.outcome.value, d.reason)
+        if d.outcome is Outcome.QUEUE:
+            fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+            self._waiting[req.request_id] = fut
+            self.metrics.set_admission_queue(self.controller.queue_length)
+            try:
+                # The controller bounds the wait (latest_start_s); the timeout is a safety net.
+                d = await asyncio.wait_for(fut, self.config.max_queue_wait_s + 5 * self.config.scrape_interval_s)
+            except asyncio.TimeoutError:
+                self.controller.cancel(req.request_id)
+                raise CapacityError(f"request {req.request_id}: admission queue wait timed out") from None
+            finally:
+                if self._waiting.pop(req.request_id, None) is not None:
+                    self.controller.cancel(req.request_id)       # the client gave up
+                self.metrics.set_admission_queue(self.controller.queue_length)
+            self.metrics.observe_admission(d.outcome.value, d.reason)
+        if d.outcome is Outcome.REJECT:
+            raise d.error(req.request_id)
+        return d
