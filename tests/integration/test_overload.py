@@ -1,0 +1,76 @@
+"""Overload: a burst of far more requests than one small decode instance serves within a tight TTFT
+SLO. Admitted requests meet it (p90), the rest are rejected promptly with RESOURCE_EXHAUSTED and a
+retry hint, and none hangs (every call has a deadline)."""
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from common.client import RouterClient
+from common.rpc import client as rpc_client
+from common.rpc.protos import router_pb2_grpc
+from common.rpc.status import retry_after_s
+from scripts.up import Cluster, ClusterConfig
+from tests.fixtures.hf_models import write_random_hf_model
+
+pytestmark = pytest.mark.timeout(300)
+
+TTFT_SLO_S = 0.5
+BURST = 48
+DEADLINE_S = 30.0
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return [(7 * i + 13 * seed + 3) % 300 + 10 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    model = write_random_hf_model(tmp_path_factory.mktemp("overload-model"), "llama", num_hidden_layers=2,
+                                  max_position_embeddings=512, seed=5)
+    cfg = ClusterConfig(model=str(model), kv_backend="tcp", router_port=0, prefill_spp=1, decode_kvp=1,
+                        decode_kv_tokens=4096, prefill_kv_tokens=1024, chunk_size=64, short_prompt_tokens=256,
+                        deployment=f"overload-{uuid.uuid4().hex[:8]}",
+                        log_dir=str(tmp_path_factory.mktemp("logs")))
+    with Cluster(cfg) as c:
+        yield c
+
+
+def one(address: str, ids: list[int]) -> dict:
+    """One request with its own TTFT SLO: ttft (None if rejected), code, retry hint, seconds."""
+    req = RouterClient.request(token_ids=ids, max_tokens=4, ttft_slo_s=TTFT_SLO_S)
+    t0 = time.monotonic()
+    ttft = None
+    with rpc_client.blocking_channel(address) as ch:
+        try:
+            for ev in router_pb2_grpc.RouterStub(ch).Generate(req, timeout=DEADLINE_S):
+                if ev.WhichOneof("event") == "delta" and ev.delta.token_ids and ttft is None:
+                    ttft = time.monotonic() - t0
+            return {"ttft": ttft, "code": "OK", "retry": None, "s": time.monotonic() - t0}
+        except grpc.RpcError as e:
+            return {"ttft": None, "code": e.code().name, "retry": retry_after_s(e), "s": time.monotonic() - t0}
+
+
+def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluster):
+    address = cluster.router_address
+    one(address, prompt(40, 999))                 # warm up (and let the router see the load once)
+    time.sleep(1.0)
+    with ThreadPoolExecutor(BURST) as pool:
+        results = list(pool.map(lambda i: one(address, prompt(120, i)), range(BURST)))
+    ok = [r for r in results if r["code"] == "OK"]
+    rejected = [r for r in results if r["code"] != "OK"]
+    codes = {r["code"] for r in rejected}
+    print(f"admitted {len(ok)}, rejected {len(rejected)} {codes}; "
+          f"TTFTs {sorted(round(r['ttft'], 3) for r in ok)}")
+    assert ok and rejected, "the burst must overload the instance but some requests must get through"
+    assert codes == {"RESOURCE_EXHAUSTED"}
+    assert all(r["retry"] is not None and r["retry"] > 0 for r in rejected)
+    assert max(r["s"] for r in rejected) < TTFT_SLO_S + 1.0      # rejected promptly
+    ttfts = sorted(r["ttft"] for r in ok)
+    p90 = ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]
+    assert p90 <= TTFT_SLO_S, ttfts
+    assert all(r["s"] < DEADLINE_S for r in results)
