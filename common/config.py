@@ -162,9 +162,10 @@ class SchedulerConfig:
               [min_chunk, max_chunk]) whose predicted batch time fits the iteration budget. Adaptive
               chunking and LARS need a performance model (the engine loads or builds one).
     Iteration budget (`iteration_budget()`): `iteration_budget_s` when set, else by `role`:
-      decode   `tbt_slo_s`: decodes share every iteration with the prefill chunks, so an iteration may
-               last no longer than the time between tokens they are promised (a running request's own
-               tighter TBT SLO lowers it for the iterations it decodes in).
+      decode   `tbt_headroom` x `tbt_slo_s`: decodes share every iteration with the prefill chunks, so
+               an iteration may last no longer than the time between tokens they are promised (a
+               running request's own tighter TBT SLO lowers it for the iterations it decodes in); the
+               headroom absorbs the chunker's +10% acceptance and the performance model's error.
       prefill  `preempt_interval_s` / pipeline depth: no decodes to protect; a newly arrived request
                waits at most for the iterations in flight (~preempt_interval_s) before it can take the
                server (preemption granularity), and equal-time chunks keep pipeline stages balanced.
@@ -177,7 +178,8 @@ class SchedulerConfig:
     policy: str = "fcfs"               # fcfs | edf | lars
     chunking: str = "fixed"            # fixed | adaptive
     role: str = "decode"               # decode | prefill: which rule picks the iteration budget
-    tbt_slo_s: float = 0.05            # decode role: budget = the TBT SLO
+    tbt_slo_s: float = 0.05            # decode role: budget = tbt_headroom x the TBT SLO
+    tbt_headroom: float = 0.8
     preempt_interval_s: float = 0.2    # prefill role: budget = this / pipeline depth
     iteration_budget_s: float | None = None   # explicit budget, overrides the role's rule
     min_chunk: int = 32                # adaptive chunk bounds (tokens, multiples of 32)
@@ -198,6 +200,8 @@ class SchedulerConfig:
         for name in ("tbt_slo_s", "preempt_interval_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"scheduler: {name} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.tbt_headroom <= 1.0:
+            raise ConfigError(f"scheduler: tbt_headroom must be in (0, 1], got {self.tbt_headroom}")
         if self.iteration_budget_s is not None and not self.iteration_budget_s > 0:
             raise ConfigError(f"scheduler: iteration_budget_s must be positive (or unset), "
                               f"got {self.iteration_budget_s}")
@@ -219,7 +223,11 @@ class SchedulerConfig:
             return self.iteration_budget_s
         if self.role == "prefill":
             return self.preempt_interval_s / pipeline_depth
-        return self.tbt_slo_s
+        return self.tbt_headroom * self.tbt_slo_s
+
+    def tbt_budget(self, tbt_slo_s: float) -> float:
+        """The iteration budget a decode with this TBT SLO allows (decode role)."""
+        return self.tbt_headroom * tbt_slo_s
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,7 @@ class Scheduler:
         # 2. prefill chunks, planned against the budget (a tighter TBT SLO of a decode here lowers it)
         budget = self.budget_s
         if cfg.role == "decode":
-            slos = [it.request.tbt_slo_s for it in out.items if it.request.tbt_slo_s]
+            slos = [cfg.tbt_budget(it.request.tbt_slo_s) for it in out.items if it.request.tbt_slo_s]
             budget = min([budget] + slos)
         out.budget_s = budget
         views = [self._view(r) for r in list(self.running) + list(self.waiting)

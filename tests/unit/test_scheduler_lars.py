@@ -167,7 +167,7 @@ def test_decodes_first_and_their_tbt_slo_lowers_the_budget():
     s.add(Request("b", [7] * 50_000, SamplingParams(max_tokens=1), 0.0))
     out = s.schedule()
     assert [(it.request.request_id, it.num_tokens) for it in out.items][0] == ("a", 1)
-    assert out.budget_s == 0.02 and out.predicted_s <= 0.02 * (1 + TOL)
+    assert out.budget_s == pytest.approx(0.8 * 0.02) and out.predicted_s <= 0.8 * 0.02 * (1 + TOL)
     s.postprocess(out, {"a": (1, 0.0)})
     s.abort("a")
     out = s.schedule()                                 # no decode: the configured budget again
@@ -178,7 +178,8 @@ def test_prefill_role_budget_is_preemption_interval_over_pipeline_depth():
     cfg = SchedulerConfig(policy="lars", chunking="adaptive", role="prefill", preempt_interval_s=0.4)
     s = Scheduler(cfg, BlockPool(100, 16), perf_model=ATTN, pipeline_depth=4)
     assert s.budget_s == pytest.approx(0.1)
-    assert SchedulerConfig(role="decode", tbt_slo_s=0.03).iteration_budget(4) == 0.03
+    assert SchedulerConfig(role="decode", tbt_slo_s=0.03).iteration_budget(4) == pytest.approx(0.024)
+    assert SchedulerConfig(tbt_slo_s=0.03, tbt_headroom=1.0).iteration_budget() == 0.03
     assert SchedulerConfig(iteration_budget_s=0.7, role="prefill").iteration_budget(2) == 0.7
 
 
@@ -190,7 +191,8 @@ def test_config_errors_name_the_problem():
     Scheduler(SchedulerConfig(policy="edf"), BlockPool(10, 16))      # EDF with fixed chunks: no model
     for bad in (dict(policy="sjf"), dict(chunking="dynamic"), dict(role="both"), dict(tbt_slo_s=0),
                 dict(min_chunk=48), dict(min_chunk=64, max_chunk=32), dict(rho_max=1.0),
-                dict(long_threshold=0), dict(iteration_budget_s=-1.0)):
+                dict(long_threshold=0), dict(iteration_budget_s=-1.0), dict(tbt_headroom=0.0),
+                dict(tbt_headroom=1.5)):
         with pytest.raises(ConfigError, match="scheduler"):
             SchedulerConfig(**bad)
 
