@@ -122,6 +122,7 @@ class LLMEngine:
         self.scheduler.add(req)
         if kv_sink is not None:
             self.disagg.sinks[rid] = kv_sink
+            self.disagg.streaming.add(rid)
         return rid
 
     def make_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float | None = None,
