@@ -105,12 +105,15 @@ def run_load(address: str, rate: float, seconds: float, prompt_tokens: int, max_
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.goodput", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rate", type=float, default=40.0, help="offered requests per second")
-    p.add_argument("--seconds", type=float, default=20.0, help="how long the load is offered")
-    p.add_argument("--prompt-tokens", type=int, default=120)
+    p.add_argument("--rate", type=float, default=100.0, help="offered requests per second")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long the load is offered")
+    p.add_argument("--prompt-tokens", type=int, default=400)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--ttft-slo-s", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--perf-step-s", type=float, default=0.005,
+                   help="router performance model: seconds per iteration (calibrated for this model on CPU)")
+    p.add_argument("--perf-token-s", type=float, default=0.0001, help="... plus seconds per token")
     a = p.parse_args(argv)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="goodput-"))
     model = write_random_hf_model(tmp / "model", "llama", num_hidden_layers=2, max_position_embeddings=512,
@@ -118,15 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for mode, admission in (("admission_on", True), ("admission_off", False)):
         cfg = ClusterConfig(model=str(model), kv_backend="tcp", router_port=0, prefill_spp=1, decode_kvp=1,
-                            decode_kv_tokens=8192, prefill_kv_tokens=1024, chunk_size=64,
-                            short_prompt_tokens=256, admission=admission,
+                            decode_kv_tokens=131072, prefill_kv_tokens=1024, chunk_size=64,
+                            short_prompt_tokens=512, admission=admission,
+                            extra={"router": ["--perf-step-s", str(a.perf_step_s),
+                                              "--perf-token-s", str(a.perf_token_s)]},
                             deployment=f"goodput-{uuid.uuid4().hex[:8]}", log_dir=str(tmp / mode))
         with Cluster(cfg) as c:
             rows[mode] = run_load(c.router_address, a.rate, a.seconds, a.prompt_tokens, a.max_tokens,
                                   a.ttft_slo_s, a.seed)
         print(mode, rows[mode], flush=True)
     result = {"config": vars(a), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "deployment": "1 decode instance (decode-only route), tiny random llama (2 layers), CPU, tcp",
+              "deployment": "1 decode instance (decode-only route, KV for 131072 tokens so the kvstore never refuses), tiny random llama (2 layers), CPU, tcp",
               "results": rows}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "goodput.json").write_text(json.dumps(result, indent=2) + "\n")
