@@ -173,6 +173,7 @@ class LLMEngine:
 
     # ---- one iteration ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        t0 = time.perf_counter()
         early = self.disagg.admit_arrived()
         sched = self.scheduler.schedule()
         if not sched.items:
@@ -185,6 +186,9 @@ class LLMEngine:
                                                [it.request.params for it in samplers])
         sampled = {it.request.request_id: (t, lp) for it, t, lp in zip(samplers, tokens, logprobs)}
         self.scheduler.postprocess(sched, sampled)
+        observe = getattr(self.perf_model, "observe", None)
+        if observe is not None and sched.batch is not None:      # online correction of the model
+            observe(sched.batch, time.perf_counter() - t0)
         outs = []
         for it in sched.items:
             req = it.request

@@ -39,6 +39,7 @@ from common.perf_model.analytic import DTYPE_BYTES, HARDWARE, AnalyticModel, Har
 from common.perf_model.base import PerfModel
 from common.perf_model.calibrated import (CalibratedModel, ProfileKey, Sample, fit_from_samples,
                                           held_out_error, load_or_fallback, split_samples)
+from common.perf_model.online import OnlineCorrection
 from common.sampling_params import SamplingParams
 from common.scheduler.request import Request
 from common.scheduler.scheduler import ScheduledItem
@@ -138,10 +139,12 @@ def analytic_model(engine: "LLMEngine") -> AnalyticModel:
     return AnalyticModel(engine.model_config, hw, engine.cfg.parallel, DTYPE_BYTES[engine.cfg.dtype])
 
 
-def load_perf_model(engine: "LLMEngine", path: str | Path | None = None) -> PerfModel:
-    """The saved calibrated model for this engine's key, else the analytic roofline (logged)."""
+def load_perf_model(engine: "LLMEngine", path: str | Path | None = None, online: bool = True) -> PerfModel:
+    """The saved calibrated model for this engine's key, else the analytic roofline (logged);
+    `online`: wrapped in OnlineCorrection, which the engine feeds with every step's measured time."""
     key = profile_key(engine)
-    return load_or_fallback(Path(path) if path else default_profile_path(key), key, analytic_model(engine))
+    model = load_or_fallback(Path(path) if path else default_profile_path(key), key, analytic_model(engine))
+    return OnlineCorrection(model) if online else model
 
 
 # ---- synthetic batches -----------------------------------------------------------------------------

@@ -44,12 +44,13 @@ class ScheduledItem:
 class SchedulerOutput:
     items: list[ScheduledItem] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
-    predicted_s: float | None = None     # the performance model's time for this batch (if it has one)
+    batch: BatchShape | None = None      # what the performance model saw (set when there is one)
+    predicted_s: float | None = None     # the performance model's time for this batch
     budget_s: float | None = None        # the iteration budget the chunks were sized for (planned mode)
     forced: bool = False                 # a chunk ran over the budget so that the server never stalls
 
     def shape(self) -> BatchShape:
-        """What the performance model sees of this batch."""
+        """What the performance model sees of this batch (valid until postprocess advances it)."""
         return batch_shape(self.items)
 
     @property
@@ -137,7 +138,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = self._schedule_planned() if self.planned else self._schedule_core()
         if self.perf_model is not None and out.items:
-            out.predicted_s = self.perf_model.predict(out.shape())
+            out.batch = out.shape()
+            out.predicted_s = self.perf_model.predict(out.batch)
         return out
 
     def _schedule_core(self) -> SchedulerOutput:

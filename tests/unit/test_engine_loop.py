@@ -15,6 +15,7 @@ from common.errors import CapacityError
 from common.model.loader import load_checkpoint
 from common.perf_model.analytic import AnalyticModel
 from common.perf_model.calibrated import CalibratedModel
+from common.perf_model.online import OnlineCorrection
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
 
@@ -232,5 +233,7 @@ def test_lars_adaptive_gives_the_same_greedy_tokens_as_fcfs_fixed(checkpoint):
 def test_engine_falls_back_to_the_analytic_model_without_a_profile(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("MNEMOSYNE_CACHE", str(tmp_path))
     engine = make_engine(checkpoint, policy="lars", chunking="adaptive")
-    assert isinstance(engine.perf_model, AnalyticModel)
+    assert isinstance(engine.perf_model, OnlineCorrection)
+    assert isinstance(engine.perf_model.base, AnalyticModel)
     assert engine.generate(prompts((40,)), GREEDY)[0].token_ids == alone(checkpoint, prompts((40,))[0])
+    assert engine.perf_model.observations > 0            # every step's time corrected the model

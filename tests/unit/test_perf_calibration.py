@@ -83,12 +83,13 @@ def test_saved_profile_is_reused_and_keyed(calibrated, checkpoint):
     assert data["fit"]["held_out_median_rel_err"] == pytest.approx(cal.held_out_error)
     again = calibrate(engine, SPEC, path)
     assert again.reused and again.model.coefficients == cal.model.coefficients
-    loaded = load_perf_model(engine, path)
+    loaded = load_perf_model(engine, path, online=False)
     assert isinstance(loaded, CalibratedModel) and loaded.coefficients == cal.model.coefficients
+    assert load_perf_model(engine, path).base.coefficients == cal.model.coefficients
     # another dtype is another key: the file is not used for it
     bf16 = make_engine(checkpoint, "bfloat16")
     assert profile_key(bf16) != profile_key(engine)
-    assert isinstance(load_perf_model(bf16, path), AnalyticModel)
+    assert isinstance(load_perf_model(bf16, path, online=False), AnalyticModel)
 
 
 def test_default_path_lives_under_the_cache_dir(calibrated, tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def test_scheduler_and_perf_model_never_import_torch():
     mods = ["common.scheduler.types", "common.scheduler.policy", "common.scheduler.chunking",
             "common.scheduler.planner", "common.scheduler.simulate", "common.perf_model.base",
             "common.perf_model.analytic", "common.perf_model.calibrated",
-            "common.perf_model.prefill_table", "common.scheduler.scheduler"]
+            "common.perf_model.prefill_table", "common.perf_model.online", "common.scheduler.scheduler"]
     code = ("import importlib, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
@@ -223,3 +223,21 @@ def test_format_1_profile_still_loads(tmp_path):
                                 "coefficients": TRUE, "kvp_tokens": None, "fit": {}}))
     b = prefill(512, 4096).with_decode(100)
     assert CalibratedModel.load(path, key).predict(b) == pytest.approx(CalibratedModel(TRUE).predict(b))
+
+
+def test_online_correction_follows_the_machine():
+    from common.perf_model.online import OnlineCorrection
+    base = CalibratedModel(TRUE)
+    m = OnlineCorrection(base, alpha=0.2)
+    b = prefill(256, 1000).with_decode(500)
+    assert m.predict(b) == base.predict(b) and m.scale == 1.0
+    for _ in range(60):                                  # the machine became 1.5x slower
+        m.observe(b, 1.5 * base.predict(b))
+    assert m.scale == pytest.approx(1.5, rel=1e-3)
+    assert m.predict(prefill(32)) == pytest.approx(1.5 * base.predict(prefill(32)), rel=1e-3)
+    for _ in range(200):                                 # one stall per iteration: clipped
+        m.observe(b, 100 * base.predict(b))
+    assert m.scale == pytest.approx(4.0)
+    m.observe(BatchShape(), 1.0)                         # nothing predicted: ignored
+    with pytest.raises(ConfigError):
+        OnlineCorrection(base, alpha=0.0)
