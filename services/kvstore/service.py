@@ -17,7 +17,7 @@ import time
 from common.errors import MnemosyneError
 from common.metadata.redis_server import RedisServer
 from common.metadata.store import MetadataStore
-from common.metrics import Metrics, MetricsServer, new_registry, serve_metrics
+from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
 from common.rpc import protos
 from common.rpc.protos import kvstore_pb2_grpc
 from common.rpc.server import RpcServer
@@ -71,7 +71,8 @@ class KVStoreService:
                               instance=f"kvstore-{socket.gethostname()}-{os.getpid()}")
             if config.metrics_port >= 0:
                 metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host)
-            server = RpcServer(config.host, config.port, grace_s=config.grace_s)
+            server = RpcServer(config.host, config.port, grace_s=config.grace_s,
+                               interceptors=[MetricsInterceptor(metrics)])
             server.add_service(kvstore_pb2_grpc.add_KVStoreServicer_to_server,
                                KVStoreServicer(logic, metrics), protos.KVSTORE)
             svc = cls(config, store, server, logic, redis_server, metrics, metrics_server)

@@ -51,6 +51,7 @@ class AdmissionGate:
         self.metrics = metrics
         self.discovery = discovery
         model = pool_model(config)
+        self._prefill_model = model
         self.controller = AdmissionController(admission_config(config), decode=model, prefill=model)
         self.snapshot = LoadSnapshot({}, -1e9)
         self._waiting: dict[str, asyncio.Future[Decision]] = {}
@@ -64,7 +65,7 @@ class AdmissionGate:
             self._source = PrometheusSource(self.config.prometheus_url, pool=self.config.deployment,
                                             timeout_s=min(2.0, self.config.rpc_timeout_s))
         else:
-            self._source = self._scraper = MetricsScraper([], pool=self.config.deployment, timeout_s=1.0)
+            self._source = self._scraper = MetricsScraper([], pool=self.config.deployment, timeout_s=2.0)
         self._task = asyncio.create_task(self._watch(), name="admission-load")
 
     async def stop(self) -> None:
@@ -81,39 +82,71 @@ class AdmissionGate:
     async def _watch(self) -> None:
         while True:
             try:
-                if self._scraper is not None:
-                    instances = await self.discovery.instances()
-                    self._scraper.targets = [i.metrics_url for i in instances if i.metrics_url]
-                snap = await asyncio.to_thread(self._source.scrape)
-                for where, err in snap.errors.items():
-                    log.debug("load source %s: %s", where, err)
-                self._on_snapshot(snap)
+                await self.refresh()
             except Exception as e:  # noqa: BLE001 - the load goes stale; admission then rejects
                 log.warning("admission load: %s", e)
             await asyncio.sleep(self.config.scrape_interval_s)
+
+    async def refresh(self) -> None:
+        """Reads the load once now (the instances' current /metrics URLs from the kvstore)."""
+        if self._scraper is not None:
+            instances = await self.discovery.instances()
+            self._scraper.targets = [i.metrics_url for i in instances if i.metrics_url]
+        snap = await asyncio.to_thread(self._source.scrape)
+        for where, err in snap.errors.items():
+            log.debug("load source %s: %s", where, err)
+        self._on_snapshot(snap)
+
+    async def _observable(self) -> bool:
+        """Whether admission can see any instance: with direct scraping, only instances that
+        registered a metrics URL can be judged; with none (all run with --metrics-port -1, or none
+        is registered) the kvstore's placement is the only check."""
+        if self._scraper is None:
+            return True
+        return any(i.metrics_url for i in await self.discovery.instances())
 
     def _on_snapshot(self, snap: LoadSnapshot) -> None:
         self.snapshot = snap
         self._fresh.set()
         self.poll()
 
+    def _select_prefill(self) -> None:
+        """Long prompts take the prefill pool only while a prefill instance is seen; otherwise they
+        are judged as prefilled by the decode instance (the router's decode-only fallback)."""
+        seen = any(l.role == "prefill" for l in self.snapshot.loads.values())
+        self.controller.prefill = self._prefill_model if seen else None
+
     def poll(self) -> None:
         """Admits or rejects queued requests against the latest load (also when a request ends)."""
+        self._select_prefill()
         for req, d in self.controller.poll(self.snapshot, time.monotonic()):
             fut = self._waiting.pop(req.request_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(d)
         self.metrics.set_admission_queue(self.controller.queue_length)
 
-    async def admit(self, req: AdmissionRequest) -> Decision:
-        """An ADMIT decision (instances chosen), after queueing if needed; raises the rejection's
-        error (AdmissionRejected: RESOURCE_EXHAUSTED with a retry hint; or INVALID_ARGUMENT)."""
+    async def admit(self, req: AdmissionRequest) -> Decision | None:
+        """An ADMIT decision (instances chosen), after queueing if needed; None when no instance is
+        observable (the kvstore decides alone); raises the rejection's error (AdmissionRejected:
+        RESOURCE_EXHAUSTED with a retry hint; or INVALID_ARGUMENT)."""
+        if not await self._observable():
+            self.metrics.observe_admission("admitted", "unobserved")
+            return None
         if not self._fresh.is_set():       # first scrape after start: wait for it (bounded)
             try:
                 await asyncio.wait_for(self._fresh.wait(), self.config.max_staleness_s)
             except asyncio.TimeoutError:
                 pass
+        self._select_prefill()
         d = self.controller.decide(req, self.snapshot, time.monotonic())
+        if d.outcome is Outcome.REJECT and d.reason == "no_instance":
+            # An instance that (re)joined since the last scrape: read the load now, decide again.
+            try:
+                await asyncio.wait_for(self.refresh(), self.config.rpc_timeout_s)
+            except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - keep the rejection
+                log.debug("admission refresh: %s", e)
+            self._select_prefill()
+            d = self.controller.decide(req, self.snapshot, time.monotonic())
         self.metrics.observe_admission(d.outcome.value, d.reason)
         if d.outcome is Outcome.QUEUE:
             fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
