@@ -87,23 +87,24 @@ class AdmissionGate:
                 log.warning("admission load: %s", e)
             await asyncio.sleep(self.config.scrape_interval_s)
 
-    async def refresh(self) -> None:
-        """Reads the load once now (the instances' current /metrics URLs from the kvstore)."""
+    async def refresh(self, fresh: bool = False) -> None:
+        """Reads the load once now (the instances' /metrics URLs from the kvstore: asked now when
+        `fresh`, else the discovery cache)."""
         if self._scraper is not None:
-            instances = await self.discovery.instances()
+            instances = await self.discovery.instances(fresh=fresh)
             self._scraper.targets = [i.metrics_url for i in instances if i.metrics_url]
         snap = await asyncio.to_thread(self._source.scrape)
         for where, err in snap.errors.items():
             log.debug("load source %s: %s", where, err)
         self._on_snapshot(snap)
 
-    async def _observable(self) -> bool:
+    async def _observable(self, fresh: bool = False) -> bool:
         """Whether admission can see any instance: with direct scraping, only instances that
         registered a metrics URL can be judged; with none (all run with --metrics-port -1, or none
         is registered) the kvstore's placement is the only check."""
         if self._scraper is None:
             return True
-        return any(i.metrics_url for i in await self.discovery.instances())
+        return any(i.metrics_url for i in await self.discovery.instances(fresh=fresh))
 
     def _on_snapshot(self, snap: LoadSnapshot) -> None:
         self.snapshot = snap
@@ -129,7 +130,7 @@ class AdmissionGate:
         """An ADMIT decision (instances chosen), after queueing if needed; None when no instance is
         observable (the kvstore decides alone); raises the rejection's error (AdmissionRejected:
         RESOURCE_EXHAUSTED with a retry hint; or INVALID_ARGUMENT)."""
-        if not await self._observable():
+        if not await self._observable() and not await self._observable(fresh=True):
             self.metrics.observe_admission("admitted", "unobserved")
             return None
         if not self._fresh.is_set():       # first scrape after start: wait for it (bounded)
@@ -142,7 +143,7 @@ class AdmissionGate:
         if d.outcome is Outcome.REJECT and d.reason == "no_instance":
             # An instance that (re)joined since the last scrape: read the load now, decide again.
             try:
-                await asyncio.wait_for(self.refresh(), self.config.rpc_timeout_s)
+                await asyncio.wait_for(self.refresh(fresh=True), self.config.rpc_timeout_s)
             except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - keep the rejection
                 log.debug("admission refresh: %s", e)
             self._select_prefill()

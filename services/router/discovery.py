@@ -16,8 +16,9 @@ class Discovery:
         self._at = -1e9
         self.inflight: collections.Counter[str] = collections.Counter()   # this router's requests per instance
 
-    async def instances(self, role: str | None = None) -> list[Instance]:
-        if time.monotonic() - self._at > self.ttl_s:
+    async def instances(self, role: str | None = None, *, fresh: bool = False) -> list[Instance]:
+        """The live instances (of `role`); `fresh` asks the kvstore now instead of the cache."""
+        if fresh or time.monotonic() - self._at > self.ttl_s:
             self._cache = await self.kvstore.list_instances()
             self._at = time.monotonic()
         return [i for i in self._cache if role is None or i.role == role]
