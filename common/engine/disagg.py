@@ -22,6 +22,18 @@ if TYPE_CHECKING:
     from common.scheduler.scheduler import ScheduledItem
 
 
+def prefilled_request(engine, prepared: dict[str, int], prompt_ids: list[int], params: SamplingParams, rid: str,
+                      first_token: int, first_logprob: float) -> Request:
+    """A decode-side request whose prompt KV comes from elsewhere: all prompt tokens computed, the
+    first token already sampled (it may already finish the request)."""
+    if prepared.get(rid) != len(prompt_ids):
+        raise InvalidRequestError(f"request {rid!r} was not prepared to receive {len(prompt_ids)} tokens")
+    req = engine.make_request(rid, prompt_ids, params)
+    req.num_computed = len(prompt_ids)
+    req.append(first_token, first_logprob)
+    return req
+
+
 class Disaggregation:
     def __init__(self, engine: "LLMEngine") -> None:
         self.e = engine
@@ -94,12 +106,8 @@ class Disaggregation:
 
     def add_prefilled(self, prompt_ids: list[int], params: SamplingParams, rid: str, first_token: int,
                       first_logprob: float, kv_timeout_s: float) -> str:
-        if self.prepared.get(rid) != len(prompt_ids):
-            raise InvalidRequestError(f"request {rid!r} was not prepared to receive {len(prompt_ids)} tokens")
-        req = self.e.make_request(rid, prompt_ids, params)
-        req.num_computed = len(prompt_ids)
-        req.append(first_token, first_logprob)
-        self.awaiting[rid] = (req, time.monotonic() + kv_timeout_s)
+        self.awaiting[rid] = (prefilled_request(self.e, self.prepared, prompt_ids, params, rid, first_token,
+                                                first_logprob), time.monotonic() + kv_timeout_s)
         return rid
 
     def admit_arrived(self) -> list["StepOutput"]:

@@ -202,31 +202,36 @@ class LLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
         """Runs the prompts together (continuous batching) until all finish."""
-        t0 = time.monotonic()
-        rids = [self.add_request(p, params) for p in prompts]
-        results = {r: GenerationResult(r, [], [], "", 0.0) for r in rids}
-        last = {r: t0 for r in rids}
-        while self.has_unfinished():
-            outs = self.step()
-            if not outs:
-                # Nothing could be scheduled and nothing is in flight: no later step will differ.
-                stuck = [r for r in rids if r in self.scheduler.requests]
-                for r in stuck:
-                    self.abort(r)
-                raise CapacityError(f"requests {stuck} cannot make progress: the KV cache "
-                                    f"({self.pool.num_blocks} blocks of {self.pool.block_size}) is too small")
-            for o in outs:
-                if o.token_id is None:
-                    continue
-                now = time.monotonic()
-                res = results[o.request_id]
-                if not res.token_ids:
-                    res.ttft_s = now - t0
-                else:
-                    res.tbt_s.append(now - last[o.request_id])
-                last[o.request_id] = now
-                res.token_ids.append(o.token_id)
-                res.logprobs.append(o.logprob)
-                if o.finish_reason is not None:
-                    res.finish_reason = o.finish_reason.value
-        return [results[r] for r in rids]
+        return generate_all(self, prompts, params)
+
+
+def generate_all(engine, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
+    """Runs the prompts together on any engine (one process or a grid) until all finish."""
+    t0 = time.monotonic()
+    rids = [engine.add_request(p, params) for p in prompts]
+    results = {r: GenerationResult(r, [], [], "", 0.0) for r in rids}
+    last = {r: t0 for r in rids}
+    while engine.has_unfinished():
+        outs = engine.step()
+        if not outs:
+            # Nothing could be scheduled and nothing is in flight: no later step will differ.
+            stuck = [r for r in rids if r in engine.scheduler.requests]
+            for r in stuck:
+                engine.abort(r)
+            raise CapacityError(f"requests {stuck} cannot make progress: the KV cache "
+                                f"({engine.scheduler.pool.num_blocks} blocks of {engine.scheduler.pool.block_size}) is too small")
+        for o in outs:
+            if o.token_id is None:
+                continue
+            now = time.monotonic()
+            res = results[o.request_id]
+            if not res.token_ids:
+                res.ttft_s = now - t0
+            else:
+                res.tbt_s.append(now - last[o.request_id])
+            last[o.request_id] = now
+            res.token_ids.append(o.token_id)
+            res.logprobs.append(o.logprob)
+            if o.finish_reason is not None:
+                res.finish_reason = o.finish_reason.value
+    return [results[r] for r in rids]

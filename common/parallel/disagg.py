@@ -9,6 +9,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
+from common.engine.disagg import prefilled_request
 from common.engine.kv_sink import GroupSink, KVSink, kv_layout
 from common.errors import ConfigError, InvalidRequestError, KVTransferError, WorkerFailedError
 from common.parallel.groups import Coord, worker_rank
@@ -119,12 +120,8 @@ class GridDisaggregation:
 
     def add_prefilled(self, prompt_ids: list[int], params: SamplingParams, rid: str, first_token: int,
                       first_logprob: float, kv_timeout_s: float) -> str:
-        if self.prepared.get(rid) != len(prompt_ids):
-            raise InvalidRequestError(f"request {rid!r} was not prepared to receive {len(prompt_ids)} tokens")
-        req = self.e.make_request(rid, prompt_ids, params)
-        req.num_computed = len(prompt_ids)
-        req.append(first_token, first_logprob)
-        self.awaiting[rid] = (req, time.monotonic() + kv_timeout_s)
+        self.awaiting[rid] = (prefilled_request(self.e, self.prepared, prompt_ids, params, rid, first_token,
+                                                first_logprob), time.monotonic() + kv_timeout_s)
         return rid
 
     def admit_arrived(self) -> list["StepOutput"]:

@@ -12,13 +12,12 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common.config import EngineConfig, engine_config_to_dict
-from common.engine.engine import GenerationResult, StepOutput, validate_prompt
+from common.engine.engine import GenerationResult, StepOutput, generate_all, validate_prompt
 from common.engine.kv_sink import GroupSink, KVSink
 from common.errors import ConfigError, WorkerFailedError
 from common.kv_cache.kvp_blocks import KVPBlockManager
@@ -210,26 +209,7 @@ class ParallelEngine:
         self.inflight.append((step_id, sched))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
-        t0 = time.monotonic()
-        rids = [self.add_request(p, params) for p in prompts]
-        results = {r: GenerationResult(r, [], [], "", 0.0) for r in rids}
-        last = {r: t0 for r in rids}
-        while self.has_unfinished():
-            for o in self.step():
-                if o.token_id is None:
-                    continue
-                now = time.monotonic()
-                res = results[o.request_id]
-                if not res.token_ids:
-                    res.ttft_s = now - t0
-                else:
-                    res.tbt_s.append(now - last[o.request_id])
-                last[o.request_id] = now
-                res.token_ids.append(o.token_id)
-                res.logprobs.append(o.logprob)
-                if o.finish_reason is not None:
-                    res.finish_reason = o.finish_reason.value
-        return [results[r] for r in rids]
+        return generate_all(self, prompts, params)
 
     def dump_kv(self, request_id: str, directory: str, timeout_s: float = 60.0) -> list[str]:
         """Debug/test hook: every worker writes the K/V it holds for a running request to `directory`.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 
 from common.engine.kv_sink import KVIntake, KVSink, KVStreamer, gather_chunk
 from common.errors import MnemosyneError
