@@ -188,6 +188,11 @@ def markdown(report: dict) -> str:
         "time / measured time (100% = at the roofline), from the medians.",
         "",
     ]
+    if max(m["loadavg_before"][0], m["loadavg_after"][0]) > m["threads"]:
+        lines += [f"**Caution:** the load average reached {max(m['loadavg_before'][0], m['loadavg_after'][0]):.1f} "
+                  f"on this machine while it ran (other jobs shared its cores), so the medians include "
+                  "heavy interference; the best sample (in parentheses) is the least disturbed one. The "
+                  "roofline rates are the best of repeated measurements for the same reason.", ""]
     for dtype, rows in report["results"].items():
         lines += [f"## {dtype}", "",
                   "| context | n | prefill s (best) | prefill tok/s | floor tok/s | % of floor | "
