@@ -21,6 +21,7 @@ from common.config import CacheConfig, ModelConfig
 from common.errors import KVTransferError
 from common.kv_cache.paged import PagedKVCache
 from common.kv_transfer import KVChunk, KVDest, KVLayout, TransferState, make_receiver, make_sender
+from common.perf_model.calibrated import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,6 @@ class KVSink:
     @classmethod
     def from_dict(cls, d: dict) -> "KVSink":
         return cls(d["backend"], d["kvp_tokens"], [GroupSink(**g) for g in d["groups"]])
-
-
-def model_fingerprint(mc: ModelConfig) -> str:
-    return (f"{mc.architecture}-L{mc.num_layers}-H{mc.hidden_size}-q{mc.num_heads}-kv{mc.num_kv_heads}"
-            f"-d{mc.head_dim}-v{mc.vocab_size}")
 
 
 def kv_layout(mc: ModelConfig, cache: CacheConfig, dtype: str, kv_heads: int) -> KVLayout:
