@@ -18,10 +18,11 @@ KV-cache parallel merges (combine); those steps run eagerly.
 
 Status, honestly: written against common/engine/model_runner.py's decode path. On CPU, staging,
 padding and the padded eager step (`load` + `eager`, no graph) are tested against the ForwardContext
-path (tests/unit/test_triton_decode.py). Capture and replay have not been run on a GPU at the time of
-writing; the checks that exist are tests/gpu/test_cuda_graphs.py (replay bitwise equal to the same
-padded step run eagerly, and close to the ForwardContext path) and the graph section of
-bench/gpu_probe.py.
+path (tests/unit/test_triton_decode.py). Capture and replay are checked on a GPU by tests/gpu/test_cuda_graphs.py
+(replay bitwise equal to the same padded step run eagerly, and close to the ForwardContext path) and
+the graph section of bench/gpu_probe.py; their first H200 run found that buffers allocated inside
+capture()'s inference mode could not be restaged by `load` (fixed; CPU regression test in
+tests/unit/test_triton_decode.py).
 """
 from __future__ import annotations
 
@@ -88,6 +89,12 @@ class DecodeGraphRunner:
 
     # ---- buffers -----------------------------------------------------------------------------------
     def _alloc(self) -> None:
+        # Made outside inference mode even when capture() (which is) allocates them: `load` rewrites
+        # them in place from ordinary code, which PyTorch refuses for inference tensors.
+        with torch.inference_mode(False):
+            self._alloc_buffers()
+
+    def _alloc_buffers(self) -> None:
         bmax, dev = self.sizes[-1], self.device
         self.dev = {"input_ids": torch.zeros(bmax, dtype=torch.long, device=dev),
                     "positions": torch.zeros(bmax, dtype=torch.long, device=dev),

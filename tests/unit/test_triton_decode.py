@@ -342,6 +342,22 @@ def test_graph_runner_padded_eager_step_matches_forward_context_on_cpu():
         runner.load([1], [12 * 4], tables[:1])                              # a 13th block
 
 
+def test_graph_runner_buffers_made_in_inference_mode_can_be_restaged():
+    """capture() runs in inference mode and allocates the staging buffers on first use; `load` then
+    rewrites them from ordinary code. Found on the first H200 run: inference tensors refuse that."""
+    from common.attention.reference import ReferenceBackend
+    from common.engine.cuda_graphs import DecodeGraphRunner
+    from tests.gpu.test_cuda_graphs import SCRATCH, decode_setup
+    model, cache, tables = decode_setup(torch.float32, "cpu", [3, 5], block_size=4, max_blocks=4)
+    runner = DecodeGraphRunner(model, cache, ReferenceBackend(), max_blocks_per_seq=4, scratch_block=SCRATCH,
+                               batch_sizes=(1, 4), device="cpu")
+    with torch.inference_mode():
+        runner._alloc()                                   # what capture() does before it captures
+    assert not any(t.is_inference() for t in list(runner.dev.values()) + list(runner.host.values()))
+    assert runner.load([5, 6], [3, 5], tables) == 4
+    assert runner.dev["seq_lens"].tolist() == [4, 6, 0, 0]
+
+
 # --- the GPU scripts on a machine without CUDA ------------------------------------------------------
 
 def test_gpu_modules_import_and_probe_exits_cleanly_without_cuda(tmp_path):
