@@ -481,12 +481,14 @@ class AdmissionController:
         return (self.decode if short else self.prefill).prefill_alone_s(req.prompt_tokens)
 
     def _ordered(self, now: float) -> list[_Queued]:
-        def key(q: _Queued) -> tuple:
+        """LARS order, slack stealing included (common/scheduler/policy.py)."""
+        entries = []
+        for q in self._queue.values():
             r = q.request
             view = ReqView(r.request_id, r.arrival_s, r.prompt_tokens,
                            ttft_deadline_s=r.arrival_s + self.slo_for(r)[0])
-            return self._lars.sort_key(view, now, q.work_s, q.work_s)
-        return sorted(self._queue.values(), key=key)
+            entries.append((view, q.work_s, q.work_s))
+        return [self._queue[view.request_id] for view, _, _ in self._lars.arrange(entries, now)]
 
     def _retry(self, seconds: float) -> float:
         return max(seconds, self.config.min_retry_after_s)

@@ -170,7 +170,8 @@ class SchedulerConfig:
                waits at most for the iterations in flight (~preempt_interval_s) before it can take the
                server (preemption granularity), and equal-time chunks keep pipeline stages balanced.
     LARS: a prefill that has processed >= `long_threshold` tokens is long (at most one per batch) and
-    fills only t * (1 - clip(rho, 0, rho_max)) of the budget.
+    fills only t * (1 - clip(rho, 0, rho_max)) of the budget. With `slack_stealing` a request that
+    would miss its deadline in rho order moves ahead of requests that keep theirs (policy.py).
     """
     chunk_size: int = 512              # fixed prefill chunk (tokens) when adaptive chunking is off
     max_batch_tokens: int = 8192       # tokens in one forward pass
@@ -186,6 +187,7 @@ class SchedulerConfig:
     max_chunk: int = 8192
     long_threshold: int = 256 * 1024   # prompt tokens processed before a prefill counts as long
     rho_max: float = 0.4               # cap of the budget share a long prefill yields
+    slack_stealing: bool = True        # LARS: a request that would miss moves ahead of ones with slack
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:

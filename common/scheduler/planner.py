@@ -9,12 +9,14 @@ that gets 0 tokens stays where it is (preempted at its chunk boundary) and is tr
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from common.errors import ConfigError
-from common.scheduler.chunking import Chunker, tokens_to_boundary
-from common.scheduler.policy import DEFAULT_LONG_THRESHOLD, Policy, WorkFn, is_long_prefill
+from common.scheduler.chunking import Chunker, Predictor, tokens_to_boundary
+from common.scheduler.policy import (DEADLINE_EPS_S, DEFAULT_LONG_THRESHOLD, Policy, WorkFn,
+                                     is_long_prefill)
 from common.scheduler.types import BatchShape, ReqView
 
 # admit(req, num_tokens) -> False when the KV cache cannot take the chunk (the request waits)
@@ -49,25 +51,31 @@ class PrefillPlan:
 
 def plan_prefills(batch: BatchShape, candidates: Sequence[ReqView], now: float, *, policy: Policy,
                   chunker: Chunker, work: WorkFn, config: PlannerConfig,
-                  admit: AdmitFn | None = None, long_in_batch: bool = False) -> PrefillPlan:
+                  admit: AdmitFn | None = None, long_in_batch: bool = False,
+                  predict: Predictor | None = None) -> PrefillPlan:
     """Adds prefill chunks to `batch` (which already holds the decodes).
 
     `work(req)` gives (remaining, total) predicted prefill seconds; `admit` is asked before a chunk
     is accepted (the engine allocates its KV blocks there). Starvation guard: if the batch would be
     empty although prefills wait (the budget is smaller than even the smallest chunk alone), the first
     request in order runs its smallest chunk anyway, so the server never stalls.
+
+    Deadline protection (policies with `protects_deadlines`, i.e. LARS with slack stealing, given
+    `predict`): a later chunk that lengthens the batch delays every request already in it, so it may
+    add at most the smallest slack among them (slack = deadline - now - the remaining work of that
+    request and of those ahead of it). A request that needs the whole machine to make its deadline
+    then gets it, instead of sharing its last iterations with filler from requests that can wait. One
+    late by less than an iteration budget (it arrived while a batch ran) counts as slack 0; one later
+    than that is past saving and not protected (a late long prefill still yields its budget share).
     """
-    keyed = []
-    for req in candidates:
-        if not req.in_prefill:
-            continue
-        remaining, total = work(req)
-        keyed.append((policy.sort_key(req, now, remaining, total), req, remaining, total))
-    keyed.sort(key=lambda k: k[0])
+    ordered = policy.arrange(((req, *work(req)) for req in candidates if req.in_prefill), now)
+    protect = predict is not None and getattr(policy, "protects_deadlines", False)
+    tolerance = getattr(getattr(chunker, "config", None), "tolerance", 0.0)
+    ahead_s, min_slack = 0.0, math.inf        # over the requests with a chunk in this batch
 
     chunks: list[tuple[str, int]] = []
     waiting: list[str] = []
-    for _, req, remaining, total in keyed:
+    for req, remaining, total in ordered:
         max_tokens = None
         if config.max_batch_tokens is not None:
             max_tokens = config.max_batch_tokens - batch.num_tokens
@@ -78,7 +86,13 @@ def plan_prefills(batch: BatchShape, candidates: Sequence[ReqView], now: float, 
             budget = config.t_target_s
             if long:
                 budget = policy.prefill_budget(config.t_target_s, req, now, remaining, total)
+            cap = math.inf
+            if protect and min_slack < math.inf:
+                cap = predict(batch) + min_slack + DEADLINE_EPS_S
+                budget = min(budget, cap / (1.0 + tolerance))
             n = chunker.chunk(batch, budget, req, max_tokens)
+            if n > 0 and cap < math.inf and predict(batch.with_prefill(n, req.num_computed)) > cap:
+                n = 0                              # a fixed-size chunk that would cost a deadline
             if n > 0 and admit is not None and not admit(req, n):
                 n = 0
         if n == 0:
@@ -87,9 +101,14 @@ def plan_prefills(batch: BatchShape, candidates: Sequence[ReqView], now: float, 
         batch = batch.with_prefill(n, req.num_computed)
         chunks.append((req.request_id, n))
         long_in_batch = long_in_batch or long
+        ahead_s += remaining
+        if req.ttft_deadline_s is not None:
+            slack = req.ttft_deadline_s - now - ahead_s
+            if slack >= -config.t_target_s:       # late by less than an iteration: still protected
+                min_slack = min(min_slack, max(slack, 0.0))
 
-    if batch.is_empty and keyed:
-        req = keyed[0][1]
+    if batch.is_empty and ordered:
+        req = ordered[0][0]
         n = min(smallest_chunk(chunker), tokens_to_boundary(req))
         if config.max_batch_tokens is not None:
             n = min(n, config.max_batch_tokens)

@@ -10,6 +10,17 @@ decisions), so dividing by its total work ranks it earlier. Requests without a d
 every request with one, in arrival order. A *long* prefill (>= long_threshold prompt tokens already
 processed) yields part of the iteration budget to the others in proportion to its slack:
 effective budget = t_target * (1 - clip(rho, 0, rho_max)).
+
+Slack stealing (on by default, `LARS(steal_slack=False)` is the paper's rule alone): ordering by rho
+alone can make a request miss although the requests ranked ahead of it have slack to spare. In the
+paper's own example (a 10 s prefill due at 16 s; at t = 5 two 0.5 s requests due 1 s later) rho ranks
+the long one first (6 s slack / 10 s = 0.6 against 0.5 / 0.5 = 1.0), it keeps >= 1 - rho_max of each
+iteration, and the short ones miss. So after sorting, `arrange` walks the order with each request's
+predicted serial finish (now + the remaining work of everything ahead of it + its own); a request that
+would miss moves forward to the latest position where it meets its deadline, provided every request it
+passes still meets its own deadline afterwards (a request already late is never passed, and one
+without a deadline is only ever behind). Nobody who would have met a deadline loses it, so this only
+adds met deadlines to what rho ordering gives.
 """
 from __future__ import annotations
 
@@ -26,12 +37,25 @@ DEFAULT_RHO_MAX = 0.4
 WorkFn = Callable[[ReqView], tuple[float, float]]
 
 
+# (request, remaining predicted seconds, total predicted seconds)
+Entry = tuple[ReqView, float, float]
+DEADLINE_EPS_S = 1e-9
+STEAL_WINDOW = 64            # slack stealing looks at the first this many requests of the order
+
+
 class Policy:
-    """Base: subclasses define `sort_key`; `prefill_budget` is the budget a long prefill may fill."""
+    """Base: subclasses define `sort_key`; `arrange` is the scheduling order (the sort, by default);
+    `prefill_budget` is the budget a long prefill may fill."""
     name = "base"
 
     def sort_key(self, req: ReqView, now: float, remaining_work_s: float, total_work_s: float) -> tuple:
         raise NotImplementedError
+
+    def arrange(self, entries: Iterable[Entry], now: float) -> list[Entry]:
+        """`entries` in scheduling order (first = scheduled first)."""
+        keyed = [(self.sort_key(req, now, rem, tot), (req, rem, tot)) for req, rem, tot in entries]
+        keyed.sort(key=lambda k: k[0])
+        return [e for _, e in keyed]
 
     def prefill_budget(self, t_target_s: float, req: ReqView, now: float, remaining_work_s: float,
                        total_work_s: float) -> float:
@@ -58,10 +82,20 @@ class EDF(Policy):
 class LARS(Policy):
     name = "lars"
 
-    def __init__(self, rho_max: float = DEFAULT_RHO_MAX) -> None:
+    def __init__(self, rho_max: float = DEFAULT_RHO_MAX, steal_slack: bool = True) -> None:
         if not 0.0 <= rho_max < 1.0:
             raise ConfigError(f"lars: rho_max must be in [0, 1), got {rho_max}")
         self.rho_max = rho_max
+        self.steal_slack = steal_slack
+
+    @property
+    def protects_deadlines(self) -> bool:
+        """The planner keeps later chunks from costing an earlier request its deadline (planner.py)."""
+        return self.steal_slack
+
+    def arrange(self, entries, now):
+        ordered = super().arrange(entries, now)
+        return steal_slack(ordered, now) if self.steal_slack else ordered
 
     @staticmethod
     def rho(req: ReqView, now: float, remaining_work_s: float, total_work_s: float) -> float | None:
@@ -82,6 +116,33 @@ class LARS(Policy):
                                 self.rho_max)
 
 
+def steal_slack(ordered: list[Entry], now: float, window: int = STEAL_WINDOW) -> list[Entry]:
+    """Moves each request that would miss its deadline in `ordered` (serial finish estimate) forward
+    to the latest position where it meets it, past requests that all still meet theirs (see the module
+    docstring). Requests after the first `window` are left in place."""
+    seq, rest = list(ordered[:window]), list(ordered[window:])
+    for k in range(len(seq)):
+        req, rem, _ = seq[k]
+        if req.ttft_deadline_s is None:
+            continue
+        start = now + sum(e[1] for e in seq[:k])
+        if start + rem <= req.ttft_deadline_s + DEADLINE_EPS_S:
+            continue
+        target, t = None, start                  # t: this request's start if placed before seq[p-1]
+        for p in range(k, 0, -1):
+            other, other_rem, _ = seq[p - 1]
+            t -= other_rem
+            if other.ttft_deadline_s is not None and \
+                    t + other_rem + rem > other.ttft_deadline_s + DEADLINE_EPS_S:
+                break                            # passing it would cost it its deadline (or it is late)
+            if t + rem <= req.ttft_deadline_s + DEADLINE_EPS_S:
+                target = p - 1
+                break
+        if target is not None:
+            seq.insert(target, seq.pop(k))
+    return seq + rest
+
+
 def effective_budget(t_target_s: float, rho: float | None, rho_max: float = DEFAULT_RHO_MAX) -> float:
     """t_target * (1 - clip(rho, 0, rho_max)); the whole budget when there is no deadline."""
     if rho is None:
@@ -98,19 +159,14 @@ def is_long_prefill(req: ReqView, long_threshold: int = DEFAULT_LONG_THRESHOLD) 
 POLICIES: dict[str, type[Policy]] = {"fcfs": FCFS, "edf": EDF, "lars": LARS}
 
 
-def make_policy(name: str, *, rho_max: float = DEFAULT_RHO_MAX) -> Policy:
+def make_policy(name: str, *, rho_max: float = DEFAULT_RHO_MAX, steal_slack: bool = True) -> Policy:
     """The policy registered under `name`; ConfigError for an unknown one."""
     cls = POLICIES.get(name.lower() if isinstance(name, str) else name)
     if cls is None:
         raise ConfigError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return cls(rho_max=rho_max) if cls is LARS else cls()
+    return cls(rho_max=rho_max, steal_slack=steal_slack) if cls is LARS else cls()
 
 
 def order(policy: Policy, reqs: Iterable[ReqView], now: float, work: WorkFn) -> list[ReqView]:
-    """`reqs` sorted by the policy (first = scheduled first)."""
-    keyed = []
-    for r in reqs:
-        remaining, total = work(r)
-        keyed.append((policy.sort_key(r, now, remaining, total), r))
-    keyed.sort(key=lambda kr: kr[0])
-    return [r for _, r in keyed]
+    """`reqs` in the policy's scheduling order (first = scheduled first)."""
+    return [r for r, _, _ in policy.arrange(((r, *work(r)) for r in reqs), now)]

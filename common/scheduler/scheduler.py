@@ -99,7 +99,7 @@ class Scheduler:
             raise ConfigError(f"scheduler: {' and '.join(needs)} need a performance model "
                               "(Scheduler(..., perf_model=...); the engine loads a profile or the "
                               "analytic model)")
-        self.policy = make_policy(cfg.policy, rho_max=cfg.rho_max)
+        self.policy = make_policy(cfg.policy, rho_max=cfg.rho_max, steal_slack=cfg.slack_stealing)
         self.chunking = ChunkingConfig(min_chunk=cfg.min_chunk, max_chunk=cfg.max_chunk)
         self.chunker: Chunker = (AdaptiveChunker(model.predict, self.chunking)
                                  if cfg.chunking == "adaptive" else FixedChunker(cfg.chunk_size))
@@ -228,7 +228,8 @@ class Scheduler:
                              work=self.table.work if self.table is not None else _no_work,
                              config=PlannerConfig(budget, cfg.long_threshold, cfg.max_num_seqs,
                                                   cfg.max_batch_tokens),
-                             admit=admit)
+                             admit=admit,
+                             predict=self.perf_model.predict if self.perf_model is not None else None)
         out.forced = plan.forced
         return out
 

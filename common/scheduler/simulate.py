@@ -40,6 +40,7 @@ class SimConfig:
     chunking: ChunkingConfig = ChunkingConfig()
     long_threshold: int = DEFAULT_LONG_THRESHOLD
     rho_max: float = DEFAULT_RHO_MAX
+    slack_stealing: bool = True
     max_num_seqs: int = 256
     max_batch_tokens: int | None = None
     kvp_tokens: int | None = None
@@ -125,7 +126,7 @@ def simulate(requests: Iterable[SimRequest], model: PerfModel, config: SimConfig
         raise ConfigError("simulate: request ids must be unique")
     if any(r.prompt_len <= 0 or r.max_new_tokens <= 0 for r in reqs):
         raise ConfigError("simulate: prompt_len and max_new_tokens must be positive")
-    policy = make_policy(config.policy, rho_max=config.rho_max)
+    policy = make_policy(config.policy, rho_max=config.rho_max, steal_slack=config.slack_stealing)
     chunker = (AdaptiveChunker(model.predict, config.chunking) if config.adaptive
                else FixedChunker(config.chunk_size))
     if table is None:
@@ -156,7 +157,7 @@ def simulate(requests: Iterable[SimRequest], model: PerfModel, config: SimConfig
         views = {rid: st.view(config.kvp_tokens) for rid, st in active.items()
                  if st.num_computed < st.request.prompt_len}
         plan = plan_prefills(batch, list(views.values()), now, policy=policy, chunker=chunker,
-                             work=table.work, config=planner)
+                             work=table.work, config=planner, predict=model.predict)
         dt = model.predict(plan.batch)
         chunks = tuple((rid, n, views[rid].num_computed) for rid, n in plan.chunks)
         longs = tuple(rid for rid, _ in plan.chunks

@@ -26,11 +26,11 @@ def req(rid, arrival, prompt, done=0, deadline=None):
     return ReqView(rid, arrival, prompt, num_computed=done, ttft_deadline_s=deadline)
 
 
-def plan(cands, *, policy=FCFS(), budget=0.05, chunker=None, **kw):
+def plan(cands, *, policy=FCFS(), budget=0.05, chunker=None, predict=None, **kw):
     cfg = PlannerConfig(budget, **{k: v for k, v in kw.items() if k != "admit"})
     return plan_prefills(BatchShape(), cands, 0.0, policy=policy,
                          chunker=chunker or AdaptiveChunker(toy_predict),
-                         work=work, config=cfg, admit=kw.get("admit"))
+                         work=work, config=cfg, admit=kw.get("admit"), predict=predict)
 
 
 def test_config_validation():
@@ -88,3 +88,29 @@ def test_starvation_guard_forces_smallest_chunk_when_batch_would_be_empty():
     p = plan_prefills(decodes, [req("a", 0.0, 1000)], 0.0, policy=FCFS(),
                       chunker=AdaptiveChunker(toy_predict), work=work, config=PlannerConfig(1e-6))
     assert not p.forced and p.chunks == () and p.waiting == ("a",)   # decodes still make progress
+
+
+def linear_predict(batch: BatchShape) -> float:
+    return 1e-5 * batch.num_tokens                 # the same cost per token as `work`
+
+
+@pytest.mark.parametrize("chunker", [AdaptiveChunker(linear_predict), FixedChunker(512)], ids=["adaptive", "fixed"])
+def test_filler_never_costs_a_request_in_the_batch_its_deadline(chunker):
+    """The head needs 4 ms more and is due in 4 ms: it finishes this iteration only if nothing else
+    joins it. With 2 ms to spare, filler may add up to 2 ms. Without protection (FCFS, or no
+    predictor), filler fills the budget."""
+    head = lambda d: req("head", 0.0, 400, deadline=d)
+    filler = req("filler", 1.0, 100_000, deadline=1000.0)
+    tight = plan([head(0.004), filler], policy=LARS(), chunker=chunker, predict=linear_predict)
+    assert tight.chunks == (("head", 400),) and tight.waiting == ("filler",)
+    spare = plan([head(0.006), filler], policy=LARS(), chunker=chunker, predict=linear_predict)
+    assert spare.chunks[0] == ("head", 400)
+    added = linear_predict(spare.batch) - 0.004
+    assert (0.0 < added <= 0.002 + 1e-12) if isinstance(chunker, AdaptiveChunker) else added == 0.0
+    for unprotected in (plan([head(0.004), filler], policy=LARS(steal_slack=False), chunker=chunker,
+                             predict=linear_predict),
+                        plan([head(0.004), filler], policy=LARS(), chunker=chunker)):
+        assert [rid for rid, _ in unprotected.chunks] == ["head", "filler"]
+    # a request already late by more than an iteration is past saving: filler joins it
+    late = plan([head(-1.0), filler], policy=LARS(), chunker=chunker, predict=linear_predict)
+    assert [rid for rid, _ in late.chunks] == ["head", "filler"]

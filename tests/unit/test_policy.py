@@ -5,7 +5,7 @@ import pytest
 
 from common.errors import ConfigError
 from common.scheduler.policy import (EDF, FCFS, LARS, POLICIES, effective_budget, is_long_prefill,
-                                     make_policy, order)
+                                     make_policy, order, steal_slack)
 from common.scheduler.types import ReqView
 
 
@@ -51,7 +51,63 @@ def test_lars_rho_is_slack_over_total_work():
     # the same absolute slack is riskier for the long job: it ranks first
     a = req("a", 0.0, prompt=10_000, deadline=12.0)       # slack 2 s over 10 s of work
     b = req("b", 0.0, prompt=1_000, deadline=3.0)         # slack 2 s over 1 s of work
-    assert [r.request_id for r in order(LARS(), [b, a], 0.0, work)] == ["a", "b"]
+    assert [r.request_id for r in order(LARS(steal_slack=False), [b, a], 0.0, work)] == ["a", "b"]
+    # ...but behind a, b would finish at 11 s (due at 3): a's 2 s of slack absorb b's 1 s of work
+    assert [r.request_id for r in order(LARS(), [b, a], 0.0, work)] == ["b", "a"]
+
+
+def _finishes(entries, now):
+    t, out = now, {}
+    for view, rem, _ in entries:
+        t += rem
+        out[view.request_id] = t
+    return out
+
+
+def _met(entries, now):
+    fin = _finishes(entries, now)
+    return {v.request_id for v, _, _ in entries
+            if v.ttft_deadline_s is not None and fin[v.request_id] <= v.ttft_deadline_s + 1e-9}
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_slack_stealing_only_adds_met_deadlines(seed):
+    """Random queues: every request that meets its deadline in rho order (serial finish estimate)
+    still meets it after stealing; a late request is never passed; requests without a deadline stay
+    in the same relative order at the back."""
+    import random
+    rng = random.Random(seed)
+    now = rng.uniform(0, 5)
+    entries = []
+    for i in range(rng.randint(1, 9)):
+        rem = rng.choice([0.05, 0.2, 0.5, 1.0, 3.0, 8.0]) * rng.uniform(0.5, 1.5)
+        total = rem * rng.uniform(1.0, 2.0)
+        deadline = None if rng.random() < 0.15 else now + rng.uniform(-1.0, 15.0)
+        entries.append((req(f"r{i}", rng.uniform(0, now), prompt=1000, deadline=deadline), rem, total))
+    plain = LARS(steal_slack=False).arrange(entries, now)
+    stolen = LARS().arrange(entries, now)
+    assert sorted(e[0].request_id for e in stolen) == sorted(e[0].request_id for e in plain)
+    assert _met(plain, now) <= _met(stolen, now)
+    fin_plain, fin_stolen = _finishes(plain, now), _finishes(stolen, now)
+    for v, rem, _ in plain:
+        if v.ttft_deadline_s is not None and fin_plain[v.request_id] > v.ttft_deadline_s + 1e-9 \
+                and now + rem > v.ttft_deadline_s:        # late whatever happens: nobody passes it
+            assert fin_stolen[v.request_id] <= fin_plain[v.request_id] + 1e-9
+    no_deadline = [e[0].request_id for e in stolen if e[0].ttft_deadline_s is None]
+    assert no_deadline == [e[0].request_id for e in plain if e[0].ttft_deadline_s is None]
+    assert [e[0].ttft_deadline_s is None for e in stolen] == sorted(e[0].ttft_deadline_s is None for e in stolen)
+
+
+def test_slack_stealing_moves_to_the_latest_position_that_meets():
+    work = linear_work(1e-3)
+    # a: 4 s due at 20, b: 4 s due at 20, c: 1 s due at 6 -> c passes b only (finishes at 5)
+    a, b, c = (req("a", 0.0, prompt=4000, deadline=20.0), req("b", 0.1, prompt=4000, deadline=20.0),
+               req("c", 0.2, prompt=1000, deadline=6.0))
+    entries = [(r, *work(r)) for r in (a, b, c)]
+    assert [e[0].request_id for e in steal_slack(entries, 0.0)] == ["a", "c", "b"]
+    # but not past a request it would make late: a' (4 s due at 4.5) cannot absorb c' (1 s due at 3)
+    a2, c2 = req("a2", 0.0, prompt=4000, deadline=4.5), req("c2", 0.1, prompt=1000, deadline=3.0)
+    assert [e[0].request_id for e in LARS().arrange([(r, *work(r)) for r in (c2, a2)], 0.0)] == ["a2", "c2"]
 
 
 def test_lars_puts_requests_without_deadline_last_and_late_ones_first():
