@@ -100,13 +100,14 @@ class Calibration:
 
 
 # ---- keys and paths --------------------------------------------------------------------------------
-def hardware_id(device: str | torch.device = "cpu") -> str:
-    """What the timings depend on besides the model: the processor and how many threads torch uses."""
+def hardware_id(device: str | torch.device = "cpu", threads: int | None = None) -> str:
+    """What the timings depend on besides the model: the processor and how many threads torch uses
+    (`threads`: those of the processes that run the model, e.g. a grid's workers; default this one's)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return "cuda-" + torch.cuda.get_device_name(dev).replace(" ", "_")
     cpu = _cpu_name() or platform.machine() or "unknown"
-    return f"cpu-{cpu.replace(' ', '_')}-{torch.get_num_threads()}t"
+    return f"cpu-{cpu.replace(' ', '_')}-{threads or torch.get_num_threads()}t"
 
 
 def _cpu_name() -> str:
@@ -139,10 +140,13 @@ def analytic_model(engine: "LLMEngine") -> AnalyticModel:
     return AnalyticModel(engine.model_config, hw, engine.cfg.parallel, DTYPE_BYTES[engine.cfg.dtype])
 
 
-def load_perf_model(engine: "LLMEngine", path: str | Path | None = None, online: bool = True) -> PerfModel:
+def load_perf_model(engine: "LLMEngine", path: str | Path | None = None, online: bool = True,
+                    key: ProfileKey | None = None) -> PerfModel:
     """The saved calibrated model for this engine's key, else the analytic roofline (logged);
-    `online`: wrapped in OnlineCorrection, which the engine feeds with every step's measured time."""
-    key = profile_key(engine)
+    `online`: wrapped in OnlineCorrection, which the engine feeds with every step's measured time.
+    `engine`: anything with `cfg` (EngineConfig) and `model_config`, e.g. a grid's driver, which
+    passes the `key` its workers' timings would be profiled under (default: profile_key(engine))."""
+    key = key or profile_key(engine)
     model = load_or_fallback(Path(path) if path else default_profile_path(key), key, analytic_model(engine))
     return OnlineCorrection(model) if online else model
 

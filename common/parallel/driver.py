@@ -2,6 +2,8 @@
 every KVP group, keeps up to `spp` steps in flight, and receives sampled tokens from the reporter.
 
 It has the same request interface as the single-process LLMEngine, which it must reproduce exactly.
+It schedules as LLMEngine does (any policy and chunking, LARS and adaptive chunks included), with a
+performance model of the grid's layout (see `grid_perf_model`) and the pipeline depth `spp`.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from collections import deque
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common.config import EngineConfig, engine_config_to_dict
+from common.config import EngineConfig, SchedulerConfig, engine_config_to_dict
 from common.engine.engine import GenerationResult, StepOutput, generate_all, validate_prompt
 from common.engine.kv_sink import GroupSink, KVSink
+from common.engine.profile import hardware_id, load_perf_model
 from common.errors import ConfigError, WorkerFailedError
 from common.kv_cache.kvp_blocks import KVPBlockManager
 from common.model.loader import load_checkpoint
@@ -27,6 +30,8 @@ from common.parallel.groups import DRIVER_RANK, Groups, init_world, world_size
 from common.parallel.disagg import GridDisaggregation
 from common.parallel.plan import SeqPlan, StepPlan, StepResult, decode_result, encode_plan
 from common.parallel.worker import WorkerArgs, worker_main
+from common.perf_model.base import PerfModel
+from common.perf_model.calibrated import ProfileKey
 from common.sampling_params import SamplingParams
 from common.scheduler.request import Request
 from common.scheduler.scheduler import Scheduler, SchedulerOutput
@@ -40,13 +45,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def needs_perf_model(cfg: SchedulerConfig) -> bool:
+    return cfg.chunking == "adaptive" or cfg.policy == "lars"
+
+
+def grid_perf_model(engine, threads_per_worker: int) -> PerfModel:
+    """The performance model of a grid (`engine`: anything with `cfg` and `model_config`): the
+    calibrated profile saved for exactly this hardware (the workers' thread count), model, dtype and
+    parallel layout (ProfileKey, tag e.g. tp1-spp2-kvp2-M64), else the analytic roofline of the
+    layout (layers per stage, TP split, the slowest KVP group's shard); online-corrected, as in
+    LLMEngine. Remote workers choose their own threads (and may run on other processors): their
+    profile is looked up under this machine's processor and `threads_per_worker`."""
+    cfg = engine.cfg
+    key = ProfileKey.make(hardware_id(cfg.device, threads_per_worker), engine.model_config, cfg.dtype,
+                          cfg.parallel)
+    return load_perf_model(engine, key=key)
+
+
 class ParallelEngine:
     """Owns the worker processes it spawned (local mode) or joins workers started elsewhere."""
 
     def __init__(self, cfg: EngineConfig, master_addr: str = "127.0.0.1", master_port: int | None = None,
                  spawn_workers: bool = True, timeout_s: float = 30.0, threads_per_worker: int = 1,
                  control_port: int | None = None, load_timeout_s: float = 600.0,
-                 extra_eos_ids: tuple[int, ...] = ()) -> None:
+                 extra_eos_ids: tuple[int, ...] = (), perf_model: PerfModel | None = None) -> None:
+        """`perf_model`: predicts one iteration's time (slowest stage, slowest KVP group) for adaptive
+        chunking and LARS; when they are configured and none is given, `grid_perf_model`."""
         self.cfg = cfg
         pcfg = cfg.parallel
         self.pcfg = pcfg
@@ -59,7 +83,11 @@ class ParallelEngine:
             self.max_model_len = pcfg.kvp * m          # the grid cannot hold more than kvp * M tokens
         blocks_per_group = cfg.cache.total_blocks()
         self.blocks = KVPBlockManager(pcfg.kvp, m, blocks_per_group, cfg.cache.block_size)
-        self.scheduler = Scheduler(cfg.scheduler, self.blocks, kvp_tokens=m if pcfg.kvp > 1 else None)
+        if perf_model is None and needs_perf_model(cfg.scheduler):
+            perf_model = grid_perf_model(self, threads_per_worker)
+        self.perf_model = perf_model
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks, kvp_tokens=m if pcfg.kvp > 1 else None,
+                                   perf_model=perf_model, pipeline_depth=pcfg.spp)
         self.master_port = master_port or free_port()
         self.control = comm.ControlServer(master_addr if spawn_workers else "0.0.0.0",
                                           control_port if control_port is not None else
@@ -184,6 +212,7 @@ class ParallelEngine:
         if self.record_timeline:
             self.timelines.append(res.timeline)
         self.scheduler.postprocess(sched, res.tokens)
+        self._observe(sched, res)
         outs = []
         for it in sched.items:
             req = it.request
@@ -194,6 +223,18 @@ class ParallelEngine:
             outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
                                    req.num_computed, req.prompt_len, req.finish_reason))
         return early + outs
+
+    def _observe(self, sched: SchedulerOutput, res: StepResult) -> None:
+        """Feeds the model's online correction with this step's service time. Not the wall time from
+        send to result: with spp > 1 that includes waiting behind the steps ahead in the pipeline.
+        Each stage stamps (start, end) of its own work on this step (after its input arrived, before
+        it hands the output on), so the longest span is the slowest stage's time, what the model
+        predicts; the reporter's KVP group waits for the others in every layer's merge, so it is the
+        slowest group's too. It leaves out the last stage's LM head and sampling (stamped before
+        them) and the driver's scheduling (overlapped with the pipeline when spp > 1)."""
+        observe = getattr(self.perf_model, "observe", None)
+        if observe is not None and sched.batch is not None and res.timeline:
+            observe(sched.batch, max(end - start for _, start, end in res.timeline))
 
     def _send(self, sched: SchedulerOutput) -> None:
         seqs = []
