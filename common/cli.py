@@ -23,7 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.config import DTYPES, CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from common.config import (DTYPES, SCHED_CHUNKINGS, SCHED_POLICIES, CacheConfig, EngineConfig, ParallelConfig,
+                           SchedulerConfig)
 from common.errors import InvalidRequestError, MnemosyneError
 from common.sampling_params import SamplingParams
 
@@ -104,8 +105,15 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 def add_scheduling_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("scheduling")
-    add_config_flags(g, SchedulerConfig, {"chunk_size": "prefill chunk size in tokens"},
-                     dest_prefix="sched_", chunk_size=dict(metavar="N"))
+    add_config_flags(g, SchedulerConfig, {
+        "chunk_size": "prefill chunk size in tokens (fixed chunking)",
+        "policy": "order in which prefills get an iteration (lars: least slack per unit of work first)",
+        "chunking": "fixed: --chunk-size tokens; adaptive: the largest chunk whose predicted iteration "
+                    "time fits the budget (needs a performance model: the saved profile, else the "
+                    "analytic roofline)",
+        "iteration_budget_s": "seconds one iteration may take (adaptive chunking; unset: 0.8 x the TBT SLO)",
+    }, dest_prefix="sched_", chunk_size=dict(metavar="N"), policy=dict(choices=SCHED_POLICIES),
+        chunking=dict(choices=SCHED_CHUNKINGS), iteration_budget_s=dict(metavar="S"))
     add_config_flags(g, CacheConfig, {"block_size": "KV cache block size in tokens"},
                      dest_prefix="cache_", block_size=dict(metavar="N"))
     return g
