@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
+from common.model import fused
 from common.model.rope import Rope, apply_rope
 
 
@@ -32,6 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled_for(x) and fused.rms_norm_supported(x, self.weight):
+            return fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -53,7 +56,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, -1, self.head_dim)      # [T, Hq_local, D]
         k = self.k_proj(x).view(t, -1, self.head_dim)      # [T, Hkv_local, D]
         v = self.v_proj(x).view(t, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if fused.enabled_for(q) and fused.rope_supported(q, k, cos):
+            q, k = fused.rope_qk(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = ctx.attend(self.layer, q, k, v)                # [T, Hq_local, D]
         return self.o_proj(o.reshape(t, -1))
 
