@@ -1,7 +1,6 @@
 """The one GPU probe of issue 7: features, bandwidth, exactness and speed of the CUDA path.
 
-    python bench/gpu_probe.py                          # everything; estimated 3-5 minutes on one H100/H200
-                                                       # (not yet run on a GPU when this was written)
+    python bench/gpu_probe.py                          # everything; about 30 s on one H200
     python bench/gpu_probe.py --sections decode,summary --out /tmp/p.json
 
 Sections (run in this order; the JSON file is rewritten after each, so a partial run still leaves data):

@@ -25,8 +25,9 @@ chosen before triton is imported (TRITON_INTERPRET=1: Triton's own library funct
 its import), so the CPU tests run the kernels in a subprocess. The interpreter ignores input_precision
 and computes in float32 throughout. This file was developed on CPU (triton 3.9.0, torch 2.13 CPU): the
 numerics are tested in the interpreter, and stage 1 is compiled ahead of time for sm_90 in the unit tests
-(it lowers, streams K/V with cp.async, does not spill). It had not been run on a GPU at the time of
-writing: tests/gpu/test_cuda_attention.py and bench/gpu_probe.py exercise it there.
+(it lowers, streams K/V with cp.async, does not spill). On a GPU, tests/gpu/test_cuda_attention.py and
+bench/gpu_probe.py exercise it: on one H200 (triton 3.6, torch 2.11) every case matched the float64
+reference and it read K/V at 72-92% of the copy bandwidth for B x L >= 128K (bench/results/gpu_probe.json).
 """
 from __future__ import annotations
 
