@@ -35,6 +35,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -63,8 +64,10 @@ def _sections(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="GPU probe of Mnemosyne's CUDA path (issue 7).")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_probe.json"),
-                   help="JSON results file, rewritten after every section (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="JSON results file, rewritten after every section (default: bench/results/gpu_probe.json "
+                        "for a real GPU run; a CPU or --tiny smoke run writes to the temp directory, so that it "
+                        "never replaces the committed GPU results)")
     p.add_argument("--sections", type=_sections, default=list(SECTIONS),
                    help=f"comma-separated subset of: {', '.join(SECTIONS)}")
     p.add_argument("--time-budget", type=float, default=540.0,
@@ -631,13 +634,19 @@ EST_S = {"features": 10, "bandwidth": 10, "correctness": 60, "prefill": 40, "dec
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="gpu_probe: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
+    explicit_out = args.out is not None
+    if not explicit_out:
+        real = args.device == "cuda" and not args.tiny
+        args.out = str(ROOT / "bench" / "results" / "gpu_probe.json" if real
+                       else Path(tempfile.gettempdir()) / "gpu_probe_smoke.json")
     report = Report(args.out, args)
     if args.device == "cuda" and not torch.cuda.is_available():
         report.data["status"] = "no_cuda"
-        report.save()
+        if explicit_out:                     # never replace the committed GPU results with "no_cuda"
+            report.save()
         log.error("no CUDA device (torch %s, torch.cuda.is_available() is False); nothing measured. "
-                  "Run on a GPU machine, or use --device cpu --tiny for a smoke run. Wrote %s", torch.__version__,
-                  args.out)
+                  "Run on a GPU machine, or use --device cpu --tiny for a smoke run.%s", torch.__version__,
+                  f" Wrote {args.out}" if explicit_out else "")
         return EXIT_NO_CUDA
     probe = Probe(args, report)
     failed = []

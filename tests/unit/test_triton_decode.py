@@ -376,6 +376,16 @@ def test_gpu_modules_import_and_probe_exits_cleanly_without_cuda(tmp_path):
     assert json.loads(out.read_text())["status"] == "no_cuda"
 
 
+def test_gpu_probe_without_cuda_never_replaces_the_committed_gpu_results():
+    """`make bench` on a CPU machine runs the probe with its default output: it must leave the H200
+    results in bench/results/gpu_probe.json as they are."""
+    from bench import gpu_probe
+    results = ROOT / "bench" / "results" / "gpu_probe.json"
+    before = results.read_bytes() if results.exists() else None
+    assert gpu_probe.main([]) == gpu_probe.EXIT_NO_CUDA
+    assert (results.read_bytes() if results.exists() else None) == before
+
+
 def test_gpu_probe_arguments(tmp_path, monkeypatch, capsys):
     from bench import gpu_probe
     with pytest.raises(SystemExit) as e:
