@@ -183,7 +183,8 @@ class LLMEngine:
         self.disagg.stream(sched.items)
         samplers = [it for it in sched.items if it.sample]
         tokens, logprobs = self.sampler.sample(logits, [it.request.request_id for it in samplers],
-                                               [it.request.params for it in samplers])
+                                               [it.request.params for it in samplers],
+                                               [it.output_index for it in samplers])
         sampled = {it.request.request_id: (t, lp) for it, t, lp in zip(samplers, tokens, logprobs)}
         self.scheduler.postprocess(sched, sampled)
         observe = getattr(self.perf_model, "observe", None)

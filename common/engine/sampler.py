@@ -2,6 +2,12 @@
 
 Logprobs are those of the model's own distribution (log_softmax of the raw logits), whatever the
 sampling settings, so they can be compared with a reference model.
+
+Seeded requests draw token i of their output from a generator seeded with mix(seed, i), not from one
+generator carried along the request: the draw depends only on (seed, i, logits). So the same request
+gives the same tokens on one process, on a TP x SPP x KVP grid, and disaggregated, where the prefill
+instance samples token 0 and a decode instance (a fresh process) samples the rest. Unseeded requests
+keep one randomly seeded generator each.
 """
 from __future__ import annotations
 
@@ -17,23 +23,28 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
-               ) -> tuple[list[int], list[float]]:
-        """logits [B, V] float32 -> chosen token ids [B], their logprobs [B]."""
+    def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
+               indices: list[int] | None = None) -> tuple[list[int], list[float]]:
+        """logits [B, V] float32 -> chosen token ids [B], their logprobs [B]. indices[b]: which output
+        token of its request row b samples (0 = the first); needed by seeded requests."""
         logprobs = torch.log_softmax(logits, dim=-1)                    # [B, V]
         tokens = logits.argmax(dim=-1)                                  # [B]
         for i, (rid, p) in enumerate(zip(request_ids, params)):
             if not p.greedy:
-                tokens[i] = self._draw(logits[i], rid, p)
+                tokens[i] = self._draw(logits[i], rid, p, None if indices is None else indices[i])
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
         return tokens.tolist(), chosen.tolist()
 
-    def _draw(self, logits: torch.Tensor, rid: str, p: SamplingParams) -> int:
-        gen = self.generators.get(rid)
-        if gen is None:
+    def _draw(self, logits: torch.Tensor, rid: str, p: SamplingParams, index: int | None) -> int:
+        if p.seed is not None and index is not None:
             gen = torch.Generator(device=logits.device)
-            gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            self.generators[rid] = gen
+            gen.manual_seed(token_seed(p.seed, index))
+        else:
+            gen = self.generators.get(rid)
+            if gen is None:
+                gen = torch.Generator(device=logits.device)
+                gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+                self.generators[rid] = gen
         scores = logits / p.temperature                                  # [V]
         if p.top_k > 0:
             kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
@@ -47,3 +58,11 @@ class Sampler:
             scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The generator seed of output token `index` of a request seeded with `seed` (splitmix64 of both)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF

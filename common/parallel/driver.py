@@ -242,7 +242,7 @@ class ParallelEngine:
             req, p = it.request, it.request.params
             seqs.append(SeqPlan(req.request_id, it.start, req.token_ids(it.start, it.start + it.num_tokens),
                                 it.sample, self.blocks.table(req.request_id), p.temperature, p.top_p, p.top_k,
-                                p.seed, self.disagg.sink_for(req.request_id, it.start)))
+                                p.seed, self.disagg.sink_for(req.request_id, it.start), it.output_index))
         step_id = next(self.step_ids)
         data = encode_plan(StepPlan(step_id, seqs, self.forget))
         self.forget = []

@@ -23,6 +23,7 @@ class SeqPlan:
     top_k: int = 0
     seed: int | None = None
     sink: dict | None = None          # KVSink.to_dict(): stream this request's KV (on its first chunk)
+    output_index: int = 0             # when sampling: which output token of the request (seeded draws)
 
     @property
     def num_tokens(self) -> int:

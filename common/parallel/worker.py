@@ -223,7 +223,8 @@ class Worker:
         if samplers:
             params = [SamplingParams(max_tokens=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                      seed=s.seed) for s in samplers]
-            toks, lps = self.sampler.sample(logits, [s.request_id for s in samplers], params)
+            toks, lps = self.sampler.sample(logits, [s.request_id for s in samplers], params,
+                                            [s.output_index for s in samplers])
             tokens = {s.request_id: (t, lp) for s, t, lp in zip(samplers, toks, lps)}
         with self.send_lock:
             comm.send_msg(ctl, encode_result(StepResult(plan.step_id, tokens, timeline, comm_s)))

@@ -39,6 +39,11 @@ class ScheduledItem:
     num_tokens: int
     sample: bool        # the step reaches the last known token and samples the next one
 
+    @property
+    def output_index(self) -> int:
+        """Which output token of its request this item samples (0 = the first), when it samples."""
+        return self.start + self.num_tokens - self.request.prompt_len
+
 
 @dataclass
 class SchedulerOutput:

@@ -144,6 +144,29 @@ def test_grid_schedules_lars_adaptive_like_one_process(model, reference, spp, kv
     assert all(out.budget_s == pytest.approx(PREEMPT_S) for out, _ in ref_seen)
 
 
+def test_grid_seeded_sampling_equals_one_process(model):
+    """Temperature sampling with a seed per request: each draw depends only on (seed, output index,
+    logits), so the grid, which schedules with another performance model and keeps two steps in
+    flight, samples the tokens one process samples."""
+    def seeded(engine):
+        rids = [engine.add_request(p, SamplingParams(max_tokens=10, ignore_eos=True, temperature=1.5,
+                                                     top_k=40, seed=1000 + i))
+                for i, p in enumerate(PROMPTS)]
+        got = {r: [] for r in rids}
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.token_id is not None:
+                    got[o.request_id].append(o.token_id)
+        return [got[r] for r in rids]
+
+    ref = seeded(LLMEngine(engine_config(model)))
+    with ParallelEngine(engine_config(model, 2, 2)) as eng:
+        got = seeded(eng)
+    assert got == ref
+    greedy = [t for t, _ in run(LLMEngine(engine_config(model)))]
+    assert got != greedy
+
+
 def test_grid_model_is_the_profile_of_its_exact_layout(model, tmp_path, monkeypatch):
     """A profile saved under the grid's key (workers' threads, layout tag) is used; one saved for one
     process, or for other worker threads, is not (the analytic model of the layout instead)."""

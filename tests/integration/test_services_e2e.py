@@ -66,10 +66,10 @@ def offline(model):
                        extra_eos_ids=load_tokenizer(model).eos_token_ids)
     cache: dict = {}
 
-    def run(ids: list[int], max_tokens: int = MAX_TOKENS):
-        key = (tuple(ids), max_tokens)
+    def run(ids: list[int], max_tokens: int = MAX_TOKENS, **sampling):
+        key = (tuple(ids), max_tokens, tuple(sorted(sampling.items())))
         if key not in cache:
-            cache[key] = engine.generate([ids], SamplingParams(max_tokens=max_tokens))[0]
+            cache[key] = engine.generate([ids], SamplingParams(max_tokens=max_tokens, **sampling))[0]
         return cache[key]
     return run
 
@@ -130,6 +130,20 @@ def test_long_prompt_spanning_both_kvp_groups_equals_offline(cluster, model, off
     assert fin.timings.completion_tokens == len(ref.token_ids) and fin.timings.ttft_s > 0
     assert len(fin.timings.tbt_s) == len(ref.token_ids) - 1
     wait_until(lambda: all_free(decode_stats(cluster)), what="decode blocks freed")
+
+
+def test_seeded_sampling_disaggregated_equals_offline(cluster, offline):
+    """The prefill instance draws the first token and the decode instance the rest: with a seed, the
+    same tokens as the single process (each draw depends only on seed, token index and logits)."""
+    with RouterClient(cluster.router_address, timeout_s=120) as c:
+        evs = list(c.stream(c.request(token_ids=LONG, max_tokens=MAX_TOKENS, temperature=1.3, top_k=50,
+                                      seed=20261126)))
+    assert evs[0].started.route == router_pb2.ROUTE_DISAGGREGATED
+    ref = offline(LONG, temperature=1.3, top_k=50, seed=20261126)
+    greedy = offline(LONG)
+    toks, lps = tokens_of(evs)
+    assert toks == ref.token_ids and toks != greedy.token_ids
+    assert max(abs(a - b) for a, b in zip(lps, ref.logprobs)) < 1e-4
 
 
 def test_short_prompt_takes_the_short_path(cluster, offline):

@@ -111,3 +111,23 @@ def test_sampling_params_validation(bad):
 def test_greedy_property():
     assert SamplingParams().greedy and SamplingParams(temperature=1.0, top_k=1).greedy
     assert not SamplingParams(temperature=0.5).greedy
+
+
+def test_seeded_draw_depends_only_on_seed_index_and_logits():
+    """Token i of a seeded request: the same from a fresh sampler (a decode instance that never saw
+    token 0) as from the one that drew tokens 0..i-1; different indices draw differently."""
+    lg = logits(1, seed=5)
+    p = SamplingParams(temperature=2.0, seed=42)
+    carried = Sampler()
+    seq = [carried.sample(lg, ["r"], [p], [i])[0][0] for i in range(30)]
+    fresh = [Sampler().sample(lg, ["r"], [p], [i])[0][0] for i in range(30)]
+    assert seq == fresh
+    assert len(set(seq)) > 3                                   # the index moves the draw
+    other = [Sampler().sample(lg, ["r"], [SamplingParams(temperature=2.0, seed=43)], [i])[0][0] for i in range(30)]
+    assert other != seq
+
+
+def test_token_seed_mixes_both_and_stays_in_range():
+    from common.engine.sampler import token_seed
+    seeds = {token_seed(s, i) for s in (0, 1, 2**62, 12345) for i in range(50)}
+    assert len(seeds) == 200 and all(0 <= x < 2**63 for x in seeds)
