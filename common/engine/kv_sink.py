@@ -77,12 +77,20 @@ class KVStreamer:
         self.handles: dict[str, list] = {}
         self.errors: dict[str, str] = {}
         self.sealed: set[str] = set()          # requests whose last chunk has been sent
+        self.sent_upto: dict[tuple[str, int, int], int] = {}   # (request, layers) -> tokens sent
         self.lock = threading.Lock()
 
     def send(self, request_id: str, sink: KVSink, layers: range, start: int, k: torch.Tensor,
              v: torch.Tensor, last: bool) -> None:
-        """k, v [len(layers), n, Hkv, D]: tokens [start, start + n) of `request_id`."""
-        m, end, pos = sink.kvp_tokens, start + k.shape[1], start
+        """k, v [len(layers), n, Hkv, D]: tokens [start, start + n) of `request_id`.
+
+        Tokens below what was already sent for these layers are skipped: a request preempted and
+        recomputed (after its blocks were freed) passes the same positions again, and the receiver takes
+        each cell exactly once. What it has is the KV of the same tokens at the same positions."""
+        key = (request_id, layers.start, layers.stop)
+        m, end = sink.kvp_tokens, start + k.shape[1]
+        pos = max(start, self.sent_upto.get(key, 0))
+        self.sent_upto[key] = max(end, self.sent_upto.get(key, 0))
         handles = self.handles.setdefault(request_id, [])
         try:
             while pos < end:
@@ -127,6 +135,8 @@ class KVStreamer:
         self.handles.pop(request_id, None)
         self.errors.pop(request_id, None)
         self.sealed.discard(request_id)
+        for key in [k for k in self.sent_upto if k[0] == request_id]:
+            del self.sent_upto[key]
 
     def close(self) -> None:
         for s in self.senders.values():

@@ -90,6 +90,35 @@ def test_single_process_prefill_to_decode(model, reference, backend):
         assert e.pool.num_used == 0
 
 
+def test_streaming_request_preempted_and_recomputed_sends_each_token_once(model, reference):
+    """A tiny prefill cache: a request that decodes (arrived first) outgrows it and preempts the
+    streaming request mid-prefill. Its recompute must not resend the tokens already streamed (the
+    receiver refuses a duplicate cell and would fail the transfer); the rest follows, and decode
+    gives the single-process tokens."""
+    cfg = config(model, "tcp")
+    pre = LLMEngine(EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=9),
+                                 scheduler=SchedulerConfig(chunk_size=24), kv_backend="tcp"))
+    dec = LLMEngine(cfg)
+    preempted = []
+    schedule = pre.scheduler.schedule
+
+    def recording():
+        out = schedule()
+        preempted.extend(out.preempted)
+        return out
+    pre.scheduler.schedule = recording
+    pre.add_request([(5 * i + 1) % 290 + 10 for i in range(47)], SamplingParams(max_tokens=60, ignore_eos=True),
+                    request_id="hog")
+    groups = dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens)
+    first, status = run_prefill(pre, KVSink("tcp", 1 << 30, groups))
+    assert "r1" in preempted, "the test did not preempt the streaming request"
+    assert status == ("done", None), status
+    check(reference, *decode(dec, first))
+    for e in (pre, dec):
+        e.pool.check()
+        assert e.pool.num_used == 0
+
+
 @pytest.mark.parametrize("backend", ["tcp", "nixl"])
 def test_spp_grid_streams_to_kvp_grid(model, reference, backend):
     ctx = mp.get_context("spawn")
