@@ -2,9 +2,9 @@
 
 A request of `num_tokens` prompt tokens that may generate `max_new_tokens` is placed on one decode
 instance. Its prompt is split by KVP group: group k holds tokens [k*M, (k+1)*M) (M = the
-instance's kvp_tokens; M = 0 means one group holds everything); the last group used also holds
-the generated tokens, since only the last group appends new KV. Each group needs
-ceil(tokens / block_size) blocks.
+instance's kvp_tokens; M = 0 means one group holds everything). Generated tokens are appended to
+the last group until it holds M tokens, then to the next (as the decode engine's KVP block manager
+does), so a group never holds more than M. Each group needs ceil(tokens / block_size) blocks.
 
 The kvstore owns capacity accounting (capacity minus live placements, per group); the decode
 instance owns its block pool and assigns concrete block ids (decode.PrepareReceive). Every request
@@ -26,15 +26,18 @@ REAP_BATCH = 256        # expired placements freed per Redis script call
 
 def split_groups(num_tokens: int, max_new_tokens: int, kvp_tokens: int,
                  block_size: int) -> tuple[GroupRange, ...]:
-    """Per-group token ranges and block counts of a request on an instance with the given M and
-    block size. The last group's blocks also cover max_new_tokens."""
-    m = kvp_tokens if kvp_tokens > 0 else num_tokens
-    n_groups = -(-num_tokens // m)
+    """Per-group prompt ranges and block counts of a request on an instance with the given M and
+    block size. Generated tokens go where the decode engine puts them: after the prompt in the last
+    prompt group until it holds M tokens, then into the next groups (token_start == token_end there:
+    no prompt KV). M = 0: one group holds everything."""
+    total = num_tokens + max_new_tokens
+    m = kvp_tokens if kvp_tokens > 0 else total
     out = []
-    for k in range(n_groups):
-        start, end = k * m, min(num_tokens, (k + 1) * m)
-        tokens = end - start + (max_new_tokens if k == n_groups - 1 else 0)
-        out.append(GroupRange(k, start, end, -(-tokens // block_size)))
+    for k in range(-(-total // m)):
+        start = k * m
+        end = min(total, start + m)
+        prompt_end = max(start, min(num_tokens, end))
+        out.append(GroupRange(k, start, prompt_end, -(-(end - start) // block_size)))
     return tuple(out)
 
 

@@ -34,8 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_split_groups():
     assert split_groups(5000, 100, 4096, 16) == (GroupRange(0, 0, 4096, 256),
                                                  GroupRange(1, 4096, 5000, 63))  # 904+100 tokens
-    assert split_groups(8192, 10, 4096, 16) == (GroupRange(0, 0, 4096, 256),
-                                                GroupRange(1, 4096, 8192, 257))  # last one grows
+    # the decode tokens after a full group go to the next one (no group ever holds more than M)
+    assert split_groups(8192, 10, 4096, 16) == (GroupRange(0, 0, 4096, 256), GroupRange(1, 4096, 8192, 256),
+                                                GroupRange(2, 8192, 8192, 1))
+    assert split_groups(4000, 200, 4096, 16) == (GroupRange(0, 0, 4000, 256), GroupRange(1, 4096, 4096, 7))
     assert split_groups(10, 0, 4096, 16) == (GroupRange(0, 0, 10, 1),)
     assert split_groups(100_000, 7, 0, 16) == (GroupRange(0, 0, 100_000, 6251),)  # M = 0: one group
 
