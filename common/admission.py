@@ -13,8 +13,8 @@ Prediction (seconds from now, on one candidate):
              running decodes' step over the budget, capped at max_decode_share: what is left for chunks.
 Long prompts (>= short_prompt_tokens) are prefilled by the best prefill instance and need a decode
 instance with room now; short prompts are prefilled by the decode instance that holds them.
-A decode instance has room when every KVP group has the blocks the request needs (prompt split by
-M = kvp_tokens, the last group also holds max_new_tokens; as services/kvstore/placement.split_groups)
+A decode instance has room when every KVP group has the blocks the request needs (common.kv_cache.
+kvp_blocks.kvp_split: prompt then generated tokens over groups of M = kvp_tokens, as the kvstore places them)
 and one more decode keeps its predicted step within the TBT SLO. An instance that reports no KV
 gauges gets no KV check here (the kvstore's reservation still makes it).
 
@@ -58,6 +58,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.errors import CapacityError, ConfigError, InvalidRequestError
+from common.kv_cache.kvp_blocks import kvp_split
 from common.metrics import DEFAULT_PROMPT_CLASSES, PromptClasses
 from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
@@ -206,15 +207,8 @@ class LoadSnapshot:
 
 def kv_need_blocks(prompt_tokens: int, max_new_tokens: int, block_size: int,
                    kvp_tokens: int) -> tuple[int, ...]:
-    """Blocks per KVP group: the prompt split by M (0 = one group), the last group also holding the
-    generated tokens. Must equal services/kvstore/placement.split_groups (a test checks it)."""
-    m = kvp_tokens if kvp_tokens > 0 else prompt_tokens
-    n = -(-prompt_tokens // m)
-    out = []
-    for k in range(n):
-        tokens = min(prompt_tokens, (k + 1) * m) - k * m + (max_new_tokens if k == n - 1 else 0)
-        out.append(-(-tokens // block_size))
-    return tuple(out)
+    """Blocks per KVP group (common.kv_cache.kvp_blocks.kvp_split, the kvstore's rule too)."""
+    return tuple(blocks for _, _, blocks in kvp_split(prompt_tokens, max_new_tokens, kvp_tokens, block_size))
 
 
 # ---- decisions -------------------------------------------------------------------------------

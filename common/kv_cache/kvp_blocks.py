@@ -11,6 +11,23 @@ from common.errors import CapacityError
 from common.kv_cache.block_pool import BlockPool
 
 
+def kvp_split(num_tokens: int, max_new_tokens: int, kvp_tokens: int,
+              block_size: int) -> tuple[tuple[int, int, int], ...]:
+    """Where a request's KV lives over KVP groups of M = kvp_tokens tokens (0: one group holds all):
+    per group (token_start, prompt_end, blocks). The prompt fills groups in order; generated tokens go
+    after it in its last group until that group holds M tokens, then to the next group, as
+    KVPBlockManager allocates them, so no group holds more than M. A group past the prompt has
+    prompt_end == token_start. The one rule the kvstore's placement and the router's admission share."""
+    total = num_tokens + max_new_tokens
+    m = kvp_tokens if kvp_tokens > 0 else total
+    out = []
+    for k in range(-(-total // m)):
+        start = k * m
+        end = min(total, start + m)
+        out.append((start, max(start, min(num_tokens, end)), -(-(end - start) // block_size)))
+    return tuple(out)
+
+
 class KVPBlockManager:
     def __init__(self, kvp: int, kvp_tokens: int, blocks_per_group: int, block_size: int) -> None:
         self.kvp = kvp

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from common.errors import CapacityError, ConfigError, InvalidRequestError, PlacementError
+from common.kv_cache.kvp_blocks import kvp_split
 from common.metadata.store import MetadataStore
 from common.metadata.types import GroupRange, Instance, Placement, check_id
 
@@ -27,18 +28,11 @@ REAP_BATCH = 256        # expired placements freed per Redis script call
 def split_groups(num_tokens: int, max_new_tokens: int, kvp_tokens: int,
                  block_size: int) -> tuple[GroupRange, ...]:
     """Per-group prompt ranges and block counts of a request on an instance with the given M and
-    block size. Generated tokens go where the decode engine puts them: after the prompt in the last
-    prompt group until it holds M tokens, then into the next groups (token_start == token_end there:
-    no prompt KV). M = 0: one group holds everything."""
-    total = num_tokens + max_new_tokens
-    m = kvp_tokens if kvp_tokens > 0 else total
-    out = []
-    for k in range(-(-total // m)):
-        start = k * m
-        end = min(total, start + m)
-        prompt_end = max(start, min(num_tokens, end))
-        out.append(GroupRange(k, start, prompt_end, -(-(end - start) // block_size)))
-    return tuple(out)
+    block size (common.kv_cache.kvp_blocks.kvp_split: no group holds more than M tokens; a group
+    past the prompt has token_start == token_end)."""
+    return tuple(GroupRange(k, start, end, blocks)
+                 for k, (start, end, blocks) in enumerate(kvp_split(num_tokens, max_new_tokens, kvp_tokens,
+                                                                    block_size)))
 
 
 @dataclass(frozen=True)

@@ -111,11 +111,19 @@ def test_unattainable_ttft_gets_no_retry_hint_and_own_slo_overrides_the_default(
     assert ctl.slo_for(request(ttft_slo_s=3.0, tbt_slo_s=0.05)) == (3.0, 0.05)
 
 
-def test_kv_need_matches_the_kvstore_placement_split():
-    for prompt, new, m, bs in [(1, 0, 0, 16), (1000, 16, 1024, 16), (1024, 0, 1024, 16),
-                               (5000, 300, 1024, 16), (4097, 1, 4096, 32), (300, 7, 0, 8)]:
-        assert kv_need_blocks(prompt, new, bs, m) == tuple(g.num_blocks for g in
-                                                           split_groups(prompt, new, m, bs))
+def test_kv_need_matches_the_kvstore_placement_and_the_decode_engines_allocation():
+    """Router, kvstore and the decode engine's KVP block manager agree on every group's blocks,
+    including generated tokens that spill past a full group into the next one."""
+    from common.kv_cache.kvp_blocks import KVPBlockManager
+    for prompt, new, m, bs in [(1, 0, 0, 16), (1000, 16, 1024, 16), (1024, 0, 1024, 16), (1000, 100, 1024, 16),
+                               (5000, 300, 1024, 16), (4097, 1, 4096, 32), (300, 7, 0, 8), (2048, 1, 1024, 16)]:
+        need = kv_need_blocks(prompt, new, bs, m)
+        assert need == tuple(g.num_blocks for g in split_groups(prompt, new, m, bs))
+        if m:
+            mgr = KVPBlockManager(len(need), m, 1000, bs)
+            mgr.allocate("r", prompt + new)
+            assert tuple(len(t) for t in mgr.table("r")) == need
+    assert kv_need_blocks(1000, 100, 16, 1024) == (64, 5)          # 76 generated tokens spill to group 1
 
 
 def test_kv_need_vs_free_per_group():
@@ -130,8 +138,11 @@ def test_kv_need_vs_free_per_group():
     d = ctl.decide(request("blind", prompt=2000, new=16, ttft_slo_s=10.0),
                    snap(prefill("p1"), InstanceLoad("d9", "decode", observed_at=NOW)), NOW)
     assert (d.outcome, d.decode_instance, d.kv_blocks) == (Outcome.ADMIT, "d9", ())
-    # more than the instance could ever hold: INVALID_ARGUMENT, no retry
-    d = ctl.decide(request("big", prompt=2000, new=5000, ttft_slo_s=10.0),
+    # generated tokens spill into the next groups: 2000 + 5000 tokens fit in 7 of the 8 groups of 1024
+    d = ctl.decide(request("spill", prompt=2000, new=5000, ttft_slo_s=10.0), snap(prefill("p1"), decode("d1")), NOW)
+    assert d.outcome is Outcome.ADMIT and d.kv_blocks == (64,) * 6 + (54,)
+    # more than the instance could ever hold (8 x 1024 tokens): INVALID_ARGUMENT, no retry
+    d = ctl.decide(request("big", prompt=2000, new=7000, ttft_slo_s=10.0),
                    snap(prefill("p1"), decode("d1")), NOW)
     assert (d.outcome, d.reason) == (Outcome.REJECT, "kv_too_large")
     assert isinstance(d.error("big"), InvalidRequestError)
