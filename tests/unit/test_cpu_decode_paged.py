@@ -1,0 +1,215 @@
+"""The CPU backend's batched paged decode, and the forward context that routes decodes to it, against
+the float32/float64 reference (common/attention/reference.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.attention.cpu import CpuFlashBackend, decode_buckets
+from common.attention.reference import ReferenceBackend
+from common.engine.forward_context import ForwardContext, SeqAttn
+from common.kv_cache.paged import PagedKVCache
+
+REF = ReferenceBackend()
+INF = float("inf")
+
+
+def _tol(dtype):
+    return dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+
+
+def _cache(num_blocks, bs, hkv, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(num_blocks, bs, hkv, d, generator=g).to(dtype)
+    v = torch.randn(num_blocks, bs, hkv, d, generator=g).to(dtype)
+    return k, v
+
+
+def _tables(lens, bs, num_blocks, layout, seed):
+    """Block tables [B, max_blocks] int32 padded with -1: 'random' blocks, or 'runs' (each sequence a
+    consecutive run, as after a prefill, then single blocks interleaved between sequences, as decode
+    appends them)."""
+    g = torch.Generator().manual_seed(seed)
+    nbs = [-(-n // bs) for n in lens]
+    width = max(nbs + [1])
+    out = torch.full((len(lens), width), -1, dtype=torch.int32)
+    if layout == "random":
+        perm = torch.randperm(num_blocks, generator=g).tolist()
+        for b, nb in enumerate(nbs):
+            out[b, :nb] = torch.tensor(perm[:nb], dtype=torch.int32)
+            perm = perm[nb:]
+        return out
+    nxt = 0
+    prefix = [max(nb - 3, 0) for nb in nbs]              # the last (up to) 3 blocks come from decoding
+    for b, nb in enumerate(nbs):
+        out[b, :prefix[b]] = torch.arange(nxt, nxt + prefix[b], dtype=torch.int32)
+        nxt += prefix[b]
+    for i in range(3):
+        for b, nb in enumerate(nbs):
+            if prefix[b] + i < nb:
+                out[b, prefix[b] + i] = nxt
+                nxt += 1
+    assert nxt <= num_blocks
+    return out
+
+
+def _reference(q, k_cache, v_cache, tables, lens, scale):
+    """Each sequence's keys gathered token by token, then the reference."""
+    bs = k_cache.shape[1]
+    outs, lses = [], []
+    for b, n in enumerate(lens):
+        idx = [(int(tables[b, t // bs]), t % bs) for t in range(n)]
+        k = torch.stack([k_cache[i, j] for i, j in idx]) if n else k_cache.new_zeros(0, *k_cache.shape[2:])
+        v = torch.stack([v_cache[i, j] for i, j in idx]) if n else v_cache.new_zeros(0, *v_cache.shape[2:])
+        o, l = REF.forward(q[b:b + 1], k, v, q_start=max(n - 1, 0), k_start=0, scale=scale)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _check(backend, q, k_cache, v_cache, tables, lens, scale=0.3):
+    o, l = backend.decode_paged(q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32), scale=scale)
+    ro, rl = _reference(q, k_cache, v_cache, tables, lens, scale)
+    assert o.shape == q.shape and o.dtype == q.dtype and l.shape == q.shape[:2]
+    assert l.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    assert not o.isnan().any() and not l.isnan().any()
+    assert torch.equal(l == -INF, rl == -INF)
+    torch.testing.assert_close(o.double(), ro.double(), **_tol(q.dtype))
+    fin = rl != -INF
+    torch.testing.assert_close(l[fin].double(), rl[fin].double(), **_tol(q.dtype))
+
+
+LENS = {
+    "one": [37],
+    "equal": [64, 64, 64],
+    "mixed": [0, 1, 16, 17, 100, 333, 5],
+    "empty": [0, 0],
+    "long_short": [700, 3, 690, 40],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", ["random", "runs"])
+@pytest.mark.parametrize("lens", list(LENS.values()), ids=list(LENS))
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4), (9, 3), (8, 1)])
+def test_decode_paged_matches_reference(lens, layout, dtype, hq, hkv):
+    bs, d, num_blocks = 16, 8, 160
+    k_cache, v_cache = _cache(num_blocks, bs, hkv, d, dtype, seed=len(lens))
+    tables = _tables(lens, bs, num_blocks, layout, seed=1)
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    _check(CpuFlashBackend(), q, k_cache, v_cache, tables, lens)
+
+
+def test_decode_paged_one_token_and_block_edges():
+    bs, hq, hkv, d = 4, 6, 3, 16
+    k_cache, v_cache = _cache(64, bs, hkv, d, torch.float32, seed=5)
+    for lens in ([1], [4], [5], [1, 4, 5, 8, 9], [9, 1]):
+        tables = _tables(lens, bs, 64, "random", seed=len(lens))
+        q = torch.randn(len(lens), hq, d)
+        _check(CpuFlashBackend(), q, k_cache, v_cache, tables, lens)
+
+
+def test_plan_is_rebuilt_when_tables_are_refilled_in_place():
+    # A caller may reuse the same tensors for the next step (CUDA-graph style staging buffers).
+    be = CpuFlashBackend()
+    bs, hq, hkv, d = 16, 6, 2, 8
+    k_cache, v_cache = _cache(96, bs, hkv, d, torch.float32, seed=7)
+    tables = _tables([64, 64], bs, 96, "random", seed=3)
+    lens = torch.tensor([50, 20], dtype=torch.int32)
+    q = torch.randn(2, hq, d)
+    for new_lens, seed in (([50, 20], 3), ([21, 48], 4), ([33, 0], 5), ([33, 0], 6)):
+        tables.copy_(_tables([64, 64], bs, 96, "runs" if seed % 2 else "random", seed=seed))
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        for _layer in range(2):
+            o, l = be.decode_paged(q, k_cache, v_cache, tables, lens, scale=0.3)
+            ro, rl = _reference(q, k_cache, v_cache, tables, new_lens, 0.3)
+            torch.testing.assert_close(o, ro, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_buckets_bound_padding():
+    assert decode_buckets([], 16) == []
+    assert decode_buckets([0, 0], 16) == []
+    assert decode_buckets([100, 100, 100], 16) == [[0, 1, 2]]
+    # 1000 and 10 tokens never share a call; equal-ish lengths do
+    buckets = decode_buckets([1000, 10, 990, 12, 0], 16)
+    assert sorted(map(sorted, buckets)) == [[0, 2], [1, 3]]
+    for b in decode_buckets([5000, 4000, 3000, 2000, 1000, 17, 1], 16):
+        nbs = [-(-n // 16) for n in [5000, 4000, 3000, 2000, 1000, 17, 1]]
+        width = max(nbs[i] for i in b)
+        assert len(b) == 1 or len(b) * width <= 1.25 * sum(nbs[i] for i in b)
+
+
+# --- the forward context -----------------------------------------------------------------------------
+
+def _ctx_case(seqs_spec, bs=4, hq=6, hkv=2, d=8, seed=0):
+    """seqs_spec: (n query rows, q_start, kv_start, kv_len) per sequence. Fills a cache with random
+    K/V for every key, returns (cache, seqs, q, k, v) with no new K/V to write."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-kv // bs) for _, _, _, kv in seqs_spec) + 4
+    cache = PagedKVCache(range(2), num_blocks, bs, hkv, d, torch.float32)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=g))
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    seqs, row = [], 0
+    for n, q_start, kv_start, kv_len in seqs_spec:
+        nb = -(-kv_len // bs)
+        seqs.append(SeqAttn(slice(row, row + n), q_start, kv_start, kv_len, perm[:nb]))
+        perm = perm[nb:]
+        row += n
+    q = torch.randn(row, hq, d, generator=g)
+    return cache, seqs, q
+
+
+def _loop_reference(cache, seqs, q, layer, scale):
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:2], -INF)
+    for s in seqs:
+        if s.kv_len == 0:
+            continue
+        k, v = cache.gather(layer, s.block_table, s.kv_len)
+        o, l = REF.forward(q[s.rows], k, v, q_start=s.q_start, k_start=s.kv_start, scale=scale)
+        out[s.rows], lse[s.rows] = o, l
+    return out, lse
+
+
+CTX_CASES = {
+    "all_decode": [(1, 40, 0, 41), (1, 7, 0, 8), (1, 0, 0, 1)],
+    "mixed": [(1, 40, 0, 41), (5, 10, 0, 15), (1, 19, 0, 20), (3, 0, 0, 3)],
+    "kvp_shards": [(1, 50, 16, 20), (1, 50, 36, 15), (2, 60, 16, 20), (1, 30, 32, 0)],
+    "decode_not_last": [(3, 0, 0, 3), (1, 12, 0, 13)],
+}
+
+
+@pytest.mark.parametrize("case", list(CTX_CASES), ids=list(CTX_CASES))
+@pytest.mark.parametrize("backend", [CpuFlashBackend(), REF], ids=lambda b: b.name)
+def test_forward_context_matches_per_sequence_loop(case, backend):
+    cache, seqs, q = _ctx_case(CTX_CASES[case])
+    merged = {}
+
+    def combine(out, lse):
+        merged["lse"] = lse
+        return out
+
+    ctx = ForwardContext(cache, backend, seqs, 0.3, None, None, combine=combine)
+    for layer in range(2):
+        out = ctx.attend(layer, q, q[:, :2], q[:, :2])          # k, v unused: nothing is written
+        ro, rl = _loop_reference(cache, seqs, q, layer, 0.3)
+        torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
+        assert torch.equal(merged["lse"] == -INF, rl == -INF)
+        fin = rl != -INF
+        torch.testing.assert_close(merged["lse"][fin], rl[fin], atol=1e-5, rtol=1e-5)
+
+
+def test_forward_context_writes_before_attending():
+    # A decode step: the new token's K/V is written into the cache, then attended.
+    bs, hq, hkv, d = 4, 4, 2, 8
+    cache = PagedKVCache(range(1), 8, bs, hkv, d, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=g))
+    seqs = [SeqAttn(slice(0, 1), 6, 0, 7, [3, 5]), SeqAttn(slice(1, 2), 2, 0, 3, [0])]
+    q, k, v = (torch.randn(2, h, d, generator=g) for h in (hq, hkv, hkv))
+    ctx = ForwardContext(cache, CpuFlashBackend(), seqs, 0.3, torch.tensor([0, 1]),
+                         torch.tensor([5 * bs + 2, 0 * bs + 2]))
+    out = ctx.attend(0, q, k, v)
+    assert torch.equal(cache.k(0)[5, 2], k[0]) and torch.equal(cache.v(0)[0, 2], v[1])
+    ro, _ = _loop_reference(cache, seqs, q, 0, 0.3)
+    torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
