@@ -3,7 +3,7 @@
     server = RpcServer(host="127.0.0.1", port=0)
     server.add_service(kvstore_pb2_grpc.add_KVStoreServicer_to_server, servicer, protos.KVSTORE)
     port = await server.start()          # bound port (a free one for port=0); health SERVING
-    await serve_until_signal(server)     # SIGINT/SIGTERM -> NOT_SERVING, drain, stop
+    await serve_until_signal(server, shutdown=svc.stop)   # SIGINT/SIGTERM -> the service's ordered stop
 
 Every server also runs the standard health service (grpc.health.v1.Health: "" and each added
 service; NOT_SERVING until start() and again from the beginning of shutdown) and the reflection
@@ -114,10 +114,12 @@ class RpcServer:
 
 
 async def serve_until_signal(server: RpcServer, *,
-                             cleanup: Callable[[], Awaitable[None]] | None = None,
+                             shutdown: Callable[[], Awaitable[None]] | None = None,
                              signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
-    """Runs until one of `signals` arrives (or the server terminates), then stops the server
-    gracefully and awaits `cleanup` (close stores, cancel background tasks)."""
+    """Runs until one of `signals` arrives (or the server terminates), then awaits `shutdown()`:
+    the service's own ordered stop, which owns the order of health NOT_SERVING, leaving any
+    registry, draining `server` and stopping its workers (e.g. common.pool_service.PoolService.stop).
+    `server` is stopped afterwards in any case (a no-op when `shutdown` did it)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in signals:
@@ -131,10 +133,12 @@ async def serve_until_signal(server: RpcServer, *,
             loop.remove_signal_handler(sig)
         log.info("shutting down %s", server.address)
         try:
-            await server.stop()
+            if shutdown is not None:
+                await shutdown()
         finally:
-            for task in (stopped, terminated):
-                task.cancel()
-            await asyncio.gather(stopped, terminated, return_exceptions=True)
-            if cleanup is not None:
-                await cleanup()
+            try:
+                await server.stop()
+            finally:
+                for task in (stopped, terminated):
+                    task.cancel()
+                await asyncio.gather(stopped, terminated, return_exceptions=True)

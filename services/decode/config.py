@@ -1,61 +1,21 @@
-"""Configuration of a decode instance: the engine's config tree plus the service's own settings.
-
-The flags come from the config dataclasses (common/cli.py's generators), so they never drift from
-the config; `DecodeConfig.from_args` validates once.
-"""
+"""Configuration of a decode instance: the settings every pool instance has (common/pool_config.py)
+plus its layout check. `DecodeConfig.from_args` validates once."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
 
-from common.cli import ArgumentParser, add_config_flags, config_from_args
-from common.config import EngineConfig
-from common.engine_flags import add_engine_flags, engine_config
 from common.errors import ConfigError
+from common.pool_config import PoolConfig
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
-    kvstore: str                                  # the kvstore's "host:port"
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"
-    port: int = 0                                 # 0 = a free one (printed at start)
-    instance_id: str = ""                         # "" = decode-<random>
-    kv_timeout_s: float = 60.0                    # a prefilled request's KV must arrive within this
-    threads: int = 1                              # torch threads of the engine (and of each worker)
-    restart_on_failure: bool = True               # rebuild the engine after a worker died
-    deployment: str = "default"                   # the metrics' pool label (as the kvstore's)
-    metrics_port: int = 0                         # /metrics HTTP port; 0 = a free one, -1 = none
-    grace_s: float = 5.0
+class DecodeConfig(PoolConfig):
+    ROLE = "decode"
+    DESCRIPTION = "Mnemosyne decode instance (TP x KVP grid)"
+    KV_TIMEOUT_HELP = "seconds a prefilled request waits for its KV"
 
     def __post_init__(self) -> None:
-        if not self.kvstore:
-            raise ConfigError("decode: --kvstore HOST:PORT is required")
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"decode: port must be in [0, 65535], got {self.port}")
-        if not -1 <= self.metrics_port < 65536:
-            raise ConfigError(f"decode: metrics_port must be in [-1, 65535], got {self.metrics_port}")
-        for name in ("kv_timeout_s", "threads"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"decode: {name} must be positive, got {getattr(self, name)}")
+        super().__post_init__()
         if self.engine.parallel.spp != 1:
             raise ConfigError(f"decode: an instance that receives KV must have spp = 1, got "
                               f"{self.engine.parallel.spp}")
-
-    @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None) -> "DecodeConfig":
-        p = ArgumentParser(prog="python -m services.decode",
-                           description="Mnemosyne decode instance (TP x KVP grid)")
-        add_engine_flags(p, "decode")
-        g = p.add_argument_group("service")
-        add_config_flags(g, cls, {
-            "kvstore": "kvstore address HOST:PORT", "host": "address to bind and advertise",
-            "port": "port to bind", "instance_id": "instance id (default: decode-<random>)",
-            "kv_timeout_s": "seconds a prefilled request waits for its KV",
-            "threads": "torch threads of the engine and of each grid worker",
-            "restart_on_failure": "rebuild the engine when a worker process dies",
-            "deployment": "deployment name (the pool label of the metrics)",
-            "metrics_port": "Prometheus /metrics port (0 = free, -1 = none)",
-            "grace_s": "shutdown grace period for running RPCs"}, dest_prefix="svc_")
-        args = p.parse_args(argv)
-        return config_from_args(cls, args, "svc_", engine=engine_config(args))

@@ -57,6 +57,13 @@ class DecodeInstance:
         self.kv_timeout_s = kv_timeout_s
         self.leases: dict[str, Placement] = {}       # requests holding blocks here, with a placement
         self._renewer: asyncio.Task[None] | None = None
+        self.active = 0                               # decode() streams open
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight here, including prefilled ones whose KV is on its way (they hold a
+        lease from PrepareReceive on): a draining instance waits for them."""
+        return self.active > 0 or bool(self.leases)
 
     def start(self) -> None:
         self._renewer = asyncio.create_task(self._renew_forever(), name="decode-lease-renewal")
@@ -94,13 +101,13 @@ class DecodeInstance:
     async def decode(self, job: DecodeJob) -> AsyncIterator:
         """Yields the request's StepOutputs (tokens; the last one has finish_reason). A failed KV
         intake raises KVTransferError; a failed engine WorkerFailedError."""
-        if self.metrics is None:
-            async for out in self._decode(job):
-                yield out
-            return
-        with self.metrics.track_active():
-            async for out in self._decode(job):
-                yield out
+        self.active += 1
+        try:
+            with self.metrics.track_active() if self.metrics is not None else contextlib.nullcontext():
+                async for out in self._decode(job):
+                    yield out
+        finally:
+            self.active -= 1
 
     def _received(self, rid: str, ok: bool) -> None:
         """A prefilled request's KV intake ended (its first output came, or it failed)."""

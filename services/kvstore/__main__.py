@@ -20,7 +20,7 @@ async def _main(config: KVStoreConfig) -> None:
     print(f"kvstore listening on {svc.address}", flush=True)
     if svc.metrics_server is not None:
         print(f"kvstore metrics on {svc.metrics_server.url}", flush=True)
-    await serve_until_signal(svc.server, cleanup=svc.stop)
+    await serve_until_signal(svc.server, shutdown=svc.stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,15 +60,27 @@ class PrefillInstance:
         self.kv_timeout_s = kv_timeout_s
         self.tp = tp
         self.running: set[str] = set()
+        self.active = 0                               # prefill() streams open
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight here (a draining instance waits for them)."""
+        return self.active > 0
+
+    def start(self) -> None:
+        """Nothing runs in the background of a prefill instance."""
+
+    async def stop(self) -> None:
+        pass
 
     async def prefill(self, job: PrefillJob) -> AsyncIterator[Progress | FirstToken | Done]:
-        if self.metrics is None:
-            async for ev in self._prefill(job):
-                yield ev
-            return
-        with self.metrics.track_active():
-            async for ev in self._prefill(job):
-                yield ev
+        self.active += 1
+        try:
+            with self.metrics.track_active() if self.metrics is not None else contextlib.nullcontext():
+                async for ev in self._prefill(job):
+                    yield ev
+        finally:
+            self.active -= 1
 
     async def _prefill(self, job: PrefillJob) -> AsyncIterator[Progress | FirstToken | Done]:
         rid = job.request_id

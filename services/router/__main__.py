@@ -19,7 +19,7 @@ async def _main(config: RouterConfig) -> None:
     print(f"router listening on {svc.address}", flush=True)
     if svc.metrics_server is not None:
         print(f"router metrics on {svc.metrics_server.url}", flush=True)
-    await serve_until_signal(svc.server, cleanup=svc.stop)
+    await serve_until_signal(svc.server, shutdown=svc.stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,203 @@
+"""Wiring of one prefill or decode instance: engine thread + instance logic + gRPC server + kvstore
+membership. The two roles differ only in their instance, servicer and registration; each
+subclasses PoolService with those.
+
+    svc = await DecodeService.start(config)     # registered with the kvstore, health SERVING
+    ...
+    await svc.stop()                            # leave, drain, stop (also what SIGTERM runs)
+
+A supervisor watches the engine: when it fails (a grid worker died), the instance leaves the kvstore
+and goes NOT_SERVING (every running request has already failed with UNAVAILABLE), then builds a fresh
+engine and registers again (`restart_on_failure`), or stays out.
+
+The instance a subclass builds has `instance_id`, `engine` (an AsyncEngine, replaced by the
+supervisor), `busy` (requests in flight), `start()` and `async stop()` (its background tasks).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, ClassVar
+
+from common.client import KVStoreClient, Membership
+from common.engine.async_engine import AsyncEngine, keep_alive
+from common.errors import MnemosyneError
+from common.metadata.types import Instance
+from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
+from common.pool_config import PoolConfig
+from common.rpc.server import RpcServer, serve_until_signal
+
+log = logging.getLogger(__name__)
+
+# After leaving the kvstore, how long a draining instance still expects new RPCs: routers reuse
+# their list of instances for discovery_ttl_s (0.5 s by default), and a placement reserved just
+# before the deregistration is still on its way. Capped by grace_s.
+LEAVE_SETTLE_S = 1.0
+DRAIN_POLL_S = 0.05
+
+
+def kv_layout(config: PoolConfig) -> tuple[int, int]:
+    """(tokens per KV block, tokens per KVP group or 0 for one group) of an instance."""
+    ec = config.engine
+    return ec.cache.block_size, ec.parallel.kvp_tokens if ec.parallel.kvp > 1 else 0
+
+
+def build_engine(config: PoolConfig) -> Any:
+    """The engine of this instance (runs on the engine thread)."""
+    ec = config.engine
+    if ec.parallel.world_size == 1:
+        from common.engine.engine import LLMEngine
+        return LLMEngine(ec)
+    from common.parallel.driver import ParallelEngine
+    return ParallelEngine(ec, threads_per_worker=config.threads)
+
+
+class PoolService:
+    ROLE: ClassVar[str] = ""
+
+    def __init__(self, config: PoolConfig, server: RpcServer, instance: Any, kvstore: KVStoreClient,
+                 metrics_server: MetricsServer | None = None) -> None:
+        self.config = config
+        self.metrics_server = metrics_server          # /metrics (None: metrics_port = -1)
+        self.server = server
+        self.instance = instance
+        self.kvstore = kvstore
+        self.membership = Membership(kvstore, self.info, self.free_blocks)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._joined = False                          # registered with the kvstore
+
+    # ---- what a role defines -----------------------------------------------------------------
+    @classmethod
+    def new_instance(cls, instance_id: str, engine: AsyncEngine, kvstore: KVStoreClient,
+                     config: PoolConfig, metrics: Metrics) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def add_servicer(cls, server: RpcServer, instance: Any) -> None:
+        raise NotImplementedError
+
+    def info(self) -> Instance:
+        """The registration with the kvstore."""
+        raise NotImplementedError
+
+    def free_blocks(self) -> tuple[int, ...]:
+        """Free KV blocks per KVP group, sent with each heartbeat."""
+        return ()
+
+    # ---- shared ------------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        """Where peers reach this instance (registered with the kvstore)."""
+        return self.server.address
+
+    @property
+    def metrics_url(self) -> str:
+        """The /metrics endpoint ("" = none)."""
+        return self.metrics_server.url if self.metrics_server is not None else ""
+
+    @classmethod
+    async def start(cls, config: PoolConfig) -> "PoolService":
+        iid = config.instance_id or f"{cls.ROLE}-{uuid.uuid4().hex[:8]}"
+        ec = config.engine
+        metrics = Metrics(new_registry(), role=cls.ROLE, pool=config.deployment, instance=iid)
+        metrics.set_kv_layout(*kv_layout(config))
+        metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host) \
+            if config.metrics_port >= 0 else None
+        try:
+            engine = await AsyncEngine.start(lambda: build_engine(config), name=f"{cls.ROLE}-engine",
+                                             metrics=metrics)
+        except BaseException:
+            if metrics_server is not None:
+                metrics_server.close()
+            raise
+        kvstore = KVStoreClient(config.kvstore)
+        instance = cls.new_instance(iid, engine, kvstore, config, metrics)
+        server = RpcServer(config.host, config.port, grace_s=config.grace_s,
+                           interceptors=[MetricsInterceptor(metrics)])
+        cls.add_servicer(server, instance)
+        svc = cls(config, server, instance, kvstore, metrics_server)
+        try:
+            await server.start(serving=False)
+            await svc._join()
+            instance.start()
+            await server.set_serving(True)
+        except BaseException:
+            await svc.stop()
+            raise
+        svc._supervisor = asyncio.create_task(keep_alive(
+            instance, lambda: build_engine(config), name=f"{cls.ROLE}-engine", on_down=svc._leave,
+            on_up=svc._rejoin, restart=config.restart_on_failure), name=f"{cls.ROLE}-supervisor")
+        log.info("%s instance %s on %s: %s, KV over %s", cls.ROLE, iid, svc.address, ec.parallel,
+                 ec.kv_backend)
+        return svc
+
+    async def _join(self) -> None:
+        await self.membership.start()
+        self._joined = True
+
+    async def _leave(self, err: Exception | None = None) -> None:
+        """Out of the pool: NOT_SERVING, then deregistered (routers stop choosing it)."""
+        await self.server.set_serving(False)
+        self._joined = False
+        await self.membership.stop()
+
+    async def _rejoin(self) -> None:
+        await self._join()
+        await self.server.set_serving(True)
+
+    async def stop(self) -> None:
+        """Leave, drain, stop; what SIGTERM runs. Health NOT_SERVING and deregistered from the
+        kvstore first, so no router picks this instance any more; then up to grace_s for the
+        requests in flight, with the server still accepting their RPCs (a disaggregated request
+        calls its decode instance twice, and a router may have picked this instance just before it
+        left); then the server stops (cancelling what still runs), the instance's background tasks
+        and the engine with its workers. Idempotent."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.grace_s
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+            self._supervisor = None
+        was_joined = self._joined
+        await self._leave()
+        if was_joined:
+            await asyncio.sleep(min(LEAVE_SETTLE_S, max(0.0, deadline - loop.time())))
+        if self.instance.busy and loop.time() < deadline:
+            log.info("%s %s left the kvstore; draining its requests for up to %.1f s", self.ROLE,
+                     self.instance.instance_id, deadline - loop.time())
+        while self.instance.busy and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self.server.stop(max(0.0, deadline - loop.time()))
+        await self.instance.stop()
+        await self.instance.engine.shutdown()
+        await self.kvstore.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+
+
+def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
+                  argv: list[str] | None = None) -> int:
+    """`python -m services.<role>`: parse, start, print "<role> listening on HOST:PORT" (the line
+    scripts/up.py and the tests wait for) once registered and serving, run until SIGTERM or SIGINT
+    and stop in order (PoolService.stop). Returns the exit status: 2 on a MnemosyneError."""
+    role = service.ROLE
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def serve(config: PoolConfig) -> None:
+        svc = await service.start(config)
+        print(f"{role} listening on {svc.address} (instance {svc.instance.instance_id})", flush=True)
+        if svc.metrics_server is not None:
+            print(f"{role} metrics on {svc.metrics_url}", flush=True)
+        await serve_until_signal(svc.server, shutdown=svc.stop)
+
+    try:
+        config = config_type.from_args(argv)
+        import torch
+        torch.set_num_threads(config.threads)
+        asyncio.run(serve(config))
+    except MnemosyneError as e:
+        logging.getLogger(role).error("%s", e)
+        return 2
+    return 0
