@@ -13,6 +13,7 @@ from common.cli import ArgumentParser, add_config_flags, config_from_args
 from common.config import EngineConfig
 from common.engine_flags import add_engine_flags, engine_config
 from common.errors import ConfigError
+from common.rpc.server import WILDCARD_HOSTS
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class PoolConfig:
 
     kvstore: str                                  # the kvstore's "host:port"
     engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"                       # address to bind and advertise
+    host: str = "127.0.0.1"                       # bind address; 0.0.0.0 = every interface
+    advertise_host: str = ""                      # "" = host, or this machine's IP for 0.0.0.0
     port: int = 0                                 # 0 = a free one (printed at start)
     instance_id: str = ""                         # "" = <role>-<random>
     kv_timeout_s: float = 60.0
@@ -41,6 +43,9 @@ class PoolConfig:
             raise ConfigError(f"{role}: port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port < 65536:
             raise ConfigError(f"{role}: metrics_port must be in [-1, 65535], got {self.metrics_port}")
+        if self.advertise_host in WILDCARD_HOSTS[1:]:
+            raise ConfigError(f"{role}: advertise_host must be an address peers can dial, got "
+                              f"{self.advertise_host!r}")
         for name in ("kv_timeout_s", "threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{role}: {name} must be positive, got {getattr(self, name)}")
@@ -52,7 +57,9 @@ class PoolConfig:
         g = p.add_argument_group("service")
         add_config_flags(g, cls, {
             "kvstore": "kvstore address HOST:PORT",
-            "host": "address to bind and advertise",
+            "host": "address to bind (0.0.0.0 = every interface)",
+            "advertise_host": "address registered with the kvstore and in the metrics URL; empty = "
+                              "--host, or this machine's IP when --host is 0.0.0.0",
             "port": "port to bind", "instance_id": f"instance id (default: {cls.ROLE}-<random>)",
             "kv_timeout_s": cls.KV_TIMEOUT_HELP,
             "threads": "torch threads of the engine and of each grid worker",

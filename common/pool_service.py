@@ -26,7 +26,7 @@ from common.errors import MnemosyneError
 from common.metadata.types import Instance
 from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
 from common.pool_config import PoolConfig
-from common.rpc.server import RpcServer, serve_until_signal
+from common.rpc.server import RpcServer, advertised_host, host_port, serve_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class PoolService:
         self.server = server
         self.instance = instance
         self.kvstore = kvstore
+        self.advertise_host = advertised_host(config.host, config.advertise_host)
         self.membership = Membership(kvstore, self.info, self.free_blocks)
         self._supervisor: asyncio.Task[None] | None = None
         self._joined = False                          # registered with the kvstore
@@ -88,13 +89,16 @@ class PoolService:
     # ---- shared ------------------------------------------------------------------------------
     @property
     def address(self) -> str:
-        """Where peers reach this instance (registered with the kvstore)."""
-        return self.server.address
+        """Where peers reach this instance (registered with the kvstore): the advertised host and
+        the bound port."""
+        return host_port(self.advertise_host, self.server.port)
 
     @property
     def metrics_url(self) -> str:
-        """The /metrics endpoint ("" = none)."""
-        return self.metrics_server.url if self.metrics_server is not None else ""
+        """The /metrics endpoint as peers reach it ("" = none)."""
+        if self.metrics_server is None:
+            return ""
+        return f"http://{host_port(self.advertise_host, self.metrics_server.port)}/metrics"
 
     @classmethod
     async def start(cls, config: PoolConfig) -> "PoolService":
@@ -128,8 +132,8 @@ class PoolService:
         svc._supervisor = asyncio.create_task(keep_alive(
             instance, lambda: build_engine(config), name=f"{cls.ROLE}-engine", on_down=svc._leave,
             on_up=svc._rejoin, restart=config.restart_on_failure), name=f"{cls.ROLE}-supervisor")
-        log.info("%s instance %s on %s: %s, KV over %s", cls.ROLE, iid, svc.address, ec.parallel,
-                 ec.kv_backend)
+        log.info("%s instance %s on %s (bound %s): %s, KV over %s", cls.ROLE, iid, svc.address,
+                 server.address, ec.parallel, ec.kv_backend)
         return svc
 
     async def _join(self) -> None:
@@ -187,7 +191,8 @@ def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
 
     async def serve(config: PoolConfig) -> None:
         svc = await service.start(config)
-        print(f"{role} listening on {svc.address} (instance {svc.instance.instance_id})", flush=True)
+        bound = "" if svc.address == svc.server.address else f"bound {svc.server.address}, "
+        print(f"{role} listening on {svc.address} ({bound}instance {svc.instance.instance_id})", flush=True)
         if svc.metrics_server is not None:
             print(f"{role} metrics on {svc.metrics_url}", flush=True)
         await serve_until_signal(svc.server, shutdown=svc.stop)

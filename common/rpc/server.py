@@ -12,8 +12,10 @@ service, so `grpcurl` and load balancers work against any of them.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
+import socket
 from typing import Any, Awaitable, Callable, Sequence
 
 import grpc
@@ -26,6 +28,7 @@ from common.rpc.client import MESSAGE_OPTIONS
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 5.0
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -142,3 +145,25 @@ async def serve_until_signal(server: RpcServer, *,
                 for task in (stopped, terminated):
                     task.cancel()
                 await asyncio.gather(stopped, terminated, return_exceptions=True)
+
+
+def advertised_host(bind_host: str, advertise_host: str = "") -> str:
+    """The host peers should dial to reach a server bound to `bind_host`: `advertise_host` when
+    given, else `bind_host` unless it is a wildcard (0.0.0.0, ::), else this machine's IP address
+    as its hostname resolves (a pod's hostname resolves to the pod IP), or the hostname itself when
+    it resolves to nothing or to loopback only (peers on other machines may resolve it by DNS)."""
+    if advertise_host:
+        return advertise_host
+    if bind_host not in WILDCARD_HOSTS:
+        return bind_host
+    name = socket.gethostname()
+    try:
+        ip = socket.gethostbyname(name)
+    except OSError:
+        return name
+    return name if ipaddress.ip_address(ip).is_loopback else ip
+
+
+def host_port(host: str, port: int) -> str:
+    """"host:port", with an IPv6 address in brackets ("[fd00::1]:50053")."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
