@@ -112,6 +112,8 @@ def add_scheduling_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                     "time fits the budget (needs a performance model: the saved profile, else the "
                     "analytic roofline)",
         "iteration_budget_s": "seconds one iteration may take (adaptive chunking; unset: 0.8 x the TBT SLO)",
+        "slack_stealing": "lars: a request that would miss its deadline moves ahead of requests that keep "
+                          "theirs (--no-slack-stealing: the paper's rho order alone)",
     }, dest_prefix="sched_", chunk_size=dict(metavar="N"), policy=dict(choices=SCHED_POLICIES),
         chunking=dict(choices=SCHED_CHUNKINGS), iteration_budget_s=dict(metavar="S"))
     add_config_flags(g, CacheConfig, {"block_size": "KV cache block size in tokens"},

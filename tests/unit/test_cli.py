@@ -164,3 +164,13 @@ def test_parser_has_room_for_parallel_and_serving_flags():
     assert args.sp_max_tokens == SamplingParams().max_tokens          # defaults come from the config
     assert args.sched_chunk_size == SchedulerConfig().chunk_size
     assert args.engine_dtype == EngineConfig().dtype and args.engine_max_model_len is None
+
+
+def test_scheduling_policy_flags_reach_the_scheduler_config():
+    from common.cli import config_from_args
+    parser = build_parser()
+    args = parser.parse_args(["generate", "--prompt", "x", "--policy", "lars", "--chunking", "adaptive",
+                              "--no-slack-stealing"])
+    cfg = config_from_args(SchedulerConfig, args, "sched_")
+    assert (cfg.policy, cfg.chunking, cfg.slack_stealing) == ("lars", "adaptive", False)
+    assert config_from_args(SchedulerConfig, parser.parse_args(["generate", "--prompt", "x"]), "sched_").slack_stealing
