@@ -13,6 +13,7 @@ class RouterConfig:
     kvstore: str                          # the kvstore's "host:port"
     host: str = "127.0.0.1"
     port: int = 50051
+    instance_id: str = ""                 # the metrics' instance label; "" = router-<hostname>-<pid>
     model: str | None = None              # tokenizer + config source; None = the built-in model
     model_name: str = ""                  # what ModelInfo reports and GenerateRequest.model must match
     max_model_len: int | None = None      # None = the model's
@@ -67,7 +68,9 @@ class RouterConfig:
     def from_args(cls, argv: Sequence[str] | None = None) -> "RouterConfig":
         p = ArgumentParser(prog="python -m services.router", description="Mnemosyne router (public API)")
         add_config_flags(p.add_argument_group("router"), cls, {
-            "kvstore": "kvstore address HOST:PORT", "host": "address to bind", "port": "port to bind (0 = free)",
+            "kvstore": "kvstore address HOST:PORT", "host": "address to bind (0.0.0.0 = every interface)",
+            "port": "port to bind (0 = free)",
+            "instance_id": "the metrics' instance label, unique per replica (default: router-<hostname>-<pid>)",
             "model": "HF directory or .gguf file the instances serve (default: the built-in model)",
             "model_name": "served model name (default: the checkpoint's file or directory name)",
             "max_model_len": "longest sequence", "max_prompt_tokens": "longest prompt (0 = max_model_len - 1)",

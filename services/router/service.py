@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 
 from common.client import KVStoreClient
 from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
@@ -54,7 +55,7 @@ class RouterService:
         frontend = await asyncio.to_thread(load_frontend, config)
         kvstore = KVStoreClient(config.kvstore, timeout_s=config.rpc_timeout_s)
         metrics = Metrics(new_registry(), role="router", pool=config.deployment,
-                          instance=f"router-{config.host}-{os.getpid()}")
+                          instance=config.instance_id or f"router-{socket.gethostname()}-{os.getpid()}")
         slo = admission_config(config).slo
         metrics.set_slo_targets(dict(slo.ttft_s), slo.tbt_s, slo.objective)
         discovery = Discovery(kvstore, config.discovery_ttl_s)
