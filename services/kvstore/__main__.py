@@ -1,6 +1,7 @@
 """`python -m services.kvstore [--port N] [--redis-url URL] [--lease-s S] ...` (see --help).
 
-Prints "kvstore listening on HOST:PORT" once serving; SIGTERM or SIGINT stop it gracefully.
+Prints "kvstore listening on HOST:PORT" once serving; SIGTERM or SIGINT stop it gracefully. Waits
+up to --redis-connect-timeout-s for Redis at start, then exits with status 1 and a one-line error.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import logging
 import sys
 
-from common.errors import ConfigError
+from common.errors import ConfigError, MnemosyneError
 from common.rpc.server import serve_until_signal
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.service import KVStoreService
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         logging.getLogger("kvstore").error("%s", e)
         return 2
+    except MnemosyneError as e:          # e.g. Redis never answered: one line, no traceback
+        logging.getLogger("kvstore").error("%s", e)
+        return 1
     return 0
 
 

@@ -20,6 +20,9 @@ class KVStoreConfig:
                      "MNEMOSYNE_KVSTORE_PORT")
     redis_url: str = _opt("", "Redis URL, e.g. redis://127.0.0.1:6379/0 (empty = start a "
                               "private redis-server)", "MNEMOSYNE_REDIS_URL")
+    redis_connect_timeout_s: float = _opt(30.0, "at start, how long to keep trying to reach Redis "
+                                                "(it may start after the kvstore)",
+                                          "MNEMOSYNE_KVSTORE_REDIS_CONNECT_TIMEOUT_S")
     deployment: str = _opt("default", "key prefix in Redis: deployments sharing a Redis are "
                                       "independent", "MNEMOSYNE_DEPLOYMENT")
     lease_s: float = _opt(10.0, "placement lease; owners renew well within it",
@@ -36,7 +39,7 @@ class KVStoreConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"kvstore: port must be in [0, 65535], got {self.port}")
-        for name in ("lease_s", "instance_ttl_s", "reap_interval_s"):
+        for name in ("lease_s", "instance_ttl_s", "reap_interval_s", "redis_connect_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"kvstore: {name} must be positive, got {getattr(self, name)}")
         if not -1 <= self.metrics_port < 65536:

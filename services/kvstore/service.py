@@ -9,14 +9,17 @@ Used by __main__ (until SIGTERM/SIGINT) and by the integration tests (in-process
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
 import time
 
-from common.errors import MnemosyneError
+import redis
+
+from common.errors import ConfigError, MnemosyneError
 from common.metadata.redis_server import RedisServer
-from common.metadata.store import MetadataStore
+from common.metadata.store import MetadataStore, StoreUnavailableError
 from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
 from common.rpc import protos
 from common.rpc.protos import kvstore_pb2_grpc
@@ -28,6 +31,35 @@ from services.kvstore.server import KVStoreServicer
 log = logging.getLogger(__name__)
 
 METRICS_REFRESH_S = 1.0       # placements, live instances and lease expiries are read from Redis
+REDIS_RETRY_FIRST_S = 0.2     # first wait for a Redis that does not answer yet, doubling up to
+REDIS_RETRY_MAX_S = 2.0
+
+
+async def wait_for_redis(store: MetadataStore, timeout_s: float) -> None:
+    """Returns once Redis answers PING; retries with backoff (one log line per failed attempt) for
+    up to `timeout_s`, then raises StoreUnavailableError. A rejected password is a ConfigError at
+    once (retrying cannot fix it)."""
+    kw = store.redis.connection_pool.connection_kwargs
+    where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"     # no credentials in logs
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay = REDIS_RETRY_FIRST_S
+    for attempt in itertools.count(1):
+        try:
+            await asyncio.to_thread(store.redis.ping)
+            return
+        except redis.exceptions.AuthenticationError as e:
+            raise ConfigError(f"kvstore: Redis at {where} refused our credentials: {e}") from e
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise StoreUnavailableError(
+                    f"kvstore: Redis at {where} did not answer within {timeout_s:g} s "
+                    f"({attempt} attempts): {e}") from None
+            wait = min(delay, left)
+            log.warning("Redis at %s not reachable (attempt %d, next in %.1f s): %s", where, attempt, wait, e)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, REDIS_RETRY_MAX_S)
 
 
 class KVStoreService:
@@ -64,7 +96,7 @@ class KVStoreService:
         store = MetadataStore(url, deployment=config.deployment)
         metrics_server: MetricsServer | None = None
         try:
-            await asyncio.to_thread(store.redis.ping)
+            await wait_for_redis(store, config.redis_connect_timeout_s)
             logic = PlacementService(store, lease_s=config.lease_s,
                                      instance_ttl_s=config.instance_ttl_s)
             metrics = Metrics(new_registry(), role="kvstore", pool=config.deployment,
