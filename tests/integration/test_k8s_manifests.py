@@ -230,10 +230,15 @@ def service_link_env(objs) -> dict[str, str]:
     return env
 
 
+def pod_name(workload: dict) -> str:
+    """What the downward API would give as metadata.name of one of the workload's pods."""
+    return f"{workload['metadata']['name']}-5d8f7c9b4-x2k7q"
+
+
 def container_env(objs, workload: dict, c: dict) -> dict[str, str]:
     """The container's environment: service links (unless disabled), then env, resolved."""
     env = {} if pod_spec(workload).get("enableServiceLinks") is False else service_link_env(objs)
-    fields = {"status.podIP": POD_IP, "metadata.name": f"{workload['metadata']['name']}-5d8f7c9b4-x2k7q",
+    fields = {"status.podIP": POD_IP, "metadata.name": pod_name(workload),
               "metadata.namespace": "mnemosyne"}
     assert "envFrom" not in c, "use env with configMapKeyRef (checked key by key)"
     for e in c.get("env", []):
@@ -419,11 +424,15 @@ def test_the_services_accept_the_manifests_flags_and_the_wiring_resolves(overlay
         cfg = r.config
         assert cfg.port == ports["grpc"], f"{r.service}: --port vs the containerPort named grpc"
         assert cfg.metrics_port == ports["metrics"], f"{r.service}: --metrics-port vs the metrics port"
+        # every service binds every interface (probes, port-forward) ...
+        assert cfg.host == "0.0.0.0", f"{r.service}: --host"
         if r.service != "kvstore":
             resolve_address(objs, cfg.kvstore)
+            # ... and its metrics' instance label names the pod, one per replica
+            assert cfg.instance_id == pod_name(r.workload), f"{r.service}: --instance-id"
         if r.service in ("prefill", "decode"):
             # what they advertise (kvstore registration, KV receivers) must be reachable: the pod IP
-            assert cfg.host == POD_IP and cfg.engine.kv_host == POD_IP, r.service
+            assert cfg.advertise_host == POD_IP and cfg.engine.kv_host == POD_IP, r.service
     kv = runs["kvstore"].config
     assert kv.redis_url.startswith("redis://")
     redis_host_port = kv.redis_url.removeprefix("redis://").split("/")[0]
