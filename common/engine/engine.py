@@ -76,6 +76,9 @@ def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, 
                                   f"{max_model_len - 1} (max_model_len {max_model_len})")
 
 
+GRAPH_SCRATCH_ID = "__cuda-graph-scratch__"     # owns the block CUDA-graph padding rows write into
+
+
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, checkpoint: Checkpoint | None = None,
                  extra_eos_ids: Iterable[int] = (), perf_model: PerfModel | None = None) -> None:
@@ -103,10 +106,40 @@ class LLMEngine:
         self.perf_model = perf_model
         self.scheduler = Scheduler(cfg.scheduler, self.pool, perf_model=perf_model)
         self.runner = ModelRunner(self.model, self.cache, self.pool, self.backend, cfg.device)
+        self.graph_steps = 0                                     # decode steps replayed from CUDA graphs
+        self.graphs = self._graph_runner()
         self.sampler = Sampler()
         self.streams = StreamHub()
         self._ids = itertools.count()
         self.disagg = Disaggregation(self)
+
+    # ---- the forward pass ---------------------------------------------------------------------------
+    def _graph_runner(self):
+        """CUDA graphs for decode-only steps (common/engine/cuda_graphs.py), where they apply: a CUDA
+        device, the CUDA attention backend (its Triton paged decode kernel is graph-safe) and
+        cfg.cuda_graphs. One cache block is reserved for the padded rows; graphs are captured at the
+        first decode step."""
+        if not (self.cfg.cuda_graphs and torch.device(self.cfg.device).type == "cuda"
+                and type(self.backend).__name__ == "CudaAttentionBackend"):
+            return None
+        from common.engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphRunner
+        scratch = self.pool.allocate(GRAPH_SCRATCH_ID, 1)[0]
+        sizes = tuple(b for b in DEFAULT_BATCH_SIZES if b <= self.cfg.scheduler.max_num_seqs) or (1,)
+        return DecodeGraphRunner(self.model, self.cache, self.backend, scratch_block=scratch, batch_sizes=sizes,
+                                 max_blocks_per_seq=-(-self.max_model_len // self.cfg.cache.block_size),
+                                 device=self.cfg.device)
+
+    def _forward(self, items) -> torch.Tensor:
+        """Float32 logits of the sampling items: a graph replay for a decode step the graphs cover,
+        else the eager ModelRunner."""
+        g = self.graphs
+        if g is not None and all(it.num_tokens == 1 and it.sample for it in items):
+            if not g.graphs:
+                g.capture()
+            if g.can_run(items):
+                self.graph_steps += 1
+                return g.run(items, self.pool)
+        return self.runner.run(items)
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -179,7 +212,7 @@ class LLMEngine:
         if not sched.items:
             self.streams.publish(early)
             return early
-        logits = self.runner.run(sched.items)
+        logits = self._forward(sched.items)
         self.disagg.stream(sched.items)
         samplers = [it for it in sched.items if it.sample]
         tokens, logprobs = self.sampler.sample(logits, [it.request.request_id for it in samplers],
