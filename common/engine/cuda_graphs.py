@@ -16,13 +16,15 @@ cache and calls `backend.decode_paged` (the Triton split-KV kernel, common/atten
 whose launch depends only on shapes). Not covered: tensor parallel runs inside a GQA group (kv_map) and
 KV-cache parallel merges (combine); those steps run eagerly.
 
-Status, honestly: written against common/engine/model_runner.py's decode path. On CPU, staging,
+Used by LLMEngine on CUDA for every decode-only step it covers (EngineConfig.cuda_graphs; the grid's
+workers run eagerly). On CPU, staging,
 padding and the padded eager step (`load` + `eager`, no graph) are tested against the ForwardContext
 path (tests/unit/test_triton_decode.py). Capture and replay are checked on a GPU by tests/gpu/test_cuda_graphs.py
 (replay bitwise equal to the same padded step run eagerly, and close to the ForwardContext path) and
 the graph section of bench/gpu_probe.py; their first H200 run found that buffers allocated inside
 capture()'s inference mode could not be restaged by `load` (fixed; CPU regression test in
-tests/unit/test_triton_decode.py).
+tests/unit/test_triton_decode.py). tests/gpu/test_engine_gpu.py runs the engine with and without graphs
+against transformers on the GPU.
 """
 from __future__ import annotations
 
