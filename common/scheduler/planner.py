@@ -47,6 +47,7 @@ class PrefillPlan:
     chunks: tuple[tuple[str, int], ...]        # (request_id, num_tokens), in scheduling order
     waiting: tuple[str, ...]                   # candidates that got 0 tokens (requeued)
     forced: bool = False                       # starvation guard fired (see plan_prefills)
+    anchors: tuple[str, ...] = ()              # requests whose chunk bounds their next one (see below)
 
 
 def plan_prefills(batch: BatchShape, candidates: Sequence[ReqView], now: float, *, policy: Policy,
@@ -67,6 +68,12 @@ def plan_prefills(batch: BatchShape, candidates: Sequence[ReqView], now: float, 
     then gets it, instead of sharing its last iterations with filler from requests that can wait. One
     late by less than an iteration budget (it arrived while a batch ran) counts as slack 0; one later
     than that is past saving and not protected (a late long prefill still yields its budget share).
+
+    Growth anchors: the adaptive chunker caps a request's chunk at `growth` x its previous one (the
+    paper's 2x, which keeps consecutive chunks, and so pipeline stages, balanced). Only the first
+    prefill chunk of a batch, sized against the whole budget left by the decodes, is such a bound
+    (`anchors`); a chunk that filled what earlier chunks left is not, else a short prompt that first
+    got a 32-token remnant would need log2(prompt / 32) iterations to reach a full chunk.
     """
     ordered = policy.arrange(((req, *work(req)) for req in candidates if req.in_prefill), now)
     protect = predict is not None and getattr(policy, "protects_deadlines", False)
@@ -75,6 +82,7 @@ def plan_prefills(batch: BatchShape, candidates: Sequence[ReqView], now: float, 
 
     chunks: list[tuple[str, int]] = []
     waiting: list[str] = []
+    anchors: list[str] = []
     for req, remaining, total in ordered:
         max_tokens = None
         if config.max_batch_tokens is not None:
@@ -98,6 +106,8 @@ def plan_prefills(batch: BatchShape, candidates: Sequence[ReqView], now: float, 
         if n == 0:
             waiting.append(req.request_id)
             continue
+        if not batch.prefills:
+            anchors.append(req.request_id)
         batch = batch.with_prefill(n, req.num_computed)
         chunks.append((req.request_id, n))
         long_in_batch = long_in_batch or long
@@ -115,8 +125,8 @@ def plan_prefills(batch: BatchShape, candidates: Sequence[ReqView], now: float, 
         if admit is None or admit(req, n):
             waiting.remove(req.request_id)
             return PrefillPlan(batch.with_prefill(n, req.num_computed), ((req.request_id, n),),
-                               tuple(waiting), forced=True)
-    return PrefillPlan(batch, tuple(chunks), tuple(waiting))
+                               tuple(waiting), forced=True, anchors=(req.request_id,))
+    return PrefillPlan(batch, tuple(chunks), tuple(waiting), anchors=tuple(anchors))
 
 
 def smallest_chunk(chunker: Chunker) -> int:

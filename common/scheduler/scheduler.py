@@ -229,6 +229,7 @@ class Scheduler:
                 return False                               # preempted while this batch was planned
             return self._take(req, n, out, scheduled)
 
+        anchors_before = {v.request_id: v.last_chunk for v in views}
         plan = plan_prefills(batch, views, now, policy=self.policy, chunker=self.chunker,
                              work=self.table.work if self.table is not None else _no_work,
                              config=PlannerConfig(budget, cfg.long_threshold, cfg.max_num_seqs,
@@ -236,6 +237,10 @@ class Scheduler:
                              admit=admit,
                              predict=self.perf_model.predict if self.perf_model is not None else None)
         out.forced = plan.forced
+        for rid, _ in plan.chunks:                     # only anchors bound the next chunk (planner.py)
+            req = self.requests.get(rid)
+            if req is not None and rid not in plan.anchors:
+                req.last_chunk = anchors_before[rid]
         return out
 
     def _take(self, req: Request, n: int, out: SchedulerOutput, scheduled: set[str]) -> bool:

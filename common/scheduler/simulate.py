@@ -171,7 +171,8 @@ def simulate(requests: Iterable[SimRequest], model: PerfModel, config: SimConfig
         for rid, n, _ in chunks:
             st = active[rid]
             st.num_computed += n
-            st.last_chunk = n
+            if rid in plan.anchors:
+                st.last_chunk = n
             if st.num_computed == st.request.prompt_len:
                 st.num_generated = 1
                 traces[rid].token_times.append(now)

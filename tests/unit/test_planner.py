@@ -114,3 +114,21 @@ def test_filler_never_costs_a_request_in_the_batch_its_deadline(chunker):
     # a request already late by more than an iteration is past saving: filler joins it
     late = plan([head(-1.0), filler], policy=LARS(), chunker=chunker, predict=linear_predict)
     assert [rid for rid, _ in late.chunks] == ["head", "filler"]
+
+
+def test_only_the_first_prefill_chunk_of_a_batch_anchors_growth():
+    """The head prefill's chunk bounds its next one (2x growth); a chunk that filled the remnant the
+    head left does not, so the remnant request gets a full chunk next time."""
+    head = req("head", 0.0, 4000)
+    tail = req("tail", 1.0, 4000)
+    chunker = AdaptiveChunker(linear_predict)
+    p = plan([head, tail], chunker=chunker, budget=0.01)        # 1000 tokens of budget
+    assert [rid for rid, _ in p.chunks] == ["head"] and p.anchors == ("head",)
+    head2 = req("head", 0.0, 600)                                # its tail: 600 tokens, 400 left over
+    p = plan([head2, tail], chunker=chunker, budget=0.01)
+    (h, nh), (t, nt) = p.chunks
+    assert (h, t) == ("head", "tail") and nh == 600 and 0 < nt <= 480 and p.anchors == ("head",)
+    # next iteration: tail alone is not held to 2x its remnant chunk
+    tail_after = ReqView("tail", 1.0, 4000, num_computed=nt, last_chunk=0)
+    assert chunker.chunk(BatchShape(), 0.01, tail_after) > 2 * nt
+    assert chunker.chunk(BatchShape(), 0.01, ReqView("tail", 1.0, 4000, num_computed=nt, last_chunk=nt)) <= 2 * nt

@@ -345,3 +345,20 @@ def test_edf_starves_the_long_request_under_steady_short_load_then_convoys():
     assert done_by_deadline < 0.5 * tokens(10.0)
     convoy = [r for r, s in edf.specs.items() if r != "long" and 16.5 <= s.arrival_s <= edf.ttft("long") - 1]
     assert convoy and not any(edf.met(r) for r in convoy)
+
+
+def test_a_remnant_chunk_does_not_throttle_the_next_one():
+    """b's first chunk is the 32-token remnant a's last chunk left; next iteration b runs alone and
+    gets a full-budget chunk, not 2 x 32 (only a batch's first prefill chunk anchors growth)."""
+    s = make_sched(LINEAR, policy="fcfs", chunking="adaptive")
+    s.add(Request("a", [7] * 1056, SamplingParams(max_tokens=1), 0.0))
+    s.add(Request("b", [7] * 4000, SamplingParams(max_tokens=1), 1.0))
+    sizes = []
+    for _ in range(3):
+        out = s.schedule()
+        sizes.append([(it.request.request_id, it.num_tokens) for it in out.items])
+        s.postprocess(out, {it.request.request_id: (1, 0.0) for it in out.items if it.sample})
+    assert sizes[0] == [("a", 544)]
+    assert sizes[1] == [("a", 512), ("b", 32)]
+    assert sizes[2] == [("b", 544)]
+    assert s.requests["b"].last_chunk == 544
