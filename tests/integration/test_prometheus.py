@@ -394,10 +394,11 @@ def test_kvstore_exports_reservations_placements_instances_and_lease_expiries(re
                 stub = kvstore_pb2_grpc.KVStoreStub(ch)
                 await stub.RegisterInstance(pb.RegisterInstanceRequest(instance=pb.InstanceInfo(
                     instance_id="d0", role=pb.ROLE_DECODE, address="127.0.0.1:7000", block_size=16,
-                    kvp_tokens=64, capacity_blocks=[8, 8])))
-                await stub.Reserve(pb.ReserveRequest(request_id="r1", num_tokens=100))
-                # never fits (INVALID_ARGUMENT); fits an empty instance, not now (RESOURCE_EXHAUSTED)
-                for rid, n, new in (("big", 10_000, 0), ("full", 128, 40)):
+                    kvp_tokens=64, capacity_blocks=[6, 6])))
+                await stub.Reserve(pb.ReserveRequest(request_id="r1", num_tokens=100))   # 4 + 3 blocks
+                # never fits (INVALID_ARGUMENT); fits an empty instance (4 + 4 blocks), not now
+                # (RESOURCE_EXHAUSTED)
+                for rid, n, new in (("big", 10_000, 0), ("full", 120, 8)):
                     with pytest.raises(grpc.aio.AioRpcError):
                         await stub.Reserve(pb.ReserveRequest(request_id=rid, num_tokens=n,
                                                              max_new_tokens=new))
