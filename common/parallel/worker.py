@@ -210,9 +210,10 @@ class Worker:
         os.replace(path + ".tmp", path)
 
     def _combine(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        """Merges the partial attention of every KVP group: out [T, H, D], lse [T, H]."""
-        outs = self.groups.all_gather_kvp(out)           # [kvp, T, H, D]
-        lses = self.groups.all_gather_kvp(lse)           # [kvp, T, H]
+        """Merges the partial attention of every KVP group: out [T, H, D], lse [T, H]. One all-gather
+        per layer: out and lse travel packed in one buffer."""
+        gathered = self.groups.all_gather_kvp(pack_partials(out, lse))    # [kvp, T, H * D + H]
+        outs, lses = unpack_partials(gathered, out.shape[1], out.dtype)   # [kvp, T, H, D], [kvp, T, H]
         return merge_stacked(outs, lses)[0]
 
     def report(self, ctl, plan: StepPlan, logits: torch.Tensor | None, timeline, comm_s: float) -> None:
@@ -228,6 +229,23 @@ class Worker:
             tokens = {s.request_id: (t, lp) for s, t, lp in zip(samplers, toks, lps)}
         with self.send_lock:
             comm.send_msg(ctl, encode_result(StepResult(plan.step_id, tokens, timeline, comm_s)))
+
+
+def pack_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """A partial attention result as one buffer for the KVP all-gather: out [T, H, D], lse [T, H] ->
+    [T, H * D + H] (row t: out[t] flattened, then lse[t]) in the wider of the two dtypes (float32 for
+    float32 or bfloat16 out, float64 for float64), so that both round-trip bit for bit."""
+    t, h, d = out.shape
+    dtype = torch.promote_types(out.dtype, lse.dtype)
+    return torch.cat([out.reshape(t, h * d).to(dtype), lse.to(dtype)], dim=1)
+
+
+def unpack_partials(packed: torch.Tensor, heads: int, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack_partials over stacked buffers: [S, T, H * D + H] -> out [S, T, H, D] in
+    out_dtype, lse [S, T, H] in the packed dtype."""
+    s, t, width = packed.shape
+    d = (width - heads) // heads
+    return packed[..., :heads * d].reshape(s, t, heads, d).to(out_dtype), packed[..., heads * d:]
 
 
 def worker_main(args: WorkerArgs) -> None:
