@@ -15,12 +15,20 @@ and the two are merged with `merge_attention_states`. Keys after the last query 
 before the first key (k_start > q_start) are empty rows (0, -inf) and the rest start at k_start. Decode
 (n == 1, L == q_start + 1 - k_start) is a single non-causal call.
 
-Batched decode over the paged cache (`decode_paged`) gathers the blocks of many sequences into one
-reused workspace (index_select with out=: a fresh multi-megabyte buffer per call costs page faults that
-took longer than the copy) and attends them in as few kernel calls as padding allows: sequences are
-bucketed by length, each bucket is one call over [B, Hkv, L_max, D] with an additive 0/-inf mask on the
-padding (the mask's dtype must be the query's: a float32 mask on float64 inputs gives wrong results).
-A single sequence whose blocks are consecutive is attended in place, without a copy.
+Batched decode over the paged cache (`decode_paged`, every query sees all of its sequence's keys) is
+planned once per batch (the plan is reused while the tables and lengths are equal, i.e. for every layer
+of a step):
+  - a run of >= MIN_INPLACE_BLOCKS consecutive blocks (a prefill's blocks) is attended where it lies,
+    cut into `parts` equal parts that go to the kernel as a batch, so that parts x Hkv tasks share the
+    threads evenly (the kernel parallelises over batch x heads, and one sequence has only Hkv heads);
+  - the other blocks (those appended one by one in decode, interleaved between sequences) are gathered
+    into one reused workspace (index_select with out=: a fresh multi-megabyte buffer per call cost page
+    faults that took longer than the copy); sequences are bucketed by length and each bucket is one
+    call over [n, Hkv, L_max, D] with an additive 0/-inf mask on the padding (the mask's dtype must be
+    the query's: a float32 mask on float64 inputs gives wrong results);
+  - a sequence's partial results (parts, runs, gathered rest) are merged with `merge_stacked`.
+Measured on 2 cores (bench/results/engine.md): the gather costs about as much again as the kernel, and
+the kernel is about twice as fast on head-major K/V as on the cache's [token, head, dim] rows.
 """
 from __future__ import annotations
 
@@ -29,13 +37,18 @@ from dataclasses import dataclass
 import torch
 
 from common.attention.base import AttentionBackend
-from common.attention.merge import merge_attention_states
+from common.attention.merge import merge_attention_states, merge_stacked
 from common.attention.reference import check_shapes
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
-# Decode buckets: a bucket's padded key count may exceed its real key count by this factor, and one
-# call gathers at most this many key slots (bounds the workspace: 2 * slots * Hkv * D elements).
+# Decode planning. Runs of at least MIN_INPLACE_BLOCKS consecutive full blocks are attended in place,
+# cut into up to MAX_PARTS parts of at least MIN_PART_KEYS keys. The other blocks are gathered; a
+# bucket's padded key count may exceed its real key count by PAD_SLACK, and one call gathers at most
+# MAX_BUCKET_SLOTS key slots (bounds the workspace: 2 * slots * Hkv * D elements).
+MIN_INPLACE_BLOCKS = 32
+MAX_PARTS = 16
+MIN_PART_KEYS = 256
 PAD_SLACK = 1.25
 MAX_BUCKET_SLOTS = 1 << 18
 
@@ -84,6 +97,11 @@ def _causal_topleft(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 class CpuFlashBackend(AttentionBackend):
     name = "cpu_flash"
 
+    def __init__(self) -> None:
+        self._workspace: torch.Tensor | None = None     # gathered K/V of decode buckets, reused
+        self._plan: _DecodePlan | None = None            # the last decode batch's plan (every layer
+                                                          # of a step decodes the same batch)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int, k_start: int,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         check_shapes(q, k, v)
@@ -106,15 +124,10 @@ class CpuFlashBackend(AttentionBackend):
             out, lse = torch.cat([out[:1], out_m]), torch.cat([lse[:1], lse_m])
         return out.to(q.dtype), lse.to(lse_dtype)
 
-    def __init__(self) -> None:
-        self._workspace: torch.Tensor | None = None     # gathered K/V of decode buckets, reused
-        self._plan: _DecodePlan | None = None            # the last decode batch's plan (every layer
-                                                          # of a step decodes the same batch)
-
     def decode_paged(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batched decode (contract in the base class): one kernel call per length bucket.
+        """Batched decode (contract in the base class), planned as described in the module docstring.
 
         q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] contiguous (a layer of
         PagedKVCache); block_tables [B, >= max blocks] int (entries past a sequence's blocks are never
@@ -126,104 +139,166 @@ class CpuFlashBackend(AttentionBackend):
         b, hq, d = q.shape
         num_blocks, bs, hkv, _ = k_cache.shape
         g = hq // hkv
+        threads = torch.get_num_threads()
         plan = self._plan
-        if plan is None or not plan.matches(block_tables, seq_lens, bs, q.dtype):
-            plan = self._plan = _DecodePlan.build(block_tables, seq_lens, bs, q.dtype)
-        if len(plan.buckets) == 1 and plan.buckets[0].rows is None:      # one bucket, rows in order
-            out, lse = None, None
-        else:
-            out, lse = _empty(b, q)
-        for bk in plan.buckets:
-            n, L = bk.size, bk.keys
-            qb = q if bk.rows is None else q.index_select(0, bk.rows)   # [n, Hq, D]
-            qb = _unit_last(qb.reshape(n, hkv, g, d))                    # [n, Hkv, g, D]
-            if bk.index is None:                                         # one sequence, consecutive blocks
-                nb = -(-L // bs)
-                kb = k_cache[bk.first_block:bk.first_block + nb].flatten(0, 1)[:L].unsqueeze(0)
-                vb = v_cache[bk.first_block:bk.first_block + nb].flatten(0, 1)[:L].unsqueeze(0)
-            else:
-                kb, vb = self._gather(k_cache, v_cache, bk.index, n)      # [n, nb * bs, Hkv, D]
-                kb, vb = kb[:, :L], vb[:, :L]
-            o, l = _flash(qb, kb.permute(0, 2, 1, 3), vb.permute(0, 2, 1, 3), 0.0, False,
-                          attn_mask=bk.mask, scale=scale)                # [n, Hkv, g, D], [n, Hkv, g]
-            o, l = o.reshape(n, hq, d), l.reshape(n, hq)
-            if out is None:
-                return o, l
-            out.index_copy_(0, bk.rows, o)
-            lse.index_copy_(0, bk.rows, l.to(lse.dtype))
-        return out, lse
+        if plan is None or not plan.matches(block_tables, seq_lens, bs, hkv, q.dtype, threads):
+            plan = self._plan = _DecodePlan.build(block_tables, seq_lens, bs, hkv, q.dtype, threads)
+        if plan.slots == 0:
+            return _empty(b, q)
+        if plan.direct:                                     # one gathered call, every row in order
+            return self._attend_gathered(q, k_cache, v_cache, plan.gathered[0], scale)
+        out_st, lse_st = _empty(plan.slots * b, q)
+        out_st, lse_st = out_st.view(plan.slots, b, hq, d), lse_st.view(plan.slots, b, hq)
+        ks, vs = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)           # [slots, Hkv, D]
+        for ip in plan.inplace:
+            n = ip.parts * ip.part_len
+            kb = ks[ip.first_slot:ip.first_slot + n].view(ip.parts, ip.part_len, hkv, d).permute(0, 2, 1, 3)
+            vb = vs[ip.first_slot:ip.first_slot + n].view(ip.parts, ip.part_len, hkv, d).permute(0, 2, 1, 3)
+            qb = _unit_last(q[ip.row].view(1, hkv, g, d)).expand(ip.parts, hkv, g, d)
+            o, l = _flash(qb, kb, vb, 0.0, False, scale=scale)     # [S, Hkv, g, D], [S, Hkv, g]
+            out_st[ip.slot:ip.slot + ip.parts, ip.row] = o.reshape(ip.parts, hq, d)
+            lse_st[ip.slot:ip.slot + ip.parts, ip.row] = l.reshape(ip.parts, hq)
+        for bk in plan.gathered:
+            o, l = self._attend_gathered(q, k_cache, v_cache, bk, scale)
+            out_st.index_put_((bk.slots, bk.rows), o)
+            lse_st.index_put_((bk.slots, bk.rows), l.to(lse_st.dtype))
+        if plan.slots == 1:
+            return out_st[0], lse_st[0]
+        return merge_stacked(out_st, lse_st)
 
-    def _gather(self, k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor, n: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks `index` [n * nb] of both caches -> K, V [n, nb * block_size, Hkv, D], views of the
-        workspace (valid until the next call)."""
+    def _attend_gathered(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bk: _Bucket,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One bucket: its blocks gathered, one flash call. Returns out [n, Hq, D], lse [n, Hq]."""
         num_blocks, bs, hkv, d = k_cache.shape
-        size = 2 * index.numel() * bs * hkv * d
+        n, hq = bk.size, q.shape[1]
+        qb = q if bk.rows is None else q.index_select(0, bk.rows)                     # [n, Hq, D]
+        qb = _unit_last(qb.reshape(n, hkv, hq // hkv, d))                               # [n, Hkv, g, D]
+        size = 2 * bk.index.numel() * bs * hkv * d
         ws = self._workspace
         if ws is None or ws.numel() < size or ws.dtype != k_cache.dtype or ws.device != k_cache.device:
             # Grow by half again: decode lengths creep up a block at a time.
             ws = self._workspace = torch.empty(size + size // 2, dtype=k_cache.dtype, device=k_cache.device)
-        kv = ws[:size].view(2, index.numel(), bs * hkv * d)
-        torch.index_select(k_cache.view(num_blocks, -1), 0, index, out=kv[0])
-        torch.index_select(v_cache.view(num_blocks, -1), 0, index, out=kv[1])
-        kv = kv.view(2, n, -1, hkv, d)
-        return kv[0], kv[1]
+        kv = ws[:size].view(2, bk.index.numel(), bs * hkv * d)
+        torch.index_select(k_cache.view(num_blocks, -1), 0, bk.index, out=kv[0])
+        torch.index_select(v_cache.view(num_blocks, -1), 0, bk.index, out=kv[1])
+        kv = kv.view(2, n, -1, hkv, d)[:, :, :bk.keys].permute(0, 1, 3, 2, 4)          # [2, n, Hkv, L, D]
+        o, l = _flash(qb, kv[0], kv[1], 0.0, False, attn_mask=bk.mask, scale=scale)   # [n, Hkv, g, D]
+        return o.reshape(n, hq, d), l.reshape(n, hq)
+
+
+@dataclass(frozen=True)
+class _InPlace:
+    """A run of consecutive cache slots of one sequence, attended where it lies, cut into `parts`
+    equal parts that the kernel runs in parallel (their results are merged like KV shards)."""
+    row: int
+    first_slot: int
+    parts: int
+    part_len: int
+    slot: int                      # its parts are partial results slot .. slot + parts - 1 of the row
 
 
 @dataclass(frozen=True)
 class _Bucket:
-    """Sequences attended in one kernel call."""
-    rows: torch.Tensor | None      # [n] int64 batch rows (ascending); None: all rows of the batch, in order
+    """The gathered keys of some sequences, attended in one kernel call."""
+    rows: torch.Tensor | None      # [n] int64 batch rows; None: all rows of the batch, in order
+    slots: torch.Tensor            # [n] int64 partial-result slot of each row
     size: int                      # n
-    keys: int                      # L: keys of its longest sequence; the others are masked past their own
-    index: torch.Tensor | None     # [n * nb] int64 blocks to gather; None: one sequence read in place
-    first_block: int               # (read in place) its first block
+    keys: int                      # L: keys of its longest member; the others are masked past their own
+    index: torch.Tensor            # [n * nb] int64 blocks to gather, each member's padded to nb blocks
     mask: torch.Tensor | None      # [n, 1, 1, L] additive 0 / -inf in q's dtype; None: nothing to mask
 
 
 @dataclass(frozen=True)
 class _DecodePlan:
+    key: tuple                     # block_size, Hkv, dtype, threads
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
-    block_size: int
-    dtype: torch.dtype
-    buckets: list[_Bucket]
+    inplace: list[_InPlace]
+    gathered: list[_Bucket]
+    slots: int                     # partial results per row (max over rows); 0: every row is empty
+    direct: bool                   # a single gathered bucket of all rows in order, one slot each
 
-    def matches(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
-                dtype: torch.dtype) -> bool:
+    def matches(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, hkv: int,
+                dtype: torch.dtype, threads: int) -> bool:
         """Compares values, not identities: a caller may refill the same tensors in place."""
-        return (block_size == self.block_size and dtype == self.dtype
+        return (self.key == (block_size, hkv, dtype, threads)
                 and block_tables.shape == self.block_tables.shape and seq_lens.shape == self.seq_lens.shape
                 and torch.equal(seq_lens, self.seq_lens) and torch.equal(block_tables, self.block_tables))
 
     @staticmethod
-    def build(block_tables: torch.Tensor, seq_lens: torch.Tensor, bs: int, dtype: torch.dtype) -> _DecodePlan:
+    def build(block_tables: torch.Tensor, seq_lens: torch.Tensor, bs: int, hkv: int, dtype: torch.dtype,
+              threads: int) -> _DecodePlan:
         dev = block_tables.device
         lens = [int(n) for n in seq_lens.tolist()]
         tables = block_tables.tolist()
-        buckets = []
-        groups = decode_buckets(lens, bs)
+        inplace: list[_InPlace] = []
+        rest: list[list[int]] = []            # per row: the blocks left to gather, in table order
+        rest_len: list[int] = []              # and how many keys they hold
+        slots = [0] * len(lens)
+        for row, n in enumerate(lens):
+            own = tables[row][:-(-n // bs)] if n > 0 else []
+            left: list[int] = []
+            i = 0
+            while i < len(own):
+                j = i + 1
+                while j < len(own) and own[j] == own[j - 1] + 1:
+                    j += 1
+                full = j - i if j < len(own) or n % bs == 0 else j - i - 1   # the last block may be partial
+                if full >= MIN_INPLACE_BLOCKS:
+                    parts = _parts(full * bs, hkv, threads)
+                    if parts == 1:             # the whole run, partial last block included
+                        keys = min(j * bs, n) - i * bs
+                        inplace.append(_InPlace(row, own[i] * bs, 1, keys, slots[row]))
+                        taken = j - i
+                    else:
+                        per = full // parts
+                        inplace.append(_InPlace(row, own[i] * bs, parts, per * bs, slots[row]))
+                        taken = parts * per
+                    slots[row] += inplace[-1].parts
+                    left += own[i + taken:j]
+                else:
+                    left += own[i:j]
+                i = j
+            rest.append(left)
+            ends_partial = bool(left) and left[-1] == own[-1] and n % bs != 0
+            rest_len.append(len(left) * bs - (bs - n % bs if ends_partial else 0))
+        gathered = []
+        groups = decode_buckets(rest_len, bs)
         for rows in groups:
             rows = sorted(rows)
-            L = max(lens[r] for r in rows)
-            nb = -(-L // bs)
-            own = [tables[r][:-(-lens[r] // bs)] for r in rows]
-            all_rows = len(groups) == 1 and rows == list(range(len(lens)))
-            row_t = None if all_rows else torch.tensor(rows, dtype=torch.long, device=dev)
-            if len(rows) == 1 and _consecutive(own[0]):
-                buckets.append(_Bucket(row_t, 1, L, None, own[0][0], None))
-                continue
-            # A table shorter than nb is padded with its own first block: finite values, masked.
-            index = torch.tensor([blk for t in own for blk in t + [t[0]] * (nb - len(t))],
+            keys = max(rest_len[r] for r in rows)
+            nb = -(-keys // bs)
+            # A member with fewer blocks is padded with its own first block: finite values, masked.
+            index = torch.tensor([blk for r in rows for blk in rest[r] + [rest[r][0]] * (nb - len(rest[r]))],
                                  dtype=torch.long, device=dev)
             mask = None
-            if any(lens[r] != L for r in rows):
-                n_keys = torch.tensor([lens[r] for r in rows], device=dev)
-                pad = torch.arange(L, device=dev)[None, :] >= n_keys[:, None]              # [n, L]
-                mask = torch.zeros(len(rows), 1, 1, L, dtype=dtype, device=dev)
-                mask.masked_fill_(pad.view(len(rows), 1, 1, L), float("-inf"))
-            buckets.append(_Bucket(row_t, len(rows), L, index, 0, mask))
-        return _DecodePlan(block_tables.clone(), seq_lens.clone(), bs, dtype, buckets)
+            if any(rest_len[r] != keys for r in rows):
+                n_keys = torch.tensor([rest_len[r] for r in rows], device=dev)
+                pad = torch.arange(keys, device=dev)[None, :] >= n_keys[:, None]           # [n, L]
+                mask = torch.zeros(len(rows), 1, 1, keys, dtype=dtype, device=dev)
+                mask.masked_fill_(pad.view(len(rows), 1, 1, keys), float("-inf"))
+            row_slots = [slots[r] for r in rows]
+            for r in rows:
+                slots[r] += 1
+            in_order = len(groups) == 1 and not inplace and rows == list(range(len(lens)))
+            gathered.append(_Bucket(None if in_order else torch.tensor(rows, dtype=torch.long, device=dev),
+                                    torch.tensor(row_slots, dtype=torch.long, device=dev), len(rows), keys,
+                                    index, mask))
+        direct = len(gathered) == 1 and gathered[0].rows is None
+        return _DecodePlan((bs, hkv, dtype, threads), block_tables.clone(), seq_lens.clone(), inplace,
+                           gathered, max(slots, default=0), direct)
+
+
+def _parts(keys: int, hkv: int, threads: int) -> int:
+    """How many parts to cut a run of `keys` keys into, so that parts x Hkv kernel tasks share the
+    threads evenly (the kernel parallelises over batch x heads; one sequence has only Hkv heads)."""
+    parts = 1
+    while parts < MAX_PARTS and (parts * hkv < 2 * threads or (parts * hkv) % threads):
+        parts += 1
+    while parts > 1 and keys // parts < MIN_PART_KEYS:
+        parts -= 1
+    return parts
+
 
 def decode_buckets(lens: list[int], block_size: int, pad_slack: float = PAD_SLACK,
                    max_slots: int = MAX_BUCKET_SLOTS) -> list[list[int]]:
@@ -251,7 +326,3 @@ def decode_buckets(lens: list[int], block_size: int, pad_slack: float = PAD_SLAC
     if cur:
         buckets.append(cur)
     return buckets
-
-
-def _consecutive(blocks: list[int]) -> bool:
-    return all(b - a == 1 for a, b in zip(blocks, blocks[1:]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import common.attention.cpu as cpu
 from common.attention.cpu import CpuFlashBackend, decode_buckets
 from common.attention.reference import ReferenceBackend
 from common.engine.forward_context import ForwardContext, SeqAttn
@@ -107,6 +108,42 @@ def test_decode_paged_one_token_and_block_edges():
         tables = _tables(lens, bs, 64, "random", seed=len(lens))
         q = torch.randn(len(lens), hq, d)
         _check(CpuFlashBackend(), q, k_cache, v_cache, tables, lens)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("lens", [[64], [63], [65], [80, 3, 47, 0, 16, 33], [1, 2, 200]], ids=str)
+def test_in_place_runs_and_parts(monkeypatch, lens, threads):
+    """Small thresholds so that short runs are attended in place and cut into parts: runs ending on a
+    full or a partial block, several runs per sequence, leftovers gathered and merged."""
+    monkeypatch.setattr(cpu, "MIN_INPLACE_BLOCKS", 2)
+    monkeypatch.setattr(cpu, "MIN_PART_KEYS", 4)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        bs, hq, hkv, d = 4, 6, 3, 8
+        k_cache, v_cache = _cache(200, bs, hkv, d, torch.float32, seed=11)
+        g = torch.Generator().manual_seed(12)
+        # tables made of runs of 1..6 consecutive blocks at random places
+        tables = torch.full((len(lens), 64), -1, dtype=torch.int32)
+        free = list(range(200))
+        for b, n in enumerate(lens):
+            row = []
+            while len(row) < -(-n // bs):
+                run = min(int(torch.randint(1, 7, (), generator=g)), -(-n // bs) - len(row))
+                start = free[int(torch.randint(0, len(free) - 8, (), generator=g))]
+                blocks = list(range(start, start + run))
+                if all(x in free for x in blocks):
+                    row += blocks
+                    free = [x for x in free if x not in blocks]
+            tables[b, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        q = torch.randn(len(lens), hq, d, generator=g)
+        be = CpuFlashBackend()
+        _check(be, q, k_cache, v_cache, tables, lens)
+        assert be._plan.inplace, "the case should attend some run in place"
+        if threads > 1:
+            assert any(ip.parts > 1 for ip in be._plan.inplace)
+    finally:
+        torch.set_num_threads(prev)
 
 
 def test_plan_is_rebuilt_when_tables_are_refilled_in_place():
@@ -213,3 +250,36 @@ def test_forward_context_writes_before_attending():
     assert torch.equal(cache.k(0)[5, 2], k[0]) and torch.equal(cache.v(0)[0, 2], v[1])
     ro, _ = _loop_reference(cache, seqs, q, 0, 0.3)
     torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
+
+
+# --- the engine, with every decode path taken -----------------------------------------------------------
+
+def test_engine_with_in_place_runs_matches_reference_engine(monkeypatch):
+    """The built-in model, two prompts batched, 4-token blocks: with small thresholds the decodes use
+    in-place runs cut into parts, gathered leftovers and merges. Greedy tokens equal the reference
+    backend's (which test_engine_builtin.py holds to Hugging Face), logprobs within 1e-4."""
+    from common.config import CacheConfig, EngineConfig, SchedulerConfig
+    from common.engine.engine import LLMEngine
+    from common.model.loader import load_checkpoint
+    from common.sampling_params import SamplingParams
+    monkeypatch.setattr(cpu, "MIN_INPLACE_BLOCKS", 3)
+    monkeypatch.setattr(cpu, "MIN_PART_KEYS", 8)
+    checkpoint = load_checkpoint(None)
+    prompts = [[(37 * i + 11) % 40000 + 100 for i in range(90)], [(53 * i + 7) % 30000 + 200 for i in range(41)]]
+    results = {}
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for backend in ("reference", "cpu_flash"):
+            cfg = EngineConfig(attention_backend=backend, cache=CacheConfig(block_size=4, max_kv_tokens=512),
+                               scheduler=SchedulerConfig(chunk_size=24))
+            engine = LLMEngine(cfg, checkpoint)
+            results[backend] = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+            if backend == "cpu_flash":
+                plan = engine.backend._plan
+                assert plan is not None and plan.inplace and any(ip.parts > 1 for ip in plan.inplace)
+    finally:
+        torch.set_num_threads(prev)
+    for ref, got in zip(results["reference"], results["cpu_flash"]):
+        assert got.token_ids == ref.token_ids
+        assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) <= 1e-4
