@@ -56,6 +56,10 @@ class DecodeInstance:
         self.kvstore = kvstore
         self.kv_timeout_s = kv_timeout_s
         self.leases: dict[str, Placement] = {}       # requests holding blocks here, with a placement
+        # Prepared (blocks reserved, KV on its way) but Decode not called yet. The router keeps these
+        # leases (it alone knows the request is alive until Decode); this instance only checks that
+        # the placement still exists and frees the request when it is gone (its router died).
+        self._awaiting_decode: set[str] = set()
         self._renewer: asyncio.Task[None] | None = None
         self.active = 0                               # decode() streams open
 
@@ -91,6 +95,7 @@ class DecodeInstance:
             raise InvalidRequestError(f"KV layout mismatch: sender {sender_layout}, receiver {layout}")
         groups = await self.engine.prepare_receive(rid, placement.num_tokens, placement.max_new_tokens)
         self.leases[rid] = placement
+        self._awaiting_decode.add(rid)
         tp = len(groups[0].addresses) if groups else 1
         self._receiving[rid] = (time.monotonic(), own_backend, kv_transfer_bytes(layout, placement.num_tokens, tp))
         by_group = {g.group: g.token_end for g in placement.groups}
@@ -119,6 +124,7 @@ class DecodeInstance:
 
     async def _decode(self, job: DecodeJob) -> AsyncIterator:
         rid = job.request_id
+        self._awaiting_decode.discard(rid)
         if job.placement is not None:
             self.leases[rid] = job.placement
         try:
@@ -141,14 +147,37 @@ class DecodeInstance:
     async def abort(self, request_id: str) -> bool:
         self.leases.pop(request_id, None)
         self._receiving.pop(request_id, None)
+        self._awaiting_decode.discard(request_id)
         return await self.engine.abort(request_id)
+
+    async def _drop_orphans(self) -> None:
+        """Frees prepared requests whose placement is gone (their router died before calling Decode,
+        so nobody renewed the lease): the engine's blocks and the local lease."""
+        for rid in list(self._awaiting_decode):
+            try:
+                alive = await self.kvstore.get_placement(rid) is not None
+            except MnemosyneError as e:                # kvstore away: ask again next round
+                log.warning("placement of %s: %s", rid, e)
+                continue
+            if alive or rid not in self._awaiting_decode:   # (Decode may have begun meanwhile)
+                continue
+            self._awaiting_decode.discard(rid)
+            log.warning("request %s: its placement expired before any Decode call; freeing its blocks", rid)
+            self._received(rid, ok=False)
+            self.leases.pop(rid, None)
+            try:
+                await self.engine.abort(rid)
+            except MnemosyneError as e:
+                log.warning("abort %s: %s", rid, e)
 
     # ---- leases ------------------------------------------------------------------------------
     async def _renew_forever(self) -> None:
         while True:
-            lease_s = min((p.lease_s for p in self.leases.values()), default=3.0)
+            # idle: look again soon, so that a short lease taken meanwhile is renewed in time
+            lease_s = min((p.lease_s for p in self.leases.values()), default=0.3)
             await asyncio.sleep(max(0.05, lease_s / 3))
-            for rid in list(self.leases):
+            await self._drop_orphans()
+            for rid in [r for r in self.leases if r not in self._awaiting_decode]:
                 try:
                     await self.kvstore.renew(rid)
                 except PlacementError:

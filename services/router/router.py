@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import grpc
 
 from common.client import KVStoreClient
-from common.errors import InvalidRequestError, MnemosyneError, WorkerFailedError
+from common.errors import InvalidRequestError, MnemosyneError, PlacementError, WorkerFailedError
 from common.metadata.types import Instance, Placement
 from common.model.tokenizer import IncrementalDecoder
 from common.rpc import client as rpc_client
@@ -257,6 +257,7 @@ class Router:
         sampling = convert.sampling_to_proto(job.params)
         first = None
         tail: asyncio.Task[None] | None = None
+        keeper: asyncio.Task[None] | None = None
         try:
             if st.aborted:
                 raise asyncio.CancelledError()
@@ -269,6 +270,10 @@ class Router:
                 except grpc.aio.AioRpcError as e:
                     raise _rpc_error(who_decode, e) from None
                 st.decode_called = True
+                # Until its Decode call runs, only this router knows the request is alive: it keeps
+                # the lease (the decode instance frees a prepared request whose placement expired).
+                keeper = asyncio.create_task(self._keep_lease(job.request_id, placement.lease_s),
+                                             name=f"lease-{job.request_id}")
                 pcall = prefill_pb2_grpc.PrefillStub(self._channel(st.prefill.address)).Prefill(
                     prefill_pb2.PrefillRequest(request_id=job.request_id, token_ids=job.prompt_ids,
                                                sampling=sampling, placement=placement_pb,
@@ -320,9 +325,21 @@ class Router:
                 if st.failure is not None:
                     raise st.failure
         finally:
-            if tail is not None and not tail.done():
-                tail.cancel()
-                await asyncio.gather(tail, return_exceptions=True)
+            for task in (tail, keeper):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+
+    async def _keep_lease(self, rid: str, lease_s: float) -> None:
+        """Renews a placement every lease_s / 3 while the request runs here (until cancelled)."""
+        while True:
+            await asyncio.sleep(max(0.05, lease_s / 3))
+            try:
+                await self.kvstore.renew(rid)
+            except PlacementError:
+                return                                   # gone: the request fails elsewhere
+            except MnemosyneError as e:                   # kvstore away: try again next round
+                log.warning("renew %s: %s", rid, e)
 
     async def _prefill_tail(self, st: _Active, pcall, who: str) -> None:
         """Reads the prefill stream to its end (PrefillDone). A failure (the KV never fully
