@@ -231,8 +231,8 @@ class Cluster:
 
     # ---- stop --------------------------------------------------------------------------------
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM to the router, then to both engines, then to the kvstore (each drains and leaves
-        the kvstore), SIGKILL after timeout_s; then Redis. Idempotent."""
+        """SIGTERM to the router, then to both engines, then to the kvstore (an engine leaves the
+        kvstore first, then drains), SIGKILL after timeout_s; then Redis. Idempotent."""
         for stage in (("router",), ("prefill", "decode"), ("kvstore",)):
             running = [self.services[n] for n in stage if n in self.services
                        and self.services[n].proc.poll() is None]
