@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup up demo test test-fast bench proto lint clean
+.PHONY: setup up demo test test-fast test-gpu k8s bench proto lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +24,14 @@ test: setup
 
 test-fast: setup
 	$(PYTEST) -q tests/unit
+
+# On a CUDA machine: the GPU tests alone (kernels, CUDA graphs, fused ops, the engine vs transformers).
+test-gpu: setup
+	$(PYTEST) -q --confcutdir=tests/gpu tests/gpu
+
+# Kubernetes manifests (deploy/k8s): render every overlay, validate offline, check the wiring.
+k8s: setup
+	$(PYTEST) -q tests/integration/test_k8s_manifests.py
 
 bench: setup
 	$(PY) -m bench.run_all
