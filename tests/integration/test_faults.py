@@ -28,6 +28,7 @@ from common.rpc.protos import decode_pb2, decode_pb2_grpc, router_pb2_grpc
 from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.waiting import wait_until as _wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,15 +73,7 @@ def store(cluster):
 
 
 def wait_until(cond, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return
-        except grpc.RpcError:
-            pass                            # a service coming back: ask again
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
+    return _wait_until(cond, timeout_s, what, tolerate=(grpc.RpcError,))   # a service coming back: ask again
 
 
 def decode_all_free(cluster: Cluster) -> bool:

@@ -24,6 +24,7 @@ from common.rpc.protos import decode_pb2, decode_pb2_grpc, kvstore_pb2, kvstore_
 from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,15 +58,6 @@ def decode_stats(cluster: Cluster) -> decode_pb2.StatsResponse:
 
 def used_blocks(cluster: Cluster) -> int:
     return sum(g.total_blocks - g.free_blocks for g in decode_stats(cluster).groups)
-
-
-def wait_until(cond, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
 
 
 def test_router_keeps_the_lease_through_a_prefill_longer_than_it(cluster, model):

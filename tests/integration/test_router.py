@@ -34,6 +34,7 @@ from services.prefill.service import PrefillService
 from services.router.config import RouterConfig
 from services.router.service import RouterService
 from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.waiting import wait_until as _wait_until
 
 pytestmark = pytest.mark.timeout(120)
 SHORT = 32
@@ -122,12 +123,7 @@ def offline(model):
 
 
 def wait_until(cond, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
+    _wait_until(cond, timeout_s, what, poll_s=0.02)
 
 
 def test_model_info_and_health(stack, model):

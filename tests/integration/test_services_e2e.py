@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +32,7 @@ from common.rpc.protos import decode_pb2, decode_pb2_grpc, router_pb2, router_pb
 from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -91,16 +91,6 @@ def decode_stats(cluster: Cluster) -> decode_pb2.StatsResponse:
 
 def all_free(stats: decode_pb2.StatsResponse) -> bool:
     return all(g.free_blocks == g.total_blocks for g in stats.groups)
-
-
-def wait_until(cond, timeout_s: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
 
 
 def events(cluster: Cluster, ids: list[int], max_tokens: int = MAX_TOKENS) -> list[router_pb2.GenerateResponse]:

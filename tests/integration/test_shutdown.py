@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 import uuid
 
 import grpc
@@ -27,13 +26,14 @@ from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, router_pb
 from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.waiting import wait_until as _wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 M = 256
 PROMPT = [(11 * i + 5) % 300 + 10 for i in range(280)]        # both KVP groups: disaggregated
 SHORT_PROMPT = [(7 * i + 3) % 300 + 10 for i in range(20)]    # decoded on the decode instance alone
-MAX_TOKENS = 100
+MAX_TOKENS = 200                                              # time for the SIGTERM to act mid-stream
 GRACE_S = 60                                                  # the decode pool's drain
 
 
@@ -85,13 +85,7 @@ def decode_ids(store: MetadataStore) -> list[str]:
 
 
 def wait_until(cond, timeout_s: float, what: str, poll_s: float = 0.02):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"{what} not reached within {timeout_s} s")
+    return _wait_until(cond, timeout_s, what, poll_s)
 
 
 class Reader(threading.Thread):
