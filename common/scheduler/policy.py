@@ -121,12 +121,12 @@ def steal_slack(ordered: list[Entry], now: float, window: int = STEAL_WINDOW) ->
     to the latest position where it meets it, past requests that all still meet theirs (see the module
     docstring). Requests after the first `window` are left in place."""
     seq, rest = list(ordered[:window]), list(ordered[window:])
+    ahead = 0.0                                  # remaining work of seq[:k] (moves within it keep the sum)
     for k in range(len(seq)):
         req, rem, _ = seq[k]
-        if req.ttft_deadline_s is None:
-            continue
-        start = now + sum(e[1] for e in seq[:k])
-        if start + rem <= req.ttft_deadline_s + DEADLINE_EPS_S:
+        start = now + ahead
+        ahead += rem
+        if req.ttft_deadline_s is None or start + rem <= req.ttft_deadline_s + DEADLINE_EPS_S:
             continue
         target, t = None, start                  # t: this request's start if placed before seq[p-1]
         for p in range(k, 0, -1):
