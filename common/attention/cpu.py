@@ -15,20 +15,21 @@ and the two are merged with `merge_attention_states`. Keys after the last query 
 before the first key (k_start > q_start) are empty rows (0, -inf) and the rest start at k_start. Decode
 (n == 1, L == q_start + 1 - k_start) is a single non-causal call.
 
-Batched decode over the paged cache (`decode_paged`, every query sees all of its sequence's keys) is
-planned once per batch (the plan is reused while the tables and lengths are equal, i.e. for every layer
-of a step):
-  - a run of >= MIN_INPLACE_BLOCKS consecutive blocks (a prefill's blocks) is attended where it lies,
-    cut into `parts` equal parts that go to the kernel as a batch, so that parts x Hkv tasks share the
-    threads evenly (the kernel parallelises over batch x heads, and one sequence has only Hkv heads);
-  - the other blocks (those appended one by one in decode, interleaved between sequences) are gathered
-    into one reused workspace (index_select with out=: a fresh multi-megabyte buffer per call cost page
-    faults that took longer than the copy); sequences are bucketed by length and each bucket is one
-    call over [n, Hkv, L_max, D] with an additive 0/-inf mask on the padding (the mask's dtype must be
-    the query's: a float32 mask on float64 inputs gives wrong results);
-  - a sequence's partial results (parts, runs, gathered rest) are merged with `merge_stacked`.
-Measured on 2 cores (bench/results/engine.md): the gather costs about as much again as the kernel, and
-the kernel is about twice as fast on head-major K/V as on the cache's [token, head, dim] rows.
+Batched decode over the paged cache (`decode_paged`, each query sees all of its sequence's keys) is
+planned once per batch (the plan is reused while tables and lengths are equal: every layer of a step):
+each sequence's blocks are cut into pieces of at most PIECE_BYTES of K and V, pieces of similar length
+are bucketed (at most BUCKET_BYTES per bucket, padding at most PAD_SLACK of the real keys), and each
+bucket is gathered into one reused workspace and attended in one kernel call over
+[pieces, Hkv, L_max, D] with an additive 0/-inf mask on the padding; a sequence's pieces are merged
+with `merge_stacked`. Why (measured in the engine, 2 cores, bench/results/engine.md):
+  - a gathered piece is still in the cache when the kernel reads it; the kernel reading the cache's
+    [token, head, dim] rows where they lie (a strided view, cold) was slower than copying first, and
+    one gather of a whole batch (100 MB at 8 x 8K tokens) no longer fits in any cache;
+  - a fresh multi-megabyte gather buffer per call cost page faults that took longer than the copy
+    (hence the reused workspace, index_select with out=);
+  - the kernel parallelises over batch x heads: one sequence in one piece gives only Hkv tasks, badly
+    shared by 2 threads when Hkv = 3; several pieces per call share them evenly.
+The mask's dtype must be the query's (a float32 mask on float64 inputs gives wrong results).
 """
 from __future__ import annotations
 
@@ -42,16 +43,11 @@ from common.attention.reference import check_shapes
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
-# Decode planning. Runs of at least MIN_INPLACE_BLOCKS consecutive full blocks are attended in place,
-# cut into up to MAX_PARTS parts of at least MIN_PART_KEYS keys. The other blocks are gathered; a
-# bucket's padded key count may exceed its real key count by PAD_SLACK, and one call gathers at most
-# MAX_BUCKET_SLOTS key slots (bounds the workspace: 2 * slots * Hkv * D elements).
-MIN_INPLACE_BLOCKS = 32
-MAX_PARTS = 16
-MIN_PART_KEYS = 256
+# Decode planning (see the module docstring): bytes of K and V per piece and per kernel call, and
+# how much padding a bucket may add (as a fraction of its real keys).
+PIECE_BYTES = 3 << 20
+BUCKET_BYTES = 6 << 20
 PAD_SLACK = 1.25
-MAX_BUCKET_SLOTS = 1 << 18
-
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """The kernel assumes stride 1 along the head dim and reads wrong data otherwise."""
@@ -127,7 +123,7 @@ class CpuFlashBackend(AttentionBackend):
     def decode_paged(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batched decode (contract in the base class), planned as described in the module docstring.
+        """Batched decode (contract in the base class), planned as in the module docstring.
 
         q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] contiguous (a layer of
         PagedKVCache); block_tables [B, >= max blocks] int (entries past a sequence's blocks are never
@@ -137,38 +133,27 @@ class CpuFlashBackend(AttentionBackend):
             return super().decode_paged(q, k_cache, v_cache, block_tables, seq_lens, scale=scale)
         check_shapes(q, k_cache[0], v_cache[0])
         b, hq, d = q.shape
-        num_blocks, bs, hkv, _ = k_cache.shape
-        g = hq // hkv
-        threads = torch.get_num_threads()
+        shape = tuple(k_cache.shape[1:])                                    # block_size, Hkv, D
         plan = self._plan
-        if plan is None or not plan.matches(block_tables, seq_lens, bs, hkv, q.dtype, threads):
-            plan = self._plan = _DecodePlan.build(block_tables, seq_lens, bs, hkv, q.dtype, threads)
+        if plan is None or not plan.matches(block_tables, seq_lens, shape, k_cache.dtype, q.dtype):
+            plan = self._plan = _DecodePlan.build(block_tables, seq_lens, shape, k_cache.dtype, q.dtype)
         if plan.slots == 0:
             return _empty(b, q)
-        if plan.direct:                                     # one gathered call, every row in order
-            return self._attend_gathered(q, k_cache, v_cache, plan.gathered[0], scale)
+        if plan.direct:                                     # one call, one piece per row, rows in order
+            return self._attend(q, k_cache, v_cache, plan.buckets[0], scale)
         out_st, lse_st = _empty(plan.slots * b, q)
         out_st, lse_st = out_st.view(plan.slots, b, hq, d), lse_st.view(plan.slots, b, hq)
-        ks, vs = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)           # [slots, Hkv, D]
-        for ip in plan.inplace:
-            n = ip.parts * ip.part_len
-            kb = ks[ip.first_slot:ip.first_slot + n].view(ip.parts, ip.part_len, hkv, d).permute(0, 2, 1, 3)
-            vb = vs[ip.first_slot:ip.first_slot + n].view(ip.parts, ip.part_len, hkv, d).permute(0, 2, 1, 3)
-            qb = _unit_last(q[ip.row].view(1, hkv, g, d)).expand(ip.parts, hkv, g, d)
-            o, l = _flash(qb, kb, vb, 0.0, False, scale=scale)     # [S, Hkv, g, D], [S, Hkv, g]
-            out_st[ip.slot:ip.slot + ip.parts, ip.row] = o.reshape(ip.parts, hq, d)
-            lse_st[ip.slot:ip.slot + ip.parts, ip.row] = l.reshape(ip.parts, hq)
-        for bk in plan.gathered:
-            o, l = self._attend_gathered(q, k_cache, v_cache, bk, scale)
+        for bk in plan.buckets:
+            o, l = self._attend(q, k_cache, v_cache, bk, scale)                # [n, Hq, D], [n, Hq]
             out_st.index_put_((bk.slots, bk.rows), o)
             lse_st.index_put_((bk.slots, bk.rows), l.to(lse_st.dtype))
         if plan.slots == 1:
             return out_st[0], lse_st[0]
         return merge_stacked(out_st, lse_st)
 
-    def _attend_gathered(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bk: _Bucket,
-                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One bucket: its blocks gathered, one flash call. Returns out [n, Hq, D], lse [n, Hq]."""
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bk: _Bucket,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One bucket: its pieces gathered, one kernel call. Returns out [n, Hq, D], lse [n, Hq]."""
         num_blocks, bs, hkv, d = k_cache.shape
         n, hq = bk.size, q.shape[1]
         qb = q if bk.rows is None else q.index_select(0, bk.rows)                     # [n, Hq, D]
@@ -187,127 +172,84 @@ class CpuFlashBackend(AttentionBackend):
 
 
 @dataclass(frozen=True)
-class _InPlace:
-    """A run of consecutive cache slots of one sequence, attended where it lies, cut into `parts`
-    equal parts that the kernel runs in parallel (their results are merged like KV shards)."""
-    row: int
-    first_slot: int
-    parts: int
-    part_len: int
-    slot: int                      # its parts are partial results slot .. slot + parts - 1 of the row
-
-
-@dataclass(frozen=True)
 class _Bucket:
-    """The gathered keys of some sequences, attended in one kernel call."""
-    rows: torch.Tensor | None      # [n] int64 batch rows; None: all rows of the batch, in order
-    slots: torch.Tensor            # [n] int64 partial-result slot of each row
+    """Pieces of some sequences, gathered and attended in one kernel call."""
+    rows: torch.Tensor | None      # [n] int64 batch row of each piece; None: one piece per row, in order
+    slots: torch.Tensor            # [n] int64 which partial result of its row each piece is
     size: int                      # n
-    keys: int                      # L: keys of its longest member; the others are masked past their own
-    index: torch.Tensor            # [n * nb] int64 blocks to gather, each member's padded to nb blocks
+    keys: int                      # L: keys of its longest piece; the others are masked past their own
+    index: torch.Tensor            # [n * nb] int64 blocks to gather, each piece's padded to nb blocks
     mask: torch.Tensor | None      # [n, 1, 1, L] additive 0 / -inf in q's dtype; None: nothing to mask
 
 
 @dataclass(frozen=True)
 class _DecodePlan:
-    key: tuple                     # block_size, Hkv, dtype, threads
+    key: tuple                     # (block_size, Hkv, D), cache dtype, query dtype
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
-    inplace: list[_InPlace]
-    gathered: list[_Bucket]
-    slots: int                     # partial results per row (max over rows); 0: every row is empty
-    direct: bool                   # a single gathered bucket of all rows in order, one slot each
+    buckets: list[_Bucket]
+    slots: int                     # partial results (pieces) per row, max over rows; 0: all rows empty
+    direct: bool                   # a single bucket holding one piece of every row, rows in order
 
-    def matches(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, hkv: int,
-                dtype: torch.dtype, threads: int) -> bool:
+    def matches(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, shape: tuple, cache_dtype: torch.dtype,
+                dtype: torch.dtype) -> bool:
         """Compares values, not identities: a caller may refill the same tensors in place."""
-        return (self.key == (block_size, hkv, dtype, threads)
+        return (self.key == (shape, cache_dtype, dtype)
                 and block_tables.shape == self.block_tables.shape and seq_lens.shape == self.seq_lens.shape
                 and torch.equal(seq_lens, self.seq_lens) and torch.equal(block_tables, self.block_tables))
 
     @staticmethod
-    def build(block_tables: torch.Tensor, seq_lens: torch.Tensor, bs: int, hkv: int, dtype: torch.dtype,
-              threads: int) -> _DecodePlan:
+    def build(block_tables: torch.Tensor, seq_lens: torch.Tensor, shape: tuple, cache_dtype: torch.dtype,
+              dtype: torch.dtype) -> _DecodePlan:
         dev = block_tables.device
+        bs, hkv, d = shape
+        token_bytes = 2 * hkv * d * torch.empty((), dtype=cache_dtype).element_size()      # K and V
+        piece_blocks = max(1, PIECE_BYTES // (bs * token_bytes))
+        max_slots = max(bs, BUCKET_BYTES // token_bytes)
         lens = [int(n) for n in seq_lens.tolist()]
         tables = block_tables.tolist()
-        inplace: list[_InPlace] = []
-        rest: list[list[int]] = []            # per row: the blocks left to gather, in table order
-        rest_len: list[int] = []              # and how many keys they hold
-        slots = [0] * len(lens)
+        pieces: list[tuple[int, list[int], int]] = []          # (row, its blocks, keys they hold)
         for row, n in enumerate(lens):
             own = tables[row][:-(-n // bs)] if n > 0 else []
-            left: list[int] = []
-            i = 0
-            while i < len(own):
-                j = i + 1
-                while j < len(own) and own[j] == own[j - 1] + 1:
-                    j += 1
-                full = j - i if j < len(own) or n % bs == 0 else j - i - 1   # the last block may be partial
-                if full >= MIN_INPLACE_BLOCKS:
-                    parts = _parts(full * bs, hkv, threads)
-                    if parts == 1:             # the whole run, partial last block included
-                        keys = min(j * bs, n) - i * bs
-                        inplace.append(_InPlace(row, own[i] * bs, 1, keys, slots[row]))
-                        taken = j - i
-                    else:
-                        per = full // parts
-                        inplace.append(_InPlace(row, own[i] * bs, parts, per * bs, slots[row]))
-                        taken = parts * per
-                    slots[row] += inplace[-1].parts
-                    left += own[i + taken:j]
-                else:
-                    left += own[i:j]
-                i = j
-            rest.append(left)
-            ends_partial = bool(left) and left[-1] == own[-1] and n % bs != 0
-            rest_len.append(len(left) * bs - (bs - n % bs if ends_partial else 0))
-        gathered = []
-        groups = decode_buckets(rest_len, bs)
-        for rows in groups:
-            rows = sorted(rows)
-            keys = max(rest_len[r] for r in rows)
+            for p0 in range(0, len(own), piece_blocks):
+                blocks = own[p0:p0 + piece_blocks]
+                pieces.append((row, blocks, min(len(blocks) * bs, n - p0 * bs)))
+        buckets = []
+        slots = [0] * len(lens)
+        groups = decode_buckets([keys for _, _, keys in pieces], bs, PAD_SLACK, max_slots)
+        for members in groups:
+            members = sorted(members)
+            keys = max(pieces[m][2] for m in members)
             nb = -(-keys // bs)
-            # A member with fewer blocks is padded with its own first block: finite values, masked.
-            index = torch.tensor([blk for r in rows for blk in rest[r] + [rest[r][0]] * (nb - len(rest[r]))],
+            # A piece with fewer blocks is padded with its own first block: finite values, masked.
+            index = torch.tensor([blk for m in members for blk in pieces[m][1] + [pieces[m][1][0]] * (nb - len(pieces[m][1]))],
                                  dtype=torch.long, device=dev)
             mask = None
-            if any(rest_len[r] != keys for r in rows):
-                n_keys = torch.tensor([rest_len[r] for r in rows], device=dev)
-                pad = torch.arange(keys, device=dev)[None, :] >= n_keys[:, None]           # [n, L]
-                mask = torch.zeros(len(rows), 1, 1, keys, dtype=dtype, device=dev)
-                mask.masked_fill_(pad.view(len(rows), 1, 1, keys), float("-inf"))
-            row_slots = [slots[r] for r in rows]
+            if any(pieces[m][2] != keys for m in members):
+                n_keys = torch.tensor([pieces[m][2] for m in members], device=dev)
+                pad = torch.arange(keys, device=dev)[None, :] >= n_keys[:, None]             # [n, L]
+                mask = torch.zeros(len(members), 1, 1, keys, dtype=dtype, device=dev)
+                mask.masked_fill_(pad.view(len(members), 1, 1, keys), float("-inf"))
+            rows = [pieces[m][0] for m in members]
+            row_slots = []
             for r in rows:
+                row_slots.append(slots[r])
                 slots[r] += 1
-            in_order = len(groups) == 1 and not inplace and rows == list(range(len(lens)))
-            gathered.append(_Bucket(None if in_order else torch.tensor(rows, dtype=torch.long, device=dev),
-                                    torch.tensor(row_slots, dtype=torch.long, device=dev), len(rows), keys,
-                                    index, mask))
-        direct = len(gathered) == 1 and gathered[0].rows is None
-        return _DecodePlan((bs, hkv, dtype, threads), block_tables.clone(), seq_lens.clone(), inplace,
-                           gathered, max(slots, default=0), direct)
-
-
-def _parts(keys: int, hkv: int, threads: int) -> int:
-    """How many parts to cut a run of `keys` keys into, so that parts x Hkv kernel tasks share the
-    threads evenly (the kernel parallelises over batch x heads; one sequence has only Hkv heads)."""
-    parts = 1
-    while parts < MAX_PARTS and (parts * hkv < 2 * threads or (parts * hkv) % threads):
-        parts += 1
-    while parts > 1 and keys // parts < MIN_PART_KEYS:
-        parts -= 1
-    return parts
+            in_order = len(groups) == 1 and rows == list(range(len(lens)))
+            buckets.append(_Bucket(None if in_order else torch.tensor(rows, dtype=torch.long, device=dev),
+                                   torch.tensor(row_slots, dtype=torch.long, device=dev), len(rows), keys,
+                                   index, mask))
+        return _DecodePlan((shape, cache_dtype, dtype), block_tables.clone(), seq_lens.clone(), buckets,
+                           max(slots, default=0), len(buckets) == 1 and buckets[0].rows is None)
 
 
 def decode_buckets(lens: list[int], block_size: int, pad_slack: float = PAD_SLACK,
-                   max_slots: int = MAX_BUCKET_SLOTS) -> list[list[int]]:
-    """Groups the non-empty sequences of a decode batch (by index) for padded batched calls.
+                   max_slots: int = 1 << 62) -> list[list[int]]:
+    """Groups the non-empty pieces of a decode batch (by index) for padded batched calls.
 
-    Longest first; a sequence joins the current bucket while the bucket's padded block count
-    (members x the longest's blocks) stays within `pad_slack` x its real block count and within
-    `max_slots` key slots (a single sequence longer than that is a bucket of its own). Sequences of
-    length 0 are in no bucket."""
+    Longest first; a piece joins the current bucket while the bucket's padded block count (members x
+    the longest's blocks) stays within `pad_slack` x its real block count and within `max_slots` key
+    slots (a single piece longer than that is a bucket of its own). Pieces of length 0 are in none."""
     nbs = {i: -(-n // block_size) for i, n in enumerate(lens) if n > 0}
     order = sorted(nbs, key=lambda i: -nbs[i])
     buckets: list[list[int]] = []

@@ -110,38 +110,27 @@ def test_decode_paged_one_token_and_block_edges():
         _check(CpuFlashBackend(), q, k_cache, v_cache, tables, lens)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("lens", [[64], [63], [65], [80, 3, 47, 0, 16, 33], [1, 2, 200]], ids=str)
-def test_in_place_runs_and_parts(monkeypatch, lens, threads):
-    """Small thresholds so that short runs are attended in place and cut into parts: runs ending on a
-    full or a partial block, several runs per sequence, leftovers gathered and merged."""
-    monkeypatch.setattr(cpu, "MIN_INPLACE_BLOCKS", 2)
-    monkeypatch.setattr(cpu, "MIN_PART_KEYS", 4)
+def test_pieces_buckets_and_merges(monkeypatch, lens, threads):
+    """Small pieces and buckets: sequences cut into several pieces (ending on a full or a partial block),
+    pieces of several sequences in one call, partial results merged."""
+    bs, hq, hkv, d = 4, 6, 3, 8
+    token_bytes = 2 * hkv * d * 4
+    monkeypatch.setattr(cpu, "PIECE_BYTES", 3 * bs * token_bytes)           # 3 blocks per piece
+    monkeypatch.setattr(cpu, "BUCKET_BYTES", 4 * 3 * bs * token_bytes)      # up to 4 such pieces a call
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        bs, hq, hkv, d = 4, 6, 3, 8
         k_cache, v_cache = _cache(200, bs, hkv, d, torch.float32, seed=11)
-        g = torch.Generator().manual_seed(12)
-        # tables made of runs of 1..6 consecutive blocks at random places
-        tables = torch.full((len(lens), 64), -1, dtype=torch.int32)
-        free = list(range(200))
-        for b, n in enumerate(lens):
-            row = []
-            while len(row) < -(-n // bs):
-                run = min(int(torch.randint(1, 7, (), generator=g)), -(-n // bs) - len(row))
-                start = free[int(torch.randint(0, len(free) - 8, (), generator=g))]
-                blocks = list(range(start, start + run))
-                if all(x in free for x in blocks):
-                    row += blocks
-                    free = [x for x in free if x not in blocks]
-            tables[b, :len(row)] = torch.tensor(row, dtype=torch.int32)
-        q = torch.randn(len(lens), hq, d, generator=g)
+        tables = _tables(lens, bs, 200, "random", seed=12)
+        q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(12))
         be = CpuFlashBackend()
         _check(be, q, k_cache, v_cache, tables, lens)
-        assert be._plan.inplace, "the case should attend some run in place"
-        if threads > 1:
-            assert any(ip.parts > 1 for ip in be._plan.inplace)
+        plan = be._plan
+        if max(lens) > 12:
+            assert plan.slots > 1 and not plan.direct
+        assert all(bk.size * bk.keys <= 4 * 3 * bs for bk in plan.buckets if bk.size > 1)
     finally:
         torch.set_num_threads(prev)
 
@@ -174,6 +163,8 @@ def test_decode_buckets_bound_padding():
         nbs = [-(-n // 16) for n in [5000, 4000, 3000, 2000, 1000, 17, 1]]
         width = max(nbs[i] for i in b)
         assert len(b) == 1 or len(b) * width <= 1.25 * sum(nbs[i] for i in b)
+    # the slot cap: equal pieces, at most 3 x 64 slots a call
+    assert [len(b) for b in decode_buckets([64] * 7, 16, max_slots=192)] == [3, 3, 1]
 
 
 # --- the forward context -----------------------------------------------------------------------------
@@ -254,16 +245,16 @@ def test_forward_context_writes_before_attending():
 
 # --- the engine, with every decode path taken -----------------------------------------------------------
 
-def test_engine_with_in_place_runs_matches_reference_engine(monkeypatch):
-    """The built-in model, two prompts batched, 4-token blocks: with small thresholds the decodes use
-    in-place runs cut into parts, gathered leftovers and merges. Greedy tokens equal the reference
-    backend's (which test_engine_builtin.py holds to Hugging Face), logprobs within 1e-4."""
+def test_engine_with_pieces_matches_reference_engine(monkeypatch):
+    """The built-in model, two prompts batched, 4-token blocks: with small pieces the decodes cut each
+    sequence into pieces, bucket pieces of both sequences together and merge. Greedy tokens equal the
+    reference backend's (which test_engine_builtin.py holds to Hugging Face), logprobs within 1e-4."""
     from common.config import CacheConfig, EngineConfig, SchedulerConfig
     from common.engine.engine import LLMEngine
     from common.model.loader import load_checkpoint
     from common.sampling_params import SamplingParams
-    monkeypatch.setattr(cpu, "MIN_INPLACE_BLOCKS", 3)
-    monkeypatch.setattr(cpu, "MIN_PART_KEYS", 8)
+    monkeypatch.setattr(cpu, "PIECE_BYTES", 5 * 4 * 2 * 3 * 64 * 4)     # 5 blocks of 4 tokens (3 KV heads x 64)
+    monkeypatch.setattr(cpu, "BUCKET_BYTES", 3 * 5 * 4 * 2 * 3 * 64 * 4)
     checkpoint = load_checkpoint(None)
     prompts = [[(37 * i + 11) % 40000 + 100 for i in range(90)], [(53 * i + 7) % 30000 + 200 for i in range(41)]]
     results = {}
@@ -277,7 +268,7 @@ def test_engine_with_in_place_runs_matches_reference_engine(monkeypatch):
             results[backend] = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
             if backend == "cpu_flash":
                 plan = engine.backend._plan
-                assert plan is not None and plan.inplace and any(ip.parts > 1 for ip in plan.inplace)
+                assert plan is not None and plan.slots > 1 and len(plan.buckets) > 1
     finally:
         torch.set_num_threads(prev)
     for ref, got in zip(results["reference"], results["cpu_flash"]):
