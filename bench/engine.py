@@ -15,6 +15,15 @@ speed (not for quality).
 
 Writes bench/results/engine.json and bench/results/engine.md.
 Run: PYTHONPATH=. python -m bench.engine [--runs 3] [--contexts 1024,2048,...] [--quick]
+
+Decode grid (--decode-grid): float32 decode steps only, for every torch thread count x batch size B x
+context L: B requests, each with L cached positions (prefill skipped as above), decoding together;
+median step time over --decode-steps steps. With --baseline PATH (a checkout of another commit, e.g.
+`git worktree add /tmp/base HEAD~1`), the two checkouts are measured in alternating subprocesses,
+--rounds times, so that both see the same load; each round records the load average. The medians
+over rounds go into engine.json's "decode_grid" and a section of engine.md; the floor is
+(weights + B x KV bytes of L tokens) / copy rate.
+Run: PYTHONPATH=. python -m bench.engine --decode-grid [--baseline PATH] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -24,6 +33,8 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,9 +68,9 @@ def prefill_flops(mc: ModelConfig, L: int) -> float:
     return 2 * L * linear_params(mc) + attention + 2 * mc.vocab_size * mc.hidden_size
 
 
-def decode_bytes(mc: ModelConfig, L: int, dtype: str) -> float:
+def decode_bytes(mc: ModelConfig, L: int, dtype: str, batch: int = 1) -> float:
     weights = linear_params(mc) + mc.vocab_size * mc.hidden_size          # + LM head
-    kv = L * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim
+    kv = batch * L * mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim
     return (weights + kv) * BYTES[dtype]
 
 
@@ -157,7 +168,9 @@ def merge(files: list[str], out: Path, threads: int) -> None:
     mc = load_checkpoint(None).config
     for r in reports[1:]:
         report["results"].update(r["results"])
-    per_dtype = {d: dict(r["config"]) for r in reports for d in r["results"]}
+    # A report already merged carries per_dtype: copy only its own settings (not nested reports).
+    per_dtype = {d: {k: v for k, v in r["config"].items() if k != "per_dtype"}
+                 for r in reports for d in r["results"]}
     report["config"]["per_dtype"] = per_dtype
     report["machine"]["roofline"] = rates
     report["machine"]["loadavg_before"] = max((r["machine"]["loadavg_before"] for r in reports), key=lambda x: x[0])
@@ -167,6 +180,106 @@ def merge(files: list[str], out: Path, threads: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "engine.md").write_text(markdown(report))
+
+
+# ---- decode grid (batched decode, optionally against a baseline checkout) -----------------------------
+def batch_decode_step_times(checkpoint, batch: int, L: int, steps: int) -> list[float]:
+    """Times of `steps` float32 decode steps of `batch` requests over L cached positions each (a fresh
+    engine, so every request's first L positions sit in consecutive blocks, as after a prefill, and
+    the blocks of the decoded tokens interleave between requests)."""
+    cfg = EngineConfig(dtype="float32", max_model_len=L + steps + 8,
+                       cache=CacheConfig(max_kv_tokens=batch * (L + steps + 32)),
+                       scheduler=SchedulerConfig(chunk_size=1024, max_batch_tokens=8192))
+    engine = LLMEngine(cfg, checkpoint)
+    prompt = [100 + (i * 7919) % 30000 for i in range(L)]
+    for _ in range(batch):
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+        engine.pool.allocate(rid, L)
+        engine.scheduler.requests[rid].num_computed = L - 1
+    engine.step()                      # enters the requests (a 1-token "prefill" each)
+    engine.step()                      # warm-up decode
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def decode_grid_worker(spec: dict) -> list[dict]:
+    """One round of the grid in this process, against whatever `common` is on the path."""
+    checkpoint = load_checkpoint(None)
+    rows = []
+    for threads in spec["threads"]:
+        torch.set_num_threads(threads)
+        for batch in spec["batches"]:
+            for L in spec["contexts"]:
+                times = batch_decode_step_times(checkpoint, batch, L, spec["steps"])
+                rows.append({"threads": threads, "batch": batch, "context": L,
+                             "step_ms": [1e3 * t for t in times], "loadavg": os.getloadavg()[0]})
+    return rows
+
+
+def run_grid_round(root: Path, spec: dict) -> list[dict]:
+    """Runs decode_grid_worker in a subprocess with `root`'s code first on the path."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    # This file's worker, loaded by path (the baseline's bench/engine.py may not have it), with the
+    # root's `common` and `bench` packages importable.
+    loader = ("import importlib.util as u; s = u.spec_from_file_location('bench_engine_grid', %r); "
+              "m = u.module_from_spec(s); s.loader.exec_module(m); m.main()" % str(Path(__file__).resolve()))
+    res = subprocess.run([sys.executable, "-c", loader, "--decode-worker", json.dumps(spec)],
+                         env=env, cwd=str(root), capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"decode worker in {root} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def decode_grid(spec: dict, rounds: int, baseline: Path | None, rates: dict, mc: ModelConfig) -> dict:
+    """Alternates this checkout and the baseline, `rounds` times; medians over rounds."""
+    here = Path(__file__).resolve().parent.parent
+    sides = {"after": here} if baseline is None else {"before": baseline, "after": here}
+    samples: dict[str, list[list[dict]]] = {k: [] for k in sides}
+    for r in range(rounds):
+        for side, root in (sides.items() if r % 2 == 0 else reversed(sides.items())):
+            log.info("decode grid round %d/%d: %s (%s)", r + 1, rounds, side, root)
+            samples[side].append(run_grid_round(root, spec))
+    rows = []
+    for i, first in enumerate(samples["after"][0]):
+        row = {k: first[k] for k in ("threads", "batch", "context")}
+        for side in sides:
+            per_round = [statistics.median(s[i]["step_ms"]) for s in samples[side]]
+            row[f"{side}_ms"] = statistics.median(per_round)
+            row[f"{side}_ms_rounds"] = per_round
+            row[f"{side}_loadavg_rounds"] = [s[i]["loadavg"] for s in samples[side]]
+        row["floor_ms"] = 1e3 * decode_bytes(mc, row["context"], "float32", row["batch"]) / (rates["copy_gbs"] * 1e9)
+        rows.append(row)
+    return {"spec": spec, "rounds": rounds, "baseline": str(baseline) if baseline else None, "rows": rows}
+
+
+def grid_markdown(grid: dict) -> list[str]:
+    rows = grid["rows"]
+    before = "before_ms" in rows[0]
+    loads = [x for r in rows for k in r if k.endswith("loadavg_rounds") for x in r[k]]
+    lines = ["## float32 decode grid (batched decode)", "",
+             f"One engine step decoding B requests together, each over an L-token cache; median over "
+             f"{grid['spec']['steps']} steps, then median over {grid['rounds']} rounds"
+             + (f" alternating with the baseline checkout ({grid.get('baseline_label') or grid['baseline']}) "
+                "in separate processes" if before else "") +
+             f". Load average during the rounds: {min(loads):.1f} to {max(loads):.1f}. Floor = (weights + "
+             "B x KV bytes) / copy rate; \"% of floor\" = floor / median.", ""]
+    head = "| threads | B | context | " + ("before ms | " if before else "") + "ms/step | floor ms | % of floor |" \
+        + (" speed-up |" if before else "")
+    lines += [head, "|" + "---:|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [str(r["threads"]), str(r["batch"]), str(r["context"])]
+        if before:
+            cells.append(f"{r['before_ms']:.1f}")
+        cells += [f"{r['after_ms']:.1f}", f"{r['floor_ms']:.1f}", f"{100 * r['floor_ms'] / r['after_ms']:.0f}%"]
+        if before:
+            cells.append(f"{r['before_ms'] / r['after_ms']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -207,6 +320,8 @@ def markdown(report: dict) -> str:
                 f"({min(r['decode_ms_steps']):.1f}) | {r['decode_floor_ms']:.1f} | "
                 f"{100 * r['decode_floor_ms'] / r['decode_ms_per_token']:.0f}% |")
         lines.append("")
+    if "decode_grid" in report:
+        lines += grid_markdown(report["decode_grid"])
     return "\n".join(lines)
 
 
@@ -223,11 +338,40 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="contexts 256,512, one run (smoke test)")
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--render", action="store_true", help="only rewrite engine.md from engine.json")
+    p.add_argument("--decode-grid", action="store_true",
+                   help="float32 decode only, batches x contexts x threads (see above); updates the "
+                        "decode_grid of engine.json")
+    p.add_argument("--batches", default="1,8", help="decode grid: batch sizes")
+    p.add_argument("--grid-threads", default="1,2", help="decode grid: torch thread counts")
+    p.add_argument("--grid-contexts", default="1024,8192", help="decode grid: context lengths")
+    p.add_argument("--rounds", type=int, default=3, help="decode grid: rounds (alternating with --baseline)")
+    p.add_argument("--baseline", metavar="PATH", help="decode grid: a checkout to measure alternately")
+    p.add_argument("--baseline-label", default=None, help="decode grid: how to name the baseline in engine.md")
+    p.add_argument("--decode-worker", metavar="JSON", help=argparse.SUPPRESS)
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="combine the dtypes of several engine.json files into --out, measuring the "
                         "roofline again (the best of all measurements sets the floors)")
     args = p.parse_args()
     out = Path(args.out)
+    if args.decode_worker:
+        print(json.dumps(decode_grid_worker(json.loads(args.decode_worker))))
+        return
+    if args.decode_grid:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        spec = {"threads": [int(t) for t in args.grid_threads.split(",")],
+                "batches": [int(b) for b in args.batches.split(",")],
+                "contexts": [int(c) for c in args.grid_contexts.split(",")], "steps": args.decode_steps}
+        report = json.loads((out / "engine.json").read_text())
+        rates = roofline.best_of(report["machine"]["roofline"], roofline.measure(args.threads))
+        grid = decode_grid(spec, args.rounds, Path(args.baseline).resolve() if args.baseline else None, rates,
+                           load_checkpoint(None).config)
+        grid["baseline_label"] = args.baseline_label
+        grid["copy_gbs"] = rates["copy_gbs"]
+        report["decode_grid"] = grid
+        (out / "engine.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "engine.md").write_text(markdown(report))
+        print("\n".join(grid_markdown(grid)))
+        return
     if args.render:
         (out / "engine.md").write_text(markdown(json.loads((out / "engine.json").read_text())))
         return
