@@ -279,6 +279,7 @@ def grid_markdown(grid: dict) -> list[str]:
             cells.append(f"{r['before_ms'] / r['after_ms']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += grid.get("notes", [])           # written by hand into engine.json
     return lines
 
 
@@ -367,6 +368,7 @@ def main() -> None:
                            load_checkpoint(None).config)
         grid["baseline_label"] = args.baseline_label
         grid["copy_gbs"] = rates["copy_gbs"]
+        grid["notes"] = report.get("decode_grid", {}).get("notes", [])
         report["decode_grid"] = grid
         (out / "engine.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "engine.md").write_text(markdown(report))
