@@ -5,7 +5,7 @@ The kernel, aten::_scaled_dot_product_flash_attention_for_cpu, takes [B, H, L, D
 aligned, it crashes the process (SIGFPE) on zero queries or zero keys, with an additive mask a fully
 masked row gives lse 0 (not -inf), and it silently computes garbage when the last (head) dim is not
 unit-stride (any other strides, even 0, are fine, so K/V are passed as strided views, not copied).
-So we never call it with an empty side or a mask, and the keys are split
+So `forward` never calls it with an empty side or a mask, and the keys are split
 
     A = keys at positions <= q_start        (visible to every query: non-causal)
     B = keys at positions q_start+1 .. q_start+n-1   seen by queries 1..n-1 (top-left causal is right:
@@ -29,6 +29,7 @@ with `merge_stacked`. Why (measured in the engine, 2 cores, bench/results/engine
     (hence the reused workspace, index_select with out=);
   - the kernel parallelises over batch x heads: one sequence in one piece gives only Hkv tasks, badly
     shared by 2 threads when Hkv = 3; several pieces per call share them evenly.
+Every piece has at least one real key, so no row is fully masked (where the kernel's lse would be 0).
 The mask's dtype must be the query's (a float32 mask on float64 inputs gives wrong results).
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 PIECE_BYTES = 3 << 20
 BUCKET_BYTES = 6 << 20
 PAD_SLACK = 1.25
+
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """The kernel assumes stride 1 along the head dim and reads wrong data otherwise."""
@@ -222,8 +224,8 @@ class _DecodePlan:
             keys = max(pieces[m][2] for m in members)
             nb = -(-keys // bs)
             # A piece with fewer blocks is padded with its own first block: finite values, masked.
-            index = torch.tensor([blk for m in members for blk in pieces[m][1] + [pieces[m][1][0]] * (nb - len(pieces[m][1]))],
-                                 dtype=torch.long, device=dev)
+            blocks = [b for m in members for b in pieces[m][1] + [pieces[m][1][0]] * (nb - len(pieces[m][1]))]
+            index = torch.tensor(blocks, dtype=torch.long, device=dev)
             mask = None
             if any(pieces[m][2] != keys for m in members):
                 n_keys = torch.tensor([pieces[m][2] for m in members], device=dev)
