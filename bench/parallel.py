@@ -78,6 +78,10 @@ def tbt_runs(kvp: int, context: int, steps: int, runs: int) -> dict:
             "comm_per_token_s": statistics.median(comms), "samples": len(tbts), "tbt_steps_s": tbts}
 
 
+def _p90(xs: list[float]) -> float:
+    return sorted(xs)[int(0.9 * len(xs))]
+
+
 def weight_and_kv_bytes(context: int) -> tuple[int, int]:
     cfg = load_checkpoint(None).config
     weights = 4 * (cfg.vocab_size * cfg.hidden_size + cfg.num_layers * (
@@ -98,8 +102,9 @@ def tbt_section(context: int, steps: int, runs: int) -> dict:
 def run_side(root: pathlib.Path, context: int, steps: int) -> dict:
     """One TBT section (kvp 1 and 2, one run each) in a subprocess with `root`'s code on the path; this
     file is loaded by path, since the other checkout's copy may lack the worker."""
+    here = str(pathlib.Path(__file__).resolve())
     loader = ("import importlib.util as u; s = u.spec_from_file_location('bench_parallel_side', %r); "
-              "m = u.module_from_spec(s); s.loader.exec_module(m); m.side_main()" % str(pathlib.Path(__file__).resolve()))
+              "m = u.module_from_spec(s); s.loader.exec_module(m); m.side_main()" % here)
     res = subprocess.run([sys.executable, "-c", loader, json.dumps({"context": context, "steps": steps})],
                          env=dict(os.environ, PYTHONPATH=str(root)), cwd=str(root), capture_output=True,
                          text=True, check=False)
@@ -161,7 +166,8 @@ def markdown(res: dict) -> str:
         loads = c["before"]["loadavg_rounds"] + c["after"]["loadavg_rounds"]
         md += [f"### Before/after ({c.get('label') or c['baseline']})", "",
                f"TBT at {c['context_tokens']} tokens, {c['decode_steps']} decode steps per run; median of the "
-               f"per-round medians over {c['rounds']} rounds alternating the two checkouts in separate processes (load average "
+               f"per-round medians over {c['rounds']} rounds alternating the two checkouts in separate processes "
+               "(load average "
                f"{min(loads):.1f} to {max(loads):.1f}).", "",
                "| kvp | before TBT (ms) | after TBT (ms) | before comm/token (ms) | after comm/token (ms) |",
                "|---|---|---|---|---|"]
@@ -197,7 +203,7 @@ def main() -> int:
         weights, kv = weight_and_kv_bytes(context)
         res["tbt"] = {"context_tokens": context, "decode_steps": steps,   # the "after" side, all steps pooled
                       "runs": [{"kvp": int(k), "tbt_s": statistics.median(after["tbt_steps_ms"][k]) / 1e3,
-                                "tbt_p90_s": sorted(after["tbt_steps_ms"][k])[int(0.9 * len(after["tbt_steps_ms"][k]))] / 1e3,
+                                "tbt_p90_s": _p90(after["tbt_steps_ms"][k]) / 1e3,
                                 "comm_per_token_s": after["comm_per_token_ms"][k] / 1e3,
                                 "samples": len(after["tbt_steps_ms"][k])} for k in ("1", "2")],
                       "speedup": after["tbt_ms"]["1"] / after["tbt_ms"]["2"],
