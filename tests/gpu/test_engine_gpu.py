@@ -11,6 +11,9 @@ from common.engine.engine import GRAPH_SCRATCH_ID, LLMEngine
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
 
+# a module marker, not the conftest's autouse skip: the module-scoped fixtures below would run first
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
 STEPS = 24
 PROMPTS = [[(7 * i + 3) % 300 + 4 for i in range(n)] for n in (5, 23, 61, 130)]
 
