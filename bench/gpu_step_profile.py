@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,29 +36,8 @@ def category(name: str) -> str:
     return "elementwise"
 
 
-def timed_graph(fn, reps: int = 20, iters: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / reps)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def timed(fn, iters: int = 20) -> float:
-    """Median seconds of fn (e.g. a graph replay, which cannot itself be captured)."""
+    """Median seconds of fn, timed with CUDA events (fn may be a graph replay)."""
     fn()
     torch.cuda.synchronize()
     times = []
@@ -72,6 +50,17 @@ def timed(fn, iters: int = 20) -> float:
         times.append(a.elapsed_time(b) / 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def timed_graph(fn, reps: int = 20, iters: int = 10) -> float:
+    """Median seconds per call of fn, captured `reps` times back to back in one CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return timed(g.replay, iters) / reps
 
 
 def main(argv=None) -> int:
