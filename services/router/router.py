@@ -271,7 +271,8 @@ class Router:
                     raise _rpc_error(who_decode, e) from None
                 st.decode_called = True
                 # Until its Decode call runs, only this router knows the request is alive: it keeps
-                # the lease (the decode instance frees a prepared request whose placement expired).
+                # the lease from here to the end of the request (the decode instance, which frees a
+                # prepared request whose placement expired, renews too once it decodes).
                 keeper = asyncio.create_task(self._keep_lease(job.request_id, placement.lease_s),
                                              name=f"lease-{job.request_id}")
                 pcall = prefill_pb2_grpc.PrefillStub(self._channel(st.prefill.address)).Prefill(
