@@ -6,11 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from common.errors import ConfigError
 
-DTYPES = ("float32", "bfloat16")
+# Literal types give the flags their choices (common/flags.py).
+DType = Literal["float32", "bfloat16"]
+KVBackend = Literal["tcp", "nixl"]
+AttentionBackend = Literal["auto", "reference", "cpu_flash", "cuda"]   # common.attention.registry.BACKENDS
+Policy = Literal["fcfs", "edf", "lars"]
+Chunking = Literal["fixed", "adaptive"]
+Role = Literal["decode", "prefill"]
+DTYPES = get_args(DType)
+KV_BACKENDS = get_args(KVBackend)
+ATTENTION_BACKENDS = get_args(AttentionBackend)
+PERF_MODELS = ("saved", "calibrate", "analytic")          # or the path of a profile JSON
 
 
 @dataclass(frozen=True)
@@ -109,9 +119,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache. `num_blocks` None means: size from `max_kv_tokens`."""
-    block_size: int = 16
-    num_blocks: int | None = None
-    max_kv_tokens: int = 65536
+    block_size: int = 16               # tokens per KV block
+    num_blocks: int | None = None      # KV blocks per KVP group (none: from max_kv_tokens)
+    max_kv_tokens: int = 65536         # KV capacity per KVP group, tokens
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -130,10 +140,14 @@ class CacheConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     """Grid of tp × spp × kvp workers. `kvp_tokens` (M) is how many tokens one KVP group holds."""
-    tp: int = 1
-    spp: int = 1
-    kvp: int = 1
-    kvp_tokens: int | None = None
+    tp: int = field(default=1, metadata={"help": "tensor-parallel ranks (split heads and MLP columns)",
+                                         "metavar": "T"})
+    spp: int = field(default=1, metadata={"help": "sequence-pipeline stages (split layers; chunks of one "
+                                                  "prompt overlap)", "metavar": "S"})
+    kvp: int = field(default=1, metadata={"help": "KV-cache-parallel groups (split the context by token "
+                                                  "ranges)", "metavar": "K"})
+    kvp_tokens: int | None = field(default=None, metadata={"help": "tokens each KVP group holds (needed "
+                                                                   "when --kvp > 1)", "metavar": "M"})
 
     def __post_init__(self) -> None:
         for name in ("tp", "spp", "kvp"):
@@ -147,9 +161,9 @@ class ParallelConfig:
         return self.tp * self.spp * self.kvp
 
 
-SCHED_POLICIES = ("fcfs", "edf", "lars")
-SCHED_CHUNKINGS = ("fixed", "adaptive")
-SCHED_ROLES = ("decode", "prefill")
+SCHED_POLICIES = get_args(Policy)
+SCHED_CHUNKINGS = get_args(Chunking)
+SCHED_ROLES = get_args(Role)
 CHUNK_MULTIPLE = 32                    # adaptive chunks are multiples of this (paper: 32)
 
 
@@ -176,18 +190,18 @@ class SchedulerConfig:
     chunk_size: int = 512              # fixed prefill chunk (tokens) when adaptive chunking is off
     max_batch_tokens: int = 8192       # tokens in one forward pass
     max_num_seqs: int = 64             # requests in one forward pass
-    policy: str = "fcfs"               # fcfs | edf | lars
-    chunking: str = "fixed"            # fixed | adaptive
-    role: str = "decode"               # decode | prefill: which rule picks the iteration budget
-    tbt_slo_s: float = 0.05            # decode role: budget = tbt_headroom x the TBT SLO
-    tbt_headroom: float = 0.8
+    policy: Policy = "fcfs"            # order in which prefills get an iteration (lars: least slack per unit of work first)
+    chunking: Chunking = "fixed"       # fixed: --chunk-size tokens; adaptive: the largest chunk whose predicted time fits the budget
+    role: Role = "decode"              # which rule picks the iteration budget (decode: TBT SLO; prefill: preemption interval)
+    tbt_slo_s: float = 0.2             # default TBT SLO (mean gap between tokens); decode role: budget = tbt_headroom x it
+    tbt_headroom: float = 0.8          # decode role: share of the TBT SLO one iteration may take
     preempt_interval_s: float = 0.2    # prefill role: budget = this / pipeline depth
     iteration_budget_s: float | None = None   # explicit budget, overrides the role's rule
-    min_chunk: int = 32                # adaptive chunk bounds (tokens, multiples of 32)
-    max_chunk: int = 8192
-    long_threshold: int = 256 * 1024   # prompt tokens processed before a prefill counts as long
-    rho_max: float = 0.4               # cap of the budget share a long prefill yields
-    slack_stealing: bool = True        # LARS: a request that would miss moves ahead of ones with slack
+    min_chunk: int = 32                # adaptive chunking: smallest chunk (tokens, a multiple of 32)
+    max_chunk: int = 8192              # adaptive chunking: largest chunk (tokens, a multiple of 32)
+    long_threshold: int = 256 * 1024   # LARS: prompt tokens processed before a prefill counts as long
+    rho_max: float = 0.4               # LARS: cap of the budget share a long prefill yields
+    slack_stealing: bool = True        # LARS: a request that would miss its deadline moves ahead of ones with slack
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -234,25 +248,86 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None           # HF dir or GGUF file; None = built-in model
-    dtype: str = "float32"
-    device: str = "cpu"
-    attention_backend: str = "auto"    # auto | reference | cpu_flash | sdpa | flash_attn
-    max_model_len: int | None = None   # None = the model's max_position
+    """The engine: model, numerics, KV cache, scheduler, parallel layout and KV transfer.
+
+    perf_model: where the scheduler's performance model comes from (adaptive chunking, LARS):
+      "saved"     the calibrated profile saved for this hardware/model/dtype/layout, else the
+                  analytic roofline;
+      "calibrate" the saved profile, else calibrate now through the engine and save it (the pools);
+      "analytic"  the analytic roofline only;
+      any other value: the path of a profile JSON, refused (ConfigError) when its key does not
+      match the engine.
+    """
+    model: str | None = None           # Hugging Face directory or .gguf file (none: the built-in SmolLM2-135M-Instruct)
+    dtype: DType = "float32"           # weights, activations and KV cache type
+    device: str = "cpu"                # torch device
+    attention_backend: AttentionBackend = "auto"   # attention kernels
+    max_model_len: int | None = None   # longest sequence (prompt + output); none: the model's max_position
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    kv_backend: str = "tcp"            # KV transfer to/from other instances: tcp | nixl
+    kv_backend: KVBackend = "tcp"      # KV transfer to/from other instances
     kv_host: str = "127.0.0.1"         # address this instance's KV receivers listen on
     cuda_graphs: bool = True           # CUDA: replay decode-only steps from captured graphs
+    perf_model: str = field(default="saved", metadata={
+        "metavar": "saved|calibrate|analytic|FILE",
+        "help": "performance model of the scheduler: saved (the saved profile, else the analytic "
+                "roofline), calibrate (the saved profile, else calibrate now and save it), analytic, "
+                "or the path of a profile JSON"})
 
     def __post_init__(self) -> None:
+        if not self.perf_model:
+            raise ConfigError(f"perf_model must be one of {', '.join(PERF_MODELS)} or a profile path, "
+                              f"got {self.perf_model!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"unknown attention_backend {self.attention_backend!r}; choose one of "
+                              f"{', '.join(ATTENTION_BACKENDS)}")
         if self.kv_backend not in ("tcp", "nixl"):
             raise ConfigError(f"unknown kv_backend {self.kv_backend!r}; choose tcp or nixl")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class SLOConfig:
+    """The default service-level objectives of a request (the router's; a request may set its own).
+
+    TTFT per prompt class (common.metrics.PromptClasses: short, medium, long, xlong), in seconds from
+    arrival. A request's default TTFT deadline is max(its class SLO, slo_factor x the predicted
+    prefill time alone), so an idle deployment admits every prompt that fits max_model_len. The TBT
+    SLO's home is the pools' SchedulerConfig.tbt_slo_s. `objective` is the fraction of requests
+    that must meet them (the error budget is 1 - objective).
+    """
+    ttft_short_s: float = 2.0          # default TTFT SLO of short prompts
+    ttft_medium_s: float = 20.0        # default TTFT SLO of medium prompts
+    ttft_long_s: float = 120.0         # default TTFT SLO of long prompts
+    ttft_xlong_s: float = 600.0        # default TTFT SLO of extra-long prompts
+    objective: float = field(default=0.99, metadata={
+        "flag": "slo-objective", "help": "fraction of requests that must meet their SLOs"})
+    slo_factor: float = 3.0            # default TTFT deadline >= this x the predicted prefill time alone
+
+    def __post_init__(self) -> None:
+        for name, s in self.ttft_s:
+            if not s > 0:
+                raise ConfigError(f"slo: ttft_{name}_s must be positive, got {s}")
+        if not 0.0 < self.objective < 1.0:
+            raise ConfigError(f"slo: objective must be in (0, 1), got {self.objective}")
+        if not self.slo_factor >= 1.0:
+            raise ConfigError(f"slo: slo_factor must be >= 1, got {self.slo_factor}")
+
+    @property
+    def ttft_s(self) -> tuple[tuple[str, float], ...]:
+        """((prompt class, TTFT SLO seconds), ...) in class order."""
+        return (("short", self.ttft_short_s), ("medium", self.ttft_medium_s),
+                ("long", self.ttft_long_s), ("xlong", self.ttft_xlong_s))
+
+    def ttft_for(self, prompt_class: str) -> float:
+        try:
+            return dict(self.ttft_s)[prompt_class]
+        except KeyError:
+            raise ConfigError(f"slo: no TTFT SLO for prompt class {prompt_class!r}") from None
 
 
 def engine_config_to_dict(cfg: EngineConfig) -> dict[str, Any]:

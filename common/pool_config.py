@@ -1,39 +1,44 @@
 """Configuration of a prefill or decode instance: the engine's config tree plus the service's own
-settings, which the two roles share. Each role subclasses PoolConfig with its layout check.
+settings, which the two roles share. Each role subclasses PoolConfig with its layout check and its
+scheduler defaults (ROLE_DEFAULTS, below the flags and environment variables).
 
-The flags come from the config dataclasses (common/cli.py's generators), so they never drift from
-the config; `from_args` validates once.
+Every field of the tree is a flag and an environment variable (common/flags.py: --policy,
+MNEMOSYNE_POLICY, ...); `from_args` validates once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
-from common.cli import ArgumentParser, add_config_flags, config_from_args
 from common.config import EngineConfig
-from common.engine_flags import add_engine_flags, engine_config
 from common.errors import ConfigError
+from common.flags import Flags, parse_config
 from common.rpc.server import WILDCARD_HOSTS
+
+# The paper's scheduler in both pools (budgets: common/config.py SchedulerConfig.iteration_budget).
+POOL_DEFAULTS: dict[str, Any] = {"engine.scheduler.policy": "lars", "engine.scheduler.chunking": "adaptive",
+                                 "engine.perf_model": "calibrate"}
 
 
 @dataclass(frozen=True)
 class PoolConfig:
     ROLE: ClassVar[str] = ""                      # "prefill" | "decode" (the subclass)
     DESCRIPTION: ClassVar[str] = ""               # --help
-    KV_TIMEOUT_HELP: ClassVar[str] = ""
+    ROLE_DEFAULTS: ClassVar[Mapping[str, Any]] = {}   # key -> default of this role's flags
+    HELPS: ClassVar[Mapping[str, str]] = {}       # flag help specific to the role
 
-    kvstore: str                                  # the kvstore's "host:port"
+    kvstore: str                                  # the kvstore's address
     engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"                       # bind address; 0.0.0.0 = every interface
-    advertise_host: str = ""                      # "" = host, or this machine's IP for 0.0.0.0
-    port: int = 0                                 # 0 = a free one (printed at start)
-    instance_id: str = ""                         # "" = <role>-<random>
-    kv_timeout_s: float = 60.0
-    threads: int = 1                              # torch threads of the engine (and of each worker)
-    restart_on_failure: bool = True               # rebuild the engine after a worker died
-    deployment: str = "default"                   # the metrics' pool label (as the kvstore's)
-    metrics_port: int = 0                         # /metrics HTTP port; 0 = a free one, -1 = none
-    grace_s: float = 5.0                          # after SIGTERM: time for the requests in flight
+    host: str = "127.0.0.1"                       # address to bind (0.0.0.0 = every interface)
+    advertise_host: str = ""                      # address registered with the kvstore and in the metrics URL; empty = --host, or this machine's IP when --host is 0.0.0.0
+    port: int = 0                                 # port to bind (0 = a free one, printed at start)
+    instance_id: str = ""                         # instance id (empty = <role>-<random>)
+    kv_timeout_s: float = 60.0                    # seconds a KV transfer of one request may take
+    threads: int = 1                              # torch threads of the engine and of each grid worker
+    restart_on_failure: bool = True               # rebuild the engine when a worker process dies
+    deployment: str = "default"                   # deployment name (the metrics' pool label, as the kvstore's)
+    metrics_port: int = 0                         # Prometheus /metrics port (0 = a free one, -1 = none)
+    grace_s: float = 5.0                          # after SIGTERM: seconds the requests in flight get to finish
 
     def __post_init__(self) -> None:
         role = self.ROLE
@@ -51,22 +56,12 @@ class PoolConfig:
                 raise ConfigError(f"{role}: {name} must be positive, got {getattr(self, name)}")
 
     @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None):
-        p = ArgumentParser(prog=f"python -m services.{cls.ROLE}", description=cls.DESCRIPTION)
-        add_engine_flags(p, cls.ROLE)
-        g = p.add_argument_group("service")
-        add_config_flags(g, cls, {
-            "kvstore": "kvstore address HOST:PORT",
-            "host": "address to bind (0.0.0.0 = every interface)",
-            "advertise_host": "address registered with the kvstore and in the metrics URL; empty = "
-                              "--host, or this machine's IP when --host is 0.0.0.0",
-            "port": "port to bind", "instance_id": f"instance id (default: {cls.ROLE}-<random>)",
-            "kv_timeout_s": cls.KV_TIMEOUT_HELP,
-            "threads": "torch threads of the engine and of each grid worker",
-            "restart_on_failure": "rebuild the engine when a worker process dies",
-            "deployment": "deployment name (the pool label of the metrics)",
-            "metrics_port": "Prometheus /metrics port (0 = free, -1 = none)",
-            "grace_s": "after SIGTERM: seconds the requests in flight get to finish (the instance "
-                       "has left the kvstore by then)"}, dest_prefix="svc_")
-        args = p.parse_args(argv)
-        return config_from_args(cls, args, "svc_", engine=engine_config(args))
+    def flags(cls) -> Flags:
+        """The role's flags: every field of the tree, with the role's defaults."""
+        return Flags(cls, defaults=cls.ROLE_DEFAULTS, helps=cls.HELPS, groups={"": "service"})
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None):
+        """Flags > MNEMOSYNE_* environment variables > the role's defaults > the dataclass's."""
+        return parse_config(cls.flags(), argv, env, prog=f"python -m services.{cls.ROLE}",
+                            description=cls.DESCRIPTION)

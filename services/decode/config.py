@@ -1,18 +1,22 @@
 """Configuration of a decode instance: the settings every pool instance has (common/pool_config.py)
-plus its layout check. `DecodeConfig.from_args` validates once."""
+plus its layout check and its scheduler defaults. `DecodeConfig.from_args` validates once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from common.errors import ConfigError
-from common.pool_config import PoolConfig
+from common.pool_config import POOL_DEFAULTS, PoolConfig
 
 
 @dataclass(frozen=True)
 class DecodeConfig(PoolConfig):
     ROLE = "decode"
     DESCRIPTION = "Mnemosyne decode instance (TP x KVP grid)"
-    KV_TIMEOUT_HELP = "seconds a prefilled request waits for its KV"
+    # Decodes first, budget = tbt_headroom x the TBT SLO; short prompts prefilled here in adaptive chunks.
+    ROLE_DEFAULTS = {**POOL_DEFAULTS, "engine.scheduler.role": "decode"}
+    HELPS = {"kv_timeout_s": "seconds a prefilled request waits for its KV",
+             "kv_host": "address the KV receivers listen on",
+             "chunk_size": "prefill chunk of short prompts (--chunking fixed)"}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,18 +1,22 @@
 """Configuration of a prefill instance: the settings every pool instance has (common/pool_config.py)
-plus its layout check. `PrefillConfig.from_args` validates once."""
+plus its layout check and its scheduler defaults. `PrefillConfig.from_args` validates once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from common.errors import ConfigError
-from common.pool_config import PoolConfig
+from common.pool_config import POOL_DEFAULTS, PoolConfig
 
 
 @dataclass(frozen=True)
 class PrefillConfig(PoolConfig):
     ROLE = "prefill"
     DESCRIPTION = "Mnemosyne prefill instance (TP x SPP grid)"
-    KV_TIMEOUT_HELP = "seconds the decode side has to confirm all KV of a request"
+    # LARS with slack stealing, adaptive chunks; budget = preempt_interval_s / pipeline depth (SPP).
+    ROLE_DEFAULTS = {**POOL_DEFAULTS, "engine.scheduler.role": "prefill"}
+    HELPS = {"kv_timeout_s": "seconds the decode side has to confirm all KV of a request",
+             "kv_host": "address of this host for KV transfers",
+             "chunk_size": "prefill chunk in tokens (--chunking fixed)"}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -19,6 +19,7 @@ import time
 from common.admission import (AdmissionConfig, AdmissionController, AdmissionRequest, Decision,
                               LoadSnapshot, MetricsScraper, Outcome, PoolModel, PrometheusSource,
                               SLOConfig)
+from common.config import SchedulerConfig
 from common.errors import CapacityError
 from common.metrics import Metrics
 from common.perf_model.calibrated import CalibratedModel
@@ -31,9 +32,8 @@ log = logging.getLogger(__name__)
 def admission_config(config: RouterConfig) -> AdmissionConfig:
     """The router's SLO defaults and queue bounds: the short-prompt TTFT SLO from the config, the
     longer classes keep the defaults (never below the short one)."""
-    base = SLOConfig()
-    ttft = tuple((c, config.ttft_slo_s if c == "short" else max(s, config.ttft_slo_s)) for c, s in base.ttft_s)
-    return AdmissionConfig(slo=SLOConfig(ttft, config.tbt_slo_s, config.slo_objective),
+    # Stopgap until helper A moves admission onto common.config.SLOConfig and the pools' model.
+    return AdmissionConfig(slo=SLOConfig(config.slo.ttft_s, SchedulerConfig().tbt_slo_s, config.slo.objective),
                            short_prompt_tokens=config.short_prompt_tokens, max_queue=config.max_queue,
                            max_queue_wait_s=config.max_queue_wait_s, max_staleness_s=config.max_staleness_s)
 
@@ -41,8 +41,9 @@ def admission_config(config: RouterConfig) -> AdmissionConfig:
 def pool_model(config: RouterConfig) -> PoolModel:
     """A linear model of one iteration: perf_step_s + perf_token_s per token (+ per decode's KV
     token nothing: small next to the fixed cost at these sizes). The observed slowdown corrects it."""
-    model = CalibratedModel([config.perf_token_s, 0.0, 0.0, 0.0, config.perf_step_s])
-    return PoolModel.build(model, config.iteration_budget_s)
+    # Stopgap (the former RouterConfig defaults) until the router uses the pools' published model.
+    model = CalibratedModel([0.0005, 0.0, 0.0, 0.0, 0.02])
+    return PoolModel.build(model, 0.05)
 
 
 class AdmissionGate:

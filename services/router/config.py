@@ -1,44 +1,46 @@
-"""Configuration of the router: one frozen dataclass; the CLI is generated from it."""
+"""Configuration of the router: one frozen dataclass; its flags and environment variables
+(MNEMOSYNE_<FLAG>) come from common/flags.py.
+
+One value per setting: the default SLOs are `slo` (common/config.py SLOConfig); the TBT SLO, the
+iteration budgets and the performance model belong to the pools (their SchedulerConfig and the
+model they publish), so the router does not restate them.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence
 
-from common.cli import ArgumentParser, add_config_flags, config_from_args
+from common.config import SLOConfig
 from common.errors import ConfigError
+from common.flags import Flags, parse_config
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    kvstore: str                          # the kvstore's "host:port"
-    host: str = "127.0.0.1"
-    port: int = 50051
-    instance_id: str = ""                 # the metrics' instance label; "" = router-<hostname>-<pid>
-    model: str | None = None              # tokenizer + config source; None = the built-in model
-    model_name: str = ""                  # what ModelInfo reports and GenerateRequest.model must match
-    max_model_len: int | None = None      # None = the model's
-    max_prompt_tokens: int = 0            # 0 = max_model_len - 1
+    kvstore: str                          # the kvstore's address
+    host: str = "127.0.0.1"               # address to bind (0.0.0.0 = every interface)
+    port: int = 50051                     # port to bind (0 = a free one)
+    instance_id: str = ""                 # the metrics' instance label, unique per replica (empty = router-<hostname>-<pid>)
+    model: str | None = None              # HF directory or .gguf file the instances serve (tokenizer + config; none = the built-in model)
+    model_name: str = ""                  # served model name, what GenerateRequest.model must match (empty = the checkpoint's name)
+    max_model_len: int | None = None      # longest sequence (none = the model's)
+    max_prompt_tokens: int = 0            # longest prompt (0 = max_model_len - 1)
     short_prompt_tokens: int = 256        # shorter prompts are prefilled by the decode instance itself
-    default_max_tokens: int = 64
-    kv_backend: str = ""                  # requested KV backend; "" = the decode instance's own
-    request_timeout_s: float = 3600.0     # deadline of the streams to the instances
+    default_max_tokens: int = 64          # max_tokens of a request that does not set it
+    kv_backend: Literal["", "tcp", "nixl"] = ""   # KV backend to ask decode instances for (empty = theirs)
+    request_timeout_s: float = 3600.0     # deadline of a request's streams to the instances
     rpc_timeout_s: float = 10.0           # deadline of every unary call
     discovery_ttl_s: float = 0.5          # how long a list of live instances is reused
-    grace_s: float = 5.0
-    deployment: str = "default"           # the metrics' pool label; the pool admission watches
-    metrics_port: int = 0                 # /metrics HTTP port; 0 = a free one, -1 = none
-    admission: bool = True                # SLO-aware admission (off: every request goes through)
-    prometheus_url: str = ""              # read load from this Prometheus; "" = scrape the instances
+    grace_s: float = 5.0                  # shutdown grace period
+    deployment: str = "default"           # deployment name: the metrics' pool label; the pool admission watches
+    metrics_port: int = 0                 # Prometheus /metrics port (0 = a free one, -1 = none)
+    admission: bool = True                # SLO-aware admission (--no-admission lets every request through)
+    prometheus_url: str = ""              # read the instances' load from this Prometheus (empty = scrape them)
     scrape_interval_s: float = 0.25       # how often the instances' load is read
-    ttft_slo_s: float = 2.0               # default TTFT SLO of short prompts (longer classes: defaults)
-    tbt_slo_s: float = 0.2                # default TBT SLO (mean gap)
-    slo_objective: float = 0.99
     max_queue: int = 256                  # admission queue bound
-    max_queue_wait_s: float = 30.0
-    max_staleness_s: float = 5.0          # older load = instance unknown
-    perf_step_s: float = 0.02             # performance model: fixed cost of one iteration
-    perf_token_s: float = 0.0005          # ... plus this per token in the batch
-    iteration_budget_s: float = 0.05      # the instances' iteration budget (adaptive chunking)
+    max_queue_wait_s: float = 30.0        # longest wait in the admission queue
+    max_staleness_s: float = 5.0          # load older than this makes an instance unknown
+    slo: SLOConfig = field(default_factory=SLOConfig)   # default SLOs: --ttft-short-s ... --slo-objective --slo-factor
 
     def __post_init__(self) -> None:
         if not self.kvstore:
@@ -56,39 +58,20 @@ class RouterConfig:
             raise ConfigError(f"router: metrics_port must be in [-1, 65535], got {self.metrics_port}")
         if self.prometheus_url and not self.prometheus_url.startswith(("http://", "https://")):
             raise ConfigError(f"router: prometheus_url must be http(s)://..., got {self.prometheus_url!r}")
-        if self.perf_step_s < 0 or self.perf_token_s < 0:
-            raise ConfigError(f"router: perf_step_s={self.perf_step_s} and perf_token_s={self.perf_token_s} "
-                              "must be >= 0")
         for name in ("request_timeout_s", "rpc_timeout_s", "discovery_ttl_s", "scrape_interval_s",
-                     "iteration_budget_s"):
-            if getattr(self, name) <= 0:
+                     "max_queue_wait_s", "max_staleness_s"):
+            if not getattr(self, name) > 0:
                 raise ConfigError(f"router: {name} must be positive, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ConfigError(f"router: max_queue must be >= 0, got {self.max_queue}")
 
     @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None) -> "RouterConfig":
-        p = ArgumentParser(prog="python -m services.router", description="Mnemosyne router (public API)")
-        add_config_flags(p.add_argument_group("router"), cls, {
-            "kvstore": "kvstore address HOST:PORT", "host": "address to bind (0.0.0.0 = every interface)",
-            "port": "port to bind (0 = free)",
-            "instance_id": "the metrics' instance label, unique per replica (default: router-<hostname>-<pid>)",
-            "model": "HF directory or .gguf file the instances serve (default: the built-in model)",
-            "model_name": "served model name (default: the checkpoint's file or directory name)",
-            "max_model_len": "longest sequence", "max_prompt_tokens": "longest prompt (0 = max_model_len - 1)",
-            "short_prompt_tokens": "prompts shorter than this skip the prefill pool",
-            "default_max_tokens": "max_tokens of a request that does not set it",
-            "kv_backend": "KV transfer backend to ask decode instances for (default: theirs)",
-            "request_timeout_s": "deadline of a request's streams to the instances",
-            "rpc_timeout_s": "deadline of unary calls", "discovery_ttl_s": "instance list cache",
-            "grace_s": "shutdown grace period",
-            "deployment": "deployment name (the metrics' pool label)",
-            "metrics_port": "Prometheus /metrics port (0 = free, -1 = none)",
-            "admission": "SLO-aware admission (--no-admission lets every request through)",
-            "prometheus_url": "read the instances' load from this Prometheus (default: scrape them)",
-            "scrape_interval_s": "seconds between load reads", "ttft_slo_s": "default TTFT SLO, short prompts",
-            "tbt_slo_s": "default TBT SLO", "slo_objective": "fraction of requests that must meet the SLO",
-            "max_queue": "admission queue bound", "max_queue_wait_s": "longest wait in the admission queue",
-            "max_staleness_s": "load older than this makes an instance unknown",
-            "perf_step_s": "performance model: seconds per iteration",
-            "perf_token_s": "performance model: seconds per token in an iteration",
-            "iteration_budget_s": "the instances' iteration budget"}, dest_prefix="r_")
-        return config_from_args(cls, p.parse_args(argv), "r_")
+    def flags(cls) -> Flags:
+        return Flags(cls, groups={"": "router", "slo": "slo"})
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  env: Mapping[str, str] | None = None) -> "RouterConfig":
+        """Flags > MNEMOSYNE_* environment variables > defaults."""
+        return parse_config(cls.flags(), argv, env, prog="python -m services.router",
+                            description="Mnemosyne router (public API)")
