@@ -1,10 +1,11 @@
 """`mnemosyne` command line: `generate` (one request through the in-process engine) and `demo`.
 
-Flags are generated from the config dataclasses (SamplingParams, SchedulerConfig, CacheConfig,
-EngineConfig), so their names, types and defaults never drift from the config. Arguments are grouped
-(model, prompt, sampling, scheduling, parallel, serving, output); `build_parser()` returns the groups'
-parser so later subsystems add their flags to the group they belong to, and `run_generate(args)`
-turns parsed arguments into configs.
+Flags are generated from the config dataclasses by common/flags.py (SamplingParams and every field
+of EngineConfig: its own, CacheConfig, SchedulerConfig, ParallelConfig), so their names, types and
+defaults never drift from the config; each flag also reads its MNEMOSYNE_<FLAG> environment
+variable (flag > env > default). Arguments are grouped (model, prompt, sampling, scheduling,
+parallel, serving, output); after parsing, `args.<dest>` holds every setting's value (dests:
+engine_*, sched_*, cache_*, par_*, sp_*) and `engine_config(args)` builds the validated EngineConfig.
 
 Errors: a bad argument or a failure the user can fix (missing file, malformed token list, prompt too
 long, bad sampling value) prints ONE line `mnemosyne: error: ...` on stderr and exits with status 2.
@@ -21,25 +22,35 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from common.config import (DTYPES, SCHED_CHUNKINGS, SCHED_POLICIES, CacheConfig, EngineConfig, ParallelConfig,
-                           SchedulerConfig)
+from common.config import EngineConfig
 from common.errors import InvalidRequestError, MnemosyneError
+from common.flags import Flags
 from common.sampling_params import SamplingParams
 
 PROG = "mnemosyne"
 EXIT_USAGE = 2
-ATTENTION_BACKENDS = ("auto", "reference", "cpu_flash", "cuda")   # common.attention.registry.BACKENDS
 
 log = logging.getLogger(PROG)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2."""
+    """argparse, but a usage error is one line on stderr (no usage dump), exit status 2; after
+    parsing, every generated flag's dest holds its value (flag > env > default) and
+    `args.given` the keys a flag or env var set."""
 
     def error(self, message: str) -> typing.NoReturn:
         fail(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        if hasattr(ns, "config_flags") and not hasattr(ns, "given"):   # a subcommand's parser resolves
+            try:
+                ns.given = set().union(*(flags.resolve(ns) for flags in ns.config_flags))
+            except MnemosyneError as e:
+                self.error(str(e))
+        return ns, rest
 
 
 def fail(message: str) -> typing.NoReturn:
@@ -48,102 +59,61 @@ def fail(message: str) -> typing.NoReturn:
     sys.exit(EXIT_USAGE)
 
 
-# ---- flags generated from config dataclasses --------------------------------------------------------
-def _flag_type(cls: type, name: str) -> type:
-    """The scalar type of a dataclass field: `int | None` -> int."""
-    hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+# ---- flags generated from the config dataclasses ------------------------------------------------
+ENGINE_DESTS = {"": "engine_", "cache": "cache_", "scheduler": "sched_", "parallel": "par_"}
+ENGINE_HELPS = {
+    "max_model_len": "longest sequence (prompt + output) allowed; may exceed the trained context",
+    "max_kv_tokens": "KV capacity per KVP group, tokens (default here: what the request needs)",
+    "iteration_budget_s": "seconds one iteration may take (adaptive chunking; unset: by --role)",
+}
 
 
-def add_config_flags(group: argparse._ArgumentGroup, cls: type, helps: dict[str, str], dest_prefix: str,
-                     **extra: dict[str, Any]) -> None:
-    """Adds `--field-name` for each field of dataclass `cls` named in `helps` (in that order).
-
-    dest = dest_prefix + field name, default = the dataclass default, type from its annotation.
-    `extra[field]` overrides argparse keywords (choices, metavar, ...).
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name, text in helps.items():
-        f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kind = _flag_type(cls, name)
-        kw: dict[str, Any] = dict(dest=dest_prefix + name, default=default,
-                                  help=f"{text} (default: {default})")
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-        kw.update(extra.get(name, {}))
-        group.add_argument("--" + name.replace("_", "-"), **kw)
+def engine_flags(parallel: bool = True) -> Flags:
+    """The flags of EngineConfig: the model group (its own fields), scheduling (scheduler and
+    cache), parallel (unless `parallel` is False: one process)."""
+    return Flags(EngineConfig, exclude=() if parallel else ("parallel",), helps=ENGINE_HELPS,
+                 dests=ENGINE_DESTS, groups={"": "model", "cache": "scheduling", "scheduler": "scheduling",
+                                             "parallel": "parallel"})
 
 
-def config_from_args(cls: type, args: argparse.Namespace, dest_prefix: str, **fixed: Any) -> Any:
-    """Builds dataclass `cls` from the flags add_config_flags made (plus `fixed` values)."""
-    values = dict(fixed)
-    for f in dataclasses.fields(cls):
-        dest = dest_prefix + f.name
-        if hasattr(args, dest) and f.name not in values:
-            values[f.name] = getattr(args, dest)
+def sampling_flags(max_tokens: int | None = None) -> Flags:
+    return Flags(SamplingParams, exclude=("stop_token_ids",), dest_prefix="sp_", groups={"": "sampling"},
+                 defaults={"max_tokens": max_tokens} if max_tokens else None,
+                 helps={"max_tokens": "tokens to generate at most", "top_p": "nucleus sampling mass",
+                        "top_k": "keep the k most likely tokens (0 = off)", "seed": "sampling seed",
+                        "temperature": "0 = greedy",
+                        "ignore_eos": "keep generating past end-of-sequence tokens"})
+
+
+def add_flags(p: argparse.ArgumentParser, *flag_sets: Flags) -> None:
+    """Adds the flags of each set to `p` (groups by title, made once) and has parse_args resolve them."""
+    groups = {g.title: g for g in p._action_groups}
+    for flags in flag_sets:
+        flags.add_to(p, groups)
+        groups = {g.title: g for g in p._action_groups}
+    p.set_defaults(config_flags=tuple(p.get_default("config_flags") or ()) + flag_sets)
+
+
+def engine_config(args: argparse.Namespace, fixed: Mapping[str, Any] | None = None) -> EngineConfig:
+    """The validated EngineConfig of parsed arguments (`fixed`: values by key no flag set)."""
+    return args.config_flags[0].build(args, fixed=fixed)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, dest_prefix: str,
+                     fixed: Mapping[str, Any] | None = None) -> Any:
+    """Dataclass `cls` (a flat one) from the resolved dests `dest_prefix + field` in `args`."""
+    values = {f.name: getattr(args, dest_prefix + f.name) for f in dataclasses.fields(cls)
+              if hasattr(args, dest_prefix + f.name)}
+    values.update(fixed or {})
     return cls(**values)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR|FILE", default=None,
-                   help="Hugging Face checkpoint directory or .gguf file (default: the built-in "
-                        "SmolLM2-135M-Instruct)")
-    add_config_flags(g, EngineConfig, {
-        "dtype": "weights, activations and KV cache type",
-        "max_model_len": "longest sequence (prompt + output) allowed; may exceed the trained context",
-        "attention_backend": "attention kernels",
-        "device": "torch device",
-    }, dest_prefix="engine_", dtype=dict(choices=DTYPES), attention_backend=dict(choices=ATTENTION_BACKENDS),
-        max_model_len=dict(metavar="N"))
-    return g
-
-
-def add_scheduling_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    g = p.add_argument_group("scheduling")
-    add_config_flags(g, SchedulerConfig, {
-        "chunk_size": "prefill chunk size in tokens (fixed chunking)",
-        "policy": "order in which prefills get an iteration (lars: least slack per unit of work first)",
-        "chunking": "fixed: --chunk-size tokens; adaptive: the largest chunk whose predicted iteration "
-                    "time fits the budget (needs a performance model: the saved profile, else the "
-                    "analytic roofline)",
-        "iteration_budget_s": "seconds one iteration may take (adaptive chunking; unset: 0.8 x the TBT SLO)",
-        "slack_stealing": "lars: a request that would miss its deadline moves ahead of requests that keep "
-                          "theirs (--no-slack-stealing: the paper's rho order alone)",
-    }, dest_prefix="sched_", chunk_size=dict(metavar="N"), policy=dict(choices=SCHED_POLICIES),
-        chunking=dict(choices=SCHED_CHUNKINGS), iteration_budget_s=dict(metavar="S"))
-    add_config_flags(g, CacheConfig, {"block_size": "KV cache block size in tokens"},
-                     dest_prefix="cache_", block_size=dict(metavar="N"))
-    return g
-
-
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = None) -> argparse._ArgumentGroup:
-    g = p.add_argument_group("sampling")
-    add_config_flags(g, SamplingParams, {
-        "max_tokens": "tokens to generate at most",
-        "temperature": "0 = greedy",
-        "top_p": "nucleus sampling mass",
-        "top_k": "keep the k most likely tokens (0 = off)",
-        "seed": "sampling seed",
-        "ignore_eos": "keep generating past end-of-sequence tokens",
-    }, dest_prefix="sp_", max_tokens=dict(metavar="N", **({"default": max_tokens} if max_tokens else {})))
-    return g
-
-
 def add_parallel_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    g = p.add_argument_group("parallel", "worker layout (tensor, sequence-pipeline, KV-cache parallelism); "
-                                         "tp*spp*kvp > 1 starts a grid of worker processes")
-    add_config_flags(g, ParallelConfig, {
-        "tp": "tensor-parallel ranks (split heads and MLP columns)",
-        "spp": "sequence-pipeline stages (split layers; chunks of one prompt overlap)",
-        "kvp": "KV-cache-parallel groups (split the context by token ranges)",
-        "kvp_tokens": "tokens each KVP group holds (needed when --kvp > 1)",
-    }, dest_prefix="par_", tp=dict(metavar="T"), spp=dict(metavar="S"), kvp=dict(metavar="K"),
-        kvp_tokens=dict(metavar="M"))
+    """The grid's rendezvous flags (the layout flags --tp --spp --kvp --kvp-tokens come with the
+    engine's flags)."""
+    g = next(g for g in p._action_groups if g.title == "parallel")
+    g.description = ("worker layout (tensor, sequence-pipeline, KV-cache parallelism); "
+                     "tp*spp*kvp > 1 starts a grid of worker processes")
     g.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default: 127.0.0.1)")
     g.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
     g.add_argument("--control-port", type=int, default=None,
@@ -160,7 +130,7 @@ def build_parser() -> ArgumentParser:
 
     gen = sub.add_parser("generate", help="run one prompt through the in-process engine",
                          description="Run one prompt through the in-process engine.")
-    add_model_args(gen)
+    gen.add_argument_group("model")
     prompt = gen.add_argument_group("prompt")
     src = prompt.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="prompt text")
@@ -168,10 +138,10 @@ def build_parser() -> ArgumentParser:
     src.add_argument("--prompt-tokens", metavar="F", help="file holding a JSON list of token ids")
     prompt.add_argument("--chat", action="store_true",
                         help="wrap the text prompt as a user message in the model's chat template")
-    add_sampling_args(gen)
-    add_scheduling_args(gen)
-    # Multi-worker layouts (--tp --spp --kvp --kvp-tokens) and remote serving (--server ADDR) add
-    # their flags to these groups; run_generate reads them through getattr(args, ..., default).
+    gen.add_argument_group("sampling")
+    gen.add_argument_group("scheduling")
+    gen.add_argument_group("parallel")
+    add_flags(gen, engine_flags(), sampling_flags())
     add_parallel_args(gen)
     serving = gen.add_argument_group("serving", "send the request to a running Mnemosyne router instead")
     serving.add_argument("--server", metavar="HOST:PORT", default=None,
@@ -185,11 +155,10 @@ def build_parser() -> ArgumentParser:
     demo = sub.add_parser("demo", help="long-prompt demo with the built-in model (what `make up` runs)",
                           description="Answer a question about a long generated document; print the "
                                       "answer, TTFT, TBT and throughput.")
-    add_model_args(demo)
+    demo.add_argument_group("model")
     demo.add_argument("--doc-tokens", type=int, default=3000, metavar="N",
                       help="approximate document length in tokens (default: 3000)")
-    add_sampling_args(demo, max_tokens=48)
-    add_scheduling_args(demo)
+    add_flags(demo, engine_flags(parallel=False), sampling_flags(max_tokens=48))
     demo.set_defaults(func=run_demo)
 
     worker = sub.add_parser("worker", help="one rank of a grid whose driver runs on another machine",
@@ -227,14 +196,11 @@ def read_prompt_text(args: argparse.Namespace) -> str | None:
     return None
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Rejects bad values before anything slow (loading the model) happens."""
+def check_args(args: argparse.Namespace) -> EngineConfig:
+    """Rejects bad values before anything slow (loading the model) happens; the EngineConfig."""
     if getattr(args, "chat", False) and getattr(args, "prompt_tokens", None) is not None:
         raise InvalidRequestError("--chat applies to a text prompt, not to --prompt-tokens")
-    for flag in ("sched_chunk_size", "cache_block_size"):
-        if getattr(args, flag) <= 0:
-            raise InvalidRequestError(f"--{flag.split('_', 1)[1].replace('_', '-')} must be positive, "
-                                      f"got {getattr(args, flag)}")
+    return engine_config(args)
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -248,10 +214,10 @@ def open_session(args: argparse.Namespace, load_tokenizer_required: bool = True)
     """
     from common.model.loader import load_checkpoint
     from common.model.tokenizer import load_tokenizer
-    checkpoint = load_checkpoint(args.model, max_model_len=args.engine_max_model_len)
+    checkpoint = load_checkpoint(args.engine_model, max_model_len=args.engine_max_model_len)
     tokenizer = None
     try:
-        tokenizer = load_tokenizer(args.model, checkpoint.config)
+        tokenizer = load_tokenizer(args.engine_model, checkpoint.config)
     except MnemosyneError:
         if load_tokenizer_required:
             raise
@@ -263,11 +229,10 @@ def build_engine(args: argparse.Namespace, checkpoint: Any, tokenizer: Any, kv_t
     """The engine, its KV cache sized for `kv_tokens` tokens (the request at hand): in-process for a
     1x1x1 layout, else a grid of worker processes (local, or remote with --remote-workers)."""
     from common.engine.engine import LLMEngine
-    cache = config_from_args(CacheConfig, args, "cache_", max_kv_tokens=kv_tokens + args.cache_block_size)
-    sched = config_from_args(SchedulerConfig, args, "sched_")
-    par = config_from_args(ParallelConfig, args, "par_") if hasattr(args, "par_tp") else ParallelConfig()
-    cfg = config_from_args(EngineConfig, args, "engine_", model=args.model, cache=cache, scheduler=sched,
-                           parallel=par)
+    sized = {} if "cache.max_kv_tokens" in getattr(args, "given", ()) else \
+        {"cache.max_kv_tokens": kv_tokens + args.cache_block_size}
+    cfg = engine_config(args, fixed=sized)
+    par = cfg.parallel
     eos = tokenizer.eos_token_ids if tokenizer is not None else ()
     if par.world_size == 1:
         return LLMEngine(cfg, checkpoint, extra_eos_ids=eos)

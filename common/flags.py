@@ -235,8 +235,8 @@ class Flags:
                 continue
             flag = f.metadata.get("flag", f.name.replace("_", "-"))
             kind, optional, choices = _scalar(hint)
-            if flag is None:
-                continue
+            if flag is None or (kind is None and key in self.exclude):
+                continue                  # not a setting: the dataclass default applies
             if kind is None:
                 raise ConfigError(f"flags: {cls.__name__}.{f.name} ({hint}) has no flag form; "
                                   f"give it metadata={{'flag': None}}")
@@ -322,13 +322,22 @@ class Flags:
         out.update(self.given(args, env))
         return out
 
+    def resolve(self, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> set[str]:
+        """Fills every flag's dest in `args` with its value (flag > env > default), so code may
+        read `args.<dest>` directly; returns the keys that a flag or an env var set."""
+        given = self.given(args, env)
+        for s in self.settings:
+            setattr(args, s.dest, given.get(s.key, s.default))
+        return set(given)
+
     def build(self, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None,
-              **fixed: Any) -> Any:
+              fixed: Mapping[str, Any] | None = None) -> Any:
         """The validated config from parsed flags and the environment. `fixed` gives values by
-        key ("engine.cache.max_kv_tokens") that no flag sets; a ConfigError names the flags."""
+        key ("engine.cache.max_kv_tokens" or, for the root's own fields, "model") that no flag
+        sets; a ConfigError names the flags of the values it rejects."""
         values = {s.key: s.default for s in self._all}
         values.update(self.values(args, env))
-        values.update(fixed)
+        values.update(fixed or {})
         return self._make(self.cls, (), values)
 
     def _make(self, cls: type, path: tuple[str, ...], values: Mapping[str, Any]) -> Any:

@@ -1,11 +1,20 @@
 """`make up`: the whole disaggregated deployment on loopback, one process per service.
 
-    .venv/bin/python scripts/up.py [--kv-backend tcp|nixl] [--port 50051] [--model DIR|FILE] ...
+    make up ARGS="--model DIR --max-model-len N --decode-kvp K --kvp-tokens M"
+    .venv/bin/python scripts/up.py [--kv-backend tcp|nixl] [--port 50051] [--policy fcfs] ...
 
 Starts, in order: Redis (a private redis-server unless --redis-url), the kvstore, one prefill instance
 (spp = 2) and one decode instance (kvp = 2) side by side, and the router on 127.0.0.1:50051, serving
 the built-in model unless --model says otherwise. Prints where each service listens and where its
 log is, then waits; Ctrl-C (SIGINT) or SIGTERM stops them all, router first, Redis last.
+
+Flags (common/flags.py; each also read from MNEMOSYNE_<FLAG>): the cluster's own (ClusterConfig:
+layout, sizes, ports), then the pools' engine and scheduler flags (--policy, --chunking, --perf-model,
+--tbt-slo-s, ...) and the router's SLO and admission flags (--ttft-short-s, --slo-factor, ...), passed
+on to those services when given. Sizing: with --max-model-len N, the deployment is sized so that an
+idle one serves a prompt of up to N tokens: M = --kvp-tokens defaults to ceil(N / K) rounded up to
+the block size, each decode KVP group holds M plus headroom, the prefill instance N, and the KV
+transfer timeout grows with N (ClusterConfig.sized).
 
 The `Cluster` class is also what the end-to-end tests start (tests/integration/test_services_e2e.py).
 """
@@ -30,8 +39,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.config import DType, EngineConfig, KVBackend  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
+from common.flags import ENV_PREFIX, RESERVED_ENV, Flags  # noqa: E402
 from common.metadata.redis_server import RedisServer  # noqa: E402
+from common.pool_config import POOL_DEFAULTS  # noqa: E402
+from services.router.config import RouterConfig  # noqa: E402
 
 log = logging.getLogger("up")
 LISTENING = re.compile(r"^(\w+) listening on (\S+)", re.M)
@@ -44,31 +57,97 @@ def default_kv_backend() -> str:
     return "nixl" if importlib.util.find_spec("nixl_cu12") or importlib.util.find_spec("nixl") else "tcp"
 
 
+DEFAULT_KV_TOKENS = 8192                     # KV capacity of an instance (per KVP group) when not sized
+DEFAULT_KVP_TOKENS = 4096                    # M when neither --kvp-tokens nor --max-model-len is given
+DEFAULT_KV_TIMEOUT_S = 60.0
+KV_TRANSFER_TOKENS_PER_S = 100.0             # kv_timeout_s >= N / this: a prompt of N tokens, prefilled on CPU
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
-    model: str | None = None                 # None = the built-in model
-    kv_backend: str = field(default_factory=default_kv_backend)
-    host: str = "127.0.0.1"
-    router_port: int = 50051                 # 0 = a free one
-    redis_url: str = ""                      # "" = start a private redis-server
-    deployment: str = "default"              # key prefix in Redis
-    prefill_spp: int = 2
-    decode_kvp: int = 2
-    kvp_tokens: int = 4096                   # tokens per decode KVP group (M)
-    block_size: int = 16
-    decode_kv_tokens: int = 8192             # KV capacity of each decode KVP group, tokens
-    prefill_kv_tokens: int = 8192
-    chunk_size: int = 512
-    short_prompt_tokens: int = 256
-    max_model_len: int | None = None
-    dtype: str = "float32"
+    """One loopback deployment. None sizes are derived by `sized()` (from --max-model-len)."""
+    model: str | None = None                 # Hugging Face directory or .gguf file (none: the built-in model)
+    max_model_len: int | None = None         # N: longest sequence; sizes KV capacity and timeouts (none: the model's)
+    kv_backend: KVBackend = field(default_factory=default_kv_backend, metadata={
+        "help": "KV transfer backend (nixl when its wheel is installed, else tcp)"})
+    host: str = "127.0.0.1"                  # address every service binds
+    router_port: int = field(default=50051, metadata={"flag": "port", "help": "router port (0 = a free one)"})
+    redis_url: str = ""                      # use this Redis instead of starting one
+    deployment: str = "default"              # key prefix in Redis and the metrics' pool label
+    prefill_tp: int = 1                      # tensor-parallel ranks of the prefill instance
+    prefill_spp: int = 2                     # sequence-pipeline stages of the prefill instance
+    decode_tp: int = 1                       # tensor-parallel ranks of the decode instance
+    decode_kvp: int = 2                      # K: KV-parallel groups of the decode instance
+    kvp_tokens: int | None = None            # M: tokens per decode KVP group (none: ceil(N / K) rounded up to the block size, else 4096)
+    block_size: int = 16                     # tokens per KV block
+    decode_kv_tokens: int | None = None      # KV capacity of each decode KVP group, tokens (none: M plus headroom, at least 8192)
+    prefill_kv_tokens: int | None = None     # KV capacity of the prefill instance, tokens (none: N plus a block, at least 8192)
+    chunk_size: int = 512                    # prefill chunk in tokens (--chunking fixed)
+    short_prompt_tokens: int = 256           # shorter prompts are prefilled by the decode instance
+    dtype: DType = "float32"                 # weights, activations and KV cache type
     threads: int = 1                         # torch threads per process
-    lease_s: float = 10.0
-    kv_timeout_s: float = 60.0
-    start_timeout_s: float = 300.0
-    log_dir: str = ""                        # "" = a new temporary directory
+    lease_s: float = 10.0                    # the kvstore's placement lease
+    kv_timeout_s: float | None = None        # KV transfer timeout of the pools (none: 60 s, or N / 100 tokens/s when longer)
+    start_timeout_s: float = 300.0           # how long each service may take to start
+    log_dir: str = ""                        # where the services' logs go (empty = a new temporary directory)
     admission: bool = True                   # the router's SLO-aware admission
-    extra: dict = field(default_factory=dict)   # service name -> extra flags
+    pool_flags: tuple[str, ...] = field(default=(), metadata={"flag": None})     # engine flags for both pools
+    router_flags: tuple[str, ...] = field(default=(), metadata={"flag": None})   # more router flags
+    extra: dict = field(default_factory=dict, metadata={"flag": None})  # service name -> extra flags
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_tp", "prefill_spp", "decode_tp", "decode_kvp", "block_size", "chunk_size",
+                     "threads", "short_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"up: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "kvp_tokens", "decode_kv_tokens", "prefill_kv_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"up: {name} must be >= 1, got {getattr(self, name)}")
+        n, k, m = self.max_model_len, self.decode_kvp, self.kvp_tokens
+        if n is not None and k > 1 and m is not None and k * m < n:
+            raise ConfigError(f"up: decode_kvp x kvp_tokens = {k} x {m} = {k * m} tokens < max_model_len {n}")
+
+    def sized(self) -> "ClusterConfig":
+        """This config with every None size derived (a new config; the one `Cluster` runs)."""
+        n, k, bs = self.max_model_len, self.decode_kvp, self.block_size
+        m = self.kvp_tokens or (_round_up(-(-n // k), bs) if n else DEFAULT_KVP_TOKENS)
+        need = m if k > 1 else (n or 0)                  # tokens of one longest request per group
+        headroom = max(1024, need // 4)                  # short requests beside the longest one
+        decode = self.decode_kv_tokens or max(DEFAULT_KV_TOKENS, _round_up(need + headroom, bs) if need else 0)
+        prefill = self.prefill_kv_tokens or max(DEFAULT_KV_TOKENS, _round_up(n, bs) + bs if n else 0)
+        timeout = self.kv_timeout_s or max(DEFAULT_KV_TIMEOUT_S, (n or 0) / KV_TRANSFER_TOKENS_PER_S)
+        if k > 1 and decode < m:
+            raise ConfigError(f"up: decode_kv_tokens {decode} < kvp_tokens {m}: a KVP group could not "
+                              "hold its share of one request")
+        return dataclasses.replace(self, kvp_tokens=m, decode_kv_tokens=decode, prefill_kv_tokens=prefill,
+                                   kv_timeout_s=timeout)
+
+
+# The pools' engine settings that `make up` passes on when given (the cluster sets the others).
+CLUSTER_ENGINE_KEYS = ("model", "max_model_len", "kv_backend", "kv_host", "dtype", "cache", "parallel",
+                       "scheduler.chunk_size", "scheduler.role")
+ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "max_model_len", "kv_backend",
+                       "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission")
+
+
+def cluster_flags() -> Flags:
+    return Flags(ClusterConfig, groups={"": "cluster"})
+
+
+def pool_flags() -> Flags:
+    """The pools' engine and scheduler flags (relative to EngineConfig) that `make up` passes on."""
+    defaults = {k.removeprefix("engine."): v for k, v in POOL_DEFAULTS.items()}    # for --help; given
+    return Flags(EngineConfig, exclude=CLUSTER_ENGINE_KEYS, dest_prefix="pool_", defaults=defaults,  # ones pass
+                 groups={"": "pools (prefill and decode)", "scheduler": "pools: scheduler"})
+
+
+def router_flags() -> Flags:
+    return Flags(RouterConfig, exclude=ROUTER_CLUSTER_KEYS, dest_prefix="router_",
+                 groups={"": "router", "slo": "router: default SLOs"})
 
 
 @dataclass
@@ -98,7 +177,7 @@ class Cluster:
     """
 
     def __init__(self, config: ClusterConfig) -> None:
-        self.config = config
+        self.config = config.sized()
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
         self.services: dict[str, Service] = {}
@@ -175,12 +254,13 @@ class Cluster:
         if c.max_model_len:
             args += ["--max-model-len", str(c.max_model_len)]
         if role == "prefill":
-            args += ["--spp", str(c.prefill_spp), "--max-kv-tokens", str(c.prefill_kv_tokens)]
+            args += ["--tp", str(c.prefill_tp), "--spp", str(c.prefill_spp),
+                     "--max-kv-tokens", str(c.prefill_kv_tokens)]
         else:
-            args += ["--max-kv-tokens", str(c.decode_kv_tokens)]
+            args += ["--tp", str(c.decode_tp), "--max-kv-tokens", str(c.decode_kv_tokens)]
             if c.decode_kvp > 1:
                 args += ["--kvp", str(c.decode_kvp), "--kvp-tokens", str(c.kvp_tokens)]
-        return args
+        return args + list(c.pool_flags)
 
     def _router_args(self) -> list[str]:
         c = self.config
@@ -193,13 +273,15 @@ class Cluster:
             args += ["--model", c.model]
         if c.max_model_len:
             args += ["--max-model-len", str(c.max_model_len)]
-        return args
+        return args + list(c.router_flags)
 
     def _spawn(self, name: str, args: list[str]) -> Service:
         args = args + list(self.config.extra.get(name, ()))
         log_path = self.log_dir / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.config.threads)}
+        # Settings reach the services as flags only: MNEMOSYNE_* settings of this shell stay here.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k in RESERVED_ENV}
+        env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.config.threads))
         with open(log_path, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=ROOT, env=env,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -262,25 +344,28 @@ class Cluster:
 
 
 # ---- make up ----------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> ClusterConfig:
-    d = ClusterConfig()
-    p = argparse.ArgumentParser(prog="make up", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: the built-in model)")
-    p.add_argument("--kv-backend", choices=("tcp", "nixl"), default=d.kv_backend,
-                   help=f"KV transfer backend (default here: {d.kv_backend})")
-    p.add_argument("--port", type=int, default=d.router_port, help="router port (default: 50051)")
-    p.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
-    p.add_argument("--spp", type=int, default=d.prefill_spp, help="prefill pipeline stages (default: 2)")
-    p.add_argument("--kvp", type=int, default=d.decode_kvp, help="decode KVP groups (default: 2)")
-    p.add_argument("--kvp-tokens", type=int, default=d.kvp_tokens, help="tokens per decode KVP group")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per process")
-    p.add_argument("--log-dir", default="", help="where the services' logs go (default: a temp dir)")
-    a = p.parse_args(argv)
-    return dataclasses.replace(d, model=a.model, kv_backend=a.kv_backend, router_port=a.port,
-                               redis_url=a.redis_url, prefill_spp=a.spp, decode_kvp=a.kvp,
-                               kvp_tokens=a.kvp_tokens, decode_kv_tokens=max(d.decode_kv_tokens, a.kvp_tokens),
-                               dtype=a.dtype, threads=a.threads, log_dir=a.log_dir)
+def build_parser() -> tuple[argparse.ArgumentParser, Flags, Flags, Flags]:
+    cluster, pools, router = cluster_flags(), pool_flags(), router_flags()
+    p = argparse.ArgumentParser(prog="make up", description=__doc__.split("\n\n")[0],
+                                epilog='make up ARGS="--model DIR --max-model-len N --decode-kvp K --kvp-tokens M"')
+    for flags in (cluster, pools, router):
+        flags.add_to(p)
+    return p, cluster, pools, router
+
+
+def parse_args(argv: list[str] | None, env: dict[str, str] | None = None) -> ClusterConfig:
+    """The ClusterConfig of `make up`'s flags (flag > MNEMOSYNE_<FLAG> > default). The pools' and
+    the router's flags that were given are checked here and passed on as flags."""
+    p, cluster, pools, router = build_parser()
+    args = p.parse_args(argv)
+    try:
+        pool_given, router_given = pools.given(args, env), router.given(args, env)
+        pools.build(args, env)                       # a bad --policy value fails here, not in a pool
+        router.build(args, env, fixed={"kvstore": "-"})
+        return cluster.build(args, env, fixed={"pool_flags": tuple(pools.argv(pool_given)),
+                                               "router_flags": tuple(router.argv(router_given))})
+    except ConfigError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +379,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    cluster = Cluster(config)
+    try:
+        cluster = Cluster(config)
+    except ConfigError as e:
+        print(f"up: {e}", file=sys.stderr)
+        return 2
+    config = cluster.config                     # sized
     print(f"Starting Mnemosyne on loopback (KV over {config.kv_backend}; logs in {cluster.log_dir}) ...",
           flush=True)
     try:
@@ -305,8 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"  redis    {cluster.redis_url}")
         for name, what in (("kvstore", "placement + leases"),
-                           ("prefill", f"spp={config.prefill_spp}"),
-                           ("decode", f"kvp={config.decode_kvp}, {config.kvp_tokens} tokens per group"),
+                           ("prefill", f"tp={config.prefill_tp} spp={config.prefill_spp}, "
+                                       f"{config.prefill_kv_tokens} KV tokens"),
+                           ("decode", f"tp={config.decode_tp} kvp={config.decode_kvp}, "
+                                      f"{config.kvp_tokens} tokens per group, {config.decode_kv_tokens} KV "
+                                      f"tokens per group"),
                            ("router", "the public API")):
             svc = cluster.services[name]
             print(f"  {name:<8} {svc.address:<22} pid {svc.pid:<7} {what}")
