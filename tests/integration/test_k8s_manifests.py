@@ -35,6 +35,7 @@ from unittest import mock
 import pytest
 import yaml
 
+from common.flags import ENV_PREFIX, RESERVED_ENV
 from common.metrics import SPEC_BY_NAME
 from services.decode.config import DecodeConfig
 from services.kvstore.config import KVStoreConfig
@@ -280,7 +281,7 @@ def parse(service: str, argv: list[str], env: dict[str, str]):
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), mock.patch.object(argparse.ArgumentParser, "parse_args", spy):
-            config = PARSERS[service](argv, env=env) if service == "kvstore" else PARSERS[service](argv)
+            config = PARSERS[service](argv, env=env)
     except SystemExit as e:
         raise AssertionError(f"{service} rejects {argv}: {err.getvalue().strip()} (exit {e.code})") from None
     options = parsers[-1]._option_string_actions
@@ -446,14 +447,47 @@ def test_the_services_accept_the_manifests_flags_and_the_wiring_resolves(overlay
     assert runs["router"].config.model == pre.model
 
 
-def test_service_links_are_off_because_they_clash_with_the_kvstore_settings(overlay):
-    """The kubelet's link variable MNEMOSYNE_KVSTORE_PORT=tcp://... is the kvstore's own port
-    setting: with links on, a kvstore started without --port fails to parse it."""
+SETTINGS = {"router": RouterConfig, "prefill": PrefillConfig, "decode": DecodeConfig, "kvstore": KVStoreConfig}
+
+
+def test_every_mnemosyne_variable_is_a_setting_of_its_service(overlay):
+    """The manifests name their environment variables as the flag generator does (common/flags.py):
+    a misspelled or stale MNEMOSYNE_* variable would be ignored silently, so each must be one of
+    the service's generated settings (or a process-wide one, RESERVED_ENV)."""
+    for w, c, service in mnemosyne_containers(render(overlay)):
+        known = set(SETTINGS[service].flags().env_names()) | RESERVED_ENV
+        names = [e["name"] for e in c.get("env", [])]
+        stray = [n for n in names if n.startswith(ENV_PREFIX) and n not in known]
+        assert not stray, f"{w['metadata']['name']}: not settings of the {service}: {stray}"
+        assert len(names) == len(set(names)), f"{w['metadata']['name']}: a variable set twice"
+        # a setting comes either as a flag or as its variable, not both (which one wins is not obvious)
+        flags = {a.split("=", 1)[0] for a in c["args"][1:]}
+        both = [n for n in names if n.startswith(ENV_PREFIX) and "--" + n[len(ENV_PREFIX):].lower().replace("_", "-")
+                in flags]
+        assert not both, f"{w['metadata']['name']}: set as flag and variable: {both}"
+
+
+def test_the_pools_run_the_papers_scheduler(overlay):
+    """The manifests rely on the pools' defaults (services/{prefill,decode}/config.py): LARS with
+    slack stealing, adaptive chunks, the role's budget rule and a calibrated performance model."""
+    runs = {r.service: r for r in launches(render(overlay))}
+    for role in ("prefill", "decode"):
+        eng = runs[role].config.engine
+        s = eng.scheduler
+        assert (s.policy, s.chunking, s.role, s.slack_stealing) == ("lars", "adaptive", role, True), role
+        assert eng.perf_model == "calibrate", role
+    assert runs["decode"].config.engine.scheduler.tbt_slo_s == float(runs["decode"].env["MNEMOSYNE_TBT_SLO_S"])
+
+
+def test_service_links_are_off_and_could_not_pass_for_settings(overlay):
+    """The kubelet's link variables (MNEMOSYNE_KVSTORE_PORT=tcp://... for the Service
+    mnemosyne-kvstore) share the MNEMOSYNE_ prefix: none may be a setting of any service, and the
+    links stay off anyway."""
     objs = render(overlay)
     links = service_link_env(objs)
     assert links["MNEMOSYNE_KVSTORE_PORT"].startswith("tcp://")
-    with pytest.raises(AssertionError, match="invalid int value"):
-        parse("kvstore", [], links)
+    settings = set().union(*(set(cls.flags().env_names()) for cls in SETTINGS.values()))
+    assert not settings & set(links), sorted(settings & set(links))
     for w in of_kind(objs, *WORKLOAD_KINDS):
         assert pod_spec(w).get("enableServiceLinks") is False, w["metadata"]["name"]
 
