@@ -82,6 +82,6 @@ def test_redis_that_starts_late_is_waited_for(tmp_path, free_port):
 def test_a_bad_value_of_the_timeout_is_a_config_error():
     from common.errors import ConfigError
     from services.kvstore.config import KVStoreConfig
-    with pytest.raises(ConfigError, match="redis_connect_timeout_s"):
+    with pytest.raises(ConfigError, match=r"redis_connect_timeout_s.*\(--redis-connect-timeout-s\)"):
         KVStoreConfig.from_args(["--redis-connect-timeout-s", "0"], env={})
-    assert KVStoreConfig.from_args([], env={"MNEMOSYNE_KVSTORE_REDIS_CONNECT_TIMEOUT_S": "7"}).redis_connect_timeout_s == 7
+    assert KVStoreConfig.from_args([], env={"MNEMOSYNE_REDIS_CONNECT_TIMEOUT_S": "7"}).redis_connect_timeout_s == 7
