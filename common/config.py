@@ -190,10 +190,14 @@ class SchedulerConfig:
     chunk_size: int = 512              # fixed prefill chunk (tokens) when adaptive chunking is off
     max_batch_tokens: int = 8192       # tokens in one forward pass
     max_num_seqs: int = 64             # requests in one forward pass
-    policy: Policy = "fcfs"            # order in which prefills get an iteration (lars: least slack per unit of work first)
-    chunking: Chunking = "fixed"       # fixed: --chunk-size tokens; adaptive: the largest chunk whose predicted time fits the budget
-    role: Role = "decode"              # which rule picks the iteration budget (decode: TBT SLO; prefill: preemption interval)
-    tbt_slo_s: float = 0.2             # default TBT SLO (mean gap between tokens); decode role: budget = tbt_headroom x it
+    policy: Policy = "fcfs"            # order in which prefills get an iteration (lars: least slack per unit of
+                                       # work first)
+    chunking: Chunking = "fixed"       # fixed: --chunk-size tokens; adaptive: the largest chunk whose predicted
+                                       # time fits the budget
+    role: Role = "decode"              # which rule picks the iteration budget (decode: TBT SLO; prefill:
+                                       # preemption interval)
+    tbt_slo_s: float = 0.2             # default TBT SLO (mean gap between tokens); decode role: budget =
+                                       # tbt_headroom x it
     tbt_headroom: float = 0.8          # decode role: share of the TBT SLO one iteration may take
     preempt_interval_s: float = 0.2    # prefill role: budget = this / pipeline depth
     iteration_budget_s: float | None = None   # explicit budget, overrides the role's rule
@@ -201,7 +205,8 @@ class SchedulerConfig:
     max_chunk: int = 8192              # adaptive chunking: largest chunk (tokens, a multiple of 32)
     long_threshold: int = 256 * 1024   # LARS: prompt tokens processed before a prefill counts as long
     rho_max: float = 0.4               # LARS: cap of the budget share a long prefill yields
-    slack_stealing: bool = True        # LARS: a request that would miss its deadline moves ahead of ones with slack
+    slack_stealing: bool = True        # LARS: a request that would miss its deadline moves ahead of ones with
+                                       # slack
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -258,7 +263,8 @@ class EngineConfig:
       any other value: the path of a profile JSON, refused (ConfigError) when its key does not
       match the engine.
     """
-    model: str | None = None           # Hugging Face directory or .gguf file (none: the built-in SmolLM2-135M-Instruct)
+    model: str | None = None           # Hugging Face directory or .gguf file (none: the built-in
+                                       # SmolLM2-135M-Instruct)
     dtype: DType = "float32"           # weights, activations and KV cache type
     device: str = "cpu"                # torch device
     attention_backend: AttentionBackend = "auto"   # attention kernels

@@ -129,17 +129,30 @@ def _scalar(hint: Any) -> tuple[type | None, bool, tuple[str, ...] | None]:
 
 @functools.cache
 def _comments(cls: type) -> dict[str, str]:
-    """field name -> the comment at the end of its line in the class body (or a base's)."""
+    """field name -> the comment at the end of its line in the class body (or a base's), joined
+    with the comment-only lines right below it that start in the same column."""
     out: dict[str, str] = {}
+    field_line = re.compile(r"^\s+(\w+)\s*:[^#\n]*?(#\s*)(.+)$")
     for klass in cls.__mro__:
         if not dataclasses.is_dataclass(klass):
             continue
         try:
-            src = inspect.getsource(klass)
+            lines = inspect.getsource(klass).splitlines()
         except (OSError, TypeError):
             continue
-        for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M):
-            out.setdefault(m.group(1), m.group(2).strip())
+        name, column = None, -1
+        for line in lines:
+            m = field_line.match(line)
+            if m:
+                name, column = m.group(1), m.start(2)
+                if name not in out:
+                    out[name] = m.group(3).strip()
+                else:
+                    name = None
+            elif name and line.find("#") == column and not line[:column].strip():
+                out[name] += " " + line[column + 1:].strip()
+            else:
+                name = None
     return out
 
 

@@ -30,7 +30,8 @@ class PoolConfig:
     kvstore: str                                  # the kvstore's address
     engine: EngineConfig = field(default_factory=EngineConfig)
     host: str = "127.0.0.1"                       # address to bind (0.0.0.0 = every interface)
-    advertise_host: str = ""                      # address registered with the kvstore and in the metrics URL; empty = --host, or this machine's IP when --host is 0.0.0.0
+    advertise_host: str = ""                      # address registered with the kvstore and in the metrics URL;
+                                                  # empty = --host, or this machine's IP when --host is 0.0.0.0
     port: int = 0                                 # port to bind (0 = a free one, printed at start)
     instance_id: str = ""                         # instance id (empty = <role>-<random>)
     kv_timeout_s: float = 60.0                    # seconds a KV transfer of one request may take

@@ -71,7 +71,8 @@ def _round_up(n: int, multiple: int) -> int:
 class ClusterConfig:
     """One loopback deployment. None sizes are derived by `sized()` (from --max-model-len)."""
     model: str | None = None                 # Hugging Face directory or .gguf file (none: the built-in model)
-    max_model_len: int | None = None         # N: longest sequence; sizes KV capacity and timeouts (none: the model's)
+    max_model_len: int | None = None         # N: longest sequence; sizes KV capacity and timeouts (none: the
+                                             # model's)
     kv_backend: KVBackend = field(default_factory=default_kv_backend, metadata={
         "help": "KV transfer backend (nixl when its wheel is installed, else tcp)"})
     host: str = "127.0.0.1"                  # address every service binds
@@ -82,16 +83,20 @@ class ClusterConfig:
     prefill_spp: int = 2                     # sequence-pipeline stages of the prefill instance
     decode_tp: int = 1                       # tensor-parallel ranks of the decode instance
     decode_kvp: int = 2                      # K: KV-parallel groups of the decode instance
-    kvp_tokens: int | None = None            # M: tokens per decode KVP group (none: ceil(N / K) rounded up to the block size, else 4096)
+    kvp_tokens: int | None = None            # M: tokens per decode KVP group (none: ceil(N / K) rounded up to the
+                                             # block size, else 4096)
     block_size: int = 16                     # tokens per KV block
-    decode_kv_tokens: int | None = None      # KV capacity of each decode KVP group, tokens (none: M plus headroom, at least 8192)
-    prefill_kv_tokens: int | None = None     # KV capacity of the prefill instance, tokens (none: N plus a block, at least 8192)
+    decode_kv_tokens: int | None = None      # KV capacity of each decode KVP group, tokens (none: M plus
+                                             # headroom, at least 8192)
+    prefill_kv_tokens: int | None = None     # KV capacity of the prefill instance, tokens (none: N plus a block,
+                                             # at least 8192)
     chunk_size: int = 512                    # prefill chunk in tokens (--chunking fixed)
     short_prompt_tokens: int = 256           # shorter prompts are prefilled by the decode instance
     dtype: DType = "float32"                 # weights, activations and KV cache type
     threads: int = 1                         # torch threads per process
     lease_s: float = 10.0                    # the kvstore's placement lease
-    kv_timeout_s: float | None = None        # KV transfer timeout of the pools (none: 60 s, or N / 100 tokens/s when longer)
+    kv_timeout_s: float | None = None        # KV transfer timeout of the pools (none: 60 s, or N / 100 tokens/s
+                                             # when longer)
     start_timeout_s: float = 300.0           # how long each service may take to start
     log_dir: str = ""                        # where the services' logs go (empty = a new temporary directory)
     admission: bool = True                   # the router's SLO-aware admission
@@ -395,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"  redis    {cluster.redis_url}")
         for name, what in (("kvstore", "placement + leases"),
-                           ("prefill", f"tp={config.prefill_tp} spp={config.prefill_spp}, "
+                           ("prefill", f"spp={config.prefill_spp} tp={config.prefill_tp}, "
                                        f"{config.prefill_kv_tokens} KV tokens"),
-                           ("decode", f"tp={config.decode_tp} kvp={config.decode_kvp}, "
+                           ("decode", f"kvp={config.decode_kvp} tp={config.decode_tp}, "
                                       f"{config.kvp_tokens} tokens per group, {config.decode_kv_tokens} KV "
                                       f"tokens per group"),
                            ("router", "the public API")):

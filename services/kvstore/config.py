@@ -13,14 +13,17 @@ from common.flags import Flags, parse_config
 class KVStoreConfig:
     host: str = "127.0.0.1"                    # address to bind
     port: int = 50052                          # port to bind (0 = a free one, printed at start)
-    redis_url: str = ""                        # Redis URL, e.g. redis://127.0.0.1:6379/0 (empty = start a private redis-server)
-    redis_connect_timeout_s: float = 30.0      # at start, how long to keep trying to reach Redis (it may start after the kvstore)
+    redis_url: str = ""                        # Redis URL, e.g. redis://127.0.0.1:6379/0 (empty = start a private
+                                               # redis-server)
+    redis_connect_timeout_s: float = 30.0      # at start, how long to keep trying to reach Redis (it may start
+                                               # after the kvstore)
     deployment: str = "default"                # key prefix in Redis: deployments sharing a Redis are independent
     lease_s: float = 10.0                      # placement lease; owners renew well within it
     instance_ttl_s: float = 10.0               # an instance without a heartbeat for this long is gone
     reap_interval_s: float = 0.5               # how often expired leases are reclaimed
     grace_s: float = 5.0                       # shutdown grace period for running RPCs
-    metrics_port: int = 0                      # port of the Prometheus /metrics endpoint (0 = a free one, printed at start; -1 = none)
+    metrics_port: int = 0                      # port of the Prometheus /metrics endpoint (0 = a free one, printed
+                                               # at start; -1 = none)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

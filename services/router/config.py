@@ -20,9 +20,12 @@ class RouterConfig:
     kvstore: str                          # the kvstore's address
     host: str = "127.0.0.1"               # address to bind (0.0.0.0 = every interface)
     port: int = 50051                     # port to bind (0 = a free one)
-    instance_id: str = ""                 # the metrics' instance label, unique per replica (empty = router-<hostname>-<pid>)
-    model: str | None = None              # HF directory or .gguf file the instances serve (tokenizer + config; none = the built-in model)
-    model_name: str = ""                  # served model name, what GenerateRequest.model must match (empty = the checkpoint's name)
+    instance_id: str = ""                 # the metrics' instance label, unique per replica (empty =
+                                          # router-<hostname>-<pid>)
+    model: str | None = None              # HF directory or .gguf file the instances serve (tokenizer + config;
+                                          # none = the built-in model)
+    model_name: str = ""                  # served model name, what GenerateRequest.model must match (empty = the
+                                          # checkpoint's name)
     max_model_len: int | None = None      # longest sequence (none = the model's)
     max_prompt_tokens: int = 0            # longest prompt (0 = max_model_len - 1)
     short_prompt_tokens: int = 256        # shorter prompts are prefilled by the decode instance itself
@@ -40,7 +43,8 @@ class RouterConfig:
     max_queue: int = 256                  # admission queue bound
     max_queue_wait_s: float = 30.0        # longest wait in the admission queue
     max_staleness_s: float = 5.0          # load older than this makes an instance unknown
-    slo: SLOConfig = field(default_factory=SLOConfig)   # default SLOs: --ttft-short-s ... --slo-objective --slo-factor
+    slo: SLOConfig = field(default_factory=SLOConfig)   # default SLOs: --ttft-short-s ... --slo-objective
+                                                        # --slo-factor
 
     def __post_init__(self) -> None:
         if not self.kvstore:

@@ -21,7 +21,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class Leaf:
     size: int = 4                      # items in a leaf
-    rate_s: float | None = None        # seconds per item (none: unlimited)
+    rate_s: float | None = None        # seconds per item
+                                       # (none: unlimited)
+    # a block comment about the next field is not help
     mode: Literal["fast", "slow"] = "fast"
     on: bool = True                    # whether the leaf works
 
@@ -55,7 +57,9 @@ def test_nested_trees_flatten_to_leaf_names_with_types_metavars_and_help():
     assert [s.key for s in flags.settings][:3] == ["address", "branch.leaf.size", "branch.leaf.rate_s"]
     help_text = flags.parser(prog="t").format_help()
     for text in ("--size N", "--rate-s S", "--mode {fast,slow}", "--on, --no-on", "--branch-port PORT",
-                 "items in a leaf (default: 4; env MNEMOSYNE_SIZE)", "where it listens", "(required; env "):
+                 "items in a leaf (default: 4; env MNEMOSYNE_SIZE)", "where it listens", "(required; env ",
+                 "seconds per item (none: unlimited) (default: none; env MNEMOSYNE_RATE_S)",
+                 "--mode {fast,slow} (default: fast; env MNEMOSYNE_MODE)"):
         assert text in " ".join(help_text.split()), text
     cfg = build(flags, ["--address", "a:1", "--size", "7", "--mode", "slow", "--no-on", "--branch-port", "9"])
     assert cfg == Root("a:1", Branch(Leaf(7, None, "slow", False), "from-factory", 9))
