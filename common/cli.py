@@ -6,6 +6,8 @@ defaults never drift from the config; each flag also reads its MNEMOSYNE_<FLAG> 
 variable (flag > env > default). Arguments are grouped (model, prompt, sampling, scheduling,
 parallel, serving, output); after parsing, `args.<dest>` holds every setting's value (dests:
 engine_*, sched_*, cache_*, par_*, sp_*) and `engine_config(args)` builds the validated EngineConfig.
+With --server the request goes to a router; --ttft-slo-s (serving, --server only) and --tbt-slo-s
+(the scheduler's TBT SLO; sent only when given) become the request's own SLOs.
 
 Errors: a bad argument or a failure the user can fix (missing file, malformed token list, prompt too
 long, bad sampling value) prints ONE line `mnemosyne: error: ...` on stderr and exits with status 2.
@@ -16,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -65,6 +68,8 @@ ENGINE_HELPS = {
     "max_model_len": "longest sequence (prompt + output) allowed; may exceed the trained context",
     "max_kv_tokens": "KV capacity per KVP group, tokens (default here: what the request needs)",
     "iteration_budget_s": "seconds one iteration may take (adaptive chunking; unset: by --role)",
+    "tbt_slo_s": "TBT SLO (mean gap between tokens): the engine's (decode role: budget = tbt_headroom x it); "
+                 "generate --server: the request's own (unset: the deployment's)",
 }
 
 
@@ -143,10 +148,15 @@ def build_parser() -> ArgumentParser:
     gen.add_argument_group("parallel")
     add_flags(gen, engine_flags(), sampling_flags())
     add_parallel_args(gen)
-    serving = gen.add_argument_group("serving", "send the request to a running Mnemosyne router instead")
+    serving = gen.add_argument_group(
+        "serving", "send the request to a running Mnemosyne router instead; --tbt-slo-s (scheduling) "
+                   "is then the request's own TBT SLO, sent with it when given")
     serving.add_argument("--server", metavar="HOST:PORT", default=None,
                          help="a Mnemosyne router (e.g. 127.0.0.1:50051, started by `make up`); the model, "
                               "scheduling and parallel flags are then the server's business")
+    serving.add_argument("--ttft-slo-s", metavar="S", type=float, default=None,
+                         help="the request's own TTFT SLO in seconds; needs --server (default: the "
+                              "deployment's, which scales the TTFT deadline with the prompt)")
     out = gen.add_argument_group("output")
     out.add_argument("--json", action="store_true",
                      help='print one JSON object {"token_ids", "text", "logprobs", "ttft_s", "tbt_s"}')
@@ -200,7 +210,27 @@ def check_args(args: argparse.Namespace) -> EngineConfig:
     """Rejects bad values before anything slow (loading the model) happens; the EngineConfig."""
     if getattr(args, "chat", False) and getattr(args, "prompt_tokens", None) is not None:
         raise InvalidRequestError("--chat applies to a text prompt, not to --prompt-tokens")
+    ttft = getattr(args, "ttft_slo_s", None)
+    if ttft is not None:
+        if not (math.isfinite(ttft) and ttft > 0):
+            raise InvalidRequestError(f"--ttft-slo-s must be a positive number of seconds, got {ttft}")
+        if not getattr(args, "server", None):
+            # The offline engine uses a TTFT deadline only to order requests (LARS); it never rejects
+            # or aborts a late one, so for the one request here the flag would silently do nothing.
+            raise InvalidRequestError("--ttft-slo-s needs --server: offline nothing enforces a TTFT SLO "
+                                      "(the engine runs the one request as fast as it can)")
+    tbt = request_tbt_slo_s(args)
+    if tbt is not None and not (math.isfinite(tbt) and tbt > 0):
+        raise InvalidRequestError(f"--tbt-slo-s must be a positive number of seconds, got {tbt}")
     return engine_config(args)
+
+
+def request_tbt_slo_s(args: argparse.Namespace) -> float | None:
+    """The TBT SLO to send with the request: --tbt-slo-s (or MNEMOSYNE_TBT_SLO_S) when given, else
+    None (the deployment's). One flag: offline it is the engine's TBT SLO, served the request's."""
+    if "scheduler.tbt_slo_s" not in getattr(args, "given", ()):
+        return None
+    return args.sched_tbt_slo_s
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -343,7 +373,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_remote(args: argparse.Namespace, params: SamplingParams) -> int:
-    """`generate --server ADDR`: the same request and output, served by a router (common/client.py)."""
+    """`generate --server ADDR`: the same request and output, served by a router (common/client.py),
+    with the request's own SLOs when --ttft-slo-s / --tbt-slo-s are given (else the deployment's).
+    A rejection by the router's admission (RESOURCE_EXHAUSTED) is one error line, exit status 2."""
     from common.client import RouterClient
     if params.ignore_eos:
         raise InvalidRequestError("--ignore-eos is not supported with --server (the API has no such option)")
@@ -357,7 +389,8 @@ def run_remote(args: argparse.Namespace, params: SamplingParams) -> int:
     with RouterClient(args.server) as client:
         c = client.complete(on_text=None if args.json else show, text=text, token_ids=token_ids, chat=args.chat,
                             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                            top_k=params.top_k, seed=params.seed, logprobs=True)
+                            top_k=params.top_k, seed=params.seed, logprobs=True,
+                            ttft_slo_s=args.ttft_slo_s, tbt_slo_s=request_tbt_slo_s(args))
     if args.json:
         print(json.dumps({"token_ids": c.token_ids, "text": c.text, "logprobs": c.logprobs,
                           "ttft_s": c.ttft_s, "tbt_s": c.tbt_s}))

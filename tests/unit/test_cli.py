@@ -140,6 +140,17 @@ def bad_cases(tiny: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "no subcommand": ([], "required"),
         "unknown subcommand": (["serve"], "invalid choice"),
         "unknown flag": (gen + ["--prompt", "hi", "--frobnicate"], "unrecognized"),
+        "ttft slo without --server": (gen + ["--prompt", "hi", "--ttft-slo-s", "5"], "--ttft-slo-s needs --server"),
+        "zero ttft slo": (gen + ["--prompt", "hi", "--server", "127.0.0.1:9", "--ttft-slo-s", "0"],
+                          "--ttft-slo-s must be a positive"),
+        "negative ttft slo": (gen + ["--prompt", "hi", "--server", "127.0.0.1:9", "--ttft-slo-s", "-2"],
+                              "--ttft-slo-s must be a positive"),
+        "nan ttft slo": (gen + ["--prompt", "hi", "--server", "127.0.0.1:9", "--ttft-slo-s", "nan"],
+                         "--ttft-slo-s must be a positive"),
+        "non-numeric ttft slo": (gen + ["--prompt", "hi", "--ttft-slo-s", "soon"], "--ttft-slo-s"),
+        "zero tbt slo": (gen + ["--prompt", "hi", "--server", "127.0.0.1:9", "--tbt-slo-s", "0"], "--tbt-slo-s"),
+        "infinite tbt slo": (gen + ["--prompt", "hi", "--server", "127.0.0.1:9", "--tbt-slo-s", "inf"],
+                             "--tbt-slo-s must be a positive"),
     }
 
 
@@ -174,3 +185,32 @@ def test_scheduling_policy_flags_reach_the_scheduler_config():
     cfg = config_from_args(SchedulerConfig, args, "sched_")
     assert (cfg.policy, cfg.chunking, cfg.slack_stealing) == ("lars", "adaptive", False)
     assert config_from_args(SchedulerConfig, parser.parse_args(["generate", "--prompt", "x"]), "sched_").slack_stealing
+
+
+def test_request_slo_flags_parse_and_reach_the_request(monkeypatch):
+    """--ttft-slo-s is a serving flag; --tbt-slo-s is the scheduler's TBT SLO, sent with a --server
+    request only when given (flag or MNEMOSYNE_TBT_SLO_S), else the deployment's applies."""
+    from common.cli import check_args, request_tbt_slo_s
+    from common.client import RouterClient
+    parser = build_parser()
+    gen = parser._subparsers._group_actions[0].choices["generate"]
+    serving = next(g for g in gen._action_groups if g.title == "serving")
+    ttft = next(a for a in serving._group_actions if a.dest == "ttft_slo_s")
+    assert ttft.option_strings == ["--ttft-slo-s"] and ttft.metavar == "S" and "deployment" in ttft.help
+
+    monkeypatch.delenv("MNEMOSYNE_TBT_SLO_S", raising=False)
+    plain = parser.parse_args(["generate", "--prompt", "x", "--server", "h:1"])
+    check_args(plain)
+    assert plain.ttft_slo_s is None and request_tbt_slo_s(plain) is None
+    assert not RouterClient.request(text="x").HasField("slo")
+
+    args = parser.parse_args(["generate", "--prompt", "x", "--server", "h:1", "--ttft-slo-s", "1.5",
+                              "--tbt-slo-s", "0.05"])
+    check_args(args)
+    assert (args.ttft_slo_s, request_tbt_slo_s(args)) == (1.5, 0.05)
+    assert args.sched_tbt_slo_s == 0.05                    # offline: the engine's TBT SLO, one flag
+    req = RouterClient.request(text="x", ttft_slo_s=args.ttft_slo_s, tbt_slo_s=request_tbt_slo_s(args))
+    assert (req.slo.ttft_s, req.slo.tbt_s) == (1.5, 0.05)
+
+    monkeypatch.setenv("MNEMOSYNE_TBT_SLO_S", "0.1")
+    assert request_tbt_slo_s(parser.parse_args(["generate", "--prompt", "x", "--server", "h:1"])) == 0.1

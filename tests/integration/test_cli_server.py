@@ -1,0 +1,49 @@
+"""`mnemosyne generate --server` with the request's own SLOs, against a real deployment (scripts/up.py's
+Cluster: Redis, kvstore, one prefill and one decode instance, router; the built-in model): an
+impossible --ttft-slo-s is rejected by the router's admission (RESOURCE_EXHAUSTED), printed as one
+error line with exit status 2; a generous one is served."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from scripts.up import Cluster, ClusterConfig
+
+pytestmark = pytest.mark.timeout(600)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cfg = ClusterConfig(kv_backend="tcp", router_port=0, prefill_spp=1, decode_kvp=1, decode_kv_tokens=2048,
+                        prefill_kv_tokens=1024, deployment=f"cli-slo-{uuid.uuid4().hex[:8]}",
+                        log_dir=str(tmp_path_factory.mktemp("cli-slo-logs")))
+    with Cluster(cfg) as c:
+        yield c
+
+
+def generate(router: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "common.cli", "generate", "--server", router, "--prompt",
+                           "Hi", "--max-tokens", "2", *flags], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_generate_sends_the_requests_own_slos_to_the_router(cluster: Cluster):
+    ok = generate(cluster.router_address, "--ttft-slo-s", "600", "--tbt-slo-s", "30", "--json")
+    assert ok.returncode == 0, ok.stderr
+    out = json.loads(ok.stdout)
+    assert 1 <= len(out["token_ids"]) <= 2 and out["ttft_s"] > 0
+
+    r = generate(cluster.router_address, "--ttft-slo-s", "0.000001")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("mnemosyne: error: "), r.stderr
+    assert lines[0].startswith("mnemosyne: error: RESOURCE_EXHAUSTED: "), lines[0]
+    assert "rejected by admission (ttft_unattainable)" in lines[0], lines[0]
+    assert "Traceback" not in r.stderr and r.stdout.strip() == ""
