@@ -139,7 +139,8 @@ class LlamaModel(nn.Module):
                      transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Copies checkpoint tensors (HF names) into this stage's parameters; checks none is missing.
 
-        `transform(target_name, tensor)` may cut each tensor first (tensor-parallel slices)."""
+        `transform(target_name, tensor)` may cut each tensor first (tensor-parallel slices); it is
+        called once per target parameter, always with the full checkpoint tensor."""
         params = dict(self._param_names())
         loaded: set[str] = set()
         for name, tensor in weights:

@@ -23,9 +23,8 @@ import pytest
 
 from common.client import RouterClient
 from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
-from common.engine.engine import LLMEngine
+from common.engine.engine import LLMEngine, make_engine
 from common.model.tokenizer import load_tokenizer
-from common.parallel.driver import make_engine
 from common.rpc.protos import router_pb2
 from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
