@@ -139,7 +139,8 @@ class LlamaModel(nn.Module):
                      transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Copies checkpoint tensors (HF names) into this stage's parameters; checks none is missing.
 
-        `transform(target_name, tensor)` may cut each tensor first (tensor-parallel slices)."""
+        `transform(target_name, tensor)` may cut each tensor first (tensor-parallel slices); it is
+        called once per target parameter, always with the full checkpoint tensor."""
         params = dict(self._param_names())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -150,13 +151,15 @@ class LlamaModel(nn.Module):
                 targets = ([name] if self.is_first else []) + ["lm_head.weight"]
             for target in targets:
                 param = params[target]
-                if transform is not None:
-                    tensor = transform(target, tensor)
-                if param.shape != tensor.shape:
-                    raise ValueError(f"{target}: checkpoint shape {tuple(tensor.shape)} != model "
+                # Cut each target from the full checkpoint tensor: a tied embedding feeds both
+                # embed_tokens and lm_head, and slicing the already-sliced copy again (rank r > 0 of
+                # a vocab split) would leave lm_head with no rows.
+                part = tensor if transform is None else transform(target, tensor)
+                if param.shape != part.shape:
+                    raise ValueError(f"{target}: checkpoint shape {tuple(part.shape)} != model "
                                      f"{tuple(param.shape)}")
                 with torch.no_grad():
-                    param.copy_(tensor)
+                    param.copy_(part)
                 loaded.add(target)
         missing = set(params) - loaded
         if missing:
