@@ -2,23 +2,38 @@
 the live load of the candidate instances. Plain logic (no gRPC, no asyncio, injected clock values);
 the router owns the waiting and the RPCs.
 
-Prediction (seconds from now, on one candidate):
-  own      = C[prompt] + (pipeline_depth - 1) * budget     C: the pool's PrefillTable (adaptive chunks)
+Models: every instance publishes the performance model its own scheduler predicts with, its
+iteration budget, chunking, pipeline depth and TBT SLO (common.metadata.types.SchedulingInfo, in its
+kvstore registration); PoolModel.published rebuilds from it the PrefillTable C the instance's
+scheduler uses, so C[l] here is the instance's own prediction. Instances that published nothing
+are judged by their pool's default model.
+
+Prediction (seconds from now, on one candidate, with the candidate's own model):
+  own      = C[prompt] + (pipeline_depth - 1) * budget     C: the instance's PrefillTable
   ahead    = C[queued prefill tokens]                      the instance's backlog, as one prompt: an
                                                            upper estimate (attention is superlinear)
-  ttft     = (ahead + own) * slowdown / (1 - decode share)
+  model    = (ahead + own) * slowdown / (1 - decode share)
+  ttft     = correction[pool] * model
   slowdown = recent mean iteration time / iteration budget, clipped to [1, max_slowdown]: the model's
              error on this instance right now (1 when idle or unknown)
   decode share (decode instances only, short prompts prefilled there): the predicted time of the
              running decodes' step over the budget, capped at max_decode_share: what is left for chunks.
+  correction[pool] (pool = prefill | decode): measured / predicted TTFT of the pool's admitted
+             requests (observe_ttft; a running mean, then an exponential moving average of the log
+             ratio, clipped to [min_correction, max_correction]; 1 before any measurement).
+Deadlines (slo_for): a request's own TTFT SLO is taken as given; the default is
+  max(the prompt class's SLO, slo_factor x its corrected prefill time alone on an idle instance),
+so an idle deployment admits every prompt that fits max_model_len, and a loaded one rejects only
+what it cannot serve in time. The default TBT SLO is the decode pool's published tbt_slo_s.
 Long prompts (>= short_prompt_tokens) are prefilled by the best prefill instance and need a decode
 instance with room now; short prompts are prefilled by the decode instance that holds them.
 A decode instance has room when every KVP group has the blocks the request needs (common.kv_cache.
 kvp_blocks.kvp_split: prompt then generated tokens over groups of M = kvp_tokens, as the kvstore places them)
-and one more decode keeps its predicted step within the TBT SLO. An instance that reports no KV
+and one more decode keeps its predicted step within the TBT SLO (an instance running no decode
+always has TBT room: waiting cannot make a lone decode faster). An instance that reports no KV
 gauges gets no KV check here (the kvstore's reservation still makes it).
 
-Decision, with waited = now - arrival and the request's own SLO (or the default for its prompt class):
+Decision, with waited = now - arrival and the request's deadlines (slo_for):
   ADMIT  (fits)                waited + ttft <= ttft SLO and a decode instance has room now
   QUEUE  (kv_full | tbt_full)  the TTFT fits but no decode instance has room now; the request waits in
                                a bounded queue ordered by LARS until room appears (poll), its TTFT no
@@ -57,8 +72,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.config import SchedulerConfig, SLOConfig
 from common.errors import CapacityError, ConfigError, InvalidRequestError
 from common.kv_cache.kvp_blocks import kvp_split
+from common.metadata.types import SchedulingInfo
 from common.metrics import DEFAULT_PROMPT_CLASSES, PromptClasses
 from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
@@ -74,25 +91,6 @@ RETRY_METADATA_KEY = "grpc-retry-pushback-ms"     # gRPC's server pushback for c
 # ---- configuration ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class SLOConfig:
-    """Default SLOs: TTFT per prompt class (seconds from arrival), TBT (mean gap, seconds), and the
-    objective (fraction of requests that must meet them; the error budget is 1 - objective)."""
-    ttft_s: tuple[tuple[str, float], ...] = (("short", 2.0), ("medium", 20.0), ("long", 120.0),
-                                             ("xlong", 600.0))
-    tbt_s: float = 0.2
-    objective: float = 0.99
-
-    def __post_init__(self) -> None:
-        if any(not s > 0 for _, s in self.ttft_s) or not self.tbt_s > 0:
-            raise ConfigError(f"slo: ttft_s {self.ttft_s} and tbt_s {self.tbt_s} must be positive")
-        if not 0.0 < self.objective < 1.0:
-            raise ConfigError(f"slo: objective must be in (0, 1), got {self.objective}")
-
-    def ttft_for(self, prompt_class: str) -> float:
-        return dict(self.ttft_s)[prompt_class]
-
-
-@dataclass(frozen=True)
 class AdmissionConfig:
     slo: SLOConfig = field(default_factory=SLOConfig)
     prompt_classes: PromptClasses = DEFAULT_PROMPT_CLASSES
@@ -105,6 +103,10 @@ class AdmissionConfig:
     visibility_lag_s: float = 0.2      # an admission shows in an instance's metrics within this
     min_retry_after_s: float = 0.5
     fail_open: bool = False            # admit blindly when no load is known at all
+    tbt_slo_s: float = SchedulerConfig().tbt_slo_s   # default TBT SLO until a decode pool publishes its own
+    correction_alpha: float = 0.2      # weight of the newest TTFT in the online correction
+    min_correction: float = 0.25       # clip of the correction (measured / predicted TTFT)
+    max_correction: float = 8.0
 
     def __post_init__(self) -> None:
         missing = set(self.prompt_classes.names) - {c for c, _ in self.slo.ttft_s}
@@ -116,6 +118,11 @@ class AdmissionConfig:
         for name in ("max_queue_wait_s", "max_staleness_s", "min_retry_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"admission: {name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.correction_alpha <= 1 or not 0 < self.min_correction <= 1 <= self.max_correction \
+                or not self.tbt_slo_s > 0:
+            raise ConfigError(f"admission: need 0 < correction_alpha={self.correction_alpha} <= 1, "
+                              f"0 < min_correction={self.min_correction} <= 1 <= "
+                              f"max_correction={self.max_correction}, tbt_slo_s={self.tbt_slo_s} > 0")
         if self.max_slowdown < 1 or not 0 <= self.max_decode_share < 1 or self.visibility_lag_s < 0:
             raise ConfigError(f"admission: max_slowdown={self.max_slowdown} must be >= 1, "
                               f"max_decode_share={self.max_decode_share} in [0, 1), "
@@ -125,15 +132,32 @@ class AdmissionConfig:
 @dataclass(frozen=True)
 class PoolModel:
     """How long work takes on an instance of one pool: its performance model (its parallel layout),
-    the PrefillTable under its iteration budget, and its pipeline depth (SPP stages)."""
+    the PrefillTable under its iteration budget and chunking, its pipeline depth (SPP stages), and
+    the TBT SLO it was configured with (None = unknown)."""
     model: PerfModel
     table: PrefillTable
     pipeline_depth: int = 1
+    tbt_slo_s: float | None = None
 
     @classmethod
     def build(cls, model: PerfModel, budget_s: float, *, pipeline_depth: int = 1,
-              kvp_tokens: int | None = None, chunking: ChunkingConfig = ChunkingConfig()) -> "PoolModel":
-        return cls(model, PrefillTable(model, budget_s, 0, chunking, kvp_tokens), pipeline_depth)
+              kvp_tokens: int | None = None, chunking: ChunkingConfig = ChunkingConfig(),
+              fixed_chunk: int | None = None, tbt_slo_s: float | None = None) -> "PoolModel":
+        return cls(model, PrefillTable(model, budget_s, 0, chunking, kvp_tokens, fixed_chunk),
+                   pipeline_depth, tbt_slo_s)
+
+    @classmethod
+    def published(cls, info: "SchedulingInfo", kvp_tokens: int = 0) -> "PoolModel | None":
+        """The model an instance published with its registration (common.metadata.types.SchedulingInfo):
+        the same performance model, budget, chunking and pipeline depth as its own scheduler, so
+        table.time(l) is what the instance's scheduler predicts. None when it published no model."""
+        if info.perf_model is None:
+            return None
+        chunking = ChunkingConfig(min_chunk=info.min_chunk, max_chunk=info.max_chunk)
+        return cls.build(info.perf_model.build(), info.iteration_budget_s, pipeline_depth=info.pipeline_depth,
+                         kvp_tokens=kvp_tokens or None, chunking=chunking,
+                         fixed_chunk=info.chunk_size if info.chunking == "fixed" else None,
+                         tbt_slo_s=info.tbt_slo_s)
 
     @property
     def budget_s(self) -> float:
@@ -224,7 +248,9 @@ class Decision:
     """outcome + reason (metric labels); the instances chosen (ADMIT; prefill None on the short
     path or fail_open); predicted TTFT from arrival; retry_after_s (REJECT; None = retrying will
     not help); detail (human-readable); latest_start_s (QUEUE: rejected if not admitted by then);
-    kv_blocks (ADMIT: what the request needs per KVP group of the chosen decode instance)."""
+    kv_blocks (ADMIT: what the request needs per KVP group of the chosen decode instance);
+    ttft_slo_s / tbt_slo_s: the SLOs it was judged by; model_ttft_s, waited_s, pool: what
+    AdmissionController.observe_ttft needs to learn from the measured TTFT."""
     outcome: Outcome
     reason: str
     prefill_instance: str | None = None
@@ -234,6 +260,11 @@ class Decision:
     detail: str = ""
     latest_start_s: float | None = None
     kv_blocks: tuple[int, ...] = ()       # ADMIT: blocks per KVP group on the decode instance
+    ttft_slo_s: float | None = None       # the deadline the request was judged by (from arrival)
+    tbt_slo_s: float | None = None
+    model_ttft_s: float | None = None     # ADMIT: the uncorrected prediction, from the decision on
+    waited_s: float = 0.0                 # arrival -> decision
+    pool: str = ""                        # ADMIT: the pool whose correction applies (prefill | decode)
 
     def error(self, request_id: str) -> CapacityError | InvalidRequestError:
         """The error to end a rejected request with: AdmissionRejected (RESOURCE_EXHAUSTED), or
@@ -289,9 +320,17 @@ class AdmissionController:
 
     def __init__(self, config: AdmissionConfig, decode: PoolModel,
                  prefill: PoolModel | None = None) -> None:
+        """`decode` / `prefill`: each pool's default model (for instances that published none, and
+        for the default deadlines); `models` (set by the owner from the registrations): the model
+        each instance published, by instance id; `tbt_slo_s`: the default TBT SLO (the decode
+        pool's published one)."""
         self.config = config
         self.decode = decode
         self.prefill = prefill
+        self.models: dict[str, PoolModel] = {}
+        self.tbt_slo_s = config.tbt_slo_s
+        self._log_ratio: dict[str, float] = {}
+        self._observed: dict[str, int] = {}
         self._lars = LARS()
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
@@ -299,10 +338,40 @@ class AdmissionController:
     # ---- public --------------------------------------------------------------------------
 
     def slo_for(self, req: AdmissionRequest) -> tuple[float, float]:
-        """(ttft, tbt) SLO seconds the request is judged by: its own, else the defaults."""
+        """(ttft, tbt) SLO seconds the request is judged by: its own when set; else TTFT =
+        max(its class SLO, slo_factor x its predicted prefill time alone on an idle instance), TBT =
+        the decode pool's published TBT SLO."""
         slo = self.config.slo
-        ttft = req.ttft_slo_s or slo.ttft_for(self.config.prompt_classes.of(req.prompt_tokens))
-        return ttft, req.tbt_slo_s or slo.tbt_s
+        ttft = req.ttft_slo_s or max(slo.ttft_for(self.config.prompt_classes.of(req.prompt_tokens)),
+                                     slo.slo_factor * self._work(req))
+        return ttft, req.tbt_slo_s or self.tbt_slo_s
+
+    def correction(self, pool: str) -> float:
+        """Measured / predicted TTFT of `pool`'s admitted requests (1 before any measurement)."""
+        return math.exp(self._log_ratio.get(pool, 0.0))
+
+    def observe_ttft(self, decision: Decision, ttft_s: float) -> None:
+        """Learns from an admitted request's measured TTFT (seconds from arrival): the moving
+        average of log(measured / model-predicted), the mean of the first 1/alpha ones then an
+        exponential average, clipped to [min_correction, max_correction]."""
+        pred, pool = decision.model_ttft_s, decision.pool
+        actual = ttft_s - decision.waited_s
+        if not pool or pred is None or not pred > 0 or not actual > 0:
+            return
+        n = self._observed.get(pool, 0) + 1
+        self._observed[pool] = n
+        alpha = max(self.config.correction_alpha, 1.0 / n)
+        old = self._log_ratio.get(pool, 0.0)
+        new = old + alpha * (math.log(actual / pred) - old)
+        lo, hi = math.log(self.config.min_correction), math.log(self.config.max_correction)
+        self._log_ratio[pool] = min(max(new, lo), hi)
+
+    def model_of(self, l: InstanceLoad) -> PoolModel:
+        """The model instance `l` published, else its pool's default."""
+        m = self.models.get(l.instance_id)
+        if m is not None:
+            return m
+        return self.prefill if l.role == "prefill" and self.prefill is not None else self.decode
 
     @property
     def queue_length(self) -> int:
@@ -377,36 +446,37 @@ class AdmissionController:
             return Decision(Outcome.REJECT, "kv_too_large",
                             detail=f"{req.prompt_tokens}+{req.max_new_tokens} tokens fit on no live "
                                    f"decode instance even when empty")
-        pool = self.decode if short else self.prefill
-        alone = pool.prefill_alone_s(req.prompt_tokens)
+        role = "decode" if short else "prefill"
+        corr = self.correction(role)
+        cands = [(self._predict(self.model_of(l), l, req), l) for l in (room or fits_ever if short else prefills)]
+        alone = corr * min(self.model_of(l).prefill_alone_s(req.prompt_tokens) for _, l in cands)
+        slos = dict(ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo, waited_s=waited)
         if waited + alone > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_unattainable", predicted_ttft_s=waited + alone,
                             detail=f"prefilling {req.prompt_tokens} tokens alone takes ~{alone:.2f}s; "
-                                   f"TTFT SLO {ttft_slo:.2f}s")
-        if short:
-            cands = [(self._predict(self.decode, l, req), l) for l in (room or fits_ever)]
-        else:
-            cands = [(self._predict(self.prefill, l, req), l) for l in prefills]
-        pred, best = min(cands, key=lambda c: (c[0], c[1].instance_id))
+                                   f"TTFT SLO {ttft_slo:.2f}s", **slos)
+        model_s, best = min(cands, key=lambda c: (c[0], c[1].instance_id))
+        pred = corr * model_s
         if waited + pred > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
                             retry_after_s=self._retry(waited + pred - ttft_slo),
                             detail=f"predicted TTFT {waited + pred:.2f}s > SLO {ttft_slo:.2f}s "
-                                   f"(best instance {best.instance_id})")
+                                   f"(best instance {best.instance_id})", **slos)
         if not room:
             why = "kv_full" if "kv_full" in states.values() else "tbt_full"
             return Decision(Outcome.QUEUE, why, predicted_ttft_s=waited + pred,
                             latest_start_s=req.arrival_s + ttft_slo - pred,
-                            detail=f"no decode instance has room now ({why})")
+                            detail=f"no decode instance has room now ({why})", **slos)
+        learn = dict(model_ttft_s=model_s, pool=role, **slos)
         if short:
             return Decision(Outcome.ADMIT, "fits", None, best.instance_id, waited + pred,
-                            kv_blocks=self._need(req, best))
+                            kv_blocks=self._need(req, best), **learn)
         dec = max(room, key=lambda l: (self._headroom(req, l), l.instance_id))
         return Decision(Outcome.ADMIT, "fits", best.instance_id, dec.instance_id, waited + pred,
-                        kv_blocks=self._need(req, dec))
+                        kv_blocks=self._need(req, dec), **learn)
 
     def _predict(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest) -> float:
-        """Predicted seconds from now to the first token on instance `l`."""
+        """Predicted seconds from now to the first token on instance `l` (before the correction)."""
         t = pool.table.time(l.queued_prefill_tokens) + pool.prefill_alone_s(req.prompt_tokens)
         if l.role == "decode" and l.running_decodes:
             share = self._decode_step_s(pool, l, extra=None) / pool.budget_s
@@ -436,8 +506,11 @@ class AdmissionController:
             return "kv_too_large"
         if any(n > f for n, f in zip(need, l.kv_free_blocks)):
             return "kv_full"
-        step = self._decode_step_s(self.decode, l, extra=req.prompt_tokens)
-        if step * l.slowdown(self.decode.budget_s, self.config.max_slowdown) > tbt_slo:
+        if not l.running_decodes:
+            return "room"          # alone it decodes as fast as this instance can: waiting cannot help
+        pool = self.model_of(l)
+        step = self._decode_step_s(pool, l, extra=req.prompt_tokens)
+        if step * l.slowdown(pool.budget_s, self.config.max_slowdown) > tbt_slo:
             return "tbt_full"
         return "room"
 
@@ -471,8 +544,11 @@ class AdmissionController:
                                           req.prompt_tokens, d.kv_blocks))
 
     def _work(self, req: AdmissionRequest) -> float:
+        """Predicted prefill time alone on an idle instance of the pool that would prefill it
+        (its pool default model, corrected)."""
         short = self.prefill is None or req.prompt_tokens < self.config.short_prompt_tokens
-        return (self.decode if short else self.prefill).prefill_alone_s(req.prompt_tokens)
+        role = "decode" if short else "prefill"
+        return self.correction(role) * (self.decode if short else self.prefill).prefill_alone_s(req.prompt_tokens)
 
     def _ordered(self, now: float) -> list[_Queued]:
         """LARS order, slack stealing included (common/scheduler/policy.py)."""

@@ -233,6 +233,39 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SLOConfig:
+    """Default TTFT SLOs per prompt class (seconds from arrival; classes: common.metrics'
+    PromptClasses), the objective (fraction of requests that must meet their SLOs), and
+    `slo_factor`: a request's default TTFT deadline is max(its class SLO, slo_factor x its predicted
+    prefill time alone on an idle instance), so the deadline grows with the work. The TBT SLO has
+    one home, the decode pool's SchedulerConfig.tbt_slo_s (published with its registration)."""
+    ttft_short_s: float = 2.0
+    ttft_medium_s: float = 20.0
+    ttft_long_s: float = 120.0
+    ttft_xlong_s: float = 600.0
+    objective: float = 0.99
+    slo_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name, v in self.ttft_s:
+            if not v > 0:
+                raise ConfigError(f"slo: ttft_{name}_s must be positive, got {v}")
+        if not 0.0 < self.objective < 1.0:
+            raise ConfigError(f"slo: objective must be in (0, 1), got {self.objective}")
+        if not self.slo_factor >= 1.0:
+            raise ConfigError(f"slo: slo_factor must be >= 1, got {self.slo_factor}")
+
+    @property
+    def ttft_s(self) -> tuple[tuple[str, float], ...]:
+        """(prompt class, TTFT SLO seconds), shortest class first."""
+        return (("short", self.ttft_short_s), ("medium", self.ttft_medium_s),
+                ("long", self.ttft_long_s), ("xlong", self.ttft_xlong_s))
+
+    def ttft_for(self, prompt_class: str) -> float:
+        return dict(self.ttft_s)[prompt_class]
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None           # HF dir or GGUF file; None = built-in model
     dtype: str = "float32"

@@ -1,10 +1,11 @@
 """Configuration of the router: one frozen dataclass; the CLI is generated from it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from common.cli import ArgumentParser, add_config_flags, config_from_args
+from common.config import SLOConfig
 from common.errors import ConfigError
 
 
@@ -30,15 +31,10 @@ class RouterConfig:
     admission: bool = True                # SLO-aware admission (off: every request goes through)
     prometheus_url: str = ""              # read load from this Prometheus; "" = scrape the instances
     scrape_interval_s: float = 0.25       # how often the instances' load is read
-    ttft_slo_s: float = 2.0               # default TTFT SLO of short prompts (longer classes: defaults)
-    tbt_slo_s: float = 0.2                # default TBT SLO (mean gap)
-    slo_objective: float = 0.99
+    slo: SLOConfig = field(default_factory=SLOConfig)   # default TTFT SLOs (TBT: the decode pool's)
     max_queue: int = 256                  # admission queue bound
     max_queue_wait_s: float = 30.0
     max_staleness_s: float = 5.0          # older load = instance unknown
-    perf_step_s: float = 0.02             # performance model: fixed cost of one iteration
-    perf_token_s: float = 0.0005          # ... plus this per token in the batch
-    iteration_budget_s: float = 0.05      # the instances' iteration budget (adaptive chunking)
 
     def __post_init__(self) -> None:
         if not self.kvstore:
@@ -56,11 +52,7 @@ class RouterConfig:
             raise ConfigError(f"router: metrics_port must be in [-1, 65535], got {self.metrics_port}")
         if self.prometheus_url and not self.prometheus_url.startswith(("http://", "https://")):
             raise ConfigError(f"router: prometheus_url must be http(s)://..., got {self.prometheus_url!r}")
-        if self.perf_step_s < 0 or self.perf_token_s < 0:
-            raise ConfigError(f"router: perf_step_s={self.perf_step_s} and perf_token_s={self.perf_token_s} "
-                              "must be >= 0")
-        for name in ("request_timeout_s", "rpc_timeout_s", "discovery_ttl_s", "scrape_interval_s",
-                     "iteration_budget_s"):
+        for name in ("request_timeout_s", "rpc_timeout_s", "discovery_ttl_s", "scrape_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"router: {name} must be positive, got {getattr(self, name)}")
 
@@ -84,11 +76,14 @@ class RouterConfig:
             "metrics_port": "Prometheus /metrics port (0 = free, -1 = none)",
             "admission": "SLO-aware admission (--no-admission lets every request through)",
             "prometheus_url": "read the instances' load from this Prometheus (default: scrape them)",
-            "scrape_interval_s": "seconds between load reads", "ttft_slo_s": "default TTFT SLO, short prompts",
-            "tbt_slo_s": "default TBT SLO", "slo_objective": "fraction of requests that must meet the SLO",
+            "scrape_interval_s": "seconds between load reads",
             "max_queue": "admission queue bound", "max_queue_wait_s": "longest wait in the admission queue",
-            "max_staleness_s": "load older than this makes an instance unknown",
-            "perf_step_s": "performance model: seconds per iteration",
-            "perf_token_s": "performance model: seconds per token in an iteration",
-            "iteration_budget_s": "the instances' iteration budget"}, dest_prefix="r_")
-        return config_from_args(cls, p.parse_args(argv), "r_")
+            "max_staleness_s": "load older than this makes an instance unknown"}, dest_prefix="r_")
+        add_config_flags(p.add_argument_group("slo"), SLOConfig, {
+            "ttft_short_s": "default TTFT SLO, short prompts", "ttft_medium_s": "... medium prompts",
+            "ttft_long_s": "... long prompts", "ttft_xlong_s": "... extra-long prompts",
+            "objective": "fraction of requests that must meet their SLOs",
+            "slo_factor": "default TTFT deadline >= this x the prompt's predicted prefill time alone"},
+            dest_prefix="slo_")
+        args = p.parse_args(argv)
+        return config_from_args(cls, args, "r_", slo=config_from_args(SLOConfig, args, "slo_"))
