@@ -13,14 +13,15 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
   ahead    = C[queued prefill tokens]                      the instance's backlog, as one prompt: an
                                                            upper estimate (attention is superlinear)
   model    = (ahead + own) * slowdown / (1 - decode share)
-  ttft     = correction[pool] * model
+  ttft     = correction[pool](model)
   slowdown = recent mean iteration time / iteration budget, clipped to [1, max_slowdown]: the model's
              error on this instance right now (1 when idle or unknown)
   decode share (decode instances only, short prompts prefilled there): the predicted time of the
              running decodes' step over the budget, capped at max_decode_share: what is left for chunks.
-  correction[pool] (pool = prefill | decode): measured / predicted TTFT of the pool's admitted
-             requests (observe_ttft; a running mean, then an exponential moving average of the log
-             ratio, clipped to [min_correction, max_correction]; 1 before any measurement).
+  correction[pool] (pool = prefill | decode): overhead + ratio * model, fitted on the measured vs
+             predicted TTFTs of the pool's recent admitted requests (observe_ttft;
+             common.perf_model.ttft_correction: what the model does not see, RPC hops, KV transfer
+             set-up, a slower host; the identity before any measurement).
 Deadlines (slo_for): a request's own TTFT SLO is taken as given; the default is
   max(the prompt class's SLO, slo_factor x its corrected prefill time alone on an idle instance),
 so an idle deployment admits every prompt that fits max_model_len, and a loaded one rejects only
@@ -79,6 +80,7 @@ from common.metadata.types import SchedulingInfo
 from common.metrics import DEFAULT_PROMPT_CLASSES, PromptClasses
 from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
+from common.perf_model.ttft_correction import TTFTCorrection
 from common.scheduler.chunking import ChunkingConfig
 from common.scheduler.policy import LARS
 from common.scheduler.types import BatchShape, ReqView
@@ -104,9 +106,10 @@ class AdmissionConfig:
     min_retry_after_s: float = 0.5
     fail_open: bool = False            # admit blindly when no load is known at all
     tbt_slo_s: float = SchedulerConfig().tbt_slo_s   # default TBT SLO until a decode pool publishes its own
-    correction_alpha: float = 0.2      # weight of the newest TTFT in the online correction
-    min_correction: float = 0.25       # clip of the correction (measured / predicted TTFT)
-    max_correction: float = 8.0
+    correction_window: int = 64        # measured TTFTs the online correction fits on, per pool
+    min_correction: float = 0.25       # clip of the correction's ratio (measured / predicted)
+    max_correction: float = 10.0
+    max_overhead_s: float = 5.0        # clip of the correction's fixed overhead
 
     def __post_init__(self) -> None:
         missing = set(self.prompt_classes.names) - {c for c, _ in self.slo.ttft_s}
@@ -118,11 +121,12 @@ class AdmissionConfig:
         for name in ("max_queue_wait_s", "max_staleness_s", "min_retry_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"admission: {name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.correction_alpha <= 1 or not 0 < self.min_correction <= 1 <= self.max_correction \
-                or not self.tbt_slo_s > 0:
-            raise ConfigError(f"admission: need 0 < correction_alpha={self.correction_alpha} <= 1, "
+        if self.correction_window < 1 or not 0 < self.min_correction <= 1 <= self.max_correction \
+                or not self.tbt_slo_s > 0 or self.max_overhead_s < 0:
+            raise ConfigError(f"admission: need correction_window={self.correction_window} >= 1, "
                               f"0 < min_correction={self.min_correction} <= 1 <= "
-                              f"max_correction={self.max_correction}, tbt_slo_s={self.tbt_slo_s} > 0")
+                              f"max_correction={self.max_correction}, tbt_slo_s={self.tbt_slo_s} > 0, "
+                              f"max_overhead_s={self.max_overhead_s} >= 0")
         if self.max_slowdown < 1 or not 0 <= self.max_decode_share < 1 or self.visibility_lag_s < 0:
             raise ConfigError(f"admission: max_slowdown={self.max_slowdown} must be >= 1, "
                               f"max_decode_share={self.max_decode_share} in [0, 1), "
@@ -138,6 +142,8 @@ class PoolModel:
     table: PrefillTable
     pipeline_depth: int = 1
     tbt_slo_s: float | None = None
+    shared: bool = False        # FCFS with fixed chunks: every queued prompt gets a chunk in each
+                                # iteration, so a new prompt delays the ones already there
 
     @classmethod
     def build(cls, model: PerfModel, budget_s: float, *, pipeline_depth: int = 1,
@@ -154,10 +160,11 @@ class PoolModel:
         if info.perf_model is None:
             return None
         chunking = ChunkingConfig(min_chunk=info.min_chunk, max_chunk=info.max_chunk)
-        return cls.build(info.perf_model.build(), info.iteration_budget_s, pipeline_depth=info.pipeline_depth,
-                         kvp_tokens=kvp_tokens or None, chunking=chunking,
-                         fixed_chunk=info.chunk_size if info.chunking == "fixed" else None,
-                         tbt_slo_s=info.tbt_slo_s)
+        fixed = info.chunking == "fixed"
+        built = cls.build(info.perf_model.build(), info.iteration_budget_s, pipeline_depth=info.pipeline_depth,
+                          kvp_tokens=kvp_tokens or None, chunking=chunking,
+                          fixed_chunk=info.chunk_size if fixed else None, tbt_slo_s=info.tbt_slo_s)
+        return replace(built, shared=fixed and info.policy == "fcfs")
 
     @property
     def budget_s(self) -> float:
@@ -329,11 +336,13 @@ class AdmissionController:
         self.prefill = prefill
         self.models: dict[str, PoolModel] = {}
         self.tbt_slo_s = config.tbt_slo_s
-        self._log_ratio: dict[str, float] = {}
-        self._observed: dict[str, int] = {}
+        self.corrections = {pool: TTFTCorrection(config.correction_window, config.min_correction,
+                                                 config.max_correction, config.max_overhead_s)
+                            for pool in ("prefill", "decode")}
         self._lars = LARS()
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
+        self._awaiting: dict[str, tuple[str, float]] = {}   # admitted, no first token: (instance, due)
 
     # ---- public --------------------------------------------------------------------------
 
@@ -346,25 +355,19 @@ class AdmissionController:
                                      slo.slo_factor * self._work(req))
         return ttft, req.tbt_slo_s or self.tbt_slo_s
 
-    def correction(self, pool: str) -> float:
-        """Measured / predicted TTFT of `pool`'s admitted requests (1 before any measurement)."""
-        return math.exp(self._log_ratio.get(pool, 0.0))
+    def correction(self, pool: str) -> TTFTCorrection:
+        """`pool`'s correction: corrected seconds = correction(model seconds); .ratio, .overhead_s."""
+        return self.corrections[pool]
+
+    def first_token(self, request_id: str) -> None:
+        """An admitted request got its first token or ended (it no longer waits for a prefill)."""
+        self._awaiting.pop(request_id, None)
 
     def observe_ttft(self, decision: Decision, ttft_s: float) -> None:
-        """Learns from an admitted request's measured TTFT (seconds from arrival): the moving
-        average of log(measured / model-predicted), the mean of the first 1/alpha ones then an
-        exponential average, clipped to [min_correction, max_correction]."""
+        """Learns from an admitted request's measured TTFT (seconds from arrival)."""
         pred, pool = decision.model_ttft_s, decision.pool
-        actual = ttft_s - decision.waited_s
-        if not pool or pred is None or not pred > 0 or not actual > 0:
-            return
-        n = self._observed.get(pool, 0) + 1
-        self._observed[pool] = n
-        alpha = max(self.config.correction_alpha, 1.0 / n)
-        old = self._log_ratio.get(pool, 0.0)
-        new = old + alpha * (math.log(actual / pred) - old)
-        lo, hi = math.log(self.config.min_correction), math.log(self.config.max_correction)
-        self._log_ratio[pool] = min(max(new, lo), hi)
+        if pool in self.corrections and pred is not None:
+            self.corrections[pool].observe(pred, ttft_s - decision.waited_s)
 
     def model_of(self, l: InstanceLoad) -> PoolModel:
         """The model instance `l` published, else its pool's default."""
@@ -449,19 +452,26 @@ class AdmissionController:
         role = "decode" if short else "prefill"
         corr = self.correction(role)
         cands = [(self._predict(self.model_of(l), l, req), l) for l in (room or fits_ever if short else prefills)]
-        alone = corr * min(self.model_of(l).prefill_alone_s(req.prompt_tokens) for _, l in cands)
+        alone = corr(min(self.model_of(l).prefill_alone_s(req.prompt_tokens) for _, l in cands))
         slos = dict(ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo, waited_s=waited)
         if waited + alone > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_unattainable", predicted_ttft_s=waited + alone,
                             detail=f"prefilling {req.prompt_tokens} tokens alone takes ~{alone:.2f}s; "
                                    f"TTFT SLO {ttft_slo:.2f}s", **slos)
         model_s, best = min(cands, key=lambda c: (c[0], c[1].instance_id))
-        pred = corr * model_s
+        pred = corr(model_s)
         if waited + pred > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
                             retry_after_s=self._retry(waited + pred - ttft_slo),
                             detail=f"predicted TTFT {waited + pred:.2f}s > SLO {ttft_slo:.2f}s "
                                    f"(best instance {best.instance_id})", **slos)
+        due = self._earliest_due(best, now) if self.model_of(best).shared else math.inf
+        if now + pred > due:
+            return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
+                            retry_after_s=self._retry(now + pred - due),
+                            detail=f"instance {best.instance_id} shares each iteration among its prompts: "
+                                   f"this one would delay requests admitted there past their deadline "
+                                   f"(in {due - now:.2f}s)", **slos)
         if not room:
             why = "kv_full" if "kv_full" in states.values() else "tbt_full"
             return Decision(Outcome.QUEUE, why, predicted_ttft_s=waited + pred,
@@ -542,13 +552,21 @@ class AdmissionController:
         if d.decode_instance is not None:
             self._pending.append(_Pending(now, d.prefill_instance, d.decode_instance,
                                           req.prompt_tokens, d.kv_blocks))
+            self._awaiting[req.request_id] = (d.prefill_instance or d.decode_instance,
+                                              req.arrival_s + (d.ttft_slo_s or math.inf))
+
+    def _earliest_due(self, l: InstanceLoad, now: float) -> float:
+        """The earliest first-token deadline still ahead among the admitted requests that prefill
+        on `l` and have no first token yet."""
+        return min((due for iid, due in self._awaiting.values() if iid == l.instance_id and due >= now),
+                   default=math.inf)
 
     def _work(self, req: AdmissionRequest) -> float:
         """Predicted prefill time alone on an idle instance of the pool that would prefill it
         (its pool default model, corrected)."""
         short = self.prefill is None or req.prompt_tokens < self.config.short_prompt_tokens
         role = "decode" if short else "prefill"
-        return self.correction(role) * (self.decode if short else self.prefill).prefill_alone_s(req.prompt_tokens)
+        return self.correction(role)((self.decode if short else self.prefill).prefill_alone_s(req.prompt_tokens))
 
     def _ordered(self, now: float) -> list[_Queued]:
         """LARS order, slack stealing included (common/scheduler/policy.py)."""

@@ -12,7 +12,7 @@ instance publishes the performance model, budget, chunking and TBT SLO its sched
 (Instance.scheduling); the decode pool's TBT SLO is the default one. A queued request waits for a
 poll() that admits or rejects it; every wait is bounded by the controller (max_queue_wait_s, the
 request's TTFT SLO). `observe_ttft` feeds each admitted request's measured TTFT back (the online
-correction, exported as mnemosyne_admission_ttft_correction_ratio).
+correction, exported as mnemosyne_admission_ttft_correction_ratio and _overhead_seconds).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class AdmissionGate:
         self.controller = AdmissionController(admission_config(config), decode=model, prefill=model)
         self._published: dict[str, tuple[SchedulingInfo, PoolModel]] = {}
         for role in ("prefill", "decode"):
-            metrics.set_ttft_correction(role, 1.0)
+            metrics.set_ttft_correction(role, 1.0, 0.0)
         self.snapshot = LoadSnapshot({}, -1e9)
         self._waiting: dict[str, asyncio.Future[Decision]] = {}
         self._scraper: MetricsScraper | None = None
@@ -141,12 +141,17 @@ class AdmissionGate:
         tbts = [i.scheduling.tbt_slo_s for i in instances if i.role == "decode" and i.scheduling is not None]
         ctl.tbt_slo_s = min(tbts) if tbts else ctl.config.tbt_slo_s
 
+    def first_token(self, request_id: str) -> None:
+        """An admitted request got its first token, or ended without one."""
+        self.controller.first_token(request_id)
+
     def observe_ttft(self, decision: Decision | None, ttft_s: float) -> None:
         """An admitted request's measured TTFT (seconds from arrival): the online correction learns."""
         if decision is None or decision.pool == "":
             return
         self.controller.observe_ttft(decision, ttft_s)
-        self.metrics.set_ttft_correction(decision.pool, self.controller.correction(decision.pool))
+        corr = self.controller.correction(decision.pool)
+        self.metrics.set_ttft_correction(decision.pool, corr.ratio, corr.overhead_s)
 
     def _on_snapshot(self, snap: LoadSnapshot) -> None:
         self.snapshot = snap

@@ -208,6 +208,7 @@ class Router:
                     if relay.count and not st.ttft_seen:
                         st.ttft_seen = True
                         if self.gate is not None:
+                            self.gate.first_token(rid)
                             self.gate.observe_ttft(decision, relay.ttft)
                     yield ev
                 reason = st.reason
@@ -231,6 +232,7 @@ class Router:
             if rec is not None:
                 rec.done(outcome)
             if self.gate is not None:
+                self.gate.first_token(rid)
                 self.gate.poll()         # room may have appeared for a queued request
             self.active.pop(rid, None)
             for call in st.calls:

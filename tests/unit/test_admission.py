@@ -435,24 +435,39 @@ def test_fcfs_fixed_pools_publish_their_fixed_chunks():
 
 
 def test_online_correction_converges_on_a_biased_model():
-    """The pools' model is 2.5x optimistic: after a few measured TTFTs the corrected prediction is
-    within 5% of what is measured, and the correction (clipped) is what the router exports."""
+    """The pools' model is 2.5x optimistic and misses a fixed 0.3 s per request (RPC hops, KV set-up):
+    after a few measured TTFTs the corrected prediction is within 5% of what is measured."""
     ctl = controller()
-    s = snap(prefill("p1"), decode("d1"))
     errors = []
-    for i in range(20):
-        d = ctl.decide(request(f"r{i}", prompt=1000), s, NOW)
+    for i in range(30):
+        prompt = (300, 1000, 4000)[i % 3]
+        s = snap(prefill("p1", at=NOW + i), decode("d1", at=NOW + i))     # no pending double count
+        d = ctl.decide(request(f"r{i}", prompt=prompt, arrival=NOW + i, ttft_slo_s=60.0), s, NOW + i)
         assert d.outcome is Outcome.ADMIT and d.pool == "prefill"
-        actual = 2.5 * d.model_ttft_s * (1.1 if i % 2 else 0.9)       # noisy, 2.5x on average
+        actual = 0.3 + 2.5 * d.model_ttft_s * (1.02 if i % 2 else 0.98)    # a little noise
         errors.append(abs(d.predicted_ttft_s - actual) / actual)
         ctl.observe_ttft(d, actual)
-        s = snap(prefill("p1", at=NOW + 1 + i), decode("d1", at=NOW + 1 + i))    # no pending double count
-    assert errors[0] > 0.5 and max(errors[-5:]) < 0.15
-    assert ctl.correction("prefill") == pytest.approx(2.5, rel=0.05)
-    assert ctl.correction("decode") == 1.0                           # per pool
-    for _ in range(50):
-        ctl.observe_ttft(d, 1000.0 * d.model_ttft_s)
-    assert ctl.correction("prefill") == pytest.approx(ctl.config.max_correction)
+    assert errors[0] > 0.5 and max(errors[-10:]) < 0.05
+    corr = ctl.correction("prefill")
+    assert (corr.ratio, corr.overhead_s) == (pytest.approx(2.5, rel=0.05), pytest.approx(0.3, abs=0.05))
+    assert (ctl.correction("decode").ratio, ctl.correction("decode").overhead_s) == (1.0, 0.0)   # per pool
+
+
+def test_ttft_correction_fits_and_clips():
+    from common.perf_model.ttft_correction import TTFTCorrection
+    c = TTFTCorrection(window=8, max_ratio=10.0, max_overhead_s=1.0)
+    assert c(0.5) == 0.5                                              # identity before any measurement
+    for _ in range(3):
+        c.observe(0.01, 0.05)                                          # all alike: a ratio or an overhead fits
+    assert c(0.01) == pytest.approx(0.05)
+    for m in (0.01, 0.02, 0.01, 0.02):
+        c.observe(m, 0.04 + m)                                         # pure overhead: 40 ms
+    for m in (0.01, 0.02):
+        assert c(m) == pytest.approx(0.04 + m, rel=0.2)
+    c.observe(1e-3, 100.0)                                             # absurd: clipped
+    assert c.ratio <= 10.0 and c.overhead_s <= 1.0
+    c.observe(0.0, 1.0)                                                # ignored
+    assert len(c.samples) == 8
 
 
 def test_default_deadlines_scale_with_the_work_so_an_idle_deployment_admits_every_prompt_that_fits():
