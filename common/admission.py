@@ -15,7 +15,8 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
   model    = (ahead + own) * slowdown / (1 - decode share)
   ttft     = correction[pool](model)
   slowdown = recent mean iteration time / iteration budget, clipped to [1, max_slowdown]: the model's
-             error on this instance right now (1 when idle or unknown)
+             error on this instance right now (1 when idle or unknown, and on instances with fixed
+             chunks, whose iterations do not fill the budget)
   decode share (decode instances only, short prompts prefilled there): the predicted time of the
              running decodes' step over the budget, capped at max_decode_share: what is left for chunks.
   correction[pool] (pool = prefill | decode): overhead + ratio * model, fitted on the measured vs
@@ -144,6 +145,8 @@ class PoolModel:
     tbt_slo_s: float | None = None
     shared: bool = False        # FCFS with fixed chunks: every queued prompt gets a chunk in each
                                 # iteration, so a new prompt delays the ones already there
+    budgeted: bool = True       # adaptive chunks fill the budget: iteration time / budget is the
+                                # model's error now (the slowdown); with fixed chunks it is not
 
     @classmethod
     def build(cls, model: PerfModel, budget_s: float, *, pipeline_depth: int = 1,
@@ -164,7 +167,7 @@ class PoolModel:
         built = cls.build(info.perf_model.build(), info.iteration_budget_s, pipeline_depth=info.pipeline_depth,
                           kvp_tokens=kvp_tokens or None, chunking=chunking,
                           fixed_chunk=info.chunk_size if fixed else None, tbt_slo_s=info.tbt_slo_s)
-        return replace(built, shared=fixed and info.policy == "fcfs")
+        return replace(built, shared=fixed and info.policy == "fcfs", budgeted=not fixed)
 
     @property
     def budget_s(self) -> float:
@@ -491,7 +494,7 @@ class AdmissionController:
         if l.role == "decode" and l.running_decodes:
             share = self._decode_step_s(pool, l, extra=None) / pool.budget_s
             t /= 1.0 - min(share, self.config.max_decode_share)
-        return t * l.slowdown(pool.budget_s, self.config.max_slowdown)
+        return t * self._slowdown(pool, l)
 
     def _decode_step_s(self, pool: PoolModel, l: InstanceLoad, extra: int | None) -> float:
         """Predicted step of the running decodes (mean context from the KV in use), plus one new
@@ -520,7 +523,7 @@ class AdmissionController:
             return "room"          # alone it decodes as fast as this instance can: waiting cannot help
         pool = self.model_of(l)
         step = self._decode_step_s(pool, l, extra=req.prompt_tokens)
-        if step * l.slowdown(pool.budget_s, self.config.max_slowdown) > tbt_slo:
+        if step * self._slowdown(pool, l) > tbt_slo:
             return "tbt_full"
         return "room"
 
@@ -554,6 +557,9 @@ class AdmissionController:
                                           req.prompt_tokens, d.kv_blocks))
             self._awaiting[req.request_id] = (d.prefill_instance or d.decode_instance,
                                               req.arrival_s + (d.ttft_slo_s or math.inf))
+
+    def _slowdown(self, pool: PoolModel, l: InstanceLoad) -> float:
+        return l.slowdown(pool.budget_s, self.config.max_slowdown) if pool.budgeted else 1.0
 
     def _earliest_due(self, l: InstanceLoad, now: float) -> float:
         """The earliest first-token deadline still ahead among the admitted requests that prefill

@@ -48,6 +48,9 @@ class Started:
     route: str                      # "decode_only" | "disaggregated"
     prefill_instance: str
     decode_instance: str
+    predicted_ttft_s: float | None = None     # admission's prediction, from arrival (None: no admission)
+    ttft_slo_s: float | None = None           # the deadlines the request is served under
+    tbt_slo_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ class Router:
             if st.prefill is not None:
                 self.discovery.inflight[st.prefill.instance_id] += 1
             yield Started(rid, n, "disaggregated" if st.prefill else "decode_only",
-                          st.prefill.instance_id if st.prefill else "", st.placement.instance_id)
+                          st.prefill.instance_id if st.prefill else "", st.placement.instance_id,
+                          decision.predicted_ttft_s if decision is not None else None, ttft_slo, st.tbt_slo_s)
             relay = _Relay(self.frontend, t0, job.return_logprobs, rec)
             relay.queue_s = queue_s
             try:
