@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,7 +44,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "results"
 
-from common.client import RouterClient  # noqa: E402
+from common.client import ROUTES, RouterClient  # noqa: E402
 from common.errors import MnemosyneError  # noqa: E402
 from scripts.up import Cluster, ClusterConfig  # noqa: E402
 from tests.fixtures.hf_models import write_random_hf_model  # noqa: E402
@@ -69,16 +70,25 @@ def workload(a: argparse.Namespace, seed: int) -> list[tuple[float, int]]:
     return out
 
 
-def call(address: str, ids: list[int], max_tokens: int, seed: int) -> dict:
+def call(client: RouterClient, ids: list[int], max_tokens: int, seed: int) -> dict:
+    """One request. TTFT and TBT as the router measured them (Finished.timings: from its arrival at
+    the router, what admission predicts; the client's own connection is not the pools' doing)."""
+    out = {"prompt": len(ids), "code": "OK", "predicted": None}
     try:
-        with RouterClient(address, timeout_s=DEADLINE_S) as c:
-            out = c.complete(token_ids=ids, max_tokens=max_tokens, seed=seed)
+        for ev in client.stream(client.request(token_ids=ids, max_tokens=max_tokens, seed=seed)):
+            kind = ev.WhichOneof("event")
+            if kind == "started":
+                st = ev.started
+                out.update(route=ROUTES.get(st.route, ""),
+                           predicted=st.predicted_ttft_s if st.HasField("predicted_ttft_s") else None,
+                           ttft_slo=st.ttft_slo_s if st.HasField("ttft_slo_s") else None,
+                           tbt_slo=st.tbt_slo_s if st.HasField("tbt_slo_s") else None)
+            elif kind == "finished":
+                t = ev.finished.timings
+                out.update(ttft=t.ttft_s, tbt_mean=t.tbt_mean_s)
     except MnemosyneError as e:
         return {"prompt": len(ids), "code": type(e).__name__}
-    gaps = out.tbt_s
-    return {"prompt": len(ids), "code": "OK", "route": out.route, "ttft": out.ttft_s,
-            "predicted": out.predicted_ttft_s, "ttft_slo": out.ttft_slo_s, "tbt_slo": out.tbt_slo_s,
-            "tbt_mean": statistics.fmean(gaps) if gaps else 0.0}
+    return out
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -116,18 +126,17 @@ def run_once(a: argparse.Namespace, model: str, tmp: pathlib.Path, label: str, e
                         short_prompt_tokens=a.short_prompt_tokens, threads=a.threads, extra=pools,
                         deployment=f"adm-{uuid.uuid4().hex[:8]}", log_dir=str(tmp / label))
     arrivals = workload(a, seed)
-    with Cluster(cfg) as c:
-        addr = c.router_address
+    with Cluster(cfg) as c, RouterClient(c.router_address, timeout_s=DEADLINE_S) as client:
         for i in range(a.warmup):                     # the online correction sees both routes
             n = a.long_tokens[0] if i % 3 == 2 else a.short_tokens[1]
-            call(addr, prompt(n, 10_000 + i), a.max_tokens, i)
+            call(client, prompt(n, 10_000 + i), a.max_tokens, i)
         time.sleep(1.0)
         results: list[dict] = []
         lock = threading.Lock()
         t0 = time.monotonic()
 
         def one(i: int, n: int) -> None:
-            r = call(addr, prompt(n, i), a.max_tokens, i)
+            r = call(client, prompt(n, i), a.max_tokens, i)
             with lock:
                 results.append(r)
         with ThreadPoolExecutor(128) as pool:
@@ -136,10 +145,26 @@ def run_once(a: argparse.Namespace, model: str, tmp: pathlib.Path, label: str, e
                 if delay > 0:
                     time.sleep(delay)
                 pool.submit(one, i, n)
+        corrections = router_gauges(c.metrics_urls["router"])
     row = summarize(results, a.short_prompt_tokens)
     row["wall_s"] = round(time.monotonic() - t0, 1)
-    print(label, json.dumps(row), flush=True)
+    row["corrections"] = corrections
+    row["samples"] = [[r["prompt"], r["route"], round(r["predicted"], 4), round(r["ttft"], 4)]
+                      for r in results if r["code"] == "OK" and r["predicted"] is not None]
+    print(label, json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
     return row
+
+
+def router_gauges(url: str) -> dict:
+    """The router's online TTFT corrections at the end of the run (ratio, overhead per pool)."""
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for line in body.splitlines():
+        if line.startswith("mnemosyne_admission_ttft_") and "member_role=" in line:
+            role = line.split('member_role="')[1].split('"')[0]
+            name = "ratio" if "correction_ratio" in line else "overhead_s"
+            out.setdefault(role, {})[name] = round(float(line.rsplit(" ", 1)[1]), 4)
+    return out
 
 
 def median_row(rows: list[dict]) -> dict:

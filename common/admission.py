@@ -109,7 +109,7 @@ class AdmissionConfig:
     tbt_slo_s: float = SchedulerConfig().tbt_slo_s   # default TBT SLO until a decode pool publishes its own
     correction_window: int = 64        # measured TTFTs the online correction fits on, per pool
     min_correction: float = 0.25       # clip of the correction's ratio (measured / predicted)
-    max_correction: float = 10.0
+    max_correction: float = 50.0
     max_overhead_s: float = 5.0        # clip of the correction's fixed overhead
 
     def __post_init__(self) -> None:

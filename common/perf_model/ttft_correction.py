@@ -28,7 +28,7 @@ from common.perf_model.calibrated import nnls
 
 
 class TTFTCorrection:
-    def __init__(self, window: int = 64, min_ratio: float = 0.25, max_ratio: float = 10.0,
+    def __init__(self, window: int = 64, min_ratio: float = 0.25, max_ratio: float = 50.0,
                  max_overhead_s: float = 5.0) -> None:
         if window < 1 or not 0 < min_ratio <= 1 <= max_ratio or max_overhead_s < 0:
             raise ConfigError(f"TTFT correction: need window >= 1 (got {window}), 0 < min_ratio "
