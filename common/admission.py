@@ -326,6 +326,9 @@ class AdmissionController:
         d = ctl.decide(req, snapshot, now)        # ADMIT: route to d.prefill_instance / d.decode_instance
         if d.outcome is Outcome.QUEUE: wait for a poll() result naming req.request_id
         if d.outcome is Outcome.REJECT: raise d.error(req.request_id)
+        ctl.progress(rid, tokens_done)            # an admitted request's prefill progress, and
+        ctl.first_token(rid)                      # its first token (or its end): it no longer waits
+        ctl.observe_ttft(d, ttft_s)               # its measured TTFT: the online correction learns
     """
 
     def __init__(self, config: AdmissionConfig, decode: PoolModel,
@@ -345,7 +348,8 @@ class AdmissionController:
         self._lars = LARS()
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
-        self._awaiting: dict[str, tuple[str, float]] = {}   # admitted, no first token: (instance, due)
+        # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left]
+        self._awaiting: dict[str, list] = {}
 
     # ---- public --------------------------------------------------------------------------
 
@@ -365,6 +369,12 @@ class AdmissionController:
     def first_token(self, request_id: str) -> None:
         """An admitted request got its first token or ended (it no longer waits for a prefill)."""
         self._awaiting.pop(request_id, None)
+
+    def progress(self, request_id: str, tokens_done: int) -> None:
+        """An admitted request's prefill progressed (the router sees each chunk's progress)."""
+        a = self._awaiting.get(request_id)
+        if a is not None:
+            a[2] = min(a[2], max(a[3] - tokens_done, 0))
 
     def observe_ttft(self, decision: Decision, ttft_s: float) -> None:
         """Learns from an admitted request's measured TTFT (seconds from arrival)."""
@@ -434,6 +444,8 @@ class AdmissionController:
         ttft_slo, tbt_slo = self.slo_for(req)
         waited = now - req.arrival_s
         self._pending = [p for p in self._pending if now - p.at <= cfg.max_staleness_s + cfg.visibility_lag_s]
+        for rid in [r for r, a in self._awaiting.items() if now > a[1] + cfg.max_queue_wait_s]:
+            del self._awaiting[rid]          # long overdue: its first token must have been missed
         short = self.prefill is None or req.prompt_tokens < cfg.short_prompt_tokens
         decodes = [self._effective(l) for l in snapshot.fresh(now, cfg.max_staleness_s, "decode")]
         prefills = [] if short else [self._effective(l) for l in
@@ -531,11 +543,14 @@ class AdmissionController:
         return min((f - n for n, f in zip(self._need(req, l), l.kv_free_blocks)), default=0)
 
     def _effective(self, l: InstanceLoad) -> InstanceLoad:
-        """`l` plus the admissions its sample cannot show yet."""
+        """`l` plus the admissions its sample cannot show yet. The queued prefill tokens are at
+        least what this router's admitted requests still have to prefill there (an engine's gauge
+        is only updated after a step, which may take seconds with a long chunk)."""
         mine = [p for p in self._pending if p.at > l.observed_at - self.config.visibility_lag_s
                 and l.instance_id in (p.prefill_id, p.decode_id)]
+        left = sum(a[2] for a in self._awaiting.values() if a[0] == l.instance_id)
         if not mine:
-            return l
+            return l if left <= l.queued_prefill_tokens else replace(l, queued_prefill_tokens=left)
         queued, running = l.queued_prefill_tokens, l.running_decodes
         free, used = list(l.kv_free_blocks), list(l.kv_capacity)
         for k, f in enumerate(free):
@@ -548,15 +563,16 @@ class AdmissionController:
                 for k, n in enumerate(p.kv_blocks[:len(free)]):
                     free[k] -= n
                     used[k] += n
-        return replace(l, queued_prefill_tokens=queued, running_decodes=running,
+        return replace(l, queued_prefill_tokens=max(queued, left), running_decodes=running,
                        kv_free_blocks=tuple(free), kv_used_blocks=tuple(used))
 
     def _admitted(self, req: AdmissionRequest, d: Decision, now: float) -> None:
         if d.decode_instance is not None:
             self._pending.append(_Pending(now, d.prefill_instance, d.decode_instance,
                                           req.prompt_tokens, d.kv_blocks))
-            self._awaiting[req.request_id] = (d.prefill_instance or d.decode_instance,
-                                              req.arrival_s + (d.ttft_slo_s or math.inf))
+            self._awaiting[req.request_id] = [d.prefill_instance or d.decode_instance,
+                                              req.arrival_s + (d.ttft_slo_s or math.inf),
+                                              req.prompt_tokens, req.prompt_tokens]
 
     def _slowdown(self, pool: PoolModel, l: InstanceLoad) -> float:
         return l.slowdown(pool.budget_s, self.config.max_slowdown) if pool.budgeted else 1.0
@@ -564,7 +580,7 @@ class AdmissionController:
     def _earliest_due(self, l: InstanceLoad, now: float) -> float:
         """The earliest first-token deadline still ahead among the admitted requests that prefill
         on `l` and have no first token yet."""
-        return min((due for iid, due in self._awaiting.values() if iid == l.instance_id and due >= now),
+        return min((a[1] for a in self._awaiting.values() if a[0] == l.instance_id and a[1] >= now),
                    default=math.inf)
 
     def _work(self, req: AdmissionRequest) -> float:

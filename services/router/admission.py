@@ -141,6 +141,10 @@ class AdmissionGate:
         tbts = [i.scheduling.tbt_slo_s for i in instances if i.role == "decode" and i.scheduling is not None]
         ctl.tbt_slo_s = min(tbts) if tbts else ctl.config.tbt_slo_s
 
+    def progress(self, request_id: str, tokens_done: int) -> None:
+        """A disaggregated request's prefill progress (the prefill instance's stream)."""
+        self.controller.progress(request_id, tokens_done)
+
     def first_token(self, request_id: str) -> None:
         """An admitted request got its first token, or ended without one."""
         self.controller.first_token(request_id)

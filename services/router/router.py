@@ -209,6 +209,8 @@ class Router:
             relay.queue_s = queue_s
             try:
                 async for ev in self._run(st, relay):
+                    if isinstance(ev, Progress) and self.gate is not None:
+                        self.gate.progress(rid, ev.tokens_done)
                     if relay.count and not st.ttft_seen:
                         st.ttft_seen = True
                         if self.gate is not None:

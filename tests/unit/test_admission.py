@@ -352,7 +352,7 @@ def test_overload_simulation_admitted_requests_meet_their_ttft_and_the_rest_are_
     and the instance stays busy (admission does not throw the capacity away)."""
     ctl = controller()
     busy_until, last_scrape, snapshot = 0.0, -1.0, None
-    ttfts, rejected = [], []
+    ttfts, rejected, firsts = [], [], {}
     for i in range(120):
         t = NOW + 0.25 * i                                   # 1000-token prompts, 1 s of work each
         if t - last_scrape >= 0.5:
@@ -360,10 +360,15 @@ def test_overload_simulation_admitted_requests_meet_their_ttft_and_the_rest_are_
             snapshot = snap(prefill("p1", queued=backlog_tokens, at=t), decode("d1", at=t,
                                                                              free=(10 ** 6,) * 8))
             last_scrape = t
+        for rid, at in list(firsts.items()):                  # the owner reports first tokens
+            if at <= t:
+                ctl.first_token(rid)
+                del firsts[rid]
         d = ctl.decide(request(f"r{i}", prompt=1000, new=0, arrival=t, ttft_slo_s=3.0), snapshot, t)
         if d.outcome is Outcome.ADMIT:
             busy_until = max(busy_until, t) + 1.0
             ttfts.append(busy_until - t)
+            firsts[f"r{i}"] = busy_until
         else:
             assert d.outcome is Outcome.REJECT and d.reason == "ttft_slo" and d.retry_after_s > 0
             rejected.append(i)
@@ -447,6 +452,7 @@ def test_online_correction_converges_on_a_biased_model():
         actual = 0.3 + 2.5 * d.model_ttft_s * (1.02 if i % 2 else 0.98)    # a little noise
         errors.append(abs(d.predicted_ttft_s - actual) / actual)
         ctl.observe_ttft(d, actual)
+        ctl.first_token(f"r{i}")
     assert errors[0] > 0.5 and max(errors[-10:]) < 0.05
     corr = ctl.correction("prefill")
     assert (corr.ratio, corr.overhead_s) == (pytest.approx(2.5, rel=0.05), pytest.approx(0.3, abs=0.05))
@@ -513,3 +519,23 @@ def test_a_decode_instance_running_nothing_always_has_tbt_room():
     ctl = controller(tbt_slo_s=1e-4)
     d = ctl.decide(request(prompt=100), snap(decode("d1")), NOW)
     assert d.outcome is Outcome.ADMIT
+
+
+def test_admitted_prompts_count_until_their_first_token_even_when_the_gauge_lags():
+    """A long chunk keeps an engine's queued-tokens gauge stale for seconds: what this router admitted
+    and has not seen a first token of still counts, less the prefill progress it has seen."""
+    ctl = controller()
+    first = ctl.decide(request("long", prompt=3000, ttft_slo_s=60.0), snap(prefill("p1"), decode("d1")), NOW)
+    assert first.outcome is Outcome.ADMIT
+    later = snap(prefill("p1", at=NOW + 2), decode("d1", at=NOW + 2))     # gauge still shows 0
+    d = ctl.decide(request("next", prompt=500, arrival=NOW + 2, ttft_slo_s=60.0), later, NOW + 2)
+    assert d.predicted_ttft_s == pytest.approx(3.5)                        # 3000 ahead + 500 own
+    ctl.progress("long", 2000)
+    d = ctl.decide(request("next2", prompt=500, arrival=NOW + 2, ttft_slo_s=60.0), later, NOW + 2)
+    assert d.predicted_ttft_s == pytest.approx(1000e-3 + 500e-3 + 500e-3)  # next's 500 counts too now
+    ctl.first_token("long")
+    ctl.first_token("next")
+    ctl.first_token("next2")
+    newer = snap(prefill("p1", at=NOW + 3), decode("d1", at=NOW + 3))
+    d = ctl.decide(request("idle", prompt=500, arrival=NOW + 3, ttft_slo_s=60.0), newer, NOW + 3)
+    assert d.predicted_ttft_s == pytest.approx(0.5)
