@@ -13,7 +13,9 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
   ahead    = C[queued prefill tokens]                      the instance's backlog, as one prompt: an
                                                            upper estimate (attention is superlinear)
   model    = (ahead + own) * slowdown / (1 - decode share)
-  ttft     = correction[pool](model)
+  ttft     = correction[pool](model) + in flight
+  in flight = half the instance's recent mean iteration time when it is busy (measured: a new
+             request waits for the iteration under way)
   slowdown = recent mean iteration time / iteration budget, clipped to [1, max_slowdown]: the model's
              error on this instance right now (1 when idle or unknown, and on instances with fixed
              chunks, whose iterations do not fill the budget)
@@ -274,6 +276,7 @@ class Decision:
     tbt_slo_s: float | None = None
     model_ttft_s: float | None = None     # ADMIT: the uncorrected prediction, from the decision on
     waited_s: float = 0.0                 # arrival -> decision
+    inflight_s: float = 0.0               # ADMIT: the measured rest of the iteration in flight
     pool: str = ""                        # ADMIT: the pool whose correction applies (prefill | decode)
 
     def error(self, request_id: str) -> CapacityError | InvalidRequestError:
@@ -380,7 +383,7 @@ class AdmissionController:
         """Learns from an admitted request's measured TTFT (seconds from arrival)."""
         pred, pool = decision.model_ttft_s, decision.pool
         if pool in self.corrections and pred is not None:
-            self.corrections[pool].observe(pred, ttft_s - decision.waited_s)
+            self.corrections[pool].observe(pred, ttft_s - decision.waited_s - decision.inflight_s)
 
     def model_of(self, l: InstanceLoad) -> PoolModel:
         """The model instance `l` published, else its pool's default."""
@@ -474,7 +477,8 @@ class AdmissionController:
                             detail=f"prefilling {req.prompt_tokens} tokens alone takes ~{alone:.2f}s; "
                                    f"TTFT SLO {ttft_slo:.2f}s", **slos)
         model_s, best = min(cands, key=lambda c: (c[0], c[1].instance_id))
-        pred = corr(model_s)
+        inflight = self._inflight_s(best)
+        pred = corr(model_s) + inflight
         if waited + pred > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
                             retry_after_s=self._retry(waited + pred - ttft_slo),
@@ -492,7 +496,7 @@ class AdmissionController:
             return Decision(Outcome.QUEUE, why, predicted_ttft_s=waited + pred,
                             latest_start_s=req.arrival_s + ttft_slo - pred,
                             detail=f"no decode instance has room now ({why})", **slos)
-        learn = dict(model_ttft_s=model_s, pool=role, **slos)
+        learn = dict(model_ttft_s=model_s, inflight_s=inflight, pool=role, **slos)
         if short:
             return Decision(Outcome.ADMIT, "fits", None, best.instance_id, waited + pred,
                             kv_blocks=self._need(req, best), **learn)
@@ -573,6 +577,13 @@ class AdmissionController:
             self._awaiting[req.request_id] = [d.prefill_instance or d.decode_instance,
                                               req.arrival_s + (d.ttft_slo_s or math.inf),
                                               req.prompt_tokens, req.prompt_tokens]
+
+    @staticmethod
+    def _inflight_s(l: InstanceLoad) -> float:
+        """A busy instance is in the middle of an iteration: a new request waits, on average, for
+        half of one (its recent mean iteration time, measured)."""
+        busy = l.running_decodes or l.queued_prefill_tokens or l.active_requests
+        return 0.5 * l.iteration_s if busy and l.iteration_s else 0.0
 
     def _slowdown(self, pool: PoolModel, l: InstanceLoad) -> float:
         return l.slowdown(pool.budget_s, self.config.max_slowdown) if pool.budgeted else 1.0

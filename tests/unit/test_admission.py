@@ -539,3 +539,14 @@ def test_admitted_prompts_count_until_their_first_token_even_when_the_gauge_lags
     newer = snap(prefill("p1", at=NOW + 3), decode("d1", at=NOW + 3))
     d = ctl.decide(request("idle", prompt=500, arrival=NOW + 3, ttft_slo_s=60.0), newer, NOW + 3)
     assert d.predicted_ttft_s == pytest.approx(0.5)
+
+
+def test_a_busy_instance_adds_half_an_iteration_in_flight_which_the_correction_does_not_learn():
+    ctl = controller()
+    d = ctl.decide(request(prompt=1000), snap(prefill("p1", active_requests=1, iteration_s=0.05),
+                                              decode("d1")), NOW)
+    assert d.inflight_s == pytest.approx(0.025) and d.predicted_ttft_s == pytest.approx(1.025)
+    ctl.observe_ttft(d, 1.025)
+    assert ctl.correction("prefill")(1.0) == pytest.approx(1.0)
+    idle = ctl.decide(request("b", prompt=1000), snap(prefill("p1", iteration_s=0.05), decode("d1")), NOW)
+    assert idle.inflight_s == 0.0
