@@ -111,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--ttft-slo-s", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--perf-step-s", type=float, default=0.005,
-                   help="router performance model: seconds per iteration (calibrated for this model on CPU)")
-    p.add_argument("--perf-token-s", type=float, default=0.0001, help="... plus seconds per token")
     a = p.parse_args(argv)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="goodput-"))
     model = write_random_hf_model(tmp / "model", "llama", num_hidden_layers=2, max_position_embeddings=512,
@@ -123,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ClusterConfig(model=str(model), kv_backend="tcp", router_port=0, prefill_spp=1, decode_kvp=1,
                             decode_kv_tokens=131072, prefill_kv_tokens=1024, chunk_size=64,
                             short_prompt_tokens=512, admission=admission,
-                            extra={"router": ["--perf-step-s", str(a.perf_step_s),
-                                              "--perf-token-s", str(a.perf_token_s)]},
                             deployment=f"goodput-{uuid.uuid4().hex[:8]}", log_dir=str(tmp / mode))
         with Cluster(cfg) as c:
             rows[mode] = run_load(c.router_address, a.rate, a.seconds, a.prompt_tokens, a.max_tokens,

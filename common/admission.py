@@ -2,23 +2,42 @@
 the live load of the candidate instances. Plain logic (no gRPC, no asyncio, injected clock values);
 the router owns the waiting and the RPCs.
 
-Prediction (seconds from now, on one candidate):
-  own      = C[prompt] + (pipeline_depth - 1) * budget     C: the pool's PrefillTable (adaptive chunks)
+Models: every instance publishes the performance model its own scheduler predicts with, its
+iteration budget, chunking, pipeline depth and TBT SLO (common.metadata.types.SchedulingInfo, in its
+kvstore registration); PoolModel.published rebuilds from it the PrefillTable C the instance's
+scheduler uses, so C[l] here is the instance's own prediction. Instances that published nothing
+are judged by their pool's default model.
+
+Prediction (seconds from now, on one candidate, with the candidate's own model):
+  own      = C[prompt] + (pipeline_depth - 1) * budget     C: the instance's PrefillTable
   ahead    = C[queued prefill tokens]                      the instance's backlog, as one prompt: an
                                                            upper estimate (attention is superlinear)
-  ttft     = (ahead + own) * slowdown / (1 - decode share)
+  model    = (ahead + own) * slowdown / (1 - decode share)
+  ttft     = correction[pool](model) + in flight
+  in flight = half the instance's recent mean iteration time when it is busy (measured: a new
+             request waits for the iteration under way)
   slowdown = recent mean iteration time / iteration budget, clipped to [1, max_slowdown]: the model's
-             error on this instance right now (1 when idle or unknown)
+             error on this instance right now (1 when idle or unknown, and on instances with fixed
+             chunks, whose iterations do not fill the budget)
   decode share (decode instances only, short prompts prefilled there): the predicted time of the
              running decodes' step over the budget, capped at max_decode_share: what is left for chunks.
+  correction[pool] (pool = prefill | decode): overhead + ratio * model, fitted on the measured vs
+             predicted TTFTs of the pool's recent admitted requests (observe_ttft;
+             common.perf_model.ttft_correction: what the model does not see, RPC hops, KV transfer
+             set-up, a slower host; the identity before any measurement).
+Deadlines (slo_for): a request's own TTFT SLO is taken as given; the default is
+  max(the prompt class's SLO, slo_factor x its corrected prefill time alone on an idle instance),
+so an idle deployment admits every prompt that fits max_model_len, and a loaded one rejects only
+what it cannot serve in time. The default TBT SLO is the decode pool's published tbt_slo_s.
 Long prompts (>= short_prompt_tokens) are prefilled by the best prefill instance and need a decode
 instance with room now; short prompts are prefilled by the decode instance that holds them.
 A decode instance has room when every KVP group has the blocks the request needs (common.kv_cache.
 kvp_blocks.kvp_split: prompt then generated tokens over groups of M = kvp_tokens, as the kvstore places them)
-and one more decode keeps its predicted step within the TBT SLO. An instance that reports no KV
+and one more decode keeps its predicted step within the TBT SLO (an instance running no decode
+always has TBT room: waiting cannot make a lone decode faster). An instance that reports no KV
 gauges gets no KV check here (the kvstore's reservation still makes it).
 
-Decision, with waited = now - arrival and the request's own SLO (or the default for its prompt class):
+Decision, with waited = now - arrival and the request's deadlines (slo_for):
   ADMIT  (fits)                waited + ttft <= ttft SLO and a decode instance has room now
   QUEUE  (kv_full | tbt_full)  the TTFT fits but no decode instance has room now; the request waits in
                                a bounded queue ordered by LARS until room appears (poll), its TTFT no
@@ -57,11 +76,14 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.config import SchedulerConfig, SLOConfig
 from common.errors import CapacityError, ConfigError, InvalidRequestError
 from common.kv_cache.kvp_blocks import kvp_split
+from common.metadata.types import SchedulingInfo
 from common.metrics import DEFAULT_PROMPT_CLASSES, PromptClasses
 from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
+from common.perf_model.ttft_correction import TTFTCorrection
 from common.scheduler.chunking import ChunkingConfig
 from common.scheduler.policy import LARS
 from common.scheduler.types import BatchShape, ReqView
@@ -72,25 +94,6 @@ RETRY_METADATA_KEY = "grpc-retry-pushback-ms"     # gRPC's server pushback for c
 
 
 # ---- configuration ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SLOConfig:
-    """Default SLOs: TTFT per prompt class (seconds from arrival), TBT (mean gap, seconds), and the
-    objective (fraction of requests that must meet them; the error budget is 1 - objective)."""
-    ttft_s: tuple[tuple[str, float], ...] = (("short", 2.0), ("medium", 20.0), ("long", 120.0),
-                                             ("xlong", 600.0))
-    tbt_s: float = 0.2
-    objective: float = 0.99
-
-    def __post_init__(self) -> None:
-        if any(not s > 0 for _, s in self.ttft_s) or not self.tbt_s > 0:
-            raise ConfigError(f"slo: ttft_s {self.ttft_s} and tbt_s {self.tbt_s} must be positive")
-        if not 0.0 < self.objective < 1.0:
-            raise ConfigError(f"slo: objective must be in (0, 1), got {self.objective}")
-
-    def ttft_for(self, prompt_class: str) -> float:
-        return dict(self.ttft_s)[prompt_class]
-
 
 @dataclass(frozen=True)
 class AdmissionConfig:
@@ -105,6 +108,11 @@ class AdmissionConfig:
     visibility_lag_s: float = 0.2      # an admission shows in an instance's metrics within this
     min_retry_after_s: float = 0.5
     fail_open: bool = False            # admit blindly when no load is known at all
+    tbt_slo_s: float = SchedulerConfig().tbt_slo_s   # default TBT SLO until a decode pool publishes its own
+    correction_window: int = 64        # measured TTFTs the online correction fits on, per pool
+    min_correction: float = 0.25       # clip of the correction's ratio (measured / predicted)
+    max_correction: float = 50.0
+    max_overhead_s: float = 5.0        # clip of the correction's fixed overhead
 
     def __post_init__(self) -> None:
         missing = set(self.prompt_classes.names) - {c for c, _ in self.slo.ttft_s}
@@ -116,6 +124,12 @@ class AdmissionConfig:
         for name in ("max_queue_wait_s", "max_staleness_s", "min_retry_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"admission: {name} must be positive, got {getattr(self, name)}")
+        if self.correction_window < 1 or not 0 < self.min_correction <= 1 <= self.max_correction \
+                or not self.tbt_slo_s > 0 or self.max_overhead_s < 0:
+            raise ConfigError(f"admission: need correction_window={self.correction_window} >= 1, "
+                              f"0 < min_correction={self.min_correction} <= 1 <= "
+                              f"max_correction={self.max_correction}, tbt_slo_s={self.tbt_slo_s} > 0, "
+                              f"max_overhead_s={self.max_overhead_s} >= 0")
         if self.max_slowdown < 1 or not 0 <= self.max_decode_share < 1 or self.visibility_lag_s < 0:
             raise ConfigError(f"admission: max_slowdown={self.max_slowdown} must be >= 1, "
                               f"max_decode_share={self.max_decode_share} in [0, 1), "
@@ -125,15 +139,37 @@ class AdmissionConfig:
 @dataclass(frozen=True)
 class PoolModel:
     """How long work takes on an instance of one pool: its performance model (its parallel layout),
-    the PrefillTable under its iteration budget, and its pipeline depth (SPP stages)."""
+    the PrefillTable under its iteration budget and chunking, its pipeline depth (SPP stages), and
+    the TBT SLO it was configured with (None = unknown)."""
     model: PerfModel
     table: PrefillTable
     pipeline_depth: int = 1
+    tbt_slo_s: float | None = None
+    shared: bool = False        # FCFS with fixed chunks: every queued prompt gets a chunk in each
+                                # iteration, so a new prompt delays the ones already there
+    budgeted: bool = True       # adaptive chunks fill the budget: iteration time / budget is the
+                                # model's error now (the slowdown); with fixed chunks it is not
 
     @classmethod
     def build(cls, model: PerfModel, budget_s: float, *, pipeline_depth: int = 1,
-              kvp_tokens: int | None = None, chunking: ChunkingConfig = ChunkingConfig()) -> "PoolModel":
-        return cls(model, PrefillTable(model, budget_s, 0, chunking, kvp_tokens), pipeline_depth)
+              kvp_tokens: int | None = None, chunking: ChunkingConfig = ChunkingConfig(),
+              fixed_chunk: int | None = None, tbt_slo_s: float | None = None) -> "PoolModel":
+        return cls(model, PrefillTable(model, budget_s, 0, chunking, kvp_tokens, fixed_chunk),
+                   pipeline_depth, tbt_slo_s)
+
+    @classmethod
+    def published(cls, info: "SchedulingInfo", kvp_tokens: int = 0) -> "PoolModel | None":
+        """The model an instance published with its registration (common.metadata.types.SchedulingInfo):
+        the same performance model, budget, chunking and pipeline depth as its own scheduler, so
+        table.time(l) is what the instance's scheduler predicts. None when it published no model."""
+        if info.perf_model is None:
+            return None
+        chunking = ChunkingConfig(min_chunk=info.min_chunk, max_chunk=info.max_chunk)
+        fixed = info.chunking == "fixed"
+        built = cls.build(info.perf_model.build(), info.iteration_budget_s, pipeline_depth=info.pipeline_depth,
+                          kvp_tokens=kvp_tokens or None, chunking=chunking,
+                          fixed_chunk=info.chunk_size if fixed else None, tbt_slo_s=info.tbt_slo_s)
+        return replace(built, shared=fixed and info.policy == "fcfs", budgeted=not fixed)
 
     @property
     def budget_s(self) -> float:
@@ -224,7 +260,9 @@ class Decision:
     """outcome + reason (metric labels); the instances chosen (ADMIT; prefill None on the short
     path or fail_open); predicted TTFT from arrival; retry_after_s (REJECT; None = retrying will
     not help); detail (human-readable); latest_start_s (QUEUE: rejected if not admitted by then);
-    kv_blocks (ADMIT: what the request needs per KVP group of the chosen decode instance)."""
+    kv_blocks (ADMIT: what the request needs per KVP group of the chosen decode instance);
+    ttft_slo_s / tbt_slo_s: the SLOs it was judged by; model_ttft_s, waited_s, pool: what
+    AdmissionController.observe_ttft needs to learn from the measured TTFT."""
     outcome: Outcome
     reason: str
     prefill_instance: str | None = None
@@ -234,6 +272,12 @@ class Decision:
     detail: str = ""
     latest_start_s: float | None = None
     kv_blocks: tuple[int, ...] = ()       # ADMIT: blocks per KVP group on the decode instance
+    ttft_slo_s: float | None = None       # the deadline the request was judged by (from arrival)
+    tbt_slo_s: float | None = None
+    model_ttft_s: float | None = None     # ADMIT: the uncorrected prediction, from the decision on
+    waited_s: float = 0.0                 # arrival -> decision
+    inflight_s: float = 0.0               # ADMIT: the measured rest of the iteration in flight
+    pool: str = ""                        # ADMIT: the pool whose correction applies (prefill | decode)
 
     def error(self, request_id: str) -> CapacityError | InvalidRequestError:
         """The error to end a rejected request with: AdmissionRejected (RESOURCE_EXHAUSTED), or
@@ -285,24 +329,68 @@ class AdmissionController:
         d = ctl.decide(req, snapshot, now)        # ADMIT: route to d.prefill_instance / d.decode_instance
         if d.outcome is Outcome.QUEUE: wait for a poll() result naming req.request_id
         if d.outcome is Outcome.REJECT: raise d.error(req.request_id)
+        ctl.progress(rid, tokens_done)            # an admitted request's prefill progress, and
+        ctl.first_token(rid)                      # its first token (or its end): it no longer waits
+        ctl.observe_ttft(d, ttft_s)               # its measured TTFT: the online correction learns
     """
 
     def __init__(self, config: AdmissionConfig, decode: PoolModel,
                  prefill: PoolModel | None = None) -> None:
+        """`decode` / `prefill`: each pool's default model (for instances that published none, and
+        for the default deadlines); `models` (set by the owner from the registrations): the model
+        each instance published, by instance id; `tbt_slo_s`: the default TBT SLO (the decode
+        pool's published one)."""
         self.config = config
         self.decode = decode
         self.prefill = prefill
+        self.models: dict[str, PoolModel] = {}
+        self.tbt_slo_s = config.tbt_slo_s
+        self.corrections = {pool: TTFTCorrection(config.correction_window, config.min_correction,
+                                                 config.max_correction, config.max_overhead_s)
+                            for pool in ("prefill", "decode")}
         self._lars = LARS()
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
+        # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left]
+        self._awaiting: dict[str, list] = {}
 
     # ---- public --------------------------------------------------------------------------
 
     def slo_for(self, req: AdmissionRequest) -> tuple[float, float]:
-        """(ttft, tbt) SLO seconds the request is judged by: its own, else the defaults."""
+        """(ttft, tbt) SLO seconds the request is judged by: its own when set; else TTFT =
+        max(its class SLO, slo_factor x its predicted prefill time alone on an idle instance), TBT =
+        the decode pool's published TBT SLO."""
         slo = self.config.slo
-        ttft = req.ttft_slo_s or slo.ttft_for(self.config.prompt_classes.of(req.prompt_tokens))
-        return ttft, req.tbt_slo_s or slo.tbt_s
+        ttft = req.ttft_slo_s or max(slo.ttft_for(self.config.prompt_classes.of(req.prompt_tokens)),
+                                     slo.slo_factor * self._work(req))
+        return ttft, req.tbt_slo_s or self.tbt_slo_s
+
+    def correction(self, pool: str) -> TTFTCorrection:
+        """`pool`'s correction: corrected seconds = correction(model seconds); .ratio, .overhead_s."""
+        return self.corrections[pool]
+
+    def first_token(self, request_id: str) -> None:
+        """An admitted request got its first token or ended (it no longer waits for a prefill)."""
+        self._awaiting.pop(request_id, None)
+
+    def progress(self, request_id: str, tokens_done: int) -> None:
+        """An admitted request's prefill progressed (the router sees each chunk's progress)."""
+        a = self._awaiting.get(request_id)
+        if a is not None:
+            a[2] = min(a[2], max(a[3] - tokens_done, 0))
+
+    def observe_ttft(self, decision: Decision, ttft_s: float) -> None:
+        """Learns from an admitted request's measured TTFT (seconds from arrival)."""
+        pred, pool = decision.model_ttft_s, decision.pool
+        if pool in self.corrections and pred is not None:
+            self.corrections[pool].observe(pred, ttft_s - decision.waited_s - decision.inflight_s)
+
+    def model_of(self, l: InstanceLoad) -> PoolModel:
+        """The model instance `l` published, else its pool's default."""
+        m = self.models.get(l.instance_id)
+        if m is not None:
+            return m
+        return self.prefill if l.role == "prefill" and self.prefill is not None else self.decode
 
     @property
     def queue_length(self) -> int:
@@ -359,6 +447,8 @@ class AdmissionController:
         ttft_slo, tbt_slo = self.slo_for(req)
         waited = now - req.arrival_s
         self._pending = [p for p in self._pending if now - p.at <= cfg.max_staleness_s + cfg.visibility_lag_s]
+        for rid in [r for r, a in self._awaiting.items() if now > a[1] + cfg.max_queue_wait_s]:
+            del self._awaiting[rid]          # long overdue: its first token must have been missed
         short = self.prefill is None or req.prompt_tokens < cfg.short_prompt_tokens
         decodes = [self._effective(l) for l in snapshot.fresh(now, cfg.max_staleness_s, "decode")]
         prefills = [] if short else [self._effective(l) for l in
@@ -377,41 +467,50 @@ class AdmissionController:
             return Decision(Outcome.REJECT, "kv_too_large",
                             detail=f"{req.prompt_tokens}+{req.max_new_tokens} tokens fit on no live "
                                    f"decode instance even when empty")
-        pool = self.decode if short else self.prefill
-        alone = pool.prefill_alone_s(req.prompt_tokens)
+        role = "decode" if short else "prefill"
+        corr = self.correction(role)
+        cands = [(self._predict(self.model_of(l), l, req), l) for l in (room or fits_ever if short else prefills)]
+        alone = corr(min(self.model_of(l).prefill_alone_s(req.prompt_tokens) for _, l in cands))
+        slos = dict(ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo, waited_s=waited)
         if waited + alone > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_unattainable", predicted_ttft_s=waited + alone,
                             detail=f"prefilling {req.prompt_tokens} tokens alone takes ~{alone:.2f}s; "
-                                   f"TTFT SLO {ttft_slo:.2f}s")
-        if short:
-            cands = [(self._predict(self.decode, l, req), l) for l in (room or fits_ever)]
-        else:
-            cands = [(self._predict(self.prefill, l, req), l) for l in prefills]
-        pred, best = min(cands, key=lambda c: (c[0], c[1].instance_id))
+                                   f"TTFT SLO {ttft_slo:.2f}s", **slos)
+        model_s, best = min(cands, key=lambda c: (c[0], c[1].instance_id))
+        inflight = self._inflight_s(best)
+        pred = corr(model_s) + inflight
         if waited + pred > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
                             retry_after_s=self._retry(waited + pred - ttft_slo),
                             detail=f"predicted TTFT {waited + pred:.2f}s > SLO {ttft_slo:.2f}s "
-                                   f"(best instance {best.instance_id})")
+                                   f"(best instance {best.instance_id})", **slos)
+        due = self._earliest_due(best, now) if self.model_of(best).shared else math.inf
+        if now + pred > due:
+            return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
+                            retry_after_s=self._retry(now + pred - due),
+                            detail=f"instance {best.instance_id} shares each iteration among its prompts: "
+                                   f"this one would delay requests admitted there past their deadline "
+                                   f"(in {due - now:.2f}s)", **slos)
         if not room:
             why = "kv_full" if "kv_full" in states.values() else "tbt_full"
             return Decision(Outcome.QUEUE, why, predicted_ttft_s=waited + pred,
                             latest_start_s=req.arrival_s + ttft_slo - pred,
-                            detail=f"no decode instance has room now ({why})")
+                            detail=f"no decode instance has room now ({why})", **slos)
+        learn = dict(model_ttft_s=model_s, inflight_s=inflight, pool=role, **slos)
         if short:
             return Decision(Outcome.ADMIT, "fits", None, best.instance_id, waited + pred,
-                            kv_blocks=self._need(req, best))
+                            kv_blocks=self._need(req, best), **learn)
         dec = max(room, key=lambda l: (self._headroom(req, l), l.instance_id))
         return Decision(Outcome.ADMIT, "fits", best.instance_id, dec.instance_id, waited + pred,
-                        kv_blocks=self._need(req, dec))
+                        kv_blocks=self._need(req, dec), **learn)
 
     def _predict(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest) -> float:
-        """Predicted seconds from now to the first token on instance `l`."""
+        """Predicted seconds from now to the first token on instance `l` (before the correction)."""
         t = pool.table.time(l.queued_prefill_tokens) + pool.prefill_alone_s(req.prompt_tokens)
         if l.role == "decode" and l.running_decodes:
             share = self._decode_step_s(pool, l, extra=None) / pool.budget_s
             t /= 1.0 - min(share, self.config.max_decode_share)
-        return t * l.slowdown(pool.budget_s, self.config.max_slowdown)
+        return t * self._slowdown(pool, l)
 
     def _decode_step_s(self, pool: PoolModel, l: InstanceLoad, extra: int | None) -> float:
         """Predicted step of the running decodes (mean context from the KV in use), plus one new
@@ -436,8 +535,11 @@ class AdmissionController:
             return "kv_too_large"
         if any(n > f for n, f in zip(need, l.kv_free_blocks)):
             return "kv_full"
-        step = self._decode_step_s(self.decode, l, extra=req.prompt_tokens)
-        if step * l.slowdown(self.decode.budget_s, self.config.max_slowdown) > tbt_slo:
+        if not l.running_decodes:
+            return "room"          # alone it decodes as fast as this instance can: waiting cannot help
+        pool = self.model_of(l)
+        step = self._decode_step_s(pool, l, extra=req.prompt_tokens)
+        if step * self._slowdown(pool, l) > tbt_slo:
             return "tbt_full"
         return "room"
 
@@ -445,11 +547,14 @@ class AdmissionController:
         return min((f - n for n, f in zip(self._need(req, l), l.kv_free_blocks)), default=0)
 
     def _effective(self, l: InstanceLoad) -> InstanceLoad:
-        """`l` plus the admissions its sample cannot show yet."""
+        """`l` plus the admissions its sample cannot show yet. The queued prefill tokens are at
+        least what this router's admitted requests still have to prefill there (an engine's gauge
+        is only updated after a step, which may take seconds with a long chunk)."""
         mine = [p for p in self._pending if p.at > l.observed_at - self.config.visibility_lag_s
                 and l.instance_id in (p.prefill_id, p.decode_id)]
+        left = sum(a[2] for a in self._awaiting.values() if a[0] == l.instance_id)
         if not mine:
-            return l
+            return l if left <= l.queued_prefill_tokens else replace(l, queued_prefill_tokens=left)
         queued, running = l.queued_prefill_tokens, l.running_decodes
         free, used = list(l.kv_free_blocks), list(l.kv_capacity)
         for k, f in enumerate(free):
@@ -462,17 +567,39 @@ class AdmissionController:
                 for k, n in enumerate(p.kv_blocks[:len(free)]):
                     free[k] -= n
                     used[k] += n
-        return replace(l, queued_prefill_tokens=queued, running_decodes=running,
+        return replace(l, queued_prefill_tokens=max(queued, left), running_decodes=running,
                        kv_free_blocks=tuple(free), kv_used_blocks=tuple(used))
 
     def _admitted(self, req: AdmissionRequest, d: Decision, now: float) -> None:
         if d.decode_instance is not None:
             self._pending.append(_Pending(now, d.prefill_instance, d.decode_instance,
                                           req.prompt_tokens, d.kv_blocks))
+            self._awaiting[req.request_id] = [d.prefill_instance or d.decode_instance,
+                                              req.arrival_s + (d.ttft_slo_s or math.inf),
+                                              req.prompt_tokens, req.prompt_tokens]
+
+    @staticmethod
+    def _inflight_s(l: InstanceLoad) -> float:
+        """A busy instance is in the middle of an iteration: a new request waits, on average, for
+        half of one (its recent mean iteration time, measured)."""
+        busy = l.running_decodes or l.queued_prefill_tokens or l.active_requests
+        return 0.5 * l.iteration_s if busy and l.iteration_s else 0.0
+
+    def _slowdown(self, pool: PoolModel, l: InstanceLoad) -> float:
+        return l.slowdown(pool.budget_s, self.config.max_slowdown) if pool.budgeted else 1.0
+
+    def _earliest_due(self, l: InstanceLoad, now: float) -> float:
+        """The earliest first-token deadline still ahead among the admitted requests that prefill
+        on `l` and have no first token yet."""
+        return min((a[1] for a in self._awaiting.values() if a[0] == l.instance_id and a[1] >= now),
+                   default=math.inf)
 
     def _work(self, req: AdmissionRequest) -> float:
+        """Predicted prefill time alone on an idle instance of the pool that would prefill it
+        (its pool default model, corrected)."""
         short = self.prefill is None or req.prompt_tokens < self.config.short_prompt_tokens
-        return (self.decode if short else self.prefill).prefill_alone_s(req.prompt_tokens)
+        role = "decode" if short else "prefill"
+        return self.correction(role)((self.decode if short else self.prefill).prefill_alone_s(req.prompt_tokens))
 
     def _ordered(self, now: float) -> list[_Queued]:
         """LARS order, slack stealing included (common/scheduler/policy.py)."""

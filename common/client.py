@@ -158,6 +158,9 @@ class Completion:
     finish_reason: str = ""
     ttft_s: float = 0.0
     tbt_s: list[float] = field(default_factory=list)
+    predicted_ttft_s: float | None = None    # the router's admission (Started), from arrival
+    ttft_slo_s: float | None = None          # the deadlines it was served under
+    tbt_slo_s: float | None = None
 
 
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
@@ -226,6 +229,9 @@ class RouterClient:
             if kind == "started":
                 out.request_id, out.prompt_tokens = ev.started.request_id, ev.started.prompt_tokens
                 out.route = ROUTES.get(ev.started.route, "")
+                for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s"):
+                    if ev.started.HasField(name):
+                        setattr(out, name, getattr(ev.started, name))
             elif kind == "delta":
                 now = time.monotonic()
                 if ev.delta.token_ids:

@@ -25,6 +25,8 @@ it), `role` (router | prefill | decode | kvstore), `instance` (the instance id).
 | mnemosyne_slo_objective_ratio                  | gauge     | slo                       | router, the objective (e.g. 0.99) for error budgets |
 | mnemosyne_admission_decisions_total            | counter   | outcome, reason           | router (common/admission.py decisions) |
 | mnemosyne_admission_queued_requests            | gauge     |                           | router, admission queue length |
+| mnemosyne_admission_ttft_correction_ratio      | gauge     | member_role               | router: a pool's online TTFT correction, its ratio ... |
+| mnemosyne_admission_ttft_overhead_seconds      | gauge     | member_role               | ... and its fixed overhead (corrected = overhead + ratio x predicted) |
 | mnemosyne_active_requests                      | gauge     |                           | every service: requests in flight here |
 | mnemosyne_rpc_errors_total                     | counter   | method, code              | every gRPC server (MetricsInterceptor) |
 | mnemosyne_tokens_total                         | counter   | kind (prompt, generated)  | prefill/decode engines, tokens computed |
@@ -133,6 +135,13 @@ SPECS: tuple[Spec, ...] = (
          ("outcome", "reason"), (), ("router",)),
     Spec("mnemosyne_admission_queued_requests", "gauge",
          "Requests waiting in the router's admission queue.", (), (), ("router",)),
+    Spec("mnemosyne_admission_ttft_correction_ratio", "gauge",
+         "Admission's online correction of a pool's predicted TTFTs (corrected = overhead + ratio x "
+         "predicted, fitted on measured TTFTs): the ratio (1 = the pool's own model is right).",
+         ("member_role",), (), ("router",)),
+    Spec("mnemosyne_admission_ttft_overhead_seconds", "gauge",
+         "Admission's online correction of a pool's predicted TTFTs: the fixed overhead per request.",
+         ("member_role",), (), ("router",)),
     Spec("mnemosyne_active_requests", "gauge", "Requests in flight in this process."),
     Spec("mnemosyne_rpc_errors_total", "counter",
          "gRPC calls served by this process that ended with a non-OK status.", ("method", "code")),
@@ -361,6 +370,10 @@ class Metrics:
         if outcome not in ADMISSION_OUTCOMES:
             raise ValueError(f"admission outcome must be one of {ADMISSION_OUTCOMES}, got {outcome!r}")
         self._child("mnemosyne_admission_decisions_total", outcome=outcome, reason=reason).inc()
+
+    def set_ttft_correction(self, member_role: str, ratio: float, overhead_s: float) -> None:
+        self._child("mnemosyne_admission_ttft_correction_ratio", member_role=member_role).set(ratio)
+        self._child("mnemosyne_admission_ttft_overhead_seconds", member_role=member_role).set(overhead_s)
 
     def set_admission_queue(self, length: int) -> None:
         self._child("mnemosyne_admission_queued_requests").set(length)

@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 
 from common.client import KVStoreClient, Membership
 from common.engine.async_engine import AsyncEngine, keep_alive
-from common.errors import MnemosyneError
-from common.metadata.types import Instance
+from common.errors import ConfigError, MnemosyneError
+from common.metadata.types import Instance, SchedulingInfo
+from common.perf_model.published import publish
 from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
 from common.pool_config import PoolConfig
 from common.rpc.server import RpcServer, advertised_host, host_port, serve_until_signal
@@ -41,6 +42,29 @@ def kv_layout(config: PoolConfig) -> tuple[int, int]:
     """(tokens per KV block, tokens per KVP group or 0 for one group) of an instance."""
     ec = config.engine
     return ec.cache.block_size, ec.parallel.kvp_tokens if ec.parallel.kvp > 1 else 0
+
+
+def scheduling_info(engine: Any) -> SchedulingInfo:
+    """What this instance publishes for admission (its registration's `scheduling`): the performance
+    model its scheduler predicts with (when it schedules without one, FCFS with fixed chunks, the
+    model it would load: the saved profile else the analytic roofline), budget, pipeline depth,
+    chunking, TBT SLO and max_model_len. Read-only attributes of the engine (shared contract 3);
+    `pipeline_depth` / `iteration_budget_s` fall back to the config and the scheduler's budget."""
+    cfg = engine.cfg
+    sc = cfg.scheduler
+    model = getattr(engine, "perf_model", None)
+    published = None
+    try:
+        if model is None:
+            from common.engine.profile import load_perf_model
+            model = load_perf_model(engine, online=False)
+        published = publish(model)
+    except (ConfigError, AttributeError) as e:
+        log.warning("no performance model to publish (%s); admission will use its default", e)
+    depth = getattr(engine, "pipeline_depth", None) or cfg.parallel.spp
+    budget = getattr(engine, "iteration_budget_s", None) or sc.iteration_budget(depth)
+    return SchedulingInfo(published, float(budget), int(depth), sc.policy, sc.chunking, sc.chunk_size,
+                          sc.min_chunk, sc.max_chunk, sc.tbt_slo_s, int(engine.max_model_len))
 
 
 def build_engine(config: PoolConfig) -> Any:
@@ -67,6 +91,7 @@ class PoolService:
         self.membership = Membership(kvstore, self.info, self.free_blocks)
         self._supervisor: asyncio.Task[None] | None = None
         self._joined = False                          # registered with the kvstore
+        self._scheduling: tuple[Any, SchedulingInfo] | None = None
 
     # ---- what a role defines -----------------------------------------------------------------
     @classmethod
@@ -85,6 +110,16 @@ class PoolService:
     def free_blocks(self) -> tuple[int, ...]:
         """Free KV blocks per KVP group, sent with each heartbeat."""
         return ()
+
+    def scheduling(self) -> SchedulingInfo | None:
+        """The registration's `scheduling` (scheduling_info of the current engine, computed once per
+        engine: a rebuilt engine is published again when the instance rejoins)."""
+        engine = self.instance.engine.engine
+        if engine is None:
+            return None
+        if self._scheduling is None or self._scheduling[0] is not engine:
+            self._scheduling = (engine, scheduling_info(engine))
+        return self._scheduling[1]
 
     # ---- shared ------------------------------------------------------------------------------
     @property

@@ -70,6 +70,21 @@ def engine_stats(engine: Any) -> EngineStats:
                        queued_prefill_tokens=queued, running_decodes=decoding)
 
 
+def _slo_kwargs(**kw: float | None) -> dict[str, float]:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _accepted(method: Callable[..., Any], kw: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments `method` takes (branch `admission` only: until the one engine takes
+    ttft_deadline_s / tbt_slo_s everywhere (shared contract 3), an engine method without them
+    ignores them; drop this filter after the merge)."""
+    if not kw:
+        return kw
+    import inspect
+    params = inspect.signature(method).parameters
+    return {k: v for k, v in kw.items() if k in params}
+
+
 class StepRecorder:
     """Turns the engine thread's steps into metrics (common/metrics.py), from the StepOutputs alone:
     a request's prefill chunk is the growth of its num_computed within the prompt, a generated
@@ -225,18 +240,24 @@ class AsyncEngine:
         return await self.call(lambda e: (e.kv_backend, e.kv_layout))
 
     # ---- request streams ---------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: Any, request_id: str, *,
-                 kv_sink: Any = None) -> AsyncIterator[Any]:
-        """Adds a request and yields its StepOutputs; the last has finish_reason (or error) set."""
+    def generate(self, prompt_ids: list[int], params: Any, request_id: str, *, kv_sink: Any = None,
+                 ttft_deadline_s: float | None = None, tbt_slo_s: float | None = None) -> AsyncIterator[Any]:
+        """Adds a request and yields its StepOutputs; the last has finish_reason (or error) set.
+        ttft_deadline_s: absolute time.monotonic() deadline of the first token; tbt_slo_s: its TBT SLO."""
+        slo = _slo_kwargs(ttft_deadline_s=ttft_deadline_s, tbt_slo_s=tbt_slo_s)
         return self._stream(request_id, lambda e: e.add_request(prompt_ids, params, request_id=request_id,
-                                                                kv_sink=kv_sink), computed=0)
+                                                                kv_sink=kv_sink, **_accepted(e.add_request, slo)),
+                            computed=0)
 
     def add_prefilled(self, prompt_ids: list[int], params: Any, request_id: str, first_token: int,
-                      first_logprob: float, kv_timeout_s: float) -> AsyncIterator[Any]:
+                      first_logprob: float, kv_timeout_s: float, *,
+                      tbt_slo_s: float | None = None) -> AsyncIterator[Any]:
         """Decode role: the request decodes once its KV (prepared by prepare_receive) arrived.
         Yields StepOutputs from the second token on; a failed intake ends with `error` set."""
+        slo = _slo_kwargs(tbt_slo_s=tbt_slo_s)
         return self._stream(request_id, lambda e: e.add_prefilled(prompt_ids, params, request_id,
-                                                                  first_token, first_logprob, kv_timeout_s),
+                                                                  first_token, first_logprob, kv_timeout_s,
+                                                                  **_accepted(e.add_prefilled, slo)),
                             computed=len(prompt_ids))
 
     async def _stream(self, request_id: str, add: Callable[[Any], Any], computed: int = 0) -> AsyncIterator[Any]:

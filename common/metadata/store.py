@@ -34,7 +34,7 @@ from typing import Callable, Iterable, ParamSpec, Sequence, TypeVar
 import redis
 
 from common.errors import ConfigError, InvalidRequestError, WorkerFailedError
-from common.metadata.types import GroupRange, Instance, Placement, check_id
+from common.metadata.types import GroupRange, Instance, Placement, SchedulingInfo, check_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -225,7 +225,8 @@ class MetadataStore:
         fields = {"role": inst.role, "address": inst.address, "block_size": inst.block_size,
                   "kvp_tokens": inst.kvp_tokens, "num_groups": inst.num_groups,
                   "capacity": _csv(inst.capacity), "free": _csv(inst.free),
-                  "metrics_url": inst.metrics_url}
+                  "metrics_url": inst.metrics_url,
+                  "scheduling": "" if inst.scheduling is None else json.dumps(inst.scheduling.to_dict())}
         flat = [str(x) for kv in fields.items() for x in kv]
         self._register(keys=[self._inst(inst.instance_id), self._instances],
                        args=[inst.instance_id, _ms(ttl_s), *flat])
@@ -282,7 +283,8 @@ class MetadataStore:
                 capacity=_ints(h["capacity"]), free=_ints(h.get("free", "")),
                 reserved=tuple(int(resv.get(str(g), 0)) for g in range(groups)),
                 heartbeat_age_s=max(0, now_ms - int(h["heartbeat_ms"])) / 1000,
-                metrics_url=h.get("metrics_url", "")))
+                metrics_url=h.get("metrics_url", ""),
+                scheduling=SchedulingInfo.from_dict(json.loads(h["scheduling"])) if h.get("scheduling") else None))
         if dead:
             self.redis.srem(self._instances, *dead)
         return out

@@ -2,9 +2,11 @@
 proto <-> domain conversions are in common/rpc/convert.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
-from common.errors import InvalidRequestError
+from common.errors import ConfigError, InvalidRequestError
+from common.perf_model.published import PublishedModel
 
 ROLES = ("prefill", "decode")
 MAX_ID_LEN = 256
@@ -19,6 +21,49 @@ def check_id(kind: str, value: str) -> str:
     if not value.isprintable():
         raise InvalidRequestError(f"{kind} {value!r} has non-printable characters")
     return value
+
+
+@dataclass(frozen=True)
+class SchedulingInfo:
+    """What admission needs to predict an instance's TTFT with the instance's own numbers: the
+    performance model its scheduler predicts with (None = it has none), its iteration budget and
+    pipeline depth (SPP stages), the chunking it runs (adaptive chunk bounds, or fixed chunks of
+    chunk_size), its policy, its TBT SLO (SchedulerConfig.tbt_slo_s, the one home of the default TBT
+    SLO) and max_model_len. KVP group size: Instance.kvp_tokens."""
+    perf_model: PublishedModel | None = None
+    iteration_budget_s: float = 0.04
+    pipeline_depth: int = 1
+    policy: str = "fcfs"
+    chunking: str = "fixed"
+    chunk_size: int = 512
+    min_chunk: int = 32
+    max_chunk: int = 8192
+    tbt_slo_s: float = 0.05
+    max_model_len: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.iteration_budget_s > 0 or not self.tbt_slo_s > 0:
+            raise InvalidRequestError(f"scheduling info: iteration_budget_s={self.iteration_budget_s} and "
+                                      f"tbt_slo_s={self.tbt_slo_s} must be positive")
+        if self.pipeline_depth < 1 or min(self.chunk_size, self.min_chunk, self.max_chunk) < 1 \
+                or self.max_model_len < 0:
+            raise InvalidRequestError(f"scheduling info: bad sizes {self}")
+        if self.chunking not in ("fixed", "adaptive"):
+            raise InvalidRequestError(f"scheduling info: chunking {self.chunking!r}")
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "perf_model"}
+        d["perf_model"] = None if self.perf_model is None else self.perf_model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SchedulingInfo":
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "perf_model"}
+        try:
+            pm = d.get("perf_model")
+            return cls(perf_model=None if pm is None else PublishedModel.from_dict(pm), **kw)
+        except (ConfigError, KeyError, TypeError, ValueError) as e:
+            raise InvalidRequestError(f"scheduling info: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -39,6 +84,7 @@ class Instance:
     reserved: tuple[int, ...] = ()
     heartbeat_age_s: float = 0.0
     metrics_url: str = ""                    # its /metrics endpoint ("" = none)
+    scheduling: SchedulingInfo | None = None # its performance model and scheduler (None = unknown)
 
     def __post_init__(self) -> None:
         check_id("instance_id", self.instance_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 
 from common.perf_model.base import PerfModel
-from common.scheduler.chunking import AdaptiveChunker, ChunkingConfig, tokens_to_boundary
+from common.scheduler.chunking import AdaptiveChunker, ChunkingConfig, FixedChunker, tokens_to_boundary
 from common.scheduler.types import BatchShape, ReqView
 
 _UNBOUNDED = 1 << 62
@@ -17,12 +17,16 @@ _UNBOUNDED = 1 << 62
 
 class PrefillTable:
     def __init__(self, model: PerfModel, budget_s: float, max_len: int = 0,
-                 chunking: ChunkingConfig = ChunkingConfig(), kvp_tokens: int | None = None) -> None:
+                 chunking: ChunkingConfig = ChunkingConfig(), kvp_tokens: int | None = None,
+                 fixed_chunk: int | None = None) -> None:
+        """`fixed_chunk`: chunks of this many tokens (fixed chunking) instead of adaptive ones."""
         if not budget_s > 0:
             raise ValueError(f"prefill table: budget_s must be positive, got {budget_s}")
         self.model = model
         self.budget_s = budget_s
-        self.chunker = AdaptiveChunker(model.predict, chunking)
+        self.chunker = (FixedChunker(fixed_chunk) if fixed_chunk
+                        else AdaptiveChunker(model.predict, chunking))
+        self.min_chunk = chunking.min_chunk
         # one prompt that never ends: chunks are never clipped at a prompt end
         self._req = ReqView("prefill-table", 0.0, _UNBOUNDED, kvp_tokens=kvp_tokens)
         self.tokens: list[int] = [0]
@@ -35,7 +39,7 @@ class PrefillTable:
         while self.tokens[-1] < max_len:
             n = self.chunker.chunk(BatchShape(), self.budget_s, req)
             if n == 0:       # not even the smallest chunk fits alone: the scheduler forces it anyway
-                n = min(self.chunker.config.min_chunk, tokens_to_boundary(req))
+                n = min(self.min_chunk, tokens_to_boundary(req))
             t = self.model.predict(BatchShape(((n, req.num_computed),)))
             req = req.advanced(n)
             self.tokens.append(req.num_computed)

@@ -6,10 +6,11 @@ malformed message becomes INVALID_ARGUMENT with a message naming the bad field.
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from common.errors import InvalidRequestError
-from common.metadata.types import GroupRange, Instance, Placement
+from common.metadata.types import GroupRange, Instance, Placement, SchedulingInfo
 from common.rpc.protos import common_pb2, kvstore_pb2
 from common.sampling_params import SamplingParams
 
@@ -39,7 +40,8 @@ def instance_to_proto(inst: Instance) -> kvstore_pb2.InstanceInfo:
         instance_id=inst.instance_id, role=role_to_proto(inst.role), address=inst.address,
         block_size=inst.block_size, kvp_tokens=inst.kvp_tokens,
         capacity_blocks=inst.capacity, free_blocks=inst.free, reserved_blocks=inst.reserved,
-        heartbeat_age_s=inst.heartbeat_age_s, metrics_url=inst.metrics_url)
+        heartbeat_age_s=inst.heartbeat_age_s, metrics_url=inst.metrics_url,
+        scheduling=None if inst.scheduling is None else scheduling_to_proto(inst.scheduling))
 
 
 def instance_from_proto(msg: kvstore_pb2.InstanceInfo) -> Instance:
@@ -52,7 +54,28 @@ def instance_from_proto(msg: kvstore_pb2.InstanceInfo) -> Instance:
         block_size=msg.block_size, kvp_tokens=msg.kvp_tokens,
         capacity=tuple(msg.capacity_blocks), free=tuple(msg.free_blocks),
         reserved=tuple(msg.reserved_blocks), heartbeat_age_s=msg.heartbeat_age_s,
-        metrics_url=msg.metrics_url)
+        metrics_url=msg.metrics_url,
+        scheduling=scheduling_from_proto(msg.scheduling) if msg.HasField("scheduling") else None)
+
+
+_SCHED_SCALARS = ("iteration_budget_s", "pipeline_depth", "policy", "chunking", "chunk_size", "min_chunk",
+                  "max_chunk", "tbt_slo_s", "max_model_len")
+
+
+def scheduling_to_proto(info: SchedulingInfo) -> kvstore_pb2.SchedulingInfo:
+    msg = kvstore_pb2.SchedulingInfo(**{n: getattr(info, n) for n in _SCHED_SCALARS})
+    if info.perf_model is not None:
+        pm = info.perf_model
+        msg.perf_model.CopyFrom(kvstore_pb2.PerfModelSpec(kind=pm.kind, params=dict(pm.params), scale=pm.scale))
+    return msg
+
+
+def scheduling_from_proto(msg: kvstore_pb2.SchedulingInfo) -> SchedulingInfo:
+    """Raises InvalidRequestError for a malformed one (unknown model kind, missing parameters)."""
+    return SchedulingInfo.from_dict({**{n: getattr(msg, n) for n in _SCHED_SCALARS},
+                                     "perf_model": {"kind": msg.perf_model.kind, "params": dict(msg.perf_model.params),
+                                                    "scale": msg.perf_model.scale}
+                                     if msg.HasField("perf_model") else None})
 
 
 def group_to_proto(g: GroupRange) -> common_pb2.GroupRange:
@@ -94,6 +117,29 @@ def layout_from_proto(msg: common_pb2.KVLayout) -> KVLayout:
     from common.kv_transfer.base import KVLayout
     return KVLayout(dtype=msg.dtype, block_size=msg.block_size, num_kv_heads=msg.num_kv_heads,
                     head_dim=msg.head_dim, num_layers=msg.num_layers, model=msg.model_fingerprint)
+
+
+# ---- per-request SLOs to the pools --------------------------------------------------------
+
+def slo_to_proto(msg, ttft_remaining_s: float | None, tbt_slo_s: float | None) -> None:
+    """Sets a PrefillRequest's / DecodeRequest's SLO fields (None leaves a field unset). The TTFT
+    deadline travels as seconds remaining when sent: hosts' clocks differ."""
+    if ttft_remaining_s is not None:
+        msg.ttft_remaining_s = ttft_remaining_s
+    if tbt_slo_s is not None:
+        msg.tbt_slo_s = tbt_slo_s
+
+
+def slo_from_proto(msg, now: float | None = None) -> dict[str, float | None]:
+    """{"ttft_deadline_s": absolute on this host's time.monotonic() (now + remaining), "tbt_slo_s"};
+    None where unset. A non-positive TBT SLO is INVALID_ARGUMENT (a deadline already past is not:
+    the request is late, and LARS serves it first)."""
+    now = time.monotonic() if now is None else now
+    tbt = msg.tbt_slo_s if msg.HasField("tbt_slo_s") else None
+    if tbt is not None and not tbt > 0:
+        raise InvalidRequestError(f"tbt_slo_s must be positive, got {tbt}")
+    return {"ttft_deadline_s": now + msg.ttft_remaining_s if msg.HasField("ttft_remaining_s") else None,
+            "tbt_slo_s": tbt}
 
 
 # ---- sampling parameters -------------------------------------------------------------------

@@ -43,6 +43,8 @@ class DecodeJob:
     params: SamplingParams
     placement: Placement | None
     first_token: int | None            # set: the KV comes from a prefill instance
+    ttft_deadline_s: float | None = None   # absolute, this host's time.monotonic() (short prompts)
+    tbt_slo_s: float | None = None         # None = the engine's default
 
 
 class DecodeInstance:
@@ -130,9 +132,10 @@ class DecodeInstance:
         try:
             if job.first_token is not None:
                 stream = self.engine.add_prefilled(job.prompt_ids, job.params, rid, job.first_token, 0.0,
-                                                   self.kv_timeout_s)
+                                                   self.kv_timeout_s, tbt_slo_s=job.tbt_slo_s)
             else:
-                stream = self.engine.generate(job.prompt_ids, job.params, rid)
+                stream = self.engine.generate(job.prompt_ids, job.params, rid, ttft_deadline_s=job.ttft_deadline_s,
+                                              tbt_slo_s=job.tbt_slo_s)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     if out.error is not None:

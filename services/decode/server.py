@@ -44,7 +44,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             request_id=request.request_id, prompt_ids=list(request.prompt_token_ids),
             params=convert.sampling_from_proto(request.sampling),
             placement=convert.placement_from_proto(request.placement) if request.HasField("placement") else None,
-            first_token=request.first_token_id if request.HasField("first_token_id") else None)
+            first_token=request.first_token_id if request.HasField("first_token_id") else None,
+            **convert.slo_from_proto(request))
         if not job.request_id:
             raise InvalidRequestError("request_id must not be empty")
         reason = None

@@ -29,6 +29,8 @@ class PrefillJob:
     params: SamplingParams
     sink: KVSink
     receiver_layout: object | None            # common.kv_transfer.KVLayout of the decode side
+    ttft_deadline_s: float | None = None      # absolute, this host's time.monotonic(); None = none
+    tbt_slo_s: float | None = None            # None = the engine's default
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ class PrefillInstance:
         self.running.add(rid)
         confirmed = False
         try:
-            stream = self.engine.generate(job.token_ids, params, rid, kv_sink=job.sink)
+            stream = self.engine.generate(job.token_ids, params, rid, kv_sink=job.sink,
+                                          ttft_deadline_s=job.ttft_deadline_s, tbt_slo_s=job.tbt_slo_s)
             t_first = None
             async with contextlib.aclosing(stream):
                 async for out in stream:

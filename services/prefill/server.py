@@ -46,7 +46,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         layout = convert.layout_from_proto(request.destination.layout) \
             if request.destination.HasField("layout") else None
         job = PrefillJob(request.request_id, list(request.token_ids), convert.sampling_from_proto(request.sampling),
-                         sink_from_proto(request.destination, len(request.token_ids)), layout)
+                         sink_from_proto(request.destination, len(request.token_ids)), layout,
+                         **convert.slo_from_proto(request))
         async for ev in self.instance.prefill(job):
             if isinstance(ev, Progress):
                 yield prefill_pb2.PrefillResponse(progress=prefill_pb2.PrefillProgressEvent(

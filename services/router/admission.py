@@ -7,8 +7,12 @@
     await gate.stop()
 
 Load comes from the instances' /metrics endpoints (their URLs from the kvstore registrations) or,
-with --prometheus-url, from a Prometheus server. A queued request waits for a poll() that admits or
-rejects it; every wait is bounded by the controller (max_queue_wait_s, the request's TTFT SLO).
+with --prometheus-url, from a Prometheus server. The models come from the registrations too: every
+instance publishes the performance model, budget, chunking and TBT SLO its scheduler runs with
+(Instance.scheduling); the decode pool's TBT SLO is the default one. A queued request waits for a
+poll() that admits or rejects it; every wait is bounded by the controller (max_queue_wait_s, the
+request's TTFT SLO). `observe_ttft` feeds each admitted request's measured TTFT back (the online
+correction, exported as mnemosyne_admission_ttft_correction_ratio and _overhead_seconds).
 """
 from __future__ import annotations
 
@@ -17,10 +21,10 @@ import logging
 import time
 
 from common.admission import (AdmissionConfig, AdmissionController, AdmissionRequest, Decision,
-                              LoadSnapshot, MetricsScraper, Outcome, PoolModel, PrometheusSource,
-                              SLOConfig)
+                              LoadSnapshot, MetricsScraper, Outcome, PoolModel, PrometheusSource)
 from common.config import SchedulerConfig
 from common.errors import CapacityError
+from common.metadata.types import Instance, SchedulingInfo
 from common.metrics import Metrics
 from common.perf_model.calibrated import CalibratedModel
 from services.router.config import RouterConfig
@@ -30,20 +34,17 @@ log = logging.getLogger(__name__)
 
 
 def admission_config(config: RouterConfig) -> AdmissionConfig:
-    """The router's SLO defaults and queue bounds: the short-prompt TTFT SLO from the config, the
-    longer classes keep the defaults (never below the short one)."""
-    # Stopgap until helper A moves admission onto common.config.SLOConfig and the pools' model.
-    return AdmissionConfig(slo=SLOConfig(config.slo.ttft_s, SchedulerConfig().tbt_slo_s, config.slo.objective),
-                           short_prompt_tokens=config.short_prompt_tokens, max_queue=config.max_queue,
-                           max_queue_wait_s=config.max_queue_wait_s, max_staleness_s=config.max_staleness_s)
+    """The router's SLO defaults (config.slo) and queue bounds."""
+    return AdmissionConfig(slo=config.slo, short_prompt_tokens=config.short_prompt_tokens,
+                           max_queue=config.max_queue, max_queue_wait_s=config.max_queue_wait_s,
+                           max_staleness_s=config.max_staleness_s)
 
 
-def pool_model(config: RouterConfig) -> PoolModel:
-    """A linear model of one iteration: perf_step_s + perf_token_s per token (+ per decode's KV
-    token nothing: small next to the fixed cost at these sizes). The observed slowdown corrects it."""
-    # Stopgap (the former RouterConfig defaults) until the router uses the pools' published model.
-    model = CalibratedModel([0.0005, 0.0, 0.0, 0.0, 0.02])
-    return PoolModel.build(model, 0.05)
+def fallback_model() -> PoolModel:
+    """For instances that published no performance model (an older build): a linear guess, 20 ms
+    per iteration plus 0.5 ms per token, under the scheduler's default budget. The online
+    correction (observe_ttft) and the observed slowdown pull it toward what is measured."""
+    return PoolModel.build(CalibratedModel([5e-4, 0.0, 0.0, 0.0, 0.02]), SchedulerConfig().iteration_budget())
 
 
 class AdmissionGate:
@@ -51,9 +52,12 @@ class AdmissionGate:
         self.config = config
         self.metrics = metrics
         self.discovery = discovery
-        model = pool_model(config)
+        model = fallback_model()
         self._prefill_model = model
         self.controller = AdmissionController(admission_config(config), decode=model, prefill=model)
+        self._published: dict[str, tuple[SchedulingInfo, PoolModel]] = {}
+        for role in ("prefill", "decode"):
+            metrics.set_ttft_correction(role, 1.0, 0.0)
         self.snapshot = LoadSnapshot({}, -1e9)
         self._waiting: dict[str, asyncio.Future[Decision]] = {}
         self._scraper: MetricsScraper | None = None
@@ -91,8 +95,9 @@ class AdmissionGate:
     async def refresh(self, fresh: bool = False) -> None:
         """Reads the load once now (the instances' /metrics URLs from the kvstore: asked now when
         `fresh`, else the discovery cache)."""
+        instances = await self.discovery.instances(fresh=fresh)
+        self.use_models(instances)
         if self._scraper is not None:
-            instances = await self.discovery.instances(fresh=fresh)
             self._scraper.targets = [i.metrics_url for i in instances if i.metrics_url]
         snap = await asyncio.to_thread(self._source.scrape)
         for where, err in snap.errors.items():
@@ -106,6 +111,51 @@ class AdmissionGate:
         if self._scraper is None:
             return True
         return any(i.metrics_url for i in await self.discovery.instances(fresh=fresh))
+
+    def use_models(self, instances: list[Instance]) -> None:
+        """Judges each instance by the model it published (rebuilt only when its publication
+        changes); each pool's default model (deadlines, instances without one) is that of its
+        first instance by id; the default TBT SLO is the smallest a decode instance published."""
+        models: dict[str, PoolModel] = {}
+        for inst in sorted(instances, key=lambda i: i.instance_id):
+            if inst.scheduling is None:
+                continue
+            cached = self._published.get(inst.instance_id)
+            if cached is None or cached[0] != inst.scheduling:
+                built = PoolModel.published(inst.scheduling, inst.kvp_tokens)
+                if built is None:
+                    continue
+                cached = self._published[inst.instance_id] = (inst.scheduling, built)
+            models[inst.instance_id] = cached[1]
+        self._published = {k: v for k, v in self._published.items() if k in models}
+        ctl = self.controller
+        ctl.models = models
+        firsts = {}
+        for inst in sorted(instances, key=lambda i: i.instance_id):
+            if inst.instance_id in models:
+                firsts.setdefault(inst.role, models[inst.instance_id])
+        if "decode" in firsts:
+            ctl.decode = firsts["decode"]
+        if "prefill" in firsts:
+            self._prefill_model = firsts["prefill"]
+        tbts = [i.scheduling.tbt_slo_s for i in instances if i.role == "decode" and i.scheduling is not None]
+        ctl.tbt_slo_s = min(tbts) if tbts else ctl.config.tbt_slo_s
+
+    def progress(self, request_id: str, tokens_done: int) -> None:
+        """A disaggregated request's prefill progress (the prefill instance's stream)."""
+        self.controller.progress(request_id, tokens_done)
+
+    def first_token(self, request_id: str) -> None:
+        """An admitted request got its first token, or ended without one."""
+        self.controller.first_token(request_id)
+
+    def observe_ttft(self, decision: Decision | None, ttft_s: float) -> None:
+        """An admitted request's measured TTFT (seconds from arrival): the online correction learns."""
+        if decision is None or decision.pool == "":
+            return
+        self.controller.observe_ttft(decision, ttft_s)
+        corr = self.controller.correction(decision.pool)
+        self.metrics.set_ttft_correction(decision.pool, corr.ratio, corr.overhead_s)
 
     def _on_snapshot(self, snap: LoadSnapshot) -> None:
         self.snapshot = snap
@@ -139,6 +189,7 @@ class AdmissionGate:
                 await asyncio.wait_for(self._fresh.wait(), self.config.max_staleness_s)
             except asyncio.TimeoutError:
                 pass
+        self.use_models(await self.discovery.instances())
         self._select_prefill()
         d = self.controller.decide(req, self.snapshot, time.monotonic())
         if d.outcome is Outcome.REJECT and d.reason == "no_instance":

@@ -28,8 +28,9 @@ from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_p
 from common.rpc.status import error_from_rpc
 from services.router.config import RouterConfig
 from common.admission import AdmissionRequest
-from common.metrics import Metrics, RequestRecorder
-from services.router.admission import AdmissionGate, admission_config
+from common.config import SchedulerConfig
+from common.metrics import DEFAULT_PROMPT_CLASSES, Metrics, RequestRecorder
+from services.router.admission import AdmissionGate
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend, Job
 
@@ -47,6 +48,9 @@ class Started:
     route: str                      # "decode_only" | "disaggregated"
     prefill_instance: str
     decode_instance: str
+    predicted_ttft_s: float | None = None     # admission's prediction, from arrival (None: no admission)
+    ttft_slo_s: float | None = None           # the deadlines the request is served under
+    tbt_slo_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,12 @@ class Finished:
 class _Active:
     job: Job
     placement: Placement | None = None
+    deadline_s: float | None = None                     # first token due (router's monotonic clock)
+    tbt_slo_s: float | None = None
     prefill: Instance | None = None
     calls: list = field(default_factory=list)          # open grpc.aio calls to instances
     decode_called: bool = False
+    ttft_seen: bool = False
     aborted: bool = False                               # Router.Abort
     reason: str | None = None                           # the decode instance's finish reason
     failure: MnemosyneError | None = None               # the prefill failed while decode ran
@@ -144,7 +151,6 @@ class Router:
         self.kvstore = kvstore
         self.metrics = metrics
         self.gate = gate
-        self.slo = admission_config(config)
         self.discovery = discovery or Discovery(kvstore, config.discovery_ttl_s)
         self.active: dict[str, _Active] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -183,9 +189,10 @@ class Router:
                 decision = await self.gate.admit(AdmissionRequest(rid, n, max_new, t0, job.ttft_slo_s,
                                                                   job.tbt_slo_s))
             queue_s = time.monotonic() - t0
+            ttft_slo, st.tbt_slo_s = self._slo(job, decision)
+            st.deadline_s = t0 + ttft_slo
             if self.metrics is not None:
-                rec = self.metrics.request(n, ttft_slo_s=self._slo(job)[0], tbt_slo_s=self._slo(job)[1],
-                                           arrival_s=t0)
+                rec = self.metrics.request(n, ttft_slo_s=ttft_slo, tbt_slo_s=st.tbt_slo_s, arrival_s=t0)
                 rec.admitted()
             if n >= self.config.short_prompt_tokens:
                 st.prefill = await self._prefill_instance(decision)
@@ -196,11 +203,19 @@ class Router:
             if st.prefill is not None:
                 self.discovery.inflight[st.prefill.instance_id] += 1
             yield Started(rid, n, "disaggregated" if st.prefill else "decode_only",
-                          st.prefill.instance_id if st.prefill else "", st.placement.instance_id)
+                          st.prefill.instance_id if st.prefill else "", st.placement.instance_id,
+                          decision.predicted_ttft_s if decision is not None else None, ttft_slo, st.tbt_slo_s)
             relay = _Relay(self.frontend, t0, job.return_logprobs, rec)
             relay.queue_s = queue_s
             try:
                 async for ev in self._run(st, relay):
+                    if isinstance(ev, Progress) and self.gate is not None:
+                        self.gate.progress(rid, ev.tokens_done)
+                    if relay.count and not st.ttft_seen:
+                        st.ttft_seen = True
+                        if self.gate is not None:
+                            self.gate.first_token(rid)
+                            self.gate.observe_ttft(decision, relay.ttft)
                     yield ev
                 reason = st.reason
             except asyncio.CancelledError:
@@ -223,6 +238,7 @@ class Router:
             if rec is not None:
                 rec.done(outcome)
             if self.gate is not None:
+                self.gate.first_token(rid)
                 self.gate.poll()         # room may have appeared for a queued request
             self.active.pop(rid, None)
             for call in st.calls:
@@ -235,11 +251,23 @@ class Router:
             except asyncio.CancelledError:
                 pass            # the client is gone; the cleanup goes on, tracked in _cleanups
 
-    def _slo(self, job: Job) -> tuple[float, float]:
-        """(ttft, tbt) SLO seconds the request is judged by: its own, else the defaults."""
-        slo = self.slo.slo
-        return (job.ttft_slo_s or slo.ttft_for(self.slo.prompt_classes.of(len(job.prompt_ids))),
-                job.tbt_slo_s or slo.tbt_s)
+    def _slo(self, job: Job, decision=None) -> tuple[float, float]:
+        """(ttft, tbt) SLO seconds the request is judged by: admission's (its own, else the
+        deadline scaled with its work and the decode pool's TBT SLO); without admission its own,
+        else the configured class default and the scheduler's default TBT SLO."""
+        if decision is not None and decision.ttft_slo_s is not None:
+            return decision.ttft_slo_s, decision.tbt_slo_s
+        if self.gate is not None:
+            return self.gate.controller.slo_for(AdmissionRequest(job.request_id, max(len(job.prompt_ids), 1), 0,
+                                                                 0.0, job.ttft_slo_s, job.tbt_slo_s))
+        slo = self.config.slo
+        return (job.ttft_slo_s or slo.ttft_for(DEFAULT_PROMPT_CLASSES.of(len(job.prompt_ids))),
+                job.tbt_slo_s or SchedulerConfig().tbt_slo_s)
+
+    def _slo_fields(self, st: _Active, msg) -> None:
+        """The request's TTFT deadline (seconds remaining now) and TBT SLO on a call to a pool."""
+        remaining = None if st.deadline_s is None else st.deadline_s - time.monotonic()
+        convert.slo_to_proto(msg, remaining, st.tbt_slo_s)
 
     async def _prefill_instance(self, decision) -> Instance | None:
         """The prefill instance admission chose, else the least loaded live one."""
@@ -275,11 +303,12 @@ class Router:
                 # prepared request whose placement expired, renews too once it decodes).
                 keeper = asyncio.create_task(self._keep_lease(job.request_id, placement.lease_s),
                                              name=f"lease-{job.request_id}")
+                preq = prefill_pb2.PrefillRequest(request_id=job.request_id, token_ids=job.prompt_ids,
+                                                  sampling=sampling, placement=placement_pb,
+                                                  destination=dest.destination)
+                self._slo_fields(st, preq)
                 pcall = prefill_pb2_grpc.PrefillStub(self._channel(st.prefill.address)).Prefill(
-                    prefill_pb2.PrefillRequest(request_id=job.request_id, token_ids=job.prompt_ids,
-                                               sampling=sampling, placement=placement_pb,
-                                               destination=dest.destination),
-                    timeout=self.config.request_timeout_s)
+                    preq, timeout=self.config.request_timeout_s)
                 st.calls.append(pcall)
                 try:
                     while first is None:
@@ -299,6 +328,9 @@ class Router:
                                                return_logprobs=job.return_logprobs)
             if first is not None:
                 request.first_token_id = first.token_id
+                convert.slo_to_proto(request, None, st.tbt_slo_s)
+            else:
+                self._slo_fields(st, request)
             if st.aborted:
                 raise asyncio.CancelledError()
             dcall = decode.Decode(request, timeout=self.config.request_timeout_s)

@@ -37,9 +37,13 @@ def event_to_proto(ev: Started | Progress | Delta | Finished) -> router_pb2.Gene
         return router_pb2.GenerateResponse(progress=router_pb2.PrefillProgress(
             tokens_done=ev.tokens_done, tokens_total=ev.tokens_total))
     if isinstance(ev, Started):
-        return router_pb2.GenerateResponse(started=router_pb2.Started(
+        started = router_pb2.Started(
             request_id=ev.request_id, prompt_tokens=ev.prompt_tokens, route=ROUTES[ev.route],
-            prefill_instance=ev.prefill_instance, decode_instance=ev.decode_instance))
+            prefill_instance=ev.prefill_instance, decode_instance=ev.decode_instance)
+        for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s"):
+            if getattr(ev, name) is not None:
+                setattr(started, name, getattr(ev, name))
+        return router_pb2.GenerateResponse(started=started)
     t = ev.timings
     tbt_mean = sum(t.tbt_s) / len(t.tbt_s) if t.tbt_s else 0.0
     return router_pb2.GenerateResponse(finished=common_pb2.Finished(

@@ -16,7 +16,8 @@ from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_regis
 from common.rpc import protos
 from common.rpc.protos import router_pb2_grpc
 from common.rpc.server import RpcServer
-from services.router.admission import AdmissionGate, admission_config
+from common.config import SchedulerConfig
+from services.router.admission import AdmissionGate
 from services.router.config import RouterConfig
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend
@@ -56,8 +57,8 @@ class RouterService:
         kvstore = KVStoreClient(config.kvstore, timeout_s=config.rpc_timeout_s)
         metrics = Metrics(new_registry(), role="router", pool=config.deployment,
                           instance=config.instance_id or f"router-{socket.gethostname()}-{os.getpid()}")
-        slo = admission_config(config).slo
-        metrics.set_slo_targets(dict(slo.ttft_s), slo.tbt_s, slo.objective)
+        slo = config.slo      # TBT: the scheduler's default until the decode pool's is known
+        metrics.set_slo_targets(dict(slo.ttft_s), SchedulerConfig().tbt_slo_s, slo.objective)
         discovery = Discovery(kvstore, config.discovery_ttl_s)
         gate = AdmissionGate(config, metrics, discovery) if config.admission else None
         router = Router(config, frontend, kvstore, metrics, discovery, gate)

@@ -146,6 +146,23 @@ def test_register_list_heartbeat(kvstore):
     assert reserved(stub) == {"d0": (0, 0)}
 
 
+def test_registration_keeps_the_published_scheduling_info(kvstore):
+    """What a pool publishes for admission (its model, budget, chunking, TBT SLO) survives the
+    kvstore (Redis) and the heartbeats, and reads back equal."""
+    from common.metadata.types import Instance
+    from common.rpc import convert
+    from tests.unit.test_proto_roundtrip import _scheduling
+    _, stub = kvstore()
+    inst = Instance("p0", "prefill", "127.0.0.1:9", 16, scheduling=_scheduling("analytic"))
+    stub.RegisterInstance(pb.RegisterInstanceRequest(instance=convert.instance_to_proto(inst)))
+    register(stub, "d0")
+    stub.Heartbeat(pb.HeartbeatRequest(instance_id="p0"))
+    [p0] = stub.ListInstances(pb.ListInstancesRequest(role=pb.ROLE_PREFILL)).instances
+    assert convert.instance_from_proto(p0).scheduling == inst.scheduling
+    [d0] = stub.ListInstances(pb.ListInstancesRequest(role=pb.ROLE_DECODE)).instances
+    assert not d0.HasField("scheduling")
+
+
 def test_reserve_get_renew_release(kvstore):
     _, stub = kvstore()
     register(stub, "d0")

@@ -145,6 +145,69 @@ def test_discovery_sees_the_heartbeating_instances(stack):
     assert by_role["prefill"].address == stack.prefill.address
 
 
+def test_instances_publish_their_scheduling_and_the_router_judges_them_by_it(stack):
+    """Each pool instance's registration carries its scheduler's model, budget, chunking and TBT
+    SLO; the router's admission builds each instance's model from it and takes the decode pool's
+    TBT SLO as the default."""
+    live = {i.role: i for i in stack.loop.run(stack.router.router.discovery.instances(fresh=True))}
+    for role in ("prefill", "decode"):
+        info = live[role].scheduling
+        assert info is not None and info.perf_model is not None
+        assert (info.chunking, info.chunk_size, info.tbt_slo_s) == ("fixed", 32, 0.05)
+        assert info.max_model_len == 1024
+    gate = stack.router.router.gate
+    stack.loop.run(gate.refresh(fresh=True))
+    ctl = gate.controller
+    assert set(ctl.models) == {live["prefill"].instance_id, live["decode"].instance_id}
+    assert ctl.tbt_slo_s == 0.05
+    # the router's prediction of a prompt alone is the instance's own: fixed 32-token chunks
+    # (FCFS pools schedule without a model: they publish the one they would load)
+    from common.engine.profile import load_perf_model
+    from common.scheduler.types import BatchShape
+    eng = stack.prefill.instance.engine.engine
+    model = eng.perf_model or load_perf_model(eng, online=False)
+    own = sum(model.predict(BatchShape(((32, c),))) for c in range(0, 320, 32))
+    assert ctl.models[live["prefill"].instance_id].table.time(320) == pytest.approx(own, rel=0.01)
+
+
+def test_per_request_slos_reach_the_pools_as_deadlines(stack, offline, monkeypatch):
+    """A request's own TTFT / TBT SLO (what `mnemosyne generate --ttft-slo-s/--tbt-slo-s` sends) is
+    honoured: the instances receive the first-token deadline (absolute, their monotonic clock) and
+    the TBT SLO; without them, the router's defaults go (a deadline scaled with the work, the
+    decode pool's TBT SLO)."""
+    seen: dict[str, dict] = {}
+
+    def spy(instance, name):
+        engine = instance.engine
+        orig = getattr(engine, name)
+
+        def wrapped(*args, **kwargs):
+            seen[name] = dict(kwargs, at=time.monotonic())
+            return orig(*args, **kwargs)
+        monkeypatch.setattr(engine, name, wrapped)
+    spy(stack.prefill.instance, "generate")
+    spy(stack.decode.instance, "add_prefilled")
+    ids = prompt(200, 7)
+    with stack.client() as c:
+        out = c.complete(token_ids=ids, max_tokens=4, ttft_slo_s=30.0, tbt_slo_s=0.5)
+    assert out.token_ids == offline(ids, 4).token_ids
+    pre, dec = seen["generate"], seen["add_prefilled"]
+    assert 25.0 < pre["ttft_deadline_s"] - pre["at"] <= 30.0 and pre["tbt_slo_s"] == 0.5
+    assert dec["tbt_slo_s"] == 0.5
+    # the short path: the decode instance gets both
+    spy(stack.decode.instance, "generate")
+    with stack.client() as c:
+        c.complete(token_ids=prompt(SHORT - 1, 8), max_tokens=2, ttft_slo_s=7.0)
+    short = seen["generate"]
+    assert 5.0 < short["ttft_deadline_s"] - short["at"] <= 7.0 and short["tbt_slo_s"] == 0.05
+    # no SLO of its own: the class default (2 s) or more, and the decode pool's TBT SLO
+    with stack.client() as c:
+        c.complete(token_ids=prompt(SHORT - 1, 9), max_tokens=2)
+    short = seen["generate"]
+    assert 1.0 < short["ttft_deadline_s"] - short["at"] and short["tbt_slo_s"] == 0.05
+    wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what="everything released")
+
+
 @pytest.mark.parametrize("n, route", [(SHORT - 1, "decode_only"), (SHORT, "disaggregated"),
                                       (200, "disaggregated")])
 def test_routes_by_prompt_length_and_matches_offline(stack, offline, n, route):

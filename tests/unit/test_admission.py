@@ -29,12 +29,12 @@ class Linear:
 
 
 NOW = 100.0
-SLO = SLOConfig(ttft_s=(("short", 2.0), ("medium", 20.0), ("long", 120.0), ("xlong", 600.0)),
-                tbt_s=0.1)
+# slo_factor 1: a default deadline is the class SLO unless the prompt alone takes longer
+SLO = SLOConfig(slo_factor=1.0)
 
 
 def controller(**cfg) -> AdmissionController:
-    config = AdmissionConfig(**{"slo": SLO, "short_prompt_tokens": 256, **cfg})
+    config = AdmissionConfig(**{"slo": SLO, "short_prompt_tokens": 256, "tbt_slo_s": 0.1, **cfg})
     return AdmissionController(config, decode=PoolModel.build(Linear(), 0.1),
                                prefill=PoolModel.build(Linear(), 0.1))
 
@@ -103,11 +103,12 @@ def test_time_already_waited_counts_against_the_deadline():
 def test_unattainable_ttft_gets_no_retry_hint_and_own_slo_overrides_the_default():
     ctl = controller()
     s = snap(prefill("p1"), decode("d1"))
-    d = ctl.decide(request(prompt=3000), s, NOW)       # 3 s alone, default short SLO 2 s
+    d = ctl.decide(request(prompt=3000, ttft_slo_s=2.0), s, NOW)       # 3 s alone, own SLO 2 s
     assert (d.outcome, d.reason, d.retry_after_s) == (Outcome.REJECT, "ttft_unattainable", None)
     assert "retrying will not help" in str(d.error("r"))
     assert ctl.decide(request("own", prompt=3000, ttft_slo_s=5.0), s, NOW).outcome is Outcome.ADMIT
-    assert ctl.slo_for(request(prompt=50_000)) == (20.0, 0.1)    # medium class default
+    assert ctl.slo_for(request(prompt=9000)) == (20.0, 0.1)      # medium class default
+    assert ctl.slo_for(request(prompt=50_000)) == pytest.approx((50.0, 0.1))    # longer alone: the work's own time
     assert ctl.slo_for(request(ttft_slo_s=3.0, tbt_slo_s=0.05)) == (3.0, 0.05)
 
 
@@ -263,9 +264,13 @@ def test_a_decode_instance_whose_step_would_break_the_tbt_slo_has_no_room():
 
 def test_config_and_request_validation():
     with pytest.raises(ConfigError, match="prompt classes"):
-        AdmissionConfig(slo=SLOConfig(ttft_s=(("short", 1.0),)))
+        AdmissionConfig(prompt_classes=adm.PromptClasses((("tiny", 10), ("huge", math.inf))))
     with pytest.raises(ConfigError, match="objective"):
         SLOConfig(objective=1.0)
+    with pytest.raises(ConfigError, match="slo_factor"):
+        SLOConfig(slo_factor=0.5)
+    with pytest.raises(ConfigError, match="correction"):
+        AdmissionConfig(max_correction=0.5)
     with pytest.raises(InvalidRequestError):
         request(prompt=0)
     with pytest.raises(InvalidRequestError):
@@ -347,7 +352,7 @@ def test_overload_simulation_admitted_requests_meet_their_ttft_and_the_rest_are_
     and the instance stays busy (admission does not throw the capacity away)."""
     ctl = controller()
     busy_until, last_scrape, snapshot = 0.0, -1.0, None
-    ttfts, rejected = [], []
+    ttfts, rejected, firsts = [], [], {}
     for i in range(120):
         t = NOW + 0.25 * i                                   # 1000-token prompts, 1 s of work each
         if t - last_scrape >= 0.5:
@@ -355,13 +360,193 @@ def test_overload_simulation_admitted_requests_meet_their_ttft_and_the_rest_are_
             snapshot = snap(prefill("p1", queued=backlog_tokens, at=t), decode("d1", at=t,
                                                                              free=(10 ** 6,) * 8))
             last_scrape = t
+        for rid, at in list(firsts.items()):                  # the owner reports first tokens
+            if at <= t:
+                ctl.first_token(rid)
+                del firsts[rid]
         d = ctl.decide(request(f"r{i}", prompt=1000, new=0, arrival=t, ttft_slo_s=3.0), snapshot, t)
         if d.outcome is Outcome.ADMIT:
             busy_until = max(busy_until, t) + 1.0
             ttfts.append(busy_until - t)
+            firsts[f"r{i}"] = busy_until
         else:
             assert d.outcome is Outcome.REJECT and d.reason == "ttft_slo" and d.retry_after_s > 0
             rejected.append(i)
     assert max(ttfts) <= 3.0 + 1e-9
     assert len(rejected) >= 80
     assert len(ttfts) >= 0.9 * 30                          # >= 90% of what 30 s of work can serve
+
+
+# ---- admission on the pools' own model ---------------------------------------------------------
+
+def _pool_engine(scheduler_cfg, model, spp: int = 1, max_model_len: int = 32768):
+    """What scheduling_info reads of an engine: cfg, perf_model, max_model_len (no pipeline_depth /
+    iteration_budget_s: the fallbacks from the config are used, as on engines that lack them)."""
+    from types import SimpleNamespace
+
+    from common.config import EngineConfig, ParallelConfig
+    from common.kv_cache.block_pool import BlockPool
+    from common.scheduler.scheduler import Scheduler
+    cfg = EngineConfig(scheduler=scheduler_cfg, parallel=ParallelConfig(spp=spp))
+    sched = Scheduler(scheduler_cfg, BlockPool(64, 16), perf_model=model, pipeline_depth=spp)
+    return SimpleNamespace(cfg=cfg, perf_model=model, max_model_len=max_model_len, scheduler=sched)
+
+
+@pytest.mark.parametrize("role,spp", [("prefill", 2), ("decode", 1)])
+def test_published_model_predicts_what_the_pools_own_scheduler_predicts(role, spp):
+    """A pool publishes (scheduling_info -> proto -> Redis-like dict -> back); the router's
+    PrefillTable from it matches the pool scheduler's own table within 1% at every length."""
+    from common.config import SchedulerConfig
+    from common.metadata.types import SchedulingInfo
+    from common.perf_model.analytic import AnalyticModel, hardware
+    from common.perf_model.online import OnlineCorrection
+    from common.pool_service import scheduling_info
+    from common.rpc import convert
+    from tests.unit.test_perf_model import TINY
+    model = OnlineCorrection(AnalyticModel(TINY, hardware("cpu-float32")))
+    model.observe(BatchShape(((256, 0),)), 1.7 * model.base.predict(BatchShape(((256, 0),))))
+    engine = _pool_engine(SchedulerConfig(policy="lars", chunking="adaptive", role=role), model, spp)
+    info = scheduling_info(engine)
+    assert (info.pipeline_depth, info.policy, info.chunking, info.tbt_slo_s, info.max_model_len) == \
+        (spp, "lars", "adaptive", 0.05, 32768)
+    assert info.iteration_budget_s == pytest.approx(engine.scheduler.budget_s)
+    wire = convert.instance_from_proto(convert.instance_to_proto(
+        adm_instance(info))).scheduling
+    assert SchedulingInfo.from_dict(wire.to_dict()) == info
+    router_side = PoolModel.published(wire)
+    own = engine.scheduler.table
+    for n in (1, 31, 32, 100, 1000, 3000, 7500, 20000, 32767):
+        assert router_side.table.time(n) == pytest.approx(own.time(n), rel=0.01), n
+    assert router_side.prefill_alone_s(1000) == pytest.approx(own.time(1000) + (spp - 1) * own.budget_s, rel=0.01)
+
+
+def adm_instance(info):
+    from common.metadata.types import Instance
+    return Instance("p1", "prefill", "127.0.0.1:1", 16, scheduling=info)
+
+
+def test_fcfs_fixed_pools_publish_their_fixed_chunks():
+    from common.config import SchedulerConfig
+    from common.pool_service import scheduling_info
+    model = Linear()
+    unknown = scheduling_info(_pool_engine(SchedulerConfig(), model))   # not publishable: published as none
+    assert unknown.perf_model is None and PoolModel.published(unknown) is None
+    from common.perf_model.calibrated import CalibratedModel
+    cm = CalibratedModel([1e-3, 0.0, 0.0, 0.0, 0.01])
+    info = scheduling_info(_pool_engine(SchedulerConfig(chunk_size=256), cm))
+    assert (info.chunking, info.chunk_size) == ("fixed", 256)
+    # 1000 tokens in chunks of 256: 4 iterations, 1 ms per token + 10 ms each
+    assert PoolModel.published(info).table.time(1024) == pytest.approx(1.024 + 0.04)
+
+
+def test_online_correction_converges_on_a_biased_model():
+    """The pools' model is 2.5x optimistic and misses a fixed 0.3 s per request (RPC hops, KV set-up):
+    after a few measured TTFTs the corrected prediction is within 5% of what is measured."""
+    ctl = controller()
+    errors = []
+    for i in range(30):
+        prompt = (300, 1000, 4000)[i % 3]
+        s = snap(prefill("p1", at=NOW + i), decode("d1", at=NOW + i))     # no pending double count
+        d = ctl.decide(request(f"r{i}", prompt=prompt, arrival=NOW + i, ttft_slo_s=60.0), s, NOW + i)
+        assert d.outcome is Outcome.ADMIT and d.pool == "prefill"
+        actual = 0.3 + 2.5 * d.model_ttft_s * (1.02 if i % 2 else 0.98)    # a little noise
+        errors.append(abs(d.predicted_ttft_s - actual) / actual)
+        ctl.observe_ttft(d, actual)
+        ctl.first_token(f"r{i}")
+    assert errors[0] > 0.5 and max(errors[-10:]) < 0.05
+    corr = ctl.correction("prefill")
+    assert (corr.ratio, corr.overhead_s) == (pytest.approx(2.5, rel=0.05), pytest.approx(0.3, abs=0.05))
+    assert (ctl.correction("decode").ratio, ctl.correction("decode").overhead_s) == (1.0, 0.0)   # per pool
+
+
+def test_ttft_correction_fits_and_clips():
+    from common.perf_model.ttft_correction import TTFTCorrection
+    c = TTFTCorrection(window=8, max_ratio=10.0, max_overhead_s=1.0)
+    assert c(0.5) == 0.5                                              # identity before any measurement
+    for _ in range(3):
+        c.observe(0.01, 0.05)                                          # all alike: a ratio or an overhead fits
+    assert c(0.01) == pytest.approx(0.05)
+    for m in (0.01, 0.02, 0.01, 0.02):
+        c.observe(m, 0.04 + m)                                         # pure overhead: 40 ms
+    for m in (0.01, 0.02):
+        assert c(m) == pytest.approx(0.04 + m, rel=0.2)
+    c.observe(1e-3, 100.0)                                             # absurd: clipped
+    assert c.ratio <= 10.0 and c.overhead_s <= 1.0
+    c.observe(0.0, 1.0)                                                # ignored
+    assert len(c.samples) == 8
+
+
+def test_default_deadlines_scale_with_the_work_so_an_idle_deployment_admits_every_prompt_that_fits():
+    ctl = controller(slo=SLOConfig())                                  # slo_factor 3
+    max_model_len = 8 * 1024 * 4                                       # decode: 8 groups x 4096 tokens
+    big = dict(kv_free_blocks=(300,) * 8, kv_used_blocks=(0,) * 8, kv_block_size=16, kvp_tokens=4096)
+    idle = snap(prefill("p1"), InstanceLoad("d1", "decode", observed_at=NOW, **big))
+    d = ctl.decide(request("huge", prompt=max_model_len - 1, new=1), idle, NOW)
+    assert (d.outcome, d.reason) == (Outcome.ADMIT, "fits")
+    assert d.ttft_slo_s == pytest.approx(3 * 32.767) and d.predicted_ttft_s == pytest.approx(32.767)
+    # a short prompt keeps its class SLO; the TBT default is the decode pool's
+    ctl.tbt_slo_s = 0.07
+    assert ctl.slo_for(request(prompt=300)) == (2.0, 0.07)
+    # a loaded deployment: the same prompt behind 60 s of queued work misses 98 s -> rejected, with a hint
+    loaded = snap(prefill("p1", queued=100_000), InstanceLoad("d1", "decode", observed_at=NOW, **big))
+    d = ctl.decide(request("huge2", prompt=max_model_len - 1, new=1), loaded, NOW)
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_slo") and d.retry_after_s > 0
+
+
+def test_an_explicit_tight_slo_under_load_is_rejected_quickly_with_a_retry_hint():
+    ctl = controller(slo=SLOConfig())
+    loaded = snap(prefill("p1", queued=1500), decode("d1"))
+    d = ctl.decide(request("tight", prompt=1000, ttft_slo_s=1.5), loaded, NOW)
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_slo")
+    assert d.retry_after_s == pytest.approx(1.0)                       # 1.5 s queued + 1 s own - 1.5 s
+    err = d.error("tight")
+    assert status_for(err) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.trailing_metadata() == (("grpc-retry-pushback-ms", "1000"),)
+    # the same request without its own SLO: max(2 s, 3 x 1 s) = 3 s >= 2.5 s predicted: admitted
+    assert ctl.decide(request("relaxed", prompt=1000), loaded, NOW).outcome is Outcome.ADMIT
+
+
+def test_instances_are_judged_by_the_model_they_published():
+    ctl = controller()
+    slow = PoolModel.build(type("Slow", (), {"predict": lambda self, b: 0.0 if b.is_empty else 4e-3 * b.num_tokens})(), 0.1)
+    ctl.models = {"p1": slow}
+    d = ctl.decide(request(prompt=500), snap(prefill("p1"), prefill("p2"), decode("d1")), NOW)
+    assert d.prefill_instance == "p2" and d.predicted_ttft_s == pytest.approx(0.5)
+    assert ctl.model_of(prefill("p1")) is slow and ctl.model_of(prefill("p2")) is ctl.prefill
+
+
+def test_a_decode_instance_running_nothing_always_has_tbt_room():
+    ctl = controller(tbt_slo_s=1e-4)
+    d = ctl.decide(request(prompt=100), snap(decode("d1")), NOW)
+    assert d.outcome is Outcome.ADMIT
+
+
+def test_admitted_prompts_count_until_their_first_token_even_when_the_gauge_lags():
+    """A long chunk keeps an engine's queued-tokens gauge stale for seconds: what this router admitted
+    and has not seen a first token of still counts, less the prefill progress it has seen."""
+    ctl = controller()
+    first = ctl.decide(request("long", prompt=3000, ttft_slo_s=60.0), snap(prefill("p1"), decode("d1")), NOW)
+    assert first.outcome is Outcome.ADMIT
+    later = snap(prefill("p1", at=NOW + 2), decode("d1", at=NOW + 2))     # gauge still shows 0
+    d = ctl.decide(request("next", prompt=500, arrival=NOW + 2, ttft_slo_s=60.0), later, NOW + 2)
+    assert d.predicted_ttft_s == pytest.approx(3.5)                        # 3000 ahead + 500 own
+    ctl.progress("long", 2000)
+    d = ctl.decide(request("next2", prompt=500, arrival=NOW + 2, ttft_slo_s=60.0), later, NOW + 2)
+    assert d.predicted_ttft_s == pytest.approx(1000e-3 + 500e-3 + 500e-3)  # next's 500 counts too now
+    ctl.first_token("long")
+    ctl.first_token("next")
+    ctl.first_token("next2")
+    newer = snap(prefill("p1", at=NOW + 3), decode("d1", at=NOW + 3))
+    d = ctl.decide(request("idle", prompt=500, arrival=NOW + 3, ttft_slo_s=60.0), newer, NOW + 3)
+    assert d.predicted_ttft_s == pytest.approx(0.5)
+
+
+def test_a_busy_instance_adds_half_an_iteration_in_flight_which_the_correction_does_not_learn():
+    ctl = controller()
+    d = ctl.decide(request(prompt=1000), snap(prefill("p1", active_requests=1, iteration_s=0.05),
+                                              decode("d1")), NOW)
+    assert d.inflight_s == pytest.approx(0.025) and d.predicted_ttft_s == pytest.approx(1.025)
+    ctl.observe_ttft(d, 1.025)
+    assert ctl.correction("prefill")(1.0) == pytest.approx(1.0)
+    idle = ctl.decide(request("b", prompt=1000), snap(prefill("p1", iteration_s=0.05), decode("d1")), NOW)
+    assert idle.inflight_s == 0.0

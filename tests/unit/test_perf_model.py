@@ -36,7 +36,8 @@ def test_scheduler_and_perf_model_never_import_torch():
     mods = ["common.scheduler.types", "common.scheduler.policy", "common.scheduler.chunking",
             "common.scheduler.planner", "common.scheduler.simulate", "common.perf_model.base",
             "common.perf_model.analytic", "common.perf_model.calibrated",
-            "common.perf_model.prefill_table", "common.perf_model.online", "common.scheduler.scheduler"]
+            "common.perf_model.prefill_table", "common.perf_model.online", "common.scheduler.scheduler",
+            "common.perf_model.published", "common.metadata.types", "common.admission"]
     code = ("import importlib, sys\n"
             f"for m in {mods!r}: importlib.import_module(m)\n"
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
@@ -241,3 +242,58 @@ def test_online_correction_follows_the_machine():
     m.observe(BatchShape(), 1.0)                         # nothing predicted: ignored
     with pytest.raises(ConfigError):
         OnlineCorrection(base, alpha=0.0)
+
+
+# ---- published (what a pool sends the router) -----------------------------------------------------
+def _batches():
+    rng = random.Random(3)
+    out = [prefill(n, c) for n in (1, 32, 512, 4096) for c in (0, 1000, 30000)]
+    out += [BatchShape(((rng.randrange(1, 2000), rng.randrange(0, 50000)),),
+                       tuple(rng.randrange(1, 40000) for _ in range(rng.randrange(0, 20))))
+            for _ in range(30)]
+    return out
+
+
+@pytest.mark.parametrize("name", ["calibrated", "calibrated-kvp", "analytic", "analytic-grid", "online"])
+def test_published_model_rebuilds_the_same_predictions_and_round_trips(name):
+    from common.perf_model.online import OnlineCorrection
+    from common.perf_model.published import PublishedModel, publish
+    model = {"calibrated": lambda: CalibratedModel(TRUE + [1e-4, 1e-9]),
+             "calibrated-kvp": lambda: CalibratedModel(TRUE, kvp_tokens=4096),
+             "analytic": lambda: AnalyticModel(LLAMA3_8B, hardware("h100-bfloat16"), dtype_bytes=2),
+             "analytic-grid": lambda: AnalyticModel(TINY, hardware("cpu-float32"),
+                                                    ParallelConfig(tp=2, spp=2, kvp=2, kvp_tokens=1024)),
+             "online": lambda: OnlineCorrection(CalibratedModel(TRUE))}[name]()
+    if name == "online":
+        for _ in range(20):
+            model.observe(prefill(256), 2.0 * model.base.predict(prefill(256)))
+        assert model.scale > 1.5
+    pub = publish(model)
+    again = PublishedModel.from_dict(json.loads(json.dumps(pub.to_dict())))
+    assert again == pub
+    rebuilt = again.build()
+    for b in _batches():
+        assert rebuilt.predict(b) == pytest.approx(model.predict(b), rel=1e-12, abs=1e-15)
+
+
+def test_published_model_refuses_what_it_cannot_rebuild():
+    from common.perf_model.published import PublishedModel, publish
+
+    class Odd:
+        def predict(self, b):
+            return 0.0
+    with pytest.raises(ConfigError, match="Odd"):
+        publish(Odd())
+    with pytest.raises(ConfigError, match="kind"):
+        PublishedModel("roofline", {})
+    with pytest.raises(ConfigError, match="lacks"):
+        PublishedModel("calibrated", {"token": 1.0})
+
+
+def test_prefill_table_with_fixed_chunks_sums_the_fixed_chunks():
+    m = CalibratedModel(TRUE)
+    t = PrefillTable(m, 0.05, fixed_chunk=512)
+    def alone(n):
+        return sum(m.predict(prefill(min(512, n - c), c)) for c in range(0, n, 512))
+    assert t.time(2048) == pytest.approx(alone(2048), rel=1e-12)
+    assert t.time(2000) == pytest.approx(alone(2000), rel=1e-2)    # interpolated inside the last chunk

@@ -132,3 +132,59 @@ def test_kv_layout_round_trip():
     msg = convert.layout_to_proto(layout)
     assert msg.model_fingerprint == "smollm2-135m@abc123"
     assert convert.layout_from_proto(_wire(msg)) == layout
+
+
+def _scheduling(kind: str):
+    from common.metadata.types import SchedulingInfo
+    from common.perf_model.calibrated import FEATURES
+    from common.perf_model.published import PublishedModel
+    if kind == "none":
+        return SchedulingInfo(None, 0.04, 1, "fcfs", "fixed", 512, 32, 8192, 0.05, 4096)
+    if kind == "calibrated":
+        pm = PublishedModel("calibrated", {**{f: 1e-4 * (i + 1) for i, f in enumerate(FEATURES)},
+                                           "kvp_tokens": 4096.0}, 1.25)
+    else:
+        pm = PublishedModel("analytic", {"vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+                                         "num_layers": 4, "num_heads": 8, "num_kv_heads": 2, "head_dim": 32,
+                                         "flops": 1.9e11, "mem_bw": 5e10, "iter_overhead_s": 2e-3,
+                                         "layer_overhead_s": 1e-4, "tp": 1, "spp": 2, "kvp": 1,
+                                         "kvp_tokens": 0, "dtype_bytes": 4})
+    return SchedulingInfo(pm, 0.1, 2, "lars", "adaptive", 512, 64, 4096, 0.07, 262144)
+
+
+@pytest.mark.parametrize("kind", ["none", "calibrated", "analytic"])
+def test_scheduling_info_round_trips_through_proto_and_dict(kind):
+    from common.metadata.types import SchedulingInfo
+    info = _scheduling(kind)
+    inst = Instance("prefill-0", "prefill", "10.0.0.2:50061", scheduling=info)
+    assert convert.instance_from_proto(convert.instance_to_proto(inst)) == inst
+    assert convert.scheduling_from_proto(kvstore_pb2.SchedulingInfo.FromString(
+        convert.scheduling_to_proto(info).SerializeToString())) == info
+    assert SchedulingInfo.from_dict(info.to_dict()) == info
+    assert not convert.instance_to_proto(Instance("p", "prefill", "h:1")).HasField("scheduling")
+
+
+def test_malformed_scheduling_info_is_an_invalid_request():
+    msg = convert.instance_to_proto(Instance("p", "prefill", "h:1", scheduling=_scheduling("calibrated")))
+    msg.scheduling.perf_model.kind = "oracle"
+    with pytest.raises(InvalidRequestError, match="kind"):
+        convert.instance_from_proto(msg)
+    msg = convert.instance_to_proto(Instance("p", "prefill", "h:1", scheduling=_scheduling("none")))
+    msg.scheduling.iteration_budget_s = 0
+    with pytest.raises(InvalidRequestError, match="iteration_budget_s"):
+        convert.instance_from_proto(msg)
+
+
+@pytest.mark.parametrize("cls", [prefill_pb2.PrefillRequest, decode_pb2.DecodeRequest])
+def test_per_request_slos_travel_as_seconds_remaining(cls):
+    msg = cls()
+    assert convert.slo_from_proto(msg, now=50.0) == {"ttft_deadline_s": None, "tbt_slo_s": None}
+    convert.slo_to_proto(msg, 1.5, 0.08)
+    got = convert.slo_from_proto(cls.FromString(msg.SerializeToString()), now=1000.0)
+    assert got == {"ttft_deadline_s": 1001.5, "tbt_slo_s": 0.08}
+    late = cls()
+    convert.slo_to_proto(late, -0.2, None)           # already late: a past deadline, served first
+    assert convert.slo_from_proto(late, now=10.0) == {"ttft_deadline_s": pytest.approx(9.8), "tbt_slo_s": None}
+    bad = cls(tbt_slo_s=0.0)
+    with pytest.raises(InvalidRequestError, match="tbt_slo_s"):
+        convert.slo_from_proto(bad)

@@ -1,0 +1,64 @@
+"""Online correction of predicted TTFTs by measured ones (torch-free), one per pool.
+
+A pool's performance model predicts its iterations; a request's TTFT also holds what the model does
+not see: RPC hops, the engine thread's wake-ups, KV transfer set-up, other processes on the host.
+Those are partly fixed per request (an overhead) and partly proportional (a slower machine), so
+the correction is affine:  corrected = overhead + ratio * predicted.
+
+`observe(predicted, measured)` keeps the last `window` pairs; after each, three fits are tried on
+them and the one with the smallest mean squared relative error wins (relative: what admission is
+judged on):
+  ratio      overhead 0,  ratio = geometric mean of measured / predicted
+  overhead   ratio 1,     overhead = median of measured - predicted
+  affine     both, non-negative least squares on relative errors (needs >= 3 pairs whose
+             predictions span at least 1.5x, else it is not identifiable)
+ratio is clipped to [min_ratio, max_ratio] and overhead to [0, max_overhead_s]. Before any
+observation the correction is the identity.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+import numpy as np
+
+from common.errors import ConfigError
+from common.perf_model.calibrated import nnls
+
+
+class TTFTCorrection:
+    def __init__(self, window: int = 64, min_ratio: float = 0.25, max_ratio: float = 50.0,
+                 max_overhead_s: float = 5.0) -> None:
+        if window < 1 or not 0 < min_ratio <= 1 <= max_ratio or max_overhead_s < 0:
+            raise ConfigError(f"TTFT correction: need window >= 1 (got {window}), 0 < min_ratio "
+                              f"({min_ratio}) <= 1 <= max_ratio ({max_ratio}), max_overhead_s >= 0 "
+                              f"({max_overhead_s})")
+        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self.min_ratio, self.max_ratio, self.max_overhead_s = min_ratio, max_ratio, max_overhead_s
+        self.overhead_s = 0.0
+        self.ratio = 1.0
+
+    def __call__(self, predicted_s: float) -> float:
+        return self.overhead_s + self.ratio * predicted_s
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        if not predicted_s > 0 or not measured_s > 0:
+            return
+        self.samples.append((predicted_s, measured_s))
+        fits = [self._clip(0.0, math.exp(statistics.fmean(math.log(y / m) for m, y in self.samples))),
+                self._clip(statistics.median(y - m for m, y in self.samples), 1.0)]
+        preds = [m for m, _ in self.samples]
+        if len(self.samples) >= 3 and max(preds) >= 1.5 * min(preds):
+            rows = np.asarray([[1.0 / y, m / y] for m, y in self.samples])
+            a, b = nnls(rows, np.ones(len(self.samples)))
+            fits.append(self._clip(a, b))
+        self.overhead_s, self.ratio = min(fits, key=self._error)
+
+    def _clip(self, overhead_s: float, ratio: float) -> tuple[float, float]:
+        return (min(max(float(overhead_s), 0.0), self.max_overhead_s),
+                min(max(float(ratio), self.min_ratio), self.max_ratio))
+
+    def _error(self, fit: tuple[float, float]) -> float:
+        a, b = fit
+        return statistics.fmean(((a + b * m - y) / y) ** 2 for m, y in self.samples)
