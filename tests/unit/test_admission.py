@@ -408,7 +408,7 @@ def test_published_model_predicts_what_the_pools_own_scheduler_predicts(role, sp
     engine = _pool_engine(SchedulerConfig(policy="lars", chunking="adaptive", role=role), model, spp)
     info = scheduling_info(engine)
     assert (info.pipeline_depth, info.policy, info.chunking, info.tbt_slo_s, info.max_model_len) == \
-        (spp, "lars", "adaptive", 0.05, 32768)
+        (spp, "lars", "adaptive", SchedulerConfig().tbt_slo_s, 32768)
     assert info.iteration_budget_s == pytest.approx(engine.scheduler.budget_s)
     wire = convert.instance_from_proto(convert.instance_to_proto(
         adm_instance(info))).scheduling
