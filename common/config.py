@@ -245,6 +245,7 @@ class EngineConfig:
     kv_backend: str = "tcp"            # KV transfer to/from other instances: tcp | nixl
     kv_host: str = "127.0.0.1"         # address this instance's KV receivers listen on
     cuda_graphs: bool = True           # CUDA: replay decode-only steps from captured graphs
+    perf_model: str = "saved"          # saved | calibrate | analytic | PATH of a profile JSON
 
     def __post_init__(self) -> None:
         if self.kv_backend not in ("tcp", "nixl"):

@@ -13,7 +13,7 @@ import pytest
 
 from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
-from common.engine.kv_sink import KVSink
+from common.kv_connector.types import KVSink
 from common.parallel.driver import make_engine
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
