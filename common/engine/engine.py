@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from common.config import EngineConfig
-from common.engine.executor import GRAPH_SCRATCH_ID, TORCH_DTYPES, Executor, LocalExecutor, build_model  # noqa: F401
+from common.engine.executor import Executor, LocalExecutor
 from common.engine.stream import RequestStream, StreamHub
 from common.errors import CapacityError, ConfigError, InvalidRequestError
 from common.kv_cache.kvp_blocks import KVPBlockManager

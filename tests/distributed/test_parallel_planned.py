@@ -195,6 +195,30 @@ def test_grid_model_is_the_profile_of_its_exact_layout(model, tmp_path, monkeypa
     assert isinstance(chosen, OnlineCorrection) and chosen.base.coefficients == coefficients
 
 
+def test_grid_calibrates_through_its_executor_then_reuses(model, reference, tmp_path, monkeypatch):
+    """perf_model="calibrate" on a grid: synthetic batches go through the GridExecutor (timed by the
+    stages' spans), the profile is saved under the grid's key and reused by the next engine; the
+    calibrated grid still gives the single-process tokens."""
+    import dataclasses
+    from common.engine import profile as profile_mod
+    monkeypatch.setenv("MNEMOSYNE_CACHE", str(tmp_path))
+    cfg = dataclasses.replace(engine_config(model, 2, 2), perf_model="calibrate")
+    with ParallelEngine(cfg) as eng:
+        pm = eng.perf_model
+        assert isinstance(pm.base, CalibratedModel) and pm.base.key.parallel == f"tp1-spp2-kvp2-M{M}"
+        assert pm.base.key.hardware == hardware_id("cpu", 1)          # the workers' threads
+        assert pm.base.fit_info["spec"]["repeats"] == profile_mod.STARTUP_SPEC.repeats
+        assert eng.blocks.num_used == 0 and not eng.has_unfinished()
+        got = run(eng)
+    assert_same(reference[0], got)
+
+    def no_profiling(*a, **k):
+        raise AssertionError("a saved matching profile must be reused")
+    monkeypatch.setattr(profile_mod, "profile", no_profiling)
+    with ParallelEngine(cfg) as again:
+        assert again.perf_model.base.coefficients == pm.base.coefficients
+
+
 def test_cli_grid_with_lars_adaptive_prints_the_single_process_json(model, tmp_path):
     tokens = tmp_path / "p.json"
     tokens.write_text(json.dumps(PROMPTS[0]))
