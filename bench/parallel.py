@@ -43,11 +43,11 @@ def ttft_runs(spp: int, n_tokens: int, chunk: int, runs: int) -> dict:
     with ParallelEngine(cfg) as eng:
         eng.generate([prompt(64)], SamplingParams(max_tokens=1))                  # warm-up
         for _ in range(runs):
-            c0 = eng.comm_s
+            c0 = eng.executor.comm_s
             t0 = time.monotonic()
             eng.generate([prompt(n_tokens)], SamplingParams(max_tokens=1, ignore_eos=True))
             ttfts.append(time.monotonic() - t0)
-            comms.append(eng.comm_s - c0)
+            comms.append(eng.executor.comm_s - c0)
     return {"spp": spp, "ttft_s": statistics.median(ttfts), "ttft_runs_s": ttfts,
             "comm_s": statistics.median(comms)}
 
@@ -71,9 +71,9 @@ def tbt_runs(kvp: int, context: int, steps: int, runs: int) -> dict:
                     if last is not None:
                         tbts.append(now - last)
                     else:
-                        c0 = eng.comm_s
+                        c0 = eng.executor.comm_s
                     last, got = now, got + 1
-            comms.append((eng.comm_s - c0) / max(1, got - 1))
+            comms.append((eng.executor.comm_s - c0) / max(1, got - 1))
     return {"kvp": kvp, "tbt_s": statistics.median(tbts), "tbt_p90_s": sorted(tbts)[int(0.9 * len(tbts))],
             "comm_per_token_s": statistics.median(comms), "samples": len(tbts), "tbt_steps_s": tbts}
 

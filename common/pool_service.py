@@ -69,12 +69,8 @@ def scheduling_info(engine: Any) -> SchedulingInfo:
 
 def build_engine(config: PoolConfig) -> Any:
     """The engine of this instance (runs on the engine thread)."""
-    ec = config.engine
-    if ec.parallel.world_size == 1:
-        from common.engine.engine import LLMEngine
-        return LLMEngine(ec)
-    from common.parallel.driver import ParallelEngine
-    return ParallelEngine(ec, threads_per_worker=config.threads)
+    from common.engine.engine import make_engine
+    return make_engine(config.engine, threads_per_worker=config.threads)
 
 
 class PoolService:

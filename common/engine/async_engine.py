@@ -1,7 +1,9 @@
 """An engine on its own thread, with an asyncio API for the gRPC servicers.
 
-The engines (LLMEngine, ParallelEngine) are single-threaded objects: every call goes through ONE
-thread, which owns the engine from construction to shutdown. The loop of that thread is:
+The engine (common/engine/engine.py LLMEngine, any executor) is a single-threaded object: every call
+goes through ONE thread, which owns the engine from construction to shutdown. AsyncEngine uses only
+the engine's typed interface: add_request, add_prefilled, prepare_receive, abort, step,
+has_unfinished, kv_status, kv_backend, kv_layout, stats(), shutdown(). The loop of that thread is:
 
     run queued commands (add_request, prepare_receive, abort, ...)   # in submission order
     step() if anything is unfinished, deliver each StepOutput to its request's asyncio queue
@@ -27,7 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
+from common.engine.engine import EngineStats, LLMEngine, StepOutput
 from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, WorkerFailedError
+from common.scheduler.request import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -43,46 +47,6 @@ POLL_S = 0.005
 #: first reports (the driver forgets the sink before they arrive); a failure is believed once it
 #: persisted this long. Real failures stay failed, so they are only reported this much later.
 FAILURE_CONFIRM_S = 1.0
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot taken by the engine thread after every iteration (read from any thread)."""
-    running: int = 0
-    waiting: int = 0
-    total_blocks: tuple[int, ...] = ()      # per KVP group
-    free_blocks: tuple[int, ...] = ()
-    queued_prefill_tokens: int = 0          # prompt tokens of unfinished requests not yet prefilled
-    running_decodes: int = 0                # requests past their prefill
-
-
-def engine_stats(engine: Any) -> EngineStats:
-    """Blocks and queue lengths of an LLMEngine (`pool`) or a ParallelEngine (`blocks.pools`)."""
-    pools = engine.blocks.pools if hasattr(engine, "blocks") else [engine.pool]
-    sched = engine.scheduler
-    awaiting = len(engine.disagg.awaiting)
-    reqs = list(sched.running) + list(sched.waiting)
-    queued = sum(max(r.prompt_len - r.num_computed, 0) for r in reqs)
-    decoding = sum(1 for r in sched.running if r.num_computed >= r.prompt_len)
-    return EngineStats(running=len(sched.running), waiting=len(sched.waiting) + awaiting,
-                       total_blocks=tuple(p.num_blocks for p in pools),
-                       free_blocks=tuple(p.num_free for p in pools),
-                       queued_prefill_tokens=queued, running_decodes=decoding)
-
-
-def _slo_kwargs(**kw: float | None) -> dict[str, float]:
-    return {k: v for k, v in kw.items() if v is not None}
-
-
-def _accepted(method: Callable[..., Any], kw: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments `method` takes (branch `admission` only: until the one engine takes
-    ttft_deadline_s / tbt_slo_s everywhere (shared contract 3), an engine method without them
-    ignores them; drop this filter after the merge)."""
-    if not kw:
-        return kw
-    import inspect
-    params = inspect.signature(method).parameters
-    return {k: v for k, v in kw.items() if k in params}
 
 
 class StepRecorder:
@@ -166,7 +130,7 @@ class AsyncEngine:
         self._routes: set[str] = set()                  # thread-side: requests whose outputs we deliver
         self._watches: dict[str, tuple[concurrent.futures.Future, float]] = {}   # thread-side
         self._failing: dict[str, float] = {}            # thread-side: watch -> first "failed" seen
-        self._engine: Any = None
+        self._engine: LLMEngine | None = None
         self._thread: threading.Thread | None = None
         self._failure: MnemosyneError | None = None
         self._stopping = False
@@ -174,7 +138,7 @@ class AsyncEngine:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @classmethod
-    async def start(cls, factory: Callable[[], Any], *, name: str = "engine",
+    async def start(cls, factory: Callable[[], LLMEngine], *, name: str = "engine",
                     load_timeout_s: float = 600.0, **kwargs: Any) -> "AsyncEngine":
         """Builds the engine with `factory()` on the new thread (so it is created where it runs)."""
         self = cls(asyncio.get_running_loop(), name, **kwargs)
@@ -189,7 +153,7 @@ class AsyncEngine:
         return self
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> LLMEngine:
         """The engine object; touch it only through `call` (it belongs to the engine thread)."""
         return self._engine
 
@@ -211,7 +175,7 @@ class AsyncEngine:
         self._fail_streams(WorkerFailedError(f"{self.name} is shut down"))
 
     # ---- commands ----------------------------------------------------------------------------
-    async def call(self, fn: Callable[[Any], T], timeout_s: float | None = None) -> T:
+    async def call(self, fn: Callable[[LLMEngine], T], timeout_s: float | None = None) -> T:
         """Runs `fn(engine)` on the engine thread, between two steps; returns its result or raises
         its error. WorkerFailedError when the engine failed or the call timed out."""
         self._check()
@@ -243,22 +207,20 @@ class AsyncEngine:
     def generate(self, prompt_ids: list[int], params: Any, request_id: str, *, kv_sink: Any = None,
                  ttft_deadline_s: float | None = None, tbt_slo_s: float | None = None) -> AsyncIterator[Any]:
         """Adds a request and yields its StepOutputs; the last has finish_reason (or error) set.
-        ttft_deadline_s: absolute time.monotonic() deadline of the first token; tbt_slo_s: its TBT SLO."""
-        slo = _slo_kwargs(ttft_deadline_s=ttft_deadline_s, tbt_slo_s=tbt_slo_s)
-        return self._stream(request_id, lambda e: e.add_request(prompt_ids, params, request_id=request_id,
-                                                                kv_sink=kv_sink, **_accepted(e.add_request, slo)),
-                            computed=0)
+        ttft_deadline_s: absolute time.monotonic() deadline of the first token; tbt_slo_s: the time
+        between tokens promised (both passed to the engine's scheduler)."""
+        return self._stream(request_id, lambda e: e.add_request(
+            prompt_ids, params, request_id=request_id, kv_sink=kv_sink, ttft_deadline_s=ttft_deadline_s,
+            tbt_slo_s=tbt_slo_s), computed=0)
 
     def add_prefilled(self, prompt_ids: list[int], params: Any, request_id: str, first_token: int,
-                      first_logprob: float, kv_timeout_s: float, *,
+                      first_logprob: float, kv_timeout_s: float,
                       tbt_slo_s: float | None = None) -> AsyncIterator[Any]:
         """Decode role: the request decodes once its KV (prepared by prepare_receive) arrived.
         Yields StepOutputs from the second token on; a failed intake ends with `error` set."""
-        slo = _slo_kwargs(tbt_slo_s=tbt_slo_s)
-        return self._stream(request_id, lambda e: e.add_prefilled(prompt_ids, params, request_id,
-                                                                  first_token, first_logprob, kv_timeout_s,
-                                                                  **_accepted(e.add_prefilled, slo)),
-                            computed=len(prompt_ids))
+        return self._stream(request_id, lambda e: e.add_prefilled(
+            prompt_ids, params, request_id, first_token, first_logprob, kv_timeout_s, tbt_slo_s=tbt_slo_s),
+            computed=len(prompt_ids))
 
     async def _stream(self, request_id: str, add: Callable[[Any], Any], computed: int = 0) -> AsyncIterator[Any]:
         self._check()
@@ -295,8 +257,6 @@ class AsyncEngine:
 
     def _abort(self, engine: Any, request_id: str) -> bool:
         """On the engine thread. An open stream ends with a finish_reason ABORT output."""
-        from common.engine.engine import StepOutput
-        from common.scheduler.request import FinishReason
         watch = self._watches.pop(request_id, None)
         self._failing.pop(request_id, None)
         if watch is not None and not watch[0].done():
@@ -327,10 +287,10 @@ class AsyncEngine:
             raise KVTransferError(f"KV of request {request_id} was not confirmed within {timeout_s:.0f} s") from None
 
     # ---- the engine thread -------------------------------------------------------------------
-    def _run(self, factory: Callable[[], Any], ready: concurrent.futures.Future) -> None:
+    def _run(self, factory: Callable[[], LLMEngine], ready: concurrent.futures.Future) -> None:
         try:
             self._engine = factory()
-            self.stats = engine_stats(self._engine)
+            self.stats = self._engine.stats()
             if self._recorder is not None:
                 self._recorder.load(self.stats)
         except BaseException as e:  # noqa: BLE001 - reported to start(); the thread ends
@@ -367,7 +327,7 @@ class AsyncEngine:
                         self._routes.discard(o.request_id)
                     self._loop.call_soon_threadsafe(self._deliver, o.request_id, o)
             self._check_watches(e)
-            self.stats = engine_stats(e)
+            self.stats = e.stats()
             if self._recorder is not None:
                 self._recorder.step(seconds, outs, self.stats)
             if not outs and (busy or self._watches):
@@ -432,16 +392,10 @@ class AsyncEngine:
         e, self._engine = self._engine, None
         if e is None:
             return
-        for rid in list(getattr(e.scheduler, "requests", {})) + list(e.disagg.awaiting):
-            try:
-                e.abort(rid)
-            except (MnemosyneError, OSError):
-                pass                                    # a dead grid cannot be told; it is going away
-        if hasattr(e, "shutdown"):
-            try:
-                e.shutdown()
-            except Exception:  # noqa: BLE001 - shutting down a failed grid must not raise
-                log.exception("%s: engine shutdown", self.name)
+        try:
+            e.shutdown()                                # aborts what runs, then stops the executor
+        except Exception:  # noqa: BLE001 - shutting down a failed grid must not raise
+            log.exception("%s: engine shutdown", self.name)
         self.stats = EngineStats(total_blocks=self.stats.total_blocks, free_blocks=self.stats.total_blocks)
         if self._recorder is not None:
             self._recorder.load(self.stats)
@@ -463,7 +417,7 @@ class AsyncEngine:
             raise WorkerFailedError(f"{self.name} is not running")
 
 
-async def keep_alive(holder: Any, factory: Callable[[], Any], *, name: str,
+async def keep_alive(holder: Any, factory: Callable[[], LLMEngine], *, name: str,
                      on_down: Callable[[MnemosyneError], Awaitable[None]], on_up: Callable[[], Awaitable[None]],
                      restart: bool = True, poll_s: float = 0.2) -> None:
     """Supervises `holder.engine` (an AsyncEngine) until cancelled. When it fails: `on_down(error)`

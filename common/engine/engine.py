@@ -1,37 +1,38 @@
-"""The single-process engine: one step = schedule -> run -> postprocess.
+"""The engine: one step loop whatever the layout.
 
-This is also the reference every parallel layout (TP x SPP x KVP) must reproduce exactly.
+    step():  admit requests whose KV arrived (KV connector, decode role)
+             while fewer than `depth` steps are in flight: schedule() -> executor.submit()
+             executor.collect() the oldest -> scheduler.postprocess() -> perf-model correction
+
+The executor is a `LocalExecutor` (model in this process, depth 1) or a `GridExecutor` (the control
+plane of a TP x SPP x KVP grid of worker processes, depth spp); the scheduler, the block manager
+(`KVPBlockManager`, one group for kvp = 1), the streams, the KV connector's scheduler side and the
+performance model are the engine's, so a feature written here works offline, on a grid and served.
+The single-process layout is the reference every grid must reproduce exactly.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
-import torch
-
-from common.attention.registry import get_backend
-from common.config import EngineConfig, ModelConfig
-from common.engine.disagg import Disaggregation
-from common.engine.kv_sink import GroupSink, KVSink
-from common.engine.model_runner import ModelRunner
-from common.engine.sampler import Sampler
+from common.config import EngineConfig
+from common.engine.executor import Executor, LocalExecutor
 from common.engine.stream import RequestStream, StreamHub
-from common.errors import CapacityError, InvalidRequestError
-from common.kv_cache.block_pool import BlockPool
-from common.kv_cache.paged import PagedKVCache
-from common.model.llama import LlamaModel
+from common.errors import CapacityError, ConfigError, InvalidRequestError
+from common.kv_cache.kvp_blocks import KVPBlockManager
+from common.kv_connector.scheduler import KVConnectorScheduler
+from common.kv_connector.types import GroupSink, KVSink, kv_layout
 from common.model.loader import Checkpoint, load_checkpoint
 from common.perf_model.base import PerfModel
 from common.sampling_params import SamplingParams
 from common.scheduler.request import FinishReason, Request
-from common.scheduler.scheduler import Scheduler
+from common.scheduler.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,17 @@ class StepOutput:
     error: str | None = None      # set when the request failed (e.g. its KV never arrived)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load (taken by AsyncEngine after every iteration)."""
+    running: int = 0
+    waiting: int = 0                        # queued, or awaiting their KV
+    total_blocks: tuple[int, ...] = ()      # per KVP group
+    free_blocks: tuple[int, ...] = ()
+    queued_prefill_tokens: int = 0          # prompt tokens of unfinished requests not yet prefilled
+    running_decodes: int = 0                # requests past their prefill
+
+
 @dataclass
 class GenerationResult:
     request_id: str
@@ -53,16 +65,6 @@ class GenerationResult:
     finish_reason: str
     ttft_s: float
     tbt_s: list[float] = field(default_factory=list)
-
-
-def build_model(cfg: ModelConfig, checkpoint: Checkpoint, dtype: torch.dtype, device: str,
-                first_layer: int = 0, last_layer: int | None = None) -> LlamaModel:
-    """Builds a stage of the model without initialising weights, then loads its tensors."""
-    with torch.device("meta"):
-        model = LlamaModel(cfg, first_layer, last_layer)
-    model = model.to_empty(device=device)
-    model.load_weights(checkpoint.weights(model.wanted))
-    return model.to(dtype).eval()
 
 
 def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:
@@ -76,70 +78,88 @@ def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, 
                                   f"{max_model_len - 1} (max_model_len {max_model_len})")
 
 
-GRAPH_SCRATCH_ID = "__cuda-graph-scratch__"     # owns the block CUDA-graph padding rows write into
+def needs_perf_model(cfg: EngineConfig) -> bool:
+    """Adaptive chunking and LARS schedule with a performance model; any perf_model other than
+    "saved" asks for one even without them (e.g. to publish it for admission)."""
+    s = cfg.scheduler
+    return s.chunking == "adaptive" or s.policy == "lars" or cfg.perf_model != "saved"
 
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, checkpoint: Checkpoint | None = None,
-                 extra_eos_ids: Iterable[int] = (), perf_model: PerfModel | None = None) -> None:
+                 extra_eos_ids: Iterable[int] = (), perf_model: PerfModel | None = None,
+                 executor: Callable[["LLMEngine"], Executor] | None = None) -> None:
         """`extra_eos_ids`: stop tokens besides the model config's, e.g. the tokenizer's (SmolLM2's
         chat turns end with <|im_end|>). Every request stops on their union unless ignore_eos.
-        `perf_model`: predicts iteration times for adaptive chunking and LARS; when they are
-        configured and none is given, the saved profile for this machine (common/engine/profile.py)
-        or else the analytic roofline is used."""
+        `perf_model`: predicts iteration times for adaptive chunking and LARS; when none is given
+        and one is needed, cfg.perf_model says which (common/engine/profile.py: engine_perf_model).
+        `executor`: builds the executor from the engine (its cfg, checkpoint, blocks, max_model_len);
+        default a LocalExecutor (cfg.parallel must be 1x1x1). See make_engine for any layout."""
         self.cfg = cfg
+        p = cfg.parallel
+        if executor is None and p.world_size != 1:
+            raise ConfigError(f"LLMEngine runs a {p.tp}x{p.spp}x{p.kvp} layout with a GridExecutor "
+                              "(use make_engine)")
         self.checkpoint = checkpoint or load_checkpoint(cfg.model)
-        self.model_config = self.checkpoint.config
-        self.eos_ids = frozenset(self.model_config.eos_token_ids) | frozenset(int(i) for i in extra_eos_ids)
-        self.max_model_len = cfg.max_model_len or self.model_config.max_position
-        self.dtype = TORCH_DTYPES[cfg.dtype]
-        mc = self.model_config
-        self.model = build_model(mc, self.checkpoint, self.dtype, cfg.device)
-        num_blocks = cfg.cache.total_blocks()
-        self.pool = BlockPool(num_blocks, cfg.cache.block_size)
-        self.cache = PagedKVCache(range(mc.num_layers), num_blocks, cfg.cache.block_size, mc.num_kv_heads,
-                                  mc.head_dim, self.dtype, cfg.device)
-        self.backend = get_backend(cfg.attention_backend, cfg.device)
-        if perf_model is None and (cfg.scheduler.chunking == "adaptive" or cfg.scheduler.policy == "lars"):
-            from common.engine.profile import load_perf_model
-            perf_model = load_perf_model(self)
-        self.perf_model = perf_model
-        self.scheduler = Scheduler(cfg.scheduler, self.pool, perf_model=perf_model)
-        self.runner = ModelRunner(self.model, self.cache, self.pool, self.backend, cfg.device)
-        self.graph_steps = 0                                     # decode steps replayed from CUDA graphs
-        self.graphs = self._graph_runner()
-        self.sampler = Sampler()
+        mc = self.model_config = self.checkpoint.config
+        self.eos_ids = frozenset(mc.eos_token_ids) | frozenset(int(i) for i in extra_eos_ids)
+        self.max_model_len = cfg.max_model_len or mc.max_position
+        m = p.kvp_tokens if p.kvp > 1 else self.max_model_len
+        if p.kvp > 1 and p.kvp * m < self.max_model_len:
+            self.max_model_len = p.kvp * m             # the grid cannot hold more than kvp * M tokens
+        self.blocks = KVPBlockManager(p.kvp, m, cfg.cache.total_blocks(), cfg.cache.block_size)
+        self.executor: Executor = (executor or (lambda e: LocalExecutor(
+            e.cfg, e.checkpoint, e.blocks.pools[0], e.max_model_len)))(self)
+        self.scheduler: Scheduler | None = None
+        try:
+            if perf_model is None and needs_perf_model(cfg):
+                from common.engine.profile import engine_perf_model
+                perf_model = engine_perf_model(self)
+            self.perf_model = perf_model
+            self.scheduler = Scheduler(cfg.scheduler, self.blocks, kvp_tokens=m if p.kvp > 1 else None,
+                                       perf_model=perf_model, pipeline_depth=self.executor.depth)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        from common.parallel.tp import tp_shard
+        self.kv_layout = kv_layout(mc, cfg.cache, cfg.dtype, tp_shard(mc, 0, p.tp).num_kv_heads)
+        self.kv = KVConnectorScheduler(p, self.blocks, self.scheduler, self.executor, self.max_model_len,
+                                       self._ended)
         self.streams = StreamHub()
+        self.inflight: deque[SchedulerOutput] = deque()
         self._ids = itertools.count()
-        self.disagg = Disaggregation(self)
+        self.closed = False
 
-    # ---- the forward pass ---------------------------------------------------------------------------
-    def _graph_runner(self):
-        """CUDA graphs for decode-only steps (common/engine/cuda_graphs.py), where they apply: a CUDA
-        device, the CUDA attention backend (its Triton paged decode kernel is graph-safe) and
-        cfg.cuda_graphs. One cache block is reserved for the padded rows; graphs are captured at the
-        first decode step."""
-        if not (self.cfg.cuda_graphs and torch.device(self.cfg.device).type == "cuda"
-                and type(self.backend).__name__ == "CudaAttentionBackend"):
-            return None
-        from common.engine.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphRunner
-        scratch = self.pool.allocate(GRAPH_SCRATCH_ID, 1)[0]
-        sizes = tuple(b for b in DEFAULT_BATCH_SIZES if b <= self.cfg.scheduler.max_num_seqs) or (1,)
-        return DecodeGraphRunner(self.model, self.cache, self.backend, scratch_block=scratch, batch_sizes=sizes,
-                                 max_blocks_per_seq=-(-self.max_model_len // self.cfg.cache.block_size),
-                                 device=self.cfg.device)
+    # ---- the typed interface's attributes -------------------------------------------------------
+    @property
+    def pipeline_depth(self) -> int:
+        """Steps in flight at once (spp for a grid's sequence pipeline, else 1)."""
+        return self.executor.depth
 
-    def _forward(self, items) -> torch.Tensor:
-        """Float32 logits of the sampling items: a graph replay for a decode step the graphs cover,
-        else the eager ModelRunner."""
-        g = self.graphs
-        if g is not None and all(it.num_tokens == 1 and it.sample for it in items):
-            if not g.graphs:
-                g.capture()
-            if g.can_run(items):
-                self.graph_steps += 1
-                return g.run(items, self.pool)
-        return self.runner.run(items)
+    @property
+    def iteration_budget_s(self) -> float:
+        """The scheduler's time budget of one iteration for this layout and role."""
+        return self.scheduler.budget_s
+
+    @property
+    def kv_backend(self) -> str:
+        return self.cfg.kv_backend
+
+    @property
+    def pool(self):
+        """The block pool of a one-group (kvp = 1) engine, e.g. for tests and benchmarks."""
+        if len(self.blocks.pools) != 1:
+            raise AttributeError("a KVP grid has one pool per group: use engine.blocks")
+        return self.blocks.pools[0]
+
+    def stats(self) -> EngineStats:
+        sched, pools = self.scheduler, self.blocks.pools
+        reqs = list(sched.running) + list(sched.waiting)
+        return EngineStats(running=len(sched.running), waiting=len(sched.waiting) + len(self.kv.awaiting),
+                           total_blocks=tuple(p.num_blocks for p in pools),
+                           free_blocks=tuple(p.num_free for p in pools),
+                           queued_prefill_tokens=sum(max(r.prompt_len - r.num_computed, 0) for r in reqs),
+                           running_decodes=sum(1 for r in sched.running if r.num_computed >= r.prompt_len))
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -148,25 +168,30 @@ class LLMEngine:
         """kv_sink: stream this request's KV, chunk by chunk, to a decode instance (prefill role).
         ttft_deadline_s: absolute (time.monotonic clock) deadline of the first token; tbt_slo_s: the
         time between tokens promised (both steer LARS and the decode budget)."""
+        self._check_open()
         validate_prompt(prompt_ids, self.model_config.vocab_size, self.max_model_len, params.max_tokens)
         rid = request_id or f"req-{next(self._ids)}"
-        req = self.make_request(rid, prompt_ids, params, arrival_s, ttft_deadline_s)
-        req.tbt_slo_s = tbt_slo_s
-        self.scheduler.add(req)
+        req = self.make_request(rid, prompt_ids, params, arrival_s, ttft_deadline_s, tbt_slo_s)
         if kv_sink is not None:
-            self.disagg.sinks[rid] = kv_sink
-            self.disagg.streaming.add(rid)
+            self.kv.attach(rid, kv_sink)
+        try:
+            self.scheduler.add(req)
+        except BaseException:
+            self.kv.abort(rid)
+            raise
         return rid
 
     def make_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, arrival_s: float | None = None,
-                     ttft_deadline_s: float | None = None) -> Request:
-        return Request(rid, list(prompt_ids), params, arrival_s if arrival_s is not None else time.monotonic(),
-                       eos_ids=self.eos_ids, max_model_len=self.max_model_len, ttft_deadline_s=ttft_deadline_s)
+                     ttft_deadline_s: float | None = None, tbt_slo_s: float | None = None) -> Request:
+        req = Request(rid, list(prompt_ids), params, arrival_s if arrival_s is not None else time.monotonic(),
+                      eos_ids=self.eos_ids, max_model_len=self.max_model_len, ttft_deadline_s=ttft_deadline_s)
+        req.tbt_slo_s = tbt_slo_s
+        return req
 
     def abort(self, request_id: str) -> bool:
-        self.sampler.forget(request_id)
-        found = self.disagg.abort(request_id)
+        found = self.kv.abort(request_id)
         found = self.scheduler.abort(request_id) is not None or found
+        self.executor.forget(request_id)
         if found:
             self.streams.aborted(request_id)
         return found
@@ -183,64 +208,110 @@ class LLMEngine:
         self.streams.subscribe(request_id, callback)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.disagg.awaiting)
+        return self.scheduler.has_unfinished() or bool(self.inflight) or bool(self.kv.awaiting)
 
-    # ---- disaggregation (see common/engine/disagg.py) ------------------------------------------------
+    # ---- disaggregation (common/kv_connector) ---------------------------------------------------------
     def prepare_receive(self, request_id: str, num_prompt_tokens: int, max_new_tokens: int) -> list[GroupSink]:
-        return self.disagg.prepare_receive(request_id, num_prompt_tokens, max_new_tokens)
+        """Decode role: reserves the request's blocks in every KVP group and registers the expected
+        KV with the holders; returns where the prefill side must send it."""
+        self._check_open()
+        return self.kv.prepare_receive(request_id, num_prompt_tokens, max_new_tokens)
 
     def add_prefilled(self, prompt_ids: list[int], params: SamplingParams, request_id: str, first_token: int,
-                      first_logprob: float, kv_timeout_s: float = 60.0) -> str:
-        return self.disagg.add_prefilled(prompt_ids, params, request_id, first_token, first_logprob, kv_timeout_s)
+                      first_logprob: float, kv_timeout_s: float = 60.0, tbt_slo_s: float | None = None) -> str:
+        """Decode role: the request joins the scheduler once all its KV arrived (prepare_receive)."""
+        req = self.make_request(request_id, prompt_ids, params, tbt_slo_s=tbt_slo_s)
+        req.num_computed = len(prompt_ids)
+        req.append(first_token, first_logprob)
+        self.kv.add_prefilled(req, kv_timeout_s)
+        return request_id
 
     def kv_status(self, request_id: str) -> tuple[str, str | None]:
-        return self.disagg.kv_status(request_id)
+        """Prefill role: "pending" | "done" | "failed", reason."""
+        return self.kv.kv_status(request_id)
 
-    @property
-    def kv_backend(self) -> str:
-        return self.cfg.kv_backend
-
-    @property
-    def kv_layout(self):
-        return self.disagg.layout
+    def _ended(self, req: Request, reason: FinishReason | None, error: str | None) -> StepOutput:
+        return StepOutput(req.request_id, None, None, req.num_computed, req.prompt_len, reason, error)
 
     # ---- one iteration ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        t0 = time.perf_counter()
-        early = self.disagg.admit_arrived()
-        sched = self.scheduler.schedule()
-        if not sched.items:
-            self.streams.publish(early)
-            return early
-        logits = self._forward(sched.items)
-        self.disagg.stream(sched.items)
-        samplers = [it for it in sched.items if it.sample]
-        tokens, logprobs = self.sampler.sample(logits, [it.request.request_id for it in samplers],
-                                               [it.request.params for it in samplers],
-                                               [it.output_index for it in samplers])
-        sampled = {it.request.request_id: (t, lp) for it, t, lp in zip(samplers, tokens, logprobs)}
-        self.scheduler.postprocess(sched, sampled)
-        observe = getattr(self.perf_model, "observe", None)
-        if observe is not None and sched.batch is not None:      # online correction of the model
-            observe(sched.batch, time.perf_counter() - t0)
-        outs = []
-        for it in sched.items:
-            req = it.request
-            tok = sampled.get(req.request_id)
-            if req.finished:
-                self.sampler.forget(req.request_id)
-            outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
-                                   req.num_computed, req.prompt_len, req.finish_reason))
-        self.streams.publish(early + outs)
-        return early + outs
+        """Fills the pipeline (at most `pipeline_depth` steps in flight), then completes the oldest."""
+        self._check_open()
+        outs = self.kv.admit_arrived()
+        while len(self.inflight) < self.executor.depth:
+            sched = self.scheduler.schedule()
+            if not sched.items:
+                break
+            self.executor.submit(sched, self.kv.sinks_for(sched.items))
+            self.inflight.append(sched)
+        if self.inflight:
+            sched = self.inflight.popleft()
+            res = self.executor.collect()
+            self.scheduler.postprocess(sched, res.tokens)
+            self.kv.sampled(sched.items)
+            observe = getattr(self.perf_model, "observe", None)
+            if observe is not None and sched.batch is not None and res.service_s is not None:
+                observe(sched.batch, res.service_s)          # online correction of the model
+            for it in sched.items:
+                req = it.request
+                tok = res.tokens.get(req.request_id) if it.sample else None
+                if req.finished:
+                    self.executor.forget(req.request_id)
+                outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
+                                       req.num_computed, req.prompt_len, req.finish_reason))
+        self.streams.publish(outs)
+        return outs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
         """Runs the prompts together (continuous batching) until all finish."""
         return generate_all(self, prompts, params)
 
+    def dump_kv(self, request_id: str, directory: str) -> list[str]:
+        """Debug/test hook: every holder writes the K/V it holds for a running request to
+        `directory` (kv-g{group}-s{stage}-t{tp}.safetensors); returns the paths."""
+        req = self.scheduler.requests[request_id]
+        return self.executor.dump_kv(self.blocks.table(request_id), req.num_computed, directory)
 
-def generate_all(engine, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
-    """Runs the prompts together on any engine (one process or a grid) until all finish."""
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            from common.errors import WorkerFailedError
+            raise WorkerFailedError("the engine is shut down")
+
+    def shutdown(self) -> None:
+        """Aborts every request (freeing its blocks, cancelling expected KV), then stops the
+        executor. Idempotent; a failed executor is only stopped."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            for rid in list(self.scheduler.requests) + list(self.kv.awaiting) + list(self.kv.prepared):
+                self.abort(rid)
+        except Exception:  # noqa: BLE001 - a dead grid cannot be told; it is going away anyway
+            log.debug("aborting requests at shutdown", exc_info=True)
+        finally:
+            self.executor.shutdown()
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def make_engine(cfg: EngineConfig, checkpoint: Checkpoint | None = None, extra_eos_ids: Iterable[int] = (),
+                threads_per_worker: int = 1, perf_model: PerfModel | None = None, **grid_kwargs) -> LLMEngine:
+    """The engine for cfg.parallel: a LocalExecutor for 1x1x1, else a GridExecutor of worker
+    processes (`grid_kwargs`: see common/parallel/driver.py GridExecutor)."""
+    if cfg.parallel.world_size == 1:
+        return LLMEngine(cfg, checkpoint, extra_eos_ids=extra_eos_ids, perf_model=perf_model)
+    from common.parallel.driver import ParallelEngine
+    return ParallelEngine(cfg, checkpoint=checkpoint, extra_eos_ids=tuple(extra_eos_ids), perf_model=perf_model,
+                          threads_per_worker=threads_per_worker, **grid_kwargs)
+
+
+def generate_all(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
+    """Runs the prompts together until all finish."""
     t0 = time.monotonic()
     rids = [engine.add_request(p, params) for p in prompts]
     results = {r: GenerationResult(r, [], [], "", 0.0) for r in rids}
@@ -253,7 +324,7 @@ def generate_all(engine, prompts: list[list[int]], params: SamplingParams) -> li
             for r in stuck:
                 engine.abort(r)
             raise CapacityError(f"requests {stuck} cannot make progress: the KV cache "
-                                f"({engine.scheduler.pool.num_blocks} blocks of {engine.scheduler.pool.block_size}) is too small")
+                                f"({engine.blocks.num_blocks} blocks of {engine.blocks.block_size}) is too small")
         for o in outs:
             if o.token_id is None:
                 continue

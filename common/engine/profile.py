@@ -1,7 +1,8 @@
 """Calibrating the performance model on this machine: time the real engine on synthetic batches.
 
-`calibrate(engine)` runs the engine's own forward pass (ModelRunner + Sampler, what one engine step
-costs besides Python bookkeeping) on synthetic batches — prefill chunks of several sizes over several
+`calibrate(engine)` runs synthetic batches through the engine's own executor (one process: the
+ModelRunner + Sampler; a grid: its workers, timed by the reporter's timeline as the step loop's
+online correction is; what one engine step costs besides Python bookkeeping) — prefill chunks of several sizes over several
 context lengths, decode batches of several sizes and context lengths, and mixes of both — fits
 `CalibratedModel` on a training split, reports the median relative error on the held-out split, and
 saves the model as JSON under its `ProfileKey` (hardware incl. CPU model and torch thread count,
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from common.errors import ConfigError
+from common.errors import CapacityError, ConfigError
 from common.perf_model.analytic import DTYPE_BYTES, HARDWARE, AnalyticModel, Hardware, hardware
 from common.perf_model.base import PerfModel
 from common.perf_model.calibrated import (CalibratedModel, ProfileKey, Sample, fit_from_samples,
@@ -42,7 +43,7 @@ from common.perf_model.calibrated import (CalibratedModel, ProfileKey, Sample, f
 from common.perf_model.online import OnlineCorrection
 from common.sampling_params import SamplingParams
 from common.scheduler.request import Request
-from common.scheduler.scheduler import ScheduledItem
+from common.scheduler.scheduler import ScheduledItem, SchedulerOutput
 from common.scheduler.types import BatchShape
 
 if TYPE_CHECKING:
@@ -78,14 +79,21 @@ class ProfileSpec:
             raise ConfigError(f"profile spec: clock must be 'wall' or 'cpu', got {self.clock!r}")
 
 
+#: What a pool calibrating at start times: few, small batches (well under a minute on 2 CPU cores
+#: with the built-in model, any layout); `mnemosyne profile` or bench/ use the full default spec.
+STARTUP_SPEC = ProfileSpec(chunk_sizes=(16, 64, 256), contexts=(0, 256, 1024), decode_sizes=(1, 4, 8),
+                           decode_contexts=(64, 512, 1024), num_prefill=10, num_decode=8, num_mixed=12,
+                           repeats=2, warmup=1)
+
+
 @dataclass(frozen=True)
 class Timing:
     batch: BatchShape
     wall_s: float                  # medians over the repeats
-    cpu_s: float                   # process CPU time (all threads)
+    cpu_s: float | None            # process CPU time (all threads; None for a grid's workers)
 
     def sample(self, clock: str) -> Sample:
-        return self.batch, self.wall_s if clock == "wall" else self.cpu_s
+        return self.batch, self.cpu_s if clock == "cpu" and self.cpu_s is not None else self.wall_s
 
 
 @dataclass
@@ -121,8 +129,10 @@ def _cpu_name() -> str:
 
 
 def profile_key(engine: "LLMEngine") -> ProfileKey:
-    return ProfileKey.make(hardware_id(engine.cfg.device), engine.model_config, engine.cfg.dtype,
-                           engine.cfg.parallel)
+    """Hardware (incl. the model processes' torch threads: a grid's workers choose their own, and
+    their profile is looked up under this machine's processor), model, dtype and layout."""
+    return ProfileKey.make(hardware_id(engine.cfg.device, engine.executor.threads), engine.model_config,
+                           engine.cfg.dtype, engine.cfg.parallel)
 
 
 def default_profile_path(key: ProfileKey) -> Path:
@@ -144,18 +154,42 @@ def load_perf_model(engine: "LLMEngine", path: str | Path | None = None, online:
                     key: ProfileKey | None = None) -> PerfModel:
     """The saved calibrated model for this engine's key, else the analytic roofline (logged);
     `online`: wrapped in OnlineCorrection, which the engine feeds with every step's measured time.
-    `engine`: anything with `cfg` (EngineConfig) and `model_config`, e.g. a grid's driver, which
-    passes the `key` its workers' timings would be profiled under (default: profile_key(engine))."""
+    `engine`: anything with `cfg`, `model_config` and `executor` (default key: profile_key(engine))."""
     key = key or profile_key(engine)
     model = load_or_fallback(Path(path) if path else default_profile_path(key), key, analytic_model(engine))
     return OnlineCorrection(model) if online else model
 
 
+def engine_perf_model(engine: "LLMEngine", spec: ProfileSpec = STARTUP_SPEC) -> PerfModel:
+    """The performance model cfg.perf_model asks for, online-corrected:
+    "saved": the profile saved for this engine's key, else the analytic roofline;
+    "calibrate": the saved profile, else calibrate now through the engine's executor (`spec`) and save;
+    "analytic": the analytic roofline only;
+    any other value: the profile at that path, which must match the engine's key (ConfigError)."""
+    mode = engine.cfg.perf_model
+    if mode == "saved":
+        return load_perf_model(engine)
+    if mode == "analytic":
+        return OnlineCorrection(analytic_model(engine))
+    if mode == "calibrate":
+        cal = calibrate(engine, spec)
+        log.info("performance model: %s profile %s (held-out median error %.1f%%)",
+                 "reused" if cal.reused else "calibrated", cal.path, 100 * cal.held_out_error)
+        return OnlineCorrection(cal.model)
+    path = Path(mode)
+    if not path.is_file():
+        raise ConfigError(f"perf_model: {mode!r} is not saved | calibrate | analytic nor a profile file")
+    return OnlineCorrection(CalibratedModel.load(path, profile_key(engine)))
+
+
 # ---- synthetic batches -----------------------------------------------------------------------------
-def synthetic_batches(spec: ProfileSpec, max_len: int, max_kv_tokens: int) -> list[BatchShape]:
-    """Deterministic draws from the spec's grid that fit max_len (per sequence) and the cache."""
+def synthetic_batches(spec: ProfileSpec, max_len: int, max_kv_tokens: int,
+                      kvp_tokens: int | None = None) -> list[BatchShape]:
+    """Deterministic draws from the spec's grid that fit max_len (per sequence) and the cache; with
+    KVP groups of `kvp_tokens`, no prefill chunk crosses a group boundary (as the scheduler's)."""
     rng = random.Random(spec.seed)
-    chunks = [n for n in spec.chunk_sizes if n < max_len]
+    m = kvp_tokens or max_len
+    chunks = [n for n in spec.chunk_sizes if n < max_len and n <= m]
     ctxs = [c for c in spec.contexts if min(chunks, default=max_len) + c < max_len]
     dctxs = [c for c in spec.decode_contexts if c + 1 < max_len]
     if not chunks or not ctxs or not dctxs:
@@ -163,7 +197,7 @@ def synthetic_batches(spec: ProfileSpec, max_len: int, max_kv_tokens: int) -> li
 
     def prefill() -> tuple[int, int]:
         n = rng.choice(chunks)
-        return n, rng.choice([c for c in ctxs if n + c < max_len] or [0])
+        return n, rng.choice([c for c in ctxs if n + c < max_len and c % m + n <= m] or [0])
 
     def decodes(k: int) -> list[int]:
         return [rng.choice(dctxs) for _ in range(k)]
@@ -185,29 +219,39 @@ def kv_tokens(batch: BatchShape) -> int:
 
 # ---- timing ----------------------------------------------------------------------------------------
 class _Runner:
-    """Runs a BatchShape through the engine's model runner and sampler on borrowed blocks."""
+    """Runs a BatchShape through the engine's executor on borrowed blocks (any layout)."""
 
     def __init__(self, engine: "LLMEngine") -> None:
-        if engine.has_unfinished() or engine.pool.num_used:
+        sched = getattr(engine, "scheduler", None)
+        if (sched is not None and engine.has_unfinished()) or engine.blocks.num_used > _reserved(engine):
             raise ConfigError("profiling needs an idle engine (no requests, no used KV blocks)")
         self.e = engine
         self.params = SamplingParams(max_tokens=1)
 
-    def items(self, batch: BatchShape, tag: str) -> list[ScheduledItem]:
+    def items(self, batch: BatchShape, tag: str) -> list[ScheduledItem] | None:
+        """The batch's items, their blocks allocated (scattered); None when it does not fit."""
         items = [self._item(f"{tag}-p{i}", ctx, n, False) for i, (n, ctx) in enumerate(batch.prefills)]
         items += [self._item(f"{tag}-d{i}", ctx, 1, True) for i, ctx in enumerate(batch.decodes)]
         # one block at a time for every sequence in turn, plus a spacer block after each round
-        pool, bs = self.e.pool, self.e.pool.block_size
+        blocks, bs = self.e.blocks, self.e.blocks.block_size
         need = {it.request.request_id: it.start + it.num_tokens for it in items}
+        if sum(blocks.blocks_for(t) for t in need.values()) > blocks.num_free:
+            return None
         spacer = f"{tag}-spacer"
-        rounds = max(pool.blocks_for(t) for t in need.values())
-        for k in range(1, rounds + 1):
-            for rid, total in need.items():
-                if pool.blocks_for(total) >= k:
-                    pool.allocate(rid, min(k * bs, total))
-            if pool.num_free > sum(pool.blocks_for(t) - len(pool.table(r)) for r, t in need.items()):
-                pool.allocate(spacer, k * bs)
-        pool.free(spacer)
+        rounds = max(-(-t // bs) for t in need.values())
+        try:
+            for k in range(1, rounds + 1):
+                for rid, total in need.items():
+                    if -(-total // bs) >= k:
+                        blocks.allocate(rid, min(k * bs, total))
+                held = sum(len(t) for r in need for t in blocks.table(r))
+                if blocks.num_free > sum(blocks.blocks_for(t) for t in need.values()) - held:
+                    blocks.allocate(spacer, k * bs)
+        except CapacityError:
+            self.release(items)
+            return None
+        finally:
+            blocks.free(spacer)
         return items
 
     def _item(self, rid: str, ctx: int, n: int, sample: bool) -> ScheduledItem:
@@ -215,51 +259,63 @@ class _Runner:
 
     def release(self, items: list[ScheduledItem]) -> None:
         for it in items:
-            self.e.pool.free(it.request.request_id)
+            self.e.blocks.free(it.request.request_id)
+            self.e.executor.forget(it.request.request_id)
 
-    def time(self, items: list[ScheduledItem]) -> tuple[float, float]:
-        """(wall, CPU) seconds of the forward pass and the sampling of its sampling rows."""
-        samplers = [it for it in items if it.sample]
-        w0, c0 = time.perf_counter(), time.process_time()
-        logits = self.e.runner.run(items)
-        if samplers:
-            self.e.sampler.sample(logits, [it.request.request_id for it in samplers],
-                                  [self.params] * len(samplers))
-        return time.perf_counter() - w0, time.process_time() - c0
+    def time(self, items: list[ScheduledItem]) -> tuple[float, float | None]:
+        """(service, CPU) seconds of the step as the executor reports them: one process, its forward
+        pass and sampling; a grid, the slowest stage's span (see GridExecutor.collect)."""
+        ex = self.e.executor
+        ex.submit(SchedulerOutput(items), {})
+        res = ex.collect()
+        return res.service_s, res.cpu_s
 
-    def run(self, batch: BatchShape, tag: str) -> tuple[float, float]:
+    def run(self, batch: BatchShape, tag: str) -> tuple[float, float | None] | None:
         items = self.items(batch, tag)
+        if items is None:
+            return None
         try:
             return self.time(items)
         finally:
             self.release(items)
 
 
+def _reserved(engine) -> int:
+    """Blocks the executor keeps for itself (the CUDA-graph scratch block)."""
+    from common.engine.executor import GRAPH_SCRATCH_ID
+    return sum(len(t) for t in engine.blocks.table(GRAPH_SCRATCH_ID))
+
+
 def measure(engine: "LLMEngine", batches: Sequence[BatchShape], repeats: int = 3,
             warmup: int = 1) -> list[Timing]:
-    """Median wall and CPU time over `repeats` of each batch, timed round-robin after `warmup`
-    untimed passes (allocator, kernels, caches)."""
+    """Median service and CPU time over `repeats` of each batch, timed round-robin after `warmup`
+    untimed passes (allocator, kernels, caches). Batches the cache cannot hold are left out."""
     runner = _Runner(engine)
     for _ in range(warmup):
         for i, b in enumerate(batches):
             runner.run(b, f"__profile-warm{i}")
-    times: list[list[tuple[float, float]]] = [[] for _ in batches]
+    times: list[list[tuple[float, float | None]]] = [[] for _ in batches]
     for _ in range(repeats):
         for i, b in enumerate(batches):
-            times[i].append(runner.run(b, f"__profile-{i}"))
-    return [Timing(b, statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
-            for b, ts in zip(batches, times)]
+            t = runner.run(b, f"__profile-{i}")
+            if t is not None:
+                times[i].append(t)
+    return [Timing(b, statistics.median(w for w, _ in ts),
+                   None if any(c is None for _, c in ts) else statistics.median(c for _, c in ts))
+            for b, ts in zip(batches, times) if ts]
 
 
 def profile(engine: "LLMEngine", spec: ProfileSpec = ProfileSpec()) -> list[Timing]:
-    max_len = engine.max_model_len
-    max_kv = engine.pool.num_blocks * engine.pool.block_size
-    return measure(engine, synthetic_batches(spec, max_len, max_kv), spec.repeats, spec.warmup)
+    p = engine.cfg.parallel
+    max_kv = engine.blocks.num_blocks * engine.blocks.block_size
+    batches = synthetic_batches(spec, engine.max_model_len, max_kv, p.kvp_tokens if p.kvp > 1 else None)
+    return measure(engine, batches, spec.repeats, spec.warmup)
 
 
 def calibrate(engine: "LLMEngine", spec: ProfileSpec = ProfileSpec(), path: str | Path | None = None,
               reuse: bool = True) -> Calibration:
-    """Profiles (or reuses the saved profile for this engine's key), fits, reports, saves."""
+    """Profiles (or reuses the saved profile for this engine's key), fits, reports, saves.
+    Any layout: the batches go through the engine's executor."""
     key = profile_key(engine)
     path = Path(path) if path else default_profile_path(key)
     if reuse and path.exists():
@@ -273,19 +329,20 @@ def calibrate(engine: "LLMEngine", spec: ProfileSpec = ProfileSpec(), path: str 
     t0 = time.monotonic()
     timings = profile(engine, spec)
     kvp_tokens = engine.cfg.parallel.kvp_tokens if engine.cfg.parallel.kvp > 1 else None
-    errors = {}
-    for clock in ("wall", "cpu"):
-        train, held = split_samples([t.sample(clock) for t in timings], spec.holdout, spec.seed)
+    has_cpu = all(t.cpu_s is not None for t in timings)
+    errors: dict[str, float | None] = {"cpu": None}
+    clock = spec.clock if has_cpu else "wall"
+    for c in ("wall", "cpu") if has_cpu else ("wall",):
+        train, held = split_samples([t.sample(c) for t in timings], spec.holdout, spec.seed)
         fitted = fit_from_samples(train, key, kvp_tokens)
-        errors[clock] = held_out_error(fitted, held)
-        if clock == spec.clock:
+        errors[c] = held_out_error(fitted, held)
+        if c == clock:
             model, held_out = fitted, held
-    model.fit_info.update(held_out_median_rel_err=errors[spec.clock], num_held_out=len(held_out),
+    model.fit_info.update(held_out_median_rel_err=errors[clock], num_held_out=len(held_out),
                           wall_held_out_median_rel_err=errors["wall"],
                           cpu_held_out_median_rel_err=errors["cpu"],
                           profile_seconds=round(time.monotonic() - t0, 1), spec=asdict(spec))
     model.save(path)
-    log.info("performance profile %s: %d batches, held-out median error %.1f%% (%s clock; CPU "
-             "time %.1f%%)", path, len(timings), 100 * errors[spec.clock], spec.clock,
-             100 * errors["cpu"])
-    return Calibration(model, errors[spec.clock], path, False, timings, held_out, errors["cpu"])
+    log.info("performance profile %s: %d batches in %.1f s, held-out median error %.1f%% (%s clock)",
+             path, len(timings), time.monotonic() - t0, 100 * errors[clock], clock)
+    return Calibration(model, errors[clock], path, False, timings, held_out, errors["cpu"])

@@ -106,11 +106,11 @@ class RequestStream:
             if self.done:
                 raise StopIteration
             outs = self.engine.step()
-            if not outs and not self.buffer and not getattr(self.engine.disagg, "awaiting", None):
+            if not outs and not self.buffer and not self.engine.kv.awaiting:
                 # nothing could be scheduled and nothing is in flight: no later step will differ
                 self.engine.abort(self.request_id)
                 raise CapacityError(f"request {self.request_id} cannot make progress: the KV cache "
-                                    f"({self.engine.pool.num_blocks} blocks) is too small")
+                                    f"({self.engine.blocks.num_blocks} blocks) is too small")
         ev = self.buffer.popleft()
         if ev.token_id is not None:
             self.token_ids.append(ev.token_id)

@@ -67,14 +67,14 @@ class KVPBlockManager:
             return False
         return all(n == 0 or p.can_allocate(request_id, n) for p, n in zip(self.pools, self.split(num_tokens)))
 
-    def allocate(self, request_id: str, num_tokens: int) -> list[list[int]]:
+    def allocate(self, request_id: str, num_tokens: int) -> None:
+        """Grows the request's tables (no copy returned: the scheduler calls this every step)."""
         if not self.can_allocate(request_id, num_tokens):
             raise CapacityError(f"KV cache full: request {request_id} cannot grow to {num_tokens} tokens "
                                 f"over {self.kvp} KVP groups of {self.kvp_tokens} tokens")
         for p, n in zip(self.pools, self.split(num_tokens)):
             if n:
                 p.allocate(request_id, n)
-        return self.table(request_id)
 
     def table(self, request_id: str) -> list[list[int]]:
         return [list(p.table(request_id)) for p in self.pools]

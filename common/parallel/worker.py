@@ -21,19 +21,19 @@ import torch.distributed as dist
 from common.attention.merge import merge_stacked
 from common.attention.registry import get_backend
 from common.config import EngineConfig, ParallelConfig
-from common.engine.engine import TORCH_DTYPES
+from common.engine.executor import TORCH_DTYPES, dump_kv_file
 from common.engine.forward_context import ForwardContext, SeqAttn
-from common.engine.kv_sink import KVSink, kv_layout
 from common.errors import MnemosyneError
 from common.engine.sampler import Sampler
 from common.kv_cache.paged import PagedKVCache
+from common.kv_connector.types import KVEvent, KVSink, kv_layout
+from common.kv_connector.worker import KVWorker
 from common.model.llama import LlamaModel
 from common.model.loader import load_checkpoint
 from common.parallel import comm
 from common.parallel.groups import Groups, init_world, stage_layers
 from common.parallel.plan import StepPlan, StepResult, decode_plan, encode_result
 from common.parallel.tp import apply_tp, slice_weight, tp_shard
-from common.parallel.worker_kv import WorkerKV
 from common.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ class Worker:
         self.sampler = Sampler() if self.groups.is_reporter else None
         self.kvp_tokens = self.pcfg.kvp_tokens or (1 << 62)
         layout = kv_layout(mc, cfg.cache, cfg.dtype, self.shard.num_kv_heads)
-        self.kv = WorkerKV(layout, self.cache, cfg.kv_backend, cfg.kv_host, c.tp, c.kvp, self.kvp_tokens,
-                           receive=self.pcfg.spp == 1)
+        self.kv = KVWorker(args.rank, layout, self.cache, cfg.kv_backend, cfg.kv_host, c.tp, c.kvp,
+                           self.kvp_tokens, receive=self.pcfg.spp == 1)
         self.send_lock = threading.Lock()
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -89,7 +89,8 @@ class Worker:
         g = self.groups
         ctl = comm.connect(self.args.master_addr, self.args.control_port, self.args.rank, self.args.timeout_s,
                            kv_address=self.kv.address)
-        self.kv.start(ctl, self.send_lock)
+        self.ctl = ctl
+        self.kv.report_to(self.notify)
         ppid = os.getppid()
 
         def driver_alive() -> str | None:        # a locally spawned worker exits with its driver
@@ -141,28 +142,31 @@ class Worker:
             ctl.close()
 
     def command(self, msg: dict) -> None:
-        """Control commands between steps: expect (decode: register a request's KV), cancel."""
+        """The KV connector's commands between steps: expect (decode: register a request's KV; answered
+        with a KVAck), cancel."""
         rid = msg["rid"]
         if msg["cmd"] == "expect":
-            try:
-                ok, err = self.kv.expect(rid, msg["tables"], msg["num_tokens"]), None
-            except MnemosyneError as e:
-                ok, err = False, str(e)
-            self.send({"type": "ack", "rid": rid, "ok": ok, "error": err})
+            self.send(self.kv.expect(rid, msg["tables"], msg["num_tokens"]).to_dict())
         elif msg["cmd"] == "cancel":
             self.kv.cancel(rid)
 
     def send(self, msg: dict) -> None:
         with self.send_lock:
-            comm.send_msg(self.kv.ctl, json.dumps(msg).encode())
+            comm.send_msg(self.ctl, json.dumps(msg).encode())
+
+    def notify(self, event: KVEvent) -> None:
+        """The KV watcher thread's report of a terminal transfer state to the driver."""
+        try:
+            self.send(event.to_dict())
+        except OSError:
+            log.warning("cannot tell the driver about %s", event)
 
     def stream_kv(self, plan: StepPlan) -> None:
         """Prefill role: sends the KV this stage just computed for requests that have a sink."""
         for s in plan.seqs:
-            if s.sink is not None and s.start == 0:
-                self.kv.sinks[s.request_id] = KVSink.from_dict(s.sink)
-            if s.request_id in self.kv.sinks:
-                self.kv.stream(s.request_id, s.start, s.num_tokens, s.tables[0], s.sample)
+            sink = KVSink.from_dict(s.sink) if s.sink is not None else None
+            if sink is not None or s.request_id in self.kv.sinks:
+                self.kv.stream(s.request_id, s.start, s.num_tokens, s.tables[0], s.sample, sink)
 
     def forward(self, plan: StepPlan, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         c, m = self.groups.coord, self.kvp_tokens
@@ -196,18 +200,10 @@ class Worker:
     def dump(self, spec: dict) -> None:
         """Debug/test hook: writes the K/V this worker holds for one request (its KVP group's token
         range, its layers, its TP heads) to spec["dir"]/kv-g{kvp}-s{stage}-t{tp}.safetensors."""
-        from safetensors.torch import save_file
         c, m = self.groups.coord, self.kvp_tokens
         n = max(0, min(spec["num_tokens"] - c.kvp * m, m))
-        table = spec["tables"][c.kvp]
-        tensors = {"num_tokens": torch.tensor([n]), "num_blocks": torch.tensor([len(table)])}
-        for layer in self.layers:
-            if n:
-                k, v = self.cache.gather(layer, table, len(table) * self.cache.block_size)
-                tensors[f"k.{layer}"], tensors[f"v.{layer}"] = k.float().contiguous(), v.float().contiguous()
-        path = os.path.join(spec["dir"], f"kv-g{c.kvp}-s{c.stage}-t{c.tp}.safetensors")
-        save_file(tensors, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        dump_kv_file(self.cache, spec["tables"][c.kvp], n,
+                     os.path.join(spec["dir"], f"kv-g{c.kvp}-s{c.stage}-t{c.tp}.safetensors"))
 
     def _combine(self, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """Merges the partial attention of every KVP group: out [T, H, D], lse [T, H]. One all-gather

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 from common.client import KVStoreClient
 from common.engine.async_engine import AsyncEngine, EngineStats
-from common.engine.kv_sink import GroupSink
+from common.kv_connector.types import GroupSink
 from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, PlacementError
 from common.metadata.types import Placement
 from common.metrics import kv_transfer_bytes

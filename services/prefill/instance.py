@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 from common.engine.async_engine import AsyncEngine
-from common.engine.kv_sink import KVSink
+from common.kv_connector.types import KVSink
 from common.errors import InvalidRequestError, KVTransferError, RequestAbortedError
 from common.metrics import kv_transfer_bytes
 from common.sampling_params import SamplingParams

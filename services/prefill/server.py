@@ -1,7 +1,7 @@
 """gRPC servicer of a prefill instance: proto <-> domain only (logic in instance.py)."""
 from __future__ import annotations
 
-from common.engine.kv_sink import GroupSink, KVSink
+from common.kv_connector.types import GroupSink, KVSink
 from common.errors import InvalidRequestError
 from common.rpc import convert
 from common.rpc.protos import common_pb2, prefill_pb2, prefill_pb2_grpc

@@ -12,9 +12,8 @@ import time
 import pytest
 
 from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
-from common.engine.engine import LLMEngine
-from common.engine.kv_sink import KVSink
-from common.parallel.driver import make_engine
+from common.engine.engine import LLMEngine, make_engine
+from common.kv_connector.types import KVSink
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
 

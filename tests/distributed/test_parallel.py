@@ -107,9 +107,9 @@ def test_spp_overlaps_chunks(gqa_uneven):
     prompt = PROMPTS[0]
     ref = LLMEngine(engine_config(gqa_uneven, chunk=8)).generate([prompt], PARAMS)
     with ParallelEngine(engine_config(gqa_uneven, spp=2, chunk=8)) as eng:
-        eng.record_timeline = True
+        eng.executor.record_timeline = True
         assert_same(ref, eng.generate([prompt], PARAMS))
-        lines = eng.timelines
+        lines = eng.executor.timelines
     prefill = lines[:13]                                            # ceil(100 / 8) chunks
     overlaps = sum(1 for a, b in zip(prefill, prefill[1:]) if b[0][1] < a[-1][2])
     assert overlaps >= len(prefill) // 2, f"only {overlaps} of {len(prefill) - 1} chunk pairs overlapped"
@@ -173,7 +173,7 @@ def test_dead_worker_fails_fast(gqa_uneven):
     eng = ParallelEngine(cfg)
     try:
         eng.generate([PROMPTS[2]], SamplingParams(max_tokens=2, ignore_eos=True))       # warm
-        victim = eng.procs[2]
+        victim = eng.executor.procs[2]
         threading.Timer(0.5, lambda: os.kill(victim.pid, signal.SIGKILL)).start()
         t0 = time.monotonic()
         with pytest.raises(WorkerFailedError):
@@ -183,4 +183,4 @@ def test_dead_worker_fails_fast(gqa_uneven):
         t0 = time.monotonic()
         eng.shutdown()
         assert time.monotonic() - t0 < 15
-    assert all(not p.is_alive() for p in eng.procs)
+    assert all(not p.is_alive() for p in eng.executor.procs)

@@ -18,9 +18,10 @@ import pytest
 
 from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
-from common.engine.profile import default_profile_path, hardware_id
+from common.engine.executor import LocalExecutor
+from common.engine.profile import default_profile_path, hardware_id, load_perf_model
 from common.model.loader import load_checkpoint
-from common.parallel.driver import ParallelEngine, grid_perf_model
+from common.parallel.driver import GridExecutor, ParallelEngine
 from common.perf_model.analytic import AnalyticModel
 from common.perf_model.calibrated import CalibratedModel, ProfileKey
 from common.perf_model.online import OnlineCorrection
@@ -94,6 +95,7 @@ def record_schedules(engine) -> list:
 @pytest.fixture(scope="module")
 def reference(model):
     engine = LLMEngine(engine_config(model))
+    assert isinstance(engine.executor, LocalExecutor) and engine.pipeline_depth == 1
     seen = record_schedules(engine)
     return run(engine), seen
 
@@ -108,6 +110,9 @@ def assert_same(ref, got):
 def test_grid_schedules_lars_adaptive_like_one_process(model, reference, spp, kvp):
     ref, ref_seen = reference
     with ParallelEngine(engine_config(model, spp, kvp)) as eng:
+        # one engine class, one step loop: only the executor differs from the reference's
+        assert type(eng) is LLMEngine and isinstance(eng.executor, GridExecutor)
+        assert eng.pipeline_depth == spp and eng.iteration_budget_s == pytest.approx(PREEMPT_S / spp)
         seen = record_schedules(eng)
         got = run(eng)
         assert eng.blocks.num_used == 0
@@ -173,21 +178,45 @@ def test_grid_model_is_the_profile_of_its_exact_layout(model, tmp_path, monkeypa
     monkeypatch.setenv("MNEMOSYNE_CACHE", str(tmp_path))
     mc = load_checkpoint(str(model)).config
     cfg = engine_config(model, spp=2, kvp=2)
-    grid = SimpleNamespace(cfg=cfg, model_config=mc)
+    grid = SimpleNamespace(cfg=cfg, model_config=mc, executor=SimpleNamespace(threads=1))
 
     single = ProfileKey.make(hardware_id("cpu", 1), mc, cfg.dtype, ParallelConfig())
     CalibratedModel([1e-4, 0, 0, 0, 1e-3, 0, 0], single).save(default_profile_path(single))
     other_threads = ProfileKey.make(hardware_id("cpu", 7), mc, cfg.dtype, cfg.parallel)
     CalibratedModel([1e-4, 0, 0, 0, 1e-3, 0, 0], other_threads).save(default_profile_path(other_threads))
-    fallback = grid_perf_model(grid, threads_per_worker=1)
+    fallback = load_perf_model(grid)
     assert isinstance(fallback.base, AnalyticModel) and fallback.base.parallel == cfg.parallel
 
     key = ProfileKey.make(hardware_id("cpu", 1), mc, cfg.dtype, cfg.parallel)
     assert key.parallel == f"tp1-spp2-kvp2-M{M}"
     coefficients = (2e-5, 1e-9, 1e-8, 1e-4, 2e-3, 1e-4, 1e-8)
     CalibratedModel(coefficients, key, kvp_tokens=M).save(default_profile_path(key))
-    chosen = grid_perf_model(grid, threads_per_worker=1)
+    chosen = load_perf_model(grid)
     assert isinstance(chosen, OnlineCorrection) and chosen.base.coefficients == coefficients
+
+
+def test_grid_calibrates_through_its_executor_then_reuses(model, reference, tmp_path, monkeypatch):
+    """perf_model="calibrate" on a grid: synthetic batches go through the GridExecutor (timed by the
+    stages' spans), the profile is saved under the grid's key and reused by the next engine; the
+    calibrated grid still gives the single-process tokens."""
+    import dataclasses
+    from common.engine import profile as profile_mod
+    monkeypatch.setenv("MNEMOSYNE_CACHE", str(tmp_path))
+    cfg = dataclasses.replace(engine_config(model, 2, 2), perf_model="calibrate")
+    with ParallelEngine(cfg) as eng:
+        pm = eng.perf_model
+        assert isinstance(pm.base, CalibratedModel) and pm.base.key.parallel == f"tp1-spp2-kvp2-M{M}"
+        assert pm.base.key.hardware == hardware_id("cpu", 1)          # the workers' threads
+        assert pm.base.fit_info["spec"]["repeats"] == profile_mod.STARTUP_SPEC.repeats
+        assert eng.blocks.num_used == 0 and not eng.has_unfinished()
+        got = run(eng)
+    assert_same(reference[0], got)
+
+    def no_profiling(*a, **k):
+        raise AssertionError("a saved matching profile must be reused")
+    monkeypatch.setattr(profile_mod, "profile", no_profiling)
+    with ParallelEngine(cfg) as again:
+        assert again.perf_model.base.coefficients == pm.base.coefficients
 
 
 def test_cli_grid_with_lars_adaptive_prints_the_single_process_json(model, tmp_path):

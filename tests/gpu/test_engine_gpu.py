@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
-from common.engine.engine import GRAPH_SCRATCH_ID, LLMEngine
+from common.engine.engine import LLMEngine
+from common.engine.executor import GRAPH_SCRATCH_ID
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
 
@@ -58,10 +59,10 @@ def test_engine_on_gpu_matches_transformers(model_dir, hf_refs, graphs):
         assert gt == rt
         assert max(abs(a - b) for a, b in zip(gl, rl)) < 1e-4
     if graphs:
-        assert e.graphs is not None and e.graph_steps > 0
+        assert e.executor.graphs is not None and e.executor.graph_steps > 0
         assert e.pool.table(GRAPH_SCRATCH_ID) and e.pool.num_used == 1     # only the scratch block left
     else:
-        assert e.graphs is None and e.graph_steps == 0 and e.pool.num_used == 0
+        assert e.executor.graphs is None and e.executor.graph_steps == 0 and e.pool.num_used == 0
     e.pool.check()
 
 

@@ -267,7 +267,7 @@ def test_engine_with_pieces_matches_reference_engine(monkeypatch):
             engine = LLMEngine(cfg, checkpoint)
             results[backend] = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
             if backend == "cpu_flash":
-                plan = engine.backend._plan
+                plan = engine.executor.backend._plan
                 assert plan is not None and plan.slots > 1 and len(plan.buckets) > 1
     finally:
         torch.set_num_threads(prev)

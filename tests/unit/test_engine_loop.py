@@ -49,7 +49,7 @@ def alone(checkpoint, prompt, params=GREEDY) -> list[int]:
 def record_batches(engine: LLMEngine) -> list[list[tuple[str, int, int, bool]]]:
     """Wraps the model runner: every forward pass's (request, start, tokens, decode?) items."""
     calls = []
-    run = engine.runner.run
+    run = engine.executor.runner.run
 
     def wrapped(items):
         calls.append([(it.request.request_id, it.start, it.num_tokens,
@@ -58,7 +58,7 @@ def record_batches(engine: LLMEngine) -> list[list[tuple[str, int, int, bool]]]:
         engine.pool.check()
         return run(items)
 
-    engine.runner.run = wrapped
+    engine.executor.runner.run = wrapped
     return calls
 
 

@@ -104,3 +104,67 @@ def test_synthetic_batches_fit_the_engine():
     for b in batches:
         assert all(n + c < 150 for n, c in b.prefills) and all(c + 1 < 150 for c in b.decodes)
         assert sum(n + c for n, c in b.prefills) + sum(c + 1 for c in b.decodes) <= 600
+
+
+# ---- EngineConfig.perf_model: saved | calibrate | analytic | PATH ---------------------------------
+def mode_engine(checkpoint, mode: str, **sched) -> LLMEngine:
+    from common.config import SchedulerConfig
+    cfg = EngineConfig(model="(preloaded)", cache=CacheConfig(block_size=16, num_blocks=256), perf_model=mode,
+                       scheduler=SchedulerConfig(**sched))
+    return LLMEngine(cfg, checkpoint)
+
+
+def test_perf_model_analytic_is_the_roofline_even_with_a_saved_profile(checkpoint, calibrated, monkeypatch):
+    from common.perf_model.online import OnlineCorrection
+    engine, path, _ = calibrated
+    monkeypatch.setenv("MNEMOSYNE_CACHE", str(path.parent / "analytic-cache"))
+    CalibratedModel.load(path, profile_key(engine)).save(default_profile_path(profile_key(engine)))
+    saved = mode_engine(checkpoint, "saved", policy="lars", chunking="adaptive")
+    assert isinstance(saved.perf_model.base, CalibratedModel)
+    e = mode_engine(checkpoint, "analytic", policy="lars", chunking="adaptive")
+    assert isinstance(e.perf_model, OnlineCorrection) and isinstance(e.perf_model.base, AnalyticModel)
+    assert e.scheduler.perf_model is e.perf_model
+    # asked for explicitly, a model is there even for FCFS + fixed chunks (to publish it)
+    assert isinstance(mode_engine(checkpoint, "analytic").perf_model.base, AnalyticModel)
+    assert mode_engine(checkpoint, "saved").perf_model is None
+
+
+def test_perf_model_path_must_match_the_engine_key(checkpoint, calibrated, tmp_path):
+    from common.errors import ConfigError
+    engine, path, cal = calibrated
+    e = mode_engine(checkpoint, str(path), policy="lars")
+    assert e.perf_model.base.coefficients == cal.model.coefficients
+    other = tmp_path / "other.json"
+    bf16_key = profile_key(make_engine(checkpoint, "bfloat16"))
+    cal.model.with_key(bf16_key).save(other)
+    with pytest.raises(ConfigError) as err:
+        mode_engine(checkpoint, str(other), policy="lars")
+    assert str(bf16_key) in str(err.value) and str(profile_key(engine)) in str(err.value)
+    with pytest.raises(ConfigError, match="not saved"):
+        mode_engine(checkpoint, str(tmp_path / "missing.json"))
+
+
+def test_perf_model_calibrate_profiles_through_the_engine_then_reuses(checkpoint, tmp_path, monkeypatch):
+    import time
+    from common.engine import profile as profile_mod
+    monkeypatch.setenv("MNEMOSYNE_CACHE", str(tmp_path))
+    t0 = time.monotonic()
+    first = mode_engine(checkpoint, "calibrate", policy="lars", chunking="adaptive")
+    took = time.monotonic() - t0
+    path = default_profile_path(profile_key(first))
+    assert path.exists() and isinstance(first.perf_model.base, CalibratedModel)
+    assert json.loads(path.read_text())["fit"]["spec"] == json.loads(json.dumps(
+        __import__("dataclasses").asdict(profile_mod.STARTUP_SPEC)))
+    assert took < 60, f"startup calibration took {took:.0f} s"
+    assert first.blocks.num_used == 0 and not first.has_unfinished()
+
+    def no_profiling(*a, **k):
+        raise AssertionError("a saved matching profile must be reused")
+    monkeypatch.setattr(profile_mod, "profile", no_profiling)
+    again = mode_engine(checkpoint, "calibrate", policy="lars", chunking="adaptive")
+    assert again.perf_model.base.coefficients == first.perf_model.base.coefficients
+    # the engine still serves exactly after calibrating (its blocks were borrowed and returned)
+    from common.sampling_params import SamplingParams
+    p = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert first.generate([[5, 6, 7, 8, 9]], p)[0].token_ids == make_engine(checkpoint).generate(
+        [[5, 6, 7, 8, 9]], p)[0].token_ids

@@ -1,0 +1,199 @@
+"""The KV connector's scheduler side: one object per engine, the same for one process and a grid.
+
+It decides and tracks; the executor's KV commands (see common/engine/executor.py: `kv_expect`,
+`kv_cancel`, `kv_events`, `kv_addresses`, `kv_holders`) reach the holders of KV (worker side,
+common/kv_connector/worker.py), which report terminal states as `KVEvent`s aggregated here.
+
+Prefill role: `attach(rid, sink)` when a request is added with a KVSink. The sink travels with the
+request's first chunk (`sinks_for`) to every holder, which streams each chunk it computes. The
+request's `kv_status` is pending until every holder reported its part sent ("done"), or "failed"
+with the first failure. A terminal answer is remembered (bounded) so that repeated queries agree.
+
+Decode role: `prepare_receive` reserves the request's blocks in every KVP group and registers the
+token ranges with the holders; `add_prefilled` queues the request (all prompt tokens computed, the
+first token sampled elsewhere). `admit_arrived`, at the start of every engine step, moves requests
+whose KV arrived at every expecting holder into the Scheduler, and ends those that failed or passed
+their deadline with an error output.
+
+Block ownership:
+- prepare_receive allocates the blocks (a CapacityError leaves nothing behind); from then on they
+  belong to the request.
+- While the request awaits its KV, this object owns them: a failure, a timeout or an abort frees
+  them here (and cancels the holders' expectations).
+- Once admitted, the Scheduler owns them as for any request: it frees them when the request
+  finishes, is preempted or aborted. Holders never allocate or free blocks.
+- A prefill request's blocks are the Scheduler's throughout; what is in flight to the decode side are
+  staging copies the transfer owns (worker.py), so freeing the blocks early is safe.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+from common.config import ParallelConfig
+from common.errors import ConfigError, InvalidRequestError, KVTransferError
+from common.kv_cache.kvp_blocks import KVPBlockManager
+from common.kv_connector.types import GroupSink, KVEvent, KVSink
+from common.scheduler.request import FinishReason, Request
+
+if TYPE_CHECKING:
+    from common.engine.executor import Executor
+    from common.scheduler.scheduler import ScheduledItem, Scheduler
+
+FINAL_KEPT = 4096                  # terminal kv_status answers remembered
+
+
+class KVConnectorScheduler:
+    def __init__(self, parallel: ParallelConfig, blocks: KVPBlockManager, scheduler: "Scheduler",
+                 executor: "Executor", max_model_len: int, make_output: Callable) -> None:
+        """`make_output(request, error)`: the engine's StepOutput ending a request that never joined
+        the scheduler."""
+        self.parallel = parallel
+        self.blocks = blocks
+        self.scheduler = scheduler
+        self.executor = executor
+        self.max_model_len = max_model_len
+        self.make_output = make_output
+        self.sinks: dict[str, KVSink] = {}                                # until the first token
+        self.streaming: set[str] = set()                                  # attached, not yet terminal
+        self.final: dict[str, tuple[str, str | None]] = {}
+        self.sent: dict[str, dict[int, tuple[str, str | None]]] = {}     # rid -> holder -> state
+        self.recv: dict[str, dict[int, tuple[str, str | None]]] = {}
+        self.expecting: dict[str, set[int]] = {}                         # rid -> holders receiving
+        self.prepared: dict[str, int] = {}                               # rid -> prompt tokens
+        self.awaiting: dict[str, tuple[Request, float]] = {}             # rid -> (request, deadline)
+
+    # ---- events ----------------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Takes in the holders' reports."""
+        for ev in self.executor.kv_events():
+            self.on_event(ev)
+
+    def on_event(self, ev: KVEvent) -> None:
+        states = self.sent if ev.kind == "sent" else self.recv
+        states.setdefault(ev.request_id, {})[ev.holder] = (ev.state, ev.reason)
+
+    # ---- prefill role ----------------------------------------------------------------------------
+    def attach(self, rid: str, sink: KVSink) -> None:
+        if self.parallel.kvp > 1:
+            raise ConfigError("a prefill grid that streams KV must have kvp = 1")
+        self.sinks[rid] = sink
+        self.streaming.add(rid)
+        self.final.pop(rid, None)
+
+    def sinks_for(self, items: list["ScheduledItem"]) -> dict[str, KVSink]:
+        """The sinks the holders learn with this step: those of requests starting their prompt."""
+        if not self.sinks:
+            return {}
+        return {it.request.request_id: self.sinks[it.request.request_id] for it in items
+                if it.start == 0 and it.request.request_id in self.sinks}
+
+    def sampled(self, items: list["ScheduledItem"]) -> None:
+        """After a step: a request that sampled its first token has sent its whole prompt."""
+        if self.sinks:
+            for it in items:
+                if it.sample:
+                    self.sinks.pop(it.request.request_id, None)
+
+    def kv_status(self, rid: str) -> tuple[str, str | None]:
+        """pending / done / failed (reason)."""
+        self.poll()
+        if rid in self.final:
+            return self.final[rid]
+        if rid not in self.streaming:
+            return "failed", f"request {rid} streams no KV"
+        states = self.sent.get(rid, {})
+        failed = [reason for state, reason in states.values() if state == "failed"]
+        if failed:
+            result = ("failed", failed[0])
+        elif len(states) >= self.executor.kv_holders:
+            result = ("done", None)
+        else:
+            return "pending", None
+        self.streaming.discard(rid)
+        self.sent.pop(rid, None)
+        self.final[rid] = result
+        while len(self.final) > FINAL_KEPT:
+            self.final.pop(next(iter(self.final)))
+        return result
+
+    # ---- decode role -----------------------------------------------------------------------------
+    def prepare_receive(self, rid: str, num_tokens: int, max_new_tokens: int) -> list[GroupSink]:
+        if self.parallel.spp != 1:
+            raise ConfigError("a decode grid that receives KV must have spp = 1")
+        if rid in self.prepared or rid in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        if num_tokens < 1 or num_tokens + 1 > self.max_model_len:
+            raise InvalidRequestError(f"cannot receive {num_tokens} prompt tokens "
+                                      f"(max_model_len {self.max_model_len})")
+        self.blocks.allocate(rid, num_tokens)                 # CapacityError leaves nothing behind
+        tables = self.blocks.table(rid)
+        try:
+            acks = self.executor.kv_expect(rid, tables, num_tokens)
+        except BaseException:
+            self._undo(rid)
+            raise
+        errors = [a.error for a in acks if a.error]
+        if errors:
+            self._undo(rid)
+            raise KVTransferError(f"cannot receive request {rid}: {errors[0]}")
+        self.expecting[rid] = {a.holder for a in acks if a.ok}
+        self.prepared[rid] = num_tokens
+        m = self.blocks.kvp_tokens
+        return [GroupSink(g, g * m, tables[g], self.executor.kv_addresses(g))
+                for g, n in enumerate(self.blocks.split(num_tokens)) if n]
+
+    def add_prefilled(self, req: Request, kv_timeout_s: float) -> None:
+        """`req`: all prompt tokens computed, the first token appended (it may already finish it)."""
+        if self.prepared.get(req.request_id) != req.prompt_len:
+            raise InvalidRequestError(f"request {req.request_id!r} was not prepared to receive "
+                                      f"{req.prompt_len} tokens")
+        self.awaiting[req.request_id] = (req, time.monotonic() + kv_timeout_s)
+
+    def admit_arrived(self) -> list:
+        """Moves requests whose KV is complete into the scheduler; ends the failed and the late."""
+        if not self.awaiting:
+            return []
+        self.poll()
+        outs, now = [], time.monotonic()
+        for rid, (req, deadline) in list(self.awaiting.items()):
+            states = self.recv.get(rid, {})
+            failed = [r for s, r in states.values() if s == "failed"]
+            done = not failed and set(states) >= self.expecting.get(rid, set())
+            if not (failed or done or now >= deadline):
+                continue
+            del self.awaiting[rid]
+            if done and req.finish_reason is None:
+                self._forget(rid)                             # the Scheduler owns its blocks now
+                self.scheduler.add(req)
+                continue
+            error = failed[0] if failed else (None if done else
+                                              f"KV of request {rid} did not arrive within the timeout")
+            self._undo(rid)
+            reason = req.finish_reason if error is None else FinishReason.ABORT
+            outs.append(self.make_output(req, reason, error))
+        return outs
+
+    # ---- both ------------------------------------------------------------------------------------
+    def abort(self, rid: str) -> bool:
+        """Forgets the request here and on the holders; frees its blocks if it is still ours."""
+        found = rid in self.prepared or rid in self.sinks or rid in self.streaming
+        self.sinks.pop(rid, None)
+        self.sent.pop(rid, None)
+        self.streaming.discard(rid)
+        self.final.pop(rid, None)
+        if found:
+            self.executor.kv_cancel(rid)
+        if rid in self.prepared and rid not in self.scheduler.requests:
+            self.blocks.free(rid)
+        self._forget(rid)
+        return found
+
+    def _undo(self, rid: str) -> None:
+        self.executor.kv_cancel(rid)
+        self.blocks.free(rid)
+        self._forget(rid)
+
+    def _forget(self, rid: str) -> None:
+        for d in (self.recv, self.expecting, self.prepared, self.awaiting):
+            d.pop(rid, None)

@@ -1,0 +1,76 @@
+"""The KV connector's contracts: where a request's KV goes, and what a holder of KV reports.
+
+A *holder* is one process that holds part of an instance's KV cache: the single-process engine
+(holder 0), or one rank of a grid (holder = its rank; 1 .. tp*spp*kvp). Every holder streams the
+part of each chunk it computed (its layers, its TP heads) and receives its KVP group's token range.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from common.config import CacheConfig, ModelConfig
+from common.kv_transfer import KVLayout
+from common.perf_model.calibrated import model_fingerprint
+
+
+@dataclass(frozen=True)
+class GroupSink:
+    group: int                 # decode KVP group index
+    token_start: int           # first token the group holds (group * kvp_tokens)
+    block_table: list[int]     # the group's blocks for this request, in token order
+    addresses: list[str]       # one KV receiver "host:port" per decode TP rank
+
+
+@dataclass(frozen=True)
+class KVSink:
+    backend: str               # "tcp" | "nixl"
+    kvp_tokens: int            # tokens per decode KVP group (M)
+    groups: list[GroupSink]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVSink":
+        return cls(d["backend"], d["kvp_tokens"], [GroupSink(**g) for g in d["groups"]])
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    """A holder's terminal report on one request: its sent KV was confirmed (kind "sent") or its
+    expected KV was all written (kind "recv"), or that failed."""
+    holder: int
+    kind: str                  # "sent" | "recv"
+    request_id: str
+    state: str                 # "done" | "failed"
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"type": "kv_event", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVEvent":
+        return cls(d["holder"], d["kind"], d["request_id"], d["state"], d.get("reason"))
+
+
+@dataclass(frozen=True)
+class KVAck:
+    """A holder's answer to `expect`: `ok` when it registered a part of the request (False when its
+    group holds none of the request's tokens, or on `error`)."""
+    holder: int
+    request_id: str
+    ok: bool
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"type": "kv_ack", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVAck":
+        return cls(d["holder"], d["request_id"], d["ok"], d.get("error"))
+
+
+def kv_layout(mc: ModelConfig, cache: CacheConfig, dtype: str, kv_heads: int) -> KVLayout:
+    """The layout one holder's KV has on the wire (kv_heads: its TP rank's KV heads)."""
+    return KVLayout(dtype=dtype, block_size=cache.block_size, num_kv_heads=kv_heads, head_dim=mc.head_dim,
+                    num_layers=mc.num_layers, model=model_fingerprint(mc))

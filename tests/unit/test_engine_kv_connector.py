@@ -1,0 +1,119 @@
+"""The KV connector's contracts (round trips of what crosses the control socket) and its scheduler
+side's block ownership, with a fake executor (no model, no sockets)."""
+from __future__ import annotations
+
+import pytest
+
+from common.config import ParallelConfig, SchedulerConfig
+from common.errors import ConfigError, KVTransferError
+from common.kv_cache.kvp_blocks import KVPBlockManager
+from common.kv_connector.scheduler import KVConnectorScheduler
+from common.kv_connector.types import GroupSink, KVAck, KVEvent, KVSink
+from common.sampling_params import SamplingParams
+from common.scheduler.request import Request
+from common.scheduler.scheduler import ScheduledItem, Scheduler
+
+
+def test_kv_messages_round_trip():
+    import json
+    ev = KVEvent(3, "recv", "r1", "failed", "boom")
+    assert KVEvent.from_dict(json.loads(json.dumps(ev.to_dict()))) == ev
+    ack = KVAck(2, "r1", False, "no room")
+    assert KVAck.from_dict(json.loads(json.dumps(ack.to_dict()))) == ack
+    sink = KVSink("tcp", 64, [GroupSink(0, 0, [3, 1], ["h:1", "h:2"]), GroupSink(1, 64, [0], ["h:3", "h:4"])])
+    assert KVSink.from_dict(json.loads(json.dumps(sink.to_dict()))) == sink
+    assert ev.to_dict()["type"] == "kv_event" and ack.to_dict()["type"] == "kv_ack"
+
+
+class FakeExecutor:
+    """Holders answer from `acks`; events are queued by the test."""
+
+    def __init__(self, holders: int = 2) -> None:
+        self.kv_holders = holders
+        self.events: list[KVEvent] = []
+        self.cancelled: list[str] = []
+        self.error: str | None = None
+
+    def kv_expect(self, rid, tables, num_tokens):
+        return [KVAck(h, rid, self.error is None, self.error) for h in range(self.kv_holders)]
+
+    def kv_cancel(self, rid):
+        self.cancelled.append(rid)
+
+    def kv_events(self):
+        out, self.events = self.events, []
+        return out
+
+    def kv_addresses(self, group):
+        return [f"g{group}:1"]
+
+
+def connector(kvp=2, spp=1, holders=2):
+    blocks = KVPBlockManager(kvp, 32, 8, 16)
+    sched = Scheduler(SchedulerConfig(), blocks, kvp_tokens=32 if kvp > 1 else None)
+    ex = FakeExecutor(holders)
+    ended = []
+    kv = KVConnectorScheduler(ParallelConfig(kvp=kvp, spp=spp, kvp_tokens=32 if kvp > 1 else None), blocks, sched,
+                              ex, 64, lambda req, reason, err: ended.append((req.request_id, reason, err)) or err)
+    return kv, blocks, sched, ex, ended
+
+
+def prefilled(rid: str, n: int) -> Request:
+    req = Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=4), 0.0, max_model_len=64)
+    req.num_computed = n
+    req.append(7, -0.1)
+    return req
+
+
+def test_receive_admits_once_every_expecting_holder_is_done():
+    kv, blocks, sched, ex, ended = connector()
+    sinks = kv.prepare_receive("r", 40, 4)
+    assert [s.group for s in sinks] == [0, 1] and sinks[1].token_start == 32 and sinks[1].addresses == ["g1:1"]
+    assert blocks.num_used == 3
+    kv.add_prefilled(prefilled("r", 40), 60.0)
+    ex.events.append(KVEvent(0, "recv", "r", "done"))
+    assert kv.admit_arrived() == [] and "r" not in sched.requests            # holder 1 not yet
+    ex.events.append(KVEvent(1, "recv", "r", "done"))
+    assert kv.admit_arrived() == [] and "r" in sched.requests and not kv.awaiting
+    assert blocks.num_used == 3                                               # the scheduler's now
+    sched.abort("r")
+    assert blocks.num_used == 0
+
+
+def test_failed_late_or_aborted_receives_free_their_blocks():
+    kv, blocks, sched, ex, ended = connector()
+    kv.prepare_receive("a", 20, 4)
+    kv.add_prefilled(prefilled("a", 20), 60.0)
+    ex.events.append(KVEvent(1, "recv", "a", "failed", "peer gone"))
+    assert kv.admit_arrived() == ["peer gone"] and blocks.num_used == 0 and "a" in ex.cancelled
+    kv.prepare_receive("b", 20, 4)
+    kv.add_prefilled(prefilled("b", 20), -1.0)                               # already past its deadline
+    assert "did not arrive" in kv.admit_arrived()[0] and blocks.num_used == 0
+    kv.prepare_receive("c", 20, 4)
+    assert kv.abort("c") and blocks.num_used == 0
+    ex.error = "no receiver"
+    with pytest.raises(KVTransferError, match="no receiver"):
+        kv.prepare_receive("d", 20, 4)
+    assert blocks.num_used == 0 and not kv.prepared
+    blocks.check()
+
+
+def test_stream_status_aggregates_every_holder():
+    kv, blocks, sched, ex, ended = connector(kvp=1, spp=2, holders=2)
+    sink = KVSink("tcp", 64, [GroupSink(0, 0, [0], ["x:1"])])
+    kv.attach("p", sink)
+    req = Request("p", [1, 2, 3], SamplingParams(max_tokens=1), 0.0)
+    first, later = ScheduledItem(req, 0, 2, False), ScheduledItem(req, 2, 1, True)
+    assert kv.sinks_for([first]) == {"p": sink} and kv.sinks_for([later]) == {}
+    kv.sampled([later])
+    assert kv.sinks_for([first]) == {}                                        # the prompt is all sent
+    ex.events.append(KVEvent(0, "sent", "p", "done"))
+    assert kv.kv_status("p") == ("pending", None)
+    ex.events.append(KVEvent(1, "sent", "p", "done"))
+    assert kv.kv_status("p") == ("done", None) == kv.kv_status("p")          # remembered
+    assert kv.kv_status("q")[0] == "failed"
+    with pytest.raises(ConfigError):                                          # receiving needs spp = 1
+        kv.prepare_receive("r", 10, 1)
+    kvp_kv = connector(kvp=2)[0]
+    with pytest.raises(ConfigError):                                          # streaming needs kvp = 1
+        kvp_kv.attach("p", sink)
