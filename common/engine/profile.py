@@ -81,9 +81,9 @@ class ProfileSpec:
 
 #: What a pool calibrating at start times: few, small batches (well under a minute on 2 CPU cores
 #: with the built-in model, any layout); `mnemosyne profile` or bench/ use the full default spec.
-STARTUP_SPEC = ProfileSpec(chunk_sizes=(16, 64, 256), contexts=(0, 256, 1024), decode_sizes=(1, 4, 8),
-                           decode_contexts=(64, 512, 1024), num_prefill=10, num_decode=8, num_mixed=12,
-                           repeats=2, warmup=1)
+STARTUP_SPEC = ProfileSpec(chunk_sizes=(8, 32, 64), contexts=(0, 256, 1024), decode_sizes=(1, 4, 8),
+                           decode_contexts=(64, 512, 1024), num_prefill=6, num_decode=5, num_mixed=6,
+                           repeats=2, warmup=0)
 
 
 @dataclass(frozen=True)
