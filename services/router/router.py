@@ -291,6 +291,12 @@ class Router:
                 raise asyncio.CancelledError()
             if st.prefill is not None:
                 who_prefill = f"prefill instance {st.prefill.instance_id} ({st.prefill.address})"
+                # Until its Decode call runs, only this router knows the request is alive: it keeps
+                # the lease from here to the end of the request (the decode instance, which frees a
+                # prepared request whose placement expired, renews too once it decodes). The lease
+                # runs from Reserve on, so the keeper starts before PrepareReceive, however long that takes.
+                keeper = asyncio.create_task(self._keep_lease(st, placement.lease_s),
+                                             name=f"lease-{job.request_id}")
                 try:
                     dest = await decode.PrepareReceive(decode_pb2.PrepareReceiveRequest(
                         request_id=job.request_id, placement=placement_pb, backend=self.config.kv_backend),
@@ -298,11 +304,8 @@ class Router:
                 except grpc.aio.AioRpcError as e:
                     raise _rpc_error(who_decode, e) from None
                 st.decode_called = True
-                # Until its Decode call runs, only this router knows the request is alive: it keeps
-                # the lease from here to the end of the request (the decode instance, which frees a
-                # prepared request whose placement expired, renews too once it decodes).
-                keeper = asyncio.create_task(self._keep_lease(job.request_id, placement.lease_s),
-                                             name=f"lease-{job.request_id}")
+                if st.failure is not None:
+                    raise st.failure
                 preq = prefill_pb2.PrefillRequest(request_id=job.request_id, token_ids=job.prompt_ids,
                                                   sampling=sampling, placement=placement_pb,
                                                   destination=dest.destination)
@@ -320,6 +323,8 @@ class Router:
                         elif ev.HasField("first_token"):
                             first = ev.first_token
                 except grpc.aio.AioRpcError as e:
+                    if st.failure is not None:
+                        raise st.failure from None
                     raise _rpc_error(who_prefill, e) from None
                 tail = asyncio.create_task(self._prefill_tail(st, pcall, who_prefill))
                 yield relay.tokens([first.token_id], [first.logprob])
@@ -363,14 +368,23 @@ class Router:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
 
-    async def _keep_lease(self, rid: str, lease_s: float) -> None:
-        """Renews a placement every lease_s / 3 while the request runs here (until cancelled)."""
+    async def _keep_lease(self, st: _Active, lease_s: float) -> None:
+        """Renews a placement every lease_s / 3 while the request runs here (until cancelled). A
+        placement gone (a renewal came too late: the decode instance frees the prepared request)
+        fails the request now, with that reason, rather than at its Decode call after the prefill."""
+        rid = st.job.request_id
         while True:
             await asyncio.sleep(max(0.05, lease_s / 3))
             try:
                 await self.kvstore.renew(rid)
-            except PlacementError:
-                return                                   # gone: the request fails elsewhere
+            except PlacementError as e:
+                if st.reason is not None:                 # decoded to the end: nothing is lost
+                    return
+                if st.failure is None:
+                    st.failure = PlacementError(f"request {rid}: its lease ({lease_s:g} s) was lost: {e}")
+                for call in st.calls:
+                    call.cancel()
+                return
             except MnemosyneError as e:                   # kvstore away: try again next round
                 log.warning("renew %s: %s", rid, e)
 
