@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: setup up demo test test-fast test-gpu k8s bench proto lint clean
+.PHONY: setup up demo test test-all test-fast test-gpu k8s bench proto lint clean
 
 setup:
 	@bash scripts/setup.sh
@@ -21,7 +21,13 @@ up: setup
 demo: setup
 	$(PY) -m common.cli demo
 
+# CI's suite (under 20 minutes on 2 cores): everything but the `slow` cases, each of which repeats a
+# faster case's coverage on another input (e.g. the untied grids of test_tied_grids.py).
 test: setup
+	$(PYTEST) -q -m "not slow" tests
+
+# Everything, the slow cases included.
+test-all: setup
 	$(PYTEST) -q tests
 
 test-fast: setup

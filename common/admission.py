@@ -586,7 +586,14 @@ class AdmissionController:
         return 0.5 * l.iteration_s if busy and l.iteration_s else 0.0
 
     def _slowdown(self, pool: PoolModel, l: InstanceLoad) -> float:
-        return l.slowdown(pool.budget_s, self.config.max_slowdown) if pool.budgeted else 1.0
+        """The model's error on `l` right now, from its recent iterations; 1 on an idle instance:
+        its mean iteration time still remembers the last request's iterations, and an idle
+        instance must be judged by its model (and the pool's TTFT correction) alone, or a prompt
+        would be predicted slower than the deadline its own prediction alone sets."""
+        busy = l.running_decodes or l.queued_prefill_tokens or l.active_requests
+        if not (pool.budgeted and busy):
+            return 1.0
+        return l.slowdown(pool.budget_s, self.config.max_slowdown)
 
     def _earliest_due(self, l: InstanceLoad, now: float) -> float:
         """The earliest first-token deadline still ahead among the admitted requests that prefill

@@ -172,7 +172,14 @@ def engine_perf_model(engine: "LLMEngine", spec: ProfileSpec = STARTUP_SPEC) -> 
     if mode == "analytic":
         return OnlineCorrection(analytic_model(engine))
     if mode == "calibrate":
-        cal = calibrate(engine, spec)
+        try:
+            cal = calibrate(engine, spec)
+        except ConfigError as e:
+            # A cache or max_model_len too small for enough distinct synthetic batches to fit the
+            # model: schedule on the roofline rather than refuse to start.
+            log.warning("performance model: cannot calibrate this engine (%s); using the analytic "
+                        "roofline", e)
+            return OnlineCorrection(analytic_model(engine))
         log.info("performance model: %s profile %s (held-out median error %.1f%%)",
                  "reused" if cal.reused else "calibrated", cal.path, 100 * cal.held_out_error)
         return OnlineCorrection(cal.model)

@@ -93,7 +93,7 @@ def test_kvp_three_groups_and_shard_contents(gqa_uneven, reference, tmp_path):
         assert held == min(40, n - 40 * g)                          # its range, no more, no less
         assert int(got["num_blocks"]) == -(-held // 16)
         for layer in range(4):
-            k_ref, v_ref = single.cache.gather(layer, table, n)
+            k_ref, v_ref = single.executor.cache.gather(layer, table, n)
             k, v = got[f"k.{layer}"], got[f"v.{layer}"]
             # layer 0's KV depends on the embeddings alone: bitwise; deeper layers see merged attention
             close = torch.equal if layer == 0 else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
@@ -145,6 +145,7 @@ def test_remote_workers_join_through_the_driver(gqa_uneven, reference):
                 p.kill()
 
 
+@pytest.mark.slow      # the same CLI grid path runs under LARS + adaptive in test_parallel_planned.py
 def test_cli_grid_prints_the_single_process_json(gqa_uneven, tmp_path):
     import json
     import subprocess

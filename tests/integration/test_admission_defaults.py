@@ -19,7 +19,7 @@ from common.rpc.protos import router_pb2_grpc
 from common.rpc.status import retry_after_s
 from scripts.up import Cluster, ClusterConfig
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.timeout(1500)]
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

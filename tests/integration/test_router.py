@@ -40,6 +40,8 @@ pytestmark = pytest.mark.timeout(120)
 SHORT = 32
 LONG_RUN = 900              # tokens: a request that is still running when we abort or cancel it
 
+TBT_SLO = SchedulerConfig().tbt_slo_s          # the pools' default, published to the router
+
 
 def prompt(n: int, seed: int = 0) -> list[int]:
     return [(5 * i + 17 * seed + 1) % 300 + 10 for i in range(n)]
@@ -153,13 +155,13 @@ def test_instances_publish_their_scheduling_and_the_router_judges_them_by_it(sta
     for role in ("prefill", "decode"):
         info = live[role].scheduling
         assert info is not None and info.perf_model is not None
-        assert (info.chunking, info.chunk_size, info.tbt_slo_s) == ("fixed", 32, 0.05)
+        assert (info.chunking, info.chunk_size, info.tbt_slo_s) == ("fixed", 32, TBT_SLO)
         assert info.max_model_len == 1024
     gate = stack.router.router.gate
     stack.loop.run(gate.refresh(fresh=True))
     ctl = gate.controller
     assert set(ctl.models) == {live["prefill"].instance_id, live["decode"].instance_id}
-    assert ctl.tbt_slo_s == 0.05
+    assert ctl.tbt_slo_s == TBT_SLO
     # the router's prediction of a prompt alone is the instance's own: fixed 32-token chunks
     # (FCFS pools schedule without a model: they publish the one they would load)
     from common.engine.profile import load_perf_model
@@ -199,12 +201,12 @@ def test_per_request_slos_reach_the_pools_as_deadlines(stack, offline, monkeypat
     with stack.client() as c:
         c.complete(token_ids=prompt(SHORT - 1, 8), max_tokens=2, ttft_slo_s=7.0)
     short = seen["generate"]
-    assert 5.0 < short["ttft_deadline_s"] - short["at"] <= 7.0 and short["tbt_slo_s"] == 0.05
+    assert 5.0 < short["ttft_deadline_s"] - short["at"] <= 7.0 and short["tbt_slo_s"] == TBT_SLO
     # no SLO of its own: the class default (2 s) or more, and the decode pool's TBT SLO
     with stack.client() as c:
         c.complete(token_ids=prompt(SHORT - 1, 9), max_tokens=2)
     short = seen["generate"]
-    assert 1.0 < short["ttft_deadline_s"] - short["at"] and short["tbt_slo_s"] == 0.05
+    assert 1.0 < short["ttft_deadline_s"] - short["at"] and short["tbt_slo_s"] == TBT_SLO
     wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what="everything released")
 
 

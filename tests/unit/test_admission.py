@@ -245,11 +245,17 @@ def test_admissions_count_against_an_instance_until_its_metrics_show_them():
 
 
 def test_slow_instances_are_predicted_slower():
+    """A busy instance whose iterations overrun the budget is predicted slower by that factor (plus
+    half an iteration in flight); an idle one is judged by its model alone, whatever its last
+    request's iterations took."""
     ctl = controller()
-    fast = ctl.decide(request("a"), snap(prefill("p1", iteration_s=0.05), decode("d1")), NOW)
-    slow = controller().decide(request("b"), snap(prefill("p1", iteration_s=0.3), decode("d1")), NOW)
-    assert fast.predicted_ttft_s == pytest.approx(1.0)      # faster than the budget: no speed-up
-    assert (slow.outcome, slow.predicted_ttft_s) == (Outcome.REJECT, pytest.approx(3.0))
+    fast = ctl.decide(request("a"), snap(prefill("p1", iteration_s=0.05, active_requests=1), decode("d1")), NOW)
+    slow = controller().decide(request("b"), snap(prefill("p1", iteration_s=0.3, active_requests=1),
+                                                  decode("d1")), NOW)
+    idle = controller().decide(request("c"), snap(prefill("p1", iteration_s=0.3), decode("d1")), NOW)
+    assert fast.predicted_ttft_s == pytest.approx(1.0 + 0.025)      # faster than the budget: no speed-up
+    assert (slow.outcome, slow.predicted_ttft_s) == (Outcome.REJECT, pytest.approx(3.0 + 0.15))
+    assert (idle.outcome, idle.predicted_ttft_s) == (Outcome.ADMIT, pytest.approx(1.0))
 
 
 def test_a_decode_instance_whose_step_would_break_the_tbt_slo_has_no_room():
