@@ -45,6 +45,9 @@ def model(tmp_path_factory) -> str:
 def cluster(model, tmp_path_factory):
     cfg = ClusterConfig(model=model, kv_backend="tcp", router_port=0, kvp_tokens=512, decode_kv_tokens=2048,
                         prefill_kv_tokens=1024, chunk_size=8, short_prompt_tokens=64, lease_s=LEASE_S,
+                        # fixed 8-token chunks (the pools default to adaptive ones, which would take
+                        # the whole prompt at once on an idle machine)
+                        pool_flags=("--chunking", "fixed"),
                         deployment=f"leases-{uuid.uuid4().hex[:8]}", admission=False,
                         log_dir=str(tmp_path_factory.mktemp("lease-logs")))
     with Cluster(cfg) as c:
