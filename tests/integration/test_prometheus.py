@@ -169,6 +169,8 @@ class Synthetic:
         for _ in range(2):
             r.observe_admission("rejected", "ttft_slo")
         r.set_admission_queue(3)
+        for role, ratio, overhead in (("prefill", 1.2, 0.05), ("decode", 0.8, 0.01)):
+            r.set_ttft_correction(role, ratio, overhead)
         for _ in range(3):
             r.observe_rpc_error("/mnemosyne.v1.Router/Generate", grpc.StatusCode.UNAVAILABLE)
         for m, role in ((p, "prefill"), (d, "decode")):
