@@ -224,6 +224,11 @@ class InstanceLoad:
         used = self.kv_used_blocks or (0,) * len(self.kv_free_blocks)
         return tuple(f + u for f, u in zip(self.kv_free_blocks, used))
 
+    @property
+    def busy(self) -> bool:
+        """Mid-iteration or about to be: running decodes, queued prefill work or active requests."""
+        return bool(self.running_decodes or self.queued_prefill_tokens or self.active_requests)
+
     def slowdown(self, budget_s: float, cap: float) -> float:
         if self.iteration_s is None:
             return 1.0
@@ -582,16 +587,14 @@ class AdmissionController:
     def _inflight_s(l: InstanceLoad) -> float:
         """A busy instance is in the middle of an iteration: a new request waits, on average, for
         half of one (its recent mean iteration time, measured)."""
-        busy = l.running_decodes or l.queued_prefill_tokens or l.active_requests
-        return 0.5 * l.iteration_s if busy and l.iteration_s else 0.0
+        return 0.5 * l.iteration_s if l.busy and l.iteration_s else 0.0
 
     def _slowdown(self, pool: PoolModel, l: InstanceLoad) -> float:
         """The model's error on `l` right now, from its recent iterations; 1 on an idle instance:
         its mean iteration time still remembers the last request's iterations, and an idle
         instance must be judged by its model (and the pool's TTFT correction) alone, or a prompt
         would be predicted slower than the deadline its own prediction alone sets."""
-        busy = l.running_decodes or l.queued_prefill_tokens or l.active_requests
-        if not (pool.budgeted and busy):
+        if not (pool.budgeted and l.busy):
             return 1.0
         return l.slowdown(pool.budget_s, self.config.max_slowdown)
 

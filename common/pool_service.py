@@ -48,11 +48,10 @@ def scheduling_info(engine: Any) -> SchedulingInfo:
     """What this instance publishes for admission (its registration's `scheduling`): the performance
     model its scheduler predicts with (when it schedules without one, FCFS with fixed chunks, the
     model it would load: the saved profile else the analytic roofline), budget, pipeline depth,
-    chunking, TBT SLO and max_model_len. Read-only attributes of the engine (shared contract 3);
-    `pipeline_depth` / `iteration_budget_s` fall back to the config and the scheduler's budget."""
+    chunking, TBT SLO and max_model_len. Read-only attributes of the engine's interface."""
     cfg = engine.cfg
     sc = cfg.scheduler
-    model = getattr(engine, "perf_model", None)
+    model = engine.perf_model
     published = None
     try:
         if model is None:
@@ -61,10 +60,9 @@ def scheduling_info(engine: Any) -> SchedulingInfo:
         published = publish(model)
     except (ConfigError, AttributeError) as e:
         log.warning("no performance model to publish (%s); admission will use its default", e)
-    depth = getattr(engine, "pipeline_depth", None) or cfg.parallel.spp
-    budget = getattr(engine, "iteration_budget_s", None) or sc.iteration_budget(depth)
-    return SchedulingInfo(published, float(budget), int(depth), sc.policy, sc.chunking, sc.chunk_size,
-                          sc.min_chunk, sc.max_chunk, sc.tbt_slo_s, int(engine.max_model_len))
+    return SchedulingInfo(published, float(engine.iteration_budget_s), int(engine.pipeline_depth), sc.policy,
+                          sc.chunking, sc.chunk_size, sc.min_chunk, sc.max_chunk, sc.tbt_slo_s,
+                          int(engine.max_model_len))
 
 
 def build_engine(config: PoolConfig) -> Any:

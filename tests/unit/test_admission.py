@@ -386,8 +386,8 @@ def test_overload_simulation_admitted_requests_meet_their_ttft_and_the_rest_are_
 # ---- admission on the pools' own model ---------------------------------------------------------
 
 def _pool_engine(scheduler_cfg, model, spp: int = 1, max_model_len: int = 32768):
-    """What scheduling_info reads of an engine: cfg, perf_model, max_model_len (no pipeline_depth /
-    iteration_budget_s: the fallbacks from the config are used, as on engines that lack them)."""
+    """What scheduling_info reads of an engine: cfg, perf_model, max_model_len, pipeline_depth and
+    iteration_budget_s (the scheduler's budget, as LLMEngine's)."""
     from types import SimpleNamespace
 
     from common.config import EngineConfig, ParallelConfig
@@ -395,7 +395,8 @@ def _pool_engine(scheduler_cfg, model, spp: int = 1, max_model_len: int = 32768)
     from common.scheduler.scheduler import Scheduler
     cfg = EngineConfig(scheduler=scheduler_cfg, parallel=ParallelConfig(spp=spp))
     sched = Scheduler(scheduler_cfg, BlockPool(64, 16), perf_model=model, pipeline_depth=spp)
-    return SimpleNamespace(cfg=cfg, perf_model=model, max_model_len=max_model_len, scheduler=sched)
+    return SimpleNamespace(cfg=cfg, perf_model=model, max_model_len=max_model_len, scheduler=sched,
+                           pipeline_depth=spp, iteration_budget_s=sched.budget_s)
 
 
 @pytest.mark.parametrize("role,spp", [("prefill", 2), ("decode", 1)])
