@@ -25,7 +25,7 @@ from common.errors import ConfigError, WorkerFailedError
 from common.kv_cache.kvp_blocks import KVPBlockManager
 from common.kv_connector.types import KVAck, KVEvent, KVSink
 from common.parallel import comm
-from common.parallel.groups import DRIVER_RANK, Coord, Groups, init_world, worker_rank, world_size
+from common.parallel.groups import DRIVER_RANK, Coord, Groups, init_world, master_store, worker_rank, world_size
 from common.parallel.plan import SeqPlan, StepPlan, StepResult, decode_result, encode_plan
 from common.parallel.worker import WorkerArgs, worker_main
 from common.scheduler.scheduler import SchedulerOutput
@@ -57,7 +57,8 @@ class GridExecutor(Executor):
         self.threads = threads_per_worker
         self.timeout_s = timeout_s
         blocks_per_group = blocks.pools[0].num_blocks
-        self.master_port = master_port or free_port()
+        self.store = master_store("0.0.0.0" if not spawn_workers else master_addr, master_port or 0, pcfg, timeout_s)
+        self.master_port = self.store.port
         self.control = comm.ControlServer(master_addr if spawn_workers else "0.0.0.0",
                                           control_port if control_port is not None else
                                           (0 if spawn_workers else self.master_port + 1))
@@ -80,8 +81,7 @@ class GridExecutor(Executor):
                     "engine": engine_config_to_dict(cfg), "master_addr": master_addr,
                     "master_port": self.master_port, "timeout_s": timeout_s, "blocks_per_group": blocks_per_group,
                 }, load_timeout_s)
-            init_world(pcfg, DRIVER_RANK, "0.0.0.0" if not spawn_workers else master_addr, self.master_port,
-                       timeout_s)
+            init_world(pcfg, DRIVER_RANK, master_addr, self.master_port, timeout_s, store=self.store)
             self.groups = Groups(pcfg, DRIVER_RANK)
             self.control.accept(ranks, load_timeout_s, self._dead_worker)
         except BaseException:
@@ -222,6 +222,7 @@ class GridExecutor(Executor):
             self._stop_workers(timeout_s)
             if dist.is_initialized():
                 dist.destroy_process_group()
+            self.store = None                      # closes the rendezvous port
 
     def _stop_workers(self, timeout_s: float) -> None:
         self.control.close()

@@ -43,9 +43,31 @@ def stage_layers(num_layers: int, spp: int, stage: int) -> range:
     return range(start, start + base + (1 if stage < extra else 0))
 
 
-def init_world(cfg: ParallelConfig, rank: int, master_addr: str, master_port: int, timeout_s: float) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size(cfg), timeout=timedelta(seconds=timeout_s))
+def master_store(host: str, port: int, cfg: ParallelConfig, timeout_s: float) -> dist.TCPStore:
+    """The driver's rendezvous store, bound before any worker starts. Port 0 lets the OS pick a free
+    port at bind time (no window between choosing and binding a port for another process to take);
+    `store.port` is what the workers are told."""
+    return dist.TCPStore(host, port, world_size(cfg), is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def init_world(cfg: ParallelConfig, rank: int, master_addr: str, master_port: int, timeout_s: float,
+               store: dist.Store | None = None) -> None:
+    """Join the grid's default group: the driver passes the store it bound (`master_store`), the
+    workers connect to it as clients. If the rendezvous fails, torch has already counted a default
+    group that does not exist; the next grid in this process would then wait under a name no fresh
+    worker uses (`default_pg/1` against `default_pg/0`), so the count is put back."""
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        if store is None:
+            store = dist.TCPStore(master_addr, master_port, world_size(cfg), is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=dist.PrefixStore("mnemosyne", store), rank=rank,
+                                world_size=world_size(cfg), timeout=timeout)
+    except BaseException:
+        if not dist.is_initialized():
+            from torch.distributed import distributed_c10d
+            distributed_c10d._world.group_count = 0       # no public reset; see the docstring
+        raise
 
 
 class Groups:

@@ -185,3 +185,20 @@ def test_dead_worker_fails_fast(gqa_uneven):
         eng.shutdown()
         assert time.monotonic() - t0 < 15
     assert all(not p.is_alive() for p in eng.executor.procs)
+
+
+def test_a_failed_rendezvous_leaves_the_process_able_to_start_the_next_grid(gqa_uneven, reference):
+    """A rendezvous that times out (no worker ever joins) must not poison this process: torch counts
+    a default group before the rendezvous, and without the reset in init_world the next driver
+    waits under `default_pg/1` for workers that publish under `default_pg/0` (CI, stop 18)."""
+    import torch.distributed as dist
+    from common.config import ParallelConfig
+    from common.parallel.groups import DRIVER_RANK, init_world, master_store
+    pcfg = ParallelConfig(spp=2)
+    store = master_store("127.0.0.1", 0, pcfg, 1.0)
+    with pytest.raises(Exception):
+        init_world(pcfg, DRIVER_RANK, "127.0.0.1", store.port, 1.0, store=store)
+    assert not dist.is_initialized()
+    del store
+    with ParallelEngine(engine_config(gqa_uneven, spp=2)) as eng:
+        assert_same(reference, eng.generate(PROMPTS, PARAMS))
