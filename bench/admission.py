@@ -20,7 +20,8 @@ Cluster's per-service `extra`), reporting short-request TTFT p99 and requests me
 side by side (needs pool services that take those flags).
 
 Results: bench/results/admission.json and admission.md (the compare mode: admission_compare.*).
-Run:  python -m bench.admission [--quick] [--compare] [--runs 3] [--rate 6] [--seconds 30]
+Run:  python -m bench.admission [--quick] [--compare] [--runs 3] [--rate 1] [--seconds 60]
+      [--model builtin|random|PATH]
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def summarize(results: list[dict], short_limit: int) -> dict:
             "by_route": by_route}
 
 
-def run_once(a: argparse.Namespace, model: str, tmp: pathlib.Path, label: str, extra_pool: list[str],
+def run_once(a: argparse.Namespace, model: str | None, tmp: pathlib.Path, label: str, extra_pool: list[str],
              seed: int) -> dict:
     pools = {"prefill": extra_pool, "decode": extra_pool} if extra_pool else {}
     cfg = ClusterConfig(model=model, kv_backend="tcp", router_port=0, prefill_spp=a.spp, decode_kvp=1,
@@ -186,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", action="store_true",
                    help="alternate LARS + adaptive vs FCFS + fixed pools on the same workload")
     p.add_argument("--runs", type=int, default=3, help="runs (per policy with --compare)")
-    p.add_argument("--rate", type=float, default=6.0, help="offered requests per second")
-    p.add_argument("--seconds", type=float, default=30.0, help="how long the load is offered")
+    p.add_argument("--rate", type=float, default=1.0, help="offered requests per second")
+    p.add_argument("--seconds", type=float, default=60.0, help="how long the load is offered")
     p.add_argument("--long-share", type=float, default=0.1, help="fraction of long prompts")
     p.add_argument("--short-tokens", type=int, nargs=2, default=(32, 200), metavar=("MIN", "MAX"))
     p.add_argument("--long-tokens", type=int, nargs=2, default=(1024, 3072), metavar=("MIN", "MAX"))
@@ -195,19 +196,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-prompt-tokens", type=int, default=256)
     p.add_argument("--warmup", type=int, default=9, help="requests before the measured load")
     p.add_argument("--spp", type=int, default=1, help="prefill pipeline stages")
-    p.add_argument("--decode-kv-tokens", type=int, default=131072)
+    p.add_argument("--decode-kv-tokens", type=int, default=32768)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--layers", type=int, default=4, help="layers of the random llama model")
+    p.add_argument("--model", default="builtin",
+                   help="builtin (what `make up` serves: SmolLM2-135M, 30 layers), random (a random llama "
+                        "of --layers layers) or a checkpoint path")
+    p.add_argument("--layers", type=int, default=4, help="layers of the random llama model (--model random)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.quick:
         a.runs, a.seconds, a.warmup = 1, min(a.seconds, 20.0), min(a.warmup, 6)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="admission-bench-"))
-    model = str(write_random_hf_model(tmp / "model", "llama", num_hidden_layers=a.layers,
-                                      max_position_embeddings=4096, seed=5))
+    if a.model == "random":
+        model = str(write_random_hf_model(tmp / "model", "llama", num_hidden_layers=a.layers,
+                                          max_position_embeddings=4096, seed=5))
+        described = f"random llama ({a.layers} layers)"
+    else:
+        model = None if a.model == "builtin" else a.model     # None: the Cluster's built-in model
+        described = "the built-in model (SmolLM2-135M, 30 layers, float32)" if model is None else model
     machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    deployment = (f"router + 1 prefill (spp {a.spp}) + 1 decode + kvstore + redis on loopback; random llama "
-                  f"({a.layers} layers, CPU, tcp); {a.threads} torch thread(s) per process")
+    deployment = (f"router + 1 prefill (spp {a.spp}) + 1 decode + kvstore + redis on loopback; {described}, "
+                  f"CPU, tcp; {a.threads} torch thread(s) per process")
     OUT.mkdir(parents=True, exist_ok=True)
     if not a.compare:
         rows = [run_once(a, model, tmp, f"run{i}", [], a.seed) for i in range(a.runs)]

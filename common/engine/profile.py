@@ -182,11 +182,45 @@ def engine_perf_model(engine: "LLMEngine", spec: ProfileSpec = STARTUP_SPEC) -> 
             return OnlineCorrection(analytic_model(engine))
         log.info("performance model: %s profile %s (held-out median error %.1f%%)",
                  "reused" if cal.reused else "calibrated", cal.path, 100 * cal.held_out_error)
-        return OnlineCorrection(cal.model)
+        return checked(engine, cal.model, spec) if cal.reused else OnlineCorrection(cal.model)
     path = Path(mode)
     if not path.is_file():
         raise ConfigError(f"perf_model: {mode!r} is not saved | calibrate | analytic nor a profile file")
-    return OnlineCorrection(CalibratedModel.load(path, profile_key(engine)))
+    return checked(engine, CalibratedModel.load(path, profile_key(engine)), spec)
+
+
+SPOT_CHECK_BATCHES = 4
+
+
+def spot_check(engine: "LLMEngine", model: PerfModel, spec: ProfileSpec = STARTUP_SPEC,
+               batches: int = SPOT_CHECK_BATCHES) -> float | None:
+    """measured / predicted on this machine now: the median over `batches` of the spec's synthetic
+    batches (prefill, decode and mixed ones, spread over the list), timed through the engine's
+    executor once each after one untimed pass. None when none fits. Well under a second on the
+    built-in model; a saved profile is the same machine type, not the same machine state (a shared
+    host can run several times slower or faster than on the day it was profiled)."""
+    p = engine.cfg.parallel
+    max_kv = engine.blocks.num_blocks * engine.blocks.block_size
+    try:
+        pool = synthetic_batches(spec, engine.max_model_len, max_kv, p.kvp_tokens if p.kvp > 1 else None)
+    except ConfigError:
+        return None
+    step = max(1, len(pool) // batches)
+    timings = measure(engine, pool[::step][:batches], repeats=1, warmup=1)
+    ratios = [t.wall_s / pred for t in timings if (pred := model.predict(t.batch)) > 0 and t.wall_s > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def checked(engine: "LLMEngine", model: PerfModel, spec: ProfileSpec = STARTUP_SPEC) -> OnlineCorrection:
+    """`model` online-corrected, its correction starting at what a spot check measures now."""
+    online = OnlineCorrection(model)
+    ratio = spot_check(engine, model, spec)
+    if ratio is not None:
+        online.start_at(ratio)
+        (log.warning if not 0.8 <= ratio <= 1.25 else log.info)(
+            "performance model: spot check on this machine now: measured / predicted = %.2f "
+            "(median of %d batches); the online correction starts there", ratio, SPOT_CHECK_BATCHES)
+    return online
 
 
 # ---- synthetic batches -----------------------------------------------------------------------------

@@ -53,3 +53,12 @@ class OnlineCorrection:
         self.log_scale += self.alpha * (ratio - self.log_scale)
         self.log_scale = min(max(self.log_scale, math.log(self.min_scale)), math.log(self.max_scale))
         self.observations += 1
+
+    def start_at(self, scale: float) -> None:
+        """Start from `scale` instead of 1 (a start-up spot check measured the machine that far from
+        the saved profile); the clip bounds widen to keep it and half / twice it reachable."""
+        if not scale > 0 or not math.isfinite(scale):
+            raise ConfigError(f"online correction: a starting scale must be positive, got {scale}")
+        self.min_scale = min(self.min_scale, scale / 2)
+        self.max_scale = max(self.max_scale, scale * 2)
+        self.log_scale = math.log(scale)

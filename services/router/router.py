@@ -19,7 +19,7 @@ from typing import AsyncIterator
 import grpc
 
 from common.client import KVStoreClient
-from common.errors import InvalidRequestError, MnemosyneError, PlacementError, WorkerFailedError
+from common.errors import CapacityError, InvalidRequestError, MnemosyneError, PlacementError, WorkerFailedError
 from common.metadata.types import Instance, Placement
 from common.model.tokenizer import IncrementalDecoder
 from common.rpc import client as rpc_client
@@ -41,6 +41,18 @@ FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH
 
 
 # ---- events of a Generate stream ------------------------------------------------------------------
+class RetryLater(CapacityError):
+    """RESOURCE_EXHAUSTED for a resource that frees up by itself (KV blocks), with gRPC pushback."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        from common.admission import RETRY_METADATA_KEY
+        return ((RETRY_METADATA_KEY, str(max(1, round(self.retry_after_s * 1000)))),)
+
+
 @dataclass(frozen=True)
 class Started:
     request_id: str
@@ -198,8 +210,14 @@ class Router:
                 st.prefill = await self._prefill_instance(decision)
                 if st.prefill is None:
                     log.warning("no live prefill instance: %s (%d tokens) takes the decode-only route", rid, n)
-            st.placement = await self.kvstore.reserve(rid, n, max_new,
-                                                      decision.decode_instance or "" if decision else "")
+            try:
+                st.placement = await self.kvstore.reserve(rid, n, max_new,
+                                                          decision.decode_instance or "" if decision else "")
+            except CapacityError as e:
+                # The kvstore's view is newer than admission's (KV filled since the last sample):
+                # the same RESOURCE_EXHAUSTED, with the retry hint clients back off by.
+                hint = self.gate.controller.config.min_retry_after_s if self.gate is not None else 0.5
+                raise RetryLater(f"{e}; retry after {hint:.1f}s", hint) from e
             if st.prefill is not None:
                 self.discovery.inflight[st.prefill.instance_id] += 1
             yield Started(rid, n, "disaggregated" if st.prefill else "decode_only",

@@ -168,3 +168,25 @@ def test_perf_model_calibrate_profiles_through_the_engine_then_reuses(checkpoint
     p = SamplingParams(max_tokens=4, ignore_eos=True)
     assert first.generate([[5, 6, 7, 8, 9]], p)[0].token_ids == make_engine(checkpoint).generate(
         [[5, 6, 7, 8, 9]], p)[0].token_ids
+
+
+def test_a_reused_profile_is_spot_checked_against_the_machine_as_it_is_now(checkpoint, calibrated, tmp_path):
+    """A saved profile is the same machine type, not the same machine state: on a shared host the
+    same engine can run several times slower than the day it was profiled. Reusing a profile times a
+    few of the start-up batches and starts the online correction (what the pool publishes to the
+    router's admission) at measured / predicted: about 1 for the engine's own fresh profile, about 4
+    for the same profile with every coefficient divided by 4 (a machine 4x faster than today's)."""
+    _, path, cal = calibrated
+    same = mode_engine(checkpoint, str(path))
+    assert 0.4 <= same.perf_model.scale <= 2.5, same.perf_model.scale
+    data = json.loads(path.read_text())
+    data["coefficients"] = [c / 4 for c in data["coefficients"]]
+    fast = tmp_path / "fast.json"
+    fast.write_text(json.dumps(data))
+    off = mode_engine(checkpoint, str(fast))
+    assert 2.0 <= off.perf_model.scale / same.perf_model.scale <= 8.0, (off.perf_model.scale,
+                                                                        same.perf_model.scale)
+    # the start-up check borrowed and returned its blocks, and published what it measured
+    from common.perf_model.published import publish
+    assert off.blocks.num_used == 0 and not off.has_unfinished()
+    assert publish(off.perf_model).scale == pytest.approx(off.perf_model.scale)
