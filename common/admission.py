@@ -318,6 +318,7 @@ class _Pending:
     decode_id: str | None
     prompt_tokens: int
     kv_blocks: tuple[int, ...]
+    request_id: str = ""
 
 
 @dataclass
@@ -375,8 +376,17 @@ class AdmissionController:
         return self.corrections[pool]
 
     def first_token(self, request_id: str) -> None:
-        """An admitted request got its first token or ended (it no longer waits for a prefill)."""
+        """An admitted request got its first token (it no longer waits for a prefill)."""
         self._awaiting.pop(request_id, None)
+        for p in self._pending:
+            if p.request_id == request_id:
+                p.prompt_tokens = 0        # its prefill is done; its decode and KV still count
+
+    def ended(self, request_id: str) -> None:
+        """An admitted request ended (finished, failed or cancelled): nothing of it counts against
+        its instances any more, even before their next load sample shows it gone."""
+        self._awaiting.pop(request_id, None)
+        self._pending = [p for p in self._pending if p.request_id != request_id]
 
     def progress(self, request_id: str, tokens_done: int) -> None:
         """An admitted request's prefill progressed (the router sees each chunk's progress)."""
@@ -578,7 +588,7 @@ class AdmissionController:
     def _admitted(self, req: AdmissionRequest, d: Decision, now: float) -> None:
         if d.decode_instance is not None:
             self._pending.append(_Pending(now, d.prefill_instance, d.decode_instance,
-                                          req.prompt_tokens, d.kv_blocks))
+                                          req.prompt_tokens, d.kv_blocks, req.request_id))
             self._awaiting[req.request_id] = [d.prefill_instance or d.decode_instance,
                                               req.arrival_s + (d.ttft_slo_s or math.inf),
                                               req.prompt_tokens, req.prompt_tokens]

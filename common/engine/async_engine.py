@@ -264,6 +264,9 @@ class AsyncEngine:
         found = engine.abort(request_id)
         if self._recorder is not None:
             self._recorder.forget(request_id)
+            if found:
+                self._recorder.load(engine.stats())   # the gauges admission reads drop it now, not
+                                                      # after the next step (an idle engine has none)
         if request_id in self._routes:
             self._routes.discard(request_id)
             self._loop.call_soon_threadsafe(self._deliver, request_id, StepOutput(

@@ -146,8 +146,12 @@ class AdmissionGate:
         self.controller.progress(request_id, tokens_done)
 
     def first_token(self, request_id: str) -> None:
-        """An admitted request got its first token, or ended without one."""
+        """An admitted request got its first token."""
         self.controller.first_token(request_id)
+
+    def ended(self, request_id: str) -> None:
+        """An admitted request ended (finished, failed or cancelled)."""
+        self.controller.ended(request_id)
 
     def observe_ttft(self, decision: Decision | None, ttft_s: float) -> None:
         """An admitted request's measured TTFT (seconds from arrival): the online correction learns."""

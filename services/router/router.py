@@ -256,7 +256,7 @@ class Router:
             if rec is not None:
                 rec.done(outcome)
             if self.gate is not None:
-                self.gate.first_token(rid)
+                self.gate.ended(rid)
                 self.gate.poll()         # room may have appeared for a queued request
             self.active.pop(rid, None)
             for call in st.calls:

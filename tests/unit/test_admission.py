@@ -557,3 +557,30 @@ def test_a_busy_instance_adds_half_an_iteration_in_flight_which_the_correction_d
     assert ctl.correction("prefill")(1.0) == pytest.approx(1.0)
     idle = ctl.decide(request("b", prompt=1000), snap(prefill("p1", iteration_s=0.05), decode("d1")), NOW)
     assert idle.inflight_s == 0.0
+
+
+def test_a_request_that_ended_no_longer_counts_against_its_instance():
+    """A cancelled long prompt must not hold its instance's predicted queue until the pending window
+    runs out: ended() drops it at once; first_token() drops its prefill but keeps its decode."""
+    ctl = controller()
+    roomy = {"free": (1000,) * 8, "used": (0,) * 8}
+    s = snap(prefill("p1"), decode("d1", **roomy))
+    alone = ctl.decide(request("probe0", prompt=1000, ttft_slo_s=60.0), s, NOW).predicted_ttft_s
+    ctl.ended("probe0")
+    long = ctl.decide(request("long", prompt=8000, ttft_slo_s=60.0), s, NOW + 0.01)
+    assert long.outcome is adm.Outcome.ADMIT
+    behind = ctl.decide(request("b", prompt=1000, ttft_slo_s=60.0), s, NOW + 0.02).predicted_ttft_s
+    ctl.ended("b")
+    assert behind == pytest.approx(alone + 8.0, rel=0.05)
+    ctl.ended("long")
+    again = ctl.decide(request("c", prompt=1000, ttft_slo_s=60.0), s, NOW + 0.03).predicted_ttft_s
+    assert again == pytest.approx(alone, rel=0.05)
+    ctl.ended("c")
+    # a first token ends the queued prefill only: the decode instance still counts the request
+    short = ctl.decide(request("s", prompt=100, ttft_slo_s=60.0), s, NOW + 0.04)
+    ctl.first_token("s")
+    assert ctl._effective(decode("d1", **roomy)).running_decodes == 1
+    assert ctl._effective(decode("d1", **roomy)).queued_prefill_tokens == 0
+    ctl.ended("s")
+    assert ctl._effective(decode("d1", **roomy)).running_decodes == 0
+    assert short.outcome is adm.Outcome.ADMIT
