@@ -62,6 +62,7 @@ class DecodeInstance:
         # leases (it alone knows the request is alive until Decode); this instance only checks that
         # the placement still exists and frees the request when it is gone (its router died).
         self._awaiting_decode: set[str] = set()
+        self._undo: set[asyncio.Future] = set()      # aborts undoing reservations whose caller left
         self._renewer: asyncio.Task[None] | None = None
         self.active = 0                               # decode() streams open
 
@@ -95,7 +96,14 @@ class DecodeInstance:
             raise InvalidRequestError(f"this decode instance receives KV over {own_backend!r}, not {backend!r}")
         if sender_layout is not None and sender_layout != layout:
             raise InvalidRequestError(f"KV layout mismatch: sender {sender_layout}, receiver {layout}")
-        groups = await self.engine.prepare_receive(rid, placement.num_tokens, placement.max_new_tokens)
+        try:
+            groups = await self.engine.prepare_receive(rid, placement.num_tokens, placement.max_new_tokens)
+        except asyncio.CancelledError:
+            # The caller went away mid-reservation; the engine thread may reserve anyway. An abort
+            # queued behind it on the same thread undoes it (no blocks left with nobody to free them).
+            self._undo.add(asyncio.ensure_future(self.engine.abort(rid)))
+            self._undo = {t for t in self._undo if not t.done()}
+            raise
         self.leases[rid] = placement
         self._awaiting_decode.add(rid)
         tp = len(groups[0].addresses) if groups else 1

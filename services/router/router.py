@@ -315,13 +315,16 @@ class Router:
                 # runs from Reserve on, so the keeper starts before PrepareReceive, however long that takes.
                 keeper = asyncio.create_task(self._keep_lease(st, placement.lease_s),
                                              name=f"lease-{job.request_id}")
+                # Counted as called before the answer: a client that cancels while PrepareReceive is in
+                # flight must still abort there (the blocks may be reserved already; an Abort of a
+                # request the instance does not know is harmless).
+                st.decode_called = True
                 try:
                     dest = await decode.PrepareReceive(decode_pb2.PrepareReceiveRequest(
                         request_id=job.request_id, placement=placement_pb, backend=self.config.kv_backend),
                         timeout=self.config.rpc_timeout_s)
                 except grpc.aio.AioRpcError as e:
                     raise _rpc_error(who_decode, e) from None
-                st.decode_called = True
                 if st.failure is not None:
                     raise st.failure
                 preq = prefill_pb2.PrefillRequest(request_id=job.request_id, token_ids=job.prompt_ids,
