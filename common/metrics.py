@@ -21,7 +21,7 @@ it), `role` (router | prefill | decode | kvstore), `instance` (the instance id).
 | mnemosyne_queue_time_seconds                   | histogram |                           | router (admission queue), prefill/decode (waiting to first chunk) |
 | mnemosyne_requests_finished_total              | counter   | finish_reason             | router |
 | mnemosyne_slo_requests_total                   | counter   | slo, result               | router: ttft/tbt met or missed, per admitted request |
-| mnemosyne_slo_target_seconds                   | gauge     | slo, prompt_class         | router, from its SLO config (dashboard lines) |
+| mnemosyne_slo_target_seconds                   | gauge     | slo, prompt_class         | router: TTFT from its SLO config, TBT the decode pool's published one (dashboard lines) |
 | mnemosyne_slo_objective_ratio                  | gauge     | slo                       | router, the objective (e.g. 0.99) for error budgets |
 | mnemosyne_admission_decisions_total            | counter   | outcome, reason           | router (common/admission.py decisions) |
 | mnemosyne_admission_queued_requests            | gauge     |                           | router, admission queue length |
@@ -356,12 +356,16 @@ class Metrics:
         self._child("mnemosyne_slo_requests_total", slo=slo,
                     result="met" if met else "missed").inc()
 
+    def set_tbt_target(self, tbt_s: float) -> None:
+        """The default TBT SLO requests are judged by (the router: what the decode pool publishes)."""
+        self._child("mnemosyne_slo_target_seconds", slo="tbt", prompt_class="all").set(tbt_s)
+
     def set_slo_targets(self, ttft_s: Mapping[str, float], tbt_s: float,
                         objective: float | Mapping[str, float]) -> None:
         """Publishes the configured default SLOs: ttft per prompt class, tbt, and the objective."""
         for cls, seconds in ttft_s.items():
             self._child("mnemosyne_slo_target_seconds", slo="ttft", prompt_class=cls).set(seconds)
-        self._child("mnemosyne_slo_target_seconds", slo="tbt", prompt_class="all").set(tbt_s)
+        self.set_tbt_target(tbt_s)
         for slo in SLOS:
             obj = objective if isinstance(objective, (int, float)) else objective[slo]
             self._child("mnemosyne_slo_objective_ratio", slo=slo).set(obj)

@@ -140,6 +140,7 @@ class AdmissionGate:
             self._prefill_model = firsts["prefill"]
         tbts = [i.scheduling.tbt_slo_s for i in instances if i.role == "decode" and i.scheduling is not None]
         ctl.tbt_slo_s = min(tbts) if tbts else ctl.config.tbt_slo_s
+        self.metrics.set_tbt_target(ctl.tbt_slo_s)      # the dashboard's TBT line: what requests get
 
     def progress(self, request_id: str, tokens_done: int) -> None:
         """A disaggregated request's prefill progress (the prefill instance's stream)."""

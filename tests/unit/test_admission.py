@@ -584,3 +584,24 @@ def test_a_request_that_ended_no_longer_counts_against_its_instance():
     ctl.ended("s")
     assert ctl._effective(decode("d1", **roomy)).running_decodes == 0
     assert short.outcome is adm.Outcome.ADMIT
+
+
+def test_the_router_exports_the_tbt_slo_the_decode_pool_published():
+    """The SLO dashboard's TBT target line is the TBT SLO requests are judged by: the smallest a decode
+    instance published, not the scheduler's default the router was started with."""
+    from common.metadata.types import Instance, SchedulingInfo
+    from services.router.admission import AdmissionGate
+    from services.router.config import RouterConfig
+    registry = new_registry()
+    metrics = Metrics(registry, role="router")
+    gate = AdmissionGate(RouterConfig(kvstore="127.0.0.1:1"), metrics, discovery=None)
+
+    def tbt_target() -> float:
+        return next(s.value for m in registry.collect() for s in m.samples
+                    if s.name == "mnemosyne_slo_target_seconds" and s.labels.get("slo") == "tbt")
+    info = SchedulingInfo(None, 0.04, 1, "lars", "adaptive", 512, 32, 8192, 0.35, 4096)
+    gate.use_models([Instance("d1", "decode", "127.0.0.1:1", capacity=(10,), scheduling=info),
+                     Instance("d2", "decode", "127.0.0.1:2", capacity=(10,),
+                              scheduling=SchedulingInfo(None, 0.04, 1, "lars", "adaptive", 512, 32, 8192, 0.5,
+                                                        4096))])
+    assert gate.controller.tbt_slo_s == 0.35 and tbt_target() == 0.35
