@@ -21,7 +21,7 @@ up: setup
 demo: setup
 	$(PY) -m common.cli demo
 
-# CI's suite (under 20 minutes on 2 cores): everything but the `slow` cases, each of which repeats a
+# CI's suite (target: under 20 minutes on 2 cores): everything but the `slow` cases, each of which repeats a
 # faster case's coverage on another input (e.g. the untied grids of test_tied_grids.py).
 test: setup
 	$(PYTEST) -q -m "not slow" tests

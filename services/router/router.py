@@ -27,7 +27,7 @@ from common.rpc import convert
 from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from common.rpc.status import error_from_rpc
 from services.router.config import RouterConfig
-from common.admission import AdmissionRequest
+from common.admission import RETRY_METADATA_KEY, AdmissionRequest
 from common.config import SchedulerConfig
 from common.metrics import DEFAULT_PROMPT_CLASSES, Metrics, RequestRecorder
 from services.router.admission import AdmissionGate
@@ -40,7 +40,6 @@ FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH
           common_pb2.FINISH_REASON_ABORTED: "abort"}
 
 
-# ---- events of a Generate stream ------------------------------------------------------------------
 class RetryLater(CapacityError):
     """RESOURCE_EXHAUSTED for a resource that frees up by itself (KV blocks), with gRPC pushback."""
 
@@ -49,10 +48,10 @@ class RetryLater(CapacityError):
         self.retry_after_s = retry_after_s
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        from common.admission import RETRY_METADATA_KEY
         return ((RETRY_METADATA_KEY, str(max(1, round(self.retry_after_s * 1000)))),)
 
 
+# ---- events of a Generate stream ------------------------------------------------------------------
 @dataclass(frozen=True)
 class Started:
     request_id: str
