@@ -16,9 +16,10 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
   ttft     = correction[pool](model) + in flight
   in flight = half the instance's recent mean iteration time when it is busy (measured: a new
              request waits for the iteration under way)
-  slowdown = recent mean iteration time / iteration budget, clipped to [1, max_slowdown]: the model's
-             error on this instance right now (1 when idle or unknown, and on instances with fixed
-             chunks, whose iterations do not fill the budget)
+  slowdown = recent mean iteration time / (iteration budget x correction ratio), clipped to
+             [1, max_slowdown]: the model's error on this instance right now beyond what the pool's
+             correction already knows (1 when idle or unknown, and on instances with fixed chunks,
+             whose iterations do not fill the budget)
   decode share (decode instances only, short prompts prefilled there): the predicted time of the
              running decodes' step over the budget, capped at max_decode_share: what is left for chunks.
   correction[pool] (pool = prefill | decode): overhead + ratio * model, fitted on the measured vs
@@ -55,7 +56,8 @@ more likely dead than idle. With no fresh instance of a needed role the request 
 
 Between scrapes, admitted requests are added to their instances' load locally (queued prompt tokens,
 KV blocks, one running decode) until a sample newer than the admission (plus visibility_lag_s) shows
-them, so a burst does not pile onto one instance.
+them, so a burst does not pile onto one instance; requests that ended after an instance's sample was
+taken are taken out of it (an instance that just finished its last request is idle, not busy).
 
 Load sources (both give a LoadSnapshot): MetricsScraper reads the services' /metrics directly (the
 default), PrometheusSource a Prometheus server's HTTP API. Both have per-request timeouts.
@@ -321,6 +323,15 @@ class _Pending:
     request_id: str = ""
 
 
+@dataclass(frozen=True)
+class _Ended:
+    at: float
+    prefill_id: str | None
+    decode_id: str
+    prompt_tokens: int
+    first_at: float               # its first token (inf: none; its prefill was cut short)
+
+
 @dataclass
 class _Queued:
     request: AdmissionRequest
@@ -336,7 +347,8 @@ class AdmissionController:
         if d.outcome is Outcome.QUEUE: wait for a poll() result naming req.request_id
         if d.outcome is Outcome.REJECT: raise d.error(req.request_id)
         ctl.progress(rid, tokens_done)            # an admitted request's prefill progress, and
-        ctl.first_token(rid)                      # its first token (or its end): it no longer waits
+        ctl.first_token(rid, now)                 # its first token: it no longer waits for a prefill
+        ctl.ended(rid, now)                       # its end (finished, failed, cancelled): gone
         ctl.observe_ttft(d, ttft_s)               # its measured TTFT: the online correction learns
     """
 
@@ -359,6 +371,9 @@ class AdmissionController:
         self._pending: list[_Pending] = []
         # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left]
         self._awaiting: dict[str, list] = {}
+        # admitted, not ended: rid -> [prefill instance, decode instance, prompt tokens, first token at]
+        self._routes: dict[str, list] = {}
+        self._ended: list[_Ended] = []          # recently ended: older load samples may still count them
 
     # ---- public --------------------------------------------------------------------------
 
@@ -375,18 +390,25 @@ class AdmissionController:
         """`pool`'s correction: corrected seconds = correction(model seconds); .ratio, .overhead_s."""
         return self.corrections[pool]
 
-    def first_token(self, request_id: str) -> None:
-        """An admitted request got its first token (it no longer waits for a prefill)."""
+    def first_token(self, request_id: str, now: float) -> None:
+        """An admitted request got its first token at `now` (it no longer waits for a prefill)."""
         self._awaiting.pop(request_id, None)
+        route = self._routes.get(request_id)
+        if route is not None:
+            route[3] = min(route[3], now)
         for p in self._pending:
             if p.request_id == request_id:
                 p.prompt_tokens = 0        # its prefill is done; its decode and KV still count
 
-    def ended(self, request_id: str) -> None:
-        """An admitted request ended (finished, failed or cancelled): nothing of it counts against
-        its instances any more, even before their next load sample shows it gone."""
+    def ended(self, request_id: str, now: float) -> None:
+        """An admitted request ended (finished, failed or cancelled) at `now`: nothing of it counts
+        against its instances any more, even before their next load sample shows it gone (a
+        sample taken before `now` may still count it: _effective takes it out)."""
         self._awaiting.pop(request_id, None)
         self._pending = [p for p in self._pending if p.request_id != request_id]
+        route = self._routes.pop(request_id, None)
+        if route is not None:
+            self._ended.append(_Ended(now, *route))
 
     def progress(self, request_id: str, tokens_done: int) -> None:
         """An admitted request's prefill progressed (the router sees each chunk's progress)."""
@@ -462,6 +484,7 @@ class AdmissionController:
         ttft_slo, tbt_slo = self.slo_for(req)
         waited = now - req.arrival_s
         self._pending = [p for p in self._pending if now - p.at <= cfg.max_staleness_s + cfg.visibility_lag_s]
+        self._ended = [e for e in self._ended if now - e.at <= cfg.max_staleness_s + cfg.visibility_lag_s]
         for rid in [r for r, a in self._awaiting.items() if now > a[1] + cfg.max_queue_wait_s]:
             del self._awaiting[rid]          # long overdue: its first token must have been missed
         short = self.prefill is None or req.prompt_tokens < cfg.short_prompt_tokens
@@ -525,7 +548,7 @@ class AdmissionController:
         if l.role == "decode" and l.running_decodes:
             share = self._decode_step_s(pool, l, extra=None) / pool.budget_s
             t /= 1.0 - min(share, self.config.max_decode_share)
-        return t * self._slowdown(pool, l)
+        return t * self._slowdown(pool, l, self.correction(l.role).ratio)
 
     def _decode_step_s(self, pool: PoolModel, l: InstanceLoad, extra: int | None) -> float:
         """Predicted step of the running decodes (mean context from the KV in use), plus one new
@@ -565,6 +588,7 @@ class AdmissionController:
         """`l` plus the admissions its sample cannot show yet. The queued prefill tokens are at
         least what this router's admitted requests still have to prefill there (an engine's gauge
         is only updated after a step, which may take seconds with a long chunk)."""
+        l = self._without_ended(l)
         mine = [p for p in self._pending if p.at > l.observed_at - self.config.visibility_lag_s
                 and l.instance_id in (p.prefill_id, p.decode_id)]
         left = sum(a[2] for a in self._awaiting.values() if a[0] == l.instance_id)
@@ -585,8 +609,27 @@ class AdmissionController:
         return replace(l, queued_prefill_tokens=max(queued, left), running_decodes=running,
                        kv_free_blocks=tuple(free), kv_used_blocks=tuple(used))
 
+    def _without_ended(self, l: InstanceLoad) -> InstanceLoad:
+        """`l` less the requests this router saw end after the sample was taken: the sample may
+        still count them (an active request, a running decode, a cancelled prompt's queued tokens),
+        and an instance that just finished its last request is idle, not busy. Its KV blocks stay
+        counted as the sample has them: the decode instance may have freed them before the sample,
+        and under-counting free blocks only queues a request until the next sample."""
+        gone = [e for e in self._ended if e.at > l.observed_at and l.instance_id in (e.prefill_id, e.decode_id)]
+        if not gone:
+            return l
+        # a prompt whose first token came after the sample may have been queued there, whole at
+        # most: taking out too much is safe, _effective counts this router's own live prompts anyway
+        queued = sum(e.prompt_tokens for e in gone
+                     if (e.prefill_id or e.decode_id) == l.instance_id and e.first_at > l.observed_at)
+        decoded = sum(1 for e in gone if e.decode_id == l.instance_id)
+        return replace(l, active_requests=max(l.active_requests - len(gone), 0),
+                       running_decodes=max(l.running_decodes - decoded, 0),
+                       queued_prefill_tokens=max(l.queued_prefill_tokens - queued, 0))
+
     def _admitted(self, req: AdmissionRequest, d: Decision, now: float) -> None:
         if d.decode_instance is not None:
+            self._routes[req.request_id] = [d.prefill_instance, d.decode_instance, req.prompt_tokens, math.inf]
             self._pending.append(_Pending(now, d.prefill_instance, d.decode_instance,
                                           req.prompt_tokens, d.kv_blocks, req.request_id))
             self._awaiting[req.request_id] = [d.prefill_instance or d.decode_instance,
@@ -599,14 +642,17 @@ class AdmissionController:
         half of one (its recent mean iteration time, measured)."""
         return 0.5 * l.iteration_s if l.busy and l.iteration_s else 0.0
 
-    def _slowdown(self, pool: PoolModel, l: InstanceLoad) -> float:
-        """The model's error on `l` right now, from its recent iterations; 1 on an idle instance:
-        its mean iteration time still remembers the last request's iterations, and an idle
-        instance must be judged by its model (and the pool's TTFT correction) alone, or a prompt
-        would be predicted slower than the deadline its own prediction alone sets."""
+    def _slowdown(self, pool: PoolModel, l: InstanceLoad, known: float = 1.0) -> float:
+        """The model's error on `l` right now, from its recent iterations, beyond the `known` ratio
+        (the pool's TTFT correction, applied after: with a model r times too fast, adaptive chunks
+        take r budgets each on every instance, which the correction already learned, and counting
+        it twice would predict r^2). 1 on an idle instance: its mean iteration time still
+        remembers the last request's iterations, and an idle instance must be judged by its model
+        (and the pool's TTFT correction) alone, or a prompt would be predicted slower than the
+        deadline its own prediction alone sets."""
         if not (pool.budgeted and l.busy):
             return 1.0
-        return l.slowdown(pool.budget_s, self.config.max_slowdown)
+        return l.slowdown(pool.budget_s * known, self.config.max_slowdown)
 
     def _earliest_due(self, l: InstanceLoad, now: float) -> float:
         """The earliest first-token deadline still ahead among the admitted requests that prefill

@@ -148,11 +148,11 @@ class AdmissionGate:
 
     def first_token(self, request_id: str) -> None:
         """An admitted request got its first token."""
-        self.controller.first_token(request_id)
+        self.controller.first_token(request_id, time.monotonic())
 
     def ended(self, request_id: str) -> None:
         """An admitted request ended (finished, failed or cancelled)."""
-        self.controller.ended(request_id)
+        self.controller.ended(request_id, time.monotonic())
 
     def observe_ttft(self, decision: Decision | None, ttft_s: float) -> None:
         """An admitted request's measured TTFT (seconds from arrival): the online correction learns."""

@@ -368,7 +368,7 @@ def test_overload_simulation_admitted_requests_meet_their_ttft_and_the_rest_are_
             last_scrape = t
         for rid, at in list(firsts.items()):                  # the owner reports first tokens
             if at <= t:
-                ctl.first_token(rid)
+                ctl.first_token(rid, at)
                 del firsts[rid]
         d = ctl.decide(request(f"r{i}", prompt=1000, new=0, arrival=t, ttft_slo_s=3.0), snapshot, t)
         if d.outcome is Outcome.ADMIT:
@@ -459,7 +459,7 @@ def test_online_correction_converges_on_a_biased_model():
         actual = 0.3 + 2.5 * d.model_ttft_s * (1.02 if i % 2 else 0.98)    # a little noise
         errors.append(abs(d.predicted_ttft_s - actual) / actual)
         ctl.observe_ttft(d, actual)
-        ctl.first_token(f"r{i}")
+        ctl.first_token(f"r{i}", NOW + i + actual)
     assert errors[0] > 0.5 and max(errors[-10:]) < 0.05
     corr = ctl.correction("prefill")
     assert (corr.ratio, corr.overhead_s) == (pytest.approx(2.5, rel=0.05), pytest.approx(0.3, abs=0.05))
@@ -540,9 +540,9 @@ def test_admitted_prompts_count_until_their_first_token_even_when_the_gauge_lags
     ctl.progress("long", 2000)
     d = ctl.decide(request("next2", prompt=500, arrival=NOW + 2, ttft_slo_s=60.0), later, NOW + 2)
     assert d.predicted_ttft_s == pytest.approx(1000e-3 + 500e-3 + 500e-3)  # next's 500 counts too now
-    ctl.first_token("long")
-    ctl.first_token("next")
-    ctl.first_token("next2")
+    ctl.first_token("long", NOW + 2)
+    ctl.first_token("next", NOW + 2)
+    ctl.first_token("next2", NOW + 2)
     newer = snap(prefill("p1", at=NOW + 3), decode("d1", at=NOW + 3))
     d = ctl.decide(request("idle", prompt=500, arrival=NOW + 3, ttft_slo_s=60.0), newer, NOW + 3)
     assert d.predicted_ttft_s == pytest.approx(0.5)
@@ -566,22 +566,22 @@ def test_a_request_that_ended_no_longer_counts_against_its_instance():
     roomy = {"free": (1000,) * 8, "used": (0,) * 8}
     s = snap(prefill("p1"), decode("d1", **roomy))
     alone = ctl.decide(request("probe0", prompt=1000, ttft_slo_s=60.0), s, NOW).predicted_ttft_s
-    ctl.ended("probe0")
+    ctl.ended("probe0", NOW + 0.005)
     long = ctl.decide(request("long", prompt=8000, ttft_slo_s=60.0), s, NOW + 0.01)
     assert long.outcome is adm.Outcome.ADMIT
     behind = ctl.decide(request("b", prompt=1000, ttft_slo_s=60.0), s, NOW + 0.02).predicted_ttft_s
-    ctl.ended("b")
+    ctl.ended("b", NOW + 0.025)
     assert behind == pytest.approx(alone + 8.0, rel=0.05)
-    ctl.ended("long")
+    ctl.ended("long", NOW + 0.026)
     again = ctl.decide(request("c", prompt=1000, ttft_slo_s=60.0), s, NOW + 0.03).predicted_ttft_s
     assert again == pytest.approx(alone, rel=0.05)
-    ctl.ended("c")
+    ctl.ended("c", NOW + 0.035)
     # a first token ends the queued prefill only: the decode instance still counts the request
     short = ctl.decide(request("s", prompt=100, ttft_slo_s=60.0), s, NOW + 0.04)
-    ctl.first_token("s")
+    ctl.first_token("s", NOW + 0.045)
     assert ctl._effective(decode("d1", **roomy)).running_decodes == 1
     assert ctl._effective(decode("d1", **roomy)).queued_prefill_tokens == 0
-    ctl.ended("s")
+    ctl.ended("s", NOW + 0.05)
     assert ctl._effective(decode("d1", **roomy)).running_decodes == 0
     assert short.outcome is adm.Outcome.ADMIT
 
@@ -605,3 +605,58 @@ def test_the_router_exports_the_tbt_slo_the_decode_pool_published():
                               scheduling=SchedulingInfo(None, 0.04, 1, "lars", "adaptive", 512, 32, 8192, 0.5,
                                                         4096))])
     assert gate.controller.tbt_slo_s == 0.35 and tbt_target() == 0.35
+
+
+def test_the_slowdown_counts_only_what_the_correction_does_not_already_know():
+    """A model 3x too fast: the correction learned ratio 3 from measured TTFTs, and adaptive chunks
+    take 3 budgets on every instance. A busy instance at that pace is not slower than the correction
+    says (no 3 x 3); one at twice that pace is (slowdown 2, on top of the ratio)."""
+    def learned() -> AdmissionController:
+        ctl = controller()
+        for predicted in (0.5, 1.0, 2.0, 4.0):
+            ctl.correction("prefill").observe(predicted, 3 * predicted)
+        assert ctl.correction("prefill").ratio == pytest.approx(3.0)
+        return ctl
+
+    usual = learned().decide(request("a", ttft_slo_s=60.0),
+                             snap(prefill("p1", iteration_s=0.3, active_requests=1), decode("d1")), NOW)
+    assert usual.model_ttft_s == pytest.approx(1.0)
+    assert usual.predicted_ttft_s == pytest.approx(3.0 + 0.15)          # 3 x 1.0 + half an iteration
+    slower = learned().decide(request("b", ttft_slo_s=60.0),
+                              snap(prefill("p1", iteration_s=0.6, active_requests=1), decode("d1")), NOW)
+    assert slower.model_ttft_s == pytest.approx(2.0)
+    assert slower.predicted_ttft_s == pytest.approx(6.0 + 0.3)
+
+
+def test_a_sample_taken_before_a_request_ended_does_not_keep_its_instance_busy():
+    """The request ends at the router after its instance's last load sample, which still counts it
+    (active, mid-iteration at the budget's 4x): the next request is judged on an idle instance, as
+    the request before it was. A sample taken after the end is used as it is."""
+    ctl = controller()
+    idle = snap(prefill("p1"), decode("d1"))
+    first = ctl.decide(request("one", ttft_slo_s=60.0), idle, NOW)
+    assert first.outcome is Outcome.ADMIT and first.predicted_ttft_s == pytest.approx(1.0)
+    # seen live: the sample still has the prompt's last pipeline chunk queued (12 tokens); its
+    # first token came after the sample, and its two tokens of decode after that
+    stale = snap(prefill("p1", queued=12, at=NOW + 1.0, active_requests=1, iteration_s=0.4),
+                 decode("d1", at=NOW + 1.0, running=1, used=(1,) * 8))
+    ctl.first_token("one", NOW + 1.05)
+    ctl.ended("one", NOW + 1.1)
+    assert ctl._effective(stale.loads["d1"]).running_decodes == 0
+    again = ctl.decide(request("two", arrival=NOW + 1.2, ttft_slo_s=60.0), stale, NOW + 1.2)
+    assert again.predicted_ttft_s == pytest.approx(1.0)
+    later = snap(prefill("p1", at=NOW + 1.3, active_requests=1, iteration_s=0.4), decode("d1", at=NOW + 1.3))
+    busy = ctl.decide(request("three", arrival=NOW + 1.3, ttft_slo_s=60.0), later, NOW + 1.3)
+    # "two" still prefills there (1,000 tokens ahead), at the sample's 4x pace
+    assert busy.predicted_ttft_s == pytest.approx((1.0 + 1.0) * 4 + 0.2)
+
+
+def test_a_cancelled_prompt_leaves_a_stale_queue_gauge_at_once():
+    ctl = controller()
+    s = snap(prefill("p1"), decode("d1"))
+    ctl.decide(request("long", prompt=8000, ttft_slo_s=60.0), s, NOW)
+    ctl.progress("long", 1000)
+    gauge = snap(prefill("p1", queued=7000, at=NOW + 1, active_requests=1), decode("d1", at=NOW + 1))
+    ctl.ended("long", NOW + 1.5)
+    d = ctl.decide(request("next", arrival=NOW + 1.6, ttft_slo_s=60.0), gauge, NOW + 1.6)
+    assert d.predicted_ttft_s == pytest.approx(1.0)
