@@ -97,13 +97,17 @@ def pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 4) if xs else None
 
 
-def summarize(results: list[dict], short_limit: int) -> dict:
+def summarize(results: list[dict], short_limit: int, long_min: int) -> dict:
+    """short: prompts below the router's short-prompt limit (decode-only route); mid: the other
+    non-long prompts (prefill pool, queued behind or beside long ones); goodput: the share of all
+    offered requests that were admitted and met both their TTFT deadline and TBT SLO."""
     ok = [r for r in results if r["code"] == "OK"]
     judged = [r for r in ok if r["predicted"] is not None and r["ttft"] > 0]
     errs = [abs(r["predicted"] - r["ttft"]) / r["ttft"] for r in judged]
     met_ttft = [r for r in judged if r["ttft"] <= r["ttft_slo"]]
     met_both = [r for r in met_ttft if r["tbt_mean"] <= r["tbt_slo"]]
     short = [r["ttft"] for r in ok if r["prompt"] < short_limit]
+    mid = [r["ttft"] for r in ok if short_limit <= r["prompt"] < long_min]
     by_route = {}
     for route in ("decode_only", "disaggregated"):
         e = [abs(r["predicted"] - r["ttft"]) / r["ttft"] for r in judged if r["route"] == route]
@@ -116,6 +120,8 @@ def summarize(results: list[dict], short_limit: int) -> dict:
             "met_both": round(len(met_both) / len(judged), 4) if judged else None,
             "met_both_count": len(met_both),
             "short_ttft_p50_s": pct(short, 0.5), "short_ttft_p99_s": pct(short, 0.99),
+            "mid_ttft_p50_s": pct(mid, 0.5), "mid_ttft_p99_s": pct(mid, 0.99),
+            "goodput": round(len(met_both) / len(results), 4) if results else None,
             "by_route": by_route}
 
 
@@ -147,7 +153,7 @@ def run_once(a: argparse.Namespace, model: str | None, tmp: pathlib.Path, label:
                     time.sleep(delay)
                 pool.submit(one, i, n)
         corrections = router_gauges(c.metrics_urls["router"])
-    row = summarize(results, a.short_prompt_tokens)
+    row = summarize(results, a.short_prompt_tokens, a.long_tokens[0])
     row["wall_s"] = round(time.monotonic() - t0, 1)
     row["corrections"] = corrections
     row["samples"] = [[r["prompt"], r["route"], round(r["predicted"], 4), round(r["ttft"], 4)]
@@ -170,8 +176,8 @@ def router_gauges(url: str) -> dict:
 
 def median_row(rows: list[dict]) -> dict:
     keys = ("p90_rel_err", "median_rel_err", "met_ttft", "met_both", "short_ttft_p50_s", "short_ttft_p99_s",
-            "admitted", "rejected", "requests")
-    return {k: (statistics.median([r[k] for r in rows if r[k] is not None])
+            "mid_ttft_p50_s", "mid_ttft_p99_s", "goodput", "met_both_count", "admitted", "rejected", "requests")
+    return {k: (round(statistics.median([r[k] for r in rows if r[k] is not None]), 4)
                 if any(r[k] is not None for r in rows) else None) for k in keys}
 
 
@@ -252,12 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     result = {"config": vars(a), "machine": machine, "deployment": deployment, "runs": per, "median": meds}
     (OUT / "admission_compare.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Served LARS + adaptive vs FCFS + fixed (512) on the same mixed workload", "",
-             f"{a.rate} req/s Poisson for {a.seconds} s (seed {a.seed}), {a.long_share:.0%} long prompts; "
-             f"{deployment}. Alternated runs, median of {a.runs} each.", "",
+             f"{a.rate} req/s Poisson for {a.seconds} s (seed {a.seed}), {a.long_share:.0%} long prompts "
+             f"({a.long_tokens[0]}-{a.long_tokens[1]} tokens), the rest {a.short_tokens[0]}-{a.short_tokens[1]} "
+             f"tokens (prompts of {a.short_prompt_tokens}+ tokens take the prefill pool: 'mid' below); "
+             f"{a.max_tokens} new tokens; default SLOs. {deployment}. Alternated runs, median of {a.runs} each "
+             f"(per run in brackets). goodput = requests admitted that met both SLOs / requests offered.", "",
              "| metric | LARS + adaptive | FCFS + fixed |", "|---|---|---|"]
-    for k in ("short_ttft_p99_s", "short_ttft_p50_s", "met_both", "met_ttft", "p90_rel_err", "admitted",
-              "rejected"):
-        lines.append(f"| {k} | {meds['lars_adaptive'][k]} | {meds['fcfs_fixed'][k]} |")
+    for k in ("goodput", "met_both_count", "mid_ttft_p50_s", "mid_ttft_p99_s", "short_ttft_p50_s",
+              "short_ttft_p99_s", "met_both", "met_ttft", "p90_rel_err", "admitted", "rejected", "requests"):
+        cells = [f"{meds[name][k]} [{', '.join(str(r[k]) for r in per[name])}]" for name in POLICIES]
+        lines.append(f"| {k} | {' | '.join(cells)} |")
     (OUT / "admission_compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
