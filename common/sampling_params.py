@@ -1,6 +1,7 @@
 """Per-request sampling settings (torch-free: the scheduler and the RPC layer use them too)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from common.errors import InvalidRequestError
@@ -19,8 +20,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        # NaN passes every comparison: a NaN temperature reached the sampler and took the engine down
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -82,14 +82,16 @@ R = RouterClient.request
     (R(token_ids=[5, VOCAB, 2**31 - 1]), f"token_ids: 2 id(s) outside the vocabulary [0, {VOCAB}): "
                                          f"{VOCAB} at position 1, {2**31 - 1} at position 2"),
     (R(token_ids=[5, 6], chat=True), "chat applies to a text prompt, not to token_ids"),
-    (R(text="Hello", temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    (R(text="Hello", temperature=-0.5), "temperature must be a finite number >= 0, got -0.5"),
+    (R(text="Hello", temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
     (R(text="Hello", top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+    (R(text="Hello", top_p=float("nan")), "top_p must be in (0, 1], got nan"),
     (R(text="Hello", top_k=-2), "top_k must be >= 0, got -2"),
     (R(text="Hello", stop_token_ids=(3, 999)), "stop_token_ids: 1 id(s) outside the vocabulary"),
     (R(text="Hello", request_id="r" * 300), "request_id is 300 characters long (at most 256)"),
 ], ids=["empty-text", "empty-ids", "no-prompt", "unknown-model", "too-long-ids", "too-long-text",
         "negative-max-tokens", "zero-max-tokens", "negative-id", "id-beyond-vocab", "chat-with-ids",
-        "negative-temperature", "zero-top-p", "negative-top-k", "bad-stop-id", "long-request-id"])
+        "negative-temperature", "nan-temperature", "zero-top-p", "nan-top-p", "negative-top-k", "bad-stop-id", "long-request-id"])
 def test_bad_request_is_invalid_argument(stack, request_, message):
     _, address, _, deployment = stack
     err = generate_error(address, request_)

@@ -102,7 +102,8 @@ def test_low_temperature_concentrates_and_high_spreads():
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(max_tokens=-1), dict(temperature=-0.1),
-                                 dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)])
+                                 dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1)])
 def test_sampling_params_validation(bad):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**bad)
