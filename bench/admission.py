@@ -208,15 +208,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="builtin (what `make up` serves: SmolLM2-135M, 30 layers), random (a random llama "
                         "of --layers layers) or a checkpoint path")
     p.add_argument("--layers", type=int, default=4, help="layers of the random llama model (--model random)")
+    p.add_argument("--width", choices=("smollm", "tiny"), default="smollm",
+                   help="the random model's layer shape (--model random): smollm = the built-in model's "
+                        "(hidden 576, 9/3 heads, MLP 1536; compute-bound, like a real model), tiny = "
+                        "hidden 64 (bound by per-iteration overhead)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.quick:
         a.runs, a.seconds, a.warmup = 1, min(a.seconds, 20.0), min(a.warmup, 6)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="admission-bench-"))
     if a.model == "random":
+        shape = (dict(num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536)
+                 if a.width == "smollm" else dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16))
         model = str(write_random_hf_model(tmp / "model", "llama", num_hidden_layers=a.layers,
-                                          max_position_embeddings=4096, seed=5))
-        described = f"random llama ({a.layers} layers)"
+                                          max_position_embeddings=4096, seed=5, **shape))
+        described = (f"random llama ({a.layers} layers, hidden {shape['num_attention_heads'] * shape['head_dim']}, "
+                     f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads)")
     else:
         model = None if a.model == "builtin" else a.model     # None: the Cluster's built-in model
         described = "the built-in model (SmolLM2-135M, 30 layers, float32)" if model is None else model
