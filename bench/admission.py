@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(hidden 576, 9/3 heads, MLP 1536; compute-bound, like a real model), tiny = "
                         "hidden 64 (bound by per-iteration overhead)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preempt-interval-s", type=float, default=None,
+                   help="--compare: also run LARS + adaptive with this prefill preemption interval "
+                        "(the pools' --preempt-interval-s; the default policy runs at the pools' default)")
     a = p.parse_args(argv)
     if a.quick:
         a.runs, a.seconds, a.warmup = 1, min(a.seconds, 20.0), min(a.warmup, 6)
@@ -257,9 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         print("the pool services of this build take no --policy/--chunking flags: --compare needs them",
               file=sys.stderr)
         return 2
-    per: dict[str, list[dict]] = {k: [] for k in POLICIES}
+    policies = dict(POLICIES)
+    if a.preempt_interval_s is not None:
+        policies[f"lars_adaptive_{a.preempt_interval_s:g}s"] = POLICIES["lars_adaptive"] + [
+            "--preempt-interval-s", str(a.preempt_interval_s)]
+    per: dict[str, list[dict]] = {k: [] for k in policies}
     for i in range(a.runs):                            # alternated on the same workload
-        for name, flags in POLICIES.items():
+        for name, flags in policies.items():
             per[name].append(run_once(a, model, tmp, f"{name}-{i}", flags, a.seed))
     meds = {k: median_row(v) for k, v in per.items()}
     result = {"config": vars(a), "machine": machine, "deployment": deployment, "runs": per, "median": meds}
@@ -270,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
              f"tokens (prompts of {a.short_prompt_tokens}+ tokens take the prefill pool: 'mid' below); "
              f"{a.max_tokens} new tokens; default SLOs. {deployment}. Alternated runs, median of {a.runs} each "
              f"(per run in brackets). goodput = requests admitted that met both SLOs / requests offered.", "",
-             "| metric | LARS + adaptive | FCFS + fixed |", "|---|---|---|"]
+             "| metric | " + " | ".join(policies) + " |", "|---" * (len(policies) + 1) + "|"]
     for k in ("goodput", "met_both_count", "mid_ttft_p50_s", "mid_ttft_p99_s", "short_ttft_p50_s",
               "short_ttft_p99_s", "met_both", "met_ttft", "p90_rel_err", "admitted", "rejected", "requests"):
-        cells = [f"{meds[name][k]} [{', '.join(str(r[k]) for r in per[name])}]" for name in POLICIES]
+        cells = [f"{meds[name][k]} [{', '.join(str(r[k]) for r in per[name])}]" for name in policies]
         lines.append(f"| {k} | {' | '.join(cells)} |")
     (OUT / "admission_compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

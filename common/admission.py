@@ -151,6 +151,7 @@ class PoolModel:
                                 # iteration, so a new prompt delays the ones already there
     budgeted: bool = True       # adaptive chunks fill the budget: iteration time / budget is the
                                 # model's error now (the slowdown); with fixed chunks it is not
+    ordered: bool = False       # LARS: queued prompts run in least-slack order, not arrival order
 
     @classmethod
     def build(cls, model: PerfModel, budget_s: float, *, pipeline_depth: int = 1,
@@ -171,7 +172,8 @@ class PoolModel:
         built = cls.build(info.perf_model.build(), info.iteration_budget_s, pipeline_depth=info.pipeline_depth,
                           kvp_tokens=kvp_tokens or None, chunking=chunking,
                           fixed_chunk=info.chunk_size if fixed else None, tbt_slo_s=info.tbt_slo_s)
-        return replace(built, shared=fixed and info.policy == "fcfs", budgeted=not fixed)
+        return replace(built, shared=fixed and info.policy == "fcfs", budgeted=not fixed,
+                       ordered=info.policy == "lars")
 
     @property
     def budget_s(self) -> float:
@@ -369,7 +371,8 @@ class AdmissionController:
         self._lars = LARS()
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
-        # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left]
+        # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left,
+        # prompt tokens, arrival]
         self._awaiting: dict[str, list] = {}
         # admitted, not ended: rid -> [prefill instance, decode instance, prompt tokens, first token at]
         self._routes: dict[str, list] = {}
@@ -507,7 +510,9 @@ class AdmissionController:
                                    f"decode instance even when empty")
         role = "decode" if short else "prefill"
         corr = self.correction(role)
-        cands = [(self._predict(self.model_of(l), l, req), l) for l in (room or fits_ever if short else prefills)]
+        deadline = req.arrival_s + ttft_slo
+        cands = [(self._predict(self.model_of(l), l, req, now, deadline), l)
+                 for l in (room or fits_ever if short else prefills)]
         alone = corr(min(self.model_of(l).prefill_alone_s(req.prompt_tokens) for _, l in cands))
         slos = dict(ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo, waited_s=waited)
         if waited + alone > ttft_slo:
@@ -522,6 +527,13 @@ class AdmissionController:
                             retry_after_s=self._retry(waited + pred - ttft_slo),
                             detail=f"predicted TTFT {waited + pred:.2f}s > SLO {ttft_slo:.2f}s "
                                    f"(best instance {best.instance_id})", **slos)
+        late = self._passes_past_deadline(self.model_of(best), best, req, now, deadline)
+        if late > 0:
+            return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
+                            retry_after_s=self._retry(late),
+                            detail=f"instance {best.instance_id} would run this prompt first (least slack) "
+                                   f"and make a request admitted there miss its deadline by {late:.2f}s",
+                            **slos)
         due = self._earliest_due(best, now) if self.model_of(best).shared else math.inf
         if now + pred > due:
             return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
@@ -542,13 +554,57 @@ class AdmissionController:
         return Decision(Outcome.ADMIT, "fits", best.instance_id, dec.instance_id, waited + pred,
                         kv_blocks=self._need(req, dec), **learn)
 
-    def _predict(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest) -> float:
+    def _predict(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float = 0.0,
+                 deadline: float = math.inf) -> float:
         """Predicted seconds from now to the first token on instance `l` (before the correction)."""
-        t = pool.table.time(l.queued_prefill_tokens) + pool.prefill_alone_s(req.prompt_tokens)
+        ahead = self._lars_order(pool, l, req, now, deadline)[0] if pool.ordered else l.queued_prefill_tokens
+        t = pool.table.time(ahead) + pool.prefill_alone_s(req.prompt_tokens)
         if l.role == "decode" and l.running_decodes:
             share = self._decode_step_s(pool, l, extra=None) / pool.budget_s
             t /= 1.0 - min(share, self.config.max_decode_share)
         return t * self._slowdown(pool, l, self.correction(l.role).ratio)
+
+    def _lars_order(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float,
+                    deadline: float) -> tuple[int, list[tuple[float, int]]]:
+        """Where `req` would run on LARS instance `l` among the prompts this router admitted there
+        and has not seen a first token of (their deadlines and the tokens they have left are known
+        here): (queued prompt tokens ahead of it, [(deadline, prompt tokens up to and including that
+        request's own) for each of them it would pass]). Queued tokens this router knows nothing
+        of (another router's, or a gauge that lags) are taken as ahead of everything."""
+        mine = [(rid, a) for rid, a in self._awaiting.items() if a[0] == l.instance_id and a[2] > 0]
+        unknown = max(l.queued_prefill_tokens - sum(a[2] for _, a in mine), 0)
+        entries = [(ReqView(rid, a[4], a[3], ttft_deadline_s=a[1]), pool.table.time(a[2]), pool.table.time(a[3]))
+                   for rid, a in mine]
+        own = pool.table.time(req.prompt_tokens)
+        entries.append((ReqView(req.request_id, req.arrival_s, req.prompt_tokens,
+                                ttft_deadline_s=None if math.isinf(deadline) else deadline), own, own))
+        order = [view.request_id for view, _, _ in self._lars.arrange(entries, now)]
+        left = {rid: a[2] for rid, a in mine}
+        at = order.index(req.request_id)
+        ahead = unknown + sum(left[rid] for rid in order[:at])
+        passed, tokens = [], ahead + req.prompt_tokens
+        for rid in order[at + 1:]:
+            tokens += left[rid]
+            passed.append((self._awaiting[rid][1], tokens))
+        return ahead, passed
+
+    def _passes_past_deadline(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float,
+                              deadline: float) -> float:
+        """How far past its deadline (seconds, 0 = none) the worst of the prompts `req` would pass
+        on LARS instance `l` would then finish, counting only those that would have met it without
+        `req`: admitting it must not make an admitted request miss (the pool's slack stealing only
+        moves a request forward when nobody it passes loses a deadline; admission keeps to that)."""
+        if not pool.ordered:
+            return 0.0
+        corr, slow = self.correction(l.role), self._slowdown(pool, l, self.correction(l.role).ratio)
+        inflight = self._inflight_s(l)
+        worst = 0.0
+        for due, tokens in self._lars_order(pool, l, req, now, deadline)[1]:
+            with_req = now + corr(pool.table.time(tokens) * slow) + inflight
+            without = now + corr(pool.table.time(tokens - req.prompt_tokens) * slow) + inflight
+            if without <= due < with_req:
+                worst = max(worst, with_req - due)
+        return worst
 
     def _decode_step_s(self, pool: PoolModel, l: InstanceLoad, extra: int | None) -> float:
         """Predicted step of the running decodes (mean context from the KV in use), plus one new
@@ -634,7 +690,7 @@ class AdmissionController:
                                           req.prompt_tokens, d.kv_blocks, req.request_id))
             self._awaiting[req.request_id] = [d.prefill_instance or d.decode_instance,
                                               req.arrival_s + (d.ttft_slo_s or math.inf),
-                                              req.prompt_tokens, req.prompt_tokens]
+                                              req.prompt_tokens, req.prompt_tokens, req.arrival_s]
 
     @staticmethod
     def _inflight_s(l: InstanceLoad) -> float:

@@ -660,3 +660,51 @@ def test_a_cancelled_prompt_leaves_a_stale_queue_gauge_at_once():
     ctl.ended("long", NOW + 1.5)
     d = ctl.decide(request("next", arrival=NOW + 1.6, ttft_slo_s=60.0), gauge, NOW + 1.6)
     assert d.predicted_ttft_s == pytest.approx(1.0)
+
+
+def lars_controller() -> AdmissionController:
+    """A prefill pool that runs its queued prompts in LARS order (what `make up` deploys)."""
+    from dataclasses import replace as _replace
+    ctl = controller()
+    ctl.prefill = _replace(PoolModel.build(Linear(), 0.1), ordered=True)
+    return ctl
+
+
+def test_on_a_lars_pool_a_tight_prompt_is_predicted_ahead_of_a_long_one_with_slack():
+    """A 4,000-token prompt with 60 s to go is queued on p1; a 500-token one due in 2 s runs first
+    there (least slack), so it is predicted at its own prefill time, not behind 4 s of backlog (the
+    FCFS pool's prediction, which would reject it)."""
+    roomy = {"free": (1000,) * 8, "used": (0,) * 8}
+    s = snap(prefill("p1"), decode("d1", **roomy))
+    for ctl, expected in ((lars_controller(), 0.5), (controller(), 4.5)):
+        assert ctl.decide(request("long", prompt=4000, ttft_slo_s=60.0), s, NOW).outcome is Outcome.ADMIT
+        d = ctl.decide(request("tight", prompt=500, ttft_slo_s=5.0), s, NOW)
+        assert d.predicted_ttft_s == pytest.approx(expected), ctl.prefill.ordered
+    late = controller().decide(request("t", prompt=500, ttft_slo_s=2.0), s, NOW)
+    assert late.outcome is Outcome.ADMIT           # alone it fits: the FCFS rejection is the backlog
+    fcfs = controller()
+    fcfs.decide(request("long", prompt=4000, ttft_slo_s=60.0), s, NOW)
+    assert fcfs.decide(request("t", prompt=500, ttft_slo_s=2.0), s, NOW).outcome is Outcome.REJECT
+    lars = lars_controller()
+    lars.decide(request("long", prompt=4000, ttft_slo_s=60.0), s, NOW)
+    assert lars.decide(request("t", prompt=500, ttft_slo_s=2.0), s, NOW).outcome is Outcome.ADMIT
+
+
+def test_on_a_lars_pool_a_prompt_that_would_make_an_admitted_one_miss_is_rejected():
+    """The 4,000-token prompt has 4.3 s for 4 s of work (rho = 0.3 / 4); a 500-token prompt due in
+    0.52 s has rho 0.02 / 0.5, so LARS would run it first, and the long one would finish at 4.5 s,
+    past its deadline: rejected, with the overrun as the retry hint. With 4.6 s the long one survives
+    it: admitted. (A prompt LARS would keep behind is judged by its place there: predicted too late.)"""
+    roomy = {"free": (1000,) * 8, "used": (0,) * 8}
+    s = snap(prefill("p1"), decode("d1", **roomy))
+    ctl = lars_controller()
+    assert ctl.decide(request("long", prompt=4000, ttft_slo_s=4.3), s, NOW).outcome is Outcome.ADMIT
+    d = ctl.decide(request("tight", prompt=500, ttft_slo_s=0.52), s, NOW)
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_slo"), d
+    assert "miss its deadline by 0.20s" in d.detail and d.retry_after_s == pytest.approx(0.5)
+    behind = ctl.decide(request("behind", prompt=500, ttft_slo_s=1.0), s, NOW)
+    assert behind.outcome is Outcome.REJECT and behind.predicted_ttft_s == pytest.approx(4.5)
+    ok = lars_controller()
+    ok.decide(request("long", prompt=4000, ttft_slo_s=4.6), s, NOW)
+    d = ok.decide(request("tight", prompt=500, ttft_slo_s=0.52), s, NOW)
+    assert d.outcome is Outcome.ADMIT and d.predicted_ttft_s == pytest.approx(0.5)
