@@ -11,7 +11,12 @@ are judged by their pool's default model.
 Prediction (seconds from now, on one candidate, with the candidate's own model):
   own      = C[prompt] + (pipeline_depth - 1) * budget     C: the instance's PrefillTable
   ahead    = C[queued prefill tokens]                      the instance's backlog, as one prompt: an
-                                                           upper estimate (attention is superlinear)
+                                                           upper estimate (attention is superlinear);
+             on a LARS pool only the tokens LARS runs before this prompt: this router's own admitted
+             prompts there are ordered by the pool's LARS (their deadlines and tokens left are known
+             here), tokens known only from the gauge count as ahead of everything (_lars_order); a
+             prompt that LARS would run first is rejected when an admitted prompt it passes would
+             then miss its deadline (_passes_past_deadline)
   model    = (ahead + own) * slowdown / (1 - decode share)
   ttft     = correction[pool](model) + in flight
   in flight = half the instance's recent mean iteration time when it is busy (measured: a new
