@@ -578,8 +578,8 @@ class AdmissionController:
         of (another router's, or a gauge that lags) are taken as ahead of everything."""
         mine = [(rid, a) for rid, a in self._awaiting.items() if a[0] == l.instance_id and a[2] > 0]
         unknown = max(l.queued_prefill_tokens - sum(a[2] for _, a in mine), 0)
-        entries = [(ReqView(rid, a[4], a[3], ttft_deadline_s=a[1]), pool.table.time(a[2]), pool.table.time(a[3]))
-                   for rid, a in mine]
+        entries = [(ReqView(rid, a[4], a[3], ttft_deadline_s=None if math.isinf(a[1]) else a[1]),
+                    pool.table.time(a[2]), pool.table.time(a[3])) for rid, a in mine]
         own = pool.table.time(req.prompt_tokens)
         entries.append((ReqView(req.request_id, req.arrival_s, req.prompt_tokens,
                                 ttft_deadline_s=None if math.isinf(deadline) else deadline), own, own))

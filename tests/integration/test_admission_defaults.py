@@ -57,22 +57,29 @@ def test_defaults_answer_a_7500_token_prompt(cluster: Cluster):
 def test_a_7500_token_prompt_is_admitted_and_a_tight_slo_beside_it_is_rejected_quickly(cluster: Cluster):
     """A 300-token prompt alone takes t; asking for its first token within 2t is fine on an idle
     deployment. A 7,500-token prompt is admitted at the defaults (its deadline grows with its
-    predicted prefill time); while it occupies the prefill instance, the same 300-token request
-    with its 2t SLO is rejected at once with RESOURCE_EXHAUSTED and a retry hint (gRPC pushback).
-    Then the long one is cancelled and the deployment still serves."""
+    predicted prefill time). Sent again with a deadline 1 s past that prediction, it has less slack
+    than the 300-token prompt's work: the prefill pool's LARS must keep it first, so the same
+    300-token request with its 2t SLO is rejected at once with RESOURCE_EXHAUSTED and a retry hint
+    (gRPC pushback). (With the default deadline, LARS runs the short one first and admission, which
+    predicts that order, admits it.) Then the long one is cancelled and the deployment still serves."""
     with RouterClient(cluster.router_address, timeout_s=600) as c:
         alone = c.complete(token_ids=prompt(300, 5), max_tokens=2).ttft_s
         assert c.complete(token_ids=prompt(300, 6), max_tokens=2, ttft_slo_s=2 * alone + 0.5).token_ids
     slo = 2 * alone + 0.5
     with rpc_client.blocking_channel(cluster.router_address) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
-        long = stub.Generate(RouterClient.request(token_ids=prompt(7500, 1), max_tokens=2), timeout=1200)
-        events = iter(long)
-        started = next(events)
+        probe = stub.Generate(RouterClient.request(token_ids=prompt(7500, 1), max_tokens=2), timeout=1200)
+        started = next(iter(probe))
         assert started.WhichOneof("event") == "started", started
         st = started.started
         assert st.prompt_tokens == 7500 and st.route == router_pb2.ROUTE_DISAGGREGATED
         assert st.HasField("predicted_ttft_s") and 0 < st.predicted_ttft_s <= st.ttft_slo_s
+        probe.cancel()
+        time.sleep(1.5)             # the router and the prefill engine have let the probe go
+        long = stub.Generate(RouterClient.request(token_ids=prompt(7500, 1), max_tokens=2,
+                                                  ttft_slo_s=st.predicted_ttft_s + 1.0), timeout=1200)
+        events = iter(long)
+        assert next(events).WhichOneof("event") == "started"
         assert next(events).WhichOneof("event") == "progress"       # the prefill is under way
         time.sleep(1.0)                                   # the router has seen the load by now
         req = RouterClient.request(token_ids=prompt(300, 7), max_tokens=2, ttft_slo_s=slo)
