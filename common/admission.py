@@ -559,8 +559,8 @@ class AdmissionController:
         return Decision(Outcome.ADMIT, "fits", best.instance_id, dec.instance_id, waited + pred,
                         kv_blocks=self._need(req, dec), **learn)
 
-    def _predict(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float = 0.0,
-                 deadline: float = math.inf) -> float:
+    def _predict(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float,
+                 deadline: float) -> float:
         """Predicted seconds from now to the first token on instance `l` (before the correction)."""
         ahead = self._lars_order(pool, l, req, now, deadline)[0] if pool.ordered else l.queued_prefill_tokens
         t = pool.table.time(ahead) + pool.prefill_alone_s(req.prompt_tokens)
@@ -601,7 +601,8 @@ class AdmissionController:
         moves a request forward when nobody it passes loses a deadline; admission keeps to that)."""
         if not pool.ordered:
             return 0.0
-        corr, slow = self.correction(l.role), self._slowdown(pool, l, self.correction(l.role).ratio)
+        corr = self.correction(l.role)
+        slow = self._slowdown(pool, l, corr.ratio)
         inflight = self._inflight_s(l)
         worst = 0.0
         for due, tokens in self._lars_order(pool, l, req, now, deadline)[1]:
