@@ -49,6 +49,7 @@ from services.router.config import RouterConfig  # noqa: E402
 log = logging.getLogger("up")
 LISTENING = re.compile(r"^(\w+) listening on (\S+)", re.M)
 METRICS = re.compile(r"^(\w+) metrics on (\S+)", re.M)
+HTTP = re.compile(r"^(\w+) http on (\S+)", re.M)
 TARGETS_DIR = ROOT / "deploy" / "prometheus" / "targets"
 
 
@@ -77,6 +78,8 @@ class ClusterConfig:
         "help": "KV transfer backend (nixl when its wheel is installed, else tcp)"})
     host: str = "127.0.0.1"                  # address every service binds
     router_port: int = field(default=50051, metadata={"flag": "port", "help": "router port (0 = a free one)"})
+    http_port: int | None = field(default=None, metadata={"help": "port of the OpenAI-compatible HTTP API (none: "
+                                  "8000, or a free one when --port is 0; 0 = a free one; -1 = no HTTP API)"})
     redis_url: str = ""                      # use this Redis instead of starting one
     deployment: str = "default"              # key prefix in Redis and the metrics' pool label
     prefill_tp: int = 1                      # tensor-parallel ranks of the prefill instance
@@ -136,7 +139,8 @@ class ClusterConfig:
 CLUSTER_ENGINE_KEYS = ("model", "max_model_len", "kv_backend", "kv_host", "dtype", "cache", "parallel",
                        "scheduler.chunk_size", "scheduler.role")
 ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "max_model_len", "kv_backend",
-                       "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission")
+                       "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission", "http_port")
+DEFAULT_HTTP_PORT = 8000
 
 
 def cluster_flags() -> Flags:
@@ -162,6 +166,7 @@ class Service:
     log_path: pathlib.Path
     address: str = ""
     metrics_url: str = ""                    # its /metrics endpoint (printed at start)
+    http_url: str = ""                       # the router's OpenAI-compatible API, http://HOST:PORT/v1
 
     @property
     def pid(self) -> int:
@@ -192,6 +197,11 @@ class Cluster:
     @property
     def router_address(self) -> str:
         return self.services["router"].address
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (empty with --http-port -1)."""
+        return self.services["router"].http_url
 
     @property
     def kvstore_address(self) -> str:
@@ -269,9 +279,10 @@ class Cluster:
 
     def _router_args(self) -> list[str]:
         c = self.config
+        http_port = c.http_port if c.http_port is not None else (0 if c.router_port == 0 else DEFAULT_HTTP_PORT)
         args = ["--kvstore", self.kvstore_address, "--host", c.host, "--port", str(c.router_port),
                 "--short-prompt-tokens", str(c.short_prompt_tokens), "--grace-s", "2",
-                "--deployment", c.deployment]
+                "--deployment", c.deployment, "--http-port", str(http_port)]
         if not c.admission:
             args.append("--no-admission")
         if c.model:
@@ -309,6 +320,8 @@ class Cluster:
                     time.sleep(0.1)
                     metrics = METRICS.search(svc.log_path.read_text(errors="replace"))
                 svc.metrics_url = metrics.group(2) if metrics else ""
+                http = HTTP.search(svc.log_path.read_text(errors="replace"))    # printed before the metrics
+                svc.http_url = http.group(2) if http else ""
                 return
             if svc.proc.poll() is not None:
                 raise ConfigError(f"{svc.name} exited with code {svc.proc.returncode} while starting:\n"
@@ -408,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                            ("router", "the public API")):
             svc = cluster.services[name]
             print(f"  {name:<8} {svc.address:<22} pid {svc.pid:<7} {what}")
+        if cluster.http_url:
+            print(f"  {'http':<8} {cluster.http_url:<22} OpenAI-compatible API (router)")
         for name, url in cluster.metrics_urls.items():
             print(f"  {name:<8} metrics {url}")
         try:
@@ -416,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"up: cannot write the Prometheus targets: {e}", file=sys.stderr)
         print(f"\nReady. Try:\n  .venv/bin/python -m common.cli generate --server {cluster.router_address} "
-              f"--prompt 'What is the capital of France?' --chat\nCtrl-C stops everything.", flush=True)
+              f"--prompt 'What is the capital of France?' --chat" + (
+                  f"\n  curl {cluster.http_url}/chat/completions -H 'Content-Type: application/json' -d "
+                  f"'{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'"
+                  if cluster.http_url else "") + "\nCtrl-C stops everything.", flush=True)
         while not stop:
             for svc in cluster.services.values():
                 if svc.proc.poll() is not None:

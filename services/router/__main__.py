@@ -17,6 +17,8 @@ async def _main(config: RouterConfig) -> None:
     from services.router.service import RouterService
     svc = await RouterService.start(config)
     print(f"router listening on {svc.address}", flush=True)
+    if svc.http is not None:
+        print(f"router http on {svc.http.url}", flush=True)
     if svc.metrics_server is not None:
         print(f"router metrics on {svc.metrics_server.url}", flush=True)
     await serve_until_signal(svc.server, shutdown=svc.stop)

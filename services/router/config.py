@@ -37,6 +37,7 @@ class RouterConfig:
     grace_s: float = 5.0                  # shutdown grace period
     deployment: str = "default"           # deployment name: the metrics' pool label; the pool admission watches
     metrics_port: int = 0                 # Prometheus /metrics port (0 = a free one, -1 = none)
+    http_port: int = -1                   # OpenAI-compatible HTTP API (/v1) port (0 = a free one, -1 = none)
     admission: bool = True                # SLO-aware admission (--no-admission lets every request through)
     prometheus_url: str = ""              # read the instances' load from this Prometheus (empty = scrape them)
     scrape_interval_s: float = 0.25       # how often the instances' load is read
@@ -58,8 +59,9 @@ class RouterConfig:
             raise ConfigError(f"router: max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         if self.kv_backend not in ("", "tcp", "nixl"):
             raise ConfigError(f"router: kv_backend must be tcp, nixl or empty, got {self.kv_backend!r}")
-        if not -1 <= self.metrics_port < 65536:
-            raise ConfigError(f"router: metrics_port must be in [-1, 65535], got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            if not -1 <= getattr(self, name) < 65536:
+                raise ConfigError(f"router: {name} must be in [-1, 65535], got {getattr(self, name)}")
         if self.prometheus_url and not self.prometheus_url.startswith(("http://", "https://")):
             raise ConfigError(f"router: prometheus_url must be http(s)://..., got {self.prometheus_url!r}")
         for name in ("request_timeout_s", "rpc_timeout_s", "discovery_ttl_s", "scrape_interval_s",

@@ -2,7 +2,7 @@
 
 Every problem a client can fix is an InvalidRequestError whose message says what is wrong (it
 becomes INVALID_ARGUMENT): empty prompt, unknown model, prompt too long, bad sampling values,
-malformed token ids.
+malformed token ids, bad chat messages or stop strings.
 """
 from __future__ import annotations
 
@@ -16,10 +16,15 @@ from common.metadata.types import check_id
 from common.model.tokenizer import Tokenizer
 from common.sampling_params import SamplingParams
 
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
 
 @dataclass(frozen=True)
 class PromptInput:
-    """A request as the client sent it (proto-free). Exactly one of text / token_ids."""
+    """A request as the client sent it (proto-free). Exactly one of text / token_ids / messages
+    (chat turns: [{"role": "system" | "user" | "assistant", "content": str}, ...])."""
     request_id: str = ""
     text: str | None = None
     token_ids: list[int] | None = None
@@ -29,6 +34,8 @@ class PromptInput:
     return_logprobs: bool = False
     ttft_slo_s: float | None = None                 # the request's own SLO (None = the default)
     tbt_slo_s: float | None = None
+    messages: list[dict] | None = None
+    stop: tuple[str, ...] = ()                      # stop strings
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class Job:
     return_logprobs: bool
     ttft_slo_s: float | None = None                 # the request's own SLO (None = the default)
     tbt_slo_s: float | None = None
+    stop: tuple[str, ...] = ()                      # stop strings (the router ends the request at one)
 
 
 @dataclass(frozen=True)
@@ -82,9 +90,17 @@ class Frontend:
             v = getattr(req, name)
             if v is not None and not v > 0:
                 raise InvalidRequestError(f"slo: {name.removesuffix('_slo_s')}_s must be positive, got {v}")
-        return Job(rid, ids, params, req.return_logprobs, req.ttft_slo_s, req.tbt_slo_s)
+        return Job(rid, ids, params, req.return_logprobs, req.ttft_slo_s, req.tbt_slo_s,
+                   stop=self._check_stop(req.stop))
 
     def _prompt_ids(self, req: PromptInput) -> list[int]:
+        given = [name for name in ("text", "token_ids", "messages") if getattr(req, name) is not None]
+        if len(given) > 1:
+            raise InvalidRequestError(f"set one prompt, not {' and '.join(given)}")
+        if req.messages is not None:
+            if req.chat:
+                raise InvalidRequestError("chat applies to a text prompt; messages are always a chat")
+            return self._chat_ids(req.messages)
         if req.token_ids is not None:
             if req.chat:
                 raise InvalidRequestError("chat applies to a text prompt, not to token_ids")
@@ -103,6 +119,38 @@ class Frontend:
         if not ids:
             raise InvalidRequestError("prompt is empty after tokenization")
         return ids
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of the conversation with the assistant's turn to answer next."""
+        if not messages:
+            raise InvalidRequestError("messages is empty: send at least one message")
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise InvalidRequestError(f"messages[{i}] must be an object with a role and a content")
+            role, content = m.get("role"), m.get("content")
+            role = "system" if role == "developer" else role
+            if role not in CHAT_ROLES:
+                raise InvalidRequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)} or "
+                                          f"developer, got {role!r}")
+            if not isinstance(content, str):
+                raise InvalidRequestError(f"messages[{i}].content must be a string")
+            turns.append({"role": role, "content": content})
+        if not any(t["content"] for t in turns):
+            raise InvalidRequestError("messages: every message is empty")
+        return self.tokenizer.apply_chat_template(turns)
+
+    @staticmethod
+    def _check_stop(stop) -> tuple[str, ...]:
+        stop = tuple(stop)
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+        for i, s in enumerate(stop):
+            if not isinstance(s, str) or not s:
+                raise InvalidRequestError(f"stop[{i}] must be a non-empty string")
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidRequestError(f"stop[{i}] has {len(s)} characters; at most {MAX_STOP_CHARS}")
+        return tuple(dict.fromkeys(stop))
 
     def _check_ids(self, what: str, ids) -> None:
         bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < self.vocab_size]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 import grpc
@@ -33,6 +33,7 @@ from common.metrics import DEFAULT_PROMPT_CLASSES, Metrics, RequestRecorder
 from services.router.admission import AdmissionGate
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend, Job
+from services.router.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,10 @@ class Router:
                           decision.predicted_ttft_s if decision is not None else None, ttft_slo, st.tbt_slo_s)
             relay = _Relay(self.frontend, t0, job.return_logprobs, rec)
             relay.queue_s = queue_s
+            stops = StopMatcher(job.stop)
+            run = self._run(st, relay)
             try:
-                async for ev in self._run(st, relay):
+                async for ev in run:
                     if isinstance(ev, Progress) and self.gate is not None:
                         self.gate.progress(rid, ev.tokens_done)
                     if relay.count and not st.ttft_seen:
@@ -233,8 +236,12 @@ class Router:
                         if self.gate is not None:
                             self.gate.first_token(rid)
                             self.gate.observe_ttft(decision, relay.ttft)
+                    if isinstance(ev, Delta) and stops.stops:
+                        ev = replace(ev, text=stops.push(ev.text))
                     yield ev
-                reason = st.reason
+                    if stops.hit is not None:
+                        break                # a stop string: the instances are told to abort below
+                reason = "stop" if stops.hit is not None else st.reason
             except asyncio.CancelledError:
                 if st.failure is not None:
                     raise st.failure from None
@@ -242,10 +249,13 @@ class Router:
                     outcome = "abort"
                     raise
                 reason = "abort"
+            finally:
+                await run.aclose()
             tail = relay.flush()
-            if tail is not None:
-                yield tail
-            finished = reason != "abort"
+            text = stops.push(tail.text if tail is not None else "") + stops.flush()
+            if text:
+                yield Delta([], text, [])
+            finished = reason != "abort" and stops.hit is None     # the instances ended the request
             outcome = reason
             yield Finished(reason, relay.timings(n))
         except (GeneratorExit, asyncio.CancelledError):

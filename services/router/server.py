@@ -22,11 +22,14 @@ def prompt_from_proto(req: router_pb2.GenerateRequest) -> PromptInput:
     if req.sampling.stop_token_ids:
         sampling["stop_token_ids"] = tuple(req.sampling.stop_token_ids)
     slo = req.slo if req.HasField("slo") else None
+    messages = ([{"role": m.role, "content": m.content} for m in req.messages.messages]
+                if which == "messages" else None)
     return PromptInput(request_id=req.request_id, text=req.text if which == "text" else None,
                        token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
                        chat=req.chat, model=req.model, sampling=sampling, return_logprobs=req.return_logprobs,
                        ttft_slo_s=slo.ttft_s if slo is not None and slo.HasField("ttft_s") else None,
-                       tbt_slo_s=slo.tbt_s if slo is not None and slo.HasField("tbt_s") else None)
+                       tbt_slo_s=slo.tbt_s if slo is not None and slo.HasField("tbt_s") else None,
+                       messages=messages, stop=tuple(req.stop))
 
 
 def event_to_proto(ev: Started | Progress | Delta | Finished) -> router_pb2.GenerateResponse:

@@ -21,6 +21,7 @@ from services.router.admission import AdmissionGate
 from services.router.config import RouterConfig
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend
+from services.router.http_api import HttpServer, OpenAIApi
 from services.router.router import Router
 from services.router.server import RouterServicer
 
@@ -40,9 +41,10 @@ def load_frontend(config: RouterConfig) -> Frontend:
 
 class RouterService:
     def __init__(self, config: RouterConfig, server: RpcServer, router: Router, kvstore: KVStoreClient,
-                 metrics_server: MetricsServer | None = None) -> None:
+                 metrics_server: MetricsServer | None = None, http: HttpServer | None = None) -> None:
         self.config = config
         self.metrics_server = metrics_server          # /metrics (None: metrics_port = -1)
+        self.http = http                              # the OpenAI-compatible API (None: http_port = -1)
         self.server = server
         self.router = router
         self.kvstore = kvstore
@@ -66,13 +68,24 @@ class RouterService:
                            interceptors=[MetricsInterceptor(metrics)])
         server.add_service(router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(frontend, router),
                            protos.ROUTER)
-        metrics_server = None
+        metrics_server = http = None
+        started = False
         try:
+            if config.http_port >= 0:         # bound first: a port in use fails before anything serves
+                http = HttpServer(OpenAIApi(frontend, router, discovery), config.host, config.http_port,
+                                  config.grace_s)
             if config.metrics_port >= 0:
                 metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host)
-            svc = cls(config, server, router, kvstore, metrics_server)
+            svc = cls(config, server, router, kvstore, metrics_server, http)
             await server.start()
+            started = True
+            if http is not None:
+                await http.start()
         except BaseException:
+            if started:
+                await server.stop()
+            if http is not None:
+                await http.stop()
             await kvstore.close()
             if metrics_server is not None:
                 metrics_server.close()
@@ -85,6 +98,9 @@ class RouterService:
 
     async def stop(self) -> None:
         """Drains running requests (grace period), then finishes their cleanups. Idempotent."""
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         await self.server.stop()
         if self.router.gate is not None:
             await self.router.gate.stop()

@@ -89,9 +89,15 @@ R = RouterClient.request
     (R(text="Hello", top_k=-2), "top_k must be >= 0, got -2"),
     (R(text="Hello", stop_token_ids=(3, 999)), "stop_token_ids: 1 id(s) outside the vocabulary"),
     (R(text="Hello", request_id="r" * 300), "request_id is 300 characters long (at most 256)"),
+    (router_pb2.GenerateRequest(messages=router_pb2.ChatMessages()), "messages is empty"),
+    (router_pb2.GenerateRequest(messages=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(
+        role="robot", content="hi")])), "messages[0].role must be one of system, user, assistant"),
+    (router_pb2.GenerateRequest(text="Hello", stop=["a"] * 17), "stop: at most 16 strings, got 17"),
+    (router_pb2.GenerateRequest(text="Hello", stop=["ok", ""]), "stop[1] must be a non-empty string"),
 ], ids=["empty-text", "empty-ids", "no-prompt", "unknown-model", "too-long-ids", "too-long-text",
         "negative-max-tokens", "zero-max-tokens", "negative-id", "id-beyond-vocab", "chat-with-ids",
-        "negative-temperature", "nan-temperature", "zero-top-p", "nan-top-p", "negative-top-k", "bad-stop-id", "long-request-id"])
+        "negative-temperature", "nan-temperature", "zero-top-p", "nan-top-p", "negative-top-k", "bad-stop-id", "long-request-id", "no-messages", "bad-role", "many-stops",
+        "empty-stop"])
 def test_bad_request_is_invalid_argument(stack, request_, message):
     _, address, _, deployment = stack
     err = generate_error(address, request_)
