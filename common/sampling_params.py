@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from common.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20     # the most alternatives a request may ask for per token (as OpenAI's API)
+TopLogprobs = tuple[tuple[int, float], ...]     # (token id, logprob) of one position, most likely first
 
 
 @dataclass(frozen=True)
