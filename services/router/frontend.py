@@ -14,7 +14,7 @@ from common.config import ModelConfig
 from common.errors import InvalidRequestError
 from common.metadata.types import check_id
 from common.model.tokenizer import Tokenizer
-from common.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams, check_top_logprobs
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class PromptInput:
     return_logprobs: bool = False
     ttft_slo_s: float | None = None                 # the request's own SLO (None = the default)
     tbt_slo_s: float | None = None
+    top_logprobs: int = 0                           # most likely tokens per position (0..20; implies logprobs)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Job:
     return_logprobs: bool
     ttft_slo_s: float | None = None                 # the request's own SLO (None = the default)
     tbt_slo_s: float | None = None
+    top_logprobs: int = 0                           # sent to the instances beside params (not in them)
 
 
 @dataclass(frozen=True)
@@ -78,11 +80,13 @@ class Frontend:
         self._check_ids("stop_token_ids", stops)
         params = SamplingParams(**sampling)             # raises for max_tokens < 1, temperature < 0, ...
         params = replace(params, stop_token_ids=tuple(dict.fromkeys((*stops, *self.eos_ids))))
+        check_top_logprobs(req.top_logprobs)
         for name in ("ttft_slo_s", "tbt_slo_s"):
             v = getattr(req, name)
             if v is not None and not v > 0:
                 raise InvalidRequestError(f"slo: {name.removesuffix('_slo_s')}_s must be positive, got {v}")
-        return Job(rid, ids, params, req.return_logprobs, req.ttft_slo_s, req.tbt_slo_s)
+        return Job(rid, ids, params, req.return_logprobs or req.top_logprobs > 0, req.ttft_slo_s, req.tbt_slo_s,
+                   top_logprobs=req.top_logprobs)
 
     def _prompt_ids(self, req: PromptInput) -> list[int]:
         if req.token_ids is not None:
