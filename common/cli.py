@@ -81,13 +81,17 @@ def engine_flags(parallel: bool = True) -> Flags:
                                              "parallel": "parallel"})
 
 
-def sampling_flags(max_tokens: int | None = None) -> Flags:
-    return Flags(SamplingParams, exclude=("stop_token_ids",), dest_prefix="sp_", groups={"": "sampling"},
+def sampling_flags(max_tokens: int | None = None, top_logprobs: bool = True) -> Flags:
+    """`top_logprobs`: offer --top-logprobs (generate prints them; the demo does not)."""
+    return Flags(SamplingParams, exclude=("stop_token_ids",) + (() if top_logprobs else ("top_logprobs",)),
+                 dest_prefix="sp_", groups={"": "sampling"},
                  defaults={"max_tokens": max_tokens} if max_tokens else None,
                  helps={"max_tokens": "tokens to generate at most", "top_p": "nucleus sampling mass",
                         "top_k": "keep the k most likely tokens (0 = off)", "seed": "sampling seed",
                         "temperature": "0 = greedy",
-                        "ignore_eos": "keep generating past end-of-sequence tokens"})
+                        "ignore_eos": "keep generating past end-of-sequence tokens",
+                        "top_logprobs": "also print the K most likely tokens and their logprobs at each "
+                                        "generated position (0-20; 0 = off)"})
 
 
 def add_flags(p: argparse.ArgumentParser, *flag_sets: Flags) -> None:
@@ -159,7 +163,8 @@ def build_parser() -> ArgumentParser:
                               "deployment's, which scales the TTFT deadline with the prompt)")
     out = gen.add_argument_group("output")
     out.add_argument("--json", action="store_true",
-                     help='print one JSON object {"token_ids", "text", "logprobs", "ttft_s", "tbt_s"}')
+                     help='print one JSON object {"token_ids", "text", "logprobs", "ttft_s", "tbt_s"}, '
+                          'with --top-logprobs also "top_logprobs": per token a list of [token_id, logprob]')
     gen.set_defaults(func=run_generate)
 
     demo = sub.add_parser("demo", help="long-prompt demo with the built-in model (what `make up` runs)",
@@ -168,7 +173,7 @@ def build_parser() -> ArgumentParser:
     demo.add_argument_group("model")
     demo.add_argument("--doc-tokens", type=int, default=3000, metavar="N",
                       help="approximate document length in tokens (default: 3000)")
-    add_flags(demo, engine_flags(parallel=False), sampling_flags(max_tokens=48))
+    add_flags(demo, engine_flags(parallel=False), sampling_flags(max_tokens=48, top_logprobs=False))
     demo.set_defaults(func=run_demo)
 
     worker = sub.add_parser("worker", help="one rank of a grid whose driver runs on another machine",
@@ -279,6 +284,7 @@ class Generation:
     ttft_s: float
     tbt_s: list[float]
     finish_reason: str
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)   # when asked
 
 
 def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_token=None) -> Generation:
@@ -306,6 +312,8 @@ def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_to
             last = now
             gen.token_ids.append(o.token_id)
             gen.logprobs.append(o.logprob)
+            if o.top_logprobs:
+                gen.top_logprobs.append(list(o.top_logprobs))
             if on_token is not None:
                 on_token(o.token_id)
             if o.finish_reason is not None:
@@ -323,6 +331,30 @@ def timing_line(prompt_len: int, g: Generation) -> str:
         parts.append(f"decode {len(tbt) / sum(tbt):.1f} tokens/s")
     parts.append(f"prefill {prompt_len / g.ttft_s:.0f} tokens/s" if g.ttft_s > 0 else "")
     return "[" + "; ".join(p for p in parts if p) + "]"
+
+
+def json_output(g: Generation, text: str) -> str:
+    """The --json line; "top_logprobs" only when they were asked for (a list of [token_id, logprob]
+    per generated token, most likely first)."""
+    out = {"token_ids": g.token_ids, "text": text, "logprobs": g.logprobs, "ttft_s": g.ttft_s, "tbt_s": g.tbt_s}
+    if g.top_logprobs:
+        out["top_logprobs"] = [[list(e) for e in top] for top in g.top_logprobs]
+    return json.dumps(out)
+
+
+def top_logprobs_table(g: Generation, tokenizer: Any = None) -> str:
+    """One line per generated token: its index, id, text (when a tokenizer is at hand) and logprob,
+    then the alternatives, most likely first: `  3  9378 " Paris" -0.1234 | 9378 " Paris" -0.1234, ...`."""
+    def show(token_id: int) -> str:
+        if tokenizer is None:
+            return str(token_id)
+        return f"{token_id} {json.dumps(tokenizer.decode([token_id]), ensure_ascii=False)}"
+
+    lines = [f"[top {len(g.top_logprobs[0]) if g.top_logprobs else 0} logprobs per generated token]"]
+    for i, (t, lp, top) in enumerate(zip(g.token_ids, g.logprobs, g.top_logprobs)):
+        alts = ", ".join(f"{show(a)} {v:.4f}" for a, v in top)
+        lines.append(f"{i:>4}  {show(t)} {lp:.4f} | {alts}")
+    return "\n".join(lines)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -360,13 +392,14 @@ def run_generate(args: argparse.Namespace) -> int:
             engine.shutdown()
     text_out = tokenizer.decode(g.token_ids, skip_special_tokens=True) if tokenizer is not None else ""
     if args.json:
-        print(json.dumps({"token_ids": g.token_ids, "text": text_out, "logprobs": g.logprobs,
-                          "ttft_s": g.ttft_s, "tbt_s": g.tbt_s}))
+        print(json_output(g, text_out))
     else:
         if stream:
             sys.stdout.write(decoder.flush() + "\n")
         else:
             print(" ".join(map(str, g.token_ids)))
+        if g.top_logprobs:
+            print(top_logprobs_table(g, tokenizer))
         sys.stdout.flush()
         print(timing_line(len(prompt_ids), g), file=sys.stderr)
     return 0
@@ -389,15 +422,16 @@ def run_remote(args: argparse.Namespace, params: SamplingParams) -> int:
     with RouterClient(args.server) as client:
         c = client.complete(on_text=None if args.json else show, text=text, token_ids=token_ids, chat=args.chat,
                             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                            top_k=params.top_k, seed=params.seed, logprobs=True,
+                            top_k=params.top_k, seed=params.seed, logprobs=True, top_logprobs=params.top_logprobs,
                             ttft_slo_s=args.ttft_slo_s, tbt_slo_s=request_tbt_slo_s(args))
+    g = Generation(c.token_ids, c.logprobs, c.ttft_s, c.tbt_s, c.finish_reason, c.top_logprobs)
     if args.json:
-        print(json.dumps({"token_ids": c.token_ids, "text": c.text, "logprobs": c.logprobs,
-                          "ttft_s": c.ttft_s, "tbt_s": c.tbt_s}))
+        print(json_output(g, c.text))
     else:
         sys.stdout.write("\n")
+        if g.top_logprobs:
+            print(top_logprobs_table(g))           # token ids only: the tokenizer is the server's
         sys.stdout.flush()
-        g = Generation(c.token_ids, c.logprobs, c.ttft_s, c.tbt_s, c.finish_reason)
         print(timing_line(c.prompt_tokens, g) + f" [{c.route} via {args.server}]", file=sys.stderr)
     return 0
 

@@ -155,6 +155,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)   # per token, when asked
     finish_reason: str = ""
     ttft_s: float = 0.0
     tbt_s: list[float] = field(default_factory=list)
@@ -192,16 +193,16 @@ class RouterClient:
                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                 stop_token_ids: tuple[int, ...] = (), logprobs: bool = True, model: str = "",
                 request_id: str = "", ttft_slo_s: float | None = None,
-                tbt_slo_s: float | None = None) -> router_pb2.GenerateRequest:
+                tbt_slo_s: float | None = None, top_logprobs: int = 0) -> router_pb2.GenerateRequest:
         """One GenerateRequest; `ttft_slo_s` / `tbt_slo_s`: the request's own SLO (None = the
-        deployment's default)."""
+        deployment's default); `top_logprobs`: the k most likely tokens per position (0..20)."""
         sampling = common_pb2.SamplingParams(stop_token_ids=list(stop_token_ids))
         for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                             ("top_k", top_k), ("seed", seed)):
             if value is not None:
                 setattr(sampling, name, value)
         req = router_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling,
-                                         model=model, return_logprobs=logprobs)
+                                         model=model, return_logprobs=logprobs, top_logprobs=top_logprobs)
         if ttft_slo_s is not None:
             req.slo.ttft_s = ttft_slo_s
         if tbt_slo_s is not None:
@@ -242,6 +243,7 @@ class RouterClient:
                     last = now
                 out.token_ids.extend(ev.delta.token_ids)
                 out.logprobs.extend(ev.delta.logprobs)
+                out.top_logprobs.extend(convert.top_logprobs_from_proto(t) for t in ev.delta.top_logprobs)
                 out.text += ev.delta.text
                 if on_text is not None and ev.delta.text:
                     on_text(ev.delta.text)

@@ -28,7 +28,7 @@ from common.kv_connector.scheduler import KVConnectorScheduler
 from common.kv_connector.types import GroupSink, KVSink, kv_layout
 from common.model.loader import Checkpoint, load_checkpoint
 from common.perf_model.base import PerfModel
-from common.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams, TopLogprobs
 from common.scheduler.request import FinishReason, Request
 from common.scheduler.scheduler import Scheduler, SchedulerOutput
 
@@ -44,6 +44,7 @@ class StepOutput:
     prompt_len: int
     finish_reason: FinishReason | None
     error: str | None = None      # set when the request failed (e.g. its KV never arrived)
+    top_logprobs: TopLogprobs = ()  # the token's position: SamplingParams.top_logprobs most likely tokens
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class GenerationResult:
     finish_reason: str
     ttft_s: float
     tbt_s: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)   # one per token, when asked
 
 
 def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:
@@ -258,7 +260,8 @@ class LLMEngine:
                 if req.finished:
                     self.executor.forget(req.request_id)
                 outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
-                                       req.num_computed, req.prompt_len, req.finish_reason))
+                                       req.num_computed, req.prompt_len, req.finish_reason,
+                                       top_logprobs=res.top_logprobs.get(req.request_id, ())))
         self.streams.publish(outs)
         return outs
 
@@ -337,6 +340,8 @@ def generate_all(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
             last[o.request_id] = now
             res.token_ids.append(o.token_id)
             res.logprobs.append(o.logprob)
+            if o.top_logprobs:
+                res.top_logprobs.append(o.top_logprobs)
             if o.finish_reason is not None:
                 res.finish_reason = o.finish_reason.value
     return [results[r] for r in rids]

@@ -2,7 +2,8 @@
 (common/engine/engine.py) serves every layout.
 
     submit(sched, sinks)   start one step (the SchedulerOutput, and the KV sinks its first chunks carry)
-    collect() -> ExecResult   the oldest submitted step's sampled tokens and its service time
+    collect() -> ExecResult   the oldest submitted step's sampled tokens (and top logprobs where
+                           asked) and its service time
     depth                  how many steps may be in flight (1 here; spp for a grid's pipeline)
     forget(rid)            the request ended: drop its sampler state
     kv_holders, kv_expect, kv_cancel, kv_events, kv_addresses   the KV connector's worker side
@@ -16,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +31,7 @@ from common.kv_connector.types import KVAck, KVEvent, KVSink, kv_layout
 from common.kv_connector.worker import KVWorker
 from common.model.llama import LlamaModel
 from common.model.loader import Checkpoint
+from common.sampling_params import TopLogprobs
 from common.scheduler.scheduler import SchedulerOutput
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,6 +43,7 @@ class ExecResult:
     tokens: dict[str, tuple[int, float]]   # sampling requests: request id -> (token, logprob)
     service_s: float | None                # the step's service time, what the perf model predicts
     cpu_s: float | None = None             # this process's CPU time for it (in-process executors)
+    top_logprobs: dict[str, TopLogprobs] = field(default_factory=dict)   # the requests that asked
 
 
 class Executor(ABC):
@@ -162,11 +165,12 @@ class LocalExecutor(Executor):
                 rid = it.request.request_id
                 self.kv.stream(rid, it.start, it.num_tokens, self.pool.table(rid), it.sample, sinks.get(rid))
         samplers = [it for it in items if it.sample]
-        tokens, logprobs = self.sampler.sample(logits, [it.request.request_id for it in samplers],
-                                               [it.request.params for it in samplers],
-                                               [it.output_index for it in samplers])
+        tokens, logprobs, tops = self.sampler.sample(logits, [it.request.request_id for it in samplers],
+                                                     [it.request.params for it in samplers],
+                                                     [it.output_index for it in samplers])
         sampled = {it.request.request_id: (t, lp) for it, t, lp in zip(samplers, tokens, logprobs)}
-        self._result = ExecResult(sampled, time.perf_counter() - w0, time.process_time() - c0)
+        self._result = ExecResult(sampled, time.perf_counter() - w0, time.process_time() - c0,
+                                  {samplers[b].request.request_id: top for b, top in tops.items()})
 
     def collect(self) -> ExecResult:
         res, self._result = self._result, None

@@ -1,7 +1,10 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds; logprobs of chosen tokens.
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds; logprobs of chosen tokens
+and, for requests that ask (SamplingParams.top_logprobs = k > 0), the k most likely tokens.
 
 Logprobs are those of the model's own distribution (log_softmax of the raw logits), whatever the
-sampling settings, so they can be compared with a reference model.
+sampling settings, so they can be compared with a reference model. The top-k lists are read from
+the same log_softmax tensor as the chosen token's logprob: when the chosen token is in its list, the
+two numbers are the same float.
 
 Seeded requests draw token i of their output from a generator seeded with mix(seed, i), not from one
 generator carried along the request: the draw depends only on (seed, i, logits). So the same request
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from common.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams, TopLogprobs
 
 
 class Sampler:
@@ -24,16 +27,19 @@ class Sampler:
         self.generators.pop(request_id, None)
 
     def sample(self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams],
-               indices: list[int] | None = None) -> tuple[list[int], list[float]]:
-        """logits [B, V] float32 -> chosen token ids [B], their logprobs [B]. indices[b]: which output
-        token of its request row b samples (0 = the first); needed by seeded requests."""
+               indices: list[int] | None = None) -> tuple[list[int], list[float], dict[int, TopLogprobs]]:
+        """logits [B, V] float32 -> chosen token ids [B], their logprobs [B], and {row b: its
+        params[b].top_logprobs most likely tokens} for the rows that ask (empty when none does).
+        indices[b]: which output token of its request row b samples (0 = the first); needed by
+        seeded requests."""
         logprobs = torch.log_softmax(logits, dim=-1)                    # [B, V]
         tokens = logits.argmax(dim=-1)                                  # [B]
         for i, (rid, p) in enumerate(zip(request_ids, params)):
             if not p.greedy:
                 tokens[i] = self._draw(logits[i], rid, p, None if indices is None else indices[i])
         chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-        return tokens.tolist(), chosen.tolist()
+        ks = {i: p.top_logprobs for i, p in enumerate(params) if p.top_logprobs}
+        return tokens.tolist(), chosen.tolist(), top_logprobs(logprobs, ks) if ks else {}
 
     def _draw(self, logits: torch.Tensor, rid: str, p: SamplingParams, index: int | None) -> int:
         if p.seed is not None and index is not None:
@@ -58,6 +64,16 @@ class Sampler:
             scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def top_logprobs(logprobs: torch.Tensor, ks: dict[int, int]) -> dict[int, TopLogprobs]:
+    """logprobs [B, V]; ks {row: k > 0} -> {row: its k most likely (token, logprob), most likely
+    first}. One topk over the asking rows, at the largest k of them."""
+    rows = list(ks)
+    k = min(max(ks.values()), logprobs.shape[-1])
+    values, ids = torch.topk(logprobs[rows], k, dim=-1)                 # [R, k] each, descending
+    values, ids = values.tolist(), ids.tolist()
+    return {b: tuple(zip(ids[r][:ks[b]], values[r][:ks[b]])) for r, b in enumerate(rows)}
 
 
 def token_seed(seed: int, index: int) -> int:

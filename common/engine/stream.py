@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from common.errors import CapacityError
+from common.sampling_params import TopLogprobs
 from common.scheduler.request import FinishReason
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class TokenEvent:
     logprob: float | None
     finish_reason: str | None      # set on the request's last event
     error: str | None = None
+    top_logprobs: TopLogprobs = ()  # (token id, logprob) most likely first, when the request asked
 
     @property
     def finished(self) -> bool:
@@ -62,7 +64,7 @@ class StreamHub:
             reason = o.finish_reason.value if o.finish_reason is not None else None
             if o.error is not None and reason is None:
                 reason = FinishReason.ABORT.value
-            self._emit(TokenEvent(o.request_id, index, o.token_id, o.logprob, reason, o.error))
+            self._emit(TokenEvent(o.request_id, index, o.token_id, o.logprob, reason, o.error, o.top_logprobs))
 
     def aborted(self, request_id: str, error: str | None = None) -> None:
         """The request was cancelled: its subscribers get a final event."""

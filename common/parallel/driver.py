@@ -106,7 +106,8 @@ class GridExecutor(Executor):
             sink = sinks.get(req.request_id)
             seqs.append(SeqPlan(req.request_id, it.start, req.token_ids(it.start, it.start + it.num_tokens),
                                 it.sample, self.blocks.table(req.request_id), p.temperature, p.top_p, p.top_k,
-                                p.seed, sink.to_dict() if sink is not None else None, it.output_index))
+                                p.seed, sink.to_dict() if sink is not None else None, it.output_index,
+                                p.top_logprobs))
         step_id = next(self.step_ids)
         data = encode_plan(StepPlan(step_id, seqs, self.forgotten))
         self.forgotten = []
@@ -132,7 +133,7 @@ class GridExecutor(Executor):
         if self.record_timeline:
             self.timelines.append(res.timeline)
         service = max((end - start for _, start, end in res.timeline), default=None)
-        return ExecResult(res.tokens, service)
+        return ExecResult(res.tokens, service, top_logprobs=res.top_logprobs)
 
     def forget(self, request_id: str) -> None:
         self.forgotten.append(request_id)

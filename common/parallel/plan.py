@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from common.sampling_params import TopLogprobs
+
 
 @dataclass(frozen=True)
 class SeqPlan:
@@ -24,6 +26,7 @@ class SeqPlan:
     seed: int | None = None
     sink: dict | None = None          # KVSink.to_dict(): stream this request's KV (on its first chunk)
     output_index: int = 0             # when sampling: which output token of the request (seeded draws)
+    top_logprobs: int = 0             # when sampling: report this many most likely tokens too
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +54,7 @@ class StepResult:
     timeline: list[tuple[int, float, float]]            # (stage, start, end) monotonic seconds
     comm_s: float = 0.0                                 # reporter's time in collectives + p2p this step
     error: str | None = None
+    top_logprobs: dict[str, TopLogprobs] = field(default_factory=dict)   # request id -> top tokens, if asked
 
 
 def encode_plan(plan: StepPlan) -> bytes:
@@ -72,4 +76,6 @@ def decode_result(data: bytes) -> StepResult:
     d = json.loads(data)
     return StepResult(step_id=d["step_id"], tokens={k: (int(v[0]), float(v[1])) for k, v in d["tokens"].items()},
                       timeline=[tuple(t) for t in d["timeline"]], comm_s=float(d.get("comm_s", 0.0)),
-                      error=d.get("error"))
+                      error=d.get("error"),
+                      top_logprobs={k: tuple((int(t), float(lp)) for t, lp in v)
+                                    for k, v in d.get("top_logprobs", {}).items()})

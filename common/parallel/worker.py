@@ -34,7 +34,7 @@ from common.parallel import comm
 from common.parallel.groups import Groups, init_world, stage_layers
 from common.parallel.plan import StepPlan, StepResult, decode_plan, encode_result
 from common.parallel.tp import apply_tp, slice_weight, tp_shard
-from common.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams, TopLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -214,17 +214,20 @@ class Worker:
 
     def report(self, ctl, plan: StepPlan, logits: torch.Tensor | None, timeline, comm_s: float) -> None:
         tokens: dict[str, tuple[int, float]] = {}
+        tops: dict[str, TopLogprobs] = {}
         for rid in plan.forget:
             self.sampler.forget(rid)
         samplers = [s for s in plan.seqs if s.sample]
         if samplers:
             params = [SamplingParams(max_tokens=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                     seed=s.seed) for s in samplers]
-            toks, lps = self.sampler.sample(logits, [s.request_id for s in samplers], params,
-                                            [s.output_index for s in samplers])
+                                     seed=s.seed, top_logprobs=s.top_logprobs) for s in samplers]
+            toks, lps, by_row = self.sampler.sample(logits, [s.request_id for s in samplers], params,
+                                                    [s.output_index for s in samplers])
             tokens = {s.request_id: (t, lp) for s, t, lp in zip(samplers, toks, lps)}
+            tops = {samplers[b].request_id: top for b, top in by_row.items()}
         with self.send_lock:
-            comm.send_msg(ctl, encode_result(StepResult(plan.step_id, tokens, timeline, comm_s)))
+            comm.send_msg(ctl, encode_result(StepResult(plan.step_id, tokens, timeline, comm_s,
+                                                        top_logprobs=tops)))
 
 
 def pack_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

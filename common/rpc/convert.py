@@ -7,7 +7,7 @@ malformed message becomes INVALID_ARGUMENT with a message naming the bad field.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from common.errors import InvalidRequestError
 from common.metadata.types import GroupRange, Instance, Placement, SchedulingInfo
@@ -148,6 +148,8 @@ _SAMPLING_OPTIONAL = ("temperature", "top_p", "top_k", "seed", "max_tokens")
 
 
 def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
+    """`p.top_logprobs` is not part of the message: it travels as the request's own `top_logprobs`
+    field (GenerateRequest, DecodeRequest, PrefillRequest); see sampling_from_proto."""
     msg = common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                                     max_tokens=p.max_tokens, stop_token_ids=list(p.stop_token_ids))
     if p.seed is not None:
@@ -155,7 +157,19 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
     return msg
 
 
-def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
-    """Unset fields keep the domain defaults; bad values raise InvalidRequestError."""
+def sampling_from_proto(msg: common_pb2.SamplingParams, top_logprobs: int = 0) -> SamplingParams:
+    """Unset fields keep the domain defaults; bad values raise InvalidRequestError. `top_logprobs`:
+    the request message's own field of that name (it lives beside `sampling`, not in it)."""
     kw = {name: getattr(msg, name) for name in _SAMPLING_OPTIONAL if msg.HasField(name)}
-    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), **kw)
+    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), top_logprobs=top_logprobs, **kw)
+
+
+# ---- top log-probabilities of one generated position ------------------------------------------
+
+def top_logprobs_to_proto(top: Sequence[tuple[int, float]]) -> common_pb2.TokenTopLogprobs:
+    """[(token_id, logprob)], most likely first -> TokenTopLogprobs (order kept)."""
+    return common_pb2.TokenTopLogprobs(entries=[common_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in top])
+
+
+def top_logprobs_from_proto(msg: common_pb2.TokenTopLogprobs) -> list[tuple[int, float]]:
+    return [(e.token_id, e.logprob) for e in msg.entries]

@@ -42,7 +42,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     async def Decode(self, request, context):
         job = DecodeJob(
             request_id=request.request_id, prompt_ids=list(request.prompt_token_ids),
-            params=convert.sampling_from_proto(request.sampling),
+            params=convert.sampling_from_proto(request.sampling, request.top_logprobs),
             placement=convert.placement_from_proto(request.placement) if request.HasField("placement") else None,
             first_token=request.first_token_id if request.HasField("first_token_id") else None,
             **convert.slo_from_proto(request))
@@ -56,6 +56,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 delta = common_pb2.TokenDelta(token_ids=[out.token_id])
                 if request.return_logprobs:
                     delta.logprobs.append(out.logprob)
+                if out.top_logprobs:
+                    delta.top_logprobs.append(convert.top_logprobs_to_proto(out.top_logprobs))
                 yield decode_pb2.DecodeResponse(delta=delta)
             reason = out.finish_reason
         yield decode_pb2.DecodeResponse(finished=common_pb2.Finished(

@@ -17,7 +17,7 @@ from common.engine.async_engine import AsyncEngine
 from common.kv_connector.types import KVSink
 from common.errors import InvalidRequestError, KVTransferError, RequestAbortedError
 from common.metrics import kv_transfer_bytes
-from common.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams, TopLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class FirstToken:
     token_id: int
     logprob: float
     prefill_s: float
+    top_logprobs: TopLogprobs = ()            # when the request asked (params.top_logprobs)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class PrefillInstance:
                     yield Progress(out.num_computed, out.prompt_len)
                     if out.token_id is not None:
                         t_first = time.monotonic()
-                        yield FirstToken(out.token_id, out.logprob, t_first - t0)
+                        yield FirstToken(out.token_id, out.logprob, t_first - t0, out.top_logprobs)
             if t_first is None:
                 raise RequestAbortedError(f"prefill of {rid} was aborted")
             kv_bytes = kv_transfer_bytes(layout, len(job.token_ids), self.tp)

@@ -45,7 +45,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise InvalidRequestError("Prefill needs a KV destination (decode.PrepareReceive)")
         layout = convert.layout_from_proto(request.destination.layout) \
             if request.destination.HasField("layout") else None
-        job = PrefillJob(request.request_id, list(request.token_ids), convert.sampling_from_proto(request.sampling),
+        job = PrefillJob(request.request_id, list(request.token_ids),
+                         convert.sampling_from_proto(request.sampling, request.top_logprobs),
                          sink_from_proto(request.destination, len(request.token_ids)), layout,
                          **convert.slo_from_proto(request))
         async for ev in self.instance.prefill(job):
@@ -53,8 +54,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 yield prefill_pb2.PrefillResponse(progress=prefill_pb2.PrefillProgressEvent(
                     tokens_done=ev.tokens_done, tokens_total=ev.tokens_total))
             elif isinstance(ev, FirstToken):
-                yield prefill_pb2.PrefillResponse(first_token=prefill_pb2.FirstToken(
-                    token_id=ev.token_id, logprob=ev.logprob, prefill_s=ev.prefill_s))
+                first = prefill_pb2.FirstToken(token_id=ev.token_id, logprob=ev.logprob, prefill_s=ev.prefill_s)
+                if ev.top_logprobs:
+                    first.top_logprobs.CopyFrom(convert.top_logprobs_to_proto(ev.top_logprobs))
+                yield prefill_pb2.PrefillResponse(first_token=first)
             elif isinstance(ev, Done):
                 yield prefill_pb2.PrefillResponse(done=prefill_pb2.PrefillDone(
                     kv_bytes=ev.kv_bytes, transfer_tail_s=ev.transfer_tail_s))

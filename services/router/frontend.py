@@ -14,7 +14,7 @@ from common.config import ModelConfig
 from common.errors import InvalidRequestError
 from common.metadata.types import check_id
 from common.model.tokenizer import Tokenizer
-from common.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams, check_top_logprobs
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
@@ -36,6 +36,7 @@ class PromptInput:
     tbt_slo_s: float | None = None
     messages: list[dict] | None = None
     stop: tuple[str, ...] = ()                      # stop strings
+    top_logprobs: int = 0                           # most likely tokens per position (0..20; implies logprobs)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Job:
     ttft_slo_s: float | None = None                 # the request's own SLO (None = the default)
     tbt_slo_s: float | None = None
     stop: tuple[str, ...] = ()                      # stop strings (the router ends the request at one)
+    top_logprobs: int = 0                           # sent to the instances beside params (not in them)
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,13 @@ class Frontend:
         self._check_ids("stop_token_ids", stops)
         params = SamplingParams(**sampling)             # raises for max_tokens < 1, temperature < 0, ...
         params = replace(params, stop_token_ids=tuple(dict.fromkeys((*stops, *self.eos_ids))))
+        check_top_logprobs(req.top_logprobs)
         for name in ("ttft_slo_s", "tbt_slo_s"):
             v = getattr(req, name)
             if v is not None and not v > 0:
                 raise InvalidRequestError(f"slo: {name.removesuffix('_slo_s')}_s must be positive, got {v}")
-        return Job(rid, ids, params, req.return_logprobs, req.ttft_slo_s, req.tbt_slo_s,
-                   stop=self._check_stop(req.stop))
+        return Job(rid, ids, params, req.return_logprobs or req.top_logprobs > 0, req.ttft_slo_s, req.tbt_slo_s,
+                   stop=self._check_stop(req.stop), top_logprobs=req.top_logprobs)
 
     def _prompt_ids(self, req: PromptInput) -> list[int]:
         given = [name for name in ("text", "token_ids", "messages") if getattr(req, name) is not None]

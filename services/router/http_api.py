@@ -318,10 +318,10 @@ class OpenAIApi:
         if kind == "chat":
             prompts: list[dict] = [{"messages": [{"role": m.role, "content": _content(m.content, i)}
                                                  for i, m in enumerate(body.messages)]}]
-            logprobs = body.logprobs or bool(body.top_logprobs)
+            logprobs, top = body.logprobs or bool(body.top_logprobs), body.top_logprobs or 0
         else:
             prompts = [{"text": p} if isinstance(p, str) else {"token_ids": p} for p in _prompts(body.prompt)]
-            logprobs = body.logprobs is not None
+            logprobs, top = body.logprobs is not None, body.logprobs or 0
         out = []
         for p, prompt in enumerate(prompts):
             for j in range(body.n):
@@ -330,7 +330,8 @@ class OpenAIApi:
                 if body.seed is not None:
                     s["seed"] = (body.seed + j) % (MAX_SEED + 1)
                 out.append(PromptInput(request_id=f"{cid}-{k}", model="", sampling=s, return_logprobs=logprobs,
-                                       ttft_slo_s=body.ttft_slo_s, tbt_slo_s=body.tbt_slo_s, stop=stop, **prompt))
+                                       top_logprobs=top, ttft_slo_s=body.ttft_slo_s, tbt_slo_s=body.tbt_slo_s,
+                                       stop=stop, **prompt))
         return out
 
     async def _serve(self, request: Request, body: CompletionBody | ChatBody, kind: str):
@@ -430,7 +431,7 @@ class OpenAIApi:
         if isinstance(ev, Delta):
             if not ev.text and not ev.logprobs:
                 return []
-            lp = self._logprobs(kind, body, ev.token_ids, ev.logprobs, _top(ev)) if ev.logprobs else None
+            lp = self._logprobs(kind, body, ev.token_ids, ev.logprobs, ev.top_logprobs) if ev.logprobs else None
             if kind == "chat":
                 choice = {"index": c.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
             else:
@@ -486,10 +487,6 @@ def _wants_logprobs(kind: str, body) -> bool:
     return bool(body.logprobs or body.top_logprobs) if kind == "chat" else body.logprobs is not None
 
 
-def _top(ev: Delta) -> list[list[tuple[int, float]]]:
-    return list(getattr(ev, "top_logprobs", None) or [])
-
-
 def _record(c: _Choice, ev) -> None:
     if isinstance(ev, Started):
         c.started = ev
@@ -497,7 +494,7 @@ def _record(c: _Choice, ev) -> None:
         c.text.append(ev.text)
         c.token_ids.extend(ev.token_ids)
         c.logprobs.extend(ev.logprobs)
-        c.top.extend(_top(ev))
+        c.top.extend(ev.top_logprobs)
     elif isinstance(ev, Finished):
         c.finished = ev
 

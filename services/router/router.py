@@ -76,6 +76,7 @@ class Delta:
     token_ids: list[int]
     text: str
     logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)   # per token, when asked
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ class _Relay:
         self.tbt: list[float] = []
         self.count = 0
 
-    def tokens(self, ids: list[int], logprobs: list[float]) -> Delta:
+    def tokens(self, ids: list[int], logprobs: list[float],
+               top_logprobs: list[list[tuple[int, float]]] = ()) -> Delta:
         now = time.monotonic()
         if self.last is None:
             self.ttft = now - self.t0
@@ -135,7 +137,7 @@ class _Relay:
         if self.recorder is not None and ids:
             self.recorder.token(len(ids))
         text = "".join(self.decoder.push(t) for t in ids)
-        return Delta(list(ids), text, list(logprobs) if self.logprobs else [])
+        return Delta(list(ids), text, list(logprobs) if self.logprobs else [], list(top_logprobs))
 
     def flush(self) -> Delta | None:
         text = self.decoder.flush()
@@ -338,7 +340,7 @@ class Router:
                     raise st.failure
                 preq = prefill_pb2.PrefillRequest(request_id=job.request_id, token_ids=job.prompt_ids,
                                                   sampling=sampling, placement=placement_pb,
-                                                  destination=dest.destination)
+                                                  destination=dest.destination, top_logprobs=job.top_logprobs)
                 self._slo_fields(st, preq)
                 pcall = prefill_pb2_grpc.PrefillStub(self._channel(st.prefill.address)).Prefill(
                     preq, timeout=self.config.request_timeout_s)
@@ -357,10 +359,11 @@ class Router:
                         raise st.failure from None
                     raise _rpc_error(who_prefill, e) from None
                 tail = asyncio.create_task(self._prefill_tail(st, pcall, who_prefill))
-                yield relay.tokens([first.token_id], [first.logprob])
+                yield relay.tokens([first.token_id], [first.logprob],
+                                   [convert.top_logprobs_from_proto(first.top_logprobs)] if job.top_logprobs else [])
             request = decode_pb2.DecodeRequest(request_id=job.request_id, prompt_token_ids=job.prompt_ids,
                                                sampling=sampling, placement=placement_pb,
-                                               return_logprobs=job.return_logprobs)
+                                               return_logprobs=job.return_logprobs, top_logprobs=job.top_logprobs)
             if first is not None:
                 request.first_token_id = first.token_id
                 convert.slo_to_proto(request, None, st.tbt_slo_s)
@@ -378,7 +381,8 @@ class Router:
                         break
                     if ev.HasField("delta"):
                         if ev.delta.token_ids:
-                            yield relay.tokens(list(ev.delta.token_ids), list(ev.delta.logprobs))
+                            yield relay.tokens(list(ev.delta.token_ids), list(ev.delta.logprobs),
+                                               [convert.top_logprobs_from_proto(t) for t in ev.delta.top_logprobs])
                     elif ev.HasField("finished"):
                         st.reason = FINISH.get(ev.finished.finish_reason, "stop")
             except grpc.aio.AioRpcError as e:

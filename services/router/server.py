@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from common.rpc import convert
 from common.rpc.protos import common_pb2, router_pb2, router_pb2_grpc
 from common.rpc.status import handles_errors
 from services.router.frontend import Frontend, PromptInput
@@ -29,13 +30,14 @@ def prompt_from_proto(req: router_pb2.GenerateRequest) -> PromptInput:
                        chat=req.chat, model=req.model, sampling=sampling, return_logprobs=req.return_logprobs,
                        ttft_slo_s=slo.ttft_s if slo is not None and slo.HasField("ttft_s") else None,
                        tbt_slo_s=slo.tbt_s if slo is not None and slo.HasField("tbt_s") else None,
-                       messages=messages, stop=tuple(req.stop))
+                       messages=messages, stop=tuple(req.stop), top_logprobs=req.top_logprobs)
 
 
 def event_to_proto(ev: Started | Progress | Delta | Finished) -> router_pb2.GenerateResponse:
     if isinstance(ev, Delta):
         return router_pb2.GenerateResponse(delta=common_pb2.TokenDelta(
-            token_ids=ev.token_ids, text=ev.text, logprobs=ev.logprobs))
+            token_ids=ev.token_ids, text=ev.text, logprobs=ev.logprobs,
+            top_logprobs=[convert.top_logprobs_to_proto(t) for t in ev.top_logprobs]))
     if isinstance(ev, Progress):
         return router_pb2.GenerateResponse(progress=router_pb2.PrefillProgress(
             tokens_done=ev.tokens_done, tokens_total=ev.tokens_total))

@@ -5,6 +5,7 @@ Every layout must give identical greedy tokens and logprobs within 1e-5 of one p
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,6 +60,20 @@ def test_grid_matches_single_process(gqa_uneven, reference, tp, spp, kvp):
         eng.blocks.check()
         assert eng.blocks.num_used == 0
     assert_same(reference, got)
+
+
+def test_grid_reports_the_single_process_top_logprobs(gqa_uneven, reference):
+    """The top lists cross the worker -> driver boundary (StepResult) with the tokens."""
+    params = replace(PARAMS, top_logprobs=3)
+    ref = LLMEngine(engine_config(gqa_uneven)).generate(PROMPTS[:2], params)
+    with ParallelEngine(engine_config(gqa_uneven, tp=2)) as eng:
+        got = eng.generate(PROMPTS[:2], params)
+    assert_same(reference[:2], got)                                     # asking changes no token
+    for a, b in zip(ref, got):
+        assert len(b.top_logprobs) == len(b.token_ids) == PARAMS.max_tokens
+        for ta, tb in zip(a.top_logprobs, b.top_logprobs):
+            assert [t for t, _ in tb] == [t for t, _ in ta]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(ta, tb)) < 1e-5
 
 
 def test_tp_with_uniform_gqa_split(tmp_path):

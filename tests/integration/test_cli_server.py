@@ -1,7 +1,9 @@
 """`mnemosyne generate --server` with the request's own SLOs, against a real deployment (scripts/up.py's
 Cluster: Redis, kvstore, one prefill and one decode instance, router; the built-in model): an
 impossible --ttft-slo-s is rejected by the router's admission (RESOURCE_EXHAUSTED), printed as one
-error line with exit status 2; a generous one is served."""
+error line with exit status 2; a generous one is served. Top log-probabilities come back on both
+routes (decode-only and disaggregated, where the prefill instance samples the first token) as the
+offline engine computes them."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,13 @@ import uuid
 
 import pytest
 
+from common.client import RouterClient
+from common.config import CacheConfig, EngineConfig
+from common.engine.engine import LLMEngine
+from common.model.tokenizer import load_tokenizer
+from common.rpc import convert
+from common.rpc.protos import router_pb2
+from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 
 pytestmark = pytest.mark.timeout(600)
@@ -47,3 +56,48 @@ def test_generate_sends_the_requests_own_slos_to_the_router(cluster: Cluster):
     assert lines[0].startswith("mnemosyne: error: RESOURCE_EXHAUSTED: "), lines[0]
     assert "rejected by admission (ttft_unattainable)" in lines[0], lines[0]
     assert "Traceback" not in r.stderr and r.stdout.strip() == ""
+
+
+def test_top_logprobs_on_both_routes_equal_the_offline_engine(cluster: Cluster, tmp_path):
+    """A short prompt (decode-only) and one >= short_prompt_tokens (disaggregated: the first token's
+    list comes from the prefill instance's FirstToken): per token K sorted alternatives, the first at
+    least as likely as the chosen token, the chosen logprob and the lists within 1e-4 of offline."""
+    k, n = 3, 3
+    tok = load_tokenizer(None)
+    ids = tok.encode("Paris is the capital of France, on the Seine; Berlin is the capital of Germany. " * 30)
+    prompts = {"short": ids[:20], "long": ids[:300]}
+    routes = {"short": router_pb2.ROUTE_DECODE_ONLY, "long": router_pb2.ROUTE_DISAGGREGATED}
+    assert len(prompts["long"]) == 300 >= ClusterConfig.short_prompt_tokens > len(prompts["short"])
+    engine = LLMEngine(EngineConfig(model=None, dtype="float32", cache=CacheConfig(max_kv_tokens=1024)),
+                       extra_eos_ids=tok.eos_token_ids)
+    ref = dict(zip(prompts, engine.generate(list(prompts.values()), SamplingParams(max_tokens=n, top_logprobs=k))))
+    engine.shutdown()
+    with RouterClient(cluster.router_address, timeout_s=300) as client:
+        for name, prompt in prompts.items():
+            evs = list(client.stream(client.request(token_ids=prompt, max_tokens=n, logprobs=False, top_logprobs=k,
+                                                    ttft_slo_s=600.0, tbt_slo_s=600.0)))
+            assert evs[0].started.route == routes[name], f"{name} prompt took route {evs[0].started.route}"
+            deltas = [e.delta for e in evs if e.HasField("delta") and e.delta.token_ids]
+            tokens = [t for d in deltas for t in d.token_ids]
+            logprobs = [lp for d in deltas for lp in d.logprobs]             # implied by top_logprobs
+            tops = [convert.top_logprobs_from_proto(t) for d in deltas for t in d.top_logprobs]
+            want = ref[name]
+            assert tokens == want.token_ids and len(logprobs) == len(tops) == len(tokens) == n, name
+            for i, (t, lp, top) in enumerate(zip(tokens, logprobs, tops)):
+                assert len(top) == k and top[0][1] >= lp, f"{name} token {i}: {top} vs chosen {lp}"
+                assert [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+                assert abs(lp - want.logprobs[i]) <= 1e-4, f"{name} token {i}: {lp} vs offline {want.logprobs[i]}"
+                assert [a for a, _ in top] == [a for a, _ in want.top_logprobs[i]], f"{name} token {i}"
+                assert max(abs(v - w) for (_, v), (_, w) in zip(top, want.top_logprobs[i])) <= 1e-4
+
+    # the CLI prints the same through --server
+    f = tmp_path / "long.json"
+    f.write_text(json.dumps(prompts["long"]))
+    r = subprocess.run([sys.executable, "-m", "common.cli", "generate", "--server", cluster.router_address,
+                        "--prompt-tokens", str(f), "--max-tokens", str(n), "--top-logprobs", str(k), "--json"],
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["token_ids"] == ref["long"].token_ids
+    assert [[a for a, _ in top] for top in out["top_logprobs"]] == \
+        [[a for a, _ in top] for top in ref["long"].top_logprobs]

@@ -99,7 +99,7 @@ def test_models_health_and_ready(cluster, client, model):
 
 def test_chat_is_the_grpc_answer_with_system_prompt_and_turns(cluster, client, model):
     r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=0, logprobs=True,
-                                       top_logprobs=0, extra_body=RELAXED)
+                                       top_logprobs=3, extra_body=RELAXED)
     msgs = router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(**m) for m in CHAT])
     req = router_pb2.GenerateRequest(messages=msgs, return_logprobs=True)
     req.sampling.max_tokens, req.sampling.temperature = 12, 0.0
@@ -108,6 +108,9 @@ def test_chat_is_the_grpc_answer_with_system_prompt_and_turns(cluster, client, m
     assert choice.message.role == "assistant" and choice.message.content == text and text
     assert choice.finish_reason in ("stop", "length")
     assert [c.logprob for c in choice.logprobs.content] == pytest.approx(lps, abs=1e-4)
+    for c in choice.logprobs.content:       # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5)
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob >= c.top_logprobs[2].logprob
     assert "".join(c.token for c in choice.logprobs.content).strip() in text or text.strip()
     from common.model.tokenizer import load_tokenizer
     from common.model.loader import load_checkpoint
@@ -164,6 +167,7 @@ def test_a_long_prompt_streams_prefill_progress_through_the_prefill_pool(cluster
             text += c.text
             if c.logprobs is not None:
                 lps += c.logprobs.token_logprobs
+                assert all(len(t) == 1 for t in c.logprobs.top_logprobs)
     assert progress and progress[-1]["tokens_done"] == progress[-1]["tokens_total"] > 64
     req = router_pb2.GenerateRequest(text=prompt, return_logprobs=True)
     req.sampling.max_tokens, req.sampling.temperature = 4, 0.0

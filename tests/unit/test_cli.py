@@ -76,6 +76,31 @@ def test_text_prompt_file_and_plain_output(tiny, tmp_path):
     assert "TTFT" in r.stderr and "5 generated" in r.stderr
 
 
+def test_top_logprobs_json_and_table(tiny, tmp_path):
+    """--top-logprobs K: the same tokens and logprobs as without, K sorted [token_id, logprob] per
+    token in --json (the chosen token's entry equal to its logprob), and a table in plain output."""
+    f = tmp_path / "ids.json"
+    f.write_text(json.dumps([5, 17, 99, 250, 31]))
+    args = ("generate", "--model", tiny, "--prompt-tokens", str(f), "--max-tokens", "4", "--ignore-eos")
+    r = cli(*args, "--top-logprobs", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == JSON_KEYS | {"top_logprobs"}
+    tokens, logprobs = in_process(tiny, [5, 17, 99, 250, 31], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert out["token_ids"] == tokens and max(abs(a - b) for a, b in zip(out["logprobs"], logprobs)) < 1e-6
+    assert len(out["top_logprobs"]) == 4
+    for token, lp, top in zip(out["token_ids"], out["logprobs"], out["top_logprobs"]):
+        assert len(top) == 3 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert top[0] == [token, lp]                                    # greedy: the argmax, same float
+    plain = cli(*args, "--top-logprobs", "2")
+    assert plain.returncode == 0, plain.stderr
+    table = plain.stdout.splitlines()
+    assert "[top 2 logprobs per generated token]" in table
+    rows = table[table.index("[top 2 logprobs per generated token]") + 1:]
+    assert len(rows) == 4 and all(row.split()[1] == str(t) for row, t in zip(rows, tokens))
+    assert all(row.count(" | ") == 1 and row.split(" | ")[1].count(", ") == 1 for row in rows)
+
+
 def test_sampling_flags_are_seeded(tiny):
     args = ("generate", "--model", tiny, "--prompt", "hello", "--max-tokens", "8", "--ignore-eos",
             "--temperature", "1.5", "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--json")
@@ -128,6 +153,7 @@ def bad_cases(tiny: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "zero max tokens": (gen + ["--prompt", "hi", "--max-tokens", "0"], "max_tokens"),
         "non-integer max tokens": (gen + ["--prompt", "hi", "--max-tokens", "many"], "--max-tokens"),
         "bad top-p": (gen + ["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+        "top-logprobs over 20": (gen + ["--prompt", "hi", "--top-logprobs", "21"], "top_logprobs"),
         "negative temperature": (gen + ["--prompt", "hi", "--temperature", "-1"], "temperature"),
         "zero chunk size": (gen + ["--prompt", "hi", "--chunk-size", "0"], "--chunk-size"),
         "unknown attention backend": (gen + ["--prompt", "hi", "--attention-backend", "magic"],

@@ -1,10 +1,11 @@
 """The engine loop on a tiny random-weight HF Llama (float32, CPU): preemption mid-prefill and
 resumption, per-request streaming (iterators and callbacks), cancellation that frees blocks,
-continuous batching of decodes and prefill chunks in one forward pass, and identical greedy tokens
-under LARS + adaptive chunking and FCFS + fixed chunks."""
+continuous batching of decodes and prefill chunks in one forward pass, identical greedy tokens
+under LARS + adaptive chunking and FCFS + fixed chunks, and top log-probabilities."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -60,6 +61,35 @@ def record_batches(engine: LLMEngine) -> list[list[tuple[str, int, int, bool]]]:
 
     engine.executor.runner.run = wrapped
     return calls
+
+
+# ---- top log-probabilities ---------------------------------------------------------------------------
+@pytest.mark.parametrize("base", [GREEDY, SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.0, seed=3)],
+                         ids=["greedy", "seeded"])
+def test_top_logprobs_change_no_token_and_describe_every_position(checkpoint, base):
+    """Two prompts batched (one in chunks): asking for top_logprobs=4 gives the same tokens and
+    logprobs as not asking, and 4 sorted alternatives per token that agree with the chosen one."""
+    ps = prompts((30, 70), seed=9)
+    ref = make_engine(checkpoint).generate(ps, base)
+    got = make_engine(checkpoint).generate(ps, replace(base, top_logprobs=4))
+    for r, g in zip(ref, got):
+        assert (g.token_ids, g.logprobs) == (r.token_ids, r.logprobs) and len(g.token_ids) == 12
+        assert r.top_logprobs == [] and len(g.top_logprobs) == len(g.token_ids)
+        for token, lp, top in zip(g.token_ids, g.logprobs, g.top_logprobs):
+            ids, values = [t for t, _ in top], [v for _, v in top]
+            assert len(top) == 4 and values == sorted(values, reverse=True) and values[0] >= lp
+            if token in ids:
+                assert values[ids.index(token)] == lp
+            if base.greedy:
+                assert top[0] == (token, lp)
+
+
+def test_streams_carry_top_logprobs(checkpoint):
+    engine = make_engine(checkpoint)
+    evs = [ev for ev in engine.stream(prompts((20,), seed=4)[0], replace(GREEDY, max_tokens=5, top_logprobs=2))
+           if ev.token_id is not None]
+    assert len(evs) == 5 and all(len(ev.top_logprobs) == 2 and ev.top_logprobs[0] == (ev.token_id, ev.logprob)
+                                 for ev in evs)
 
 
 # ---- preemption ------------------------------------------------------------------------------------

@@ -188,3 +188,45 @@ def test_per_request_slos_travel_as_seconds_remaining(cls):
     bad = cls(tbt_slo_s=0.0)
     with pytest.raises(InvalidRequestError, match="tbt_slo_s"):
         convert.slo_from_proto(bad)
+
+
+# ---- top log-probabilities ------------------------------------------------------------------
+
+def test_top_logprobs_field_numbers_are_the_contract():
+    """Other fields are being added to these messages concurrently: the numbers are fixed."""
+    def number(cls, name):
+        return cls.DESCRIPTOR.fields_by_name[name].number
+    assert (number(common_pb2.TopLogprob, "token_id"), number(common_pb2.TopLogprob, "logprob")) == (1, 2)
+    assert number(common_pb2.TokenTopLogprobs, "entries") == 1
+    assert number(common_pb2.TokenDelta, "top_logprobs") == 4
+    assert number(router_pb2.GenerateRequest, "top_logprobs") == 11
+    assert number(decode_pb2.DecodeRequest, "top_logprobs") == 9
+    assert number(prefill_pb2.PrefillRequest, "top_logprobs") == 8
+    assert number(prefill_pb2.FirstToken, "top_logprobs") == 4
+
+
+def test_top_logprobs_round_trip_in_a_token_delta():
+    # float32 on the wire: values exactly representable there come back equal
+    tops = [[(7, -0.25), (3, -1.5), (9, -4.0)], [(1, -0.125), (7, -2.75), (2, -3.0)]]
+    delta = common_pb2.TokenDelta(token_ids=[7, 1], logprobs=[-0.25, -0.125],
+                                  top_logprobs=[convert.top_logprobs_to_proto(t) for t in tops])
+    back = _wire(delta)
+    assert [convert.top_logprobs_from_proto(t) for t in back.top_logprobs] == tops
+    assert convert.top_logprobs_from_proto(_wire(convert.top_logprobs_to_proto([]))) == []
+    assert list(_wire(common_pb2.TokenDelta(token_ids=[5])).top_logprobs) == []    # not asked: none
+
+    first = _wire(prefill_pb2.FirstToken(token_id=7, logprob=-0.25, top_logprobs=convert.top_logprobs_to_proto(tops[0])))
+    assert convert.top_logprobs_from_proto(first.top_logprobs) == tops[0]
+    assert not _wire(prefill_pb2.FirstToken(token_id=7)).HasField("top_logprobs")
+
+
+@pytest.mark.parametrize("cls", [prefill_pb2.PrefillRequest, decode_pb2.DecodeRequest])
+def test_top_logprobs_travel_beside_the_sampling_params(cls):
+    msg = _wire(cls(sampling=common_pb2.SamplingParams(temperature=0.5, max_tokens=4), top_logprobs=5))
+    p = convert.sampling_from_proto(msg.sampling, msg.top_logprobs)
+    assert (p.top_logprobs, p.temperature, p.max_tokens) == (5, 0.5, 4)
+    assert convert.sampling_from_proto(msg.sampling).top_logprobs == 0
+    assert convert.sampling_from_proto(convert.sampling_to_proto(p), msg.top_logprobs) == p
+    for bad in (-1, 21):
+        with pytest.raises(InvalidRequestError, match=r"top_logprobs must be an integer in \[0, 20\]"):
+            convert.sampling_from_proto(msg.sampling, bad)

@@ -1,5 +1,7 @@
-"""Sampler: greedy, seeds, top-k, top-p, temperature, logprobs of the chosen tokens."""
+"""Sampler: greedy, seeds, top-k, top-p, temperature, logprobs of the chosen tokens, top logprobs."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -23,7 +25,8 @@ def draw(params: SamplingParams, lg: torch.Tensor, n: int, rid: str = "r") -> li
 
 def test_greedy_is_argmax_and_logprobs_are_log_softmax():
     lg = logits()
-    toks, lps = Sampler().sample(lg, ["a", "b", "c", "d"], [SamplingParams()] * 4)
+    toks, lps, tops = Sampler().sample(lg, ["a", "b", "c", "d"], [SamplingParams()] * 4)
+    assert tops == {}                                           # nobody asked
     assert toks == lg.argmax(-1).tolist()
     ref = torch.log_softmax(lg, -1)
     for i, (t, lp) in enumerate(zip(toks, lps)):
@@ -36,7 +39,7 @@ def test_logprobs_are_of_the_model_distribution_whatever_the_settings():
     ref = torch.log_softmax(lg, -1)[0]
     s = Sampler()
     for _ in range(20):
-        (t,), (lp,) = s.sample(lg, ["r"], [SamplingParams(temperature=0.7, top_k=5, seed=3)])
+        (t,), (lp,), _ = s.sample(lg, ["r"], [SamplingParams(temperature=0.7, top_k=5, seed=3)])
         assert lp == pytest.approx(ref[t].item(), abs=1e-6)
 
 
@@ -103,7 +106,8 @@ def test_low_temperature_concentrates_and_high_spreads():
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(max_tokens=-1), dict(temperature=-0.1),
                                  dict(temperature=float("nan")), dict(temperature=float("inf")),
-                                 dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1)])
+                                 dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1),
+                                 dict(top_logprobs=-1), dict(top_logprobs=21), dict(top_logprobs=2.0)])
 def test_sampling_params_validation(bad):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**bad)
@@ -132,3 +136,44 @@ def test_token_seed_mixes_both_and_stays_in_range():
     from common.engine.sampler import token_seed
     seeds = {token_seed(s, i) for s in (0, 1, 2**62, 12345) for i in range(50)}
     assert len(seeds) == 200 and all(0 <= x < 2**63 for x in seeds)
+
+
+# ---- top log-probabilities ------------------------------------------------------------------------
+MIXED = [SamplingParams(top_logprobs=5),                                           # greedy
+         SamplingParams(),                                                         # not asked
+         SamplingParams(temperature=1.0, top_k=3, seed=1, top_logprobs=20),        # sampled
+         SamplingParams(temperature=0.8, seed=2, top_logprobs=1)]
+
+
+def test_top_logprobs_are_sorted_of_log_softmax_and_agree_with_the_chosen_token():
+    lg = logits(4, seed=7)
+    toks, lps, tops = Sampler().sample(lg, ["a", "b", "c", "d"], MIXED, [0, 0, 0, 0])
+    ref = torch.log_softmax(lg, -1)                                              # [4, V]
+    assert set(tops) == {0, 2, 3}                                                # row 1 did not ask
+    for b, top in tops.items():
+        k = MIXED[b].top_logprobs
+        ids, values = [t for t, _ in top], [lp for _, lp in top]
+        assert len(top) == k and all(isinstance(t, int) for t in ids)
+        assert values == sorted(values, reverse=True)
+        assert ids == torch.topk(ref[b], k).indices.tolist()                     # the k most likely
+        assert values == pytest.approx(ref[b, ids].tolist(), abs=1e-6)
+        if toks[b] in ids:                                                       # the same float
+            assert values[ids.index(toks[b])] == lps[b]
+    assert tops[0][0] == (toks[0], lps[0])                                       # greedy: the argmax
+    assert toks[2] in [t for t, _ in tops[2]]                                    # top_k=3 draw, in the top 20
+
+
+def test_asking_for_top_logprobs_changes_no_token():
+    lg = logits(4, seed=8)
+    plain = [SamplingParams(**{f: getattr(p, f) for f in ("temperature", "top_k", "seed")}) for p in MIXED]
+    for i in range(5):
+        with_top = Sampler().sample(lg, ["a", "b", "c", "d"], MIXED, [i] * 4)
+        without = Sampler().sample(lg, ["a", "b", "c", "d"], plain, [i] * 4)
+        assert with_top[:2] == without[:2] and without[2] == {}
+
+
+def test_top_logprobs_beyond_the_vocabulary_lists_every_token():
+    lg = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()
+    _, _, tops = Sampler().sample(lg, ["r"], [SamplingParams(top_logprobs=20)])
+    assert [t for t, _ in tops[0]] == [1, 3, 2, 0]
+    assert [lp for _, lp in tops[0]] == pytest.approx([math.log(p) for p in (0.5, 0.3, 0.15, 0.05)], abs=1e-6)
