@@ -58,41 +58,35 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a stream of token ids into text deltas.
-
-    Decodes a small window of recent tokens and emits only what the newest tokens added, so
-    tokenizers that change a token's text by context (leading spaces) stay exact. A character
-    split across tokens decodes to a trailing U+FFFD until its last byte arrives: that text is
-    held back, never emitted half-made. The concatenated deltas (plus flush()) equal
+    """Turns a stream of token ids into text deltas: `tokenizers`' DecodeStream (Rust, constant work
+    per token), which keeps context-dependent text (leading spaces) exact and holds back a character
+    split across tokens until its last byte arrives. The concatenated deltas (plus flush()) equal
     tokenizer.decode(all ids).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False) -> None:
+        from tokenizers.decoders import DecodeStream
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._backend = tokenizer.hf.backend_tokenizer          # every tokenizer we load is a fast one
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self.ids: list[int] = []
-        self._prefix = 0   # window start: text of ids[_prefix:_read] was already emitted
-        self._read = 0     # ids before this index are fully emitted
+        self._pending: list[int] = []      # ids whose text is not emitted yet (an unfinished character)
 
     def push(self, token_id: int) -> str:
         """Adds one token; returns the newly completed text ('' while a character is pending)."""
         self.ids.append(int(token_id))
-        prefix_text = self._decode(self.ids[self._prefix:self._read])
-        text = self._decode(self.ids[self._prefix:])
-        if text.endswith("\ufffd") or len(text) <= len(prefix_text):
+        self._pending.append(int(token_id))
+        text = self._stream.step(self._backend, int(token_id))
+        if text is None:
             return ""
-        self._prefix, self._read = self._read, len(self.ids)
-        return text[len(prefix_text):]
+        self._pending.clear()
+        return text
 
     def flush(self) -> str:
         """Emits whatever is still held back (an incomplete character becomes U+FFFD)."""
-        prefix_text = self._decode(self.ids[self._prefix:self._read])
-        text = self._decode(self.ids[self._prefix:])
-        self._prefix = self._read = len(self.ids)
-        return text[len(prefix_text):]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        pending, self._pending = self._pending, []
+        return self.tokenizer.decode(pending, skip_special_tokens=self.skip_special_tokens) if pending else ""
 
 
 def load_tokenizer(path: str | None, config: ModelConfig | None = None,
