@@ -315,8 +315,9 @@ class AdmissionRejected(CapacityError):
         self.retry_after_s = decision.retry_after_s
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC pushback: the hint in ms, or -1 (retrying cannot help: a client's retry policy stops)."""
         if self.retry_after_s is None:
-            return ()
+            return ((RETRY_METADATA_KEY, "-1"),)
         return ((RETRY_METADATA_KEY, str(math.ceil(round(self.retry_after_s * 1000, 6)))),)
 
 

@@ -1,10 +1,18 @@
-"""Outgoing gRPC: channels whose every call carries a deadline.
+"""Outgoing gRPC: channels whose every call carries a deadline, and the public API's retry policy.
 
 The rule: every outgoing RPC passes a deadline. Channels made here enforce it: a call made without
 `timeout=` gets the channel's default deadline (DEFAULT_DEADLINE_S), so no call can wait forever
 on a dead peer. Streams whose length depends on the request (Generate, Prefill, Decode) must pass
 their own `timeout=`, derived from the request (max_tokens, SLO), since the default would cut a
-long generation short.
+long generation short. (The deadline is set by client interceptors, not by a service config
+`timeout`: in grpcio a service-config timeout fires about a second early, so a 1 s timeout fails at
+once — grpc/grpc#34547, #40633; tests/unit/test_rpc_status.py shows the interceptors' precision.)
+
+`retry` (the public API's clients: PUBLIC_RETRY) gives the channel a gRPC service config with a
+retry policy (gRFC A6): RESOURCE_EXHAUSTED and UNAVAILABLE are retried with exponential backoff, and
+gRPC waits what the server's `grpc-retry-pushback-ms` says (the router's admission sends it; a
+negative value, sent when retrying cannot help, stops the retries). A stream is retried only before
+its first response message, so a request is never served twice.
 
     async with aio_channel("127.0.0.1:50051") as ch:
         stub = kvstore_pb2_grpc.KVStoreStub(ch)
@@ -15,6 +23,8 @@ long generation short.
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -30,6 +40,44 @@ MESSAGE_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """gRPC's retry policy for `methods`; the server's pushback, when it sends one, replaces the backoff."""
+    methods: tuple[tuple[str, str], ...]
+    max_attempts: int = 3                  # the first try included (gRPC allows at most 5)
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 5.0
+    backoff_multiplier: float = 2.0
+    codes: tuple[str, ...] = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
+
+    def to_json(self) -> dict:
+        return {"maxAttempts": self.max_attempts, "initialBackoff": _duration(self.initial_backoff_s),
+                "maxBackoff": _duration(self.max_backoff_s), "backoffMultiplier": self.backoff_multiplier,
+                "retryableStatusCodes": list(self.codes)}
+
+
+#: What clients of the public API retry: a rejected or unavailable Generate (before any response)
+#: and ModelInfo.
+PUBLIC_RETRY = RetryPolicy(methods=(("mnemosyne.v1.Router", "Generate"), ("mnemosyne.v1.Router", "ModelInfo")))
+
+
+def _duration(seconds: float) -> str:
+    """A protobuf JSON Duration ("0.500000000s")."""
+    return f"{seconds:.9f}s"
+
+
+def service_config(retry: RetryPolicy) -> str:
+    """A service config JSON with `retry`'s policy on its methods."""
+    return json.dumps({"methodConfig": [{"name": [{"service": sv, "method": me} for sv, me in retry.methods],
+                                         "retryPolicy": retry.to_json()}]})
+
+
+def _options(retry: RetryPolicy | None) -> list[tuple[str, Any]]:
+    if retry is None:
+        return list(MESSAGE_OPTIONS)
+    return [*MESSAGE_OPTIONS, ("grpc.service_config", service_config(retry)), ("grpc.enable_retries", 1)]
 
 
 def _with_deadline(details: Any, default_s: float) -> Any:
@@ -85,16 +133,18 @@ class _SyncDeadline(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
         return continuation(_with_deadline(details, self.default_s), request_iterator)
 
 
-def aio_channel(address: str, *, default_deadline_s: float = DEFAULT_DEADLINE_S) -> grpc.aio.Channel:
+def aio_channel(address: str, *, default_deadline_s: float = DEFAULT_DEADLINE_S,
+                retry: RetryPolicy | None = None) -> grpc.aio.Channel:
     """An insecure asyncio channel to "host:port" (loopback or cluster-internal traffic)."""
     interceptors = [cls(default_deadline_s) for cls in
                     (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)]
-    return grpc.aio.insecure_channel(address, options=MESSAGE_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=_options(retry), interceptors=interceptors)
 
 
-def blocking_channel(address: str, *, default_deadline_s: float = DEFAULT_DEADLINE_S) -> grpc.Channel:
+def blocking_channel(address: str, *, default_deadline_s: float = DEFAULT_DEADLINE_S,
+                     retry: RetryPolicy | None = None) -> grpc.Channel:
     """An insecure blocking channel to "host:port"; close it (or use it as a context manager)."""
-    channel = grpc.insecure_channel(address, options=MESSAGE_OPTIONS)
+    channel = grpc.insecure_channel(address, options=_options(retry))
     return grpc.intercept_channel(channel, _SyncDeadline(default_deadline_s))
 
 

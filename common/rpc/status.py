@@ -83,14 +83,15 @@ def _trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
 
 def retry_after_s(err: grpc.RpcError) -> float | None:
     """The server's retry hint (gRPC pushback trailer, milliseconds) of a failed call, in seconds;
-    None when it sent none."""
+    None when it sent none or a negative one (retrying cannot help)."""
     trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
     for key, value in trailers or ():
         if key == RETRY_PUSHBACK_KEY:
             try:
-                return int(value) / 1000
+                ms = int(value)
             except ValueError:
                 return None
+            return ms / 1000 if ms >= 0 else None
     return None
 
 

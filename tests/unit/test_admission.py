@@ -95,6 +95,13 @@ def test_rejects_with_resource_exhausted_and_a_retry_hint_when_the_ttft_cannot_f
     assert err.trailing_metadata() == (("grpc-retry-pushback-ms", "9000"),)
 
 
+def test_a_rejection_retrying_cannot_fix_pushes_back_minus_one():
+    """A negative gRPC pushback stops a client's retry policy (gRFC A6); retry_after_s reads it as no hint."""
+    err = adm.Decision(Outcome.REJECT, "ttft_unattainable", detail="too long").error("r")
+    assert err.trailing_metadata() == (("grpc-retry-pushback-ms", "-1"),)
+    assert "retrying will not help" in str(err)
+
+
 def test_time_already_waited_counts_against_the_deadline():
     d = controller().decide(request(arrival=NOW - 1.5), snap(prefill("p1"), decode("d1")), NOW)
     assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_unattainable")

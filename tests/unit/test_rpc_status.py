@@ -162,6 +162,72 @@ def test_calls_without_a_timeout_get_the_default_deadline():
     asyncio.run(_with_server(body, default_deadline_s=0.2))
 
 
+class Flaky:
+    """mnemosyne.v1.Router: ModelInfo fails RESOURCE_EXHAUSTED (with `pushback` ms) `fails` times, then
+    answers; Generate yields one item, then fails UNAVAILABLE (a stream that already answered)."""
+
+    def __init__(self, fails: int, pushback: str | None) -> None:
+        self.fails, self.pushback, self.calls, self.streams = fails, pushback, [], 0
+
+    async def ModelInfo(self, request, context):
+        self.calls.append(time.monotonic())
+        if len(self.calls) <= self.fails:
+            trailers = (("grpc-retry-pushback-ms", self.pushback),) if self.pushback is not None else ()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", trailing_metadata=trailers)
+        return b"ok"
+
+    async def Generate(self, request, context):
+        self.streams += 1
+        yield b"0"
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "instance failed")
+
+
+def _flaky(fails: int, pushback: str | None, retry) -> tuple[Flaky, list]:
+    flaky = Flaky(fails, pushback)
+    out = []
+
+    async def main():
+        server = RpcServer("127.0.0.1", 0, grace_s=0)
+        server.add_service(lambda s, srv: srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "mnemosyne.v1.Router", {"ModelInfo": grpc.unary_unary_rpc_method_handler(s.ModelInfo),
+                                    "Generate": grpc.unary_stream_rpc_method_handler(s.Generate)}),)),
+            flaky, "mnemosyne.v1.Router")
+        port = await server.start()
+        try:
+            async with client.aio_channel(f"127.0.0.1:{port}", default_deadline_s=5, retry=retry) as ch:
+                try:
+                    out.append(await ch.unary_unary("/mnemosyne.v1.Router/ModelInfo")(b""))
+                except grpc.aio.AioRpcError as e:
+                    out.append(e.code())
+                got = []
+                try:
+                    async for x in ch.unary_stream("/mnemosyne.v1.Router/Generate")(b""):
+                        got.append(x)
+                except grpc.aio.AioRpcError as e:
+                    got.append(e.code())
+                out.append(got)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+    return flaky, out
+
+
+def test_the_public_retry_policy_waits_what_the_server_pushes_back():
+    flaky, out = _flaky(2, "300", client.PUBLIC_RETRY)
+    assert out[0] == b"ok" and len(flaky.calls) == 3
+    gaps = [b - a for a, b in zip(flaky.calls, flaky.calls[1:])]
+    assert all(0.25 <= g < 1.5 for g in gaps), gaps              # the pushback, not the 0.5 s backoff
+    assert out[1] == [b"0", grpc.StatusCode.UNAVAILABLE] and flaky.streams == 1   # answered: never re-sent
+
+
+def test_a_negative_pushback_or_no_policy_means_no_retry():
+    flaky, out = _flaky(2, "-1", client.PUBLIC_RETRY)
+    assert out[0] is grpc.StatusCode.RESOURCE_EXHAUSTED and len(flaky.calls) == 1
+    flaky, out = _flaky(2, "300", None)
+    assert out[0] is grpc.StatusCode.RESOURCE_EXHAUSTED and len(flaky.calls) == 1
+
+
 def test_blocking_channel_has_the_same_rule():
     async def main():
         server = RpcServer("127.0.0.1", 0, grace_s=0)
