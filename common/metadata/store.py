@@ -32,12 +32,28 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, ParamSpec, Sequence, TypeVar
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from common.errors import ConfigError, InvalidRequestError, WorkerFailedError
 from common.metadata.types import GroupRange, Instance, Placement, SchedulingInfo, check_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+#: A command that meets a refused or dropped connection (Redis restarting) is retried with backoff for
+#: about 1.5 s in all before it is StoreUnavailableError; a timeout is not retried (it already waited).
+STORE_RETRIES = 5
+STORE_BACKOFF_BASE_S = 0.05
+STORE_BACKOFF_CAP_S = 0.8
+
+
+def store_retry() -> Retry:
+    """redis-py's own retry for the metadata store's connections (Lua scripts are idempotent, and
+    redis-py reloads one a restarted Redis no longer has)."""
+    return Retry(ExponentialWithJitterBackoff(base=STORE_BACKOFF_BASE_S, cap=STORE_BACKOFF_CAP_S), STORE_RETRIES,
+                 supported_errors=(redis.exceptions.ConnectionError,))
 
 
 class StoreUnavailableError(WorkerFailedError):
@@ -193,7 +209,7 @@ class MetadataStore:
                               f"{_DEPLOYMENT.pattern}")
         try:
             self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                                              socket_connect_timeout=timeout_s)
+                                              socket_connect_timeout=timeout_s, retry=store_retry())
         except ValueError as e:
             raise ConfigError(f"metadata store: bad Redis URL {url!r}: {e}") from e
         self.deployment = deployment

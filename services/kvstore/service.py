@@ -16,6 +16,8 @@ import socket
 import time
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
 from common.errors import ConfigError, MnemosyneError
 from common.metadata.redis_server import RedisServer
@@ -39,14 +41,25 @@ async def wait_for_redis(store: MetadataStore, timeout_s: float) -> None:
     """Returns once Redis answers PING; retries with backoff (one log line per failed attempt) for
     up to `timeout_s`, then raises StoreUnavailableError. A rejected password is a ConfigError at
     once (retrying cannot fix it)."""
-    kw = store.redis.connection_pool.connection_kwargs
+    pool = store.redis.connection_pool
+    kw = pool.connection_kwargs
     where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}"     # no credentials in logs
+    # One PING per attempt, logged: this loop is the backoff (the store's own retry would hide attempts).
+    probe = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class,
+                                                             **{**kw, "retry": Retry(NoBackoff(), 0)}))
+    try:
+        await _ping_until(probe, where, timeout_s)
+    finally:
+        probe.close()
+
+
+async def _ping_until(probe: redis.Redis, where: str, timeout_s: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    delay = REDIS_RETRY_FIRST_S
+    backoff = ExponentialBackoff(cap=REDIS_RETRY_MAX_S, base=REDIS_RETRY_FIRST_S)
     for attempt in itertools.count(1):
         try:
-            await asyncio.to_thread(store.redis.ping)
+            await asyncio.to_thread(probe.ping)
             return
         except redis.exceptions.AuthenticationError as e:
             raise ConfigError(f"kvstore: Redis at {where} refused our credentials: {e}") from e
@@ -56,10 +69,9 @@ async def wait_for_redis(store: MetadataStore, timeout_s: float) -> None:
                 raise StoreUnavailableError(
                     f"kvstore: Redis at {where} did not answer within {timeout_s:g} s "
                     f"({attempt} attempts): {e}") from None
-            wait = min(delay, left)
+            wait = min(backoff.compute(attempt - 1), left)
             log.warning("Redis at %s not reachable (attempt %d, next in %.1f s): %s", where, attempt, wait, e)
             await asyncio.sleep(wait)
-            delay = min(delay * 2, REDIS_RETRY_MAX_S)
 
 
 class KVStoreService:

@@ -183,3 +183,33 @@ def test_deployments_are_isolated(redis_url, store):
         assert other.try_reserve(placement("r")).reason == "gone"
     finally:
         other.close()
+
+
+def test_a_command_outlives_a_redis_restart(tmp_path):
+    """redis-py's retry (store_retry) carries a command across a restart of Redis on the same port;
+    the Lua scripts a restarted Redis forgot are loaded again."""
+    server = RedisServer().start()
+    port = server.port
+    store = MetadataStore(server.url, deployment="restart")
+    try:
+        store.register_instance(Instance("d0", "decode", "127.0.0.1:1", block_size=16, capacity=(4,)), ttl_s=30)
+        server.stop()
+        restarted = []
+        timer = threading.Timer(0.4, lambda: restarted.append(RedisServer(port=port).start()))
+        timer.start()
+        t0 = time.monotonic()
+        assert store.list_instances() == []          # the new Redis is empty, and the call succeeded
+        assert 0.3 < time.monotonic() - t0 < 5
+        timer.join()
+        store.register_instance(Instance("d0", "decode", "127.0.0.1:1", block_size=16, capacity=(4,)), ttl_s=30)
+        assert [i.instance_id for i in store.list_instances()] == ["d0"]
+    finally:
+        store.close()
+        for s in (server, *restarted):
+            s.stop()
+    down = MetadataStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailableError):       # gone for good: unavailable after the retries
+        down.list_instances()
+    assert time.monotonic() - t0 < 5
+    down.close()
