@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from common.config import EngineConfig
 from common.errors import InvalidRequestError, MnemosyneError
-from common.flags import Flags
+from common.flags import Flags, HelpFormatter
 from common.sampling_params import SamplingParams
 
 PROG = "mnemosyne"
@@ -41,7 +41,11 @@ log = logging.getLogger(PROG)
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage dump), exit status 2; after
     parsing, every generated flag's dest holds its value (flag > env > default) and
-    `args.given` the keys a flag or env var set."""
+    `args.given` the keys a flag or env var set. Help shows metavars by type (common.flags.HelpFormatter)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         fail(message)
@@ -139,8 +143,8 @@ def build_parser() -> ArgumentParser:
     prompt = gen.add_argument_group("prompt")
     src = prompt.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="prompt text")
-    src.add_argument("--prompt-file", metavar="F", help="file holding the prompt text (UTF-8)")
-    src.add_argument("--prompt-tokens", metavar="F", help="file holding a JSON list of token ids")
+    src.add_argument("--prompt-file", metavar="FILE", help="file holding the prompt text (UTF-8)")
+    src.add_argument("--prompt-tokens", metavar="FILE", help="file holding a JSON list of token ids")
     prompt.add_argument("--chat", action="store_true",
                         help="wrap the text prompt as a user message in the model's chat template")
     gen.add_argument_group("sampling")
@@ -162,7 +166,7 @@ def build_parser() -> ArgumentParser:
                      help='print one JSON object {"token_ids", "text", "logprobs", "ttft_s", "tbt_s"}')
     gen.set_defaults(func=run_generate)
 
-    demo = sub.add_parser("demo", help="long-prompt demo with the built-in model (what `make up` runs)",
+    demo = sub.add_parser("demo", help="long-prompt demo with the built-in model, offline (what `make demo` runs)",
                           description="Answer a question about a long generated document; print the "
                                       "answer, TTFT, TBT and throughput.")
     demo.add_argument_group("model")

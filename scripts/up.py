@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 from common.config import DType, EngineConfig, KVBackend  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
-from common.flags import ENV_PREFIX, RESERVED_ENV, Flags  # noqa: E402
+from common.flags import ENV_PREFIX, RESERVED_ENV, Flags, HelpFormatter  # noqa: E402
 from common.metadata.redis_server import RedisServer  # noqa: E402
 from common.pool_config import POOL_DEFAULTS  # noqa: E402
 from services.router.config import RouterConfig  # noqa: E402
@@ -352,6 +352,7 @@ class Cluster:
 def build_parser() -> tuple[argparse.ArgumentParser, Flags, Flags, Flags]:
     cluster, pools, router = cluster_flags(), pool_flags(), router_flags()
     p = argparse.ArgumentParser(prog="make up", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter,
                                 epilog='make up ARGS="--model DIR --max-model-len N --decode-kvp K --kvp-tokens M"')
     for flags in (cluster, pools, router):
         flags.add_to(p)
