@@ -381,8 +381,6 @@ def run_remote(args: argparse.Namespace, params: SamplingParams) -> int:
     with the request's own SLOs when --ttft-slo-s / --tbt-slo-s are given (else the deployment's).
     A rejection by the router's admission (RESOURCE_EXHAUSTED) is one error line, exit status 2."""
     from common.client import RouterClient
-    if params.ignore_eos:
-        raise InvalidRequestError("--ignore-eos is not supported with --server (the API has no such option)")
     text = read_prompt_text(args)
     token_ids = read_prompt_tokens(args.prompt_tokens) if args.prompt_tokens is not None else None
 
@@ -393,7 +391,7 @@ def run_remote(args: argparse.Namespace, params: SamplingParams) -> int:
     with RouterClient(args.server) as client:
         c = client.complete(on_text=None if args.json else show, text=text, token_ids=token_ids, chat=args.chat,
                             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                            top_k=params.top_k, seed=params.seed, logprobs=True,
+                            top_k=params.top_k, seed=params.seed, logprobs=True, ignore_eos=params.ignore_eos,
                             ttft_slo_s=args.ttft_slo_s, tbt_slo_s=request_tbt_slo_s(args))
     if args.json:
         print(json.dumps({"token_ids": c.token_ids, "text": c.text, "logprobs": c.logprobs,

@@ -192,16 +192,16 @@ class RouterClient:
                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                 stop_token_ids: tuple[int, ...] = (), logprobs: bool = True, model: str = "",
                 request_id: str = "", ttft_slo_s: float | None = None,
-                tbt_slo_s: float | None = None) -> router_pb2.GenerateRequest:
+                tbt_slo_s: float | None = None, ignore_eos: bool = False) -> router_pb2.GenerateRequest:
         """One GenerateRequest; `ttft_slo_s` / `tbt_slo_s`: the request's own SLO (None = the
-        deployment's default)."""
+        deployment's default); `ignore_eos`: generate past the model's EOS tokens."""
         sampling = common_pb2.SamplingParams(stop_token_ids=list(stop_token_ids))
         for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                             ("top_k", top_k), ("seed", seed)):
             if value is not None:
                 setattr(sampling, name, value)
         req = router_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling,
-                                         model=model, return_logprobs=logprobs)
+                                         model=model, return_logprobs=logprobs, ignore_eos=ignore_eos)
         if ttft_slo_s is not None:
             req.slo.ttft_s = ttft_slo_s
         if tbt_slo_s is not None:

@@ -149,7 +149,8 @@ _SAMPLING_OPTIONAL = ("temperature", "top_p", "top_k", "seed", "max_tokens")
 
 def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
     msg = common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                    max_tokens=p.max_tokens, stop_token_ids=list(p.stop_token_ids))
+                                    max_tokens=p.max_tokens, stop_token_ids=list(p.stop_token_ids),
+                                    ignore_eos=p.ignore_eos)
     if p.seed is not None:
         msg.seed = p.seed
     return msg
@@ -158,4 +159,4 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
 def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
     """Unset fields keep the domain defaults; bad values raise InvalidRequestError."""
     kw = {name: getattr(msg, name) for name in _SAMPLING_OPTIONAL if msg.HasField(name)}
-    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), **kw)
+    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos, **kw)

@@ -26,7 +26,8 @@ def prompt_from_proto(req: router_pb2.GenerateRequest) -> PromptInput:
                        token_ids=list(req.token_ids.ids) if which == "token_ids" else None,
                        chat=req.chat, model=req.model, sampling=sampling, return_logprobs=req.return_logprobs,
                        ttft_slo_s=slo.ttft_s if slo is not None and slo.HasField("ttft_s") else None,
-                       tbt_slo_s=slo.tbt_s if slo is not None and slo.HasField("tbt_s") else None)
+                       tbt_slo_s=slo.tbt_s if slo is not None and slo.HasField("tbt_s") else None,
+                       ignore_eos=req.ignore_eos)
 
 
 def event_to_proto(ev: Started | Progress | Delta | Finished) -> router_pb2.GenerateResponse:

@@ -47,3 +47,19 @@ def test_generate_sends_the_requests_own_slos_to_the_router(cluster: Cluster):
     assert lines[0].startswith("mnemosyne: error: RESOURCE_EXHAUSTED: "), lines[0]
     assert "rejected by admission (ttft_unattainable)" in lines[0], lines[0]
     assert "Traceback" not in r.stderr and r.stdout.strip() == ""
+
+
+def test_ignore_eos_is_honoured_over_the_server(cluster: Cluster):
+    """The built-in model ends this chat answer with <|im_end|> well before 24 tokens; with
+    --ignore-eos the router and the pools generate exactly --max-tokens."""
+    question = ("--prompt", "What is the capital of France?", "--chat", "--max-tokens", "24", "--json")
+    plain = subprocess.run([sys.executable, "-m", "common.cli", "generate", "--server", cluster.router_address,
+                            *question], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                           text=True, timeout=180)
+    assert plain.returncode == 0, plain.stderr
+    assert len(json.loads(plain.stdout)["token_ids"]) < 24
+    r = subprocess.run([sys.executable, "-m", "common.cli", "generate", "--server", cluster.router_address,
+                        *question, "--ignore-eos"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["token_ids"]) == 24
