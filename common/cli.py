@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.config import EngineConfig
-from common.errors import InvalidRequestError, MnemosyneError
+from common.errors import InvalidRequestError, MnemosyneError, UnreachableError
 from common.flags import Flags, HelpFormatter
 from common.sampling_params import SamplingParams
 
 PROG = "mnemosyne"
 EXIT_USAGE = 2
+EXIT_UNREACHABLE = 1           # --server: no router answers at that address
 
 log = logging.getLogger(PROG)
 
@@ -60,10 +61,10 @@ class ArgumentParser(argparse.ArgumentParser):
         return ns, rest
 
 
-def fail(message: str) -> typing.NoReturn:
+def fail(message: str, status: int = EXIT_USAGE) -> typing.NoReturn:
     first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
     sys.stderr.write(f"{PROG}: error: {first}\n")
-    sys.exit(EXIT_USAGE)
+    sys.exit(status)
 
 
 # ---- flags generated from the config dataclasses ------------------------------------------------
@@ -214,6 +215,9 @@ def check_args(args: argparse.Namespace) -> EngineConfig:
     """Rejects bad values before anything slow (loading the model) happens; the EngineConfig."""
     if getattr(args, "chat", False) and getattr(args, "prompt_tokens", None) is not None:
         raise InvalidRequestError("--chat applies to a text prompt, not to --prompt-tokens")
+    if getattr(args, "server", None):
+        from common.client import router_target
+        router_target(args.server)                          # a malformed address fails here, at once
     ttft = getattr(args, "ttft_slo_s", None)
     if ttft is not None:
         if not (math.isfinite(ttft) and ttft > 0):
@@ -424,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format=f"{PROG}: %(levelname)s: %(message)s")
     try:
         return args.func(args)
+    except UnreachableError as e:
+        fail(str(e), EXIT_UNREACHABLE)
     except (MnemosyneError, ValueError, OSError) as e:
         fail(str(e) or type(e).__name__)
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
 - `KVStoreClient` (asyncio): membership, placements and leases, for the router and the instances.
 - `Membership` (asyncio): registers an instance and keeps it alive with heartbeats.
-- `RouterClient` (blocking): the public Generate API, for `mnemosyne generate --server ADDR`.
+- `RouterClient` (blocking): the public Generate API, for `mnemosyne generate --server ADDR`;
+  `router_target` reads its address (HOST, HOST:PORT, [IPv6]:PORT; the port defaults to 50051).
 
 Every call carries a deadline (common/rpc/client.py); failed calls raise the typed error of the peer
 (common/rpc/status.error_from_rpc).
@@ -17,12 +18,12 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from common.errors import MnemosyneError, PlacementError
+from common.errors import InvalidRequestError, MnemosyneError, PlacementError, UnreachableError
 from common.metadata.types import Instance, Placement
 from common.rpc import client as rpc_client
 from common.rpc import convert
 from common.rpc.protos import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
-from common.rpc.status import error_from_rpc
+from common.rpc.status import ERROR_KEY, error_from_rpc, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +164,59 @@ class Completion:
     tbt_slo_s: float | None = None
 
 
+DEFAULT_ROUTER_PORT = 50051          # the router's default --port (services/router/config.py)
+
+
+def router_target(address: str, default_port: int = DEFAULT_ROUTER_PORT) -> str:
+    """The gRPC target of a router address: "HOST" or "HOST:PORT" -> "HOST:PORT", "[::1]:PORT",
+    "[::1]" or "::1" -> "[::1]:PORT" (the port defaults to `default_port`, not to 443 as a bare host
+    would in gRPC). InvalidRequestError names what is wrong with a malformed one."""
+    text = address.strip()
+    host, port = text, ""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise InvalidRequestError(f"bad router address {address!r}: expected [IPv6]:PORT")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host:
+        raise InvalidRequestError(f"bad router address {address!r}: no host (expected HOST[:PORT])")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidRequestError(f"bad router address {address!r}: port must be 1..65535")
+    else:
+        port = str(default_port)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _unreachable(err: grpc.RpcError) -> str | None:
+    """Why nothing answered (for a call that failed before any response), or None when a peer
+    answered: a Mnemosyne service always names its error in the trailers."""
+    if not hasattr(err, "code") or err.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    if any(key == ERROR_KEY for key, _ in (err.trailing_metadata() or ())):
+        return None
+    details = (err.details() or "").lower()
+    if "resolv" in details or "lookup" in details:
+        return "unknown host"
+    return ("connection refused" if "refused" in details else "unavailable") + "; is `make up` running?"
+
+
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
                   common_pb2.FINISH_REASON_ABORTED: "abort"}
 ROUTES = {router_pb2.ROUTE_DECODE_ONLY: "decode_only", router_pb2.ROUTE_DISAGGREGATED: "disaggregated"}
 
 
 class RouterClient:
-    """`with RouterClient("127.0.0.1:50051") as c: c.complete(text="Hi", max_tokens=8)`."""
+    """`with RouterClient("127.0.0.1:50051") as c: c.complete(text="Hi", max_tokens=8)`.
+
+    `address` as for `router_target` ("localhost" is localhost:50051). A router that is not there
+    raises UnreachableError; any other failed call the typed error of the router's status, whose
+    message is "CODE: the router's message" (RESOURCE_EXHAUSTED with its retry hint)."""
 
     def __init__(self, address: str, timeout_s: float = 600.0) -> None:
-        self.address = address
+        self.address = router_target(address)
         self.timeout_s = timeout_s
         self._channel = rpc_client.blocking_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
@@ -213,11 +257,22 @@ class RouterClient:
         return req
 
     def stream(self, request: router_pb2.GenerateRequest) -> Iterator[router_pb2.GenerateResponse]:
-        """The raw event stream; a failed call raises the peer's typed error."""
+        """The raw event stream; a failed call raises the peer's typed error (UnreachableError when
+        no router answered)."""
+        answered = False
         try:
-            yield from self._stub.Generate(request, timeout=self.timeout_s)
+            for ev in self._stub.Generate(request, timeout=self.timeout_s):
+                answered = True
+                yield ev
         except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+            why = None if answered else _unreachable(e)
+            if why is not None:
+                raise UnreachableError(f"cannot reach the router at {self.address} ({why})") from None
+            err = error_from_rpc(e)
+            hint = retry_after_s(e)
+            if hint is not None and "retry" not in str(err):
+                err = type(err)(f"{err}; retry after {hint:.1f}s")
+            raise err from None
 
     def complete(self, on_text: Callable[[str], None] | None = None, **kwargs: Any) -> Completion:
         """Runs one request to its end (kwargs as for `request`); `on_text(delta)` as text arrives."""
