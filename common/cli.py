@@ -15,6 +15,7 @@ long, bad sampling value) prints ONE line `mnemosyne: error: ...` on stderr and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -165,6 +166,9 @@ def build_parser() -> ArgumentParser:
     out = gen.add_argument_group("output")
     out.add_argument("--json", action="store_true",
                      help='print one JSON object {"token_ids", "text", "logprobs", "ttft_s", "tbt_s"}')
+    out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="a long prompt's prefill progress (tokens, tokens/s, ETA) on stderr (default: when "
+                          "stderr is a terminal; forced on a pipe: one line a second)")
     gen.set_defaults(func=run_generate)
 
     demo = sub.add_parser("demo", help="long-prompt demo with the built-in model, offline (what `make demo` runs)",
@@ -289,8 +293,11 @@ class Generation:
     finish_reason: str
 
 
-def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_token=None) -> Generation:
-    """Runs one request step by step; `on_token(token_id)` is called as each token is sampled.
+def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_token=None,
+               on_progress=None) -> Generation:
+    """Runs one request step by step; `on_token(token_id)` is called as each token is sampled,
+    `on_progress(tokens_done, prompt_len)` after each step of its prefill (the last one with
+    tokens_done = prompt_len, before the first token's on_token).
 
     TTFT is measured from the request's arrival (add_request) to its first sampled token.
     """
@@ -304,6 +311,8 @@ def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_to
             engine.abort(rid)
             raise MnemosyneError("the request cannot make progress (KV cache too small)")
         for o in outs:
+            if on_progress is not None and not gen.token_ids:
+                on_progress(o.num_computed, o.prompt_len)
             if o.token_id is None:
                 continue
             now = time.monotonic()
@@ -319,6 +328,12 @@ def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_to
             if o.finish_reason is not None:
                 gen.finish_reason = o.finish_reason.value
     return gen
+
+
+def prefill_bar(args: argparse.Namespace) -> Any:
+    """The prefill progress bar on stderr: --progress / --no-progress, else when stderr is a terminal."""
+    from common.progress import PrefillBar, wanted
+    return PrefillBar(sys.stderr, enabled=wanted(args.progress, sys.stderr))
 
 
 def timing_line(prompt_len: int, g: Generation) -> str:
@@ -361,9 +376,11 @@ def run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(decoder.push(token_id))
         sys.stdout.flush()
 
+    bar = prefill_bar(args)
     try:
-        g = stream_one(engine, prompt_ids, params, on_token=show if stream else None)
+        g = stream_one(engine, prompt_ids, params, on_token=show if stream else None, on_progress=bar.update)
     finally:
+        bar.close()
         if hasattr(engine, "shutdown"):
             engine.shutdown()
     text_out = tokenizer.decode(g.token_ids, skip_special_tokens=True) if tokenizer is not None else ""
@@ -388,14 +405,18 @@ def run_remote(args: argparse.Namespace, params: SamplingParams) -> int:
     text = read_prompt_text(args)
     token_ids = read_prompt_tokens(args.prompt_tokens) if args.prompt_tokens is not None else None
 
+    bar = prefill_bar(args)
+
     def show(delta: str) -> None:
+        bar.close()
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    with RouterClient(args.server) as client:
-        c = client.complete(on_text=None if args.json else show, text=text, token_ids=token_ids, chat=args.chat,
-                            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                            top_k=params.top_k, seed=params.seed, logprobs=True, ignore_eos=params.ignore_eos,
+    with RouterClient(args.server) as client, contextlib.closing(bar):
+        c = client.complete(on_text=None if args.json else show, on_progress=bar.update, text=text,
+                            token_ids=token_ids, chat=args.chat, max_tokens=params.max_tokens,
+                            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                            seed=params.seed, logprobs=True, ignore_eos=params.ignore_eos,
                             ttft_slo_s=args.ttft_slo_s, tbt_slo_s=request_tbt_slo_s(args))
     if args.json:
         print(json.dumps({"token_ids": c.token_ids, "text": c.text, "logprobs": c.logprobs,

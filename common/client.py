@@ -274,8 +274,10 @@ class RouterClient:
                 err = type(err)(f"{err}; retry after {hint:.1f}s")
             raise err from None
 
-    def complete(self, on_text: Callable[[str], None] | None = None, **kwargs: Any) -> Completion:
-        """Runs one request to its end (kwargs as for `request`); `on_text(delta)` as text arrives."""
+    def complete(self, on_text: Callable[[str], None] | None = None,
+                 on_progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> Completion:
+        """Runs one request to its end (kwargs as for `request`); `on_text(delta)` as text arrives,
+        `on_progress(tokens_done, tokens_total)` for each PrefillProgress (a long prompt's prefill)."""
         t0 = time.monotonic()
         last = t0
         out = Completion()
@@ -287,6 +289,9 @@ class RouterClient:
                 for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s"):
                     if ev.started.HasField(name):
                         setattr(out, name, getattr(ev.started, name))
+            elif kind == "progress":
+                if on_progress is not None:
+                    on_progress(ev.progress.tokens_done, ev.progress.tokens_total)
             elif kind == "delta":
                 now = time.monotonic()
                 if ev.delta.token_ids:

@@ -77,6 +77,18 @@ def test_text_prompt_file_and_plain_output(tiny, tmp_path):
     tokens, _ = in_process(tiny, tok.encode("The quick brown fox"), SamplingParams(max_tokens=5, ignore_eos=True))
     assert r.stdout == tok.decode(tokens, skip_special_tokens=True) + "\n"
     assert "TTFT" in r.stderr and "5 generated" in r.stderr
+    assert "prefill [" not in r.stderr                  # no progress bar unless stderr is a terminal
+
+
+def test_forced_progress_lines_go_to_stderr_and_end_at_the_prompt_length(tiny, tmp_path):
+    f = tmp_path / "ids.json"
+    f.write_text(json.dumps([(7 * i + 3) % 200 + 10 for i in range(200)]))
+    r = cli("generate", "--model", tiny, "--prompt-tokens", str(f), "--max-tokens", "2", "--ignore-eos",
+            "--chunk-size", "16", "--progress")
+    assert r.returncode == 0, r.stderr
+    bars = [line for line in r.stderr.splitlines() if line.startswith("prefill [")]
+    assert bars and "200/200 tokens  100%" in bars[-1] and "tokens/s" in bars[-1], r.stderr
+    assert "prefill [" not in r.stdout and r.stdout.endswith("\n")
 
 
 def test_sampling_flags_are_seeded(tiny):
