@@ -1,4 +1,6 @@
-"""`mnemosyne` command line: `generate` (one request through the in-process engine) and `demo`.
+"""`mnemosyne` command line: `generate` (one request through the in-process engine, or a running
+router with --server), `serve` (the local cluster: scripts/up.py, what `make up` runs), `demo` and
+`worker`.
 
 Flags are generated from the config dataclasses by common/flags.py (SamplingParams and every field
 of EngineConfig: its own, CacheConfig, SchedulerConfig, ParallelConfig), so their names, types and
@@ -137,7 +139,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Mnemosyne: exact long-context LLM serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,demo,worker}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,demo,worker}")
 
     gen = sub.add_parser("generate", help="run one prompt through the in-process engine",
                          description="Run one prompt through the in-process engine.")
@@ -170,6 +172,12 @@ def build_parser() -> ArgumentParser:
                      help="a long prompt's prefill progress (tokens, tokens/s, ETA) on stderr (default: when "
                           "stderr is a terminal; forced on a pipe: one line a second)")
     gen.set_defaults(func=run_generate)
+
+    # `serve` takes scripts/up.py's flags; main() hands its arguments to up.py before parsing.
+    serve = sub.add_parser("serve", add_help=False,
+                           help="start the local cluster on loopback, what `make up` runs (`mnemosyne serve "
+                                "--help` lists its flags)")
+    serve.set_defaults(func=lambda args: run_serve([]))
 
     demo = sub.add_parser("demo", help="long-prompt demo with the built-in model, offline (what `make demo` runs)",
                           description="Answer a question about a long generated document; print the "
@@ -437,6 +445,18 @@ def run_worker(args: argparse.Namespace) -> int:
     return worker_main(argv)
 
 
+def run_serve(argv: list[str]) -> int:
+    """`mnemosyne serve [FLAGS]` = `make up ARGS="FLAGS"`: scripts/up.py's main, which needs the
+    source checkout this package was installed from (the services run from it)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "scripts" / "up.py").is_file():
+        fail(f"serve starts the services of a source checkout (scripts/up.py); there is none at {root}")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from scripts.up import main as up_main
+    return up_main(argv, prog=f"{PROG} serve")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from common.engine.demo import run
     return run(args)
@@ -444,6 +464,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
 # ---- entry point --------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "serve":                      # every later argument is up.py's
+        return run_serve(argv[argv.index("serve") + 1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(message)s")

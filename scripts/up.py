@@ -1,6 +1,7 @@
 """`make up`: the whole disaggregated deployment on loopback, one process per service.
 
     make up ARGS="--model DIR --max-model-len N --decode-kvp K --kvp-tokens M"
+    .venv/bin/mnemosyne serve --model DIR ...                 # the same (make up runs it)
     .venv/bin/python scripts/up.py [--kv-backend tcp|nixl] [--port 50051] [--policy fcfs] ...
 
 Starts, in order: Redis (a private redis-server unless --redis-url), the kvstore, one prefill instance
@@ -349,9 +350,9 @@ class Cluster:
 
 
 # ---- make up ----------------------------------------------------------------------------------------
-def build_parser() -> tuple[argparse.ArgumentParser, Flags, Flags, Flags]:
+def build_parser(prog: str = "make up") -> tuple[argparse.ArgumentParser, Flags, Flags, Flags]:
     cluster, pools, router = cluster_flags(), pool_flags(), router_flags()
-    p = argparse.ArgumentParser(prog="make up", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter,
                                 epilog='make up ARGS="--model DIR --max-model-len N --decode-kvp K --kvp-tokens M"')
     for flags in (cluster, pools, router):
@@ -359,10 +360,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, Flags, Flags, Flags]:
     return p, cluster, pools, router
 
 
-def parse_args(argv: list[str] | None, env: dict[str, str] | None = None) -> ClusterConfig:
+def parse_args(argv: list[str] | None, env: dict[str, str] | None = None, prog: str = "make up") -> ClusterConfig:
     """The ClusterConfig of `make up`'s flags (flag > MNEMOSYNE_<FLAG> > default). The pools' and
     the router's flags that were given are checked here and passed on as flags."""
-    p, cluster, pools, router = build_parser()
+    p, cluster, pools, router = build_parser(prog)
     args = p.parse_args(argv)
     try:
         pool_given, router_given = pools.given(args, env), router.given(args, env)
@@ -374,9 +375,10 @@ def parse_args(argv: list[str] | None, env: dict[str, str] | None = None) -> Clu
         p.error(str(e))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "make up") -> int:
+    """`make up`, `mnemosyne serve` (`prog`: the name its usage line shows)."""
     logging.basicConfig(level=logging.INFO, format="up: %(message)s")
-    config = parse_args(argv)
+    config = parse_args(argv, prog=prog)
     stop = False
 
     def on_signal(signum, frame):

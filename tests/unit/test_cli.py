@@ -153,7 +153,7 @@ def bad_cases(tiny: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "two prompts": (gen + ["--prompt", "a", "--prompt-tokens", str(tmp / "ok.json")], "not allowed"),
         "chat with token ids": (gen + ["--prompt-tokens", str(tmp / "ok.json"), "--chat"], "--chat"),
         "no subcommand": ([], "required"),
-        "unknown subcommand": (["serve"], "invalid choice"),
+        "unknown subcommand": (["frobnicate"], "invalid choice"),
         "unknown flag": (gen + ["--prompt", "hi", "--frobnicate"], "unrecognized"),
         "ttft slo without --server": (gen + ["--prompt", "hi", "--ttft-slo-s", "5"], "--ttft-slo-s needs --server"),
         "zero ttft slo": (gen + ["--prompt", "hi", "--server", "127.0.0.1:9", "--ttft-slo-s", "0"],
