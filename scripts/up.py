@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib.util
 import json
 import logging
@@ -30,6 +31,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -154,6 +156,35 @@ def pool_flags() -> Flags:
 def router_flags() -> Flags:
     return Flags(RouterConfig, exclude=ROUTER_CLUSTER_KEYS, dest_prefix="router_",
                  groups={"": "router", "slo": "router: default SLOs"})
+
+
+def fixed_ports(config: ClusterConfig) -> list[tuple[str, int]]:
+    """(flag, port) of every fixed port the cluster binds: the router's --port and, when the config
+    has one, --http-port (0 = a free one, not listed). Every other port is a free one."""
+    ports = [("--port", config.router_port), ("--http-port", getattr(config, "http_port", None))]
+    return [(flag, port) for flag, port in ports if type(port) is int and port > 0]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port now (binding it as the services will fails)."""
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # as gRPC: TIME_WAIT is no clash
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def busy_port(config: ClusterConfig) -> str | None:
+    """The error line for the first fixed port already taken, before anything starts (a router
+    that fails to bind would otherwise say so only after the models have loaded)."""
+    for flag, port in fixed_ports(config):
+        if port_in_use(config.host, port):
+            return f"port {port} on {config.host} is in use (another `make up`?); choose another with {flag}"
+    return None
 
 
 @dataclass
@@ -379,6 +410,10 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
     """`make up`, `mnemosyne serve` (`prog`: the name its usage line shows)."""
     logging.basicConfig(level=logging.INFO, format="up: %(message)s")
     config = parse_args(argv, prog=prog)
+    busy = busy_port(config)
+    if busy is not None:
+        print(f"up: {busy}", file=sys.stderr)
+        return 2
     stop = False
 
     def on_signal(signum, frame):

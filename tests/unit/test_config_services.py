@@ -141,3 +141,35 @@ def test_up_help_lists_the_engine_scheduler_and_router_flags(monkeypatch):
     assert serve.returncode == 0, serve.stderr
     monkeypatch.setenv("COLUMNS", "100")
     assert serve.stdout == build_parser(prog="mnemosyne serve")[0].format_help()
+
+
+def test_fixed_ports_are_the_router_port_and_an_http_port_when_there_is_one():
+    from types import SimpleNamespace
+
+    from scripts.up import fixed_ports
+    assert fixed_ports(ClusterConfig()) == [("--port", 50051)]
+    assert fixed_ports(ClusterConfig(router_port=0)) == []
+    assert fixed_ports(SimpleNamespace(router_port=7000, http_port=8080)) == [("--port", 7000), ("--http-port", 8080)]
+    assert fixed_ports(SimpleNamespace(router_port=7000, http_port=0)) == [("--port", 7000)]
+
+
+def test_make_up_refuses_a_port_in_use_at_once_before_starting_anything(tmp_path):
+    import socket
+    import time
+
+    from scripts.up import port_in_use
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert port_in_use("127.0.0.1", port)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOSYNE_")}
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "common.cli", "serve", "--port", str(port), "--log-dir",
+                            str(tmp_path / "logs")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert r.stderr == (f"up: port {port} on 127.0.0.1 is in use (another `make up`?); choose another "
+                            "with --port\n")
+        assert r.stdout == "" and not (tmp_path / "logs").exists()      # nothing was started
+        assert time.monotonic() - t0 < 60
+    assert not port_in_use("127.0.0.1", port)
