@@ -414,11 +414,13 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
     if busy is not None:
         print(f"up: {busy}", file=sys.stderr)
         return 2
-    stop = False
+    stop = starting = False
 
     def on_signal(signum, frame):
         nonlocal stop
         stop = True
+        if starting:                            # Cluster.start stops what it started, in order
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -431,10 +433,16 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
     print(f"Starting Mnemosyne on loopback (KV over {config.kv_backend}; logs in {cluster.log_dir}) ...",
           flush=True)
     try:
+        starting = True
         cluster.start()
+        starting = False
     except ConfigError as e:
         print(f"up: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        cluster.stop()
+        print("Interrupted while starting; all stopped.", flush=True)
+        return 130
     try:
         print(f"  redis    {cluster.redis_url}")
         for name, what in (("kvstore", "placement + leases"),
