@@ -202,6 +202,7 @@ def help_texts(capsys) -> dict[str, str]:
     sub = next(a for a in cli._actions if isinstance(a, argparse._SubParsersAction))
     out = {"mnemosyne": cli.format_help(), "make up": up_parser()[0].format_help()}
     out.update({f"mnemosyne {name}": p.format_help() for name, p in sub.choices.items()})
+    out["mnemosyne serve"] = up_parser(prog="mnemosyne serve")[0].format_help()     # up.py parses its flags
     for name, entry in (("router", RouterConfig.from_args), ("prefill", PrefillConfig.from_args),
                         ("decode", DecodeConfig.from_args), ("kvstore", KVStoreConfig.from_args),
                         ("worker", worker_main)):
