@@ -288,7 +288,8 @@ def test_router_errors_are_one_line_with_the_status_name_and_the_retry_hint():
          CapacityError, "RESOURCE_EXHAUSTED: queue full; retry after 1.5s"),
         (FakeRpcError(grpc.StatusCode.UNAVAILABLE, "decode instance d1 failed", ((ERROR_KEY, "WorkerFailedError"),)),
          0, WorkerFailedError, "UNAVAILABLE: decode instance d1 failed"),
-        (FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"), 1, WorkerFailedError, "UNAVAILABLE: Socket closed"),
+        (FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"), 1, WorkerFailedError,
+         "UNAVAILABLE: Socket closed"),                  # the router went away mid-stream: not "cannot reach"
         (FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; Connection refused"), 0,
          UnreachableError, "cannot reach the router at h:1 (connection refused; is `make up` running?)"),
     ]
