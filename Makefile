@@ -11,11 +11,12 @@ setup:
 proto: setup
 
 # The main job: Redis, kvstore, a prefill instance (spp=2), a decode instance (kvp=2) and the router on
-# 127.0.0.1:50051, serving the built-in model. Ctrl-C stops them all. Flags (scripts/up.py --help):
+# 127.0.0.1:50051, serving the built-in model. Ctrl-C stops them all. `mnemosyne serve` (scripts/up.py);
+# flags: make up ARGS=--help, e.g.
 #   make up ARGS="--model DIR --max-model-len N --decode-kvp K --kvp-tokens M"
 ARGS ?=
 up: setup
-	$(PY) scripts/up.py $(ARGS)
+	$(PY) -m common.cli serve $(ARGS)
 
 # Offline: the built-in model answers a question about a long document; prints text, TTFT and TBT.
 demo: setup

@@ -1,4 +1,6 @@
-"""`mnemosyne` command line: `generate` (one request through the in-process engine) and `demo`.
+"""`mnemosyne` command line: `generate` (one request through the in-process engine, or a running
+router with --server), `serve` (the local cluster: scripts/up.py, what `make up` runs), `demo` and
+`worker`.
 
 Flags are generated from the config dataclasses by common/flags.py (SamplingParams and every field
 of EngineConfig: its own, CacheConfig, SchedulerConfig, ParallelConfig), so their names, types and
@@ -15,6 +17,7 @@ long, bad sampling value) prints ONE line `mnemosyne: error: ...` on stderr and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,12 +31,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.config import EngineConfig
-from common.errors import InvalidRequestError, MnemosyneError
-from common.flags import Flags
+from common.errors import InvalidRequestError, MnemosyneError, UnreachableError
+from common.flags import Flags, HelpFormatter
 from common.sampling_params import SamplingParams
 
 PROG = "mnemosyne"
 EXIT_USAGE = 2
+EXIT_UNREACHABLE = 1           # --server: no router answers at that address
 
 log = logging.getLogger(PROG)
 
@@ -41,7 +45,11 @@ log = logging.getLogger(PROG)
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (no usage dump), exit status 2; after
     parsing, every generated flag's dest holds its value (flag > env > default) and
-    `args.given` the keys a flag or env var set."""
+    `args.given` the keys a flag or env var set. Help shows metavars by type (common.flags.HelpFormatter)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         fail(message)
@@ -56,10 +64,10 @@ class ArgumentParser(argparse.ArgumentParser):
         return ns, rest
 
 
-def fail(message: str) -> typing.NoReturn:
+def fail(message: str, status: int = EXIT_USAGE) -> typing.NoReturn:
     first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
     sys.stderr.write(f"{PROG}: error: {first}\n")
-    sys.exit(EXIT_USAGE)
+    sys.exit(status)
 
 
 # ---- flags generated from the config dataclasses ------------------------------------------------
@@ -135,7 +143,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Mnemosyne: exact long-context LLM serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,demo,worker}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,demo,worker}")
 
     gen = sub.add_parser("generate", help="run one prompt through the in-process engine",
                          description="Run one prompt through the in-process engine.")
@@ -143,8 +151,8 @@ def build_parser() -> ArgumentParser:
     prompt = gen.add_argument_group("prompt")
     src = prompt.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="prompt text")
-    src.add_argument("--prompt-file", metavar="F", help="file holding the prompt text (UTF-8)")
-    src.add_argument("--prompt-tokens", metavar="F", help="file holding a JSON list of token ids")
+    src.add_argument("--prompt-file", metavar="FILE", help="file holding the prompt text (UTF-8)")
+    src.add_argument("--prompt-tokens", metavar="FILE", help="file holding a JSON list of token ids")
     prompt.add_argument("--chat", action="store_true",
                         help="wrap the text prompt as a user message in the model's chat template")
     gen.add_argument_group("sampling")
@@ -158,6 +166,9 @@ def build_parser() -> ArgumentParser:
     serving.add_argument("--server", metavar="HOST:PORT", default=None,
                          help="a Mnemosyne router (e.g. 127.0.0.1:50051, started by `make up`); the model, "
                               "scheduling and parallel flags are then the server's business")
+    serving.add_argument("--retries", metavar="N", type=int, default=2, choices=range(5),
+                         help="with --server: send a request the router rejected for load again, up to N times, "
+                              "after the wait the router asks for (its retry hint); never one it says cannot fit")
     serving.add_argument("--ttft-slo-s", metavar="S", type=float, default=None,
                          help="the request's own TTFT SLO in seconds; needs --server (default: the "
                               "deployment's, which scales the TTFT deadline with the prompt)")
@@ -165,9 +176,18 @@ def build_parser() -> ArgumentParser:
     out.add_argument("--json", action="store_true",
                      help='print one JSON object {"token_ids", "text", "logprobs", "ttft_s", "tbt_s"}, '
                           'with --top-logprobs also "top_logprobs": per token a list of [token_id, logprob]')
+    out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="a long prompt's prefill progress (tokens, tokens/s, ETA) on stderr (default: when "
+                          "stderr is a terminal; forced on a pipe: one line a second)")
     gen.set_defaults(func=run_generate)
 
-    demo = sub.add_parser("demo", help="long-prompt demo with the built-in model (what `make up` runs)",
+    # `serve` takes scripts/up.py's flags; main() hands its arguments to up.py before parsing.
+    serve = sub.add_parser("serve", add_help=False,
+                           help="start the local cluster on loopback, what `make up` runs (`mnemosyne serve "
+                                "--help` lists its flags)")
+    serve.set_defaults(func=lambda args: run_serve([]))
+
+    demo = sub.add_parser("demo", help="long-prompt demo with the built-in model, offline (what `make demo` runs)",
                           description="Answer a question about a long generated document; print the "
                                       "answer, TTFT, TBT and throughput.")
     demo.add_argument_group("model")
@@ -215,6 +235,9 @@ def check_args(args: argparse.Namespace) -> EngineConfig:
     """Rejects bad values before anything slow (loading the model) happens; the EngineConfig."""
     if getattr(args, "chat", False) and getattr(args, "prompt_tokens", None) is not None:
         raise InvalidRequestError("--chat applies to a text prompt, not to --prompt-tokens")
+    if getattr(args, "server", None):
+        from common.client import router_target
+        router_target(args.server)                          # a malformed address fails here, at once
     ttft = getattr(args, "ttft_slo_s", None)
     if ttft is not None:
         if not (math.isfinite(ttft) and ttft > 0):
@@ -287,8 +310,11 @@ class Generation:
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)   # when asked
 
 
-def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_token=None) -> Generation:
-    """Runs one request step by step; `on_token(token_id)` is called as each token is sampled.
+def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_token=None,
+               on_progress=None) -> Generation:
+    """Runs one request step by step; `on_token(token_id)` is called as each token is sampled,
+    `on_progress(tokens_done, prompt_len)` after each step of its prefill (the last one with
+    tokens_done = prompt_len, before the first token's on_token).
 
     TTFT is measured from the request's arrival (add_request) to its first sampled token.
     """
@@ -302,6 +328,8 @@ def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_to
             engine.abort(rid)
             raise MnemosyneError("the request cannot make progress (KV cache too small)")
         for o in outs:
+            if on_progress is not None and not gen.token_ids:
+                on_progress(o.num_computed, o.prompt_len)
             if o.token_id is None:
                 continue
             now = time.monotonic()
@@ -319,6 +347,12 @@ def stream_one(engine: Any, prompt_ids: list[int], params: SamplingParams, on_to
             if o.finish_reason is not None:
                 gen.finish_reason = o.finish_reason.value
     return gen
+
+
+def prefill_bar(args: argparse.Namespace) -> Any:
+    """The prefill progress bar on stderr: --progress / --no-progress, else when stderr is a terminal."""
+    from common.progress import PrefillBar, wanted
+    return PrefillBar(sys.stderr, enabled=wanted(args.progress, sys.stderr))
 
 
 def timing_line(prompt_len: int, g: Generation) -> str:
@@ -385,9 +419,11 @@ def run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(decoder.push(token_id))
         sys.stdout.flush()
 
+    bar = prefill_bar(args)
     try:
-        g = stream_one(engine, prompt_ids, params, on_token=show if stream else None)
+        g = stream_one(engine, prompt_ids, params, on_token=show if stream else None, on_progress=bar.update)
     finally:
+        bar.close()
         if hasattr(engine, "shutdown"):
             engine.shutdown()
     text_out = tokenizer.decode(g.token_ids, skip_special_tokens=True) if tokenizer is not None else ""
@@ -410,19 +446,22 @@ def run_remote(args: argparse.Namespace, params: SamplingParams) -> int:
     with the request's own SLOs when --ttft-slo-s / --tbt-slo-s are given (else the deployment's).
     A rejection by the router's admission (RESOURCE_EXHAUSTED) is one error line, exit status 2."""
     from common.client import RouterClient
-    if params.ignore_eos:
-        raise InvalidRequestError("--ignore-eos is not supported with --server (the API has no such option)")
     text = read_prompt_text(args)
     token_ids = read_prompt_tokens(args.prompt_tokens) if args.prompt_tokens is not None else None
 
+    bar = prefill_bar(args)
+
     def show(delta: str) -> None:
+        bar.close()
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    with RouterClient(args.server) as client:
-        c = client.complete(on_text=None if args.json else show, text=text, token_ids=token_ids, chat=args.chat,
-                            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                            top_k=params.top_k, seed=params.seed, logprobs=True, top_logprobs=params.top_logprobs,
+    with RouterClient(args.server, retries=args.retries) as client, contextlib.closing(bar):
+        c = client.complete(on_text=None if args.json else show, on_progress=bar.update, text=text,
+                            token_ids=token_ids, chat=args.chat, max_tokens=params.max_tokens,
+                            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                            seed=params.seed, logprobs=True, ignore_eos=params.ignore_eos,
+                            top_logprobs=params.top_logprobs,
                             ttft_slo_s=args.ttft_slo_s, tbt_slo_s=request_tbt_slo_s(args))
     g = Generation(c.token_ids, c.logprobs, c.ttft_s, c.tbt_s, c.finish_reason, c.top_logprobs)
     if args.json:
@@ -444,6 +483,18 @@ def run_worker(args: argparse.Namespace) -> int:
     return worker_main(argv)
 
 
+def run_serve(argv: list[str]) -> int:
+    """`mnemosyne serve [FLAGS]` = `make up ARGS="FLAGS"`: scripts/up.py's main, which needs the
+    source checkout this package was installed from (the services run from it)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "scripts" / "up.py").is_file():
+        fail(f"serve starts the services of a source checkout (scripts/up.py); there is none at {root}")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from scripts.up import main as up_main
+    return up_main(argv, prog=f"{PROG} serve")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from common.engine.demo import run
     return run(args)
@@ -451,11 +502,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
 # ---- entry point --------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "serve":                      # every later argument is up.py's
+        return run_serve(argv[argv.index("serve") + 1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(message)s")
     try:
         return args.func(args)
+    except UnreachableError as e:
+        fail(str(e), EXIT_UNREACHABLE)
     except (MnemosyneError, ValueError, OSError) as e:
         fail(str(e) or type(e).__name__)
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
 - `KVStoreClient` (asyncio): membership, placements and leases, for the router and the instances.
 - `Membership` (asyncio): registers an instance and keeps it alive with heartbeats.
-- `RouterClient` (blocking): the public Generate API, for `mnemosyne generate --server ADDR`.
+- `RouterClient` (blocking): the public Generate API, for `mnemosyne generate --server ADDR`;
+  `router_target` reads its address (HOST, HOST:PORT, [IPv6]:PORT; the port defaults to 50051).
 
 Every call carries a deadline (common/rpc/client.py); failed calls raise the typed error of the peer
 (common/rpc/status.error_from_rpc).
@@ -10,6 +11,7 @@ Every call carries a deadline (common/rpc/client.py); failed calls raise the typ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,12 +19,12 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from common.errors import MnemosyneError, PlacementError
+from common.errors import InvalidRequestError, MnemosyneError, PlacementError, UnreachableError
 from common.metadata.types import Instance, Placement
 from common.rpc import client as rpc_client
 from common.rpc import convert
 from common.rpc.protos import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
-from common.rpc.status import error_from_rpc
+from common.rpc.status import ERROR_KEY, error_from_rpc, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +166,67 @@ class Completion:
     tbt_slo_s: float | None = None
 
 
+DEFAULT_ROUTER_PORT = 50051          # the router's default --port (services/router/config.py)
+
+
+def router_target(address: str, default_port: int = DEFAULT_ROUTER_PORT) -> str:
+    """The gRPC target of a router address: "HOST" or "HOST:PORT" -> "HOST:PORT", "[::1]:PORT",
+    "[::1]" or "::1" -> "[::1]:PORT" (the port defaults to `default_port`, not to 443 as a bare host
+    would in gRPC). InvalidRequestError names what is wrong with a malformed one."""
+    text = address.strip()
+    host, port = text, ""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise InvalidRequestError(f"bad router address {address!r}: expected [IPv6]:PORT")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host:
+        raise InvalidRequestError(f"bad router address {address!r}: no host (expected HOST[:PORT])")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidRequestError(f"bad router address {address!r}: port must be 1..65535")
+    else:
+        port = str(default_port)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _unreachable(err: grpc.RpcError) -> str | None:
+    """Why nothing answered (for a call that failed before any response), or None when a peer
+    answered: a Mnemosyne service always names its error in the trailers."""
+    if not hasattr(err, "code") or err.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    if any(key == ERROR_KEY for key, _ in (err.trailing_metadata() or ())):
+        return None
+    details = (err.details() or "").lower()
+    if "resolv" in details or "lookup" in details:
+        return "unknown host"
+    return ("connection refused" if "refused" in details else "unavailable") + "; is `make up` running?"
+
+
 FINISH_REASONS = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
                   common_pb2.FINISH_REASON_ABORTED: "abort"}
 ROUTES = {router_pb2.ROUTE_DECODE_ONLY: "decode_only", router_pb2.ROUTE_DISAGGREGATED: "disaggregated"}
 
 
 class RouterClient:
-    """`with RouterClient("127.0.0.1:50051") as c: c.complete(text="Hi", max_tokens=8)`."""
+    """`with RouterClient("127.0.0.1:50051") as c: c.complete(text="Hi", max_tokens=8)`.
 
-    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
-        self.address = address
+    `address` as for `router_target` ("localhost" is localhost:50051). A router that is not there
+    raises UnreachableError; any other failed call the typed error of the router's status, whose
+    message is "CODE: the router's message" (RESOURCE_EXHAUSTED with its retry hint)."""
+
+    def __init__(self, address: str, timeout_s: float = 600.0, retries: int = 0) -> None:
+        """`retries`: how often a Generate or ModelInfo the router rejected (RESOURCE_EXHAUSTED) or
+        could not serve (UNAVAILABLE) before its first response is sent again, after the router's
+        pushback (gRPC's retry policy, rpc/client.py PUBLIC_RETRY); at most 4."""
+        if not 0 <= retries <= 4:
+            raise ValueError(f"retries must be in [0, 4], got {retries}")
+        self.address = router_target(address)
         self.timeout_s = timeout_s
-        self._channel = rpc_client.blocking_channel(address)
+        retry = dataclasses.replace(rpc_client.PUBLIC_RETRY, max_attempts=retries + 1) if retries else None
+        self._channel = rpc_client.blocking_channel(self.address, retry=retry)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     def close(self) -> None:
@@ -193,16 +244,19 @@ class RouterClient:
                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                 stop_token_ids: tuple[int, ...] = (), logprobs: bool = True, model: str = "",
                 request_id: str = "", ttft_slo_s: float | None = None,
-                tbt_slo_s: float | None = None, top_logprobs: int = 0) -> router_pb2.GenerateRequest:
+                tbt_slo_s: float | None = None, top_logprobs: int = 0,
+                ignore_eos: bool = False) -> router_pb2.GenerateRequest:
         """One GenerateRequest; `ttft_slo_s` / `tbt_slo_s`: the request's own SLO (None = the
-        deployment's default); `top_logprobs`: the k most likely tokens per position (0..20)."""
+        deployment's default); `top_logprobs`: the k most likely tokens per position (0..20);
+        `ignore_eos`: generate past the model's EOS tokens."""
         sampling = common_pb2.SamplingParams(stop_token_ids=list(stop_token_ids))
         for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                             ("top_k", top_k), ("seed", seed)):
             if value is not None:
                 setattr(sampling, name, value)
         req = router_pb2.GenerateRequest(request_id=request_id, chat=chat, sampling=sampling,
-                                         model=model, return_logprobs=logprobs, top_logprobs=top_logprobs)
+                                         model=model, return_logprobs=logprobs, top_logprobs=top_logprobs,
+                                         ignore_eos=ignore_eos)
         if ttft_slo_s is not None:
             req.slo.ttft_s = ttft_slo_s
         if tbt_slo_s is not None:
@@ -214,14 +268,27 @@ class RouterClient:
         return req
 
     def stream(self, request: router_pb2.GenerateRequest) -> Iterator[router_pb2.GenerateResponse]:
-        """The raw event stream; a failed call raises the peer's typed error."""
+        """The raw event stream; a failed call raises the peer's typed error (UnreachableError when
+        no router answered)."""
+        answered = False
         try:
-            yield from self._stub.Generate(request, timeout=self.timeout_s)
+            for ev in self._stub.Generate(request, timeout=self.timeout_s):
+                answered = True
+                yield ev
         except grpc.RpcError as e:
-            raise error_from_rpc(e) from None
+            why = None if answered else _unreachable(e)
+            if why is not None:
+                raise UnreachableError(f"cannot reach the router at {self.address} ({why})") from None
+            err = error_from_rpc(e)
+            hint = retry_after_s(e)
+            if hint is not None and "retry" not in str(err):
+                err = type(err)(f"{err}; retry after {hint:.1f}s")
+            raise err from None
 
-    def complete(self, on_text: Callable[[str], None] | None = None, **kwargs: Any) -> Completion:
-        """Runs one request to its end (kwargs as for `request`); `on_text(delta)` as text arrives."""
+    def complete(self, on_text: Callable[[str], None] | None = None,
+                 on_progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> Completion:
+        """Runs one request to its end (kwargs as for `request`); `on_text(delta)` as text arrives,
+        `on_progress(tokens_done, tokens_total)` for each PrefillProgress (a long prompt's prefill)."""
         t0 = time.monotonic()
         last = t0
         out = Completion()
@@ -233,6 +300,9 @@ class RouterClient:
                 for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s"):
                     if ev.started.HasField(name):
                         setattr(out, name, getattr(ev.started, name))
+            elif kind == "progress":
+                if on_progress is not None:
+                    on_progress(ev.progress.tokens_done, ev.progress.tokens_total)
             elif kind == "delta":
                 now = time.monotonic()
                 if ev.delta.token_ids:

@@ -36,3 +36,8 @@ class WorkerFailedError(MnemosyneError):
 
 class PlacementError(MnemosyneError):
     """The kvstore could not place, find or renew a request's KV placement."""
+
+
+class UnreachableError(WorkerFailedError):
+    """Nothing answers at a service's address (connection refused, unknown host): the service is
+    not running there, as opposed to a running one that failed the request."""

@@ -21,8 +21,9 @@ Values: bool flags are `--x` / `--no-x` (env: 1/0, true/false, yes/no, on/off); 
 allows None takes `none` (or an empty env var) for None; a `Literal[...]` type gives the choices.
 Help text: `helps=` (per entry point), else the field's `metadata["help"]`, else the comment at
 the end of the field's line in the class source. Metavars: N (int), S (seconds, a float named
-*_s), X (other float), DIR|FILE (model), HOST:PORT (kvstore), HOST, PORT, URL, or
-`metadata["metavar"]`; choices are shown as {a,b,c}.
+*_s), X (other float), DIR|FILE (model), HOST:PORT (kvstore), HOST, PORT, URL, TEXT, or
+`metadata["metavar"]`; choices are shown as {a,b,c}. `HelpFormatter` gives a flag added by hand
+(without a metavar) the same kind of metavar, never its dest in capitals (`MASTER_ADDR`).
 """
 from __future__ import annotations
 
@@ -168,7 +169,7 @@ def _metavar(name: str, kind: type, choices: Any) -> str | None:
             return "DIR|FILE"
         if name == "kvstore":
             return "HOST:PORT"
-        if name.endswith("host"):
+        if name.endswith(("host", "addr")):
             return "HOST"
         if name.endswith("url"):
             return "URL"
@@ -176,6 +177,16 @@ def _metavar(name: str, kind: type, choices: Any) -> str | None:
             return "DIR"
         return "TEXT"
     return None
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, but a flag added without a metavar shows one from its type and name
+    (the rule of the generated flags: N, PORT, S, X, HOST, TEXT, ...), not its dest in capitals.
+    Every entry point's parser uses it (Flags.parser, the CLI, `make up`)."""
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        kind = action.type if action.type in (int, float, str) else str
+        return _metavar(action.dest, kind, action.choices) or "TEXT"
 
 
 def _field_default(f: dataclasses.Field, parent: Any) -> Any:
@@ -302,7 +313,7 @@ class Flags:
             made[title].add_argument(s.option, **kw)
 
     def parser(self, **kw: Any) -> argparse.ArgumentParser:
-        p = argparse.ArgumentParser(**kw)
+        p = argparse.ArgumentParser(**{"formatter_class": HelpFormatter, **kw})
         self.add_to(p)
         return p
 

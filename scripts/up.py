@@ -1,6 +1,7 @@
 """`make up`: the whole disaggregated deployment on loopback, one process per service.
 
     make up ARGS="--model DIR --max-model-len N --decode-kvp K --kvp-tokens M"
+    .venv/bin/mnemosyne serve --model DIR ...                 # the same (make up runs it)
     .venv/bin/python scripts/up.py [--kv-backend tcp|nixl] [--port 50051] [--policy fcfs] ...
 
 Starts, in order: Redis (a private redis-server unless --redis-url), the kvstore, one prefill instance
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib.util
 import json
 import logging
@@ -29,6 +31,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 from common.config import DType, EngineConfig, KVBackend  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
-from common.flags import ENV_PREFIX, RESERVED_ENV, Flags  # noqa: E402
+from common.flags import ENV_PREFIX, RESERVED_ENV, Flags, HelpFormatter  # noqa: E402
 from common.metadata.redis_server import RedisServer  # noqa: E402
 from common.pool_config import POOL_DEFAULTS  # noqa: E402
 from services.router.config import RouterConfig  # noqa: E402
@@ -157,6 +160,35 @@ def pool_flags() -> Flags:
 def router_flags() -> Flags:
     return Flags(RouterConfig, exclude=ROUTER_CLUSTER_KEYS, dest_prefix="router_",
                  groups={"": "router", "slo": "router: default SLOs"})
+
+
+def fixed_ports(config: ClusterConfig) -> list[tuple[str, int]]:
+    """(flag, port) of every fixed port the cluster binds: the router's --port and, when the config
+    has one, --http-port (0 = a free one, not listed). Every other port is a free one."""
+    ports = [("--port", config.router_port), ("--http-port", getattr(config, "http_port", None))]
+    return [(flag, port) for flag, port in ports if type(port) is int and port > 0]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port now (binding it as the services will fails)."""
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # as gRPC: TIME_WAIT is no clash
+            try:
+                s.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def busy_port(config: ClusterConfig) -> str | None:
+    """The error line for the first fixed port already taken, before anything starts (a router
+    that fails to bind would otherwise say so only after the models have loaded)."""
+    for flag, port in fixed_ports(config):
+        if port_in_use(config.host, port):
+            return f"port {port} on {config.host} is in use (another `make up`?); choose another with {flag}"
+    return None
 
 
 @dataclass
@@ -362,19 +394,20 @@ class Cluster:
 
 
 # ---- make up ----------------------------------------------------------------------------------------
-def build_parser() -> tuple[argparse.ArgumentParser, Flags, Flags, Flags]:
+def build_parser(prog: str = "make up") -> tuple[argparse.ArgumentParser, Flags, Flags, Flags]:
     cluster, pools, router = cluster_flags(), pool_flags(), router_flags()
-    p = argparse.ArgumentParser(prog="make up", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter,
                                 epilog='make up ARGS="--model DIR --max-model-len N --decode-kvp K --kvp-tokens M"')
     for flags in (cluster, pools, router):
         flags.add_to(p)
     return p, cluster, pools, router
 
 
-def parse_args(argv: list[str] | None, env: dict[str, str] | None = None) -> ClusterConfig:
+def parse_args(argv: list[str] | None, env: dict[str, str] | None = None, prog: str = "make up") -> ClusterConfig:
     """The ClusterConfig of `make up`'s flags (flag > MNEMOSYNE_<FLAG> > default). The pools' and
     the router's flags that were given are checked here and passed on as flags."""
-    p, cluster, pools, router = build_parser()
+    p, cluster, pools, router = build_parser(prog)
     args = p.parse_args(argv)
     try:
         pool_given, router_given = pools.given(args, env), router.given(args, env)
@@ -386,14 +419,21 @@ def parse_args(argv: list[str] | None, env: dict[str, str] | None = None) -> Clu
         p.error(str(e))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "make up") -> int:
+    """`make up`, `mnemosyne serve` (`prog`: the name its usage line shows)."""
     logging.basicConfig(level=logging.INFO, format="up: %(message)s")
-    config = parse_args(argv)
-    stop = False
+    config = parse_args(argv, prog=prog)
+    busy = busy_port(config)
+    if busy is not None:
+        print(f"up: {busy}", file=sys.stderr)
+        return 2
+    stop = starting = False
 
     def on_signal(signum, frame):
         nonlocal stop
         stop = True
+        if starting:                            # Cluster.start stops what it started, in order
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -406,10 +446,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Starting Mnemosyne on loopback (KV over {config.kv_backend}; logs in {cluster.log_dir}) ...",
           flush=True)
     try:
+        starting = True
         cluster.start()
+        starting = False
     except ConfigError as e:
         print(f"up: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        cluster.stop()
+        print("Interrupted while starting; all stopped.", flush=True)
+        return 130
     try:
         print(f"  redis    {cluster.redis_url}")
         for name, what in (("kvstore", "placement + leases"),

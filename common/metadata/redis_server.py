@@ -4,8 +4,9 @@ Redis URL is configured).
     with RedisServer() as redis:          # or: redis = RedisServer().start(); ...; redis.stop()
         store = MetadataStore(redis.url)
 
-The server runs in a private temporary directory with persistence off (no RDB, no AOF), answers
-PING before start() returns, and is stopped with SIGTERM (SIGKILL after a timeout) by stop().
+The server runs in a private temporary directory with persistence off (no RDB, no AOF) and in a
+session of its own (signals to its parent's process group do not reach it), answers PING before
+start() returns, and is stopped with SIGTERM (SIGKILL after a timeout) by stop().
 """
 from __future__ import annotations
 
@@ -81,8 +82,11 @@ class RedisServer:
         args = [self.binary, "--bind", self.host, "--port", str(port), "--dir", str(self._dir),
                 "--save", "", "--appendonly", "no", "--daemonize", "no",
                 "--logfile", str(self._dir / "redis.log"), "--databases", "1"]
+        # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process group) must not
+        # reach it, so whoever started it stops it last (`make up`: after the kvstore, whose
+        # pools deregister on the way down).
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
         client = redis.Redis(host=self.host, port=port, socket_timeout=1.0,
                              socket_connect_timeout=1.0)
         deadline = time.monotonic() + timeout_s

@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     The configuration comes from the driver, so every rank runs the same model and layout."""
     import argparse
     from common.config import engine_config_from_dict
-    p = argparse.ArgumentParser(prog="mnemosyne worker", description=main.__doc__)
+    from common.flags import HelpFormatter
+    p = argparse.ArgumentParser(prog="mnemosyne worker", description=main.__doc__, formatter_class=HelpFormatter)
     p.add_argument("--driver", required=True, metavar="HOST:PORT", help="the driver's control address")
     p.add_argument("--rank", required=True, type=int, help="this worker's rank, 1 .. tp*spp*kvp")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="torch threads")

@@ -151,7 +151,8 @@ def sampling_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
     """`p.top_logprobs` is not part of the message: it travels as the request's own `top_logprobs`
     field (GenerateRequest, DecodeRequest, PrefillRequest); see sampling_from_proto."""
     msg = common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                    max_tokens=p.max_tokens, stop_token_ids=list(p.stop_token_ids))
+                                    max_tokens=p.max_tokens, stop_token_ids=list(p.stop_token_ids),
+                                    ignore_eos=p.ignore_eos)
     if p.seed is not None:
         msg.seed = p.seed
     return msg
@@ -161,7 +162,8 @@ def sampling_from_proto(msg: common_pb2.SamplingParams, top_logprobs: int = 0) -
     """Unset fields keep the domain defaults; bad values raise InvalidRequestError. `top_logprobs`:
     the request message's own field of that name (it lives beside `sampling`, not in it)."""
     kw = {name: getattr(msg, name) for name in _SAMPLING_OPTIONAL if msg.HasField(name)}
-    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), top_logprobs=top_logprobs, **kw)
+    return SamplingParams(stop_token_ids=tuple(msg.stop_token_ids), top_logprobs=top_logprobs,
+                          ignore_eos=msg.ignore_eos, **kw)
 
 
 # ---- top log-probabilities of one generated position ------------------------------------------

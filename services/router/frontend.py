@@ -37,6 +37,7 @@ class PromptInput:
     messages: list[dict] | None = None
     stop: tuple[str, ...] = ()                      # stop strings
     top_logprobs: int = 0                           # most likely tokens per position (0..20; implies logprobs)
+    ignore_eos: bool = False                        # do not stop at the model's EOS ids
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class Job:
     """A validated request: what the instances are asked to do."""
     request_id: str
     prompt_ids: list[int]
-    params: SamplingParams                          # stop_token_ids include the model's EOS ids
+    params: SamplingParams                          # stop_token_ids include the model's EOS ids unless
+                                                    # params.ignore_eos
     return_logprobs: bool
     ttft_slo_s: float | None = None                 # the request's own SLO (None = the default)
     tbt_slo_s: float | None = None
@@ -87,7 +89,8 @@ class Frontend:
         stops = tuple(sampling.pop("stop_token_ids", ()))
         self._check_ids("stop_token_ids", stops)
         params = SamplingParams(**sampling)             # raises for max_tokens < 1, temperature < 0, ...
-        params = replace(params, stop_token_ids=tuple(dict.fromkeys((*stops, *self.eos_ids))))
+        eos = () if req.ignore_eos else self.eos_ids     # the pools' engines get ignore_eos too
+        params = replace(params, stop_token_ids=tuple(dict.fromkeys((*stops, *eos))), ignore_eos=req.ignore_eos)
         check_top_logprobs(req.top_logprobs)
         for name in ("ttft_slo_s", "tbt_slo_s"):
             v = getattr(req, name)

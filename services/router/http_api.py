@@ -17,7 +17,7 @@ seeded request uses seed + i. Parameters Mnemosyne does not implement (penalties
 echo, suffix, tools, response formats other than text) are refused with 400, never ignored.
 
 Mnemosyne's extensions, documented fields beside OpenAI's:
-- request: `ttft_slo_s`, `tbt_slo_s` (the request's own SLOs), `top_k`, and
+- request: `ttft_slo_s`, `tbt_slo_s` (the request's own SLOs), `top_k`, `ignore_eos`, and
   `stream_options.include_progress` (prefill progress chunks while a long prompt is prefilled);
 - response: `mnemosyne` = {"requests": [{index, request_id, route, prefill_instance, decode_instance,
   predicted_ttft_s, ttft_slo_s, tbt_slo_s, ttft_s, tbt_mean_s, e2e_s, queue_s}]}; when streaming, the
@@ -81,6 +81,7 @@ class _Body(BaseModel):
     logit_bias: dict[str, float] | None = None
     # Mnemosyne's extensions
     top_k: int | None = None
+    ignore_eos: bool = False
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
 
@@ -331,7 +332,7 @@ class OpenAIApi:
                     s["seed"] = (body.seed + j) % (MAX_SEED + 1)
                 out.append(PromptInput(request_id=f"{cid}-{k}", model="", sampling=s, return_logprobs=logprobs,
                                        top_logprobs=top, ttft_slo_s=body.ttft_slo_s, tbt_slo_s=body.tbt_slo_s,
-                                       stop=stop, **prompt))
+                                       stop=stop, ignore_eos=body.ignore_eos, **prompt))
         return out
 
     async def _serve(self, request: Request, body: CompletionBody | ChatBody, kind: str):

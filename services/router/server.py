@@ -30,7 +30,8 @@ def prompt_from_proto(req: router_pb2.GenerateRequest) -> PromptInput:
                        chat=req.chat, model=req.model, sampling=sampling, return_logprobs=req.return_logprobs,
                        ttft_slo_s=slo.ttft_s if slo is not None and slo.HasField("ttft_s") else None,
                        tbt_slo_s=slo.tbt_s if slo is not None and slo.HasField("tbt_s") else None,
-                       messages=messages, stop=tuple(req.stop), top_logprobs=req.top_logprobs)
+                       messages=messages, stop=tuple(req.stop), top_logprobs=req.top_logprobs,
+                       ignore_eos=req.ignore_eos)
 
 
 def event_to_proto(ev: Started | Progress | Delta | Finished) -> router_pb2.GenerateResponse:

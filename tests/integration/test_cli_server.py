@@ -101,3 +101,37 @@ def test_top_logprobs_on_both_routes_equal_the_offline_engine(cluster: Cluster, 
     assert out["token_ids"] == ref["long"].token_ids
     assert [[a for a, _ in top] for top in out["top_logprobs"]] == \
         [[a for a, _ in top] for top in ref["long"].top_logprobs]
+
+
+def test_ignore_eos_is_honoured_over_the_server(cluster: Cluster):
+    """The built-in model ends this chat answer with <|im_end|> well before 24 tokens; with
+    --ignore-eos the router and the pools generate exactly --max-tokens."""
+    question = ("--prompt", "What is the capital of France?", "--chat", "--max-tokens", "24", "--json")
+    plain = subprocess.run([sys.executable, "-m", "common.cli", "generate", "--server", cluster.router_address,
+                            *question], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                           text=True, timeout=180)
+    assert plain.returncode == 0, plain.stderr
+    assert len(json.loads(plain.stdout)["token_ids"]) < 24
+    r = subprocess.run([sys.executable, "-m", "common.cli", "generate", "--server", cluster.router_address,
+                        *question, "--ignore-eos"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["token_ids"]) == 24
+
+
+def test_progress_lines_for_a_long_prompt_over_the_server(cluster: Cluster, tmp_path):
+    """A prompt past --short-prompt-tokens (256) is prefilled by the prefill pool, whose progress
+    the router streams (PrefillProgress): --progress draws it on stderr, stdout keeps the text."""
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([(7 * i + 3) % 1000 + 10 for i in range(300)]))
+    r = subprocess.run([sys.executable, "-m", "common.cli", "generate", "--server", cluster.router_address,
+                        "--prompt-tokens", str(ids), "--max-tokens", "2", "--progress"], cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    bars = [line for line in r.stderr.splitlines() if line.startswith("prefill [")]
+    assert bars and "300/300 tokens  100%" in bars[-1] and "tokens/s" in bars[-1], r.stderr
+    assert "disaggregated" in r.stderr and "prefill [" not in r.stdout
+    quiet = subprocess.run([sys.executable, "-m", "common.cli", "generate", "--server", cluster.router_address,
+                            "--prompt-tokens", str(ids), "--max-tokens", "2", "--no-progress"], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and "prefill [" not in quiet.stderr, quiet.stderr

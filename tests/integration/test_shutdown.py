@@ -6,10 +6,17 @@ instance leaves the kvstore first, so nobody picks it any more, and only then dr
   process, and the instance exits 0 afterwards.
 - An RPC that reaches an instance right after it left the kvstore (a router that chose it a moment
   before) is still served, not refused with UNAVAILABLE.
+- Ctrl-C on `make up` (SIGINT to its whole process group, as a terminal sends it) reaches up.py
+  only: it stops the router first and Redis last, so the pools deregister and the kvstore logs no
+  "metadata store unavailable" on the way down.
 """
 from __future__ import annotations
 
+import os
+import pathlib
 import signal
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -149,3 +156,29 @@ def test_an_rpc_right_after_the_instance_left_is_still_served(cluster, store, de
     tokens = [t for r in responses if r.HasField("delta") for t in r.delta.token_ids]
     assert tokens == reference
     assert decode.proc.wait(30) == 0, decode.log_tail()
+
+
+def test_ctrl_c_on_make_up_stops_redis_last_and_the_kvstore_sees_no_outage(model, tmp_path):
+    root = pathlib.Path(__file__).resolve().parents[2]
+    logs, out_path = tmp_path / "logs", tmp_path / "up.out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOSYNE_")}
+    with open(out_path, "wb") as out:
+        # A process group of its own with up.py at its head: a shell's foreground job.
+        up = subprocess.Popen([sys.executable, "scripts/up.py", "--model", model, "--kv-backend", "tcp",
+                               "--port", "0", "--prefill-spp", "1", "--decode-kvp", "1", "--decode-kv-tokens",
+                               "1024", "--prefill-kv-tokens", "1024", "--perf-model", "analytic",
+                               "--deployment", f"ctrl-c-{uuid.uuid4().hex[:8]}", "--log-dir", str(logs)],
+                              cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "Ready." in out_path.read_text() or up.poll() is not None, 240, "make up ready")
+        assert up.poll() is None, out_path.read_text()
+        os.killpg(up.pid, signal.SIGINT)                  # what the terminal does on Ctrl-C
+        assert up.wait(120) == 0, out_path.read_text()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    assert "All stopped." in out_path.read_text()
+    kvstore = (logs / "kvstore.log").read_text()
+    assert "metadata store unavailable" not in kvstore and "WARNING" not in kvstore, kvstore
+    for pool in ("prefill", "decode"):
+        assert "deregister:" not in (logs / f"{pool}.log").read_text()

@@ -6,14 +6,17 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import grpc
 import pytest
 
 from common.cli import build_parser
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
 from common.model.tokenizer import load_tokenizer
+from common.rpc.protos import router_pb2
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
 
@@ -74,6 +77,18 @@ def test_text_prompt_file_and_plain_output(tiny, tmp_path):
     tokens, _ = in_process(tiny, tok.encode("The quick brown fox"), SamplingParams(max_tokens=5, ignore_eos=True))
     assert r.stdout == tok.decode(tokens, skip_special_tokens=True) + "\n"
     assert "TTFT" in r.stderr and "5 generated" in r.stderr
+    assert "prefill [" not in r.stderr                  # no progress bar unless stderr is a terminal
+
+
+def test_forced_progress_lines_go_to_stderr_and_end_at_the_prompt_length(tiny, tmp_path):
+    f = tmp_path / "ids.json"
+    f.write_text(json.dumps([(7 * i + 3) % 200 + 10 for i in range(200)]))
+    r = cli("generate", "--model", tiny, "--prompt-tokens", str(f), "--max-tokens", "2", "--ignore-eos",
+            "--chunk-size", "16", "--progress")
+    assert r.returncode == 0, r.stderr
+    bars = [line for line in r.stderr.splitlines() if line.startswith("prefill [")]
+    assert bars and "200/200 tokens  100%" in bars[-1] and "tokens/s" in bars[-1], r.stderr
+    assert "prefill [" not in r.stdout and r.stdout.endswith("\n")
 
 
 def test_top_logprobs_json_and_table(tiny, tmp_path):
@@ -164,7 +179,7 @@ def bad_cases(tiny: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "two prompts": (gen + ["--prompt", "a", "--prompt-tokens", str(tmp / "ok.json")], "not allowed"),
         "chat with token ids": (gen + ["--prompt-tokens", str(tmp / "ok.json"), "--chat"], "--chat"),
         "no subcommand": ([], "required"),
-        "unknown subcommand": (["serve"], "invalid choice"),
+        "unknown subcommand": (["frobnicate"], "invalid choice"),
         "unknown flag": (gen + ["--prompt", "hi", "--frobnicate"], "unrecognized"),
         "ttft slo without --server": (gen + ["--prompt", "hi", "--ttft-slo-s", "5"], "--ttft-slo-s needs --server"),
         "zero ttft slo": (gen + ["--prompt", "hi", "--server", "127.0.0.1:9", "--ttft-slo-s", "0"],
@@ -177,6 +192,9 @@ def bad_cases(tiny: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "zero tbt slo": (gen + ["--prompt", "hi", "--server", "127.0.0.1:9", "--tbt-slo-s", "0"], "--tbt-slo-s"),
         "infinite tbt slo": (gen + ["--prompt", "hi", "--server", "127.0.0.1:9", "--tbt-slo-s", "inf"],
                              "--tbt-slo-s must be a positive"),
+        "server port not a number": (gen + ["--prompt", "hi", "--server", "localhost:http"], "port must be 1..65535"),
+        "server port out of range": (gen + ["--prompt", "hi", "--server", "localhost:70000"], "port must be"),
+        "server ipv6 unclosed": (gen + ["--prompt", "hi", "--server", "[::1:5"], "[IPv6]:PORT"),
     }
 
 
@@ -240,3 +258,71 @@ def test_request_slo_flags_parse_and_reach_the_request(monkeypatch):
 
     monkeypatch.setenv("MNEMOSYNE_TBT_SLO_S", "0.1")
     assert request_tbt_slo_s(parser.parse_args(["generate", "--prompt", "x", "--server", "h:1"])) == 0.1
+
+
+@pytest.mark.parametrize("address, target", [
+    ("localhost", "localhost:50051"), ("localhost:6000", "localhost:6000"), (" 10.0.0.7 ", "10.0.0.7:50051"),
+    ("[::1]:6000", "[::1]:6000"), ("[::1]", "[::1]:50051"), ("::1", "[::1]:50051"),
+    ("router.example.com:443", "router.example.com:443")])
+def test_router_address_defaults_to_the_router_port(address, target):
+    from common.client import RouterClient, router_target
+    from services.router.config import RouterConfig
+    assert router_target(address) == target
+    assert router_target("h") == f"h:{RouterConfig(kvstore='k:1').port}"      # one default port
+    with RouterClient(address) as c:
+        assert c.address == target
+
+
+def test_server_not_running_is_one_line_with_a_hint_exit_1():
+    from common.metadata.redis_server import free_port
+    port = free_port()
+    r = cli("generate", "--server", f"127.0.0.1:{port}", "--prompt", "hi", timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == (f"mnemosyne: error: cannot reach the router at 127.0.0.1:{port} "
+                        "(connection refused; is `make up` running?)\n")
+    assert r.stdout == ""
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code, details, trailers=()):
+        self._code, self._details, self._trailers = code, details, trailers
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
+
+
+def test_router_errors_are_one_line_with_the_status_name_and_the_retry_hint():
+    from common.client import RouterClient
+    from common.errors import CapacityError, UnreachableError, WorkerFailedError
+    from common.rpc.status import ERROR_KEY, RETRY_PUSHBACK_KEY
+
+    def failing(err, after=0):
+        def generate(request, timeout):
+            yield from [router_pb2.GenerateResponse()] * after
+            raise err
+        return generate
+
+    cases = [
+        (FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full",
+                      ((ERROR_KEY, "CapacityError"), (RETRY_PUSHBACK_KEY, "1500"))), 0,
+         CapacityError, "RESOURCE_EXHAUSTED: queue full; retry after 1.5s"),
+        (FakeRpcError(grpc.StatusCode.UNAVAILABLE, "decode instance d1 failed", ((ERROR_KEY, "WorkerFailedError"),)),
+         0, WorkerFailedError, "UNAVAILABLE: decode instance d1 failed"),
+        (FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed"), 1, WorkerFailedError,
+         "UNAVAILABLE: Socket closed"),                  # the router went away mid-stream: not "cannot reach"
+        (FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; Connection refused"), 0,
+         UnreachableError, "cannot reach the router at h:1 (connection refused; is `make up` running?)"),
+    ]
+    for err, after, cls, message in cases:
+        with RouterClient("h:1") as c:
+            c._stub = types.SimpleNamespace(Generate=failing(err, after))
+            with pytest.raises(cls) as info:
+                c.complete(text="x")
+        assert str(info.value) == message
+    assert not isinstance(WorkerFailedError("x"), UnreachableError)

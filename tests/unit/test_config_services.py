@@ -13,7 +13,7 @@ import pytest
 
 from common.config import EngineConfig, SLOConfig
 from common.errors import ConfigError
-from scripts.up import Cluster, ClusterConfig, Service, parse_args
+from scripts.up import Cluster, ClusterConfig, Service, build_parser, parse_args
 from services.decode.config import DecodeConfig
 from services.kvstore.config import KVStoreConfig
 from services.prefill.config import PrefillConfig
@@ -122,7 +122,7 @@ def test_make_up_rejects_a_bad_pool_value_before_starting_anything(capsys):
     assert "--tbt-slo-s" in capsys.readouterr().err
 
 
-def test_up_help_lists_the_engine_scheduler_and_router_flags():
+def test_up_help_lists_the_engine_scheduler_and_router_flags(monkeypatch):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOSYNE_")}
     r = subprocess.run([sys.executable, "scripts/up.py", "--help"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
@@ -134,4 +134,42 @@ def test_up_help_lists_the_engine_scheduler_and_router_flags():
         assert flag in r.stdout, flag
     mk = subprocess.run(["make", "-n", "up", "ARGS=--decode-kvp 4 --max-model-len 1024"], cwd=ROOT,
                         capture_output=True, text=True, timeout=60)
-    assert mk.returncode == 0 and "scripts/up.py --decode-kvp 4 --max-model-len 1024" in mk.stdout, mk.stdout
+    assert mk.returncode == 0 and "-m common.cli serve --decode-kvp 4 --max-model-len 1024" in mk.stdout, mk.stdout
+    # `mnemosyne serve` is what `make up` runs: scripts/up.py's parser, every flag, the same help
+    serve = subprocess.run([sys.executable, "-m", "common.cli", "serve", "--help"], cwd=ROOT,
+                           env={**env, "COLUMNS": "100"}, capture_output=True, text=True, timeout=120)
+    assert serve.returncode == 0, serve.stderr
+    monkeypatch.setenv("COLUMNS", "100")
+    assert serve.stdout == build_parser(prog="mnemosyne serve")[0].format_help()
+
+
+def test_fixed_ports_are_the_router_port_and_an_http_port_when_there_is_one():
+    from types import SimpleNamespace
+
+    from scripts.up import fixed_ports
+    assert fixed_ports(ClusterConfig()) == [("--port", 50051)]
+    assert fixed_ports(ClusterConfig(router_port=0)) == []
+    assert fixed_ports(SimpleNamespace(router_port=7000, http_port=8080)) == [("--port", 7000), ("--http-port", 8080)]
+    assert fixed_ports(SimpleNamespace(router_port=7000, http_port=0)) == [("--port", 7000)]
+
+
+def test_make_up_refuses_a_port_in_use_at_once_before_starting_anything(tmp_path):
+    import socket
+    import time
+
+    from scripts.up import port_in_use
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert port_in_use("127.0.0.1", port)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOSYNE_")}
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "common.cli", "serve", "--port", str(port), "--log-dir",
+                            str(tmp_path / "logs")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert r.stderr == (f"up: port {port} on 127.0.0.1 is in use (another `make up`?); choose another "
+                            "with --port\n")
+        assert r.stdout == "" and not (tmp_path / "logs").exists()      # nothing was started
+        assert time.monotonic() - t0 < 60
+    assert not port_in_use("127.0.0.1", port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import pathlib
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -182,3 +183,64 @@ def test_no_module_under_services_imports_the_cli():
     code = ("import sys; import services.prefill.config, services.decode.config, services.router.config, "
             "services.kvstore.config, common.pool_config; assert 'common.cli' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def help_texts(capsys) -> dict[str, str]:
+    """The --help of every entry point: `mnemosyne` and its subcommands, `make up` (scripts/up.py,
+    also `mnemosyne serve`), each `python -m services.X`, the grid worker."""
+    import argparse
+
+    from common.cli import build_parser
+    from common.parallel.worker import main as worker_main
+    from scripts.up import build_parser as up_parser
+    from services.decode.config import DecodeConfig
+    from services.kvstore.config import KVStoreConfig
+    from services.prefill.config import PrefillConfig
+    from services.router.config import RouterConfig
+
+    cli = build_parser()
+    sub = next(a for a in cli._actions if isinstance(a, argparse._SubParsersAction))
+    out = {"mnemosyne": cli.format_help(), "make up": up_parser()[0].format_help()}
+    out.update({f"mnemosyne {name}": p.format_help() for name, p in sub.choices.items()})
+    out["mnemosyne serve"] = up_parser(prog="mnemosyne serve")[0].format_help()     # up.py parses its flags
+    for name, entry in (("router", RouterConfig.from_args), ("prefill", PrefillConfig.from_args),
+                        ("decode", DecodeConfig.from_args), ("kvstore", KVStoreConfig.from_args),
+                        ("worker", worker_main)):
+        with pytest.raises(SystemExit):
+            entry(["--help"])
+        out[f"python -m services.{name}" if name != "worker" else "worker main"] = capsys.readouterr().out
+    return out
+
+
+KINDS = {"N", "S", "X", "TEXT", "HOST", "PORT", "URL", "DIR", "FILE"}      # metavars that say a value's kind
+
+
+def test_no_help_shows_a_dest_as_metavar(capsys):
+    """Flags added by hand get a metavar from their type and name (common.flags.HelpFormatter), like
+    the generated ones: --master-port PORT, --threads N, never --master-port MASTER_PORT."""
+    texts = help_texts(capsys)
+    assert len(texts) >= 10 and all("--help" in t for t in texts.values())
+    leaks = []
+    for name, text in texts.items():
+        for flag, metavar in re.findall(r"(--[a-z0-9][a-z0-9-]*)[ =]([A-Z][A-Z0-9_]*)\b", text):
+            dest = flag[2:].upper().replace("-", "_")
+            if re.fullmatch(r"[A-Z0-9]+_[A-Z0-9_]+", metavar) or (metavar == dest and metavar not in KINDS):
+                leaks.append(f"{name}: {flag} {metavar}")
+    assert not leaks, leaks
+    assert "--master-addr HOST" in texts["mnemosyne generate"]
+    assert "--threads N" in texts["mnemosyne worker"]
+
+
+def test_help_formatter_derives_metavars_from_type_and_name():
+    import argparse
+
+    from common.flags import HelpFormatter
+    p = argparse.ArgumentParser(prog="t", formatter_class=HelpFormatter)
+    for flag, kw in (("--count", {"type": int}), ("--listen-port", {"type": int}), ("--delay-s", {"type": float}),
+                     ("--ratio", {"type": float}), ("--bind-host", {}), ("--name", {}),
+                     ("--mode", {"choices": ["a", "b"]}), ("--path", {"metavar": "FILE"})):
+        p.add_argument(flag, **kw)
+    usage = " ".join(p.format_usage().split())
+    for text in ("--count N", "--listen-port PORT", "--delay-s S", "--ratio X", "--bind-host HOST", "--name TEXT",
+                 "--mode {a,b}", "--path FILE"):
+        assert text in usage, (text, usage)

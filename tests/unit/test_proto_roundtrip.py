@@ -8,6 +8,7 @@ from common.errors import InvalidRequestError
 from common.metadata.types import GroupRange, Instance, Placement
 from common.rpc import convert, protos
 from common.rpc.protos import common_pb2, decode_pb2, kvstore_pb2, prefill_pb2, router_pb2
+from common.sampling_params import SamplingParams
 
 MODULES = (common_pb2, router_pb2, prefill_pb2, decode_pb2, kvstore_pb2)
 
@@ -50,6 +51,18 @@ def test_sampling_params_presence():
     assert greedy.HasField("temperature") and greedy.temperature == 0.0
     assert greedy.max_tokens == -1                      # negative survives, to be rejected
     assert list(greedy.stop_token_ids) == [2, 7]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(
+    max_tokens=7, temperature=0.5, top_p=0.75, top_k=3, seed=11, stop_token_ids=(2, 9), ignore_eos=True)])
+def test_sampling_params_round_trip(params):
+    assert convert.sampling_from_proto(_wire(convert.sampling_to_proto(params))) == params
+
+
+def test_generate_request_ignore_eos_reaches_the_prompt_input():
+    from services.router.server import prompt_from_proto
+    assert not prompt_from_proto(_wire(router_pb2.GenerateRequest(text="x"))).ignore_eos
+    assert prompt_from_proto(_wire(router_pb2.GenerateRequest(text="x", ignore_eos=True))).ignore_eos
 
 
 def test_generate_request_prompt_oneof_and_events():
