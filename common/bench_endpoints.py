@@ -117,6 +117,7 @@ class GrpcEndpoint:
         self.grpc, self.router_client, self.retry_after_s = grpc, router_client, status.retry_after_s
         self.cfg = cfg
         self.address = address
+        # No retry policy (and max_retries=0 over HTTP): a rejection is what this tool measures.
         self.channel = rpc_client.blocking_channel(address, default_deadline_s=cfg.timeout_s)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.inflight = _Inflight()
