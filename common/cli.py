@@ -30,6 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from common import bench_serve
 from common.config import EngineConfig
 from common.errors import InvalidRequestError, MnemosyneError, UnreachableError
 from common.flags import Flags, HelpFormatter
@@ -143,7 +144,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Mnemosyne: exact long-context LLM serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,demo,worker}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,demo,worker,bench}")
 
     gen = sub.add_parser("generate", help="run one prompt through the in-process engine",
                          description="Run one prompt through the in-process engine.")
@@ -203,6 +204,7 @@ def build_parser() -> ArgumentParser:
     worker.add_argument("--rank", required=True, type=int, help="this worker's rank, 1 .. tp*spp*kvp")
     worker.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
     worker.set_defaults(func=run_worker)
+    bench_serve.add_subcommand(sub)
     return parser
 
 
