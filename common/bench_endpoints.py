@@ -154,6 +154,8 @@ class GrpcEndpoint:
                 if kind == "started":
                     rec.request_id, rec.prompt_tokens = ev.started.request_id, ev.started.prompt_tokens
                     rec.route = routes.get(ev.started.route, "")
+                    if ev.started.HasField("predicted_ttft_s"):
+                        rec.predicted_ttft_s = ev.started.predicted_ttft_s
                 elif kind == "delta" and ev.delta.token_ids:
                     clock.tokens(len(ev.delta.token_ids))
                 elif kind == "finished":
@@ -236,6 +238,7 @@ class HttpEndpoint:
                 rec.request_id = entry.get("request_id", rec.request_id)
                 rec.route = entry.get("route", rec.route)
                 rec.server_ttft_s = entry.get("ttft_s", rec.server_ttft_s)
+                rec.predicted_ttft_s = entry.get("predicted_ttft_s", rec.predicted_ttft_s)
                 if chunk.usage is not None:
                     rec.prompt_tokens, counted = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
                 for c in chunk.choices:

@@ -257,6 +257,7 @@ class Record:
     request_id: str = ""
     route: str = ""
     server_ttft_s: float | None = None        # the server's own measurement (arrival -> first token sent)
+    predicted_ttft_s: float | None = None     # the server's admission prediction of server_ttft_s
 
     @property
     def tbt_p99_s(self) -> float | None:
@@ -296,6 +297,19 @@ def meets_slo(r: Record, ttft_slo_s: float | None, tbt_slo_s: float | None) -> b
     return tbt_slo_s is None or p99 is None or p99 <= tbt_slo_s
 
 
+def admission_error(ok: list[Record]) -> dict:
+    """How well the server's admission predicted each completed request's TTFT (its own measurement,
+    arrival -> first token): relative error |predicted - measured| / measured, and the signed mean
+    (positive = pessimistic: admission expected slower first tokens than it delivered)."""
+    pairs = [(r.predicted_ttft_s, r.server_ttft_s) for r in ok
+             if r.predicted_ttft_s is not None and r.server_ttft_s]
+    if not pairs:
+        return {"n": 0}
+    rel = [abs(p - m) / m for p, m in pairs]
+    return {"n": len(pairs), "p50": percentile(rel, 50), "p90": percentile(rel, 90),
+            "signed_mean": sum((p - m) / m for p, m in pairs) / len(pairs)}
+
+
 def summarize(records: list[Record], ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> dict:
     """Counts, latency percentiles over completed requests (TBT: every gap of every completed
     request), throughput over the run (its start to the last stream's end) and goodput: the fraction
@@ -330,6 +344,7 @@ def summarize(records: list[Record], ttft_slo_s: float | None = None, tbt_slo_s:
         "ttft_s": stats([r.ttft_s for r in ok if r.ttft_s is not None]),
         "tbt_s": stats([g for r in ok for g in r.tbt_s]),
         "e2e_s": stats([r.e2e_s for r in ok if r.e2e_s is not None], qs=(50, 90)),
+        "admission_error": admission_error(ok),
         "goodput": good / n if n else 0.0,
         "goodput_rps": good / duration if duration > 0 else 0.0,
         "goodput_criterion": "completed" + "".join(f", {c}" for c in criterion if c)
@@ -359,6 +374,10 @@ def table(summary: dict, cfg: BenchConfig) -> str:
         lines.append(f"{name:<12}" + "".join(f"{ms(st.get(q)):>9}" for q in ("mean", "p50", "p90", "p99")))
     lines.append("")
     lines.append(f"{'goodput':<12}{s['goodput']:.3f} of sent ({s['goodput_rps']:.2f} req/s): {s['goodput_criterion']}")
+    ae = s.get("admission_error") or {}
+    if ae.get("n"):
+        lines.append(f"{'admission':<12}predicted TTFT off by p50 {100 * ae['p50']:.0f}%, p90 {100 * ae['p90']:.0f}% "
+                     f"(signed mean {100 * ae['signed_mean']:+.0f}%, {ae['n']} requests)")
     if s["rejections_by_reason"]:
         lines.append(f"{'rejected':<12}" + ", ".join(f"{k} {v}" for k, v in s["rejections_by_reason"].items())
                      + f" ({100 * s['rejection_rate']:.1f}%)")

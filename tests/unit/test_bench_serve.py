@@ -197,3 +197,13 @@ def test_table_is_aligned():
     rows = [line for line in lines if line.split()[:1] in (["TTFT"], ["TBT"], ["E2E"])]
     assert len(rows) == 3 and all(len(r) == len(head) for r in rows[:2])
     assert "2 req/s Poisson" in text and "goodput" in text and "p99" in text
+
+
+def test_admission_error_compares_the_servers_prediction_with_its_own_ttft():
+    from common.bench_serve import Record, admission_error
+    recs = [Record(0, 0.0, 10, 4, outcome="ok", server_ttft_s=1.0, predicted_ttft_s=1.5),
+            Record(1, 0.0, 10, 4, outcome="ok", server_ttft_s=2.0, predicted_ttft_s=1.0),
+            Record(2, 0.0, 10, 4, outcome="ok", server_ttft_s=2.0)]          # no prediction: left out
+    e = admission_error(recs)
+    assert e["n"] == 2 and e["p50"] == pytest.approx(0.5) and e["signed_mean"] == pytest.approx(0.0)
+    assert admission_error([]) == {"n": 0}
