@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
-from common.config import EngineConfig
+from common.config import EngineConfig, ObservabilityConfig
 from common.errors import ConfigError
 from common.flags import Flags, parse_config
 from common.rpc.server import WILDCARD_HOSTS
@@ -40,6 +40,8 @@ class PoolConfig:
     deployment: str = "default"                   # deployment name (the metrics' pool label, as the kvstore's)
     metrics_port: int = 0                         # Prometheus /metrics port (0 = a free one, -1 = none)
     grace_s: float = 5.0                          # after SIGTERM: seconds the requests in flight get to finish
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)   # --log-format,
+                                                                                      # --otlp-endpoint
 
     def __post_init__(self) -> None:
         role = self.ROLE

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from common.client import KVStoreClient, Membership
 from common.engine.async_engine import AsyncEngine, keep_alive
 from common.errors import ConfigError, MnemosyneError
+from common.logs import setup_logging
 from common.metadata.types import Instance, SchedulingInfo
 from common.perf_model.published import publish
 from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
@@ -216,7 +217,6 @@ def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
     scripts/up.py and the tests wait for) once registered and serving, run until SIGTERM or SIGINT
     and stop in order (PoolService.stop). Returns the exit status: 2 on a MnemosyneError."""
     role = service.ROLE
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     async def serve(config: PoolConfig) -> None:
         svc = await service.start(config)
@@ -228,6 +228,12 @@ def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
 
     try:
         config = config_type.from_args(argv)
+    except MnemosyneError as e:
+        setup_logging(role)
+        logging.getLogger(role).error("%s", e)
+        return 2
+    setup_logging(role, config.observability.log_format)
+    try:
         import torch
         torch.set_num_threads(config.threads)
         asyncio.run(serve(config))

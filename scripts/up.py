@@ -39,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.config import DType, EngineConfig, KVBackend  # noqa: E402
+from common.config import DType, EngineConfig, KVBackend, ObservabilityConfig  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.flags import ENV_PREFIX, RESERVED_ENV, Flags  # noqa: E402
 from common.metadata.redis_server import RedisServer  # noqa: E402
@@ -103,6 +103,8 @@ class ClusterConfig:
     start_timeout_s: float = 300.0           # how long each service may take to start
     log_dir: str = ""                        # where the services' logs go (empty = a new temporary directory)
     admission: bool = True                   # the router's SLO-aware admission
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)  # every service's
+                                             # --log-format (text here) and --otlp-endpoint
     pool_flags: tuple[str, ...] = field(default=(), metadata={"flag": None})     # engine flags for both pools
     router_flags: tuple[str, ...] = field(default=(), metadata={"flag": None})   # more router flags
     extra: dict = field(default_factory=dict, metadata={"flag": None})  # service name -> extra flags
@@ -139,7 +141,8 @@ class ClusterConfig:
 CLUSTER_ENGINE_KEYS = ("model", "max_model_len", "kv_backend", "kv_host", "dtype", "cache", "parallel",
                        "scheduler.chunk_size", "scheduler.role")
 ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "max_model_len", "kv_backend",
-                       "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission", "http_port")
+                       "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission", "http_port",
+                       "observability")
 DEFAULT_HTTP_PORT = 8000
 
 
@@ -291,8 +294,13 @@ class Cluster:
             args += ["--max-model-len", str(c.max_model_len)]
         return args + list(c.router_flags)
 
+    def _observability_args(self) -> list[str]:
+        """Every service logs and traces alike."""
+        o = self.config.observability
+        return ["--log-format", o.log_format] + (["--otlp-endpoint", o.otlp_endpoint] if o.otlp_endpoint else [])
+
     def _spawn(self, name: str, args: list[str]) -> Service:
-        args = args + list(self.config.extra.get(name, ()))
+        args = args + self._observability_args() + list(self.config.extra.get(name, ()))
         log_path = self.log_dir / f"{name}.log"
         # Settings reach the services as flags only: MNEMOSYNE_* settings of this shell stay here.
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k in RESERVED_ENV}

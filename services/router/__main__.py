@@ -9,6 +9,7 @@ import logging
 import sys
 
 from common.errors import MnemosyneError
+from common.logs import setup_logging
 from common.rpc.server import serve_until_signal
 from services.router.config import RouterConfig
 
@@ -25,9 +26,15 @@ async def _main(config: RouterConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(_main(RouterConfig.from_args(argv)))
+        config = RouterConfig.from_args(argv)
+    except MnemosyneError as e:
+        setup_logging("router")
+        logging.getLogger("router").error("%s", e)
+        return 2
+    setup_logging("router", config.observability.log_format)
+    try:
+        asyncio.run(_main(config))
     except MnemosyneError as e:
         logging.getLogger("router").error("%s", e)
         return 2
