@@ -33,6 +33,7 @@ from common.metrics import DEFAULT_PROMPT_CLASSES, Metrics, RequestRecorder
 from services.router.admission import AdmissionGate
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend, Job
+from services.router.request_log import RequestLine
 from services.router.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -196,12 +197,21 @@ class Router:
         finished = False
         rec: RequestRecorder | None = None
         outcome = "error"
+        line = RequestLine(rid, n, job.params.max_tokens)      # the request's log line, written at the end
+        relay: _Relay | None = None
+        error: BaseException | None = None
         try:
             max_new = max(0, min(job.params.max_tokens, self.frontend.max_model_len - n))
             decision = None
             if self.gate is not None:
-                decision = await self.gate.admit(AdmissionRequest(rid, n, max_new, t0, job.ttft_slo_s,
-                                                                  job.tbt_slo_s))
+                line.admission = "waiting"
+                try:
+                    decision = await self.gate.admit(AdmissionRequest(rid, n, max_new, t0, job.ttft_slo_s,
+                                                                      job.tbt_slo_s))
+                    line.admitted(decision, time.monotonic() - t0)
+                except Exception as e:
+                    line.rejected(e, time.monotonic() - t0)
+                    raise
             queue_s = time.monotonic() - t0
             ttft_slo, st.tbt_slo_s = self._slo(job, decision)
             st.deadline_s = t0 + ttft_slo
@@ -222,6 +232,7 @@ class Router:
                 raise RetryLater(f"{e}; retry after {hint:.1f}s", hint) from e
             if st.prefill is not None:
                 self.discovery.inflight[st.prefill.instance_id] += 1
+            line.route = "disaggregated" if st.prefill else "decode_only"
             yield Started(rid, n, "disaggregated" if st.prefill else "decode_only",
                           st.prefill.instance_id if st.prefill else "", st.placement.instance_id,
                           decision.predicted_ttft_s if decision is not None else None, ttft_slo, st.tbt_slo_s)
@@ -263,7 +274,14 @@ class Router:
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "abort"            # the client went away
             raise
+        except Exception as e:
+            error = e
+            raise
         finally:
+            if relay is not None:
+                line.timings(relay.ttft if relay.count else None, relay.tbt, relay.count)
+            line.end(outcome, error, time.monotonic() - t0)
+            line.emit(log)
             if rec is not None:
                 rec.done(outcome)
             if self.gate is not None:
