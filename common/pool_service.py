@@ -24,6 +24,7 @@ from common.client import KVStoreClient, Membership
 from common.engine.async_engine import AsyncEngine, keep_alive
 from common.errors import ConfigError, MnemosyneError
 from common.logs import setup_logging
+from common.tracing import NOOP, setup_tracing, shutdown_tracing, tracer
 from common.metadata.types import Instance, SchedulingInfo
 from common.perf_model.published import publish
 from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
@@ -91,7 +92,7 @@ class PoolService:
     # ---- what a role defines -----------------------------------------------------------------
     @classmethod
     def new_instance(cls, instance_id: str, engine: AsyncEngine, kvstore: KVStoreClient,
-                     config: PoolConfig, metrics: Metrics) -> Any:
+                     config: PoolConfig, metrics: Metrics, tracer: Any) -> Any:
         raise NotImplementedError
 
     @classmethod
@@ -131,7 +132,8 @@ class PoolService:
         return f"http://{host_port(self.advertise_host, self.metrics_server.port)}/metrics"
 
     @classmethod
-    async def start(cls, config: PoolConfig) -> "PoolService":
+    async def start(cls, config: PoolConfig, tracer: Any = NOOP) -> "PoolService":
+        """Registered and serving on return; `tracer` receives the requests' spans (common/tracing.py)."""
         iid = config.instance_id or f"{cls.ROLE}-{uuid.uuid4().hex[:8]}"
         ec = config.engine
         metrics = Metrics(new_registry(), role=cls.ROLE, pool=config.deployment, instance=iid)
@@ -146,7 +148,7 @@ class PoolService:
                 metrics_server.close()
             raise
         kvstore = KVStoreClient(config.kvstore)
-        instance = cls.new_instance(iid, engine, kvstore, config, metrics)
+        instance = cls.new_instance(iid, engine, kvstore, config, metrics, tracer)
         server = RpcServer(config.host, config.port, grace_s=config.grace_s,
                            interceptors=[MetricsInterceptor(metrics)])
         cls.add_servicer(server, instance)
@@ -218,8 +220,8 @@ def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
     and stop in order (PoolService.stop). Returns the exit status: 2 on a MnemosyneError."""
     role = service.ROLE
 
-    async def serve(config: PoolConfig) -> None:
-        svc = await service.start(config)
+    async def serve(config: PoolConfig, tracer: Any) -> None:
+        svc = await service.start(config, tracer)
         bound = "" if svc.address == svc.server.address else f"bound {svc.server.address}, "
         print(f"{role} listening on {svc.address} ({bound}instance {svc.instance.instance_id})", flush=True)
         if svc.metrics_server is not None:
@@ -233,11 +235,14 @@ def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
         logging.getLogger(role).error("%s", e)
         return 2
     setup_logging(role, config.observability.log_format)
+    provider = setup_tracing(role, config.observability)
     try:
         import torch
         torch.set_num_threads(config.threads)
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, tracer(provider)))
     except MnemosyneError as e:
         logging.getLogger(role).error("%s", e)
         return 2
+    finally:
+        shutdown_tracing(provider)
     return 0
