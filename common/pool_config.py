@@ -34,6 +34,8 @@ class PoolConfig:
                                                   # empty = --host, or this machine's IP when --host is 0.0.0.0
     port: int = 0                                 # port to bind (0 = a free one, printed at start)
     instance_id: str = ""                         # instance id (empty = <role>-<random>)
+    model_name: str = ""                          # served model name, the metrics' model_name label (empty = the
+                                                  # checkpoint's name, as the router's)
     kv_timeout_s: float = 60.0                    # seconds a KV transfer of one request may take
     threads: int = 1                              # torch threads of the engine and of each grid worker
     restart_on_failure: bool = True               # rebuild the engine when a worker process dies

@@ -28,6 +28,7 @@ from common.tracing import NOOP, setup_tracing, shutdown_tracing, tracer
 from common.metadata.types import Instance, SchedulingInfo
 from common.perf_model.published import publish
 from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
+from common.model.loader import served_model_name
 from common.pool_config import PoolConfig
 from common.rpc.server import RpcServer, advertised_host, host_port, serve_until_signal
 
@@ -136,7 +137,8 @@ class PoolService:
         """Registered and serving on return; `tracer` receives the requests' spans (common/tracing.py)."""
         iid = config.instance_id or f"{cls.ROLE}-{uuid.uuid4().hex[:8]}"
         ec = config.engine
-        metrics = Metrics(new_registry(), role=cls.ROLE, pool=config.deployment, instance=iid)
+        metrics = Metrics(new_registry(), role=cls.ROLE, pool=config.deployment, instance=iid,
+                          model_name=config.model_name or served_model_name(ec.model))
         metrics.set_kv_layout(*kv_layout(config))
         metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host) \
             if config.metrics_port >= 0 else None

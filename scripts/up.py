@@ -72,6 +72,8 @@ def _round_up(n: int, multiple: int) -> int:
 class ClusterConfig:
     """One loopback deployment. None sizes are derived by `sized()` (from --max-model-len)."""
     model: str | None = None                 # Hugging Face directory or .gguf file (none: the built-in model)
+    model_name: str = ""                     # served model name: what requests' `model` must match and every
+                                             # service's model_name metrics label (empty = the checkpoint's name)
     max_model_len: int | None = None         # N: longest sequence; sizes KV capacity and timeouts (none: the
                                              # model's)
     kv_backend: KVBackend = field(default_factory=default_kv_backend, metadata={
@@ -140,7 +142,7 @@ class ClusterConfig:
 # The pools' engine settings that `make up` passes on when given (the cluster sets the others).
 CLUSTER_ENGINE_KEYS = ("model", "max_model_len", "kv_backend", "kv_host", "dtype", "cache", "parallel",
                        "scheduler.chunk_size", "scheduler.role")
-ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "max_model_len", "kv_backend",
+ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "model_name", "max_model_len", "kv_backend",
                        "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission", "http_port",
                        "observability")
 DEFAULT_HTTP_PORT = 8000
@@ -269,6 +271,8 @@ class Cluster:
                 "--grace-s", "2", "--deployment", c.deployment]
         if c.model:
             args += ["--model", c.model]
+        if c.model_name:
+            args += ["--model-name", c.model_name]
         if c.max_model_len:
             args += ["--max-model-len", str(c.max_model_len)]
         if role == "prefill":
@@ -290,6 +294,8 @@ class Cluster:
             args.append("--no-admission")
         if c.model:
             args += ["--model", c.model]
+        if c.model_name:
+            args += ["--model-name", c.model_name]
         if c.max_model_len:
             args += ["--max-model-len", str(c.max_model_len)]
         return args + list(c.router_flags)

@@ -60,7 +60,8 @@ class RouterService:
         frontend = await asyncio.to_thread(load_frontend, config)
         kvstore = KVStoreClient(config.kvstore, timeout_s=config.rpc_timeout_s)
         metrics = Metrics(new_registry(), role="router", pool=config.deployment,
-                          instance=config.instance_id or f"router-{socket.gethostname()}-{os.getpid()}")
+                          instance=config.instance_id or f"router-{socket.gethostname()}-{os.getpid()}",
+                          model_name=frontend.name)
         slo = config.slo      # TBT: the scheduler's default until the decode pool's is known
         metrics.set_slo_targets(dict(slo.ttft_s), SchedulerConfig().tbt_slo_s, slo.objective)
         discovery = Discovery(kvstore, config.discovery_ttl_s)

@@ -126,6 +126,14 @@ def test_make_up_logs_text_by_default_and_passes_log_format_and_otlp_endpoint_to
         assert {(c.observability.log_format, c.observability.otlp_endpoint) for c in configs} == {(fmt, endpoint)}
 
 
+def test_make_up_gives_the_router_and_the_pools_one_model_name(tmp_path):
+    cluster = Cluster(parse_args(["--model-name", "smol", "--log-dir", str(tmp_path)], env={}))
+    cluster.services["kvstore"] = Service("kvstore", None, tmp_path / "k.log", address="127.0.0.1:1")
+    assert {PrefillConfig.from_args(cluster._engine_args("prefill"), env={}).model_name,
+            DecodeConfig.from_args(cluster._engine_args("decode"), env={}).model_name,
+            RouterConfig.from_args(cluster._router_args(), env={}).model_name} == {"smol"}
+
+
 def test_make_up_rejects_a_bad_pool_value_before_starting_anything(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--policy", "sjf"], env={})
