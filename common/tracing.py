@@ -26,6 +26,10 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 
 ENDPOINT_ENV = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+TIMEOUT_ENV = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
+# Seconds one export may take, retries included (the SDK's default is 10): the last flush runs at
+# SIGTERM, and an unreachable collector must not eat the pod's termination grace period.
+EXPORT_TIMEOUT_S = 3.0
 NOOP = trace.NoOpTracer()
 
 
@@ -53,7 +57,8 @@ def setup_tracing(service: str, observability: Any, env: Mapping[str, str] | Non
     if not endpoint and not any(env.get(k) for k in ENDPOINT_ENV):
         return None
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    return make_provider(service, OTLPSpanExporter(endpoint=endpoint or None))
+    timeout = None if any(env.get(k) for k in TIMEOUT_ENV) else EXPORT_TIMEOUT_S
+    return make_provider(service, OTLPSpanExporter(endpoint=endpoint or None, timeout=timeout))
 
 
 def shutdown_tracing(provider: Any) -> None:
