@@ -345,3 +345,22 @@ def engine_config_from_dict(d: dict[str, Any]) -> EngineConfig:
     d = dict(d)
     return EngineConfig(cache=CacheConfig(**d.pop("cache")), scheduler=SchedulerConfig(**d.pop("scheduler")),
                         parallel=ParallelConfig(**d.pop("parallel")), **d)
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """How a service reports on itself beyond /metrics (every service's config holds one).
+
+    `log_format`: text for people (`make up`'s default), json for log pipelines (one object per line:
+    ts, level, logger, msg, service and the record's extra fields; common/logs.py). `otlp_endpoint`:
+    where OpenTelemetry spans go over OTLP/gRPC (common/tracing.py); empty = the standard
+    OTEL_EXPORTER_OTLP_ENDPOINT variable, and with neither, tracing is off (a no-op tracer).
+    """
+    log_format: Literal["text", "json"] = "text"   # log lines: text (people) or json (one object per line)
+    otlp_endpoint: str = field(default="", metadata={"metavar": "URL"})   # OTLP/gRPC endpoint for traces,
+                                                                          # e.g. http://collector:4317 (empty =
+                                                                          # $OTEL_EXPORTER_OTLP_ENDPOINT, else none)
+
+    def __post_init__(self) -> None:
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"observability: log_format must be text or json, got {self.log_format!r}")

@@ -5,31 +5,34 @@ registers every family below on it and binds the process's identity labels, so a
 value in one call:
 
     registry = new_registry()
-    metrics = Metrics(registry, role="decode", pool=config.deployment, instance=instance_id)
+    metrics = Metrics(registry, role="decode", pool=config.deployment, instance=instance_id,
+                      model_name="SmolLM2-135M-Instruct")
     server = serve_metrics(config.metrics_port, registry, host=config.host)   # server.port, .close()
     metrics.observe_iteration(0.031, num_seqs=12, chunk_tokens=(256,), generated_tokens=11)
 
 Identity labels on every family: `pool` (the deployment: router, pools and kvstore of one model share
 it), `role` (router | prefill | decode | kvstore), `instance` (the instance id). Scrape with
-`honor_labels: true` so Prometheus keeps the service's `instance` (deploy/prometheus/).
+`honor_labels: true` so Prometheus keeps the service's `instance` (deploy/prometheus/). The
+request-level families (marked * below: per_model in their Spec) also carry `model_name`, the served
+model's name (the router's Frontend.name; a pool's --model-name or its checkpoint's name).
 
 | family                                         | type      | extra labels              | recorded by |
 |------------------------------------------------|-----------|---------------------------|-------------|
-| mnemosyne_time_to_first_token_seconds          | histogram | prompt_class              | router (RequestRecorder / observe_request_done) |
-| mnemosyne_time_between_tokens_seconds          | histogram |                           | router, per streamed token after the first |
-| mnemosyne_request_latency_seconds              | histogram | prompt_class              | router, arrival to last token |
-| mnemosyne_queue_time_seconds                   | histogram |                           | router (admission queue), prefill/decode (waiting to first chunk) |
-| mnemosyne_requests_finished_total              | counter   | finish_reason             | router |
-| mnemosyne_slo_requests_total                   | counter   | slo, result               | router: ttft/tbt met or missed, per admitted request |
+| mnemosyne_time_to_first_token_seconds*         | histogram | prompt_class              | router (RequestRecorder / observe_request_done) |
+| mnemosyne_time_between_tokens_seconds*         | histogram |                           | router, per streamed token after the first |
+| mnemosyne_request_latency_seconds*             | histogram | prompt_class              | router, arrival to last token |
+| mnemosyne_queue_time_seconds*                  | histogram |                           | router (admission queue), prefill/decode (waiting to first chunk) |
+| mnemosyne_requests_finished_total*             | counter   | finish_reason             | router |
+| mnemosyne_slo_requests_total*                  | counter   | slo, result               | router: ttft/tbt met or missed, per admitted request |
 | mnemosyne_slo_target_seconds                   | gauge     | slo, prompt_class         | router: TTFT from its SLO config, TBT the decode pool's published one (dashboard lines) |
 | mnemosyne_slo_objective_ratio                  | gauge     | slo                       | router, the objective (e.g. 0.99) for error budgets |
-| mnemosyne_admission_decisions_total            | counter   | outcome, reason           | router (common/admission.py decisions) |
+| mnemosyne_admission_decisions_total*           | counter   | outcome, reason           | router (common/admission.py decisions) |
 | mnemosyne_admission_queued_requests            | gauge     |                           | router, admission queue length |
 | mnemosyne_admission_ttft_correction_ratio      | gauge     | member_role               | router: a pool's online TTFT correction, its ratio ... |
 | mnemosyne_admission_ttft_overhead_seconds      | gauge     | member_role               | ... and its fixed overhead (corrected = overhead + ratio x predicted) |
-| mnemosyne_active_requests                      | gauge     |                           | every service: requests in flight here |
+| mnemosyne_active_requests*                     | gauge     |                           | every service: requests in flight here |
 | mnemosyne_rpc_errors_total                     | counter   | method, code              | every gRPC server (MetricsInterceptor) |
-| mnemosyne_tokens_total                         | counter   | kind (prompt, generated)  | prefill/decode engines, tokens computed |
+| mnemosyne_tokens_total*                        | counter   | kind (prompt, generated)  | prefill/decode engines, tokens computed |
 | mnemosyne_prefill_chunk_tokens                 | histogram |                           | prefill/decode engines, per prefill chunk |
 | mnemosyne_iteration_seconds                    | histogram |                           | prefill/decode engines, per engine step |
 | mnemosyne_batch_size                           | histogram |                           | prefill/decode engines, sequences per step |
@@ -69,6 +72,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "mnemosyne_"
 IDENTITY = ("pool", "role", "instance")
+MODEL_LABEL = "model_name"                    # on the per_model (request-level) families
 ROLES = ("router", "prefill", "decode", "kvstore")
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
@@ -103,27 +107,28 @@ class Spec:
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
     recorded_by: tuple[str, ...] = ROLES
+    per_model: bool = False                     # request-level: labelled with the served model_name
 
 
 SPECS: tuple[Spec, ...] = (
     Spec("mnemosyne_time_to_first_token_seconds", "histogram",
          "Time from the router receiving a request to its first token leaving the router.",
-         ("prompt_class",), TTFT_BUCKETS, ("router",)),
+         ("prompt_class",), TTFT_BUCKETS, ("router",), per_model=True),
     Spec("mnemosyne_time_between_tokens_seconds", "histogram",
          "Gap between consecutive streamed tokens of a request (one observation per token).",
-         (), TBT_BUCKETS, ("router",)),
+         (), TBT_BUCKETS, ("router",), per_model=True),
     Spec("mnemosyne_request_latency_seconds", "histogram",
          "End-to-end request latency: arrival to the final message.",
-         ("prompt_class",), LATENCY_BUCKETS, ("router",)),
+         ("prompt_class",), LATENCY_BUCKETS, ("router",), per_model=True),
     Spec("mnemosyne_queue_time_seconds", "histogram",
          "Time a request waited before service: router admission queue, or an engine's waiting "
-         "queue before its first scheduled chunk.", (), QUEUE_BUCKETS),
+         "queue before its first scheduled chunk.", (), QUEUE_BUCKETS, per_model=True),
     Spec("mnemosyne_requests_finished_total", "counter",
          "Requests that ended, by finish reason (stop, length, abort, error).",
-         ("finish_reason",), (), ("router",)),
+         ("finish_reason",), (), ("router",), per_model=True),
     Spec("mnemosyne_slo_requests_total", "counter",
          "Admitted requests judged against their own SLO: ttft (first token by the deadline) and "
-         "tbt (mean time between tokens within the SLO).", ("slo", "result"), (), ("router",)),
+         "tbt (mean time between tokens within the SLO).", ("slo", "result"), (), ("router",), per_model=True),
     Spec("mnemosyne_slo_target_seconds", "gauge",
          "Default SLO targets from the router's configuration (per prompt class for ttft).",
          ("slo", "prompt_class"), (), ("router",)),
@@ -132,7 +137,7 @@ SPECS: tuple[Spec, ...] = (
          ("slo",), (), ("router",)),
     Spec("mnemosyne_admission_decisions_total", "counter",
          "Admission decisions by outcome (admitted, queued, rejected) and reason.",
-         ("outcome", "reason"), (), ("router",)),
+         ("outcome", "reason"), (), ("router",), per_model=True),
     Spec("mnemosyne_admission_queued_requests", "gauge",
          "Requests waiting in the router's admission queue.", (), (), ("router",)),
     Spec("mnemosyne_admission_ttft_correction_ratio", "gauge",
@@ -142,12 +147,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("mnemosyne_admission_ttft_overhead_seconds", "gauge",
          "Admission's online correction of a pool's predicted TTFTs: the fixed overhead per request.",
          ("member_role",), (), ("router",)),
-    Spec("mnemosyne_active_requests", "gauge", "Requests in flight in this process."),
+    Spec("mnemosyne_active_requests", "gauge", "Requests in flight in this process.", per_model=True),
     Spec("mnemosyne_rpc_errors_total", "counter",
          "gRPC calls served by this process that ended with a non-OK status.", ("method", "code")),
     Spec("mnemosyne_tokens_total", "counter",
          "Tokens computed by the engine: prompt (prefilled, recomputation included) and generated.",
-         ("kind",), (), ("prefill", "decode")),
+         ("kind",), (), ("prefill", "decode"), per_model=True),
     Spec("mnemosyne_prefill_chunk_tokens", "histogram", "Tokens in each scheduled prefill chunk.",
          (), CHUNK_BUCKETS, ("prefill", "decode")),
     Spec("mnemosyne_iteration_seconds", "histogram", "Wall time of one engine iteration (step).",
@@ -263,13 +268,18 @@ class Metrics:
     prometheus-client primitives are). Attribute `family[name]` gives the raw family."""
 
     def __init__(self, registry: CollectorRegistry, *, role: str, pool: str = "default",
-                 instance: str = "", prompt_classes: PromptClasses = DEFAULT_PROMPT_CLASSES) -> None:
+                 instance: str = "", model_name: str = "",
+                 prompt_classes: PromptClasses = DEFAULT_PROMPT_CLASSES) -> None:
+        """`model_name`: the served model (label of the per_model families; empty: the kvstore's,
+        which serves none, and Prometheus then shows no model_name label)."""
         if role not in ROLES:
             raise ConfigError(f"metrics: role must be one of {ROLES}, got {role!r}")
         if not pool:
             raise ConfigError("metrics: pool must not be empty")
         self.registry = registry
         self.identity = {"pool": pool, "role": role, "instance": instance or role}
+        self.model_name = model_name
+        self._per_model = {s.name for s in SPECS if s.per_model}
         self.prompt_classes = prompt_classes
         self.family: dict[str, Any] = {}
         for spec in SPECS:
@@ -287,6 +297,8 @@ class Metrics:
         return combos
 
     def _child(self, name: str, **labels: str) -> Any:
+        if name in self._per_model:
+            return self.family[name].labels(**self.identity, model_name=self.model_name, **labels)
         return self.family[name].labels(**self.identity, **labels)
 
     # ---- every service ---------------------------------------------------------------------
@@ -457,7 +469,7 @@ class Metrics:
 
 
 def _make(spec: Spec, registry: CollectorRegistry) -> Any:
-    labels = IDENTITY + spec.labels
+    labels = IDENTITY + ((MODEL_LABEL,) if spec.per_model else ()) + spec.labels
     if spec.kind == "counter":
         # prometheus-client appends _total itself
         return Counter(spec.name.removesuffix("_total"), spec.help, labels, registry=registry)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
-from common.config import EngineConfig
+from common.config import EngineConfig, ObservabilityConfig
 from common.errors import ConfigError
 from common.flags import Flags, parse_config
 from common.rpc.server import WILDCARD_HOSTS
@@ -34,12 +34,16 @@ class PoolConfig:
                                                   # empty = --host, or this machine's IP when --host is 0.0.0.0
     port: int = 0                                 # port to bind (0 = a free one, printed at start)
     instance_id: str = ""                         # instance id (empty = <role>-<random>)
+    model_name: str = ""                          # served model name, the metrics' model_name label (empty = the
+                                                  # checkpoint's name, as the router's)
     kv_timeout_s: float = 60.0                    # seconds a KV transfer of one request may take
     threads: int = 1                              # torch threads of the engine and of each grid worker
     restart_on_failure: bool = True               # rebuild the engine when a worker process dies
     deployment: str = "default"                   # deployment name (the metrics' pool label, as the kvstore's)
     metrics_port: int = 0                         # Prometheus /metrics port (0 = a free one, -1 = none)
     grace_s: float = 5.0                          # after SIGTERM: seconds the requests in flight get to finish
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)   # --log-format,
+                                                                                      # --otlp-endpoint
 
     def __post_init__(self) -> None:
         role = self.ROLE

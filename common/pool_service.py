@@ -23,9 +23,12 @@ from typing import Any, ClassVar
 from common.client import KVStoreClient, Membership
 from common.engine.async_engine import AsyncEngine, keep_alive
 from common.errors import ConfigError, MnemosyneError
+from common.logs import setup_logging
+from common.tracing import NOOP, setup_tracing, shutdown_tracing, tracer
 from common.metadata.types import Instance, SchedulingInfo
 from common.perf_model.published import publish
 from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
+from common.model.loader import served_model_name
 from common.pool_config import PoolConfig
 from common.rpc.server import RpcServer, advertised_host, host_port, serve_until_signal
 
@@ -90,7 +93,7 @@ class PoolService:
     # ---- what a role defines -----------------------------------------------------------------
     @classmethod
     def new_instance(cls, instance_id: str, engine: AsyncEngine, kvstore: KVStoreClient,
-                     config: PoolConfig, metrics: Metrics) -> Any:
+                     config: PoolConfig, metrics: Metrics, tracer: Any) -> Any:
         raise NotImplementedError
 
     @classmethod
@@ -130,10 +133,12 @@ class PoolService:
         return f"http://{host_port(self.advertise_host, self.metrics_server.port)}/metrics"
 
     @classmethod
-    async def start(cls, config: PoolConfig) -> "PoolService":
+    async def start(cls, config: PoolConfig, tracer: Any = NOOP) -> "PoolService":
+        """Registered and serving on return; `tracer` receives the requests' spans (common/tracing.py)."""
         iid = config.instance_id or f"{cls.ROLE}-{uuid.uuid4().hex[:8]}"
         ec = config.engine
-        metrics = Metrics(new_registry(), role=cls.ROLE, pool=config.deployment, instance=iid)
+        metrics = Metrics(new_registry(), role=cls.ROLE, pool=config.deployment, instance=iid,
+                          model_name=config.model_name or served_model_name(ec.model))
         metrics.set_kv_layout(*kv_layout(config))
         metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host) \
             if config.metrics_port >= 0 else None
@@ -145,7 +150,7 @@ class PoolService:
                 metrics_server.close()
             raise
         kvstore = KVStoreClient(config.kvstore)
-        instance = cls.new_instance(iid, engine, kvstore, config, metrics)
+        instance = cls.new_instance(iid, engine, kvstore, config, metrics, tracer)
         server = RpcServer(config.host, config.port, grace_s=config.grace_s,
                            interceptors=[MetricsInterceptor(metrics)])
         cls.add_servicer(server, instance)
@@ -216,10 +221,9 @@ def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
     scripts/up.py and the tests wait for) once registered and serving, run until SIGTERM or SIGINT
     and stop in order (PoolService.stop). Returns the exit status: 2 on a MnemosyneError."""
     role = service.ROLE
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    async def serve(config: PoolConfig) -> None:
-        svc = await service.start(config)
+    async def serve(config: PoolConfig, tracer: Any) -> None:
+        svc = await service.start(config, tracer)
         bound = "" if svc.address == svc.server.address else f"bound {svc.server.address}, "
         print(f"{role} listening on {svc.address} ({bound}instance {svc.instance.instance_id})", flush=True)
         if svc.metrics_server is not None:
@@ -228,10 +232,19 @@ def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
 
     try:
         config = config_type.from_args(argv)
+    except MnemosyneError as e:
+        setup_logging(role)
+        logging.getLogger(role).error("%s", e)
+        return 2
+    setup_logging(role, config.observability.log_format)
+    provider = setup_tracing(role, config.observability)
+    try:
         import torch
         torch.set_num_threads(config.threads)
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, tracer(provider)))
     except MnemosyneError as e:
         logging.getLogger(role).error("%s", e)
         return 2
+    finally:
+        shutdown_tracing(provider)
     return 0

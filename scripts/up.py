@@ -42,7 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.config import DType, EngineConfig, KVBackend  # noqa: E402
+from common.config import DType, EngineConfig, KVBackend, ObservabilityConfig  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.flags import ENV_PREFIX, RESERVED_ENV, Flags, HelpFormatter  # noqa: E402
 from common.metadata.redis_server import RedisServer  # noqa: E402
@@ -75,6 +75,8 @@ def _round_up(n: int, multiple: int) -> int:
 class ClusterConfig:
     """One loopback deployment. None sizes are derived by `sized()` (from --max-model-len)."""
     model: str | None = None                 # Hugging Face directory or .gguf file (none: the built-in model)
+    model_name: str = ""                     # served model name: what requests' `model` must match and every
+                                             # service's model_name metrics label (empty = the checkpoint's name)
     max_model_len: int | None = None         # N: longest sequence; sizes KV capacity and timeouts (none: the
                                              # model's)
     kv_backend: KVBackend = field(default_factory=default_kv_backend, metadata={
@@ -106,6 +108,8 @@ class ClusterConfig:
     start_timeout_s: float = 300.0           # how long each service may take to start
     log_dir: str = ""                        # where the services' logs go (empty = a new temporary directory)
     admission: bool = True                   # the router's SLO-aware admission
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)  # every service's
+                                             # --log-format (text here) and --otlp-endpoint
     pool_flags: tuple[str, ...] = field(default=(), metadata={"flag": None})     # engine flags for both pools
     router_flags: tuple[str, ...] = field(default=(), metadata={"flag": None})   # more router flags
     extra: dict = field(default_factory=dict, metadata={"flag": None})  # service name -> extra flags
@@ -141,8 +145,9 @@ class ClusterConfig:
 # The pools' engine settings that `make up` passes on when given (the cluster sets the others).
 CLUSTER_ENGINE_KEYS = ("model", "max_model_len", "kv_backend", "kv_host", "dtype", "cache", "parallel",
                        "scheduler.chunk_size", "scheduler.role")
-ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "max_model_len", "kv_backend",
-                       "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission", "http_port")
+ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "model_name", "max_model_len", "kv_backend",
+                       "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission", "http_port",
+                       "observability")
 DEFAULT_HTTP_PORT = 8000
 
 
@@ -298,6 +303,8 @@ class Cluster:
                 "--grace-s", "2", "--deployment", c.deployment]
         if c.model:
             args += ["--model", c.model]
+        if c.model_name:
+            args += ["--model-name", c.model_name]
         if c.max_model_len:
             args += ["--max-model-len", str(c.max_model_len)]
         if role == "prefill":
@@ -319,12 +326,19 @@ class Cluster:
             args.append("--no-admission")
         if c.model:
             args += ["--model", c.model]
+        if c.model_name:
+            args += ["--model-name", c.model_name]
         if c.max_model_len:
             args += ["--max-model-len", str(c.max_model_len)]
         return args + list(c.router_flags)
 
+    def _observability_args(self) -> list[str]:
+        """Every service logs and traces alike."""
+        o = self.config.observability
+        return ["--log-format", o.log_format] + (["--otlp-endpoint", o.otlp_endpoint] if o.otlp_endpoint else [])
+
     def _spawn(self, name: str, args: list[str]) -> Service:
-        args = args + list(self.config.extra.get(name, ()))
+        args = args + self._observability_args() + list(self.config.extra.get(name, ()))
         log_path = self.log_dir / f"{name}.log"
         # Settings reach the services as flags only: MNEMOSYNE_* settings of this shell stay here.
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k in RESERVED_ENV}

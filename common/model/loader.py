@@ -56,6 +56,15 @@ class Checkpoint:
     weights: WeightSource
 
 
+def served_model_name(path: str | None) -> str:
+    """The name a checkpoint is served under by default: its file or directory name without the
+    extension (`path` None: the built-in model's), the same for the router and the pools."""
+    if path is None:
+        from common.model.builtin import builtin_model_path
+        path = builtin_model_path()
+    return Path(path).expanduser().resolve().name.split(".")[0]
+
+
 def load_checkpoint(path: str | None, max_model_len: int | None = None,
                     cache_dir: str | None = None) -> Checkpoint:
     """Opens `path` (HF directory or .gguf file; None = the built-in model).

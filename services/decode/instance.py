@@ -5,6 +5,10 @@ frees them when the request finishes, is aborted (Abort RPC or the Decode call c
 (KV never arrived, a worker died), or when its placement's lease cannot be renewed any more (the
 kvstore reclaimed it: somebody gave up on the request). While a request holds blocks here, this
 instance renews its lease.
+
+Spans (common/tracing.py), children of the caller's: "decode.prepare_receive" (blocks reserved for a
+prefilled request's KV) and "decode" (the Decode call: a "kv_received" event when a prefilled
+request's KV is all here, "first_token" on the short path; the tokens and finish reason at the end).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, 
 from common.metadata.types import Placement
 from common.metrics import kv_transfer_bytes
 from common.sampling_params import SamplingParams
+from common.tracing import NOOP, end_span
+from opentelemetry.trace import SpanKind
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +55,11 @@ class DecodeJob:
 
 class DecodeInstance:
     def __init__(self, instance_id: str, engine: AsyncEngine, kvstore: KVStoreClient,
-                 kv_timeout_s: float, metrics: object | None = None) -> None:
-        """`metrics`: a common.metrics.Metrics (active requests, KV received); None = none."""
+                 kv_timeout_s: float, metrics: object | None = None, tracer=NOOP) -> None:
+        """`metrics`: a common.metrics.Metrics (active requests, KV received); None = none. `tracer`:
+        where the spans go (default: none)."""
         self.instance_id = instance_id
+        self.tracer = tracer
         self.metrics = metrics
         self._receiving: dict[str, tuple[float, str, int]] = {}   # rid -> (since, backend, bytes)
         self.engine = engine
@@ -86,7 +94,22 @@ class DecodeInstance:
 
     # ---- requests ----------------------------------------------------------------------------
     async def prepare_receive(self, placement: Placement, sender_layout: object | None,
-                              backend: str) -> Destination:
+                              backend: str, parent=None) -> Destination:
+        """Reserves the blocks of a prefilled request; `parent`: the caller's span context."""
+        span = self.tracer.start_span("decode.prepare_receive", context=parent, kind=SpanKind.SERVER, attributes={
+            "mnemosyne.request_id": placement.request_id, "mnemosyne.prompt_tokens": placement.num_tokens,
+            "mnemosyne.instance": self.instance_id})
+        error: BaseException | None = None
+        try:
+            return await self._prepare_receive(placement, sender_layout, backend)
+        except Exception as e:
+            error = e
+            raise
+        finally:
+            end_span(span, error)
+
+    async def _prepare_receive(self, placement: Placement, sender_layout: object | None,
+                               backend: str) -> Destination:
         rid = placement.request_id
         if placement.instance_id and placement.instance_id != self.instance_id:
             raise InvalidRequestError(f"placement of {rid} names decode instance {placement.instance_id}, "
@@ -113,16 +136,33 @@ class DecodeInstance:
         ends = [by_group.get(g.group, min(placement.num_tokens, g.token_start + m)) for g in groups]
         return Destination(rid, own_backend, layout, groups, ends)
 
-    async def decode(self, job: DecodeJob) -> AsyncIterator:
+    async def decode(self, job: DecodeJob, parent=None) -> AsyncIterator:
         """Yields the request's StepOutputs (tokens; the last one has finish_reason). A failed KV
-        intake raises KVTransferError; a failed engine WorkerFailedError."""
+        intake raises KVTransferError; a failed engine WorkerFailedError. `parent`: the caller's
+        span context (common.tracing.parent_from)."""
         self.active += 1
+        prefilled = job.first_token is not None
+        span = self.tracer.start_span("decode", context=parent, kind=SpanKind.SERVER, attributes={
+            "mnemosyne.request_id": job.request_id, "mnemosyne.prompt_tokens": len(job.prompt_ids),
+            "mnemosyne.prefilled": prefilled, "mnemosyne.instance": self.instance_id})
+        error: BaseException | None = None
+        tokens, reason = 0, None
         try:
             with self.metrics.track_active() if self.metrics is not None else contextlib.nullcontext():
                 async for out in self._decode(job):
+                    if not tokens and not reason:
+                        span.add_event("kv_received" if prefilled else "first_token")
+                    if out.token_id is not None:
+                        tokens += 1
+                    reason = out.finish_reason or reason
                     yield out
+        except Exception as e:
+            error = e
+            raise
         finally:
             self.active -= 1
+            end_span(span, error, **{"mnemosyne.completion_tokens": tokens,
+                                     "mnemosyne.finish_reason": getattr(reason, "value", reason)})
 
     def _received(self, rid: str, ok: bool) -> None:
         """A prefilled request's KV intake ended (its first output came, or it failed)."""

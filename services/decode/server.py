@@ -5,6 +5,7 @@ from common.errors import InvalidRequestError
 from common.rpc import convert
 from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc
 from common.rpc.status import handles_errors
+from common.tracing import parent_from
 from common.scheduler.request import FinishReason
 from services.decode.instance import DecodeInstance, DecodeJob, Destination
 
@@ -35,7 +36,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidRequestError(f"request_id {request.request_id!r} differs from the placement's "
                                       f"{placement.request_id!r}")
         layout = convert.layout_from_proto(request.sender_layout) if request.HasField("sender_layout") else None
-        dest = await self.instance.prepare_receive(placement, layout, request.backend)
+        dest = await self.instance.prepare_receive(placement, layout, request.backend, parent_from(context))
         return decode_pb2.PrepareReceiveResponse(destination=destination_to_proto(dest))
 
     @handles_errors
@@ -50,7 +51,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidRequestError("request_id must not be empty")
         reason = None
         count = 0
-        async for out in self.instance.decode(job):
+        async for out in self.instance.decode(job, parent_from(context)):
             if out.token_id is not None:
                 count += 1
                 delta = common_pb2.TokenDelta(token_ids=[out.token_id])

@@ -25,8 +25,8 @@ class DecodeService(PoolService):
 
     @classmethod
     def new_instance(cls, instance_id: str, engine: AsyncEngine, kvstore: KVStoreClient,
-                     config: DecodeConfig, metrics: Metrics) -> DecodeInstance:
-        return DecodeInstance(instance_id, engine, kvstore, config.kv_timeout_s, metrics)
+                     config: DecodeConfig, metrics: Metrics, tracer) -> DecodeInstance:
+        return DecodeInstance(instance_id, engine, kvstore, config.kv_timeout_s, metrics, tracer)
 
     @classmethod
     def add_servicer(cls, server: RpcServer, instance: DecodeInstance) -> None:

@@ -10,6 +10,7 @@ import logging
 import sys
 
 from common.errors import ConfigError, MnemosyneError
+from common.logs import setup_logging
 from common.rpc.server import serve_until_signal
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.service import KVStoreService
@@ -25,9 +26,14 @@ async def _main(config: KVStoreConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = KVStoreConfig.from_args(argv)
+    except ConfigError as e:
+        setup_logging("kvstore")
+        logging.getLogger("kvstore").error("%s", e)
+        return 2
+    setup_logging("kvstore", config.observability.log_format)
+    try:
         asyncio.run(_main(config))
     except ConfigError as e:
         logging.getLogger("kvstore").error("%s", e)

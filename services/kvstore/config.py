@@ -2,9 +2,10 @@
 (MNEMOSYNE_<FLAG>: MNEMOSYNE_REDIS_URL, MNEMOSYNE_LEASE_S, ...) come from common/flags.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from common.config import ObservabilityConfig
 from common.errors import ConfigError
 from common.flags import Flags, parse_config
 
@@ -24,6 +25,8 @@ class KVStoreConfig:
     grace_s: float = 5.0                       # shutdown grace period for running RPCs
     metrics_port: int = 0                      # port of the Prometheus /metrics endpoint (0 = a free one, printed
                                                # at start; -1 = none)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)   # --log-format,
+                                                                                      # --otlp-endpoint
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

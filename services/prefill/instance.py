@@ -4,6 +4,10 @@ report progress and the first token, and confirm that every KV chunk reached the
 Ownership: the prefill engine owns its own blocks and frees them right after the first token; the
 staged KV copies belong to the transfers until the receivers confirm them. Leaving a prefill early
 (cancel, Abort, failure) aborts the request in the engine.
+
+Spans (common/tracing.py): "prefill" (child of the caller's span) from the call to its end, with a
+"chunk" event per progress report and "first_token"; its child "kv_transfer" from the first chunk
+(KV streams out chunk by chunk while the next is computed) to the receivers' confirmation.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from common.kv_connector.types import KVSink
 from common.errors import InvalidRequestError, KVTransferError, RequestAbortedError
 from common.metrics import kv_transfer_bytes
 from common.sampling_params import SamplingParams, TopLogprobs
+from common.tracing import NOOP, context_of, end_span
+from opentelemetry.trace import SpanKind
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +61,11 @@ class Done:
 
 class PrefillInstance:
     def __init__(self, instance_id: str, engine: AsyncEngine, kv_timeout_s: float, tp: int = 1,
-                 metrics: object | None = None) -> None:
-        """`metrics`: a common.metrics.Metrics (active requests, KV sent); None = none."""
+                 metrics: object | None = None, tracer=NOOP) -> None:
+        """`metrics`: a common.metrics.Metrics (active requests, KV sent); None = none. `tracer`:
+        where the spans go (default: none)."""
         self.instance_id = instance_id
+        self.tracer = tracer
         self.metrics = metrics
         self.engine = engine
         self.kv_timeout_s = kv_timeout_s
@@ -76,16 +84,25 @@ class PrefillInstance:
     async def stop(self) -> None:
         pass
 
-    async def prefill(self, job: PrefillJob) -> AsyncIterator[Progress | FirstToken | Done]:
+    async def prefill(self, job: PrefillJob, parent=None) -> AsyncIterator[Progress | FirstToken | Done]:
+        """The request's events; `parent`: the caller's span context (common.tracing.parent_from)."""
         self.active += 1
+        span = self.tracer.start_span("prefill", context=parent, kind=SpanKind.SERVER, attributes={
+            "mnemosyne.request_id": job.request_id, "mnemosyne.prompt_tokens": len(job.token_ids),
+            "mnemosyne.instance": self.instance_id})
+        error: BaseException | None = None
         try:
             with self.metrics.track_active() if self.metrics is not None else contextlib.nullcontext():
-                async for ev in self._prefill(job):
+                async for ev in self._prefill(job, span):
                     yield ev
+        except Exception as e:
+            error = e
+            raise
         finally:
             self.active -= 1
+            end_span(span, error)
 
-    async def _prefill(self, job: PrefillJob) -> AsyncIterator[Progress | FirstToken | Done]:
+    async def _prefill(self, job: PrefillJob, span) -> AsyncIterator[Progress | FirstToken | Done]:
         rid = job.request_id
         _, layout = await self.engine.kv_info()
         if job.receiver_layout is not None and job.receiver_layout != layout:
@@ -95,6 +112,7 @@ class PrefillInstance:
         params = replace(job.params, max_tokens=1)      # the decode instance samples the rest
         self.running.add(rid)
         confirmed = False
+        kv_span = None
         try:
             stream = self.engine.generate(job.token_ids, params, rid, kv_sink=job.sink,
                                           ttft_deadline_s=job.ttft_deadline_s, tbt_slo_s=job.tbt_slo_s)
@@ -103,24 +121,35 @@ class PrefillInstance:
                 async for out in stream:
                     if out.token_id is None and out.finish_reason is not None:
                         break                            # aborted before the first token
+                    if kv_span is None and out.num_computed:
+                        kv_span = self.tracer.start_span("kv_transfer", context=context_of(span), attributes={
+                            "mnemosyne.kv.backend": job.sink.backend, "mnemosyne.kv.groups": len(job.sink.groups)})
+                    span.add_event("chunk", {"tokens_done": out.num_computed, "tokens_total": out.prompt_len})
                     yield Progress(out.num_computed, out.prompt_len)
                     if out.token_id is not None:
                         t_first = time.monotonic()
+                        span.add_event("first_token", {"prefill_s": t_first - t0})
                         yield FirstToken(out.token_id, out.logprob, t_first - t0, out.top_logprobs)
             if t_first is None:
                 raise RequestAbortedError(f"prefill of {rid} was aborted")
             kv_bytes = kv_transfer_bytes(layout, len(job.token_ids), self.tp)
             try:
                 await self.engine.wait_kv(rid, self.kv_timeout_s)
-            except KVTransferError:
+            except KVTransferError as e:
                 if self.metrics is not None:
                     self.metrics.observe_kv_transfer(job.sink.backend, "send", 0, 0.0, ok=False)
+                if kv_span is not None:
+                    end_span(kv_span, e)
                 raise
             confirmed = True
+            if kv_span is not None:
+                end_span(kv_span, **{"mnemosyne.kv.bytes": kv_bytes, "mnemosyne.kv.tail_s": time.monotonic() - t_first})
             if self.metrics is not None:     # the transfer streams chunk by chunk from the start
                 self.metrics.observe_kv_transfer(job.sink.backend, "send", kv_bytes, time.monotonic() - t0)
             yield Done(kv_bytes, time.monotonic() - t_first)
         finally:
+            if kv_span is not None and kv_span.is_recording():
+                end_span(kv_span, RequestAbortedError("left before the KV was confirmed"))
             self.running.discard(rid)
             # Forget the transfer state (and stop any transfer still running when we left early).
             if self.engine.failed is None:

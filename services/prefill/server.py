@@ -6,6 +6,7 @@ from common.errors import InvalidRequestError
 from common.rpc import convert
 from common.rpc.protos import common_pb2, prefill_pb2, prefill_pb2_grpc
 from common.rpc.status import handles_errors
+from common.tracing import parent_from
 from services.prefill.instance import Done, FirstToken, PrefillInstance, PrefillJob, Progress
 
 #: kvp_tokens of a destination with a single group: any token index stays in group 0.
@@ -49,7 +50,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                          convert.sampling_from_proto(request.sampling, request.top_logprobs),
                          sink_from_proto(request.destination, len(request.token_ids)), layout,
                          **convert.slo_from_proto(request))
-        async for ev in self.instance.prefill(job):
+        async for ev in self.instance.prefill(job, parent_from(context)):
             if isinstance(ev, Progress):
                 yield prefill_pb2.PrefillResponse(progress=prefill_pb2.PrefillProgressEvent(
                     tokens_done=ev.tokens_done, tokens_total=ev.tokens_total))

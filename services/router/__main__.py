@@ -9,13 +9,15 @@ import logging
 import sys
 
 from common.errors import MnemosyneError
+from common.logs import setup_logging
+from common.tracing import setup_tracing, shutdown_tracing, tracer
 from common.rpc.server import serve_until_signal
 from services.router.config import RouterConfig
 
 
-async def _main(config: RouterConfig) -> None:
+async def _main(config: RouterConfig, tracer) -> None:
     from services.router.service import RouterService
-    svc = await RouterService.start(config)
+    svc = await RouterService.start(config, tracer)
     print(f"router listening on {svc.address}", flush=True)
     if svc.http is not None:
         print(f"router http on {svc.http.url}", flush=True)
@@ -25,12 +27,21 @@ async def _main(config: RouterConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(_main(RouterConfig.from_args(argv)))
+        config = RouterConfig.from_args(argv)
+    except MnemosyneError as e:
+        setup_logging("router")
+        logging.getLogger("router").error("%s", e)
+        return 2
+    setup_logging("router", config.observability.log_format)
+    provider = setup_tracing("router", config.observability)
+    try:
+        asyncio.run(_main(config, tracer(provider)))
     except MnemosyneError as e:
         logging.getLogger("router").error("%s", e)
         return 2
+    finally:
+        shutdown_tracing(provider)
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
-from common.config import SLOConfig
+from common.config import ObservabilityConfig, SLOConfig
 from common.errors import ConfigError
 from common.flags import Flags, parse_config
 
@@ -46,6 +46,8 @@ class RouterConfig:
     max_staleness_s: float = 5.0          # load older than this makes an instance unknown
     slo: SLOConfig = field(default_factory=SLOConfig)   # default SLOs: --ttft-short-s ... --slo-objective
                                                         # --slo-factor
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)   # --log-format,
+                                                                                      # --otlp-endpoint
 
     def __post_init__(self) -> None:
         if not self.kvstore:

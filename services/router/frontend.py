@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from common.config import ModelConfig
 from common.errors import InvalidRequestError
@@ -67,7 +66,8 @@ class Frontend:
     def __init__(self, tokenizer: Tokenizer, config: ModelConfig, name: str, source: str,
                  max_model_len: int, max_prompt_tokens: int, default_max_tokens: int) -> None:
         self.tokenizer = tokenizer
-        self.name = name or Path(source).name.split(".")[0]
+        from common.model.loader import served_model_name   # (torch: loaded with the checkpoint already)
+        self.name = name or served_model_name(source)
         self.vocab_size = config.vocab_size
         self.max_model_len = max_model_len
         self.max_prompt_tokens = min(max_prompt_tokens or max_model_len - 1, max_model_len - 1)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from common.client import KVStoreClient
 from common.errors import CapacityError, InvalidRequestError, MnemosyneError, PlacementError, WorkerFailedError
@@ -26,6 +27,7 @@ from common.rpc import client as rpc_client
 from common.rpc import convert
 from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from common.rpc.status import error_from_rpc
+from common.tracing import NOOP, context_of, end_span, grpc_metadata
 from services.router.config import RouterConfig
 from common.admission import RETRY_METADATA_KEY, AdmissionRequest
 from common.config import SchedulerConfig
@@ -33,6 +35,7 @@ from common.metrics import DEFAULT_PROMPT_CLASSES, Metrics, RequestRecorder
 from services.router.admission import AdmissionGate
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend, Job
+from services.router.request_log import RequestLine
 from services.router.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,7 @@ class _Active:
     aborted: bool = False                               # Router.Abort
     reason: str | None = None                           # the decode instance's finish reason
     failure: MnemosyneError | None = None               # the prefill failed while decode ran
+    trace: object | None = None                         # the request's span context (the calls' parent)
 
 
 class _Relay:
@@ -155,12 +159,14 @@ def _rpc_error(who: str, e: grpc.aio.AioRpcError) -> MnemosyneError:
 
 class Router:
     """`metrics`: where requests are recorded (TTFT, TBT, latency, SLOs); `gate`: the admission
-    gate (None = admission off: every valid request goes to the kvstore's placement)."""
+    gate (None = admission off: every valid request goes to the kvstore's placement); `tracer`:
+    where the request's spans go (common/tracing.py; default: the no-op tracer)."""
 
     def __init__(self, config: RouterConfig, frontend: Frontend, kvstore: KVStoreClient,
                  metrics: Metrics | None = None, discovery: Discovery | None = None,
-                 gate: "AdmissionGate | None" = None) -> None:
+                 gate: "AdmissionGate | None" = None, tracer=NOOP) -> None:
         self.config = config
+        self.tracer = tracer
         self.frontend = frontend
         self.kvstore = kvstore
         self.metrics = metrics
@@ -193,15 +199,32 @@ class Router:
             raise InvalidRequestError(f"request id {rid!r} is already running")
         st = _Active(job)
         self.active[rid] = st
+        span = self.tracer.start_span("router.generate", kind=SpanKind.SERVER, attributes={
+            "mnemosyne.request_id": rid, "mnemosyne.prompt_tokens": n, "mnemosyne.max_tokens": job.params.max_tokens})
+        st.trace = context_of(span)
         finished = False
         rec: RequestRecorder | None = None
         outcome = "error"
+        line = RequestLine(rid, n, job.params.max_tokens)      # the request's log line, written at the end
+        relay: _Relay | None = None
+        error: BaseException | None = None
         try:
             max_new = max(0, min(job.params.max_tokens, self.frontend.max_model_len - n))
             decision = None
             if self.gate is not None:
-                decision = await self.gate.admit(AdmissionRequest(rid, n, max_new, t0, job.ttft_slo_s,
-                                                                  job.tbt_slo_s))
+                line.admission = "waiting"
+                admission = self.tracer.start_span("router.admission", context=st.trace)
+                try:
+                    decision = await self.gate.admit(AdmissionRequest(rid, n, max_new, t0, job.ttft_slo_s,
+                                                                      job.tbt_slo_s))
+                    line.admitted(decision, time.monotonic() - t0)
+                except Exception as e:
+                    line.rejected(e, time.monotonic() - t0)
+                    raise
+                finally:
+                    end_span(admission, **{"mnemosyne.admission": line.admission,
+                                           "mnemosyne.admission_reason": line.admission_reason,
+                                           "mnemosyne.predicted_ttft_s": line.predicted_ttft_s})
             queue_s = time.monotonic() - t0
             ttft_slo, st.tbt_slo_s = self._slo(job, decision)
             st.deadline_s = t0 + ttft_slo
@@ -222,6 +245,7 @@ class Router:
                 raise RetryLater(f"{e}; retry after {hint:.1f}s", hint) from e
             if st.prefill is not None:
                 self.discovery.inflight[st.prefill.instance_id] += 1
+            line.route = "disaggregated" if st.prefill else "decode_only"
             yield Started(rid, n, "disaggregated" if st.prefill else "decode_only",
                           st.prefill.instance_id if st.prefill else "", st.placement.instance_id,
                           decision.predicted_ttft_s if decision is not None else None, ttft_slo, st.tbt_slo_s)
@@ -263,7 +287,17 @@ class Router:
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "abort"            # the client went away
             raise
+        except Exception as e:
+            error = e
+            raise
         finally:
+            if relay is not None:
+                line.timings(relay.ttft if relay.count else None, relay.tbt, relay.count)
+            line.end(outcome, error, time.monotonic() - t0)
+            line.emit(log)
+            end_span(span, error, **{"mnemosyne.route": line.route, "mnemosyne.outcome": line.outcome,
+                                     "mnemosyne.completion_tokens": line.completion_tokens,
+                                     "mnemosyne.ttft_s": line.ttft_s})
             if rec is not None:
                 rec.done(outcome)
             if self.gate is not None:
@@ -315,6 +349,8 @@ class Router:
         first = None
         tail: asyncio.Task[None] | None = None
         keeper: asyncio.Task[None] | None = None
+        spans = []                          # the calls' client spans (ended by the end of the request)
+        failed: BaseException | None = None
         try:
             if st.aborted:
                 raise asyncio.CancelledError()
@@ -333,7 +369,7 @@ class Router:
                 try:
                     dest = await decode.PrepareReceive(decode_pb2.PrepareReceiveRequest(
                         request_id=job.request_id, placement=placement_pb, backend=self.config.kv_backend),
-                        timeout=self.config.rpc_timeout_s)
+                        timeout=self.config.rpc_timeout_s, metadata=grpc_metadata(st.trace))
                 except grpc.aio.AioRpcError as e:
                     raise _rpc_error(who_decode, e) from None
                 if st.failure is not None:
@@ -342,8 +378,11 @@ class Router:
                                                   sampling=sampling, placement=placement_pb,
                                                   destination=dest.destination, top_logprobs=job.top_logprobs)
                 self._slo_fields(st, preq)
+                pspan = self.tracer.start_span("router.prefill", context=st.trace, kind=SpanKind.CLIENT,
+                                               attributes={"mnemosyne.instance": st.prefill.instance_id})
+                spans.append(pspan)
                 pcall = prefill_pb2_grpc.PrefillStub(self._channel(st.prefill.address)).Prefill(
-                    preq, timeout=self.config.request_timeout_s)
+                    preq, timeout=self.config.request_timeout_s, metadata=grpc_metadata(context_of(pspan)))
                 st.calls.append(pcall)
                 try:
                     while first is None:
@@ -358,6 +397,7 @@ class Router:
                     if st.failure is not None:
                         raise st.failure from None
                     raise _rpc_error(who_prefill, e) from None
+                end_span(pspan)                 # the call up to the first token (the KV's tail follows)
                 tail = asyncio.create_task(self._prefill_tail(st, pcall, who_prefill))
                 yield relay.tokens([first.token_id], [first.logprob],
                                    [convert.top_logprobs_from_proto(first.top_logprobs)] if job.top_logprobs else [])
@@ -371,7 +411,11 @@ class Router:
                 self._slo_fields(st, request)
             if st.aborted:
                 raise asyncio.CancelledError()
-            dcall = decode.Decode(request, timeout=self.config.request_timeout_s)
+            dspan = self.tracer.start_span("router.decode", context=st.trace, kind=SpanKind.CLIENT,
+                                           attributes={"mnemosyne.instance": placement.instance_id})
+            spans.append(dspan)
+            dcall = decode.Decode(request, timeout=self.config.request_timeout_s,
+                                  metadata=grpc_metadata(context_of(dspan)))
             st.calls.append(dcall)
             st.decode_called = True
             try:
@@ -396,7 +440,13 @@ class Router:
                 await asyncio.wait({tail}, timeout=self.config.rpc_timeout_s)
                 if st.failure is not None:
                     raise st.failure
+        except Exception as e:
+            failed = e
+            raise
         finally:
+            for s in spans:
+                if s.is_recording():
+                    end_span(s, failed)
             for task in (tail, keeper):
                 if task is not None and not task.done():
                     task.cancel()

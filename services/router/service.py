@@ -16,6 +16,7 @@ from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_regis
 from common.rpc import protos
 from common.rpc.protos import router_pb2_grpc
 from common.rpc.server import RpcServer
+from common.tracing import NOOP
 from common.config import SchedulerConfig
 from services.router.admission import AdmissionGate
 from services.router.config import RouterConfig
@@ -54,16 +55,18 @@ class RouterService:
         return self.server.address
 
     @classmethod
-    async def start(cls, config: RouterConfig) -> "RouterService":
+    async def start(cls, config: RouterConfig, tracer=NOOP) -> "RouterService":
+        """Serving on return; `tracer` receives the requests' spans (common/tracing.py)."""
         frontend = await asyncio.to_thread(load_frontend, config)
         kvstore = KVStoreClient(config.kvstore, timeout_s=config.rpc_timeout_s)
         metrics = Metrics(new_registry(), role="router", pool=config.deployment,
-                          instance=config.instance_id or f"router-{socket.gethostname()}-{os.getpid()}")
+                          instance=config.instance_id or f"router-{socket.gethostname()}-{os.getpid()}",
+                          model_name=frontend.name)
         slo = config.slo      # TBT: the scheduler's default until the decode pool's is known
         metrics.set_slo_targets(dict(slo.ttft_s), SchedulerConfig().tbt_slo_s, slo.objective)
         discovery = Discovery(kvstore, config.discovery_ttl_s)
         gate = AdmissionGate(config, metrics, discovery) if config.admission else None
-        router = Router(config, frontend, kvstore, metrics, discovery, gate)
+        router = Router(config, frontend, kvstore, metrics, discovery, gate, tracer)
         server = RpcServer(config.host, config.port, grace_s=config.grace_s,
                            interceptors=[MetricsInterceptor(metrics)])
         server.add_service(router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(frontend, router),

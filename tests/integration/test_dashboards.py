@@ -17,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
 RULE_FILES = sorted((ROOT / "deploy/prometheus/rules").glob("*.yml"))
 METRICS = {n for s in SPECS for n in exposed_names(s)}
+PER_MODEL = {n for s in SPECS if s.per_model for n in exposed_names(s)}     # labelled with model_name
 
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _MATCHERS = re.compile(r"\{[^{}]*\}")
@@ -28,10 +29,11 @@ _KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_le
              "bool", "offset", "inf", "nan", "Inf", "NaN"}
 
 
-def grafana_to_promql(expr: str, pool: str = ".*", rate_interval: str = "1m") -> str:
-    """A panel query as Prometheus receives it from Grafana (template variables substituted)."""
+def grafana_to_promql(expr: str, pool: str = ".*", rate_interval: str = "1m", model_name: str = ".*") -> str:
+    """A panel query as Prometheus receives it from Grafana (template variables substituted; the
+    model variable's "All" is .*)."""
     return (expr.replace("$__rate_interval", rate_interval).replace("$__interval", rate_interval)
-            .replace("${pool}", pool).replace("$pool", pool))
+            .replace("${pool}", pool).replace("$pool", pool).replace("$model_name", model_name))
 
 
 def metric_names(expr: str) -> set[str]:
@@ -95,6 +97,7 @@ def test_dashboard_structure(dashboard):
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert variables["pool"]["type"] == "query"
+    assert variables["model_name"]["type"] == "query" and variables["model_name"]["allValue"] == ".*"
     assert metric_names(re.sub(r"label_values\((\w+),.*", r"\1", variables["pool"]["query"]["query"])) <= METRICS
     panels = list(walk_panels(dashboard["panels"]))
     ids = [p["id"] for p in panels]
@@ -126,9 +129,11 @@ def test_every_panel_query_uses_only_defined_metrics_and_filters_by_pool():
         names = metric_names(expr)
         assert names, f"{where}: no metric in {expr!r}"
         assert names <= METRICS, f"{where}: {sorted(names - METRICS)} not defined in common/metrics.py"
-        # every selector is restricted to the dashboard's pool
+        # every selector is restricted to the dashboard's pool, and a request-level family's to its model
         selectors = re.findall(r"mnemosyne_\w+(\{[^}]*\})?", expr)
         assert selectors and all('pool=~"$pool"' in s for s in selectors), f"{where}: {expr}"
+        for name, sel in re.findall(r"(mnemosyne_\w+)(\{[^}]*\})", expr):
+            assert ('model_name=~"$model_name"' in sel) == (name in PER_MODEL), f"{where}: {name}{sel}"
 
 
 def test_every_rule_expression_uses_only_defined_metrics_or_recorded_series():

@@ -479,6 +479,14 @@ def test_the_pools_run_the_papers_scheduler(overlay):
     assert runs["decode"].config.engine.scheduler.tbt_slo_s == float(runs["decode"].env["MNEMOSYNE_TBT_SLO_S"])
 
 
+def test_every_service_logs_json_and_traces_where_the_configmap_says(overlay):
+    objs = render(overlay)
+    data = {k: v for cm in of_kind(objs, "ConfigMap") for k, v in cm.get("data", {}).items()}
+    for r in launches(objs):
+        assert r.config.observability.log_format == "json", r.service
+        assert r.config.observability.otlp_endpoint == data["OTLP_ENDPOINT"], r.service
+
+
 def test_service_links_are_off_and_could_not_pass_for_settings(overlay):
     """The kubelet's link variables (MNEMOSYNE_KVSTORE_PORT=tcp://... for the Service
     mnemosyne-kvstore) share the MNEMOSYNE_ prefix: none may be a setting of any service, and the

@@ -144,7 +144,8 @@ class Synthetic:
     leases expire, no decode instance is alive in the kvstore, RPCs fail with UNAVAILABLE."""
 
     def __init__(self) -> None:
-        self.metrics = {role: Metrics(new_registry(), role=role, pool=POOL, instance=f"{role}-0")
+        self.metrics = {role: Metrics(new_registry(), role=role, pool=POOL, instance=f"{role}-0",
+                                      model_name="" if role == "kvstore" else "smol")
                         for role in ("router", "prefill", "decode", "kvstore")}
         self.servers = [serve_metrics(0, m.registry) for m in self.metrics.values()]
         self.metrics["router"].set_slo_targets({"short": 2.0, "medium": 20.0, "long": 120.0,

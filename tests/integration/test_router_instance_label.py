@@ -39,5 +39,8 @@ def test_router_metrics_instance_label_is_not_the_bind_address(instance_id, mode
         finally:
             await svc.stop()
 
-    labels = set(re.findall(r'instance="([^"]*)"', asyncio.run(run())))
+    text = asyncio.run(run())
+    labels = set(re.findall(r'instance="([^"]*)"', text))
     assert labels == {instance_id or f"router-{socket.gethostname()}-{os.getpid()}"}
+    # the served model's name (the checkpoint's, as ModelInfo says) on the request-level families
+    assert set(re.findall(r'model_name="([^"]*)"', text)) == {model.rsplit("/", 1)[-1]}

@@ -113,6 +113,27 @@ def test_make_up_passes_the_given_engine_and_router_flags_on_and_the_services_ac
     assert (router.model, router.max_model_len, router.slo.ttft_short_s) == ("/m", 4096, 5.0)
 
 
+def test_make_up_logs_text_by_default_and_passes_log_format_and_otlp_endpoint_to_every_service(tmp_path):
+    for argv, fmt, endpoint in (([], "text", ""),
+                                (["--log-format", "json", "--otlp-endpoint", "http://c:4317"], "json", "http://c:4317")):
+        cluster = Cluster(parse_args(argv + ["--log-dir", str(tmp_path)], env={}))
+        cluster.services["kvstore"] = Service("kvstore", None, tmp_path / "k.log", address="127.0.0.1:1")
+        args = cluster._observability_args()
+        configs = [PrefillConfig.from_args(cluster._engine_args("prefill") + args, env={}),
+                   DecodeConfig.from_args(cluster._engine_args("decode") + args, env={}),
+                   RouterConfig.from_args(cluster._router_args() + args, env={}),
+                   KVStoreConfig.from_args(cluster._kvstore_args() + args, env={})]
+        assert {(c.observability.log_format, c.observability.otlp_endpoint) for c in configs} == {(fmt, endpoint)}
+
+
+def test_make_up_gives_the_router_and_the_pools_one_model_name(tmp_path):
+    cluster = Cluster(parse_args(["--model-name", "smol", "--log-dir", str(tmp_path)], env={}))
+    cluster.services["kvstore"] = Service("kvstore", None, tmp_path / "k.log", address="127.0.0.1:1")
+    assert {PrefillConfig.from_args(cluster._engine_args("prefill"), env={}).model_name,
+            DecodeConfig.from_args(cluster._engine_args("decode"), env={}).model_name,
+            RouterConfig.from_args(cluster._router_args(), env={}).model_name} == {"smol"}
+
+
 def test_make_up_rejects_a_bad_pool_value_before_starting_anything(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--policy", "sjf"], env={})

@@ -83,6 +83,31 @@ def test_every_family_is_exposed_with_identity_labels_and_known_series_start_at_
     assert "process_cpu_seconds_total" in text
 
 
+def test_request_level_families_carry_the_model_name():
+    registry = new_registry()
+    m = Metrics(registry, role="decode", pool="p", instance="d0", model_name="SmolLM2-135M-Instruct")
+    m.observe_iteration(0.01, 2, chunk_tokens=(64,), generated_tokens=1)
+    m.observe_queue_time(0.5)
+    per_model = {s.name for s in SPECS if s.per_model}
+    assert {"mnemosyne_time_to_first_token_seconds", "mnemosyne_requests_finished_total",
+            "mnemosyne_tokens_total", "mnemosyne_active_requests"} <= per_model
+    seen = set()
+    for (name, labels), _ in samples(registry).items():
+        family = next((s.name for s in SPECS if name in mm.exposed_names(s)), None)
+        if family is None:
+            continue                                       # process_*
+        labels = dict(labels)
+        assert ("model_name" in labels) == (family in per_model), (name, labels)
+        if family in per_model:
+            assert labels["model_name"] == "SmolLM2-135M-Instruct"
+            seen.add(family)
+    assert {"mnemosyne_tokens_total", "mnemosyne_queue_time_seconds", "mnemosyne_active_requests"} <= seen
+    # the kvstore serves no model: Prometheus reads an empty label as no label
+    k = new_registry()
+    Metrics(k, role="kvstore", instance="k0")
+    assert value(k, "mnemosyne_active_requests", model_name="") == 0
+
+
 def test_a_histogram_observed_n_times_shows_count_n(router):
     registry, m = router
     for i in range(7):
