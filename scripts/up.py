@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
                   f"--config.file=deploy/prometheus/prometheus.yml)")
         except OSError as e:
             print(f"up: cannot write the Prometheus targets: {e}", file=sys.stderr)
-        print(f"\nReady. Try:\n  .venv/bin/python -m common.cli generate --server {cluster.router_address} "
+        print(f"\nReady. Try:\n  .venv/bin/mnemosyne generate --server {cluster.router_address} "
               f"--prompt 'What is the capital of France?' --chat" + (
                   f"\n  curl {cluster.http_url}/chat/completions -H 'Content-Type: application/json' -d "
                   f"'{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'"
