@@ -34,6 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "results"
 
+from common.auth import bearer, resolve_api_key
 from common.client import RouterClient  # noqa: E402
 from common.rpc import client as rpc_client  # noqa: E402
 from common.rpc.protos import router_pb2_grpc  # noqa: E402
@@ -70,7 +71,7 @@ def run_load(address: str, rate: float, seconds: float, prompt_tokens: int, max_
         t += rng.expovariate(rate)
     results: list[dict] = []
     lock = threading.Lock()
-    with rpc_client.blocking_channel(address) as ch:
+    with rpc_client.blocking_channel(address, metadata=bearer(resolve_api_key())) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         call(stub, prompt(prompt_tokens, 10_000), max_tokens, 10.0)          # warm-up
         time.sleep(1.0)

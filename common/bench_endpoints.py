@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from common.auth import bearer, resolve_api_key
 from common.bench_serve import BenchConfig, Record
 from common.errors import ConfigError
 
@@ -120,9 +121,10 @@ class GrpcEndpoint:
         # No retry policy (and max_retries=0 over HTTP): a rejection is what this tool measures.
         self.channel = rpc_client.blocking_channel(address, default_deadline_s=cfg.timeout_s)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
+        self.metadata = bearer(resolve_api_key(cfg.api_key))
         self.inflight = _Inflight()
         try:
-            m = self.stub.ModelInfo(router_pb2.ModelInfoRequest(), timeout=30)
+            m = self.stub.ModelInfo(router_pb2.ModelInfoRequest(), timeout=30, metadata=self.metadata)
         except grpc.RpcError as e:
             self.channel.close()
             raise ConfigError(f"bench: ModelInfo at {address}: {e.code().name} {e.details()}") from None
@@ -146,7 +148,7 @@ class GrpcEndpoint:
         grpc, routes, finish = self.grpc, self.router_client.ROUTES, self.router_client.FINISH_REASONS
         req = self._request(rec, prompt)
         clock = _Clock(rec)
-        call = self.stub.Generate(req, timeout=self.cfg.timeout_s)
+        call = self.stub.Generate(req, timeout=self.cfg.timeout_s, metadata=self.metadata)
         self.inflight.add(rec.index, call.cancel)
         try:
             for ev in call:
@@ -194,7 +196,8 @@ class HttpEndpoint:
         import openai
         self.openai = openai
         self.cfg = cfg
-        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY") or "unused",
+        key = resolve_api_key(cfg.api_key) or os.environ.get("OPENAI_API_KEY") or "unused"
+        self.client = openai.OpenAI(base_url=base_url, api_key=key,
                                     max_retries=0, timeout=cfg.timeout_s)
         self.inflight = _Inflight()
         try:

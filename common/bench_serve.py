@@ -70,6 +70,8 @@ class BenchConfig:
     max_concurrency: int | None = field(default=None, metadata={"help": "requests in flight at most (later "
                                         "arrivals wait in this client; default: no limit)"})
     timeout_s: float = field(default=600.0, metadata={"help": "give up on one request after S"})
+    api_key: str = field(default="", repr=False, metadata={"metavar": "KEY", "help": "the API key to present "
+                         "(default: $MNEMOSYNE_API_KEY, else the key `make up` generated); never written to the JSON"})
     json_path: str | None = field(default=None, metadata={"flag": "json", "metavar": "PATH", "help": (
         "write {config, model, summary, requests} as JSON to PATH")})
 
@@ -445,7 +447,7 @@ def run(cfg: BenchConfig, endpoint: Any) -> tuple[list[Record], bool]:
 def report(cfg: BenchConfig, info: Any, records: list[Record], out: TextIO = sys.stdout) -> dict:
     """Prints the table and writes --json; the report object."""
     summary = summarize(records, cfg.ttft_slo_s, cfg.tbt_slo_s)
-    doc = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(info), "summary": summary,
+    doc = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "api_key"}, "model": dataclasses.asdict(info), "summary": summary,
            "requests": [r.to_dict() for r in records]}
     out.write(table(summary, cfg) + "\n")
     out.flush()

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 from common import bench_serve
 from common.config import EngineConfig
-from common.errors import InvalidRequestError, MnemosyneError, UnreachableError
+from common.errors import ConfigError, InvalidRequestError, MnemosyneError, UnreachableError
 from common.flags import Flags, HelpFormatter
 from common.sampling_params import SamplingParams
 
@@ -144,7 +144,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Mnemosyne: exact long-context LLM serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,demo,worker,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,demo,worker,bench,keys}")
 
     gen = sub.add_parser("generate", help="run one prompt through the in-process engine",
                          description="Run one prompt through the in-process engine.")
@@ -167,6 +167,9 @@ def build_parser() -> ArgumentParser:
     serving.add_argument("--server", metavar="HOST:PORT", default=None,
                          help="a Mnemosyne router (e.g. 127.0.0.1:50051, started by `make up`); the model, "
                               "scheduling and parallel flags are then the server's business")
+    serving.add_argument("--api-key", metavar="KEY", default=None,
+                         help="with --server: the API key to present (default: $MNEMOSYNE_API_KEY, else the key "
+                              "`make up` generated)")
     serving.add_argument("--retries", metavar="N", type=int, default=2, choices=range(5),
                          help="with --server: send a request the router rejected for load again, up to N times, "
                               "after the wait the router asks for (its retry hint); never one it says cannot fit")
@@ -187,6 +190,19 @@ def build_parser() -> ArgumentParser:
                            help="start the local cluster on loopback, what `make up` runs (`mnemosyne serve "
                                 "--help` lists its flags)")
     serve.set_defaults(func=lambda args: run_serve([]))
+
+    keys = sub.add_parser("keys", help="make an API key for a router's --api-keys-file",
+                          description="Adds a new API key to a keys file (created 0600; only its SHA-256 is "
+                                      "stored) and prints the key once, e.g. for a Kubernetes Secret.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="{new}")
+    new = keys_sub.add_parser("new", help="add a new key to a keys file and print it")
+    new.add_argument("--id", required=True, metavar="NAME", help="the key's name (logs, ownership, limits)")
+    new.add_argument("--file", required=True, metavar="PATH", help="the keys file (JSON) to add it to")
+    new.add_argument("--max-concurrent", metavar="N", type=int, default=0,
+                     help="requests this key may run at once (0 = no limit)")
+    new.add_argument("--tokens-per-minute", metavar="N", type=int, default=0,
+                     help="prompt + max_tokens this key may send per minute (0 = no limit)")
+    new.set_defaults(func=run_keys_new)
 
     demo = sub.add_parser("demo", help="long-prompt demo with the built-in model, offline (what `make demo` runs)",
                           description="Answer a question about a long generated document; print the "
@@ -458,7 +474,7 @@ def run_remote(args: argparse.Namespace, params: SamplingParams) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    with RouterClient(args.server, retries=args.retries) as client, contextlib.closing(bar):
+    with RouterClient(args.server, retries=args.retries, api_key=args.api_key) as client, contextlib.closing(bar):
         c = client.complete(on_text=None if args.json else show, on_progress=bar.update, text=text,
                             token_ids=token_ids, chat=args.chat, max_tokens=params.max_tokens,
                             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
@@ -483,6 +499,17 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
     return worker_main(argv)
+
+
+def run_keys_new(args: argparse.Namespace) -> int:
+    from common.auth import add_key, load_keys_file, new_key
+    if args.max_concurrent < 0 or args.tokens_per_minute < 0:
+        raise ConfigError("--max-concurrent and --tokens-per-minute must be >= 0")
+    key = new_key()
+    add_key(args.file, args.id, key, max_concurrent=args.max_concurrent, tokens_per_minute=args.tokens_per_minute)
+    load_keys_file(args.file)                      # what the router will read
+    print(key)
+    return 0
 
 
 def run_serve(argv: list[str]) -> int:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from common.auth import bearer, resolve_api_key
 from common.errors import InvalidRequestError, MnemosyneError, PlacementError, UnreachableError
 from common.metadata.types import Instance, Placement
 from common.rpc import client as rpc_client
@@ -217,16 +218,20 @@ class RouterClient:
     raises UnreachableError; any other failed call the typed error of the router's status, whose
     message is "CODE: the router's message" (RESOURCE_EXHAUSTED with its retry hint)."""
 
-    def __init__(self, address: str, timeout_s: float = 600.0, retries: int = 0) -> None:
+    def __init__(self, address: str, timeout_s: float = 600.0, retries: int = 0,
+                 api_key: str | None = None) -> None:
         """`retries`: how often a Generate or ModelInfo the router rejected (RESOURCE_EXHAUSTED) or
         could not serve (UNAVAILABLE) before its first response is sent again, after the router's
-        pushback (gRPC's retry policy, rpc/client.py PUBLIC_RETRY); at most 4."""
+        pushback (gRPC's retry policy, rpc/client.py PUBLIC_RETRY); at most 4. `api_key`: the key
+        presented to the router (common/auth.py resolve_api_key: else $MNEMOSYNE_API_KEY, else the key
+        `make up` generated, else none)."""
         if not 0 <= retries <= 4:
             raise ValueError(f"retries must be in [0, 4], got {retries}")
         self.address = router_target(address)
         self.timeout_s = timeout_s
         retry = dataclasses.replace(rpc_client.PUBLIC_RETRY, max_attempts=retries + 1) if retries else None
         self._channel = rpc_client.blocking_channel(self.address, retry=retry)
+        self.metadata = bearer(resolve_api_key(api_key))
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
     def close(self) -> None:
@@ -272,7 +277,7 @@ class RouterClient:
         no router answered)."""
         answered = False
         try:
-            for ev in self._stub.Generate(request, timeout=self.timeout_s):
+            for ev in self._stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata):
                 answered = True
                 yield ev
         except grpc.RpcError as e:

@@ -41,3 +41,11 @@ class PlacementError(MnemosyneError):
 class UnreachableError(WorkerFailedError):
     """Nothing answers at a service's address (connection refused, unknown host): the service is
     not running there, as opposed to a running one that failed the request."""
+
+
+class UnauthenticatedError(MnemosyneError):
+    """No API key, or one the router does not know (UNAUTHENTICATED)."""
+
+
+class PermissionDeniedError(MnemosyneError):
+    """An authenticated caller asked for something that is not theirs (PERMISSION_DENIED)."""

@@ -42,6 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common.auth import bearer, default_key_path, ensure_local_key  # noqa: E402
 from common.config import DType, EngineConfig, KVBackend, ObservabilityConfig  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.flags import ENV_PREFIX, RESERVED_ENV, Flags, HelpFormatter  # noqa: E402
@@ -108,6 +109,9 @@ class ClusterConfig:
     start_timeout_s: float = 300.0           # how long each service may take to start
     log_dir: str = ""                        # where the services' logs go (empty = a new temporary directory)
     admission: bool = True                   # the router's SLO-aware admission
+    auth: bool = True                        # clients need an API key: one is generated for this checkout
+                                             # (common/auth.py) unless --api-keys-file names the router's keys
+    api_keys_file: str = ""                  # the router's keys file (empty: a local key, see --auth)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)  # every service's
                                              # --log-format (text here) and --otlp-endpoint
     pool_flags: tuple[str, ...] = field(default=(), metadata={"flag": None})     # engine flags for both pools
@@ -227,6 +231,7 @@ class Cluster:
         self.config = config.sized()
         self.redis: RedisServer | None = None
         self.redis_url = config.redis_url
+        self.api_key: str | None = None                 # the generated key clients present (auth, no keys file)
         self.services: dict[str, Service] = {}
         self.log_dir = pathlib.Path(config.log_dir or tempfile.mkdtemp(prefix="mnemosyne-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +239,11 @@ class Cluster:
     @property
     def router_address(self) -> str:
         return self.services["router"].address
+
+    @property
+    def auth_metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata presenting the generated API key (none without one)."""
+        return bearer(self.api_key)
 
     @property
     def http_url(self) -> str:
@@ -316,6 +326,15 @@ class Cluster:
                 args += ["--kvp", str(c.decode_kvp), "--kvp-tokens", str(c.kvp_tokens)]
         return args + list(c.pool_flags)
 
+    def _api_keys_file(self) -> str:
+        """The router's keys file: --api-keys-file, else one accepting this checkout's generated key."""
+        c = self.config
+        if c.api_keys_file or not c.auth:
+            return c.api_keys_file
+        path = self.log_dir / "api-keys.json"
+        self.api_key = ensure_local_key(path)
+        return str(path)
+
     def _router_args(self) -> list[str]:
         c = self.config
         http_port = c.http_port if c.http_port is not None else (0 if c.router_port == 0 else DEFAULT_HTTP_PORT)
@@ -330,6 +349,9 @@ class Cluster:
             args += ["--model-name", c.model_name]
         if c.max_model_len:
             args += ["--max-model-len", str(c.max_model_len)]
+        keys = self._api_keys_file()
+        if keys:
+            args += ["--api-keys-file", keys]
         return args + list(c.router_flags)
 
     def _observability_args(self) -> list[str]:
@@ -472,6 +494,11 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
         return 130
     try:
         print(f"  redis    {cluster.redis_url}")
+        if cluster.api_key:
+            print(f"  api key  {default_key_path()} (the CLI and client read it; others send "
+                  f"`Authorization: Bearer $(cat {default_key_path()})`)")
+        elif not config.auth and not config.api_keys_file:
+            print("  api key  none: --no-auth serves every caller")
         for name, what in (("kvstore", "placement + leases"),
                            ("prefill", f"spp={config.prefill_spp} tp={config.prefill_tp}, "
                                        f"{config.prefill_kv_tokens} KV tokens"),
@@ -492,7 +519,8 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
             print(f"up: cannot write the Prometheus targets: {e}", file=sys.stderr)
         print(f"\nReady. Try:\n  .venv/bin/mnemosyne generate --server {cluster.router_address} "
               f"--prompt 'What is the capital of France?' --chat" + (
-                  f"\n  curl {cluster.http_url}/chat/completions -H 'Content-Type: application/json' -d "
+                  f"\n  curl {cluster.http_url}/chat/completions -H 'Content-Type: application/json' "
+                  + (f"-H \"Authorization: Bearer $(cat {default_key_path()})\" " if cluster.api_key else "") + "-d "
                   f"'{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'"
                   if cluster.http_url else "") + "\nCtrl-C stops everything.", flush=True)
         while not stop:

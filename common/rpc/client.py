@@ -115,22 +115,30 @@ class _AioStreamStream(_AioDeadline, grpc.aio.StreamStreamClientInterceptor):
 
 class _SyncDeadline(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                     grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """The same rule for blocking channels (CLI clients, threads in tests)."""
+    """The same rule for blocking channels (CLI clients, threads in tests), plus `metadata` on every
+    call (e.g. an API key: common/auth.py bearer)."""
 
-    def __init__(self, default_s: float) -> None:
+    def __init__(self, default_s: float, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.default_s = default_s
+        self.metadata = metadata
+
+    def _details(self, details: Any) -> Any:
+        details = _with_deadline(details, self.default_s)
+        if self.metadata:
+            details = details._replace(metadata=[*(details.metadata or ()), *self.metadata])
+        return details
 
     def intercept_unary_unary(self, continuation, details, request):
-        return continuation(_with_deadline(details, self.default_s), request)
+        return continuation(self._details(details), request)
 
     def intercept_unary_stream(self, continuation, details, request):
-        return continuation(_with_deadline(details, self.default_s), request)
+        return continuation(self._details(details), request)
 
     def intercept_stream_unary(self, continuation, details, request_iterator):
-        return continuation(_with_deadline(details, self.default_s), request_iterator)
+        return continuation(self._details(details), request_iterator)
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
-        return continuation(_with_deadline(details, self.default_s), request_iterator)
+        return continuation(self._details(details), request_iterator)
 
 
 def aio_channel(address: str, *, default_deadline_s: float = DEFAULT_DEADLINE_S,
@@ -142,10 +150,11 @@ def aio_channel(address: str, *, default_deadline_s: float = DEFAULT_DEADLINE_S,
 
 
 def blocking_channel(address: str, *, default_deadline_s: float = DEFAULT_DEADLINE_S,
-                     retry: RetryPolicy | None = None) -> grpc.Channel:
-    """An insecure blocking channel to "host:port"; close it (or use it as a context manager)."""
+                     retry: RetryPolicy | None = None, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.Channel:
+    """An insecure blocking channel to "host:port"; close it (or use it as a context manager).
+    `metadata` goes with every call."""
     channel = grpc.insecure_channel(address, options=_options(retry))
-    return grpc.intercept_channel(channel, _SyncDeadline(default_deadline_s))
+    return grpc.intercept_channel(channel, _SyncDeadline(default_deadline_s, tuple(metadata)))
 
 
 async def wait_ready(channel: grpc.aio.Channel, timeout_s: float = DEFAULT_DEADLINE_S) -> None:

@@ -40,6 +40,8 @@ _CODES: tuple[tuple[type[errors.MnemosyneError], grpc.StatusCode], ...] = (
     (errors.RequestAbortedError, grpc.StatusCode.CANCELLED),
     (errors.PlacementError, grpc.StatusCode.NOT_FOUND),
     (errors.ModelLoadError, grpc.StatusCode.INTERNAL),
+    (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 # Client side, when the peer did not name the error class: the most likely typed error per code.
@@ -50,6 +52,8 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[errors.MnemosyneError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.WorkerFailedError,
     grpc.StatusCode.CANCELLED: errors.RequestAbortedError,
     grpc.StatusCode.NOT_FOUND: errors.PlacementError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
 }
 
 _BY_NAME: dict[str, type[errors.MnemosyneError]] = {

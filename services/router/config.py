@@ -38,6 +38,8 @@ class RouterConfig:
     deployment: str = "default"           # deployment name: the metrics' pool label; the pool admission watches
     metrics_port: int = 0                 # Prometheus /metrics port (0 = a free one, -1 = none)
     http_port: int = -1                   # OpenAI-compatible HTTP API (/v1) port (0 = a free one, -1 = none)
+    api_keys_file: str = ""               # clients' API keys (common/auth.py: JSON of SHA-256 hashes and limits);
+                                          # empty = no authentication (every caller is served)
     admission: bool = True                # SLO-aware admission (--no-admission lets every request through)
     prometheus_url: str = ""              # read the instances' load from this Prometheus (empty = scrape them)
     scrape_interval_s: float = 0.25       # how often the instances' load is read

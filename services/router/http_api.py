@@ -25,8 +25,11 @@ Mnemosyne's extensions, documented fields beside OpenAI's:
   no choices and `mnemosyne` = {"index", "prefill_progress": {"tokens_done", "tokens_total"}};
 - finish_reason "abort" when the request was aborted through the gRPC Abort RPC.
 
-Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad input, 404 an
-unknown model, 429 an admission or capacity rejection (with Retry-After / retry-after-ms when retrying
+Authentication: the router's API keys (services/router/auth.py), sent as `Authorization: Bearer
+<key>` (the openai SDK's api_key); /health and /ready are open.
+
+Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad input, 401 a
+missing or unknown API key, 404 an unknown model, 429 an admission or capacity rejection (with Retry-After / retry-after-ms when retrying
 can help, else x-should-retry: false), 503 no live decode instance or an instance failed, 500 a bug.
 A client that disconnects (streaming or not) aborts its requests everywhere, like a cancelled gRPC call.
 """
@@ -47,8 +50,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.auth import presented_key
 from common.errors import (CapacityError, ConfigError, InvalidRequestError, KVTransferError, MnemosyneError,
-                           PlacementError, WorkerFailedError)
+                           PermissionDeniedError, PlacementError, UnauthenticatedError, WorkerFailedError)
+from services.router.auth import Principal
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend, Job, PromptInput
 from services.router.router import Delta, Finished, Progress, Router, Started
@@ -153,6 +158,11 @@ def http_error(e: BaseException) -> HttpError:
     """The HTTP status and OpenAI error of a typed error (the one mapping, like rpc/status.py's)."""
     if isinstance(e, HttpError):
         return e
+    if isinstance(e, UnauthenticatedError):
+        return HttpError(401, str(e), "invalid_request_error", "invalid_api_key",
+                         headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(e, PermissionDeniedError):
+        return HttpError(403, str(e), "permission_error", "forbidden")
     if isinstance(e, InvalidRequestError | ConfigError):
         return HttpError(400, str(e), "invalid_request_error")
     if isinstance(e, CapacityError):
@@ -254,6 +264,10 @@ class OpenAIApi:
         async def _http(request: Request, e: HttpError) -> JSONResponse:
             return e.response()
 
+        @app.exception_handler(MnemosyneError)
+        async def _typed(request: Request, e: MnemosyneError) -> JSONResponse:
+            return http_error(e).response()
+
         @app.get("/health")
         async def health() -> dict:
             return {"status": "ok"}
@@ -265,11 +279,13 @@ class OpenAIApi:
                                 status_code=200 if decode else 503)
 
         @app.get("/v1/models")
-        async def models() -> dict:
+        async def models(request: Request) -> dict:
+            self._caller(request)
             return {"object": "list", "data": [self._model_card()]}
 
         @app.get("/v1/models/{model:path}")
-        async def model(model: str) -> dict:
+        async def model(model: str, request: Request) -> dict:
+            self._caller(request)
             self._check_model(model)
             return self._model_card()
 
@@ -282,6 +298,10 @@ class OpenAIApi:
             return await self._serve(request, body, "chat")
 
         return app
+
+    def _caller(self, request: Request) -> Principal:
+        """The request's API key (`Authorization: Bearer <key>`, as the openai SDK sends its api_key)."""
+        return self.router.keys.authenticate(presented_key(request.headers.items()))
 
     def _model_card(self) -> dict:
         return {"id": self.frontend.name, "object": "model", "created": self.created, "owned_by": "mnemosyne",
@@ -339,6 +359,7 @@ class OpenAIApi:
         t0 = time.monotonic()
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         try:
+            who = self._caller(request)
             inputs = self._inputs(body, kind, cid)
             jobs: list[Job] = await asyncio.to_thread(lambda: [self.frontend.prepare(i) for i in inputs])
             if not await self._live_decode():
@@ -347,7 +368,7 @@ class OpenAIApi:
         except (HttpError, MnemosyneError) as e:
             return http_error(e).response()
         choices = [_Choice(i) for i in range(len(jobs))]
-        events = _merged([self.router.generate(job, t0) for job in jobs])
+        events = _merged([self.router.generate(job, t0, who) for job in jobs])
         if body.stream:
             return await self._stream(request, body, kind, cid, choices, events)
         return await self._collect(request, body, kind, cid, choices, events)

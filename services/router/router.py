@@ -20,7 +20,8 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from common.client import KVStoreClient
-from common.errors import CapacityError, InvalidRequestError, MnemosyneError, PlacementError, WorkerFailedError
+from common.errors import (CapacityError, InvalidRequestError, MnemosyneError, PermissionDeniedError, PlacementError,
+                           WorkerFailedError)
 from common.metadata.types import Instance, Placement
 from common.model.tokenizer import IncrementalDecoder
 from common.rpc import client as rpc_client
@@ -36,6 +37,7 @@ from services.router.admission import AdmissionGate
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend, Job
 from services.router.request_log import RequestLine
+from services.router.auth import ANONYMOUS, KeyRing, Principal
 from services.router.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class Finished:
 @dataclass(eq=False)
 class _Active:
     job: Job
+    owner: Principal = ANONYMOUS                        # the API key that sent it
     placement: Placement | None = None
     deadline_s: float | None = None                     # first token due (router's monotonic clock)
     tbt_slo_s: float | None = None
@@ -164,8 +167,9 @@ class Router:
 
     def __init__(self, config: RouterConfig, frontend: Frontend, kvstore: KVStoreClient,
                  metrics: Metrics | None = None, discovery: Discovery | None = None,
-                 gate: "AdmissionGate | None" = None, tracer=NOOP) -> None:
+                 gate: "AdmissionGate | None" = None, tracer=NOOP, keys: KeyRing | None = None) -> None:
         self.config = config
+        self.keys = keys if keys is not None else KeyRing(None)      # None: no authentication
         self.tracer = tracer
         self.frontend = frontend
         self.kvstore = kvstore
@@ -191,13 +195,16 @@ class Router:
         return ch
 
     # ---- Generate --------------------------------------------------------------------------------
-    async def generate(self, job: Job, t0: float) -> AsyncIterator[Started | Progress | Delta | Finished]:
-        """The events of one request; errors are typed (InvalidRequestError, CapacityError,
+    async def generate(self, job: Job, t0: float,
+                       owner: Principal = ANONYMOUS) -> AsyncIterator[Started | Progress | Delta | Finished]:
+        """The events of one request, which belongs to `owner` (its API key: only it may abort the
+        request; its limits apply); errors are typed (InvalidRequestError, CapacityError,
         WorkerFailedError / KVTransferError when an instance failed)."""
         rid, n = job.request_id, len(job.prompt_ids)
         if rid in self.active:
             raise InvalidRequestError(f"request id {rid!r} is already running")
-        st = _Active(job)
+        self.keys.limits.acquire(owner, n + job.params.max_tokens)      # RetryLater over the key's limits
+        st = _Active(job, owner=owner)
         self.active[rid] = st
         span = self.tracer.start_span("router.generate", kind=SpanKind.SERVER, attributes={
             "mnemosyne.request_id": rid, "mnemosyne.prompt_tokens": n, "mnemosyne.max_tokens": job.params.max_tokens})
@@ -304,6 +311,7 @@ class Router:
                 self.gate.ended(rid)
                 self.gate.poll()         # room may have appeared for a queued request
             self.active.pop(rid, None)
+            self.keys.limits.release(owner)
             for call in st.calls:
                 call.cancel()
             task = asyncio.create_task(self._cleanup(st, finished), name=f"cleanup-{rid}")
@@ -512,11 +520,14 @@ class Router:
                 log.warning("release of %s: %s (its lease will expire)", rid, e)
 
     # ---- Abort -----------------------------------------------------------------------------------
-    def abort(self, request_id: str) -> bool:
-        """Ends a running request: its stream finishes with reason "abort"."""
+    def abort(self, request_id: str, owner: Principal = ANONYMOUS) -> bool:
+        """Ends a running request of `owner`: its stream finishes with reason "abort". Another key's
+        request is PermissionDeniedError."""
         st = self.active.get(request_id)
         if st is None:
             return False
+        if st.owner.id != owner.id:
+            raise PermissionDeniedError(f"request {request_id} belongs to another API key")
         st.aborted = True
         for call in st.calls:
             call.cancel()

@@ -7,7 +7,9 @@ import time
 
 from common.rpc import convert
 from common.rpc.protos import common_pb2, router_pb2, router_pb2_grpc
+from common.auth import presented_key
 from common.rpc.status import handles_errors
+from services.router.auth import Principal
 from services.router.frontend import Frontend, PromptInput
 from services.router.router import Delta, Finished, Progress, Router, Started
 
@@ -64,19 +66,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.frontend = frontend
         self.router = router
 
+    def _caller(self, context) -> Principal:
+        """The API key in the call's metadata (UnauthenticatedError when the router requires one)."""
+        return self.router.keys.authenticate(presented_key(context.invocation_metadata() or ()))
+
     @handles_errors
     async def Generate(self, request, context):
         t0 = time.monotonic()
+        who = self._caller(context)
         job = await asyncio.to_thread(self.frontend.prepare, prompt_from_proto(request))  # tokenizing is CPU
-        async for ev in self.router.generate(job, t0):
+        async for ev in self.router.generate(job, t0, who):
             yield event_to_proto(ev)
 
     @handles_errors
     async def Abort(self, request, context):
-        return common_pb2.AbortResponse(found=self.router.abort(request.request_id))
+        return common_pb2.AbortResponse(found=self.router.abort(request.request_id, self._caller(context)))
 
     @handles_errors
     async def ModelInfo(self, request, context):
+        self._caller(context)
         i = self.frontend.info
         resp = router_pb2.ModelInfoResponse(name=i.name, max_model_len=i.max_model_len, vocab_size=i.vocab_size,
                                             eos_token_ids=list(i.eos_token_ids))

@@ -21,6 +21,7 @@ from common.config import SchedulerConfig
 from services.router.admission import AdmissionGate
 from services.router.config import RouterConfig
 from services.router.discovery import Discovery
+from services.router.auth import KeyRing
 from services.router.frontend import Frontend
 from services.router.http_api import HttpServer, OpenAIApi
 from services.router.router import Router
@@ -57,6 +58,9 @@ class RouterService:
     @classmethod
     async def start(cls, config: RouterConfig, tracer=NOOP) -> "RouterService":
         """Serving on return; `tracer` receives the requests' spans (common/tracing.py)."""
+        keys = KeyRing.from_file(config.api_keys_file)         # a bad keys file fails before any loading
+        if not keys.required:
+            log.warning("no --api-keys-file: the router serves every caller without authentication")
         frontend = await asyncio.to_thread(load_frontend, config)
         kvstore = KVStoreClient(config.kvstore, timeout_s=config.rpc_timeout_s)
         metrics = Metrics(new_registry(), role="router", pool=config.deployment,
@@ -66,7 +70,7 @@ class RouterService:
         metrics.set_slo_targets(dict(slo.ttft_s), SchedulerConfig().tbt_slo_s, slo.objective)
         discovery = Discovery(kvstore, config.discovery_ttl_s)
         gate = AdmissionGate(config, metrics, discovery) if config.admission else None
-        router = Router(config, frontend, kvstore, metrics, discovery, gate, tracer)
+        router = Router(config, frontend, kvstore, metrics, discovery, gate, tracer, keys)
         server = RpcServer(config.host, config.port, grace_s=config.grace_s,
                            interceptors=[MetricsInterceptor(metrics)])
         server.add_service(router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(frontend, router),

@@ -66,7 +66,7 @@ def test_a_7500_token_prompt_is_admitted_and_a_tight_slo_beside_it_is_rejected_q
         alone = c.complete(token_ids=prompt(300, 5), max_tokens=2).ttft_s
         assert c.complete(token_ids=prompt(300, 6), max_tokens=2, ttft_slo_s=2 * alone + 0.5).token_ids
     slo = 2 * alone + 0.5
-    with rpc_client.blocking_channel(cluster.router_address) as ch:
+    with rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
         probe = stub.Generate(RouterClient.request(token_ids=prompt(7500, 1), max_tokens=2), timeout=1200)
         started = next(iter(probe))

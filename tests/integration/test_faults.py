@@ -96,7 +96,7 @@ def grid_workers(cluster: Cluster) -> list[psutil.Process]:
 
 def start_request(cluster: Cluster, rid: str):
     """Opens a Generate stream and reads until the decode instance produced a few tokens."""
-    ch = rpc_client.blocking_channel(cluster.router_address)
+    ch = rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata)
     call = router_pb2_grpc.RouterStub(ch).Generate(
         RouterClient.request(token_ids=PROMPT, max_tokens=MAX_TOKENS, request_id=rid), timeout=60)
     seen = 0

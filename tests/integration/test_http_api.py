@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from common.rpc import client as rpc_client
-from common.rpc.protos import decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
+from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
 from common.metadata.store import MetadataStore
 from scripts.up import Cluster, ClusterConfig
 from services.kvstore.config import KVStoreConfig
@@ -47,7 +47,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(cluster) -> openai.OpenAI:
-    return openai.OpenAI(base_url=cluster.http_url, api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=cluster.http_url, api_key=cluster.api_key, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def model(client) -> str:
 
 
 def grpc_generate(cluster: Cluster, request: router_pb2.GenerateRequest) -> tuple[list[int], list[float], str]:
-    with rpc_client.blocking_channel(cluster.router_address) as ch:
+    with rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata) as ch:
         ids, lps, text = [], [], []
         for ev in router_pb2_grpc.RouterStub(ch).Generate(request, timeout=300):
             if ev.HasField("delta"):
@@ -214,9 +214,10 @@ def test_a_client_that_disconnects_mid_stream_frees_everything(cluster, client, 
 def test_a_client_that_disconnects_while_waiting_for_a_whole_answer_frees_everything(cluster, model):
     body = json.dumps({"model": model, "prompt": "Once upon a time", "max_tokens": 400, **RELAXED,
                        "ignore_eos": True}).encode()
+    auth = f"Authorization: Bearer {cluster.api_key}\r\n".encode()
     host, port = cluster.http_url.removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth +
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         time.sleep(2.0)                     # the request is running
     wait_until(lambda: all_freed(cluster), 15, "the abandoned request's KV and placement freed")
@@ -290,3 +291,28 @@ def test_a_port_in_use_fails_at_startup_with_a_clear_message(bare, redis_url):
                                                       model=None, grace_s=0.5)))
     finally:
         loop.close()
+
+
+def test_the_default_deployment_requires_its_api_key(cluster, model):
+    """`make up`'s default: a generated key (Cluster.api_key, kept where the CLI and client find it)."""
+    assert cluster.api_key and cluster.api_key.startswith("mn-")
+    wrong = openai.OpenAI(base_url=cluster.http_url, api_key="mn-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.completions.create(model=model, prompt="Hello", max_tokens=1)
+    assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+    assert "not valid" in info.value.body["message"]
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    status, body = get(f"{cluster.http_url}/models")                       # no Authorization header
+    assert status == 401 and "an API key is required" in body["error"]["message"]
+    base = cluster.http_url.removesuffix("/v1")
+    assert get(f"{base}/health")[0] == 200 and get(f"{base}/ready")[0] == 200     # probes need no key
+    for metadata, message in (((), "an API key is required"), ((("x-api-key", "mn-wrong"),), "not valid")):
+        with rpc_client.blocking_channel(cluster.router_address, metadata=metadata) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            for call in (lambda: stub.ModelInfo(router_pb2.ModelInfoRequest()),
+                         lambda: list(stub.Generate(router_pb2.GenerateRequest(text="Hi"), timeout=30)),
+                         lambda: stub.Abort(common_pb2.AbortRequest(request_id="x"))):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED and message in err.value.details()

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from common.auth import bearer, resolve_api_key
 from common.client import RouterClient
 from common.rpc import client as rpc_client
 from common.rpc.protos import router_pb2_grpc
@@ -47,7 +48,7 @@ def one(address: str, ids: list[int]) -> dict:
     req = RouterClient.request(token_ids=ids, max_tokens=4, ttft_slo_s=TTFT_SLO_S)
     t0 = time.monotonic()
     ttft = predicted = None
-    with rpc_client.blocking_channel(address) as ch:
+    with rpc_client.blocking_channel(address, metadata=bearer(resolve_api_key())) as ch:
         try:
             for ev in router_pb2_grpc.RouterStub(ch).Generate(req, timeout=DEADLINE_S):
                 if ev.WhichOneof("event") == "started" and ev.started.HasField("predicted_ttft_s"):

@@ -171,7 +171,7 @@ def test_client_cancel_frees_every_block_and_the_placement(cluster, offline):
     assert len(offline(CANCEL, max_tokens).token_ids) == max_tokens    # no EOS: it would run long
     rid = f"cancel-{uuid.uuid4().hex[:8]}"
     store = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment)
-    with rpc_client.blocking_channel(cluster.router_address) as ch:
+    with rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata) as ch:
         call = router_pb2_grpc.RouterStub(ch).Generate(
             RouterClient.request(token_ids=CANCEL, max_tokens=max_tokens, request_id=rid), timeout=120)
         seen = 0

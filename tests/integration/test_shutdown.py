@@ -100,7 +100,7 @@ class Reader(threading.Thread):
 
     def __init__(self, cluster: Cluster, ids: list[int], max_tokens: int) -> None:
         super().__init__(daemon=True)
-        self.channel = rpc_client.blocking_channel(cluster.router_address)
+        self.channel = rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata)
         self.call = router_pb2_grpc.RouterStub(self.channel).Generate(
             RouterClient.request(token_ids=ids, max_tokens=max_tokens), timeout=120)
         self.tokens: list[int] = []
