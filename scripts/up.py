@@ -151,7 +151,7 @@ CLUSTER_ENGINE_KEYS = ("model", "max_model_len", "kv_backend", "kv_host", "dtype
                        "scheduler.chunk_size", "scheduler.role")
 ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "model_name", "max_model_len", "kv_backend",
                        "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission", "http_port",
-                       "observability")
+                       "observability", "api_keys_file")
 DEFAULT_HTTP_PORT = 8000
 
 

@@ -303,7 +303,7 @@ def test_router_errors_are_one_line_with_the_status_name_and_the_retry_hint():
     from common.rpc.status import ERROR_KEY, RETRY_PUSHBACK_KEY
 
     def failing(err, after=0):
-        def generate(request, timeout):
+        def generate(request, timeout, metadata=()):
             yield from [router_pb2.GenerateResponse()] * after
             raise err
         return generate
