@@ -39,8 +39,10 @@ class RouterConfig:
     metrics_port: int = 0                 # Prometheus /metrics port (0 = a free one, -1 = none)
     http_port: int = -1                   # OpenAI-compatible HTTP API (/v1) port (0 = a free one, -1 = none)
     admission: bool = True                # SLO-aware admission (--no-admission lets every request through)
-    prometheus_url: str = ""              # read the instances' load from this Prometheus (empty = scrape them)
-    scrape_interval_s: float = 0.25       # how often the instances' load is read
+    prometheus_url: str = ""              # read the instances' load from this Prometheus (empty = from the
+                                          # kvstore, where their heartbeats carry it)
+    scrape_interval_s: float = 0.25       # how often the instances' load is read (the kvstore's listing or
+                                          # Prometheus; the pools heartbeat theirs every heartbeat_interval_s)
     max_queue: int = 256                  # admission queue bound
     max_queue_wait_s: float = 30.0        # longest wait in the admission queue
     max_staleness_s: float = 5.0          # load older than this makes an instance unknown
