@@ -55,12 +55,12 @@ Decision, with waited = now - arrival and the request's deadlines (slo_for):
   ADMIT  (fail_open)           no fresh load at all and config.fail_open (default off)
 
 Staleness: an instance whose load is older than max_staleness_s (heartbeats stopped or lost, query
-failed, sample not updated) is unknown and never a candidate: we cannot predict its TTFT, and a silent instance is
-more likely dead than idle. With no fresh instance of a needed role the request is rejected
+failed, sample not updated) is unknown and never a candidate: we cannot predict its TTFT, and a
+silent instance is more likely dead than idle. With no fresh instance of a needed role the request is rejected
 (no_instance, retry after max_staleness_s) unless fail_open.
 
-Between load samples, admitted requests are added to their instances' load locally (queued prompt tokens,
-KV blocks, one running decode) until a sample newer than the admission (plus visibility_lag_s) shows
+Between load samples, admitted requests are added to their instances' load locally (queued prompt
+tokens, KV blocks, one running decode) until a sample newer than the admission (plus visibility_lag_s) shows
 them, so a burst does not pile onto one instance; requests that ended after an instance's sample was
 taken are taken out of it (an instance that just finished its last request is idle, not busy).
 
@@ -80,7 +80,7 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping
 
 from common.config import SchedulerConfig, SLOConfig
 from common.errors import CapacityError, ConfigError, InvalidRequestError

@@ -39,8 +39,8 @@ class PoolConfig:
     restart_on_failure: bool = True               # rebuild the engine when a worker process dies
     deployment: str = "default"                   # deployment name (the metrics' pool label, as the kvstore's)
     metrics_port: int = 0                         # Prometheus /metrics port (0 = a free one, -1 = none)
-    heartbeat_interval_s: float = 0.25            # kvstore heartbeat, carrying the load the router's admission
-                                                  # reads (shortened to a third of the registration TTL)
+    heartbeat_interval_s: float = 0.25            # seconds between kvstore heartbeats, which carry the load the
+                                                  # router's admission reads (at most a third of the registration TTL)
     grace_s: float = 5.0                          # after SIGTERM: seconds the requests in flight get to finish
 
     def __post_init__(self) -> None:
