@@ -54,23 +54,24 @@ Decision, with waited = now - arrival and the request's deadlines (slo_for):
          queue_full | queue_timeout | no_instance
   ADMIT  (fail_open)           no fresh load at all and config.fail_open (default off)
 
-Staleness: an instance whose load is older than max_staleness_s (scrape failed, target gone, sample
-not updated) is unknown and never a candidate: we cannot predict its TTFT, and a silent instance is
-more likely dead than idle. With no fresh instance of a needed role the request is rejected
+Staleness: an instance whose load is older than max_staleness_s (heartbeats stopped or lost, query
+failed, sample not updated) is unknown and never a candidate: we cannot predict its TTFT, and a
+silent instance is more likely dead than idle. With no fresh instance of a needed role the request is rejected
 (no_instance, retry after max_staleness_s) unless fail_open.
 
-Between scrapes, admitted requests are added to their instances' load locally (queued prompt tokens,
-KV blocks, one running decode) until a sample newer than the admission (plus visibility_lag_s) shows
+Between load samples, admitted requests are added to their instances' load locally (queued prompt
+tokens, KV blocks, one running decode) until a sample newer than the admission (plus visibility_lag_s) shows
 them, so a burst does not pile onto one instance; requests that ended after an instance's sample was
 taken are taken out of it (an instance that just finished its last request is idle, not busy).
 
-Load sources (both give a LoadSnapshot): MetricsScraper reads the services' /metrics directly (the
-default), PrometheusSource a Prometheus server's HTTP API. Both have per-request timeouts.
+Load sources (both give a LoadSnapshot): heartbeat_loads (the default) reads the load every instance
+sends with its kvstore heartbeats (common/pool_load.py), from the kvstore's listing, aged on Redis's
+clock; PrometheusSource reads a Prometheus server's HTTP API (the operator's configured URL, with
+per-request timeouts). Admission never fetches a URL an instance registered.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import enum
 import json
 import logging
@@ -79,14 +80,12 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Mapping, Sequence
-
-from prometheus_client.parser import text_string_to_metric_families
+from typing import Callable, Iterable, Mapping
 
 from common.config import SchedulerConfig, SLOConfig
 from common.errors import CapacityError, ConfigError, InvalidRequestError
 from common.kv_cache.kvp_blocks import kvp_split
-from common.metadata.types import SchedulingInfo
+from common.metadata.types import Instance, SchedulingInfo
 from common.metrics import DEFAULT_PROMPT_CLASSES, PromptClasses
 from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
@@ -112,7 +111,7 @@ class AdmissionConfig:
     max_staleness_s: float = 5.0       # older load = instance unknown (not a candidate)
     max_slowdown: float = 4.0
     max_decode_share: float = 0.9
-    visibility_lag_s: float = 0.2      # an admission shows in an instance's metrics within this
+    visibility_lag_s: float = 0.2      # an admission shows in an instance's reported load within this
     min_retry_after_s: float = 0.5
     fail_open: bool = False            # admit blindly when no load is known at all
     tbt_slo_s: float = SchedulerConfig().tbt_slo_s   # default TBT SLO until a decode pool publishes its own
@@ -757,7 +756,7 @@ _KV = {"mnemosyne_kv_blocks_free": "free", "mnemosyne_kv_blocks_used": "used"}
 
 
 class _Acc:
-    """One instance's samples while a scrape or a query result is read."""
+    """One instance's samples while a Prometheus query result is read."""
 
     def __init__(self, labels: Mapping[str, str]) -> None:
         self.instance_id, self.role, self.pool = labels["instance"], labels["role"], labels["pool"]
@@ -790,65 +789,24 @@ def _identity(labels: Mapping[str, str], pool: str | None) -> bool:
     return all(k in labels for k in ("instance", "role", "pool")) and (pool is None or labels["pool"] == pool)
 
 
-class MetricsScraper:
-    """Reads the services' /metrics endpoints directly (the default load source).
-
-    targets: URLs (http://host:port/metrics). One scrape fetches them in parallel, each with
-    `timeout_s`; a failed target keeps its last load, whose age then grows until it is stale.
-    The recent iteration time is the mean over the iterations between two scrapes of an instance.
-    """
-
-    def __init__(self, targets: Sequence[str], *, timeout_s: float = 1.0, pool: str | None = None,
-                 clock: Callable[[], float] = time.monotonic, forget_after_s: float = 300.0) -> None:
-        if not timeout_s > 0:
-            raise ConfigError(f"metrics scraper: timeout_s must be positive, got {timeout_s}")
-        self.targets = list(targets)
-        self.timeout_s, self.pool, self.clock = timeout_s, pool, clock
-        self.forget_after_s = forget_after_s
-        self._loads: dict[str, InstanceLoad] = {}
-        self._iters: dict[str, tuple[float, float]] = {}      # instance -> (sum, count) last seen
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="scrape")
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _fetch(self, url: str) -> tuple[str, float]:
-        with urllib.request.urlopen(url, timeout=self.timeout_s) as resp:
-            body = resp.read().decode()
-        return body, self.clock()
-
-    def scrape(self) -> LoadSnapshot:
-        """Blocking; run it in a thread from asyncio code (watch_load does)."""
-        errors: dict[str, str] = {}
-        futures = {url: self._pool.submit(self._fetch, url) for url in self.targets}
-        for url, fut in futures.items():
-            try:
-                body, at = fut.result(timeout=self.timeout_s + 1.0)
-                for load in self.parse(body, at):
-                    self._loads[load.instance_id] = load
-            except Exception as e:  # noqa: BLE001 - any failure makes the target unknown, logged
-                errors[url] = f"{type(e).__name__}: {e}"
-        now = self.clock()
-        self._loads = {k: v for k, v in self._loads.items() if now - v.observed_at < self.forget_after_s}
-        return LoadSnapshot(dict(self._loads), now, errors)
-
-    def parse(self, text: str, observed_at: float) -> list[InstanceLoad]:
-        """The loads of every instance in one exposition text (a process shows one instance)."""
-        accs: dict[str, _Acc] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if _identity(s.labels, self.pool):
-                    acc = accs.setdefault(s.labels["instance"], _Acc(s.labels))
-                    acc.add(s.name, s.labels, s.value)
-        out = []
-        for iid, acc in accs.items():
-            iteration_s = None
-            prev = self._iters.get(iid)
-            if prev is not None and acc.iter_count > prev[1]:
-                iteration_s = (acc.iter_sum - prev[0]) / (acc.iter_count - prev[1])
-            self._iters[iid] = (acc.iter_sum, acc.iter_count)
-            out.append(acc.load(observed_at, iteration_s))
-        return out
+def heartbeat_loads(instances: Iterable[Instance], now: float, pool: str = "default") -> LoadSnapshot:
+    """The load source by default: the load each instance sent with its last kvstore heartbeat
+    (Instance.load, in the kvstore's listing), aged as Redis saw it. `now`: the caller's monotonic
+    clock when the listing arrived; observed_at = now - load_age_s, so the age never compares two
+    hosts' clocks (Redis timed both the heartbeat and the listing). An instance that sent no load
+    since it registered is absent (unknown: never a candidate). No URL is fetched: an instance's
+    registration holds no address admission would read."""
+    loads = {}
+    for inst in instances:
+        r = inst.load
+        if r is None:
+            continue
+        loads[inst.instance_id] = InstanceLoad(
+            inst.instance_id, inst.role, pool, now - inst.load_age_s, active_requests=r.active_requests,
+            queued_prefill_tokens=r.queued_prefill_tokens, running_decodes=r.running_decodes,
+            kv_free_blocks=r.kv_free_blocks, kv_used_blocks=r.kv_used_blocks, kv_block_size=r.kv_block_size,
+            kvp_tokens=r.kvp_tokens, iteration_s=r.iteration_s)
+    return LoadSnapshot(loads, now)
 
 
 class PrometheusSource:
@@ -916,7 +874,7 @@ class PrometheusSource:
         return LoadSnapshot(loads, now, errors)
 
 
-async def watch_load(source: MetricsScraper | PrometheusSource, interval_s: float,
+async def watch_load(source: PrometheusSource, interval_s: float,
                      on_snapshot: Callable[[LoadSnapshot], None]) -> None:
     """Scrapes every `interval_s` (in a worker thread) and hands each snapshot to `on_snapshot`
     (e.g. store it and call AdmissionController.poll). Runs until cancelled."""

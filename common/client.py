@@ -21,7 +21,7 @@ import grpc
 
 from common.auth import bearer, resolve_api_key
 from common.errors import InvalidRequestError, MnemosyneError, PlacementError, UnreachableError
-from common.metadata.types import Instance, Placement
+from common.metadata.types import Instance, LoadReport, Placement
 from common.rpc import client as rpc_client
 from common.rpc import convert
 from common.rpc.protos import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
@@ -56,8 +56,11 @@ class KVStoreClient:
             instance=convert.instance_to_proto(inst)))
         return resp.heartbeat_interval_s
 
-    async def heartbeat(self, instance_id: str, free: tuple[int, ...]) -> None:
-        await self._call("Heartbeat", kvstore_pb2.HeartbeatRequest(instance_id=instance_id, free_blocks=free))
+    async def heartbeat(self, instance_id: str, free: tuple[int, ...], load: LoadReport | None = None) -> None:
+        """`load`: the instance's load now, for the router's admission (None = none)."""
+        await self._call("Heartbeat", kvstore_pb2.HeartbeatRequest(
+            instance_id=instance_id, free_blocks=free,
+            load=None if load is None else convert.load_to_proto(load)))
 
     async def deregister(self, instance_id: str) -> None:
         await self._call("DeregisterInstance", kvstore_pb2.DeregisterInstanceRequest(instance_id=instance_id))
@@ -95,45 +98,58 @@ class KVStoreClient:
 
 
 class Membership:
-    """Keeps one instance registered: register at start (retrying until the kvstore answers),
-    heartbeat every interval with `free_blocks()`, register again after a NOT_FOUND (the
-    registration expired, e.g. the kvstore restarted), deregister at stop."""
+    """Keeps one instance registered: register at start (retrying until the kvstore answers), then
+    heartbeat at once and every interval with `free_blocks()` and `load()` (the load the router's
+    admission judges the instance by: keep it cheap, it runs every `interval_s`), register again
+    after a NOT_FOUND (the registration expired, e.g. the kvstore restarted), deregister at stop.
+
+    The interval is `max_interval_s` (the pool's heartbeat_interval_s, the admission's cadence) or
+    the kvstore's asked interval (a third of the registration TTL) when that is shorter."""
 
     def __init__(self, kvstore: KVStoreClient, info: Callable[[], Instance],
-                 free_blocks: Callable[[], tuple[int, ...]] = tuple) -> None:
+                 free_blocks: Callable[[], tuple[int, ...]] = tuple,
+                 load: Callable[[], LoadReport | None] = lambda: None, max_interval_s: float = 2.0) -> None:
+        if not max_interval_s > 0:
+            raise ValueError(f"max_interval_s must be positive, got {max_interval_s}")
         self.kvstore = kvstore
         self.info = info
         self.free_blocks = free_blocks
-        self.interval_s = 1.0
+        self.load = load
+        self.max_interval_s = max_interval_s
+        self.interval_s = max_interval_s
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                self.interval_s = min(await self.kvstore.register(self.info()), 2.0)
+                self.interval_s = min(await self.kvstore.register(self.info()), self.max_interval_s)
                 break
             except MnemosyneError as e:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("kvstore at %s: %s; retrying", self.kvstore.address, e)
                 await asyncio.sleep(0.5)
+        await self._send(self.info().instance_id)     # the load is known before the instance serves
         self._task = asyncio.create_task(self._beat(), name="membership-heartbeat")
 
     async def _beat(self) -> None:
         inst_id = self.info().instance_id
         while True:
             await asyncio.sleep(self.interval_s)
+            await self._send(inst_id)
+
+    async def _send(self, inst_id: str) -> None:
+        try:
+            await self.kvstore.heartbeat(inst_id, self.free_blocks(), self.load())
+        except PlacementError:
+            log.warning("registration of %s expired; registering again", inst_id)
             try:
-                await self.kvstore.heartbeat(inst_id, self.free_blocks())
-            except PlacementError:
-                log.warning("registration of %s expired; registering again", inst_id)
-                try:
-                    await self.kvstore.register(self.info())
-                except MnemosyneError as e:
-                    log.warning("register %s: %s", inst_id, e)
+                await self.kvstore.register(self.info())
             except MnemosyneError as e:
-                log.warning("heartbeat of %s: %s", inst_id, e)
+                log.warning("register %s: %s", inst_id, e)
+        except MnemosyneError as e:
+            log.warning("heartbeat of %s: %s", inst_id, e)
 
     async def stop(self) -> None:
         """Stops heartbeating and deregisters (best effort: the registration expires anyway)."""

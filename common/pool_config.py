@@ -41,6 +41,8 @@ class PoolConfig:
     restart_on_failure: bool = True               # rebuild the engine when a worker process dies
     deployment: str = "default"                   # deployment name (the metrics' pool label, as the kvstore's)
     metrics_port: int = 0                         # Prometheus /metrics port (0 = a free one, -1 = none)
+    heartbeat_interval_s: float = 0.25            # seconds between kvstore heartbeats, which carry the load the
+                                                  # router's admission reads (at most a third of the registration TTL)
     grace_s: float = 5.0                          # after SIGTERM: seconds the requests in flight get to finish
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)   # --log-format,
                                                                                       # --otlp-endpoint
@@ -56,7 +58,7 @@ class PoolConfig:
         if self.advertise_host in WILDCARD_HOSTS[1:]:
             raise ConfigError(f"{role}: advertise_host must be an address peers can dial, got "
                               f"{self.advertise_host!r}")
-        for name in ("kv_timeout_s", "threads"):
+        for name in ("kv_timeout_s", "threads", "heartbeat_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{role}: {name} must be positive, got {getattr(self, name)}")
 

@@ -11,7 +11,9 @@ and goes NOT_SERVING (every running request has already failed with UNAVAILABLE)
 engine and registers again (`restart_on_failure`), or stays out.
 
 The instance a subclass builds has `instance_id`, `engine` (an AsyncEngine, replaced by the
-supervisor), `busy` (requests in flight), `start()` and `async stop()` (its background tasks).
+supervisor), `active` (its open request streams), `busy` (requests in flight), `start()` and
+`async stop()` (its background tasks). Its heartbeats carry its load (`load`, common/pool_load.py)
+every config.heartbeat_interval_s.
 """
 from __future__ import annotations
 
@@ -25,11 +27,12 @@ from common.engine.async_engine import AsyncEngine, keep_alive
 from common.errors import ConfigError, MnemosyneError
 from common.logs import setup_logging
 from common.tracing import NOOP, setup_tracing, shutdown_tracing, tracer
-from common.metadata.types import Instance, SchedulingInfo
+from common.metadata.types import Instance, LoadReport, SchedulingInfo
 from common.perf_model.published import publish
 from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_registry, serve_metrics
 from common.model.loader import served_model_name
 from common.pool_config import PoolConfig
+from common.pool_load import LoadSampler
 from common.rpc.server import RpcServer, advertised_host, host_port, serve_until_signal
 
 log = logging.getLogger(__name__)
@@ -85,7 +88,8 @@ class PoolService:
         self.instance = instance
         self.kvstore = kvstore
         self.advertise_host = advertised_host(config.host, config.advertise_host)
-        self.membership = Membership(kvstore, self.info, self.free_blocks)
+        self._load = LoadSampler(*kv_layout(config))
+        self.membership = Membership(kvstore, self.info, self.free_blocks, self.load, config.heartbeat_interval_s)
         self._supervisor: asyncio.Task[None] | None = None
         self._joined = False                          # registered with the kvstore
         self._scheduling: tuple[Any, SchedulingInfo] | None = None
@@ -108,6 +112,12 @@ class PoolService:
         """Free KV blocks per KVP group, sent with each heartbeat."""
         return ()
 
+    def load(self) -> LoadReport:
+        """The load sent with each heartbeat, what the router's admission reads (common/pool_load.py):
+        cheap, the engine's last stats and the instance's counters."""
+        engine = self.instance.engine
+        return self._load.sample(self.instance.active, engine.stats, engine.iteration_totals)
+
     def scheduling(self) -> SchedulingInfo | None:
         """The registration's `scheduling` (scheduling_info of the current engine, computed once per
         engine: a rebuilt engine is published again when the instance rejoins)."""
@@ -127,7 +137,8 @@ class PoolService:
 
     @property
     def metrics_url(self) -> str:
-        """The /metrics endpoint as peers reach it ("" = none)."""
+        """The /metrics endpoint as peers reach it ("" = none); printed at start for Prometheus'
+        targets (scripts/up.py), not registered: the router's admission reads the heartbeats' load."""
         if self.metrics_server is None:
             return ""
         return f"http://{host_port(self.advertise_host, self.metrics_server.port)}/metrics"

@@ -60,6 +60,9 @@ class StepRecorder:
     def __init__(self, metrics: Any) -> None:
         self.metrics = metrics
         self._computed: dict[str, int] = {}
+        # (seconds, count) of the iterations mnemosyne_iteration_seconds observed, for the load the
+        # instance heartbeats (common/pool_load.py): one tuple, replaced whole, read from any thread.
+        self.iterations: tuple[float, int] = (0.0, 0)
 
     def track(self, request_id: str, computed: int) -> None:
         self._computed[request_id] = computed
@@ -87,6 +90,8 @@ class StepRecorder:
                 self._computed.pop(o.request_id, None)
         if seqs:
             self.metrics.observe_iteration(seconds, seqs, chunk_tokens=chunks, generated_tokens=generated)
+            total, count = self.iterations
+            self.iterations = (total + seconds, count + 1)
         self.load(stats)
 
     def load(self, stats: EngineStats) -> None:
@@ -135,6 +140,12 @@ class AsyncEngine:
         self._failure: MnemosyneError | None = None
         self._stopping = False
         self.stats = EngineStats()
+
+    @property
+    def iteration_totals(self) -> tuple[float, int]:
+        """(seconds, count) of the engine iterations that advanced a request, since this engine
+        started ((0.0, 0) without metrics): what mnemosyne_iteration_seconds observes."""
+        return self._recorder.iterations if self._recorder is not None else (0.0, 0)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -262,11 +273,13 @@ class AsyncEngine:
         if watch is not None and not watch[0].done():
             watch[0].set_exception(KVTransferError(f"request {request_id} was aborted"))
         found = engine.abort(request_id)
+        if found:
+            self.stats = engine.stats()       # the load admission reads drops it now, not after the
+                                              # next step (an idle engine has none)
         if self._recorder is not None:
             self._recorder.forget(request_id)
             if found:
-                self._recorder.load(engine.stats())   # the gauges admission reads drop it now, not
-                                                      # after the next step (an idle engine has none)
+                self._recorder.load(self.stats)
         if request_id in self._routes:
             self._routes.discard(request_id)
             self._loop.call_soon_threadsafe(self._deliver, request_id, StepOutput(

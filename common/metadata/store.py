@@ -4,7 +4,8 @@ Keys (all under one hash tag, so a Redis Cluster keeps them in one slot and the 
 touch any of them):
 
     mnemosyne:{<deployment>}:instances          set of instance ids (pruned when read)
-    mnemosyne:{<deployment>}:inst:<id>          hash: the registration; key TTL = heartbeat TTL
+    mnemosyne:{<deployment>}:inst:<id>          hash: the registration and the last heartbeat's load;
+                                                key TTL = heartbeat TTL
     mnemosyne:{<deployment>}:resv:<id>          hash: group -> blocks held by live placements
     mnemosyne:{<deployment>}:plc:<request_id>   hash: the placement (no TTL, see below)
     mnemosyne:{<deployment>}:deadlines          sorted set: request_id -> lease deadline (ms)
@@ -36,7 +37,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from common.errors import ConfigError, InvalidRequestError, WorkerFailedError
-from common.metadata.types import GroupRange, Instance, Placement, SchedulingInfo, check_id
+from common.metadata.types import GroupRange, Instance, LoadReport, Placement, SchedulingInfo, check_id
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -109,12 +110,16 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return fmt(now)
 """
 
-# KEYS: inst. ARGV: ttl_ms, free_csv, num_groups. -> 1 ok, 0 unknown, -1 wrong number of groups
+# KEYS: inst. ARGV: ttl_ms, free_csv, num_groups, load_json ('' = none: the last one keeps aging).
+# -> 1 ok, 0 unknown, -1 wrong number of groups. The load's time is Redis's (load_ms), like the
+# heartbeat's, so readers get its age without comparing hosts' clocks.
 _HEARTBEAT = _LUA_PRELUDE + """
 local groups = redis.call('HGET', KEYS[1], 'num_groups')
 if not groups then return 0 end
 if ARGV[2] ~= '' and tonumber(groups) ~= tonumber(ARGV[3]) then return -1 end
-redis.call('HSET', KEYS[1], 'heartbeat_ms', fmt(now_ms()), 'free', ARGV[2])
+local now = fmt(now_ms())
+redis.call('HSET', KEYS[1], 'heartbeat_ms', now, 'free', ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'load', ARGV[4], 'load_ms', now) end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
@@ -241,17 +246,19 @@ class MetadataStore:
         fields = {"role": inst.role, "address": inst.address, "block_size": inst.block_size,
                   "kvp_tokens": inst.kvp_tokens, "num_groups": inst.num_groups,
                   "capacity": _csv(inst.capacity), "free": _csv(inst.free),
-                  "metrics_url": inst.metrics_url,
                   "scheduling": "" if inst.scheduling is None else json.dumps(inst.scheduling.to_dict())}
         flat = [str(x) for kv in fields.items() for x in kv]
         self._register(keys=[self._inst(inst.instance_id), self._instances],
                        args=[inst.instance_id, _ms(ttl_s), *flat])
 
     @_unavailable_on_redis_errors
-    def heartbeat(self, instance_id: str, free: Sequence[int], ttl_s: float) -> bool:
-        """Refreshes a registration; False when it is unknown or expired (register again)."""
+    def heartbeat(self, instance_id: str, free: Sequence[int], ttl_s: float,
+                  load: LoadReport | None = None) -> bool:
+        """Refreshes a registration and stores `load` (None keeps the last one, which ages); False
+        when it is unknown or expired (register again)."""
         rc = self._heartbeat(keys=[self._inst(instance_id)],
-                             args=[_ms(ttl_s), _csv(free), len(free)])
+                             args=[_ms(ttl_s), _csv(free), len(free),
+                                   "" if load is None else json.dumps(load.to_dict())])
         if rc == -1:
             raise InvalidRequestError(f"heartbeat of {instance_id}: {len(free)} free-block counts do not "
                           "match the registered KVP groups")
@@ -266,8 +273,8 @@ class MetadataStore:
 
     @_unavailable_on_redis_errors
     def list_instances(self, role: str | None = None) -> list[Instance]:
-        """Live instances (registration not expired), with `reserved` and `heartbeat_age_s`,
-        sorted by id. Ids whose registration expired are pruned from the set."""
+        """Live instances (registration not expired), with `reserved`, `heartbeat_age_s`, and
+        `load` with `load_age_s` (ages on Redis's clock), sorted by id. Ids whose registration expired are pruned from the set."""
         ids = sorted(self.redis.smembers(self._instances))
         return [i for i in self._read_instances(ids) if role is None or i.role == role]
 
@@ -293,14 +300,15 @@ class MetadataStore:
                 dead.append(i)
                 continue
             groups = int(h["num_groups"])
+            load = LoadReport.from_dict(json.loads(h["load"])) if h.get("load") else None
             out.append(Instance(
                 instance_id=i, role=h["role"], address=h["address"],
                 block_size=int(h["block_size"]), kvp_tokens=int(h["kvp_tokens"]),
                 capacity=_ints(h["capacity"]), free=_ints(h.get("free", "")),
                 reserved=tuple(int(resv.get(str(g), 0)) for g in range(groups)),
                 heartbeat_age_s=max(0, now_ms - int(h["heartbeat_ms"])) / 1000,
-                metrics_url=h.get("metrics_url", ""),
-                scheduling=SchedulingInfo.from_dict(json.loads(h["scheduling"])) if h.get("scheduling") else None))
+                scheduling=SchedulingInfo.from_dict(json.loads(h["scheduling"])) if h.get("scheduling") else None,
+                load=load, load_age_s=max(0, now_ms - int(h["load_ms"])) / 1000 if load is not None else 0.0))
         if dead:
             self.redis.srem(self._instances, *dead)
         return out

@@ -1,7 +1,8 @@
-"""Domain types of the metadata layer: instances and placements. Plain frozen dataclasses; the
-proto <-> domain conversions are in common/rpc/convert.py."""
+"""Domain types of the metadata layer: instances, their load reports and placements. Plain frozen
+dataclasses; the proto <-> domain conversions are in common/rpc/convert.py."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -67,12 +68,53 @@ class SchedulingInfo:
 
 
 @dataclass(frozen=True)
+class LoadReport:
+    """An instance's live load, sampled when it sends a heartbeat (common/client.py Membership): what
+    the router's admission judges it by (common.admission.InstanceLoad adds who and when).
+
+    KV lists are per KVP group (SPP stage on a prefill instance); `kv_used_blocks` is empty or as
+    long as `kv_free_blocks`. `iteration_s`: the mean time of the engine iterations since the
+    previous report (None = idle or unknown)."""
+    active_requests: int = 0
+    queued_prefill_tokens: int = 0
+    running_decodes: int = 0
+    kv_free_blocks: tuple[int, ...] = ()
+    kv_used_blocks: tuple[int, ...] = ()
+    kv_block_size: int = 0
+    kvp_tokens: int = 0
+    iteration_s: float | None = None
+
+    def __post_init__(self) -> None:
+        counts = (self.active_requests, self.queued_prefill_tokens, self.running_decodes,
+                  self.kv_block_size, self.kvp_tokens, *self.kv_free_blocks, *self.kv_used_blocks)
+        if any(c < 0 for c in counts):
+            raise InvalidRequestError(f"load report: negative count in {self}")
+        if self.kv_used_blocks and len(self.kv_used_blocks) != len(self.kv_free_blocks):
+            raise InvalidRequestError(f"load report: {len(self.kv_used_blocks)} used-block counts for "
+                                      f"{len(self.kv_free_blocks)} KVP groups")
+        if self.iteration_s is not None and not (math.isfinite(self.iteration_s) and self.iteration_s >= 0):
+            raise InvalidRequestError(f"load report: iteration_s must be >= 0, got {self.iteration_s}")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in ((k, getattr(self, k)) for k in self.__dataclass_fields__)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LoadReport":
+        kw = {k: tuple(d[k]) if k.startswith("kv_") and k.endswith("_blocks") else d[k]
+              for k in cls.__dataclass_fields__ if k in d}
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class Instance:
     """A prefill or decode instance as registered with the kvstore.
 
     `capacity` has one entry per KVP group (blocks); its length is the number of groups (empty for
     a prefill instance). `free` is what the instance last reported (informational). `reserved` is
-    the kvstore's accounting of live placements (filled when read back from the store).
+    the kvstore's accounting of live placements (filled when read back from the store). `load` is
+    the load the instance sent with its last heartbeat and `load_age_s` its age on the store's clock
+    (both filled when read back; None = no heartbeat with a load since it registered).
     """
     instance_id: str
     role: str
@@ -83,8 +125,9 @@ class Instance:
     free: tuple[int, ...] = ()
     reserved: tuple[int, ...] = ()
     heartbeat_age_s: float = 0.0
-    metrics_url: str = ""                    # its /metrics endpoint ("" = none)
     scheduling: SchedulingInfo | None = None # its performance model and scheduler (None = unknown)
+    load: LoadReport | None = None
+    load_age_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_id("instance_id", self.instance_id)

@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from common.errors import InvalidRequestError
-from common.metadata.types import GroupRange, Instance, Placement, SchedulingInfo
+from common.metadata.types import GroupRange, Instance, LoadReport, Placement, SchedulingInfo
 from common.rpc.protos import common_pb2, kvstore_pb2
 from common.sampling_params import SamplingParams
 
@@ -40,8 +40,9 @@ def instance_to_proto(inst: Instance) -> kvstore_pb2.InstanceInfo:
         instance_id=inst.instance_id, role=role_to_proto(inst.role), address=inst.address,
         block_size=inst.block_size, kvp_tokens=inst.kvp_tokens,
         capacity_blocks=inst.capacity, free_blocks=inst.free, reserved_blocks=inst.reserved,
-        heartbeat_age_s=inst.heartbeat_age_s, metrics_url=inst.metrics_url,
-        scheduling=None if inst.scheduling is None else scheduling_to_proto(inst.scheduling))
+        heartbeat_age_s=inst.heartbeat_age_s,
+        scheduling=None if inst.scheduling is None else scheduling_to_proto(inst.scheduling),
+        load=None if inst.load is None else load_to_proto(inst.load), load_age_s=inst.load_age_s)
 
 
 def instance_from_proto(msg: kvstore_pb2.InstanceInfo) -> Instance:
@@ -54,8 +55,27 @@ def instance_from_proto(msg: kvstore_pb2.InstanceInfo) -> Instance:
         block_size=msg.block_size, kvp_tokens=msg.kvp_tokens,
         capacity=tuple(msg.capacity_blocks), free=tuple(msg.free_blocks),
         reserved=tuple(msg.reserved_blocks), heartbeat_age_s=msg.heartbeat_age_s,
-        metrics_url=msg.metrics_url,
-        scheduling=scheduling_from_proto(msg.scheduling) if msg.HasField("scheduling") else None)
+        scheduling=scheduling_from_proto(msg.scheduling) if msg.HasField("scheduling") else None,
+        load=load_from_proto(msg.load) if msg.HasField("load") else None, load_age_s=msg.load_age_s)
+
+
+def load_to_proto(load: LoadReport) -> kvstore_pb2.InstanceLoad:
+    msg = kvstore_pb2.InstanceLoad(
+        active_requests=load.active_requests, queued_prefill_tokens=load.queued_prefill_tokens,
+        running_decodes=load.running_decodes, kv_free_blocks=load.kv_free_blocks,
+        kv_used_blocks=load.kv_used_blocks, kv_block_size=load.kv_block_size, kvp_tokens=load.kvp_tokens)
+    if load.iteration_s is not None:
+        msg.iteration_s = load.iteration_s
+    return msg
+
+
+def load_from_proto(msg: kvstore_pb2.InstanceLoad) -> LoadReport:
+    """Raises InvalidRequestError for a malformed report (negative counts, mismatched groups)."""
+    return LoadReport(
+        active_requests=msg.active_requests, queued_prefill_tokens=msg.queued_prefill_tokens,
+        running_decodes=msg.running_decodes, kv_free_blocks=tuple(msg.kv_free_blocks),
+        kv_used_blocks=tuple(msg.kv_used_blocks), kv_block_size=msg.kv_block_size, kvp_tokens=msg.kvp_tokens,
+        iteration_s=msg.iteration_s if msg.HasField("iteration_s") else None)
 
 
 _SCHED_SCALARS = ("iteration_budget_s", "pipeline_depth", "policy", "chunking", "chunk_size", "min_chunk",

@@ -35,7 +35,7 @@ class DecodeService(PoolService):
     def info(self) -> Instance:
         block_size, kvp_tokens = kv_layout(self.config)
         return Instance(self.instance.instance_id, "decode", self.address, block_size, kvp_tokens,
-                        self.instance.stats().total_blocks, self.free_blocks(), metrics_url=self.metrics_url,
+                        self.instance.stats().total_blocks, self.free_blocks(),
                         scheduling=self.scheduling())
 
     def free_blocks(self) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from common.errors import CapacityError, ConfigError, InvalidRequestError, PlacementError
 from common.kv_cache.kvp_blocks import kvp_split
 from common.metadata.store import MetadataStore
-from common.metadata.types import GroupRange, Instance, Placement, check_id
+from common.metadata.types import GroupRange, Instance, LoadReport, Placement, check_id
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,12 @@ class PlacementService:
                  inst.capacity)
         return self.instance_ttl_s / 3
 
-    def heartbeat(self, instance_id: str, free: tuple[int, ...]) -> None:
+    def heartbeat(self, instance_id: str, free: tuple[int, ...], load: LoadReport | None = None) -> None:
+        """Keeps a registration alive; stores the instance's `load` (None: the last one ages)."""
         check_id("instance_id", instance_id)
         if any(f < 0 for f in free):
             raise InvalidRequestError(f"heartbeat of {instance_id}: negative free blocks {free}")
-        if not self.store.heartbeat(instance_id, free, self.instance_ttl_s):
+        if not self.store.heartbeat(instance_id, free, self.instance_ttl_s, load):
             raise PlacementError(f"instance {instance_id} is not registered (or its registration "
                                  "expired); register again")
 

@@ -22,17 +22,18 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @handles_errors
     async def RegisterInstance(self, request, context):
-        # reserved / heartbeat_age are output-only fields.
+        # reserved, heartbeat_age, load and load_age are output-only fields.
         inst = dataclasses.replace(convert.instance_from_proto(request.instance), reserved=(),
-                                   heartbeat_age_s=0.0)
+                                   heartbeat_age_s=0.0, load=None, load_age_s=0.0)
         interval = await asyncio.to_thread(self.logic.register, inst)
         return kvstore_pb2.RegisterInstanceResponse(ttl_s=self.logic.instance_ttl_s,
                                                     heartbeat_interval_s=interval)
 
     @handles_errors
     async def Heartbeat(self, request, context):
+        load = convert.load_from_proto(request.load) if request.HasField("load") else None
         await asyncio.to_thread(self.logic.heartbeat, request.instance_id,
-                                tuple(request.free_blocks))
+                                tuple(request.free_blocks), load)
         return kvstore_pb2.HeartbeatResponse()
 
     @handles_errors

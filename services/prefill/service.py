@@ -35,4 +35,4 @@ class PrefillService(PoolService):
 
     def info(self) -> Instance:
         return Instance(self.instance.instance_id, "prefill", self.address, self.config.engine.cache.block_size,
-                        metrics_url=self.metrics_url, scheduling=self.scheduling())
+                        scheduling=self.scheduling())

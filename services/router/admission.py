@@ -6,8 +6,11 @@
     ...
     await gate.stop()
 
-Load comes from the instances' /metrics endpoints (their URLs from the kvstore registrations) or,
-with --prometheus-url, from a Prometheus server. The models come from the registrations too: every
+Load comes from the kvstore's listing of the instances: each sends its load with its heartbeats
+(every heartbeat_interval_s, 0.25 s by default; common/pool_load.py), and the listing gives it with
+its age on Redis's clock (common.admission.heartbeat_loads), read every scrape_interval_s. With
+--prometheus-url it comes from that Prometheus server instead. The gate never fetches a URL an
+instance registered (registrations hold none). The models come from the registrations too: every
 instance publishes the performance model, budget, chunking and TBT SLO its scheduler runs with
 (Instance.scheduling); the decode pool's TBT SLO is the default one. A queued request waits for a
 poll() that admits or rejects it; every wait is bounded by the controller (max_queue_wait_s, the
@@ -21,7 +24,7 @@ import logging
 import time
 
 from common.admission import (AdmissionConfig, AdmissionController, AdmissionRequest, Decision,
-                              LoadSnapshot, MetricsScraper, Outcome, PoolModel, PrometheusSource)
+                              LoadSnapshot, Outcome, PoolModel, PrometheusSource, heartbeat_loads)
 from common.config import SchedulerConfig
 from common.errors import CapacityError
 from common.metadata.types import Instance, SchedulingInfo
@@ -60,8 +63,7 @@ class AdmissionGate:
             metrics.set_ttft_correction(role, 1.0, 0.0)
         self.snapshot = LoadSnapshot({}, -1e9)
         self._waiting: dict[str, asyncio.Future[Decision]] = {}
-        self._scraper: MetricsScraper | None = None
-        self._source: MetricsScraper | PrometheusSource | None = None
+        self._source: PrometheusSource | None = None      # None: the kvstore's heartbeat loads
         self._task: asyncio.Task[None] | None = None
         self._fresh = asyncio.Event()
 
@@ -69,8 +71,6 @@ class AdmissionGate:
         if self.config.prometheus_url:
             self._source = PrometheusSource(self.config.prometheus_url, pool=self.config.deployment,
                                             timeout_s=min(2.0, self.config.rpc_timeout_s))
-        else:
-            self._source = self._scraper = MetricsScraper([], pool=self.config.deployment, timeout_s=2.0)
         self._task = asyncio.create_task(self._watch(), name="admission-load")
 
     async def stop(self) -> None:
@@ -78,8 +78,6 @@ class AdmissionGate:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self._scraper is not None:
-            self._scraper.close()
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(CapacityError("the router is shutting down"))
@@ -93,24 +91,26 @@ class AdmissionGate:
             await asyncio.sleep(self.config.scrape_interval_s)
 
     async def refresh(self, fresh: bool = False) -> None:
-        """Reads the load once now (the instances' /metrics URLs from the kvstore: asked now when
-        `fresh`, else the discovery cache)."""
-        instances = await self.discovery.instances(fresh=fresh)
+        """Reads the load once now: the kvstore's listing, always asked now (it carries the
+        heartbeats' loads; the discovery cache is refreshed with it), or, with a Prometheus source,
+        that server (the registrations from the discovery cache, or asked now when `fresh`)."""
+        instances = await self.discovery.instances(fresh=fresh or self._source is None)
         self.use_models(instances)
-        if self._scraper is not None:
-            self._scraper.targets = [i.metrics_url for i in instances if i.metrics_url]
-        snap = await asyncio.to_thread(self._source.scrape)
+        if self._source is None:
+            snap = heartbeat_loads(instances, time.monotonic(), self.config.deployment)
+        else:
+            snap = await asyncio.to_thread(self._source.scrape)
         for where, err in snap.errors.items():
             log.debug("load source %s: %s", where, err)
         self._on_snapshot(snap)
 
     async def _observable(self, fresh: bool = False) -> bool:
-        """Whether admission can see any instance: with direct scraping, only instances that
-        registered a metrics URL can be judged; with none (all run with --metrics-port -1, or none
-        is registered) the kvstore's placement is the only check."""
-        if self._scraper is None:
+        """Whether admission can see any instance: from the heartbeats, only instances that sent a
+        load can be judged; with none (none registered, or none that reports its load) the
+        kvstore's placement is the only check."""
+        if self._source is not None:
             return True
-        return any(i.metrics_url for i in await self.discovery.instances(fresh=fresh))
+        return any(i.load is not None for i in await self.discovery.instances(fresh=fresh))
 
     def use_models(self, instances: list[Instance]) -> None:
         """Judges each instance by the model it published (rebuilt only when its publication
@@ -189,7 +189,7 @@ class AdmissionGate:
         if not await self._observable() and not await self._observable(fresh=True):
             self.metrics.observe_admission("admitted", "unobserved")
             return None
-        if not self._fresh.is_set():       # first scrape after start: wait for it (bounded)
+        if not self._fresh.is_set():       # first load read after start: wait for it (bounded)
             try:
                 await asyncio.wait_for(self._fresh.wait(), self.config.max_staleness_s)
             except asyncio.TimeoutError:
@@ -198,7 +198,7 @@ class AdmissionGate:
         self._select_prefill()
         d = self.controller.decide(req, self.snapshot, time.monotonic())
         if d.outcome is Outcome.REJECT and d.reason == "no_instance":
-            # An instance that (re)joined since the last scrape: read the load now, decide again.
+            # An instance that (re)joined since the last read: read the load now, decide again.
             try:
                 await asyncio.wait_for(self.refresh(fresh=True), self.config.rpc_timeout_s)
             except (asyncio.TimeoutError, Exception) as e:  # noqa: BLE001 - keep the rejection

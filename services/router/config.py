@@ -41,8 +41,10 @@ class RouterConfig:
     api_keys_file: str = ""               # clients' API keys (common/auth.py: JSON of SHA-256 hashes and limits);
                                           # empty = no authentication (every caller is served)
     admission: bool = True                # SLO-aware admission (--no-admission lets every request through)
-    prometheus_url: str = ""              # read the instances' load from this Prometheus (empty = scrape them)
-    scrape_interval_s: float = 0.25       # how often the instances' load is read
+    prometheus_url: str = ""              # read the instances' load from this Prometheus (empty = from the
+                                          # kvstore, where their heartbeats carry it)
+    scrape_interval_s: float = 0.25       # how often the instances' load is read (the kvstore's listing or
+                                          # Prometheus; the pools heartbeat theirs every heartbeat_interval_s)
     max_queue: int = 256                  # admission queue bound
     max_queue_wait_s: float = 30.0        # longest wait in the admission queue
     max_staleness_s: float = 5.0          # load older than this makes an instance unknown

@@ -11,7 +11,7 @@ import redis
 from common.errors import ConfigError, InvalidRequestError
 from common.metadata.redis_server import RedisServer
 from common.metadata.store import MetadataStore, StoreUnavailableError
-from common.metadata.types import GroupRange, Instance, Placement
+from common.metadata.types import GroupRange, Instance, LoadReport, Placement
 
 
 @pytest.fixture
@@ -80,6 +80,22 @@ def test_register_list_heartbeat_deregister(store):
     assert not store.heartbeat("nope", (1,), ttl_s=30)
     assert store.deregister_instance("p0")
     assert [i.instance_id for i in store.list_instances()] == ["d0"]
+
+
+def test_heartbeat_load_is_stored_with_its_age_on_the_redis_clock(store):
+    store.register_instance(decode("d0"), ttl_s=30)
+    assert store.get_instance("d0").load is None                  # none until a heartbeat carries one
+    load = LoadReport(active_requests=2, queued_prefill_tokens=300, running_decodes=1, kv_free_blocks=(7, 9),
+                      kv_used_blocks=(3, 1), kv_block_size=16, kvp_tokens=64, iteration_s=0.02)
+    assert store.heartbeat("d0", (7, 9), ttl_s=30, load=load)
+    got = store.get_instance("d0")
+    assert got.load == load and 0 <= got.load_age_s < 0.5
+    time.sleep(0.3)
+    assert store.heartbeat("d0", (7, 9), ttl_s=30)                # no load: the last one ages
+    got = store.get_instance("d0")
+    assert got.load == load and got.load_age_s >= 0.3 and got.heartbeat_age_s < got.load_age_s
+    store.register_instance(decode("d0"), ttl_s=30)              # a new registration starts clean
+    assert store.get_instance("d0").load is None
 
 
 def test_registration_expires_without_heartbeats(store):

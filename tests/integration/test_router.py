@@ -1,7 +1,8 @@
 """The router against real services in this process: kvstore (real Redis), one prefill and one
 decode instance (single-process engines on their own threads), real gRPC on loopback.
 
-Routing by prompt length, discovery from the kvstore's heartbeats, text prompts with the chat
+Routing by prompt length, discovery from the kvstore's heartbeats, admission's load from them
+(never from an address an instance registered), text prompts with the chat
 template and exact text deltas, logprobs on request, the Abort RPC, client cancellation reaching
 every instance, duplicate ids, the instances' own input checks, falling back to the short path
 when no prefill instance is alive.
@@ -9,6 +10,7 @@ when no prefill instance is alive.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import uuid
@@ -22,8 +24,8 @@ from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
 from common.model.tokenizer import load_tokenizer
 from common.rpc import client as rpc_client
-from common.rpc.protos import (common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc,
-                               router_pb2, router_pb2_grpc)
+from common.rpc.protos import (common_pb2, decode_pb2, decode_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, prefill_pb2,
+                               prefill_pb2_grpc, router_pb2, router_pb2_grpc)
 from common.sampling_params import SamplingParams
 from services.decode.config import DecodeConfig
 from services.decode.service import DecodeService
@@ -264,6 +266,66 @@ def test_abort_rpc_finishes_the_stream_as_aborted_and_frees(stack, offline):
     assert rest[-1].finished.finish_reason == common_pb2.FINISH_REASON_ABORTED
     assert sum(len(e.delta.token_ids) for e in rest if e.HasField("delta")) < LONG_RUN
     wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what="everything released")
+
+
+def test_admission_sees_a_running_decode_through_the_heartbeats(stack):
+    """The router's default load source is the kvstore's listing: the decode instance's heartbeats
+    (every heartbeat_interval_s, 0.25 s) show its running request, then its end, in the router's
+    snapshot itself (not the admission's local bookkeeping of what it admitted)."""
+    gate = stack.router.router.gate
+    did = stack.decode.instance.instance_id
+
+    def seen():
+        load = gate.snapshot.loads.get(did)
+        return load is not None and load.running_decodes >= 1 and load.active_requests >= 1
+    ch, call, _ = _running_request(stack, "seen-by-admission", prompt(100, 7))
+    try:
+        wait_until(seen, timeout_s=5.0, what="the running decode in the heartbeat load")
+        load = gate.snapshot.loads[did]
+        assert load.kv_used_blocks[0] > 0 and load.kv_block_size == 16
+        assert 0 <= time.monotonic() - load.observed_at < 2.0            # aged on Redis's clock
+        call.cancel()
+    finally:
+        ch.close()
+    wait_until(lambda: gate.snapshot.loads[did].running_decodes == 0 and gate.snapshot.loads[did].active_requests == 0,
+               timeout_s=5.0, what="the end of the request in the heartbeat load")
+    wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what="everything released")
+
+
+def test_admission_never_fetches_what_an_instance_registered(stack):
+    """Anyone may register an "instance". Its registration names an address and, as an older build
+    sends it, a metrics URL (InstanceInfo field 10, now reserved), both at a socket we listen on:
+    admission judges it by the load it heartbeats, and nothing ever connects to that socket."""
+    gate = stack.router.router.gate
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.05)
+    port = srv.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/metrics".encode()
+    info = kvstore_pb2.InstanceInfo(instance_id="bogus", role=kvstore_pb2.ROLE_PREFILL, address=f"127.0.0.1:{port}")
+    info = kvstore_pb2.InstanceInfo.FromString(info.SerializeToString() + b"\x52" + bytes([len(url)]) + url)
+    ch = rpc_client.blocking_channel(stack.kv.address)
+    kv = kvstore_pb2_grpc.KVStoreStub(ch)
+    try:
+        kv.RegisterInstance(kvstore_pb2.RegisterInstanceRequest(instance=info))
+        end = time.monotonic() + 8 * stack.router.config.scrape_interval_s
+        while time.monotonic() < end:
+            kv.Heartbeat(kvstore_pb2.HeartbeatRequest(instance_id="bogus",
+                                                      load=kvstore_pb2.InstanceLoad(queued_prefill_tokens=7)))
+            try:
+                conn, peer = srv.accept()
+                conn.close()
+                pytest.fail(f"{peer} connected to the address a registration named")
+            except socket.timeout:
+                pass
+        load = gate.snapshot.loads.get("bogus")
+        assert load is not None and load.queued_prefill_tokens == 7      # judged by its heartbeats only
+    finally:
+        kv.DeregisterInstance(kvstore_pb2.DeregisterInstanceRequest(instance_id="bogus"))
+        ch.close()
+        srv.close()
+    stack.loop.run(gate.refresh())
 
 
 def test_client_cancel_reaches_every_instance(stack, offline):

@@ -1,5 +1,6 @@
 """SLO-aware admission (common/admission.py): predictions, admit / queue / reject, the LARS-ordered
-bounded queue, KV need vs free, staleness, and the load sources (a real /metrics endpoint).
+bounded queue, KV need vs free, staleness, and the load sources (the kvstore's heartbeat loads,
+Prometheus' queries).
 
 The performance model is linear (1 ms per token, 1 us per decode context token) so predicted times
 are exact: prefilling l tokens alone takes l ms under any chunking.
@@ -13,10 +14,11 @@ import pytest
 
 from common import admission as adm
 from common.admission import (AdmissionConfig, AdmissionController, AdmissionRejected, AdmissionRequest,
-                              InstanceLoad, LoadSnapshot, MetricsScraper, Outcome, PoolModel, SLOConfig,
+                              InstanceLoad, LoadSnapshot, Outcome, PoolModel, SLOConfig, heartbeat_loads,
                               kv_need_blocks)
 from common.errors import CapacityError, ConfigError, InvalidRequestError
-from common.metrics import Metrics, new_registry, serve_metrics
+from common.metadata.types import Instance, LoadReport
+from common.metrics import Metrics, new_registry
 from common.rpc.status import status_for
 from common.scheduler.policy import LARS, order
 from common.scheduler.types import BatchShape, ReqView
@@ -292,59 +294,34 @@ def test_config_and_request_validation():
 
 # ---- load sources ----------------------------------------------------------------------------
 
-class Clock:
-    def __init__(self, t: float = NOW) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_scraper_reads_a_real_metrics_endpoint_and_unreachable_targets_go_stale():
-    registry = new_registry()
-    m = Metrics(registry, role="decode", pool="p", instance="d1")
-    m.set_scheduler_load(queued_prefill_tokens=700, running_decodes=3, waiting_requests=1)
-    m.set_kv_layout(block_size=16, kvp_tokens=1024)
-    for group, (used, free) in enumerate([(10, 90), (30, 70)]):
-        for tp in (0, 1):
-            m.set_kv_blocks(group, tp, used=used + tp, free=free - tp)
-    m.observe_iteration(0.02, 4)
-    server = serve_metrics(0, registry)
-    clock = Clock()
-    scraper = MetricsScraper([server.url, "http://127.0.0.1:9/metrics"], timeout_s=1.0, pool="p",
-                             clock=clock)
-    try:
-        first = scraper.scrape()
-        load = first.loads["d1"]
-        assert (load.role, load.pool, load.observed_at) == ("decode", "p", NOW)
-        assert (load.queued_prefill_tokens, load.running_decodes) == (700, 3)
-        assert (load.kv_block_size, load.kvp_tokens) == (16, 1024)
-        assert load.kv_free_blocks == (89, 69) and load.kv_used_blocks == (11, 31)  # worst TP rank
-        assert load.iteration_s is None                   # no earlier scrape to compare with
-        assert list(first.errors) == ["http://127.0.0.1:9/metrics"]
-        for t in (0.1, 0.3):
-            m.observe_iteration(t, 4)
-        clock.t = NOW + 1
-        assert scraper.scrape().loads["d1"].iteration_s == pytest.approx(0.2)
-        server.close()
-        clock.t = NOW + 7
-        later = scraper.scrape()
-        assert later.loads["d1"].observed_at == NOW + 1    # kept, aging
-        assert later.fresh(clock.t, 5.0) == [] and len(later.errors) == 2
-    finally:
-        scraper.close()
-        if server._thread.is_alive():
-            server.close()
+def test_heartbeat_loads_age_on_the_store_clock_and_skip_instances_without_one():
+    """A fake kvstore listing: each instance's last heartbeat load, with its age as Redis saw it."""
+    report = LoadReport(active_requests=2, queued_prefill_tokens=700, running_decodes=3, kv_free_blocks=(89, 69),
+                        kv_used_blocks=(11, 31), kv_block_size=16, kvp_tokens=1024, iteration_s=0.02)
+    listing = [Instance("d1", "decode", "h:1", 16, 1024, (100, 100), load=report, load_age_s=0.5),
+               Instance("p1", "prefill", "h:2", load=LoadReport(queued_prefill_tokens=5), load_age_s=9.0),
+               Instance("d2", "decode", "h:3", 16, 0, (50,))]          # registered, no heartbeat load yet
+    snap = heartbeat_loads(listing, NOW, pool="p")
+    assert set(snap.loads) == {"d1", "p1"} and snap.taken_at == NOW and not snap.errors
+    d1 = snap.loads["d1"]
+    assert d1 == InstanceLoad("d1", "decode", "p", NOW - 0.5, active_requests=2, queued_prefill_tokens=700,
+                              running_decodes=3, kv_free_blocks=(89, 69), kv_used_blocks=(11, 31),
+                              kv_block_size=16, kvp_tokens=1024, iteration_s=0.02)
+    assert d1.kv_capacity == (100, 100) and d1.busy
+    assert [l.instance_id for l in snap.fresh(NOW, 5.0)] == ["d1"]     # p1's 9 s old load is stale
+    assert snap.loads["p1"].iteration_s is None
 
 
-def test_scraper_filters_by_pool_and_skips_samples_without_identity():
-    scraper = MetricsScraper([], pool="mine")
-    text = ('mnemosyne_scheduler_queued_prefill_tokens{instance="a",pool="mine",role="prefill"} 5\n'
-            'mnemosyne_scheduler_queued_prefill_tokens{instance="b",pool="other",role="prefill"} 7\n'
-            'process_cpu_seconds_total 3\n')
-    [load] = scraper.parse(text, NOW)
-    assert (load.instance_id, load.queued_prefill_tokens) == ("a", 5)
-    scraper.close()
+def test_heartbeat_loads_drive_decisions_like_any_load():
+    """The listing's loads, as admission sees them: a decode instance whose reported KV is full
+    queues the request; an empty listing leaves no candidate."""
+    c = controller()
+    full = Instance("d1", "decode", "h:1", 16, 0, (10,),
+                    load=LoadReport(kv_free_blocks=(0,), kv_used_blocks=(10,), kv_block_size=16), load_age_s=0.1)
+    req = AdmissionRequest("r", 100, 8, NOW)
+    assert c.decide(req, heartbeat_loads([full], NOW), NOW).outcome is Outcome.QUEUE
+    d = c.decide(AdmissionRequest("r2", 100, 8, NOW), heartbeat_loads([], NOW), NOW)
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "no_instance")
 
 
 def test_prometheus_source_queries_are_well_formed():
@@ -612,6 +589,39 @@ def test_the_router_exports_the_tbt_slo_the_decode_pool_published():
                               scheduling=SchedulingInfo(None, 0.04, 1, "lars", "adaptive", 512, 32, 8192, 0.5,
                                                         4096))])
     assert gate.controller.tbt_slo_s == 0.35 and tbt_target() == 0.35
+
+
+def test_the_gate_reads_the_load_from_the_kvstore_listing_asked_each_refresh():
+    """The router's default load source: the listing (asked now, not the discovery cache) and the
+    age Redis reported, on the router's monotonic clock. It never touches a URL."""
+    import asyncio
+    import time
+    from services.router.admission import AdmissionGate
+    from services.router.config import RouterConfig
+
+    class FakeDiscovery:
+        def __init__(self, listing):
+            self.listing, self.fresh = listing, []
+
+        async def instances(self, role=None, *, fresh=False):
+            self.fresh.append(fresh)
+            return [i for i in self.listing if role is None or i.role == role]
+
+    report = LoadReport(running_decodes=1, active_requests=1, kv_free_blocks=(9,), kv_used_blocks=(1,),
+                        kv_block_size=16)
+    disc = FakeDiscovery([Instance("d1", "decode", "127.0.0.1:1", capacity=(10,), load=report, load_age_s=2.0),
+                          Instance("d2", "decode", "127.0.0.1:2", capacity=(10,))])
+    gate = AdmissionGate(RouterConfig(kvstore="127.0.0.1:1", deployment="dep"), Metrics(new_registry(), role="router"),
+                         discovery=disc)
+    before = time.monotonic()
+    asyncio.run(gate.refresh())
+    assert disc.fresh == [True]
+    [load] = gate.snapshot.loads.values()
+    assert (load.instance_id, load.pool, load.running_decodes) == ("d1", "dep", 1)
+    assert before - 2.0 <= load.observed_at <= time.monotonic() - 2.0
+    assert asyncio.run(gate._observable())
+    disc.listing = disc.listing[1:]                   # only an instance that reports no load
+    assert not asyncio.run(gate._observable())
 
 
 def test_the_slowdown_counts_only_what_the_correction_does_not_already_know():

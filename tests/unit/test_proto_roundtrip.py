@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import InvalidRequestError
-from common.metadata.types import GroupRange, Instance, Placement
+from common.metadata.types import GroupRange, Instance, LoadReport, Placement
 from common.rpc import convert, protos
 from common.rpc.protos import common_pb2, decode_pb2, kvstore_pb2, prefill_pb2, router_pb2
 from common.sampling_params import SamplingParams
@@ -113,6 +113,40 @@ def test_group_round_trip():
 ])
 def test_instance_round_trip(inst):
     assert convert.instance_from_proto(_wire(convert.instance_to_proto(inst))) == inst
+
+
+LOAD = LoadReport(active_requests=3, queued_prefill_tokens=70_000, running_decodes=2,
+                  kv_free_blocks=(90, 70), kv_used_blocks=(10, 30), kv_block_size=16, kvp_tokens=4096,
+                  iteration_s=0.03125)
+
+
+@pytest.mark.parametrize("load", [LOAD, LoadReport(), LoadReport(iteration_s=0.0, kv_free_blocks=(5,))])
+def test_load_report_round_trip(load):
+    msg = convert.load_to_proto(load)
+    assert convert.load_from_proto(_wire(msg)) == load
+    assert msg.HasField("iteration_s") == (load.iteration_s is not None)   # 0.0 is not "unknown"
+    assert LoadReport.from_dict(load.to_dict()) == load                    # as the store keeps it
+
+
+def test_load_travels_on_heartbeats_and_in_the_listing():
+    beat = _wire(kvstore_pb2.HeartbeatRequest(instance_id="d0", free_blocks=[90, 70],
+                                              load=convert.load_to_proto(LOAD)))
+    assert convert.load_from_proto(beat.load) == LOAD
+    assert not _wire(kvstore_pb2.HeartbeatRequest(instance_id="d0")).HasField("load")
+    inst = Instance("decode-0", "decode", "10.0.0.1:50060", 16, 4096, (100, 100), load=LOAD, load_age_s=0.25)
+    assert convert.instance_from_proto(_wire(convert.instance_to_proto(inst))) == inst
+    assert "metrics_url" not in kvstore_pb2.InstanceInfo.DESCRIPTOR.fields_by_name    # nothing to fetch
+
+
+@pytest.mark.parametrize("msg, match", [
+    (kvstore_pb2.InstanceLoad(running_decodes=-1), "negative"),
+    (kvstore_pb2.InstanceLoad(kv_free_blocks=[1, 2], kv_used_blocks=[3]), "KVP groups"),
+    (kvstore_pb2.InstanceLoad(iteration_s=-0.5), "iteration_s"),
+    (kvstore_pb2.InstanceLoad(iteration_s=float("nan")), "iteration_s"),
+])
+def test_malformed_load_is_an_invalid_request(msg, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        convert.load_from_proto(msg)
 
 
 def test_role_round_trip():
