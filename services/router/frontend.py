@@ -16,6 +16,13 @@ from common.model.tokenizer import Tokenizer
 from common.sampling_params import SamplingParams, check_top_logprobs
 
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_ECHO_CHARS = 64            # of a client's value quoted back in an error (gRPC metadata has a size limit)
+
+
+def _short(value: str) -> str:
+    """`value` as quoted in an error: repr, cut to MAX_ECHO_CHARS characters."""
+    return repr(value) if len(value) <= MAX_ECHO_CHARS else repr(value[:MAX_ECHO_CHARS]) + f"... ({len(value)} chars)"
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
@@ -74,13 +81,20 @@ class Frontend:
         self.default_max_tokens = default_max_tokens
         self.eos_ids = tuple(dict.fromkeys((*config.eos_token_ids, *tokenizer.eos_token_ids)))
         self.info = ModelInfo(self.name, max_model_len, config.vocab_size, self.eos_ids, config.bos_token_id)
+        # No token covers more input bytes than its own text has (byte-level BPE: one character per
+        # byte; SentencePiece's U+2581 is 3 bytes for a 1-byte space), so a text longer than this many
+        # bytes has too many tokens for sure: refused before tokenizing it (a 4 MB prompt took seconds).
+        vocab = getattr(tokenizer.hf, "get_vocab", dict)()
+        longest = max((len(t.encode()) for t in vocab), default=64)
+        self.max_text_bytes = self.max_prompt_tokens * max(longest, 1) + 4096
 
     def prepare(self, req: PromptInput) -> Job:
         """Tokenizes (chat template when asked) and validates; raises InvalidRequestError."""
         rid = req.request_id or f"req-{uuid.uuid4().hex}"
         check_id("request_id", rid)
         if req.model and req.model != self.name:
-            raise InvalidRequestError(f"unknown model {req.model!r}; this deployment serves {self.name!r}")
+            raise InvalidRequestError(f"unknown model {_short(req.model)}; this deployment serves {self.name!r}")
+        self._check_text_size(req)
         ids = self._prompt_ids(req)
         if len(ids) > self.max_prompt_tokens:
             raise InvalidRequestError(f"prompt has {len(ids)} tokens; this deployment accepts at most "
@@ -98,6 +112,14 @@ class Frontend:
                 raise InvalidRequestError(f"slo: {name.removesuffix('_slo_s')}_s must be positive, got {v}")
         return Job(rid, ids, params, req.return_logprobs or req.top_logprobs > 0, req.ttft_slo_s, req.tbt_slo_s,
                    stop=self._check_stop(req.stop), top_logprobs=req.top_logprobs)
+
+    def _check_text_size(self, req: PromptInput) -> None:
+        texts = [req.text] if isinstance(req.text, str) else []
+        texts += [m.get("content") for m in req.messages or () if isinstance(m, dict)]
+        size = sum(len(t.encode(errors="replace")) for t in texts if isinstance(t, str))
+        if size > self.max_text_bytes:
+            raise InvalidRequestError(f"prompt has {size} bytes of text, more than {self.max_prompt_tokens} tokens "
+                                      f"can hold; this deployment accepts at most {self.max_prompt_tokens} tokens")
 
     def _prompt_ids(self, req: PromptInput) -> list[int]:
         given = [name for name in ("text", "token_ids", "messages") if getattr(req, name) is not None]
@@ -138,7 +160,7 @@ class Frontend:
             role = "system" if role == "developer" else role
             if role not in CHAT_ROLES:
                 raise InvalidRequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)} or "
-                                          f"developer, got {role!r}")
+                                          f"developer, got {_short(str(role))}")
             if not isinstance(content, str):
                 raise InvalidRequestError(f"messages[{i}].content must be a string")
             turns.append({"role": role, "content": content})

@@ -55,10 +55,12 @@ from common.errors import (CapacityError, ConfigError, InvalidRequestError, KVTr
                            PermissionDeniedError, PlacementError, UnauthenticatedError, WorkerFailedError)
 from services.router.auth import Principal
 from services.router.discovery import Discovery
-from services.router.frontend import Frontend, Job, PromptInput
+from services.router.frontend import Frontend, Job, PromptInput, _short
+from services.router.request_log import RequestLine
 from services.router.router import Delta, Finished, Progress, Router, Started
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("services.router.router")     # the one logger of the request lines
 
 MAX_N = 16                    # choices per prompt
 MAX_PROMPTS = 64              # prompts per /v1/completions request
@@ -309,7 +311,7 @@ class OpenAIApi:
 
     def _check_model(self, model: str | None) -> None:
         if model and model != self.frontend.name:
-            raise HttpError(404, f"the model {model!r} does not exist; this deployment serves "
+            raise HttpError(404, f"the model {_short(model)} does not exist; this deployment serves "
                                  f"{self.frontend.name!r}", "invalid_request_error", "model_not_found", "model")
 
     async def _live_decode(self) -> list:
@@ -358,6 +360,7 @@ class OpenAIApi:
     async def _serve(self, request: Request, body: CompletionBody | ChatBody, kind: str):
         t0 = time.monotonic()
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        who = None
         try:
             who = self._caller(request)
             inputs = self._inputs(body, kind, cid)
@@ -366,7 +369,10 @@ class OpenAIApi:
                 raise HttpError(503, "no decode instance is serving; retry when the deployment is ready",
                                 "service_unavailable", "no_instance", headers={"Retry-After": "1"})
         except (HttpError, MnemosyneError) as e:
-            return http_error(e).response()
+            err = http_error(e)
+            request_log.info("request", extra={**RequestLine.refused(cid, e, who.id if who else "").fields(),
+                                               "error_status": f"HTTP {err.status}"})
+            return err.response()
         choices = [_Choice(i) for i in range(len(jobs))]
         events = _merged([self.router.generate(job, t0, who) for job in jobs])
         if body.stream:

@@ -8,10 +8,11 @@ written once when it ends, whatever the end: finished, rejected by admission, fa
     line.end("stop")                         # or line.end("error", exc)
     line.emit(log)                           # INFO, one line; its fields are the record's `extra`
 
-Fields (JSON logs show them as keys, text logs as key=value): request_id, route (decode_only |
-disaggregated | none: never routed), prompt_tokens, max_tokens, admission (admitted | rejected |
-unobserved: no instance to judge | off: admission disabled | waiting: the client left before the
-decision), admission_reason, queued_s (arrival to the decision), predicted_ttft_s, ttft_s, tbt_mean_s, completion_tokens, e2e_s, outcome (stop |
+Fields (JSON logs show them as keys, text logs as key=value): request_id, api_key (the id of the key
+that sent it, "anonymous" on an open router), route (decode_only | disaggregated | none: never
+routed), prompt_tokens, max_tokens, admission (admitted | rejected | unobserved: no instance to judge
+| off: admission disabled | waiting: the client left before the decision | refused: invalid or
+unauthenticated, never reached admission: `refused()`), admission_reason, queued_s (arrival to the decision), predicted_ttft_s, ttft_s, tbt_mean_s, completion_tokens, e2e_s, outcome (stop |
 length | abort | error), error_type and error_status (the gRPC status the client got). Never the
 prompt's or the completion's text.
 """
@@ -40,6 +41,7 @@ class RequestLine:
     outcome: str = "error"
     error_type: str = ""
     error_status: str = ""
+    api_key: str = ""
 
     def admitted(self, decision, queued_s: float) -> None:
         """After the gate let the request through (`decision` None: no instance was observable)."""
@@ -70,6 +72,13 @@ class RequestLine:
         if error is not None:
             self.error_type = type(error).__name__
             self.error_status = status_for(error).name
+
+    @classmethod
+    def refused(cls, request_id: str, error: BaseException, api_key: str = "") -> "RequestLine":
+        """The line of a request refused before Router.generate (bad input, no valid API key)."""
+        line = cls(request_id, 0, 0, admission="refused", api_key=api_key)
+        line.end("error", error)
+        return line
 
     def fields(self) -> dict:
         return {"event": "request", **asdict(self)}

@@ -212,7 +212,7 @@ class Router:
         finished = False
         rec: RequestRecorder | None = None
         outcome = "error"
-        line = RequestLine(rid, n, job.params.max_tokens)      # the request's log line, written at the end
+        line = RequestLine(rid, n, job.params.max_tokens, api_key=owner.id)   # its log line, written at the end
         relay: _Relay | None = None
         error: BaseException | None = None
         try:

@@ -3,15 +3,20 @@ router.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+from common.auth import presented_key
+from common.errors import MnemosyneError
 from common.rpc import convert
 from common.rpc.protos import common_pb2, router_pb2, router_pb2_grpc
-from common.auth import presented_key
 from common.rpc.status import handles_errors
 from services.router.auth import Principal
 from services.router.frontend import Frontend, PromptInput
+from services.router.request_log import RequestLine
 from services.router.router import Delta, Finished, Progress, Router, Started
+
+log = logging.getLogger("services.router.router")      # the request lines' logger
 
 ROUTES = {"decode_only": router_pb2.ROUTE_DECODE_ONLY, "disaggregated": router_pb2.ROUTE_DISAGGREGATED}
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
@@ -73,8 +78,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     @handles_errors
     async def Generate(self, request, context):
         t0 = time.monotonic()
-        who = self._caller(context)
-        job = await asyncio.to_thread(self.frontend.prepare, prompt_from_proto(request))  # tokenizing is CPU
+        who = None
+        try:
+            who = self._caller(context)
+            job = await asyncio.to_thread(self.frontend.prepare, prompt_from_proto(request))  # tokenizing is CPU
+        except MnemosyneError as e:
+            RequestLine.refused(request.request_id, e, who.id if who else "").emit(log)
+            raise
         async for ev in self.router.generate(job, t0, who):
             yield event_to_proto(ev)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 
 import grpc
@@ -96,14 +97,19 @@ R = RouterClient.request
         role="robot", content="hi")])), "messages[0].role must be one of system, user, assistant"),
     (router_pb2.GenerateRequest(text="Hello", stop=["a"] * 17), "stop: at most 16 strings, got 17"),
     (router_pb2.GenerateRequest(text="Hello", stop=["ok", ""]), "stop[1] must be a non-empty string"),
+    (R(text="Hello", model="m" * 10_000), "unknown model 'mmmmmmmm"),
+    (R(text="x" * 4_000_000), f"more than {MAX_PROMPT} tokens can hold; this deployment accepts at most {MAX_PROMPT}"),
 ], ids=["empty-text", "empty-ids", "no-prompt", "unknown-model", "too-long-ids", "too-long-text",
         "negative-max-tokens", "zero-max-tokens", "negative-id", "id-beyond-vocab", "chat-with-ids",
         "negative-temperature", "nan-temperature", "zero-top-p", "nan-top-p", "negative-top-k", "bad-stop-id",
         "top-logprobs-over-20", "negative-top-logprobs", "long-request-id", "no-messages", "bad-role", "many-stops",
-        "empty-stop"])
+        "empty-stop", "long-model-name", "megabytes-of-text"])
 def test_bad_request_is_invalid_argument(stack, request_, message):
     _, address, _, deployment = stack
+    t0 = time.monotonic()
     err = generate_error(address, request_)
+    assert time.monotonic() - t0 < 5          # a 4 MB text is refused before it is tokenized
+    assert len(err.details()) < 2000          # nothing a client sent is echoed at length
     assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, err
     assert message in err.details(), err.details()
 

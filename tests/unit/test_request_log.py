@@ -18,7 +18,8 @@ def test_an_admitted_request_that_finished():
     assert f == {"event": "request", "request_id": "r1", "prompt_tokens": 300, "max_tokens": 16,
                  "route": "disaggregated", "admission": "admitted", "admission_reason": "ok",
                  "queued_s": 0.012346, "predicted_ttft_s": 0.5, "ttft_s": 0.61, "tbt_mean_s": 0.03,
-                 "completion_tokens": 3, "e2e_s": 0.7, "outcome": "stop", "error_type": "", "error_status": ""}
+                 "completion_tokens": 3, "e2e_s": 0.7, "outcome": "stop", "error_type": "", "error_status": "",
+                 "api_key": ""}
 
 
 def test_a_request_rejected_by_admission_says_why(caplog):
@@ -46,3 +47,12 @@ def test_other_ends():
     off = RequestLine("r5", 10, 4)
     off.end("abort")
     assert (off.admission, off.outcome, off.error_type) == ("off", "abort", "")
+
+
+def test_a_refused_request_has_a_line_too():
+    from common.errors import InvalidRequestError, UnauthenticatedError
+    f = RequestLine.refused("r9", InvalidRequestError("prompt is empty"), api_key="alice").fields()
+    assert (f["request_id"], f["api_key"], f["admission"], f["outcome"]) == ("r9", "alice", "refused", "error")
+    assert (f["error_type"], f["error_status"]) == ("InvalidRequestError", "INVALID_ARGUMENT")
+    f = RequestLine.refused("", UnauthenticatedError("no key")).fields()
+    assert f["error_status"] == "UNAUTHENTICATED" and f["api_key"] == ""
