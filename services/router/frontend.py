@@ -84,8 +84,8 @@ class Frontend:
         # No token covers more input bytes than its own text has (byte-level BPE: one character per
         # byte; SentencePiece's U+2581 is 3 bytes for a 1-byte space), so a text longer than this many
         # bytes has too many tokens for sure: refused before tokenizing it (a 4 MB prompt took seconds).
-        vocab = getattr(tokenizer.hf, "get_vocab", dict)()
-        longest = max((len(t.encode()) for t in vocab), default=64)
+        vocab = getattr(getattr(tokenizer, "hf", None), "get_vocab", dict)()
+        longest = max((len(t.encode()) for t in vocab), default=64)      # 64: a tokenizer without a vocab
         self.max_text_bytes = self.max_prompt_tokens * max(longest, 1) + 4096
 
     def prepare(self, req: PromptInput) -> Job:
