@@ -378,6 +378,11 @@ class MetadataStore:
         return int(self.redis.hget(self._stats, "expired") or 0)
 
     @_unavailable_on_redis_errors
+    def placement_ids(self) -> list[str]:
+        """Ids of the placements held now (expired ones included until they are reaped)."""
+        return list(self.redis.zrange(self._deadlines, 0, -1))
+
+    @_unavailable_on_redis_errors
     def num_placements(self) -> int:
         """Placements not yet released or reaped (expired ones included until reaped)."""
         return int(self.redis.zcard(self._deadlines))

@@ -3,6 +3,7 @@ dataclasses; the proto <-> domain conversions are in common/rpc/convert.py."""
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -22,6 +23,21 @@ def check_id(kind: str, value: str) -> str:
     if not value.isprintable():
         raise InvalidRequestError(f"{kind} {value!r} has non-printable characters")
     return value
+
+
+INSTANCE_ID_SEP = "~"
+
+
+def instance_request_id(client_id: str) -> str:
+    """The id the router gives a request on the instances and the kvstore: the client's id plus a
+    random suffix, unique per attempt, so a client that reuses an id (after a cancel, a retry) never
+    meets what its predecessor left behind (KV, a placement, a stream being aborted)."""
+    return f"{client_id[:MAX_ID_LEN - 13]}{INSTANCE_ID_SEP}{uuid.uuid4().hex[:12]}"
+
+
+def client_request_id(instance_id: str) -> str:
+    """The client's id of an instance-side id (cut to MAX_ID_LEN - 13 characters)."""
+    return instance_id.rsplit(INSTANCE_ID_SEP, 1)[0]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ written once when it ends, whatever the end: finished, rejected by admission, fa
     line.end("stop")                         # or line.end("error", exc)
     line.emit(log)                           # INFO, one line; its fields are the record's `extra`
 
-Fields (JSON logs show them as keys, text logs as key=value): request_id, api_key (the id of the key
+Fields (JSON logs show them as keys, text logs as key=value): request_id (the client's),
+instance_request_id (the id the instances' and the kvstore's logs show: the client's plus a suffix
+unique to this attempt), api_key (the id of the key
 that sent it, "anonymous" on an open router), route (decode_only | disaggregated | none: never
 routed), prompt_tokens, max_tokens, admission (admitted | rejected | unobserved: no instance to judge
 | off: admission disabled | waiting: the client left before the decision | refused: invalid or
@@ -42,6 +44,7 @@ class RequestLine:
     error_type: str = ""
     error_status: str = ""
     api_key: str = ""
+    instance_request_id: str = ""     # its id on the instances and the kvstore (their logs show this one)
 
     def admitted(self, decision, queued_s: float) -> None:
         """After the gate let the request through (`decision` None: no instance was observable)."""

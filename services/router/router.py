@@ -22,7 +22,7 @@ from opentelemetry.trace import SpanKind
 from common.client import KVStoreClient
 from common.errors import (CapacityError, InvalidRequestError, MnemosyneError, PermissionDeniedError, PlacementError,
                            WorkerFailedError)
-from common.metadata.types import Instance, Placement
+from common.metadata.types import Instance, Placement, instance_request_id
 from common.model.tokenizer import IncrementalDecoder
 from common.rpc import client as rpc_client
 from common.rpc import convert
@@ -204,15 +204,19 @@ class Router:
         if rid in self.active:
             raise InvalidRequestError(f"request id {rid!r} is already running")
         self.keys.limits.acquire(owner, n + job.params.max_tokens)      # RetryLater over the key's limits
+        job = replace(job, request_id=instance_request_id(rid))   # its id everywhere but to the client
+        iid = job.request_id
         st = _Active(job, owner=owner)
         self.active[rid] = st
         span = self.tracer.start_span("router.generate", kind=SpanKind.SERVER, attributes={
-            "mnemosyne.request_id": rid, "mnemosyne.prompt_tokens": n, "mnemosyne.max_tokens": job.params.max_tokens})
+            "mnemosyne.request_id": rid, "mnemosyne.instance_request_id": iid, "mnemosyne.prompt_tokens": n,
+            "mnemosyne.max_tokens": job.params.max_tokens})
         st.trace = context_of(span)
         finished = False
         rec: RequestRecorder | None = None
         outcome = "error"
-        line = RequestLine(rid, n, job.params.max_tokens, api_key=owner.id)   # its log line, written at the end
+        line = RequestLine(rid, n, job.params.max_tokens, api_key=owner.id,   # its log line, written at the end
+                           instance_request_id=iid)
         relay: _Relay | None = None
         error: BaseException | None = None
         try:
@@ -222,7 +226,7 @@ class Router:
                 line.admission = "waiting"
                 admission = self.tracer.start_span("router.admission", context=st.trace)
                 try:
-                    decision = await self.gate.admit(AdmissionRequest(rid, n, max_new, t0, job.ttft_slo_s,
+                    decision = await self.gate.admit(AdmissionRequest(iid, n, max_new, t0, job.ttft_slo_s,
                                                                       job.tbt_slo_s))
                     line.admitted(decision, time.monotonic() - t0)
                 except Exception as e:
@@ -243,7 +247,7 @@ class Router:
                 if st.prefill is None:
                     log.warning("no live prefill instance: %s (%d tokens) takes the decode-only route", rid, n)
             try:
-                st.placement = await self.kvstore.reserve(rid, n, max_new,
+                st.placement = await self.kvstore.reserve(iid, n, max_new,
                                                           decision.decode_instance or "" if decision else "")
             except CapacityError as e:
                 # The kvstore's view is newer than admission's (KV filled since the last sample):
@@ -263,11 +267,11 @@ class Router:
             try:
                 async for ev in run:
                     if isinstance(ev, Progress) and self.gate is not None:
-                        self.gate.progress(rid, ev.tokens_done)
+                        self.gate.progress(iid, ev.tokens_done)
                     if relay.count and not st.ttft_seen:
                         st.ttft_seen = True
                         if self.gate is not None:
-                            self.gate.first_token(rid)
+                            self.gate.first_token(iid)
                             self.gate.observe_ttft(decision, relay.ttft)
                     if isinstance(ev, Delta) and stops.stops:
                         ev = replace(ev, text=stops.push(ev.text))
@@ -308,7 +312,7 @@ class Router:
             if rec is not None:
                 rec.done(outcome)
             if self.gate is not None:
-                self.gate.ended(rid)
+                self.gate.ended(iid)
                 self.gate.poll()         # room may have appeared for a queued request
             self.active.pop(rid, None)
             self.keys.limits.release(owner)

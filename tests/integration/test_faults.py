@@ -29,6 +29,7 @@ from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
 from tests.fixtures.waiting import wait_until as _wait_until
+from tests.fixtures.placements import placement_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -114,7 +115,7 @@ def test_killed_decode_worker_gives_a_clear_error_fast_and_frees_everything(clus
     rid = f"doomed-{uuid.uuid4().hex[:8]}"
     ch, call = start_request(cluster, rid)
     try:
-        assert store.get_placement(rid) is not None
+        assert placement_for(store, rid) is not None
         t_kill = time.monotonic()
         os.kill(workers[1].pid, signal.SIGKILL)                 # the worker of KVP group 1
         with pytest.raises(grpc.RpcError) as info:
@@ -128,7 +129,7 @@ def test_killed_decode_worker_gives_a_clear_error_fast_and_frees_everything(clus
     assert "decode instance" in err.details() and "worker" in err.details(), err.details()
     assert elapsed < 10, f"the client waited {elapsed:.1f} s"
 
-    wait_until(lambda: store.get_placement(rid) is None and store.num_placements() == 0, LEASE_S + 5,
+    wait_until(lambda: placement_for(store, rid) is None and store.num_placements() == 0, LEASE_S + 5,
                "placement removed from Redis")
     workers[0].wait(15)                                         # the surviving worker is gone, blocks and all
 
@@ -156,7 +157,7 @@ def test_killed_router_lets_the_lease_expire_and_the_decode_side_frees(cluster, 
         ch.close()
     t_kill = time.monotonic()
     wait_until(lambda: decode_all_free(cluster), 10, "decode blocks freed after the cancelled Decode call")
-    wait_until(lambda: store.get_placement(rid) is None, LEASE_S + 5, "lease expired")
+    wait_until(lambda: placement_for(store, rid) is None, LEASE_S + 5, "lease expired")
     wait_until(lambda: store.num_placements() == 0 and store.expired_total() == expired + 1, 5,
                "expiry reaped and counted")
     assert time.monotonic() - t_kill < LEASE_S + 5

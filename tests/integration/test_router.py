@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.client import RouterClient
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
+from common.errors import InvalidRequestError
 from common.model.tokenizer import load_tokenizer
 from common.rpc import client as rpc_client
 from common.rpc.protos import (common_pb2, decode_pb2, decode_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc, prefill_pb2,
@@ -249,6 +250,27 @@ def _running_request(stack, rid: str, ids: list[int]):
         if sum(len(e.delta.token_ids) for e in seen if e.HasField("delta")) >= 2:
             return ch, call, seen
     raise AssertionError("the request ended too early")
+
+
+def test_an_id_reused_right_after_a_cancel_is_a_new_request(stack, offline):
+    """The instances know a request by the router's per-attempt id (the client's plus a suffix): a
+    client that cancels and at once sends the same id again gets a fresh answer, not the tail of the
+    cancelled one (which had answered finish=abort after one token)."""
+    ids = prompt(100, 7)
+    ch, call, _ = _running_request(stack, "reused", ids)
+    call.cancel()
+    ch.close()
+    with RouterClient(stack.router.address, timeout_s=60) as c:
+        def send():
+            try:
+                return c.complete(token_ids=ids, max_tokens=12, request_id="reused")
+            except InvalidRequestError as e:          # the router has not seen the cancel yet
+                assert "already running" in str(e)
+                return None
+        again = wait_until(send, timeout_s=5.0, what="the id free again")
+    assert again.request_id == "reused" and again.finish_reason == "length"
+    assert again.token_ids == offline(ids, 12).token_ids
+    wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what="everything released")
 
 
 def test_abort_rpc_finishes_the_stream_as_aborted_and_frees(stack, offline):

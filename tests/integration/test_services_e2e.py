@@ -33,6 +33,7 @@ from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
 from tests.fixtures.waiting import wait_until
+from tests.fixtures.placements import placement_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -179,7 +180,7 @@ def test_client_cancel_frees_every_block_and_the_placement(cluster, offline):
             if ev.HasField("delta"):
                 seen += len(ev.delta.token_ids)
             if seen >= 3:
-                assert store.get_placement(rid) is not None
+                assert placement_for(store, rid) is not None
                 stats = decode_stats(cluster)
                 assert [g.free_blocks < g.total_blocks for g in stats.groups] == [True, True]
                 call.cancel()
@@ -189,7 +190,7 @@ def test_client_cancel_frees_every_block_and_the_placement(cluster, offline):
         assert info.value.code() is grpc.StatusCode.CANCELLED
     try:
         wait_until(lambda: all_free(decode_stats(cluster)), what="every decode block freed")
-        wait_until(lambda: store.get_placement(rid) is None and store.num_placements() == 0,
+        wait_until(lambda: placement_for(store, rid) is None and store.num_placements() == 0,
                    what="placement removed from Redis")
         assert store.expired_total() == 0          # released by the router, not reclaimed by a lease
     finally:

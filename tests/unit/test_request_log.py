@@ -19,7 +19,7 @@ def test_an_admitted_request_that_finished():
                  "route": "disaggregated", "admission": "admitted", "admission_reason": "ok",
                  "queued_s": 0.012346, "predicted_ttft_s": 0.5, "ttft_s": 0.61, "tbt_mean_s": 0.03,
                  "completion_tokens": 3, "e2e_s": 0.7, "outcome": "stop", "error_type": "", "error_status": "",
-                 "api_key": ""}
+                 "api_key": "", "instance_request_id": ""}
 
 
 def test_a_request_rejected_by_admission_says_why(caplog):
