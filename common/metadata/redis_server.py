@@ -61,6 +61,10 @@ class RedisServer:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def returncode(self) -> int | None:
         """Its exit status once it has exited (None while running or before start)."""
         return None if self._proc is None else self._proc.poll()
