@@ -71,9 +71,11 @@ class Supervisor:
         names = set(self.cluster.services) | ({"redis"} if self.cluster.redis is not None else set())
         return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
 
-    def _exit_code(self, name: str) -> int | None:
+    def _exit_code(self, name: str) -> int | str | None:
+        """None while it runs; else its exit status ("?" for a Redis that failed to start again)."""
         if name == "redis":
-            return self.cluster.redis.returncode
+            redis = self.cluster.redis
+            return None if redis.running else ("?" if redis.returncode is None else redis.returncode)
         return self.cluster.services[name].proc.poll()
 
     def _log_path(self, name: str) -> str:

@@ -120,7 +120,10 @@ def test_a_killed_redis_comes_back_with_its_placements_and_registrations(cluster
     wait_until(lambda: cluster.redis.pid != old_pid and cluster.redis.running, 30, "redis restarted")
     assert cluster.redis.url == url                                   # every service's --redis-url holds
     assert store.get_placement(rid) is not None, "the placement was lost"
-    assert {i.role for i in store.list_instances()} == {"prefill", "decode"}
+    # Reloaded from the append-only file, or (a TTL that lapsed meanwhile) registered again on the
+    # heartbeat's NOT_FOUND.
+    wait_until(lambda: {i.role for i in store.list_instances()} == {"prefill", "decode"}, 10,
+               "both pools registered")
     wait_until(lambda: serves(cluster), BACK_WITHIN_S, "served again")
     report("redis SIGKILL -> serving again", time.monotonic() - t0)
     assert store.release(rid)

@@ -32,9 +32,14 @@ class Svc:
 
 
 class Redis:
-    def __init__(self) -> None:
+    def __init__(self, started: bool = True) -> None:
         self.returncode: int | None = None
+        self.started = started                 # False: start() failed (no process, no exit status)
         self.log_path = pathlib.Path("/logs/redis/redis.log")
+
+    @property
+    def running(self) -> bool:
+        return self.started and self.returncode is None
 
 
 class FakeCluster:
@@ -146,6 +151,15 @@ def test_a_restart_that_fails_while_starting_counts_as_a_failure() -> None:
             break
         clock.now += 0.25
     assert sup.gave_up == "decode" and cluster.restarted == ["decode"] * 4
+
+
+def test_a_redis_that_failed_to_start_again_is_retried() -> None:
+    cluster, clock, sup = make()
+    cluster.redis = Redis(started=False)                  # RedisServer.start() raised ConfigError
+    assert sup.poll() and cluster.restarted == []
+    clock.now += 0.5
+    assert sup.poll() and cluster.restarted == ["redis"]
+    assert cluster.redis.running
 
 
 def test_nothing_is_restarted_while_the_cluster_stops() -> None:
