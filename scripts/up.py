@@ -7,7 +7,9 @@
 Starts, in order: Redis (a private redis-server unless --redis-url), the kvstore, one prefill instance
 (spp = 2) and one decode instance (kvp = 2) side by side, and the router on 127.0.0.1:50051, serving
 the built-in model unless --model says otherwise. Prints where each service listens and where its
-log is, then waits; Ctrl-C (SIGINT) or SIGTERM stops them all, router first, Redis last.
+log is, then waits, restarting a service that exits (scripts/supervisor.py: backoff, gives up after
+five failures in a row; --no-supervise: stop everything instead). Ctrl-C (SIGINT) or SIGTERM stops
+them all, router first, Redis last; a second one SIGKILLs what is left.
 
 Flags (common/flags.py; each also read from MNEMOSYNE_<FLAG>): the cluster's own (ClusterConfig:
 layout, sizes, ports), then the pools' engine and scheduler flags (--policy, --chunking, --perf-model,
@@ -22,6 +24,7 @@ The `Cluster` class is also what the end-to-end tests start (tests/integration/t
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import errno
 import importlib.util
@@ -30,6 +33,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,16 +42,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import redis
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.auth import bearer, default_key_path, ensure_local_key  # noqa: E402
 from common.config import DType, EngineConfig, KVBackend, ObservabilityConfig  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from common.errors import ConfigError, MnemosyneError  # noqa: E402
 from common.flags import ENV_PREFIX, RESERVED_ENV, Flags, HelpFormatter  # noqa: E402
 from common.metadata.redis_server import RedisServer  # noqa: E402
+from common.metadata.store import MetadataStore  # noqa: E402
 from common.pool_config import POOL_DEFAULTS  # noqa: E402
+from scripts.supervisor import Supervisor  # noqa: E402
 from services.router.config import RouterConfig  # noqa: E402
 
 log = logging.getLogger("up")
@@ -107,6 +115,8 @@ class ClusterConfig:
     kv_timeout_s: float | None = None        # KV transfer timeout of the pools (none: 60 s, or N / 100 tokens/s
                                              # when longer)
     start_timeout_s: float = 300.0           # how long each service may take to start
+    supervise: bool = True                   # restart a service that exits (scripts/supervisor.py; no: stop
+                                             # everything when one exits)
     log_dir: str = ""                        # where the services' logs go (empty = a new temporary directory)
     admission: bool = True                   # the router's SLO-aware admission
     auth: bool = True                        # clients need an API key: one is generated for this checkout
@@ -233,8 +243,10 @@ class Cluster:
         self.redis_url = config.redis_url
         self.api_key: str | None = None                 # the generated key clients present (auth, no keys file)
         self.services: dict[str, Service] = {}
+        self.stopping = False                           # stop() began: nothing is restarted any more
         self.log_dir = pathlib.Path(config.log_dir or tempfile.mkdtemp(prefix="mnemosyne-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_dir = self.log_dir / "redis"         # the private Redis' append-only file
 
     @property
     def router_address(self) -> str:
@@ -271,10 +283,12 @@ class Cluster:
 
     # ---- start -------------------------------------------------------------------------------
     def start(self) -> "Cluster":
+        self.stopping = False
         try:
             if not self.redis_url:
-                self.redis = RedisServer(host=self.config.host).start()
-                self.redis_url = self.redis.url
+                shutil.rmtree(self.redis_dir, ignore_errors=True)    # a new deployment starts empty
+                self.redis = RedisServer(host=self.config.host, data_dir=self.redis_dir)
+                self.redis_url = self.redis.start().url     # (assigned first: kill() finds it if interrupted)
             self._wait(self._spawn("kvstore", self._kvstore_args()))
             # The two engines load side by side.
             engines = [self._spawn("prefill", self._engine_args("prefill")),
@@ -287,21 +301,66 @@ class Cluster:
             raise
         return self
 
-    def restart(self, name: str) -> Service:
-        """Starts service `name` again (after it died or was killed), with the same arguments."""
+    def restart(self, name: str) -> Service | RedisServer:
+        """Starts service `name` ("redis" too) again after it died or was killed, with the same
+        arguments. The kvstore and the router keep their ports (the pools and clients know them),
+        Redis its port and its append-only file; a pool's dead registration is removed first (no
+        router picks it while the new instance loads). ConfigError when it fails to start."""
+        if name == "redis":
+            return self._restart_redis()
         old = self.services[name]
         if old.proc.poll() is None:
             raise RuntimeError(f"{name} (pid {old.pid}) is still running")
-        args = {"kvstore": self._kvstore_args, "router": self._router_args}.get(
-            name, lambda: self._engine_args(name))()
+        self._kill_group(old)                            # grid workers left behind by a killed driver
+        port = old.address.rpartition(":")[2] if old.address else "0"
+        if name == "kvstore":
+            args = self._kvstore_args(port)
+        elif name == "router":
+            http = old.http_url.removesuffix("/v1").rpartition(":")[2] if old.http_url else None
+            args = self._router_args(port if self.config.router_port == 0 else None, http)
+        else:
+            self._forget(old)
+            args = self._engine_args(name)
         old.log_path.rename(old.log_path.with_suffix(f".{old.pid}.log"))
         svc = self._spawn(name, args)
-        self._wait(svc)
+        try:
+            self._wait(svc)
+        except ConfigError:
+            self._kill_group(svc)                        # timed out: the next poll sees it exited
+            svc.proc.wait(5)
+            raise
         return svc
 
-    def _kvstore_args(self) -> list[str]:
+    def _restart_redis(self) -> RedisServer:
+        if self.redis is None:
+            raise RuntimeError("redis: not started by this cluster (--redis-url)")
+        if self.redis.running:
+            raise RuntimeError("redis is still running")
+        port = self.redis.port
+        self.redis.stop()
+        self.redis = RedisServer(host=self.config.host, port=port, data_dir=self.redis_dir)
+        return self.redis.start()
+
+    def _forget(self, dead: Service) -> None:
+        """Removes the registrations of a dead pool process (its address) from the deployment, as
+        its TTL would some seconds later. Best effort: Redis may be down too."""
+        if not dead.address:
+            return
+        store = None
+        try:
+            store = MetadataStore(self.redis_url, deployment=self.config.deployment, timeout_s=1.0)
+            for inst in store.list_instances(dead.name):
+                if inst.address == dead.address:
+                    store.deregister_instance(inst.instance_id)
+        except (MnemosyneError, redis.exceptions.RedisError) as e:
+            log.warning("could not remove %s's registration: %s", dead.name, e)
+        finally:
+            if store is not None:
+                store.close()
+
+    def _kvstore_args(self, port: str = "0") -> list[str]:
         c = self.config
-        return ["--host", c.host, "--port", "0", "--redis-url", self.redis_url, "--deployment", c.deployment,
+        return ["--host", c.host, "--port", port, "--redis-url", self.redis_url, "--deployment", c.deployment,
                 "--lease-s", str(c.lease_s), "--instance-ttl-s", str(max(3.0, c.lease_s)),
                 "--reap-interval-s", "0.2", "--grace-s", "2"]
 
@@ -335,10 +394,12 @@ class Cluster:
         self.api_key = ensure_local_key(path)
         return str(path)
 
-    def _router_args(self) -> list[str]:
+    def _router_args(self, port: str | None = None, http_port: str | None = None) -> list[str]:
+        """The router's flags; `port`, `http_port`: the ones it had (a restart), else the config's."""
         c = self.config
-        http_port = c.http_port if c.http_port is not None else (0 if c.router_port == 0 else DEFAULT_HTTP_PORT)
-        args = ["--kvstore", self.kvstore_address, "--host", c.host, "--port", str(c.router_port),
+        if http_port is None:
+            http_port = c.http_port if c.http_port is not None else (0 if c.router_port == 0 else DEFAULT_HTTP_PORT)
+        args = ["--kvstore", self.kvstore_address, "--host", c.host, "--port", port or str(c.router_port),
                 "--short-prompt-tokens", str(c.short_prompt_tokens), "--grace-s", "2",
                 "--deployment", c.deployment, "--http-port", str(http_port)]
         if not c.admission:
@@ -400,7 +461,15 @@ class Cluster:
     # ---- stop --------------------------------------------------------------------------------
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM to the router, then to both engines, then to the kvstore (an engine leaves the
-        kvstore first, then drains), SIGKILL after timeout_s; then Redis. Idempotent."""
+        kvstore first, then drains), SIGKILL after timeout_s; then Redis. Idempotent; interrupted
+        (KeyboardInterrupt, any error), it still SIGKILLs whatever is left before it raises."""
+        self.stopping = True
+        try:
+            self._stop_in_order(timeout_s)
+        finally:
+            self.kill()
+
+    def _stop_in_order(self, timeout_s: float) -> None:
         for stage in (("router",), ("prefill", "decode"), ("kvstore",)):
             running = [self.services[n] for n in stage if n in self.services
                        and self.services[n].proc.poll() is None]
@@ -411,16 +480,37 @@ class Cluster:
                     svc.proc.wait(timeout_s)
                 except subprocess.TimeoutExpired:
                     log.warning("%s (pid %d) ignored SIGTERM; killing it", svc.name, svc.pid)
-                    os.killpg(svc.pid, signal.SIGKILL)
+                    self._kill_group(svc)
                     svc.proc.wait(5)
-        for svc in self.services.values():        # grid workers left behind by a killed driver
+        if self.redis is not None:
+            self.redis.stop()
+
+    def kill(self, wait: bool = True) -> None:
+        """SIGKILL to every service's process group (grid workers too) and to Redis: what is left
+        after stop(), or at once on a second Ctrl-C. Idempotent. wait=False only signals (safe in
+        a signal handler); with wait it also reaps them."""
+        self.stopping = True
+        for svc in self.services.values():
+            self._kill_group(svc)
+        if self.redis is not None:
+            self.redis.kill()
+        if not wait:
+            return
+        for svc in self.services.values():
             try:
-                os.killpg(svc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+                svc.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) survived SIGKILL", svc.name, svc.pid)
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+    @staticmethod
+    def _kill_group(svc: Service) -> None:
+        try:
+            os.killpg(svc.pid, signal.SIGKILL)    # its own session (start_new_session): only its group
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> "Cluster":
         return self if self.services else self.start()
@@ -463,28 +553,29 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
     if busy is not None:
         print(f"up: {busy}", file=sys.stderr)
         return 2
-    stop = starting = False
-
-    def on_signal(signum, frame):
-        nonlocal stop
-        stop = True
-        if starting:                            # Cluster.start stops what it started, in order
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     try:
         cluster = Cluster(config)
     except ConfigError as e:
         print(f"up: {e}", file=sys.stderr)
         return 2
+    atexit.register(cluster.kill)               # whatever way this process ends, no child outlives it
+
+    def on_signal(signum, frame):
+        """The first Ctrl-C or SIGTERM stops the cluster in order (the KeyboardInterrupt unwinds to
+        a cluster.stop()); one during the stop SIGKILLs what is left (the stop then ends at once)."""
+        if cluster.stopping:
+            print("\nup: signalled again; killing what is left", file=sys.stderr, flush=True)
+            cluster.kill(wait=False)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     config = cluster.config                     # sized
     print(f"Starting Mnemosyne on loopback (KV over {config.kv_backend}; logs in {cluster.log_dir}) ...",
           flush=True)
     try:
-        starting = True
-        cluster.start()
-        starting = False
+        cluster.start()                         # stops what it started when interrupted
     except ConfigError as e:
         print(f"up: {e}", file=sys.stderr)
         return 1
@@ -523,18 +614,34 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
                   + (f"-H \"Authorization: Bearer $(cat {default_key_path()})\" " if cluster.api_key else "") + "-d "
                   f"'{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'"
                   if cluster.http_url else "") + "\nCtrl-C stops everything.", flush=True)
-        while not stop:
-            for svc in cluster.services.values():
-                if svc.proc.poll() is not None:
-                    print(f"up: {svc.name} exited with code {svc.proc.returncode}; stopping "
-                          f"(log: {svc.log_path})", file=sys.stderr)
-                    stop = True
-            time.sleep(0.3)
+        return watch(cluster)
+    except KeyboardInterrupt:
+        return 0
     finally:
         print("\nStopping ...", flush=True)
         cluster.stop()
         print("All stopped.", flush=True)
-    return 0
+
+
+def watch(cluster: Cluster, interval_s: float = 0.3) -> int:
+    """Until a service exits for good: restarting the ones that exit (--supervise), or returning
+    when the first one does (--no-supervise). 1 then; the caller stops the cluster."""
+    supervisor = Supervisor(cluster) if cluster.config.supervise else None
+    while True:
+        if supervisor is not None:
+            if not supervisor.poll():
+                print("up: stopping everything", file=sys.stderr)
+                return 1
+        else:
+            for svc in [*cluster.services.values()]:
+                if svc.proc.poll() is not None:
+                    print(f"up: {svc.name} exited with code {svc.proc.returncode}; stopping "
+                          f"(log: {svc.log_path})", file=sys.stderr)
+                    return 1
+            if cluster.redis is not None and not cluster.redis.running:
+                print(f"up: redis exited with code {cluster.redis.returncode}; stopping", file=sys.stderr)
+                return 1
+        time.sleep(interval_s)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Redis URL is configured).
     with RedisServer() as redis:          # or: redis = RedisServer().start(); ...; redis.stop()
         store = MetadataStore(redis.url)
 
-The server runs in a private temporary directory with persistence off (no RDB, no AOF) and in a
+The server runs in a private temporary directory with persistence off (no RDB, no AOF), or, given
+`data_dir`, with an append-only file there (fsync'd every second) that a server started again on the
+same directory reloads (`make up` restarting its private Redis: the placements survive); either way in a
 session of its own (signals to its parent's process group do not reach it), answers PING before
 start() returns, and is stopped with SIGTERM (SIGKILL after a timeout) by stop().
 """
@@ -37,7 +39,7 @@ class RedisServer:
     """One redis-server child process. Not thread-safe; start and stop from one thread."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None,
-                 binary: str = "redis-server") -> None:
+                 binary: str = "redis-server", data_dir: str | pathlib.Path | None = None) -> None:
         path = shutil.which(binary)
         if path is None:
             raise ConfigError(f"redis: {binary!r} not found on PATH (apt-get install redis-server)")
@@ -45,6 +47,7 @@ class RedisServer:
         self.host = host
         self.port = port            # None = a free port, chosen at start()
         self._proc: subprocess.Popen[bytes] | None = None
+        self.data_dir = pathlib.Path(data_dir) if data_dir is not None else None   # kept across stop()
         self._dir: pathlib.Path | None = None
 
     @property
@@ -56,6 +59,19 @@ class RedisServer:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it has exited (None while running or before start)."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
+    def log_path(self) -> pathlib.Path | None:
+        return None if self._dir is None else self._dir / "redis.log"
 
     def start(self, timeout_s: float = 10.0, attempts: int = 3) -> "RedisServer":
         """Starts the server and waits until it answers PING. A lost race for a free port is
@@ -78,9 +94,16 @@ class RedisServer:
 
     def _try_start(self, port: int, timeout_s: float) -> bool:
         self._cleanup_dir()
-        self._dir = pathlib.Path(tempfile.mkdtemp(prefix="mnemosyne-redis-"))
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._dir = self.data_dir
+            # everysec: a crash loses at most the last second of writes, and no write waits on a disk.
+            persistence = ["--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            self._dir = pathlib.Path(tempfile.mkdtemp(prefix="mnemosyne-redis-"))
+            persistence = ["--appendonly", "no"]
         args = [self.binary, "--bind", self.host, "--port", str(port), "--dir", str(self._dir),
-                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--save", "", *persistence, "--daemonize", "no",
                 "--logfile", str(self._dir / "redis.log"), "--databases", "1"]
         # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process group) must not
         # reach it, so whoever started it stops it last (`make up`: after the kvstore, whose
@@ -110,7 +133,8 @@ class RedisServer:
         return False
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """SIGTERM (redis exits cleanly, nothing to save), SIGKILL after timeout_s. Idempotent."""
+        """SIGTERM (redis exits cleanly, flushing its append-only file if it has one), SIGKILL after
+        timeout_s. Idempotent."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
@@ -120,6 +144,11 @@ class RedisServer:
                 self._kill()
         self._proc = None
         self._cleanup_dir()
+
+    def kill(self) -> None:
+        """SIGKILL, without waiting for it to exit (safe in a signal handler); stop() reaps it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -134,9 +163,9 @@ class RedisServer:
             return "(no log)"
 
     def _cleanup_dir(self) -> None:
-        if self._dir is not None:
+        if self._dir is not None and self._dir != self.data_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._dir = None
 
     def __enter__(self) -> "RedisServer":
         return self if self._proc is not None else self.start()
