@@ -2,8 +2,6 @@
 any instance is involved (a real router and kvstore over the session's real Redis; no engine)."""
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import uuid
 
@@ -20,27 +18,11 @@ from services.kvstore.service import KVStoreService
 from services.router.config import RouterConfig
 from services.router.service import RouterService
 from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.loop import Loop
 
 pytestmark = pytest.mark.timeout(120)
 MAX_PROMPT = 100
 VOCAB = 320
-
-
-class Loop:
-    """An asyncio loop in a background thread, so blocking tests can drive the async services."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout_s: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

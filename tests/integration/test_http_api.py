@@ -24,8 +24,8 @@ from services.kvstore.service import KVStoreService
 from services.router.config import RouterConfig
 from services.router.service import RouterService
 from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.loop import Loop
 from tests.fixtures.waiting import wait_until
-from tests.integration.test_bad_requests import Loop
 
 pytestmark = pytest.mark.timeout(600)
 RELAXED = {"tbt_slo_s": 30.0, "ttft_slo_s": 120.0}     # a loaded 2-core CI machine must not be rejected

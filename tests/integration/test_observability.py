@@ -8,9 +8,7 @@ line per request, the rejected one included, with its reason.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import uuid
 
 import pytest
@@ -30,24 +28,10 @@ from services.router.config import RouterConfig
 from services.router.service import RouterService
 from tests.fixtures.hf_models import write_random_hf_model
 from tests.fixtures.waiting import wait_until
+from tests.fixtures.loop import Loop
 
 pytestmark = pytest.mark.timeout(120)
 SHORT = 32
-
-
-class Loop:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout_s: float = 90.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
