@@ -1,6 +1,7 @@
 """`mnemosyne` command line: `generate` (one request through the in-process engine, or a running
-router with --server), `serve` (the local cluster: scripts/up.py, what `make up` runs), `demo` and
-`worker`.
+router with --server), `serve` (the local cluster: scripts/up.py, what `make up` runs), `bench serve`
+(load against a running endpoint: common/bench_serve.py), `keys new` (an API key for a router's keys
+file), `demo` and `worker`.
 
 Flags are generated from the config dataclasses by common/flags.py (SamplingParams and every field
 of EngineConfig: its own, CacheConfig, SchedulerConfig, ParallelConfig), so their names, types and
