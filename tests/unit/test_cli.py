@@ -19,6 +19,7 @@ from common.model.tokenizer import load_tokenizer
 from common.rpc.protos import router_pb2
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.rpc_errors import FakeRpcError
 
 ROOT = Path(__file__).resolve().parents[2]
 JSON_KEYS = {"token_ids", "text", "logprobs", "ttft_s", "tbt_s"}
@@ -281,20 +282,6 @@ def test_server_not_running_is_one_line_with_a_hint_exit_1():
     assert r.stderr == (f"mnemosyne: error: cannot reach the router at 127.0.0.1:{port} "
                         "(connection refused; is `make up` running?)\n")
     assert r.stdout == ""
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code, details, trailers=()):
-        self._code, self._details, self._trailers = code, details, trailers
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-    def trailing_metadata(self):
-        return self._trailers
 
 
 def test_router_errors_are_one_line_with_the_status_name_and_the_retry_hint():

@@ -14,6 +14,7 @@ from common import errors
 from common.metadata.store import StoreUnavailableError
 from common.rpc import client, status
 from common.rpc.server import RpcServer
+from tests.fixtures.rpc_errors import FakeRpcError
 
 SERVICE = "test.Echo"
 
@@ -39,20 +40,6 @@ def test_status_for(exc, code):
 def test_details():
     assert status.details_for(errors.CapacityError("no room on d0")) == "no room on d0"
     assert status.details_for(KeyError("k")) == "internal error: KeyError: 'k'"
-
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code, details, trailers=()):
-        self._code, self._details, self._trailers = code, details, trailers
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-    def trailing_metadata(self):
-        return self._trailers
 
 
 def test_error_from_rpc_prefers_the_named_class():
