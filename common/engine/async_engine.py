@@ -49,6 +49,18 @@ POLL_S = 0.005
 FAILURE_CONFIRM_S = 1.0
 
 
+def _settle(fut: concurrent.futures.Future, outcome: BaseException | None) -> None:
+    """Sets a watch's future from the engine thread. Its waiter may have left (cancelled, timed
+    out) at any moment, which cancels the future from the loop thread: that is not an engine fault."""
+    try:
+        if outcome is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(outcome)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class StepRecorder:
     """Turns the engine thread's steps into metrics (common/metrics.py), from the StepOutputs alone:
     a request's prefill chunk is the growth of its num_computed within the prompt, a generated
@@ -270,8 +282,8 @@ class AsyncEngine:
         """On the engine thread. An open stream ends with a finish_reason ABORT output."""
         watch = self._watches.pop(request_id, None)
         self._failing.pop(request_id, None)
-        if watch is not None and not watch[0].done():
-            watch[0].set_exception(KVTransferError(f"request {request_id} was aborted"))
+        if watch is not None:
+            _settle(watch[0], KVTransferError(f"request {request_id} was aborted"))
         found = engine.abort(request_id)
         if found:
             self.stats = engine.stats()       # the load admission reads drops it now, not after the
@@ -301,6 +313,17 @@ class AsyncEngine:
             await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s + 5.0)
         except asyncio.TimeoutError:
             raise KVTransferError(f"KV of request {request_id} was not confirmed within {timeout_s:.0f} s") from None
+        finally:
+            if not fut.done() or fut.cancelled():
+                # The waiter left (cancelled, timed out): drop its watch on the engine thread. The
+                # future is cancelled by then, so the engine never sets it.
+                self._commands.put((lambda e: self._unwatch(request_id, fut), concurrent.futures.Future()))
+
+    def _unwatch(self, request_id: str, fut: concurrent.futures.Future) -> None:
+        watch = self._watches.get(request_id)
+        if watch is not None and watch[0] is fut:
+            del self._watches[request_id]
+            self._failing.pop(request_id, None)
 
     # ---- the engine thread -------------------------------------------------------------------
     def _run(self, factory: Callable[[], LLMEngine], ready: concurrent.futures.Future) -> None:
@@ -387,14 +410,13 @@ class AsyncEngine:
             del self._watches[rid]
             self._failing.pop(rid, None)
             if state == "done":
-                fut.set_result(None)
+                _settle(fut, None)
             else:
-                fut.set_exception(KVTransferError(reason or f"KV of request {rid} was not confirmed in time"))
+                _settle(fut, KVTransferError(reason or f"KV of request {rid} was not confirmed in time"))
 
     def _fail_commands(self, err: MnemosyneError) -> None:
         for fut, _ in self._watches.values():
-            if not fut.done():
-                fut.set_exception(err)
+            _settle(fut, err)
         self._watches.clear()
         while True:
             try:

@@ -1,0 +1,106 @@
+"""AsyncEngine's KV watches when their waiter leaves: a prefill request whose client cancels (or whose
+wait times out) while its KV is in flight must not fail the engine when the transfer then finishes.
+
+The engine here is a stand-in exposing only what the watch logic touches (pure thread/future logic);
+the served path is covered by tests/integration/test_router.py and test_faults.py on real services."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from common.engine.async_engine import AsyncEngine
+from common.engine.engine import EngineStats
+from common.errors import KVTransferError
+
+
+class _KVEngine:
+    def __init__(self) -> None:
+        self.state: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
+
+    def has_unfinished(self) -> bool:
+        return False
+
+    def step(self) -> list:
+        return []
+
+    def kv_status(self, rid: str) -> tuple[str, str]:
+        with self.lock:
+            return self.state.get(rid, "pending"), ""
+
+    def abort(self, rid: str) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+@pytest.mark.parametrize("leave", ["cancel", "timeout"])
+def test_kv_finishing_after_its_waiter_left_does_not_fail_the_engine(leave):
+    fake = _KVEngine()
+
+    async def main():
+        ae = await AsyncEngine.start(lambda: fake, name="prefill-engine")
+        try:
+            if leave == "cancel":
+                task = asyncio.create_task(ae.wait_kv("r1", timeout_s=60))
+                await asyncio.sleep(0.05)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                ae_wait = ae.wait_kv("r1", timeout_s=0.0)
+                # the engine-side deadline (0 s) answers first: a KVTransferError, not a hang
+                with pytest.raises(KVTransferError):
+                    await ae_wait
+            with fake.lock:
+                fake.state["r1"] = "done"        # the transfer completes after the waiter left
+            await asyncio.sleep(0.1)              # several engine iterations
+            assert ae.failed is None
+            # the engine still answers, and a new watch still resolves
+            with fake.lock:
+                fake.state["r2"] = "done"
+            await ae.wait_kv("r2", timeout_s=5)
+            assert await ae.call(lambda e: len(ae._watches)) == 0
+        finally:
+            await ae.shutdown()
+
+    _run(main())
+
+
+def test_a_watch_settled_while_its_waiter_cancels_is_not_an_engine_fault():
+    """The race itself: the loop cancels the future between the engine's check and its set."""
+    fake = _KVEngine()
+
+    async def main():
+        ae = await AsyncEngine.start(lambda: fake, name="prefill-engine")
+        try:
+            for i in range(50):
+                rid = f"r{i}"
+                task = asyncio.create_task(ae.wait_kv(rid, timeout_s=60))
+                await asyncio.sleep(0.002)
+                with fake.lock:
+                    fake.state[rid] = "done"
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.2:
+                await asyncio.sleep(0.01)
+            assert ae.failed is None
+        finally:
+            await ae.shutdown()
+
+    _run(main())
