@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from common.auth import bearer, resolve_api_key
-from common.errors import InvalidRequestError, MnemosyneError, PlacementError, UnreachableError
+from common.errors import InvalidRequestError, MnemosyneError, PlacementError, StalePlacementError, UnreachableError
 from common.metadata.types import Instance, LoadReport, Placement
 from common.rpc import client as rpc_client
 from common.rpc import convert
@@ -77,14 +77,18 @@ class KVStoreClient:
             instance_id=instance_id))
         return convert.placement_from_proto(resp.placement)
 
-    async def renew(self, request_id: str) -> int:
-        resp = await self._call("Renew", kvstore_pb2.RenewRequest(request_id=request_id))
+    async def renew(self, request_id: str, epoch: int = 0) -> int:
+        """`epoch`: the placement's (0 = unchecked); StalePlacementError when the live one has another."""
+        resp = await self._call("Renew", kvstore_pb2.RenewRequest(request_id=request_id, epoch=epoch))
         return resp.lease_deadline_unix_ms
 
-    async def release(self, request_id: str) -> bool:
-        """False when the placement was already gone (released or expired)."""
+    async def release(self, request_id: str, epoch: int = 0) -> bool:
+        """False when the placement was already gone (released or expired); StalePlacementError when
+        the live placement has another `epoch` (0 = unchecked) than the caller's."""
         try:
-            await self._call("Release", kvstore_pb2.ReleaseRequest(request_id=request_id))
+            await self._call("Release", kvstore_pb2.ReleaseRequest(request_id=request_id, epoch=epoch))
+        except StalePlacementError:
+            raise
         except PlacementError:
             return False
         return True

@@ -38,6 +38,27 @@ class PlacementError(MnemosyneError):
     """The kvstore could not place, find or renew a request's KV placement."""
 
 
+class StalePlacementError(PlacementError):
+    """A call carried a placement epoch that is not the live placement's: the caller holds an
+    expired, released or replaced placement (FAILED_PRECONDITION). Never retried with the same epoch."""
+
+
+class KVCorruptedError(KVTransferError):
+    """KV arrived whose checksum does not match what the sender computed (DATA_LOSS): the request
+    fails and its blocks are freed, never decoded from."""
+
+
+#: How a KV receiver's failure reason starts when a chunk failed its checksum (the reason travels as
+#: text from the receiving worker through the engine; kv_transfer_error types it again).
+CHECKSUM_MISMATCH = "KV checksum mismatch"
+
+
+def kv_transfer_error(message: str) -> KVTransferError:
+    """The typed error of a failed KV transfer whose reason is `message`: KVCorruptedError when the
+    reason is a checksum mismatch, else KVTransferError."""
+    return (KVCorruptedError if CHECKSUM_MISMATCH in message else KVTransferError)(message)
+
+
 class UnreachableError(WorkerFailedError):
     """Nothing answers at a service's address (connection refused, unknown host): the service is
     not running there, as opposed to a running one that failed the request."""

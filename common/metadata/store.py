@@ -10,6 +10,13 @@ touch any of them):
     mnemosyne:{<deployment>}:plc:<request_id>   hash: the placement (no TTL, see below)
     mnemosyne:{<deployment>}:deadlines          sorted set: request_id -> lease deadline (ms)
     mnemosyne:{<deployment>}:stats              hash: expired (lease expiries, ever)
+    mnemosyne:{<deployment>}:epoch              counter: the last placement epoch given
+
+Epochs. Each recorded placement gets the next value of the `epoch` counter (INCR in the reserve
+script), kept in its hash: its identity, never reused. Renew and release with an epoch refuse a
+placement of another epoch (the caller holds a stale one). A counter that is missing (a Redis that
+restarted without persistence) starts again from the server's clock in microseconds, so epochs keep
+growing across such a restart too.
 
 Leases. A key TTL is right for registrations (nothing to undo when one vanishes) and wrong for
 placements: a placement that silently disappeared could never give its blocks back to the `resv`
@@ -36,7 +43,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from common.errors import ConfigError, InvalidRequestError, WorkerFailedError
+from common.errors import ConfigError, InvalidRequestError, StalePlacementError, WorkerFailedError
 from common.metadata.types import GroupRange, Instance, LoadReport, Placement, SchedulingInfo, check_id
 
 P = ParamSpec("P")
@@ -124,8 +131,8 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-# KEYS: inst, resv, plc, deadlines, stats. ARGV: rid, lease_ms, groups_json, resv_prefix,
-# field, value, ... -> {'ok', deadline} | {'exists'} | {'gone'} | {'full', group, available}
+# KEYS: inst, resv, plc, deadlines, stats, epoch. ARGV: rid, lease_ms, groups_json, resv_prefix,
+# field, value, ... -> {'ok', deadline, epoch} | {'exists'} | {'gone'} | {'full', group, available}
 _RESERVE = _LUA_PRELUDE + """
 local rid, lease_ms = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
@@ -143,29 +150,36 @@ for _, g in ipairs(groups) do
 end
 for _, g in ipairs(groups) do redis.call('HINCRBY', KEYS[2], tostring(g[1]), g[4]) end
 local deadline = now + lease_ms
+if redis.call('EXISTS', KEYS[6]) == 0 then redis.call('SET', KEYS[6], fmt(now * 1000)) end
+local epoch = fmt(redis.call('INCR', KEYS[6]))
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[3], 'groups', ARGV[3], 'lease_ms', ARGV[2], 'deadline_ms', fmt(deadline),
-           unpack(ARGV, 5))
+           'epoch', epoch, unpack(ARGV, 5))
 redis.call('ZADD', KEYS[4], fmt(deadline), rid)
-return {'ok', fmt(deadline)}
+return {'ok', fmt(deadline), epoch}
 """
 
-# KEYS: plc, deadlines, stats. ARGV: rid, resv_prefix. -> new deadline | 0 unknown | -1 expired
+# KEYS: plc, deadlines, stats. ARGV: rid, resv_prefix, epoch ('0' = any).
+# -> new deadline | 0 unknown | -1 expired | -2 another epoch
 _RENEW = _LUA_PRELUDE + """
 local now = now_ms()
 local live = liveness(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], now)
 if live ~= 1 then return live end
+if ARGV[3] ~= '0' and redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[3] then return -2 end
 local deadline = now + tonumber(redis.call('HGET', KEYS[1], 'lease_ms'))
 redis.call('ZADD', KEYS[2], fmt(deadline), ARGV[1])
 redis.call('HSET', KEYS[1], 'deadline_ms', fmt(deadline))
 return fmt(deadline)
 """
 
-# KEYS: plc, deadlines, stats. ARGV: rid, resv_prefix. -> 1 released | 0 unknown | -1 expired
+# KEYS: plc, deadlines, stats. ARGV: rid, resv_prefix, epoch ('0' = any).
+# -> 1 released | 0 unknown | -1 expired | -2 another epoch (kept)
 _RELEASE = _LUA_PRELUDE + """
 local live = liveness(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], now_ms())
-if live == 1 then drop(KEYS[1], KEYS[2], ARGV[2], ARGV[1]) end
-return live
+if live ~= 1 then return live end
+if ARGV[3] ~= '0' and redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[3] then return -2 end
+drop(KEYS[1], KEYS[2], ARGV[2], ARGV[1])
+return 1
 """
 
 # KEYS: plc, deadlines. ARGV: rid. -> the placement hash as a flat list, or {} (unknown/expired)
@@ -222,6 +236,7 @@ class MetadataStore:
         self._instances = self.prefix + "instances"
         self._deadlines = self.prefix + "deadlines"
         self._stats = self.prefix + "stats"
+        self._epoch = self.prefix + "epoch"
         self._resv_prefix = self.prefix + "resv:"
         self._plc_prefix = self.prefix + "plc:"
         s = self.redis.register_script
@@ -328,28 +343,34 @@ class MetadataStore:
         flat = [str(x) for kv in fields.items() for x in kv]
         res = self._reserve(
             keys=[self._inst(placement.instance_id), self._resv_prefix + placement.instance_id,
-                  self._plc(placement.request_id), self._deadlines, self._stats],
+                  self._plc(placement.request_id), self._deadlines, self._stats, self._epoch],
             args=[placement.request_id, _ms(placement.lease_s), groups, self._resv_prefix, *flat])
         if res[0] == "ok":
-            return ReserveResult(placement=replace(placement, lease_deadline_ms=int(res[1])))
+            return ReserveResult(placement=replace(placement, lease_deadline_ms=int(res[1]), epoch=int(res[2])))
         if res[0] == "full":
             return ReserveResult(reason="full", group=int(res[1]), available=int(res[2]))
         return ReserveResult(reason=res[0])
 
     @_unavailable_on_redis_errors
-    def renew(self, request_id: str) -> int | None:
+    def renew(self, request_id: str, epoch: int = 0) -> int | None:
         """Extends the lease by the placement's lease_s; the new deadline (ms, store clock), or
-        None when the placement is unknown or had already expired (then it is freed now)."""
+        None when the placement is unknown or had already expired (then it is freed now).
+        `epoch` (0 = any): StalePlacementError when the live placement has another."""
         rc = int(self._renew(keys=[self._plc(request_id), self._deadlines, self._stats],
-                             args=[request_id, self._resv_prefix]))
+                             args=[request_id, self._resv_prefix, _epoch_arg(epoch)]))
+        if rc == -2:
+            raise _stale(request_id, epoch, "renew")
         return rc if rc > 0 else None
 
     @_unavailable_on_redis_errors
-    def release(self, request_id: str) -> bool:
+    def release(self, request_id: str, epoch: int = 0) -> bool:
         """Frees a live placement; False when unknown or expired (an expired one is freed and
-        counted as an expiry, not as a release)."""
-        rc = self._release(keys=[self._plc(request_id), self._deadlines, self._stats],
-                           args=[request_id, self._resv_prefix])
+        counted as an expiry, not as a release). `epoch` (0 = any): StalePlacementError when the live
+        placement has another (it is kept)."""
+        rc = int(self._release(keys=[self._plc(request_id), self._deadlines, self._stats],
+                               args=[request_id, self._resv_prefix, _epoch_arg(epoch)]))
+        if rc == -2:
+            raise _stale(request_id, epoch, "release")
         return rc == 1
 
     @_unavailable_on_redis_errors
@@ -363,7 +384,8 @@ class MetadataStore:
             request_id=h["request_id"], instance_id=h["instance"], address=h["address"],
             groups=tuple(GroupRange(*g) for g in json.loads(h["groups"])),
             num_tokens=int(h["num_tokens"]), max_new_tokens=int(h["max_new_tokens"]),
-            lease_s=int(h["lease_ms"]) / 1000, lease_deadline_ms=int(h["deadline_ms"]))
+            lease_s=int(h["lease_ms"]) / 1000, lease_deadline_ms=int(h["deadline_ms"]),
+            epoch=int(h.get("epoch", 0)))
 
     @_unavailable_on_redis_errors
     def reap(self, limit: int = 256) -> list[str]:
@@ -386,6 +408,18 @@ class MetadataStore:
     def num_placements(self) -> int:
         """Placements not yet released or reaped (expired ones included until reaped)."""
         return int(self.redis.zcard(self._deadlines))
+
+
+def _epoch_arg(epoch: int) -> str:
+    if epoch < 0:
+        raise InvalidRequestError(f"placement epoch must be >= 0 (0 = unchecked), got {epoch}")
+    return str(int(epoch))
+
+
+def _stale(request_id: str, epoch: int, what: str) -> StalePlacementError:
+    return StalePlacementError(f"{what} of request {request_id} with placement epoch {epoch} refused: the live "
+                               "placement has another epoch (this one was released or expired and the id "
+                               "placed again)")
 
 
 def _ms(seconds: float) -> int:

@@ -195,7 +195,8 @@ class GroupRange:
 @dataclass(frozen=True)
 class Placement:
     """A request's decode-side placement. `lease_deadline_ms` is on the store's clock (0 until the
-    placement is recorded)."""
+    placement is recorded). `epoch`: given by the store when it records the placement (0 until then),
+    never reused; every call acting on the placement carries it and a stale one is refused."""
     request_id: str
     instance_id: str
     address: str
@@ -204,6 +205,7 @@ class Placement:
     max_new_tokens: int
     lease_s: float
     lease_deadline_ms: int = 0
+    epoch: int = 0
 
     @property
     def num_blocks(self) -> int:

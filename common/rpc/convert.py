@@ -112,7 +112,7 @@ def placement_to_proto(p: Placement) -> common_pb2.Placement:
         request_id=p.request_id, instance_id=p.instance_id, address=p.address,
         groups=[group_to_proto(g) for g in p.groups], num_tokens=p.num_tokens,
         max_new_tokens=p.max_new_tokens, lease_s=p.lease_s,
-        lease_deadline_unix_ms=p.lease_deadline_ms)
+        lease_deadline_unix_ms=p.lease_deadline_ms, epoch=p.epoch)
 
 
 def placement_from_proto(msg: common_pb2.Placement) -> Placement:
@@ -120,7 +120,7 @@ def placement_from_proto(msg: common_pb2.Placement) -> Placement:
         request_id=msg.request_id, instance_id=msg.instance_id, address=msg.address,
         groups=tuple(group_from_proto(g) for g in msg.groups), num_tokens=msg.num_tokens,
         max_new_tokens=msg.max_new_tokens, lease_s=msg.lease_s,
-        lease_deadline_ms=msg.lease_deadline_unix_ms)
+        lease_deadline_ms=msg.lease_deadline_unix_ms, epoch=msg.epoch)
 
 
 # KVLayout's domain class lives with the KV transfer, which imports torch; imported here on use

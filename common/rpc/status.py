@@ -11,7 +11,9 @@ Choices:
 - KVTransferError and WorkerFailedError -> UNAVAILABLE: the request failed because a peer or a
   transfer failed, not because it was wrong; the caller may retry the whole request (elsewhere).
 - PlacementError -> NOT_FOUND: the placement a call names does not exist, or its lease expired.
-  (No room for a placement is a CapacityError -> RESOURCE_EXHAUSTED.)
+  (No room for a placement is a CapacityError -> RESOURCE_EXHAUSTED.) StalePlacementError ->
+  FAILED_PRECONDITION: the placement exists but under another epoch than the caller's.
+- KVCorruptedError -> DATA_LOSS: KV failed its checksum; retrying the same transfer cannot help.
 - Anything that is not a MnemosyneError -> INTERNAL (a bug), and the message says so.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"   # = common.admission.RETRY_METAD
 
 # Most specific first (ConfigError and InvalidRequestError are also ValueErrors).
 _CODES: tuple[tuple[type[errors.MnemosyneError], grpc.StatusCode], ...] = (
+    (errors.StalePlacementError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.KVCorruptedError, grpc.StatusCode.DATA_LOSS),
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -52,6 +56,8 @@ _ERRORS_BY_CODE: dict[grpc.StatusCode, type[errors.MnemosyneError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.WorkerFailedError,
     grpc.StatusCode.CANCELLED: errors.RequestAbortedError,
     grpc.StatusCode.NOT_FOUND: errors.PlacementError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.StalePlacementError,
+    grpc.StatusCode.DATA_LOSS: errors.KVCorruptedError,
     grpc.StatusCode.UNAUTHENTICATED: errors.UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
 }

@@ -180,18 +180,20 @@ class PlacementService:
                 f"{p.max_new_tokens} tokens on {p.instance_id}; request ids must be unique")
         return p
 
-    def renew(self, request_id: str) -> int:
-        """Extends the lease; returns the new deadline (ms, store clock)."""
+    def renew(self, request_id: str, epoch: int = 0) -> int:
+        """Extends the lease; returns the new deadline (ms, store clock). `epoch` (0 = unchecked): the
+        caller's placement epoch; StalePlacementError when the live placement has another."""
         check_id("request_id", request_id)
-        deadline = self.store.renew(request_id)
+        deadline = self.store.renew(request_id, epoch)
         if deadline is None:
             raise PlacementError(f"no placement for request {request_id} (unknown, released, or "
                                  "its lease expired)")
         return deadline
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str, epoch: int = 0) -> None:
+        """As renew for `epoch`: a stale caller cannot free another's placement."""
         check_id("request_id", request_id)
-        if not self.store.release(request_id):
+        if not self.store.release(request_id, epoch):
             raise PlacementError(f"no placement for request {request_id} (unknown, released, or "
                                  "its lease expired)")
 

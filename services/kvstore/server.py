@@ -56,12 +56,12 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @handles_errors
     async def Renew(self, request, context):
-        deadline = await asyncio.to_thread(self.logic.renew, request.request_id)
+        deadline = await asyncio.to_thread(self.logic.renew, request.request_id, request.epoch)
         return kvstore_pb2.RenewResponse(lease_deadline_unix_ms=deadline)
 
     @handles_errors
     async def Release(self, request, context):
-        await asyncio.to_thread(self.logic.release, request.request_id)
+        await asyncio.to_thread(self.logic.release, request.request_id, request.epoch)
         return kvstore_pb2.ReleaseResponse()
 
     @handles_errors

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import redis as redis_py
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.errors import CapacityError, WorkerFailedError
@@ -246,6 +247,43 @@ def test_released_twice_is_not_found(kvstore):
     reserve(stub, "r")
     stub.Release(pb.ReleaseRequest(request_id="r"))
     assert rpc_error(stub.Release, pb.ReleaseRequest(request_id="r")).code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_an_id_placed_again_gets_a_new_epoch_and_the_old_holder_is_refused(kvstore):
+    """A placement released (or expired) and placed again under the same id has a new, larger epoch;
+    a renewal or release with the old one is FAILED_PRECONDITION and changes nothing."""
+    _, stub = kvstore()
+    register(stub, "d0")
+    old = reserve(stub, "r")
+    assert old.epoch > 0
+    assert reserve(stub, "r").epoch == old.epoch                       # idempotent retry: same placement
+    stub.Release(pb.ReleaseRequest(request_id="r", epoch=old.epoch))
+    new = reserve(stub, "r")
+    assert new.epoch > old.epoch
+    for call in (lambda: stub.Renew(pb.RenewRequest(request_id="r", epoch=old.epoch)),
+                 lambda: stub.Release(pb.ReleaseRequest(request_id="r", epoch=old.epoch))):
+        err = rpc_error(call)
+        assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert f"placement epoch {old.epoch} refused" in err.details()
+    got = stub.GetPlacement(pb.GetPlacementRequest(request_id="r")).placement
+    assert got.epoch == new.epoch and got.lease_deadline_unix_ms == new.lease_deadline_unix_ms
+    assert reserved(stub) == {"d0": (4, 3)}                            # still held, not released
+    assert stub.Renew(pb.RenewRequest(request_id="r", epoch=new.epoch)).lease_deadline_unix_ms > 0
+    stub.Release(pb.ReleaseRequest(request_id="r", epoch=new.epoch))
+    assert reserved(stub) == {"d0": (0, 0)}
+
+
+def test_epochs_keep_growing_when_redis_loses_its_counter(kvstore, redis_url):
+    """A Redis restarted without persistence loses the epoch counter; it starts again from Redis's
+    clock (microseconds), above any epoch given before."""
+    svc, stub = kvstore()
+    register(stub, "d0")
+    first = reserve(stub, "a").epoch
+    time.sleep(0.002)                                  # the clock moves on (epochs count microseconds)
+    r = redis_py.Redis.from_url(redis_url)
+    r.delete(f"mnemosyne:{{{svc.config.deployment}}}:epoch")
+    r.close()
+    assert reserve(stub, "b").epoch > first
 
 
 def test_no_capacity_is_resource_exhausted(kvstore):
