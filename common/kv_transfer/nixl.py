@@ -9,8 +9,9 @@ validates and reserves the cells (tracker.begin) and answers `grant` - so nothin
 into blocks the receiver did not agree to; the sender builds the two descriptor lists in the same
 order (layer, then K/V, then contiguous slot run), `initialize_xfer("WRITE", local, remote, peer,
 notif=str(seq))` and `transfer`; the receiver learns completion from `get_new_notifs()` (keyed by the
-sender's agent name as str), commits the cells and acks on the control channel; the handle is DONE
-only on that ack. A local transfer error is reported with an `abort` frame (the request fails).
+sender's agent name as str), computes the CRC-32C of the cells as they landed in its cache (K then V,
+layer by layer, in token order: the order of the sender's contiguous chunk) and commits the cells and
+acks on the control channel only if it matches the chunk frame's; the handle is DONE only on that ack. A local transfer error is reported with an `abort` frame (the request fails).
 
 NIXL quirks handled here: `add_remote_agent()` returns the peer name as bytes while notification
 dicts are keyed by str; the default progress thread busy-polls (pthrDelay 0), costly on small
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 
 from common.errors import KVTransferError
-from common.kv_transfer.base import Caches, KVChunk, KVLayout, TransferHandle, TransferState
+from common.errors import CHECKSUM_MISMATCH
+from common.kv_transfer.base import Caches, KVChunk, KVDest, KVLayout, TransferHandle, TransferState, byte_view, crc32c
 from common.kv_transfer.session import ReceiverBase, SenderBase
 from common.kv_transfer.tracker import Reservation
 from common.kv_transfer.wire import Conn
@@ -266,7 +268,7 @@ class NixlReceiver(ReceiverBase):
         self._alock = threading.Lock()
         self._poll_interval = poll_interval
         self._cancel_timeout = cancel_timeout
-        self._inflight: dict[tuple[str, int], tuple[Conn, Reservation]] = {}   # (sender agent, seq)
+        self._inflight: dict[tuple[str, int], tuple[Conn, Reservation, int]] = {}   # (agent, seq) -> crc sent
         self._agents: dict[int, str] = {}                                        # conn id -> agent
         self._cond = threading.Condition()
         self._stopping = False
@@ -292,11 +294,15 @@ class NixlReceiver(ReceiverBase):
         seq = int(header["seq"])
         if plen:
             raise KVTransferError("NIXL chunk frames carry no payload")
+        if res is not None and not isinstance(header.get("crc32c"), int):
+            rejected = "chunk without its checksum (crc32c): refused"
+            self._tracker.abort(res, rejected)
+            res = None
         if res is None:
             conn.send({"type": "ack", "seq": seq, "ok": False, "reason": rejected})
             return
         with self._cond:
-            self._inflight[(self._agents[conn.id], seq)] = (conn, res)
+            self._inflight[(self._agents[conn.id], seq)] = (conn, res, header["crc32c"])
             self._cond.notify_all()
         conn.send({"type": "grant", "seq": seq})
 
@@ -330,13 +336,32 @@ class NixlReceiver(ReceiverBase):
                     if entry is None:
                         log.warning("%s: notification for unknown transfer %s", self.name, key)
                         continue
-                    conn, res = entry
-                    ok, reason = self._tracker.commit(res)
+                    conn, res, sent = entry
+                    landed = self._landed_crc(res)
+                    if landed != sent:
+                        ok, reason = False, (f"{CHECKSUM_MISMATCH} in chunk {key[1]} of {res.request_id} (layers "
+                                             f"{list(res.layers)}, tokens {list(res.tokens)}): sent {sent:#010x}, "
+                                             f"landed {landed:#010x}")
+                        self._tracker.abort(res, reason)
+                    else:
+                        ok, reason = self._tracker.commit(res)
                     try:
                         conn.send({"type": "ack", "seq": key[1], "ok": ok, "reason": reason})
                     except OSError:
                         pass   # the sender is gone; its connection thread cleans up
             time.sleep(self._poll_interval)
+
+    def _landed_crc(self, res: Reservation) -> int:
+        """CRC-32C of the reservation's cells in the cache: K then V, each layer by layer, token order."""
+        lay = self.layout
+        runs = KVDest(res.block_table, res.group_start).slot_runs(res.tokens, lay.block_size)
+        crc = 0
+        for kv in range(2):
+            for layer in range(*res.layers):
+                flat = self.caches[layer][kv].view(-1, lay.num_kv_heads, lay.head_dim)   # [slots, Hkv, D]
+                for slot, _, n in runs:
+                    crc = crc32c(byte_view(flat[slot:slot + n]), crc)
+        return crc
 
     def cancel(self, request_id: str) -> None:
         """Forgets the request. A write already granted may still be landing in its blocks (RDMA

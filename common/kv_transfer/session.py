@@ -23,7 +23,7 @@ import torch
 
 from common.errors import KVTransferError
 from common.kv_transfer.base import (Caches, KVChunk, KVDest, KVLayout, KVReceiver, KVSender,
-                                     TransferHandle, TransferState, blocks_crc)
+                                     TransferHandle, TransferState, blocks_crc, kv_checksum)
 from common.kv_transfer.tracker import ChunkRejected, Reservation, RequestTracker
 from common.kv_transfer.wire import VERSION, Conn, parse_address
 
@@ -104,7 +104,8 @@ class SenderBase(KVSender):
         header = {"type": "chunk", "seq": handle.seq, "request_id": chunk.request_id,
                   "layers": list(chunk.layers), "tokens": list(chunk.tokens), "group_start": dest.group_start,
                   "blocks_crc": blocks_crc(dest.block_table, self.layout.block_size, dest.group_start,
-                                           chunk.tokens)}
+                                           chunk.tokens),
+                  "epoch": chunk.epoch, "crc32c": kv_checksum(chunk.k, chunk.v)}
         try:
             self._start(handle, chunk, header, runs)
         except KVTransferError as e:   # refused before anything moved: the connection stays usable
@@ -243,8 +244,9 @@ class ReceiverBase(KVReceiver):
     def address(self) -> str:
         return self._address
 
-    def expect(self, request_id: str, block_table, group_token_start: int, layers, num_tokens: int) -> None:
-        self._tracker.expect(request_id, list(block_table), group_token_start, list(layers), num_tokens)
+    def expect(self, request_id: str, block_table, group_token_start: int, layers, num_tokens: int,
+               epoch: int = 0) -> None:
+        self._tracker.expect(request_id, list(block_table), group_token_start, list(layers), num_tokens, epoch)
 
     def poll(self) -> dict[str, TransferState]:
         return self._tracker.states()
@@ -334,7 +336,7 @@ class ReceiverBase(KVReceiver):
                     try:
                         res = self._tracker.begin(conn.id, str(header["request_id"]), _pair(header["layers"]),
                                                   _pair(header["tokens"]), int(header["group_start"]),
-                                                  int(header["blocks_crc"]))
+                                                  int(header["blocks_crc"]), int(header.get("epoch", 0)))
                     except ChunkRejected as e:
                         rejected = str(e)
                     self._on_chunk(conn, header, plen, res, rejected)

@@ -1,9 +1,11 @@
 """Plain TCP backend: the chunk's bytes travel in the control frame itself.
 
 Frame payload: K bytes then V bytes, each [layers, tokens, Hkv, D] in the layout's dtype, C order.
-The receiver reads the payload one (K|V, layer) slab at a time into a per-connection staging buffer
-and scatters each slab into the cache slots under the tracker lock (so a concurrent cancel() never
-races the write); after the last slab it commits and acks. The sender's handle reaches DONE only on
+The receiver reads the payload one (K|V, layer) slab at a time into a per-connection staging buffer,
+extends the chunk's CRC-32C over it while it is hot in the CPU cache, and scatters it into the cache
+slots under the tracker lock (so a concurrent cancel() never races the write); after the last slab it
+commits and acks only if the CRC matches the sender's (else the request fails: bytes written into its
+blocks are never read, the blocks are freed with it). The sender's handle reaches DONE only on
 that ack.
 """
 from __future__ import annotations
@@ -14,15 +16,12 @@ from typing import Any
 
 import torch
 
-from common.kv_transfer.base import Caches, KVChunk, KVDest, KVLayout, TransferHandle, TransferState
+from common.errors import CHECKSUM_MISMATCH
+from common.kv_transfer.base import (Caches, KVChunk, KVDest, KVLayout, TransferHandle, TransferState, byte_view,
+                                     crc32c)
 from common.kv_transfer.session import ReceiverBase, SenderBase
 from common.kv_transfer.tracker import Reservation
 from common.kv_transfer.wire import Conn
-
-
-def byte_view(t: torch.Tensor) -> Any:
-    """A zero-copy 1-D uint8 numpy view of a contiguous CPU tensor (works for bfloat16 too)."""
-    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 class TCPSender(SenderBase):
@@ -88,17 +87,27 @@ class TCPReceiver(ReceiverBase):
         if buf is None or len(buf) < slab:
             buf = self._staging[conn.id] = bytearray(slab)
         runs = KVDest(res.block_table, res.group_start).slot_runs(res.tokens, lay.block_size)
-        live = True
+        live, crc = True, 0
         for kv in range(2):
             for i in range(L):
-                conn.recv_payload(memoryview(buf)[:slab])   # a broken connection here fails the request
+                view = memoryview(buf)[:slab]
+                conn.recv_payload(view)   # a broken connection here fails the request
+                crc = crc32c(view, crc)
                 if live:
                     live = self._tracker.write(res, lambda: self._scatter(buf, slab, kv, res.layers[0] + i, runs))
+        if crc != header["crc32c"]:
+            reason = (f"{CHECKSUM_MISMATCH} in chunk {seq} of {res.request_id} (layers {list(res.layers)}, tokens "
+                      f"{list(res.tokens)}): sent {header['crc32c']:#010x}, received {crc:#010x}")
+            self._tracker.abort(res, reason)
+            conn.send({"type": "ack", "seq": seq, "ok": False, "reason": reason})
+            return
         ok, reason = self._tracker.commit(res)
         conn.send({"type": "ack", "seq": seq, "ok": ok, "reason": reason})
 
     def _check_payload(self, header: dict[str, Any], plen: int, res: Reservation) -> str | None:
         lay = self.layout
+        if not isinstance(header.get("crc32c"), int):
+            return "chunk without its checksum (crc32c): refused"
         shape = [res.layers[1] - res.layers[0], res.tokens[1] - res.tokens[0], lay.num_kv_heads, lay.head_dim]
         if header.get("dtype") != lay.dtype or header.get("shape") != shape:
             return f"payload {header.get('dtype')} {header.get('shape')} != expected {lay.dtype} {shape}"

@@ -6,6 +6,9 @@ the backend copies into the cache itself (run under the lock, only while the res
 cancel() never races a write into blocks it has just given up), then commit() or abort(). A request is DONE when every expected layer has exactly `num_tokens` cells; since reserved
 ranges never overlap, the count proves every cell arrived exactly once.
 
+Epochs: a request is registered with its placement's epoch; a chunk with another is refused (the
+request is left as it is: the stale sender is told, the live one goes on).
+
 Failure rules: a chunk that contradicts the registration (unknown layers, tokens outside the group's
 range, different block table or group start, duplicate cells) fails its request; so does a sender
 connection that breaks with a chunk of the request in flight, or that vanishes without saying bye
@@ -22,6 +25,10 @@ from dataclasses import dataclass, field
 
 from common.errors import KVTransferError
 from common.kv_transfer.base import TransferState, blocks_crc
+
+
+#: How the refusal of a chunk of another placement epoch starts.
+STALE_EPOCH = "stale placement epoch"
 
 
 class ChunkRejected(Exception):
@@ -42,7 +49,8 @@ class Reservation:
 
 class _Request:
     def __init__(self, block_table: Sequence[int], group_start: int, layers: Sequence[int],
-                 num_tokens: int) -> None:
+                 num_tokens: int, epoch: int = 0) -> None:
+        self.epoch = epoch
         self.block_table = tuple(int(b) for b in block_table)
         self.group_start = group_start
         self.num_tokens = num_tokens
@@ -81,7 +89,7 @@ class RequestTracker:
 
     # ---- registration -------------------------------------------------------------------------
     def expect(self, request_id: str, block_table: Sequence[int], group_start: int,
-               layers: Sequence[int], num_tokens: int) -> None:
+               layers: Sequence[int], num_tokens: int, epoch: int = 0) -> None:
         layers = sorted(set(int(l) for l in layers))
         if num_tokens <= 0 or group_start < 0:
             raise KVTransferError(f"expect {request_id}: need num_tokens > 0 and group_token_start >= 0, "
@@ -99,7 +107,7 @@ class RequestTracker:
         with self._cond:
             if request_id in self._requests:
                 raise KVTransferError(f"expect {request_id}: already registered")
-            self._requests[request_id] = _Request(block_table[:need], group_start, layers, num_tokens)
+            self._requests[request_id] = _Request(block_table[:need], group_start, layers, num_tokens, epoch)
 
     def cancel(self, request_id: str) -> list[Reservation]:
         """Forgets the request; returns its reservations still in flight (they will be refused)."""
@@ -110,12 +118,17 @@ class RequestTracker:
 
     # ---- chunks -------------------------------------------------------------------------------
     def begin(self, conn_id: int, request_id: str, layers: tuple[int, int], tokens: tuple[int, int],
-              group_start: int, crc: int) -> Reservation:
+              group_start: int, crc: int, epoch: int = 0) -> Reservation:
+        """Reserves a chunk's cells. A chunk of another placement epoch is refused without failing
+        the request (a stale sender must not end the live one)."""
         with self._cond:
             req = self._requests.get(request_id)
             if req is None:
                 raise ChunkRejected(f"request {request_id} is not expected here (never registered or "
                                     "cancelled)")
+            if epoch != req.epoch:
+                raise ChunkRejected(f"{STALE_EPOCH}: chunk of {request_id} carries placement epoch {epoch}, "
+                                    f"its blocks here were prepared for epoch {req.epoch}")
             if req.state.terminal:
                 raise ChunkRejected(f"request {request_id} is already {req.state.value}"
                                     + (f": {req.reason}" if req.reason else ""))

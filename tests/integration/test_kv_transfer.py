@@ -17,9 +17,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from common.errors import KVTransferError
+from common.errors import CHECKSUM_MISMATCH, KVTransferError
 from common.kv_transfer import (KVChunk, KVDest, KVLayout, TransferState, make_receiver, make_sender)
+from common.kv_transfer import session
 from common.kv_transfer.tracker import ChunkRejected, RequestTracker
+from tests.fixtures.kv_proxy import CorruptingProxy
 
 BACKENDS = ["tcp", "nixl"]
 LAYOUT = KVLayout(dtype="float32", block_size=16, num_kv_heads=2, head_dim=64, num_layers=4, model="tiny-test")
@@ -36,10 +38,11 @@ def request_kv(layout: KVLayout, seed: int) -> tuple[torch.Tensor, torch.Tensor]
             torch.randn(shape, generator=g).to(layout.torch_dtype))
 
 
-def chunk_of(layout: KVLayout, rid: str, seed: int, layers: tuple[int, int], tokens: tuple[int, int]) -> KVChunk:
+def chunk_of(layout: KVLayout, rid: str, seed: int, layers: tuple[int, int], tokens: tuple[int, int],
+             epoch: int = 0) -> KVChunk:
     k, v = request_kv(layout, seed)
     (l0, l1), (t0, t1) = layers, tokens
-    return KVChunk(rid, layers, tokens, k[l0:l1, t0:t1].clone(), v[l0:l1, t0:t1].clone())
+    return KVChunk(rid, layers, tokens, k[l0:l1, t0:t1].clone(), v[l0:l1, t0:t1].clone(), epoch)
 
 
 def make_caches(layout: KVLayout, num_blocks: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -247,6 +250,58 @@ def test_cancel_drops_state(remote, sender, block_pool):
     remote.call("expect", "c", table, 0, range(4), n)
     send_all(sender, [chunk_of(LAYOUT, "c", seed, (0, 4), (0, 48))], dest)
     assert remote.call("wait_complete", "c", 10.0) is True
+
+
+def test_a_chunk_of_another_placement_epoch_is_refused_and_the_request_goes_on(remote, sender, block_pool):
+    """The blocks were prepared for placement epoch 7: a chunk stamped 6 (a sender holding a stale
+    placement) is refused before a byte lands, without failing the live request."""
+    n, seed = 32, 19
+    table = shuffled_table(n, block_pool)
+    dest = KVDest(table, 0)
+    remote.call("expect", "ep", table, 0, range(4), n, 7)
+    h = sender.send(chunk_of(LAYOUT, "ep", seed, (0, 4), (0, 16), epoch=6), dest)
+    with pytest.raises(KVTransferError, match="stale placement epoch: chunk of ep carries placement epoch 6, "
+                                              "its blocks here were prepared for epoch 7"):
+        h.wait(10)
+    assert remote.call("state", "ep") == "pending"
+    send_all(sender, [chunk_of(LAYOUT, "ep", seed, (0, 4), (0, 16), epoch=7),
+                      chunk_of(LAYOUT, "ep", seed, (0, 4), (16, 32), epoch=7)], dest)
+    assert remote.call("wait_complete", "ep", 10.0) is True
+    assert remote.call("verify", seed, table, 0, list(range(4)), n) is None
+
+
+def test_a_chunk_whose_bytes_fail_their_checksum_fails_the_request(remote, sender, block_pool, monkeypatch):
+    """The receiver computes the CRC-32C again over what arrived (TCP) or landed in its cache (NIXL):
+    a chunk whose bytes do not match the checksum it came with (here the sender's is off by one bit)
+    is never counted as arrived, and its request fails naming the mismatch."""
+    n, seed = 32, 20
+    table = shuffled_table(n, block_pool)
+    dest = KVDest(table, 0)
+    remote.call("expect", "crc", table, 0, range(4), n)
+    send_all(sender, [chunk_of(LAYOUT, "crc", seed, (0, 4), (0, 16))], dest)
+    real = session.kv_checksum
+    monkeypatch.setattr(session, "kv_checksum", lambda k, v: real(k, v) ^ 1)
+    h = sender.send(chunk_of(LAYOUT, "crc", seed, (0, 4), (16, 32)), dest)
+    with pytest.raises(KVTransferError, match=CHECKSUM_MISMATCH):
+        h.wait(10)
+    assert remote.call("state", "crc") == "failed"
+    with pytest.raises(KVTransferError, match=CHECKSUM_MISMATCH):
+        remote.call("wait_complete", "crc", 1.0)
+    remote.call("cancel", "crc")
+
+
+def test_a_bit_flipped_in_flight_fails_the_request(block_pool):
+    """TCP through a proxy that flips one payload bit: the receiver's CRC-32C catches it."""
+    caches = make_caches(LAYOUT, NUM_BLOCKS)
+    with make_receiver("tcp", LAYOUT, caches) as rx, CorruptingProxy(rx.address) as proxy, \
+            make_sender("tcp", LAYOUT) as s:
+        s.connect(proxy.address, timeout=10)
+        table = shuffled_table(40, block_pool)
+        rx.expect("flip", table, 0, range(4), 40)
+        h = s.send(chunk_of(LAYOUT, "flip", 21, (0, 4), (0, 40)), KVDest(table, 0))
+        with pytest.raises(KVTransferError, match=CHECKSUM_MISMATCH):
+            h.wait(10)
+        assert proxy.flipped.is_set() and rx.state("flip") is TransferState.FAILED
 
 
 def test_invalid_chunk_raises_and_the_connection_survives(remote, sender, block_pool):
