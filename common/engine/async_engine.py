@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from common.engine.engine import EngineStats, LLMEngine, StepOutput
-from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, WorkerFailedError
+from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, WorkerFailedError, kv_transfer_error
 from common.scheduler.request import FinishReason
 
 log = logging.getLogger(__name__)
@@ -218,9 +218,10 @@ class AsyncEngine:
         return await self.call(lambda e: self._abort(e, request_id))
 
     async def prepare_receive(self, request_id: str, num_prompt_tokens: int,
-                              max_new_tokens: int) -> list:
-        """Decode role: reserves the request's blocks in every KVP group; list[GroupSink]."""
-        return await self.call(lambda e: e.prepare_receive(request_id, num_prompt_tokens, max_new_tokens))
+                              max_new_tokens: int, epoch: int = 0) -> list:
+        """Decode role: reserves the request's blocks in every KVP group; list[GroupSink]. `epoch`:
+        its placement's; the receivers take only chunks that carry it."""
+        return await self.call(lambda e: e.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch))
 
     async def kv_info(self) -> tuple[str, Any]:
         """(backend, KVLayout) of this engine's KV receivers / senders."""
@@ -412,7 +413,7 @@ class AsyncEngine:
             if state == "done":
                 _settle(fut, None)
             else:
-                _settle(fut, KVTransferError(reason or f"KV of request {rid} was not confirmed in time"))
+                _settle(fut, kv_transfer_error(reason or f"KV of request {rid} was not confirmed in time"))
 
     def _fail_commands(self, err: MnemosyneError) -> None:
         for fut, _ in self._watches.values():

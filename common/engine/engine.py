@@ -213,11 +213,12 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or bool(self.inflight) or bool(self.kv.awaiting)
 
     # ---- disaggregation (common/kv_connector) ---------------------------------------------------------
-    def prepare_receive(self, request_id: str, num_prompt_tokens: int, max_new_tokens: int) -> list[GroupSink]:
+    def prepare_receive(self, request_id: str, num_prompt_tokens: int, max_new_tokens: int,
+                        epoch: int = 0) -> list[GroupSink]:
         """Decode role: reserves the request's blocks in every KVP group and registers the expected
-        KV with the holders; returns where the prefill side must send it."""
+        KV (of placement `epoch`) with the holders; returns where the prefill side must send it."""
         self._check_open()
-        return self.kv.prepare_receive(request_id, num_prompt_tokens, max_new_tokens)
+        return self.kv.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch)
 
     def add_prefilled(self, prompt_ids: list[int], params: SamplingParams, request_id: str, first_token: int,
                       first_logprob: float, kv_timeout_s: float = 60.0, tbt_slo_s: float | None = None) -> str:

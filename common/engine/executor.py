@@ -61,8 +61,9 @@ class Executor(ABC):
     def forget(self, request_id: str) -> None: ...
 
     @abstractmethod
-    def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int) -> list[KVAck]:
-        """Every holder registers its part of a request's incoming KV; one ack per holder."""
+    def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0) -> list[KVAck]:
+        """Every holder registers its part of a request's incoming KV (chunks of placement `epoch`
+        only); one ack per holder."""
 
     @abstractmethod
     def kv_cancel(self, request_id: str) -> None: ...
@@ -180,8 +181,8 @@ class LocalExecutor(Executor):
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)
 
-    def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int) -> list[KVAck]:
-        return [self.kv.expect(request_id, tables, num_tokens)]
+    def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0) -> list[KVAck]:
+        return [self.kv.expect(request_id, tables, num_tokens, epoch)]
 
     def kv_cancel(self, request_id: str) -> None:
         self.kv.cancel(request_id)

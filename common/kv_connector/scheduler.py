@@ -118,7 +118,7 @@ class KVConnectorScheduler:
         return result
 
     # ---- decode role -----------------------------------------------------------------------------
-    def prepare_receive(self, rid: str, num_tokens: int, max_new_tokens: int) -> list[GroupSink]:
+    def prepare_receive(self, rid: str, num_tokens: int, max_new_tokens: int, epoch: int = 0) -> list[GroupSink]:
         if self.parallel.spp != 1:
             raise ConfigError("a decode grid that receives KV must have spp = 1")
         if rid in self.prepared or rid in self.scheduler.requests:
@@ -129,7 +129,7 @@ class KVConnectorScheduler:
         self.blocks.allocate(rid, num_tokens)                 # CapacityError leaves nothing behind
         tables = self.blocks.table(rid)
         try:
-            acks = self.executor.kv_expect(rid, tables, num_tokens)
+            acks = self.executor.kv_expect(rid, tables, num_tokens, epoch)
         except BaseException:
             self._undo(rid)
             raise

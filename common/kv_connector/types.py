@@ -26,13 +26,14 @@ class KVSink:
     backend: str               # "tcp" | "nixl"
     kvp_tokens: int            # tokens per decode KVP group (M)
     groups: list[GroupSink]
+    epoch: int = 0             # the decode placement's epoch, stamped on every chunk
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVSink":
-        return cls(d["backend"], d["kvp_tokens"], [GroupSink(**g) for g in d["groups"]])
+        return cls(d["backend"], d["kvp_tokens"], [GroupSink(**g) for g in d["groups"]], int(d.get("epoch", 0)))
 
 
 @dataclass(frozen=True)

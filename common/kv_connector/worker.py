@@ -79,7 +79,8 @@ class KVStreamer:
                 gs = sink.groups[g]
                 sender = self._sender(sink.backend, gs.addresses[self.tp_rank])
                 chunk = KVChunk(request_id, (layers.start, layers.stop), (pos, stop),
-                                k[:, pos - start:stop - start].contiguous(), v[:, pos - start:stop - start].contiguous())
+                                k[:, pos - start:stop - start].contiguous(), v[:, pos - start:stop - start].contiguous(),
+                                epoch=sink.epoch)
                 handles.append(sender.send(chunk, KVDest(gs.block_table, gs.token_start), self.send_timeout_s))
                 pos = stop
         except KVTransferError as e:
@@ -137,8 +138,8 @@ class KVIntake:
     def address(self) -> str:
         return self.receiver.address
 
-    def expect(self, request_id: str, table: list[int], token_start: int, num_tokens: int) -> None:
-        self.receiver.expect(request_id, table, token_start, self.layers, num_tokens)
+    def expect(self, request_id: str, table: list[int], token_start: int, num_tokens: int, epoch: int = 0) -> None:
+        self.receiver.expect(request_id, table, token_start, self.layers, num_tokens, epoch=epoch)
         self.expected.add(request_id)
 
     def poll(self) -> dict[str, tuple[str, str | None]]:
@@ -220,9 +221,10 @@ class KVWorker:
                 self.sealed.add(rid)
 
     # ---- decode role ---------------------------------------------------------------------------
-    def expect(self, rid: str, tables: list[list[int]], num_tokens: int) -> KVAck:
+    def expect(self, rid: str, tables: list[list[int]], num_tokens: int, epoch: int = 0) -> KVAck:
         """Registers this group's part of a request whose prompt has `num_tokens` tokens (`tables`:
-        one block table per KVP group). Never raises: a failure is the ack's error."""
+        one block table per KVP group), to be sent under placement `epoch`. Never raises: a failure
+        is the ack's error."""
         g0 = self.group * self.kvp_tokens
         n = max(0, min(num_tokens - g0, self.kvp_tokens))
         if n == 0:
@@ -232,7 +234,7 @@ class KVWorker:
             if intake is None:
                 return KVAck(self.holder, rid, False, "this layout cannot receive KV (spp > 1)")
             with self.lock:
-                intake.expect(rid, tables[self.group], g0, n)
+                intake.expect(rid, tables[self.group], g0, n, epoch)
         except MnemosyneError as e:
             return KVAck(self.holder, rid, False, str(e))
         return KVAck(self.holder, rid, True)

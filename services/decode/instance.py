@@ -6,6 +6,13 @@ frees them when the request finishes, is aborted (Abort RPC or the Decode call c
 kvstore reclaimed it: somebody gave up on the request). While a request holds blocks here, this
 instance renews its lease.
 
+Epochs (Placement.epoch): PrepareReceive and a Decode call that brings its own placement are served
+only for the live placement of that epoch (asked of the kvstore); a prefilled request's Decode must
+bring the epoch it was prepared with; the receivers take only chunks stamped with that epoch; and
+renewals carry it, so a placement released or expired and placed again under the same id is never
+served, written or kept alive by the holder of the old one. A stale epoch is StalePlacementError
+(FAILED_PRECONDITION).
+
 Spans (common/tracing.py), children of the caller's: "decode.prepare_receive" (blocks reserved for a
 prefilled request's KV) and "decode" (the Decode call: a "kv_received" event when a prefilled
 request's KV is all here, "first_token" on the short path; the tokens and finish reason at the end).
@@ -22,7 +29,8 @@ from typing import AsyncIterator
 from common.client import KVStoreClient
 from common.engine.async_engine import AsyncEngine, EngineStats
 from common.kv_connector.types import GroupSink
-from common.errors import InvalidRequestError, KVTransferError, MnemosyneError, PlacementError
+from common.errors import (InvalidRequestError, MnemosyneError, PlacementError, StalePlacementError,
+                           kv_transfer_error)
 from common.metadata.types import Placement
 from common.metrics import kv_transfer_bytes
 from common.sampling_params import SamplingParams
@@ -40,6 +48,7 @@ class Destination:
     layout: object                     # common.kv_transfer.KVLayout
     groups: list[GroupSink]
     token_ends: list[int]              # per group: end of its prompt token range
+    epoch: int = 0                     # the placement's: every chunk must carry it
 
 
 @dataclass(frozen=True)
@@ -114,13 +123,15 @@ class DecodeInstance:
         if placement.instance_id and placement.instance_id != self.instance_id:
             raise InvalidRequestError(f"placement of {rid} names decode instance {placement.instance_id}, "
                                       f"this is {self.instance_id}")
+        await self._check_live(placement)
         own_backend, layout = await self.engine.kv_info()
         if backend and backend != own_backend:
             raise InvalidRequestError(f"this decode instance receives KV over {own_backend!r}, not {backend!r}")
         if sender_layout is not None and sender_layout != layout:
             raise InvalidRequestError(f"KV layout mismatch: sender {sender_layout}, receiver {layout}")
         try:
-            groups = await self.engine.prepare_receive(rid, placement.num_tokens, placement.max_new_tokens)
+            groups = await self.engine.prepare_receive(rid, placement.num_tokens, placement.max_new_tokens,
+                                                       epoch=placement.epoch)
         except asyncio.CancelledError:
             # The caller went away mid-reservation; the engine thread may reserve anyway. An abort
             # queued behind it on the same thread undoes it (no blocks left with nobody to free them).
@@ -134,7 +145,24 @@ class DecodeInstance:
         by_group = {g.group: g.token_end for g in placement.groups}
         m = _kvp_tokens(groups, placement.num_tokens)
         ends = [by_group.get(g.group, min(placement.num_tokens, g.token_start + m)) for g in groups]
-        return Destination(rid, own_backend, layout, groups, ends)
+        return Destination(rid, own_backend, layout, groups, ends, placement.epoch)
+
+    async def _check_live(self, placement: Placement) -> None:
+        """The placement is the kvstore's live one for its request: same epoch, this instance."""
+        rid = placement.request_id
+        if placement.epoch < 1:
+            raise InvalidRequestError(f"placement of {rid} has no epoch: pass the placement the kvstore's "
+                                      "Reserve returned")
+        live = await self.kvstore.get_placement(rid)
+        if live is None:
+            raise PlacementError(f"request {rid}: the kvstore holds no placement for it (released, expired "
+                                 "or never reserved)")
+        if live.epoch != placement.epoch:
+            raise StalePlacementError(f"request {rid}: placement epoch {placement.epoch} is stale (the live "
+                                      f"placement's is {live.epoch})")
+        if live.instance_id != self.instance_id:
+            raise StalePlacementError(f"request {rid}: its live placement is on {live.instance_id}, not on "
+                                      f"this instance ({self.instance_id})")
 
     async def decode(self, job: DecodeJob, parent=None) -> AsyncIterator:
         """Yields the request's StepOutputs (tokens; the last one has finish_reason). A failed KV
@@ -172,8 +200,27 @@ class DecodeInstance:
             self.metrics.observe_kv_transfer(backend, "recv", nbytes if ok else 0,
                                              time.monotonic() - since, ok=ok)
 
+    async def _check_decode(self, job: DecodeJob) -> None:
+        """A prefilled request decodes under the placement epoch it was prepared with; a request
+        prefilled here under its live placement (when it brings one)."""
+        rid = job.request_id
+        if job.first_token is None:
+            if job.placement is not None:
+                await self._check_live(job.placement)
+            return
+        prepared = self.leases.get(rid)
+        if prepared is None:
+            return                     # not prepared (or freed): the engine refuses it with the reason
+        if job.placement is None:
+            raise InvalidRequestError(f"Decode of prefilled request {rid} needs its placement (epoch "
+                                      f"{prepared.epoch})")
+        if job.placement.epoch != prepared.epoch:
+            raise StalePlacementError(f"request {rid}: Decode with placement epoch {job.placement.epoch}, "
+                                      f"but its KV was prepared for epoch {prepared.epoch}")
+
     async def _decode(self, job: DecodeJob) -> AsyncIterator:
         rid = job.request_id
+        await self._check_decode(job)
         self._awaiting_decode.discard(rid)
         if job.placement is not None:
             self.leases[rid] = job.placement
@@ -188,7 +235,7 @@ class DecodeInstance:
                 async for out in stream:
                     if out.error is not None:
                         self._received(rid, ok=False)
-                        raise KVTransferError(f"request {rid}: {out.error}")
+                        raise kv_transfer_error(f"request {rid}: {out.error}")
                     self._received(rid, ok=True)
                     yield out
         finally:
@@ -205,8 +252,10 @@ class DecodeInstance:
         """Frees prepared requests whose placement is gone (their router died before calling Decode,
         so nobody renewed the lease): the engine's blocks and the local lease."""
         for rid in list(self._awaiting_decode):
+            held = self.leases.get(rid)
             try:
-                alive = await self.kvstore.get_placement(rid) is not None
+                live = await self.kvstore.get_placement(rid)
+                alive = live is not None and held is not None and live.epoch == held.epoch
             except MnemosyneError as e:                # kvstore away: ask again next round
                 log.warning("placement of %s: %s", rid, e)
                 continue
@@ -228,9 +277,9 @@ class DecodeInstance:
             lease_s = min((p.lease_s for p in self.leases.values()), default=0.3)
             await asyncio.sleep(max(0.05, lease_s / 3))
             await self._drop_orphans()
-            for rid in [r for r in self.leases if r not in self._awaiting_decode]:
+            for rid, held in [(r, p) for r, p in self.leases.items() if r not in self._awaiting_decode]:
                 try:
-                    await self.kvstore.renew(rid)
+                    await self.kvstore.renew(rid, held.epoch)
                 except PlacementError:
                     if self.leases.pop(rid, None) is not None:
                         log.warning("lease of %s is gone: aborting it here", rid)

@@ -16,7 +16,7 @@ FINISH = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH:
 
 def destination_to_proto(d: Destination) -> common_pb2.KVDestination:
     return common_pb2.KVDestination(
-        request_id=d.request_id, layout=convert.layout_to_proto(d.layout), backend=d.backend,
+        request_id=d.request_id, layout=convert.layout_to_proto(d.layout), backend=d.backend, epoch=d.epoch,
         groups=[common_pb2.GroupReceiver(
             group=g.group, token_start=g.token_start, token_end=end, block_ids=g.block_table,
             workers=[common_pb2.WorkerEndpoint(tp_rank=t, address=a) for t, a in enumerate(g.addresses)])

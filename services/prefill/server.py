@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from common.kv_connector.types import GroupSink, KVSink
-from common.errors import InvalidRequestError
+from common.errors import InvalidRequestError, StalePlacementError
 from common.rpc import convert
 from common.rpc.protos import common_pb2, prefill_pb2, prefill_pb2_grpc
 from common.rpc.status import handles_errors
@@ -16,7 +16,7 @@ ONE_GROUP = 1 << 40
 
 def sink_from_proto(dest: common_pb2.KVDestination, num_tokens: int) -> KVSink:
     """The engine's KVSink for a decode instance's KVDestination. Groups must be 0..n-1 in order and
-    cover the prompt; group k starts at k*M."""
+    cover the prompt; group k starts at k*M. The sink carries the destination's placement epoch."""
     groups = sorted(dest.groups, key=lambda g: g.group)
     if not groups or [g.group for g in groups] != list(range(len(groups))):
         raise InvalidRequestError(f"KV destination groups must be 0..n-1, got {[g.group for g in dest.groups]}")
@@ -31,7 +31,7 @@ def sink_from_proto(dest: common_pb2.KVDestination, num_tokens: int) -> KVSink:
                                       f"{g.group * m}), {len(g.workers)} receivers")
         addrs = [w.address for w in sorted(g.workers, key=lambda w: w.tp_rank)]
         sinks.append(GroupSink(g.group, g.token_start, list(g.block_ids), addrs))
-    return KVSink(dest.backend or "tcp", m, sinks)
+    return KVSink(dest.backend or "tcp", m, sinks, dest.epoch)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -44,6 +44,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             raise InvalidRequestError("request_id must not be empty")
         if not request.HasField("destination"):
             raise InvalidRequestError("Prefill needs a KV destination (decode.PrepareReceive)")
+        if request.HasField("placement") and request.placement.epoch != request.destination.epoch:
+            raise StalePlacementError(f"request {request.request_id}: placement epoch {request.placement.epoch} "
+                                      f"but the KV destination was prepared for epoch {request.destination.epoch}")
         layout = convert.layout_from_proto(request.destination.layout) \
             if request.destination.HasField("layout") else None
         job = PrefillJob(request.request_id, list(request.token_ids),

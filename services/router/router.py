@@ -472,7 +472,7 @@ class Router:
         while True:
             await asyncio.sleep(max(0.05, lease_s / 3))
             try:
-                await self.kvstore.renew(rid)
+                await self.kvstore.renew(rid, st.placement.epoch)
             except PlacementError as e:
                 if st.reason is not None:                 # decoded to the end: nothing is lost
                     return
@@ -519,7 +519,7 @@ class Router:
                     log.info("abort %s on %s: %s", rid, who, e.code().name)
         if st.placement is not None:
             try:
-                await self.kvstore.release(rid)
+                await self.kvstore.release(rid, st.placement.epoch)
             except MnemosyneError as e:
                 log.warning("release of %s: %s (its lease will expire)", rid, e)
 

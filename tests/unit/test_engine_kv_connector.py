@@ -34,7 +34,7 @@ class FakeExecutor:
         self.cancelled: list[str] = []
         self.error: str | None = None
 
-    def kv_expect(self, rid, tables, num_tokens):
+    def kv_expect(self, rid, tables, num_tokens, epoch=0):
         return [KVAck(h, rid, self.error is None, self.error) for h in range(self.kv_holders)]
 
     def kv_cancel(self, rid):
