@@ -92,7 +92,7 @@ def test_decode_request_first_token_presence():
 
 PLACEMENT = Placement("req-1", "decode-0", "127.0.0.1:5000",
                       (GroupRange(0, 0, 4096, 256), GroupRange(1, 4096, 5000, 66)),
-                      5000, 100, 10.0, 1_795_000_000_123)
+                      5000, 100, 10.0, 1_795_000_000_123, epoch=1_795_000_000_123_004)
 
 
 def test_placement_round_trip():

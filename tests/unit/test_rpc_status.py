@@ -28,6 +28,10 @@ SERVICE = "test.Echo"
     (StoreUnavailableError("x"), grpc.StatusCode.UNAVAILABLE),       # subclasses follow their base
     (errors.RequestAbortedError("x"), grpc.StatusCode.CANCELLED),
     (errors.PlacementError("x"), grpc.StatusCode.NOT_FOUND),
+    (errors.StalePlacementError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.KVCorruptedError("x"), grpc.StatusCode.DATA_LOSS),
+    (errors.kv_transfer_error(f"refused: {errors.CHECKSUM_MISMATCH} in chunk 3"), grpc.StatusCode.DATA_LOSS),
+    (errors.kv_transfer_error("receiver connection lost"), grpc.StatusCode.UNAVAILABLE),
     (errors.ModelLoadError("x"), grpc.StatusCode.INTERNAL),
     (errors.MnemosyneError("x"), grpc.StatusCode.INTERNAL),
     (ValueError("x"), grpc.StatusCode.INTERNAL),
@@ -55,6 +59,8 @@ def test_error_from_rpc_prefers_the_named_class():
     (grpc.StatusCode.DEADLINE_EXCEEDED, errors.WorkerFailedError),
     (grpc.StatusCode.CANCELLED, errors.RequestAbortedError),
     (grpc.StatusCode.NOT_FOUND, errors.PlacementError),
+    (grpc.StatusCode.FAILED_PRECONDITION, errors.StalePlacementError),
+    (grpc.StatusCode.DATA_LOSS, errors.KVCorruptedError),
     (grpc.StatusCode.INTERNAL, errors.MnemosyneError),
 ])
 def test_error_from_rpc_falls_back_to_the_code(code, cls):
