@@ -4,8 +4,9 @@ One prefill stage (8 of 32 layers, Llama-3-8B-like shard: 8 KV heads x 128, bf16
 (K and V) for one request, in chunks of 1, 2 or 4 MiB, to a receiver in another process whose paged
 cache has a shuffled block table. Every chunk is posted at once and the clock stops when the last
 handle is DONE (= written at the receiver and acknowledged). Baselines on the same bytes: one
-contiguous `copy_` (memory bandwidth) and the TCP receiver's paged scatter (one `copy_` per block
-run into shuffled blocks). Medians of --runs runs, wall time and CPU time (sender + receiver processes, all threads: the
+contiguous `copy_` (memory bandwidth), the TCP receiver's paged scatter (one `copy_` per block
+run into shuffled blocks) and the checksum (XXH3-64) every chunk carries (`kv_checksum`, computed once by the
+sender and once by the receiver; the backends' rows include both). Medians of --runs runs, wall time and CPU time (sender + receiver processes, all threads: the
 number to trust on a shared machine). Writes bench/results/kv_transfer.json.
 
 Run: PYTHONPATH=. python -m bench.kv_transfer [--total-mib 64] [--chunks-mib 1 2 4] [--runs 5]
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from common.kv_transfer import KVChunk, KVDest, KVLayout, make_receiver, make_sender
+from common.kv_transfer.base import kv_checksum
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kv_transfer.json"
 STAGE_LAYERS = (0, 8)
@@ -127,7 +129,8 @@ def bench_backend(backend: str, lay: KVLayout, total_tokens: int, chunk_tokens: 
 
 
 def bench_copy(lay: KVLayout, total_tokens: int, runs: int) -> dict[str, list[float]]:
-    """The same bytes moved by one contiguous copy_, and by the paged scatter a receiver does."""
+    """The same bytes moved by one contiguous copy_, and by the paged scatter a receiver does; and
+    their checksum (one side's share of what a transfer spends on integrity)."""
     L = STAGE_LAYERS[1] - STAGE_LAYERS[0]
     shape = (L, total_tokens, lay.num_kv_heads, lay.head_dim)
     src = torch.randn((2, *shape)).to(lay.torch_dtype)
@@ -136,7 +139,7 @@ def bench_copy(lay: KVLayout, total_tokens: int, runs: int) -> dict[str, list[fl
     perm = list(range(total_tokens // lay.block_size))
     random.Random(0).shuffle(perm)
     block_runs = KVDest(perm, 0).slot_runs((0, total_tokens), lay.block_size)
-    out: dict[str, list[float]] = {"copy": [], "paged_scatter": []}
+    out: dict[str, list[float]] = {"copy": [], "paged_scatter": [], "checksum": []}
     for r in range(runs + 1):
         t = time.perf_counter()
         dst.copy_(src)
@@ -147,9 +150,13 @@ def bench_copy(lay: KVLayout, total_tokens: int, runs: int) -> dict[str, list[fl
                 for slot, off, n in block_runs:
                     cache[kv, l, slot:slot + n].copy_(src[kv, l, off:off + n])
         dt_scatter = time.perf_counter() - t
+        t = time.perf_counter()
+        kv_checksum(src[0], src[1])
+        dt_crc = time.perf_counter() - t
         if r:
             out["copy"].append(dt_copy)
             out["paged_scatter"].append(dt_scatter)
+            out["checksum"].append(dt_crc)
     return out
 
 

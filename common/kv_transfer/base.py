@@ -18,8 +18,8 @@ the receiver holds the data. The receiver side never exposes a request as comple
 of every expected layer arrived exactly once; a failed or timed-out request stays FAILED until the
 caller `cancel()`s it (which also forgets a DONE one).
 
-Integrity (fail closed): every chunk carries the CRC-32C of its bytes (`kv_checksum`: K then V, C
-order), computed by the sender; the receiver computes it again over the bytes it received (TCP) or
+Integrity (fail closed): every chunk carries the XXH3-64 hash of its bytes (`kv_checksum`: K then V,
+C order), computed by the sender; the receiver computes it again over the bytes it received (TCP) or
 that landed in its cache (NIXL) and commits the chunk only when they agree; a mismatch fails the
 request with a reason that starts with common.errors.CHECKSUM_MISMATCH (KVCorruptedError, DATA_LOSS,
 once typed again). Every chunk also carries its placement's epoch; the receiver refuses a chunk whose
@@ -36,9 +36,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import torch
+import xxhash
 
 from common.errors import ConfigError, KVTransferError
 
@@ -124,17 +124,20 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def crc32c(data: object, crc: int = 0) -> int:
-    """CRC-32C (Castagnoli, hardware-accelerated; the GIL is released from 1 MiB on) of a buffer,
-    continuing `crc`. The extension takes only buffers without a release hook: a uint8 numpy view
-    of `data` (no copy) is one."""
-    return google_crc32c.extend(crc, data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8))
+def kv_hasher() -> "xxhash.xxh3_64":
+    """A streaming XXH3-64 (update(buffer)...; intdigest()): the checksum KV chunks carry. Chosen
+    for speed: about 15 GiB/s on data in the CPU cache on a small CPU where CRC-32C (hardware
+    instruction, one stream) does 5.7; a 64-bit hash also misses less than a 32-bit CRC."""
+    return xxhash.xxh3_64()
 
 
 def kv_checksum(k: torch.Tensor, v: torch.Tensor) -> int:
-    """The checksum a chunk travels with: CRC-32C of K's bytes then V's, each contiguous in C order
+    """The checksum a chunk travels with: XXH3-64 of K's bytes then V's, each contiguous in C order
     ([layers, tokens, Hkv, D]), which is the order the TCP payload has."""
-    return crc32c(byte_view(v.contiguous()), crc32c(byte_view(k.contiguous())))
+    h = kv_hasher()
+    h.update(byte_view(k.contiguous()))
+    h.update(byte_view(v.contiguous()))
+    return h.intdigest()
 
 
 @dataclass(frozen=True)

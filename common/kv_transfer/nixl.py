@@ -9,7 +9,7 @@ validates and reserves the cells (tracker.begin) and answers `grant` - so nothin
 into blocks the receiver did not agree to; the sender builds the two descriptor lists in the same
 order (layer, then K/V, then contiguous slot run), `initialize_xfer("WRITE", local, remote, peer,
 notif=str(seq))` and `transfer`; the receiver learns completion from `get_new_notifs()` (keyed by the
-sender's agent name as str), computes the CRC-32C of the cells as they landed in its cache (K then V,
+sender's agent name as str), computes the checksum (XXH3-64) of the cells as they landed in its cache (K then V,
 layer by layer, in token order: the order of the sender's contiguous chunk) and commits the cells and
 acks on the control channel only if it matches the chunk frame's; the handle is DONE only on that ack. A local transfer error is reported with an `abort` frame (the request fails).
 
@@ -33,7 +33,7 @@ import torch
 
 from common.errors import KVTransferError
 from common.errors import CHECKSUM_MISMATCH
-from common.kv_transfer.base import Caches, KVChunk, KVDest, KVLayout, TransferHandle, TransferState, byte_view, crc32c
+from common.kv_transfer.base import Caches, KVChunk, KVDest, KVLayout, TransferHandle, TransferState, byte_view, kv_hasher
 from common.kv_transfer.session import ReceiverBase, SenderBase
 from common.kv_transfer.tracker import Reservation
 from common.kv_transfer.wire import Conn
@@ -294,15 +294,15 @@ class NixlReceiver(ReceiverBase):
         seq = int(header["seq"])
         if plen:
             raise KVTransferError("NIXL chunk frames carry no payload")
-        if res is not None and not isinstance(header.get("crc32c"), int):
-            rejected = "chunk without its checksum (crc32c): refused"
+        if res is not None and not isinstance(header.get("xxh3"), int):
+            rejected = "chunk without its checksum (xxh3): refused"
             self._tracker.abort(res, rejected)
             res = None
         if res is None:
             conn.send({"type": "ack", "seq": seq, "ok": False, "reason": rejected})
             return
         with self._cond:
-            self._inflight[(self._agents[conn.id], seq)] = (conn, res, header["crc32c"])
+            self._inflight[(self._agents[conn.id], seq)] = (conn, res, header["xxh3"])
             self._cond.notify_all()
         conn.send({"type": "grant", "seq": seq})
 
@@ -337,11 +337,11 @@ class NixlReceiver(ReceiverBase):
                         log.warning("%s: notification for unknown transfer %s", self.name, key)
                         continue
                     conn, res, sent = entry
-                    landed = self._landed_crc(res)
+                    landed = self._landed_checksum(res)
                     if landed != sent:
                         ok, reason = False, (f"{CHECKSUM_MISMATCH} in chunk {key[1]} of {res.request_id} (layers "
-                                             f"{list(res.layers)}, tokens {list(res.tokens)}): sent {sent:#010x}, "
-                                             f"landed {landed:#010x}")
+                                             f"{list(res.layers)}, tokens {list(res.tokens)}): sent {sent:#018x}, "
+                                             f"landed {landed:#018x}")
                         self._tracker.abort(res, reason)
                     else:
                         ok, reason = self._tracker.commit(res)
@@ -351,17 +351,17 @@ class NixlReceiver(ReceiverBase):
                         pass   # the sender is gone; its connection thread cleans up
             time.sleep(self._poll_interval)
 
-    def _landed_crc(self, res: Reservation) -> int:
-        """CRC-32C of the reservation's cells in the cache: K then V, each layer by layer, token order."""
+    def _landed_checksum(self, res: Reservation) -> int:
+        """The checksum of the reservation's cells in the cache: K then V, each layer by layer, token order."""
         lay = self.layout
         runs = KVDest(res.block_table, res.group_start).slot_runs(res.tokens, lay.block_size)
-        crc = 0
+        h = kv_hasher()
         for kv in range(2):
             for layer in range(*res.layers):
                 flat = self.caches[layer][kv].view(-1, lay.num_kv_heads, lay.head_dim)   # [slots, Hkv, D]
                 for slot, _, n in runs:
-                    crc = crc32c(byte_view(flat[slot:slot + n]), crc)
-        return crc
+                    h.update(byte_view(flat[slot:slot + n]))
+        return h.intdigest()
 
     def cancel(self, request_id: str) -> None:
         """Forgets the request. A write already granted may still be landing in its blocks (RDMA

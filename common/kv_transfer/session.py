@@ -105,7 +105,7 @@ class SenderBase(KVSender):
                   "layers": list(chunk.layers), "tokens": list(chunk.tokens), "group_start": dest.group_start,
                   "blocks_crc": blocks_crc(dest.block_table, self.layout.block_size, dest.group_start,
                                            chunk.tokens),
-                  "epoch": chunk.epoch, "crc32c": kv_checksum(chunk.k, chunk.v)}
+                  "epoch": chunk.epoch, "xxh3": kv_checksum(chunk.k, chunk.v)}
         try:
             self._start(handle, chunk, header, runs)
         except KVTransferError as e:   # refused before anything moved: the connection stays usable

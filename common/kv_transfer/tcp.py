@@ -2,9 +2,9 @@
 
 Frame payload: K bytes then V bytes, each [layers, tokens, Hkv, D] in the layout's dtype, C order.
 The receiver reads the payload one (K|V, layer) slab at a time into a per-connection staging buffer,
-extends the chunk's CRC-32C over it while it is hot in the CPU cache, and scatters it into the cache
+extends the chunk's checksum (XXH3-64) over it while it is hot in the CPU cache, and scatters it into the cache
 slots under the tracker lock (so a concurrent cancel() never races the write); after the last slab it
-commits and acks only if the CRC matches the sender's (else the request fails: bytes written into its
+commits and acks only if it matches the sender's (else the request fails: bytes written into its
 blocks are never read, the blocks are freed with it). The sender's handle reaches DONE only on
 that ack.
 """
@@ -18,7 +18,7 @@ import torch
 
 from common.errors import CHECKSUM_MISMATCH
 from common.kv_transfer.base import (Caches, KVChunk, KVDest, KVLayout, TransferHandle, TransferState, byte_view,
-                                     crc32c)
+                                     kv_hasher)
 from common.kv_transfer.session import ReceiverBase, SenderBase
 from common.kv_transfer.tracker import Reservation
 from common.kv_transfer.wire import Conn
@@ -87,17 +87,17 @@ class TCPReceiver(ReceiverBase):
         if buf is None or len(buf) < slab:
             buf = self._staging[conn.id] = bytearray(slab)
         runs = KVDest(res.block_table, res.group_start).slot_runs(res.tokens, lay.block_size)
-        live, crc = True, 0
+        live, h = True, kv_hasher()
         for kv in range(2):
             for i in range(L):
                 view = memoryview(buf)[:slab]
                 conn.recv_payload(view)   # a broken connection here fails the request
-                crc = crc32c(view, crc)
+                h.update(view)
                 if live:
                     live = self._tracker.write(res, lambda: self._scatter(buf, slab, kv, res.layers[0] + i, runs))
-        if crc != header["crc32c"]:
+        if h.intdigest() != header["xxh3"]:
             reason = (f"{CHECKSUM_MISMATCH} in chunk {seq} of {res.request_id} (layers {list(res.layers)}, tokens "
-                      f"{list(res.tokens)}): sent {header['crc32c']:#010x}, received {crc:#010x}")
+                      f"{list(res.tokens)}): sent {header['xxh3']:#018x}, received {h.intdigest():#018x}")
             self._tracker.abort(res, reason)
             conn.send({"type": "ack", "seq": seq, "ok": False, "reason": reason})
             return
@@ -106,8 +106,8 @@ class TCPReceiver(ReceiverBase):
 
     def _check_payload(self, header: dict[str, Any], plen: int, res: Reservation) -> str | None:
         lay = self.layout
-        if not isinstance(header.get("crc32c"), int):
-            return "chunk without its checksum (crc32c): refused"
+        if not isinstance(header.get("xxh3"), int):
+            return "chunk without its checksum (xxh3): refused"
         shape = [res.layers[1] - res.layers[0], res.tokens[1] - res.tokens[0], lay.num_kv_heads, lay.head_dim]
         if header.get("dtype") != lay.dtype or header.get("shape") != shape:
             return f"payload {header.get('dtype')} {header.get('shape')} != expected {lay.dtype} {shape}"

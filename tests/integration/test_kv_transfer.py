@@ -271,7 +271,7 @@ def test_a_chunk_of_another_placement_epoch_is_refused_and_the_request_goes_on(r
 
 
 def test_a_chunk_whose_bytes_fail_their_checksum_fails_the_request(remote, sender, block_pool, monkeypatch):
-    """The receiver computes the CRC-32C again over what arrived (TCP) or landed in its cache (NIXL):
+    """The receiver computes the checksum again over what arrived (TCP) or landed in its cache (NIXL):
     a chunk whose bytes do not match the checksum it came with (here the sender's is off by one bit)
     is never counted as arrived, and its request fails naming the mismatch."""
     n, seed = 32, 20
@@ -291,7 +291,7 @@ def test_a_chunk_whose_bytes_fail_their_checksum_fails_the_request(remote, sende
 
 
 def test_a_bit_flipped_in_flight_fails_the_request(block_pool):
-    """TCP through a proxy that flips one payload bit: the receiver's CRC-32C catches it."""
+    """TCP through a proxy that flips one payload bit: the receiver's checksum catches it."""
     caches = make_caches(LAYOUT, NUM_BLOCKS)
     with make_receiver("tcp", LAYOUT, caches) as rx, CorruptingProxy(rx.address) as proxy, \
             make_sender("tcp", LAYOUT) as s:
