@@ -15,6 +15,7 @@ import argparse
 import json
 import pathlib
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -45,8 +46,13 @@ def cluster_config(model: str, log_dir: str) -> ClusterConfig:
                          deployment=f"fuzz-{uuid.uuid4().hex[:8]}")
 
 
+#: Log lines of an engine that failed (and left the pool to rebuild) or of an unhandled error.
+FAILURE = re.compile(r"engine failure|leaving the pool|Traceback|worker rank \d+ stops")
+
+
 def processes(cluster: Cluster) -> dict[str, dict]:
-    """Every process of the deployment: name -> pid, RSS (MB), and its children's pids."""
+    """Every process of the deployment: name -> pid, RSS (MB), its children's pids, and how many
+    failure lines (FAILURE) its log has."""
     out = {}
     for name, svc in cluster.services.items():
         try:
@@ -54,13 +60,21 @@ def processes(cluster: Cluster) -> dict[str, dict]:
             kids = p.children(recursive=True)
             out[name] = {"pid": p.pid, "rss_mb": round(p.memory_info().rss / 2**20, 1),
                          "children": sorted(k.pid for k in kids),
-                         "children_rss_mb": round(sum(_rss(k) for k in kids) / 2**20, 1)}
+                         "children_rss_mb": round(sum(_rss(k) for k in kids) / 2**20, 1),
+                         "failure_lines": failure_lines(svc.log_path)}
         except psutil.NoSuchProcess:
             out[name] = {"pid": svc.pid, "gone": True}
     if cluster.redis is not None and cluster.redis.pid is not None:
         out["redis"] = {"pid": cluster.redis.pid,
                         "rss_mb": round(_rss(psutil.Process(cluster.redis.pid)) / 2**20, 1), "children": []}
     return out
+
+
+def failure_lines(path: pathlib.Path) -> list[str]:
+    try:
+        return [line[:300] for line in path.read_text(errors="replace").splitlines() if FAILURE.search(line)]
+    except OSError:
+        return []
 
 
 def _rss(p: psutil.Process) -> int:
@@ -79,6 +93,8 @@ def crashes(before: dict, after: dict) -> list[str]:
             found.append(f"{name} (pid {b['pid']}) exited")
         elif a["children"] != b["children"]:
             found.append(f"{name}: worker processes changed {b['children']} -> {a['children']}")
+        elif len(a.get("failure_lines", ())) > len(b.get("failure_lines", ())):
+            found.append(f"{name}: {a['failure_lines'][len(b['failure_lines'])]}")
     return found
 
 
@@ -140,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
             "hangs": [p for p in tally.problems if p["problem"].startswith("hang")],
             "wrong_status": [p for p in tally.problems if not p["problem"].startswith("hang")],
             "counts": tally.counts, "slowest_answer_s": round(tally.slowest_s, 2),
+            "sample_details": {k: v for k, v in sorted(tally.samples.items()) if v},
             "processes_before": before, "processes_after": after, "rss_trace": rss_trace,
         }
 
