@@ -68,11 +68,20 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+MAX_DETAILS = 2000      # characters of a status message; gRPC refuses trailers over 16 KB
+
+
 def details_for(exc: BaseException) -> str:
-    """The status message: the typed error's own message, or a marked internal error."""
+    """The status message: the typed error's own message, or a marked internal error. A message
+    quoting a huge input is cut to MAX_DETAILS: whole, it overflowed gRPC's metadata limit and the
+    caller got RESOURCE_EXHAUSTED with no message instead (found by fuzzing)."""
     if isinstance(exc, errors.MnemosyneError):
-        return str(exc) or type(exc).__name__
-    return f"internal error: {type(exc).__name__}: {exc}"
+        text = str(exc) or type(exc).__name__
+    else:
+        text = f"internal error: {type(exc).__name__}: {exc}"
+    if len(text) > MAX_DETAILS:
+        text = f"{text[:MAX_DETAILS - 40]}... ({len(text)} characters in all)"
+    return text
 
 
 def _trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
