@@ -69,6 +69,7 @@ RAISES = {
     b"transfer": errors.KVTransferError("layout mismatch: dtype"),
     b"bug": ZeroDivisionError("oops"),
     b"echoes": errors.InvalidRequestError(f"negative free blocks {tuple([-1] * 100_000)}"),
+    b"emoji": errors.InvalidRequestError(f"unknown dtype {'🦙' * 2000!r}"),   # 12 bytes each on the wire
 }
 
 
@@ -128,6 +129,10 @@ def test_typed_errors_cross_the_wire():
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details().startswith("negative free blocks (-1, -1")
         assert len(info.value.details()) <= status.MAX_DETAILS
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await echo(b"emoji")
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("unknown dtype '🦙🦙")
 
         count = ch.unary_stream(f"/{SERVICE}/Count")
         got = []
