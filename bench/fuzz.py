@@ -119,7 +119,9 @@ def run(args: argparse.Namespace) -> dict:
     with Cluster(cluster_config(model, str(work / "logs"))) as cluster:
         target = fuzz.target_of(cluster.router_address, cluster.kvstore_address, cluster.api_key or "")
         addresses = {n: cluster.services[n].address for n in ("router", "prefill", "decode", "kvstore")}
-        fuzzer = fuzz.Fuzzer(args.seed, target)
+        rpcs = [r for r in fuzz.all_rpcs() if not args.only or r.service in args.only.split(",")
+                or r.name in args.only.split(",")]
+        fuzzer = fuzz.Fuzzer(args.seed, target, rpcs)
         ok_before, _ = serves(cluster, target.vocab_size)
         before = processes(cluster)
         tally, t0, done, rss_trace = fuzz.Tally(), time.monotonic(), 0, []
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         after = processes(cluster)
         ok_after, how = serves(cluster, target.vocab_size)
         return {
-            "bench": "fuzz", "seed": args.seed, "requests_planned": args.requests, "requests": tally.total,
+            "bench": "fuzz", "seed": args.seed, "only": args.only, "requests_planned": args.requests, "requests": tally.total,
             "stopped_early": stopped_early, "seconds": round(seconds, 1), "workers": args.workers,
             "deadline_s": args.deadline_s, "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform()},
             "layout": "kvstore + prefill (spp 1) + decode (kvp 2, M 128) + router with an API key, TCP KV, "
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=500, help="requests between liveness and RSS checks")
     ap.add_argument("--deadline-s", type=float, default=30.0)
     ap.add_argument("--time-limit-s", type=float, default=0.0, help="stop after this long (0 = none)")
+    ap.add_argument("--only", default="", help="fuzz only these services or RPCs (comma-separated, e.g. "
+                    "Router or KVStore.Reserve,Decode.Decode)")
     ap.add_argument("--out", default=str(RESULTS / "fuzz"))
     args = ap.parse_args(argv)
     r = run(args)
