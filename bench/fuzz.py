@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(r: dict) -> str:
     codes = sorted({c for per in r["counts"].values() for c in per})
-    lines = [f"# Fuzzing every RPC ({r['requests']} requests, seed {r['seed']})", "",
+    what = f"the {r['only']} RPCs" if r.get("only") else "every RPC"
+    lines = [f"# Fuzzing {what} ({r['requests']} requests, seed {r['seed']})", "",
              f"{r['layout']}; {r['workers']} client threads, deadline {r['deadline_s']} s per call; "
              f"{r['seconds']} s on {r['machine']['cpus']} CPUs.", ""]
     if r["stopped_early"]:
@@ -182,6 +183,11 @@ def markdown(r: dict) -> str:
         a = r["processes_after"].get(name, {})
         kids = f", children {b.get('children_rss_mb')} -> {a.get('children_rss_mb')}" if b.get("children") else ""
         lines.append(f"- {name}: {b.get('rss_mb')} -> {a.get('rss_mb')}{kids}")
+    for name in ("router", "kvstore"):
+        trace = ", ".join(f"{t[name]}" for t in r["rss_trace"])
+        lines.append(f"- {name} RSS after each batch: {trace}")
+    if r.get("note"):
+        lines += ["", r["note"]]
     for p in (r["hangs"] + r["wrong_status"])[:30]:
         lines += ["", f"- `{p['problem'][:200]}`: {p['case'][:300]}"]
     return "\n".join(lines) + "\n"
