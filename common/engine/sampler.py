@@ -51,7 +51,10 @@ class Sampler:
                 gen = torch.Generator(device=logits.device)
                 gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
                 self.generators[rid] = gen
-        scores = logits / p.temperature                                  # [V]
+        # Shifted so the largest score is 0 (softmax does not change): a tiny temperature (1e-45 is
+        # finite and valid) then sends the others to -inf instead of every score to +-inf, whose
+        # softmax is NaN (a fuzzed request took a decode worker down with it).
+        scores = (logits - logits.max()) / p.temperature                 # [V]
         if p.top_k > 0:
             kth = torch.topk(scores, min(p.top_k, scores.numel())).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.errors import ConfigError
 from common.rpc.client import MESSAGE_OPTIONS
+from common.rpc.decoding import checked
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class RpcServer:
         """Registers a servicer, e.g. (add_KVStoreServicer_to_server, servicer, "mnemosyne.v1.KVStore")."""
         if self._started:
             raise RuntimeError("add_service after start")
-        add_to_server(servicer, self._server)
+        add_to_server(servicer, checked(self._server))      # undecodable bytes: INVALID_ARGUMENT
         self._services.append(full_name)
 
     async def start(self, serving: bool = True) -> int:

@@ -74,11 +74,23 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# UTF-8 bytes of a status message. On the wire each non-ASCII byte becomes 3 (percent-encoded), and
+# clients refuse trailers over 8 KB (soft limit) to 16 KB (hard): 1,500 bytes stay below both.
+MAX_DETAILS = 1500
+
+
 def details_for(exc: BaseException) -> str:
-    """The status message: the typed error's own message, or a marked internal error."""
+    """The status message: the typed error's own message, or a marked internal error. A message
+    quoting a huge input is cut to MAX_DETAILS bytes: whole, it overflowed gRPC's metadata limit and
+    the caller got RESOURCE_EXHAUSTED with no message instead (found by fuzzing)."""
     if isinstance(exc, errors.MnemosyneError):
-        return str(exc) or type(exc).__name__
-    return f"internal error: {type(exc).__name__}: {exc}"
+        text = str(exc) or type(exc).__name__
+    else:
+        text = f"internal error: {type(exc).__name__}: {exc}"
+    raw = text.encode(errors="replace")
+    if len(raw) > MAX_DETAILS:
+        text = f"{raw[:MAX_DETAILS - 40].decode(errors='ignore')}... ({len(text)} characters in all)"
+    return text
 
 
 def _trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:

@@ -54,6 +54,8 @@ def rank(instances: list[Instance], num_tokens: int, max_new_tokens: int) -> lis
     for inst in instances:
         if inst.role != "decode":
             continue
+        if inst.kvp_tokens > 0 and -(-(num_tokens + max_new_tokens) // inst.kvp_tokens) > inst.num_groups:
+            continue        # needs more groups than it has (counted first: max_new_tokens may be 2^31)
         groups = split_groups(num_tokens, max_new_tokens, inst.kvp_tokens, inst.block_size)
         if len(groups) > inst.num_groups:
             continue

@@ -104,13 +104,26 @@ class PrefillInstance:
 
     async def _prefill(self, job: PrefillJob, span) -> AsyncIterator[Progress | FirstToken | Done]:
         rid = job.request_id
-        _, layout = await self.engine.kv_info()
-        if job.receiver_layout is not None and job.receiver_layout != layout:
-            raise InvalidRequestError(f"KV layout mismatch: this prefill instance has {layout}, the "
-                                      f"decode side {job.receiver_layout}")
+        # One call per id: checked and taken before any await, and held until the clean-up below
+        # (its abort) is over. Otherwise a second call with the id ended the first's request with
+        # that abort and waited for KV that never came, until its deadline (found by fuzzing).
+        if rid in self.running:
+            raise InvalidRequestError(f"request {rid!r} is already being prefilled here")
+        self.running.add(rid)
+        try:
+            own_backend, layout = await self.engine.kv_info()
+            if job.receiver_layout is not None and job.receiver_layout != layout:
+                raise InvalidRequestError(f"KV layout mismatch: this prefill instance has {layout}, the "
+                                          f"decode side {job.receiver_layout}")
+            # An unknown backend failed the whole engine (every request on it) building the sender.
+            if job.sink.backend != own_backend:
+                raise InvalidRequestError(f"this prefill instance sends KV over {own_backend!r}, not "
+                                          f"{job.sink.backend[:64]!r}")
+        except BaseException:
+            self.running.discard(rid)
+            raise
         t0 = time.monotonic()
         params = replace(job.params, max_tokens=1)      # the decode instance samples the rest
-        self.running.add(rid)
         confirmed = False
         kv_span = None
         try:
@@ -150,11 +163,13 @@ class PrefillInstance:
         finally:
             if kv_span is not None and kv_span.is_recording():
                 end_span(kv_span, RequestAbortedError("left before the KV was confirmed"))
-            self.running.discard(rid)
             # Forget the transfer state (and stop any transfer still running when we left early).
-            if self.engine.failed is None:
-                with contextlib.suppress(Exception):
-                    await self.engine.abort(rid)
+            try:
+                if self.engine.failed is None:
+                    with contextlib.suppress(Exception):
+                        await self.engine.abort(rid)
+            finally:
+                self.running.discard(rid)
             if not confirmed:
                 log.info("prefill of %s ended before its KV was confirmed", rid)
 

@@ -59,6 +59,14 @@ def test_rank_prefers_room_now_then_headroom():
     assert rank(instances, 10_000, 0) == []           # never fits anywhere
 
 
+def test_rank_of_a_huge_request_is_quick():
+    """Fuzzing found Reserve(max_new_tokens=2^31-2) hung the kvstore: it split the request into
+    33 million groups of M = 64 tokens (2.3 GB) before finding it fits on no instance."""
+    t0 = time.monotonic()
+    assert rank([_inst("two-groups", (10, 10))], 12, 2**31 - 2) == []
+    assert time.monotonic() - t0 < 0.1
+
+
 # ---- the gRPC service -------------------------------------------------------------------------
 
 
@@ -207,6 +215,7 @@ def test_reserve_get_renew_release(kvstore):
     (lambda s: reserve(s, "r", max_new_tokens=-5), "max_new_tokens must be >= 0, got -5"),
     (lambda s: reserve(s, "x" * 300), "at most 256"),
     (lambda s: reserve(s, "r", num_tokens=64 * 3), "fit on no live decode instance"),
+    (lambda s: reserve(s, "r", num_tokens=12, max_new_tokens=2**31 - 2), "fit on no live decode instance"),
     (lambda s: reserve(s, "taken", num_tokens=5), "already has a placement"),
     (lambda s: s.RegisterInstance(pb.RegisterInstanceRequest(instance=pb.InstanceInfo(
         instance_id="x", address="h:1", capacity_blocks=[1]))), "role must be set"),

@@ -74,6 +74,8 @@ RAISES = {
     b"capacity": errors.CapacityError("no room on d0"),
     b"transfer": errors.KVTransferError("layout mismatch: dtype"),
     b"bug": ZeroDivisionError("oops"),
+    b"echoes": errors.InvalidRequestError(f"negative free blocks {tuple([-1] * 100_000)}"),
+    b"emoji": errors.InvalidRequestError(f"unknown dtype {'🦙' * 2000!r}"),   # 12 bytes each on the wire
 }
 
 
@@ -125,6 +127,18 @@ def test_typed_errors_cross_the_wire():
             assert info.value.code() is code
             assert type(status.error_from_rpc(info.value)) is cls
         assert "ZeroDivisionError: oops" in info.value.details()
+
+        # A message quoting a huge input overflowed gRPC's 16 KB metadata limit: the caller got
+        # RESOURCE_EXHAUSTED and no message (found by fuzzing). It is cut, and keeps its code.
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await echo(b"echoes")
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("negative free blocks (-1, -1")
+        assert len(info.value.details()) <= status.MAX_DETAILS
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await echo(b"emoji")
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("unknown dtype '🦙🦙")
 
         count = ch.unary_stream(f"/{SERVICE}/Count")
         got = []

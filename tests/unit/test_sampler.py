@@ -104,6 +104,19 @@ def test_low_temperature_concentrates_and_high_spreads():
     assert len(set(cold)) <= 2 and len(set(hot)) > 10
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 3.0e38])
+def test_extreme_finite_temperatures_sample_without_nan(temperature):
+    """Fuzzing found temperature = 1e-45 (a valid float32 > 0): logits / 1e-45 were all +-inf, their
+    softmax NaN, and torch.multinomial raised on a decode worker, which took the instance down."""
+    lg = logits(2, seed=3).to(torch.float32)
+    for top in (dict(), dict(top_k=5), dict(top_p=0.5)):
+        toks = draw(SamplingParams(temperature=temperature, seed=1, **top), lg[:1], 20)
+        if temperature < 1:
+            assert set(toks) == {int(lg[0].argmax())}          # as cold as it gets: the argmax
+        else:
+            assert all(0 <= t < V for t in toks)
+
+
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(max_tokens=-1), dict(temperature=-0.1),
                                  dict(temperature=float("nan")), dict(temperature=float("inf")),
                                  dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")), dict(top_k=-1),
