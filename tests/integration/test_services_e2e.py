@@ -77,7 +77,8 @@ def offline(model):
 
 @pytest.fixture(scope="module", params=["nixl", "tcp"])
 def cluster(request, model, tmp_path_factory):
-    cfg = ClusterConfig(model=model, kv_backend=request.param, router_port=0, kvp_tokens=M,
+    cfg = ClusterConfig(insecure=True,   # the test calls the kvstore, decode and Redis directly (plaintext)
+                        model=model, kv_backend=request.param, router_port=0, kvp_tokens=M,
                         decode_kv_tokens=4096, prefill_kv_tokens=2048, chunk_size=64, short_prompt_tokens=SHORT,
                         lease_s=4.0, deployment=f"e2e-{uuid.uuid4().hex[:8]}",
                         log_dir=str(tmp_path_factory.mktemp(f"logs-{request.param}")))
