@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
                                                      if cluster.redis_password_file else ""))
         if cluster.tls_dir is not None:
             print(f"  mTLS     between the services: CA and certificates in {cluster.tls_dir} "
-                  "(the router's public port takes API keys)")
+                  "(clients of the public API present API keys)")
         else:
             print("  mTLS     off: --insecure (plaintext between the services, Redis without a password)")
         if cluster.api_key:

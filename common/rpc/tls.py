@@ -76,12 +76,6 @@ class TLSConfig:
                 raise ConfigError(f"tls: {flag} {path} is not a PEM file")
         return Credentials(data["--tls-ca"], data["--tls-cert"], data["--tls-key"])
 
-    def argv(self) -> list[str]:
-        """The flags that set this config (what `make up` passes on)."""
-        if not self.enabled:
-            return []
-        return ["--tls-ca", self.ca, "--tls-cert", self.cert, "--tls-key", self.key]
-
 
 @dataclass(frozen=True)
 class Credentials:

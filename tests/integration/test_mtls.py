@@ -22,6 +22,8 @@ import uuid
 import grpc
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.client import KVStoreClient
@@ -209,7 +211,8 @@ def test_prefill_sends_kv_only_to_the_decode_instance_of_the_placement(stack, ce
 def test_redis_refuses_clients_without_the_password(redis_server):
     assert redis_server.password and redis_server.password not in redis_server.url
     with pytest.raises(redis.exceptions.AuthenticationError):
-        redis.Redis(host=redis_server.host, port=redis_server.port, socket_timeout=2).ping()
+        redis.Redis(host=redis_server.host, port=redis_server.port, socket_timeout=2,
+                    retry=Retry(NoBackoff(), 0)).ping()
     assert redis.Redis.from_url(redis_server.auth_url, socket_timeout=2).ping()
 
 

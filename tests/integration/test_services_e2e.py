@@ -218,6 +218,7 @@ def test_make_up_script_serves_the_cli_and_stops_on_ctrl_c(model, offline, tmp_p
         router = re.search(r"router\s+(\S+)", text).group(1)
         pids = [int(p) for p in re.findall(r"^  (?:kvstore|prefill|decode|router)\s+\S+\s+pid (\d+)", text, re.M)]
         assert len(pids) == 4 and re.search(r"prefill\s+\S+\s+pid \d+\s+spp=2", text)
+        assert "mTLS     between the services" in text and "password in" in text     # make up's default
         prompt_file = tmp_path / "prompt.json"
         prompt_file.write_text(json.dumps(LONG))
         out = subprocess.run([py, "-m", "common.cli", "generate", "--server", router, "--prompt-tokens",
