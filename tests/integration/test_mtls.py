@@ -236,3 +236,19 @@ def test_certs_are_made_once_private_and_bad_tls_flags_are_refused(tmp_path):
         TLSConfig(ca=str(d / "ca.pem"))
     with pytest.raises(ConfigError, match="--tls-cert"):
         TLSConfig(str(d / "ca.pem"), str(d / "missing.pem"), str(d / "decode-key.pem")).load()
+
+
+def test_a_kvstore_without_a_redis_url_starts_its_own_redis_with_a_random_password():
+    async def run():
+        svc = await KVStoreService.start(KVStoreConfig(port=0, metrics_port=-1, grace_s=0))
+        try:
+            private = svc._redis_server
+            assert private.password and private.password not in private.url
+            with pytest.raises(redis.exceptions.AuthenticationError):
+                redis.Redis(host=private.host, port=private.port, socket_timeout=2,
+                            retry=Retry(NoBackoff(), 0)).ping()
+            assert await asyncio.to_thread(svc.logic.list_instances) == []       # the kvstore gets in
+        finally:
+            await svc.stop()
+
+    asyncio.run(run())
