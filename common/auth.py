@@ -96,6 +96,17 @@ def ensure_local_key(keys_file: str | os.PathLike, key_id: str = "local") -> str
     return key
 
 
+def ensure_secret(path: str | os.PathLike) -> str:
+    """A random secret kept in `path` (mode 0600), made when missing or empty: `make up`'s Redis
+    password (SECRETS_DIR / "redis-password")."""
+    path = pathlib.Path(path)
+    text = path.read_text().strip() if path.exists() else ""
+    if not text:
+        text = secrets.token_urlsafe(24)
+        _write_private(path, text + "\n")
+    return text
+
+
 def _write_private(path: pathlib.Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")

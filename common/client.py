@@ -26,6 +26,7 @@ from common.rpc import client as rpc_client
 from common.rpc import convert
 from common.rpc.protos import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
 from common.rpc.status import ERROR_KEY, error_from_rpc, retry_after_s
+from common.rpc.tls import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,11 @@ class KVStoreClient:
     an unknown placement or instance, CapacityError when nothing has room, WorkerFailedError when
     the kvstore does not answer)."""
 
-    def __init__(self, address: str, timeout_s: float = 5.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 5.0, tls: Credentials | None = None) -> None:
+        """`tls`: our certificate for mutual TLS (common/rpc/tls.py); None = plaintext."""
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = rpc_client.aio_channel(address, default_deadline_s=timeout_s)
+        self._channel = rpc_client.aio_channel(address, default_deadline_s=timeout_s, tls=tls, peer="kvstore")
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ from common.config import EngineConfig, ObservabilityConfig
 from common.errors import ConfigError
 from common.flags import Flags, parse_config
 from common.rpc.server import WILDCARD_HOSTS
+from common.rpc.tls import TLSConfig
 
 # The paper's scheduler in both pools (budgets: common/config.py SchedulerConfig.iteration_budget).
 POOL_DEFAULTS: dict[str, Any] = {"engine.scheduler.policy": "lars", "engine.scheduler.chunking": "adaptive",
@@ -46,6 +47,8 @@ class PoolConfig:
     grace_s: float = 5.0                          # after SIGTERM: seconds the requests in flight get to finish
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)   # --log-format,
                                                                                       # --otlp-endpoint
+    tls: TLSConfig = field(default_factory=TLSConfig)   # mutual TLS: --tls-ca, --tls-cert, --tls-key,
+                                                        # --health-port
 
     def __post_init__(self) -> None:
         role = self.ROLE

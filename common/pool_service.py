@@ -147,6 +147,7 @@ class PoolService:
     async def start(cls, config: PoolConfig, tracer: Any = NOOP) -> "PoolService":
         """Registered and serving on return; `tracer` receives the requests' spans (common/tracing.py)."""
         iid = config.instance_id or f"{cls.ROLE}-{uuid.uuid4().hex[:8]}"
+        tls = config.tls.load()                       # a bad file fails before the engine loads
         ec = config.engine
         metrics = Metrics(new_registry(), role=cls.ROLE, pool=config.deployment, instance=iid,
                           model_name=config.model_name or served_model_name(ec.model))
@@ -160,10 +161,12 @@ class PoolService:
             if metrics_server is not None:
                 metrics_server.close()
             raise
-        kvstore = KVStoreClient(config.kvstore)
+        kvstore = KVStoreClient(config.kvstore, tls=tls)
         instance = cls.new_instance(iid, engine, kvstore, config, metrics, tracer)
+        # Over TLS only the router calls an instance (Prefill, Decode, Abort...).
         server = RpcServer(config.host, config.port, grace_s=config.grace_s,
-                           interceptors=[MetricsInterceptor(metrics)])
+                           interceptors=[MetricsInterceptor(metrics)], tls=tls, roles=("router",),
+                           health_port=config.tls.health_port)
         cls.add_servicer(server, instance)
         svc = cls(config, server, instance, kvstore, metrics_server)
         try:

@@ -48,13 +48,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common.auth import bearer, default_key_path, ensure_local_key  # noqa: E402
+from common.auth import SECRETS_DIR, bearer, default_key_path, ensure_local_key, ensure_secret  # noqa: E402
 from common.config import DType, EngineConfig, KVBackend, ObservabilityConfig  # noqa: E402
 from common.errors import ConfigError, MnemosyneError  # noqa: E402
 from common.flags import ENV_PREFIX, RESERVED_ENV, Flags, HelpFormatter  # noqa: E402
 from common.metadata.redis_server import RedisServer  # noqa: E402
 from common.metadata.store import MetadataStore  # noqa: E402
 from common.pool_config import POOL_DEFAULTS  # noqa: E402
+from scripts.certs import ensure_certs  # noqa: E402
 from scripts.supervisor import Supervisor  # noqa: E402
 from services.router.config import RouterConfig  # noqa: E402
 
@@ -122,6 +123,8 @@ class ClusterConfig:
     auth: bool = True                        # clients need an API key: one is generated for this checkout
                                              # (common/auth.py) unless --api-keys-file names the router's keys
     api_keys_file: str = ""                  # the router's keys file (empty: a local key, see --auth)
+    insecure: bool = False                   # no mutual TLS between the services and no Redis password (for
+                                             # debugging; by default both are on, their secrets in .mnemosyne/)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)  # every service's
                                              # --log-format (text here) and --otlp-endpoint
     pool_flags: tuple[str, ...] = field(default=(), metadata={"flag": None})     # engine flags for both pools
@@ -161,7 +164,7 @@ CLUSTER_ENGINE_KEYS = ("model", "max_model_len", "kv_backend", "kv_host", "dtype
                        "scheduler.chunk_size", "scheduler.role")
 ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "model_name", "max_model_len", "kv_backend",
                        "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission", "http_port",
-                       "observability", "api_keys_file")
+                       "observability", "api_keys_file", "tls")
 DEFAULT_HTTP_PORT = 8000
 
 
@@ -247,6 +250,10 @@ class Cluster:
         self.log_dir = pathlib.Path(config.log_dir or tempfile.mkdtemp(prefix="mnemosyne-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.redis_dir = self.log_dir / "redis"         # the private Redis' append-only file
+        # Mutual TLS and the private Redis' password (common/rpc/tls.py), unless --insecure.
+        self.tls_dir = None if config.insecure else SECRETS_DIR / "tls"
+        self.redis_password_file = None if config.insecure or config.redis_url else SECRETS_DIR / "redis-password"
+        self.redis_password: str | None = None
 
     @property
     def router_address(self) -> str:
@@ -285,9 +292,14 @@ class Cluster:
     def start(self) -> "Cluster":
         self.stopping = False
         try:
+            if self.tls_dir is not None:
+                ensure_certs(self.tls_dir)
+            if self.redis_password_file is not None:
+                self.redis_password = ensure_secret(self.redis_password_file)
             if not self.redis_url:
                 shutil.rmtree(self.redis_dir, ignore_errors=True)    # a new deployment starts empty
-                self.redis = RedisServer(host=self.config.host, data_dir=self.redis_dir)
+                self.redis = RedisServer(host=self.config.host, data_dir=self.redis_dir,
+                                         password=self.redis_password)
                 self.redis_url = self.redis.start().url     # (assigned first: kill() finds it if interrupted)
             self._wait(self._spawn("kvstore", self._kvstore_args()))
             # The two engines load side by side.
@@ -338,7 +350,8 @@ class Cluster:
             raise RuntimeError("redis is still running")
         port = self.redis.port
         self.redis.stop()
-        self.redis = RedisServer(host=self.config.host, port=port, data_dir=self.redis_dir)
+        self.redis = RedisServer(host=self.config.host, port=port, data_dir=self.redis_dir,
+                                 password=self.redis_password)
         return self.redis.start()
 
     def _forget(self, dead: Service) -> None:
@@ -348,7 +361,8 @@ class Cluster:
             return
         store = None
         try:
-            store = MetadataStore(self.redis_url, deployment=self.config.deployment, timeout_s=1.0)
+            store = MetadataStore(self.redis_url, deployment=self.config.deployment, timeout_s=1.0,
+                                  password=self.redis_password)
             for inst in store.list_instances(dead.name):
                 if inst.address == dead.address:
                     store.deregister_instance(inst.instance_id)
@@ -358,18 +372,27 @@ class Cluster:
             if store is not None:
                 store.close()
 
+    def tls_args(self, role: str) -> list[str]:
+        """The TLS flags of service `role` (none with --insecure): scripts/certs.py's files."""
+        d = self.tls_dir
+        if d is None:
+            return []
+        return ["--tls-ca", str(d / "ca.pem"), "--tls-cert", str(d / f"{role}.pem"),
+                "--tls-key", str(d / f"{role}-key.pem")]
+
     def _kvstore_args(self, port: str = "0") -> list[str]:
         c = self.config
+        password = ["--redis-password-file", str(self.redis_password_file)] if self.redis_password_file else []
         return ["--host", c.host, "--port", port, "--redis-url", self.redis_url, "--deployment", c.deployment,
                 "--lease-s", str(c.lease_s), "--instance-ttl-s", str(max(3.0, c.lease_s)),
-                "--reap-interval-s", "0.2", "--grace-s", "2"]
+                "--reap-interval-s", "0.2", "--grace-s", "2", *password, *self.tls_args("kvstore")]
 
     def _engine_args(self, role: str) -> list[str]:
         c = self.config
         args = ["--kvstore", self.kvstore_address, "--host", c.host, "--port", "0", "--dtype", c.dtype,
                 "--block-size", str(c.block_size), "--chunk-size", str(c.chunk_size), "--kv-backend", c.kv_backend,
                 "--kv-host", c.host, "--threads", str(c.threads), "--kv-timeout-s", str(c.kv_timeout_s),
-                "--grace-s", "2", "--deployment", c.deployment]
+                "--grace-s", "2", "--deployment", c.deployment, *self.tls_args(role)]
         if c.model:
             args += ["--model", c.model]
         if c.model_name:
@@ -401,7 +424,7 @@ class Cluster:
             http_port = c.http_port if c.http_port is not None else (0 if c.router_port == 0 else DEFAULT_HTTP_PORT)
         args = ["--kvstore", self.kvstore_address, "--host", c.host, "--port", port or str(c.router_port),
                 "--short-prompt-tokens", str(c.short_prompt_tokens), "--grace-s", "2",
-                "--deployment", c.deployment, "--http-port", str(http_port)]
+                "--deployment", c.deployment, "--http-port", str(http_port), *self.tls_args("router")]
         if not c.admission:
             args.append("--no-admission")
         if c.model:
@@ -584,7 +607,13 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
         print("Interrupted while starting; all stopped.", flush=True)
         return 130
     try:
-        print(f"  redis    {cluster.redis_url}")
+        print(f"  redis    {cluster.redis_url}" + (f" (password in {cluster.redis_password_file})"
+                                                     if cluster.redis_password_file else ""))
+        if cluster.tls_dir is not None:
+            print(f"  mTLS     between the services: CA and certificates in {cluster.tls_dir} "
+                  "(clients of the public API present API keys)")
+        else:
+            print("  mTLS     off: --insecure (plaintext between the services, Redis without a password)")
         if cluster.api_key:
             print(f"  api key  {default_key_path()} (the CLI and client read it; others send "
                   f"`Authorization: Bearer $(cat {default_key_path()})`)")

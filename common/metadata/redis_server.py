@@ -9,22 +9,31 @@ The server runs in a private temporary directory with persistence off (no RDB, n
 same directory reloads (`make up` restarting its private Redis: the placements survive); either way in a
 session of its own (signals to its parent's process group do not reach it), answers PING before
 start() returns, and is stopped with SIGTERM (SIGKILL after a timeout) by stop().
+
+Given a `password`, the server requires it (`requirepass`, in a 0600 config file of its directory, so
+it is not on any command line): `url` has no credentials (safe to log and print), `auth_url` has them.
 """
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 
 import redis
 
 from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -39,13 +48,15 @@ class RedisServer:
     """One redis-server child process. Not thread-safe; start and stop from one thread."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None,
-                 binary: str = "redis-server", data_dir: str | pathlib.Path | None = None) -> None:
+                 binary: str = "redis-server", data_dir: str | pathlib.Path | None = None,
+                 password: str | None = None) -> None:
         path = shutil.which(binary)
         if path is None:
             raise ConfigError(f"redis: {binary!r} not found on PATH (apt-get install redis-server)")
         self.binary = path
         self.host = host
         self.port = port            # None = a free port, chosen at start()
+        self.password = password or None
         self._proc: subprocess.Popen[bytes] | None = None
         self.data_dir = pathlib.Path(data_dir) if data_dir is not None else None   # kept across stop()
         self._dir: pathlib.Path | None = None
@@ -55,6 +66,13 @@ class RedisServer:
         if self.port is None:
             raise RuntimeError("redis server not started")
         return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def auth_url(self) -> str:
+        """`url` with the password in it (for clients; never log it)."""
+        if self.password is None:
+            return self.url
+        return f"redis://:{urllib.parse.quote(self.password, safe='')}@{self.host}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -102,7 +120,11 @@ class RedisServer:
         else:
             self._dir = pathlib.Path(tempfile.mkdtemp(prefix="mnemosyne-redis-"))
             persistence = ["--appendonly", "no"]
-        args = [self.binary, "--bind", self.host, "--port", str(port), "--dir", str(self._dir),
+        conf = self._dir / "redis-auth.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:        # redis' config syntax: a double-quoted string with escapes
+            f.write("" if self.password is None else f'requirepass "{_quote(self.password)}"\n')
+        args = [self.binary, str(conf), "--bind", self.host, "--port", str(port), "--dir", str(self._dir),
                 "--save", "", *persistence, "--daemonize", "no",
                 "--logfile", str(self._dir / "redis.log"), "--databases", "1"]
         # Its own session: a terminal's Ctrl-C (SIGINT to the foreground process group) must not
@@ -111,7 +133,7 @@ class RedisServer:
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True)
         client = redis.Redis(host=self.host, port=port, socket_timeout=1.0,
-                             socket_connect_timeout=1.0)
+                             socket_connect_timeout=1.0, password=self.password)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:

@@ -222,13 +222,16 @@ class ReserveResult:
 class MetadataStore:
     """Instances and placements of one deployment (a key prefix) in one Redis database."""
 
-    def __init__(self, url: str, *, deployment: str = "default", timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, deployment: str = "default", timeout_s: float = 5.0,
+                 password: str | None = None) -> None:
+        """`password`: Redis' (AUTH) when the URL has none."""
         if not _DEPLOYMENT.match(deployment):
             raise ConfigError(f"metadata store: deployment {deployment!r} must match "
                               f"{_DEPLOYMENT.pattern}")
         try:
             self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                                              socket_connect_timeout=timeout_s, retry=store_retry())
+                                              socket_connect_timeout=timeout_s, retry=store_retry(),
+                                              **({"password": password} if password else {}))
         except ValueError as e:
             raise ConfigError(f"metadata store: bad Redis URL {url!r}: {e}") from e
         self.deployment = deployment

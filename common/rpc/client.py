@@ -30,6 +30,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.rpc.tls import Credentials, channel_options
+
 #: Deadline of a call that does not pass its own timeout, seconds.
 DEFAULT_DEADLINE_S = 10.0
 #: Largest message either side accepts: a million-token prompt is ~5 MB of varints, over gRPC's
@@ -142,18 +144,25 @@ class _SyncDeadline(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
 
 
 def aio_channel(address: str, *, default_deadline_s: float = DEFAULT_DEADLINE_S,
-                retry: RetryPolicy | None = None) -> grpc.aio.Channel:
-    """An insecure asyncio channel to "host:port" (loopback or cluster-internal traffic)."""
+                retry: RetryPolicy | None = None, tls: Credentials | None = None,
+                peer: str = "") -> grpc.aio.Channel:
+    """An asyncio channel to "host:port": mutual TLS with `tls` (our certificate; the server's must be
+    of role `peer`, common/rpc/tls.py), else plaintext."""
     interceptors = [cls(default_deadline_s) for cls in
                     (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)]
+    if tls is not None:
+        return grpc.aio.secure_channel(address, tls.channel(), options=_options(retry) + channel_options(peer),
+                                       interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=_options(retry), interceptors=interceptors)
 
 
 def blocking_channel(address: str, *, default_deadline_s: float = DEFAULT_DEADLINE_S,
-                     retry: RetryPolicy | None = None, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.Channel:
-    """An insecure blocking channel to "host:port"; close it (or use it as a context manager).
-    `metadata` goes with every call."""
-    channel = grpc.insecure_channel(address, options=_options(retry))
+                     retry: RetryPolicy | None = None, metadata: tuple[tuple[str, str], ...] = (),
+                     tls: Credentials | None = None, peer: str = "") -> grpc.Channel:
+    """A blocking channel to "host:port" (TLS as for aio_channel); close it (or use it as a context
+    manager). `metadata` goes with every call."""
+    channel = (grpc.secure_channel(address, tls.channel(), options=_options(retry) + channel_options(peer))
+               if tls is not None else grpc.insecure_channel(address, options=_options(retry)))
     return grpc.intercept_channel(channel, _SyncDeadline(default_deadline_s, tuple(metadata)))
 
 

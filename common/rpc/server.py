@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from common.errors import ConfigError
 from common.rpc.client import MESSAGE_OPTIONS
 from common.rpc.decoding import checked
+from common.rpc.tls import Credentials, RoleGate
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,12 @@ class RpcServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
                  grace_s: float = DEFAULT_GRACE_S,
-                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
-        """`interceptors` wrap every RPC (e.g. common.metrics.MetricsInterceptor)."""
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 tls: Credentials | None = None, roles: Sequence[str] = (), health_port: int = -1) -> None:
+        """`interceptors` wrap every RPC (e.g. common.metrics.MetricsInterceptor). `tls`: serve over
+        mutual TLS (common/rpc/tls.py), callers need a certificate of the CA, and of one of `roles`
+        when given (RoleGate); None = plaintext. `health_port` (with `tls`, >= 0): the health service
+        alone, in plaintext, on that port of `host` (0 = a free one), for probes without a certificate."""
         if not 0 <= port < 65536:
             raise ConfigError(f"rpc server: port must be in [0, 65535], got {port}")
         if grace_s < 0:
@@ -52,10 +57,15 @@ class RpcServer:
         self.host = host
         self.port = port
         self.grace_s = grace_s
+        self.tls = tls
+        if tls is not None and roles:
+            interceptors = (RoleGate(roles), *interceptors)
         # so_reuseport off: a port that is already taken must fail to bind, not be shared.
         self._server = grpc.aio.server(options=MESSAGE_OPTIONS + (("grpc.so_reuseport", 0),),
                                        interceptors=tuple(interceptors))
         self._health = health.aio.HealthServicer()
+        self.health_port = health_port if tls is not None else -1
+        self._health_server: grpc.aio.Server | None = None
         self._services: list[str] = []
         self._started = False
         self._stopped = False
@@ -79,14 +89,14 @@ class RpcServer:
         if self._started:
             raise RuntimeError("server already started")
         target = f"{self.host}:{self.port}"
-        try:
-            bound = self._server.add_insecure_port(target)
-        except RuntimeError as e:
-            raise ConfigError(f"rpc server: cannot bind {target}: {e}") from e
-        if bound == 0:
-            raise ConfigError(f"rpc server: cannot bind {target}")
+        bound = _bind(self._server, target, self.tls)
         self.port = bound
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        if self.health_port >= 0:
+            self._health_server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_server)
+            self.health_port = _bind(self._health_server, host_port(self.host, self.health_port), None)
+            await self._health_server.start()
         reflection.enable_server_reflection(
             (*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         await self.set_serving(False)
@@ -94,7 +104,10 @@ class RpcServer:
         self._started = True
         if serving:
             await self.set_serving(True)
-        log.info("gRPC server on %s: %s", self.address, ", ".join(self._services) or "(no services)")
+        log.info("gRPC server on %s (%s): %s", self.address, "mutual TLS" if self.tls else "plaintext",
+                 ", ".join(self._services) or "(no services)")
+        if self._health_server is not None:
+            log.info("gRPC health (plaintext) on %s", host_port(self.host, self.health_port))
         return bound
 
     async def set_serving(self, serving: bool) -> None:
@@ -111,10 +124,23 @@ class RpcServer:
         self._stopped = True
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.grace_s if grace_s is None else grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         log.info("gRPC server on %s stopped", self.address)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _bind(server: grpc.aio.Server, target: str, tls: Credentials | None) -> int:
+    try:
+        bound = (server.add_secure_port(target, tls.server()) if tls is not None
+                 else server.add_insecure_port(target))
+    except RuntimeError as e:
+        raise ConfigError(f"rpc server: cannot bind {target}: {e}") from e
+    if bound == 0:
+        raise ConfigError(f"rpc server: cannot bind {target}")
+    return bound
 
 
 async def serve_until_signal(server: RpcServer, *,
@@ -163,6 +189,11 @@ def advertised_host(bind_host: str, advertise_host: str = "") -> str:
     except OSError:
         return name
     return name if ipaddress.ip_address(ip).is_loopback else ip
+
+
+def address_host(address: str) -> str:
+    """The host of "host:port" or "[v6]:port" (brackets removed)."""
+    return address.rpartition(":")[0].strip("[]") if ":" in address else address
 
 
 def host_port(host: str, port: int) -> str:

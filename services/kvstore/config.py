@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 from common.config import ObservabilityConfig
 from common.errors import ConfigError
 from common.flags import Flags, parse_config
+from common.rpc.tls import TLSConfig
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,8 @@ class KVStoreConfig:
     port: int = 50052                          # port to bind (0 = a free one, printed at start)
     redis_url: str = ""                        # Redis URL, e.g. redis://127.0.0.1:6379/0 (empty = start a private
                                                # redis-server)
+    redis_password_file: str = ""              # file holding the Redis password (empty = the URL's, if any); a private
+                                               # redis-server gets a random one
     redis_connect_timeout_s: float = 30.0      # at start, how long to keep trying to reach Redis (it may start
                                                # after the kvstore)
     deployment: str = "default"                # key prefix in Redis: deployments sharing a Redis are independent
@@ -27,6 +30,8 @@ class KVStoreConfig:
                                                # at start; -1 = none)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)   # --log-format,
                                                                                       # --otlp-endpoint
+    tls: TLSConfig = field(default_factory=TLSConfig)   # mutual TLS: --tls-ca, --tls-cert, --tls-key,
+                                                        # --health-port
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

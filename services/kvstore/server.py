@@ -12,19 +12,33 @@ from common.metrics import Metrics
 from common.rpc import convert
 from common.rpc.protos import kvstore_pb2, kvstore_pb2_grpc
 from common.rpc.status import handles_errors
+from common.rpc.tls import identity
+from services.kvstore.identity import check_owner, check_registration
 from services.kvstore.placement import PlacementService
 
 
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
-    def __init__(self, logic: PlacementService, metrics: Metrics | None = None) -> None:
+    def __init__(self, logic: PlacementService, metrics: Metrics | None = None,
+                 check_identity: bool = False) -> None:
+        """`check_identity` (a mutual-TLS server): membership calls are bound to the caller's
+        certificate (identity.py)."""
         self.logic = logic
         self.metrics = metrics
+        self.check_identity = check_identity
+
+    async def _check_owner(self, context, instance_id: str) -> None:
+        if self.check_identity:
+            who = identity(context)
+            check_owner(who, await asyncio.to_thread(self.logic.store.get_instance, instance_id))
 
     @handles_errors
     async def RegisterInstance(self, request, context):
         # reserved, heartbeat_age, load and load_age are output-only fields.
         inst = dataclasses.replace(convert.instance_from_proto(request.instance), reserved=(),
                                    heartbeat_age_s=0.0, load=None, load_age_s=0.0)
+        if self.check_identity:
+            check_registration(identity(context), inst)
+            await self._check_owner(context, inst.instance_id)       # replacing someone else's id
         interval = await asyncio.to_thread(self.logic.register, inst)
         return kvstore_pb2.RegisterInstanceResponse(ttl_s=self.logic.instance_ttl_s,
                                                     heartbeat_interval_s=interval)
@@ -32,12 +46,14 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     @handles_errors
     async def Heartbeat(self, request, context):
         load = convert.load_from_proto(request.load) if request.HasField("load") else None
+        await self._check_owner(context, request.instance_id)
         await asyncio.to_thread(self.logic.heartbeat, request.instance_id,
                                 tuple(request.free_blocks), load)
         return kvstore_pb2.HeartbeatResponse()
 
     @handles_errors
     async def DeregisterInstance(self, request, context):
+        await self._check_owner(context, request.instance_id)
         found = await asyncio.to_thread(self.logic.deregister, request.instance_id)
         return kvstore_pb2.DeregisterInstanceResponse(found=found)
 

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
+import secrets
 import socket
 import time
 
@@ -74,6 +75,20 @@ async def _ping_until(probe: redis.Redis, where: str, timeout_s: float) -> None:
             await asyncio.sleep(wait)
 
 
+def read_password(path: str) -> str | None:
+    """The Redis password in file `path` (its first line; None for no file); ConfigError when unreadable
+    or empty."""
+    if not path:
+        return None
+    try:
+        text = open(path).read().strip()
+    except OSError as e:
+        raise ConfigError(f"kvstore: cannot read --redis-password-file {path}: {e.strerror}") from None
+    if not text:
+        raise ConfigError(f"kvstore: --redis-password-file {path} is empty")
+    return text
+
+
 class KVStoreService:
     def __init__(self, config: KVStoreConfig, store: MetadataStore, server: RpcServer,
                  logic: PlacementService, redis_server: RedisServer | None,
@@ -99,13 +114,16 @@ class KVStoreService:
 
     @classmethod
     async def start(cls, config: KVStoreConfig) -> "KVStoreService":
+        tls = config.tls.load()
+        password = read_password(config.redis_password_file)
         redis_server = None
         url = config.redis_url
         if not url:
-            redis_server = await asyncio.to_thread(RedisServer().start)
+            password = secrets.token_urlsafe(24)
+            redis_server = await asyncio.to_thread(RedisServer(password=password).start)
             url = redis_server.url
             log.warning("no Redis URL configured: started a private redis-server at %s", url)
-        store = MetadataStore(url, deployment=config.deployment)
+        store = MetadataStore(url, deployment=config.deployment, password=password)
         metrics_server: MetricsServer | None = None
         try:
             await wait_for_redis(store, config.redis_connect_timeout_s)
@@ -115,10 +133,13 @@ class KVStoreService:
                               instance=f"kvstore-{socket.gethostname()}-{os.getpid()}")
             if config.metrics_port >= 0:
                 metrics_server = serve_metrics(config.metrics_port, metrics.registry, config.host)
+            # Over TLS: the router and the instances; registrations are bound to the caller's
+            # certificate (KVStoreServicer, check_identity).
             server = RpcServer(config.host, config.port, grace_s=config.grace_s,
-                               interceptors=[MetricsInterceptor(metrics)])
+                               interceptors=[MetricsInterceptor(metrics)], tls=tls,
+                               roles=("router", "prefill", "decode"), health_port=config.tls.health_port)
             server.add_service(kvstore_pb2_grpc.add_KVStoreServicer_to_server,
-                               KVStoreServicer(logic, metrics), protos.KVSTORE)
+                               KVStoreServicer(logic, metrics, check_identity=tls is not None), protos.KVSTORE)
             svc = cls(config, store, server, logic, redis_server, metrics, metrics_server)
             svc._expired_seen = await asyncio.to_thread(store.expired_total)
             await server.start()

@@ -19,7 +19,10 @@ from typing import AsyncIterator
 
 from common.engine.async_engine import AsyncEngine
 from common.kv_connector.types import KVSink
-from common.errors import InvalidRequestError, KVTransferError, RequestAbortedError
+from common.client import KVStoreClient
+from common.errors import (InvalidRequestError, KVTransferError, PermissionDeniedError, PlacementError,
+                           RequestAbortedError, StalePlacementError)
+from common.rpc.server import address_host
 from common.metrics import kv_transfer_bytes
 from common.sampling_params import SamplingParams, TopLogprobs
 from common.tracing import NOOP, context_of, end_span
@@ -61,10 +64,12 @@ class Done:
 
 class PrefillInstance:
     def __init__(self, instance_id: str, engine: AsyncEngine, kv_timeout_s: float, tp: int = 1,
-                 metrics: object | None = None, tracer=NOOP) -> None:
+                 metrics: object | None = None, tracer=NOOP, kvstore: KVStoreClient | None = None) -> None:
         """`metrics`: a common.metrics.Metrics (active requests, KV sent); None = none. `tracer`:
-        where the spans go (default: none)."""
+        where the spans go (default: none). `kvstore`: where a request's placement is checked before
+        its KV is sent (check_destination; None = not checked)."""
         self.instance_id = instance_id
+        self.kvstore = kvstore
         self.tracer = tracer
         self.metrics = metrics
         self.engine = engine
@@ -102,6 +107,28 @@ class PrefillInstance:
             self.active -= 1
             end_span(span, error)
 
+    async def check_destination(self, job: PrefillJob) -> None:
+        """KV goes only to the decode instance the kvstore placed the request on: every receiver's host
+        must be that instance's registered host (a registration bound to its certificate under mutual
+        TLS, services/kvstore/identity.py), else a caller could make this instance connect anywhere."""
+        if self.kvstore is None:
+            return
+        placement = await self.kvstore.get_placement(job.request_id)
+        if placement is None:
+            raise PlacementError(f"KV destination of {job.request_id}: the kvstore has no placement for it "
+                                 "(expired, released, or never reserved)")
+        if job.sink.epoch and placement.epoch and placement.epoch != job.sink.epoch:
+            raise StalePlacementError(f"KV destination of {job.request_id}: prepared for placement epoch "
+                                      f"{job.sink.epoch}, the kvstore's live placement has epoch {placement.epoch}")
+        host = address_host(placement.address)
+        for g in job.sink.groups:
+            for a in g.addresses:
+                if address_host(a) != host:
+                    raise PermissionDeniedError(
+                        f"KV destination of {job.request_id}: receiver {a!r} of group {g.group} is not on "
+                        f"decode instance {placement.instance_id} ({placement.address}), where the kvstore "
+                        "placed the request")
+
     async def _prefill(self, job: PrefillJob, span) -> AsyncIterator[Progress | FirstToken | Done]:
         rid = job.request_id
         # One call per id: checked and taken before any await, and held until the clean-up below
@@ -111,6 +138,7 @@ class PrefillInstance:
             raise InvalidRequestError(f"request {rid!r} is already being prefilled here")
         self.running.add(rid)
         try:
+            await self.check_destination(job)
             own_backend, layout = await self.engine.kv_info()
             if job.receiver_layout is not None and job.receiver_layout != layout:
                 raise InvalidRequestError(f"KV layout mismatch: this prefill instance has {layout}, the "

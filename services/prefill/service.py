@@ -26,7 +26,8 @@ class PrefillService(PoolService):
     @classmethod
     def new_instance(cls, instance_id: str, engine: AsyncEngine, kvstore: KVStoreClient,
                      config: PrefillConfig, metrics: Metrics, tracer) -> PrefillInstance:
-        return PrefillInstance(instance_id, engine, config.kv_timeout_s, config.engine.parallel.tp, metrics, tracer)
+        return PrefillInstance(instance_id, engine, config.kv_timeout_s, config.engine.parallel.tp, metrics, tracer,
+                               kvstore)
 
     @classmethod
     def add_servicer(cls, server: RpcServer, instance: PrefillInstance) -> None:

@@ -13,6 +13,7 @@ from typing import Literal, Mapping, Sequence
 from common.config import ObservabilityConfig, SLOConfig
 from common.errors import ConfigError
 from common.flags import Flags, parse_config
+from common.rpc.tls import TLSConfig
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class RouterConfig:
                                                         # --slo-factor
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)   # --log-format,
                                                                                       # --otlp-endpoint
+    tls: TLSConfig = field(default_factory=TLSConfig)   # mutual TLS: --tls-ca, --tls-cert, --tls-key,
+                                                        # --health-port
 
     def __post_init__(self) -> None:
         if not self.kvstore:

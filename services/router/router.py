@@ -28,6 +28,7 @@ from common.rpc import client as rpc_client
 from common.rpc import convert
 from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from common.rpc.status import error_from_rpc
+from common.rpc.tls import Credentials
 from common.tracing import NOOP, context_of, end_span, grpc_metadata
 from services.router.config import RouterConfig
 from common.admission import RETRY_METADATA_KEY, AdmissionRequest
@@ -167,8 +168,11 @@ class Router:
 
     def __init__(self, config: RouterConfig, frontend: Frontend, kvstore: KVStoreClient,
                  metrics: Metrics | None = None, discovery: Discovery | None = None,
-                 gate: "AdmissionGate | None" = None, tracer=NOOP, keys: KeyRing | None = None) -> None:
+                 gate: "AdmissionGate | None" = None, tracer=NOOP, keys: KeyRing | None = None,
+                 tls: Credentials | None = None) -> None:
+        """`tls`: our certificate towards the instances (mutual TLS; None = plaintext)."""
         self.config = config
+        self.tls = tls
         self.keys = keys if keys is not None else KeyRing(None)      # None: no authentication
         self.tracer = tracer
         self.frontend = frontend
@@ -177,7 +181,7 @@ class Router:
         self.gate = gate
         self.discovery = discovery or Discovery(kvstore, config.discovery_ttl_s)
         self.active: dict[str, _Active] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -187,11 +191,12 @@ class Router:
             await ch.close()
         self._channels.clear()
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
+    def _channel(self, address: str, role: str) -> grpc.aio.Channel:
+        """The channel to the `role` instance at `address`; over TLS its certificate must be of `role`."""
+        ch = self._channels.get((address, role))
         if ch is None:
-            ch = self._channels[address] = rpc_client.aio_channel(address,
-                                                                  default_deadline_s=self.config.rpc_timeout_s)
+            ch = self._channels[(address, role)] = rpc_client.aio_channel(
+                address, default_deadline_s=self.config.rpc_timeout_s, tls=self.tls, peer=role)
         return ch
 
     # ---- Generate --------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ class Router:
 
     async def _run(self, st: _Active, relay: _Relay) -> AsyncIterator[Progress | Delta]:
         job, placement = st.job, st.placement
-        decode = decode_pb2_grpc.DecodeStub(self._channel(placement.address))
+        decode = decode_pb2_grpc.DecodeStub(self._channel(placement.address, "decode"))
         who_decode = f"decode instance {placement.instance_id} ({placement.address})"
         placement_pb = convert.placement_to_proto(placement)
         sampling = convert.sampling_to_proto(job.params)
@@ -393,7 +398,7 @@ class Router:
                 pspan = self.tracer.start_span("router.prefill", context=st.trace, kind=SpanKind.CLIENT,
                                                attributes={"mnemosyne.instance": st.prefill.instance_id})
                 spans.append(pspan)
-                pcall = prefill_pb2_grpc.PrefillStub(self._channel(st.prefill.address)).Prefill(
+                pcall = prefill_pb2_grpc.PrefillStub(self._channel(st.prefill.address, "prefill")).Prefill(
                     preq, timeout=self.config.request_timeout_s, metadata=grpc_metadata(context_of(pspan)))
                 st.calls.append(pcall)
                 try:
@@ -508,10 +513,10 @@ class Router:
             aborts = []
             if st.decode_called and st.placement is not None:
                 aborts.append((f"decode instance {st.placement.instance_id}", decode_pb2_grpc.DecodeStub(
-                    self._channel(st.placement.address)).Abort(common_pb2.AbortRequest(request_id=rid), timeout=t)))
+                    self._channel(st.placement.address, "decode")).Abort(common_pb2.AbortRequest(request_id=rid), timeout=t)))
             if st.prefill is not None and st.calls:
                 aborts.append((f"prefill instance {st.prefill.instance_id}", prefill_pb2_grpc.PrefillStub(
-                    self._channel(st.prefill.address)).Abort(common_pb2.AbortRequest(request_id=rid), timeout=t)))
+                    self._channel(st.prefill.address, "prefill")).Abort(common_pb2.AbortRequest(request_id=rid), timeout=t)))
             for who, call in aborts:
                 try:
                     await call

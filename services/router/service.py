@@ -61,8 +61,9 @@ class RouterService:
         keys = KeyRing.from_file(config.api_keys_file)         # a bad keys file fails before any loading
         if not keys.required:
             log.warning("no --api-keys-file: the router serves every caller without authentication")
+        tls = config.tls.load()               # our certificate towards the internal services
         frontend = await asyncio.to_thread(load_frontend, config)
-        kvstore = KVStoreClient(config.kvstore, timeout_s=config.rpc_timeout_s)
+        kvstore = KVStoreClient(config.kvstore, timeout_s=config.rpc_timeout_s, tls=tls)
         metrics = Metrics(new_registry(), role="router", pool=config.deployment,
                           instance=config.instance_id or f"router-{socket.gethostname()}-{os.getpid()}",
                           model_name=frontend.name)
@@ -70,7 +71,7 @@ class RouterService:
         metrics.set_slo_targets(dict(slo.ttft_s), SchedulerConfig().tbt_slo_s, slo.objective)
         discovery = Discovery(kvstore, config.discovery_ttl_s)
         gate = AdmissionGate(config, metrics, discovery) if config.admission else None
-        router = Router(config, frontend, kvstore, metrics, discovery, gate, tracer, keys)
+        router = Router(config, frontend, kvstore, metrics, discovery, gate, tracer, keys, tls)
         server = RpcServer(config.host, config.port, grace_s=config.grace_s,
                            interceptors=[MetricsInterceptor(metrics)])
         server.add_service(router_pb2_grpc.add_RouterServicer_to_server, RouterServicer(frontend, router),

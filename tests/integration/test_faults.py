@@ -58,7 +58,8 @@ def reference(model) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cluster(model, tmp_path_factory):
-    cfg = ClusterConfig(model=model, kv_backend="tcp", router_port=0, kvp_tokens=M, decode_kv_tokens=2048,
+    cfg = ClusterConfig(insecure=True,   # the test calls the kvstore, decode and Redis directly (plaintext)
+                        model=model, kv_backend="tcp", router_port=0, kvp_tokens=M, decode_kv_tokens=2048,
                         prefill_kv_tokens=1024, chunk_size=64, short_prompt_tokens=64, lease_s=LEASE_S,
                         deployment=f"faults-{uuid.uuid4().hex[:8]}",
                         log_dir=str(tmp_path_factory.mktemp("fault-logs")))

@@ -37,7 +37,8 @@ CHAT = [{"role": "system", "content": "You answer in one short sentence."},
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    cfg = ClusterConfig(kv_backend="tcp", router_port=0, prefill_spp=1, decode_kvp=1, decode_kv_tokens=2048,
+    cfg = ClusterConfig(insecure=True,   # the test calls the kvstore, decode and Redis directly (plaintext)
+                        kv_backend="tcp", router_port=0, prefill_spp=1, decode_kvp=1, decode_kv_tokens=2048,
                         prefill_kv_tokens=1024, short_prompt_tokens=64, deployment=f"http-{uuid.uuid4().hex[:8]}",
                         log_dir=str(tmp_path_factory.mktemp("http-logs")))
     with Cluster(cfg) as c:

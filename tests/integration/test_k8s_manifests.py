@@ -398,9 +398,11 @@ def test_probes_hit_declared_ports(overlay):
                 if action is not None:
                     assert action["port"] in ports, f"{w['metadata']['name']} {kind}: port {action['port']}"
             if c["image"].split("/")[-1].startswith("mnemosyne:"):
-                # the services serve grpc.health.v1 on their gRPC port: the kubelet asks it
-                assert c["readinessProbe"]["grpc"]["port"] == ports["grpc"]
-                assert c["livenessProbe"]["grpc"]["port"] == ports["grpc"]
+                # the services serve grpc.health.v1 on their gRPC port, or, where that port takes only
+                # client certificates (mutual TLS), alone on their plaintext health port: the kubelet asks it
+                health = ports.get("health", ports["grpc"])
+                assert c["readinessProbe"]["grpc"]["port"] == health
+                assert c["livenessProbe"]["grpc"]["port"] == health
 
 
 def test_every_configmap_key_is_used(overlay):
@@ -445,6 +447,37 @@ def test_the_services_accept_the_manifests_flags_and_the_wiring_resolves(overlay
     assert (pre.dtype, pre.cache.block_size, pre.kv_backend, pre.model) == \
            (dec.dtype, dec.cache.block_size, dec.kv_backend, dec.model)
     assert runs["router"].config.model == pre.model
+
+
+def test_services_talk_mutual_tls_and_redis_wants_a_password(overlay):
+    """Every service presents its role's certificate from the Secret mnemosyne-tls (the CA's key is never
+    mounted); the internal ones answer the kubelet's probes on their plaintext health port; the kvstore
+    reads Redis' password from the Secret mnemosyne-redis, which Redis requires."""
+    objs = render(overlay)
+    for r in launches(objs):
+        tls = r.config.tls
+        assert tls.enabled, f"{r.service}: no mutual TLS"
+        mounts = {m["mountPath"]: m["name"] for m in r.container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod_spec(r.workload)["volumes"]}
+        secret = volumes[mounts[os.path.dirname(tls.ca)]]["secret"]
+        assert secret["secretName"] == "mnemosyne-tls"
+        items = {i["path"]: i["key"] for i in secret["items"]}
+        assert {items[os.path.basename(f)] for f in (tls.ca, tls.cert, tls.key)} == \
+               {"ca.pem", f"{r.service}.pem", f"{r.service}-key.pem"}, r.service
+        assert "ca-key.pem" not in items.values()
+        ports = container_ports(r.container)
+        if r.service != "router":                # the router's public port takes API keys
+            assert tls.health_port == ports["health"], r.service
+        if r.service == "kvstore":
+            path = r.config.redis_password_file
+            assert path, "kvstore: no Redis password"
+            secret = volumes[mounts[os.path.dirname(path)]]["secret"]
+            assert secret["secretName"] == "mnemosyne-redis" and secret["items"][0]["key"] == "password"
+    redis = pod_spec(named(objs, "StatefulSet", "mnemosyne-redis"))["containers"][0]
+    args = redis["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in redis["env"]}
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == {"name": "mnemosyne-redis", "key": "password"}
 
 
 SETTINGS = {"router": RouterConfig, "prefill": PrefillConfig, "decode": DecodeConfig, "kvstore": KVStoreConfig}

@@ -43,7 +43,8 @@ def model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(model, tmp_path_factory):
-    cfg = ClusterConfig(model=model, kv_backend="tcp", router_port=0, kvp_tokens=512, decode_kv_tokens=2048,
+    cfg = ClusterConfig(insecure=True,   # the test calls the kvstore, decode and Redis directly (plaintext)
+                        model=model, kv_backend="tcp", router_port=0, kvp_tokens=512, decode_kv_tokens=2048,
                         prefill_kv_tokens=1024, chunk_size=8, short_prompt_tokens=64, lease_s=LEASE_S,
                         # fixed 8-token chunks (the pools default to adaptive ones, which would take
                         # the whole prompt at once on an idle machine)

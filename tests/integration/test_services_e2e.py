@@ -77,7 +77,8 @@ def offline(model):
 
 @pytest.fixture(scope="module", params=["nixl", "tcp"])
 def cluster(request, model, tmp_path_factory):
-    cfg = ClusterConfig(model=model, kv_backend=request.param, router_port=0, kvp_tokens=M,
+    cfg = ClusterConfig(insecure=True,   # the test calls the kvstore, decode and Redis directly (plaintext)
+                        model=model, kv_backend=request.param, router_port=0, kvp_tokens=M,
                         decode_kv_tokens=4096, prefill_kv_tokens=2048, chunk_size=64, short_prompt_tokens=SHORT,
                         lease_s=4.0, deployment=f"e2e-{uuid.uuid4().hex[:8]}",
                         log_dir=str(tmp_path_factory.mktemp(f"logs-{request.param}")))
@@ -217,6 +218,7 @@ def test_make_up_script_serves_the_cli_and_stops_on_ctrl_c(model, offline, tmp_p
         router = re.search(r"router\s+(\S+)", text).group(1)
         pids = [int(p) for p in re.findall(r"^  (?:kvstore|prefill|decode|router)\s+\S+\s+pid (\d+)", text, re.M)]
         assert len(pids) == 4 and re.search(r"prefill\s+\S+\s+pid \d+\s+spp=2", text)
+        assert "mTLS     between the services" in text and "password in" in text     # make up's default
         prompt_file = tmp_path / "prompt.json"
         prompt_file.write_text(json.dumps(LONG))
         out = subprocess.run([py, "-m", "common.cli", "generate", "--server", router, "--prompt-tokens",

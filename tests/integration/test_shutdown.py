@@ -61,7 +61,8 @@ def offline(model):
 
 @pytest.fixture(scope="module")
 def cluster(model, tmp_path_factory):
-    cfg = ClusterConfig(model=model, kv_backend="tcp", router_port=0, kvp_tokens=M, decode_kv_tokens=2048,
+    cfg = ClusterConfig(insecure=True,   # the test calls the kvstore, decode and Redis directly (plaintext)
+                        model=model, kv_backend="tcp", router_port=0, kvp_tokens=M, decode_kv_tokens=2048,
                         prefill_kv_tokens=1024, chunk_size=64, short_prompt_tokens=64,
                         deployment=f"shutdown-{uuid.uuid4().hex[:8]}",
                         log_dir=str(tmp_path_factory.mktemp("shutdown-logs")),

@@ -62,7 +62,7 @@ def supervisor(cluster):
 
 @pytest.fixture
 def store(cluster):
-    s = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment)
+    s = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment, password=cluster.redis_password)
     yield s
     s.close()
 
