@@ -43,7 +43,7 @@ def cluster_config(model: str, log_dir: str) -> ClusterConfig:
     return ClusterConfig(model=model, kv_backend="tcp", router_port=0, http_port=-1, kvp_tokens=128,
                          decode_kv_tokens=2048, prefill_kv_tokens=1024, prefill_spp=1, chunk_size=64,
                          short_prompt_tokens=32, lease_s=5.0, supervise=False, log_dir=log_dir,
-                         deployment=f"fuzz-{uuid.uuid4().hex[:8]}")
+                         insecure=True, deployment=f"fuzz-{uuid.uuid4().hex[:8]}")
 
 
 #: Log lines of an engine that failed (and left the pool to rebuild) or of an unhandled error.

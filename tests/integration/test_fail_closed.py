@@ -41,7 +41,7 @@ def cluster(tmp_path_factory):
     cfg = ClusterConfig(model=str(model), kv_backend="tcp", router_port=0, prefill_spp=1, decode_kvp=1,
                         decode_kv_tokens=1024, prefill_kv_tokens=512, chunk_size=64, short_prompt_tokens=64,
                         lease_s=LEASE_S, admission=False, pool_flags=("--chunking", "fixed"),
-                        deployment=f"fail-closed-{uuid.uuid4().hex[:8]}",
+                        insecure=True, deployment=f"fail-closed-{uuid.uuid4().hex[:8]}",
                         log_dir=str(tmp_path_factory.mktemp("fail-closed-logs")))
     with Cluster(cfg) as c:
         yield c
