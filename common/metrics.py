@@ -262,9 +262,14 @@ def child_pids(parent: int | None = None) -> list[int]:
     """Live child processes of `parent` (default: this process), from /proc (empty elsewhere)."""
     import os
     parent = os.getpid() if parent is None else parent
-    try:
-        with open(f"/proc/{parent}/task/{parent}/children") as f:
-            return [int(p) for p in f.read().split()]
+    try:           # per thread: a child belongs to the thread that started it (e.g. an engine thread)
+        tasks = os.listdir(f"/proc/{parent}/task")
+        found = []
+        for task in tasks:
+            with contextlib.suppress(OSError), open(f"/proc/{parent}/task/{task}/children") as f:
+                found += [int(p) for p in f.read().split()]
+        if os.path.exists(f"/proc/{parent}/task/{parent}/children"):
+            return sorted(set(found))
     except OSError:
         pass
     pids = []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 from prometheus_client import generate_latest
@@ -27,15 +28,24 @@ def test_peak_rss_of_this_process_and_of_its_largest_child():
     assert b"mnemosyne_process_peak_rss_bytes" in generate_latest(registry)
     assert _sample(registry, "main") >= 10 * MB
     before = _sample(registry, "workers")
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(150 << 20); "
+    # Started from another thread, as a pool's engine thread starts its grid workers.
+    started: list[subprocess.Popen] = []
+    checked = threading.Event()                 # the thread lives on (its child stays its own) until then
+    thread = threading.Thread(target=lambda: started.append(subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(150 << 20); "
                               "b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); time.sleep(60)"],
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True)) or checked.wait(30))
+    thread.start()
+    while not started:
+        time.sleep(0.01)
+    [child] = started
     try:
         assert child.stdout.readline().strip() == "ready"
         assert child.pid in child_pids()
         assert peak_rss_bytes(child.pid) >= 150 * MB
         assert _sample(registry, "workers") >= max(before, 150 * MB)
     finally:
+        checked.set()
+        thread.join()
         child.kill()
         child.wait(10)
     time.sleep(0.05)
