@@ -82,12 +82,14 @@ def peak_rss(cluster) -> dict[str, dict[str, int]]:
     return out
 
 
-def stream(cluster, ids: list[int], max_tokens: int, on_progress=None) -> dict:
-    """One request; client-side timings, tokens, logprobs, the progress events."""
+def stream(cluster, ids: list[int], max_tokens: int, on_progress=None, own_slo: bool = True) -> dict:
+    """One request; its timings, tokens, logprobs, the progress events. `own_slo`: a TTFT SLO of a
+    week (the long prompt: admission must not reject it as hopeless on a CPU); else the deployment's
+    default SLO for its length (the probe: LARS ranks it by that slack)."""
     from common.client import RouterClient
     with RouterClient(cluster.router_address, timeout_s=7 * 24 * 3600) as client:
-        req = client.request(token_ids=ids, max_tokens=max_tokens, ignore_eos=True, ttft_slo_s=7 * 24 * 3600.0,
-                             tbt_slo_s=3600.0)
+        req = client.request(token_ids=ids, max_tokens=max_tokens, ignore_eos=True,
+                             ttft_slo_s=7 * 24 * 3600.0 if own_slo else None, tbt_slo_s=3600.0 if own_slo else None)
         t0 = time.monotonic()
         times, tokens, logprobs, progress, timings = [], [], [], 0, None
         for ev in client.stream(req):
@@ -126,11 +128,11 @@ def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, ar
         probe = None
         if args.probe_tokens and spp == args.layouts[0][0] and kvp == args.layouts[0][1]:
             probe_ids = [random.Random(1).randrange(4, 320) for _ in range(args.probe_tokens)]
-            row["probe_idle"] = stream(cluster, probe_ids, 2)["ttft_s"]
+            row["probe_idle"] = stream(cluster, probe_ids, 2, own_slo=False)["ttft_s"]
             probe = {"ids": probe_ids, "sent": threading.Event(), "result": None}
 
             def send_probe() -> None:
-                probe["result"] = stream(cluster, probe["ids"], 2)
+                probe["result"] = stream(cluster, probe["ids"], 2, own_slo=False)
 
             def on_progress(done: int, tot: int) -> None:
                 if done >= tot // 4 and not probe["sent"].is_set():
