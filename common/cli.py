@@ -1,7 +1,7 @@
 """`mnemosyne` command line: `generate` (one request through the in-process engine, or a running
 router with --server), `serve` (the local cluster: scripts/up.py, what `make up` runs), `bench serve`
 (load against a running endpoint: common/bench_serve.py), `keys new` (an API key for a router's keys
-file), `demo` and `worker`.
+file), `make-test-model` (the long-context test checkpoint), `demo` and `worker`.
 
 Flags are generated from the config dataclasses by common/flags.py (SamplingParams and every field
 of EngineConfig: its own, CacheConfig, SchedulerConfig, ParallelConfig), so their names, types and
@@ -145,7 +145,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Mnemosyne: exact long-context LLM serving.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,demo,worker,bench,keys}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,serve,demo,worker,bench,keys,make-test-model}")
 
     gen = sub.add_parser("generate", help="run one prompt through the in-process engine",
                          description="Run one prompt through the in-process engine.")
@@ -221,6 +221,15 @@ def build_parser() -> ArgumentParser:
     worker.add_argument("--rank", required=True, type=int, help="this worker's rank, 1 .. tp*spp*kvp")
     worker.add_argument("--threads", type=int, default=None, help="torch threads (default: half the cores)")
     worker.set_defaults(func=run_worker)
+    test_model = sub.add_parser(
+        "make-test-model", help="write the long-context TEST model (random weights) into a directory",
+        description="Write mnemosyne-longctx-test, a small random-weight Llama checkpoint in Hugging Face "
+                    "format (2 layers, 1 KV head of dim 16, rope_theta 1e7, 2M positions) whose weights "
+                    "depend only on --seed: for running million-token prompts through the services on a "
+                    "CPU. Then: make up ARGS=\"--model DIR --max-model-len N\".")
+    test_model.add_argument("dir", metavar="DIR", help="directory to write (created)")
+    test_model.add_argument("--seed", type=int, default=0, help="weights seed (default: 0)")
+    test_model.set_defaults(func=run_make_test_model)
     bench_serve.add_subcommand(sub)
     return parser
 
@@ -510,6 +519,12 @@ def run_keys_new(args: argparse.Namespace) -> int:
     add_key(args.file, args.id, key, max_concurrent=args.max_concurrent, tokens_per_minute=args.tokens_per_minute)
     load_keys_file(args.file)                      # what the router will read
     print(key)
+    return 0
+
+
+def run_make_test_model(args: argparse.Namespace) -> int:
+    from common.model.random_hf import write_longctx_test_model
+    print(write_longctx_test_model(args.dir, seed=args.seed))
     return 0
 
 

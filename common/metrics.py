@@ -148,6 +148,10 @@ SPECS: tuple[Spec, ...] = (
          "Admission's online correction of a pool's predicted TTFTs: the fixed overhead per request.",
          ("member_role",), (), ("router",)),
     Spec("mnemosyne_active_requests", "gauge", "Requests in flight in this process.", per_model=True),
+    Spec("mnemosyne_process_peak_rss_bytes", "gauge",
+         "Peak resident memory (Linux VmHWM) of this service's process (process=main) and the largest "
+         "of its live child processes, e.g. a pool's grid workers (process=workers; 0 without any).",
+         ("process",)),
     Spec("mnemosyne_rpc_errors_total", "counter",
          "gRPC calls served by this process that ended with a non-OK status.", ("method", "code")),
     Spec("mnemosyne_tokens_total", "counter",
@@ -236,6 +240,50 @@ class PromptClasses:
 DEFAULT_PROMPT_CLASSES = PromptClasses()
 
 
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """Peak resident set size of process `pid` in bytes (Linux: VmHWM from /proc; elsewhere this
+    process's ru_maxrss); 0 when it cannot be read (the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if pid == "self":
+        import resource
+        import sys
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+    return 0
+
+
+def child_pids(parent: int | None = None) -> list[int]:
+    """Live child processes of `parent` (default: this process), from /proc (empty elsewhere)."""
+    import os
+    parent = os.getpid() if parent is None else parent
+    try:           # per thread: a child belongs to the thread that started it (e.g. an engine thread)
+        tasks = os.listdir(f"/proc/{parent}/task")
+        found = []
+        for task in tasks:
+            with contextlib.suppress(OSError), open(f"/proc/{parent}/task/{task}/children") as f:
+                found += [int(p) for p in f.read().split()]
+        if os.path.exists(f"/proc/{parent}/task/{parent}/children"):
+            return sorted(set(found))
+    except OSError:
+        pass
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == parent:
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
 def new_registry(process_collector: bool = True) -> CollectorRegistry:
     """A fresh per-process registry (with the process_* collector unless disabled)."""
     registry = CollectorRegistry(auto_describe=True)
@@ -288,6 +336,9 @@ class Metrics:
             if spec.name in _PREINIT and role in spec.recorded_by:
                 for values in self._known_combinations(spec):
                     self._child(spec.name, **values)
+        self._child("mnemosyne_process_peak_rss_bytes", process="main").set_function(peak_rss_bytes)
+        self._child("mnemosyne_process_peak_rss_bytes", process="workers").set_function(
+            lambda: max((peak_rss_bytes(pid) for pid in child_pids()), default=0))
 
     def _known_combinations(self, spec: Spec) -> list[dict[str, str]]:
         combos: list[dict[str, str]] = [{}]

@@ -37,7 +37,8 @@ class PoolConfig:
     instance_id: str = ""                         # instance id (empty = <role>-<random>)
     model_name: str = ""                          # served model name, the metrics' model_name label (empty = the
                                                   # checkpoint's name, as the router's)
-    kv_timeout_s: float = 60.0                    # seconds a KV transfer of one request may take
+    kv_timeout_s: float = 60.0                    # seconds a request's KV transfer may make no progress (after its
+                                                  # first token; a long transfer that keeps moving is waited for)
     threads: int = 1                              # torch threads of the engine and of each grid worker
     restart_on_failure: bool = True               # rebuild the engine when a worker process dies
     deployment: str = "default"                   # deployment name (the metrics' pool label, as the kvstore's)

@@ -16,8 +16,10 @@ layout, sizes, ports), then the pools' engine and scheduler flags (--policy, --c
 --tbt-slo-s, ...) and the router's SLO and admission flags (--ttft-short-s, --slo-factor, ...), passed
 on to those services when given. Sizing: with --max-model-len N, the deployment is sized so that an
 idle one serves a prompt of up to N tokens: M = --kvp-tokens defaults to ceil(N / K) rounded up to
-the block size, each decode KVP group holds M plus headroom, the prefill instance N, and the KV
-transfer timeout grows with N (ClusterConfig.sized).
+the block size, each decode KVP group holds M plus headroom, the prefill instance N, and the router's
+deadline on a request's streams grows with the attention work, N squared (ClusterConfig.sized). The
+KV timeout (--kv-timeout-s) needs no sizing: it counts from a transfer's last progress, so it bounds
+a stall, not a transfer; the router's --progress-timeout-s bounds a prefill that stops reporting.
 
 The `Cluster` class is also what the end-to-end tests start (tests/integration/test_services_e2e.py).
 """
@@ -73,8 +75,9 @@ def default_kv_backend() -> str:
 
 DEFAULT_KV_TOKENS = 8192                     # KV capacity of an instance (per KVP group) when not sized
 DEFAULT_KVP_TOKENS = 4096                    # M when neither --kvp-tokens nor --max-model-len is given
-DEFAULT_KV_TIMEOUT_S = 60.0
-KV_TRANSFER_TOKENS_PER_S = 100.0             # kv_timeout_s >= N / this: a prompt of N tokens, prefilled on CPU
+DEFAULT_KV_TIMEOUT_S = 60.0                  # a stall: the timeout counts from the transfer's last progress
+DEFAULT_REQUEST_TIMEOUT_S = 3600.0           # the router's deadline on a request's streams, up to 128K tokens
+REQUEST_TIMEOUT_TOKENS = 131072              # past this, the deadline grows as (N / this)^2: the attention work
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -113,8 +116,9 @@ class ClusterConfig:
     dtype: DType = "float32"                 # weights, activations and KV cache type
     threads: int = 1                         # torch threads per process
     lease_s: float = 10.0                    # the kvstore's placement lease
-    kv_timeout_s: float | None = None        # KV transfer timeout of the pools (none: 60 s, or N / 100 tokens/s
-                                             # when longer)
+    kv_timeout_s: float | None = None        # seconds a KV transfer may make no progress, in the pools (none: 60)
+    request_timeout_s: float | None = None   # the router's deadline on a request's streams (none: 3600 s, times
+                                             # (N / 131072)^2 when N is longer)
     start_timeout_s: float = 300.0           # how long each service may take to start
     supervise: bool = True                   # restart a service that exits (scripts/supervisor.py; no: stop
                                              # everything when one exits)
@@ -151,12 +155,13 @@ class ClusterConfig:
         headroom = max(1024, need // 4)                  # short requests beside the longest one
         decode = self.decode_kv_tokens or max(DEFAULT_KV_TOKENS, _round_up(need + headroom, bs) if need else 0)
         prefill = self.prefill_kv_tokens or max(DEFAULT_KV_TOKENS, _round_up(n, bs) + bs if n else 0)
-        timeout = self.kv_timeout_s or max(DEFAULT_KV_TIMEOUT_S, (n or 0) / KV_TRANSFER_TOKENS_PER_S)
+        timeout = self.kv_timeout_s or DEFAULT_KV_TIMEOUT_S
+        request = self.request_timeout_s or DEFAULT_REQUEST_TIMEOUT_S * max(1.0, (n or 0) / REQUEST_TIMEOUT_TOKENS) ** 2
         if k > 1 and decode < m:
             raise ConfigError(f"up: decode_kv_tokens {decode} < kvp_tokens {m}: a KVP group could not "
                               "hold its share of one request")
         return dataclasses.replace(self, kvp_tokens=m, decode_kv_tokens=decode, prefill_kv_tokens=prefill,
-                                   kv_timeout_s=timeout)
+                                   kv_timeout_s=timeout, request_timeout_s=request)
 
 
 # The pools' engine settings that `make up` passes on when given (the cluster sets the others).
@@ -164,7 +169,7 @@ CLUSTER_ENGINE_KEYS = ("model", "max_model_len", "kv_backend", "kv_host", "dtype
                        "scheduler.chunk_size", "scheduler.role")
 ROUTER_CLUSTER_KEYS = ("kvstore", "host", "port", "instance_id", "model", "model_name", "max_model_len", "kv_backend",
                        "short_prompt_tokens", "grace_s", "deployment", "metrics_port", "admission", "http_port",
-                       "observability", "api_keys_file", "tls")
+                       "observability", "api_keys_file", "tls", "request_timeout_s")
 DEFAULT_HTTP_PORT = 8000
 
 
@@ -424,7 +429,8 @@ class Cluster:
             http_port = c.http_port if c.http_port is not None else (0 if c.router_port == 0 else DEFAULT_HTTP_PORT)
         args = ["--kvstore", self.kvstore_address, "--host", c.host, "--port", port or str(c.router_port),
                 "--short-prompt-tokens", str(c.short_prompt_tokens), "--grace-s", "2",
-                "--deployment", c.deployment, "--http-port", str(http_port), *self.tls_args("router")]
+                "--deployment", c.deployment, "--http-port", str(http_port), *self.tls_args("router"),
+                "--request-timeout-s", str(c.request_timeout_s)]
         if not c.admission:
             args.append("--no-admission")
         if c.model:

@@ -145,7 +145,8 @@ class AsyncEngine:
             queue.Queue()
         self._streams: dict[str, _Stream] = {}          # loop-side registry (touched in the loop)
         self._routes: set[str] = set()                  # thread-side: requests whose outputs we deliver
-        self._watches: dict[str, tuple[concurrent.futures.Future, float]] = {}   # thread-side
+        self._watches: dict[str, tuple[concurrent.futures.Future, float, float]] = {}   # thread-side:
+                                                        # rid -> (future, since, timeout_s)
         self._failing: dict[str, float] = {}            # thread-side: watch -> first "failed" seen
         self._engine: LLMEngine | None = None
         self._thread: threading.Thread | None = None
@@ -302,19 +303,25 @@ class AsyncEngine:
 
     async def wait_kv(self, request_id: str, timeout_s: float) -> None:
         """Prefill role: returns once every KV chunk of the request is confirmed written by the
-        receivers; KVTransferError when a transfer failed or did not finish within `timeout_s`."""
+        receivers; KVTransferError when a transfer failed or stalled: no chunk confirmed for
+        `timeout_s` (counted from this call or the last confirmation, whichever is later, so a long
+        tail that keeps moving is waited for). The engine thread judges; this side only checks
+        every `timeout_s` that the thread still runs."""
         self._check()
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
         def watch(e: Any) -> None:
-            self._watches[request_id] = (fut, time.monotonic() + timeout_s)
+            self._watches[request_id] = (fut, time.monotonic(), timeout_s)
 
         await self.call(watch)
+        waiting = asyncio.wrap_future(fut)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s + 5.0)
-        except asyncio.TimeoutError:
-            raise KVTransferError(f"KV of request {request_id} was not confirmed within {timeout_s:.0f} s") from None
+            while not (await asyncio.wait({waiting}, timeout=timeout_s + 5.0))[0]:
+                self._check()                 # the thread ended: no verdict will come
+            await waiting
         finally:
+            if not waiting.done():
+                waiting.cancel()              # (cancels `fut` too: the engine never sets it)
             if not fut.done() or fut.cancelled():
                 # The waiter left (cancelled, timed out): drop its watch on the engine thread. The
                 # future is cancelled by then, so the engine never sets it.
@@ -400,8 +407,9 @@ class AsyncEngine:
 
     def _check_watches(self, e: Any) -> None:
         now = time.monotonic()
-        for rid, (fut, deadline) in list(self._watches.items()):
+        for rid, (fut, since, timeout_s) in list(self._watches.items()):
             state, reason = e.kv_status(rid)
+            deadline = max(since, e.kv_progress(rid) or since) + timeout_s
             if state == "failed" and now < deadline:
                 if now - self._failing.setdefault(rid, now) < FAILURE_CONFIRM_S:
                     continue
@@ -413,10 +421,11 @@ class AsyncEngine:
             if state == "done":
                 _settle(fut, None)
             else:
-                _settle(fut, kv_transfer_error(reason or f"KV of request {rid} was not confirmed in time"))
+                _settle(fut, kv_transfer_error(reason or f"KV of request {rid} stopped being confirmed: nothing "
+                                                       f"new for {timeout_s:g} s (kv_timeout_s)"))
 
     def _fail_commands(self, err: MnemosyneError) -> None:
-        for fut, _ in self._watches.values():
+        for fut, *_ in self._watches.values():
             _settle(fut, err)
         self._watches.clear()
         while True:

@@ -233,6 +233,10 @@ class LLMEngine:
         """Prefill role: "pending" | "done" | "failed", reason."""
         return self.kv.kv_status(request_id)
 
+    def kv_progress(self, request_id: str) -> float | None:
+        """time.monotonic() of the last KV progress of the request (None: none reported)."""
+        return self.kv.last_progress(request_id)
+
     def _ended(self, req: Request, reason: FinishReason | None, error: str | None) -> StepOutput:
         return StepOutput(req.request_id, None, None, req.num_computed, req.prompt_len, reason, error)
 

@@ -61,7 +61,8 @@ class KVConnectorScheduler:
         self.recv: dict[str, dict[int, tuple[str, str | None]]] = {}
         self.expecting: dict[str, set[int]] = {}                         # rid -> holders receiving
         self.prepared: dict[str, int] = {}                               # rid -> prompt tokens
-        self.awaiting: dict[str, tuple[Request, float]] = {}             # rid -> (request, deadline)
+        self.awaiting: dict[str, tuple[Request, float, float]] = {}      # rid -> (request, since, timeout)
+        self.progress: dict[str, float] = {}                             # rid -> last KV intake progress
 
     # ---- events ----------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -70,6 +71,10 @@ class KVConnectorScheduler:
             self.on_event(ev)
 
     def on_event(self, ev: KVEvent) -> None:
+        if ev.state == "progress":
+            if ev.request_id in (self.streaming if ev.kind == "sent" else self.prepared):
+                self.progress[ev.request_id] = time.monotonic()
+            return
         states = self.sent if ev.kind == "sent" else self.recv
         states.setdefault(ev.request_id, {})[ev.holder] = (ev.state, ev.reason)
 
@@ -95,6 +100,10 @@ class KVConnectorScheduler:
                 if it.sample:
                     self.sinks.pop(it.request.request_id, None)
 
+    def last_progress(self, rid: str) -> float | None:
+        """time.monotonic() of the last KV progress a holder reported for `rid` (None: none yet)."""
+        return self.progress.get(rid)
+
     def kv_status(self, rid: str) -> tuple[str, str | None]:
         """pending / done / failed (reason)."""
         self.poll()
@@ -112,6 +121,7 @@ class KVConnectorScheduler:
             return "pending", None
         self.streaming.discard(rid)
         self.sent.pop(rid, None)
+        self.progress.pop(rid, None)
         self.final[rid] = result
         while len(self.final) > FINAL_KEPT:
             self.final.pop(next(iter(self.final)))
@@ -144,11 +154,14 @@ class KVConnectorScheduler:
                 for g, n in enumerate(self.blocks.split(num_tokens)) if n]
 
     def add_prefilled(self, req: Request, kv_timeout_s: float) -> None:
-        """`req`: all prompt tokens computed, the first token appended (it may already finish it)."""
+        """`req`: all prompt tokens computed, the first token appended (it may already finish it).
+        Its KV must then arrive with no pause longer than `kv_timeout_s`: the timeout counts from
+        now or from the last progress a holder reported, whichever is later (a long tail that keeps
+        moving is waited for; a stalled one fails kv_timeout_s after it stalled)."""
         if self.prepared.get(req.request_id) != req.prompt_len:
             raise InvalidRequestError(f"request {req.request_id!r} was not prepared to receive "
                                       f"{req.prompt_len} tokens")
-        self.awaiting[req.request_id] = (req, time.monotonic() + kv_timeout_s)
+        self.awaiting[req.request_id] = (req, time.monotonic(), kv_timeout_s)
 
     def admit_arrived(self) -> list:
         """Moves requests whose KV is complete into the scheduler; ends the failed and the late."""
@@ -156,11 +169,12 @@ class KVConnectorScheduler:
             return []
         self.poll()
         outs, now = [], time.monotonic()
-        for rid, (req, deadline) in list(self.awaiting.items()):
+        for rid, (req, since, timeout_s) in list(self.awaiting.items()):
             states = self.recv.get(rid, {})
             failed = [r for s, r in states.values() if s == "failed"]
             done = not failed and set(states) >= self.expecting.get(rid, set())
-            if not (failed or done or now >= deadline):
+            late = now >= max(since, self.progress.get(rid, since)) + timeout_s
+            if not (failed or done or late):
                 continue
             del self.awaiting[rid]
             if done and req.finish_reason is None:
@@ -168,7 +182,8 @@ class KVConnectorScheduler:
                 self.scheduler.add(req)
                 continue
             error = failed[0] if failed else (None if done else
-                                              f"KV of request {rid} did not arrive within the timeout")
+                                              f"KV of request {rid} stopped arriving: nothing new for "
+                                              f"{timeout_s:g} s (kv_timeout_s)")
             self._undo(rid)
             reason = req.finish_reason if error is None else FinishReason.ABORT
             outs.append(self.make_output(req, reason, error))
@@ -182,6 +197,7 @@ class KVConnectorScheduler:
         self.sent.pop(rid, None)
         self.streaming.discard(rid)
         self.final.pop(rid, None)
+        self.progress.pop(rid, None)
         if found:
             self.executor.kv_cancel(rid)
         if rid in self.prepared and rid not in self.scheduler.requests:
@@ -195,5 +211,5 @@ class KVConnectorScheduler:
         self._forget(rid)
 
     def _forget(self, rid: str) -> None:
-        for d in (self.recv, self.expecting, self.prepared, self.awaiting):
+        for d in (self.recv, self.expecting, self.prepared, self.awaiting, self.progress):
             d.pop(rid, None)

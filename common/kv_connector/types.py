@@ -13,6 +13,9 @@ from common.kv_transfer import KVLayout
 from common.perf_model.calibrated import model_fingerprint
 
 
+PROGRESS_PERIOD_S = 0.5         # a holder reports a request's intake progress at most this often
+
+
 @dataclass(frozen=True)
 class GroupSink:
     group: int                 # decode KVP group index
@@ -38,12 +41,15 @@ class KVSink:
 
 @dataclass(frozen=True)
 class KVEvent:
-    """A holder's terminal report on one request: its sent KV was confirmed (kind "sent") or its
-    expected KV was all written (kind "recv"), or that failed."""
+    """A holder's report on one request: its sent KV was confirmed (kind "sent") or its expected KV
+    was all written (kind "recv"), or that failed (terminal, once each); or that more of it was
+    confirmed / written since the last report ("progress", at most every PROGRESS_PERIOD_S). Both
+    sides' KV timeouts count from the last progress, so a long transfer that keeps moving never
+    times out and a stalled one fails kv_timeout_s after it stalled."""
     holder: int
     kind: str                  # "sent" | "recv"
     request_id: str
-    state: str                 # "done" | "failed"
+    state: str                 # "done" | "failed" | "progress"
     reason: str | None = None
 
     def to_dict(self) -> dict:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 import torch
 
 from common.errors import KVTransferError, MnemosyneError
 from common.kv_cache.paged import PagedKVCache
-from common.kv_connector.types import KVAck, KVEvent, KVSink
+from common.kv_connector.types import PROGRESS_PERIOD_S, KVAck, KVEvent, KVSink
 from common.kv_transfer import KVChunk, KVDest, KVLayout, TransferState, make_receiver, make_sender
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,10 @@ class KVStreamer:
             return "done", None
         return "pending", None
 
+    def confirmed(self, request_id: str) -> int:
+        """Chunks of the request the receivers have confirmed so far."""
+        return sum(h.state is TransferState.DONE for h in self.handles.get(request_id, ()))
+
     def forget(self, request_id: str) -> None:
         self.handles.pop(request_id, None)
         self.errors.pop(request_id, None)
@@ -141,6 +146,10 @@ class KVIntake:
     def expect(self, request_id: str, table: list[int], token_start: int, num_tokens: int, epoch: int = 0) -> None:
         self.receiver.expect(request_id, table, token_start, self.layers, num_tokens, epoch=epoch)
         self.expected.add(request_id)
+
+    def arrived(self) -> dict[str, int]:
+        """Cells written so far of every expected request."""
+        return {rid: self.receiver.arrived(rid) for rid in list(self.expected)}
 
     def poll(self) -> dict[str, tuple[str, str | None]]:
         """Expected requests that reached a terminal state: {rid: ("done"|"failed", reason)}."""
@@ -187,6 +196,8 @@ class KVWorker:
         self._intake: KVIntake | None = None
         self.sinks: dict[str, KVSink] = {}
         self.sealed: set[str] = set()          # last chunk sent, terminal state not yet reported
+        self.reported: dict[tuple[str, str], int] = {}   # (kind, request) -> its count at the last progress event
+        self.next_progress = 0.0               # time.monotonic() of the next progress report
         self.lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -244,6 +255,8 @@ class KVWorker:
             self.sinks.pop(rid, None)
             self.sealed.discard(rid)
             self.streamer.forget(rid)
+            self.reported.pop(("sent", rid), None)
+            self.reported.pop(("recv", rid), None)
             if self._intake is not None:
                 self._intake.cancel(rid)
 
@@ -252,6 +265,10 @@ class KVWorker:
         """Terminal states reached since the last call; each request is reported once per kind."""
         events = []
         with self.lock:
+            now = time.monotonic()
+            report = now >= self.next_progress           # progress: at most every PROGRESS_PERIOD_S
+            if report:
+                self.next_progress = now + PROGRESS_PERIOD_S
             for rid in self.sealed | self.sinks.keys():     # a failure ends a stream at once
                 state, reason = self.streamer.status(rid)
                 if state != "pending":
@@ -259,10 +276,22 @@ class KVWorker:
                     self.sealed.discard(rid)
                     self.sinks.pop(rid, None)
                     self.streamer.forget(rid)
+                    self.reported.pop(("sent", rid), None)
+                elif report:
+                    self._progress(events, "sent", rid, self.streamer.confirmed(rid))
             if self._intake is not None and self._intake.expected:
+                if report:
+                    for rid, cells in self._intake.arrived().items():
+                        self._progress(events, "recv", rid, cells)
                 for rid, (state, reason) in self._intake.poll().items():
+                    self.reported.pop(("recv", rid), None)
                     events.append(KVEvent(self.holder, "recv", rid, state, reason))
         return events
+
+    def _progress(self, events: list[KVEvent], kind: str, rid: str, count: int) -> None:
+        if count > self.reported.get((kind, rid), 0):
+            self.reported[(kind, rid)] = count
+            events.append(KVEvent(self.holder, kind, rid, "progress"))
 
     def report_to(self, notify: Callable[[KVEvent], None], period_s: float = 0.002) -> None:
         """Starts a thread that passes every event to `notify` (a grid worker: to its driver)."""

@@ -313,6 +313,10 @@ class KVReceiver(ABC):
         """One request's state; raises KVTransferError if it is not registered."""
 
     @abstractmethod
+    def arrived(self, request_id: str) -> int:
+        """(layer, token) cells of the request written so far (0 if it is not registered)."""
+
+    @abstractmethod
     def wait_complete(self, request_id: str, timeout: float) -> bool:
         """True once every token of every expected layer has arrived exactly once; False if `timeout`
         passed first; raises KVTransferError (with the reason) if the request FAILED."""

@@ -257,6 +257,9 @@ class ReceiverBase(KVReceiver):
     def reason(self, request_id: str) -> str | None:
         return self._tracker.state(request_id)[1]
 
+    def arrived(self, request_id: str) -> int:
+        return self._tracker.arrived(request_id)
+
     def wait_complete(self, request_id: str, timeout: float) -> bool:
         return self._tracker.wait(request_id, timeout)
 

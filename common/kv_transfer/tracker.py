@@ -240,6 +240,13 @@ class RequestTracker:
                 raise KVTransferError(f"request {request_id} is not registered here")
             return req.state, req.reason
 
+    def arrived(self, request_id: str) -> int:
+        """(layer, token) cells of the request committed so far (0 when it is not registered): grows
+        while its KV streams in, so a waiter can tell a slow transfer from a stalled one."""
+        with self._cond:
+            req = self._requests.get(request_id)
+            return sum(req.counts.values()) if req is not None else 0
+
     def wait(self, request_id: str, timeout: float) -> bool:
         end = time.monotonic() + timeout
         with self._cond:

@@ -81,7 +81,8 @@ class GridExecutor(Executor):
                     "engine": engine_config_to_dict(cfg), "master_addr": master_addr,
                     "master_port": self.master_port, "timeout_s": timeout_s, "blocks_per_group": blocks_per_group,
                 }, load_timeout_s)
-            init_world(pcfg, DRIVER_RANK, master_addr, self.master_port, timeout_s, store=self.store)
+            init_world(pcfg, DRIVER_RANK, master_addr, self.master_port, timeout_s, store=self.store,
+                       join_timeout_s=load_timeout_s)
             self.groups = Groups(pcfg, DRIVER_RANK)
             self.control.accept(ranks, load_timeout_s, self._dead_worker)
         except BaseException:

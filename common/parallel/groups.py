@@ -51,18 +51,27 @@ def master_store(host: str, port: int, cfg: ParallelConfig, timeout_s: float) ->
                          wait_for_workers=False)
 
 
+JOIN_TIMEOUT_S = 600.0             # how long the rendezvous waits for every rank to start (spawn, import torch)
+
+
 def init_world(cfg: ParallelConfig, rank: int, master_addr: str, master_port: int, timeout_s: float,
-               store: dist.Store | None = None) -> None:
+               store: dist.Store | None = None, join_timeout_s: float = JOIN_TIMEOUT_S) -> None:
     """Join the grid's default group: the driver passes the store it bound (`master_store`), the
-    workers connect to it as clients. If the rendezvous fails, torch has already counted a default
-    group that does not exist; the next grid in this process would then wait under a name no fresh
-    worker uses (`default_pg/1` against `default_pg/0`), so the count is put back."""
-    timeout = timedelta(seconds=timeout_s)
+    workers connect to it as clients. The rendezvous waits up to `join_timeout_s` for every rank
+    (starting a process and importing torch take tens of seconds on a loaded machine); the group's
+    collectives then time out after `timeout_s`. If the rendezvous fails, torch has already counted
+    a default group that does not exist; the next grid in this process would then wait under a name
+    no fresh worker uses (`default_pg/1` against `default_pg/0`), so the count is put back."""
+    join = timedelta(seconds=max(timeout_s, join_timeout_s))
     try:
         if store is None:
-            store = dist.TCPStore(master_addr, master_port, world_size(cfg), is_master=False, timeout=timeout)
+            store = dist.TCPStore(master_addr, master_port, world_size(cfg), is_master=False, timeout=join)
+        else:
+            store.set_timeout(join)
         dist.init_process_group("gloo", store=dist.PrefixStore("mnemosyne", store), rank=rank,
-                                world_size=world_size(cfg), timeout=timeout)
+                                world_size=world_size(cfg), timeout=join)
+        from torch.distributed.distributed_c10d import _set_pg_timeout   # (no public setter)
+        _set_pg_timeout(timedelta(seconds=timeout_s))
     except BaseException:
         if not dist.is_initialized():
             from torch.distributed import distributed_c10d

@@ -14,7 +14,7 @@ class DecodeConfig(PoolConfig):
     DESCRIPTION = "Mnemosyne decode instance (TP x KVP grid)"
     # Decodes first, budget = tbt_headroom x the TBT SLO; short prompts prefilled here in adaptive chunks.
     ROLE_DEFAULTS = {**POOL_DEFAULTS, "engine.scheduler.role": "decode"}
-    HELPS = {"kv_timeout_s": "seconds a prefilled request waits for its KV",
+    HELPS = {"kv_timeout_s": "seconds a prefilled request's KV may stop arriving (counted from its first token or the last KV that arrived)",
              "kv_host": "address the KV receivers listen on",
              "chunk_size": "prefill chunk of short prompts (--chunking fixed)"}
 

@@ -14,7 +14,7 @@ class PrefillConfig(PoolConfig):
     DESCRIPTION = "Mnemosyne prefill instance (TP x SPP grid)"
     # LARS with slack stealing, adaptive chunks; budget = preempt_interval_s / pipeline depth (SPP).
     ROLE_DEFAULTS = {**POOL_DEFAULTS, "engine.scheduler.role": "prefill"}
-    HELPS = {"kv_timeout_s": "seconds the decode side has to confirm all KV of a request",
+    HELPS = {"kv_timeout_s": "seconds the decode side may go without confirming more of a request's KV (counted from its first token or the last confirmation)",
              "kv_host": "address of this host for KV transfers",
              "chunk_size": "prefill chunk in tokens (--chunking fixed)"}
 

@@ -33,6 +33,8 @@ class RouterConfig:
     default_max_tokens: int = 64          # max_tokens of a request that does not set it
     kv_backend: Literal["", "tcp", "nixl"] = ""   # KV backend to ask decode instances for (empty = theirs)
     request_timeout_s: float = 3600.0     # deadline of a request's streams to the instances
+    progress_timeout_s: float = 120.0     # a prefill that reports nothing (no progress, no first token) for this
+                                          # long has stalled: the request fails (0 = wait up to request_timeout_s)
     rpc_timeout_s: float = 10.0           # deadline of every unary call
     discovery_ttl_s: float = 0.5          # how long a list of live instances is reused
     grace_s: float = 5.0                  # shutdown grace period
@@ -77,6 +79,8 @@ class RouterConfig:
                      "max_queue_wait_s", "max_staleness_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"router: {name} must be positive, got {getattr(self, name)}")
+        if self.progress_timeout_s < 0:
+            raise ConfigError(f"router: progress_timeout_s must be >= 0, got {self.progress_timeout_s}")
         if self.max_queue < 0:
             raise ConfigError(f"router: max_queue must be >= 0, got {self.max_queue}")
 

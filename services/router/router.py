@@ -403,7 +403,7 @@ class Router:
                 st.calls.append(pcall)
                 try:
                     while first is None:
-                        ev = await pcall.read()
+                        ev = await self._read_progress(pcall, who_prefill)
                         if ev is grpc.aio.EOF:
                             raise WorkerFailedError(f"{who_prefill} ended the stream without a first token")
                         if ev.HasField("progress"):
@@ -468,6 +468,27 @@ class Router:
                 if task is not None and not task.done():
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+
+    async def _read_progress(self, call, who: str):
+        """The next event of a Prefill stream before its first token. A long prefill reports progress
+        every step (a chunk), however long the whole takes, so silence for progress_timeout_s means
+        it stalled: the call is cancelled and the request fails, long before request_timeout_s."""
+        timeout_s = self.config.progress_timeout_s
+        if not timeout_s:
+            return await call.read()
+        read = asyncio.ensure_future(call.read())
+        try:
+            done, _ = await asyncio.wait({read}, timeout=timeout_s)
+        except asyncio.CancelledError:
+            read.cancel()
+            raise
+        if not done:
+            call.cancel()
+            read.cancel()
+            await asyncio.gather(read, return_exceptions=True)
+            raise WorkerFailedError(f"{who} reported no progress for {timeout_s:g} s (the router's "
+                                    "--progress-timeout-s)")
+        return read.result()
 
     async def _keep_lease(self, st: _Active, lease_s: float) -> None:
         """Renews a placement every lease_s / 3 while the request runs here (until cancelled). A

@@ -150,7 +150,7 @@ def test_missing_kv_times_out_and_frees(model):
     while dec.has_unfinished() and time.monotonic() < deadline:
         outs += dec.step()
         time.sleep(0.05)
-    assert [o.error for o in outs if o.error] and "did not arrive" in outs[-1].error
+    assert [o.error for o in outs if o.error] and "stopped arriving" in outs[-1].error
     dec.pool.check()
     assert dec.pool.num_used == 0
 

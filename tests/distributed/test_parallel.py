@@ -212,7 +212,7 @@ def test_a_failed_rendezvous_leaves_the_process_able_to_start_the_next_grid(gqa_
     pcfg = ParallelConfig(spp=2)
     store = master_store("127.0.0.1", 0, pcfg, 1.0)
     with pytest.raises(Exception):
-        init_world(pcfg, DRIVER_RANK, "127.0.0.1", store.port, 1.0, store=store)
+        init_world(pcfg, DRIVER_RANK, "127.0.0.1", store.port, 1.0, store=store, join_timeout_s=1.0)
     assert not dist.is_initialized()
     del store
     with ParallelEngine(engine_config(gqa_uneven, spp=2)) as eng:

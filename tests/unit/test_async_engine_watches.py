@@ -19,6 +19,7 @@ from common.errors import KVTransferError
 class _KVEngine:
     def __init__(self) -> None:
         self.state: dict[str, str] = {}
+        self.progress: dict[str, float] = {}          # rid -> last KV progress (time.monotonic())
         self.lock = threading.Lock()
 
     def stats(self) -> EngineStats:
@@ -33,6 +34,10 @@ class _KVEngine:
     def kv_status(self, rid: str) -> tuple[str, str]:
         with self.lock:
             return self.state.get(rid, "pending"), ""
+
+    def kv_progress(self, rid: str) -> float | None:
+        with self.lock:
+            return self.progress.get(rid)
 
     def abort(self, rid: str) -> bool:
         return False
@@ -100,6 +105,41 @@ def test_a_watch_settled_while_its_waiter_cancels_is_not_an_engine_fault():
             while time.monotonic() - t0 < 0.2:
                 await asyncio.sleep(0.01)
             assert ae.failed is None
+        finally:
+            await ae.shutdown()
+
+    _run(main())
+
+
+def test_kv_that_keeps_moving_is_waited_for_and_a_stalled_one_fails_fast():
+    """The timeout counts from the last confirmed chunk: 1 s of tail with a chunk every 0.1 s passes
+    a 0.3 s timeout; a tail that stops fails about 0.3 s after it stopped."""
+    fake = _KVEngine()
+
+    async def tail(rid: str, seconds: float, then: str | None) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with fake.lock:
+                fake.progress[rid] = time.monotonic()
+            await asyncio.sleep(0.1)
+        if then:
+            with fake.lock:
+                fake.state[rid] = then
+
+    async def main():
+        ae = await AsyncEngine.start(lambda: fake, name="prefill-engine")
+        try:
+            t0 = time.monotonic()
+            mover = asyncio.create_task(tail("long", 1.0, "done"))
+            await ae.wait_kv("long", timeout_s=0.3)
+            assert time.monotonic() - t0 >= 1.0
+            await mover
+            staller = asyncio.create_task(tail("stalls", 0.5, None))
+            t0 = time.monotonic()
+            with pytest.raises(KVTransferError, match="nothing new for 0.3 s"):
+                await ae.wait_kv("stalls", timeout_s=0.3)
+            assert 0.7 <= time.monotonic() - t0 < 3.0
+            await staller
         finally:
             await ae.shutdown()
 

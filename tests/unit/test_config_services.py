@@ -78,7 +78,9 @@ def test_make_up_sizes_the_decode_groups_for_max_model_len():
     cfg = parse_args(["--max-model-len", "262144", "--decode-kvp", "4"], env={}).sized()
     assert cfg.kvp_tokens == 65536                                  # ceil(N / K), a multiple of 16
     assert cfg.decode_kv_tokens > cfg.kvp_tokens and cfg.prefill_kv_tokens >= 262144
-    assert cfg.kv_timeout_s > 60
+    # The KV timeout bounds a stall (it counts from the last progress): it need not grow with N. The
+    # router's stream deadline grows with the attention work, N^2: 4 x 3600 s at 2 x 128K.
+    assert cfg.kv_timeout_s == 60.0 and cfg.request_timeout_s == 4 * 3600.0
     cfg = parse_args(["--max-model-len", "1000", "--decode-kvp", "3", "--block-size", "32"], env={}).sized()
     assert cfg.kvp_tokens == 352 and 3 * cfg.kvp_tokens >= 1000     # ceil(1000 / 3) = 334 -> 352
     cfg = parse_args(["--max-model-len", "262144", "--decode-kvp", "4", "--kvp-tokens", "70000"], env={})
@@ -86,8 +88,8 @@ def test_make_up_sizes_the_decode_groups_for_max_model_len():
     with pytest.raises(ConfigError, match="4 x 1000 = 4000 tokens < max_model_len 262144"):
         ClusterConfig(max_model_len=262144, decode_kvp=4, kvp_tokens=1000)
     default = ClusterConfig(kv_backend="tcp").sized()                # `make up` as before
-    assert (default.kvp_tokens, default.decode_kv_tokens, default.prefill_kv_tokens, default.kv_timeout_s) == \
-           (4096, 8192, 8192, 60.0)
+    assert (default.kvp_tokens, default.decode_kv_tokens, default.prefill_kv_tokens, default.kv_timeout_s,
+            default.request_timeout_s) == (4096, 8192, 8192, 60.0, 3600.0)
 
 
 def test_make_up_passes_the_given_engine_and_router_flags_on_and_the_services_accept_its_argv(tmp_path):
@@ -102,6 +104,7 @@ def test_make_up_passes_the_given_engine_and_router_flags_on_and_the_services_ac
     pre = PrefillConfig.from_args(cluster._engine_args("prefill"), env={})
     dec = DecodeConfig.from_args(cluster._engine_args("decode"), env={})
     router = RouterConfig.from_args(cluster._router_args(), env={})
+    assert router.request_timeout_s == cluster.config.request_timeout_s == 3600.0
     KVStoreConfig.from_args(cluster._kvstore_args(), env={})
     assert (pre.engine.parallel.tp, pre.engine.parallel.spp, pre.engine.scheduler.role) == (2, 2, "prefill")
     assert (dec.engine.parallel.kvp, dec.engine.parallel.kvp_tokens) == (2, 2048)

@@ -88,7 +88,7 @@ def test_failed_late_or_aborted_receives_free_their_blocks():
     assert kv.admit_arrived() == ["peer gone"] and blocks.num_used == 0 and "a" in ex.cancelled
     kv.prepare_receive("b", 20, 4)
     kv.add_prefilled(prefilled("b", 20), -1.0)                               # already past its deadline
-    assert "did not arrive" in kv.admit_arrived()[0] and blocks.num_used == 0
+    assert "stopped arriving" in kv.admit_arrived()[0] and blocks.num_used == 0
     kv.prepare_receive("c", 20, 4)
     assert kv.abort("c") and blocks.num_used == 0
     ex.error = "no receiver"
