@@ -79,6 +79,7 @@ class DecodeInstance:
         # leases (it alone knows the request is alive until Decode); this instance only checks that
         # the placement still exists and frees the request when it is gone (its router died).
         self._awaiting_decode: set[str] = set()
+        self._decoding: set[str] = set()              # ids with a Decode call open here
         self._undo: set[asyncio.Future] = set()      # aborts undoing reservations whose caller left
         self._renewer: asyncio.Task[None] | None = None
         self.active = 0                               # decode() streams open
@@ -220,7 +221,17 @@ class DecodeInstance:
 
     async def _decode(self, job: DecodeJob) -> AsyncIterator:
         rid = job.request_id
-        await self._check_decode(job)
+        # One call per id, checked and taken before any await: a second call with a running id must
+        # be refused without touching the first one's lease, which its clean-up below would drop (the
+        # first request would then go on without renewals; found by fuzzing).
+        if rid in self._decoding:
+            raise InvalidRequestError(f"request id {rid!r} is already running")
+        self._decoding.add(rid)
+        try:
+            await self._check_decode(job)
+        except BaseException:
+            self._decoding.discard(rid)
+            raise
         self._awaiting_decode.discard(rid)
         if job.placement is not None:
             self.leases[rid] = job.placement
@@ -241,6 +252,7 @@ class DecodeInstance:
         finally:
             self.leases.pop(rid, None)
             self._receiving.pop(rid, None)
+            self._decoding.discard(rid)
 
     async def abort(self, request_id: str) -> bool:
         self.leases.pop(request_id, None)

@@ -138,7 +138,6 @@ class PrefillInstance:
             raise InvalidRequestError(f"request {rid!r} is already being prefilled here")
         self.running.add(rid)
         try:
-            await self.check_destination(job)
             own_backend, layout = await self.engine.kv_info()
             if job.receiver_layout is not None and job.receiver_layout != layout:
                 raise InvalidRequestError(f"KV layout mismatch: this prefill instance has {layout}, the "
@@ -147,6 +146,7 @@ class PrefillInstance:
             if job.sink.backend != own_backend:
                 raise InvalidRequestError(f"this prefill instance sends KV over {own_backend!r}, not "
                                           f"{job.sink.backend[:64]!r}")
+            await self.check_destination(job)      # what the request says is sound: is it placed there?
         except BaseException:
             self.running.discard(rid)
             raise

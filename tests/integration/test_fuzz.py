@@ -101,9 +101,19 @@ def test_a_prefill_id_is_refused_while_its_previous_call_cleans_up(deployment):
     back to back and concurrent, now each end quickly (served, refused as running, or the transfer
     to a dead receiver failed)."""
     from concurrent.futures import ThreadPoolExecutor
-    _, _, addresses = deployment
-    with ThreadPoolExecutor(3) as pool:
-        outs = list(pool.map(lambda _: send(addresses["prefill"], "Prefill.Prefill", _prefill("tcp", "same-id"),
-                                            timeout=30), range(9)))
+    _, target, addresses = deployment
+    # placed on the decode instance (on 127.0.0.1, where the destination's receiver is), so prefill
+    # accepts the destination and the calls reach the engine
+    placed = send(addresses["kvstore"], "KVStore.Reserve", kvstore_pb2.ReserveRequest(
+        request_id="same-id", num_tokens=3, max_new_tokens=1, instance_id=target.decode_instance))
+    assert placed.code == "OK", placed
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            outs = list(pool.map(lambda _: send(addresses["prefill"], "Prefill.Prefill",
+                                                _prefill("tcp", "same-id"), timeout=30), range(9)))
+    finally:
+        send(addresses["kvstore"], "KVStore.Release", kvstore_pb2.ReleaseRequest(request_id="same-id"))
     assert all(o.seconds < 10 for o in outs), [(o.code, o.details[:80], round(o.seconds, 1)) for o in outs]
     assert {o.code for o in outs} <= {"INVALID_ARGUMENT", "UNAVAILABLE"}, outs
+    assert "UNAVAILABLE" in {o.code for o in outs}, outs      # some reached the (failing) transfer
+
