@@ -65,6 +65,11 @@ def reserve(rpc, rid: str) -> common_pb2.Placement:
                                                           max_new_tokens=MAX_TOKENS)).placement
 
 
+def renew(rpc, placement: common_pb2.Placement) -> bool:
+    rpc.kvstore.Renew(kvstore_pb2.RenewRequest(request_id=placement.request_id, epoch=placement.epoch))
+    return True
+
+
 def rpc_error(fn) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         fn()
@@ -96,6 +101,7 @@ def test_stale_epoch_prepare_receive_and_decode_are_refused(rpc):
     assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert f"placement epoch {old.epoch} is stale (the live placement's is {new.epoch})" in err.details()
     assert all_free(rpc)                                             # nothing was reserved for it
+    renew(rpc, new)                 # nobody else renews it: a slow machine must not let it expire here
     dest = rpc.decode.PrepareReceive(decode_pb2.PrepareReceiveRequest(request_id=rid, placement=new)).destination
     assert dest.epoch == new.epoch and not all_free(rpc)
     # Decode of the prepared request with the old placement; a self-prefilled Decode with it
@@ -121,13 +127,17 @@ def test_a_request_prepared_under_a_replaced_placement_is_freed(rpc):
     assert not all_free(rpc)
     rpc.kvstore.Release(kvstore_pb2.ReleaseRequest(request_id=rid, epoch=old.epoch))
     new = reserve(rpc, rid)
-    wait_until(lambda: all_free(rpc), LEASE_S + 5, "the stale prepared request freed")
+    # (the new placement renewed meanwhile, as its router would: else it expires too)
+    wait_until(lambda: renew(rpc, new) and all_free(rpc), LEASE_S + 5, "the stale prepared request freed")
     assert rpc.store.get_placement(rid).epoch == new.epoch               # the new one is untouched
     rpc.kvstore.Release(kvstore_pb2.ReleaseRequest(request_id=rid, epoch=new.epoch))
     settled(rpc)
 
 
-def test_prefill_kv_with_a_stale_epoch_is_refused_by_the_receiver(rpc):
+def test_prefill_kv_with_a_stale_epoch_is_refused(rpc):
+    """Refused by the prefill instance before any KV leaves: it checks the destination against the
+    kvstore's live placement (the receivers' own refusal of a chunk of another epoch is
+    test_kv_transfer.py's)."""
     rid = rid_()
     live = reserve(rpc, rid)
     dest = rpc.decode.PrepareReceive(decode_pb2.PrepareReceiveRequest(request_id=rid, placement=live)).destination
@@ -139,12 +149,13 @@ def test_prefill_kv_with_a_stale_epoch_is_refused_by_the_receiver(rpc):
     err = rpc_error(lambda: list(rpc.prefill.Prefill(prefill_pb2.PrefillRequest(
         request_id=rid, token_ids=PROMPT, sampling=SAMPLING, placement=stale_placement, destination=dest))))
     assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
-    # a prefill holding the stale pair: its chunks reach the receiver, which refuses them
+    # a prefill holding the stale pair (which agree with each other): the live placement is newer
     err = rpc_error(lambda: list(rpc.prefill.Prefill(prefill_pb2.PrefillRequest(
         request_id=rid, token_ids=PROMPT, sampling=SAMPLING, placement=stale_placement, destination=stale_dest),
         timeout=60)))
-    assert err.code() is grpc.StatusCode.UNAVAILABLE
-    assert f"stale placement epoch: chunk of {rid} carries placement epoch {live.epoch - 1}" in err.details()
+    assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert (f"prepared for placement epoch {live.epoch - 1}, the kvstore's live placement has epoch {live.epoch}"
+            in err.details())
     assert rpc.decode.Abort(common_pb2.AbortRequest(request_id=rid)).found
     rpc.kvstore.Release(kvstore_pb2.ReleaseRequest(request_id=rid, epoch=live.epoch))
     settled(rpc)
