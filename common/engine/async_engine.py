@@ -222,7 +222,15 @@ class AsyncEngine:
                               max_new_tokens: int, epoch: int = 0) -> list:
         """Decode role: reserves the request's blocks in every KVP group; list[GroupSink]. `epoch`:
         its placement's; the receivers take only chunks that carry it."""
-        return await self.call(lambda e: e.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch))
+        def prepare(e: Any) -> list:
+            groups = e.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch)
+            # The reservation shows in the load (Stats, heartbeats, admission) as soon as the caller
+            # has its answer, not after the engine's next iteration.
+            self.stats = e.stats()
+            if self._recorder is not None:
+                self._recorder.load(self.stats)
+            return groups
+        return await self.call(prepare)
 
     async def kv_info(self) -> tuple[str, Any]:
         """(backend, KVLayout) of this engine's KV receivers / senders."""

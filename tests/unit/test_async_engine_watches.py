@@ -1,5 +1,6 @@
-"""AsyncEngine's KV watches when their waiter leaves: a prefill request whose client cancels (or whose
-wait times out) while its KV is in flight must not fail the engine when the transfer then finishes.
+"""AsyncEngine: its KV watches when their waiter leaves: a prefill request whose client cancels (or whose
+wait times out) while its KV is in flight must not fail the engine when the transfer then finishes;
+and a decode reservation shows in the engine's load as soon as it is made.
 
 The engine here is a stand-in exposing only what the watch logic touches (pure thread/future logic);
 the served path is covered by tests/integration/test_router.py and test_faults.py on real services."""
@@ -141,6 +142,49 @@ def test_kv_that_keeps_moving_is_waited_for_and_a_stalled_one_fails_fast():
             assert 0.7 <= time.monotonic() - t0 < 3.0
             await staller
         finally:
+            await ae.shutdown()
+
+    _run(main())
+
+
+class _PrepEngine(_KVEngine):
+    """prepare_receive reserves 4 of 10 blocks; the next step blocks until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.free = 10
+        self.prepared = False
+        self.release = threading.Event()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(total_blocks=(10,), free_blocks=(self.free,))
+
+    def prepare_receive(self, rid, num_tokens, max_new_tokens, epoch):
+        self.free -= 4
+        self.prepared = True
+        return []
+
+    def has_unfinished(self) -> bool:
+        return self.prepared
+
+    def step(self) -> list:
+        self.release.wait(10)
+        return []
+
+
+def test_a_reservation_shows_in_the_load_when_prepare_receive_returns():
+    """Stats (what heartbeats and admission read) count a prepared request's blocks at once, not after
+    the engine's next iteration (which may be long: here it waits)."""
+    fake = _PrepEngine()
+
+    async def main():
+        ae = await AsyncEngine.start(lambda: fake, name="decode-engine")
+        try:
+            assert ae.stats.free_blocks == (10,)
+            await ae.prepare_receive("r1", 40, 4, epoch=3)
+            assert ae.stats.free_blocks == (6,)
+        finally:
+            fake.release.set()
             await ae.shutdown()
 
     _run(main())
