@@ -36,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -49,19 +48,6 @@ def percentile(xs: list[float], q: float) -> float | None:
         return None
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
-
-
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 def peak_rss(cluster) -> dict[str, dict[str, int]]:
@@ -110,6 +96,7 @@ def stream(cluster, ids: list[int], max_tokens: int, on_progress=None, own_slo: 
 
 
 def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, args) -> dict:
+    from common.metrics import scrape, total
     from scripts.up import Cluster, ClusterConfig
     n = len(ids)
     pool_flags = ["--perf-model", "analytic"]

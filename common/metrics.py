@@ -681,3 +681,23 @@ def serve_metrics(port: int, registry: CollectorRegistry, host: str = "127.0.0.1
 def start_metrics_server(port: int, registry: CollectorRegistry, host: str = "127.0.0.1") -> int:
     """Starts the endpoint for the life of the process; returns the bound port."""
     return serve_metrics(port, registry, host).port
+
+
+# ---- reading an endpoint back (benchmarks, tests) ------------------------------------------------
+Samples = dict[tuple[str, frozenset], float]
+
+
+def scrape(url: str, timeout_s: float = 10.0) -> Samples:
+    """Every sample a /metrics endpoint exposes: {(name, frozenset(labels.items())): value}."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        text = resp.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)

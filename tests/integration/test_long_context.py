@@ -15,13 +15,12 @@ case (issue 12's CI size) is marked slow: the prefill alone takes minutes here (
 from __future__ import annotations
 
 import random
-import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from common.client import RouterClient
+from common.metrics import scrape, total
 from common.config import CacheConfig, EngineConfig
 from common.engine.engine import LLMEngine
 from common.model.random_hf import write_longctx_test_model
@@ -44,16 +43,6 @@ def model(tmp_path_factory) -> str:
     return str(write_longctx_test_model(tmp_path_factory.mktemp("longctx") / "mnemosyne-longctx-test", seed=0))
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 def reference(model: str, ids: list[int], max_model_len: int) -> tuple[list[int], list[float]]:

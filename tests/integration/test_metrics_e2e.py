@@ -2,14 +2,13 @@
 model): each family the services record is there with values that match the requests sent."""
 from __future__ import annotations
 
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from common.client import RouterClient
+from common.metrics import scrape, total
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
 
@@ -26,16 +25,6 @@ def prompt(n: int, seed: int = 0) -> list[int]:
 PROMPTS = [prompt(n, s) for s, n in enumerate((20, 150, 40, 200))]     # 2 short, 2 via prefill
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 def has(samples: dict, name: str) -> bool:
