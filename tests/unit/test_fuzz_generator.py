@@ -59,7 +59,7 @@ def test_membership_rpcs_only_name_fuzz_instances(cases):
     ("Router.Generate", fuzz.Outcome("INTERNAL", "internal error: KeyError"), True),
     ("Router.Generate", fuzz.Outcome("DEADLINE_EXCEEDED", seconds=20), True),
     ("KVStore.Renew", fuzz.Outcome("NOT_FOUND"), False),
-    ("Decode.Decode", fuzz.Outcome("NOT_FOUND"), True),
+    ("Decode.Stats", fuzz.Outcome("NOT_FOUND"), True),
     ("Prefill.Prefill", fuzz.Outcome("UNAVAILABLE", "cannot connect to KV receiver"), False),
     ("Decode.Decode", fuzz.Outcome("UNAVAILABLE", "worker rank 1 closed the connection"), True),
     ("KVStore.Heartbeat", fuzz.Outcome("RESOURCE_EXHAUSTED", "received metadata size exceeds hard limit"), True),
