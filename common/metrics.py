@@ -67,6 +67,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import start_http_server
 
 from common.errors import CapacityError, ConfigError, InvalidRequestError, PlacementError
+from common.rpc.handlers import run_first
 
 log = logging.getLogger(__name__)
 
@@ -623,26 +624,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             if code is not None and code != grpc.StatusCode.OK:
                 self.metrics.observe_rpc_error(method, code)
 
-        def wrap(behavior, streaming_response: bool):
-            if behavior is None:
-                return None
-            if streaming_response:
-                async def stream(request_or_iterator, context):
-                    context.add_done_callback(observe)
-                    async for item in behavior(request_or_iterator, context):
-                        yield item
-                return stream
+        async def watch(context: grpc.aio.ServicerContext) -> None:
+            context.add_done_callback(observe)
 
-            async def unary(request_or_iterator, context):
-                context.add_done_callback(observe)
-                return await behavior(request_or_iterator, context)
-            return unary
-
-        return handler._replace(
-            unary_unary=wrap(handler.unary_unary, False),
-            unary_stream=wrap(handler.unary_stream, True),
-            stream_unary=wrap(handler.stream_unary, False),
-            stream_stream=wrap(handler.stream_stream, True))
+        return run_first(handler, watch)
 
 
 # ---- the /metrics endpoint -----------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 import grpc
 
 from common.errors import ConfigError
+from common.rpc.handlers import run_first
 
 ROLES = ("router", "prefill", "decode", "kvstore")
 #: Services any authenticated peer may call (probes, grpcurl).
@@ -163,23 +164,4 @@ class RoleGate(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"{method} is not open to {caller} (allowed: {', '.join(sorted(roles))})")
 
-        def wrap(behavior, streaming_response: bool):
-            if behavior is None:
-                return None
-            if streaming_response:
-                async def stream(request_or_iterator, context):
-                    await check(context)
-                    async for item in behavior(request_or_iterator, context):
-                        yield item
-                return stream
-
-            async def unary(request_or_iterator, context):
-                await check(context)
-                return await behavior(request_or_iterator, context)
-            return unary
-
-        return handler._replace(
-            unary_unary=wrap(handler.unary_unary, False),
-            unary_stream=wrap(handler.unary_stream, True),
-            stream_unary=wrap(handler.stream_unary, False),
-            stream_stream=wrap(handler.stream_stream, True))
+        return run_first(handler, check)

@@ -2,7 +2,6 @@
 the session's real redis-server, and the `python -m services.kvstore` process."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from common.rpc.protos import kvstore_pb2_grpc
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.placement import rank, split_groups
 from services.kvstore.service import KVStoreService
+from tests.fixtures.loop import Loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,27 +70,11 @@ def test_rank_of_a_huge_request_is_quick():
 # ---- the gRPC service -------------------------------------------------------------------------
 
 
-class Loop:
-    """An asyncio loop in a background thread, so sync tests can drive async services."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout_s: float = 20.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
 
 @pytest.fixture
 def kvstore(redis_url):
     """start(**config overrides) -> (service, KVStoreStub); a fresh deployment each."""
-    loop, started = Loop(), []
+    loop, started = Loop(20.0), []
 
     def start(**overrides):
         cfg = KVStoreConfig(**{"port": 0, "redis_url": redis_url, "lease_s": 30.0,

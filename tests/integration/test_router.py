@@ -9,9 +9,7 @@ when no prefill instance is alive.
 """
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 import time
 import uuid
 
@@ -37,6 +35,7 @@ from services.prefill.service import PrefillService
 from services.router.config import RouterConfig
 from services.router.service import RouterService
 from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.loop import Loop
 from tests.fixtures.waiting import wait_until as _wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,22 +49,6 @@ def prompt(n: int, seed: int = 0) -> list[int]:
     return [(5 * i + 17 * seed + 1) % 300 + 10 for i in range(n)]
 
 
-class Loop:
-    """An asyncio loop in a background thread, so blocking tests can drive the async services."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout_s: float = 120.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
 
 def engine_config(model: str) -> EngineConfig:
     return EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=128),
@@ -75,7 +58,7 @@ def engine_config(model: str) -> EngineConfig:
 class Stack:
     def __init__(self, model: str, redis_url: str) -> None:
         self.model = model
-        self.loop = Loop()
+        self.loop = Loop(120.0)
         self.kv = self.loop.run(KVStoreService.start(KVStoreConfig(
             port=0, redis_url=redis_url, deployment=f"router-{uuid.uuid4().hex[:8]}", lease_s=5.0,
             reap_interval_s=0.1, grace_s=0.5)))
