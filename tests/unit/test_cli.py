@@ -199,15 +199,35 @@ def bad_cases(tiny: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-def test_bad_arguments_exit_2_with_one_line(tiny, tmp_path):
+def cli_in_process(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """`main(args)` in this process (no interpreter and torch import per case): its exit status and output."""
+    from common.cli import main
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException as e:                      # what would have been a traceback
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, 1, out, err + f"Traceback: {e!r}")
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
+# Run as a real `python -m common.cli` too: the interpreter's own exit path, an argparse error, a loaded model.
+SUBPROCESS_CASES = ("no subcommand", "unknown flag", "prompt too long")
+
+
+def test_bad_arguments_exit_2_with_one_line(tiny, tmp_path, capsys):
     failures = []
     for name, (args, needle) in bad_cases(tiny, tmp_path).items():
-        r = cli(*args)
-        lines = r.stderr.strip().splitlines()
-        ok = (r.returncode == 2 and len(lines) == 1 and lines[0].startswith("mnemosyne: error: ")
-              and needle in lines[0] and "Traceback" not in r.stderr and r.stdout == "")
-        if not ok:
-            failures.append(f"{name}: rc={r.returncode} stderr={r.stderr!r}")
+        runs = [cli_in_process(args, capsys)] + ([cli(*args)] if name in SUBPROCESS_CASES else [])
+        for r in runs:
+            lines = r.stderr.strip().splitlines()
+            ok = (r.returncode == 2 and len(lines) == 1 and lines[0].startswith("mnemosyne: error: ")
+                  and needle in lines[0] and "Traceback" not in r.stderr and r.stdout == "")
+            if not ok:
+                failures.append(f"{name}: rc={r.returncode} stderr={r.stderr!r}")
     assert not failures, "\n".join(failures)
 
 

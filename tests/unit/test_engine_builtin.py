@@ -2,17 +2,15 @@
 transformers loading the same GGUF file (float32), and answering a factual question."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
-from common.model.builtin import builtin_model_path
 from common.model.loader import load_checkpoint
 from common.model.tokenizer import load_tokenizer
 from common.sampling_params import SamplingParams
+from tests.fixtures.hf_models import builtin_hf_model
 
 STEPS = 32
 LOGPROB_TOL = 1e-4
@@ -37,11 +35,8 @@ def prompts(builtin):
 @pytest.fixture(scope="module")
 def hf_refs(prompts):
     """HF transformers on the same GGUF file (dequantized by transformers): greedy tokens + logprobs."""
-    from transformers import AutoModelForCausalLM
-    path = Path(builtin_model_path())
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
+    model = builtin_hf_model()
+    model.generation_config.eos_token_id = None         # the shared model's only other user reads weights
     refs = []
     with torch.inference_mode():
         for p in prompts:

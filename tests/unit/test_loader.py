@@ -17,7 +17,7 @@ from common.errors import ModelLoadError
 from common.model.builtin import builtin_model_path
 from common.model.gguf_loader import cache_key
 from common.model.loader import hf_weight_names, load_checkpoint
-from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.hf_models import builtin_hf_model, write_random_hf_model
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -240,11 +240,7 @@ def test_gguf_cache_key_follows_file_version(tmp_path):
 @pytest.fixture(scope="module")
 def builtin_reference() -> dict[str, torch.Tensor]:
     """transformers' own GGUF loading of the built-in model (dequantized + un-permuted), ~20 s."""
-    from transformers import AutoModelForCausalLM
-    path = Path(builtin_model_path())
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    return {k: v.detach() for k, v in builtin_hf_model().state_dict().items()}
 
 
 def test_builtin_gguf_matches_transformers(builtin_reference):
