@@ -307,12 +307,13 @@ class Cluster:
                                          password=self.redis_password)
                 self.redis_url = self.redis.start().url     # (assigned first: kill() finds it if interrupted)
             self._wait(self._spawn("kvstore", self._kvstore_args()))
-            # The two engines load side by side.
-            engines = [self._spawn("prefill", self._engine_args("prefill")),
-                       self._spawn("decode", self._engine_args("decode"))]
-            for svc in engines:
+            # The two engines and the router load side by side (the router needs only the kvstore: it asks
+            # it for a placement per request); start() returns when all three listen.
+            started = [self._spawn("prefill", self._engine_args("prefill")),
+                       self._spawn("decode", self._engine_args("decode")),
+                       self._spawn("router", self._router_args())]
+            for svc in started:
                 self._wait(svc)
-            self._wait(self._spawn("router", self._router_args()))
         except BaseException:
             self.stop()
             raise

@@ -33,6 +33,17 @@ from common.scheduler.scheduler import SchedulerOutput
 log = logging.getLogger(__name__)
 
 
+def worker_context():
+    """How local workers start: forked from a forkserver that imported the worker module (torch and the
+    model code) once per driver process, so a worker starts without seconds of imports, and a later grid
+    of the same process (a rebuilt instance, the next test) reuses it. The forkserver never runs torch
+    ops, so a fork of it carries no OpenMP or CUDA state; each worker takes the driver's environment of
+    the moment it starts (WorkerArgs.env), as a spawned interpreter would."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["common.parallel.worker"])
+    return ctx
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,10 +78,10 @@ class GridExecutor(Executor):
         ranks = list(range(1, world_size(pcfg)))
         try:
             if spawn_workers:
-                ctx = mp.get_context("spawn")
+                ctx = worker_context()
                 for rank in ranks:
                     args = WorkerArgs(rank, cfg, master_addr, self.master_port, self.control.port, timeout_s,
-                                      threads_per_worker, blocks_per_group, local=True)
+                                      threads_per_worker, blocks_per_group, local=True, env=dict(os.environ))
                     p = ctx.Process(target=worker_main, args=(args,), daemon=True, name=f"mnemosyne-worker-{rank}")
                     p.start()
                     self.procs.append(p)

@@ -51,7 +51,8 @@ class WorkerArgs:
     timeout_s: float = 120.0
     threads: int = 1
     blocks_per_group: int = 0
-    local: bool = True               # spawned by a local driver (exit when it dies)
+    local: bool = True               # started by a local driver (exit when it dies)
+    env: dict[str, str] | None = None    # a local driver's environment when it started this worker
 
 
 class Worker:
@@ -93,7 +94,9 @@ class Worker:
         self.kv.report_to(self.notify)
         ppid = os.getppid()
 
-        def driver_alive() -> str | None:        # a locally spawned worker exits with its driver
+        # A local worker exits with its driver: its parent is the driver's forkserver, which exits when
+        # the driver does (its pipe to the driver closes), so the parent changes.
+        def driver_alive() -> str | None:
             return "driver process exited" if self.args.local and os.getppid() != ppid else None
 
         pending: list = []                        # in-flight sends to the next stage (one step)
@@ -248,7 +251,11 @@ def unpack_partials(packed: torch.Tensor, heads: int, out_dtype: torch.dtype) ->
 
 
 def worker_main(args: WorkerArgs) -> None:
-    """Entry point of a worker process (spawned locally, or `mnemosyne worker` on another machine)."""
+    """Entry point of a worker process (forked by a local driver's forkserver, or `mnemosyne worker` on
+    another machine)."""
+    if args.env is not None:                  # the forkserver's environment is that of its own start
+        os.environ.clear()
+        os.environ.update(args.env)
     logging.basicConfig(level=os.environ.get("MNEMOSYNE_LOG", "WARNING"))
     torch.set_num_threads(args.threads)
     init_world(args.engine.parallel, args.rank, args.master_addr, args.master_port, args.timeout_s)

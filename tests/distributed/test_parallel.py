@@ -217,3 +217,45 @@ def test_a_failed_rendezvous_leaves_the_process_able_to_start_the_next_grid(gqa_
     del store
     with ParallelEngine(engine_config(gqa_uneven, spp=2)) as eng:
         assert_same(reference, eng.generate(PROMPTS, PARAMS))
+
+
+DRIVER = """
+import sys, time
+from common.config import CacheConfig, EngineConfig, ParallelConfig
+from common.parallel.driver import ParallelEngine
+if __name__ == "__main__":
+    eng = ParallelEngine(EngineConfig(model=sys.argv[1], cache=CacheConfig(block_size=16, num_blocks=32),
+                                      parallel=ParallelConfig(spp=2)))
+    print(" ".join(str(p.pid) for p in eng.executor.procs), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_exit_when_their_driver_is_killed(gqa_uneven, tmp_path):
+    """Local workers are forked by the driver's forkserver, not by the driver: SIGKILL of the driver (an
+    instance's main process) still ends every worker and the forkserver within seconds, no orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    import psutil
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    proc = subprocess.Popen([sys.executable, str(script), str(gqa_uneven)], cwd=root, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        line = proc.stdout.readline()                  # the grid is up (or the driver died: "")
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2, f"driver printed {line!r}"         # one per stage (the driver is apart)
+        helpers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.pid not in pids]
+        workers = [psutil.Process(p) for p in pids]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        gone, alive = psutil.wait_procs(workers + helpers, timeout=15)
+        assert not alive, f"still running 15 s after their driver was killed: {alive}"
+    finally:
+        proc.kill()
+        proc.wait(10)

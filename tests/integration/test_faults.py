@@ -85,12 +85,15 @@ def decode_all_free(cluster: Cluster) -> bool:
 
 
 def grid_workers(cluster: Cluster) -> list[psutil.Process]:
-    """The decode instance's worker processes (multiprocessing spawn children), rank order."""
+    """The decode instance's worker processes (children of its multiprocessing forkserver), rank order."""
     live = []
-    for p in psutil.Process(cluster.services["decode"].pid).children():
+    for server in psutil.Process(cluster.services["decode"].pid).children():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
-                live.append(p)
+            if "multiprocessing.forkserver" not in " ".join(server.cmdline()):
+                continue
+            for p in server.children():
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    live.append(p)
         except psutil.Error:
             pass                            # exited meanwhile
     return sorted(live, key=lambda p: p.create_time())
