@@ -3,11 +3,13 @@ Cluster: Redis, kvstore, one prefill and one decode instance, router; the built-
 impossible --ttft-slo-s is rejected by the router's admission (RESOURCE_EXHAUSTED), printed as one
 error line with exit status 2; a generous one is served. Top log-probabilities come back on both
 routes (decode-only and disaggregated, where the prefill instance samples the first token) as the
-offline engine computes them."""
+offline engine computes them. `mnemosyne bench serve` against the same deployment reports every request.
+One deployment for the whole module (starting one is most of its time)."""
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import uuid
@@ -135,3 +137,67 @@ def test_progress_lines_for_a_long_prompt_over_the_server(cluster: Cluster, tmp_
                             "--prompt-tokens", str(ids), "--max-tokens", "2", "--no-progress"], cwd=ROOT,
                            env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
     assert quiet.returncode == 0 and "prefill [" not in quiet.stderr, quiet.stderr
+
+
+# `mnemosyne bench serve`: N requests with SLOs a loaded 2-core CI machine must not miss.
+N = 6
+TTFT_SLO_S, TBT_SLO_S = 120.0, 30.0
+
+def q(values: list[float], p: int) -> float:
+    """numpy's default percentile (linear), independently of common/bench_serve.percentile."""
+    return values[0] if len(values) == 1 else statistics.quantiles(values, n=100, method="inclusive")[p - 1]
+
+
+@pytest.mark.parametrize("transport, api", [("grpc", "completions"), ("http", "completions"), ("http", "chat")])
+def test_bench_serve_reports_every_request(cluster, tmp_path, transport, api):
+    """`mnemosyne bench serve` as a subprocess, over gRPC and over the HTTP API: every planned request is in
+    the JSON with sane client-side timings, and the summary's percentiles, throughput and goodput agree with
+    the per-request records (recomputed here with statistics.quantiles, not the module's own percentile)."""
+    endpoint = f"grpc://{cluster.router_address}" if transport == "grpc" else cluster.http_url
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "common.cli", "bench", "serve", "--endpoint", endpoint, "--api", api,
+         "--rate", "8", "--num-requests", str(N), "--prompt-tokens", "8-24:0.5,40-60:0.5", "--output-tokens", "3-5",
+         "--seed", "7", "--ttft-slo-s", str(TTFT_SLO_S), "--tbt-slo-s", str(TBT_SLO_S), "--max-concurrency", "4",
+         "--json", str(out)],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "TTFT" in proc.stdout and "goodput" in proc.stdout and endpoint in proc.stdout
+    doc = json.loads(out.read_text())
+    recs, s = doc["requests"], doc["summary"]
+    assert doc["config"]["endpoint"] == endpoint and doc["model"]["name"] == "SmolLM2-135M-Instruct"
+
+    assert [r["index"] for r in recs] == list(range(N))
+    assert [r["outcome"] for r in recs] == ["ok"] * N, [r["message"] for r in recs]
+    for r in recs:
+        assert 0 <= r["scheduled_s"] <= r["sent_s"] < r["end_s"]
+        assert 0 < r["ttft_s"] <= r["e2e_s"] <= r["end_s"] - r["sent_s"] + 1e-3
+        assert r["ttft_s"] + sum(r["tbt_s"]) <= r["e2e_s"] + 1e-6
+        assert all(g >= 0 for g in r["tbt_s"])
+        assert 1 <= r["output_tokens"] <= r["output_tokens_requested"]
+        assert len(r["tbt_s"]) == r["output_tokens"] - 1          # this server streams one token per chunk
+        assert r["finish_reason"] in ("length", "stop") and r["request_id"] and r["route"] == "decode_only"
+        assert r["server_ttft_s"] is not None and r["server_ttft_s"] <= r["ttft_s"]
+        if api == "completions":
+            assert r["prompt_tokens"] == r["prompt_tokens_requested"]   # token-id prompts are exact
+        else:
+            assert r["prompt_tokens"] >= r["prompt_tokens_requested"]   # words + the chat template
+    assert any(r["prompt_tokens_requested"] >= 40 for r in recs) and any(r["prompt_tokens_requested"] <= 24
+                                                                         for r in recs)
+
+    ttfts = [r["ttft_s"] for r in recs]
+    gaps = [g for r in recs for g in r["tbt_s"]]
+    e2es = [r["e2e_s"] for r in recs]
+    for key, values, ps in (("ttft_s", ttfts, (50, 90, 99)), ("tbt_s", gaps, (50, 90, 99)), ("e2e_s", e2es, (50, 90))):
+        assert s[key]["mean"] == pytest.approx(statistics.mean(values))
+        for p in ps:
+            assert s[key][f"p{p}"] == pytest.approx(q(values, p)), (key, p)
+    assert s["ttft_s"]["p50"] <= s["ttft_s"]["p90"] <= s["ttft_s"]["p99"] <= max(ttfts)
+    duration = max(r["end_s"] for r in recs)
+    assert s["duration_s"] == pytest.approx(duration)
+    assert s["throughput_rps"] == pytest.approx(N / duration)
+    assert s["output_tokens_per_s"] == pytest.approx(sum(r["output_tokens"] for r in recs) / duration)
+    good = sum(r["ttft_s"] <= TTFT_SLO_S and max(r["tbt_s"], default=0) <= TBT_SLO_S for r in recs)
+    assert s["goodput"] == pytest.approx(good / N) and s["goodput"] == 1.0
+    assert (s["ok"], s["rejected"], s["error"], s["rejection_rate"], s["error_rate"]) == (N, 0, 0, 0.0, 0.0)
+    assert "p99 TBT" in s["goodput_criterion"]
