@@ -10,7 +10,7 @@ import logging
 import sys
 
 from common.errors import ConfigError, MnemosyneError
-from common.logs import setup_logging
+from common.logs import exit_process, setup_logging
 from common.rpc.server import serve_until_signal
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.service import KVStoreService
@@ -45,4 +45,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

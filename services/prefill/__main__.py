@@ -5,8 +5,7 @@ gracefully: NOT_SERVING, leave the kvstore, drain the requests in flight (--grac
 """
 from __future__ import annotations
 
-import sys
-
+from common.logs import exit_process
 from common.pool_service import run_pool_main
 from services.prefill.config import PrefillConfig
 
@@ -17,4 +16,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from common.errors import MnemosyneError
-from common.logs import setup_logging
+from common.logs import exit_process, setup_logging
 from common.tracing import setup_tracing, shutdown_tracing, tracer
 from common.rpc.server import serve_until_signal
 from services.router.config import RouterConfig
@@ -46,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
