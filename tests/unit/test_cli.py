@@ -1,5 +1,6 @@
-"""`mnemosyne` CLI, run as a real subprocess (`python -m common.cli`): --json output equals the
-in-process engine; every bad argument gives exit status 2 and one line on stderr, no traceback."""
+"""`mnemosyne` CLI, run as a real subprocess (`python -m common.cli`) and, where the interpreter's start
+is not what a test is about, as `main(argv)` in this process: --json output equals the in-process engine;
+every bad argument gives exit status 2 and one line on stderr, no traceback."""
 from __future__ import annotations
 
 import json
@@ -29,6 +30,21 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def cli_in_process(args: list[str], capsys) -> subprocess.CompletedProcess:
+    """`main(args)` in this process (no interpreter and torch import per case): its exit status and output."""
+    from common.cli import main
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    except BaseException as e:                      # what would have been a traceback
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, 1, out, err + f"Traceback: {e!r}")
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +85,11 @@ def test_json_from_prompt_tokens_equals_in_process_engine(tiny, tmp_path):
     assert out["text"] == load_tokenizer(tiny).decode(tokens, skip_special_tokens=True)
 
 
-def test_text_prompt_file_and_plain_output(tiny, tmp_path):
+def test_text_prompt_file_and_plain_output(tiny, tmp_path, capsys):
     f = tmp_path / "prompt.txt"
     f.write_text("The quick brown fox", encoding="utf-8")
-    r = cli("generate", "--model", tiny, "--prompt-file", str(f), "--max-tokens", "5", "--ignore-eos")
+    r = cli_in_process(["generate", "--model", tiny, "--prompt-file", str(f), "--max-tokens", "5", "--ignore-eos"],
+                       capsys)
     assert r.returncode == 0, r.stderr
     tok = load_tokenizer(tiny)
     tokens, _ = in_process(tiny, tok.encode("The quick brown fox"), SamplingParams(max_tokens=5, ignore_eos=True))
@@ -81,24 +98,24 @@ def test_text_prompt_file_and_plain_output(tiny, tmp_path):
     assert "prefill [" not in r.stderr                  # no progress bar unless stderr is a terminal
 
 
-def test_forced_progress_lines_go_to_stderr_and_end_at_the_prompt_length(tiny, tmp_path):
+def test_forced_progress_lines_go_to_stderr_and_end_at_the_prompt_length(tiny, tmp_path, capsys):
     f = tmp_path / "ids.json"
     f.write_text(json.dumps([(7 * i + 3) % 200 + 10 for i in range(200)]))
-    r = cli("generate", "--model", tiny, "--prompt-tokens", str(f), "--max-tokens", "2", "--ignore-eos",
-            "--chunk-size", "16", "--progress")
+    r = cli_in_process(["generate", "--model", tiny, "--prompt-tokens", str(f), "--max-tokens", "2", "--ignore-eos",
+                        "--chunk-size", "16", "--progress"], capsys)
     assert r.returncode == 0, r.stderr
     bars = [line for line in r.stderr.splitlines() if line.startswith("prefill [")]
     assert bars and "200/200 tokens  100%" in bars[-1] and "tokens/s" in bars[-1], r.stderr
     assert "prefill [" not in r.stdout and r.stdout.endswith("\n")
 
 
-def test_top_logprobs_json_and_table(tiny, tmp_path):
+def test_top_logprobs_json_and_table(tiny, tmp_path, capsys):
     """--top-logprobs K: the same tokens and logprobs as without, K sorted [token_id, logprob] per
     token in --json (the chosen token's entry equal to its logprob), and a table in plain output."""
     f = tmp_path / "ids.json"
     f.write_text(json.dumps([5, 17, 99, 250, 31]))
     args = ("generate", "--model", tiny, "--prompt-tokens", str(f), "--max-tokens", "4", "--ignore-eos")
-    r = cli(*args, "--top-logprobs", "3", "--json")
+    r = cli_in_process([*args, "--top-logprobs", "3", "--json"], capsys)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) == JSON_KEYS | {"top_logprobs"}
@@ -108,7 +125,7 @@ def test_top_logprobs_json_and_table(tiny, tmp_path):
     for token, lp, top in zip(out["token_ids"], out["logprobs"], out["top_logprobs"]):
         assert len(top) == 3 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
         assert top[0] == [token, lp]                                    # greedy: the argmax, same float
-    plain = cli(*args, "--top-logprobs", "2")
+    plain = cli_in_process([*args, "--top-logprobs", "2"], capsys)
     assert plain.returncode == 0, plain.stderr
     table = plain.stdout.splitlines()
     assert "[top 2 logprobs per generated token]" in table
@@ -117,10 +134,10 @@ def test_top_logprobs_json_and_table(tiny, tmp_path):
     assert all(row.count(" | ") == 1 and row.split(" | ")[1].count(", ") == 1 for row in rows)
 
 
-def test_sampling_flags_are_seeded(tiny):
+def test_sampling_flags_are_seeded(tiny, capsys):
     args = ("generate", "--model", tiny, "--prompt", "hello", "--max-tokens", "8", "--ignore-eos",
             "--temperature", "1.5", "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--json")
-    a, b = cli(*args), cli(*args)
+    a, b = cli_in_process(list(args), capsys), cli_in_process(list(args), capsys)
     assert a.returncode == 0, a.stderr
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
 
@@ -197,21 +214,6 @@ def bad_cases(tiny: str, tmp: Path) -> dict[str, tuple[list[str], str]]:
         "server port out of range": (gen + ["--prompt", "hi", "--server", "localhost:70000"], "port must be"),
         "server ipv6 unclosed": (gen + ["--prompt", "hi", "--server", "[::1:5"], "[IPv6]:PORT"),
     }
-
-
-def cli_in_process(args: list[str], capsys) -> subprocess.CompletedProcess:
-    """`main(args)` in this process (no interpreter and torch import per case): its exit status and output."""
-    from common.cli import main
-    capsys.readouterr()
-    try:
-        rc = main(args)
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else 1
-    except BaseException as e:                      # what would have been a traceback
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, 1, out, err + f"Traceback: {e!r}")
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, rc, out, err)
 
 
 # Run as a real `python -m common.cli` too: the interpreter's own exit path, an argparse error, a loaded model.
