@@ -30,6 +30,7 @@ import atexit
 import dataclasses
 import errno
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -194,6 +195,13 @@ def fixed_ports(config: ClusterConfig) -> list[tuple[str, int]]:
     has one, --http-port (0 = a free one, not listed). Every other port is a free one."""
     ports = [("--port", config.router_port), ("--http-port", getattr(config, "http_port", None))]
     return [(flag, port) for flag, port in ports if type(port) is int and port > 0]
+
+
+def loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -457,6 +465,10 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k in RESERVED_ENV}
         env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.config.threads))
+        if loopback(self.config.host):
+            # NIXL's UCX would also listen on every network device's address; a loopback deployment
+            # keeps it on lo (an operator's own UCX_NET_DEVICES wins).
+            env.setdefault("UCX_NET_DEVICES", "lo")
         with open(log_path, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=ROOT, env=env,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

@@ -4,6 +4,7 @@ Collectives are no-ops at size 1.
 """
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,9 +47,22 @@ def stage_layers(num_layers: int, spp: int, stage: int) -> range:
 def master_store(host: str, port: int, cfg: ParallelConfig, timeout_s: float) -> dist.TCPStore:
     """The driver's rendezvous store, bound before any worker starts. Port 0 lets the OS pick a free
     port at bind time (no window between choosing and binding a port for another process to take);
-    `store.port` is what the workers are told."""
+    `store.port` is what the workers are told. torch's own server listens on every interface whatever
+    `host` says, so for a specific address (a local grid: 127.0.0.1) the socket is bound here, on that
+    address only, and handed to the store; "0.0.0.0" (workers on other machines) keeps torch's."""
+    listen_fd = None
+    if host not in ("", "0.0.0.0", "::"):
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.bind(addr)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        port, listen_fd = sock.getsockname()[1], sock.detach()      # the store owns the socket from here
     return dist.TCPStore(host, port, world_size(cfg), is_master=True, timeout=timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
+                         wait_for_workers=False, master_listen_fd=listen_fd)
 
 
 JOIN_TIMEOUT_S = 600.0             # how long the rendezvous waits for every rank to start (spawn, import torch)

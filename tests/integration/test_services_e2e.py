@@ -168,6 +168,27 @@ def test_eight_concurrent_requests_of_mixed_lengths(cluster, offline):
         store.close()
 
 
+def test_every_listening_socket_is_on_loopback(cluster, offline):
+    """make up binds 127.0.0.1: so does everything its processes open, not only the gRPC ports: the
+    grids' rendezvous store (torch's own listens on every interface), gloo, the KV receivers and
+    NIXL's UCX (which listens on every network device unless told otherwise). Checked after a
+    disaggregated request, so every KV path has been set up."""
+    assert tokens_of(events(cluster, LONG))[0] == offline(LONG).token_ids
+    wide = []
+    for name, svc in cluster.services.items():
+        root = psutil.Process(svc.pid)
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                conns = p.net_connections(kind="inet")
+            except psutil.Error:
+                continue                                # exited meanwhile
+            for c in conns:
+                ip = c.laddr.ip.removeprefix("::ffff:")
+                if c.status == psutil.CONN_LISTEN and ip not in ("127.0.0.1", "::1"):
+                    wide.append(f"{name} pid {p.pid} listens on {c.laddr.ip}:{c.laddr.port}")
+    assert not wide, "\n".join(wide)
+
+
 def test_client_cancel_frees_every_block_and_the_placement(cluster, offline):
     max_tokens = 200             # 280 + 200 tokens fit the decode grid (2 x 256)
     assert len(offline(CANCEL, max_tokens).token_ids) == max_tokens    # no EOS: it would run long
