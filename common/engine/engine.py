@@ -80,6 +80,11 @@ def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, 
                                   f"{max_model_len - 1} (max_model_len {max_model_len})")
 
 
+def kv_salt(cfg: EngineConfig) -> str:
+    """What an engine's K/V depend on besides the tokens: cached blocks are named under it."""
+    return f"model={cfg.model or 'builtin'}|dtype={cfg.dtype}|tp={cfg.parallel.tp}|spp={cfg.parallel.spp}"
+
+
 def needs_perf_model(cfg: EngineConfig) -> bool:
     """Adaptive chunking and LARS schedule with a performance model; any perf_model other than
     "saved" asks for one even without them (e.g. to publish it for admission)."""
@@ -109,7 +114,8 @@ class LLMEngine:
         m = p.kvp_tokens if p.kvp > 1 else self.max_model_len
         if p.kvp > 1 and p.kvp * m < self.max_model_len:
             self.max_model_len = p.kvp * m             # the grid cannot hold more than kvp * M tokens
-        self.blocks = KVPBlockManager(p.kvp, m, cfg.cache.total_blocks(), cfg.cache.block_size)
+        self.blocks = KVPBlockManager(p.kvp, m, cfg.cache.total_blocks(), cfg.cache.block_size,
+                                      prefix_caching=cfg.cache.prefix_caching, salt=kv_salt(cfg))
         self.executor: Executor = (executor or (lambda e: LocalExecutor(
             e.cfg, e.checkpoint, e.blocks.pools[0], e.max_model_len)))(self)
         self.scheduler: Scheduler | None = None
@@ -175,6 +181,7 @@ class LLMEngine:
         rid = request_id or f"req-{next(self._ids)}"
         req = self.make_request(rid, prompt_ids, params, arrival_s, ttft_deadline_s, tbt_slo_s)
         if kv_sink is not None:
+            req.cache_prefix = False            # its whole prompt's KV is computed, to stream it out
             self.kv.attach(rid, kv_sink)
         try:
             self.scheduler.add(req)
