@@ -45,6 +45,7 @@ class StepOutput:
     finish_reason: FinishReason | None
     error: str | None = None      # set when the request failed (e.g. its KV never arrived)
     top_logprobs: TopLogprobs = ()  # the token's position: SamplingParams.top_logprobs most likely tokens
+    num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class GenerationResult:
     ttft_s: float
     tbt_s: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)   # one per token, when asked
+    num_cached_tokens: int = 0              # prompt tokens whose KV came from the prefix cache
 
 
 def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:
@@ -273,7 +275,8 @@ class LLMEngine:
                     self.executor.forget(req.request_id)
                 outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
                                        req.num_computed, req.prompt_len, req.finish_reason,
-                                       top_logprobs=res.top_logprobs.get(req.request_id, ())))
+                                       top_logprobs=res.top_logprobs.get(req.request_id, ()),
+                                       num_cached_tokens=req.num_cached_tokens))
         self.streams.publish(outs)
         return outs
 
@@ -347,6 +350,7 @@ def generate_all(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
             res = results[o.request_id]
             if not res.token_ids:
                 res.ttft_s = now - t0
+                res.num_cached_tokens = o.num_cached_tokens
             else:
                 res.tbt_s.append(now - last[o.request_id])
             last[o.request_id] = now
