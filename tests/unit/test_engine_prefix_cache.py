@@ -159,3 +159,29 @@ def test_caching_off_prefills_everything(checkpoint):
     res = engine.generate([doc + [5, 6]], GREEDY)[0]
     assert res.num_cached_tokens == 0 and [s for rid, s, n in calls if rid == "req-1"][0] == 0
     assert engine.pool.num_cached == 0
+
+
+def test_metrics_count_hit_tokens_and_only_computed_prompt_tokens(checkpoint):
+    """The engine thread's StepRecorder: query and hit tokens per started request; the prompt tokens
+    counted as computed leave the cached prefix out; the cached blocks show as reclaimable."""
+    from common.engine.async_engine import StepRecorder
+    from common.metrics import Metrics, new_registry
+    registry = new_registry(process_collector=False)
+    rec = StepRecorder(Metrics(registry, role="decode", pool="p", instance="d0", model_name="m"))
+    engine = make_engine(checkpoint)
+    doc = tokens(70, seed=40)
+    for prompt in (doc + [5], doc + [6, 7]):
+        rid = engine.add_request(prompt, GREEDY)
+        rec.track(rid, 0)
+        while engine.has_unfinished():
+            rec.step(0.01, engine.step(), engine.stats())
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, {"pool": "p", "role": "decode", "instance": "d0", **labels})
+
+    assert value("mnemosyne_prefix_cache_query_tokens_total", model_name="m") == 71 + 72
+    assert value("mnemosyne_prefix_cache_hit_tokens_total", model_name="m") == 64
+    assert value("mnemosyne_tokens_total", kind="prompt", model_name="m") == 71 + 72 - 64
+    cached = engine.pool.num_cached
+    assert cached > 0 and value("mnemosyne_kv_blocks_cached", group="0", tp_rank="0") == cached
+    assert value("mnemosyne_kv_blocks_free", group="0", tp_rank="0") == engine.pool.num_blocks
