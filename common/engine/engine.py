@@ -185,8 +185,7 @@ class LLMEngine:
         rid = request_id or f"req-{next(self._ids)}"
         req = self.make_request(rid, prompt_ids, params, arrival_s, ttft_deadline_s, tbt_slo_s)
         if kv_sink is not None:
-            req.cache_prefix = False            # its whole prompt's KV is computed, to stream it out
-            self.kv.attach(rid, kv_sink)
+            self.kv.attach(rid, kv_sink)        # a reused prefix's KV streams from the cache
         try:
             self.scheduler.add(req)
         except BaseException:
