@@ -43,7 +43,6 @@ class Request:
     num_preemptions: int = 0
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
-    cache_prefix: bool = True                # may start from a cached prefix (not when its KV streams out)
     num_cached_tokens: int = 0               # prompt tokens whose KV came from the prefix cache
     block_hashes: list[bytes] = field(default_factory=list, repr=False)   # names of its full blocks
 

@@ -297,7 +297,7 @@ class Scheduler:
         return hashes if len(hashes) == num_tokens // bs else hashes[:num_tokens // bs]
 
     def _may_reuse(self, req: Request) -> bool:
-        return self.caching and req.cache_prefix and req.next_pos == 0 and req.status is Status.WAITING
+        return self.caching and req.next_pos == 0 and req.status is Status.WAITING
 
     def cached_prefix(self, req: Request) -> int:
         """Tokens of the longest cached full-block prefix a starting request would reuse (0 if none)."""
