@@ -190,13 +190,13 @@ class Scheduler:
             if req.request_id in scheduled or req.request_id not in self.requests \
                     or not self._fits_alone(req):
                 continue
-            self._reuse_prefix(req)
+            reused = self._reuse_prefix(req)
             n = self.chunk_for(req, budget)
-            if n <= 0:
-                self._drop_prefix(req)
-                continue
-            if not take(req, n):
-                self._drop_prefix(req)
+            if n <= 0 or not take(req, n):
+                if reused:
+                    self._drop_prefix(req)
+                if n <= 0:
+                    continue
                 break
             budget -= n
             req.last_chunk = n
@@ -239,13 +239,10 @@ class Scheduler:
             req = self.requests.get(view.request_id)
             if req is None or req.request_id in out.preempted:
                 return False                               # preempted while this batch was planned
-            if req.next_pos == 0 and view.num_computed and self._reuse_prefix(req) != view.num_computed:
-                self._drop_prefix(req)                     # part of its prefix was evicted meanwhile
-                return False
-            if req.next_pos != view.num_computed:
-                return False
-            if not self._take(req, n, out, scheduled):
-                self._drop_prefix(req)
+            reused = self._reuse_prefix(req) if req.next_pos == 0 and view.num_computed else 0
+            if req.next_pos != view.num_computed or not self._take(req, n, out, scheduled):
+                if reused:                                 # (part of its prefix was evicted meanwhile)
+                    self._drop_prefix(req)
                 return False
             return True
 
@@ -316,12 +313,12 @@ class Scheduler:
         return n
 
     def _drop_prefix(self, req: Request) -> None:
-        """Undoes _reuse_prefix for a request that got no chunk: its blocks go back to the cache."""
-        if req.status is Status.WAITING and req.num_computed and not req.num_inflight:
-            self.pool.free(req.request_id)
-            req.num_computed = 0
-            if req.num_preemptions == 0:
-                req.num_cached_tokens = 0
+        """Undoes _reuse_prefix (that reused something) for a request that got no chunk this step:
+        its blocks go back to the cache."""
+        self.pool.free(req.request_id)
+        req.num_computed = 0
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = 0
 
     def chunk_for(self, req: Request, budget: int) -> int:
         n = min(req.unscheduled, self.cfg.chunk_size, budget)

@@ -300,3 +300,22 @@ def test_a_prefix_whose_chunk_cannot_be_scheduled_goes_back_to_the_cache():
     steps = run_all(s)
     assert steps[0] == [("b", 20, 1)] and b.num_cached_tokens == 20
     assert s.pool.num_used == 0
+
+
+def test_a_waiting_request_with_received_kv_keeps_it_when_it_cannot_run():
+    """A decode-role request (its prompt's KV received: computed, waiting to decode) that gets no room
+    this step keeps its blocks: only a prefix taken from the cache in this step is given back."""
+    s = make_sched(blocks=8, chunk=24)
+    s.add(req("big", list(range(500, 524)), max_tokens=1))
+    out1 = s.schedule()                              # big: 6 blocks, in flight (not preemptible)
+    r = req("r", list(range(8)), max_tokens=4)
+    s.pool.allocate("r", 8)                          # what prepare_receive reserved
+    r.num_computed = 8
+    r.append(5, -1.0)
+    s.add(r)
+    out2 = s.schedule()                              # r's decode needs a third block: none is free
+    assert not out2.items and r.num_computed == 8 and len(s.pool.table("r")) == 2
+    s.pool.check()
+    s.postprocess(out1, {"big": (5, -1.0)})
+    run_all(s)
+    assert r.output_ids == [5] * 4 and s.pool.num_used == 0
