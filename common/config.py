@@ -122,6 +122,7 @@ class CacheConfig:
     block_size: int = 16               # tokens per KV block
     num_blocks: int | None = None      # KV blocks per KVP group (none: from max_kv_tokens)
     max_kv_tokens: int = 65536         # KV capacity per KVP group, tokens
+    prefix_caching: bool = True        # reuse the KV of cached full-block prompt prefixes (exact)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:

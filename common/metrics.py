@@ -40,6 +40,9 @@ model's name (the router's Frontend.name; a pool's --model-name or its checkpoin
 | mnemosyne_scheduler_running_decodes            | gauge     |                           | decode: requests in the decode phase |
 | mnemosyne_scheduler_waiting_requests           | gauge     |                           | prefill/decode: requests not yet scheduled |
 | mnemosyne_kv_blocks_used / _free               | gauge     | group, tp_rank            | prefill/decode workers (group: KVP group, or SPP stage on prefill) |
+| mnemosyne_kv_blocks_cached                     | gauge     | group, tp_rank            | prefill/decode: free blocks still holding a cached prefix (reclaimable, part of _free) |
+| mnemosyne_prefix_cache_query_tokens_total*     | counter   |                           | prefill/decode engines: prompt tokens of requests started here (looked up in the prefix cache) |
+| mnemosyne_prefix_cache_hit_tokens_total*       | counter   |                           | ... of them, tokens whose KV came from the cache (not computed); hit rate = hit / query |
 | mnemosyne_kv_block_size_tokens                 | gauge     |                           | prefill/decode (admission turns tokens into blocks) |
 | mnemosyne_kvp_group_tokens                     | gauge     |                           | decode: M, tokens per KVP group (0 = one group) |
 | mnemosyne_kv_transfer_bytes_total              | counter   | backend, direction        | prefill (send) / decode (recv) |
@@ -174,6 +177,15 @@ SPECS: tuple[Spec, ...] = (
          ("group", "tp_rank"), (), ("prefill", "decode")),
     Spec("mnemosyne_kv_blocks_free", "gauge", "KV cache blocks free, per worker.",
          ("group", "tp_rank"), (), ("prefill", "decode")),
+    Spec("mnemosyne_kv_blocks_cached", "gauge",
+         "KV cache blocks free but still holding a cached prefix (reclaimable, counted as free), per worker.",
+         ("group", "tp_rank"), (), ("prefill", "decode")),
+    Spec("mnemosyne_prefix_cache_query_tokens_total", "counter",
+         "Prompt tokens of the requests started on this instance (each looked up in the prefix cache).",
+         (), (), ("prefill", "decode"), per_model=True),
+    Spec("mnemosyne_prefix_cache_hit_tokens_total", "counter",
+         "Prompt tokens whose KV came from the prefix cache instead of being computed.",
+         (), (), ("prefill", "decode"), per_model=True),
     Spec("mnemosyne_kv_block_size_tokens", "gauge", "Tokens per KV cache block.",
          (), (), ("prefill", "decode")),
     Spec("mnemosyne_kvp_group_tokens", "gauge",
@@ -207,7 +219,8 @@ _PREINIT = {"mnemosyne_slo_requests_total", "mnemosyne_requests_finished_total",
             "mnemosyne_request_latency_seconds", "mnemosyne_active_requests",
             "mnemosyne_admission_queued_requests", "mnemosyne_scheduler_queued_prefill_tokens",
             "mnemosyne_scheduler_running_decodes", "mnemosyne_scheduler_waiting_requests",
-            "mnemosyne_kvstore_lease_expiries_total", "mnemosyne_kvstore_placements"}
+            "mnemosyne_kvstore_lease_expiries_total", "mnemosyne_kvstore_placements",
+            "mnemosyne_prefix_cache_query_tokens_total", "mnemosyne_prefix_cache_hit_tokens_total"}
 
 
 def exposed_names(spec: Spec) -> tuple[str, ...]:
@@ -471,10 +484,18 @@ class Metrics:
         self._child("mnemosyne_scheduler_running_decodes").set(running_decodes)
         self._child("mnemosyne_scheduler_waiting_requests").set(waiting_requests)
 
-    def set_kv_blocks(self, group: int, tp_rank: int, *, used: int, free: int) -> None:
+    def set_kv_blocks(self, group: int, tp_rank: int, *, used: int, free: int, cached: int = 0) -> None:
+        """`free` includes the `cached` blocks (reclaimable: an allocation evicts them)."""
         labels = {"group": str(group), "tp_rank": str(tp_rank)}
         self._child("mnemosyne_kv_blocks_used", **labels).set(used)
         self._child("mnemosyne_kv_blocks_free", **labels).set(free)
+        self._child("mnemosyne_kv_blocks_cached", **labels).set(cached)
+
+    def observe_prefix_cache(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """A request started here: its prompt tokens, and how many of them the prefix cache held."""
+        self._child("mnemosyne_prefix_cache_query_tokens_total").inc(prompt_tokens)
+        if hit_tokens:
+            self._child("mnemosyne_prefix_cache_hit_tokens_total").inc(hit_tokens)
 
     def set_kv_layout(self, block_size: int, kvp_tokens: int = 0) -> None:
         self._child("mnemosyne_kv_block_size_tokens").set(block_size)

@@ -72,15 +72,19 @@ class StepRecorder:
     def __init__(self, metrics: Any) -> None:
         self.metrics = metrics
         self._computed: dict[str, int] = {}
+        self._fresh: set[str] = set()            # started with nothing computed: a prefix-cache lookup
         # (seconds, count) of the iterations mnemosyne_iteration_seconds observed, for the load the
         # instance heartbeats (common/pool_load.py): one tuple, replaced whole, read from any thread.
         self.iterations: tuple[float, int] = (0.0, 0)
 
     def track(self, request_id: str, computed: int) -> None:
         self._computed[request_id] = computed
+        if computed == 0:
+            self._fresh.add(request_id)
 
     def forget(self, request_id: str) -> None:
         self._computed.pop(request_id, None)
+        self._fresh.discard(request_id)
 
     def step(self, seconds: float, outs: list, stats: EngineStats) -> None:
         chunks, generated, seqs = [], 0, 0
@@ -88,6 +92,10 @@ class StepRecorder:
             prev = self._computed.get(o.request_id)
             advanced = o.token_id is not None
             if prev is not None:
+                if o.request_id in self._fresh:       # its first step: the cached prefix was not computed
+                    self._fresh.discard(o.request_id)
+                    self.metrics.observe_prefix_cache(o.prompt_len, o.num_cached_tokens)
+                    prev = max(prev, o.num_cached_tokens)
                 if o.num_computed < prev:             # preempted: recomputes from the start
                     prev = 0
                 chunk = min(o.num_computed, o.prompt_len) - min(prev, o.prompt_len)
@@ -100,6 +108,7 @@ class StepRecorder:
             seqs += advanced
             if o.finish_reason is not None or o.error is not None:
                 self._computed.pop(o.request_id, None)
+                self._fresh.discard(o.request_id)
         if seqs:
             self.metrics.observe_iteration(seconds, seqs, chunk_tokens=chunks, generated_tokens=generated)
             total, count = self.iterations
@@ -110,8 +119,9 @@ class StepRecorder:
         self.metrics.set_scheduler_load(queued_prefill_tokens=stats.queued_prefill_tokens,
                                         running_decodes=stats.running_decodes,
                                         waiting_requests=stats.waiting)
-        for g, (total, free) in enumerate(zip(stats.total_blocks, stats.free_blocks)):
-            self.metrics.set_kv_blocks(g, 0, used=total - free, free=free)
+        cached = stats.cached_blocks or (0,) * len(stats.total_blocks)
+        for g, (total, free, c) in enumerate(zip(stats.total_blocks, stats.free_blocks, cached)):
+            self.metrics.set_kv_blocks(g, 0, used=total - free, free=free, cached=c)
 
 
 class _Stream:

@@ -45,6 +45,7 @@ class StepOutput:
     finish_reason: FinishReason | None
     error: str | None = None      # set when the request failed (e.g. its KV never arrived)
     top_logprobs: TopLogprobs = ()  # the token's position: SamplingParams.top_logprobs most likely tokens
+    num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class EngineStats:
     running: int = 0
     waiting: int = 0                        # queued, or awaiting their KV
     total_blocks: tuple[int, ...] = ()      # per KVP group
-    free_blocks: tuple[int, ...] = ()
+    free_blocks: tuple[int, ...] = ()       # including the cached ones (reclaimable)
+    cached_blocks: tuple[int, ...] = ()     # free blocks still holding a cached prefix
     queued_prefill_tokens: int = 0          # prompt tokens of unfinished requests not yet prefilled
     running_decodes: int = 0                # requests past their prefill
 
@@ -67,6 +69,7 @@ class GenerationResult:
     ttft_s: float
     tbt_s: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)   # one per token, when asked
+    num_cached_tokens: int = 0              # prompt tokens whose KV came from the prefix cache
 
 
 def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:
@@ -78,6 +81,11 @@ def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, 
     if len(prompt_ids) >= max_model_len:
         raise InvalidRequestError(f"prompt has {len(prompt_ids)} tokens; the model allows at most "
                                   f"{max_model_len - 1} (max_model_len {max_model_len})")
+
+
+def kv_salt(cfg: EngineConfig) -> str:
+    """What an engine's K/V depend on besides the tokens: cached blocks are named under it."""
+    return f"model={cfg.model or 'builtin'}|dtype={cfg.dtype}|tp={cfg.parallel.tp}|spp={cfg.parallel.spp}"
 
 
 def needs_perf_model(cfg: EngineConfig) -> bool:
@@ -109,7 +117,8 @@ class LLMEngine:
         m = p.kvp_tokens if p.kvp > 1 else self.max_model_len
         if p.kvp > 1 and p.kvp * m < self.max_model_len:
             self.max_model_len = p.kvp * m             # the grid cannot hold more than kvp * M tokens
-        self.blocks = KVPBlockManager(p.kvp, m, cfg.cache.total_blocks(), cfg.cache.block_size)
+        self.blocks = KVPBlockManager(p.kvp, m, cfg.cache.total_blocks(), cfg.cache.block_size,
+                                      prefix_caching=cfg.cache.prefix_caching, salt=kv_salt(cfg))
         self.executor: Executor = (executor or (lambda e: LocalExecutor(
             e.cfg, e.checkpoint, e.blocks.pools[0], e.max_model_len)))(self)
         self.scheduler: Scheduler | None = None
@@ -160,6 +169,7 @@ class LLMEngine:
         return EngineStats(running=len(sched.running), waiting=len(sched.waiting) + len(self.kv.awaiting),
                            total_blocks=tuple(p.num_blocks for p in pools),
                            free_blocks=tuple(p.num_free for p in pools),
+                           cached_blocks=tuple(p.num_cached for p in pools),
                            queued_prefill_tokens=sum(max(r.prompt_len - r.num_computed, 0) for r in reqs),
                            running_decodes=sum(1 for r in sched.running if r.num_computed >= r.prompt_len))
 
@@ -175,7 +185,7 @@ class LLMEngine:
         rid = request_id or f"req-{next(self._ids)}"
         req = self.make_request(rid, prompt_ids, params, arrival_s, ttft_deadline_s, tbt_slo_s)
         if kv_sink is not None:
-            self.kv.attach(rid, kv_sink)
+            self.kv.attach(rid, kv_sink)        # a reused prefix's KV streams from the cache
         try:
             self.scheduler.add(req)
         except BaseException:
@@ -266,7 +276,8 @@ class LLMEngine:
                     self.executor.forget(req.request_id)
                 outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
                                        req.num_computed, req.prompt_len, req.finish_reason,
-                                       top_logprobs=res.top_logprobs.get(req.request_id, ())))
+                                       top_logprobs=res.top_logprobs.get(req.request_id, ()),
+                                       num_cached_tokens=req.num_cached_tokens))
         self.streams.publish(outs)
         return outs
 
@@ -340,6 +351,7 @@ def generate_all(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
             res = results[o.request_id]
             if not res.token_ids:
                 res.ttft_s = now - t0
+                res.num_cached_tokens = o.num_cached_tokens
             else:
                 res.tbt_s.append(now - last[o.request_id])
             last[o.request_id] = now

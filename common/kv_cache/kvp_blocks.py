@@ -4,11 +4,20 @@ Group g holds the request's tokens [g*M, (g+1)*M) in its own pool. The manager h
 interface the scheduler uses (`can_allocate`, `allocate`, `free`, `blocks_for`, `num_blocks`,
 `num_free`, `check`) with token counts meaning the request's total tokens; `table()` returns one local
 block table per group.
+
+Prefix caching: the request's full blocks are named by one hash chain over its tokens (prefix.py);
+global block j (tokens [jB, (j+1)B)) lives in group j // (M / B), so a cached prefix spans the groups
+exactly as a live one does and `acquire` hands a new request, group by group, the blocks that hold its
+prefix. It needs M to be a multiple of the block size B (else a group's last block would be partial);
+the manager turns it off otherwise.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 from common.errors import CapacityError
 from common.kv_cache.block_pool import BlockPool
+from common.kv_cache.prefix import root_hash
 
 
 def kvp_split(num_tokens: int, max_new_tokens: int, kvp_tokens: int,
@@ -29,11 +38,16 @@ def kvp_split(num_tokens: int, max_new_tokens: int, kvp_tokens: int,
 
 
 class KVPBlockManager:
-    def __init__(self, kvp: int, kvp_tokens: int, blocks_per_group: int, block_size: int) -> None:
+    def __init__(self, kvp: int, kvp_tokens: int, blocks_per_group: int, block_size: int,
+                 prefix_caching: bool = False, salt: str = "") -> None:
+        """`salt`: what the K/V depend on besides the tokens (model, dtype, layout): see prefix.py."""
         self.kvp = kvp
         self.kvp_tokens = kvp_tokens
         self.block_size = block_size
-        self.pools = [BlockPool(blocks_per_group, block_size) for _ in range(kvp)]
+        self.prefix_caching = prefix_caching and (kvp == 1 or kvp_tokens % block_size == 0)
+        self.hash_root = root_hash(f"{salt}|block_size={block_size}|kvp_tokens={kvp_tokens if kvp > 1 else 0}")
+        self.group_blocks = kvp_tokens // block_size if kvp > 1 else None   # blocks of one group's M tokens
+        self.pools = [BlockPool(blocks_per_group, block_size, self.prefix_caching) for _ in range(kvp)]
 
     @property
     def max_tokens(self) -> int:
@@ -50,6 +64,14 @@ class KVPBlockManager:
     @property
     def num_used(self) -> int:
         return sum(p.num_used for p in self.pools)
+
+    @property
+    def num_cached(self) -> int:
+        return sum(p.num_cached for p in self.pools)
+
+    @property
+    def evictions(self) -> int:
+        return sum(p.evictions for p in self.pools)
 
     def split(self, num_tokens: int) -> list[int]:
         """Tokens of a request of `num_tokens` tokens that each group holds."""
@@ -75,6 +97,43 @@ class KVPBlockManager:
         for p, n in zip(self.pools, self.split(num_tokens)):
             if n:
                 p.allocate(request_id, n)
+
+    def _by_group(self, hashes: Sequence[bytes]) -> list[Sequence[bytes]]:
+        """The request's block hashes cut into each group's run (global block j -> group j // (M/B))."""
+        if self.group_blocks is None:
+            return [hashes]
+        g = self.group_blocks
+        return [hashes[k * g:(k + 1) * g] for k in range(self.kvp)]
+
+    def lookup(self, hashes: Sequence[bytes]) -> int:
+        """How many leading blocks named by `hashes` the groups hold."""
+        n = 0
+        for pool, run in zip(self.pools, self._by_group(hashes)):
+            k = pool.lookup(run)
+            n += k
+            if k < len(run) or not run:
+                break
+        return n
+
+    def acquire(self, request_id: str, hashes: Sequence[bytes]) -> int:
+        """Starts the request's tables with its longest cached prefix (BlockPool.acquire, group by
+        group); returns the blocks reused. The request must hold no blocks."""
+        if any(request_id in p.tables for p in self.pools):
+            raise ValueError(f"request {request_id} already has blocks")
+        n = 0
+        for pool, run in zip(self.pools, self._by_group(hashes)):
+            k = pool.acquire(request_id, run)
+            n += k
+            if k < len(run) or not run:
+                break
+        return n
+
+    def register(self, request_id: str, hashes: Sequence[bytes]) -> None:
+        """Names the request's full computed blocks, `hashes` covering them in token order."""
+        for pool, run in zip(self.pools, self._by_group(hashes)):
+            if not run:
+                break
+            pool.register(request_id, run)
 
     def table(self, request_id: str) -> list[list[int]]:
         return [list(p.table(request_id)) for p in self.pools]

@@ -23,7 +23,9 @@ Block ownership:
 - Once admitted, the Scheduler owns them as for any request: it frees them when the request
   finishes, is preempted or aborted. Holders never allocate or free blocks.
 - A prefill request's blocks are the Scheduler's throughout; what is in flight to the decode side are
-  staging copies the transfer owns (worker.py), so freeing the blocks early is safe.
+  staging copies the transfer owns (worker.py), so freeing the blocks early is safe. A request that
+  reused a cached prefix streams it too: the holders send the tokens before its first chunk that they
+  never sent (worker.py KVWorker.stream), from the shared blocks, with that chunk.
 """
 from __future__ import annotations
 
@@ -87,11 +89,12 @@ class KVConnectorScheduler:
         self.final.pop(rid, None)
 
     def sinks_for(self, items: list["ScheduledItem"]) -> dict[str, KVSink]:
-        """The sinks the holders learn with this step: those of requests starting their prompt."""
+        """The sinks the holders learn with this step: those of requests starting their prompt (at 0,
+        or after the prefix they reused from the cache: the holders send that prefix's KV first)."""
         if not self.sinks:
             return {}
         return {it.request.request_id: self.sinks[it.request.request_id] for it in items
-                if it.start == 0 and it.request.request_id in self.sinks}
+                if it.start in (0, it.request.num_cached_tokens) and it.request.request_id in self.sinks}
 
     def sampled(self, items: list["ScheduledItem"]) -> None:
         """After a step: a request that sampled its first token has sent its whole prompt."""

@@ -224,9 +224,13 @@ class KVWorker:
         sink = self.sinks.get(rid)
         if sink is None:
             return
-        k, v = gather_chunk(self.cache, table, start, start + n)      # [layers, n, Hkv, D] each
+        # Tokens before `start` never sent were not computed here: their KV came from the prefix
+        # cache (blocks of `table` too). They go first; the streamer skips whatever was sent already.
+        layers = self.cache.layers
         with self.lock:
-            self.streamer.send(rid, sink, self.cache.layers, start, k, v, last)
+            lo = min(start, self.streamer.sent_upto.get((rid, layers.start, layers.stop), 0))
+            k, v = gather_chunk(self.cache, table, lo, start + n)     # [layers, n', Hkv, D] each
+            self.streamer.send(rid, sink, layers, lo, k, v, last)
             if last:
                 self.sinks.pop(rid, None)
                 self.sealed.add(rid)

@@ -43,6 +43,8 @@ class Request:
     num_preemptions: int = 0
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
+    num_cached_tokens: int = 0               # prompt tokens whose KV came from the prefix cache
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)   # names of its full blocks
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +81,15 @@ class Request:
         if end <= p:
             return self.prompt_ids[start:end]
         return (self.prompt_ids + self.output_ids)[start:end]
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """token_ids without concatenating prompt and output (cheap for long sequences)."""
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:] + self.output_ids[:end - p]
 
     def append(self, token: int, logprob: float) -> None:
         """Records a sampled token and decides whether the request is done."""

@@ -12,6 +12,13 @@ Two ways to pick the prefill chunks, chosen by SchedulerConfig:
       the largest chunk whose predicted batch time fits the iteration budget (or the fixed size), at
       most one long prefill per batch, and allocates KV through the same preempting path as the core.
 A chunk never crosses a KVP group boundary (`kvp_tokens`) in either mode.
+
+Prefix caching (when the block pool has it on): a request about to start (nothing computed) first
+takes the blocks of its longest cached full-block prefix (`pool.acquire` over the hash chain of its
+tokens, never all its known tokens: the last one is computed for its logits), and its chunks start
+there (`num_computed` = the prefix), in both modes: the chunker, the policy and the planner see it as
+progress already made. If it then gets no chunk this step, the blocks go back to the cache. After a
+step, full blocks whose K/V are now computed are named (`pool.register`) for later requests.
 Torch-free: tested without a model. The performance model is injected (any `predict(BatchShape)`).
 """
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 from common.config import SchedulerConfig
 from common.errors import CapacityError, ConfigError, InvalidRequestError
 from common.kv_cache.block_pool import BlockPool
+from common.kv_cache.prefix import extend_hashes
 from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
 from common.scheduler.chunking import AdaptiveChunker, Chunker, ChunkingConfig, FixedChunker
@@ -91,6 +99,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.planned = cfg.policy != "fcfs" or cfg.chunking != "fixed"
+        self.caching = bool(getattr(pool, "prefix_caching", False))
         self.budget_s = cfg.iteration_budget(pipeline_depth)
         self.table: PrefillTable | None = None
         if self.planned:
@@ -181,10 +190,13 @@ class Scheduler:
             if req.request_id in scheduled or req.request_id not in self.requests \
                     or not self._fits_alone(req):
                 continue
+            reused = self._reuse_prefix(req)
             n = self.chunk_for(req, budget)
-            if n <= 0:
-                continue
-            if not take(req, n):
+            if n <= 0 or not take(req, n):
+                if reused:
+                    self._drop_prefix(req)
+                if n <= 0:
+                    continue
                 break
             budget -= n
             req.last_chunk = n
@@ -225,9 +237,14 @@ class Scheduler:
 
         def admit(view: ReqView, n: int) -> bool:
             req = self.requests.get(view.request_id)
-            if req is None or req.request_id in out.preempted or req.next_pos != view.num_computed:
+            if req is None or req.request_id in out.preempted:
                 return False                               # preempted while this batch was planned
-            return self._take(req, n, out, scheduled)
+            reused = self._reuse_prefix(req) if req.next_pos == 0 and view.num_computed else 0
+            if req.next_pos != view.num_computed or not self._take(req, n, out, scheduled):
+                if reused:                                 # (part of its prefix was evicted meanwhile)
+                    self._drop_prefix(req)
+                return False
+            return True
 
         anchors_before = {v.request_id: v.last_chunk for v in views}
         plan = plan_prefills(batch, views, now, policy=self.policy, chunker=self.chunker,
@@ -265,8 +282,43 @@ class Scheduler:
     def _view(self, req: Request) -> ReqView:
         """The request as the policy and chunker see it: its known tokens (prompt, plus generated ones
         when it recomputes after a preemption) are the prompt, `next_pos` of them are done."""
-        return ReqView(req.request_id, req.arrival_s, req.num_tokens, req.next_pos, len(req.output_ids),
+        return ReqView(req.request_id, req.arrival_s, req.num_tokens, req.next_pos or self.cached_prefix(req),
+                       len(req.output_ids),
                        req.ttft_deadline_s, req.tbt_slo_s, req.last_chunk, self.kvp_tokens)
+
+    # ---- prefix caching ----------------------------------------------------------------------------
+    def _hashes(self, req: Request, num_tokens: int) -> list[bytes]:
+        """Names of the full blocks of the request's first `num_tokens` tokens (cached on it)."""
+        bs = self.pool.block_size
+        hashes = extend_hashes(req.block_hashes, self.pool.hash_root, bs, num_tokens, req.tokens_between)
+        return hashes if len(hashes) == num_tokens // bs else hashes[:num_tokens // bs]
+
+    def _may_reuse(self, req: Request) -> bool:
+        return self.caching and req.next_pos == 0 and req.status is Status.WAITING
+
+    def cached_prefix(self, req: Request) -> int:
+        """Tokens of the longest cached full-block prefix a starting request would reuse (0 if none)."""
+        if not self._may_reuse(req):
+            return 0
+        return self.pool.lookup(self._hashes(req, req.num_tokens - 1)) * self.pool.block_size
+
+    def _reuse_prefix(self, req: Request) -> int:
+        """A starting request takes its cached prefix's blocks and starts after it; returns its length."""
+        if not self._may_reuse(req):
+            return 0
+        n = self.pool.acquire(req.request_id, self._hashes(req, req.num_tokens - 1)) * self.pool.block_size
+        req.num_computed = n
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = n
+        return n
+
+    def _drop_prefix(self, req: Request) -> None:
+        """Undoes _reuse_prefix (that reused something) for a request that got no chunk this step:
+        its blocks go back to the cache."""
+        self.pool.free(req.request_id)
+        req.num_computed = 0
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = 0
 
     def chunk_for(self, req: Request, budget: int) -> int:
         n = min(req.unscheduled, self.cfg.chunk_size, budget)
@@ -283,10 +335,16 @@ class Scheduler:
                 continue
             req.num_computed += item.num_tokens
             req.num_inflight -= item.num_tokens
+            bs = self.pool.block_size
+            crossed = req.num_computed // bs > (req.num_computed - item.num_tokens) // bs
+            if self.caching and crossed:
+                self.pool.register(req.request_id, self._hashes(req, req.num_computed))
             if item.sample:
                 token, logprob = sampled[req.request_id]
                 req.append(token, logprob)
                 if req.finish_reason is not None:
+                    if self.caching and not crossed:     # e.g. KV received from a prefill instance
+                        self.pool.register(req.request_id, self._hashes(req, req.num_computed))
                     self.running.remove(req)
                     del self.requests[req.request_id]
                     self.pool.free(req.request_id)

@@ -118,6 +118,29 @@ def test_streaming_request_preempted_and_recomputed_sends_each_token_once(model,
         assert e.pool.num_used == 0
 
 
+def test_prefill_reuses_its_prefix_cache_and_streams_the_reused_prefix(model, reference):
+    """The prefill engine first serves a request sharing PROMPT's first 85 tokens: 5 full blocks (80
+    tokens) stay cached. r1 reuses them, computes only tokens 80..89, and still streams the KV of all
+    90 tokens (the prefix from the shared blocks): the decode gives the single-process tokens."""
+    pre, dec = LLMEngine(config(model, "tcp")), LLMEngine(config(model, "tcp"))
+    pre.generate([PROMPT[:85] + [3, 4]], SamplingParams(max_tokens=1, ignore_eos=True))
+    items = []
+    run = pre.executor.runner.run
+
+    def recording(batch):
+        items.extend((it.request.request_id, it.start, it.num_tokens) for it in batch)
+        return run(batch)
+    pre.executor.runner.run = recording
+    groups = dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens)
+    first, status = run_prefill(pre, KVSink("tcp", 1 << 30, groups))
+    assert status == ("done", None), status
+    assert [(s, n) for rid, s, n in items if rid == "r1"] == [(80, 10)]
+    check(reference, *decode(dec, first))
+    for e in (pre, dec):
+        e.pool.check()
+        assert e.pool.num_used == 0
+
+
 @pytest.mark.parametrize("backend", ["tcp", "nixl"])
 def test_spp_grid_streams_to_kvp_grid(model, reference, backend):
     ctx = mp.get_context("spawn")

@@ -31,9 +31,11 @@ def checkpoint(tmp_path_factory):
     return load_checkpoint(str(path))
 
 
-def make_engine(checkpoint, *, block=16, num_blocks=64, perf_model=None, **sched) -> LLMEngine:
+def make_engine(checkpoint, *, block=16, num_blocks=64, perf_model=None, prefix_caching=True,
+                **sched) -> LLMEngine:
     sched.setdefault("chunk_size", 32)
-    cfg = EngineConfig(model="(preloaded)", cache=CacheConfig(block_size=block, num_blocks=num_blocks),
+    cfg = EngineConfig(model="(preloaded)", cache=CacheConfig(block_size=block, num_blocks=num_blocks,
+                                                             prefix_caching=prefix_caching),
                        scheduler=SchedulerConfig(**sched))
     return LLMEngine(cfg, checkpoint, perf_model=perf_model)
 
@@ -93,17 +95,19 @@ def test_streams_carry_top_logprobs(checkpoint):
 
 
 # ---- preemption ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("caching", [False, True], ids=["recompute", "prefix-cache"])
 @pytest.mark.parametrize("mode", ["fcfs-fixed", "lars-adaptive"])
-def test_request_preempted_mid_prefill_resumes_to_the_same_greedy_tokens(checkpoint, mode):
+def test_request_preempted_mid_prefill_resumes_to_the_same_greedy_tokens(checkpoint, mode, caching):
     """12 blocks of 16 tokens. `b` (40 tokens, decoding 40) arrives first, `a` (150 tokens) second.
     While `a` is mid-prefill the cache fills; `b`'s decode needs a block and the latest arrival, `a`,
-    is preempted: its KV is dropped and recomputed once `b` is done. Both match their solo runs."""
+    is preempted: its KV is dropped and recomputed once `b` is done (with prefix caching, from the
+    part of its full blocks still cached). Both match their solo runs."""
     b_prompt, a_prompt = prompts((40, 150), seed=1)
     b_params = SamplingParams(max_tokens=40, ignore_eos=True)
     ref_b, ref_a = alone(checkpoint, b_prompt, b_params), alone(checkpoint, a_prompt)
     kw = dict(chunk_size=32) if mode == "fcfs-fixed" else dict(
         policy="lars", chunking="adaptive", iteration_budget_s=0.006, perf_model=ATTN)
-    engine = make_engine(checkpoint, num_blocks=12, **kw)
+    engine = make_engine(checkpoint, num_blocks=12, prefix_caching=caching, **kw)
     calls = record_batches(engine)
     rb = engine.add_request(b_prompt, b_params, "b")
     first_b = []
@@ -135,7 +139,11 @@ def test_request_preempted_mid_prefill_resumes_to_the_same_greedy_tokens(checkpo
     assert got[ra] == ref_a and got[rb] == ref_b
     assert engine.pool.num_used == 0
     a_spans = [(s, n) for c in calls for r, s, n, _ in c if r == "a"]
-    assert [s for s, _ in a_spans].count(0) >= 2                # its prompt was started twice
+    restarts = [s for (s0, n0), (s, _) in zip(a_spans, a_spans[1:]) if s != s0 + n0]
+    if caching:                          # resumed after its cached full blocks, not from scratch
+        assert restarts and all(0 < s < len(a_prompt) and s % 16 == 0 for s in restarts), a_spans
+    else:
+        assert restarts and all(s == 0 for s in restarts), a_spans   # its prompt was started twice
 
 
 # ---- streaming and cancellation -------------------------------------------------------------------
