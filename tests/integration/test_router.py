@@ -407,3 +407,60 @@ def test_without_a_live_prefill_instance_long_prompts_take_the_short_path(stack,
         assert out.route == "decode_only" and out.token_ids == offline(ids).token_ids
     finally:
         stack.prefill = stack.start_prefill()
+
+
+def test_a_request_belongs_to_its_api_key(stack, offline, tmp_path):
+    """A router with API keys (alice; bob limited to one request at a time), beside the stack's: no key
+    or a wrong key is UNAUTHENTICATED; bob cannot abort alice's running request (PERMISSION_DENIED, and it
+    runs on to the offline answer); bob's second concurrent request is RESOURCE_EXHAUSTED; alice aborts her
+    own. The request ids are readable by anyone who can read Redis: knowing one is not owning it."""
+    from common.auth import add_key, bearer
+    keys = tmp_path / "keys.json"
+    add_key(keys, "alice", "alice-secret")
+    add_key(keys, "bob", "bob-secret", max_concurrent=1)
+    router = stack.loop.run(RouterService.start(RouterConfig(
+        kvstore=stack.kv.address, port=0, model=stack.model, short_prompt_tokens=SHORT, discovery_ttl_s=0.1,
+        grace_s=0.5, api_keys_file=str(keys))))
+    alice, bob = bearer("alice-secret"), bearer("bob-secret")
+    ids, n = prompt(100, 11), 200
+    want = offline(ids, n).token_ids
+    try:
+        with rpc_client.blocking_channel(router.address) as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            for metadata in ((), bearer("mallory-guess")):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Abort(common_pb2.AbortRequest(request_id="x"), metadata=metadata, timeout=10)
+                assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+            call = stub.Generate(RouterClient.request(token_ids=ids, max_tokens=n, request_id="alices"),
+                                 metadata=alice, timeout=120)
+            seen = []
+            for ev in call:                        # past the first tokens: running on the instances
+                seen.append(ev)
+                if sum(len(e.delta.token_ids) for e in seen if e.HasField("delta")) >= 2:
+                    break
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Abort(common_pb2.AbortRequest(request_id="alices"), metadata=bob, timeout=10)
+            assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert "another API key" in info.value.details()
+
+            held = stub.Generate(RouterClient.request(token_ids=ids, max_tokens=n, request_id="bob-1"),
+                                 metadata=bob, timeout=120)
+            assert next(iter(held)).WhichOneof("event") == "started"
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(RouterClient.request(token_ids=ids[:20], max_tokens=2, request_id="bob-2"),
+                                   metadata=bob, timeout=60))
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+            held.cancel()
+
+            rest = seen + list(call)
+            tokens = [t for e in rest if e.HasField("delta") for t in e.delta.token_ids]
+            assert tokens == want and rest[-1].finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+            mine = stub.Generate(RouterClient.request(token_ids=ids, max_tokens=LONG_RUN, request_id="alices-2"),
+                                 metadata=alice, timeout=120)
+            assert next(iter(mine)).WhichOneof("event") == "started"
+            assert stub.Abort(common_pb2.AbortRequest(request_id="alices-2"), metadata=alice, timeout=10).found
+            assert list(mine)[-1].finished.finish_reason == common_pb2.FINISH_REASON_ABORTED
+    finally:
+        stack.loop.run(router.stop())
+    wait_until(lambda: stack.engines_idle() and stack.placements() == 0, what="everything released")
