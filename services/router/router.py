@@ -560,6 +560,11 @@ class Router:
                 raise _rpc_error(who_decode, e) from None
             if st.reason is None:
                 raise WorkerFailedError(f"{who_decode} ended the stream without a finish")
+            if st.reason == "abort" and not st.aborted:
+                # Nobody here aborted it: the instance did (its placement's lease was lost, it shut
+                # down). That is a failure, never a normal end with status OK.
+                raise WorkerFailedError(f"{who_decode} aborted the request (its placement was lost or the "
+                                        "instance is stopping)")
             if tail is not None:
                 # The decode started only once all KV arrived, so PrefillDone is due now.
                 await asyncio.wait({tail}, timeout=self.config.rpc_timeout_s)
