@@ -68,9 +68,15 @@ def rank(instances: list[Instance], num_tokens: int, max_new_tokens: int) -> lis
     return out
 
 
+#: After an outage a lease runs at least this long: its holders' channels may need a moment to reach
+#: the kvstore again (and a short lease would be lost on the first renewal that comes late).
+OUTAGE_GRACE_S = 5.0
+
+
 class _AfterOutage:
     """The store, as the placement service uses it: after the kvstore (re)starts and after Redis
-    did not answer, the first call gives every live placement a full lease again (store.grace)
+    did not answer, the first call gives every live placement a full lease again, at least
+    OUTAGE_GRACE_S (store.grace)
     before anything else touches it, so that neither outage makes a lease expire that its holders
     would have renewed (they could not reach the kvstore or it could not reach Redis)."""
 
@@ -89,7 +95,7 @@ class _AfterOutage:
                 if self._outage:
                     with self._lock:
                         if self._outage:
-                            n = self._store.grace()
+                            n = self._store.grace(OUTAGE_GRACE_S)
                             self._outage = False
                             if n:
                                 log.warning("after an outage: %d lease(s) extended by a full lease", n)
