@@ -27,6 +27,7 @@ model's name (the router's Frontend.name; a pool's --model-name or its checkpoin
 | mnemosyne_slo_target_seconds                   | gauge     | slo, prompt_class         | router: TTFT from its SLO config, TBT the decode pool's published one (dashboard lines) |
 | mnemosyne_slo_objective_ratio                  | gauge     | slo                       | router, the objective (e.g. 0.99) for error budgets |
 | mnemosyne_admission_decisions_total*           | counter   | outcome, reason           | router (common/admission.py decisions) |
+| mnemosyne_request_retries_total                | counter   | reason                    | router: requests re-placed after an instance failed before their first token |
 | mnemosyne_admission_queued_requests            | gauge     |                           | router, admission queue length |
 | mnemosyne_admission_ttft_correction_ratio      | gauge     | member_role               | router: a pool's online TTFT correction, its ratio ... |
 | mnemosyne_admission_ttft_overhead_seconds      | gauge     | member_role               | ... and its fixed overhead (corrected = overhead + ratio x predicted) |
@@ -142,6 +143,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("mnemosyne_admission_decisions_total", "counter",
          "Admission decisions by outcome (admitted, queued, rejected) and reason.",
          ("outcome", "reason"), (), ("router",), per_model=True),
+    Spec("mnemosyne_request_retries_total", "counter",
+         "Requests the router placed again (a new attempt) because an instance failed before their first "
+         "token reached the client, by reason (the failure's error class).", ("reason",), (), ("router",)),
     Spec("mnemosyne_admission_queued_requests", "gauge",
          "Requests waiting in the router's admission queue.", (), (), ("router",)),
     Spec("mnemosyne_admission_ttft_correction_ratio", "gauge",
@@ -451,6 +455,9 @@ class Metrics:
         if outcome not in ADMISSION_OUTCOMES:
             raise ValueError(f"admission outcome must be one of {ADMISSION_OUTCOMES}, got {outcome!r}")
         self._child("mnemosyne_admission_decisions_total", outcome=outcome, reason=reason).inc()
+
+    def observe_retry(self, reason: str) -> None:
+        self._child("mnemosyne_request_retries_total", reason=reason).inc()
 
     def set_ttft_correction(self, member_role: str, ratio: float, overhead_s: float) -> None:
         self._child("mnemosyne_admission_ttft_correction_ratio", member_role=member_role).set(ratio)

@@ -71,10 +71,11 @@ def scheduling_info(engine: Any) -> SchedulingInfo:
                           int(engine.max_model_len))
 
 
-def build_engine(config: PoolConfig) -> Any:
-    """The engine of this instance (runs on the engine thread)."""
+def build_engine(config: PoolConfig, perf_model: Any = None) -> Any:
+    """The engine of this instance (runs on the engine thread). `perf_model`: one an earlier engine of
+    the same config built (a restart reuses it instead of calibrating again, seconds saved)."""
     from common.engine.engine import make_engine
-    return make_engine(config.engine, threads_per_worker=config.threads)
+    return make_engine(config.engine, threads_per_worker=config.threads, perf_model=perf_model)
 
 
 class PoolService:
@@ -178,7 +179,8 @@ class PoolService:
             await svc.stop()
             raise
         svc._supervisor = asyncio.create_task(keep_alive(
-            instance, lambda: build_engine(config), name=f"{cls.ROLE}-engine", on_down=svc._leave,
+            instance, lambda old: build_engine(config, old.perf_model),
+            name=f"{cls.ROLE}-engine", on_down=svc._leave,
             on_up=svc._rejoin, restart=config.restart_on_failure), name=f"{cls.ROLE}-supervisor")
         log.info("%s instance %s on %s (bound %s): %s, KV over %s", cls.ROLE, iid, svc.address,
                  server.address, ec.parallel, ec.kv_backend)

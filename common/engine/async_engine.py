@@ -3,7 +3,7 @@
 The engine (common/engine/engine.py LLMEngine, any executor) is a single-threaded object: every call
 goes through ONE thread, which owns the engine from construction to shutdown. AsyncEngine uses only
 the engine's typed interface: add_request, add_prefilled, prepare_receive, abort, step,
-has_unfinished, kv_status, kv_backend, kv_layout, stats(), shutdown(). The loop of that thread is:
+has_unfinished, check_alive, kv_status, kv_backend, kv_layout, stats(), shutdown(). The loop of that thread is:
 
     run queued commands (add_request, prepare_receive, abort, ...)   # in submission order
     step() if anything is unfinished, deliver each StepOutput to its request's asyncio queue
@@ -159,6 +159,7 @@ class AsyncEngine:
                                                         # rid -> (future, since, timeout_s)
         self._failing: dict[str, float] = {}            # thread-side: watch -> first "failed" seen
         self._engine: LLMEngine | None = None
+        self.perf_model: Any = None           # the closed engine's performance model (None while it runs)
         self._thread: threading.Thread | None = None
         self._failure: MnemosyneError | None = None
         self._stopping = False
@@ -383,6 +384,8 @@ class AsyncEngine:
             busy = e.has_unfinished()
             if not self._drain_commands(block=not busy and not self._watches):
                 return
+            if not busy:
+                e.check_alive()              # a lost worker fails the engine now, not at the next request
             t0 = time.perf_counter()
             outs = e.step() if e.has_unfinished() else []
             seconds = time.perf_counter() - t0
@@ -458,6 +461,7 @@ class AsyncEngine:
         e, self._engine = self._engine, None
         if e is None:
             return
+        self.perf_model = getattr(e, "perf_model", None)   # outlives the engine: a restart reuses it
         try:
             e.shutdown()                                # aborts what runs, then stops the executor
         except Exception:  # noqa: BLE001 - shutting down a failed grid must not raise
@@ -483,26 +487,31 @@ class AsyncEngine:
             raise WorkerFailedError(f"{self.name} is not running")
 
 
-async def keep_alive(holder: Any, factory: Callable[[], LLMEngine], *, name: str,
+async def keep_alive(holder: Any, factory: Callable[["AsyncEngine"], LLMEngine], *, name: str,
                      on_down: Callable[[MnemosyneError], Awaitable[None]], on_up: Callable[[], Awaitable[None]],
                      restart: bool = True, poll_s: float = 0.2) -> None:
     """Supervises `holder.engine` (an AsyncEngine) until cancelled. When it fails: `on_down(error)`
     (leave the pool: its requests have already failed), shut it down, then, if `restart`, build a
-    fresh one with `factory` (on its own thread), put it in `holder.engine` and `on_up()`."""
+    fresh one with `factory(the failed AsyncEngine)` on its own thread (it may reuse what did not die
+    with the workers: its `perf_model`), put it in `holder.engine` and `on_up()`."""
     while True:
         await asyncio.sleep(poll_s)
         err = holder.engine.failed
         if err is None:
             continue
+        t0 = time.monotonic()
         log.error("%s failed (%s): leaving the pool", name, err)
         await on_down(err)
-        await holder.engine.shutdown()
+        old = holder.engine
+        await old.shutdown()
+        t_down = time.monotonic()
         if not restart:
             return
         try:
-            holder.engine = await AsyncEngine.start(factory, name=name, metrics=holder.engine.metrics)
+            holder.engine = await AsyncEngine.start(lambda: factory(old), name=name, metrics=old.metrics)
             await on_up()
         except Exception:  # noqa: BLE001 - stay out of the pool; the process stays up to be inspected
             log.exception("%s: restart failed", name)
             return
-        log.info("%s restarted", name)
+        log.info("%s restarted in %.1f s (%.1f s to leave and shut down, %.1f s to build and rejoin)", name,
+                 time.monotonic() - t0, t_down - t0, time.monotonic() - t_down)

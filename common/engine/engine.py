@@ -239,6 +239,11 @@ class LLMEngine:
         self.kv.add_prefilled(req, kv_timeout_s)
         return request_id
 
+    def check_alive(self) -> None:
+        """WorkerFailedError when a worker process of the executor died (an idle engine steps no
+        grid, so nothing else would notice until its next request)."""
+        self.executor.check_alive()
+
     def kv_status(self, request_id: str) -> tuple[str, str | None]:
         """Prefill role: "pending" | "done" | "failed", reason."""
         return self.kv.kv_status(request_id)
@@ -255,6 +260,10 @@ class LLMEngine:
         """Fills the pipeline (at most `pipeline_depth` steps in flight), then completes the oldest."""
         self._check_open()
         outs = self.kv.admit_arrived()
+        for rid, reason in self.kv.failed_streams().items():     # prefill role: the KV has nowhere to go
+            req = self.scheduler.requests.get(rid)
+            if req is not None and self.abort(rid):
+                outs.append(self._ended(req, FinishReason.ABORT, f"KV of request {rid} could not be sent: {reason}"))
         while len(self.inflight) < self.executor.depth:
             sched = self.scheduler.schedule()
             if not sched.items:

@@ -79,6 +79,10 @@ class Executor(ABC):
     @abstractmethod
     def dump_kv(self, tables: list[list[int]], num_tokens: int, directory: str) -> list[str]: ...
 
+    def check_alive(self) -> None:
+        """WorkerFailedError when a process of this executor died (called while the engine idles,
+        when no step would notice). In-process executors have none to lose."""
+
     def shutdown(self) -> None:
         pass
 

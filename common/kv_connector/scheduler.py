@@ -103,6 +103,20 @@ class KVConnectorScheduler:
                 if it.sample:
                     self.sinks.pop(it.request.request_id, None)
 
+    def failed_streams(self) -> dict[str, str]:
+        """Requests still computing their prompt (no first token yet) whose KV stream already failed
+        at a holder (the receiver died, refused a chunk): {rid: reason}. Computing the rest of the
+        prompt cannot help; the engine ends them now, so the caller learns before any token."""
+        if not self.sinks:
+            return {}
+        self.poll()
+        out = {}
+        for rid in self.sinks:
+            failed = [reason for state, reason in self.sent.get(rid, {}).values() if state == "failed"]
+            if failed:
+                out[rid] = failed[0] or "KV transfer failed"
+        return out
+
     def last_progress(self, rid: str) -> float | None:
         """time.monotonic() of the last KV progress a holder reported for `rid` (None: none yet)."""
         return self.progress.get(rid)

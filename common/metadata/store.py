@@ -198,6 +198,24 @@ if #rids > 0 then redis.call('HINCRBY', KEYS[2], 'expired', #rids) end
 return rids
 """
 
+# KEYS: deadlines. ARGV: plc_prefix, min_ms. -> how many leases were extended. Every live placement's
+# lease runs at least max(its lease_ms, min_ms) from now (the kvstore or Redis was away: nobody could renew).
+_GRACE = _LUA_PRELUDE + """
+local now = now_ms()
+local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local n = 0
+for i = 1, #entries, 2 do
+  local rid, d = entries[i], tonumber(entries[i + 1])
+  local lease = math.max(tonumber(redis.call('HGET', ARGV[1] .. rid, 'lease_ms') or '0'), tonumber(ARGV[2]))
+  if now + lease > d then
+    redis.call('ZADD', KEYS[1], fmt(now + lease), rid)
+    redis.call('HSET', ARGV[1] .. rid, 'deadline_ms', fmt(now + lease))
+    n = n + 1
+  end
+end
+return n
+"""
+
 _DEPLOYMENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -245,7 +263,7 @@ class MetadataStore:
         s = self.redis.register_script
         self._register, self._heartbeat = s(_REGISTER), s(_HEARTBEAT)
         self._reserve, self._renew, self._release = s(_RESERVE), s(_RENEW), s(_RELEASE)
-        self._get, self._reap = s(_GET), s(_REAP)
+        self._get, self._reap, self._grace = s(_GET), s(_REAP), s(_GRACE)
 
     def close(self) -> None:
         self.redis.close()
@@ -396,6 +414,13 @@ class MetadataStore:
         run from several processes at once (each expiry is freed and counted once)."""
         return list(self._reap(keys=[self._deadlines, self._stats],
                                args=[self._plc_prefix, self._resv_prefix, limit]))
+
+    @_unavailable_on_redis_errors
+    def grace(self, min_s: float = 0.0) -> int:
+        """Gives every live placement a full lease (at least `min_s`) from now (none is shortened);
+        returns how many were extended. For the kvstore after it or Redis was away, when nobody could
+        renew."""
+        return int(self._grace(keys=[self._deadlines], args=[self._plc_prefix, _ms(min_s)]))
 
     @_unavailable_on_redis_errors
     def expired_total(self) -> int:

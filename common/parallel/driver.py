@@ -219,6 +219,11 @@ class GridExecutor(Executor):
                 return f"worker {p.name} exited with code {p.exitcode}"
         return None
 
+    def check_alive(self) -> None:
+        dead = None if self.closed else self._dead_worker()
+        if dead is not None:
+            raise WorkerFailedError(dead)
+
     def _check_open(self) -> None:
         if self.closed:
             raise WorkerFailedError("the engine is shut down")

@@ -76,10 +76,18 @@ def service_config(retry: RetryPolicy) -> str:
                                          "retryPolicy": retry.to_json()}]})
 
 
+#: A peer that restarts (the supervisor brings a killed kvstore back within seconds) is reached again
+#: within a second: gRPC's default reconnect backoff grows to 120 s, and meanwhile every call fails at
+#: once with "connection refused" although the peer is up (a lease renewed too late is lost).
+RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 1000))
+
+
 def _options(retry: RetryPolicy | None) -> list[tuple[str, Any]]:
     if retry is None:
-        return list(MESSAGE_OPTIONS)
-    return [*MESSAGE_OPTIONS, ("grpc.service_config", service_config(retry)), ("grpc.enable_retries", 1)]
+        return [*MESSAGE_OPTIONS, *RECONNECT_OPTIONS]
+    return [*MESSAGE_OPTIONS, *RECONNECT_OPTIONS, ("grpc.service_config", service_config(retry)),
+            ("grpc.enable_retries", 1)]
 
 
 def _with_deadline(details: Any, default_s: float) -> Any:

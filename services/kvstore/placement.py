@@ -13,11 +13,12 @@ that will hold KV on a decode instance is reserved here first.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 from common.errors import CapacityError, ConfigError, InvalidRequestError, PlacementError
 from common.kv_cache.kvp_blocks import kvp_split
-from common.metadata.store import MetadataStore
+from common.metadata.store import MetadataStore, StoreUnavailableError
 from common.metadata.types import GroupRange, Instance, LoadReport, Placement, check_id
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,44 @@ def rank(instances: list[Instance], num_tokens: int, max_new_tokens: int) -> lis
     return out
 
 
+#: After an outage a lease runs at least this long: its holders' channels may need a moment to reach
+#: the kvstore again (and a short lease would be lost on the first renewal that comes late).
+OUTAGE_GRACE_S = 5.0
+
+
+class _AfterOutage:
+    """The store, as the placement service uses it: after the kvstore (re)starts and after Redis
+    did not answer, the first call gives every live placement a full lease again, at least
+    OUTAGE_GRACE_S (store.grace)
+    before anything else touches it, so that neither outage makes a lease expire that its holders
+    would have renewed (they could not reach the kvstore or it could not reach Redis)."""
+
+    def __init__(self, store: MetadataStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._outage = True                       # starting: maybe after a crash
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._store, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            try:
+                if self._outage:
+                    with self._lock:
+                        if self._outage:
+                            n = self._store.grace(OUTAGE_GRACE_S)
+                            self._outage = False
+                            if n:
+                                log.warning("after an outage: %d lease(s) extended by a full lease", n)
+                return fn(*args, **kwargs)
+            except StoreUnavailableError:
+                self._outage = True
+                raise
+        return call
+
+
 class PlacementService:
     """Reserve / renew / release / expire placements, and instance membership, over the store.
 
@@ -81,7 +120,7 @@ class PlacementService:
             raise ConfigError(
                 f"placement: lease_s={lease_s} and instance_ttl_s={instance_ttl_s} must be "
                 f"positive, max_attempts={max_attempts} >= 1")
-        self.store = store
+        self.store = _AfterOutage(store)
         self.lease_s = lease_s
         self.instance_ttl_s = instance_ttl_s
         self.max_attempts = max_attempts

@@ -21,7 +21,7 @@ from common.engine.async_engine import AsyncEngine
 from common.kv_connector.types import KVSink
 from common.client import KVStoreClient
 from common.errors import (InvalidRequestError, KVTransferError, PermissionDeniedError, PlacementError,
-                           RequestAbortedError, StalePlacementError)
+                           RequestAbortedError, StalePlacementError, kv_transfer_error)
 from common.rpc.server import address_host
 from common.metrics import kv_transfer_bytes
 from common.sampling_params import SamplingParams, TopLogprobs
@@ -160,6 +160,8 @@ class PrefillInstance:
             t_first = None
             async with contextlib.aclosing(stream):
                 async for out in stream:
+                    if out.error is not None:            # the KV could not be sent: no first token
+                        raise kv_transfer_error(f"request {rid}: {out.error}")
                     if out.token_id is None and out.finish_reason is not None:
                         break                            # aborted before the first token
                     if kv_span is None and out.num_computed:

@@ -36,6 +36,9 @@ class RouterConfig:
     progress_timeout_s: float = 120.0     # a prefill that reports nothing (no progress, no first token) for this
                                           # long has stalled: the request fails (0 = wait up to request_timeout_s)
     rpc_timeout_s: float = 10.0           # deadline of every unary call
+    retries: int = 1                      # new attempts (a new placement) for a request whose instance failed before
+                                          # its first token reached the client (0 = fail it at once)
+    retry_wait_s: float = 30.0            # how long a retry waits for an instance to place it on (one restarting)
     discovery_ttl_s: float = 0.5          # how long a list of live instances is reused
     grace_s: float = 5.0                  # shutdown grace period
     deployment: str = "default"           # deployment name: the metrics' pool label; the pool admission watches
@@ -66,6 +69,8 @@ class RouterConfig:
         for name in ("short_prompt_tokens", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"router: {name} must be >= 1, got {getattr(self, name)}")
+        if self.retries < 0:
+            raise ConfigError(f"router: retries must be >= 0, got {self.retries}")
         if self.max_prompt_tokens < 0:
             raise ConfigError(f"router: max_prompt_tokens must be >= 0, got {self.max_prompt_tokens}")
         if self.kv_backend not in ("", "tcp", "nixl"):
@@ -75,7 +80,7 @@ class RouterConfig:
                 raise ConfigError(f"router: {name} must be in [-1, 65535], got {getattr(self, name)}")
         if self.prometheus_url and not self.prometheus_url.startswith(("http://", "https://")):
             raise ConfigError(f"router: prometheus_url must be http(s)://..., got {self.prometheus_url!r}")
-        for name in ("request_timeout_s", "rpc_timeout_s", "discovery_ttl_s", "scrape_interval_s",
+        for name in ("request_timeout_s", "rpc_timeout_s", "retry_wait_s", "discovery_ttl_s", "scrape_interval_s",
                      "max_queue_wait_s", "max_staleness_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"router: {name} must be positive, got {getattr(self, name)}")

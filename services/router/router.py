@@ -20,7 +20,8 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from common.client import KVStoreClient
-from common.errors import (CapacityError, InvalidRequestError, MnemosyneError, PermissionDeniedError, PlacementError,
+from common.errors import (CapacityError, InvalidRequestError, KVCorruptedError, KVTransferError, MnemosyneError,
+                           PermissionDeniedError, PlacementError, StalePlacementError, UnreachableError,
                            WorkerFailedError)
 from common.metadata.types import Instance, Placement, instance_request_id
 from common.model.tokenizer import IncrementalDecoder
@@ -42,6 +43,12 @@ from services.router.auth import ANONYMOUS, KeyRing, Principal
 from services.router.stops import StopMatcher
 
 log = logging.getLogger(__name__)
+
+#: Failures of an attempt that a new placement may hide (an instance died or stopped answering, a
+#: transfer failed, the placement went with the instance); see Router._retryable.
+RETRYABLE = (WorkerFailedError, KVTransferError, PlacementError)
+RETRY_POLL_S = 0.25                 # a retry asks the kvstore for room this often while none is free
+MAX_PLACEMENTS = 4                  # attempts of one request in all, counting those refused at once
 
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
           common_pb2.FINISH_REASON_ABORTED: "abort"}
@@ -116,6 +123,8 @@ class _Active:
     aborted: bool = False                               # Router.Abort
     reason: str | None = None                           # the decode instance's finish reason
     failure: MnemosyneError | None = None               # the prefill failed while decode ran
+    prefill_down: bool = False                          # the prefill instance died or stopped answering
+    working: bool = False                               # an instance took the attempt on (see _run)
     trace: object | None = None                         # the request's span context (the calls' parent)
 
 
@@ -261,6 +270,9 @@ class Router:
                 raise RetryLater(f"{e}; retry after {hint:.1f}s", hint) from e
             if st.prefill is not None:
                 self.discovery.inflight[st.prefill.instance_id] += 1
+            attempts_left = self.config.retries        # attempts an instance took on, then failed
+            placements_left = MAX_PLACEMENTS            # all attempts (one refused at once is cheap)
+            retry_until: float | None = None            # the retries' deadline (from the first failure)
             line.route = "disaggregated" if st.prefill else "decode_only"
             yield Started(rid, n, "disaggregated" if st.prefill else "decode_only",
                           st.prefill.instance_id if st.prefill else "", st.placement.instance_id,
@@ -268,31 +280,53 @@ class Router:
             relay = _Relay(self.frontend, t0, job.return_logprobs, rec)
             relay.queue_s = queue_s
             stops = StopMatcher(job.stop)
-            run = self._run(st, relay)
-            try:
-                async for ev in run:
-                    if isinstance(ev, Progress) and self.gate is not None:
-                        self.gate.progress(iid, ev.tokens_done)
-                    if relay.count and not st.ttft_seen:
-                        st.ttft_seen = True
-                        if self.gate is not None:
-                            self.gate.first_token(iid)
-                            self.gate.observe_ttft(decision, relay.ttft)
-                    if isinstance(ev, Delta) and stops.stops:
-                        ev = replace(ev, text=stops.push(ev.text))
-                    yield ev
-                    if stops.hit is not None:
-                        break                # a stop string: the instances are told to abort below
-                reason = "stop" if stops.hit is not None else st.reason
-            except asyncio.CancelledError:
-                if st.failure is not None:
-                    raise st.failure from None
-                if not st.aborted:
-                    outcome = "abort"
-                    raise
-                reason = "abort"
-            finally:
-                await run.aclose()
+            failure: MnemosyneError | None = None       # the last attempt's, when a retry is due
+            while True:
+                run = None
+                try:
+                    if failure is not None:
+                        st = await self._retry(rid, st, failure, n, max_new, retry_until)
+                        line.route = "disaggregated" if st.prefill else "decode_only"
+                    run = self._run(st, relay)
+                    async for ev in run:
+                        if isinstance(ev, Progress) and self.gate is not None:
+                            self.gate.progress(iid, ev.tokens_done)
+                        if relay.count and not st.ttft_seen:
+                            st.ttft_seen = True
+                            if self.gate is not None:
+                                self.gate.first_token(iid)
+                                self.gate.observe_ttft(decision, relay.ttft)
+                        if isinstance(ev, Delta) and stops.stops:
+                            ev = replace(ev, text=stops.push(ev.text))
+                        yield ev
+                        if stops.hit is not None:
+                            break            # a stop string: the instances are told to abort below
+                    reason = "stop" if stops.hit is not None else st.reason
+                except (asyncio.CancelledError, *RETRYABLE) as e:
+                    if isinstance(e, asyncio.CancelledError):
+                        if st.aborted or st.failure is None:
+                            if not st.aborted:
+                                outcome = "abort"
+                                raise
+                            reason = "abort"
+                            break
+                        e = st.failure
+                    # Each attempt an instance took on and failed uses a retry; one refused at once
+                    # (an instance that died but is still listed) only a placement.
+                    placements_left -= 1
+                    if st.working:
+                        attempts_left -= 1
+                    if not self._retryable(st, e, relay) or attempts_left < 0 or placements_left <= 0 \
+                            or (retry_until is not None and time.monotonic() >= retry_until):
+                        raise self._after_tokens(e, relay) from None
+                    failure = e
+                    if retry_until is None:
+                        retry_until = time.monotonic() + self.config.retry_wait_s
+                    continue
+                finally:
+                    if run is not None:
+                        await run.aclose()
+                break
             tail = relay.flush()
             text = stops.push(tail.text if tail is not None else "") + stops.flush()
             if text:
@@ -330,6 +364,73 @@ class Router:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
                 pass            # the client is gone; the cleanup goes on, tracked in _cleanups
+
+    # ---- retry ---------------------------------------------------------------------------------
+    @staticmethod
+    def _retryable(st: _Active, e: BaseException, relay: _Relay) -> bool:
+        """A failure a new attempt elsewhere can hide: an instance or a transfer failed (not the
+        KV's checksum: the same sender would corrupt it again), or the placement was lost with it,
+        and no token has reached the client yet (after one, the client would see a seam)."""
+        return (isinstance(e, RETRYABLE) and not isinstance(e, (KVCorruptedError, StalePlacementError))
+                and relay.count == 0 and not st.aborted)
+
+    @staticmethod
+    def _after_tokens(e: MnemosyneError, relay: _Relay) -> MnemosyneError:
+        """The error the client gets; after streamed tokens it says so (the request was not retried,
+        so the tokens already sent are all there is)."""
+        if relay.count == 0:
+            return e
+        return type(e)(f"{e} (after {relay.count} token(s) were streamed: not retried; the text so far is "
+                       "incomplete)")
+
+    async def _retry(self, rid: str, old: _Active, failure: MnemosyneError, n: int, max_new: int,
+                     deadline: float) -> _Active:
+        """Ends the failed attempt `old` (its calls cancelled, the instances told to abort, its placement
+        released) and places the request again under a new instance-side id: on another live prefill
+        instance if there is one, on whichever decode instance the kvstore picks (the failed one left
+        the pool; it may come back). Waits until `deadline` for room; then fails with `failure`."""
+        reason = type(failure).__name__
+        log.warning("request %s: %s; retrying (a new placement)", rid, failure)
+        if self.metrics is not None:
+            self.metrics.observe_retry(reason)
+        # A prefill instance that died is not asked again: another one, else the decode instance
+        # prefills the request itself (slower for a long prompt, but it does not wait for a restart).
+        failed_prefill = old.prefill.instance_id if old.prefill is not None and old.prefill_down else None
+        for call in old.calls:
+            call.cancel()
+        await self._cleanup(old, finished=False)
+        old.prefill, old.placement, old.decode_called, old.calls = None, None, False, []   # cleaned up once
+        st = _Active(replace(old.job, request_id=instance_request_id(rid)), owner=old.owner,
+                     deadline_s=old.deadline_s, tbt_slo_s=old.tbt_slo_s, trace=old.trace)
+        self.active[rid] = st                        # Router.abort reaches the new attempt
+        if not old.working:
+            await asyncio.sleep(RETRY_POLL_S)        # refused at once: give a dead instance time to leave
+        last: BaseException = failure
+        prefill: Instance | None = None
+        while not st.aborted:
+            try:
+                if n >= self.config.short_prompt_tokens:
+                    live = await self.discovery.instances("prefill", fresh=True)
+                    live = [i for i in live if i.instance_id != failed_prefill]
+                    prefill = min(live, key=lambda i: (self.discovery.inflight[i.instance_id], i.instance_id),
+                                  default=None)
+                st.placement = await self.kvstore.reserve(st.job.request_id, n, max_new)
+                break
+            except MnemosyneError as e:               # no room (the instance restarting) or kvstore away
+                last = e
+            if time.monotonic() >= deadline:
+                raise type(failure)(f"{failure}; retried, but no instance could take the request within "
+                                    f"{self.config.retry_wait_s:g} s (last: {last})")
+            await asyncio.sleep(RETRY_POLL_S)
+        if prefill is not None and st.placement is not None:
+            st.prefill = prefill
+            self.discovery.inflight[prefill.instance_id] += 1
+        if st.aborted:
+            old.aborted = True                       # generate() ends it as an abort, not a failure
+            raise asyncio.CancelledError()
+        log.info("request %s: a new attempt as %s on decode %s%s", rid, st.job.request_id, st.placement.instance_id,
+                 f", prefill {st.prefill.instance_id}" if st.prefill else "")
+        return st
 
     def _slo(self, job: Job, decision=None) -> tuple[float, float]:
         """(ttft, tbt) SLO seconds the request is judged by: admission's (its own, else the
@@ -389,6 +490,7 @@ class Router:
                         timeout=self.config.rpc_timeout_s, metadata=grpc_metadata(st.trace))
                 except grpc.aio.AioRpcError as e:
                     raise _rpc_error(who_decode, e) from None
+                st.working = True                   # blocks reserved on a live decode grid
                 if st.failure is not None:
                     raise st.failure
                 preq = prefill_pb2.PrefillRequest(request_id=job.request_id, token_ids=job.prompt_ids,
@@ -413,7 +515,12 @@ class Router:
                 except grpc.aio.AioRpcError as e:
                     if st.failure is not None:
                         raise st.failure from None
-                    raise _rpc_error(who_prefill, e) from None
+                    err = _rpc_error(who_prefill, e)
+                    st.prefill_down = type(err) in (WorkerFailedError, UnreachableError)
+                    raise err from None
+                except WorkerFailedError:
+                    st.prefill_down = True
+                    raise
                 end_span(pspan)                 # the call up to the first token (the KV's tail follows)
                 tail = asyncio.create_task(self._prefill_tail(st, pcall, who_prefill))
                 yield relay.tokens([first.token_id], [first.logprob],
@@ -438,6 +545,7 @@ class Router:
             try:
                 while True:
                     ev = await dcall.read()
+                    st.working = True
                     if ev is grpc.aio.EOF:
                         break
                     if ev.HasField("delta"):
@@ -452,6 +560,11 @@ class Router:
                 raise _rpc_error(who_decode, e) from None
             if st.reason is None:
                 raise WorkerFailedError(f"{who_decode} ended the stream without a finish")
+            if st.reason == "abort" and not st.aborted:
+                # Nobody here aborted it: the instance did (its placement's lease was lost, it shut
+                # down). That is a failure, never a normal end with status OK.
+                raise WorkerFailedError(f"{who_decode} aborted the request (its placement was lost or the "
+                                        "instance is stopping)")
             if tail is not None:
                 # The decode started only once all KV arrived, so PrefillDone is due now.
                 await asyncio.wait({tail}, timeout=self.config.rpc_timeout_s)
@@ -522,6 +635,7 @@ class Router:
             if e.code() is grpc.StatusCode.CANCELLED and (st.aborted or st.failure):
                 return
             st.failure = _rpc_error(who, e)
+            st.prefill_down = type(st.failure) in (WorkerFailedError, UnreachableError)
             for call in st.calls:
                 if call is not pcall:
                     call.cancel()

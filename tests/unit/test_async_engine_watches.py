@@ -29,6 +29,9 @@ class _KVEngine:
     def has_unfinished(self) -> bool:
         return False
 
+    def check_alive(self) -> None:
+        pass
+
     def step(self) -> list:
         return []
 
@@ -166,6 +169,9 @@ class _PrepEngine(_KVEngine):
 
     def has_unfinished(self) -> bool:
         return self.prepared
+
+    def check_alive(self) -> None:
+        pass
 
     def step(self) -> list:
         self.release.wait(10)

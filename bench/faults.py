@@ -1,0 +1,334 @@
+"""SIGKILLs each process kind of a real deployment mid-request and measures what the client gets,
+what is left behind, and how long until the deployment serves again, with nobody stepping in.
+
+    .venv/bin/python bench/faults.py --trials 5            # -> bench/results/faults.{json,md}
+
+The deployment is `make up`'s (scripts/up.py's Cluster with its defaults: the built-in model, a
+prefill instance of 2 SPP stages, a decode instance of 2 KVP groups, mutual TLS, a Redis password,
+API keys) with make up's supervisor running in a thread (scripts/supervisor.py, its default policy);
+only the lease is shorter (--lease-s, 3 s instead of 10) so that the leftovers can be checked sooner.
+
+Per trial: a long prompt (prefill -> KV transfer -> decode) is sent; the fault strikes at a point of
+the request (its `phase`: "prefill" at its first prefill progress event, "decode" after 3 streamed
+tokens); the trial records
+- the outcome: completed (and whether its tokens equal the fault-free answer) or the status code and
+  message, and the seconds from the fault to that outcome;
+- the seconds from the fault until a new request is served again (short probes every 0.5 s: the
+  decode instance serves them alone) and until both pools are registered again;
+- the leftovers lease_s + 2 s after the outcome: placements / leases in Redis, blocks the kvstore
+  counts as reserved, decode KV blocks in use (its /metrics); and when they were all gone.
+
+Kinds: prefill_worker, prefill_main, decode_worker, decode_main, kvstore, router, redis_kill (SIGKILL)
+and redis_restart (SIGTERM: a clean shutdown; the supervisor starts it again). Trials run round-robin
+over the kinds, so the supervisor sees one service fail at most every few minutes (as in production,
+not a crash loop: its backoff would grow and its give-up count would be reached).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+import psutil  # noqa: E402
+
+from common.client import RouterClient  # noqa: E402
+from common.metadata.store import MetadataStore  # noqa: E402
+from common.metrics import scrape, total  # noqa: E402
+from common.rpc import client as rpc_client  # noqa: E402
+from common.rpc.protos import router_pb2, router_pb2_grpc  # noqa: E402
+from scripts.supervisor import Supervisor  # noqa: E402
+from scripts.up import Cluster, ClusterConfig  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+KINDS = ("prefill_worker", "prefill_main", "decode_worker", "decode_main", "kvstore", "router", "redis_kill",
+         "redis_restart")
+PHASE = {"prefill_worker": "prefill", "prefill_main": "prefill", "decode_worker": "prefill",
+         "decode_main": "prefill", "kvstore": "decode", "router": "decode", "redis_kill": "decode",
+         "redis_restart": "decode"}
+PROMPT = [(7 * i + 3) % 5000 + 100 for i in range(600)]      # long: the prefill instance's
+PROBE = [(5 * i + 1) % 3000 + 100 for i in range(16)]          # short: decoded by the decode instance
+MAX_TOKENS = 24
+SERVE_TIMEOUT_S = 180.0
+OUTCOME_TIMEOUT_S = 180.0
+
+
+def grid_workers(pid: int) -> list[psutil.Process]:
+    """The grid worker processes (multiprocessing spawn children) of an engine's main process."""
+    live = []
+    for p in psutil.Process(pid).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
+                live.append(p)
+        except psutil.Error:
+            pass
+    return sorted(live, key=lambda p: p.create_time())
+
+
+def strike(cluster: Cluster, kind: str) -> int:
+    """Delivers the fault; returns the pid it hit."""
+    if kind in ("prefill_worker", "decode_worker"):
+        pid = grid_workers(cluster.services[kind.split("_")[0]].pid)[-1].pid
+    elif kind in ("prefill_main", "decode_main"):
+        pid = cluster.services[kind.split("_")[0]].pid
+    elif kind in ("kvstore", "router"):
+        pid = cluster.services[kind].pid
+    else:
+        pid = cluster.redis.pid
+    os.kill(pid, signal.SIGTERM if kind == "redis_restart" else signal.SIGKILL)
+    return pid
+
+
+def serves(cluster: Cluster) -> bool:
+    try:
+        with RouterClient(cluster.router_address, timeout_s=20) as c:
+            return len(c.complete(token_ids=PROBE, max_tokens=2).token_ids) == 2
+    except (grpc.RpcError, OSError, Exception):  # noqa: BLE001 - anything short of an answer: not yet
+        return False
+
+
+def wait_serving(cluster: Cluster, timeout_s: float) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if serves(cluster):
+            return time.monotonic()
+        time.sleep(0.5)
+    return None
+
+
+def pools_registered(cluster: Cluster) -> bool:
+    """Both pools are in the deployment (a rebuilding instance leaves it until it serves again)."""
+    store = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment, password=cluster.redis_password,
+                          timeout_s=2.0)
+    try:
+        return {i.role for i in store.list_instances()} >= {"prefill", "decode"}
+    except Exception:  # noqa: BLE001 - Redis restarting: not yet
+        return False
+    finally:
+        store.close()
+
+
+def wait_pools(timeout_s: float, cluster: Cluster) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if pools_registered(cluster):
+            return time.monotonic()
+        time.sleep(0.5)
+    return None
+
+
+def leftovers(cluster: Cluster) -> dict:
+    """What is held now: placements (= leases: the deadlines set) and placement records in Redis, the
+    kvstore's reserved blocks, the decode workers' used KV blocks."""
+    out: dict = {}
+    store = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment, password=cluster.redis_password,
+                          timeout_s=2.0)
+    try:
+        out["leases"] = store.num_placements()
+        out["placement_records"] = sum(1 for _ in store.redis.scan_iter(store._plc_prefix + "*"))
+        out["reserved_blocks"] = sum(sum(i.reserved) for i in store.list_instances())
+        out["decode_registered"] = len(store.list_instances("decode"))
+    except Exception as e:  # noqa: BLE001 - Redis down: recorded as such
+        out["redis_error"] = str(e)[:200]
+    finally:
+        store.close()
+    try:
+        url = cluster.metrics_urls.get("decode")
+        out["decode_blocks_used"] = total(scrape(url, timeout_s=3.0), "mnemosyne_kv_blocks_used") if url else None
+    except Exception as e:  # noqa: BLE001 - decode restarting
+        out["decode_blocks_used"] = None
+        out["decode_metrics_error"] = str(e)[:200]
+    return out
+
+
+def clean(left: dict) -> bool:
+    return (left.get("leases") == 0 and left.get("placement_records") == 0 and left.get("reserved_blocks") == 0
+            and left.get("decode_blocks_used") == 0)
+
+
+def run_request(cluster: Cluster, rid: str, kind: str | None) -> dict:
+    """One request; `kind`: the fault to deliver at its PHASE point (None: none)."""
+    res: dict = {"request_id": rid, "tokens": [], "events": 0}
+    t_kill = None
+    t0 = time.monotonic()
+    with rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata) as ch:
+        call = router_pb2_grpc.RouterStub(ch).Generate(
+            RouterClient.request(token_ids=PROMPT, max_tokens=MAX_TOKENS, request_id=rid), timeout=OUTCOME_TIMEOUT_S)
+        try:
+            for ev in call:
+                res["events"] += 1
+                if ev.HasField("delta"):
+                    res["tokens"].extend(ev.delta.token_ids)
+                if ev.HasField("started"):
+                    res["route"] = router_pb2.Route.Name(ev.started.route)
+                if kind is not None and t_kill is None:
+                    at_prefill = ev.HasField("progress") or (ev.HasField("delta") and res["tokens"])
+                    if (PHASE[kind] == "prefill" and at_prefill) or len(res["tokens"]) >= 3:
+                        res["struck_after_tokens"] = len(res["tokens"])
+                        res["pid"] = strike(cluster, kind)
+                        t_kill = time.monotonic()
+            res["outcome"] = "completed"
+        except grpc.RpcError as e:
+            res["outcome"] = e.code().name
+            res["message"] = (e.details() or "")[:400]
+    t_end = time.monotonic()
+    res["seconds"] = round(t_end - t0, 3)
+    res["t_kill"], res["t_end"] = t_kill, t_end
+    return res
+
+
+def trial(cluster: Cluster, kind: str, reference: list[int], lease_s: float) -> dict:
+    # Every trial starts from a whole deployment (the previous fault's instance rebuilt and back in
+    # its pool), so that the long prompt takes the disaggregated route.
+    if wait_pools(SERVE_TIMEOUT_S, cluster) is None or wait_serving(cluster, SERVE_TIMEOUT_S) is None:
+        return {"kind": kind, "skipped": "the deployment was not whole before the trial"}
+    time.sleep(1.0)                                   # the probe's own cleanup
+    r = run_request(cluster, f"fault-{kind}-{uuid.uuid4().hex[:6]}", kind)
+    t_kill, t_end = r.pop("t_kill"), r.pop("t_end")
+    tokens = r.pop("tokens")
+    out = {"kind": kind, "phase": PHASE[kind], **r, "completion_tokens": len(tokens),
+           "correct": tokens == reference if r["outcome"] == "completed" else None}
+    if t_kill is None:
+        out["note"] = "the request ended before the fault point"
+        return out
+    out["outcome_after_s"] = round(t_end - t_kill, 3)
+    t_serve = wait_serving(cluster, SERVE_TIMEOUT_S)
+    out["serves_again_after_s"] = round(t_serve - t_kill, 2) if t_serve is not None else None
+    t_whole = wait_pools(SERVE_TIMEOUT_S, cluster)
+    out["whole_again_after_s"] = round(t_whole - t_kill, 2) if t_whole is not None else None
+    # Leftovers once the lease ran out (counted from the outcome, or from now if serving took longer).
+    due = max(t_end, time.monotonic()) + lease_s + 2.0
+    time.sleep(max(0.0, due - time.monotonic()))
+    out["leftovers"] = left = leftovers(cluster)
+    deadline = time.monotonic() + 30.0
+    while not clean(left) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = leftovers(cluster)
+    out["clean_after_s"] = round(time.monotonic() - t_kill, 2) if clean(left) else None
+    if not clean(left):
+        out["leftovers_30s_later"] = left
+    return out
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(args: argparse.Namespace) -> dict:
+    work = pathlib.Path(tempfile.mkdtemp(prefix="faults-bench-"))
+    cfg = ClusterConfig(router_port=0, http_port=-1, lease_s=args.lease_s, log_dir=str(work / "logs"),
+                        deployment=f"faults-{uuid.uuid4().hex[:8]}")
+    t_start = time.monotonic()
+    with Cluster(cfg) as cluster:
+        supervisor = Supervisor(cluster)              # make up's, with its default policy
+        stop = threading.Event()
+        thread = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor", daemon=True)
+        thread.start()
+        try:
+            ref = run_request(cluster, "reference", None)
+            assert ref["outcome"] == "completed", ref
+            reference = ref["tokens"]
+            trials = []
+            kinds = [k for k in KINDS if not args.kinds or k in args.kinds]
+            for i in range(args.trials):
+                for kind in kinds:
+                    try:
+                        t = trial(cluster, kind, reference, cfg.lease_s)
+                    except Exception as e:  # noqa: BLE001 - one broken trial must not lose the others
+                        t = {"kind": kind, "bench_error": f"{type(e).__name__}: {e}"[:400]}
+                    t["round"], t["load"] = i, load()
+                    trials.append(t)
+                    print(json.dumps(t), flush=True)
+                    if args.partial:
+                        pathlib.Path(args.partial).write_text(json.dumps(trials, indent=1) + "\n")
+        finally:
+            stop.set()
+            thread.join(60)
+        restarts = dict(supervisor.restarts)
+        gave_up = supervisor.gave_up
+    return {"config": {"trials_per_kind": args.trials, "lease_s": cfg.lease_s, "kv_backend": cluster.config.kv_backend,
+                       "secure": not cfg.insecure, "model": "built-in", "prompt_tokens": len(PROMPT),
+                       "max_tokens": MAX_TOKENS, "prefill_spp": cfg.prefill_spp, "decode_kvp": cfg.decode_kvp},
+            "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(), "load_at_end": load()},
+            "reference_seconds": ref["seconds"], "seconds": round(time.monotonic() - t_start, 1),
+            "supervisor_restarts": restarts, "supervisor_gave_up": gave_up, "trials": trials}
+
+
+def _median(xs: list) -> str:
+    xs = [x for x in xs if x is not None]
+    return f"{statistics.median(xs):.1f}" if xs else "-"
+
+
+def markdown(r: dict) -> str:
+    c = r["config"]
+    lines = ["# Faults: SIGKILL of each process kind mid-request", "",
+             f"`bench/faults.py`, {c['trials_per_kind']} trial(s) per kind, round-robin; make up's deployment "
+             f"({c['model']} model, prefill SPP {c['prefill_spp']}, decode KVP {c['decode_kvp']}, KV over "
+             f"{c['kv_backend']}, {'mutual TLS + Redis password + API key' if c['secure'] else 'insecure'}) with "
+             f"make up's supervisor; lease {c['lease_s']} s; a {c['prompt_tokens']}-token prompt, {c['max_tokens']} "
+             f"tokens. {r['machine']['cpus']} CPUs shared with other work; load average at the end "
+             f"{r['machine']['load_at_end']}. {r['seconds']} s in all.", "",
+             "Columns: outcome counts; median seconds from the fault to the client's outcome; median seconds "
+             "until a new request is served; trials with nothing left (no lease, placement, reserved or used "
+             "decode block) lease + 2 s after the outcome; median seconds from the fault until nothing was left.",
+             "Fault at: `prefill` = at the request's first prefill progress event, or at its first token when "
+             "the prefill sent none (adaptive chunking may take a short prompt in one chunk); `decode` = after 3 "
+             "streamed tokens; the column says where it struck (tokens already streamed, median).",
+             "", "| kind | fault at | struck after tokens | outcomes | to outcome (s) | serves again (s) | both pools "
+             "back (s) | clean after lease | clean after (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for kind in KINDS:
+        ts = [t for t in r["trials"] if t["kind"] == kind and "outcome" in t]
+        if not ts:
+            continue
+        counts: dict[str, int] = {}
+        for t in ts:
+            key = ("completed, correct" if t["correct"] else "completed, WRONG tokens") \
+                if t["outcome"] == "completed" else t["outcome"]
+            counts[key] = counts.get(key, 0) + 1
+        clean_n = sum(1 for t in ts if t.get("leftovers") and clean(t["leftovers"]))
+        lines.append(f"| {kind} | {PHASE[kind]} | {_median([t.get('struck_after_tokens') for t in ts])} | "
+                     f"{', '.join(f'{v}x {k}' for k, v in counts.items())} | "
+                     f"{_median([t.get('outcome_after_s') for t in ts])} | "
+                     f"{_median([t.get('serves_again_after_s') for t in ts])} | "
+                     f"{_median([t.get('whole_again_after_s') for t in ts])} | {clean_n}/{len(ts)} | "
+                     f"{_median([t.get('clean_after_s') for t in ts])} |")
+    lines += ["", "Messages the client got (one per kind and status):", ""]
+    seen = set()
+    for t in r["trials"]:
+        if t.get("message") and (t["kind"], t["outcome"]) not in seen:
+            seen.add((t["kind"], t["outcome"]))
+            lines.append(f"- {t['kind']}: {t['outcome']}: {t['message']}")
+    lines += ["", f"Supervisor restarts: {r['supervisor_restarts']}; gave up: {r['supervisor_gave_up']}.",
+              "", "Raw per-trial data: `faults.json`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=5, help="trials per kind")
+    ap.add_argument("--lease-s", type=float, default=3.0)
+    ap.add_argument("--kinds", nargs="*", choices=KINDS, help="only these kinds (default: all)")
+    ap.add_argument("--out", default=str(RESULTS / "faults"), help="results path without extension")
+    ap.add_argument("--partial", default="", help="also write the trials so far to this file after each one")
+    args = ap.parse_args(argv)
+    r = run(args)
+    pathlib.Path(args.out + ".json").write_text(json.dumps(r, indent=1) + "\n")
+    pathlib.Path(args.out + ".md").write_text(markdown(r))
+    print(markdown(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The router's one retry, with real processes (scripts/up.py's Cluster, TCP backend, short leases).
+
+- A decode grid worker is SIGKILLed while a long prompt is being prefilled (no token sent yet): the
+  router places the request again once the decode instance is back and the client gets the whole
+  answer, equal to the offline engine's, as if nothing happened; the retry is counted by reason.
+- A decode grid worker is SIGKILLed after tokens were streamed: no retry (the client would see a
+  seam); the stream ends within 5 s with UNAVAILABLE saying tokens were already sent.
+Either way no placement, lease or decode block is left afterwards.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import grpc
+import psutil
+import pytest
+
+from common.client import RouterClient
+from common.config import CacheConfig, EngineConfig, SchedulerConfig
+from common.engine.engine import LLMEngine
+from common.metadata.store import MetadataStore
+from common.metrics import scrape, total
+from common.model.tokenizer import load_tokenizer
+from common.rpc import client as rpc_client
+from common.rpc.protos import decode_pb2, decode_pb2_grpc, router_pb2_grpc
+from common.sampling_params import SamplingParams
+from scripts.up import Cluster, ClusterConfig
+from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.placements import placement_for
+from tests.fixtures.waiting import wait_until as _wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+M = 768
+LEASE_S = 2.0
+# Both KVP groups; 63 prefill chunks of 16 with a model big enough that they take about a second
+# (the fault must land while the prefill runs).
+PROMPT = [(13 * i + 7) % 300 + 10 for i in range(1000)]
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return str(write_random_hf_model(tmp_path_factory.mktemp("retry-model"), "llama", num_attention_heads=8,
+                                     num_key_value_heads=2, head_dim=64, num_hidden_layers=6,
+                                     intermediate_size=1024, max_position_embeddings=2048, seed=17))
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> list[int]:
+    engine = LLMEngine(EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=128),
+                                    scheduler=SchedulerConfig(chunk_size=64)),
+                       extra_eos_ids=load_tokenizer(model).eos_token_ids)
+    ids = engine.generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS))[0].token_ids
+    assert len(ids) == MAX_TOKENS
+    return ids
+
+
+@pytest.fixture(scope="module")
+def cluster(model, tmp_path_factory):
+    cfg = ClusterConfig(insecure=True,   # the test reads the decode instance's Stats directly (plaintext)
+                        model=model, kv_backend="tcp", router_port=0, kvp_tokens=M, decode_kv_tokens=2048,
+                        prefill_kv_tokens=2048, prefill_spp=1, chunk_size=16, short_prompt_tokens=64,
+                        pool_flags=("--chunking", "fixed"),   # chunks of 16: the prefill streams KV as it goes
+                        lease_s=LEASE_S, deployment=f"retry-{uuid.uuid4().hex[:8]}",
+                        log_dir=str(tmp_path_factory.mktemp("retry-logs")))
+    with Cluster(cfg) as c:
+        yield c
+
+
+@pytest.fixture
+def store(cluster):
+    s = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment)
+    yield s
+    s.close()
+
+
+def wait_until(cond, timeout_s: float, what: str):
+    return _wait_until(cond, timeout_s, what, tolerate=(grpc.RpcError,))
+
+
+def decode_all_free(cluster: Cluster) -> bool:
+    with rpc_client.blocking_channel(cluster.services["decode"].address, default_deadline_s=2.0) as ch:
+        stats = decode_pb2_grpc.DecodeStub(ch).Stats(decode_pb2.StatsRequest())
+    return len(stats.groups) == 2 and all(g.free_blocks == g.total_blocks for g in stats.groups)
+
+
+def decode_worker(cluster: Cluster) -> psutil.Process:
+    """The decode instance's last grid worker (KVP group 1)."""
+    live = [p for p in psutil.Process(cluster.services["decode"].pid).children()
+            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline())]
+    assert len(live) == 2, live
+    return max(live, key=lambda p: p.create_time())
+
+
+def retries(cluster: Cluster) -> float:
+    return total(scrape(cluster.metrics_urls["router"]), "mnemosyne_request_retries_total")
+
+
+def back_to_idle(cluster: Cluster, store: MetadataStore) -> None:
+    """No placement or lease in Redis, every decode block free, the decode instance registered."""
+    wait_until(lambda: store.num_placements() == 0, LEASE_S + 5, "no placement left")
+    wait_until(lambda: decode_all_free(cluster), 60, "every decode block free")
+    wait_until(lambda: [i.role for i in store.list_instances()].count("decode") == 1, 30, "decode registered")
+
+
+def stream(cluster: Cluster, rid: str, kill_when):
+    """Runs one request; SIGKILLs the decode worker at the first event for which `kill_when(event,
+    tokens so far)` holds. Returns (tokens, error or None, seconds from the kill to the end)."""
+    tokens: list[int] = []
+    t_kill = None
+    with rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata) as ch:
+        call = router_pb2_grpc.RouterStub(ch).Generate(
+            RouterClient.request(token_ids=PROMPT, max_tokens=MAX_TOKENS, request_id=rid), timeout=120)
+        victim = decode_worker(cluster)
+        try:
+            for ev in call:
+                if ev.HasField("delta"):
+                    tokens.extend(ev.delta.token_ids)
+                if t_kill is None and kill_when(ev, tokens):
+                    os.kill(victim.pid, signal.SIGKILL)
+                    t_kill = time.monotonic()
+        except grpc.RpcError as e:
+            assert t_kill is not None, f"the request failed before the fault: {e.code()}: {e.details()}"
+            return tokens, e, time.monotonic() - t_kill
+    assert t_kill is not None, "the request ended before the fault"
+    return tokens, None, time.monotonic() - t_kill
+
+
+def test_a_worker_lost_before_the_first_token_is_retried_invisibly(cluster, store, reference):
+    before = retries(cluster)
+    tokens, err, _ = stream(cluster, f"retried-{uuid.uuid4().hex[:8]}",
+                            lambda ev, toks: ev.HasField("progress") and not toks)
+    assert err is None, f"{err.code()}: {err.details()}"
+    assert tokens == reference
+    assert retries(cluster) >= before + 1
+    back_to_idle(cluster, store)
+
+
+def test_a_worker_lost_after_tokens_were_sent_ends_clearly_within_5_s(cluster, store):
+    wait_until(lambda: decode_all_free(cluster), 60, "decode instance serving")
+    before = retries(cluster)
+    rid = f"seam-{uuid.uuid4().hex[:8]}"
+    tokens, err, elapsed = stream(cluster, rid, lambda ev, toks: len(toks) >= 3)
+    assert err is not None, "the request completed although its decode worker died"
+    assert err.code() is grpc.StatusCode.UNAVAILABLE, err
+    assert "token(s) were streamed" in err.details() and "not retried" in err.details(), err.details()
+    assert elapsed < 5, f"the client waited {elapsed:.1f} s"
+    assert retries(cluster) == before
+    assert placement_for(store, rid) is None or wait_until(lambda: placement_for(store, rid) is None, LEASE_S + 5,
+                                                           "placement released")
+    back_to_idle(cluster, store)
+    with RouterClient(cluster.router_address, timeout_s=60) as c:      # and it serves again
+        assert len(c.complete(token_ids=PROMPT, max_tokens=4).token_ids) == 4
