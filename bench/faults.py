@@ -51,6 +51,7 @@ from common.rpc import client as rpc_client  # noqa: E402
 from common.rpc.protos import router_pb2, router_pb2_grpc  # noqa: E402
 from scripts.supervisor import Supervisor  # noqa: E402
 from scripts.up import Cluster, ClusterConfig  # noqa: E402
+from tests.fixtures.processes import grid_workers  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 KINDS = ("prefill_worker", "prefill_main", "decode_worker", "decode_main", "kvstore", "router", "redis_kill",
@@ -63,18 +64,6 @@ PROBE = [(5 * i + 1) % 3000 + 100 for i in range(16)]          # short: decoded 
 MAX_TOKENS = 24
 SERVE_TIMEOUT_S = 180.0
 OUTCOME_TIMEOUT_S = 180.0
-
-
-def grid_workers(pid: int) -> list[psutil.Process]:
-    """The grid worker processes (multiprocessing spawn children) of an engine's main process."""
-    live = []
-    for p in psutil.Process(pid).children():
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline()):
-                live.append(p)
-        except psutil.Error:
-            pass
-    return sorted(live, key=lambda p: p.create_time())
 
 
 def strike(cluster: Cluster, kind: str) -> int:

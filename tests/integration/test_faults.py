@@ -28,8 +28,9 @@ from common.rpc.protos import decode_pb2, decode_pb2_grpc, router_pb2_grpc
 from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
-from tests.fixtures.waiting import wait_until as _wait_until
 from tests.fixtures.placements import placement_for
+from tests.fixtures.processes import grid_workers
+from tests.fixtures.waiting import wait_until as _wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -84,19 +85,9 @@ def decode_all_free(cluster: Cluster) -> bool:
     return len(stats.groups) == 2 and all(g.free_blocks == g.total_blocks for g in stats.groups)
 
 
-def grid_workers(cluster: Cluster) -> list[psutil.Process]:
-    """The decode instance's worker processes (children of its multiprocessing forkserver), rank order."""
-    live = []
-    for server in psutil.Process(cluster.services["decode"].pid).children():
-        try:
-            if "multiprocessing.forkserver" not in " ".join(server.cmdline()):
-                continue
-            for p in server.children():
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    live.append(p)
-        except psutil.Error:
-            pass                            # exited meanwhile
-    return sorted(live, key=lambda p: p.create_time())
+def decode_workers(cluster: Cluster) -> list[psutil.Process]:
+    """The decode instance's worker processes, rank order."""
+    return grid_workers(cluster.services["decode"].pid)
 
 
 def start_request(cluster: Cluster, rid: str):
@@ -114,7 +105,7 @@ def start_request(cluster: Cluster, rid: str):
 
 
 def test_killed_decode_worker_gives_a_clear_error_fast_and_frees_everything(cluster, store, reference):
-    workers = grid_workers(cluster)
+    workers = decode_workers(cluster)
     assert len(workers) == 2
     rid = f"doomed-{uuid.uuid4().hex[:8]}"
     ch, call = start_request(cluster, rid)
@@ -138,7 +129,7 @@ def test_killed_decode_worker_gives_a_clear_error_fast_and_frees_everything(clus
     workers[0].wait(15)                                         # the surviving worker is gone, blocks and all
 
     # The instance rebuilds its grid, registers again and serves the same tokens.
-    wait_until(lambda: len(grid_workers(cluster)) == 2 and decode_all_free(cluster), 90, "decode instance back")
+    wait_until(lambda: len(decode_workers(cluster)) == 2 and decode_all_free(cluster), 90, "decode instance back")
     wait_until(lambda: [i.role for i in store.list_instances()].count("decode") == 1, 30, "decode registered")
     with RouterClient(cluster.router_address, timeout_s=120) as c:
         out = c.complete(token_ids=PROMPT, max_tokens=MAX_TOKENS)

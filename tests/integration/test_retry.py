@@ -30,6 +30,7 @@ from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
 from tests.fixtures.placements import placement_for
+from tests.fixtures.processes import grid_workers
 from tests.fixtures.waiting import wait_until as _wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -90,8 +91,7 @@ def decode_all_free(cluster: Cluster) -> bool:
 
 def decode_worker(cluster: Cluster) -> psutil.Process:
     """The decode instance's last grid worker (KVP group 1)."""
-    live = [p for p in psutil.Process(cluster.services["decode"].pid).children()
-            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline())]
+    live = grid_workers(cluster.services["decode"].pid)
     assert len(live) == 2, live
     return max(live, key=lambda p: p.create_time())
 
