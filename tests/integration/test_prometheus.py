@@ -186,6 +186,7 @@ class Synthetic:
                     m.set_kv_blocks(group, tp, used=50 if decode else 97, free=50 if decode else 3)
             m.set_kv_layout(16, 4096 if decode else 0)
             m.observe_queue_time(0.1)
+            m.observe_prefix_cache(1000, 600 if decode else 0)
             for backend in ("nixl", "tcp"):
                 m.observe_kv_transfer(backend, "recv" if decode else "send", 1 << 20, 0.02)
             m.observe_kv_transfer("tcp", "recv" if decode else "send", 0, 5.0, ok=False)
