@@ -94,7 +94,10 @@ def build_model(cfg: ModelConfig, checkpoint: Checkpoint, dtype: torch.dtype, de
         model = LlamaModel(cfg, first_layer, last_layer)
     model = model.to_empty(device=device)
     model.load_weights(checkpoint.weights(model.wanted))
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    if torch.device(device).type == "cpu":
+        model.pack_weights()
+    return model
 
 
 def dump_kv_file(cache: PagedKVCache, table: list[int], num_tokens: int, path: str) -> str:

@@ -49,6 +49,10 @@ class ForwardContext:
         self.write_slots = write_slots
         self.combine = combine
         self.kv_map = kv_map
+        # Rows 0 .. N-1 in order (one process writes every row it computes): store k, v as they are,
+        # without a gather. Checked on CPU only (on CUDA the comparison would synchronise).
+        self.write_all = (write_rows is not None and write_rows.device.type == "cpu" and write_rows.numel() > 0
+                          and torch.equal(write_rows, torch.arange(len(write_rows))))
         # Decodes: one query row that sees all of its kv_len keys (kv_start + kv_len - 1 <= q_start).
         # Under kv_map the per-run head slices of the cache are not contiguous: keep the general loop.
         decode: list[SeqAttn] = []
@@ -73,7 +77,9 @@ class ForwardContext:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]."""
-        if self.write_rows is not None and self.write_rows.numel():
+        if self.write_all and len(self.write_rows) == k.shape[0]:
+            self.cache.write(layer, self.write_slots, k, v)
+        elif self.write_rows is not None and self.write_rows.numel():
             self.cache.write(layer, self.write_slots, k.index_select(0, self.write_rows),
                              v.index_select(0, self.write_rows))
         if self.decode_rows is not None and self.decode_in_order and not self.rest \

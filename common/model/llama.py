@@ -26,6 +26,19 @@ class AttendFn(Protocol):
         """q [T, Hq, D], k/v [T, Hkv, D] (already rotated) -> attention output [T, Hq, D]."""
 
 
+def _fuse(weights: list[torch.Tensor], transposed: bool) -> torch.Tensor:
+    """[out_i, in] weights -> their concatenation [sum out_i, in], stored as [in, sum out_i] row-major
+    when `transposed`."""
+    w = torch.cat(weights)
+    return w.t().contiguous().t() if transposed else w
+
+
+def _transpose_storage(linear: nn.Linear, transposed: bool) -> None:
+    """Same values, [in, out] row-major storage (F.linear then multiplies without a transpose)."""
+    if transposed:
+        linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -50,12 +63,31 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None  # set by pack()
+
+    def pack(self, transposed: bool) -> None:
+        """Fuses q, k, v into one [Nq + 2 Nkv, hidden] matrix (see LlamaModel.pack_weights)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        w = _fuse([p.weight for p in projs], transposed)                           # [Nq + 2 Nkv, hidden]
+        b = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+        sizes = [p.out_features for p in projs]
+        for p, wp, bp in zip(projs, w.split(sizes), [None] * 3 if b is None else b.split(sizes)):
+            p.weight = nn.Parameter(wp, requires_grad=False)                     # views: loading still works
+            if bp is not None:
+                p.bias = nn.Parameter(bp, requires_grad=False)
+        self.qkv = (w, b, sizes)
+        _transpose_storage(self.o_proj, transposed)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttendFn) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, -1, self.head_dim)      # [T, Hq_local, D]
-        k = self.k_proj(x).view(t, -1, self.head_dim)      # [T, Hkv_local, D]
-        v = self.v_proj(x).view(t, -1, self.head_dim)
+        if self.qkv is not None:
+            w, b, sizes = self.qkv
+            q, k, v = F.linear(x, w, b).split(sizes, dim=-1)                       # strided views
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, -1, self.head_dim)                   # [T, Hq_local, D]
+        k = k.view(t, -1, self.head_dim)                   # [T, Hkv_local, D]
+        v = v.view(t, -1, self.head_dim)
         if fused.enabled_for(q) and fused.rope_supported(q, k, cos):
             q, k = fused.rope_qk(q, k, cos, sin)
         else:
@@ -70,8 +102,21 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: torch.Tensor | None = None          # [2 I, hidden], set by pack()
+
+    def pack(self, transposed: bool) -> None:
+        """Fuses gate and up into one [2 I, hidden] matrix (see LlamaModel.pack_weights)."""
+        w = _fuse([self.gate_proj.weight, self.up_proj.weight], transposed)
+        gate, up = w.split([self.gate_proj.out_features, self.up_proj.out_features])
+        self.gate_proj.weight = nn.Parameter(gate, requires_grad=False)
+        self.up_proj.weight = nn.Parameter(up, requires_grad=False)
+        self.gate_up = w
+        _transpose_storage(self.down_proj, transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)                  # [T, I] each
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -124,6 +169,26 @@ class LlamaModel(nn.Module):
         return self.lm_head(self.norm(hidden)).float()
 
     # ---- weights ---------------------------------------------------------------------------------
+    def pack_weights(self) -> None:
+        """The CPU weight layout; call after load_weights and after any dtype cast.
+
+        q/k/v and gate/up are fused into one matrix each (the parameters become views of it, so names,
+        shapes and load_weights are unchanged): one product per fused matrix instead of two or three.
+        In float32 every linear's weight is also stored transposed, [in, out] row-major (again behind an
+        [out, in] view): at decode (one row) a linear is a matrix-vector product that only streams its
+        weight, and MKL streams that layout faster than [out, in]; the bfloat16 kernels of this CPU are
+        the other way round (measured, bench/results/cpu_profile.md). Same products, so results agree
+        with the unpacked model to rounding."""
+        transposed = self.layers_dtype() == torch.float32
+        for layer in self.layers.values():
+            layer.self_attn.pack(transposed)
+            layer.mlp.pack(transposed)
+        if self.lm_head is not None:
+            _transpose_storage(self.lm_head, transposed)
+
+    def layers_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     def wanted(self, name: str) -> bool:
         """Whether the checkpoint tensor `name` belongs to this stage."""
         if name.startswith("model.layers."):

@@ -74,6 +74,7 @@ class Worker:
         model = model.to_empty(device="cpu")
         model.load_weights(ckpt.weights(model.wanted), transform=lambda n, t: slice_weight(self.shard, mc, n, t))
         self.model = model.to(self.dtype).eval()
+        self.model.pack_weights()                        # the CPU weight layout
         self.cache = PagedKVCache(self.layers, args.blocks_per_group, cfg.cache.block_size,
                                   self.shard.num_kv_heads, mc.head_dim, self.dtype)
         self.backend = get_backend(cfg.attention_backend, "cpu")

@@ -1,0 +1,253 @@
+"""Our CPU engine against Hugging Face transformers on the built-in model, in one run.
+
+Both run SmolLM2-135M-Instruct from the same GGUF file (transformers dequantizes it itself) on the same
+prompt tokens, at contexts of 1K, 4K and 8K tokens (prompt + output = the context, within the model's
+8192), in float32 and bfloat16, with 2 torch threads. Per point:
+  prefill   seconds from submitting the prompt to its first output token (ours: LLMEngine.step()
+            until the request emits a token, chunked by --chunk; transformers: one forward of the
+            prompt with use_cache, logits of the last row);
+  decode    milliseconds per output token, median of the --decode-tokens - 1 steps after the first
+            (ours: one engine step; transformers: one forward of one token over its DynamicCache).
+The two are measured alternately (ours first in even rounds, transformers first in odd ones), --rounds
+rounds; the table gives the medians over rounds and each round's 1-minute load average (the machine is
+shared). Greedy tokens of the two are compared (float32 must agree; bfloat16 may diverge).
+
+Floors, measured in the same run (the best of each round's measurement: a floor must not be loosened
+by someone else's load):
+  read    a plain streaming read of the weights' bytes (torch.sum over a float32 view of a buffer of
+          exactly the bytes a decode step streams: the linear layers and the LM head in that dtype);
+          decode floor = (weight bytes + KV bytes of the context) / that rate;
+  matmul  dense matmul rate per dtype at the model's prefill shape; prefill floor = FLOPs / that rate
+          (FLOPs as in bench/engine.py: linears + causal attention).
+
+Writes bench/results/cpu_vs_transformers.{json,md}.
+Run: PYTHONPATH=. python -m bench.cpu_vs_transformers [--quick] [--rounds 3] [--contexts 1024,4096,8192]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench import roofline
+from bench.engine import decode_bytes, prefill_flops
+from common.config import CacheConfig, EngineConfig, SchedulerConfig
+from common.engine.engine import LLMEngine
+from common.model.builtin import builtin_model_path
+from common.model.loader import load_checkpoint
+from common.sampling_params import SamplingParams
+
+log = logging.getLogger("bench.cpu_vs_transformers")
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def read_gbs(nbytes: int, reps: int = 5) -> float:
+    """GB/s of a plain streaming read of `nbytes` (torch.sum over a float32 view), best of `reps`."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    buf.sum()
+    for _ in range(reps):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, reps: int = 3) -> float:
+    """GFLOP/s of the model's own prefill shape (a 2048-token chunk through an MLP projection), best of
+    `reps` and of both weight layouts: bench/roofline.py's first shape (its 2048^3 one takes minutes in bfloat16 on AVX2)."""
+    m, k, n = roofline.MATMUL_SHAPES[0]
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    bt = b.t().contiguous()          # the weight's [out, in] layout: bf16 on AVX2 is much faster with it
+    best = min(roofline._best_time(lambda: torch.mm(a, b), reps), roofline._best_time(lambda: torch.mm(a, bt.t()), reps))
+    return 2 * m * k * n / best / 1e9
+
+
+def weight_bytes(mc, dtype: str) -> int:
+    return int(decode_bytes(mc, 0, dtype))
+
+
+def prompt_tokens(n: int) -> list[int]:
+    """A deterministic prompt of ordinary vocabulary ids (the cost does not depend on the text)."""
+    return [100 + (i * 7919) % 30000 for i in range(n)]
+
+
+# ---- the two sides ----------------------------------------------------------------------------------
+class Ours:
+    def __init__(self, checkpoint, dtype: str, max_len: int, chunk: int) -> None:
+        cfg = EngineConfig(dtype=dtype, max_model_len=max_len, cache=CacheConfig(max_kv_tokens=max_len + 64),
+                           scheduler=SchedulerConfig(chunk_size=chunk, max_batch_tokens=max(chunk, 8192)))
+        self.engine = LLMEngine(cfg, checkpoint)
+        self.engine.generate([prompt_tokens(64)], SamplingParams(max_tokens=2, ignore_eos=True))   # warm-up
+
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, list[float], list[int]]:
+        """(prefill s, decode step s, greedy tokens)."""
+        eng = self.engine
+        t0 = time.perf_counter()
+        rid = eng.add_request(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+        prefill, steps, tokens = None, [], []
+        while eng.has_unfinished():
+            t = time.perf_counter()
+            outs = eng.step()
+            now = time.perf_counter()
+            for o in outs:
+                if o.request_id == rid and o.token_id is not None:
+                    tokens.append(o.token_id)
+                    if prefill is None:
+                        prefill = now - t0
+                    else:
+                        steps.append(now - t)
+        return prefill, steps, tokens
+
+
+class Transformers:
+    def __init__(self, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+        path = Path(builtin_model_path())
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+        self.run(prompt_tokens(64), 2)                                                            # warm-up
+
+    @torch.inference_mode()
+    def run(self, prompt: list[int], new_tokens: int) -> tuple[float, list[float], list[int]]:
+        m = self.model
+        t0 = time.perf_counter()
+        out = m(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+        tok = int(out.logits[0, -1].argmax())
+        prefill = time.perf_counter() - t0
+        cache, tokens, steps = out.cache, [tok], []        # transformers >= 5.2x: `cache`, not past_key_values
+        for _ in range(new_tokens - 1):
+            t = time.perf_counter()
+            out = m(torch.tensor([[tok]]), cache=cache, use_cache=True)
+            tok = int(out.logits[0, -1].argmax())
+            steps.append(time.perf_counter() - t)
+            cache = out.cache
+            tokens.append(tok)
+        return prefill, steps, tokens
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, chunk: int) -> dict:
+    checkpoint = load_checkpoint(None)
+    mc = checkpoint.config
+    samples: dict = {}
+    floors = {"read_gbs": {d: 0.0 for d in dtypes}, "matmul_gflops": {d: 0.0 for d in dtypes},
+              "read_gbs_rounds": {d: [] for d in dtypes}}
+    rounds_load: list[list[float]] = []
+    for d in dtypes:
+        ours = Ours(checkpoint, d, max(contexts) + 8, chunk)
+        theirs = Transformers(DTYPES[d])
+        for r in range(rounds):
+            rate = read_gbs(weight_bytes(mc, d))
+            floors["read_gbs_rounds"][d].append(rate)
+            floors["read_gbs"][d] = max(floors["read_gbs"][d], rate)
+            floors["matmul_gflops"][d] = max(floors["matmul_gflops"][d], matmul_gflops(DTYPES[d]))
+            for L in contexts:
+                prompt = prompt_tokens(L - new_tokens)
+                sides = [("ours", ours), ("transformers", theirs)]
+                if r % 2:
+                    sides.reverse()
+                for name, side in sides:
+                    load = os.getloadavg()[0]
+                    pre, steps, toks = side.run(prompt, new_tokens)
+                    log.info("%s %s L=%d round %d: prefill %.2f s, decode %.1f ms/token (load %.1f)", d, name,
+                             L, r + 1, pre, 1e3 * statistics.median(steps), load)
+                    samples.setdefault((d, L, name), []).append(
+                        {"prefill_s": pre, "decode_ms": 1e3 * statistics.median(steps), "loadavg": load,
+                         "tokens": toks})
+            rounds_load.append(list(os.getloadavg()))
+        del ours, theirs
+    rows = []
+    for d in dtypes:
+        for L in contexts:
+            row = {"dtype": d, "context": L, "prompt_tokens": L - new_tokens}
+            for name in ("ours", "transformers"):
+                s = samples[(d, L, name)]
+                row[name] = {"prefill_s": statistics.median(x["prefill_s"] for x in s),
+                             "decode_ms": statistics.median(x["decode_ms"] for x in s),
+                             "prefill_s_rounds": [x["prefill_s"] for x in s],
+                             "decode_ms_rounds": [x["decode_ms"] for x in s],
+                             "loadavg_rounds": [x["loadavg"] for x in s]}
+            row["same_greedy_tokens"] = all(a["tokens"] == b["tokens"] for a, b in
+                                            zip(samples[(d, L, "ours")], samples[(d, L, "transformers")]))
+            row["prefill_floor_s"] = prefill_flops(mc, L) / (floors["matmul_gflops"][d] * 1e9)
+            row["decode_floor_ms"] = 1e3 * decode_bytes(mc, L, d) / (floors["read_gbs"][d] * 1e9)
+            rows.append(row)
+    return {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+            "config": {"contexts": contexts, "dtypes": dtypes, "rounds": rounds, "decode_tokens": new_tokens,
+                       "chunk": chunk},
+            "floors": floors, "loadavg_after_rounds": rounds_load, "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    c, f = report["config"], report["floors"]
+    lines = [
+        "# Mnemosyne's CPU engine vs Hugging Face transformers (built-in SmolLM2-135M, same GGUF)",
+        "",
+        f"{report['machine']['platform']}, torch {report['machine']['torch']} "
+        f"({report['machine']['cpu_capability']}), {report['machine']['threads']} threads. "
+        f"{c['rounds']} rounds alternating the two; medians over rounds. Prompt = context - "
+        f"{c['decode_tokens']} tokens; decode = median ms per token of the {c['decode_tokens'] - 1} steps after "
+        f"the first token; our prefill in chunks of {c['chunk']}.",
+        "",
+        "Floors measured in this run (best over rounds): plain streaming read of the weights' bytes "
+        + ", ".join(f"{d} {f['read_gbs'][d]:.1f} GB/s (rounds: "
+                    + " / ".join(f"{x:.1f}" for x in f['read_gbs_rounds'][d]) + ")" for d in c["dtypes"])
+        + "; matmul " + ", ".join(f"{d} {f['matmul_gflops'][d]:.0f} GFLOP/s" for d in c["dtypes"])
+        + ". Decode floor = (weights + KV bytes) / read rate; prefill floor = FLOPs / matmul rate.",
+        "",
+        "| context, dtype | ours prefill s (x floor) | transformers prefill s | ours decode ms/token (x floor) "
+        "| transformers decode ms | same greedy tokens | load avg per round (ours; transformers) |",
+        "|---|---:|---:|---:|---:|:---:|---|",
+    ]
+    loads = [x for r in report["rows"] for side in ("ours", "transformers") for x in r[side]["loadavg_rounds"]]
+    if max(loads) > 2:
+        lines[2:2] = [f"**Caution:** the load average reached {max(loads):.1f} on this 2-core machine during the "
+                      "run (other jobs shared it): times include heavy interference, and the floors measured "
+                      "under that load are too low, so the x-floor ratios are not meaningful.", ""]
+    for r in report["rows"]:
+        o, t = r["ours"], r["transformers"]
+        loads = ("/".join(f"{x:.1f}" for x in o["loadavg_rounds"]) + "; "
+                 + "/".join(f"{x:.1f}" for x in t["loadavg_rounds"]))
+        lines.append(
+            f"| {r['context'] // 1024}K, {r['dtype']} | {o['prefill_s']:.2f} ({o['prefill_s'] / r['prefill_floor_s']:.2f}x) "
+            f"| {t['prefill_s']:.2f} | {o['decode_ms']:.1f} ({o['decode_ms'] / r['decode_floor_ms']:.2f}x) "
+            f"| {t['decode_ms']:.1f} | {'yes' if r['same_greedy_tokens'] else 'no'} | {loads} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="1024,4096,8192")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="1K only, 1 round, 6 tokens (development)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    contexts = [int(x) for x in args.contexts.split(",")]
+    rounds, new_tokens = args.rounds, args.decode_tokens
+    if args.quick:
+        contexts, rounds, new_tokens = [1024], 1, 6
+    report = run(contexts, args.dtypes.split(","), rounds, new_tokens, args.chunk)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_vs_transformers.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "cpu_vs_transformers.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
