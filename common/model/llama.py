@@ -178,16 +178,18 @@ class LlamaModel(nn.Module):
         [out, in] view): at decode (one row) a linear is a matrix-vector product that only streams its
         weight, and MKL streams that layout faster than [out, in]; the bfloat16 kernels of this CPU are
         the other way round (measured, bench/results/cpu_profile.md). Same products, so results agree
-        with the unpacked model to rounding."""
-        transposed = self.layers_dtype() == torch.float32
+        with the unpacked model to rounding.
+
+        The transposed float32 storage is off: the decode gain is measured (cpu_profile.md), but a
+        side-by-side run of 1K-token prefills (3 rounds, load 4) was slower with it in every round
+        (median 22.1 s against 15.3 s) and prefill time is what long contexts pay for. Turning it on
+        waits for a quiet 1K-8K measurement of both phases (bench/cpu_vs_transformers.py)."""
+        transposed = False
         for layer in self.layers.values():
             layer.self_attn.pack(transposed)
             layer.mlp.pack(transposed)
         if self.lm_head is not None:
             _transpose_storage(self.lm_head, transposed)
-
-    def layers_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def wanted(self, name: str) -> bool:
         """Whether the checkpoint tensor `name` belongs to this stage."""
