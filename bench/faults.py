@@ -260,7 +260,7 @@ def _median(xs: list) -> str:
     return f"{statistics.median(xs):.1f}" if xs else "-"
 
 
-def markdown(r: dict) -> str:
+def markdown(r: dict, json_name: str = "faults.json") -> str:
     c = r["config"]
     lines = ["# Faults: SIGKILL of each process kind mid-request", "",
              f"`bench/faults.py`, {c['trials_per_kind']} trial(s) per kind, round-robin; make up's deployment "
@@ -300,7 +300,7 @@ def markdown(r: dict) -> str:
             seen.add((t["kind"], t["outcome"]))
             lines.append(f"- {t['kind']}: {t['outcome']}: {t['message']}")
     lines += ["", f"Supervisor restarts: {r['supervisor_restarts']}; gave up: {r['supervisor_gave_up']}.",
-              "", "Raw per-trial data: `faults.json`.", ""]
+              "", f"Raw per-trial data: `{json_name}`.", ""]
     return "\n".join(lines)
 
 
@@ -314,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     r = run(args)
     pathlib.Path(args.out + ".json").write_text(json.dumps(r, indent=1) + "\n")
-    pathlib.Path(args.out + ".md").write_text(markdown(r))
-    print(markdown(r))
+    md = markdown(r, pathlib.Path(args.out).name + ".json")
+    pathlib.Path(args.out + ".md").write_text(md)
+    print(md)
     return 0
 
 
