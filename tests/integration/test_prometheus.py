@@ -174,6 +174,7 @@ class Synthetic:
             r.set_ttft_correction(role, ratio, overhead)
         for _ in range(3):
             r.observe_rpc_error("/mnemosyne.v1.Router/Generate", grpc.StatusCode.UNAVAILABLE)
+        r.observe_retry("WorkerFailedError")
         for m, role in ((p, "prefill"), (d, "decode")):
             decode = role == "decode"
             m.observe_iteration(0.03 if decode else 0.1, 16 if decode else 2,
