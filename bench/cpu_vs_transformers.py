@@ -83,7 +83,9 @@ def prompt_tokens(n: int) -> list[int]:
 # ---- the two sides ----------------------------------------------------------------------------------
 class Ours:
     def __init__(self, checkpoint, dtype: str, max_len: int, chunk: int) -> None:
-        cfg = EngineConfig(dtype=dtype, max_model_len=max_len, cache=CacheConfig(max_kv_tokens=max_len + 64),
+        # No prefix caching: every round prefills the same prompt again (a warm round would reuse it).
+        cfg = EngineConfig(dtype=dtype, max_model_len=max_len,
+                           cache=CacheConfig(max_kv_tokens=max_len + 64, prefix_caching=False),
                            scheduler=SchedulerConfig(chunk_size=chunk, max_batch_tokens=max(chunk, 8192)))
         self.engine = LLMEngine(cfg, checkpoint)
         self.engine.generate([prompt_tokens(64)], SamplingParams(max_tokens=2, ignore_eos=True))   # warm-up

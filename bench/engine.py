@@ -76,7 +76,8 @@ def decode_bytes(mc: ModelConfig, L: int, dtype: str, batch: int = 1) -> float:
 
 # ---- measurements -----------------------------------------------------------------------------------
 def make_engine(checkpoint, dtype: str, max_len: int, chunk: int, eos) -> LLMEngine:
-    cfg = EngineConfig(dtype=dtype, max_model_len=max_len, cache=CacheConfig(max_kv_tokens=max_len + 64),
+    cfg = EngineConfig(dtype=dtype, max_model_len=max_len,
+                       cache=CacheConfig(max_kv_tokens=max_len + 64, prefix_caching=False),   # rounds repeat prompts
                        scheduler=SchedulerConfig(chunk_size=chunk, max_batch_tokens=max(chunk, 8192)))
     return LLMEngine(cfg, checkpoint, extra_eos_ids=eos)
 
@@ -188,7 +189,7 @@ def batch_decode_step_times(checkpoint, batch: int, L: int, steps: int) -> list[
     engine, so every request's first L positions sit in consecutive blocks, as after a prefill, and
     the blocks of the decoded tokens interleave between requests)."""
     cfg = EngineConfig(dtype="float32", max_model_len=L + steps + 8,
-                       cache=CacheConfig(max_kv_tokens=batch * (L + steps + 32)),
+                       cache=CacheConfig(max_kv_tokens=batch * (L + steps + 32), prefix_caching=False),
                        scheduler=SchedulerConfig(chunk_size=1024, max_batch_tokens=8192))
     engine = LLMEngine(cfg, checkpoint)
     prompt = [100 + (i * 7919) % 30000 for i in range(L)]

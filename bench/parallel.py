@@ -36,7 +36,7 @@ def prompt(n: int) -> list[int]:
 
 
 def ttft_runs(spp: int, n_tokens: int, chunk: int, runs: int) -> dict:
-    cfg = EngineConfig(cache=CacheConfig(block_size=16, max_kv_tokens=n_tokens + 64),
+    cfg = EngineConfig(cache=CacheConfig(block_size=16, max_kv_tokens=n_tokens + 64, prefix_caching=False),
                        scheduler=SchedulerConfig(chunk_size=chunk, max_batch_tokens=chunk),
                        parallel=ParallelConfig(spp=spp))
     ttfts, comms = [], []
@@ -54,7 +54,7 @@ def ttft_runs(spp: int, n_tokens: int, chunk: int, runs: int) -> dict:
 
 def tbt_runs(kvp: int, context: int, steps: int, runs: int) -> dict:
     m = -(-(context + steps + 16) // kvp)
-    cfg = EngineConfig(cache=CacheConfig(block_size=16, max_kv_tokens=m + 64),
+    cfg = EngineConfig(cache=CacheConfig(block_size=16, max_kv_tokens=m + 64, prefix_caching=False),
                        scheduler=SchedulerConfig(chunk_size=1024, max_batch_tokens=1024),
                        parallel=ParallelConfig(kvp=kvp, kvp_tokens=m if kvp > 1 else None))
     tbts, comms = [], []

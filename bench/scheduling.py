@@ -107,7 +107,8 @@ class Trace:
 def replay(checkpoint, sched: SchedulerConfig, w: Workload, reqs: list[dict], model: CalibratedModel,
            max_len: int) -> dict:
     """Replays the workload in real time; returns per-request token times and per-iteration times."""
-    cfg = EngineConfig(max_model_len=max_len, cache=CacheConfig(max_kv_tokens=16384), scheduler=sched)
+    cfg = EngineConfig(max_model_len=max_len, cache=CacheConfig(max_kv_tokens=16384, prefix_caching=False),
+                       scheduler=sched)                 # (no prefix caching: runs repeat the workload's prompts)
     engine = LLMEngine(cfg, checkpoint, perf_model=OnlineCorrection(model))
     schedule, last = engine.scheduler.schedule, {}
 
@@ -347,7 +348,8 @@ def main() -> None:
     checkpoint = load_checkpoint(None)
     max_len = 4096
 
-    probe = LLMEngine(EngineConfig(max_model_len=max_len, cache=CacheConfig(max_kv_tokens=40000)), checkpoint)
+    probe = LLMEngine(EngineConfig(max_model_len=max_len, cache=CacheConfig(max_kv_tokens=40000, prefix_caching=False)),
+                      checkpoint)
     t = time.monotonic()
     cal = calibrate(probe, PROFILE_SPEC, reuse=not args.reprofile)
     log.info("perf model: held-out median error %.1f%% (%s, %.0f s)", 100 * cal.held_out_error,
