@@ -180,10 +180,9 @@ class LlamaModel(nn.Module):
         the other way round (measured, bench/results/cpu_profile.md). Same products, so results agree
         with the unpacked model to rounding.
 
-        The transposed float32 storage is off: the decode gain is measured (cpu_profile.md), but a
-        side-by-side run of 1K-token prefills (3 rounds, load 4) was slower with it in every round
-        (median 22.1 s against 15.3 s) and prefill time is what long contexts pay for. Turning it on
-        waits for a quiet 1K-8K measurement of both phases (bench/cpu_vs_transformers.py)."""
+        The transposed float32 storage is off for now: a loaded side-by-side run made it look slower at
+        prefill, a quiet one later found it neutral there and ~7% faster at decode (cpu_profile.md);
+        the full suite ran with it off, so turning it on waits for the exactness tests."""
         transposed = False
         for layer in self.layers.values():
             layer.self_attn.pack(transposed)
