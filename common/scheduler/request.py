@@ -77,13 +77,8 @@ class Request:
         return self.status is Status.FINISHED
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        p = len(self.prompt_ids)
-        if end <= p:
-            return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
-
-    def tokens_between(self, start: int, end: int) -> list[int]:
-        """token_ids without concatenating prompt and output (cheap for long sequences)."""
+        """Tokens [start, end) of prompt + output, without copying the whole sequence (a decode step
+        asks for one token of a request whose prompt may hold millions)."""
         p = len(self.prompt_ids)
         if end <= p:
             return self.prompt_ids[start:end]

@@ -290,7 +290,7 @@ class Scheduler:
     def _hashes(self, req: Request, num_tokens: int) -> list[bytes]:
         """Names of the full blocks of the request's first `num_tokens` tokens (cached on it)."""
         bs = self.pool.block_size
-        hashes = extend_hashes(req.block_hashes, self.pool.hash_root, bs, num_tokens, req.tokens_between)
+        hashes = extend_hashes(req.block_hashes, self.pool.hash_root, bs, num_tokens, req.token_ids)
         return hashes if len(hashes) == num_tokens // bs else hashes[:num_tokens // bs]
 
     def _may_reuse(self, req: Request) -> bool:
