@@ -21,7 +21,6 @@ import pytest
 from common.client import RouterClient
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
-from common.metadata.store import MetadataStore
 from common.model.tokenizer import load_tokenizer
 from common.rpc import client as rpc_client
 from common.rpc.protos import decode_pb2, decode_pb2_grpc, router_pb2_grpc
@@ -66,13 +65,6 @@ def cluster(model, tmp_path_factory):
                         log_dir=str(tmp_path_factory.mktemp("fault-logs")))
     with Cluster(cfg) as c:
         yield c
-
-
-@pytest.fixture
-def store(cluster):
-    s = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment)
-    yield s
-    s.close()
 
 
 def wait_until(cond, timeout_s: float, what: str):

@@ -72,13 +72,6 @@ def cluster(model, tmp_path_factory):
         yield c
 
 
-@pytest.fixture
-def store(cluster):
-    s = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment)
-    yield s
-    s.close()
-
-
 def wait_until(cond, timeout_s: float, what: str):
     return _wait_until(cond, timeout_s, what, tolerate=(grpc.RpcError,))
 

@@ -72,13 +72,6 @@ def cluster(model, tmp_path_factory):
 
 
 @pytest.fixture
-def store(cluster):
-    s = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment)
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def decode(cluster, store):
     """The decode service, running and registered (started again after an earlier test stopped it)."""
     if not decode_ids(store):

@@ -16,7 +16,6 @@ import pytest
 
 from common.client import RouterClient
 from common.errors import MnemosyneError
-from common.metadata.store import MetadataStore
 from common.metadata.types import GroupRange, Placement
 from scripts.supervisor import RestartPolicy, Supervisor
 from scripts.up import Cluster, ClusterConfig
@@ -58,13 +57,6 @@ def supervisor(cluster):
     yield sup
     stop.set()
     thread.join(60)
-
-
-@pytest.fixture
-def store(cluster):
-    s = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment, password=cluster.redis_password)
-    yield s
-    s.close()
 
 
 def wait_until(cond, timeout_s: float, what: str):
