@@ -15,6 +15,15 @@ the model is fitted on the wall clock (what an iteration takes, what the schedul
 the spec says `clock="cpu"`; the CPU-time fit's error is reported too, since it shows the model's
 accuracy without the other processes that share the machine.
 
+Anchoring at the budget: the start-up spec times small batches (chunks of 8-64 tokens), but the
+adaptive chunker runs chunks that fill the iteration budget, often 100x larger and at contexts of up to
+max_model_len, where a linear fit on small batches can be off by 10x or more (a budget-sized chunk
+then runs many budgets long, and a short prompt waits behind it). `anchor` times, for a few contexts
+up to max_model_len, the chunk the model says fills the engine's budget, and refits with those
+batches weighted up until the model predicts them within ANCHOR_TOLERANCE (at most ANCHOR_ROUNDS).
+A saved profile keeps its samples and anchors; reusing it re-anchors at the engine's own budget and
+length (a few budget-long steps at start).
+
 Block tables are deliberately scattered (every sequence's blocks interleaved with others'), as they
 are in a cache that has served many requests: the KV gather then copies, as it does in serving. The
 cache contents are whatever the blocks hold: cost does not depend on them. Profiling needs an idle
@@ -84,6 +93,14 @@ class ProfileSpec:
 STARTUP_SPEC = ProfileSpec(chunk_sizes=(8, 32, 64), contexts=(0, 256, 1024), decode_sizes=(1, 4, 8),
                            decode_contexts=(64, 512, 1024), num_prefill=6, num_decode=5, num_mixed=6,
                            repeats=2, warmup=0)
+
+
+#: Anchoring (see the module docstring): rounds at most, relative error accepted, weight of an anchor
+#: in the refit (its row repeated), contexts timed (fractions of the longest context a chunk can start at).
+ANCHOR_ROUNDS = 3
+ANCHOR_TOLERANCE = 0.25
+ANCHOR_WEIGHT = 4
+ANCHOR_CONTEXTS = (0.0, 0.25, 0.5)
 
 
 @dataclass(frozen=True)
@@ -355,21 +372,30 @@ def profile(engine: "LLMEngine", spec: ProfileSpec = ProfileSpec()) -> list[Timi
 
 def calibrate(engine: "LLMEngine", spec: ProfileSpec = ProfileSpec(), path: str | Path | None = None,
               reuse: bool = True) -> Calibration:
-    """Profiles (or reuses the saved profile for this engine's key), fits, reports, saves.
-    Any layout: the batches go through the engine's executor."""
+    """Profiles (or reuses the saved profile for this engine's key), fits, anchors at the engine's
+    budget (`anchor`), reports, saves. Any layout: the batches go through the engine's executor.
+    A saved profile without its samples (written before anchoring existed) is profiled again."""
     key = profile_key(engine)
     path = Path(path) if path else default_profile_path(key)
+    kvp_tokens = engine.cfg.parallel.kvp_tokens if engine.cfg.parallel.kvp > 1 else None
     if reuse and path.exists():
         try:
             model = CalibratedModel.load(path, key)
+            if "train" not in model.fit_info:
+                raise ConfigError("it has no samples to re-anchor on (an older format)")
             log.info("reusing performance profile %s (%s)", path, key)
-            return Calibration(model, float(model.fit_info.get("held_out_median_rel_err", float("nan"))),
+            train = [_sample_of(r) for r in model.fit_info["train"]]
+            anchors = [_sample_of(r) for r in model.fit_info.get("anchors", [])]
+            seen = list(model.fit_info.get("anchored_at", []))
+            refit = anchor(engine, model, train, anchors, key, kvp_tokens)
+            if refit.fit_info.get("anchored_at") != seen:
+                refit.save(path)
+            return Calibration(refit, float(refit.fit_info.get("held_out_median_rel_err", float("nan"))),
                                path, True)
-        except (ConfigError, KeyError, ValueError) as e:
+        except (ConfigError, KeyError, ValueError, TypeError) as e:
             log.warning("not reusing %s: %s", path, e)
     t0 = time.monotonic()
     timings = profile(engine, spec)
-    kvp_tokens = engine.cfg.parallel.kvp_tokens if engine.cfg.parallel.kvp > 1 else None
     has_cpu = all(t.cpu_s is not None for t in timings)
     errors: dict[str, float | None] = {"cpu": None}
     clock = spec.clock if has_cpu else "wall"
@@ -378,12 +404,112 @@ def calibrate(engine: "LLMEngine", spec: ProfileSpec = ProfileSpec(), path: str 
         fitted = fit_from_samples(train, key, kvp_tokens)
         errors[c] = held_out_error(fitted, held)
         if c == clock:
-            model, held_out = fitted, held
+            model, train_set, held_out = fitted, train, held
     model.fit_info.update(held_out_median_rel_err=errors[clock], num_held_out=len(held_out),
                           wall_held_out_median_rel_err=errors["wall"],
                           cpu_held_out_median_rel_err=errors["cpu"],
-                          profile_seconds=round(time.monotonic() - t0, 1), spec=asdict(spec))
+                          spec=asdict(spec), train=[_row(s) for s in train_set],
+                          held_out=[_row(s) for s in held_out])
+    model = anchor(engine, model, train_set, [], key, kvp_tokens)
+    model.fit_info.update(profile_seconds=round(time.monotonic() - t0, 1))
     model.save(path)
+    held_err = float(model.fit_info["held_out_median_rel_err"])
     log.info("performance profile %s: %d batches in %.1f s, held-out median error %.1f%% (%s clock)",
-             path, len(timings), time.monotonic() - t0, 100 * errors[clock], clock)
-    return Calibration(model, errors[clock], path, False, timings, held_out, errors["cpu"])
+             path, len(timings), time.monotonic() - t0, 100 * held_err, clock)
+    return Calibration(model, held_err, path, False, timings, held_out, errors["cpu"])
+
+
+# ---- anchoring at the budget -----------------------------------------------------------------------
+def _row(sample: Sample) -> list:
+    batch, seconds = sample
+    return [[list(p) for p in batch.prefills], list(batch.decodes), seconds]
+
+
+def _sample_of(row: list) -> Sample:
+    prefills, decodes, seconds = row
+    return BatchShape(tuple((int(n), int(c)) for n, c in prefills), tuple(int(c) for c in decodes)), float(seconds)
+
+
+def budget_chunk(model: PerfModel, budget_s: float, context: int, room: int, chunking) -> int:
+    """The largest chunk (a multiple of chunking.multiple in [min_chunk, min(max_chunk, room)]) that
+    `model` predicts within `budget_s` at `context` tokens before it, as the adaptive chunker sizes a
+    lone prefill; min_chunk when none does (0 when not even min_chunk has room)."""
+    step, lo = chunking.multiple, chunking.min_chunk
+    hi = min(chunking.max_chunk, room) // step * step
+    if hi < lo:
+        return 0
+    best = lo
+    a, b = lo // step, hi // step                     # in units of `step`
+    while a <= b:
+        mid = (a + b) // 2
+        if model.predict(BatchShape(((mid * step, context),))) <= budget_s:
+            best, a = mid * step, mid + 1
+        else:
+            b = mid - 1
+    return best
+
+
+def anchor_batches(engine: "LLMEngine", model: PerfModel) -> list[BatchShape]:
+    """The lone prefill chunk that fills the engine's iteration budget by `model`, at each of
+    ANCHOR_CONTEXTS of the longest context a chunk can start at (within one KVP group and the cache)."""
+    budget, top = anchor_point(engine)
+    chunking = _chunking(engine.cfg.scheduler)
+    out: list[BatchShape] = []
+    for frac in ANCHOR_CONTEXTS:
+        ctx = int(top * frac) // chunking.multiple * chunking.multiple
+        n = budget_chunk(model, budget, ctx, top - ctx, chunking)
+        if n > 0 and (n, ctx) not in [b.prefills[0] for b in out]:
+            out.append(BatchShape(((n, ctx),)))
+    return out
+
+
+def anchor_point(engine: "LLMEngine") -> tuple[float, int]:
+    """(the engine's iteration budget, the longest context a chunk can start at): what anchors
+    depend on besides the model (a profile anchored at the same point is not anchored again)."""
+    p = engine.cfg.parallel
+    group = p.kvp_tokens if p.kvp > 1 and p.kvp_tokens else engine.max_model_len
+    max_kv = engine.blocks.num_blocks // max(p.kvp, 1) * engine.blocks.block_size
+    return (engine.cfg.scheduler.iteration_budget(engine.executor.depth),
+            min(group, engine.max_model_len, max_kv) - 1)
+
+
+def _chunking(sched):
+    from common.scheduler.chunking import ChunkingConfig
+    return ChunkingConfig(min_chunk=sched.min_chunk, max_chunk=sched.max_chunk)
+
+
+def anchor(engine: "LLMEngine", model: CalibratedModel, train: list[Sample], anchors: list[Sample],
+           key: ProfileKey, kvp_tokens: int | None) -> CalibratedModel:
+    """`model`, refitted on `train` plus budget-sized anchor batches (anchor_batches), each timed
+    (median of 2) and weighted ANCHOR_WEIGHT, until it predicts every anchor of the last round within
+    ANCHOR_TOLERANCE or ANCHOR_ROUNDS pass. `anchors`: earlier anchors (of a saved profile), kept.
+    Returns `model` itself when it was anchored at this anchor_point before (a saved profile) or its
+    first anchors are within tolerance; fit_info records the anchors, the points anchored at and
+    each round's measured / predicted ratios."""
+    budget, top = point = anchor_point(engine)
+    done = [list(x) for x in model.fit_info.get("anchored_at", [])]
+    if [round(budget, 6), top] in done:
+        return model
+    anchors = list(anchors)
+    rounds: list[list[float]] = []
+    current = model
+    for r in range(ANCHOR_ROUNDS):
+        batches = anchor_batches(engine, current)
+        if not batches:
+            break
+        timed = measure(engine, batches, repeats=2, warmup=1 if r == 0 else 0)
+        ratios = [round(t.wall_s / current.predict(t.batch), 3) for t in timed if current.predict(t.batch) > 0]
+        rounds.append(ratios)
+        anchors += [(t.batch, t.wall_s) for t in timed]
+        log.info("performance model: anchors at the %.3f s budget (chunk, context) %s: measured / "
+                 "predicted %s", budget, [b.prefills[0] for b in batches], ratios)
+        if all(abs(x - 1.0) <= ANCHOR_TOLERANCE for x in ratios):
+            break
+        current = fit_from_samples(train + anchors * ANCHOR_WEIGHT, key, kvp_tokens)
+        current.fit_info = dict(model.fit_info)
+        held = [_sample_of(row) for row in model.fit_info.get("held_out", [])]
+        if held:
+            current.fit_info["held_out_median_rel_err"] = held_out_error(current, held)
+    current.fit_info.update(anchors=[_row(a) for a in anchors], anchor_rounds=rounds,
+                            anchored_at=done + [[round(budget, 6), top]])
+    return current
