@@ -99,7 +99,7 @@ def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, ar
     from common.metrics import scrape, total
     from scripts.up import Cluster, ClusterConfig
     n = len(ids)
-    pool_flags = ["--perf-model", "analytic"]
+    pool_flags = ["--perf-model", args.perf_model]
     cfg = ClusterConfig(model=model, max_model_len=n + args.max_tokens, kv_backend=args.backend, router_port=0,
                         http_port=-1, prefill_spp=spp, decode_kvp=kvp, kvp_tokens=m if kvp > 1 else None,
                         dtype="float32", deployment=f"longctx-{uuid.uuid4().hex[:6]}",
@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-tokens", type=int, default=0,
                    help="TTFT of a prompt this long, idle and during the long prefill (0 = none; >= 256 to use the "
                         "prefill pool)")
+    p.add_argument("--perf-model", default="calibrate",
+                   help="the pools' performance model: calibrate (make up's default: profiled and anchored at "
+                        "the budget at start), analytic (the roofline), saved or a profile's path")
     p.add_argument("--log-dir", default="", help="keep the services' logs here")
     p.add_argument("--out-name", default="long_context", help="results file name in bench/results")
     args = p.parse_args(argv)

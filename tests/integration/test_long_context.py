@@ -35,7 +35,6 @@ KVP = 4
 MAX_TOKENS = 8
 LOGPROB_TOL = 1e-4
 LEASE_S = 1.0                  # far shorter than the prefill: only renewal keeps the placement
-POOL_FLAGS = ["--perf-model", "analytic"]    # no calibration run per pool (minutes here)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +58,7 @@ def test_long_prompt_served_over_spp2_kvp4_equals_one_process(model, tmp_path, n
     max_model_len = n + 64
     cfg = ClusterConfig(model=model, max_model_len=max_model_len, kv_backend="tcp", router_port=0, http_port=-1,
                         prefill_spp=2, decode_kvp=KVP, lease_s=LEASE_S, dtype="float32",
-                        deployment=f"lc-{uuid.uuid4().hex[:8]}", log_dir=str(tmp_path),
-                        extra={"prefill": POOL_FLAGS, "decode": POOL_FLAGS})
+                        deployment=f"lc-{uuid.uuid4().hex[:8]}", log_dir=str(tmp_path))
     m = cfg.sized().kvp_tokens
     assert (KVP - 1) * m < n <= KVP * m                # the prompt spans every decode KVP group
 
