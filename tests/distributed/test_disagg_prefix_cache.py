@@ -121,3 +121,20 @@ def test_a_prompt_other_than_the_prepared_one_is_refused(model):
     assert dec.abort("r")
     dec.pool.check()
     assert dec.pool.num_used == 0 and dec.pool.num_cached >= 5
+
+
+def test_a_prompt_held_whole_at_the_decode_side_travels_not_at_all(model):
+    """A 96-token prompt (6 full blocks) the decode side decoded before: every token is cached there,
+    no holder expects anything, the prefill sends nothing, and the request decodes at once to the
+    tokens of one process with caching off."""
+    prompt = PROMPT[:80] + QUESTION + QUESTION[:8]
+    dec, pre = LLMEngine(config(model)), LLMEngine(config(model))
+    sent = counting(pre)
+    dec.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))
+    groups, toks, lps = turn(pre, dec, "whole", prompt, 1 << 30)
+    assert [g.cached for g in groups] == [96] and sent.get("whole", 0) == 0
+    ref = LLMEngine(config(model, caching=False)).generate([prompt], PARAMS)[0]
+    assert toks == ref.token_ids
+    assert max(abs(a - b) for a, b in zip(lps, ref.logprobs)) < 1e-5
+    dec.pool.check()
+    assert dec.pool.num_used == 0
