@@ -119,15 +119,16 @@ def concurrent(checkpoint, prompts: list[list[int]], params, kv_tokens: int, chu
                                for it in out.items)
             return out
         sched.schedule = counting
-        t0 = time.monotonic()
+        load0, t0 = os.getloadavg()[0], time.monotonic()
         res = engine.generate(prompts, params)
-        wall = time.monotonic() - t0
+        wall, load1 = time.monotonic() - t0, os.getloadavg()[0]
         engine.blocks.check()
         runs[mode] = {"computed_prompt_tokens": computed[0],
                       "cached_tokens": [r.num_cached_tokens for r in res],
                       "ttft_s": [round(r.ttft_s, 4) for r in res],
                       "ttft_median_s": round(statistics.median(r.ttft_s for r in res), 4),
                       "ttft_max_s": round(max(r.ttft_s for r in res), 4), "wall_s": round(wall, 3),
+                      "load": [round(load0, 2), round(load1, 2)],
                       "token_ids": [r.token_ids for r in res], "logprobs": [r.logprobs for r in res]}
         log.info("concurrent %s: %d prompt tokens computed, TTFT median %.2f s, wall %.2f s", mode,
                  computed[0], runs[mode]["ttft_median_s"], wall)
@@ -152,12 +153,15 @@ def concurrent_markdown(report: dict) -> str:
              "compute-once: caching on, but no request waits for a prefix another is computing (the engine "
              "before this change). on: the default. Exact = identical greedy tokens and every logprob within "
              "1e-4 of the off run.", "",
-             "| run | prompt tokens computed | cached per request | TTFT median s | TTFT max s | wall s | exact |",
-             "|---|---:|---|---:|---:|---:|---|"]
+             "| run | prompt tokens computed | cached per request | TTFT median s | TTFT max s | wall s | "
+             "load before/after | exact |",
+             "|---|---:|---|---:|---:|---:|---|---|"]
     for mode, r in w["runs"].items():
         lines.append(f"| {mode} | {r['computed_prompt_tokens']} | {r['cached_tokens']} | {r['ttft_median_s']:.2f} | "
-                     f"{r['ttft_max_s']:.2f} | {r['wall_s']:.2f} | {r['exact']} |")
-    lines += ["", "TTFTs per request (s): " + "; ".join(f"{mode} {r['ttft_s']}" for mode, r in w["runs"].items()), ""]
+                     f"{r['ttft_max_s']:.2f} | {r['wall_s']:.2f} | {r['load'][0]} / {r['load'][1]} | {r['exact']} |")
+    lines += ["", "TTFTs per request (s): " + "; ".join(f"{mode} {r['ttft_s']}" for mode, r in w["runs"].items()), "",
+              "The prompt tokens computed do not depend on the machine's load; the TTFTs do (each run's load "
+              "average is in its row: compare TTFTs only between runs at a similar load).", ""]
     return "\n".join(lines)
 
 
