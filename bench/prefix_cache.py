@@ -15,7 +15,18 @@ Every warm output is checked against its cold run: identical greedy tokens, logp
 TTFT = time from adding the request to its first token (engine.generate of one prompt).
 
 Writes bench/results/prefix_cache.json and bench/results/prefix_cache.md.
+
+A fourth workload, `--workload concurrent` (run on its own): --concurrent questions about one document
+of --concurrent-doc-tokens tokens, all added at once (engine.generate of all prompts), in three runs:
+off (prefix caching off), on without compute-once (caching on, but the scheduler never waits for a
+prefix another request is computing: what the engine did before, every question prefills the
+document), and on (the default: the document is computed once, the others wait for it and reuse it).
+Counts the prompt tokens the model computed (every scheduled item) and each request's TTFT (from the
+moment all were added); checks every run's outputs against the off run. Writes
+bench/results/prefix_cache_concurrent.{json,md}.
+
 Run: PYTHONPATH=. python -m bench.prefix_cache [--doc-tokens 1536 --questions 4 --turns 4 ...]
+     PYTHONPATH=. python -m bench.prefix_cache --workload concurrent [--concurrent 4 --concurrent-doc-tokens 256]
 """
 from __future__ import annotations
 
@@ -90,6 +101,70 @@ def workload(name: str, checkpoint, prompts_fn, params, kv_tokens: int, chunk: i
     return out
 
 
+def concurrent(checkpoint, prompts: list[list[int]], params, kv_tokens: int, chunk: int) -> dict:
+    """All prompts added at once, in the three runs (see the module docstring)."""
+    runs = {}
+    for mode in ("off", "on_without_compute_once", "on"):
+        engine = make_engine(checkpoint, mode != "off", kv_tokens, chunk)
+        engine.generate([WARM_UP], params)                  # shares no block with the prompts
+        sched = engine.scheduler
+        if mode == "on_without_compute_once":
+            sched.awaits_prefix = lambda req: False         # the engine before compute-once
+        computed = [0]
+        schedule = sched.schedule
+
+        def counting():
+            out = schedule()
+            computed[0] += sum(max(0, min(it.start + it.num_tokens, it.request.prompt_len) - it.start)
+                               for it in out.items)
+            return out
+        sched.schedule = counting
+        load0, t0 = os.getloadavg()[0], time.monotonic()
+        res = engine.generate(prompts, params)
+        wall, load1 = time.monotonic() - t0, os.getloadavg()[0]
+        engine.blocks.check()
+        runs[mode] = {"computed_prompt_tokens": computed[0],
+                      "cached_tokens": [r.num_cached_tokens for r in res],
+                      "ttft_s": [round(r.ttft_s, 4) for r in res],
+                      "ttft_median_s": round(statistics.median(r.ttft_s for r in res), 4),
+                      "ttft_max_s": round(max(r.ttft_s for r in res), 4), "wall_s": round(wall, 3),
+                      "load": [round(load0, 2), round(load1, 2)],
+                      "token_ids": [r.token_ids for r in res], "logprobs": [r.logprobs for r in res]}
+        log.info("concurrent %s: %d prompt tokens computed, TTFT median %.2f s, wall %.2f s", mode,
+                 computed[0], runs[mode]["ttft_median_s"], wall)
+    ref = dict(runs["off"])
+    for mode, r in runs.items():
+        same = r.pop("token_ids") == ref["token_ids"]
+        dlp = max((abs(a - b) for x, y in zip(r.pop("logprobs"), ref["logprobs"]) for a, b in zip(x, y)), default=0.0)
+        r.update(identical_tokens=same, max_logprob_diff=dlp, exact=same and dlp <= LOGPROB_TOL)
+    return {"requests": len(prompts), "prompt_tokens": [len(p) for p in prompts], "runs": runs}
+
+
+def concurrent_markdown(report: dict) -> str:
+    m, w = report["meta"], report["workload"]
+    lines = ["# Prefix cache: concurrent questions about one document (built-in SmolLM2-135M-Instruct, "
+             "one process, CPU, float32)", "",
+             f"Machine: {m['machine']}, {m['threads']} torch threads, torch {m['torch']}; chunk {m['chunk']}, "
+             f"{m['max_tokens']} generated tokens per request. Load average before/after: "
+             f"{m['load_before']} / {m['load_after']} (the machine is shared with other jobs: TTFTs are one "
+             f"sample per request, read the medians with that in mind). Wall time {m['wall_s']} s.", "",
+             f"{w['requests']} prompts of {w['prompt_tokens']} tokens (one document, then a different question), "
+             "added to one engine at once; TTFT from that moment. off: prefix caching off. on without "
+             "compute-once: caching on, but no request waits for a prefix another is computing (the engine "
+             "before this change). on: the default. Exact = identical greedy tokens and every logprob within "
+             "1e-4 of the off run.", "",
+             "| run | prompt tokens computed | cached per request | TTFT median s | TTFT max s | wall s | "
+             "load before/after | exact |",
+             "|---|---:|---|---:|---:|---:|---|---|"]
+    for mode, r in w["runs"].items():
+        lines.append(f"| {mode} | {r['computed_prompt_tokens']} | {r['cached_tokens']} | {r['ttft_median_s']:.2f} | "
+                     f"{r['ttft_max_s']:.2f} | {r['wall_s']:.2f} | {r['load'][0]} / {r['load'][1]} | {r['exact']} |")
+    lines += ["", "TTFTs per request (s): " + "; ".join(f"{mode} {r['ttft_s']}" for mode, r in w["runs"].items()), "",
+              "The prompt tokens computed do not depend on the machine's load; the TTFTs do (each run's load "
+              "average is in its row: compare TTFTs only between runs at a similar load).", ""]
+    return "\n".join(lines)
+
+
 def chat(tok, messages: list[dict]) -> list[int]:
     return tok.apply_chat_template(messages)
 
@@ -105,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed-cache-tokens", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=512)
-    ap.add_argument("--out", default=str(RESULTS / "prefix_cache"))
+    ap.add_argument("--out", default=None, help="results path without extension (default: "
+                    "bench/results/prefix_cache, or prefix_cache_concurrent for --workload concurrent)")
+    ap.add_argument("--workload", choices=("sequential", "concurrent"), default="sequential",
+                    help="sequential: document, chat and mixed (default); concurrent: see above")
+    ap.add_argument("--concurrent", type=int, default=4, help="questions added at once (--workload concurrent)")
+    ap.add_argument("--concurrent-doc-tokens", type=int, default=256)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -115,6 +195,24 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     t0 = time.monotonic()
     questions = [f"What is the capital of {c[0]}?" for c in COUNTRIES]
+
+    def meta() -> dict:
+        return {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "model": "built-in SmolLM2-135M-Instruct", "dtype": "float32", "chunk": args.chunk,
+                "max_tokens": args.max_tokens, "load_before": round(load0[0], 2),
+                "load_after": round(os.getloadavg()[0], 2), "wall_s": round(time.monotonic() - t0, 1)}
+
+    if args.workload == "concurrent":
+        doc = build_document(tok, args.concurrent_doc_tokens)
+        prompts = [chat(tok, [{"role": "user", "content": f"{doc}\n\n{questions[i % len(questions)]}"}])
+                   for i in range(args.concurrent)]
+        work = concurrent(checkpoint, prompts, params, sum(len(p) for p in prompts) + 1024, args.chunk)
+        report = {"meta": meta(), "workload": work}
+        out = args.out or str(RESULTS / "prefix_cache_concurrent")
+        Path(out + ".json").write_text(json.dumps(report, indent=2) + "\n")
+        Path(out + ".md").write_text(concurrent_markdown(report))
+        print(concurrent_markdown(report))
+        return 0 if all(r["exact"] for r in work["runs"].values()) else 1
     big_kv = args.doc_tokens + 1024
 
     doc = build_document(tok, args.doc_tokens)
@@ -146,13 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     results["mixed"]["cache_tokens"] = args.mixed_cache_tokens
     results["mixed"]["document_tokens"] = [len(tok.encode(d)) for d in docs]
 
-    meta = {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "model": "built-in SmolLM2-135M-Instruct", "dtype": "float32", "chunk": args.chunk,
-            "max_tokens": args.max_tokens, "load_before": round(load0[0], 2),
-            "load_after": round(os.getloadavg()[0], 2), "wall_s": round(time.monotonic() - t0, 1)}
-    report = {"meta": meta, "workloads": results}
-    Path(args.out + ".json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(args.out + ".md").write_text(markdown(report))
+    report = {"meta": meta(), "workloads": results}
+    out = args.out or str(RESULTS / "prefix_cache")
+    Path(out + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(out + ".md").write_text(markdown(report))
     print(markdown(report))
     return 0 if all(w["exact"] for w in results.values()) else 1
 

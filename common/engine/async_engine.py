@@ -230,11 +230,12 @@ class AsyncEngine:
         return await self.call(lambda e: self._abort(e, request_id))
 
     async def prepare_receive(self, request_id: str, num_prompt_tokens: int,
-                              max_new_tokens: int, epoch: int = 0) -> list:
+                              max_new_tokens: int, epoch: int = 0, prompt_ids: list[int] | None = None) -> list:
         """Decode role: reserves the request's blocks in every KVP group; list[GroupSink]. `epoch`:
-        its placement's; the receivers take only chunks that carry it."""
+        its placement's; the receivers take only chunks that carry it. `prompt_ids`: the prompt,
+        whose cached prefix is then reused (GroupSink.cached: not sent)."""
         def prepare(e: Any) -> list:
-            groups = e.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch)
+            groups = e.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch, prompt_ids)
             # The reservation shows in the load (Stats, heartbeats, admission) as soon as the caller
             # has its answer, not after the engine's next iteration.
             self.stats = e.stats()

@@ -224,11 +224,14 @@ class LLMEngine:
 
     # ---- disaggregation (common/kv_connector) ---------------------------------------------------------
     def prepare_receive(self, request_id: str, num_prompt_tokens: int, max_new_tokens: int,
-                        epoch: int = 0) -> list[GroupSink]:
+                        epoch: int = 0, prompt_ids: list[int] | None = None) -> list[GroupSink]:
         """Decode role: reserves the request's blocks in every KVP group and registers the expected
-        KV (of placement `epoch`) with the holders; returns where the prefill side must send it."""
+        KV (of placement `epoch`) with the holders; returns where the prefill side must send it.
+        With `prompt_ids` (the prompt) and prefix caching on, the blocks of its longest cached
+        full-block prefix are reused: GroupSink.cached says which tokens are not to be sent, and
+        add_prefilled must then bring the same prompt."""
         self._check_open()
-        return self.kv.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch)
+        return self.kv.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch, prompt_ids)
 
     def add_prefilled(self, prompt_ids: list[int], params: SamplingParams, request_id: str, first_token: int,
                       first_logprob: float, kv_timeout_s: float = 60.0, tbt_slo_s: float | None = None) -> str:

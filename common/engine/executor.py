@@ -61,9 +61,11 @@ class Executor(ABC):
     def forget(self, request_id: str) -> None: ...
 
     @abstractmethod
-    def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0) -> list[KVAck]:
+    def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0,
+                  cached: int = 0) -> list[KVAck]:
         """Every holder registers its part of a request's incoming KV (chunks of placement `epoch`
-        only); one ack per holder."""
+        only; the first `cached` tokens are in the tables already and never arrive); one ack per
+        holder."""
 
     @abstractmethod
     def kv_cancel(self, request_id: str) -> None: ...
@@ -188,8 +190,9 @@ class LocalExecutor(Executor):
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)
 
-    def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0) -> list[KVAck]:
-        return [self.kv.expect(request_id, tables, num_tokens, epoch)]
+    def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0,
+                  cached: int = 0) -> list[KVAck]:
+        return [self.kv.expect(request_id, tables, num_tokens, epoch, cached)]
 
     def kv_cancel(self, request_id: str) -> None:
         self.kv.cancel(request_id)

@@ -10,14 +10,18 @@ request's `kv_status` is pending until every holder reported its part sent ("don
 with the first failure. A terminal answer is remembered (bounded) so that repeated queries agree.
 
 Decode role: `prepare_receive` reserves the request's blocks in every KVP group and registers the
-token ranges with the holders; `add_prefilled` queues the request (all prompt tokens computed, the
+token ranges with the holders; given the prompt's token ids and with prefix caching on, it first
+takes the blocks of the longest cached full-block prefix of the prompt (e.g. the previous turn of a
+chat decoded here): those tokens are not transferred (GroupSink.cached tells the sender, the holders
+count them as arrived), and `add_prefilled` refuses a prompt whose prefix is not the one prepared.
+`add_prefilled` queues the request (all prompt tokens computed, the
 first token sampled elsewhere). `admit_arrived`, at the start of every engine step, moves requests
 whose KV arrived at every expecting holder into the Scheduler, and ends those that failed or passed
 their deadline with an error output.
 
 Block ownership:
-- prepare_receive allocates the blocks (a CapacityError leaves nothing behind); from then on they
-  belong to the request.
+- prepare_receive allocates the blocks, or shares cached ones (a CapacityError leaves nothing
+  behind); from then on they belong to the request.
 - While the request awaits its KV, this object owns them: a failure, a timeout or an abort frees
   them here (and cancels the holders' expectations).
 - Once admitted, the Scheduler owns them as for any request: it frees them when the request
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING, Callable
 from common.config import ParallelConfig
 from common.errors import ConfigError, InvalidRequestError, KVTransferError
 from common.kv_cache.kvp_blocks import KVPBlockManager
+from common.kv_cache.prefix import extend_hashes
 from common.kv_connector.types import GroupSink, KVEvent, KVSink
 from common.scheduler.request import FinishReason, Request
 
@@ -63,6 +68,7 @@ class KVConnectorScheduler:
         self.recv: dict[str, dict[int, tuple[str, str | None]]] = {}
         self.expecting: dict[str, set[int]] = {}                         # rid -> holders receiving
         self.prepared: dict[str, int] = {}                               # rid -> prompt tokens
+        self.reused: dict[str, list[bytes]] = {}                         # rid -> names of the cached blocks it took
         self.awaiting: dict[str, tuple[Request, float, float]] = {}      # rid -> (request, since, timeout)
         self.progress: dict[str, float] = {}                             # rid -> last KV intake progress
 
@@ -145,7 +151,10 @@ class KVConnectorScheduler:
         return result
 
     # ---- decode role -----------------------------------------------------------------------------
-    def prepare_receive(self, rid: str, num_tokens: int, max_new_tokens: int, epoch: int = 0) -> list[GroupSink]:
+    def prepare_receive(self, rid: str, num_tokens: int, max_new_tokens: int, epoch: int = 0,
+                        prompt_ids: list[int] | None = None) -> list[GroupSink]:
+        """Reserves the blocks of a request whose `num_tokens` prompt tokens' KV will arrive; with
+        `prompt_ids` (its prompt) the cached blocks of its prefix are reused and not received."""
         if self.parallel.spp != 1:
             raise ConfigError("a decode grid that receives KV must have spp = 1")
         if rid in self.prepared or rid in self.scheduler.requests:
@@ -153,10 +162,19 @@ class KVConnectorScheduler:
         if num_tokens < 1 or num_tokens + 1 > self.max_model_len:
             raise InvalidRequestError(f"cannot receive {num_tokens} prompt tokens "
                                       f"(max_model_len {self.max_model_len})")
-        self.blocks.allocate(rid, num_tokens)                 # CapacityError leaves nothing behind
+        if prompt_ids is not None and len(prompt_ids) != num_tokens:
+            raise InvalidRequestError(f"request {rid}: {len(prompt_ids)} prompt token ids for a placement "
+                                      f"of {num_tokens} tokens")
+        hashes = self._cached_hashes(rid, num_tokens, prompt_ids)
+        cached = len(hashes) * self.blocks.block_size
+        try:
+            self.blocks.allocate(rid, num_tokens)              # CapacityError leaves nothing behind
+        except BaseException:
+            self.blocks.free(rid)                              # the shared prefix goes back to the cache
+            raise
         tables = self.blocks.table(rid)
         try:
-            acks = self.executor.kv_expect(rid, tables, num_tokens, epoch)
+            acks = self.executor.kv_expect(rid, tables, num_tokens, epoch, cached)
         except BaseException:
             self._undo(rid)
             raise
@@ -166,9 +184,24 @@ class KVConnectorScheduler:
             raise KVTransferError(f"cannot receive request {rid}: {errors[0]}")
         self.expecting[rid] = {a.holder for a in acks if a.ok}
         self.prepared[rid] = num_tokens
+        if hashes:
+            self.reused[rid] = hashes
         m = self.blocks.kvp_tokens
-        return [GroupSink(g, g * m, tables[g], self.executor.kv_addresses(g))
+        return [GroupSink(g, g * m, tables[g], self.executor.kv_addresses(g), max(0, min(cached - g * m, n)))
                 for g, n in enumerate(self.blocks.split(num_tokens)) if n]
+
+    def _cached_hashes(self, rid: str, num_tokens: int, prompt_ids: list[int] | None) -> list[bytes]:
+        """Takes for `rid` the cached blocks of the prompt's longest cached full-block prefix (none
+        without `prompt_ids` or prefix caching); returns their names."""
+        if prompt_ids is None or not self.blocks.prefix_caching:
+            return []
+        hashes = extend_hashes([], self.blocks.hash_root, self.blocks.block_size, num_tokens,
+                               lambda a, b: prompt_ids[a:b])
+        return hashes[:self.blocks.acquire(rid, hashes)]
+
+    def cached_tokens(self, rid: str) -> int:
+        """Prompt tokens of a prepared request that its KV need not bring (reused from the cache)."""
+        return len(self.reused.get(rid, ())) * self.blocks.block_size
 
     def add_prefilled(self, req: Request, kv_timeout_s: float) -> None:
         """`req`: all prompt tokens computed, the first token appended (it may already finish it).
@@ -178,6 +211,13 @@ class KVConnectorScheduler:
         if self.prepared.get(req.request_id) != req.prompt_len:
             raise InvalidRequestError(f"request {req.request_id!r} was not prepared to receive "
                                       f"{req.prompt_len} tokens")
+        reused = self.reused.get(req.request_id)
+        if reused:                                  # its cached blocks must hold this prompt's prefix
+            mine = extend_hashes(req.block_hashes, self.blocks.hash_root, self.blocks.block_size,
+                                 len(reused) * self.blocks.block_size, req.token_ids)
+            if mine[:len(reused)] != reused:
+                raise InvalidRequestError(f"request {req.request_id!r}: its prompt differs from the one "
+                                          "prepared (the prefix reused from the cache is another's)")
         self.awaiting[req.request_id] = (req, time.monotonic(), kv_timeout_s)
 
     def admit_arrived(self) -> list:
@@ -228,5 +268,5 @@ class KVConnectorScheduler:
         self._forget(rid)
 
     def _forget(self, rid: str) -> None:
-        for d in (self.recv, self.expecting, self.prepared, self.awaiting, self.progress):
+        for d in (self.recv, self.expecting, self.prepared, self.awaiting, self.progress, self.reused):
             d.pop(rid, None)

@@ -22,6 +22,8 @@ class GroupSink:
     token_start: int           # first token the group holds (group * kvp_tokens)
     block_table: list[int]     # the group's blocks for this request, in token order
     addresses: list[str]       # one KV receiver "host:port" per decode TP rank
+    cached: int = 0            # leading tokens of the group the decode side holds already (its prefix
+                               # cache): never sent; the receivers count them as arrived
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,12 @@ class KVSink:
     kvp_tokens: int            # tokens per decode KVP group (M)
     groups: list[GroupSink]
     epoch: int = 0             # the decode placement's epoch, stamped on every chunk
+
+    @property
+    def cached_prefix(self) -> int:
+        """Tokens [0, cached_prefix) the decode side holds already: the sender skips them. (A cached
+        prefix fills the groups in order, so only the last group with cached tokens matters.)"""
+        return max((g.token_start + g.cached for g in self.groups if g.cached), default=0)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -64,10 +64,11 @@ class KVStreamer:
 
         Tokens below what was already sent for these layers are skipped: a request preempted and
         recomputed (after its blocks were freed) passes the same positions again, and the receiver takes
-        each cell exactly once. What it has is the KV of the same tokens at the same positions."""
+        each cell exactly once. What it has is the KV of the same tokens at the same positions. So are
+        the tokens of the sink's cached prefix (the decode side holds them in its prefix cache)."""
         key = (request_id, layers.start, layers.stop)
         m, end = sink.kvp_tokens, start + k.shape[1]
-        pos = max(start, self.sent_upto.get(key, 0))
+        pos = max(start, self.sent_upto.get(key, 0), sink.cached_prefix)
         self.sent_upto[key] = max(end, self.sent_upto.get(key, 0))
         handles = self.handles.setdefault(request_id, [])
         try:
@@ -143,8 +144,9 @@ class KVIntake:
     def address(self) -> str:
         return self.receiver.address
 
-    def expect(self, request_id: str, table: list[int], token_start: int, num_tokens: int, epoch: int = 0) -> None:
-        self.receiver.expect(request_id, table, token_start, self.layers, num_tokens, epoch=epoch)
+    def expect(self, request_id: str, table: list[int], token_start: int, num_tokens: int, epoch: int = 0,
+               have: int = 0) -> None:
+        self.receiver.expect(request_id, table, token_start, self.layers, num_tokens, epoch=epoch, have=have)
         self.expected.add(request_id)
 
     def arrived(self) -> dict[str, int]:
@@ -229,6 +231,7 @@ class KVWorker:
         layers = self.cache.layers
         with self.lock:
             lo = min(start, self.streamer.sent_upto.get((rid, layers.start, layers.stop), 0))
+            lo = min(max(lo, sink.cached_prefix), start + n)          # never gather what is not sent
             k, v = gather_chunk(self.cache, table, lo, start + n)     # [layers, n', Hkv, D] each
             self.streamer.send(rid, sink, layers, lo, k, v, last)
             if last:
@@ -236,20 +239,22 @@ class KVWorker:
                 self.sealed.add(rid)
 
     # ---- decode role ---------------------------------------------------------------------------
-    def expect(self, rid: str, tables: list[list[int]], num_tokens: int, epoch: int = 0) -> KVAck:
+    def expect(self, rid: str, tables: list[list[int]], num_tokens: int, epoch: int = 0, cached: int = 0) -> KVAck:
         """Registers this group's part of a request whose prompt has `num_tokens` tokens (`tables`:
-        one block table per KVP group), to be sent under placement `epoch`. Never raises: a failure
-        is the ack's error."""
+        one block table per KVP group), to be sent under placement `epoch`; its first `cached` tokens
+        are in the tables already (the prefix cache) and will not be sent. Never raises: a failure
+        is the ack's error; a group with nothing to receive acks not ok, without an error."""
         g0 = self.group * self.kvp_tokens
         n = max(0, min(num_tokens - g0, self.kvp_tokens))
-        if n == 0:
+        have = max(0, min(cached - g0, n))
+        if n == have:
             return KVAck(self.holder, rid, False)
         try:
             intake = self.intake
             if intake is None:
                 return KVAck(self.holder, rid, False, "this layout cannot receive KV (spp > 1)")
             with self.lock:
-                intake.expect(rid, tables[self.group], g0, n, epoch)
+                intake.expect(rid, tables[self.group], g0, n, epoch, have)
         except MnemosyneError as e:
             return KVAck(self.holder, rid, False, str(e))
         return KVAck(self.holder, rid, True)

@@ -299,10 +299,12 @@ class KVReceiver(ABC):
 
     @abstractmethod
     def expect(self, request_id: str, block_table: Sequence[int], group_token_start: int,
-               layers: Sequence[int], num_tokens: int, epoch: int = 0) -> None:
+               layers: Sequence[int], num_tokens: int, epoch: int = 0, have: int = 0) -> None:
         """Registers a request: tokens [group_token_start, group_token_start + num_tokens) of the given
         layers will arrive into the blocks of `block_table`, in chunks of placement `epoch` (others
-        are refused). Must precede the first chunk."""
+        are refused). The first `have` of them (0 <= have < num_tokens) are in the blocks already
+        (a cached prefix): they count as arrived, and a chunk that resends one is refused as a
+        duplicate. Must precede the first chunk."""
 
     @abstractmethod
     def poll(self) -> dict[str, TransferState]:

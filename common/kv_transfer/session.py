@@ -245,8 +245,9 @@ class ReceiverBase(KVReceiver):
         return self._address
 
     def expect(self, request_id: str, block_table, group_token_start: int, layers, num_tokens: int,
-               epoch: int = 0) -> None:
-        self._tracker.expect(request_id, list(block_table), group_token_start, list(layers), num_tokens, epoch)
+               epoch: int = 0, have: int = 0) -> None:
+        self._tracker.expect(request_id, list(block_table), group_token_start, list(layers), num_tokens, epoch,
+                             have)
 
     def poll(self) -> dict[str, TransferState]:
         return self._tracker.states()

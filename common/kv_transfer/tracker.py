@@ -49,13 +49,14 @@ class Reservation:
 
 class _Request:
     def __init__(self, block_table: Sequence[int], group_start: int, layers: Sequence[int],
-                 num_tokens: int, epoch: int = 0) -> None:
+                 num_tokens: int, epoch: int = 0, have: int = 0) -> None:
         self.epoch = epoch
         self.block_table = tuple(int(b) for b in block_table)
         self.group_start = group_start
         self.num_tokens = num_tokens
-        self.arrived: dict[int, list[tuple[int, int]]] = {l: [] for l in layers}  # merged intervals
-        self.counts = dict.fromkeys(layers, 0)
+        held = [(group_start, group_start + have)] if have else []       # a cached prefix, never sent
+        self.arrived: dict[int, list[tuple[int, int]]] = {l: list(held) for l in layers}  # merged intervals
+        self.counts = dict.fromkeys(layers, have)
         self.layers_left = len(self.counts)
         self.open: dict[int, Reservation] = {}
         self.feeders: set[int] = set()
@@ -89,11 +90,15 @@ class RequestTracker:
 
     # ---- registration -------------------------------------------------------------------------
     def expect(self, request_id: str, block_table: Sequence[int], group_start: int,
-               layers: Sequence[int], num_tokens: int, epoch: int = 0) -> None:
+               layers: Sequence[int], num_tokens: int, epoch: int = 0, have: int = 0) -> None:
+        """See KVReceiver.expect: `have` leading tokens are in the cache already (never sent)."""
         layers = sorted(set(int(l) for l in layers))
         if num_tokens <= 0 or group_start < 0:
             raise KVTransferError(f"expect {request_id}: need num_tokens > 0 and group_token_start >= 0, "
                                   f"got {num_tokens}, {group_start}")
+        if not 0 <= have < num_tokens:
+            raise KVTransferError(f"expect {request_id}: need 0 <= have < num_tokens, got have={have} "
+                                  f"of {num_tokens}")
         if not layers or not self.held_layers.issuperset(layers):
             raise KVTransferError(f"expect {request_id}: layers {layers} not all held here "
                                   f"({sorted(self.held_layers)})")
@@ -107,7 +112,7 @@ class RequestTracker:
         with self._cond:
             if request_id in self._requests:
                 raise KVTransferError(f"expect {request_id}: already registered")
-            self._requests[request_id] = _Request(block_table[:need], group_start, layers, num_tokens, epoch)
+            self._requests[request_id] = _Request(block_table[:need], group_start, layers, num_tokens, epoch, have)
 
     def cancel(self, request_id: str) -> list[Reservation]:
         """Forgets the request; returns its reservations still in flight (they will be refused)."""

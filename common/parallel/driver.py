@@ -174,10 +174,10 @@ class GridExecutor(Executor):
 
     # ---- the KV connector's worker side --------------------------------------------------------------
     def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0,
-                  timeout_s: float = 30.0) -> list[KVAck]:
+                  cached: int = 0, timeout_s: float = 30.0) -> list[KVAck]:
         self._check_open()
         self.control.broadcast(json.dumps({"cmd": "expect", "rid": request_id, "tables": tables,
-                                           "num_tokens": num_tokens, "epoch": epoch}).encode())
+                                           "num_tokens": num_tokens, "epoch": epoch, "cached": cached}).encode())
         deadline = time.monotonic() + timeout_s
         while len(self.acks.get(request_id, {})) < self.kv_holders:
             if time.monotonic() > deadline:

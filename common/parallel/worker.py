@@ -150,7 +150,8 @@ class Worker:
         with a KVAck), cancel."""
         rid = msg["rid"]
         if msg["cmd"] == "expect":
-            self.send(self.kv.expect(rid, msg["tables"], msg["num_tokens"], int(msg.get("epoch", 0))).to_dict())
+            self.send(self.kv.expect(rid, msg["tables"], msg["num_tokens"], int(msg.get("epoch", 0)),
+                                     int(msg.get("cached", 0))).to_dict())
         elif msg["cmd"] == "cancel":
             self.kv.cancel(rid)
 

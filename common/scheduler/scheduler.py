@@ -18,7 +18,16 @@ takes the blocks of its longest cached full-block prefix (`pool.acquire` over th
 tokens, never all its known tokens: the last one is computed for its logits), and its chunks start
 there (`num_computed` = the prefix), in both modes: the chunker, the policy and the planner see it as
 progress already made. If it then gets no chunk this step, the blocks go back to the cache. After a
-step, full blocks whose K/V are now computed are named (`pool.register`) for later requests.
+step, full blocks whose K/V are now computed are named (`pool.register`) for later requests, so a
+request arriving mid-prefill reuses what is done.
+
+A prefix shared by concurrent requests is computed once: a starting request whose next block (the
+first after its cached prefix) a running request is about to compute (the same name in its chain, not
+yet computed: in flight, or still ahead of it) is not scheduled this step (`awaits_prefix`); it waits,
+and as the other request's blocks are named, its cached prefix grows, until its next block is nobody's
+work. The wait is bounded by that work: the waiting set is recomputed every step from the running
+requests, so if the computing request is aborted, preempted or finishes, the waiter computes the
+block itself. A request admitted earlier in the same step counts as running.
 Torch-free: tested without a model. The performance model is injected (any `predict(BatchShape)`).
 """
 from __future__ import annotations
@@ -130,6 +139,8 @@ class Scheduler:
                                 f"{need} KV blocks, the cache has {self.pool.num_blocks}")
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        if self.caching and req.num_computed:             # its KV arrived from elsewhere: name it now
+            self.pool.register(req.request_id, self._hashes(req, req.num_computed))
 
     def abort(self, request_id: str) -> Request | None:
         """Removes the request wherever it is and frees its blocks. Unknown ids return None."""
@@ -188,7 +199,7 @@ class Scheduler:
             if len(out.items) >= self.cfg.max_num_seqs or budget <= 0:
                 break
             if req.request_id in scheduled or req.request_id not in self.requests \
-                    or not self._fits_alone(req):
+                    or not self._fits_alone(req) or self.awaits_prefix(req):
                 continue
             reused = self._reuse_prefix(req)
             n = self.chunk_for(req, budget)
@@ -233,12 +244,15 @@ class Scheduler:
             budget = min([budget] + slos)
         out.budget_s = budget
         views = [self._view(r) for r in list(self.running) + list(self.waiting)
-                 if r.request_id not in scheduled and r.unscheduled > 0 and not is_decode(r)]
+                 if r.request_id not in scheduled and r.unscheduled > 0 and not is_decode(r)
+                 and not self.awaits_prefix(r)]
 
         def admit(view: ReqView, n: int) -> bool:
             req = self.requests.get(view.request_id)
             if req is None or req.request_id in out.preempted:
                 return False                               # preempted while this batch was planned
+            if req.next_pos == 0 and self.awaits_prefix(req):
+                return False                               # a request admitted in this plan computes it
             reused = self._reuse_prefix(req) if req.next_pos == 0 and view.num_computed else 0
             if req.next_pos != view.num_computed or not self._take(req, n, out, scheduled):
                 if reused:                                 # (part of its prefix was evicted meanwhile)
@@ -301,6 +315,26 @@ class Scheduler:
         if not self._may_reuse(req):
             return 0
         return self.pool.lookup(self._hashes(req, req.num_tokens - 1)) * self.pool.block_size
+
+    def awaits_prefix(self, req: Request) -> bool:
+        """Whether a starting request should wait: the first block after its cached prefix is a
+        full block that a running request has not computed yet but will (same chained name, so the
+        same tokens at the same positions). Computing it here too would duplicate that work."""
+        if not self._may_reuse(req) or not self.running:
+            return False
+        bs = self.pool.block_size
+        hashes = self._hashes(req, req.num_tokens - 1)
+        j = self.pool.lookup(hashes)
+        if j >= len(hashes):
+            return False                                   # its next block is not a full, shared one
+        for other in self.running:
+            if other.num_computed >= (j + 1) * bs or other.num_tokens < (j + 1) * bs:
+                continue                                   # computed already (named or not), or not its
+            theirs = extend_hashes(other.block_hashes, self.pool.hash_root, bs, other.num_tokens,
+                                   other.token_ids)
+            if theirs[j] == hashes[j]:
+                return True
+        return False
 
     def _reuse_prefix(self, req: Request) -> int:
         """A starting request takes its cached prefix's blocks and starts after it; returns its length."""

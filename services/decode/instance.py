@@ -104,14 +104,15 @@ class DecodeInstance:
 
     # ---- requests ----------------------------------------------------------------------------
     async def prepare_receive(self, placement: Placement, sender_layout: object | None,
-                              backend: str, parent=None) -> Destination:
-        """Reserves the blocks of a prefilled request; `parent`: the caller's span context."""
+                              backend: str, parent=None, prompt_ids: list[int] | None = None) -> Destination:
+        """Reserves the blocks of a prefilled request; `parent`: the caller's span context;
+        `prompt_ids`: its prompt, whose prefix cached here is reused (not sent)."""
         span = self.tracer.start_span("decode.prepare_receive", context=parent, kind=SpanKind.SERVER, attributes={
             "mnemosyne.request_id": placement.request_id, "mnemosyne.prompt_tokens": placement.num_tokens,
             "mnemosyne.instance": self.instance_id})
         error: BaseException | None = None
         try:
-            return await self._prepare_receive(placement, sender_layout, backend)
+            return await self._prepare_receive(placement, sender_layout, backend, prompt_ids)
         except Exception as e:
             error = e
             raise
@@ -119,7 +120,7 @@ class DecodeInstance:
             end_span(span, error)
 
     async def _prepare_receive(self, placement: Placement, sender_layout: object | None,
-                               backend: str) -> Destination:
+                               backend: str, prompt_ids: list[int] | None = None) -> Destination:
         rid = placement.request_id
         if placement.instance_id and placement.instance_id != self.instance_id:
             raise InvalidRequestError(f"placement of {rid} names decode instance {placement.instance_id}, "
@@ -132,7 +133,7 @@ class DecodeInstance:
             raise InvalidRequestError(f"KV layout mismatch: sender {sender_layout}, receiver {layout}")
         try:
             groups = await self.engine.prepare_receive(rid, placement.num_tokens, placement.max_new_tokens,
-                                                       epoch=placement.epoch)
+                                                       epoch=placement.epoch, prompt_ids=prompt_ids)
         except asyncio.CancelledError:
             # The caller went away mid-reservation; the engine thread may reserve anyway. An abort
             # queued behind it on the same thread undoes it (no blocks left with nobody to free them).
@@ -142,7 +143,8 @@ class DecodeInstance:
         self.leases[rid] = placement
         self._awaiting_decode.add(rid)
         tp = len(groups[0].addresses) if groups else 1
-        self._receiving[rid] = (time.monotonic(), own_backend, kv_transfer_bytes(layout, placement.num_tokens, tp))
+        incoming = placement.num_tokens - sum(g.cached for g in groups)     # the cached prefix is not sent
+        self._receiving[rid] = (time.monotonic(), own_backend, kv_transfer_bytes(layout, incoming, tp))
         by_group = {g.group: g.token_end for g in placement.groups}
         m = _kvp_tokens(groups, placement.num_tokens)
         ends = [by_group.get(g.group, min(placement.num_tokens, g.token_start + m)) for g in groups]

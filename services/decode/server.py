@@ -19,6 +19,7 @@ def destination_to_proto(d: Destination) -> common_pb2.KVDestination:
         request_id=d.request_id, layout=convert.layout_to_proto(d.layout), backend=d.backend, epoch=d.epoch,
         groups=[common_pb2.GroupReceiver(
             group=g.group, token_start=g.token_start, token_end=end, block_ids=g.block_table,
+            cached_tokens=g.cached,
             workers=[common_pb2.WorkerEndpoint(tp_rank=t, address=a) for t, a in enumerate(g.addresses)])
             for g, end in zip(d.groups, d.token_ends)])
 
@@ -36,7 +37,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidRequestError(f"request_id {request.request_id!r} differs from the placement's "
                                       f"{placement.request_id!r}")
         layout = convert.layout_from_proto(request.sender_layout) if request.HasField("sender_layout") else None
-        dest = await self.instance.prepare_receive(placement, layout, request.backend, parent_from(context))
+        dest = await self.instance.prepare_receive(placement, layout, request.backend, parent_from(context),
+                                                   prompt_ids=list(request.prompt_token_ids) or None)
         return decode_pb2.PrepareReceiveResponse(destination=destination_to_proto(dest))
 
     @handles_errors

@@ -30,7 +30,10 @@ def sink_from_proto(dest: common_pb2.KVDestination, num_tokens: int) -> KVSink:
             raise InvalidRequestError(f"KV destination group {g.group}: starts at {g.token_start} (expected "
                                       f"{g.group * m}), {len(g.workers)} receivers")
         addrs = [w.address for w in sorted(g.workers, key=lambda w: w.tp_rank)]
-        sinks.append(GroupSink(g.group, g.token_start, list(g.block_ids), addrs))
+        if not 0 <= g.cached_tokens <= g.token_end - g.token_start:
+            raise InvalidRequestError(f"KV destination group {g.group}: {g.cached_tokens} cached tokens of "
+                                      f"[{g.token_start}, {g.token_end})")
+        sinks.append(GroupSink(g.group, g.token_start, list(g.block_ids), addrs, g.cached_tokens))
     return KVSink(dest.backend or "tcp", m, sinks, dest.epoch)
 
 

@@ -1,7 +1,8 @@
 """Prefix caching on real grids (worker processes, gloo): a warm follow-up reuses the KV its prefix
 left in the groups that hold it and gives the single-process cold run's greedy tokens and logprobs
 (within 1e-5). KVP 2 with M = 64: the document's cached prefix fills group 0 and part of group 1, or
-ends exactly on the group boundary; SPP 2: blocks are named only once every stage has written them."""
+ends exactly on the group boundary; SPP 2: blocks are named only once every stage has written them.
+Questions about the document that arrive together compute it once, on every grid."""
 from __future__ import annotations
 
 import pytest
@@ -50,5 +51,24 @@ def test_warm_follow_ups_on_a_grid_match_cold_single_process_runs(model, cold, s
             assert all(p.num_cached for p in eng.blocks.pools)
     assert [g.num_cached_tokens for g in got] == [n for _, n in FOLLOW_UPS]
     for ref, g in zip(cold, got):
+        assert g.token_ids == ref.token_ids
+        assert max(abs(x - y) for x, y in zip(g.logprobs, ref.logprobs)) < 1e-5
+
+
+QUESTIONS = [DOC + [41 + i] * (2 + i) for i in range(3)]
+
+
+@pytest.mark.parametrize("spp,kvp", [(1, 2), (2, 1)], ids=["kvp2", "spp2"])
+def test_concurrent_questions_on_a_grid_compute_the_document_once(model, spp, kvp):
+    """Three questions about DOC added together: the first computes its 96 tokens of full blocks (over
+    both groups with KVP 2), the other two wait and reuse them; tokens and logprobs equal the cold
+    single-process runs (within 1e-5)."""
+    refs = [LLMEngine(engine_config(model, caching=False)).generate([q], PARAMS)[0] for q in QUESTIONS]
+    with ParallelEngine(engine_config(model, spp=spp, kvp=kvp)) as eng:
+        got = eng.generate(QUESTIONS, PARAMS)
+        eng.blocks.check()
+        assert eng.blocks.num_used == 0
+    assert [g.num_cached_tokens for g in got] == [0, 96, 96]
+    for ref, g in zip(refs, got):
         assert g.token_ids == ref.token_ids
         assert max(abs(x - y) for x, y in zip(g.logprobs, ref.logprobs)) < 1e-5

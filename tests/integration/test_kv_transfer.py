@@ -421,6 +421,24 @@ def test_sender_killed_mid_request_fails_it(backend):
 
 
 # ---- pure pieces -----------------------------------------------------------------------------------
+def test_tracker_counts_a_cached_prefix_as_arrived_and_refuses_it_resent():
+    """Tokens 8..17 expected, the first 4 (a cached prefix) in the blocks already: resending them is a
+    duplicate, and the request completes when tokens 12..17 of every layer arrived."""
+    from common.kv_transfer.base import blocks_crc
+    tr = RequestTracker(block_size=4, num_blocks=16, layers=range(2))
+    with pytest.raises(KVTransferError, match="have"):
+        tr.expect("r", [3, 1, 2], 8, [0, 1], 10, have=10)
+    tr.expect("r", [3, 1, 2], 8, [0, 1], 10, have=4)
+    crc = lambda a, b: blocks_crc([3, 1, 2], 4, 8, (a, b))   # noqa: E731
+    assert tr.arrived("r") == 8
+    res = tr.begin(1, "r", (0, 2), (12, 18), 8, crc(12, 18))
+    assert tr.commit(res) == (True, None) and tr.wait("r", 0)
+    tr.cancel("r")
+    tr.expect("r", [3, 1, 2], 8, [0, 1], 10, have=4)
+    with pytest.raises(ChunkRejected, match="duplicate"):
+        tr.begin(1, "r", (0, 1), (10, 14), 8, crc(10, 14))
+
+
 def test_slot_runs_merge_consecutive_blocks():
     dest = KVDest([7, 8, 3, 4, 5], group_start=100)
     # tokens 110..150 -> slots 10..50: block 7 off 10 .. block 8 (merged), then 3,4 (merged)

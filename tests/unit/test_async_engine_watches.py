@@ -162,7 +162,7 @@ class _PrepEngine(_KVEngine):
     def stats(self) -> EngineStats:
         return EngineStats(total_blocks=(10,), free_blocks=(self.free,))
 
-    def prepare_receive(self, rid, num_tokens, max_new_tokens, epoch):
+    def prepare_receive(self, rid, num_tokens, max_new_tokens, epoch, prompt_ids=None):
         self.free -= 4
         self.prepared = True
         return []

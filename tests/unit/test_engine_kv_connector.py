@@ -20,8 +20,9 @@ def test_kv_messages_round_trip():
     assert KVEvent.from_dict(json.loads(json.dumps(ev.to_dict()))) == ev
     ack = KVAck(2, "r1", False, "no room")
     assert KVAck.from_dict(json.loads(json.dumps(ack.to_dict()))) == ack
-    sink = KVSink("tcp", 64, [GroupSink(0, 0, [3, 1], ["h:1", "h:2"]), GroupSink(1, 64, [0], ["h:3", "h:4"])])
+    sink = KVSink("tcp", 64, [GroupSink(0, 0, [3, 1], ["h:1", "h:2"], 64), GroupSink(1, 64, [0], ["h:3", "h:4"], 16)])
     assert KVSink.from_dict(json.loads(json.dumps(sink.to_dict()))) == sink
+    assert sink.cached_prefix == 80
     assert ev.to_dict()["type"] == "kv_event" and ack.to_dict()["type"] == "kv_ack"
 
 
@@ -34,7 +35,8 @@ class FakeExecutor:
         self.cancelled: list[str] = []
         self.error: str | None = None
 
-    def kv_expect(self, rid, tables, num_tokens, epoch=0):
+    def kv_expect(self, rid, tables, num_tokens, epoch=0, cached=0):
+        self.expected = (rid, cached)
         return [KVAck(h, rid, self.error is None, self.error) for h in range(self.kv_holders)]
 
     def kv_cancel(self, rid):
@@ -48,8 +50,8 @@ class FakeExecutor:
         return [f"g{group}:1"]
 
 
-def connector(kvp=2, spp=1, holders=2):
-    blocks = KVPBlockManager(kvp, 32, 8, 16)
+def connector(kvp=2, spp=1, holders=2, caching=False):
+    blocks = KVPBlockManager(kvp, 32, 8, 16, prefix_caching=caching)
     sched = Scheduler(SchedulerConfig(), blocks, kvp_tokens=32 if kvp > 1 else None)
     ex = FakeExecutor(holders)
     ended = []
@@ -78,6 +80,36 @@ def test_receive_admits_once_every_expecting_holder_is_done():
     assert blocks.num_used == 3                                               # the scheduler's now
     sched.abort("r")
     assert blocks.num_used == 0
+
+
+def test_receive_reuses_the_cached_prefix_of_the_prompt():
+    """Request a's received KV is named when it joins the scheduler; b, with the same 40-token prompt,
+    shares a's two full blocks (group 0's 32 tokens, M = 32) and expects only group 1's 8 tokens."""
+    from common.errors import InvalidRequestError
+    kv, blocks, sched, ex, ended = connector(caching=True)
+    prompt = list(range(1, 41))
+    kv.prepare_receive("a", 40, 4, prompt_ids=prompt)
+    assert ex.expected == ("a", 0)
+    kv.add_prefilled(prefilled("a", 40), 60.0)
+    ex.events += [KVEvent(0, "recv", "a", "done"), KVEvent(1, "recv", "a", "done")]
+    kv.admit_arrived()
+    a_blocks = blocks.table("a")[0]
+    sched.abort("a")
+    assert blocks.num_cached == 2 and blocks.num_used == 0
+    sinks = kv.prepare_receive("b", 40, 4, prompt_ids=prompt)
+    assert [s.cached for s in sinks] == [32, 0] and ex.expected == ("b", 32) and kv.cached_tokens("b") == 32
+    assert sinks[0].block_table == a_blocks and blocks.num_used == 3
+    with pytest.raises(InvalidRequestError, match="differs"):
+        kv.add_prefilled(_with_prompt(prefilled("b", 40), [9] + prompt[1:]), 60.0)
+    with pytest.raises(InvalidRequestError, match="prompt token ids"):
+        kv.prepare_receive("c", 40, 4, prompt_ids=prompt[:39])
+    assert kv.abort("b") and blocks.num_used == 0 and blocks.num_cached == 2
+    blocks.check()
+
+
+def _with_prompt(req: Request, prompt: list[int]) -> Request:
+    req.prompt_ids = list(prompt)
+    return req
 
 
 def test_failed_late_or_aborted_receives_free_their_blocks():

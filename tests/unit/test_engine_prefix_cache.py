@@ -96,8 +96,8 @@ def test_a_multi_turn_chat_reuses_the_previous_turns_prompt_and_answer(checkpoin
 
 
 def test_concurrent_requests_sharing_a_prefix_match_their_cold_runs(checkpoint):
-    """Two requests with one 64-token prefix, together (each computes it), then a third while the
-    first two decode: it shares their blocks (reference counts 2+)."""
+    """Two requests with one 64-token prefix, together (the second waits for the first to compute
+    it), then a third while the first two decode: it shares their blocks (reference counts 2+)."""
     doc = tokens(64, seed=5)
     ps = [doc + tokens(5, seed=6), doc + tokens(3, seed=7), doc + tokens(8, seed=8)]
     engine = make_engine(checkpoint)
@@ -124,6 +124,26 @@ def test_concurrent_requests_sharing_a_prefix_match_their_cold_runs(checkpoint):
         ref = cold(checkpoint, p)
         assert got[rid] == ref.token_ids
         assert lps[rid] == pytest.approx(ref.logprobs, abs=LOGPROB_TOL, rel=0)
+    engine.pool.check()
+    assert engine.pool.num_used == 0
+
+
+@pytest.mark.parametrize("sched", [{}, dict(policy="lars", chunking="adaptive")], ids=["fcfs", "lars"])
+def test_concurrent_questions_about_a_document_compute_it_once(checkpoint, sched):
+    """Four questions about one 100-token document (96 tokens of full blocks), added together: the
+    model computes the document once (counted over every item the runner saw), the other three
+    reuse its 96 tokens, and every answer matches its cold run with caching off."""
+    doc = tokens(100, seed=50)
+    qs = [doc + tokens(3 + i, seed=51 + i) for i in range(4)]
+    engine = make_engine(checkpoint, **sched)
+    calls = checked(engine)
+    got = engine.generate(qs, GREEDY)
+    assert sorted(g.num_cached_tokens for g in got) == [0, 96, 96, 96]
+    prompt_tokens = sum(len(q) for q in qs)
+    decode_tokens = len(qs) * (GREEDY.max_tokens - 1)
+    assert sum(n for _, _, n in calls) == prompt_tokens - 3 * 96 + decode_tokens
+    for g, q in zip(got, qs):
+        same(g, cold(checkpoint, q))
     engine.pool.check()
     assert engine.pool.num_used == 0
 

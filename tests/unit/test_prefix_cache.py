@@ -319,3 +319,94 @@ def test_a_waiting_request_with_received_kv_keeps_it_when_it_cannot_run():
     s.postprocess(out1, {"big": (5, -1.0)})
     run_all(s)
     assert r.output_ids == [5] * 4 and s.pool.num_used == 0
+
+
+# ---- a prefix shared by concurrent requests is computed once -------------------------------------------
+def computed(steps: list[list[tuple[str, int, int]]]) -> dict[str, int]:
+    """Tokens each request ran through the model (prompt and decode steps)."""
+    out: dict[str, int] = {}
+    for step in steps:
+        for rid, _, n in step:
+            out[rid] = out.get(rid, 0) + n
+    return out
+
+
+@pytest.mark.parametrize("planned", [False, True], ids=["core", "planned"])
+def test_concurrent_requests_compute_a_shared_prefix_once(planned):
+    """Four questions about one 32-token document (8 full blocks), added together: the first computes
+    the document, the others wait for it (not one of its blocks is computed twice), then each reuses
+    it and computes only its question."""
+    s = make_sched(planned=planned, chunk=8)
+    doc = list(range(400, 432))
+    rs = [req(f"q{i}", doc + [i + 1] * (i + 2), max_tokens=2) for i in range(4)]
+    for r in rs:
+        s.add(r)
+    steps = run_all(s)
+    assert [r.num_cached_tokens for r in rs] == [0, 32, 32, 32]
+    assert computed(steps) == {"q0": 32 + 2 + 1, "q1": 3 + 1, "q2": 4 + 1, "q3": 5 + 1}
+    # nobody started while q0 computed the document's blocks
+    first = {rid: i for i, step in reversed(list(enumerate(steps))) for rid, _, _ in step}
+    assert all(first[f"q{i}"] >= 3 for i in (1, 2, 3))
+    assert s.pool.num_used == 0
+
+
+def test_a_later_arrival_waits_for_the_rest_of_a_prefix_in_progress():
+    """b arrives when a has computed 2 of the document's 8 blocks: it waits for the other 6 (in flight
+    or ahead of a) and starts after all 8, never computing one of them."""
+    s = make_sched(chunk=8)
+    doc = list(range(600, 632))
+    a = req("a", doc + [1], max_tokens=1)
+    s.add(a)
+    out = s.schedule()
+    s.postprocess(out, {})
+    b = req("b", doc + [2, 3], max_tokens=1)
+    s.add(b)
+    steps = run_all(s)
+    b_items = [(rid, start, n) for st in steps for rid, start, n in st if rid == "b"]
+    assert b_items[0] == ("b", 32, 2) and b.num_cached_tokens == 32
+    assert computed(steps) == {"a": 32 - 8 + 1, "b": 2}
+    assert s.pool.num_used == 0
+
+
+@pytest.mark.parametrize("how", ["abort", "preempt"])
+def test_a_waiter_is_not_held_by_a_computer_that_went_away(how):
+    """b waits for a's document blocks; a goes away after 2 of 8. Aborted: b reuses the 2 that were
+    named and computes the other 6 itself. Preempted: a is first in line again, resumes after its 2
+    named blocks and b waits for it once more; either way the document is computed once."""
+    s = make_sched(chunk=8)
+    doc = list(range(700, 732))
+    a, b = req("a", doc + [1], max_tokens=1), req("b", doc + [2], max_tokens=1)
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    assert [it.request.request_id for it in out.items] == ["a"]
+    s.postprocess(out, {})
+    if how == "abort":
+        s.abort("a")
+    else:
+        s._preempt(a, SchedulerOutput())
+    out = s.schedule()
+    first = ("b", 8) if how == "abort" else ("a", 8)
+    assert [(it.request.request_id, it.start) for it in out.items] == [first]
+    s.postprocess(out, {})
+    steps = run_all(s)
+    if how == "abort":
+        assert b.num_cached_tokens == 8 and computed(steps) == {"b": 33 - 16}
+    else:
+        assert b.num_cached_tokens == 32 and computed(steps) == {"a": 33 - 16, "b": 1}
+        assert a.num_cached_tokens == 0 and a.output_ids == [5]
+    assert b.output_ids == [5] and s.pool.num_used == 0
+
+
+def test_concurrent_requests_on_kvp_groups_compute_a_shared_prefix_once():
+    """M = 16 (4 blocks a group): the 40-token document spans groups 0, 1 and half of 2; the second
+    request waits for it and starts at token 40, in group 2."""
+    s = make_sched(blocks=8, chunk=32, kvp_tokens=16)
+    doc = list(range(800, 840))
+    a, b = req("a", doc + [1], max_tokens=1), req("b", doc + list(range(10)), max_tokens=1)
+    s.add(a)
+    s.add(b)
+    steps = run_all(s)
+    assert computed(steps) == {"a": 41, "b": 10}
+    assert [st for st in steps if any(rid == "b" for rid, _, _ in st)][0] == [("b", 40, 8)]
+    assert b.num_cached_tokens == 40 and s.pool.num_used == 0
