@@ -485,8 +485,11 @@ class Router:
                 # request the instance does not know is harmless).
                 st.decode_called = True
                 try:
+                    # The prompt goes too: the decode instance takes the prefix it holds in its own
+                    # cache and expects only the rest from the prefill instance.
                     dest = await decode.PrepareReceive(decode_pb2.PrepareReceiveRequest(
-                        request_id=job.request_id, placement=placement_pb, backend=self.config.kv_backend),
+                        request_id=job.request_id, placement=placement_pb, backend=self.config.kv_backend,
+                        prompt_token_ids=job.prompt_ids),
                         timeout=self.config.rpc_timeout_s, metadata=grpc_metadata(st.trace))
                 except grpc.aio.AioRpcError as e:
                     raise _rpc_error(who_decode, e) from None

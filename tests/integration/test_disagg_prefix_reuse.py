@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from common.client import RouterClient
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
 from common.metrics import kv_transfer_bytes
@@ -58,7 +59,7 @@ def rpc(model, tmp_path_factory):
         yield SimpleNamespace(kvstore=kvstore_pb2_grpc.KVStoreStub(channels["kvstore"]),
                               decode=decode_pb2_grpc.DecodeStub(channels["decode"]),
                               prefill=prefill_pb2_grpc.PrefillStub(channels["prefill"]),
-                              decode_metrics=c.metrics_urls["decode"])
+                              decode_metrics=c.metrics_urls["decode"], router=c.router_address)
         for ch in channels.values():
             ch.close()
 
@@ -132,3 +133,27 @@ def test_a_decode_with_another_prompt_than_the_prepared_one_is_refused(rpc):
     rpc.kvstore.Release(kvstore_pb2.ReleaseRequest(request_id=rid, epoch=placement.epoch))
     stats = lambda: rpc.decode.Stats(decode_pb2.StatsRequest())          # noqa: E731
     wait_until(lambda: all(g.free_blocks == g.total_blocks for g in stats().groups), 10, "blocks freed")
+
+
+def test_through_the_router_a_second_turn_sends_only_what_the_decode_cache_lacks(rpc, model):
+    """The same through the router (make up's flow): it sends the prompt with PrepareReceive, so the
+    decode instance's cached prefix does not travel again."""
+    prompt = [(5 * i + 2) % 290 + 11 for i in range(140)]
+    per_token = None
+    with RouterClient(rpc.router, timeout_s=120) as client:
+        before = received_bytes(rpc.decode_metrics)
+        first = client.complete(token_ids=prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
+        mid = received_bytes(rpc.decode_metrics)
+        second = prompt + list(first.token_ids) + QUESTION
+        again = client.complete(token_ids=second, max_tokens=MAX_TOKENS, ignore_eos=True)
+        after = received_bytes(rpc.decode_metrics)
+    assert first.route == again.route == "disaggregated"
+    per_token = (mid - before) / len(prompt)
+    cached = (len(prompt) + MAX_TOKENS - 1) // BLOCK * BLOCK      # the first turn's full blocks
+    assert per_token > 0 and after - mid == per_token * (len(second) - cached), (mid - before, after - mid)
+    ref = LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=BLOCK, num_blocks=64,
+                                                                     prefix_caching=False),
+                                 scheduler=SchedulerConfig(chunk_size=64)))
+    for p, out in ((prompt, first), (second, again)):
+        assert list(out.token_ids) == ref.generate([p], SamplingParams(max_tokens=MAX_TOKENS,
+                                                                       ignore_eos=True))[0].token_ids
