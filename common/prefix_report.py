@@ -1,0 +1,59 @@
+"""The instance's side of the kvstore's prefix-cache index (common/metadata/prefix_index.py): what its
+heartbeats report about its prefix cache.
+
+Each heartbeat diffs the engine's named blocks now (`snapshot`: every full block the block pools hold
+a name for, in use or cached) against the set the index last acknowledged, and sends the difference
+as a numbered delta (a PrefixReport). When the kvstore answers prefix_resync (a report it missed,
+a restart, a new registration) the next report is the whole set. A heartbeat that failed leaves the
+acknowledged set as it was: if the kvstore did apply that report, the next delta's number no longer
+follows the index's and the kvstore asks for a resync, so a lost reply never leaves the index wrong.
+Every heartbeat carries a report (an empty delta when nothing changed), so a kvstore that lost the
+index asks for a resync within one heartbeat.
+
+Plain Python, used on the instance's event loop (common/client.py Membership).
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Callable
+
+from common.metadata.types import PrefixReport
+
+
+class PrefixReporter:
+    """`snapshot()`: the block hashes the instance's cache names now, or None when it has no engine
+    (restarting) or prefix caching is off (then no report is sent)."""
+
+    def __init__(self, snapshot: Callable[[], set[bytes] | None], epoch: int | None = None) -> None:
+        self.snapshot = snapshot
+        self.epoch = secrets.randbits(63) if epoch is None else epoch
+        self.seq = 0                            # the last report the index applied
+        self.acked: set[bytes] = set()          # what it holds for us after it
+        self.full = True                        # the next report is the whole cache
+        self._sent: tuple[int, set[bytes]] | None = None
+
+    def report(self) -> PrefixReport | None:
+        now = self.snapshot()
+        if now is None:
+            return None
+        if self.full:
+            r = PrefixReport(self.epoch, self.seq + 1, True, tuple(sorted(now)))
+        else:
+            r = PrefixReport(self.epoch, self.seq + 1, False, tuple(sorted(now - self.acked)),
+                             tuple(sorted(self.acked - now)))
+        self._sent = (r.seq, now)
+        return r
+
+    def ack(self, report: PrefixReport | None, resync: bool) -> None:
+        """The kvstore answered the heartbeat that carried `report`: applied, or asks for a resync."""
+        if report is None or self._sent is None or self._sent[0] != report.seq:
+            return
+        if resync:
+            self.full = True
+        else:
+            self.seq, self.acked, self.full = report.seq, self._sent[1], False
+        self._sent = None
+
+    def reset(self) -> None:
+        """The instance registered again: its entries were dropped, send everything next."""
+        self.full = True
