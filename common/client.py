@@ -211,6 +211,7 @@ class Completion:
     ttft_s: float = 0.0
     tbt_s: list[float] = field(default_factory=list)
     predicted_ttft_s: float | None = None    # the router's admission (Started), from arrival
+    cached_prompt_tokens: int | None = None  # the router's prefix match where it prefills (Started)
     ttft_slo_s: float | None = None          # the deadlines it was served under
     tbt_slo_s: float | None = None
 
@@ -350,7 +351,7 @@ class RouterClient:
             if kind == "started":
                 out.request_id, out.prompt_tokens = ev.started.request_id, ev.started.prompt_tokens
                 out.route = ROUTES.get(ev.started.route, "")
-                for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s"):
+                for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s", "cached_prompt_tokens"):
                     if ev.started.HasField(name):
                         setattr(out, name, getattr(ev.started, name))
             elif kind == "progress":

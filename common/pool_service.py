@@ -74,6 +74,15 @@ def cached_blocks(engine: Any) -> set[bytes] | None:
     return out
 
 
+def cache_version(engine: Any) -> object:
+    """A fingerprint of the engine's block names (PrefixReporter's `version`): the block manager, how
+    many names its pools hold and how many they ever evicted (names change by nothing else)."""
+    blocks = getattr(engine, "blocks", None)
+    if blocks is None:
+        return None
+    return id(blocks), sum(len(p.by_hash) for p in blocks.pools), sum(p.evictions for p in blocks.pools)
+
+
 def scheduling_info(engine: Any) -> SchedulingInfo:
     """What this instance publishes for admission (its registration's `scheduling`): the performance
     model its scheduler predicts with (when it schedules without one, FCFS with fixed chunks, the
@@ -117,7 +126,8 @@ class PoolService:
         self.advertise_host = advertised_host(config.host, config.advertise_host)
         self._load = LoadSampler(*kv_layout(config))
         self.membership = Membership(kvstore, self.info, self.free_blocks, self.load, config.heartbeat_interval_s,
-                                     prefix=PrefixReporter(lambda: cached_blocks(self.instance.engine.engine)))
+                                     prefix=PrefixReporter(lambda: cached_blocks(self.instance.engine.engine),
+                                                           version=lambda: cache_version(self.instance.engine.engine)))
         self._supervisor: asyncio.Task[None] | None = None
         self._joined = False                          # registered with the kvstore
         self._scheduling: tuple[Any, SchedulingInfo] | None = None

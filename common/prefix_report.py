@@ -8,7 +8,9 @@ a restart, a new registration) the next report is the whole set. A heartbeat tha
 acknowledged set as it was: if the kvstore did apply that report, the next delta's number no longer
 follows the index's and the kvstore asks for a resync, so a lost reply never leaves the index wrong.
 Every heartbeat carries a report (an empty delta when nothing changed), so a kvstore that lost the
-index asks for a resync within one heartbeat.
+index asks for a resync within one heartbeat. `version()` (optional) is a cheap fingerprint of the
+cache's names: while it is the one of the last acknowledged report, the snapshot is not even taken
+(a pool's names change only by a registration, which grows their number, or an eviction, which is counted).
 
 Plain Python, used on the instance's event loop (common/client.py Membership).
 """
@@ -24,15 +26,23 @@ class PrefixReporter:
     """`snapshot()`: the block hashes the instance's cache names now, or None when it has no engine
     (restarting) or prefix caching is off (then no report is sent)."""
 
-    def __init__(self, snapshot: Callable[[], set[bytes] | None], epoch: int | None = None) -> None:
+    def __init__(self, snapshot: Callable[[], set[bytes] | None], epoch: int | None = None,
+                 version: Callable[[], object] | None = None) -> None:
         self.snapshot = snapshot
+        self.version = version
+        self._acked_version: object = None
         self.epoch = secrets.randbits(63) if epoch is None else epoch
         self.seq = 0                            # the last report the index applied
         self.acked: set[bytes] = set()          # what it holds for us after it
         self.full = True                        # the next report is the whole cache
-        self._sent: tuple[int, set[bytes]] | None = None
+        self._sent: tuple[int, set[bytes], object] | None = None
 
     def report(self) -> PrefixReport | None:
+        v = self.version() if self.version is not None else None
+        if v is not None and not self.full and v == self._acked_version:
+            r = PrefixReport(self.epoch, self.seq + 1, False)
+            self._sent = (r.seq, self.acked, v)
+            return r
         now = self.snapshot()
         if now is None:
             return None
@@ -41,7 +51,7 @@ class PrefixReporter:
         else:
             r = PrefixReport(self.epoch, self.seq + 1, False, tuple(sorted(now - self.acked)),
                              tuple(sorted(self.acked - now)))
-        self._sent = (r.seq, now)
+        self._sent = (r.seq, now, v)
         return r
 
     def ack(self, report: PrefixReport | None, resync: bool) -> None:
@@ -51,7 +61,7 @@ class PrefixReporter:
         if resync:
             self.full = True
         else:
-            self.seq, self.acked, self.full = report.seq, self._sent[1], False
+            self.seq, self.acked, self._acked_version, self.full = report.seq, self._sent[1], self._sent[2], False
         self._sent = None
 
     def reset(self) -> None:

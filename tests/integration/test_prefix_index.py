@@ -137,7 +137,9 @@ def test_the_reporter_follows_a_block_pool_and_recovers_from_a_lost_reply(store,
     lost after the index applied a report makes the next delta a resync, never a wrong index."""
     register(store, "d0")
     pool = BlockPool(6, 4, prefix_caching=True, salt="m")
-    rep = PrefixReporter(lambda: set(pool.by_hash), epoch=5)
+    snapshots = []
+    rep = PrefixReporter(lambda: snapshots.append(1) or set(pool.by_hash), epoch=5,
+                         version=lambda: (len(pool.by_hash), pool.evictions))
 
     def beat(lose_reply=False):
         r = rep.report()
@@ -165,4 +167,6 @@ def test_the_reporter_follows_a_block_pool_and_recovers_from_a_lost_reply(store,
     assert beat()                                     # the full report
     assert index.held("d0") == set(pool.by_hash)
     assert index.match(a) == {"d0": 1}
+    taken = len(snapshots)
     assert beat() and index.held("d0") == set(pool.by_hash)      # empty delta: still in step
+    assert len(snapshots) == taken                                # unchanged version: no snapshot taken
