@@ -230,8 +230,9 @@ class PrefixReport:
     """What changed in an instance's prefix cache since its last acknowledged report (sent with its
     heartbeats; the kvstore's index, common/metadata/prefix_index.py, applies it). `epoch`: the
     reporter's, random per reporter; `seq`: 1 for an epoch's first report, then one more each; `full`:
-    `added` is the whole cache (replaces what the index held), else a delta that applies only on top
-    of report seq - 1 of the same epoch. Hashes: 16-byte block names."""
+    `added` replaces what the index held (the whole cache, or its first part when that is larger than
+    one report: deltas send the rest), else a delta that applies only on top of report seq - 1 of the
+    same epoch. Hashes: 16-byte block names."""
     epoch: int
     seq: int
     full: bool

@@ -170,3 +170,26 @@ def test_the_reporter_follows_a_block_pool_and_recovers_from_a_lost_reply(store,
     taken = len(snapshots)
     assert beat() and index.held("d0") == set(pool.by_hash)      # empty delta: still in step
     assert len(snapshots) == taken                                # unchanged version: no snapshot taken
+
+
+def test_a_large_cache_is_indexed_over_several_bounded_reports(store, index):
+    register(store, "d0")
+    names = set(chain(list(range(40))))                # 10 blocks
+    rep = PrefixReporter(lambda: set(names), epoch=2, version=lambda: len(names), max_blocks=3)
+    sizes = []
+    for _ in range(4):
+        r = rep.report()
+        sizes.append(len(r.added) + len(r.evicted))
+        rep.ack(r, resync=not index.apply("d0", r))
+    assert sizes == [3, 3, 3, 1] and index.held("d0") == names
+    r = rep.report()
+    assert (r.added, r.evicted) == ((), ())                # in step: the snapshot is skipped
+    rep.ack(r, resync=not index.apply("d0", r))
+    gone = sorted(names)[:5]
+    names.difference_update(gone)
+    r = rep.report()
+    assert r.evicted == tuple(gone[:3]) and not r.added    # evictions first, bounded too
+    rep.ack(r, resync=not index.apply("d0", r))
+    r = rep.report()
+    rep.ack(r, resync=not index.apply("d0", r))
+    assert index.held("d0") == names
