@@ -9,7 +9,10 @@ scheduler uses, so C[l] here is the instance's own prediction. Instances that pu
 are judged by their pool's default model.
 
 Prediction (seconds from now, on one candidate, with the candidate's own model):
-  own      = C[prompt] + (pipeline_depth - 1) * budget     C: the instance's PrefillTable
+  own      = C[prompt] + (pipeline_depth - 1) * budget     C: the instance's PrefillTable; prompt =
+                                                           the tokens left to compute there (those the
+                                                           router found in its prefix cache are not,
+                                                           AdmissionRequest.cached_tokens)
   ahead    = C[queued prefill tokens]                      the instance's backlog, as one prompt: an
                                                            upper estimate (attention is superlinear);
              on a LARS pool only the tokens LARS runs before this prompt: this router's own admitted
@@ -36,7 +39,9 @@ Deadlines (slo_for): a request's own TTFT SLO is taken as given; the default is
 so an idle deployment admits every prompt that fits max_model_len, and a loaded one rejects only
 what it cannot serve in time. The default TBT SLO is the decode pool's published tbt_slo_s.
 Long prompts (>= short_prompt_tokens) are prefilled by the best prefill instance and need a decode
-instance with room now; short prompts are prefilled by the decode instance that holds them.
+instance with room now; short prompts are prefilled by the decode instance that holds them, and so is a
+long prompt whose uncached rest is short on a decode instance with room that holds its prefix (cache-aware
+routing: then only such instances are candidates).
 A decode instance has room when every KVP group has the blocks the request needs (common.kv_cache.
 kvp_blocks.kvp_split: prompt then generated tokens over groups of M = kvp_tokens, as the kvstore places them)
 and one more decode keeps its predicted step within the TBT SLO (an instance running no decode
@@ -192,13 +197,20 @@ class PoolModel:
 @dataclass(frozen=True)
 class AdmissionRequest:
     """A request as admission sees it. Times on the caller's monotonic clock; SLOs are relative to
-    arrival, None = the configured default for its prompt class."""
+    arrival, None = the configured default for its prompt class. `cached_tokens`: instance id -> prompt
+    tokens the router found in that instance's prefix cache (the kvstore's index): what an instance
+    prefills is the rest (tokens_left)."""
     request_id: str
     prompt_tokens: int
     max_new_tokens: int
     arrival_s: float
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    cached_tokens: Mapping[str, int] = field(default_factory=dict, hash=False)
+
+    def tokens_left(self, instance_id: str) -> int:
+        """Prompt tokens instance `instance_id` has to compute (the last one always is)."""
+        return self.prompt_tokens - max(0, min(self.cached_tokens.get(instance_id, 0), self.prompt_tokens - 1))
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1 or self.max_new_tokens < 0:
@@ -509,6 +521,10 @@ class AdmissionController:
         states = {l.instance_id: self._kv_state(req, l, tbt_slo) for l in decodes}
         fits_ever = [l for l in decodes if states[l.instance_id] != "kv_too_large"]
         room = [l for l in fits_ever if states[l.instance_id] == "room"]
+        # Cache-aware: a long prompt whose uncached rest is short on a decode instance with room is
+        # prefilled there, as a short prompt would be (only those instances are candidates).
+        hits = [] if short else [l for l in room if req.tokens_left(l.instance_id) < cfg.short_prompt_tokens]
+        short = short or bool(hits)
         if not fits_ever:
             return Decision(Outcome.REJECT, "kv_too_large",
                             detail=f"{req.prompt_tokens}+{req.max_new_tokens} tokens fit on no live "
@@ -517,8 +533,8 @@ class AdmissionController:
         corr = self.correction(role)
         deadline = req.arrival_s + ttft_slo
         cands = [(self._predict(self.model_of(l), l, req, now, deadline), l)
-                 for l in (room or fits_ever if short else prefills)]
-        alone = corr(min(self.model_of(l).prefill_alone_s(req.prompt_tokens) for _, l in cands))
+                 for l in ((hits or room or fits_ever) if short else prefills)]
+        alone = corr(min(self.model_of(l).prefill_alone_s(req.tokens_left(l.instance_id)) for _, l in cands))
         slos = dict(ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo, waited_s=waited)
         if waited + alone > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_unattainable", predicted_ttft_s=waited + alone,
@@ -563,7 +579,7 @@ class AdmissionController:
                  deadline: float) -> float:
         """Predicted seconds from now to the first token on instance `l` (before the correction)."""
         ahead = self._lars_order(pool, l, req, now, deadline)[0] if pool.ordered else l.queued_prefill_tokens
-        t = pool.table.time(ahead) + pool.prefill_alone_s(req.prompt_tokens)
+        t = pool.table.time(ahead) + pool.prefill_alone_s(req.tokens_left(l.instance_id))
         if l.role == "decode" and l.running_decodes:
             share = self._decode_step_s(pool, l, extra=None) / pool.budget_s
             t /= 1.0 - min(share, self.config.max_decode_share)
@@ -580,14 +596,15 @@ class AdmissionController:
         unknown = max(l.queued_prefill_tokens - sum(a[2] for _, a in mine), 0)
         entries = [(ReqView(rid, a[4], a[3], ttft_deadline_s=None if math.isinf(a[1]) else a[1]),
                     pool.table.time(a[2]), pool.table.time(a[3])) for rid, a in mine]
-        own = pool.table.time(req.prompt_tokens)
-        entries.append((ReqView(req.request_id, req.arrival_s, req.prompt_tokens,
+        mine_left = req.tokens_left(l.instance_id)
+        own = pool.table.time(mine_left)
+        entries.append((ReqView(req.request_id, req.arrival_s, mine_left,
                                 ttft_deadline_s=None if math.isinf(deadline) else deadline), own, own))
         order = [view.request_id for view, _, _ in self._lars.arrange(entries, now)]
         left = {rid: a[2] for rid, a in mine}
         at = order.index(req.request_id)
         ahead = unknown + sum(left[rid] for rid in order[:at])
-        passed, tokens = [], ahead + req.prompt_tokens
+        passed, tokens = [], ahead + mine_left
         for rid in order[at + 1:]:
             tokens += left[rid]
             passed.append((self._awaiting[rid][1], tokens))
@@ -607,7 +624,7 @@ class AdmissionController:
         worst = 0.0
         for due, tokens in self._lars_order(pool, l, req, now, deadline)[1]:
             with_req = now + corr(pool.table.time(tokens) * slow) + inflight
-            without = now + corr(pool.table.time(tokens - req.prompt_tokens) * slow) + inflight
+            without = now + corr(pool.table.time(tokens - req.tokens_left(l.instance_id)) * slow) + inflight
             if without <= due < with_req:
                 worst = max(worst, with_req - due)
         return worst
@@ -691,12 +708,13 @@ class AdmissionController:
 
     def _admitted(self, req: AdmissionRequest, d: Decision, now: float) -> None:
         if d.decode_instance is not None:
-            self._routes[req.request_id] = [d.prefill_instance, d.decode_instance, req.prompt_tokens, math.inf]
+            left = req.tokens_left(d.prefill_instance or d.decode_instance)     # what it prefills there
+            self._routes[req.request_id] = [d.prefill_instance, d.decode_instance, left, math.inf]
             self._pending.append(_Pending(now, d.prefill_instance, d.decode_instance,
-                                          req.prompt_tokens, d.kv_blocks, req.request_id))
+                                          left, d.kv_blocks, req.request_id))
             self._awaiting[req.request_id] = [d.prefill_instance or d.decode_instance,
                                               req.arrival_s + (d.ttft_slo_s or math.inf),
-                                              req.prompt_tokens, req.prompt_tokens, req.arrival_s]
+                                              left, req.prompt_tokens, req.arrival_s]
 
     @staticmethod
     def _inflight_s(l: InstanceLoad) -> float:

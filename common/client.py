@@ -15,18 +15,21 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import grpc
 
 from common.auth import bearer, resolve_api_key
 from common.errors import InvalidRequestError, MnemosyneError, PlacementError, StalePlacementError, UnreachableError
-from common.metadata.types import Instance, LoadReport, Placement
+from common.metadata.types import Instance, LoadReport, Placement, PrefixReport
 from common.rpc import client as rpc_client
 from common.rpc import convert
 from common.rpc.protos import common_pb2, kvstore_pb2, kvstore_pb2_grpc, router_pb2, router_pb2_grpc
 from common.rpc.status import ERROR_KEY, error_from_rpc, retry_after_s
 from common.rpc.tls import Credentials
+
+if TYPE_CHECKING:
+    from common.prefix_report import PrefixReporter
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,24 @@ class KVStoreClient:
             instance=convert.instance_to_proto(inst)))
         return resp.heartbeat_interval_s
 
-    async def heartbeat(self, instance_id: str, free: tuple[int, ...], load: LoadReport | None = None) -> None:
-        """`load`: the instance's load now, for the router's admission (None = none)."""
-        await self._call("Heartbeat", kvstore_pb2.HeartbeatRequest(
+    async def heartbeat(self, instance_id: str, free: tuple[int, ...], load: LoadReport | None = None,
+                        prefix: PrefixReport | None = None) -> bool:
+        """`load`: the instance's load now, for the router's admission (None = none); `prefix`: what
+        changed in its prefix cache (common/prefix_report.py). Returns whether the kvstore asks for a
+        full prefix report next (prefix_resync)."""
+        resp = await self._call("Heartbeat", kvstore_pb2.HeartbeatRequest(
             instance_id=instance_id, free_blocks=free,
-            load=None if load is None else convert.load_to_proto(load)))
+            load=None if load is None else convert.load_to_proto(load),
+            prefix=None if prefix is None else convert.prefix_report_to_proto(prefix)))
+        return resp.prefix_resync
+
+    async def match_prefix(self, block_hashes: list[bytes]) -> dict[str, int]:
+        """Live instance id -> leading blocks of the chain `block_hashes` it holds in its prefix cache
+        (the kvstore's index; instances holding not even the first block are absent)."""
+        if not block_hashes:
+            return {}
+        resp = await self._call("MatchPrefix", kvstore_pb2.MatchPrefixRequest(block_hashes=block_hashes))
+        return {m.instance_id: m.matched_blocks for m in resp.matches}
 
     async def deregister(self, instance_id: str) -> None:
         await self._call("DeregisterInstance", kvstore_pb2.DeregisterInstanceRequest(instance_id=instance_id))
@@ -106,21 +122,24 @@ class KVStoreClient:
 class Membership:
     """Keeps one instance registered: register at start (retrying until the kvstore answers), then
     heartbeat at once and every interval with `free_blocks()` and `load()` (the load the router's
-    admission judges the instance by: keep it cheap, it runs every `interval_s`), register again
-    after a NOT_FOUND (the registration expired, e.g. the kvstore restarted), deregister at stop.
+    admission judges the instance by: keep it cheap, it runs every `interval_s`) and `prefix`'s report
+    of its prefix cache (common/prefix_report.py; None = no reports), register again after a NOT_FOUND
+    (the registration expired, e.g. the kvstore restarted), deregister at stop.
 
     The interval is `max_interval_s` (the pool's heartbeat_interval_s, the admission's cadence) or
     the kvstore's asked interval (a third of the registration TTL) when that is shorter."""
 
     def __init__(self, kvstore: KVStoreClient, info: Callable[[], Instance],
                  free_blocks: Callable[[], tuple[int, ...]] = tuple,
-                 load: Callable[[], LoadReport | None] = lambda: None, max_interval_s: float = 2.0) -> None:
+                 load: Callable[[], LoadReport | None] = lambda: None, max_interval_s: float = 2.0,
+                 prefix: "PrefixReporter | None" = None) -> None:
         if not max_interval_s > 0:
             raise ValueError(f"max_interval_s must be positive, got {max_interval_s}")
         self.kvstore = kvstore
         self.info = info
         self.free_blocks = free_blocks
         self.load = load
+        self.prefix = prefix
         self.max_interval_s = max_interval_s
         self.interval_s = max_interval_s
         self._task: asyncio.Task[None] | None = None
@@ -130,6 +149,8 @@ class Membership:
         while True:
             try:
                 self.interval_s = min(await self.kvstore.register(self.info()), self.max_interval_s)
+                if self.prefix is not None:
+                    self.prefix.reset()
                 break
             except MnemosyneError as e:
                 if time.monotonic() > deadline:
@@ -146,11 +167,16 @@ class Membership:
             await self._send(inst_id)
 
     async def _send(self, inst_id: str) -> None:
+        report = self.prefix.report() if self.prefix is not None else None
         try:
-            await self.kvstore.heartbeat(inst_id, self.free_blocks(), self.load())
+            resync = await self.kvstore.heartbeat(inst_id, self.free_blocks(), self.load(), report)
+            if self.prefix is not None:
+                self.prefix.ack(report, resync)
         except PlacementError:
             log.warning("registration of %s expired; registering again", inst_id)
             try:
+                if self.prefix is not None:
+                    self.prefix.reset()
                 await self.kvstore.register(self.info())
             except MnemosyneError as e:
                 log.warning("register %s: %s", inst_id, e)
@@ -185,6 +211,7 @@ class Completion:
     ttft_s: float = 0.0
     tbt_s: list[float] = field(default_factory=list)
     predicted_ttft_s: float | None = None    # the router's admission (Started), from arrival
+    cached_prompt_tokens: int | None = None  # the router's prefix match where it prefills (Started)
     ttft_slo_s: float | None = None          # the deadlines it was served under
     tbt_slo_s: float | None = None
 
@@ -324,7 +351,7 @@ class RouterClient:
             if kind == "started":
                 out.request_id, out.prompt_tokens = ev.started.request_id, ev.started.prompt_tokens
                 out.route = ROUTES.get(ev.started.route, "")
-                for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s"):
+                for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s", "cached_prompt_tokens"):
                     if ev.started.HasField(name):
                         setattr(out, name, getattr(ev.started, name))
             elif kind == "progress":

@@ -29,6 +29,8 @@ model's name (the router's Frontend.name; a pool's --model-name or its checkpoin
 | mnemosyne_admission_decisions_total*           | counter   | outcome, reason           | router (common/admission.py decisions) |
 | mnemosyne_request_retries_total                | counter   | reason                    | router: requests re-placed after an instance failed before their first token |
 | mnemosyne_admission_queued_requests            | gauge     |                           | router, admission queue length |
+| mnemosyne_router_prefix_matched_tokens_total   | counter   |                           | router: prompt tokens found cached (kvstore prefix index) where the request was sent |
+| mnemosyne_router_prefix_routed_total           | counter   | target                    | router: requests by cache-aware route: decode (a decode instance holds the prefix, the rest prefilled there), prefill (the prefill instance with the longest match), miss (no cached prefix used) |
 | mnemosyne_admission_ttft_correction_ratio      | gauge     | member_role               | router: a pool's online TTFT correction, its ratio ... |
 | mnemosyne_admission_ttft_overhead_seconds      | gauge     | member_role               | ... and its fixed overhead (corrected = overhead + ratio x predicted) |
 | mnemosyne_active_requests*                     | gauge     |                           | every service: requests in flight here |
@@ -98,6 +100,7 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 TOKEN_KINDS = ("prompt", "generated")
 DIRECTIONS = ("send", "recv")
 ADMISSION_OUTCOMES = ("admitted", "queued", "rejected")
+PREFIX_ROUTES = ("decode", "prefill", "miss")    # mnemosyne_router_prefix_routed_total's targets
 RESERVATION_OUTCOMES = ("reserved", "no_capacity", "invalid", "unknown_instance", "error")
 
 
@@ -146,6 +149,13 @@ SPECS: tuple[Spec, ...] = (
     Spec("mnemosyne_request_retries_total", "counter",
          "Requests the router placed again (a new attempt) because an instance failed before their first "
          "token reached the client, by reason (the failure's error class).", ("reason",), (), ("router",)),
+    Spec("mnemosyne_router_prefix_matched_tokens_total", "counter",
+         "Prompt tokens the router found cached (the kvstore's prefix index) on the instance it sent each "
+         "request to prefill on.", (), (), ("router",)),
+    Spec("mnemosyne_router_prefix_routed_total", "counter",
+         "Requests by cache-aware route: decode (a decode instance holding the prefix prefills the rest), "
+         "prefill (the prefill instance with the longest cached prefix), miss (no cached prefix used).",
+         ("target",), (), ("router",)),
     Spec("mnemosyne_admission_queued_requests", "gauge",
          "Requests waiting in the router's admission queue.", (), (), ("router",)),
     Spec("mnemosyne_admission_ttft_correction_ratio", "gauge",
@@ -215,7 +225,7 @@ SPEC_BY_NAME = {s.name: s for s in SPECS}
 # Label values known in advance: children created at 0 for the roles that record the family.
 _KNOWN_VALUES: dict[str, tuple[str, ...]] = {
     "slo": SLOS, "result": SLO_RESULTS, "finish_reason": FINISH_REASONS, "kind": TOKEN_KINDS,
-    "outcome": RESERVATION_OUTCOMES, "member_role": ("prefill", "decode"),
+    "outcome": RESERVATION_OUTCOMES, "member_role": ("prefill", "decode"), "target": PREFIX_ROUTES,
 }
 _PREINIT = {"mnemosyne_slo_requests_total", "mnemosyne_requests_finished_total",
             "mnemosyne_tokens_total", "mnemosyne_kvstore_reservations_total",
@@ -224,7 +234,8 @@ _PREINIT = {"mnemosyne_slo_requests_total", "mnemosyne_requests_finished_total",
             "mnemosyne_admission_queued_requests", "mnemosyne_scheduler_queued_prefill_tokens",
             "mnemosyne_scheduler_running_decodes", "mnemosyne_scheduler_waiting_requests",
             "mnemosyne_kvstore_lease_expiries_total", "mnemosyne_kvstore_placements",
-            "mnemosyne_prefix_cache_query_tokens_total", "mnemosyne_prefix_cache_hit_tokens_total"}
+            "mnemosyne_prefix_cache_query_tokens_total", "mnemosyne_prefix_cache_hit_tokens_total",
+            "mnemosyne_router_prefix_matched_tokens_total", "mnemosyne_router_prefix_routed_total"}
 
 
 def exposed_names(spec: Spec) -> tuple[str, ...]:
@@ -455,6 +466,12 @@ class Metrics:
         if outcome not in ADMISSION_OUTCOMES:
             raise ValueError(f"admission outcome must be one of {ADMISSION_OUTCOMES}, got {outcome!r}")
         self._child("mnemosyne_admission_decisions_total", outcome=outcome, reason=reason).inc()
+
+    def observe_prefix_route(self, target: str, matched_tokens: int) -> None:
+        """A request routed: how (PREFIX_ROUTES) and the prompt tokens found cached where it went."""
+        self._child("mnemosyne_router_prefix_routed_total", target=target).inc()
+        if matched_tokens > 0:
+            self._child("mnemosyne_router_prefix_matched_tokens_total").inc(matched_tokens)
 
     def observe_retry(self, reason: str) -> None:
         self._child("mnemosyne_request_retries_total", reason=reason).inc()

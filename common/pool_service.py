@@ -13,7 +13,7 @@ engine and registers again (`restart_on_failure`), or stays out.
 The instance a subclass builds has `instance_id`, `engine` (an AsyncEngine, replaced by the
 supervisor), `active` (its open request streams), `busy` (requests in flight), `start()` and
 `async stop()` (its background tasks). Its heartbeats carry its load (`load`, common/pool_load.py)
-every config.heartbeat_interval_s.
+every config.heartbeat_interval_s, and what changed in its prefix cache (common/prefix_report.py).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from common.metrics import Metrics, MetricsInterceptor, MetricsServer, new_regis
 from common.model.loader import served_model_name
 from common.pool_config import PoolConfig
 from common.pool_load import LoadSampler
+from common.prefix_report import PrefixReporter
 from common.rpc.server import RpcServer, advertised_host, host_port, serve_until_signal
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,44 @@ def kv_layout(config: PoolConfig) -> tuple[int, int]:
     return ec.cache.block_size, ec.parallel.kvp_tokens if ec.parallel.kvp > 1 else 0
 
 
+def prefix_chain(engine: Any) -> tuple[str, int]:
+    """(hash root in hex, block size) its cached blocks are named under (common/kv_cache/prefix.py),
+    or ("", 0) when its prefix caching is off."""
+    blocks = getattr(engine, "blocks", None)
+    if blocks is None or not getattr(blocks, "prefix_caching", False):
+        return "", 0
+    return blocks.hash_root.hex(), int(blocks.block_size)
+
+
+def cached_blocks(engine: Any) -> set[bytes] | None:
+    """The names of every block the engine's pools hold (in use or cached), for the kvstore's prefix
+    index (common/prefix_report.py); None without an engine or with prefix caching off. Read on the
+    event loop while the engine thread changes the pools: each pool's dict is copied in one C call
+    under the GIL (its keys are bytes: no Python code runs), so every copy is consistent."""
+    blocks = getattr(engine, "blocks", None)
+    if blocks is None or not getattr(blocks, "prefix_caching", False):
+        return None
+    out: set[bytes] = set()
+    for pool in blocks.pools:
+        out.update(pool.by_hash)
+    return out
+
+
+def cache_version(engine: Any) -> object:
+    """A fingerprint of the engine's block names (PrefixReporter's `version`): the block manager, how
+    many names its pools hold and how many they ever evicted (names change by nothing else)."""
+    blocks = getattr(engine, "blocks", None)
+    if blocks is None:
+        return None
+    return id(blocks), sum(len(p.by_hash) for p in blocks.pools), sum(p.evictions for p in blocks.pools)
+
+
 def scheduling_info(engine: Any) -> SchedulingInfo:
     """What this instance publishes for admission (its registration's `scheduling`): the performance
     model its scheduler predicts with (when it schedules without one, FCFS with fixed chunks, the
     model it would load: the saved profile else the analytic roofline), budget, pipeline depth,
-    chunking, TBT SLO and max_model_len. Read-only attributes of the engine's interface."""
+    chunking, TBT SLO and max_model_len, and the chain its prefix cache names blocks by (prefix_chain).
+    Read-only attributes of the engine's interface."""
     cfg = engine.cfg
     sc = cfg.scheduler
     model = engine.perf_model
@@ -66,9 +100,10 @@ def scheduling_info(engine: Any) -> SchedulingInfo:
         published = publish(model)
     except (ConfigError, AttributeError) as e:
         log.warning("no performance model to publish (%s); admission will use its default", e)
+    root, block_size = prefix_chain(engine)
     return SchedulingInfo(published, float(engine.iteration_budget_s), int(engine.pipeline_depth), sc.policy,
                           sc.chunking, sc.chunk_size, sc.min_chunk, sc.max_chunk, sc.tbt_slo_s,
-                          int(engine.max_model_len))
+                          int(engine.max_model_len), prefix_hash_root=root, prefix_block_size=block_size)
 
 
 def build_engine(config: PoolConfig, perf_model: Any = None) -> Any:
@@ -90,7 +125,9 @@ class PoolService:
         self.kvstore = kvstore
         self.advertise_host = advertised_host(config.host, config.advertise_host)
         self._load = LoadSampler(*kv_layout(config))
-        self.membership = Membership(kvstore, self.info, self.free_blocks, self.load, config.heartbeat_interval_s)
+        self.membership = Membership(kvstore, self.info, self.free_blocks, self.load, config.heartbeat_interval_s,
+                                     prefix=PrefixReporter(lambda: cached_blocks(self.instance.engine.engine),
+                                                           version=lambda: cache_version(self.instance.engine.engine)))
         self._supervisor: asyncio.Task[None] | None = None
         self._joined = False                          # registered with the kvstore
         self._scheduling: tuple[Any, SchedulingInfo] | None = None

@@ -46,7 +46,11 @@ class SchedulingInfo:
     performance model its scheduler predicts with (None = it has none), its iteration budget and
     pipeline depth (SPP stages), the chunking it runs (adaptive chunk bounds, or fixed chunks of
     chunk_size), its policy, its TBT SLO (SchedulerConfig.tbt_slo_s, the one home of the default TBT
-    SLO) and max_model_len. KVP group size: Instance.kvp_tokens."""
+    SLO) and max_model_len. KVP group size: Instance.kvp_tokens.
+
+    Prefix caching: `prefix_hash_root` (hex; "" = off) and `prefix_block_size` are the root and block
+    size of the chain the instance names its cached blocks by (common/kv_cache/prefix.py), so the
+    router can hash a prompt exactly as the instance does and ask the kvstore's index."""
     perf_model: PublishedModel | None = None
     iteration_budget_s: float = 0.04
     pipeline_depth: int = 1
@@ -57,8 +61,14 @@ class SchedulingInfo:
     max_chunk: int = 8192
     tbt_slo_s: float = 0.05
     max_model_len: int = 0
+    prefix_hash_root: str = ""
+    prefix_block_size: int = 0
 
     def __post_init__(self) -> None:
+        if self.prefix_hash_root and (self.prefix_block_size < 1 or len(self.prefix_hash_root) != 32
+                                      or any(c not in "0123456789abcdef" for c in self.prefix_hash_root)):
+            raise InvalidRequestError(f"scheduling info: prefix_hash_root {self.prefix_hash_root!r} must be 16 "
+                                      f"bytes in hex with prefix_block_size >= 1 (got {self.prefix_block_size})")
         if not self.iteration_budget_s > 0 or not self.tbt_slo_s > 0:
             raise InvalidRequestError(f"scheduling info: iteration_budget_s={self.iteration_budget_s} and "
                                       f"tbt_slo_s={self.tbt_slo_s} must be positive")
@@ -210,3 +220,30 @@ class Placement:
     @property
     def num_blocks(self) -> int:
         return sum(g.num_blocks for g in self.groups)
+
+
+HASH_BYTES = 16          # a block's name (common/kv_cache/prefix.py: BLAKE2b-128)
+
+
+@dataclass(frozen=True)
+class PrefixReport:
+    """What changed in an instance's prefix cache since its last acknowledged report (sent with its
+    heartbeats; the kvstore's index, common/metadata/prefix_index.py, applies it). `epoch`: the
+    reporter's, random per reporter; `seq`: 1 for an epoch's first report, then one more each; `full`:
+    `added` replaces what the index held (the whole cache, or its first part when that is larger than
+    one report: deltas send the rest), else a delta that applies only on top of report seq - 1 of the
+    same epoch. Hashes: 16-byte block names."""
+    epoch: int
+    seq: int
+    full: bool
+    added: tuple[bytes, ...] = ()
+    evicted: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.epoch < 0 or self.seq < 1:
+            raise InvalidRequestError(f"prefix report: epoch {self.epoch} must be >= 0 and seq {self.seq} >= 1")
+        if self.full and self.evicted:
+            raise InvalidRequestError("prefix report: a full report has no evicted blocks")
+        bad = [h for h in (*self.added, *self.evicted) if len(h) != HASH_BYTES]
+        if bad:
+            raise InvalidRequestError(f"prefix report: {len(bad)} block hash(es) are not {HASH_BYTES} bytes long")

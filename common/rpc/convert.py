@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from common.errors import InvalidRequestError
-from common.metadata.types import GroupRange, Instance, LoadReport, Placement, SchedulingInfo
+from common.metadata.types import GroupRange, Instance, LoadReport, Placement, PrefixReport, SchedulingInfo
 from common.rpc.protos import common_pb2, kvstore_pb2
 from common.sampling_params import SamplingParams
 
@@ -83,7 +83,9 @@ _SCHED_SCALARS = ("iteration_budget_s", "pipeline_depth", "policy", "chunking", 
 
 
 def scheduling_to_proto(info: SchedulingInfo) -> kvstore_pb2.SchedulingInfo:
-    msg = kvstore_pb2.SchedulingInfo(**{n: getattr(info, n) for n in _SCHED_SCALARS})
+    msg = kvstore_pb2.SchedulingInfo(**{n: getattr(info, n) for n in _SCHED_SCALARS},
+                                     prefix_hash_root=bytes.fromhex(info.prefix_hash_root),
+                                     prefix_block_size=info.prefix_block_size)
     if info.perf_model is not None:
         pm = info.perf_model
         msg.perf_model.CopyFrom(kvstore_pb2.PerfModelSpec(kind=pm.kind, params=dict(pm.params), scale=pm.scale))
@@ -93,9 +95,20 @@ def scheduling_to_proto(info: SchedulingInfo) -> kvstore_pb2.SchedulingInfo:
 def scheduling_from_proto(msg: kvstore_pb2.SchedulingInfo) -> SchedulingInfo:
     """Raises InvalidRequestError for a malformed one (unknown model kind, missing parameters)."""
     return SchedulingInfo.from_dict({**{n: getattr(msg, n) for n in _SCHED_SCALARS},
+                                     "prefix_hash_root": msg.prefix_hash_root.hex(),
+                                     "prefix_block_size": msg.prefix_block_size,
                                      "perf_model": {"kind": msg.perf_model.kind, "params": dict(msg.perf_model.params),
                                                     "scale": msg.perf_model.scale}
                                      if msg.HasField("perf_model") else None})
+
+
+def prefix_report_to_proto(r: PrefixReport) -> kvstore_pb2.PrefixReport:
+    return kvstore_pb2.PrefixReport(epoch=r.epoch, seq=r.seq, full=r.full, added=r.added, evicted=r.evicted)
+
+
+def prefix_report_from_proto(msg: kvstore_pb2.PrefixReport) -> PrefixReport:
+    """Raises InvalidRequestError for a malformed one (bad hash length, seq 0)."""
+    return PrefixReport(msg.epoch, msg.seq, msg.full, tuple(msg.added), tuple(msg.evicted))
 
 
 def group_to_proto(g: GroupRange) -> common_pb2.GroupRange:

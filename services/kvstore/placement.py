@@ -9,6 +9,11 @@ does), so a group never holds more than M. Each group needs ceil(tokens / block_
 The kvstore owns capacity accounting (capacity minus live placements, per group); the decode
 instance owns its block pool and assigns concrete block ids (decode.PrepareReceive). Every request
 that will hold KV on a decode instance is reserved here first.
+
+Cached prefixes are reclaimable: an instance's cached blocks belong to no placement (a placement is
+released when its request ends, and the blocks it leaves cached count as free in the instance's pool,
+which evicts them on demand), so they never count against `capacity - reserved` here. The prefix index
+(common/metadata/prefix_index.py) says where they are, for the router's MatchPrefix.
 """
 from __future__ import annotations
 
@@ -18,12 +23,14 @@ from dataclasses import dataclass
 
 from common.errors import CapacityError, ConfigError, InvalidRequestError, PlacementError
 from common.kv_cache.kvp_blocks import kvp_split
+from common.metadata.prefix_index import PrefixIndex
 from common.metadata.store import MetadataStore, StoreUnavailableError
-from common.metadata.types import GroupRange, Instance, LoadReport, Placement, check_id
+from common.metadata.types import GroupRange, Instance, LoadReport, Placement, PrefixReport, check_id
 
 log = logging.getLogger(__name__)
 
 REAP_BATCH = 256        # expired placements freed per Redis script call
+MAX_MATCH_BLOCKS = 1 << 20   # block hashes in one MatchPrefix (16M tokens at 16 per block)
 
 
 def split_groups(num_tokens: int, max_new_tokens: int, kvp_tokens: int,
@@ -121,6 +128,7 @@ class PlacementService:
                 f"placement: lease_s={lease_s} and instance_ttl_s={instance_ttl_s} must be "
                 f"positive, max_attempts={max_attempts} >= 1")
         self.store = _AfterOutage(store)
+        self.prefixes = PrefixIndex(store)
         self.lease_s = lease_s
         self.instance_ttl_s = instance_ttl_s
         self.max_attempts = max_attempts
@@ -130,22 +138,40 @@ class PlacementService:
     def register(self, inst: Instance) -> float:
         """Registers (or replaces) an instance; returns the heartbeat interval it should use."""
         self.store.register_instance(inst, self.instance_ttl_s)
+        self.prefixes.drop(inst.instance_id)         # a new registration reports its cache afresh
         log.info("registered %s %s at %s, capacity %s", inst.role, inst.instance_id, inst.address,
                  inst.capacity)
         return self.instance_ttl_s / 3
 
-    def heartbeat(self, instance_id: str, free: tuple[int, ...], load: LoadReport | None = None) -> None:
-        """Keeps a registration alive; stores the instance's `load` (None: the last one ages)."""
+    def heartbeat(self, instance_id: str, free: tuple[int, ...], load: LoadReport | None = None,
+                  prefix: PrefixReport | None = None) -> bool:
+        """Keeps a registration alive; stores the instance's `load` (None: the last one ages) and
+        applies its `prefix` report to the index. Returns whether the instance must send a full
+        prefix report next (its delta did not follow what the index holds)."""
         check_id("instance_id", instance_id)
         if any(f < 0 for f in free):
             raise InvalidRequestError(f"heartbeat of {instance_id}: negative free blocks {free}")
         if not self.store.heartbeat(instance_id, free, self.instance_ttl_s, load):
             raise PlacementError(f"instance {instance_id} is not registered (or its registration "
                                  "expired); register again")
+        if prefix is None:
+            return False
+        return not self.prefixes.apply(instance_id, prefix)
 
     def deregister(self, instance_id: str) -> bool:
         check_id("instance_id", instance_id)
-        return self.store.deregister_instance(instance_id)
+        found = self.store.deregister_instance(instance_id)
+        self.prefixes.drop(instance_id)
+        return found
+
+    def match_prefix(self, hashes: list[bytes]) -> dict[str, int]:
+        """Live instance id -> leading blocks of the chain `hashes` in its prefix cache (PrefixIndex.match)."""
+        if len(hashes) > MAX_MATCH_BLOCKS:
+            raise InvalidRequestError(f"match prefix: {len(hashes)} block hashes (at most {MAX_MATCH_BLOCKS})")
+        try:
+            return self.prefixes.match(hashes)
+        except ValueError as e:
+            raise InvalidRequestError(f"match prefix: {e}") from None
 
     def list_instances(self, role: str | None = None) -> list[Instance]:
         return self.store.list_instances(role)
@@ -247,7 +273,11 @@ class PlacementService:
         return p
 
     def expire(self) -> list[str]:
-        """Reclaims every placement whose lease expired; returns their request ids."""
+        """Reclaims every placement whose lease expired, and drops the prefix-index entries of
+        instances whose registration expired; returns the placements' request ids."""
+        gone = self.prefixes.sweep()
+        if gone:
+            log.info("prefix index: dropped the entries of expired instance(s) %s", ", ".join(gone[:20]))
         expired: list[str] = []
         while True:
             batch = self.store.reap(limit=REAP_BATCH)

@@ -46,10 +46,11 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     @handles_errors
     async def Heartbeat(self, request, context):
         load = convert.load_from_proto(request.load) if request.HasField("load") else None
+        prefix = convert.prefix_report_from_proto(request.prefix) if request.HasField("prefix") else None
         await self._check_owner(context, request.instance_id)
-        await asyncio.to_thread(self.logic.heartbeat, request.instance_id,
-                                tuple(request.free_blocks), load)
-        return kvstore_pb2.HeartbeatResponse()
+        resync = await asyncio.to_thread(self.logic.heartbeat, request.instance_id,
+                                         tuple(request.free_blocks), load, prefix)
+        return kvstore_pb2.HeartbeatResponse(prefix_resync=resync)
 
     @handles_errors
     async def DeregisterInstance(self, request, context):
@@ -84,6 +85,12 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     async def GetPlacement(self, request, context):
         p = await asyncio.to_thread(self.logic.get, request.request_id)
         return kvstore_pb2.GetPlacementResponse(placement=convert.placement_to_proto(p))
+
+    @handles_errors
+    async def MatchPrefix(self, request, context):
+        matches = await asyncio.to_thread(self.logic.match_prefix, list(request.block_hashes))
+        return kvstore_pb2.MatchPrefixResponse(matches=[
+            kvstore_pb2.PrefixMatch(instance_id=i, matched_blocks=n) for i, n in sorted(matches.items())])
 
     @handles_errors
     async def ListInstances(self, request, context):

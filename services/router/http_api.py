@@ -528,10 +528,15 @@ def _record(c: _Choice, ev) -> None:
 
 
 def _usage(choices: list[_Choice], n: int) -> dict:
-    """Prompt tokens count once per prompt (choices p*n .. p*n+n-1 share prompt p)."""
+    """Prompt tokens count once per prompt (choices p*n .. p*n+n-1 share prompt p); cached ones (the
+    router's prefix match) in prompt_tokens_details when there are any."""
     prompt_tokens = sum(c.started.prompt_tokens for c in choices if c.started is not None and c.index % n == 0)
     completion = sum(c.finished.timings.completion_tokens for c in choices if c.finished is not None)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    cached = sum(c.started.cached_prompt_tokens or 0 for c in choices if c.started is not None and c.index % n == 0)
+    if cached:           # OpenAI's field: the router's prefix match (Started.cached_prompt_tokens)
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 def _head(kind: str, cid: str, created: int, model: str, chunk: bool) -> dict:

@@ -4,6 +4,12 @@
     long prompt:   kvstore.Reserve -> decode.PrepareReceive -> prefill.Prefill (progress, first
                    token; KV streams to the decode workers) -> decode.Decode(first_token) -> relay
 
+Cache-aware routing (services/router/prefix.py): before admission the router asks the kvstore's prefix
+index where the prompt's prefix is cached. A long prompt whose uncached rest is short (< short_prompt_tokens)
+on a decode instance holding its prefix, with room, takes the short route there; else it goes to the
+prefill instance with the longest cached prefix (admission predicts each instance's TTFT from the tokens
+it has left to compute); else as without a cache. Started.cached_prompt_tokens says what was matched.
+
 Every request ends (finish, error, client cancel, Abort) with the same cleanup: the calls still
 open are cancelled, the instances are told to abort (unless the request finished normally), and
 the placement is released; a dead router's placements expire with their leases instead.
@@ -38,6 +44,7 @@ from common.metrics import DEFAULT_PROMPT_CLASSES, Metrics, RequestRecorder
 from services.router.admission import AdmissionGate
 from services.router.discovery import Discovery
 from services.router.frontend import Frontend, Job
+from services.router.prefix import match_prefix
 from services.router.request_log import RequestLine
 from services.router.auth import ANONYMOUS, KeyRing, Principal
 from services.router.stops import StopMatcher
@@ -76,6 +83,7 @@ class Started:
     predicted_ttft_s: float | None = None     # admission's prediction, from arrival (None: no admission)
     ttft_slo_s: float | None = None           # the deadlines the request is served under
     tbt_slo_s: float | None = None
+    cached_prompt_tokens: int | None = None   # found cached where it prefills, at routing (None: none)
 
 
 @dataclass(frozen=True)
@@ -235,13 +243,14 @@ class Router:
         error: BaseException | None = None
         try:
             max_new = max(0, min(job.params.max_tokens, self.frontend.max_model_len - n))
+            matches = await self._prefix_matches(job.prompt_ids)
             decision = None
             if self.gate is not None:
                 line.admission = "waiting"
                 admission = self.tracer.start_span("router.admission", context=st.trace)
                 try:
                     decision = await self.gate.admit(AdmissionRequest(iid, n, max_new, t0, job.ttft_slo_s,
-                                                                      job.tbt_slo_s))
+                                                                      job.tbt_slo_s, cached_tokens=matches))
                     line.admitted(decision, time.monotonic() - t0)
                 except Exception as e:
                     line.rejected(e, time.monotonic() - t0)
@@ -256,13 +265,8 @@ class Router:
             if self.metrics is not None:
                 rec = self.metrics.request(n, ttft_slo_s=ttft_slo, tbt_slo_s=st.tbt_slo_s, arrival_s=t0)
                 rec.admitted()
-            if n >= self.config.short_prompt_tokens:
-                st.prefill = await self._prefill_instance(decision)
-                if st.prefill is None:
-                    log.warning("no live prefill instance: %s (%d tokens) takes the decode-only route", rid, n)
             try:
-                st.placement = await self.kvstore.reserve(iid, n, max_new,
-                                                          decision.decode_instance or "" if decision else "")
+                st.prefill, st.placement, target = await self._place(iid, n, max_new, decision, matches)
             except CapacityError as e:
                 # The kvstore's view is newer than admission's (KV filled since the last sample):
                 # the same RESOURCE_EXHAUSTED, with the retry hint clients back off by.
@@ -270,13 +274,17 @@ class Router:
                 raise RetryLater(f"{e}; retry after {hint:.1f}s", hint) from e
             if st.prefill is not None:
                 self.discovery.inflight[st.prefill.instance_id] += 1
+            cached = matches.get(st.prefill.instance_id if st.prefill else st.placement.instance_id, 0)
+            if self.metrics is not None:
+                self.metrics.observe_prefix_route(target, cached)
             attempts_left = self.config.retries        # attempts an instance took on, then failed
             placements_left = MAX_PLACEMENTS            # all attempts (one refused at once is cheap)
             retry_until: float | None = None            # the retries' deadline (from the first failure)
             line.route = "disaggregated" if st.prefill else "decode_only"
             yield Started(rid, n, "disaggregated" if st.prefill else "decode_only",
                           st.prefill.instance_id if st.prefill else "", st.placement.instance_id,
-                          decision.predicted_ttft_s if decision is not None else None, ttft_slo, st.tbt_slo_s)
+                          decision.predicted_ttft_s if decision is not None else None, ttft_slo, st.tbt_slo_s,
+                          cached or None)
             relay = _Relay(self.frontend, t0, job.return_logprobs, rec)
             relay.queue_s = queue_s
             stops = StopMatcher(job.stop)
@@ -449,6 +457,63 @@ class Router:
         """The request's TTFT deadline (seconds remaining now) and TBT SLO on a call to a pool."""
         remaining = None if st.deadline_s is None else st.deadline_s - time.monotonic()
         convert.slo_to_proto(msg, remaining, st.tbt_slo_s)
+
+    async def _prefix_matches(self, prompt_ids: list[int]) -> dict[str, int]:
+        """Instance id -> prompt tokens cached there (services/router/prefix.py); {} when the kvstore
+        cannot say (routing then goes on without the cache)."""
+        try:
+            instances = await self.discovery.instances()
+        except MnemosyneError as e:
+            log.warning("no instance list for prefix matching (%s): routing without the cache", e)
+            return {}
+        return await match_prefix(self.kvstore, instances, prompt_ids)
+
+    async def _place(self, iid: str, n: int, max_new: int, decision,
+                     matches: dict[str, int]) -> tuple[Instance | None, Placement, str]:
+        """(prefill instance or None for the decode-only route, the reserved placement, the
+        cache-aware route: "decode" | "prefill" | "miss", mnemosyne_router_prefix_routed_total's target).
+
+        With admission's choice (it predicted each instance from the tokens left there) its instances;
+        a long prompt it sent to a decode instance without a prefill instance, whose rest is short
+        there, takes the decode-only route. Without one (admission off or fail_open) the router's own:
+        a long prompt whose rest is short on a decode instance holding its prefix is reserved there
+        when that instance has room; else the prefill instance with the longest cached prefix, else
+        the least loaded one; a short prompt goes to the decode instance holding most of it when that
+        has room. CapacityError when no decode instance has room."""
+        short = self.config.short_prompt_tokens
+        prefill: Instance | None = None
+        placement: Placement | None = None
+        warm = False            # a long prompt takes the decode-only route to the decode instance holding it
+        chosen = decision is not None and bool(decision.decode_instance)      # admission chose the instances
+        if chosen:
+            decode_id = decision.decode_instance
+            warm = n >= short and not decision.prefill_instance and n - matches.get(decode_id, 0) < short
+        else:
+            decode_id = ""
+            decodes = {i.instance_id for i in await self.discovery.instances("decode")}
+            holder = max(((m, i) for i, m in matches.items() if i in decodes), default=None)
+            if holder is not None and n - holder[0] < short:
+                try:
+                    placement = await self.kvstore.reserve(iid, n, max_new, holder[1])
+                    warm = n >= short
+                except (CapacityError, PlacementError) as e:      # no room there now (or it left)
+                    log.info("request %s: decode instance %s holds %d cached tokens but: %s", iid, holder[1],
+                             holder[0], e)
+        if n >= short and not warm:
+            if not chosen:
+                live = await self.discovery.instances("prefill")
+                best = max(((matches.get(i.instance_id, 0), -self.discovery.inflight[i.instance_id], i.instance_id)
+                            for i in live if matches.get(i.instance_id, 0) > 0), default=None)
+                prefill = next((i for i in live if best is not None and i.instance_id == best[2]), None)
+            if prefill is None:
+                prefill = await self._prefill_instance(decision)
+            if prefill is None:
+                log.warning("no live prefill instance: %s (%d tokens) takes the decode-only route", iid, n)
+        if placement is None:
+            placement = await self.kvstore.reserve(iid, n, max_new, decode_id)
+        where = prefill.instance_id if prefill is not None else placement.instance_id
+        target = "miss" if matches.get(where, 0) <= 0 else ("prefill" if prefill is not None else "decode")
+        return prefill, placement, target
 
     async def _prefill_instance(self, decision) -> Instance | None:
         """The prefill instance admission chose, else the least loaded live one."""

@@ -53,7 +53,7 @@ def event_to_proto(ev: Started | Progress | Delta | Finished) -> router_pb2.Gene
         started = router_pb2.Started(
             request_id=ev.request_id, prompt_tokens=ev.prompt_tokens, route=ROUTES[ev.route],
             prefill_instance=ev.prefill_instance, decode_instance=ev.decode_instance)
-        for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s"):
+        for name in ("predicted_ttft_s", "ttft_slo_s", "tbt_slo_s", "cached_prompt_tokens"):
             if getattr(ev, name) is not None:
                 setattr(started, name, getattr(ev, name))
         return router_pb2.GenerateResponse(started=started)

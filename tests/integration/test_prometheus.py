@@ -175,6 +175,8 @@ class Synthetic:
         for _ in range(3):
             r.observe_rpc_error("/mnemosyne.v1.Router/Generate", grpc.StatusCode.UNAVAILABLE)
         r.observe_retry("WorkerFailedError")
+        r.observe_prefix_route("prefill", 4096)
+        r.observe_prefix_route("miss", 0)
         for m, role in ((p, "prefill"), (d, "decode")):
             decode = role == "decode"
             m.observe_iteration(0.03 if decode else 0.1, 16 if decode else 2,

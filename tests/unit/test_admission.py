@@ -85,6 +85,33 @@ def test_short_prompts_are_prefilled_on_the_decode_instance():
     assert d2.predicted_ttft_s > d.predicted_ttft_s
 
 
+def test_a_cached_prefix_counts_only_the_rest_of_the_prompt():
+    """The router's matches (cached_tokens): a prefill instance is predicted with the tokens it has left
+    to compute, so the one holding the prompt's prefix wins over an idler one that does not."""
+    loads = snap(prefill("p1"), prefill("p2", queued=300), decode("d1"))
+    cold = controller().decide(request(prompt=1000), loads, NOW)
+    assert cold.prefill_instance == "p1" and cold.predicted_ttft_s == pytest.approx(1.0)
+    warm = controller().decide(request(prompt=1000, cached_tokens={"p2": 960}), loads, NOW)
+    assert warm.prefill_instance == "p2"
+    assert warm.predicted_ttft_s == pytest.approx(0.3 + 0.04)          # 300 queued + 40 left, 1 ms each
+    assert request(prompt=100, cached_tokens={"x": 100}).tokens_left("x") == 1   # the last is computed
+
+
+def test_a_long_prompt_whose_rest_is_short_goes_to_the_decode_instance_holding_its_prefix():
+    ctl = controller()
+    loads = snap(prefill("p1"), decode("d1"), decode("d2"))
+    d = ctl.decide(request(prompt=4000, cached_tokens={"d2": 3968, "p1": 16}), loads, NOW)
+    assert (d.outcome, d.prefill_instance, d.decode_instance) == (Outcome.ADMIT, None, "d2")
+    assert d.predicted_ttft_s == pytest.approx(0.032)                   # 32 tokens left on d2
+    # the rest is not short there (>= short_prompt_tokens): the prefill pool as before
+    d = ctl.decide(request("r2", prompt=4000, cached_tokens={"d2": 3000}), loads, NOW)
+    assert d.prefill_instance == "p1"
+    # the holder has no room: not a candidate for the decode-only route
+    full = snap(prefill("p1"), decode("d1"), decode("d2", **FULL))
+    d = controller().decide(request(prompt=4000, cached_tokens={"d2": 3968}), full, NOW)
+    assert d.prefill_instance == "p1" and d.decode_instance == "d1"
+
+
 def test_rejects_with_resource_exhausted_and_a_retry_hint_when_the_ttft_cannot_fit():
     d = controller().decide(request(), snap(prefill("p1", queued=10_000), decode("d1")), NOW)
     assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_slo")

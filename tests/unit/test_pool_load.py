@@ -49,11 +49,12 @@ class FakeKVStore:
         self.registered += 1
         return 3.0                                   # the kvstore asks for a third of a 9 s TTL
 
-    async def heartbeat(self, instance_id, free, load=None):
+    async def heartbeat(self, instance_id, free, load=None, prefix=None):
         if self.expire_once:
             self.expire_once = False
             raise PlacementError("expired")
         self.beats.append((instance_id, free, load))
+        return False
 
     async def deregister(self, instance_id):
         pass

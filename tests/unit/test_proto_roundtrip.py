@@ -33,7 +33,7 @@ def test_services():
                for s in mod.DESCRIPTOR.services_by_name.values()}
     assert methods["Router"] == ["Generate", "Abort", "ModelInfo"]
     assert methods["KVStore"] == ["RegisterInstance", "Heartbeat", "DeregisterInstance", "Reserve",
-                                  "Renew", "Release", "GetPlacement", "ListInstances"]
+                                  "Renew", "Release", "GetPlacement", "ListInstances", "MatchPrefix"]
     assert methods["Decode"] == ["PrepareReceive", "Decode", "Abort", "Stats"]
     assert methods["Prefill"] == ["Prefill", "Abort"]
     assert router_pb2.DESCRIPTOR.services_by_name["Router"].methods_by_name[
@@ -196,7 +196,8 @@ def _scheduling(kind: str):
                                          "flops": 1.9e11, "mem_bw": 5e10, "iter_overhead_s": 2e-3,
                                          "layer_overhead_s": 1e-4, "tp": 1, "spp": 2, "kvp": 1,
                                          "kvp_tokens": 0, "dtype_bytes": 4})
-    return SchedulingInfo(pm, 0.1, 2, "lars", "adaptive", 512, 64, 4096, 0.07, 262144)
+    return SchedulingInfo(pm, 0.1, 2, "lars", "adaptive", 512, 64, 4096, 0.07, 262144,
+                          prefix_hash_root="0123456789abcdef" * 2, prefix_block_size=16)
 
 
 @pytest.mark.parametrize("kind", ["none", "calibrated", "analytic"])
