@@ -460,12 +460,19 @@ class Router:
 
     async def _prefix_matches(self, prompt_ids: list[int]) -> dict[str, int]:
         """Instance id -> prompt tokens cached there (services/router/prefix.py); {} when the kvstore
-        cannot say (routing then goes on without the cache)."""
+        cannot say (routing then goes on without the cache), and without asking when there is no
+        choice to make: a short prompt (always prefilled where it decodes) with one live decode
+        instance (its engine looks its own cache up anyway). That skip keeps a burst of short
+        requests from queueing a kvstore round trip each ahead of their reservations."""
         try:
             instances = await self.discovery.instances()
         except MnemosyneError as e:
             log.warning("no instance list for prefix matching (%s): routing without the cache", e)
             return {}
+        if len(prompt_ids) < self.config.short_prompt_tokens:
+            instances = [i for i in instances if i.role == "decode"]
+            if len(instances) <= 1:
+                return {}
         return await match_prefix(self.kvstore, instances, prompt_ids)
 
     async def _place(self, iid: str, n: int, max_new: int, decision,
