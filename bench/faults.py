@@ -6,7 +6,9 @@ what is left behind, and how long until the deployment serves again, with nobody
 The deployment is `make up`'s (scripts/up.py's Cluster with its defaults: the built-in model, a
 prefill instance of 2 SPP stages, a decode instance of 2 KVP groups, mutual TLS, a Redis password,
 API keys) with make up's supervisor running in a thread (scripts/supervisor.py, its default policy);
-only the lease is shorter (--lease-s, 3 s instead of 10) so that the leftovers can be checked sooner.
+only the lease is shorter (--lease-s, 3 s instead of 10) so that the leftovers can be checked sooner,
+and prefix caching is off (every trial repeats one prompt, which the decode instance would otherwise
+hold and serve on the decode-only route).
 
 Per trial: a long prompt (prefill -> KV transfer -> decode) is sent; the fault strikes at a point of
 the request (its `phase`: "prefill" at its first prefill progress event, "decode" after 3 streamed
@@ -217,7 +219,10 @@ def load() -> list[float]:
 
 def run(args: argparse.Namespace) -> dict:
     work = pathlib.Path(tempfile.mkdtemp(prefix="faults-bench-"))
+    # Prefix caching off: every trial repeats the reference prompt, which would otherwise be cached on
+    # the decode instance and take the decode-only route (no prefill, no KV transfer to strike).
     cfg = ClusterConfig(router_port=0, http_port=-1, lease_s=args.lease_s, log_dir=str(work / "logs"),
+                        pool_flags=("--no-prefix-caching",),
                         deployment=f"faults-{uuid.uuid4().hex[:8]}")
     t_start = time.monotonic()
     with Cluster(cfg) as cluster:

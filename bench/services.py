@@ -50,7 +50,8 @@ class Offline:
         from common.model.tokenizer import load_tokenizer
         from common.sampling_params import SamplingParams
         torch.set_num_threads(1)
-        cache = CacheConfig(block_size=16, max_kv_tokens=len(prompt) + max_tokens + 64)
+        cache = CacheConfig(block_size=16, max_kv_tokens=len(prompt) + max_tokens + 64,
+                            prefix_caching=False)        # every run prefills the repeated prompt
         self.engine = LLMEngine(EngineConfig(cache=cache, scheduler=SchedulerConfig(chunk_size=chunk)),
                                 extra_eos_ids=load_tokenizer(None).eos_token_ids)
         self.prompt, self.params = prompt, SamplingParams(max_tokens=max_tokens)
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> dict:
     runs: dict[str, list] = {}
     base = ClusterConfig(kv_backend=args.backend, router_port=0, prefill_spp=1, decode_kvp=1,
                          decode_kv_tokens=2 * (n + args.max_tokens) + 512, prefill_kv_tokens=n + 512,
-                         chunk_size=args.chunk, short_prompt_tokens=n + 1)
+                         chunk_size=args.chunk, short_prompt_tokens=n + 1,
+                         pool_flags=("--no-prefix-caching",))     # the runs repeat one prompt
     with Cluster(base) as c:
         paired_runs(f"decode_only_{SHORT_PROMPT}_tokens", c, offline, 3 * args.runs, runs, prompt[:SHORT_PROMPT])
         paired_runs("decode_only", c, offline, args.runs, runs)
