@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 RETRYABLE = (WorkerFailedError, KVTransferError, PlacementError)
 RETRY_POLL_S = 0.25                 # a retry asks the kvstore for room this often while none is free
 MAX_PLACEMENTS = 4                  # attempts of one request in all, counting those refused at once
+REPLACE_WAIT_S = 0.5                # before placing again a request whose decode instance was not registered
+                                    # (two of the pools' heartbeat intervals: it has registered again by then)
 
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
           common_pb2.FINISH_REASON_ABORTED: "abort"}
@@ -266,7 +268,20 @@ class Router:
                 rec = self.metrics.request(n, ttft_slo_s=ttft_slo, tbt_slo_s=st.tbt_slo_s, arrival_s=t0)
                 rec.admitted()
             try:
-                st.prefill, st.placement, target = await self._place(iid, n, max_new, decision, matches)
+                try:
+                    st.prefill, st.placement, target = await self._place(iid, n, max_new, decision, matches)
+                except PlacementError as e:
+                    # The decode instance admission chose is not registered this moment: its
+                    # registration lapsed (a stalled heartbeat, a clock step on Redis's host) and it
+                    # registers again on its next heartbeat, or it left. Placed once more, after a
+                    # heartbeat interval, on whichever decode instance the kvstore has then.
+                    log.info("request %s: %s; placing it again in %.2f s", iid, e, REPLACE_WAIT_S)
+                    await asyncio.sleep(REPLACE_WAIT_S)
+                    try:
+                        st.prefill, st.placement, target = await self._place(iid, n, max_new, None, matches)
+                    except PlacementError as again:      # no decode instance registered: the deployment's
+                        raise WorkerFailedError(f"request {rid}: no decode instance could take it now "
+                                                f"({again}); retry") from again    # UNAVAILABLE, not NOT_FOUND
             except CapacityError as e:
                 # The kvstore's view is newer than admission's (KV filled since the last sample):
                 # the same RESOURCE_EXHAUSTED, with the retry hint clients back off by.

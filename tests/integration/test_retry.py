@@ -6,6 +6,10 @@
 - A decode grid worker is SIGKILLed after tokens were streamed: no retry (the client would see a
   seam); the stream ends within 5 s with UNAVAILABLE saying tokens were already sent.
 Either way no placement, lease or decode block is left afterwards.
+- The decode instance's registration lapses just before a request is placed (its record gone from
+  Redis, as when a clock step on Redis's host expires it; the instance registers again on its next
+  heartbeat): the router places the request again after a heartbeat and the client gets its answer,
+  not NOT_FOUND.
 """
 from __future__ import annotations
 
@@ -148,3 +152,34 @@ def test_a_worker_lost_after_tokens_were_sent_ends_clearly_within_5_s(cluster, s
     back_to_idle(cluster, store)
     with RouterClient(cluster.router_address, timeout_s=60) as c:      # and it serves again
         assert len(c.complete(token_ids=PROMPT, max_tokens=4).token_ids) == 4
+
+
+def test_a_request_placed_while_the_decode_registration_lapsed_is_placed_again(cluster, store):
+    """Admission's load sample (refreshed every 0.25 s) still shows the decode instance, the kvstore
+    no longer knows it: the first Reserve fails NOT_FOUND, the router waits a heartbeat and places it
+    again. The race with the router's next sample and the instance's own re-registration (both every
+    0.25 s) is run until the router's log shows the second placement; an attempt that lost it (the
+    sample already showed no decode instance: RESOURCE_EXHAUSTED no_instance) is run again."""
+    from common.errors import CapacityError
+    [decode] = [i.instance_id for i in store.list_instances("decode")]
+    log = cluster.log_dir / "router.log"
+    short = PROMPT[:40]
+    with RouterClient(cluster.router_address, timeout_s=60) as c:
+        assert len(c.complete(token_ids=short, max_tokens=1).token_ids) == 1          # connected
+        for attempt in range(20):
+            wait_until(lambda: [i.role for i in store.list_instances()].count("decode") == 1, 10, "decode registered")
+            time.sleep(0.6)                    # the router's sample shows it fresh again
+            mark = log.stat().st_size
+            store.deregister_instance(decode)
+            try:
+                out = c.complete(token_ids=short, max_tokens=3, ttft_slo_s=30.0)
+            except CapacityError:
+                continue                       # the router's sample saw it gone first
+            assert len(out.token_ids) == 3
+            with log.open() as f:
+                f.seek(mark)
+                if "placing it again" in f.read():
+                    break
+        else:
+            pytest.fail("no attempt reached the kvstore while the registration was gone: the path was not exercised")
+    back_to_idle(cluster, store)
