@@ -157,7 +157,9 @@ def make_sides(checkpoint, dtype: str, max_len: int, chunk: int, layout_ab: bool
 
 
 def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, chunk: int,
-        layout_ab: bool = False) -> dict:
+        layout_ab: bool = False, on_round=None) -> dict:
+    """Measures every point; `on_round(report)` is called after each round with the results so far
+    (a shared machine may make a run too long to finish)."""
     load_before = list(os.getloadavg())
     checkpoint = load_checkpoint(None)
     mc = checkpoint.config
@@ -166,6 +168,36 @@ def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, ch
               "read_gbs_rounds": {d: [] for d in dtypes}}
     rounds_load: list[list[float]] = []
     names = list(LAYOUT_SIDES) if layout_ab else ["ours", "transformers"]
+
+    def report() -> dict:
+        """The run so far: the points measured, medians over the rounds done."""
+        rows = []
+        for d in dtypes:
+            for L in contexts:
+                if (d, L, names[0]) not in samples or (d, L, names[1]) not in samples:
+                    continue
+                row = {"dtype": d, "context": L, "prompt_tokens": L - new_tokens}
+                for name in names:
+                    s = samples[(d, L, name)]
+                    row[name] = {"prefill_s": statistics.median(x["prefill_s"] for x in s),
+                                 "decode_ms": statistics.median(x["decode_ms"] for x in s),
+                                 "prefill_s_rounds": [x["prefill_s"] for x in s],
+                                 "decode_ms_rounds": [x["decode_ms"] for x in s],
+                                 "loadavg_rounds": [x["loadavg"] for x in s]}
+                row["same_greedy_tokens"] = all(a["tokens"] == b["tokens"] for a, b in
+                                                zip(samples[(d, L, names[0])], samples[(d, L, names[1])]))
+                if not layout_ab:
+                    row["prefill_floor_s"] = prefill_flops(mc, L) / (floors["matmul_gflops"][d] * 1e9)
+                    row["decode_floor_ms"] = 1e3 * decode_bytes(mc, L, d) / (floors["read_gbs"][d] * 1e9)
+                rows.append(row)
+        return {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                "config": {"contexts": contexts, "dtypes": dtypes, "rounds": rounds, "decode_tokens": new_tokens,
+                           "chunk": chunk, "layout_ab": layout_ab, "sides": names,
+                           "rounds_done": len(rounds_load)},
+                "floors": floors, "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
+                "loadavg_after_rounds": rounds_load, "rows": rows}
+
     for d in dtypes:
         pair = make_sides(checkpoint, d, max(contexts) + 8, chunk, layout_ab)
         for r in range(rounds):
@@ -188,30 +220,10 @@ def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, ch
                         {"prefill_s": pre, "decode_ms": 1e3 * statistics.median(steps), "loadavg": load,
                          "tokens": toks})
             rounds_load.append(list(os.getloadavg()))
+            if on_round is not None:
+                on_round(report())
         del pair
-    rows = []
-    for d in dtypes:
-        for L in contexts:
-            row = {"dtype": d, "context": L, "prompt_tokens": L - new_tokens}
-            for name in names:
-                s = samples[(d, L, name)]
-                row[name] = {"prefill_s": statistics.median(x["prefill_s"] for x in s),
-                             "decode_ms": statistics.median(x["decode_ms"] for x in s),
-                             "prefill_s_rounds": [x["prefill_s"] for x in s],
-                             "decode_ms_rounds": [x["decode_ms"] for x in s],
-                             "loadavg_rounds": [x["loadavg"] for x in s]}
-            row["same_greedy_tokens"] = all(a["tokens"] == b["tokens"] for a, b in
-                                            zip(samples[(d, L, names[0])], samples[(d, L, names[1])]))
-            if not layout_ab:
-                row["prefill_floor_s"] = prefill_flops(mc, L) / (floors["matmul_gflops"][d] * 1e9)
-                row["decode_floor_ms"] = 1e3 * decode_bytes(mc, L, d) / (floors["read_gbs"][d] * 1e9)
-            rows.append(row)
-    return {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-            "config": {"contexts": contexts, "dtypes": dtypes, "rounds": rounds, "decode_tokens": new_tokens,
-                       "chunk": chunk, "layout_ab": layout_ab, "sides": names},
-            "floors": floors, "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
-            "loadavg_after_rounds": rounds_load, "rows": rows}
+    return report()
 
 
 def markdown(report: dict) -> str:
@@ -261,7 +273,7 @@ def markdown_ab(report: dict) -> str:
         "",
         f"Built-in SmolLM2-135M, our engine only, the two layouts side by side in one process "
         f"(LlamaModel.pack_weights(transposed=False/True)), alternating (the [out,in] engine first in even "
-        f"rounds), {c['rounds']} rounds, medians over rounds. {report['machine']['platform']}, torch "
+        f"rounds), {c['rounds']} rounds per dtype planned, {c['rounds_done']} done in all (dtypes one after the other), medians over the rounds done. {report['machine']['platform']}, torch "
         f"{report['machine']['torch']} ({report['machine']['cpu_capability']}), {report['machine']['threads']} "
         f"threads. Prompt = context - {c['decode_tokens']} tokens; decode = median ms per token of the "
         f"{c['decode_tokens'] - 1} steps after the first; prefill in chunks of {c['chunk']}.",
@@ -313,14 +325,17 @@ def main() -> None:
     rounds, new_tokens = args.rounds, args.decode_tokens
     if args.quick:
         contexts, rounds, new_tokens = [1024], 1, 6
-    report = run(contexts, args.dtypes.split(","), rounds, new_tokens, args.chunk, args.layout_ab)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem, text = ("cpu_layout_ab", markdown_ab(report)) if args.layout_ab else ("cpu_vs_transformers", markdown(report))
-    stem = args.name or stem
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(text)
-    print(text)
+    stem = args.name or ("cpu_layout_ab" if args.layout_ab else "cpu_vs_transformers")
+
+    def write(report: dict) -> str:
+        text = markdown_ab(report) if args.layout_ab else markdown(report)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(text)
+        return text
+
+    print(write(run(contexts, args.dtypes.split(","), rounds, new_tokens, args.chunk, args.layout_ab, on_round=write)))
 
 
 if __name__ == "__main__":
