@@ -21,7 +21,13 @@ by someone else's load):
           (FLOPs as in bench/engine.py: linears + causal attention).
 
 Writes bench/results/cpu_vs_transformers.{json,md}.
+
+--layout-ab compares our engine with itself instead: the float32/bfloat16 weights in the checkpoint's
+[out, in] storage against the transposed [in, out] one (LlamaModel.pack_weights(transposed=...)), the
+two engines alternating the same way; writes bench/results/cpu_layout_ab.{json,md} (--name: another stem).
+
 Run: PYTHONPATH=. python -m bench.cpu_vs_transformers [--quick] [--rounds 3] [--contexts 1024,4096,8192]
+     PYTHONPATH=. python -m bench.cpu_vs_transformers --layout-ab --contexts 1024,4096 [--dtypes float32]
 """
 from __future__ import annotations
 
@@ -82,12 +88,15 @@ def prompt_tokens(n: int) -> list[int]:
 
 # ---- the two sides ----------------------------------------------------------------------------------
 class Ours:
-    def __init__(self, checkpoint, dtype: str, max_len: int, chunk: int) -> None:
+    def __init__(self, checkpoint, dtype: str, max_len: int, chunk: int, transposed: bool | None = None) -> None:
+        """`transposed`: the weight layout to force (LlamaModel.pack_weights); None keeps the default."""
         # No prefix caching: every round prefills the same prompt again (a warm round would reuse it).
         cfg = EngineConfig(dtype=dtype, max_model_len=max_len,
                            cache=CacheConfig(max_kv_tokens=max_len + 64, prefix_caching=False),
                            scheduler=SchedulerConfig(chunk_size=chunk, max_batch_tokens=max(chunk, 8192)))
         self.engine = LLMEngine(cfg, checkpoint)
+        if transposed is not None:
+            self.engine.executor.model.pack_weights(transposed)
         self.engine.generate([prompt_tokens(64)], SamplingParams(max_tokens=2, ignore_eos=True))   # warm-up
 
     def run(self, prompt: list[int], new_tokens: int) -> tuple[float, list[float], list[int]]:
@@ -136,24 +145,70 @@ class Transformers:
 
 
 # ---- the run ----------------------------------------------------------------------------------------
-def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, chunk: int) -> dict:
+LAYOUT_SIDES = ("ours [out,in]", "ours [in,out]")
+
+
+def make_sides(checkpoint, dtype: str, max_len: int, chunk: int, layout_ab: bool) -> list[tuple[str, object]]:
+    """The two sides of a run: ours and transformers, or (layout_ab) ours with each weight layout."""
+    if layout_ab:
+        return [(LAYOUT_SIDES[0], Ours(checkpoint, dtype, max_len, chunk, transposed=False)),
+                (LAYOUT_SIDES[1], Ours(checkpoint, dtype, max_len, chunk, transposed=True))]
+    return [("ours", Ours(checkpoint, dtype, max_len, chunk)), ("transformers", Transformers(DTYPES[dtype]))]
+
+
+def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, chunk: int,
+        layout_ab: bool = False, on_round=None) -> dict:
+    """Measures every point; `on_round(report)` is called after each round with the results so far
+    (a shared machine may make a run too long to finish)."""
+    load_before = list(os.getloadavg())
     checkpoint = load_checkpoint(None)
     mc = checkpoint.config
     samples: dict = {}
     floors = {"read_gbs": {d: 0.0 for d in dtypes}, "matmul_gflops": {d: 0.0 for d in dtypes},
               "read_gbs_rounds": {d: [] for d in dtypes}}
     rounds_load: list[list[float]] = []
+    names = list(LAYOUT_SIDES) if layout_ab else ["ours", "transformers"]
+
+    def report() -> dict:
+        """The run so far: the points measured, medians over the rounds done."""
+        rows = []
+        for d in dtypes:
+            for L in contexts:
+                if (d, L, names[0]) not in samples or (d, L, names[1]) not in samples:
+                    continue
+                row = {"dtype": d, "context": L, "prompt_tokens": L - new_tokens}
+                for name in names:
+                    s = samples[(d, L, name)]
+                    row[name] = {"prefill_s": statistics.median(x["prefill_s"] for x in s),
+                                 "decode_ms": statistics.median(x["decode_ms"] for x in s),
+                                 "prefill_s_rounds": [x["prefill_s"] for x in s],
+                                 "decode_ms_rounds": [x["decode_ms"] for x in s],
+                                 "loadavg_rounds": [x["loadavg"] for x in s]}
+                row["same_greedy_tokens"] = all(a["tokens"] == b["tokens"] for a, b in
+                                                zip(samples[(d, L, names[0])], samples[(d, L, names[1])]))
+                if not layout_ab:
+                    row["prefill_floor_s"] = prefill_flops(mc, L) / (floors["matmul_gflops"][d] * 1e9)
+                    row["decode_floor_ms"] = 1e3 * decode_bytes(mc, L, d) / (floors["read_gbs"][d] * 1e9)
+                rows.append(row)
+        return {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                "config": {"contexts": contexts, "dtypes": dtypes, "rounds": rounds, "decode_tokens": new_tokens,
+                           "chunk": chunk, "layout_ab": layout_ab, "sides": names,
+                           "rounds_done": len(rounds_load)},
+                "floors": floors, "loadavg_before": load_before, "loadavg_after": list(os.getloadavg()),
+                "loadavg_after_rounds": rounds_load, "rows": rows}
+
     for d in dtypes:
-        ours = Ours(checkpoint, d, max(contexts) + 8, chunk)
-        theirs = Transformers(DTYPES[d])
+        pair = make_sides(checkpoint, d, max(contexts) + 8, chunk, layout_ab)
         for r in range(rounds):
-            rate = read_gbs(weight_bytes(mc, d))
-            floors["read_gbs_rounds"][d].append(rate)
-            floors["read_gbs"][d] = max(floors["read_gbs"][d], rate)
-            floors["matmul_gflops"][d] = max(floors["matmul_gflops"][d], matmul_gflops(DTYPES[d]))
+            if not layout_ab:                    # the A/B compares two sides of ours: no floors needed
+                rate = read_gbs(weight_bytes(mc, d))
+                floors["read_gbs_rounds"][d].append(rate)
+                floors["read_gbs"][d] = max(floors["read_gbs"][d], rate)
+                floors["matmul_gflops"][d] = max(floors["matmul_gflops"][d], matmul_gflops(DTYPES[d]))
             for L in contexts:
                 prompt = prompt_tokens(L - new_tokens)
-                sides = [("ours", ours), ("transformers", theirs)]
+                sides = list(pair)
                 if r % 2:
                     sides.reverse()
                 for name, side in sides:
@@ -165,28 +220,10 @@ def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, ch
                         {"prefill_s": pre, "decode_ms": 1e3 * statistics.median(steps), "loadavg": load,
                          "tokens": toks})
             rounds_load.append(list(os.getloadavg()))
-        del ours, theirs
-    rows = []
-    for d in dtypes:
-        for L in contexts:
-            row = {"dtype": d, "context": L, "prompt_tokens": L - new_tokens}
-            for name in ("ours", "transformers"):
-                s = samples[(d, L, name)]
-                row[name] = {"prefill_s": statistics.median(x["prefill_s"] for x in s),
-                             "decode_ms": statistics.median(x["decode_ms"] for x in s),
-                             "prefill_s_rounds": [x["prefill_s"] for x in s],
-                             "decode_ms_rounds": [x["decode_ms"] for x in s],
-                             "loadavg_rounds": [x["loadavg"] for x in s]}
-            row["same_greedy_tokens"] = all(a["tokens"] == b["tokens"] for a, b in
-                                            zip(samples[(d, L, "ours")], samples[(d, L, "transformers")]))
-            row["prefill_floor_s"] = prefill_flops(mc, L) / (floors["matmul_gflops"][d] * 1e9)
-            row["decode_floor_ms"] = 1e3 * decode_bytes(mc, L, d) / (floors["read_gbs"][d] * 1e9)
-            rows.append(row)
-    return {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-            "config": {"contexts": contexts, "dtypes": dtypes, "rounds": rounds, "decode_tokens": new_tokens,
-                       "chunk": chunk},
-            "floors": floors, "loadavg_after_rounds": rounds_load, "rows": rows}
+            if on_round is not None:
+                on_round(report())
+        del pair
+    return report()
 
 
 def markdown(report: dict) -> str:
@@ -226,6 +263,47 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_ab(report: dict) -> str:
+    """The --layout-ab table: per point, each layout's median prefill and decode, the ratio, every round."""
+    c = report["config"]
+    a, b = c["sides"]
+    lb, la = report["loadavg_before"], report["loadavg_after"]
+    lines = [
+        "# CPU weight layout A/B: [out, in] (checkpoint) vs [in, out] (transposed) storage",
+        "",
+        f"Built-in SmolLM2-135M, our engine only, the two layouts side by side in one process "
+        f"(LlamaModel.pack_weights(transposed=False/True)), alternating (the [out,in] engine first in even "
+        f"rounds), {c['rounds']} rounds per dtype planned, {c['rounds_done']} done in all (dtypes one after the other), medians over the rounds done. {report['machine']['platform']}, torch "
+        f"{report['machine']['torch']} ({report['machine']['cpu_capability']}), {report['machine']['threads']} "
+        f"threads. Prompt = context - {c['decode_tokens']} tokens; decode = median ms per token of the "
+        f"{c['decode_tokens'] - 1} steps after the first; prefill in chunks of {c['chunk']}.",
+        "",
+        f"Load average (1/5/15 min) before the run {lb[0]:.1f}/{lb[1]:.1f}/{lb[2]:.1f}, after "
+        f"{la[0]:.1f}/{la[1]:.1f}/{la[2]:.1f}, on a 2-core machine shared with other agents' jobs: every "
+        "time includes their interference; compare the two layouts within a round (same minutes), not with "
+        "other runs.",
+        "",
+        f"| context, dtype | prefill s {a} | prefill s {b} | {b} / {a} | decode ms {a} | decode ms {b} "
+        f"| {b} / {a} | same greedy tokens | prefill s per round ({a}; {b}) | decode ms per round ({a}; {b}) "
+        "| load per round ({a}; {b}) |".replace("{a}", a).replace("{b}", b),
+        "|---|---:|---:|---:|---:|---:|---:|:---:|---|---|---|",
+    ]
+
+    def rounds(x: list[float], fmt: str) -> str:
+        return "/".join(format(v, fmt) for v in x)
+
+    for r in report["rows"]:
+        x, y = r[a], r[b]
+        lines.append(
+            f"| {r['context'] // 1024}K, {r['dtype']} | {x['prefill_s']:.2f} | {y['prefill_s']:.2f} "
+            f"| {y['prefill_s'] / x['prefill_s']:.2f} | {x['decode_ms']:.1f} | {y['decode_ms']:.1f} "
+            f"| {y['decode_ms'] / x['decode_ms']:.2f} | {'yes' if r['same_greedy_tokens'] else 'no'} "
+            f"| {rounds(x['prefill_s_rounds'], '.2f')}; {rounds(y['prefill_s_rounds'], '.2f')} "
+            f"| {rounds(x['decode_ms_rounds'], '.1f')}; {rounds(y['decode_ms_rounds'], '.1f')} "
+            f"| {rounds(x['loadavg_rounds'], '.1f')}; {rounds(y['loadavg_rounds'], '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", default="1024,4096,8192")
@@ -235,7 +313,11 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="1K only, 1 round, 6 tokens (development)")
+    p.add_argument("--layout-ab", action="store_true",
+                   help="our engine with [out, in] vs [in, out] weight storage instead of ours vs transformers")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default=None, help="file stem of the results (default: cpu_vs_transformers, "
+                   "or cpu_layout_ab with --layout-ab)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -243,12 +325,17 @@ def main() -> None:
     rounds, new_tokens = args.rounds, args.decode_tokens
     if args.quick:
         contexts, rounds, new_tokens = [1024], 1, 6
-    report = run(contexts, args.dtypes.split(","), rounds, new_tokens, args.chunk)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_vs_transformers.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "cpu_vs_transformers.md").write_text(markdown(report))
-    print(markdown(report))
+    stem = args.name or ("cpu_layout_ab" if args.layout_ab else "cpu_vs_transformers")
+
+    def write(report: dict) -> str:
+        text = markdown_ab(report) if args.layout_ab else markdown(report)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(text)
+        return text
+
+    print(write(run(contexts, args.dtypes.split(","), rounds, new_tokens, args.chunk, args.layout_ab, on_round=write)))
 
 
 if __name__ == "__main__":

@@ -26,17 +26,38 @@ class AttendFn(Protocol):
         """q [T, Hq, D], k/v [T, Hkv, D] (already rotated) -> attention output [T, Hq, D]."""
 
 
+def _laid_out(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The values of `w` [out, in], stored [in, out] row-major when `transposed`, [out, in] row-major
+    otherwise (a copy only when the storage changes, so packing again with the other layout works)."""
+    return w.t().contiguous().t() if transposed else w.contiguous()
+
+
 def _fuse(weights: list[torch.Tensor], transposed: bool) -> torch.Tensor:
     """[out_i, in] weights -> their concatenation [sum out_i, in], stored as [in, sum out_i] row-major
     when `transposed`."""
-    w = torch.cat(weights)
-    return w.t().contiguous().t() if transposed else w
+    return _laid_out(torch.cat(weights), transposed)
 
 
-def _transpose_storage(linear: nn.Linear, transposed: bool) -> None:
-    """Same values, [in, out] row-major storage (F.linear then multiplies without a transpose)."""
-    if transposed:
-        linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(), requires_grad=False)
+def _set_storage(linear: nn.Linear, transposed: bool) -> None:
+    """Same values, [in, out] row-major storage when `transposed` (F.linear then multiplies without a
+    transpose), else [out, in] row-major."""
+    w = linear.weight.detach()
+    laid = _laid_out(w, transposed)
+    if laid is not w:
+        linear.weight = nn.Parameter(laid, requires_grad=False)
+
+
+def transposed_by_default(weight: torch.Tensor) -> bool:
+    """The measured layout choice (bench/results/cpu_layout_ab.md): [in, out] storage for float32 on
+    the CPU, where MKL's matrix-vector product streams it faster; never for bfloat16 (this CPU's bf16
+    kernels are many times slower with it) nor off the CPU (not measured there)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def weights_transposed(linear: nn.Linear) -> bool:
+    """Whether this linear's [out, in] weight is stored [in, out] row-major (see pack_weights)."""
+    w = linear.weight
+    return w.dim() == 2 and w.shape[0] > 1 and w.stride() == (1, w.shape[0])
 
 
 class RMSNorm(nn.Module):
@@ -76,7 +97,7 @@ class Attention(nn.Module):
             if bp is not None:
                 p.bias = nn.Parameter(bp, requires_grad=False)
         self.qkv = (w, b, sizes)
-        _transpose_storage(self.o_proj, transposed)
+        _set_storage(self.o_proj, transposed)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttendFn) -> torch.Tensor:
         t = x.shape[0]
@@ -111,7 +132,7 @@ class MLP(nn.Module):
         self.gate_proj.weight = nn.Parameter(gate, requires_grad=False)
         self.up_proj.weight = nn.Parameter(up, requires_grad=False)
         self.gate_up = w
-        _transpose_storage(self.down_proj, transposed)
+        _set_storage(self.down_proj, transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
@@ -169,8 +190,9 @@ class LlamaModel(nn.Module):
         return self.lm_head(self.norm(hidden)).float()
 
     # ---- weights ---------------------------------------------------------------------------------
-    def pack_weights(self) -> None:
-        """The CPU weight layout; call after load_weights and after any dtype cast.
+    def pack_weights(self, transposed: bool | None = None) -> None:
+        """The CPU weight layout; call after load_weights and after any dtype cast (a cast or a move
+        copies each parameter alone and undoes the fusion). May be called again to change the layout.
 
         q/k/v and gate/up are fused into one matrix each (the parameters become views of it, so names,
         shapes and load_weights are unchanged): one product per fused matrix instead of two or three.
@@ -180,15 +202,17 @@ class LlamaModel(nn.Module):
         the other way round (measured, bench/results/cpu_profile.md). Same products, so results agree
         with the unpacked model to rounding.
 
-        The transposed float32 storage is off for now: a loaded side-by-side run made it look slower at
-        prefill, a quiet one later found it neutral there and ~7% faster at decode (cpu_profile.md);
-        the full suite ran with it off, so turning it on waits for the exactness tests."""
-        transposed = False
+        `transposed`: None picks `transposed_by_default` (float32 on the CPU: on; A/B in
+        bench/results/cpu_layout_ab.md); True/False force it (the A/B benchmark). The tied LM head is
+        its own parameter (load_weights copies the embedding into it), so the embedding keeps [vocab,
+        hidden] rows for the lookup while the head is transposed."""
+        if transposed is None:
+            transposed = transposed_by_default(next(self.parameters()))     # one dtype and device
         for layer in self.layers.values():
             layer.self_attn.pack(transposed)
             layer.mlp.pack(transposed)
         if self.lm_head is not None:
-            _transpose_storage(self.lm_head, transposed)
+            _set_storage(self.lm_head, transposed)
 
     def wanted(self, name: str) -> bool:
         """Whether the checkpoint tensor `name` belongs to this stage."""

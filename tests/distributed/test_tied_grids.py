@@ -5,7 +5,8 @@ model.embed_tokens.weight, to two parameters. Under TP both are vocab slices; ea
 the full tensor (cutting the embedding's slice again left rank 1's LM head with 0 rows).
 
 Each layout must give identical greedy tokens and logprobs within 1e-5 of the single-process engine;
-the tied Qwen2 checkpoint (q/k/v bias) at tp=2 must also match Hugging Face transformers.
+at tp=2 the tied Qwen2 checkpoint (q/k/v bias) and the untied Llama one must also match Hugging
+Face transformers.
 """
 from __future__ import annotations
 
@@ -128,15 +129,19 @@ def test_grid_matches_single_process(checkpoints, name, layout):
     assert_same(ref, got, 1e-5, f"{name} {layout}")
 
 
-def test_tied_qwen2_tp2_matches_single_process_and_hf(checkpoints):
-    """Tied embeddings and sliced q/k/v biases at tp=2, against one process (1e-5) and HF (1e-4)."""
+@pytest.mark.parametrize("name", ["qwen2-tied", "untied"])
+def test_tp2_matches_single_process_and_hf(checkpoints, name):
+    """tp=2 against one process (1e-5) and HF (1e-4): the tied Qwen2 checkpoint (tied embeddings,
+    sliced q/k/v biases) and the untied Llama one, with the workers' float32 weights in the transposed
+    CPU layout (LlamaModel.pack_weights; the shards' layout in tests/unit/test_weight_layout.py)."""
     from transformers import AutoModelForCausalLM
-    path, ref = checkpoints("qwen2-tied")
+    path, ref = checkpoints(name)
     with ParallelEngine(engine_config(path, tp=2)) as eng:
         got = results(eng.generate(PROMPTS, PARAMS))
-    assert_same(ref, got, 1e-5, "qwen2-tied tp2 vs one process")
+    assert_same(ref, got, 1e-5, f"{name} tp2 vs one process")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    assert hf.config.tie_word_embeddings and hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    tied = hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    assert hf.config.tie_word_embeddings == tied == (name == "qwen2-tied")
     hf.generation_config.eos_token_id = None
     hf_res = []
     with torch.inference_mode():
@@ -146,4 +151,4 @@ def test_tied_qwen2_tp2_matches_single_process_and_hf(checkpoints):
             tokens = out.sequences[0, len(p):].tolist()
             hf_res.append((tokens, [torch.log_softmax(lg[0].float(), -1)[t].item()
                                     for lg, t in zip(out.logits, tokens)]))
-    assert_same(hf_res, got, 1e-4, "qwen2-tied tp2 vs transformers")
+    assert_same(hf_res, got, 1e-4, f"{name} tp2 vs transformers")
