@@ -16,8 +16,8 @@ The first question is cold (nothing cached); the others find the document cached
 left it: the decode instance, which keeps the KV it received, so the router sends them decode-only and
 only the question is prefilled. Reported per question: TTFT (router-side, from the Finished event),
 route, Started.cached_prompt_tokens, and the tokens / logprobs against the single-process engine with
-prefix caching off on the same prompt (the cold reference; run after the services, so their timings
-are not disturbed).
+nothing cached (bench/long_context.py's reference, a fresh engine per prompt: the cold answer; run after
+the services, so their timings are not disturbed).
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ import uuid
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.long_context import reference  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BLOCK = 16
@@ -63,20 +65,6 @@ def ask(cluster, ids: list[int], max_tokens: int) -> dict:
             elif ev.HasField("finished"):
                 out["ttft_s"] = ev.finished.timings.ttft_s
     return out
-
-
-def cold_reference(model: str, ids: list[int], max_tokens: int, max_model_len: int) -> dict:
-    """The single-process engine with prefix caching off: the cold answer."""
-    from common.config import CacheConfig, EngineConfig
-    from common.engine.engine import LLMEngine
-    from common.sampling_params import SamplingParams
-    engine = LLMEngine(EngineConfig(model=model, max_model_len=max_model_len, dtype="float32", perf_model="analytic",
-                                    cache=CacheConfig(block_size=BLOCK, num_blocks=-(-max_model_len // BLOCK) + 4,
-                                                      prefix_caching=False)))
-    t0 = time.monotonic()
-    res = engine.generate([ids], SamplingParams(max_tokens=max_tokens, ignore_eos=True))[0]
-    engine.shutdown()
-    return {"tokens": list(res.token_ids), "logprobs": list(res.logprobs), "seconds": time.monotonic() - t0}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -111,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"question {i}: {r['route']}, cached {r['cached_prompt_tokens']}, TTFT {r['ttft_s']:.3f} s",
                   flush=True)
     for r, ids in zip(rows, prompts):
-        ref = cold_reference(model, ids, args.max_tokens, max_len)
+        ref = reference(model, ids, args.max_tokens)       # a fresh engine: nothing cached, a cold run
         r["reference_seconds"] = round(ref["seconds"], 2)
         r["same_tokens"] = r["tokens"] == ref["tokens"]
         r["max_logprob_diff"] = max((abs(a - b) for a, b in zip(r["logprobs"], ref["logprobs"])), default=None)
@@ -136,7 +124,7 @@ def markdown(r: dict) -> str:
              f"TCP, prefix caching and cache-aware routing on; --max-model-len {c['max_model_len']}. Each prompt: the "
              f"document + {c['question_tokens']} question tokens, {c['pause_s']} s after the previous answer; "
              f"{c['max_tokens']} greedy tokens. TTFT as the router "
-             f"measured it. Exact: the single-process engine with prefix caching off on the same prompt (identical "
+             f"measured it. Exact: a fresh single-process engine (nothing cached) on the same prompt (identical "
              f"tokens, logprobs within {LOGPROB_TOL}). {r['machine']['cpus']} CPUs, shared; deployment started in "
              f"{r['startup_s']} s.", "",
              "| # | prompt tokens | route | cached (router's match) | TTFT s | speed-up vs cold | same tokens | "
