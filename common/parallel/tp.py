@@ -146,3 +146,17 @@ def apply_tp(model: LlamaModel, shard: TPShard, groups) -> None:
         model.embed_tokens = VocabParallelEmbedding(nv, h, shard.vocab[0], groups)
     if model.lm_head is not None:
         model.lm_head = VocabParallelHead(h, nv, shard.vocab_per_rank, cfg.vocab_size, groups)
+
+
+def load_shard(ckpt, shard: TPShard, groups, first_layer: int = 0, last_layer: int | None = None) -> LlamaModel:
+    """Layers [first_layer, last_layer) of checkpoint `ckpt` as TP rank `shard` holds them: built on
+    the meta device, its linears replaced by their slices (apply_tp), then only this rank's slice of
+    each weight loaded (slice_weight). In the checkpoint's dtype, unpacked (the caller casts and
+    packs); `groups` are used only in forward."""
+    cfg = ckpt.config
+    with torch.device("meta"):
+        model = LlamaModel(cfg, first_layer, last_layer)
+        apply_tp(model, shard, groups)
+    model = model.to_empty(device="cpu")
+    model.load_weights(ckpt.weights(model.wanted), transform=lambda n, t: slice_weight(shard, cfg, n, t))
+    return model

@@ -28,12 +28,11 @@ from common.engine.sampler import Sampler
 from common.kv_cache.paged import PagedKVCache
 from common.kv_connector.types import KVEvent, KVSink, kv_layout
 from common.kv_connector.worker import KVWorker
-from common.model.llama import LlamaModel
 from common.model.loader import load_checkpoint
 from common.parallel import comm
 from common.parallel.groups import Groups, init_world, stage_layers
 from common.parallel.plan import StepPlan, StepResult, decode_plan, encode_result
-from common.parallel.tp import apply_tp, slice_weight, tp_shard
+from common.parallel.tp import load_shard, tp_shard
 from common.sampling_params import SamplingParams, TopLogprobs
 
 log = logging.getLogger(__name__)
@@ -68,11 +67,7 @@ class Worker:
         c = self.groups.coord
         self.layers = stage_layers(mc.num_layers, self.pcfg.spp, c.stage)
         self.shard = tp_shard(mc, c.tp, self.pcfg.tp)
-        with torch.device("meta"):
-            model = LlamaModel(mc, self.layers.start, self.layers.stop)
-            apply_tp(model, self.shard, self.groups)
-        model = model.to_empty(device="cpu")
-        model.load_weights(ckpt.weights(model.wanted), transform=lambda n, t: slice_weight(self.shard, mc, n, t))
+        model = load_shard(ckpt, self.shard, self.groups, self.layers.start, self.layers.stop)
         self.model = model.to(self.dtype).eval()
         self.model.pack_weights()                        # the CPU weight layout
         self.cache = PagedKVCache(self.layers, args.blocks_per_group, cfg.cache.block_size,

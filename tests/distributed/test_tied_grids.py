@@ -21,7 +21,7 @@ from common.engine.engine import LLMEngine
 from common.model.llama import LlamaModel
 from common.model.loader import load_checkpoint
 from common.parallel.driver import ParallelEngine
-from common.parallel.tp import apply_tp, slice_weight, tp_shard
+from common.parallel.tp import apply_tp, load_shard, slice_weight, tp_shard
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
 
@@ -83,11 +83,7 @@ def test_tied_embedding_loads_into_both_vocab_slices(checkpoints, rank):
     cfg = ckpt.config
     assert cfg.tie_word_embeddings
     shard = tp_shard(cfg, rank, 2)
-    with torch.device("meta"):
-        model = LlamaModel(cfg)
-        apply_tp(model, shard, groups=None)        # groups are used only in forward
-    model = model.to_empty(device="cpu")
-    model.load_weights(ckpt.weights(model.wanted), transform=lambda n, t: slice_weight(shard, cfg, n, t))
+    model = load_shard(ckpt, shard, groups=None)             # as a worker loads its slice
     full = dict(ckpt.weights(lambda n: n == "model.embed_tokens.weight"))["model.embed_tokens.weight"]
     lo, hi = shard.vocab
     assert hi - lo == (161 if rank == 0 else 160)

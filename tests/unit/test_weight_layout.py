@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from common.engine.executor import build_model
 from common.model.llama import LlamaModel, weights_transposed
 from common.model.loader import load_checkpoint
-from common.parallel.tp import apply_tp, slice_weight, tp_shard
+from common.parallel.tp import load_shard, slice_weight, tp_shard
 from tests.fixtures.hf_models import write_random_hf_model
 
 VOCAB = 321                        # odd: a TP=2 vocab split leaves the last slice one row short
@@ -132,12 +132,7 @@ def test_tp_shards_are_transposed_and_hold_their_slices(checkpoints, rank):
     ckpt = load_checkpoint(checkpoints("tied-qwen2"))
     cfg = ckpt.config
     shard = tp_shard(cfg, rank, 2)
-    with torch.device("meta"):
-        model = LlamaModel(cfg)
-        apply_tp(model, shard, groups=None)              # groups are used only in forward
-    model = model.to_empty(device="cpu")
-    model.load_weights(ckpt.weights(model.wanted), transform=lambda n, t: slice_weight(shard, cfg, n, t))
-    model = model.to(torch.float32).eval()
+    model = load_shard(ckpt, shard, groups=None).to(torch.float32).eval()     # as a worker loads its slice
     model.pack_weights()
     assert_layout(model, transposed=True)
     full = dict(ckpt.weights())
