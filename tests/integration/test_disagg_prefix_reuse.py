@@ -137,14 +137,18 @@ def test_a_decode_with_another_prompt_than_the_prepared_one_is_refused(rpc):
 
 def test_through_the_router_a_second_turn_sends_only_what_the_decode_cache_lacks(rpc, model):
     """The same through the router (make up's flow): it sends the prompt with PrepareReceive, so the
-    decode instance's cached prefix does not travel again."""
+    decode instance's cached prefix does not travel again. The second turn's uncached rest (16 + 60
+    tokens) is above short_prompt_tokens, so it is prefilled on the prefill instance whether or not the
+    kvstore's index has heard of the decode side's blocks yet (with a short rest and the blocks indexed
+    the router would send it decode-only, to the instance holding them)."""
     prompt = [(5 * i + 2) % 290 + 11 for i in range(140)]
+    question = [(13 * i + 7) % 270 + 15 for i in range(60)]
     per_token = None
     with RouterClient(rpc.router, timeout_s=120) as client:
         before = received_bytes(rpc.decode_metrics)
         first = client.complete(token_ids=prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
         mid = received_bytes(rpc.decode_metrics)
-        second = prompt + list(first.token_ids) + QUESTION
+        second = prompt + list(first.token_ids) + question
         again = client.complete(token_ids=second, max_tokens=MAX_TOKENS, ignore_eos=True)
         after = received_bytes(rpc.decode_metrics)
     assert first.route == again.route == "disaggregated"
