@@ -5,7 +5,9 @@ The workload: Poisson arrivals (`--rate` per second for `--seconds`, fixed seed)
 prompts (decode-only route) and a fraction `--long-share` of long ones (disaggregated route), each
 with the deployment's default SLOs (the router's deadline = max(class SLO, slo_factor x predicted
 prefill time alone); the TBT SLO is the decode pool's). Before the measured load, a short warm-up
-lets admission's online correction see a few measured TTFTs (not counted).
+lets admission's online correction see a few measured TTFTs (not counted): short and long prompts
+alone, and short prompts sent while a long one is prefilled beside them (make up's pools share the
+host's cores: the host contention factor learns from those).
 
 Per admitted request: the router's predicted TTFT and deadlines (the Started event), the TTFT and
 mean TBT measured by the client. Reported per run, then the median over `--runs` runs:
@@ -136,7 +138,16 @@ def run_once(a: argparse.Namespace, model: str | None, tmp: pathlib.Path, label:
     with Cluster(cfg) as c, RouterClient(c.router_address, timeout_s=DEADLINE_S) as client:
         for i in range(a.warmup):                     # the online correction sees both routes
             n = a.long_tokens[0] if i % 3 == 2 else a.short_tokens[1]
-            call(client, prompt(n, 10_000 + i), a.max_tokens, i)
+            if i % 3 != 2:
+                call(client, prompt(n, 10_000 + i), a.max_tokens, i)
+                continue
+            # and a short prompt while the long one is prefilled beside it: the decode pool's host
+            # contention factor learns from it
+            long = threading.Thread(target=call, args=(client, prompt(n, 10_000 + i), a.max_tokens, i))
+            long.start()
+            time.sleep(1.0)
+            call(client, prompt(a.short_tokens[1], 20_000 + i), a.max_tokens, i)
+            long.join(timeout=DEADLINE_S)
         time.sleep(1.0)
         results: list[dict] = []
         lock = threading.Lock()
@@ -163,13 +174,16 @@ def run_once(a: argparse.Namespace, model: str | None, tmp: pathlib.Path, label:
 
 
 def router_gauges(url: str) -> dict:
-    """The router's online TTFT corrections at the end of the run (ratio, overhead per pool)."""
+    """The router's online TTFT corrections at the end of the run (ratio, overhead, host contention
+    factor per pool)."""
     body = urllib.request.urlopen(url, timeout=5).read().decode()
     out = {}
     for line in body.splitlines():
-        if line.startswith("mnemosyne_admission_ttft_") and "member_role=" in line:
+        if line.startswith(("mnemosyne_admission_ttft_", "mnemosyne_admission_host_contention")) \
+                and "member_role=" in line:
             role = line.split('member_role="')[1].split('"')[0]
-            name = "ratio" if "correction_ratio" in line else "overhead_s"
+            name = ("ratio" if "correction_ratio" in line else
+                    "contention" if "contention" in line else "overhead_s")
             out.setdefault(role, {})[name] = round(float(line.rsplit(" ", 1)[1]), 4)
     return out
 

@@ -24,6 +24,12 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
   ttft     = correction[pool](model) + in flight
   in flight = half the instance's recent mean iteration time when it is busy (measured: a new
              request waits for the iteration under way)
+  host contention (common.perf_model.ttft_correction.HostContention): when another instance on the
+             candidate's host (the same address host) is predicted to keep prefilling a prompt this
+             router admitted there for busy_s more seconds, the corrected model time runs `factor`
+             times slower for those seconds (ttft = contention(correction(model), busy_s) + in flight);
+             factor is fitted per pool on the measured TTFTs of requests admitted while a neighbour
+             was busy, which the pool's correction then does not learn from (1 before any).
   slowdown = recent mean iteration time / (iteration budget x correction ratio), clipped to
              [1, max_slowdown]: the model's error on this instance right now beyond what the pool's
              correction already knows (1 when idle or unknown, and on instances with fixed chunks,
@@ -94,7 +100,7 @@ from common.metadata.types import Instance, SchedulingInfo
 from common.metrics import DEFAULT_PROMPT_CLASSES, PromptClasses
 from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
-from common.perf_model.ttft_correction import TTFTCorrection
+from common.perf_model.ttft_correction import HostContention, TTFTCorrection
 from common.scheduler.chunking import ChunkingConfig
 from common.scheduler.policy import LARS
 from common.scheduler.types import BatchShape, ReqView
@@ -238,6 +244,7 @@ class InstanceLoad:
     kv_block_size: int = 0
     kvp_tokens: int = 0
     iteration_s: float | None = None      # recent mean iteration time; None = idle or unknown
+    host: str = ""                        # the host part of its address ("" = unknown: shares with no one)
 
     @property
     def kv_capacity(self) -> tuple[int, ...]:
@@ -303,6 +310,8 @@ class Decision:
     waited_s: float = 0.0                 # arrival -> decision
     inflight_s: float = 0.0               # ADMIT: the measured rest of the iteration in flight
     pool: str = ""                        # ADMIT: the pool whose correction applies (prefill | decode)
+    corrected_s: float | None = None      # ADMIT: the corrected model time, before host contention
+    host_busy_s: float = 0.0              # ADMIT: seconds a neighbour on its host was predicted busy
 
     def error(self, request_id: str) -> CapacityError | InvalidRequestError:
         """The error to end a rejected request with: AdmissionRejected (RESOURCE_EXHAUSTED), or
@@ -385,11 +394,14 @@ class AdmissionController:
         self.corrections = {pool: TTFTCorrection(config.correction_window, config.min_correction,
                                                  config.max_correction, config.max_overhead_s)
                             for pool in ("prefill", "decode")}
+        self.contention = {pool: HostContention(config.correction_window, config.max_slowdown)
+                           for pool in ("prefill", "decode")}
+        self._hosts: dict[str, str] = {}        # instance id -> host, from the latest snapshot
         self._lars = LARS()
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
         # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left,
-        # prompt tokens, arrival]
+        # prompt tokens, arrival, predicted first token]
         self._awaiting: dict[str, list] = {}
         # admitted, not ended: rid -> [prefill instance, decode instance, prompt tokens, first token at]
         self._routes: dict[str, list] = {}
@@ -439,8 +451,13 @@ class AdmissionController:
     def observe_ttft(self, decision: Decision, ttft_s: float) -> None:
         """Learns from an admitted request's measured TTFT (seconds from arrival)."""
         pred, pool = decision.model_ttft_s, decision.pool
-        if pool in self.corrections and pred is not None:
-            self.corrections[pool].observe(pred, ttft_s - decision.waited_s - decision.inflight_s)
+        if pool not in self.corrections or pred is None:
+            return
+        measured = ttft_s - decision.waited_s - decision.inflight_s
+        if decision.host_busy_s > 0 and decision.corrected_s is not None:
+            self.contention[pool].observe(decision.corrected_s, decision.host_busy_s, measured)
+        else:
+            self.corrections[pool].observe(pred, measured)
 
     def model_of(self, l: InstanceLoad) -> PoolModel:
         """The model instance `l` published, else its pool's default."""
@@ -508,6 +525,7 @@ class AdmissionController:
         for rid in [r for r, a in self._awaiting.items() if now > a[1] + cfg.max_queue_wait_s]:
             del self._awaiting[rid]          # long overdue: its first token must have been missed
         short = self.prefill is None or req.prompt_tokens < cfg.short_prompt_tokens
+        self._hosts = {l.instance_id: l.host for l in snapshot.loads.values()}
         decodes = [self._effective(l) for l in snapshot.fresh(now, cfg.max_staleness_s, "decode")]
         prefills = [] if short else [self._effective(l) for l in
                                      snapshot.fresh(now, cfg.max_staleness_s, "prefill")]
@@ -540,9 +558,11 @@ class AdmissionController:
             return Decision(Outcome.REJECT, "ttft_unattainable", predicted_ttft_s=waited + alone,
                             detail=f"prefilling {req.prompt_tokens} tokens alone takes ~{alone:.2f}s; "
                                    f"TTFT SLO {ttft_slo:.2f}s", **slos)
-        model_s, best = min(cands, key=lambda c: (c[0], c[1].instance_id))
+        contention = self.contention[role]
+        scored = [(contention(corr(model_s), self._host_busy_s(l, now)), model_s, l) for model_s, l in cands]
+        timed, model_s, best = min(scored, key=lambda c: (c[0], c[2].instance_id))
         inflight = self._inflight_s(best)
-        pred = corr(model_s) + inflight
+        pred = timed + inflight
         if waited + pred > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
                             retry_after_s=self._retry(waited + pred - ttft_slo),
@@ -567,7 +587,8 @@ class AdmissionController:
             return Decision(Outcome.QUEUE, why, predicted_ttft_s=waited + pred,
                             latest_start_s=req.arrival_s + ttft_slo - pred,
                             detail=f"no decode instance has room now ({why})", **slos)
-        learn = dict(model_ttft_s=model_s, inflight_s=inflight, pool=role, **slos)
+        learn = dict(model_ttft_s=model_s, inflight_s=inflight, pool=role, corrected_s=corr(model_s),
+                     host_busy_s=self._host_busy_s(best, now), **slos)
         if short:
             return Decision(Outcome.ADMIT, "fits", None, best.instance_id, waited + pred,
                             kv_blocks=self._need(req, best), **learn)
@@ -714,7 +735,8 @@ class AdmissionController:
                                           left, d.kv_blocks, req.request_id))
             self._awaiting[req.request_id] = [d.prefill_instance or d.decode_instance,
                                               req.arrival_s + (d.ttft_slo_s or math.inf),
-                                              left, req.prompt_tokens, req.arrival_s]
+                                              left, req.prompt_tokens, req.arrival_s,
+                                              req.arrival_s + (d.predicted_ttft_s or 0.0)]
 
     @staticmethod
     def _inflight_s(l: InstanceLoad) -> float:
@@ -733,6 +755,15 @@ class AdmissionController:
         if not (pool.budgeted and l.busy):
             return 1.0
         return l.slowdown(pool.budget_s * known, self.config.max_slowdown)
+
+    def _host_busy_s(self, l: InstanceLoad, now: float) -> float:
+        """Seconds from now another instance on `l`'s host is predicted to keep prefilling the
+        prompts this router admitted there (their predicted first tokens); 0 when none, or `l`'s
+        host is unknown."""
+        if not l.host:
+            return 0.0
+        return max((a[5] - now for a in self._awaiting.values()
+                    if a[0] != l.instance_id and self._hosts.get(a[0]) == l.host), default=0.0)
 
     def _earliest_due(self, l: InstanceLoad, now: float) -> float:
         """The earliest first-token deadline still ahead among the admitted requests that prefill
@@ -823,8 +854,14 @@ def heartbeat_loads(instances: Iterable[Instance], now: float, pool: str = "defa
             inst.instance_id, inst.role, pool, now - inst.load_age_s, active_requests=r.active_requests,
             queued_prefill_tokens=r.queued_prefill_tokens, running_decodes=r.running_decodes,
             kv_free_blocks=r.kv_free_blocks, kv_used_blocks=r.kv_used_blocks, kv_block_size=r.kv_block_size,
-            kvp_tokens=r.kvp_tokens, iteration_s=r.iteration_s)
+            kvp_tokens=r.kvp_tokens, iteration_s=r.iteration_s, host=address_host(inst.address))
     return LoadSnapshot(loads, now)
+
+
+def address_host(address: str) -> str:
+    """'10.0.0.7:50061' -> '10.0.0.7', '[::1]:50061' -> '::1'; '' when there is none."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host.strip("[]")
 
 
 class PrometheusSource:

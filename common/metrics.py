@@ -33,6 +33,7 @@ model's name (the router's Frontend.name; a pool's --model-name or its checkpoin
 | mnemosyne_router_prefix_routed_total           | counter   | target                    | router: requests by cache-aware route: decode (a decode instance holds the prefix, the rest prefilled there), prefill (the prefill instance with the longest match), miss (no cached prefix used) |
 | mnemosyne_admission_ttft_correction_ratio      | gauge     | member_role               | router: a pool's online TTFT correction, its ratio ... |
 | mnemosyne_admission_ttft_overhead_seconds      | gauge     | member_role               | ... and its fixed overhead (corrected = overhead + ratio x predicted) |
+| mnemosyne_admission_host_contention_factor     | gauge     | member_role               | router: how much slower a pool's instance runs while a neighbour on its host computes (1 = no effect seen) |
 | mnemosyne_active_requests*                     | gauge     |                           | every service: requests in flight here |
 | mnemosyne_rpc_errors_total                     | counter   | method, code              | every gRPC server (MetricsInterceptor) |
 | mnemosyne_tokens_total*                        | counter   | kind (prompt, generated)  | prefill/decode engines, tokens computed |
@@ -164,6 +165,10 @@ SPECS: tuple[Spec, ...] = (
          ("member_role",), (), ("router",)),
     Spec("mnemosyne_admission_ttft_overhead_seconds", "gauge",
          "Admission's online correction of a pool's predicted TTFTs: the fixed overhead per request.",
+         ("member_role",), (), ("router",)),
+    Spec("mnemosyne_admission_host_contention_factor", "gauge",
+         "Admission's online estimate of how much slower a pool's instance runs while another instance "
+         "on its host is prefilling (fitted on measured TTFTs; 1 = no effect seen).",
          ("member_role",), (), ("router",)),
     Spec("mnemosyne_active_requests", "gauge", "Requests in flight in this process.", per_model=True),
     Spec("mnemosyne_process_peak_rss_bytes", "gauge",
@@ -479,6 +484,9 @@ class Metrics:
     def set_ttft_correction(self, member_role: str, ratio: float, overhead_s: float) -> None:
         self._child("mnemosyne_admission_ttft_correction_ratio", member_role=member_role).set(ratio)
         self._child("mnemosyne_admission_ttft_overhead_seconds", member_role=member_role).set(overhead_s)
+
+    def set_host_contention(self, member_role: str, factor: float) -> None:
+        self._child("mnemosyne_admission_host_contention_factor", member_role=member_role).set(factor)
 
     def set_admission_queue(self, length: int) -> None:
         self._child("mnemosyne_admission_queued_requests").set(length)

@@ -62,3 +62,56 @@ class TTFTCorrection:
     def _error(self, fit: tuple[float, float]) -> float:
         a, b = fit
         return statistics.fmean(((a + b * m - y) / y) ** 2 for m, y in self.samples)
+
+
+class HostContention:
+    """How much slower an instance runs while another instance on the same host is computing.
+
+    Admission predicts each instance from its own performance model; two instances that share a
+    host's cores (make up's prefill and decode pools on one machine) slow each other down, which no
+    per-instance model sees: a short prompt prefilled on an idle decode instance while the prefill
+    instance beside it works through a long prompt takes ~1.7x its prediction on 2 cores.
+
+    Model: for the `busy_s` seconds the neighbour is predicted to keep computing, this instance runs
+    `factor` times slower; after that at its own speed. A request predicted to take `alone_s`
+    (already corrected by the pool's TTFTCorrection) then takes
+        alone_s * factor                        if that ends within busy_s
+        busy_s + (alone_s - busy_s / factor)    else (the rest runs alone)
+    `factor` is fitted online on measured TTFTs of requests admitted while a neighbour was busy
+    (observe; the last `window`), minimizing the mean squared relative error over a grid in
+    [1, max_factor]; 1 (no effect) before any such request.
+    """
+
+    GRID_STEP = 0.01
+
+    def __init__(self, window: int = 64, max_factor: float = 4.0) -> None:
+        if window < 1 or max_factor < 1:
+            raise ConfigError(f"host contention: need window >= 1 (got {window}), max_factor >= 1 "
+                              f"(got {max_factor})")
+        self.samples: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self.max_factor = max_factor
+        self.factor = 1.0
+
+    @staticmethod
+    def stretch(alone_s: float, busy_s: float, factor: float) -> float:
+        if busy_s <= 0 or factor <= 1:
+            return alone_s
+        if alone_s * factor <= busy_s:
+            return alone_s * factor
+        return busy_s + alone_s - busy_s / factor
+
+    def __call__(self, alone_s: float, busy_s: float) -> float:
+        return self.stretch(alone_s, busy_s, self.factor)
+
+    def observe(self, alone_s: float, busy_s: float, measured_s: float) -> None:
+        if not (alone_s > 0 and busy_s > 0 and measured_s > 0):
+            return
+        self.samples.append((alone_s, busy_s, measured_s))
+        grid = np.arange(1.0, self.max_factor + self.GRID_STEP / 2, self.GRID_STEP)
+        a = np.asarray([s[0] for s in self.samples])[None, :]
+        b = np.asarray([s[1] for s in self.samples])[None, :]
+        y = np.asarray([s[2] for s in self.samples])[None, :]
+        f = grid[:, None]
+        pred = np.where(a * f <= b, a * f, b + a - b / f)
+        err = (((pred - y) / y) ** 2).mean(axis=1)
+        self.factor = float(grid[int(np.argmin(err))])

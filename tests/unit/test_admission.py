@@ -8,6 +8,7 @@ are exact: prefilling l tokens alone takes l ms under any chunking.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -333,7 +334,7 @@ def test_heartbeat_loads_age_on_the_store_clock_and_skip_instances_without_one()
     d1 = snap.loads["d1"]
     assert d1 == InstanceLoad("d1", "decode", "p", NOW - 0.5, active_requests=2, queued_prefill_tokens=700,
                               running_decodes=3, kv_free_blocks=(89, 69), kv_used_blocks=(11, 31),
-                              kv_block_size=16, kvp_tokens=1024, iteration_s=0.02)
+                              kv_block_size=16, kvp_tokens=1024, iteration_s=0.02, host="h")
     assert d1.kv_capacity == (100, 100) and d1.busy
     assert [l.instance_id for l in snap.fresh(NOW, 5.0)] == ["d1"]     # p1's 9 s old load is stale
     assert snap.loads["p1"].iteration_s is None
@@ -492,6 +493,58 @@ def test_ttft_correction_fits_and_clips():
     assert c.ratio <= 10.0 and c.overhead_s <= 1.0
     c.observe(0.0, 1.0)                                                # ignored
     assert len(c.samples) == 8
+
+
+def test_host_contention_stretches_only_the_busy_window_and_fits_its_factor():
+    from common.perf_model.ttft_correction import HostContention
+    c = HostContention(window=16, max_factor=4.0)
+    assert c(2.0, 5.0) == 2.0                                         # no effect before any measurement
+    assert HostContention.stretch(1.0, 5.0, 2.0) == 2.0               # all of it within the busy window
+    assert HostContention.stretch(2.0, 1.0, 2.0) == pytest.approx(2.5)  # 1 s at half speed, 1.5 s alone
+    assert HostContention.stretch(2.0, 0.0, 2.0) == 2.0               # no neighbour busy
+    for alone, busy in ((1.0, 10.0), (2.0, 3.0), (0.5, 0.4), (3.0, 1.0)):
+        c.observe(alone, busy, HostContention.stretch(alone, busy, 1.7))
+    assert c.factor == pytest.approx(1.7, abs=0.011)
+    c.observe(1.0, 0.0, 5.0)                                          # no busy window: not a sample
+    c.observe(1.0, 10.0, 100.0)                                       # absurd: the factor is clipped
+    assert len(c.samples) == 5 and 1.0 <= c.factor <= 4.0
+
+
+def test_a_neighbour_prefilling_on_the_same_host_slows_the_prediction_once_it_has_been_measured():
+    """make up's layout: the prefill and the decode instance on one host. A long prompt admitted to
+    the prefill instance keeps it busy for its predicted TTFT; a short prompt admitted to the decode
+    instance meanwhile is measured 2x slower than its model. That sample trains the decode pool's
+    contention factor, not its correction; the next short prompt in such a window is predicted 2x,
+    one after the window as before, and a decode instance on another host is not affected."""
+    ctl = controller()
+    hosts = dict(p1="10.0.0.1", d1="10.0.0.1", d2="10.0.0.2")
+
+    def loads(at, *ids):
+        mk = {"p1": lambda: prefill("p1", at=at), "d1": lambda: decode("d1", at=at),
+              "d2": lambda: decode("d2", at=at)}
+        return LoadSnapshot({i: replace(mk[i](), host=hosts[i]) for i in ids}, at)
+    long = ctl.decide(request("long", prompt=4000, arrival=NOW, ttft_slo_s=60.0), loads(NOW, "p1", "d1"), NOW)
+    assert long.prefill_instance == "p1" and long.predicted_ttft_s == pytest.approx(4.0)   # busy until NOW + 4
+    t = NOW + 0.5
+    first = ctl.decide(request("s1", prompt=200, arrival=t, ttft_slo_s=60.0), loads(t, "p1", "d1"), t)
+    assert first.decode_instance == "d1" and first.host_busy_s == pytest.approx(3.5)
+    assert first.predicted_ttft_s == pytest.approx(0.2)                 # factor 1: nothing measured yet
+    ctl.observe_ttft(first, 0.4)                                        # measured 2x its model
+    assert ctl.contention["decode"].factor == pytest.approx(2.0, abs=0.011)
+    assert (ctl.correction("decode").ratio, ctl.correction("decode").overhead_s) == (1.0, 0.0)
+    ctl.ended("s1", t + 0.4)
+    t = NOW + 1.0
+    during = ctl.decide(request("s2", prompt=200, arrival=t, ttft_slo_s=60.0), loads(t, "p1", "d1"), t)
+    assert during.predicted_ttft_s == pytest.approx(0.4, rel=0.02)
+    elsewhere = ctl.decide(request("s3", prompt=200, arrival=t, ttft_slo_s=60.0), loads(t, "p1", "d2"), t)
+    assert elsewhere.host_busy_s == 0.0 and elsewhere.predicted_ttft_s == pytest.approx(0.2)
+    for rid in ("s2", "s3"):
+        ctl.ended(rid, t + 0.4)
+    ctl.first_token("long", NOW + 4.0)                                  # the neighbour is done
+    t = NOW + 4.5
+    after = ctl.decide(request("s4", prompt=200, arrival=t, ttft_slo_s=60.0), loads(t, "p1", "d1"), t)
+    assert after.host_busy_s == 0.0 and after.predicted_ttft_s == pytest.approx(0.2)
+    assert adm.address_host("10.0.0.7:50061") == "10.0.0.7" and adm.address_host("[::1]:5") == "::1"
 
 
 def test_default_deadlines_scale_with_the_work_so_an_idle_deployment_admits_every_prompt_that_fits():
