@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -124,7 +125,11 @@ class Membership:
     heartbeat at once and every interval with `free_blocks()` and `load()` (the load the router's
     admission judges the instance by: keep it cheap, it runs every `interval_s`) and `prefix`'s report
     of its prefix cache (common/prefix_report.py; None = no reports), register again after a NOT_FOUND
-    (the registration expired, e.g. the kvstore restarted), deregister at stop.
+    (the registration expired, e.g. the kvstore restarted), deregister at stop. `beat_now()` sends a heartbeat now and returns once the kvstore has it (an
+    instance awaits it when a request ends, before the stream's end reaches the router: the router
+    sees the freed load, and the kvstore's prefix index the newly cached blocks, before the client
+    has its answer, so a follow-up turn sent right away finds its prefix). Heartbeats never overlap
+    (one lock); a beat_now whose request ended before a heartbeat already under way began shares it.
 
     The interval is `max_interval_s` (the pool's heartbeat_interval_s, the admission's cadence) or
     the kvstore's asked interval (a third of the registration TTL) when that is shorter."""
@@ -143,6 +148,24 @@ class Membership:
         self.max_interval_s = max_interval_s
         self.interval_s = max_interval_s
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._began = -math.inf                   # when the last heartbeat began (monotonic)
+
+    async def beat_now(self, timeout_s: float = 1.0) -> None:
+        """A heartbeat that began after this call, done (or `timeout_s` passed: it is logged, and the
+        next regular one carries the same); a no-op before start and after stop."""
+        if self._task is None:
+            return
+        asked = time.monotonic()
+        try:
+            await asyncio.wait_for(self._send_after(asked), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("heartbeat at a request's end: no answer from the kvstore within %.1fs", timeout_s)
+
+    async def _send_after(self, asked: float) -> None:
+        async with self._lock:
+            if self._began < asked:
+                await self._send(self.info().instance_id)
 
     async def start(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -164,9 +187,11 @@ class Membership:
         inst_id = self.info().instance_id
         while True:
             await asyncio.sleep(self.interval_s)
-            await self._send(inst_id)
+            async with self._lock:
+                await self._send(inst_id)
 
     async def _send(self, inst_id: str) -> None:
+        self._began = time.monotonic()
         report = self.prefix.report() if self.prefix is not None else None
         try:
             resync = await self.kvstore.heartbeat(inst_id, self.free_blocks(), self.load(), report)

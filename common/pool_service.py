@@ -128,6 +128,7 @@ class PoolService:
         self.membership = Membership(kvstore, self.info, self.free_blocks, self.load, config.heartbeat_interval_s,
                                      prefix=PrefixReporter(lambda: cached_blocks(self.instance.engine.engine),
                                                            version=lambda: cache_version(self.instance.engine.engine)))
+        instance.on_request_end = self.membership.beat_now  # freed load and cached blocks: reported at once
         self._supervisor: asyncio.Task[None] | None = None
         self._joined = False                          # registered with the kvstore
         self._scheduling: tuple[Any, SchedulingInfo] | None = None

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from common.client import KVStoreClient
 from common.engine.async_engine import AsyncEngine, EngineStats
@@ -83,6 +83,8 @@ class DecodeInstance:
         self._undo: set[asyncio.Future] = set()      # aborts undoing reservations whose caller left
         self._renewer: asyncio.Task[None] | None = None
         self.active = 0                               # decode() streams open
+        # PoolService: a heartbeat (load, prefix index) before a finished request's stream ends
+        self.on_request_end: Callable[[], Awaitable[None]] | None = None
 
     @property
     def busy(self) -> bool:
@@ -194,6 +196,8 @@ class DecodeInstance:
             self.active -= 1
             end_span(span, error, **{"mnemosyne.completion_tokens": tokens,
                                      "mnemosyne.finish_reason": getattr(reason, "value", reason)})
+        if self.on_request_end is not None:         # finished normally: its cached blocks, reported
+            await self.on_request_end()
 
     def _received(self, rid: str, ok: bool) -> None:
         """A prefilled request's KV intake ended (its first output came, or it failed)."""

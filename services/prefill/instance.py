@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from common.engine.async_engine import AsyncEngine
 from common.kv_connector.types import KVSink
@@ -77,6 +77,8 @@ class PrefillInstance:
         self.tp = tp
         self.running: set[str] = set()
         self.active = 0                               # prefill() streams open
+        # PoolService: a heartbeat (load, prefix index) before a finished request's stream ends
+        self.on_request_end: Callable[[], Awaitable[None]] | None = None
 
     @property
     def busy(self) -> bool:
@@ -106,6 +108,8 @@ class PrefillInstance:
         finally:
             self.active -= 1
             end_span(span, error)
+        if self.on_request_end is not None:         # done: its prompt's cached blocks, reported
+            await self.on_request_end()
 
     async def check_destination(self, job: PrefillJob) -> None:
         """KV goes only to the decode instance the kvstore placed the request on: every receiver's host

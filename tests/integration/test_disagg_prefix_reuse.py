@@ -161,3 +161,23 @@ def test_through_the_router_a_second_turn_sends_only_what_the_decode_cache_lacks
     for p, out in ((prompt, first), (second, again)):
         assert list(out.token_ids) == ref.generate([p], SamplingParams(max_tokens=MAX_TOKENS,
                                                                        ignore_eos=True))[0].token_ids
+
+
+def test_a_follow_up_sent_right_after_the_answer_is_prefilled_where_its_prefix_is_cached(rpc, model):
+    """The decode instance reports its newly cached blocks to the kvstore's index before its stream
+    ends (a heartbeat at the request's end), so a second turn sent the moment the first one's answer
+    is complete already finds them: its uncached rest (16 + 9 tokens) is short, and the router sends
+    it decode-only to the instance holding the first turn (not to the prefill pool)."""
+    prompt = [(3 * i + 1) % 280 + 13 for i in range(150)]
+    with RouterClient(rpc.router, timeout_s=120) as client:
+        first = client.complete(token_ids=prompt, max_tokens=MAX_TOKENS, ignore_eos=True)
+        second = prompt + list(first.token_ids) + QUESTION
+        again = client.complete(token_ids=second, max_tokens=MAX_TOKENS, ignore_eos=True)
+    cached = (len(prompt) + MAX_TOKENS - 1) // BLOCK * BLOCK
+    assert (first.route, again.route) == ("disaggregated", "decode_only")
+    assert again.cached_prompt_tokens == cached
+    ref = LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=BLOCK, num_blocks=64,
+                                                                     prefix_caching=False),
+                                 scheduler=SchedulerConfig(chunk_size=64)))
+    assert list(again.token_ids) == ref.generate([second], SamplingParams(max_tokens=MAX_TOKENS,
+                                                                          ignore_eos=True))[0].token_ids

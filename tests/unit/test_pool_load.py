@@ -87,3 +87,34 @@ def test_membership_registers_again_when_its_registration_expired():
         assert kv.beats and kv.beats[0] == ("p0", (), None)
 
     asyncio.run(run())
+
+
+def test_a_heartbeat_at_a_request_end_goes_at_once_and_shares_one_under_way():
+    """beat_now: a heartbeat now (not at the end of a 10 s interval), returned once sent; requests
+    that end before a heartbeat begins share it, one that ends while it is under way gets the next;
+    no heartbeat before start or after stop."""
+    class Slow(FakeKVStore):
+        async def heartbeat(self, instance_id, free, load=None, prefix=None):
+            await asyncio.sleep(0.05)                    # one round trip to the kvstore
+            return await super().heartbeat(instance_id, free, load, prefix)
+
+    async def run():
+        kv = Slow()
+        m = Membership(kv, lambda: Instance("p0", "prefill", "h:1"), max_interval_s=10.0)
+        await m.beat_now()
+        assert kv.beats == []                            # not started: nothing to send
+        await m.start()
+        assert len(kv.beats) == 1
+        await m.beat_now()
+        assert len(kv.beats) == 2                        # sent, and done when it returns
+        await asyncio.gather(m.beat_now(), m.beat_now(), m.beat_now())
+        assert len(kv.beats) == 3                        # three ends before it began: one heartbeat
+        first = asyncio.create_task(m.beat_now())
+        await asyncio.sleep(0.02)                        # under way: an end now needs one more
+        await asyncio.gather(first, m.beat_now())
+        assert len(kv.beats) == 5
+        await m.stop()
+        await m.beat_now()
+        assert len(kv.beats) == 5
+
+    asyncio.run(run())
