@@ -312,6 +312,7 @@ class Decision:
     pool: str = ""                        # ADMIT: the pool whose correction applies (prefill | decode)
     corrected_s: float | None = None      # ADMIT: the corrected model time, before host contention
     host_busy_s: float = 0.0              # ADMIT: seconds a neighbour on its host was predicted busy
+    parts: Mapping[str, float] = field(default_factory=dict)   # ADMIT: the prediction's terms (the log)
 
     def error(self, request_id: str) -> CapacityError | InvalidRequestError:
         """The error to end a rejected request with: AdmissionRejected (RESOURCE_EXHAUSTED), or
@@ -587,8 +588,10 @@ class AdmissionController:
             return Decision(Outcome.QUEUE, why, predicted_ttft_s=waited + pred,
                             latest_start_s=req.arrival_s + ttft_slo - pred,
                             detail=f"no decode instance has room now ({why})", **slos)
+        parts: dict = {}
+        self._predict(self.model_of(best), best, req, now, deadline, parts)
         learn = dict(model_ttft_s=model_s, inflight_s=inflight, pool=role, corrected_s=corr(model_s),
-                     host_busy_s=self._host_busy_s(best, now), **slos)
+                     host_busy_s=self._host_busy_s(best, now), parts=parts, **slos)
         if short:
             return Decision(Outcome.ADMIT, "fits", None, best.instance_id, waited + pred,
                             kv_blocks=self._need(req, best), **learn)
@@ -597,14 +600,21 @@ class AdmissionController:
                         kv_blocks=self._need(req, dec), **learn)
 
     def _predict(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float,
-                 deadline: float) -> float:
-        """Predicted seconds from now to the first token on instance `l` (before the correction)."""
+                 deadline: float, parts: dict | None = None) -> float:
+        """Predicted seconds from now to the first token on instance `l` (before the correction);
+        `parts` (optional) receives its terms."""
         ahead = self._lars_order(pool, l, req, now, deadline)[0] if pool.ordered else l.queued_prefill_tokens
-        t = pool.table.time(ahead) + pool.prefill_alone_s(req.tokens_left(l.instance_id))
+        own = pool.prefill_alone_s(req.tokens_left(l.instance_id))
+        t = pool.table.time(ahead) + own
+        share = 0.0
         if l.role == "decode" and l.running_decodes:
-            share = self._decode_step_s(pool, l, extra=None) / pool.budget_s
-            t /= 1.0 - min(share, self.config.max_decode_share)
-        return t * self._slowdown(pool, l, self.correction(l.role).ratio)
+            share = min(self._decode_step_s(pool, l, extra=None) / pool.budget_s, self.config.max_decode_share)
+            t /= 1.0 - share
+        slow = self._slowdown(pool, l, self.correction(l.role).ratio)
+        if parts is not None:
+            parts.update(ahead_tokens=ahead, ahead_s=pool.table.time(ahead), own_s=own, decode_share=share,
+                         running_decodes=l.running_decodes, slowdown=slow)
+        return t * slow
 
     def _lars_order(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float,
                     deadline: float) -> tuple[int, list[tuple[float, int]]]:

@@ -14,7 +14,7 @@ unique to this attempt), api_key (the id of the key
 that sent it, "anonymous" on an open router), route (decode_only | disaggregated | none: never
 routed), prompt_tokens, max_tokens, admission (admitted | rejected | unobserved: no instance to judge
 | off: admission disabled | waiting: the client left before the decision | refused: invalid or
-unauthenticated, never reached admission: `refused()`), admission_reason, queued_s (arrival to the decision), predicted_ttft_s, ttft_s, tbt_mean_s, completion_tokens, e2e_s, outcome (stop |
+unauthenticated, never reached admission: `refused()`), admission_reason, queued_s (arrival to the decision), predicted_ttft_s, admission_detail (the prediction's terms: queued tokens ahead and their seconds, own prefill seconds, decode share, slowdown, model and corrected seconds, host_busy_s, inflight_s, the instance), ttft_s, tbt_mean_s, completion_tokens, e2e_s, outcome (stop |
 length | abort | error), error_type and error_status (the gRPC status the client got). Never the
 prompt's or the completion's text.
 """
@@ -36,6 +36,7 @@ class RequestLine:
     admission_reason: str = ""
     queued_s: float | None = None
     predicted_ttft_s: float | None = None
+    admission_detail: str = ""               # the prediction's terms (ADMIT): ahead, own, decode share...
     ttft_s: float | None = None
     tbt_mean_s: float | None = None
     completion_tokens: int = 0
@@ -55,6 +56,12 @@ class RequestLine:
         self.admission, self.admission_reason = "admitted", decision.reason
         if decision.predicted_ttft_s is not None:
             self.predicted_ttft_s = round(decision.predicted_ttft_s, 6)
+        if decision.model_ttft_s is not None:
+            terms = dict(decision.parts, model_s=decision.model_ttft_s, corrected_s=decision.corrected_s,
+                         host_busy_s=decision.host_busy_s, inflight_s=decision.inflight_s,
+                         instance=decision.prefill_instance or decision.decode_instance)
+            self.admission_detail = " ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}"
+                                             for k, v in terms.items())
 
     def rejected(self, error: BaseException, queued_s: float) -> None:
         """The gate raised: the decision's reason (AdmissionRejected), else the error's type (the

@@ -19,7 +19,16 @@ def test_an_admitted_request_that_finished():
                  "route": "disaggregated", "admission": "admitted", "admission_reason": "ok",
                  "queued_s": 0.012346, "predicted_ttft_s": 0.5, "ttft_s": 0.61, "tbt_mean_s": 0.03,
                  "completion_tokens": 3, "e2e_s": 0.7, "outcome": "stop", "error_type": "", "error_status": "",
-                 "api_key": "", "instance_request_id": ""}
+                 "api_key": "", "instance_request_id": "", "admission_detail": ""}
+
+
+def test_an_admitted_requests_line_says_what_its_prediction_was_made_of():
+    line = RequestLine("r3", 120, 8)
+    line.admitted(Decision(Outcome.ADMIT, "fits", None, "d-1", predicted_ttft_s=0.9, model_ttft_s=0.5,
+                           corrected_s=0.6, host_busy_s=2.0, inflight_s=0.05, pool="decode",
+                           parts={"ahead_tokens": 64, "own_s": 0.5, "decode_share": 0.0}), 0.0)
+    assert line.fields()["admission_detail"] == ("ahead_tokens=64 own_s=0.5 decode_share=0.0 model_s=0.5 "
+                                                 "corrected_s=0.6 host_busy_s=2.0 inflight_s=0.05 instance=d-1")
 
 
 def test_a_request_rejected_by_admission_says_why(caplog):
