@@ -37,7 +37,8 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
   decode share (decode instances only, short prompts prefilled there): the predicted time of the
              running decodes' step over the budget, capped at max_decode_share: what is left for chunks.
   correction[pool] (pool = prefill | decode): overhead + ratio * model, fitted on the measured vs
-             predicted TTFTs of the pool's recent admitted requests (observe_ttft;
+             predicted TTFTs of the pool's recent admitted requests, those admitted to an idle
+             instance once there are three (observe_ttft;
              common.perf_model.ttft_correction: what the model does not see, RPC hops, KV transfer
              set-up, a slower host; the identity before any measurement).
 Deadlines (slo_for): a request's own TTFT SLO is taken as given; the default is
@@ -458,7 +459,10 @@ class AdmissionController:
         if decision.host_busy_s > 0 and decision.corrected_s is not None:
             self.contention[pool].observe(decision.corrected_s, decision.host_busy_s, measured)
         else:
-            self.corrections[pool].observe(pred, measured)
+            parts = decision.parts
+            idle = (not parts.get("ahead_tokens") and not parts.get("running_decodes")
+                    and parts.get("slowdown", 1.0) == 1.0 and not decision.inflight_s)
+            self.corrections[pool].observe(pred, measured, clean=idle)
 
     def model_of(self, l: InstanceLoad) -> PoolModel:
         """The model instance `l` published, else its pool's default."""
@@ -772,8 +776,8 @@ class AdmissionController:
         host is unknown."""
         if not l.host:
             return 0.0
-        return max((a[5] - now for a in self._awaiting.values()
-                    if a[0] != l.instance_id and self._hosts.get(a[0]) == l.host), default=0.0)
+        return max([0.0] + [a[5] - now for a in self._awaiting.values()      # 0 once overdue
+                            if a[0] != l.instance_id and self._hosts.get(a[0]) == l.host])
 
     def _earliest_due(self, l: InstanceLoad, now: float) -> float:
         """The earliest first-token deadline still ahead among the admitted requests that prefill

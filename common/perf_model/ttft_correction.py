@@ -5,9 +5,14 @@ not see: RPC hops, the engine thread's wake-ups, KV transfer set-up, other proce
 Those are partly fixed per request (an overhead) and partly proportional (a slower machine), so
 the correction is affine:  corrected = overhead + ratio * predicted.
 
-`observe(predicted, measured)` keeps the last `window` pairs; after each, three fits are tried on
-them and the one with the smallest mean squared relative error wins (relative: what admission is
-judged on):
+`observe(predicted, measured, clean)` keeps the last `window` pairs; after each, three fits are tried
+on them and the one with the smallest mean squared relative error wins (relative: what admission is
+judged on). The fits use the clean pairs alone when the window holds at least MIN_CLEAN of them: a
+clean pair is a request predicted on an idle instance (nothing queued ahead, no decodes running, no
+neighbour busy), so the pair measures the model's error and nothing else; a request admitted beside
+others is also delayed by what arrives after it, which no prediction at its admission can know, and
+fitting those pairs would skew every idle prediction (seen on make up's pools: a 0.2 s overhead
+learned from interference, on prompts that take 0.2-0.9 s alone):
   ratio      overhead 0,  ratio = geometric mean of measured / predicted
   overhead   ratio 1,     overhead = median of measured - predicted
   affine     both, non-negative least squares on relative errors (needs >= 3 pairs whose
@@ -35,6 +40,7 @@ class TTFTCorrection:
                               f"({min_ratio}) <= 1 <= max_ratio ({max_ratio}), max_overhead_s >= 0 "
                               f"({max_overhead_s})")
         self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+        self.clean: deque[bool] = deque(maxlen=window)
         self.min_ratio, self.max_ratio, self.max_overhead_s = min_ratio, max_ratio, max_overhead_s
         self.overhead_s = 0.0
         self.ratio = 1.0
@@ -42,26 +48,33 @@ class TTFTCorrection:
     def __call__(self, predicted_s: float) -> float:
         return self.overhead_s + self.ratio * predicted_s
 
-    def observe(self, predicted_s: float, measured_s: float) -> None:
+    MIN_CLEAN = 3
+
+    def observe(self, predicted_s: float, measured_s: float, clean: bool = True) -> None:
         if not predicted_s > 0 or not measured_s > 0:
             return
         self.samples.append((predicted_s, measured_s))
-        fits = [self._clip(0.0, math.exp(statistics.fmean(math.log(y / m) for m, y in self.samples))),
-                self._clip(statistics.median(y - m for m, y in self.samples), 1.0)]
-        preds = [m for m, _ in self.samples]
-        if len(self.samples) >= 3 and max(preds) >= 1.5 * min(preds):
-            rows = np.asarray([[1.0 / y, m / y] for m, y in self.samples])
-            a, b = nnls(rows, np.ones(len(self.samples)))
+        self.clean.append(clean)
+        pairs = [p for p, c in zip(self.samples, self.clean) if c]
+        if len(pairs) < self.MIN_CLEAN:
+            pairs = list(self.samples)
+        fits = [self._clip(0.0, math.exp(statistics.fmean(math.log(y / m) for m, y in pairs))),
+                self._clip(statistics.median(y - m for m, y in pairs), 1.0)]
+        preds = [m for m, _ in pairs]
+        if len(pairs) >= 3 and max(preds) >= 1.5 * min(preds):
+            rows = np.asarray([[1.0 / y, m / y] for m, y in pairs])
+            a, b = nnls(rows, np.ones(len(pairs)))
             fits.append(self._clip(a, b))
-        self.overhead_s, self.ratio = min(fits, key=self._error)
+        self.overhead_s, self.ratio = min(fits, key=lambda f: self._error(f, pairs))
 
     def _clip(self, overhead_s: float, ratio: float) -> tuple[float, float]:
         return (min(max(float(overhead_s), 0.0), self.max_overhead_s),
                 min(max(float(ratio), self.min_ratio), self.max_ratio))
 
-    def _error(self, fit: tuple[float, float]) -> float:
+    @staticmethod
+    def _error(fit: tuple[float, float], pairs: list[tuple[float, float]]) -> float:
         a, b = fit
-        return statistics.fmean(((a + b * m - y) / y) ** 2 for m, y in self.samples)
+        return statistics.fmean(((a + b * m - y) / y) ** 2 for m, y in pairs)
 
 
 class HostContention:

@@ -495,6 +495,35 @@ def test_ttft_correction_fits_and_clips():
     assert len(c.samples) == 8
 
 
+def test_the_correction_fits_requests_admitted_to_an_idle_instance_once_it_has_three():
+    """A request predicted on an idle instance measures the model's error; one admitted beside others
+    is also slowed by later arrivals. With three idle pairs in the window only they are fitted."""
+    from common.perf_model.ttft_correction import TTFTCorrection
+    c = TTFTCorrection(window=16)
+    c.observe(0.5, 1.5, clean=False)                                   # interference: 3x
+    c.observe(0.4, 1.2, clean=False)
+    assert c(0.5) == pytest.approx(1.5, rel=0.05)                      # no idle pair yet: all are fitted
+    for m in (0.3, 0.6, 0.9):
+        c.observe(m, 1.1 * m)                                          # idle: the model is 10% slow
+    assert (c.ratio, c.overhead_s) == (pytest.approx(1.1), 0.0)
+    assert c(0.5) == pytest.approx(0.55)
+
+
+def test_an_idle_instances_ttft_trains_the_correction_and_a_busy_ones_does_not():
+    ctl = controller()
+    busy = ctl.decide(request("b", prompt=100, ttft_slo_s=60.0), snap(decode("d1", running=2)), NOW)
+    assert busy.parts["running_decodes"] == 2
+    ctl.ended("b", NOW + 1)
+    for i in range(3):
+        t = NOW + 10 * (i + 1)
+        d = ctl.decide(request(f"i{i}", prompt=100 + 50 * i, arrival=t, ttft_slo_s=60.0), snap(decode("d1", at=t)), t)
+        assert d.parts["ahead_tokens"] == 0 and d.parts["running_decodes"] == 0
+        ctl.observe_ttft(d, 1.2 * d.model_ttft_s)
+        ctl.ended(f"i{i}", t + 1)
+    ctl.observe_ttft(busy, 10 * busy.model_ttft_s)                     # later arrivals slowed it: not fitted
+    assert ctl.correction("decode").ratio == pytest.approx(1.2)
+
+
 def test_host_contention_stretches_only_the_busy_window_and_fits_its_factor():
     from common.perf_model.ttft_correction import HostContention
     c = HostContention(window=16, max_factor=4.0)
