@@ -23,9 +23,10 @@ demo: setup
 	$(PY) -m common.cli demo
 
 # CI's suite (target: under 20 minutes on 2 cores): everything but the `slow` cases, each of which repeats a
-# faster case's coverage on another input (e.g. the untied grids of test_tied_grids.py).
+# faster case's coverage on another input (e.g. the untied grids of test_tied_grids.py). It ends with the 30
+# slowest tests and the failures only (not the GPU tests' skip reasons), so CI's log shows where the time goes.
 test: setup
-	$(PYTEST) -q -m "not slow" tests
+	$(PYTEST) -q -m "not slow" --durations=30 -rfE tests
 
 # Everything, the slow cases included.
 test-all: setup
