@@ -716,7 +716,8 @@ class AdmissionController:
             if p.prefill_id == l.instance_id or (p.prefill_id is None and p.decode_id == l.instance_id):
                 queued += p.prompt_tokens
             if p.decode_id == l.instance_id:
-                running += 1
+                if p.request_id not in self._awaiting:
+                    running += 1        # decoding: its first token came (before that it is a prompt)
                 for k, n in enumerate(p.kv_blocks[:len(free)]):
                     free[k] -= n
                     used[k] += n

@@ -524,6 +524,20 @@ def test_an_idle_instances_ttft_trains_the_correction_and_a_busy_ones_does_not()
     assert ctl.correction("decode").ratio == pytest.approx(1.2)
 
 
+def test_an_admitted_prompt_counts_as_a_running_decode_only_once_its_first_token_came():
+    """A short prompt admitted to a decode instance is prefilled there first: until its first token it
+    is queued work ahead of the next prompt, not also a decode taking a share of every iteration
+    (counted as both, a 48-token prompt behind a 192-token one was predicted 1.8 s and took 0.5 s)."""
+    ctl = controller()
+    ctl.decide(request("a", prompt=192, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    b = ctl.decide(request("b", prompt=48, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    assert b.parts["ahead_tokens"] == 192 and b.parts["running_decodes"] == 0 and b.parts["decode_share"] == 0
+    assert b.model_ttft_s == pytest.approx(0.24)
+    ctl.first_token("a", NOW + 0.2)
+    c = ctl.decide(request("c", prompt=48, ttft_slo_s=60.0), snap(decode("d1")), NOW + 0.2)
+    assert c.parts["running_decodes"] == 1 and c.parts["ahead_tokens"] == 48      # b's prompt, then c's
+
+
 def test_host_contention_stretches_only_the_busy_window_and_fits_its_factor():
     from common.perf_model.ttft_correction import HostContention
     c = HostContention(window=16, max_factor=4.0)
