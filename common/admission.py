@@ -403,7 +403,7 @@ class AdmissionController:
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
         # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left,
-        # prompt tokens, arrival, predicted first token]
+        # prompt tokens, arrival, predicted first token, predicted seconds of its own prefill]
         self._awaiting: dict[str, list] = {}
         # admitted, not ended: rid -> [prefill instance, decode instance, prompt tokens, first token at]
         self._routes: dict[str, list] = {}
@@ -529,6 +529,8 @@ class AdmissionController:
         self._ended = [e for e in self._ended if now - e.at <= cfg.max_staleness_s + cfg.visibility_lag_s]
         for rid in [r for r, a in self._awaiting.items() if now > a[1] + cfg.max_queue_wait_s]:
             del self._awaiting[rid]          # long overdue: its first token must have been missed
+        for a in self._awaiting.values():
+            a[2] = min(a[2], self._predicted_left(a, now))
         short = self.prefill is None or req.prompt_tokens < cfg.short_prompt_tokens
         self._hosts = {l.instance_id: l.host for l in snapshot.loads.values()}
         decodes = [self._effective(l) for l in snapshot.fresh(now, cfg.max_staleness_s, "decode")]
@@ -751,7 +753,10 @@ class AdmissionController:
             self._awaiting[req.request_id] = [d.prefill_instance or d.decode_instance,
                                               req.arrival_s + (d.ttft_slo_s or math.inf),
                                               left, req.prompt_tokens, req.arrival_s,
-                                              req.arrival_s + (d.predicted_ttft_s or 0.0)]
+                                              req.arrival_s + (d.predicted_ttft_s or 0.0),
+                                              # prefilled where it decodes: no progress reports
+                                              self.correction(d.pool)(d.parts["own_s"])
+                                              if d.prefill_instance is None and "own_s" in d.parts else 0.0]
 
     @staticmethod
     def _inflight_s(l: InstanceLoad) -> float:
@@ -770,6 +775,18 @@ class AdmissionController:
         if not (pool.budgeted and l.busy):
             return 1.0
         return l.slowdown(pool.budget_s * known, self.config.max_slowdown)
+
+    @staticmethod
+    def _predicted_left(a: list, now: float) -> int:
+        """Prompt tokens a prompt admitted to a decode instance has left by its prediction: all of
+        them until its own prefill was predicted to start (its first token less its own prefill
+        time), then in proportion to the time left. Such a prompt reports no progress (the prefill
+        pool's do, and keep their count: a[6] is 0): without this, one about to produce its first
+        token still counted whole ahead of a new prompt (predicted 1.45 s for one that took 0.92)."""
+        own = a[6]
+        if not own > 0:
+            return a[2]
+        return round(a[3] * min(max((a[5] - now) / own, 0.0), 1.0))
 
     def _host_busy_s(self, l: InstanceLoad, now: float) -> float:
         """Seconds from now another instance on `l`'s host is predicted to keep prefilling the

@@ -538,6 +538,20 @@ def test_an_admitted_prompt_counts_as_a_running_decode_only_once_its_first_token
     assert c.parts["running_decodes"] == 1 and c.parts["ahead_tokens"] == 48      # b's prompt, then c's
 
 
+def test_a_prompt_prefilled_on_a_decode_instance_counts_ahead_by_its_predicted_progress():
+    """Decode-only prompts report no progress: one admitted at NOW, predicted to take 0.4 s alone, is
+    taken as half done at NOW + 0.2 and done at NOW + 0.4, so a prompt arriving then is not predicted
+    behind all of it."""
+    ctl = controller(short_prompt_tokens=1000)           # all prefilled on the decode instance
+    assert ctl.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW).decode_instance == "d1"
+    b = ctl.decide(request("b", prompt=100, arrival=NOW + 0.2, ttft_slo_s=60.0), snap(decode("d1", at=NOW + 0.2)),
+                   NOW + 0.2)
+    assert b.parts["ahead_tokens"] == 200 and b.predicted_ttft_s == pytest.approx(0.3)
+    c = ctl.decide(request("c", prompt=100, arrival=NOW + 0.4, ttft_slo_s=60.0), snap(decode("d1", at=NOW + 0.4)),
+                   NOW + 0.4)
+    assert c.parts["ahead_tokens"] == 100          # a is done by its prediction; b (admitted at 0.2) is not
+
+
 def test_host_contention_stretches_only_the_busy_window_and_fits_its_factor():
     from common.perf_model.ttft_correction import HostContention
     c = HostContention(window=16, max_factor=4.0)
