@@ -1,5 +1,6 @@
 """The whole deployment end to end: real processes (scripts/up.py's Cluster: Redis, kvstore, prefill
-spp=2, decode kvp=2, router), real gRPC, real Redis, for each KV backend (NIXL and TCP).
+spp=2, decode kvp=2, router), real gRPC, real Redis, for each KV backend (NIXL and TCP; TCP is
+`slow`: the other integration modules all serve over it).
 
 Checked against the offline single-process engine: a long prompt spanning both KVP groups gives the
 same greedy tokens (and logprobs within float32 rounding); a short prompt takes the short path; 8
@@ -76,7 +77,9 @@ def offline(model):
     return run
 
 
-@pytest.fixture(scope="module", params=["nixl", "tcp"])
+# TCP in `make test-all` only: every other integration module serves over TCP (test_long_context's
+# spp 2 x kvp 4 prompt among them), so `make test` runs this module on NIXL, make up's default.
+@pytest.fixture(scope="module", params=["nixl", pytest.param("tcp", marks=pytest.mark.slow)])
 def cluster(request, model, tmp_path_factory):
     cfg = ClusterConfig(insecure=True,   # the test calls the kvstore, decode and Redis directly (plaintext)
                         model=model, kv_backend=request.param, router_port=0, kvp_tokens=M,
