@@ -628,13 +628,19 @@ class AdmissionController:
         and has not seen a first token of (their deadlines and the tokens they have left are known
         here): (queued prompt tokens ahead of it, [(deadline, prompt tokens up to and including that
         request's own) for each of them it would pass]). Queued tokens this router knows nothing
-        of (another router's, or a gauge that lags) are taken as ahead of everything."""
+        of (another router's, or a gauge that lags) are taken as ahead of everything. The work LARS
+        weighs against the deadlines is in measured seconds (the model's times x the pool's corrected
+        ratio), as the pool's own LARS weighs its online-corrected model's: the deadlines are set in
+        measured seconds, and with a model 17% fast a long prompt admitted with 1 s of slack looked 6 s
+        slack here, so a short prompt was predicted to pass it and admitted, while the pool kept the
+        long one first."""
+        ratio = self.correction(l.role).ratio
         mine = [(rid, a) for rid, a in self._awaiting.items() if a[0] == l.instance_id and a[2] > 0]
         unknown = max(l.queued_prefill_tokens - sum(a[2] for _, a in mine), 0)
         entries = [(ReqView(rid, a[4], a[3], ttft_deadline_s=None if math.isinf(a[1]) else a[1]),
-                    pool.table.time(a[2]), pool.table.time(a[3])) for rid, a in mine]
+                    ratio * pool.table.time(a[2]), ratio * pool.table.time(a[3])) for rid, a in mine]
         mine_left = req.tokens_left(l.instance_id)
-        own = pool.table.time(mine_left)
+        own = ratio * pool.table.time(mine_left)
         entries.append((ReqView(req.request_id, req.arrival_s, mine_left,
                                 ttft_deadline_s=None if math.isinf(deadline) else deadline), own, own))
         order = [view.request_id for view, _, _ in self._lars.arrange(entries, now)]
