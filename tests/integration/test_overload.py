@@ -21,8 +21,11 @@ from tests.fixtures.hf_models import write_random_hf_model
 
 pytestmark = pytest.mark.timeout(300)
 
-TTFT_SLO_S = 1.0
+TTFT_SLO_S = 0.6
 BURST = 96                 # more than the decode instance's KV holds at once: some are refused for KV
+PROMPT = 200               # the burst's 96 prompts of 200 tokens take ~1 s here, ~2x the SLO (with 120
+                           # tokens and a 1 s SLO, once admission stopped over-predicting, this machine
+                           # served all 96 within 0.64 s: no overload)
 ITERATION_BUDGET_S = 0.16
 DEADLINE_S = 30.0
 
@@ -69,12 +72,12 @@ def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluste
         # Warm up: the router's admission corrects the pools' own model by measured TTFTs (alone and
         # under a small burst), and sees the load once.
         for i in range(4):      # seeds the burst does not use: prompt(n, s) repeats with period 300
-            one(stub, prompt(120, 200 + i))     # in s, and a repeated prompt would hit the prefix cache
+            one(stub, prompt(PROMPT, 200 + i))     # in s, and a repeated prompt would hit the prefix cache
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: one(stub, prompt(120, 250 + i)), range(8)))
+            list(pool.map(lambda i: one(stub, prompt(PROMPT, 250 + i)), range(8)))
         time.sleep(1.0)
         with ThreadPoolExecutor(BURST) as pool:
-            results = list(pool.map(lambda i: one(stub, prompt(120, i)), range(BURST)))
+            results = list(pool.map(lambda i: one(stub, prompt(PROMPT, i)), range(BURST)))
     ok = [r for r in results if r["code"] == "OK"]
     rejected = [r for r in results if r["code"] != "OK"]
     codes = {r["code"] for r in rejected}
@@ -89,8 +92,9 @@ def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluste
     p90 = ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]
     # Admission predicts the work ahead, not which of the decode instance's iterations (each up to
     # its budget, 0.8 x the 0.2 s TBT SLO) a burst's prompt lands in. Its predictions of a burst's tail
-    # are still short by up to ~2x on this machine (issue 11's accuracy): measured p90 1.0-1.4 s over
-    # 8 runs, so three iterations of slack, not one; the mean stays within the SLO.
+    # are still short by up to ~2x on this machine (issue 11's accuracy): measured p90 0.78-0.89 s
+    # over 3 runs at the 0.6 s SLO (1.0-1.4 s at the earlier 1 s SLO), so three iterations of slack,
+    # not one; the mean stays within the SLO (0.50-0.54 s).
     assert p90 <= TTFT_SLO_S + 3 * ITERATION_BUDGET_S, ttfts
     assert sum(ttfts) / len(ttfts) <= TTFT_SLO_S, ttfts
     assert all(r["s"] < DEADLINE_S for r in results)
