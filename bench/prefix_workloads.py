@@ -48,12 +48,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.long_context import reference  # noqa: E402
-from bench.prefix_served import ask  # noqa: E402
+from bench.prefix_served import BLOCK, LOGPROB_TOL, QUESTION_TOKENS, RESULTS, ask  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
-BLOCK = 16
-QUESTION_TOKENS = 32
-LOGPROB_TOL = 1e-4
 WORDS = ("the", "river", "contract", "engine", "north", "ledger", "quiet", "signal", "harbor", "seven", "copper",
          "window", "garden", "policy", "orbit", "lantern", "margin", "thread", "valley", "summer", "archive")
 QUESTIONS = ("What is the document about?", "Who signed the contract?", "Summarize the second part.",
