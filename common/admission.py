@@ -796,8 +796,8 @@ class AdmissionController:
 
     def _host_busy_s(self, l: InstanceLoad, now: float) -> float:
         """Seconds from now another instance on `l`'s host is predicted to keep prefilling the
-        prompts this router admitted there (their predicted first tokens); 0 when none, or `l`'s
-        host is unknown."""
+        prompts this router admitted there (their predicted first tokens); 0 when none, when those
+        are overdue, or when `l`'s host is unknown."""
         if not l.host:
             return 0.0
         return max([0.0] + [a[5] - now for a in self._awaiting.values()      # 0 once overdue

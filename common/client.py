@@ -125,11 +125,12 @@ class Membership:
     heartbeat at once and every interval with `free_blocks()` and `load()` (the load the router's
     admission judges the instance by: keep it cheap, it runs every `interval_s`) and `prefix`'s report
     of its prefix cache (common/prefix_report.py; None = no reports), register again after a NOT_FOUND
-    (the registration expired, e.g. the kvstore restarted), deregister at stop. `beat_now()` sends a heartbeat now and returns once the kvstore has it (an
-    instance awaits it when a request ends, before the stream's end reaches the router: the router
-    sees the freed load, and the kvstore's prefix index the newly cached blocks, before the client
-    has its answer, so a follow-up turn sent right away finds its prefix). Heartbeats never overlap
-    (one lock); a beat_now whose request ended before a heartbeat already under way began shares it.
+    (the registration expired, e.g. the kvstore restarted), deregister at stop. `beat_now()` sends a
+    heartbeat now and returns once the kvstore has it (an instance awaits it when a request ends,
+    before the stream's end reaches the router: the router sees the freed load, and the kvstore's
+    prefix index the newly cached blocks, before the client has its answer, so a follow-up turn sent
+    right away finds its prefix). Heartbeats never overlap (one lock); a beat_now asked before a
+    heartbeat began shares that one.
 
     The interval is `max_interval_s` (the pool's heartbeat_interval_s, the admission's cadence) or
     the kvstore's asked interval (a third of the registration TTL) when that is shorter."""
