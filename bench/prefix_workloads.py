@@ -141,13 +141,20 @@ def run_chat(args: argparse.Namespace) -> dict:
             exact(runs[mode][turn], ref)
         print(f"turn {turn}: reference {ref['seconds']:.1f} s, same tokens "
               f"{[runs[m][turn]['same_tokens'] for m in runs]}", flush=True)
-    warm = [r["ttft_s"] for r in runs["cached"][1:]]
-    cold = [r["ttft_s"] for r in runs["cold"][1:]]
-    return {"config": {k: v for k, v in vars(args).items() if k != "func"},
+    return chat_summary({"config": {k: v for k, v in vars(args).items() if k != "func"},
             "model": "SmolLM2-135M-Instruct (built-in, float32)", "machine": machine(), "startup_s": startup,
-            "runs": runs, "warm_ttft_median_s": statistics.median(warm), "cold_ttft_median_s": statistics.median(cold),
-            "speedup_median": statistics.median(c / w for c, w in zip(cold, warm)),
-            "exact": is_exact(runs["cached"]) and is_exact(runs["cold"])}
+            "runs": runs, "exact": is_exact(runs["cached"]) and is_exact(runs["cold"])})
+
+
+def chat_summary(r: dict) -> dict:
+    """`r` plus the later turns' TTFT medians and speed-up, and the hit rate: the prompt tokens the
+    router found cached over all prompt tokens, with caching on."""
+    cached, cold = r["runs"]["cached"], r["runs"]["cold"]
+    warm_t, cold_t = [x["ttft_s"] for x in cached[1:]], [x["ttft_s"] for x in cold[1:]]
+    matched, total = sum(x["cached_prompt_tokens"] for x in cached), sum(x["prompt_tokens"] for x in cached)
+    return {**r, "warm_ttft_median_s": statistics.median(warm_t), "cold_ttft_median_s": statistics.median(cold_t),
+            "speedup_median": statistics.median(c / w for c, w in zip(cold_t, warm_t)),
+            "matched_tokens": matched, "prompt_tokens": total, "hit_rate_tokens": matched / total}
 
 
 def chat_markdown(r: dict) -> str:
@@ -170,8 +177,9 @@ def chat_markdown(r: dict) -> str:
                      f"{w['ttft_s']:.3f} | {k['route']} | {k['ttft_s']:.3f} | {k['ttft_s'] / w['ttft_s']:.1f}x | "
                      f"{w['same_tokens']}, {k['same_tokens']} | {diff:.1e} |")
     lines += ["", f"Turns 1-{c['turns'] - 1}: cached TTFT median {r['warm_ttft_median_s']:.3f} s, cold "
-                  f"{r['cold_ttft_median_s']:.3f} s; median speed-up per turn **{r['speedup_median']:.1f}x**; every "
-                  f"answer exact: {r['exact']}."]
+                  f"{r['cold_ttft_median_s']:.3f} s; median speed-up per turn **{r['speedup_median']:.1f}x**; hit rate "
+                  f"{r['hit_rate_tokens']:.1%} ({r['matched_tokens']:,} of {r['prompt_tokens']:,} prompt tokens not "
+                  f"prefilled again); every answer exact: {r['exact']}."]
     return "\n".join(lines) + "\n"
 
 
