@@ -10,6 +10,7 @@ import pytest
 from common.client import RouterClient
 from common.metrics import scrape, total
 from scripts.up import Cluster, ClusterConfig
+from tests.fixtures.waiting import wait_until
 from tests.fixtures.hf_models import write_random_hf_model
 
 pytestmark = pytest.mark.timeout(300)
@@ -105,6 +106,9 @@ def test_every_service_exports_its_metrics(cluster: Cluster):
     # kvstore: every reservation, and both instances live
     k = m["kvstore"]
     assert total(k, "mnemosyne_kvstore_reservations_total", outcome="reserved") == n
-    assert total(k, "mnemosyne_kvstore_live_instances") == 2
+    # read from Redis once a second (METRICS_REFRESH_S), beside the lease reaper: the whole burst can
+    # finish between two refreshes, so wait for the next one
+    wait_until(lambda: total(scrape(urls["kvstore"]), "mnemosyne_kvstore_live_instances") == 2, 5.0,
+               "the kvstore's live-instance gauge shows both instances")
     for name, s in m.items():
         assert has(s, "process_resident_memory_bytes"), name
