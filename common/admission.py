@@ -557,7 +557,8 @@ class AdmissionController:
         role = "decode" if short else "prefill"
         corr = self.correction(role)
         deadline = req.arrival_s + ttft_slo
-        cands = [(self._predict(self.model_of(l), l, req, now, deadline), l)
+        parts: dict[str, dict] = {}          # instance -> its prediction's terms (the request log)
+        cands = [(self._predict(self.model_of(l), l, req, now, deadline, parts.setdefault(l.instance_id, {})), l)
                  for l in ((hits or room or fits_ever) if short else prefills)]
         alone = corr(min(self.model_of(l).prefill_alone_s(req.tokens_left(l.instance_id)) for _, l in cands))
         slos = dict(ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo, waited_s=waited)
@@ -566,8 +567,11 @@ class AdmissionController:
                             detail=f"prefilling {req.prompt_tokens} tokens alone takes ~{alone:.2f}s; "
                                    f"TTFT SLO {ttft_slo:.2f}s", **slos)
         contention = self.contention[role]
-        scored = [(contention(corr(model_s), self._host_busy_s(l, now)), model_s, l) for model_s, l in cands]
-        timed, model_s, best = min(scored, key=lambda c: (c[0], c[2].instance_id))
+        scored = []
+        for model_s, l in cands:
+            busy = self._host_busy_s(l, now)
+            scored.append((contention(corr(model_s), busy), model_s, busy, l))
+        timed, model_s, busy, best = min(scored, key=lambda c: (c[0], c[3].instance_id))
         inflight = self._inflight_s(best)
         pred = timed + inflight
         if waited + pred > ttft_slo:
@@ -594,10 +598,8 @@ class AdmissionController:
             return Decision(Outcome.QUEUE, why, predicted_ttft_s=waited + pred,
                             latest_start_s=req.arrival_s + ttft_slo - pred,
                             detail=f"no decode instance has room now ({why})", **slos)
-        parts: dict = {}
-        self._predict(self.model_of(best), best, req, now, deadline, parts)
         learn = dict(model_ttft_s=model_s, inflight_s=inflight, pool=role, corrected_s=corr(model_s),
-                     host_busy_s=self._host_busy_s(best, now), parts=parts, **slos)
+                     host_busy_s=busy, parts=parts[best.instance_id], **slos)
         if short:
             return Decision(Outcome.ADMIT, "fits", None, best.instance_id, waited + pred,
                             kv_blocks=self._need(req, best), **learn)
