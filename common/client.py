@@ -153,8 +153,9 @@ class Membership:
         self._began = -math.inf                   # when the last heartbeat began (monotonic)
 
     async def beat_now(self, timeout_s: float = 1.0) -> None:
-        """A heartbeat that began after this call, done (or `timeout_s` passed: it is logged, and the
-        next regular one carries the same); a no-op before start and after stop."""
+        """A heartbeat that began after this call, done (or `timeout_s` passed, or it failed: that is
+        logged, never raised into the request that ended, and the next regular one carries the
+        same); a no-op before start and after stop."""
         if self._task is None:
             return
         asked = time.monotonic()
@@ -162,6 +163,8 @@ class Membership:
             await asyncio.wait_for(self._send_after(asked), timeout_s)
         except asyncio.TimeoutError:
             log.warning("heartbeat at a request's end: no answer from the kvstore within %.1fs", timeout_s)
+        except Exception:                       # noqa: BLE001 - never fail the request it ended
+            log.exception("heartbeat at a request's end failed; the next regular one carries the same")
 
     async def _send_after(self, asked: float) -> None:
         async with self._lock:

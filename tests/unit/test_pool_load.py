@@ -118,3 +118,23 @@ def test_a_heartbeat_at_a_request_end_goes_at_once_and_shares_one_under_way():
         assert len(kv.beats) == 5
 
     asyncio.run(run())
+
+
+def test_a_failed_heartbeat_at_a_request_end_is_logged_not_raised(caplog):
+    """The request that ended has already streamed its answer: a heartbeat that breaks (a bug, not a
+    kvstore error, which the heartbeat handles itself) must not turn it into an error."""
+    class Broken(FakeKVStore):
+        async def heartbeat(self, instance_id, free, load=None, prefix=None):
+            if self.beats:
+                raise RuntimeError("broken")
+            return await super().heartbeat(instance_id, free, load, prefix)
+
+    async def run():
+        m = Membership(Broken(), lambda: Instance("p0", "prefill", "h:1"), max_interval_s=10.0)
+        await m.start()
+        await m.beat_now()
+        await m.stop()
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(run())
+    assert "heartbeat at a request's end failed" in caplog.text
