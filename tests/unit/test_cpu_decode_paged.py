@@ -274,3 +274,40 @@ def test_engine_with_pieces_matches_reference_engine(monkeypatch):
     for ref, got in zip(results["reference"], results["cpu_flash"]):
         assert got.token_ids == ref.token_ids
         assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) <= 1e-4
+
+
+# --- prefill chunks over runs of consecutive blocks ---------------------------------------------------
+
+def test_block_runs():
+    from common.engine.forward_context import block_runs
+    assert block_runs([7, 8, 9, 2, 3, 11], 22, 4) == [(0, 7, 12), (12, 2, 8), (20, 11, 2)]
+    assert block_runs([5, 6], 5, 4) == [(0, 5, 5)]                 # only the blocks the tokens need
+    assert block_runs([5, 9, 13], 12, 4, max_runs=2) is None
+    assert block_runs([], 0, 4) == []
+
+
+@pytest.mark.parametrize("max_runs", [16, 0], ids=["runs", "gathered"])
+@pytest.mark.parametrize("kv_map", [None, ((0, 2, 0), (2, 6, 1))], ids=["gqa", "kv_map"])
+def test_prefill_chunk_over_block_runs_matches_one_gathered_call(monkeypatch, max_runs, kv_map):
+    """A chunk of 10 queries at positions 30..39 over a 40-key table of three runs of consecutive
+    blocks, the last run starting inside the chunk (its causal part is split): attended run by run and
+    merged (or gathered when more runs than MAX_RUNS) equals one call over the gathered keys."""
+    import common.engine.forward_context as fc
+    monkeypatch.setattr(fc, "MAX_RUNS", max_runs)
+    bs, hq, hkv, d = 4, 6, 2, 8
+    g = torch.Generator().manual_seed(3)
+    cache = PagedKVCache(range(1), 24, bs, hkv, d, torch.float32)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=g))
+    table = [4, 5, 6, 7, 8, 12, 13, 20, 21, 22]                  # runs: tokens 0-19, 20-27, 28-39
+    seqs = [SeqAttn(slice(0, 10), 30, 0, 40, table)]
+    q = torch.randn(10, hq, d, generator=g)
+    ctx = ForwardContext(cache, CpuFlashBackend(), seqs, 0.3, None, None, kv_map=kv_map)
+    assert (ctx.runs[0] is None) == (max_runs == 0) and (max_runs == 0 or len(ctx.runs[0]) == 3)
+    out = ctx.attend(0, q, q[:, :2], q[:, :2])
+    k, v = cache.gather(0, table, 40)
+    if kv_map is None:
+        ro, _ = REF.forward(q, k, v, q_start=30, k_start=0, scale=0.3)
+    else:
+        ro = torch.cat([REF.forward(q[:, lo:hi], k[:, kv:kv + 1], v[:, kv:kv + 1], q_start=30, k_start=0,
+                                    scale=0.3)[0] for lo, hi, kv in kv_map], dim=1)
+    torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
