@@ -6,9 +6,11 @@ what is left behind, and how long until the deployment serves again, with nobody
 The deployment is `make up`'s (scripts/up.py's Cluster with its defaults: the built-in model, a
 prefill instance of 2 SPP stages, a decode instance of 2 KVP groups, mutual TLS, a Redis password,
 API keys) with make up's supervisor running in a thread (scripts/supervisor.py, its default policy);
-only the lease is shorter (--lease-s, 3 s instead of 10) so that the leftovers can be checked sooner,
-and prefix caching is off (every trial repeats one prompt, which the decode instance would otherwise
-hold and serve on the decode-only route).
+only the lease is shorter (--lease-s, 3 s instead of 10) so that the leftovers can be checked sooner.
+Prefix caching is on, as make up runs it: every trial sends a prompt no instance has seen (its first
+token differs), so it takes the disaggregated route, and its right answer comes from the single-process
+engine in this process; a retried request may find what its failed attempt computed in the prefill
+instance's prefix cache (the trial records the cache hits: KV re-sent instead of computed again).
 
 Per trial: a long prompt (prefill -> KV transfer -> decode) is sent; the fault strikes at a point of
 the request (its `phase`: "prefill" at its first prefill progress event, "decode" after 3 streamed
@@ -62,6 +64,26 @@ PHASE = {"prefill_worker": "prefill", "prefill_main": "prefill", "decode_worker"
          "decode_main": "prefill", "kvstore": "decode", "router": "decode", "redis_kill": "decode",
          "redis_restart": "decode"}
 PROMPT = [(7 * i + 3) % 5000 + 100 for i in range(600)]      # long: the prefill instance's
+
+
+def trial_prompt(n: int) -> list[int]:
+    """The n-th trial's prompt: PROMPT with another first token, so no prefix block is shared with an
+    earlier trial's (prefix caching stays on: the retry's reuse of its own attempt is measured)."""
+    return [100 + (37 * n + 11) % 4800] + PROMPT[1:]
+
+
+class Reference:
+    """Fault-free answers from the single-process engine (the built-in model, make up's float32)."""
+
+    def __init__(self) -> None:
+        from common.config import EngineConfig
+        from common.engine.engine import LLMEngine
+        from common.model.tokenizer import load_tokenizer
+        self.engine = LLMEngine(EngineConfig(dtype="float32"), extra_eos_ids=load_tokenizer(None).eos_token_ids)
+
+    def tokens(self, prompt: list[int]) -> list[int]:
+        from common.sampling_params import SamplingParams
+        return list(self.engine.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS))[0].token_ids)
 PROBE = [(5 * i + 1) % 3000 + 100 for i in range(16)]          # short: decoded by the decode instance
 MAX_TOKENS = 24
 SERVE_TIMEOUT_S = 180.0
@@ -149,14 +171,14 @@ def clean(left: dict) -> bool:
             and left.get("decode_blocks_used") == 0)
 
 
-def run_request(cluster: Cluster, rid: str, kind: str | None) -> dict:
+def run_request(cluster: Cluster, rid: str, kind: str | None, prompt: list[int] = PROMPT) -> dict:
     """One request; `kind`: the fault to deliver at its PHASE point (None: none)."""
     res: dict = {"request_id": rid, "tokens": [], "events": 0}
     t_kill = None
     t0 = time.monotonic()
     with rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata) as ch:
         call = router_pb2_grpc.RouterStub(ch).Generate(
-            RouterClient.request(token_ids=PROMPT, max_tokens=MAX_TOKENS, request_id=rid), timeout=OUTCOME_TIMEOUT_S)
+            RouterClient.request(token_ids=prompt, max_tokens=MAX_TOKENS, request_id=rid), timeout=OUTCOME_TIMEOUT_S)
         try:
             for ev in call:
                 res["events"] += 1
@@ -180,14 +202,25 @@ def run_request(cluster: Cluster, rid: str, kind: str | None) -> dict:
     return res
 
 
-def trial(cluster: Cluster, kind: str, reference: list[int], lease_s: float) -> dict:
+def prefill_cache_hits(cluster: Cluster) -> float | None:
+    try:
+        return total(scrape(cluster.metrics_urls["prefill"], timeout_s=3.0), "mnemosyne_prefix_cache_hit_tokens_total")
+    except Exception:  # noqa: BLE001 - prefill restarting
+        return None
+
+
+def trial(cluster: Cluster, kind: str, prompt: list[int], reference: list[int], lease_s: float) -> dict:
     # Every trial starts from a whole deployment (the previous fault's instance rebuilt and back in
     # its pool), so that the long prompt takes the disaggregated route.
     if wait_pools(SERVE_TIMEOUT_S, cluster) is None or wait_serving(cluster, SERVE_TIMEOUT_S) is None:
         return {"kind": kind, "skipped": "the deployment was not whole before the trial"}
     time.sleep(1.0)                                   # the probe's own cleanup
-    r = run_request(cluster, f"fault-{kind}-{uuid.uuid4().hex[:6]}", kind)
+    hits0 = prefill_cache_hits(cluster)
+    r = run_request(cluster, f"fault-{kind}-{uuid.uuid4().hex[:6]}", kind, prompt)
     t_kill, t_end = r.pop("t_kill"), r.pop("t_end")
+    hits1 = prefill_cache_hits(cluster)
+    # Tokens this prefill instance (the same process before and after) found cached: a retry's reuse.
+    r["prefill_cache_hit_tokens"] = hits1 - hits0 if hits0 is not None and hits1 is not None and hits1 >= hits0 else None
     tokens = r.pop("tokens")
     out = {"kind": kind, "phase": PHASE[kind], **r, "completion_tokens": len(tokens),
            "correct": tokens == reference if r["outcome"] == "completed" else None}
@@ -219,11 +252,12 @@ def load() -> list[float]:
 
 def run(args: argparse.Namespace) -> dict:
     work = pathlib.Path(tempfile.mkdtemp(prefix="faults-bench-"))
-    # Prefix caching off: every trial repeats the reference prompt, which would otherwise be cached on
-    # the decode instance and take the decode-only route (no prefill, no KV transfer to strike).
     cfg = ClusterConfig(router_port=0, http_port=-1, lease_s=args.lease_s, log_dir=str(work / "logs"),
-                        pool_flags=("--no-prefix-caching",),
                         deployment=f"faults-{uuid.uuid4().hex[:8]}")
+    kinds = [k for k in KINDS if not args.kinds or k in args.kinds]
+    prompts = [trial_prompt(n) for n in range(args.trials * len(kinds) + 1)]
+    oracle = Reference()
+    answers = [oracle.tokens(p) for p in prompts]
     t_start = time.monotonic()
     with Cluster(cfg) as cluster:
         supervisor = Supervisor(cluster)              # make up's, with its default policy
@@ -231,15 +265,14 @@ def run(args: argparse.Namespace) -> dict:
         thread = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor", daemon=True)
         thread.start()
         try:
-            ref = run_request(cluster, "reference", None)
-            assert ref["outcome"] == "completed", ref
-            reference = ref["tokens"]
+            ref = run_request(cluster, "reference", None, prompts[-1])   # the deployment agrees, fault-free
+            assert ref["outcome"] == "completed" and ref["tokens"] == answers[-1], (ref, answers[-1])
             trials = []
-            kinds = [k for k in KINDS if not args.kinds or k in args.kinds]
             for i in range(args.trials):
-                for kind in kinds:
+                for j, kind in enumerate(kinds):
+                    n = i * len(kinds) + j
                     try:
-                        t = trial(cluster, kind, reference, cfg.lease_s)
+                        t = trial(cluster, kind, prompts[n], answers[n], cfg.lease_s)
                     except Exception as e:  # noqa: BLE001 - one broken trial must not lose the others
                         t = {"kind": kind, "bench_error": f"{type(e).__name__}: {e}"[:400]}
                     t["round"], t["load"] = i, load()
@@ -276,12 +309,15 @@ def markdown(r: dict, json_name: str = "faults.json") -> str:
              f"{r['machine']['load_at_end']}. {r['seconds']} s in all.", "",
              "Columns: outcome counts; median seconds from the fault to the client's outcome; median seconds "
              "until a new request is served; trials with nothing left (no lease, placement, reserved or used "
-             "decode block) lease + 2 s after the outcome; median seconds from the fault until nothing was left.",
+             "decode block) lease + 2 s after the outcome; median seconds from the fault until nothing was left; "
+             "median prompt tokens the prefill instance found in its prefix cache during the trial (a retry "
+             "re-sending what its failed attempt computed; - when the prefill instance itself restarted).",
              "Fault at: `prefill` = at the request's first prefill progress event, or at its first token when "
              "the prefill sent none (adaptive chunking may take a short prompt in one chunk); `decode` = after 3 "
              "streamed tokens; the column says where it struck (tokens already streamed, median).",
              "", "| kind | fault at | struck after tokens | outcomes | to outcome (s) | serves again (s) | both pools "
-             "back (s) | clean after lease | clean after (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "back (s) | clean after lease | clean after (s) | prefill cache hits (tokens) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for kind in KINDS:
         ts = [t for t in r["trials"] if t["kind"] == kind and "outcome" in t]
         if not ts:
@@ -297,7 +333,8 @@ def markdown(r: dict, json_name: str = "faults.json") -> str:
                      f"{_median([t.get('outcome_after_s') for t in ts])} | "
                      f"{_median([t.get('serves_again_after_s') for t in ts])} | "
                      f"{_median([t.get('whole_again_after_s') for t in ts])} | {clean_n}/{len(ts)} | "
-                     f"{_median([t.get('clean_after_s') for t in ts])} |")
+                     f"{_median([t.get('clean_after_s') for t in ts])} | "
+                     f"{_median([t.get('prefill_cache_hit_tokens') for t in ts])} |")
     lines += ["", "Messages the client got (one per kind and status):", ""]
     seen = set()
     for t in r["trials"]:

@@ -116,7 +116,10 @@ def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, ar
         if args.probe_tokens and spp == args.layouts[0][0] and kvp == args.layouts[0][1]:
             probe_ids = [random.Random(1).randrange(4, 320) for _ in range(args.probe_tokens)]
             row["probe_idle"] = stream(cluster, probe_ids, 2, own_slo=False)["ttft_s"]
-            probe = {"ids": probe_ids, "sent": threading.Event(), "result": None}
+            # Another prompt of the same length during the long prefill: the idle probe's own prompt
+            # would now hit the decode instance's prefix cache and skip the prefill pool.
+            probe = {"ids": [random.Random(2).randrange(4, 320) for _ in range(args.probe_tokens)],
+                     "sent": threading.Event(), "result": None}
 
             def send_probe() -> None:
                 probe["result"] = stream(cluster, probe["ids"], 2, own_slo=False)
@@ -190,13 +193,10 @@ def transformers_tokens(model: str, ids: list[int], max_tokens: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from common.model.random_hf import LONGCTX_TEST_MODEL, write_longctx_test_model
-    model = args.model
-    if not model:
-        model = str(pathlib.Path(tempfile.mkdtemp(prefix="longctx-")) / LONGCTX_TEST_MODEL)
-        write_longctx_test_model(model, seed=0)
+    from common.model.random_hf import LONGCTX_TEST_MODEL
+    model = checkpoint(args)
     n = args.tokens
-    ids = [random.Random(0).randrange(4, 320) for _ in range(n)]      # (ids 0-3: special tokens)
+    ids = prompt_ids(n)
     print(f"prompt: {n} tokens, {args.max_tokens} new; layouts {args.layouts}", flush=True)
     rows = []
     for spp, kvp in args.layouts:
@@ -224,6 +224,35 @@ def run(args: argparse.Namespace) -> dict:
         result["transformers"] = {"seconds": hf["seconds"], "chunk": hf["chunk"],
                                   "same_tokens": hf["tokens"] == main_row["tokens"], "tokens": hf["tokens"]}
         print(f"  transformers: same tokens {result['transformers']['same_tokens']}", flush=True)
+    return result
+
+
+def checkpoint(args: argparse.Namespace) -> str:
+    """--model, else the test model (deterministic from its seed) written to a temp dir."""
+    from common.model.random_hf import LONGCTX_TEST_MODEL, write_longctx_test_model
+    if args.model:
+        return args.model
+    model = str(pathlib.Path(tempfile.mkdtemp(prefix="longctx-")) / LONGCTX_TEST_MODEL)
+    write_longctx_test_model(model, seed=0)
+    return model
+
+
+def prompt_ids(n: int) -> list[int]:
+    return [random.Random(0).randrange(4, 320) for _ in range(n)]      # (ids 0-3: special tokens)
+
+
+def add_transformers(args: argparse.Namespace) -> dict:
+    """transformers' greedy tokens on an earlier run's prompt, compared with its main layout's tokens."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    result = json.loads((OUT / f"{args.out_name}.json").read_text())
+    if (result["prompt_tokens"], result["max_tokens"]) != (args.tokens, args.max_tokens):
+        raise SystemExit(f"{args.out_name}.json is a run of {result['prompt_tokens']} + {result['max_tokens']} "
+                         f"tokens, not {args.tokens} + {args.max_tokens}")
+    hf = transformers_tokens(checkpoint(args), prompt_ids(args.tokens), args.max_tokens)
+    result["transformers"] = {"seconds": hf["seconds"], "chunk": hf["chunk"],
+                              "same_tokens": hf["tokens"] == result["rows"][0]["tokens"], "tokens": hf["tokens"]}
+    print(f"  transformers: same tokens {result['transformers']['same_tokens']}", flush=True)
     return result
 
 
@@ -292,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the single-process engine run (as long as the prefill again)")
     p.add_argument("--transformers", action="store_true", help="also compare with transformers' greedy tokens")
+    p.add_argument("--add-transformers", action="store_true",
+                   help="only run transformers on the prompt of an earlier run's results (--out-name, same --tokens "
+                        "and --max-tokens) and add its comparison to them: at 1M tokens each reference takes about "
+                        "as long as the served prefill, so they can run apart")
     p.add_argument("--probe-tokens", type=int, default=0,
                    help="TTFT of a prompt this long, idle and during the long prefill (0 = none; >= 256 to use the "
                         "prefill pool)")
@@ -301,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-dir", default="", help="keep the services' logs here")
     p.add_argument("--out-name", default="long_context", help="results file name in bench/results")
     args = p.parse_args(argv)
-    result = run(args)
+    result = add_transformers(args) if args.add_transformers else run(args)
     write(result, args.out_name)
     print(f"wrote bench/results/{args.out_name}.json and .md", flush=True)
     return 0

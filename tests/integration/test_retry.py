@@ -2,7 +2,9 @@
 
 - A decode grid worker is SIGKILLed while a long prompt is being prefilled (no token sent yet): the
   router places the request again once the decode instance is back and the client gets the whole
-  answer, equal to the offline engine's, as if nothing happened; the retry is counted by reason.
+  answer, equal to the offline engine's, as if nothing happened; the retry is counted by reason, and
+  the KV the failed attempt had computed is re-sent from the prefill instance's prefix cache, not
+  computed again.
 - A decode grid worker is SIGKILLed after tokens were streamed: no retry (the client would see a
   seam); the stream ends within 5 s with UNAVAILABLE saying tokens were already sent.
 Either way no placement, lease or decode block is left afterwards.
@@ -127,13 +129,20 @@ def stream(cluster: Cluster, rid: str, kill_when):
     return tokens, None, time.monotonic() - t_kill
 
 
+def prefill_cache_hits(cluster: Cluster) -> float:
+    return total(scrape(cluster.metrics_urls["prefill"]), "mnemosyne_prefix_cache_hit_tokens_total")
+
+
 def test_a_worker_lost_before_the_first_token_is_retried_invisibly(cluster, store, reference):
-    before = retries(cluster)
+    before, hits_before = retries(cluster), prefill_cache_hits(cluster)
     tokens, err, _ = stream(cluster, f"retried-{uuid.uuid4().hex[:8]}",
                             lambda ev, toks: ev.HasField("progress") and not toks)
     assert err is None, f"{err.code()}: {err.details()}"
     assert tokens == reference
     assert retries(cluster) >= before + 1
+    # The failed attempt's computed blocks stayed in the prefill instance's prefix cache: the retry
+    # sent their KV again without computing it again (at least the first chunk's block).
+    assert prefill_cache_hits(cluster) >= hits_before + 16
     back_to_idle(cluster, store)
 
 
