@@ -5,6 +5,9 @@ transfer backend (NIXL) registers the whole cache once. Slot s = block * block_s
 """
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 
@@ -14,8 +17,12 @@ class PagedKVCache:
         self.layers = layers
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.data = torch.zeros(len(layers), 2, num_blocks, block_size, kv_heads, head_dim,
-                                dtype=dtype, device=device)
+        shape = (len(layers), 2, num_blocks, block_size, kv_heads, head_dim)
+        self._mem: mmap.mmap | None = None
+        if torch.device(device).type == "cpu":
+            self.data, self._mem = _lazy_zeros(shape, dtype)
+        else:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
 
     def k(self, layer: int) -> torch.Tensor:
         """[num_blocks, block_size, kv_heads, head_dim] view of layer `layer` (global index)."""
@@ -49,6 +56,17 @@ class PagedKVCache:
         """Slot ids of table positions [start, end)."""
         bs = self.block_size
         return [block_table[t // bs] * bs + t % bs for t in range(start, end)]
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, mmap.mmap]:
+    """A zero tensor in private anonymous memory: the kernel hands out zero pages as they are first
+    touched, so a cache of gigabytes costs nothing until it holds KV (torch.zeros wrote every byte at
+    start: half of a decode grid's rebuild time). Zeros matter: a padded decode read multiplies the
+    unwritten slots of a block by 0, and garbage (NaN) there would poison the result."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    mem = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    flat = torch.frombuffer(mem, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).view(shape), mem
 
 
 def _consecutive(blocks: list[int]) -> bool:
