@@ -18,6 +18,7 @@ from collections import deque
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multiprocessing import connection as mp_connection
 
 from common.config import EngineConfig, engine_config_to_dict
 from common.engine.executor import ExecResult, Executor
@@ -31,6 +32,9 @@ from common.parallel.worker import WorkerArgs, worker_main
 from common.scheduler.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+#: after a worker died, how long shutdown waits for the others to exit before it kills them
+DEAD_PEER_GRACE_S = 1.0
 
 
 def worker_context():
@@ -229,6 +233,7 @@ class GridExecutor(Executor):
             raise WorkerFailedError("the engine is shut down")
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Tells the workers to stop and joins them, killing what has not exited after `timeout_s`."""
         if self.closed:
             return
         self.closed = True
@@ -243,13 +248,28 @@ class GridExecutor(Executor):
             self.store = None                      # closes the rendezvous port
 
     def _stop_workers(self, timeout_s: float) -> None:
+        """Waits for every worker to exit, then kills the rest: at `timeout_s`, or DEAD_PEER_GRACE_S
+        after one is seen dead (killed, or failed), whichever comes first. The survivors of a dead
+        worker may be blocked in a collective or a pipeline send to it that never returns, and never
+        read the stop: a prefill instance that lost a stage waited the whole 10 s before it could
+        rebuild. (Seen dead while waiting, not only before: the control connection breaks before the
+        forkserver has reaped the killed worker, so at the start of a shutdown it may still look
+        alive.)"""
         self.control.close()
         deadline = time.monotonic() + timeout_s
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(1.0)
+        graced = False
+        while True:
+            alive = [p for p in self.procs if p.is_alive()]
+            now = time.monotonic()
+            if not alive or now >= deadline:
+                break
+            if not graced and any(p.exitcode not in (None, 0) for p in self.procs):
+                graced, deadline = True, min(deadline, now + DEAD_PEER_GRACE_S)
+            mp_connection.wait([p.sentinel for p in alive], min(0.1, max(0.0, deadline - now)))
+        for p in alive:
+            log.warning("worker %s did not exit: killed", p.name)
+            p.kill()
+            p.join(1.0)
 
 
 def ParallelEngine(cfg: EngineConfig, checkpoint=None, extra_eos_ids: tuple[int, ...] = (), perf_model=None,
