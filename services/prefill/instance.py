@@ -36,7 +36,7 @@ class PrefillJob:
     request_id: str
     token_ids: list[int]
     params: SamplingParams
-    sink: KVSink
+    sink: KVSink | None                       # None: cache_only (compute into the prefix cache, send nothing)
     receiver_layout: object | None            # common.kv_transfer.KVLayout of the decode side
     ttft_deadline_s: float | None = None      # absolute, this host's time.monotonic(); None = none
     tbt_slo_s: float | None = None            # None = the engine's default
@@ -64,11 +64,14 @@ class Done:
 
 class PrefillInstance:
     def __init__(self, instance_id: str, engine: AsyncEngine, kv_timeout_s: float, tp: int = 1,
-                 metrics: object | None = None, tracer=NOOP, kvstore: KVStoreClient | None = None) -> None:
+                 metrics: object | None = None, tracer=NOOP, kvstore: KVStoreClient | None = None,
+                 prefix_caching: bool = True) -> None:
         """`metrics`: a common.metrics.Metrics (active requests, KV sent); None = none. `tracer`:
         where the spans go (default: none). `kvstore`: where a request's placement is checked before
-        its KV is sent (check_destination; None = not checked)."""
+        its KV is sent (check_destination; None = not checked). `prefix_caching`: the engine's (a
+        cache_only prefill needs it)."""
         self.instance_id = instance_id
+        self.prefix_caching = prefix_caching
         self.kvstore = kvstore
         self.tracer = tracer
         self.metrics = metrics
@@ -141,6 +144,10 @@ class PrefillInstance:
         if rid in self.running:
             raise InvalidRequestError(f"request {rid!r} is already being prefilled here")
         self.running.add(rid)
+        if job.sink is None:
+            async for ev in self._cache_only(job, span):
+                yield ev
+            return
         try:
             own_backend, layout = await self.engine.kv_info()
             if job.receiver_layout is not None and job.receiver_layout != layout:
@@ -206,6 +213,35 @@ class PrefillInstance:
                 self.running.discard(rid)
             if not confirmed:
                 log.info("prefill of %s ended before its KV was confirmed", rid)
+
+    async def _cache_only(self, job: PrefillJob, span) -> AsyncIterator[Progress | Done]:
+        """A prompt computed into the prefix cache (its full blocks stay there, reclaimable, once the
+        request ends after its first token); nothing is sent. Progress events, then Done(0, 0)."""
+        rid = job.request_id
+        if not self.prefix_caching:
+            self.running.discard(rid)
+            raise InvalidRequestError(f"cache_only prefill of {rid}: this instance runs without prefix caching")
+        try:
+            stream = self.engine.generate(job.token_ids, replace(job.params, max_tokens=1), rid,
+                                          ttft_deadline_s=job.ttft_deadline_s, tbt_slo_s=job.tbt_slo_s)
+            computed = False
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    if out.token_id is None and out.finish_reason is not None:
+                        break                            # aborted
+                    span.add_event("chunk", {"tokens_done": out.num_computed, "tokens_total": out.prompt_len})
+                    yield Progress(out.num_computed, out.prompt_len)
+                    computed = out.token_id is not None
+            if not computed:
+                raise RequestAbortedError(f"cache_only prefill of {rid} was aborted")
+            yield Done(0, 0.0)
+        finally:
+            try:
+                if self.engine.failed is None:
+                    with contextlib.suppress(Exception):
+                        await self.engine.abort(rid)
+            finally:
+                self.running.discard(rid)
 
     async def abort(self, request_id: str) -> bool:
         return await self.engine.abort(request_id)

@@ -45,7 +45,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(self, request, context):
         if not request.request_id:
             raise InvalidRequestError("request_id must not be empty")
-        if not request.HasField("destination"):
+        if request.cache_only:
+            if request.HasField("destination") or request.HasField("placement"):
+                raise InvalidRequestError("a cache_only Prefill sends no KV: it takes no destination or placement")
+        elif not request.HasField("destination"):
             raise InvalidRequestError("Prefill needs a KV destination (decode.PrepareReceive)")
         if request.HasField("placement") and request.placement.epoch != request.destination.epoch:
             raise StalePlacementError(f"request {request.request_id}: placement epoch {request.placement.epoch} "
@@ -54,8 +57,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if request.destination.HasField("layout") else None
         job = PrefillJob(request.request_id, list(request.token_ids),
                          convert.sampling_from_proto(request.sampling, request.top_logprobs),
-                         sink_from_proto(request.destination, len(request.token_ids)), layout,
-                         **convert.slo_from_proto(request))
+                         None if request.cache_only else sink_from_proto(request.destination, len(request.token_ids)),
+                         layout, **convert.slo_from_proto(request))
         async for ev in self.instance.prefill(job, parent_from(context)):
             if isinstance(ev, Progress):
                 yield prefill_pb2.PrefillResponse(progress=prefill_pb2.PrefillProgressEvent(

@@ -27,7 +27,7 @@ class PrefillService(PoolService):
     def new_instance(cls, instance_id: str, engine: AsyncEngine, kvstore: KVStoreClient,
                      config: PrefillConfig, metrics: Metrics, tracer) -> PrefillInstance:
         return PrefillInstance(instance_id, engine, config.kv_timeout_s, config.engine.parallel.tp, metrics, tracer,
-                               kvstore)
+                               kvstore, prefix_caching=config.engine.cache.prefix_caching)
 
     @classmethod
     def add_servicer(cls, server: RpcServer, instance: PrefillInstance) -> None:

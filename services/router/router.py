@@ -29,7 +29,7 @@ from common.client import KVStoreClient
 from common.errors import (CapacityError, InvalidRequestError, KVCorruptedError, KVTransferError, MnemosyneError,
                            PermissionDeniedError, PlacementError, StalePlacementError, UnreachableError,
                            WorkerFailedError)
-from common.metadata.types import Instance, Placement, instance_request_id
+from common.metadata.types import Instance, Placement, client_request_id, instance_request_id
 from common.model.tokenizer import IncrementalDecoder
 from common.rpc import client as rpc_client
 from common.rpc import convert
@@ -419,6 +419,10 @@ class Router:
         # A prefill instance that died is not asked again: another one, else the decode instance
         # prefills the request itself (slower for a long prompt, but it does not wait for a restart).
         failed_prefill = old.prefill.instance_id if old.prefill is not None and old.prefill_down else None
+        # The decode side failed under a live prefill instance: that instance computes the prompt into
+        # its prefix cache while the decode instance recovers (cache_only), so the new attempt streams
+        # the prompt's KV from the cache instead of computing it only once the decode is back.
+        warm_on = old.prefill if old.prefill is not None and not old.prefill_down and old.working else None
         for call in old.calls:
             call.cancel()
         await self._cleanup(old, finished=False)
@@ -426,6 +430,8 @@ class Router:
         st = _Active(replace(old.job, request_id=instance_request_id(rid)), owner=old.owner,
                      deadline_s=old.deadline_s, tbt_slo_s=old.tbt_slo_s, trace=old.trace)
         self.active[rid] = st                        # Router.abort reaches the new attempt
+        if warm_on is not None:
+            deadline += await self._warm_prefill(st, warm_on)   # the placement's wait starts after it
         if not old.working:
             await asyncio.sleep(RETRY_POLL_S)        # refused at once: give a dead instance time to leave
         last: BaseException = failure
@@ -435,7 +441,9 @@ class Router:
                 if n >= self.config.short_prompt_tokens:
                     live = await self.discovery.instances("prefill", fresh=True)
                     live = [i for i in live if i.instance_id != failed_prefill]
-                    prefill = min(live, key=lambda i: (self.discovery.inflight[i.instance_id], i.instance_id),
+                    # the warmed instance first: it holds the prompt's KV
+                    prefill = min(live, key=lambda i: (warm_on is None or i.instance_id != warm_on.instance_id,
+                                                       self.discovery.inflight[i.instance_id], i.instance_id),
                                   default=None)
                 st.placement = await self.kvstore.reserve(st.job.request_id, n, max_new)
                 break
@@ -454,6 +462,37 @@ class Router:
         log.info("request %s: a new attempt as %s on decode %s%s", rid, st.job.request_id, st.placement.instance_id,
                  f", prefill {st.prefill.instance_id}" if st.prefill else "")
         return st
+
+    async def _warm_prefill(self, st: _Active, prefill: Instance) -> float:
+        """Computes `st`'s prompt into `prefill`'s prefix cache (a cache_only Prefill under an id of
+        its own) and waits for it; returns the seconds it took. A failure only costs the retry the
+        cache hits: it is logged, not raised. Router.abort cancels it with the attempt's calls."""
+        t0 = time.monotonic()
+        job, wid = st.job, instance_request_id(client_request_id(st.job.request_id))
+        req = prefill_pb2.PrefillRequest(request_id=wid, token_ids=job.prompt_ids,
+                                         sampling=convert.sampling_to_proto(job.params), cache_only=True)
+        self._slo_fields(st, req)
+        self.discovery.inflight[prefill.instance_id] += 1
+        call = prefill_pb2_grpc.PrefillStub(self._channel(prefill.address, "prefill")).Prefill(
+            req, timeout=self.config.request_timeout_s, metadata=grpc_metadata(st.trace))
+        st.calls.append(call)
+        done = 0
+        try:
+            async for ev in call:
+                if ev.HasField("progress"):
+                    done = ev.progress.tokens_done
+        except grpc.aio.AioRpcError as e:
+            if not st.aborted:
+                log.warning("request %s: computing its prompt into %s's cache while the decode side recovers "
+                            "failed (%s: %s); the retry computes what is missing", job.request_id,
+                            prefill.instance_id, e.code().name, e.details())
+        finally:
+            self.discovery.inflight[prefill.instance_id] -= 1
+            st.calls.remove(call)
+            call.cancel()
+        log.info("request %s: %d prompt tokens computed into %s's cache in %.2f s while the decode side "
+                 "recovered", job.request_id, done, prefill.instance_id, time.monotonic() - t0)
+        return time.monotonic() - t0
 
     def _slo(self, job: Job, decision=None) -> tuple[float, float]:
         """(ttft, tbt) SLO seconds the request is judged by: admission's (its own, else the

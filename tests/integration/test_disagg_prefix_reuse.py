@@ -59,7 +59,8 @@ def rpc(model, tmp_path_factory):
         yield SimpleNamespace(kvstore=kvstore_pb2_grpc.KVStoreStub(channels["kvstore"]),
                               decode=decode_pb2_grpc.DecodeStub(channels["decode"]),
                               prefill=prefill_pb2_grpc.PrefillStub(channels["prefill"]),
-                              decode_metrics=c.metrics_urls["decode"], router=c.router_address)
+                              decode_metrics=c.metrics_urls["decode"], prefill_metrics=c.metrics_urls["prefill"],
+                              router=c.router_address)
         for ch in channels.values():
             ch.close()
 
@@ -181,3 +182,41 @@ def test_a_follow_up_sent_right_after_the_answer_is_prefilled_where_its_prefix_i
                                  scheduler=SchedulerConfig(chunk_size=64)))
     assert list(again.token_ids) == ref.generate([second], SamplingParams(max_tokens=MAX_TOKENS,
                                                                           ignore_eos=True))[0].token_ids
+
+
+def prefill_cache_hits(url: str) -> float:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mnemosyne_prefix_cache_hit_tokens_total"))
+
+
+def test_a_cache_only_prefill_fills_the_prefill_cache_and_sends_nothing(rpc, model):
+    prompt = [(9 * i + 4) % 270 + 17 for i in range(120)]
+    events = list(rpc.prefill.Prefill(prefill_pb2.PrefillRequest(
+        request_id=f"warm-{uuid.uuid4().hex[:8]}", token_ids=prompt, sampling=SAMPLING, cache_only=True), timeout=60))
+    kinds = [ev.WhichOneof("event") for ev in events]
+    assert "first_token" not in kinds and kinds[-1] == "done" and "progress" in kinds, kinds
+    assert events[-1].done.kv_bytes == 0
+    assert max(ev.progress.tokens_done for ev in events if ev.HasField("progress")) == len(prompt)
+    hits = prefill_cache_hits(rpc.prefill_metrics)
+    toks, kv_bytes, dest = turn(rpc, prompt)
+    assert prefill_cache_hits(rpc.prefill_metrics) - hits == len(prompt) // BLOCK * BLOCK
+    # the KV of the cached blocks was sent from the cache, all of it: the decode side decodes exactly
+    assert kv_bytes == kv_transfer_bytes(convert.layout_from_proto(dest.layout), len(prompt))
+    ref = LLMEngine(EngineConfig(model=str(model), cache=CacheConfig(block_size=BLOCK, num_blocks=64,
+                                                                     prefix_caching=False),
+                                 scheduler=SchedulerConfig(chunk_size=64)))
+    assert toks == ref.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))[0].token_ids
+
+
+def test_a_cache_only_prefill_takes_no_destination(rpc):
+    rid = f"pr-{uuid.uuid4().hex[:10]}"
+    placement, dest = prepared(rpc, rid, PROMPT)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(rpc.prefill.Prefill(prefill_pb2.PrefillRequest(request_id=rid, token_ids=PROMPT, sampling=SAMPLING,
+                                                                destination=dest, cache_only=True), timeout=60))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "cache_only" in info.value.details()
+    finally:
+        rpc.decode.Abort(common_pb2.AbortRequest(request_id=rid))
+        rpc.kvstore.Release(kvstore_pb2.ReleaseRequest(request_id=rid, epoch=placement.epoch))
