@@ -16,9 +16,11 @@ Per trial: a long prompt (prefill -> KV transfer -> decode) is sent; the fault s
 the request (its `phase`: "prefill" at its first prefill progress event, "decode" after 3 streamed
 tokens); the trial records
 - the outcome: completed (and whether its tokens equal the fault-free answer) or the status code and
-  message, and the seconds from the fault to that outcome;
-- the seconds from the fault until a new request is served again (short probes every 0.5 s: the
-  decode instance serves them alone) and until both pools are registered again;
+  message, the seconds from the fault to that outcome, and for a completed request the seconds the
+  fault added to it (its time minus the same request's fault-free time, measured first);
+- the seconds from the fault until a new request is served again (a short probe every 0.25 s from the
+  fault on, beside the struck request: the decode instance serves it alone) and until both pools are
+  registered again after one left (looked at as often);
 - the leftovers lease_s + 2 s after the outcome: placements / leases in Redis, blocks the kvstore
   counts as reserved, decode KV blocks in use (its /metrics); and when they were all gone.
 
@@ -87,6 +89,8 @@ class Reference:
 PROBE = [(5 * i + 1) % 3000 + 100 for i in range(16)]          # short: decoded by the decode instance
 MAX_TOKENS = 24
 SERVE_TIMEOUT_S = 180.0
+PROBE_EVERY_S = 0.25
+REFERENCE_RUNS = 3
 OUTCOME_TIMEOUT_S = 180.0
 
 
@@ -171,8 +175,49 @@ def clean(left: dict) -> bool:
             and left.get("decode_blocks_used") == 0)
 
 
+class Prober:
+    """From the fault on, beside the struck request, every PROBE_EVERY_S on threads of their own: a
+    short probe request until one is served (`served_at`, time.monotonic()), and a look at the
+    kvstore's registry until both pools are registered again after one left (`whole_at`; `left` says
+    whether one was seen gone: a fault that takes no pool away leaves `whole_at` None). None when it
+    did not happen within SERVE_TIMEOUT_S."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster, self.served_at, self.whole_at, self.left = cluster, None, None, False
+        self.t0 = time.monotonic()
+        self.threads = [threading.Thread(target=f, name=f"prober-{f.__name__}", daemon=True)
+                        for f in (self._serve, self._registry)]
+        for t in self.threads:
+            t.start()
+
+    def _serve(self) -> None:
+        while time.monotonic() - self.t0 < SERVE_TIMEOUT_S:
+            if serves(self.cluster):
+                self.served_at = time.monotonic()
+                return
+            time.sleep(PROBE_EVERY_S)
+
+    def _registry(self) -> None:
+        while time.monotonic() - self.t0 < SERVE_TIMEOUT_S:
+            whole = pools_registered(self.cluster)
+            if not whole:
+                self.left = True
+            elif self.left:
+                self.whole_at = time.monotonic()
+                return
+            elif self.served_at is not None and time.monotonic() - self.served_at > 5.0:
+                return                     # served, and no pool left in the meantime: none will
+            time.sleep(PROBE_EVERY_S)
+
+    def result(self) -> tuple[float | None, float | None, bool]:
+        for t in self.threads:
+            t.join(SERVE_TIMEOUT_S + 30)
+        return self.served_at, self.whole_at, self.left
+
+
 def run_request(cluster: Cluster, rid: str, kind: str | None, prompt: list[int] = PROMPT) -> dict:
-    """One request; `kind`: the fault to deliver at its PHASE point (None: none)."""
+    """One request; `kind`: the fault to deliver at its PHASE point (None: none); a Prober starts at
+    the fault (res["prober"])."""
     res: dict = {"request_id": rid, "tokens": [], "events": 0}
     t_kill = None
     t0 = time.monotonic()
@@ -192,6 +237,7 @@ def run_request(cluster: Cluster, rid: str, kind: str | None, prompt: list[int] 
                         res["struck_after_tokens"] = len(res["tokens"])
                         res["pid"] = strike(cluster, kind)
                         t_kill = time.monotonic()
+                        res["prober"] = Prober(cluster)
             res["outcome"] = "completed"
         except grpc.RpcError as e:
             res["outcome"] = e.code().name
@@ -209,7 +255,9 @@ def prefill_cache_hits(cluster: Cluster) -> float | None:
         return None
 
 
-def trial(cluster: Cluster, kind: str, prompt: list[int], reference: list[int], lease_s: float) -> dict:
+def trial(cluster: Cluster, kind: str, prompt: list[int], reference: list[int], lease_s: float,
+          reference_s: float | None = None) -> dict:
+    """`reference_s`: the fault-free request's served seconds (median), for `added_s`."""
     # Every trial starts from a whole deployment (the previous fault's instance rebuilt and back in
     # its pool), so that the long prompt takes the disaggregated route.
     if wait_pools(SERVE_TIMEOUT_S, cluster) is None or wait_serving(cluster, SERVE_TIMEOUT_S) is None:
@@ -217,7 +265,7 @@ def trial(cluster: Cluster, kind: str, prompt: list[int], reference: list[int], 
     time.sleep(1.0)                                   # the probe's own cleanup
     hits0 = prefill_cache_hits(cluster)
     r = run_request(cluster, f"fault-{kind}-{uuid.uuid4().hex[:6]}", kind, prompt)
-    t_kill, t_end = r.pop("t_kill"), r.pop("t_end")
+    t_kill, t_end, prober = r.pop("t_kill"), r.pop("t_end"), r.pop("prober", None)
     hits1 = prefill_cache_hits(cluster)
     # Tokens this prefill instance (the same process before and after) found cached: a retry's reuse.
     r["prefill_cache_hit_tokens"] = hits1 - hits0 if hits0 is not None and hits1 is not None and hits1 >= hits0 else None
@@ -228,9 +276,11 @@ def trial(cluster: Cluster, kind: str, prompt: list[int], reference: list[int], 
         out["note"] = "the request ended before the fault point"
         return out
     out["outcome_after_s"] = round(t_end - t_kill, 3)
-    t_serve = wait_serving(cluster, SERVE_TIMEOUT_S)
+    if r["outcome"] == "completed" and reference_s is not None:
+        out["added_s"] = round(r["seconds"] - reference_s, 3)     # what the fault cost the request
+    t_serve, t_whole, left = prober.result()
     out["serves_again_after_s"] = round(t_serve - t_kill, 2) if t_serve is not None else None
-    t_whole = wait_pools(SERVE_TIMEOUT_S, cluster)
+    out["pool_left"] = left
     out["whole_again_after_s"] = round(t_whole - t_kill, 2) if t_whole is not None else None
     # Leftovers once the lease ran out (counted from the outcome, or from now if serving took longer).
     due = max(t_end, time.monotonic()) + lease_s + 2.0
@@ -255,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = ClusterConfig(router_port=0, http_port=-1, lease_s=args.lease_s, log_dir=str(work / "logs"),
                         deployment=f"faults-{uuid.uuid4().hex[:8]}")
     kinds = [k for k in KINDS if not args.kinds or k in args.kinds]
-    prompts = [trial_prompt(n) for n in range(args.trials * len(kinds) + 1)]
+    prompts = [trial_prompt(n) for n in range(args.trials * len(kinds) + REFERENCE_RUNS)]
     oracle = Reference()
     answers = [oracle.tokens(p) for p in prompts]
     t_start = time.monotonic()
@@ -265,14 +315,20 @@ def run(args: argparse.Namespace) -> dict:
         thread = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor", daemon=True)
         thread.start()
         try:
-            ref = run_request(cluster, "reference", None, prompts[-1])   # the deployment agrees, fault-free
-            assert ref["outcome"] == "completed" and ref["tokens"] == answers[-1], (ref, answers[-1])
+            # Fault-free, each on a prompt of its own (no cache hit): the deployment agrees with the
+            # engine, and the served request's time is what a fault's added seconds are counted from.
+            ref_s = []
+            for k in range(1, REFERENCE_RUNS + 1):
+                ref = run_request(cluster, f"reference-{k}", None, prompts[-k])
+                assert ref["outcome"] == "completed" and ref["tokens"] == answers[-k], (ref, answers[-k])
+                ref_s.append(ref["seconds"])
+            reference_s = statistics.median(ref_s)
             trials = []
             for i in range(args.trials):
                 for j, kind in enumerate(kinds):
                     n = i * len(kinds) + j
                     try:
-                        t = trial(cluster, kind, prompts[n], answers[n], cfg.lease_s)
+                        t = trial(cluster, kind, prompts[n], answers[n], cfg.lease_s, reference_s)
                     except Exception as e:  # noqa: BLE001 - one broken trial must not lose the others
                         t = {"kind": kind, "bench_error": f"{type(e).__name__}: {e}"[:400]}
                     t["round"], t["load"] = i, load()
@@ -289,13 +345,24 @@ def run(args: argparse.Namespace) -> dict:
                        "secure": not cfg.insecure, "model": "built-in", "prompt_tokens": len(PROMPT),
                        "max_tokens": MAX_TOKENS, "prefill_spp": cfg.prefill_spp, "decode_kvp": cfg.decode_kvp},
             "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(), "load_at_end": load()},
-            "reference_seconds": ref["seconds"], "seconds": round(time.monotonic() - t_start, 1),
+            "reference_seconds": reference_s, "reference_runs": ref_s, "seconds": round(time.monotonic() - t_start, 1),
             "supervisor_restarts": restarts, "supervisor_gave_up": gave_up, "trials": trials}
 
 
 def _median(xs: list) -> str:
     xs = [x for x in xs if x is not None]
     return f"{statistics.median(xs):.1f}" if xs else "-"
+
+
+def _whole(ts: list[dict]) -> str:
+    if not any(t.get("pool_left", True) for t in ts):
+        return "stayed"
+    return _median([t.get("whole_again_after_s") for t in ts if t.get("pool_left", True)])
+
+
+def _ref(r: dict) -> str:
+    runs = r.get("reference_runs")
+    return f"{r['reference_seconds']:.1f}" + (f" ({', '.join(f'{x:.1f}' for x in runs)})" if runs else "")
 
 
 def markdown(r: dict, json_name: str = "faults.json") -> str:
@@ -307,17 +374,22 @@ def markdown(r: dict, json_name: str = "faults.json") -> str:
              f"make up's supervisor; lease {c['lease_s']} s; a {c['prompt_tokens']}-token prompt, {c['max_tokens']} "
              f"tokens. {r['machine']['cpus']} CPUs shared with other work; load average at the end "
              f"{r['machine']['load_at_end']}. {r['seconds']} s in all.", "",
+             f"The same request without a fault takes {_ref(r)} s served (median of its fault-free runs, each "
+             "on a prompt of its own).", "",
              "Columns: outcome counts; median seconds from the fault to the client's outcome; median seconds "
-             "until a new request is served; trials with nothing left (no lease, placement, reserved or used "
+             "the fault added to a completed request (its time minus the fault-free one's); median seconds "
+             "from the fault until a new request is served (a short probe every 0.25 s from the fault on, "
+             "beside the struck request) and until both pools are registered again after one left (looked at as "
+             "often; `stayed`: no pool left the registry); trials with nothing left (no lease, placement, reserved or used "
              "decode block) lease + 2 s after the outcome; median seconds from the fault until nothing was left; "
              "median prompt tokens the prefill instance found in its prefix cache during the trial (a retry "
              "re-sending what its failed attempt computed; - when the prefill instance itself restarted).",
              "Fault at: `prefill` = at the request's first prefill progress event, or at its first token when "
              "the prefill sent none (adaptive chunking may take a short prompt in one chunk); `decode` = after 3 "
              "streamed tokens; the column says where it struck (tokens already streamed, median).",
-             "", "| kind | fault at | struck after tokens | outcomes | to outcome (s) | serves again (s) | both pools "
-             "back (s) | clean after lease | clean after (s) | prefill cache hits (tokens) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| kind | fault at | struck after tokens | outcomes | to outcome (s) | added (s) | serves again (s) | "
+             "both pools back (s) | clean after lease | clean after (s) | prefill cache hits (tokens) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in KINDS:
         ts = [t for t in r["trials"] if t["kind"] == kind and "outcome" in t]
         if not ts:
@@ -331,8 +403,9 @@ def markdown(r: dict, json_name: str = "faults.json") -> str:
         lines.append(f"| {kind} | {PHASE[kind]} | {_median([t.get('struck_after_tokens') for t in ts])} | "
                      f"{', '.join(f'{v}x {k}' for k, v in counts.items())} | "
                      f"{_median([t.get('outcome_after_s') for t in ts])} | "
+                     f"{_median([t.get('added_s') for t in ts])} | "
                      f"{_median([t.get('serves_again_after_s') for t in ts])} | "
-                     f"{_median([t.get('whole_again_after_s') for t in ts])} | {clean_n}/{len(ts)} | "
+                     f"{_whole(ts)} | {clean_n}/{len(ts)} | "
                      f"{_median([t.get('clean_after_s') for t in ts])} | "
                      f"{_median([t.get('prefill_cache_hit_tokens') for t in ts])} |")
     lines += ["", "Messages the client got (one per kind and status):", ""]
