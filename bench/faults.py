@@ -282,8 +282,9 @@ def trial(cluster: Cluster, kind: str, prompt: list[int], reference: list[int], 
     out["serves_again_after_s"] = round(t_serve - t_kill, 2) if t_serve is not None else None
     out["pool_left"] = left
     out["whole_again_after_s"] = round(t_whole - t_kill, 2) if t_whole is not None else None
-    # Leftovers once the lease ran out (counted from the outcome, or from now if serving took longer).
-    due = max(t_end, time.monotonic()) + lease_s + 2.0
+    # Leftovers once the lease ran out: counted from the outcome, or from when a new request was served
+    # if that came later (not from when the prober's threads ended: its registry watch lingers).
+    due = max(t_end, t_serve if t_serve is not None else time.monotonic()) + lease_s + 2.0
     time.sleep(max(0.0, due - time.monotonic()))
     out["leftovers"] = left = leftovers(cluster)
     deadline = time.monotonic() + 30.0
