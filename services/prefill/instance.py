@@ -205,12 +205,7 @@ class PrefillInstance:
             if kv_span is not None and kv_span.is_recording():
                 end_span(kv_span, RequestAbortedError("left before the KV was confirmed"))
             # Forget the transfer state (and stop any transfer still running when we left early).
-            try:
-                if self.engine.failed is None:
-                    with contextlib.suppress(Exception):
-                        await self.engine.abort(rid)
-            finally:
-                self.running.discard(rid)
+            await self._release(rid)
             if not confirmed:
                 log.info("prefill of %s ended before its KV was confirmed", rid)
 
@@ -236,12 +231,17 @@ class PrefillInstance:
                 raise RequestAbortedError(f"cache_only prefill of {rid} was aborted")
             yield Done(0, 0.0)
         finally:
-            try:
-                if self.engine.failed is None:
-                    with contextlib.suppress(Exception):
-                        await self.engine.abort(rid)
-            finally:
-                self.running.discard(rid)
+            await self._release(rid)
+
+    async def _release(self, rid: str) -> None:
+        """The end of a call: the request aborted in the engine (a no-op after its first token, but it
+        stops what still runs when the call left early) and its id free for the next call."""
+        try:
+            if self.engine.failed is None:
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(rid)
+        finally:
+            self.running.discard(rid)
 
     async def abort(self, request_id: str) -> bool:
         return await self.engine.abort(request_id)
