@@ -73,13 +73,16 @@ def stream(cluster, ids: list[int], max_tokens: int, on_progress=None, own_slo: 
     week (the long prompt: admission must not reject it as hopeless on a CPU); else the deployment's
     default SLO for its length (the probe: LARS ranks it by that slack)."""
     from common.client import RouterClient
+    from common.rpc.protos import router_pb2
     with RouterClient(cluster.router_address, timeout_s=7 * 24 * 3600) as client:
         req = client.request(token_ids=ids, max_tokens=max_tokens, ignore_eos=True,
                              ttft_slo_s=7 * 24 * 3600.0 if own_slo else None, tbt_slo_s=3600.0 if own_slo else None)
         t0 = time.monotonic()
-        times, tokens, logprobs, progress, timings = [], [], [], 0, None
+        times, tokens, logprobs, progress, timings, route = [], [], [], 0, None, None
         for ev in client.stream(req):
-            if ev.HasField("progress"):
+            if ev.HasField("started"):
+                route = router_pb2.Route.Name(ev.started.route)
+            elif ev.HasField("progress"):
                 progress += 1
                 if on_progress is not None:
                     on_progress(ev.progress.tokens_done, ev.progress.tokens_total)
@@ -92,7 +95,25 @@ def stream(cluster, ids: list[int], max_tokens: int, on_progress=None, own_slo: 
     # TTFT and the gaps between tokens as the router saw them leave (a client that reads late gets
     # several tokens in one message; the router's clock does not), and the client's TTFT.
     return {"ttft_s": timings.ttft_s, "tbt_s": list(timings.tbt_s), "client_ttft_s": times[0] if times else None,
-            "tokens": tokens, "logprobs": logprobs, "progress_events": progress}
+            "tokens": tokens, "logprobs": logprobs, "progress_events": progress, "route": route}
+
+
+def wait_pools(cluster, timeout_s: float = 600.0) -> None:
+    """Until the kvstore lists both pools and the router's view of them has refreshed: a long prompt
+    sent while the prefill instance is still calibrating is prefilled by the decode instance itself
+    (the route a deployment without a live prefill instance takes), which measures another layout."""
+    from common.metadata.store import MetadataStore
+    store = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment, password=cluster.redis_password,
+                          timeout_s=5.0)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while {i.role for i in store.list_instances()} < {"prefill", "decode"}:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"both pools not registered within {timeout_s:.0f} s")
+            time.sleep(0.5)
+    finally:
+        store.close()
+    time.sleep(2.0)                         # the router's instance list (discovery_ttl_s) is fresh
 
 
 def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, args) -> dict:
@@ -110,6 +131,7 @@ def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, ar
                  "kvp_tokens": sized.kvp_tokens if kvp > 1 else None}
     t0 = time.monotonic()
     with Cluster(cfg) as cluster:
+        wait_pools(cluster)
         row["startup_s"] = round(time.monotonic() - t0, 1)
         print(f"  {row['layout']}: up in {row['startup_s']} s", flush=True)
         probe = None
@@ -139,6 +161,9 @@ def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, ar
         row["kv_bytes_received"] = total(dec, "mnemosyne_kv_transfer_bytes_total", direction="recv")
         row["peak_rss_bytes"] = peak_rss(cluster)
     tbt = res["tbt_s"]
+    row["route"] = res["route"]
+    if res["route"] != "ROUTE_DISAGGREGATED":
+        print(f"  {row['layout']}: WARNING: the prompt took {res['route']}, not the prefill pool", flush=True)
     row.update(ttft_s=res["ttft_s"], client_ttft_s=res["client_ttft_s"], tbt_p50_s=percentile(tbt[1:], 50), tbt_p99_s=percentile(tbt[1:], 99),
                first_gap_s=tbt[0] if tbt else None, progress_events=res["progress_events"],
                tokens=res["tokens"], logprobs=res["logprobs"])
@@ -256,6 +281,28 @@ def add_transformers(args: argparse.Namespace) -> dict:
     return result
 
 
+def update(args: argparse.Namespace) -> dict:
+    """Reruns `args.layouts` and puts their rows in place of the same layouts' rows of an earlier run."""
+    result = json.loads((OUT / f"{args.out_name}.json").read_text())
+    if (result["prompt_tokens"], result["max_tokens"]) != (args.tokens, args.max_tokens):
+        raise SystemExit(f"{args.out_name}.json is a run of {result['prompt_tokens']} + {result['max_tokens']} tokens")
+    model, ids = checkpoint(args), prompt_ids(args.tokens)
+    main = result["rows"][0]
+    for spp, kvp in args.layouts:
+        m = args.kvp_tokens or -(-(-(-(args.tokens + args.max_tokens) // kvp)) // BLOCK) * BLOCK
+        row = run_layout(model, ids, spp, kvp, m, args)
+        at = [i for i, r in enumerate(result["rows"]) if r["layout"] == row["layout"]]
+        if at and at[0] == 0:
+            raise SystemExit("--update reruns other layouts than the main one (its tokens are the comparison)")
+        row["same_tokens_as_reference"] = row["tokens"] == main["tokens"]
+        row["rerun"] = time.strftime("%Y-%m-%d %H:%M")
+        if at:
+            result["rows"][at[0]] = row
+        else:
+            result["rows"].append(row)
+    return result
+
+
 def _mb(x: float | None) -> str:
     return "-" if x is None else f"{x / (1 << 20):.0f}"
 
@@ -270,10 +317,11 @@ def write(result: dict, name: str) -> None:
              f"{result['date']}. A fresh `make up` deployment per layout (--max-model-len {n + result['max_tokens']}); "
              "TTFT and TBT as the router saw the tokens leave; the KV tail is the first gap's excess over the median TBT "
              "(the decode starts once the last KV arrived).", "",
-             "| layout | M | TTFT s | TBT p50 ms | TBT p99 ms | KV tail s (est.) | KV sent MiB | KV recv MiB | "
-             "progress events | startup s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| layout | route | M | TTFT s | TBT p50 ms | TBT p99 ms | KV tail s (est.) | KV sent MiB | KV recv MiB | "
+             "progress events | startup s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['layout']} | {r['kvp_tokens'] or '-'} | {r['ttft_s']:.2f} | "
+        route = {"ROUTE_DISAGGREGATED": "prefill pool", "ROUTE_DECODE_ONLY": "decode only"}.get(r.get("route"), "?")
+        lines.append(f"| {r['layout']} | {route} | {r['kvp_tokens'] or '-'} | {r['ttft_s']:.2f} | "
                      f"{1000 * (r['tbt_p50_s'] or 0):.1f} | {1000 * (r['tbt_p99_s'] or 0):.1f} | "
                      f"{r.get('kv_tail_estimate_s', 0):.3f} | {_mb(r['kv_bytes_sent'])} | {_mb(r['kv_bytes_received'])} | "
                      f"{r['progress_events']} | {r['startup_s']} |")
@@ -331,10 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perf-model", default="calibrate",
                    help="the pools' performance model: calibrate (make up's default: profiled and anchored at "
                         "the budget at start), analytic (the roofline), saved or a profile's path")
+    p.add_argument("--update", action="store_true",
+                   help="run only --layouts (not the first of an earlier run) and replace those rows of the earlier "
+                        "run's results (--out-name, same --tokens and --max-tokens); their tokens are compared with "
+                        "its main layout's")
     p.add_argument("--log-dir", default="", help="keep the services' logs here")
     p.add_argument("--out-name", default="long_context", help="results file name in bench/results")
     args = p.parse_args(argv)
-    result = add_transformers(args) if args.add_transformers else run(args)
+    result = add_transformers(args) if args.add_transformers else update(args) if args.update else run(args)
     write(result, args.out_name)
     print(f"wrote bench/results/{args.out_name}.json and .md", flush=True)
     return 0
