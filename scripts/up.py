@@ -464,7 +464,8 @@ class Cluster:
         # Settings reach the services as flags only: MNEMOSYNE_* settings of this shell stay here.
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k in RESERVED_ENV}
         env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.config.threads))
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self.config.threads),
+                   MNEMOSYNE_LAUNCHER_PID=str(os.getpid()))     # it stops when this process is gone
         if loopback(self.config.host):
             # NIXL's UCX would also listen on every network device's address; a loopback deployment
             # keeps it on lo (an operator's own UCX_NET_DEVICES wins).

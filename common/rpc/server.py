@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from typing import Any, Awaitable, Callable, Sequence
@@ -156,8 +157,12 @@ async def serve_until_signal(server: RpcServer, *,
         loop.add_signal_handler(sig, stop.set)
     stopped = asyncio.create_task(stop.wait())
     terminated = asyncio.create_task(server.wait_for_termination())
+    orphaned = asyncio.create_task(_launcher_gone())
     try:
-        await asyncio.wait((stopped, terminated), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((stopped, terminated, orphaned), return_when=asyncio.FIRST_COMPLETED)
+        if orphaned.done() and orphaned.result():
+            log.warning("the process that launched this service (pid %s) is gone: stopping as on SIGTERM",
+                        os.environ.get(LAUNCHER_PID_ENV))
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -169,9 +174,27 @@ async def serve_until_signal(server: RpcServer, *,
             try:
                 await server.stop()
             finally:
-                for task in (stopped, terminated):
+                for task in (stopped, terminated, orphaned):
                     task.cancel()
-                await asyncio.gather(stopped, terminated, return_exceptions=True)
+                await asyncio.gather(stopped, terminated, orphaned, return_exceptions=True)
+
+
+#: set by scripts/up.py's Cluster to its own pid: a service it launched stops (as on SIGTERM) when that
+#: process is gone, however it ended (a benchmark or test killed by a signal does not run its clean-up,
+#: and the services run in sessions of their own). Unset (Kubernetes, a hand-started service): no watch.
+LAUNCHER_PID_ENV = "MNEMOSYNE_LAUNCHER_PID"
+LAUNCHER_POLL_S = 1.0
+
+
+async def _launcher_gone() -> bool:
+    """Returns True once the launcher named by LAUNCHER_PID_ENV is no longer this process's parent
+    (it died and the process was re-parented); never returns when there is none to watch."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if not launcher.isdigit() or os.getppid() != int(launcher):
+        await asyncio.Event().wait()           # nothing to watch (or not launched by it): forever
+    while os.getppid() == int(launcher):
+        await asyncio.sleep(LAUNCHER_POLL_S)
+    return True
 
 
 def advertised_host(bind_host: str, advertise_host: str = "") -> str:

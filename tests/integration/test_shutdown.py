@@ -12,6 +12,7 @@ instance leaves the kvstore first, so nobody picks it any more, and only then dr
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -176,3 +177,46 @@ def test_ctrl_c_on_make_up_stops_redis_last_and_the_kvstore_sees_no_outage(model
     assert "metadata store unavailable" not in kvstore and "WARNING" not in kvstore, kvstore
     for pool in ("prefill", "decode"):
         assert "deregister:" not in (logs / f"{pool}.log").read_text()
+
+
+LAUNCHER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from scripts.up import Cluster, ClusterConfig
+cluster = Cluster(ClusterConfig(model=sys.argv[2], kv_backend="tcp", router_port=0, http_port=-1, prefill_spp=1,
+                                decode_kvp=1, decode_kv_tokens=1024, prefill_kv_tokens=1024, insecure=True,
+                                deployment=sys.argv[3], log_dir=sys.argv[4],
+                                pool_flags=("--perf-model", "analytic"))).start()
+print(json.dumps({**{name: svc.pid for name, svc in cluster.services.items()}, "redis": cluster.redis.pid}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_services_stop_when_the_process_that_launched_them_dies(model, tmp_path):
+    """A benchmark or test that starts a deployment with scripts/up.py's Cluster and is killed (SIGKILL
+    here: no clean-up runs) leaves nothing computing: every service sees its launcher gone and stops as
+    on SIGTERM (the pools leave the kvstore first, grid workers exit with their driver). (Redis, not a
+    service of ours, stays: killed here.)"""
+    import json
+    import psutil
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOSYNE_")}
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(root), model, f"orphans-{uuid.uuid4().hex[:8]}",
+                                 str(tmp_path / "logs")], cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+    pids: dict = {}
+    try:
+        pids = json.loads(launcher.stdout.readline())
+        assert set(pids) == {"kvstore", "prefill", "decode", "router", "redis"}, pids
+        services = {name: psutil.Process(pid) for name, pid in pids.items() if name != "redis"}
+        launcher.kill()
+        launcher.wait(10)
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in services.values()),
+                   30, "every service stopped after its launcher died")
+    finally:
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+    for name in ("prefill", "decode", "router", "kvstore"):
+        assert "is gone: stopping as on SIGTERM" in (tmp_path / "logs" / f"{name}.log").read_text(), name
