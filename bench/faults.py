@@ -127,14 +127,7 @@ def wait_serving(cluster: Cluster, timeout_s: float) -> float | None:
 
 def pools_registered(cluster: Cluster) -> bool:
     """Both pools are in the deployment (a rebuilding instance leaves it until it serves again)."""
-    store = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment, password=cluster.redis_password,
-                          timeout_s=2.0)
-    try:
-        return {i.role for i in store.list_instances()} >= {"prefill", "decode"}
-    except Exception:  # noqa: BLE001 - Redis restarting: not yet
-        return False
-    finally:
-        store.close()
+    return cluster.registered_roles() >= {"prefill", "decode"}
 
 
 def wait_pools(timeout_s: float, cluster: Cluster) -> float | None:

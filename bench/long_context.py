@@ -102,17 +102,11 @@ def wait_pools(cluster, timeout_s: float = 600.0) -> None:
     """Until the kvstore lists both pools and the router's view of them has refreshed: a long prompt
     sent while the prefill instance is still calibrating is prefilled by the decode instance itself
     (the route a deployment without a live prefill instance takes), which measures another layout."""
-    from common.metadata.store import MetadataStore
-    store = MetadataStore(cluster.redis_url, deployment=cluster.config.deployment, password=cluster.redis_password,
-                          timeout_s=5.0)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while {i.role for i in store.list_instances()} < {"prefill", "decode"}:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"both pools not registered within {timeout_s:.0f} s")
-            time.sleep(0.5)
-    finally:
-        store.close()
+    deadline = time.monotonic() + timeout_s
+    while cluster.registered_roles() < {"prefill", "decode"}:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"both pools not registered within {timeout_s:.0f} s")
+        time.sleep(0.5)
     time.sleep(2.0)                         # the router's instance list (discovery_ttl_s) is fresh
 
 

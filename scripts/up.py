@@ -368,6 +368,20 @@ class Cluster:
                                  password=self.redis_password)
         return self.redis.start()
 
+    def registered_roles(self, timeout_s: float = 2.0) -> set[str]:
+        """The roles with an instance registered in the deployment now (a rebuilding instance leaves
+        until it serves again); empty while Redis cannot answer."""
+        store = None
+        try:
+            store = MetadataStore(self.redis_url, deployment=self.config.deployment, timeout_s=timeout_s,
+                                  password=self.redis_password)
+            return {i.role for i in store.list_instances()}
+        except (MnemosyneError, redis.exceptions.RedisError):
+            return set()
+        finally:
+            if store is not None:
+                store.close()
+
     def _forget(self, dead: Service) -> None:
         """Removes the registrations of a dead pool process (its address) from the deployment, as
         its TTL would some seconds later. Best effort: Redis may be down too."""
