@@ -63,7 +63,7 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tenso
     touched, so a cache of gigabytes costs nothing until it holds KV (torch.zeros wrote every byte at
     start: half of a decode grid's rebuild time). Zeros matter: a padded decode read multiplies the
     unwritten slots of a block by 0, and garbage (NaN) there would poison the result."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     mem = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     flat = torch.frombuffer(mem, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
     return flat.view(dtype).view(shape), mem
