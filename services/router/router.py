@@ -466,7 +466,9 @@ class Router:
     async def _warm_prefill(self, st: _Active, prefill: Instance) -> float:
         """Computes `st`'s prompt into `prefill`'s prefix cache (a cache_only Prefill under an id of
         its own) and waits for it; returns the seconds it took. A failure only costs the retry the
-        cache hits: it is logged, not raised. Router.abort cancels it with the attempt's calls."""
+        cache hits: it is logged, not raised. A warm-up that reports no progress for the router's
+        --progress-timeout-s is given up, as a prefill would be. Router.abort cancels it with the
+        attempt's calls."""
         t0 = time.monotonic()
         job, wid = st.job, instance_request_id(client_request_id(st.job.request_id))
         req = prefill_pb2.PrefillRequest(request_id=wid, token_ids=job.prompt_ids,
@@ -478,14 +480,16 @@ class Router:
         st.calls.append(call)
         done = 0
         try:
-            async for ev in call:
+            while (ev := await self._read_progress(call, f"prefill instance {prefill.instance_id}")) \
+                    is not grpc.aio.EOF:
                 if ev.HasField("progress"):
                     done = ev.progress.tokens_done
-        except grpc.aio.AioRpcError as e:
+        except (grpc.aio.AioRpcError, WorkerFailedError) as e:
             if not st.aborted:
+                why = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
                 log.warning("request %s: computing its prompt into %s's cache while the decode side recovers "
-                            "failed (%s: %s); the retry computes what is missing", job.request_id,
-                            prefill.instance_id, e.code().name, e.details())
+                            "failed (%s); the retry computes what is missing", job.request_id,
+                            prefill.instance_id, why)
         finally:
             self.discovery.inflight[prefill.instance_id] -= 1
             st.calls.remove(call)
