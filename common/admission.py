@@ -20,14 +20,22 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
              here), tokens known only from the gauge count as ahead of everything (_lars_order); a
              prompt that LARS would run first is rejected when an admitted prompt it passes would
              then miss its deadline (_passes_past_deadline)
-  model    = (ahead + own) * slowdown / (1 - decode share)
-  ttft     = correction[pool](model) + in flight
+  model    = work * slowdown / (1 - decode share)
+  work     = C[ahead] + own, on a decode instance with a budget and work ahead rounded up to a whole
+             number of budgets: its prompts get their first tokens at the end of the iteration that
+             finishes them, and behind others each iteration is filled to the budget
+  ttft     = correction[pool](model) x load + in flight
+  load     (common.perf_model.ttft_correction.LoadFactor) on a loaded candidate (work ahead, decodes
+             running, an iteration in flight): the geometric mean of measured / predicted over the
+             pool's recent requests admitted in that state, >= 1 (what later arrivals and the load's
+             own CPU add, which no prediction at admission sees); 1 on an idle candidate
   in flight = half the instance's recent mean iteration time when it is busy (measured: a new
              request waits for the iteration under way)
   host contention (common.perf_model.ttft_correction.HostContention): when another instance on the
              candidate's host (the same address host) is predicted to keep prefilling a prompt this
              router admitted there for busy_s more seconds, the corrected model time runs `factor`
-             times slower for those seconds (ttft = contention(correction(model), busy_s) + in flight);
+             times slower for those seconds (ttft = contention(correction(model) x load, busy_s)
+             + in flight);
              factor is fitted per pool on the measured TTFTs of requests admitted while a neighbour
              was busy, which the pool's correction then does not learn from (1 before any).
   slowdown = recent mean iteration time / (iteration budget x correction ratio), clipped to
@@ -101,7 +109,7 @@ from common.metadata.types import Instance, SchedulingInfo
 from common.metrics import DEFAULT_PROMPT_CLASSES, PromptClasses
 from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
-from common.perf_model.ttft_correction import HostContention, TTFTCorrection
+from common.perf_model.ttft_correction import HostContention, LoadFactor, TTFTCorrection
 from common.scheduler.chunking import ChunkingConfig
 from common.scheduler.policy import LARS
 from common.scheduler.types import BatchShape, ReqView
@@ -311,7 +319,8 @@ class Decision:
     waited_s: float = 0.0                 # arrival -> decision
     inflight_s: float = 0.0               # ADMIT: the measured rest of the iteration in flight
     pool: str = ""                        # ADMIT: the pool whose correction applies (prefill | decode)
-    corrected_s: float | None = None      # ADMIT: the corrected model time, before host contention
+    corrected_s: float | None = None      # ADMIT: the corrected model time x load_factor, before host contention
+    load_factor: float = 1.0              # ADMIT: the pool's load factor applied (1 on an idle instance)
     host_busy_s: float = 0.0              # ADMIT: seconds a neighbour on its host was predicted busy
     parts: Mapping[str, float] = field(default_factory=dict)   # ADMIT: the prediction's terms (the log)
 
@@ -398,6 +407,8 @@ class AdmissionController:
                             for pool in ("prefill", "decode")}
         self.contention = {pool: HostContention(config.correction_window, config.max_slowdown)
                            for pool in ("prefill", "decode")}
+        self.load = {pool: LoadFactor(config.correction_window, config.max_slowdown)
+                     for pool in ("prefill", "decode")}
         self._hosts: dict[str, str] = {}        # instance id -> host, from the latest snapshot
         self._lars = LARS()
         self._queue: dict[str, _Queued] = {}
@@ -459,10 +470,17 @@ class AdmissionController:
         if decision.host_busy_s > 0 and decision.corrected_s is not None:
             self.contention[pool].observe(decision.corrected_s, decision.host_busy_s, measured)
         else:
-            parts = decision.parts
-            idle = (not parts.get("ahead_tokens") and not parts.get("running_decodes")
-                    and parts.get("slowdown", 1.0) == 1.0 and not decision.inflight_s)
-            self.corrections[pool].observe(pred, measured, clean=idle)
+            loaded = self._loaded(decision.parts, decision.inflight_s)
+            self.corrections[pool].observe(pred, measured, clean=not loaded)
+            if loaded and decision.corrected_s is not None:
+                self.load[pool].observe(decision.corrected_s / decision.load_factor, measured)
+
+    @staticmethod
+    def _loaded(parts: Mapping[str, float], inflight_s: float) -> bool:
+        """Whether a prediction (its terms) was made on a loaded instance: work queued ahead,
+        decodes running, a slowdown seen or an iteration in flight (else it was idle)."""
+        return bool(parts.get("ahead_tokens") or parts.get("running_decodes")
+                    or parts.get("slowdown", 1.0) != 1.0 or inflight_s)
 
     def model_of(self, l: InstanceLoad) -> PoolModel:
         """The model instance `l` published, else its pool's default."""
@@ -566,12 +584,13 @@ class AdmissionController:
             return Decision(Outcome.REJECT, "ttft_unattainable", predicted_ttft_s=waited + alone,
                             detail=f"prefilling {req.prompt_tokens} tokens alone takes ~{alone:.2f}s; "
                                    f"TTFT SLO {ttft_slo:.2f}s", **slos)
-        contention = self.contention[role]
+        contention, load = self.contention[role], self.load[role]
         scored = []
         for model_s, l in cands:
             busy = self._host_busy_s(l, now)
-            scored.append((contention(corr(model_s), busy), model_s, busy, l))
-        timed, model_s, busy, best = min(scored, key=lambda c: (c[0], c[3].instance_id))
+            lf = load.factor if self._loaded(parts[l.instance_id], self._inflight_s(l)) else 1.0
+            scored.append((contention(corr(model_s) * lf, busy), model_s, busy, lf, l))
+        timed, model_s, busy, lf, best = min(scored, key=lambda c: (c[0], c[4].instance_id))
         inflight = self._inflight_s(best)
         pred = timed + inflight
         if waited + pred > ttft_slo:
@@ -598,8 +617,8 @@ class AdmissionController:
             return Decision(Outcome.QUEUE, why, predicted_ttft_s=waited + pred,
                             latest_start_s=req.arrival_s + ttft_slo - pred,
                             detail=f"no decode instance has room now ({why})", **slos)
-        learn = dict(model_ttft_s=model_s, inflight_s=inflight, pool=role, corrected_s=corr(model_s),
-                     host_busy_s=busy, parts=parts[best.instance_id], **slos)
+        learn = dict(model_ttft_s=model_s, inflight_s=inflight, pool=role, corrected_s=corr(model_s) * lf,
+                     load_factor=lf, host_busy_s=busy, parts=parts[best.instance_id], **slos)
         if short:
             return Decision(Outcome.ADMIT, "fits", None, best.instance_id, waited + pred,
                             kv_blocks=self._need(req, best), **learn)
@@ -614,6 +633,12 @@ class AdmissionController:
         ahead = self._lars_order(pool, l, req, now, deadline)[0] if pool.ordered else l.queued_prefill_tokens
         own = pool.prefill_alone_s(req.tokens_left(l.instance_id))
         t = pool.table.time(ahead) + own
+        if ahead and pool.budgeted and l.role == "decode":
+            # Prompts prefilled on a decode instance get their first token at the end of the
+            # iteration that finishes them, and behind others that iteration is filled to the budget
+            # (with the prompts still queued then, or arriving): the prompts of one iteration all
+            # finish at its end, not one after another within it.
+            t = math.ceil(t / pool.budget_s - 1e-9) * pool.budget_s
         share = 0.0
         if l.role == "decode" and l.running_decodes:
             share = min(self._decode_step_s(pool, l, extra=None) / pool.budget_s, self.config.max_decode_share)

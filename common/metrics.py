@@ -34,6 +34,7 @@ model's name (the router's Frontend.name; a pool's --model-name or its checkpoin
 | mnemosyne_admission_ttft_correction_ratio      | gauge     | member_role               | router: a pool's online TTFT correction, its ratio ... |
 | mnemosyne_admission_ttft_overhead_seconds      | gauge     | member_role               | ... and its fixed overhead (corrected = overhead + ratio x predicted) |
 | mnemosyne_admission_host_contention_factor     | gauge     | member_role               | router: how much slower a pool's instance runs while a neighbour on its host computes (1 = no effect seen) |
+| mnemosyne_admission_load_factor                | gauge     | member_role               | router: how much longer requests admitted to a loaded instance take than predicted (1 = no effect seen) |
 | mnemosyne_active_requests*                     | gauge     |                           | every service: requests in flight here |
 | mnemosyne_rpc_errors_total                     | counter   | method, code              | every gRPC server (MetricsInterceptor) |
 | mnemosyne_tokens_total*                        | counter   | kind (prompt, generated)  | prefill/decode engines, tokens computed |
@@ -169,6 +170,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("mnemosyne_admission_host_contention_factor", "gauge",
          "Admission's online estimate of how much slower a pool's instance runs while another instance "
          "on its host is prefilling (fitted on measured TTFTs; 1 = no effect seen).",
+         ("member_role",), (), ("router",)),
+    Spec("mnemosyne_admission_load_factor", "gauge",
+         "Admission's online estimate of how much longer a request admitted to a loaded instance (work "
+         "queued ahead, decodes running) takes than its corrected prediction (1 = no effect seen).",
          ("member_role",), (), ("router",)),
     Spec("mnemosyne_active_requests", "gauge", "Requests in flight in this process.", per_model=True),
     Spec("mnemosyne_process_peak_rss_bytes", "gauge",
@@ -487,6 +492,9 @@ class Metrics:
 
     def set_host_contention(self, member_role: str, factor: float) -> None:
         self._child("mnemosyne_admission_host_contention_factor", member_role=member_role).set(factor)
+
+    def set_load_factor(self, member_role: str, factor: float) -> None:
+        self._child("mnemosyne_admission_load_factor", member_role=member_role).set(factor)
 
     def set_admission_queue(self, length: int) -> None:
         self._child("mnemosyne_admission_queued_requests").set(length)

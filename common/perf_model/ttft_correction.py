@@ -128,3 +128,43 @@ class HostContention:
         pred = np.where(a * f <= b, a * f, b + a - b / f)
         err = (((pred - y) / y) ** 2).mean(axis=1)
         self.factor = float(grid[int(np.argmin(err))])
+
+
+class LoadFactor:
+    """How much longer a request admitted to a loaded instance takes than its corrected prediction.
+
+    The pool's TTFTCorrection learns from requests predicted on an idle instance only; a request
+    admitted beside others is also delayed by what arrives after it (a decode instance packs the
+    prompts queued at each iteration's start into that iteration, and every one of them gets its
+    first token at its end; LARS runs a later prompt with less slack first) and, on a shared host,
+    by the load's own CPU (the clients, the router): a burst of 96 prompts of 200 tokens on 2 cores
+    took ~2x its corrected prediction, the first at once, before any loaded iteration had been
+    measured (the slowdown term sees an instance's iterations only from its next load sample).
+
+    Model: on a loaded candidate (work queued ahead, decodes running or an iteration in flight) the
+    corrected prediction is multiplied by `factor`, the geometric mean of measured / predicted
+    (before the factor) over the last `window` requests admitted in that state, clipped to
+    [1, max_factor]: an online, statistical account of the load this deployment sees, not a
+    prediction of one burst; 1 (no effect) until MIN_SAMPLES such requests were measured.
+    """
+
+    MIN_SAMPLES = 3
+
+    def __init__(self, window: int = 64, max_factor: float = 4.0) -> None:
+        if window < 1 or max_factor < 1:
+            raise ConfigError(f"load factor: need window >= 1 (got {window}), max_factor >= 1 "
+                              f"(got {max_factor})")
+        self.samples: deque[float] = deque(maxlen=window)
+        self.max_factor = max_factor
+        self.factor = 1.0
+
+    def __call__(self, predicted_s: float) -> float:
+        return predicted_s * self.factor
+
+    def observe(self, predicted_s: float, measured_s: float) -> None:
+        if not (predicted_s > 0 and measured_s > 0):
+            return
+        self.samples.append(math.log(measured_s / predicted_s))
+        if len(self.samples) < self.MIN_SAMPLES:
+            return
+        self.factor = min(max(math.exp(statistics.fmean(self.samples)), 1.0), self.max_factor)

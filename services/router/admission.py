@@ -15,8 +15,9 @@ instance publishes the performance model, budget, chunking and TBT SLO its sched
 (Instance.scheduling); the decode pool's TBT SLO is the default one. A queued request waits for a
 poll() that admits or rejects it; every wait is bounded by the controller (max_queue_wait_s, the
 request's TTFT SLO). `observe_ttft` feeds each admitted request's measured TTFT back (the online
-correction, exported as mnemosyne_admission_ttft_correction_ratio and _overhead_seconds, and the
-host contention factor, mnemosyne_admission_host_contention_factor).
+correction, exported as mnemosyne_admission_ttft_correction_ratio and _overhead_seconds, the host
+contention factor, mnemosyne_admission_host_contention_factor, and the load factor,
+mnemosyne_admission_load_factor).
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ class AdmissionGate:
         for role in ("prefill", "decode"):
             metrics.set_ttft_correction(role, 1.0, 0.0)
             metrics.set_host_contention(role, 1.0)
+            metrics.set_load_factor(role, 1.0)
         self.snapshot = LoadSnapshot({}, -1e9)
         self._waiting: dict[str, asyncio.Future[Decision]] = {}
         self._source: PrometheusSource | None = None      # None: the kvstore's heartbeat loads
@@ -164,6 +166,7 @@ class AdmissionGate:
         corr = self.controller.correction(decision.pool)
         self.metrics.set_ttft_correction(decision.pool, corr.ratio, corr.overhead_s)
         self.metrics.set_host_contention(decision.pool, self.controller.contention[decision.pool].factor)
+        self.metrics.set_load_factor(decision.pool, self.controller.load[decision.pool].factor)
 
     def _on_snapshot(self, snap: LoadSnapshot) -> None:
         self.snapshot = snap

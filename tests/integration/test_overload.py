@@ -1,10 +1,12 @@
 """Overload: a burst of far more requests than one small decode instance serves within a tight TTFT
-SLO. Admitted requests meet it (p90, within one iteration), the rest are rejected promptly with
+SLO, after a first like it (admission learns online what load adds). Admitted requests meet it on
+average (p90 within three iterations), the rest are rejected promptly with
 RESOURCE_EXHAUSTED and a retry hint (admission's, or the kvstore's KV-full one), and none hangs
 (every call has a deadline)."""
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,15 +71,20 @@ def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluste
     with rpc_client.blocking_channel(cluster.router_address, metadata=bearer(resolve_api_key())) as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
         stub = router_pb2_grpc.RouterStub(ch)
-        # Warm up: the router's admission corrects the pools' own model by measured TTFTs (alone and
-        # under a small burst), and sees the load once.
-        for i in range(4):      # seeds the burst does not use: prompt(n, s) repeats with period 300
+        # Warm up: the router's admission corrects the pools' own model by measured TTFTs alone, and
+        # learns its load factor from a first burst like the one judged (what the load adds to a
+        # prediction is learned online, from the load this deployment sees).
+        for i in range(4):      # seeds the bursts do not use: prompt(n, s) repeats with period 300
             one(stub, prompt(PROMPT, 200 + i))     # in s, and a repeated prompt would hit the prefix cache
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: one(stub, prompt(PROMPT, 250 + i)), range(8)))
+        with ThreadPoolExecutor(BURST) as pool:
+            list(pool.map(lambda i: one(stub, prompt(PROMPT, 100 + i)), range(BURST)))
         time.sleep(1.0)
         with ThreadPoolExecutor(BURST) as pool:
             results = list(pool.map(lambda i: one(stub, prompt(PROMPT, i)), range(BURST)))
+    learned = [line for line in urllib.request.urlopen(cluster.metrics_urls["router"], timeout=10).read()
+               .decode().splitlines() if line.startswith(("mnemosyne_admission_load_factor",
+                                                          "mnemosyne_admission_ttft_"))]
+    print("router learned:", learned)
     ok = [r for r in results if r["code"] == "OK"]
     rejected = [r for r in results if r["code"] != "OK"]
     codes = {r["code"] for r in rejected}
@@ -90,11 +97,12 @@ def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluste
     assert max(r["s"] for r in rejected) < TTFT_SLO_S + 1.0      # rejected promptly
     ttfts = sorted(r["ttft"] for r in ok)
     p90 = ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]
-    # Admission predicts the work ahead, not which of the decode instance's iterations (each up to
-    # its budget, 0.8 x the 0.2 s TBT SLO) a burst's prompt lands in. Its predictions of a burst's tail
-    # are still short by up to ~2x on this machine (issue 11's accuracy): measured p90 0.78-0.89 s
-    # over 3 runs at the 0.6 s SLO (1.0-1.4 s at the earlier 1 s SLO), so three iterations of slack,
-    # not one; the mean stays within the SLO (0.50-0.54 s).
+    # Admission predicts each prompt to the end of the decode instance's iteration (up to its budget,
+    # 0.8 x the 0.2 s TBT SLO) that finishes it, times the load factor learned from the first burst.
+    # How fast a burst runs still varies with what else the 2 cores do (its iterations took 0.15-0.42 s
+    # for the same work): over 17 runs here the mean was 0.25-0.47 s and the p90 0.28-0.73 s, 11 of 17
+    # bursts met the SLO with every admitted request, the worst with 57% (before the iteration ends and
+    # the load factor: mean 0.50-0.54 s here, 0.62 s once in CI, p90 0.78-0.99 s).
     assert p90 <= TTFT_SLO_S + 3 * ITERATION_BUDGET_S, ttfts
     assert sum(ttfts) / len(ttfts) <= TTFT_SLO_S, ttfts
     assert all(r["s"] < DEADLINE_S for r in results)

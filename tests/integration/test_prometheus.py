@@ -173,6 +173,7 @@ class Synthetic:
         for role, ratio, overhead in (("prefill", 1.2, 0.05), ("decode", 0.8, 0.01)):
             r.set_ttft_correction(role, ratio, overhead)
             r.set_host_contention(role, 1.7 if role == "decode" else 1.0)
+            r.set_load_factor(role, 1.4 if role == "decode" else 1.1)
         for _ in range(3):
             r.observe_rpc_error("/mnemosyne.v1.Router/Generate", grpc.StatusCode.UNAVAILABLE)
         r.observe_retry("WorkerFailedError")

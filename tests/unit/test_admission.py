@@ -532,7 +532,7 @@ def test_an_admitted_prompt_counts_as_a_running_decode_only_once_its_first_token
     ctl.decide(request("a", prompt=192, ttft_slo_s=60.0), snap(decode("d1")), NOW)
     b = ctl.decide(request("b", prompt=48, ttft_slo_s=60.0), snap(decode("d1")), NOW)
     assert b.parts["ahead_tokens"] == 192 and b.parts["running_decodes"] == 0 and b.parts["decode_share"] == 0
-    assert b.model_ttft_s == pytest.approx(0.24)
+    assert b.model_ttft_s == pytest.approx(0.3)     # 0.24 s of work, to the end of its (0.1 s) iteration
     ctl.first_token("a", NOW + 0.2)
     c = ctl.decide(request("c", prompt=48, ttft_slo_s=60.0), snap(decode("d1")), NOW + 0.2)
     assert c.parts["running_decodes"] == 1 and c.parts["ahead_tokens"] == 48      # b's prompt, then c's
@@ -550,6 +550,59 @@ def test_a_prompt_prefilled_on_a_decode_instance_counts_ahead_by_its_predicted_p
     c = ctl.decide(request("c", prompt=100, arrival=NOW + 0.4, ttft_slo_s=60.0), snap(decode("d1", at=NOW + 0.4)),
                    NOW + 0.4)
     assert c.parts["ahead_tokens"] == 100          # a is done by its prediction; b (admitted at 0.2) is not
+
+
+def test_a_prompt_behind_others_on_a_decode_instance_is_predicted_to_the_end_of_its_iteration():
+    """A decode instance packs the queued prompts into iterations of its budget (0.1 s here) and each
+    gets its first token at the end of the one that finishes it: behind 150 tokens (0.15 s) a 20-token
+    prompt ends with the second iteration, at 0.2 s, not at 0.17 s; alone it takes its own 0.02 s."""
+    ctl = controller()
+    alone = ctl.decide(request("a", prompt=20, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    assert alone.model_ttft_s == pytest.approx(0.02)
+    ctl = controller()
+    ctl.decide(request("a", prompt=150, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    b = ctl.decide(request("b", prompt=20, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    assert b.parts["ahead_tokens"] == 150 and b.model_ttft_s == pytest.approx(0.2)
+    ctl = controller()             # on a prefill instance (no first tokens of its own) there is no rounding
+    ctl.decide(request("a", prompt=350, ttft_slo_s=60.0), snap(prefill("p1"), decode("d1")), NOW)
+    b = ctl.decide(request("b", prompt=420, ttft_slo_s=60.0), snap(prefill("p1"), decode("d1")), NOW)
+    assert b.prefill_instance == "p1" and b.parts["ahead_tokens"] == 350
+    assert b.model_ttft_s == pytest.approx(0.77)
+
+
+def test_the_load_factor_learns_from_loaded_admissions_and_scales_only_loaded_predictions():
+    """What a load adds beyond the model (later arrivals packed ahead, the load's own CPU) is learned
+    from requests admitted behind others (the geometric mean of measured / predicted, >= 1) and
+    scales the predictions of the next ones admitted behind others, never an idle instance's."""
+    from common.perf_model.ttft_correction import LoadFactor
+    f = LoadFactor(window=4)
+    for m in (2.0, 8.0):
+        f.observe(1.0, m)
+    assert f.factor == 1.0                                         # fewer than MIN_SAMPLES
+    f.observe(1.0, 4.0)
+    assert f.factor == pytest.approx(4.0)                          # (2 x 8 x 4) ** (1/3)
+    for _ in range(4):
+        f.observe(1.0, 0.5)
+    assert f.factor == 1.0                                         # faster than predicted: clipped at 1
+    with pytest.raises(ConfigError):
+        LoadFactor(window=0)
+
+    ctl = controller()
+    first = ctl.decide(request("a", prompt=150, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    behind = [ctl.decide(request(f"b{i}", prompt=20, ttft_slo_s=60.0), snap(decode("d1")), NOW) for i in range(3)]
+    assert first.load_factor == 1.0 and all(b.load_factor == 1.0 for b in behind)
+    ctl.observe_ttft(first, 0.15)                                  # idle: the pool's correction, not the load
+    for b in behind:
+        ctl.observe_ttft(b, 2 * b.predicted_ttft_s)                # each took twice its prediction
+    assert ctl.load["decode"].factor == pytest.approx(2.0)
+    for rid in ("a", "b0", "b1", "b2"):
+        ctl.ended(rid, NOW + 1)
+    t = NOW + 10
+    idle = ctl.decide(request("i", prompt=20, arrival=t, ttft_slo_s=60.0), snap(decode("d1", at=t)), t)
+    corr = ctl.correction("decode")
+    assert idle.load_factor == 1.0 and idle.predicted_ttft_s == pytest.approx(corr(0.02))
+    loaded = ctl.decide(request("j", prompt=20, arrival=t, ttft_slo_s=60.0), snap(decode("d1", at=t)), t)
+    assert loaded.load_factor == 2.0 and loaded.predicted_ttft_s == pytest.approx(2 * corr(0.1))
 
 
 def test_host_contention_stretches_only_the_busy_window_and_fits_its_factor():
