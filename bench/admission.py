@@ -175,15 +175,15 @@ def run_once(a: argparse.Namespace, model: str | None, tmp: pathlib.Path, label:
 
 def router_gauges(url: str) -> dict:
     """The router's online TTFT corrections at the end of the run (ratio, overhead, host contention
-    factor per pool)."""
+    and load factors per pool)."""
     body = urllib.request.urlopen(url, timeout=5).read().decode()
     out = {}
     for line in body.splitlines():
-        if line.startswith(("mnemosyne_admission_ttft_", "mnemosyne_admission_host_contention")) \
-                and "member_role=" in line:
+        if line.startswith(("mnemosyne_admission_ttft_", "mnemosyne_admission_host_contention",
+                            "mnemosyne_admission_load_factor")) and "member_role=" in line:
             role = line.split('member_role="')[1].split('"')[0]
-            name = ("ratio" if "correction_ratio" in line else
-                    "contention" if "contention" in line else "overhead_s")
+            name = ("ratio" if "correction_ratio" in line else "contention" if "contention" in line
+                    else "load" if "load_factor" in line else "overhead_s")
             out.setdefault(role, {})[name] = round(float(line.rsplit(" ", 1)[1]), 4)
     return out
 
