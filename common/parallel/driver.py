@@ -17,7 +17,6 @@ import time
 from collections import deque
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from multiprocessing import connection as mp_connection
 
 from common.config import EngineConfig, engine_config_to_dict
@@ -26,6 +25,7 @@ from common.errors import ConfigError, WorkerFailedError
 from common.kv_cache.kvp_blocks import KVPBlockManager
 from common.kv_connector.types import KVAck, KVEvent, KVSink
 from common.parallel import comm
+from common.parallel.forkserver import worker_context
 from common.parallel.groups import DRIVER_RANK, Coord, Groups, init_world, master_store, worker_rank, world_size
 from common.parallel.plan import SeqPlan, StepPlan, StepResult, decode_result, encode_plan
 from common.parallel.worker import WorkerArgs, worker_main
@@ -35,17 +35,6 @@ log = logging.getLogger(__name__)
 
 #: after a worker died, how long shutdown waits for the others to exit before it kills them
 DEAD_PEER_GRACE_S = 1.0
-
-
-def worker_context():
-    """How local workers start: forked from a forkserver that imported the worker module (torch and the
-    model code) once per driver process, so a worker starts without seconds of imports, and a later grid
-    of the same process (a rebuilt instance, the next test) reuses it. The forkserver never runs torch
-    ops, so a fork of it carries no OpenMP or CUDA state; each worker takes the driver's environment of
-    the moment it starts (WorkerArgs.env), as a spawned interpreter would."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["common.parallel.worker"])
-    return ctx
 
 
 def free_port() -> int:

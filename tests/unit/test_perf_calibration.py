@@ -192,6 +192,33 @@ def test_a_reused_profile_is_spot_checked_against_the_machine_as_it_is_now(check
     assert publish(off.perf_model).scale == pytest.approx(off.perf_model.scale)
 
 
+def test_a_spot_check_is_reused_by_a_restart_on_this_host_within_its_window(checkpoint, calibrated, tmp_path,
+                                                                             monkeypatch):
+    """A restarted instance (make up's supervisor, a rebuilt pod container) starts ~2 s sooner when a
+    spot check of the same model on the same host is recent: the correction starts at the kept ratio,
+    no batch is timed. An old record, or one of another model, is not reused: the check runs again."""
+    import common.engine.profile as prof
+    _, path, _ = calibrated
+    mine = tmp_path / "profile.json"
+    mine.write_text(path.read_text())
+    first = mode_engine(checkpoint, str(mine))
+    record = prof.spot_record(mine)
+    kept = json.loads(record.read_text())
+    assert kept["ratio"] == pytest.approx(first.perf_model.scale)
+    timed = []
+    real = prof.spot_check
+    monkeypatch.setattr(prof, "spot_check", lambda *a, **k: timed.append(1) or real(*a, **k))
+    again = mode_engine(checkpoint, str(mine))
+    assert not timed and again.perf_model.scale == first.perf_model.scale
+    record.write_text(json.dumps({**kept, "at": kept["at"] - prof.SPOT_CHECK_REUSE_S - 1}))
+    mode_engine(checkpoint, str(mine))
+    assert len(timed) == 1                                       # too old: checked again, and kept
+    assert json.loads(record.read_text())["at"] > kept["at"]
+    record.write_text(json.dumps({**json.loads(record.read_text()), "model": "another"}))
+    mode_engine(checkpoint, str(mine))
+    assert len(timed) == 2                                       # another model's: checked again
+
+
 # ---- anchoring at the budget -------------------------------------------------------------------
 def test_budget_chunk_is_the_largest_grid_chunk_the_model_fits_in_the_budget():
     from common.engine.profile import budget_chunk
