@@ -29,7 +29,7 @@ from common.kv_cache.block_pool import BlockPool
 from common.kv_cache.paged import PagedKVCache
 from common.kv_connector.types import KVAck, KVEvent, KVSink, kv_layout
 from common.kv_connector.worker import KVWorker
-from common.model.llama import LlamaModel
+from common.model.llama import LlamaModel, to_empty
 from common.model.loader import Checkpoint
 from common.sampling_params import TopLogprobs
 from common.scheduler.scheduler import SchedulerOutput
@@ -94,7 +94,7 @@ def build_model(cfg: ModelConfig, checkpoint: Checkpoint, dtype: torch.dtype, de
     """Builds a stage of the model without initialising weights, then loads its tensors."""
     with torch.device("meta"):
         model = LlamaModel(cfg, first_layer, last_layer)
-    model = model.to_empty(device=device)
+    model = to_empty(model, device)
     model.load_weights(checkpoint.weights(model.wanted))
     model = model.to(dtype).eval()
     if torch.device(device).type == "cpu":

@@ -154,6 +154,36 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def meta_weight(num: int, dim: int) -> torch.Tensor | None:
+    """An uninitialised (num, dim) weight when modules are being built on the meta device (`with
+    torch.device("meta")`, before the checkpoint's tensors are loaded), else None (a normal init).
+    nn.Embedding's own init of a meta tensor goes through torch._refs, which imports torch._dynamo:
+    ~2 s of every engine's and grid worker's start on this machine, for values that are replaced."""
+    return torch.empty(num, dim) if torch.empty(0).is_meta else None
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    return nn.Embedding(num, dim, _weight=meta_weight(num, dim))
+
+
+def to_empty(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """`model.to_empty(device=device)` for a model built on the meta device: every parameter and
+    buffer replaced by an uninitialised tensor of its shape and dtype on `device` (a parameter shared
+    by two modules stays shared). torch's own goes through the meta tensors' Python empty_like,
+    which imports torch.fx's symbolic shapes: ~0.5 s of every grid worker's start here."""
+    made: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for table, wrap in ((mod._parameters, True), (mod._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None:
+                    continue
+                if id(t) not in made:
+                    new = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    made[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if wrap else new
+                table[name] = made[id(t)]
+    return model
+
+
 class LlamaModel(nn.Module):
     """Holds layers [first_layer, last_layer) (a pipeline stage) or all of them.
 
@@ -168,7 +198,7 @@ class LlamaModel(nn.Module):
         self.is_first = first_layer == 0
         self.is_last = self.last_layer == cfg.num_layers
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i)
                                      for i in range(self.first_layer, self.last_layer)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None

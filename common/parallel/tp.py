@@ -16,7 +16,7 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.errors import ConfigError
-from common.model.llama import LlamaModel
+from common.model.llama import LlamaModel, meta_weight, to_empty
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class RowParallelLinear(nn.Linear):
 
 class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, num: int, dim: int, vocab_lo: int, groups) -> None:
-        super().__init__(num, dim)
+        super().__init__(num, dim, _weight=meta_weight(num, dim))
         self.vocab_lo = vocab_lo
         self.groups = groups
 
@@ -123,7 +123,7 @@ class VocabParallelHead(nn.Linear):
 
 
 def apply_tp(model: LlamaModel, shard: TPShard, groups) -> None:
-    """Replaces the model's linears by their TP slices (call on a meta-device model before to_empty)."""
+    """Replaces the model's linears by their TP slices (call on a meta-device model before it is made real: to_empty)."""
     if shard.size == 1:
         return
     cfg = model.cfg
@@ -157,6 +157,6 @@ def load_shard(ckpt, shard: TPShard, groups, first_layer: int = 0, last_layer: i
     with torch.device("meta"):
         model = LlamaModel(cfg, first_layer, last_layer)
         apply_tp(model, shard, groups)
-    model = model.to_empty(device="cpu")
+    model = to_empty(model, "cpu")
     model.load_weights(ckpt.weights(model.wanted), transform=lambda n, t: slice_weight(shard, cfg, n, t))
     return model

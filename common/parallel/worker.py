@@ -16,9 +16,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo  # noqa: F401 - imported once in the forkserver (see forkserver.worker_context), not per worker:
-#                      building the model on the meta device initialises its parameters, which imports it
-#                      (~1 s of every worker's start, 20% of a decode instance's rebuild)
 import torch.distributed as dist
 
 from common.attention.merge import merge_stacked
