@@ -83,8 +83,9 @@ class PoolConfig:
 def start_worker_server(config_type: type[PoolConfig], argv: Sequence[str] | None = None) -> bool:
     """A pool's main, first thing: when its flags ask for a grid of worker processes (on CPU), starts
     the forkserver its workers will be forked from (common/parallel/forkserver.py) before this process
-    imports torch, so the forkserver's imports run beside the main's imports and model load: an
-    instance that make up's supervisor restarts builds its kvp-2 grid in ~5.6 s instead of ~8 s here.
+    imports torch, so the forkserver's imports run beside the main's imports and model load (a
+    restarted kvp-2 decode instance had its engine 5.4-5.8 s after its process started instead of
+    7.8-8.2 s here, measured before the model build lost its compiler imports).
     Returns whether it started one; the flags are only peeked at (any error in them is the real
     parse's to report, in run_pool_main)."""
     try:

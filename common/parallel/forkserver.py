@@ -20,8 +20,8 @@ def worker_context():
 
 
 def start_worker_server() -> None:
-    """Starts the forkserver now: its imports (torch and the worker module, ~2.4 s on this 2-core
-    machine) then run beside the caller's own imports and model load, not after them, when the grid
-    forks its workers. Idempotent."""
+    """Starts the forkserver now: its imports (torch and the worker module, over a second on this
+    2-core machine) then run beside the caller's own imports and model load, not after them, when
+    the grid forks its workers. Idempotent."""
     worker_context()
     multiprocessing.forkserver.ensure_running()

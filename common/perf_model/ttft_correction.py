@@ -158,9 +158,6 @@ class LoadFactor:
         self.max_factor = max_factor
         self.factor = 1.0
 
-    def __call__(self, predicted_s: float) -> float:
-        return predicted_s * self.factor
-
     def observe(self, predicted_s: float, measured_s: float) -> None:
         if not (predicted_s > 0 and measured_s > 0):
             return
