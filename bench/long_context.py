@@ -110,6 +110,13 @@ def wait_pools(cluster, timeout_s: float = 600.0) -> None:
     time.sleep(2.0)                         # the router's instance list (discovery_ttl_s) is fresh
 
 
+def group_tokens(args: argparse.Namespace, kvp: int) -> int:
+    """M, the tokens of each KVP group: --kvp-tokens, else the prompt and output over `kvp` groups in
+    whole blocks. Every group but the last holds exactly M tokens and generated tokens extend the last,
+    so K x M must cover prompt + output: at 2^20 + 16 tokens and K = 4, M = 262,160 (not 2^18)."""
+    return args.kvp_tokens or -(-(-(-(args.tokens + args.max_tokens) // kvp)) // BLOCK) * BLOCK
+
+
 def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, args) -> dict:
     from common.metrics import scrape, total
     from scripts.up import Cluster, ClusterConfig
@@ -219,10 +226,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"prompt: {n} tokens, {args.max_tokens} new; layouts {args.layouts}", flush=True)
     rows = []
     for spp, kvp in args.layouts:
-        # Every KVP group but the last holds exactly M tokens and generated tokens extend the last, so
-        # K x M must cover prompt + output: at 2^20 + 16 tokens and K = 4, M = 262,160 (not 2^18).
-        m = args.kvp_tokens or -(-(-(-(n + args.max_tokens) // kvp)) // BLOCK) * BLOCK
-        rows.append(run_layout(model, ids, spp, kvp, m, args))
+        rows.append(run_layout(model, ids, spp, kvp, group_tokens(args, kvp), args))
     main_row = rows[0]
     result = {"benchmark": "long_context", "model": f"{LONGCTX_TEST_MODEL} (random weights, seed 0, float32; "
                                                     "2 layers, 2 heads, 1 KV head of dim 16)",
@@ -283,8 +287,7 @@ def update(args: argparse.Namespace) -> dict:
     model, ids = checkpoint(args), prompt_ids(args.tokens)
     main = result["rows"][0]
     for spp, kvp in args.layouts:
-        m = args.kvp_tokens or -(-(-(-(args.tokens + args.max_tokens) // kvp)) // BLOCK) * BLOCK
-        row = run_layout(model, ids, spp, kvp, m, args)
+        row = run_layout(model, ids, spp, kvp, group_tokens(args, kvp), args)
         at = [i for i, r in enumerate(result["rows"]) if r["layout"] == row["layout"]]
         if at and at[0] == 0:
             raise SystemExit("--update reruns other layouts than the main one (its tokens are the comparison)")

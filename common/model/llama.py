@@ -159,7 +159,7 @@ def meta_weight(num: int, dim: int) -> torch.Tensor | None:
     torch.device("meta")`, before the checkpoint's tensors are loaded), else None (a normal init).
     nn.Embedding's own init of a meta tensor goes through torch._refs, which imports torch._dynamo:
     ~2 s of every engine's and grid worker's start on this machine, for values that are replaced."""
-    return torch.empty(num, dim) if torch.empty(0).is_meta else None
+    return torch.empty(num, dim) if torch.get_default_device().type == "meta" else None
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:
