@@ -31,6 +31,7 @@ engine (its blocks are borrowed and returned).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -270,6 +271,8 @@ def save_spot_check(record: Path, model: PerfModel, ratio: float) -> None:
         os.replace(tmp, record)
     except OSError as e:
         log.debug("spot check not kept in %s: %s", record, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)                # a partly written one
 
 
 def checked(engine: "LLMEngine", model: PerfModel, spec: ProfileSpec = STARTUP_SPEC,
