@@ -276,6 +276,11 @@ class EngineConfig:
     kv_backend: KVBackend = "tcp"      # KV transfer to/from other instances
     kv_host: str = "127.0.0.1"         # address this instance's KV receivers listen on
     cuda_graphs: bool = True           # CUDA: replay decode-only steps from captured graphs
+    weight_cache: bool = field(default=False, metadata={
+        "help": "CPU: save each model shard once as it serves (loaded, cast, packed) under the cache "
+                "directory ($MNEMOSYNE_CACHE or ~/.cache/mnemosyne, packed/) and map it from there: a "
+                "rebuilt or restarted engine and the grid's other ranks of the same shard start without "
+                "loading and share its pages (the pools' default)"})
     perf_model: str = field(default="saved", metadata={
         "metavar": "saved|calibrate|analytic|FILE",
         "help": "performance model of the scheduler: saved (the saved profile, else the analytic "

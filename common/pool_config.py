@@ -20,7 +20,7 @@ from common.rpc.tls import TLSConfig
 
 # The paper's scheduler in both pools (budgets: common/config.py SchedulerConfig.iteration_budget).
 POOL_DEFAULTS: dict[str, Any] = {"engine.scheduler.policy": "lars", "engine.scheduler.chunking": "adaptive",
-                                 "engine.perf_model": "calibrate"}
+                                 "engine.perf_model": "calibrate", "engine.weight_cache": True}
 
 
 @dataclass(frozen=True)

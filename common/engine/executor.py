@@ -31,6 +31,7 @@ from common.kv_connector.types import KVAck, KVEvent, KVSink, kv_layout
 from common.kv_connector.worker import KVWorker
 from common.model.llama import LlamaModel, to_empty
 from common.model.loader import Checkpoint
+from common.model.packed_cache import PackedCache, shard_key
 from common.sampling_params import TopLogprobs
 from common.scheduler.scheduler import SchedulerOutput
 
@@ -90,16 +91,28 @@ class Executor(ABC):
 
 
 def build_model(cfg: ModelConfig, checkpoint: Checkpoint, dtype: torch.dtype, device: str,
-                first_layer: int = 0, last_layer: int | None = None) -> LlamaModel:
-    """Builds a stage of the model without initialising weights, then loads its tensors."""
-    with torch.device("meta"):
-        model = LlamaModel(cfg, first_layer, last_layer)
-    model = to_empty(model, device)
-    model.load_weights(checkpoint.weights(model.wanted))
-    model = model.to(dtype).eval()
-    if torch.device(device).type == "cpu":
-        model.pack_weights()
-    return model
+                first_layer: int = 0, last_layer: int | None = None, cache: PackedCache | None = None) -> LlamaModel:
+    """Builds a stage of the model without initialising weights, then loads its tensors. On the CPU
+    with `cache`, mapped from the stage's packed file when one was saved (common/model/packed_cache.py)."""
+    def build() -> LlamaModel:
+        with torch.device("meta"):
+            model = LlamaModel(cfg, first_layer, last_layer)
+        model = to_empty(model, device)
+        model.load_weights(checkpoint.weights(model.wanted))
+        model = model.to(dtype).eval()
+        if torch.device(device).type == "cpu":
+            model.pack_weights()
+        return model
+
+    if cache is None or torch.device(device).type != "cpu":
+        return build()
+
+    def empty() -> LlamaModel:
+        with torch.device("meta"):
+            return LlamaModel(cfg, first_layer, last_layer)
+
+    last = cfg.num_layers if last_layer is None else last_layer
+    return cache.model(shard_key(checkpoint.source, cfg, dtype, first_layer, last), build, empty)
 
 
 def dump_kv_file(cache: PagedKVCache, table: list[int], num_tokens: int, path: str) -> str:
@@ -125,7 +138,8 @@ class LocalExecutor(Executor):
         self.cfg = cfg
         mc: ModelConfig = checkpoint.config
         self.dtype = TORCH_DTYPES[cfg.dtype]
-        self.model = build_model(mc, checkpoint, self.dtype, cfg.device)
+        self.model = build_model(mc, checkpoint, self.dtype, cfg.device,
+                                 cache=PackedCache() if cfg.weight_cache else None)
         self.pool = pool
         self.max_model_len = max_model_len
         self.cache = PagedKVCache(range(mc.num_layers), pool.num_blocks, pool.block_size, mc.num_kv_heads,

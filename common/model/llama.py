@@ -38,6 +38,24 @@ def _fuse(weights: list[torch.Tensor], transposed: bool) -> torch.Tensor:
     return _laid_out(torch.cat(weights), transposed)
 
 
+def _fused_of(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The fused tensor `parts` were split from (_fuse, then split along dim 0), when they are still
+    consecutive blocks of one storage (parameters assigned from a saved packed model), else None."""
+    first = parts[0]
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for p in parts:
+        if (p.untyped_storage().data_ptr() != storage or p.stride() != first.stride()
+                or p.shape[1:] != first.shape[1:] or p.storage_offset() != offset):
+            return None
+        offset += p.shape[0] * p.stride(0)
+    rows = sum(p.shape[0] for p in parts)
+    try:
+        return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+    except RuntimeError:            # beyond the storage: not views of one fused tensor
+        return None
+
+
 def _set_storage(linear: nn.Linear, transposed: bool) -> None:
     """Same values, [in, out] row-major storage when `transposed` (F.linear then multiplies without a
     transpose), else [out, in] row-major."""
@@ -99,6 +117,17 @@ class Attention(nn.Module):
         self.qkv = (w, b, sizes)
         _set_storage(self.o_proj, transposed)
 
+    def adopt_packed(self) -> bool:
+        """Takes q, k, v as the views of one fused matrix they are after pack() (their tensors assigned
+        from a saved packed model); False when they are not."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        w = _fused_of([p.weight.detach() for p in projs])
+        b = None if self.q_proj.bias is None else _fused_of([p.bias.detach() for p in projs])
+        if w is None or (self.q_proj.bias is not None and b is None):
+            return False
+        self.qkv = (w, b, [p.out_features for p in projs])
+        return True
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttendFn) -> torch.Tensor:
         t = x.shape[0]
         if self.qkv is not None:
@@ -133,6 +162,12 @@ class MLP(nn.Module):
         self.up_proj.weight = nn.Parameter(up, requires_grad=False)
         self.gate_up = w
         _set_storage(self.down_proj, transposed)
+
+    def adopt_packed(self) -> bool:
+        """Takes gate and up as the views of one fused matrix (see Attention.adopt_packed)."""
+        w = _fused_of([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        self.gate_up = w
+        return w is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
@@ -243,6 +278,14 @@ class LlamaModel(nn.Module):
             layer.mlp.pack(transposed)
         if self.lm_head is not None:
             _set_storage(self.lm_head, transposed)
+
+    def adopt_packed(self) -> None:
+        """After its tensors were assigned from a saved packed model (common/model/packed_cache.py):
+        the fused q/k/v and gate/up matrices taken from their views; ValueError when a layer's
+        tensors are not the views pack_weights makes (a file of another layout)."""
+        for i, layer in self.layers.items():
+            if not (layer.self_attn.adopt_packed() and layer.mlp.adopt_packed()):
+                raise ValueError(f"layer {i}: the tensors are not a packed layout")
 
     def wanted(self, name: str) -> bool:
         """Whether the checkpoint tensor `name` belongs to this stage."""

@@ -17,6 +17,7 @@ from torch import nn
 from common.config import ModelConfig
 from common.errors import ConfigError
 from common.model.llama import LlamaModel, meta_weight, to_empty
+from common.model.packed_cache import PackedCache, shard_key
 
 
 @dataclass(frozen=True)
@@ -160,3 +161,26 @@ def load_shard(ckpt, shard: TPShard, groups, first_layer: int = 0, last_layer: i
     model = to_empty(model, "cpu")
     model.load_weights(ckpt.weights(model.wanted), transform=lambda n, t: slice_weight(shard, cfg, n, t))
     return model
+
+
+def build_shard(ckpt, shard: TPShard, groups, first_layer: int, last_layer: int, dtype: torch.dtype,
+                cache: "PackedCache | None" = None) -> LlamaModel:
+    """load_shard, cast to `dtype` and packed (the CPU layout): what a grid worker serves. With
+    `cache` (common/model/packed_cache.py), mapped from the shard's file when an earlier build saved
+    it (a rebuilt grid, a restarted instance, another KVP rank of the same shard)."""
+    def build() -> LlamaModel:
+        model = load_shard(ckpt, shard, groups, first_layer, last_layer).to(dtype).eval()
+        model.pack_weights()
+        return model
+
+    if cache is None:
+        return build()
+
+    def empty() -> LlamaModel:
+        with torch.device("meta"):
+            model = LlamaModel(ckpt.config, first_layer, last_layer)
+            apply_tp(model, shard, groups)
+        return model
+
+    key = shard_key(ckpt.source, ckpt.config, dtype, first_layer, last_layer, shard)
+    return cache.model(key, build, empty)

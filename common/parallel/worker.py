@@ -29,10 +29,11 @@ from common.kv_cache.paged import PagedKVCache
 from common.kv_connector.types import KVEvent, KVSink, kv_layout
 from common.kv_connector.worker import KVWorker
 from common.model.loader import load_checkpoint
+from common.model.packed_cache import PackedCache
 from common.parallel import comm
 from common.parallel.groups import Groups, init_world, stage_layers
 from common.parallel.plan import StepPlan, StepResult, decode_plan, encode_result
-from common.parallel.tp import load_shard, tp_shard
+from common.parallel.tp import build_shard, tp_shard
 from common.sampling_params import SamplingParams, TopLogprobs
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,8 @@ class Worker:
         c = self.groups.coord
         self.layers = stage_layers(mc.num_layers, self.pcfg.spp, c.stage)
         self.shard = tp_shard(mc, c.tp, self.pcfg.tp)
-        model = load_shard(ckpt, self.shard, self.groups, self.layers.start, self.layers.stop)
-        self.model = model.to(self.dtype).eval()
-        self.model.pack_weights()                        # the CPU weight layout
+        self.model = build_shard(ckpt, self.shard, self.groups, self.layers.start, self.layers.stop, self.dtype,
+                                 PackedCache() if cfg.weight_cache else None)
         self.cache = PagedKVCache(self.layers, args.blocks_per_group, cfg.cache.block_size,
                                   self.shard.num_kv_heads, mc.head_dim, self.dtype)
         self.backend = get_backend(cfg.attention_backend, "cpu")

@@ -287,3 +287,21 @@ def test_workers_exit_when_their_driver_is_killed(gqa_uneven, tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("tp,spp,kvp", [(1, 1, 2), (2, 2, 1)])
+def test_grid_with_packed_weight_cache(gqa_uneven, reference, tmp_path, monkeypatch, tp, spp, kvp):
+    """weight_cache (the pools' default): the first grid saves each distinct shard once (both KVP ranks
+    hold the same one), the next maps them; both give the single-process engine's tokens."""
+    monkeypatch.setenv("MNEMOSYNE_CACHE", str(tmp_path))       # the workers take the driver's environment
+    cfg = replace(engine_config(gqa_uneven, tp, spp, kvp), weight_cache=True)
+    seen = {}
+    for _ in range(2):
+        with ParallelEngine(cfg) as eng:
+            got = eng.generate(PROMPTS, PARAMS)
+        assert_same(reference, got)
+        now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "packed").glob("*.pt")}
+        assert len(now) == tp * spp
+        for name, (ino, mtime) in seen.items():      # mapped, not written again: same file, touched when used
+            assert now[name][0] == ino and now[name][1] > mtime
+        seen = now
