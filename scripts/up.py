@@ -484,6 +484,11 @@ class Cluster:
             # NIXL's UCX would also listen on every network device's address; a loopback deployment
             # keeps it on lo (an operator's own UCX_NET_DEVICES wins).
             env.setdefault("UCX_NET_DEVICES", "lo")
+        # The KV of make up's pools is host memory that NIXL registers explicitly, so UCX's mmap hooks
+        # (which keep its registration cache coherent) buy nothing here; installing them cost ~0.4 s of
+        # every process' first NIXL agent, a grid worker's included (0.025 s without; measured, see
+        # bench/results/faults.md). An operator's own setting wins.
+        env.setdefault("UCX_MEM_MMAP_HOOK_MODE", "none")
         with open(log_path, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=ROOT, env=env,
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
