@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> dict:
     answers = [oracle.tokens(p) for p in prompts]
     t_start = time.monotonic()
     with Cluster(cfg) as cluster:
-        supervisor = Supervisor(cluster)              # make up's, with its default policy
+        supervisor = Supervisor(cluster, standby=cluster.config.standby)   # make up's, with its defaults
         stop = threading.Event()
         thread = threading.Thread(target=supervisor.run, args=(stop,), name="supervisor", daemon=True)
         thread.start()

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed + 1)
     t_start = time.monotonic()
     with Cluster(cfg) as cluster:
-        supervisor = Supervisor(cluster)
+        supervisor = Supervisor(cluster, standby=cluster.config.standby)
         stop_sup = threading.Event()
         sup = threading.Thread(target=supervisor.run, args=(stop_sup,), name="supervisor", daemon=True)
         sup.start()

@@ -35,6 +35,7 @@ from common.pool_config import PoolConfig
 from common.pool_load import LoadSampler
 from common.prefix_report import PrefixReporter
 from common.rpc.server import RpcServer, advertised_host, host_port, serve_until_signal
+from common.standby import hold
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,17 @@ class PoolService:
             self.metrics_server = None
 
 
+def preload() -> None:
+    """What building an engine imports on first use: a standby process imports it before it waits."""
+    import common.kv_transfer.tcp  # noqa: F401
+    import common.model.gguf_loader  # noqa: F401
+    import common.parallel.driver  # noqa: F401
+    try:
+        import common.kv_transfer.nixl  # noqa: F401
+    except ImportError:                    # the nixl wheel is optional
+        pass
+
+
 def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
                   argv: list[str] | None = None) -> int:
     """`python -m services.<role>`: parse, start, print "<role> listening on HOST:PORT" (the line
@@ -291,6 +303,7 @@ def run_pool_main(service: type[PoolService], config_type: type[PoolConfig],
         logging.getLogger(role).error("%s", e)
         return 2
     setup_logging(role, config.observability.log_format)
+    hold(preload, role)                    # a standby process (make up's supervisor) waits here
     provider = setup_tracing(role, config.observability)
     try:
         import torch

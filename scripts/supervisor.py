@@ -10,8 +10,15 @@ and decode instances (they register again) and the router. Consecutive failures 
 0.5 s, 1 s, 2 s, ... up to 10 s before the next start; a service that stayed up `healthy_s` has its
 failures forgiven; the `max_failures`-th failure in a row gives up.
 
-Plain logic over a duck-typed cluster (`services`, `redis`, `stopping`, `restart`), with an
-injectable clock: tests/unit/test_supervisor.py drives it with a fake cluster and a fake clock.
+With `standby` (make up's default), each Python service also has a spare process that imported its
+code and waits (common/standby.py; `cluster.spawn_standby(name)`, started STANDBY_AFTER_S after the
+service itself so it does not slow that start): `cluster.restart(name)` starts it in place of the
+one that exited, and a new spare follows. A spare that dies is started again at most every
+STANDBY_RETRY_S.
+
+Plain logic over a duck-typed cluster (`services`, `redis`, `stopping`, `restart`, and with standby
+`has_standby`, `spawn_standby`), with an injectable clock: tests/unit/test_supervisor.py drives it
+with a fake cluster and a fake clock.
 """
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ from common.errors import ConfigError
 log = logging.getLogger("up")
 
 ORDER = ("redis", "kvstore", "prefill", "decode", "router")   # what the others depend on first
+STANDBYS = ("kvstore", "prefill", "decode", "router")          # the services a spare process can stand in for
+STANDBY_AFTER_S = 3.0                    # a spare starts this long after the service it stands in for
+STANDBY_RETRY_S = 10.0                   # and at most this often
 
 
 @dataclass(frozen=True)
@@ -52,16 +62,19 @@ class _Track:
     started_at: float                        # when it was (re)started, on the supervisor's clock
     failures: int = 0                        # consecutive failures, each within healthy_s of its start
     due: float | None = None                 # when the pending restart runs (None: none pending)
+    standby_at: float = 0.0                  # the earliest time its next spare process may start
 
 
 class Supervisor:
     """Watches a cluster's processes; `poll()` restarts what exited. Call it from one thread."""
 
     def __init__(self, cluster: Any, policy: RestartPolicy = RestartPolicy(),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, standby: bool = False) -> None:
         self.cluster = cluster
         self.policy = policy
         self.clock = clock
+        self.standby = standby
+        self.standbys: dict[str, int] = {}   # name -> spare processes started
         self.gave_up: str | None = None      # the service it gave up on
         self.restarts: dict[str, int] = {}   # name -> restarts done (for tests and the log)
         now = clock()
@@ -93,6 +106,7 @@ class Supervisor:
             track = self._tracks.setdefault(name, _Track(self.clock()))
             code = self._exit_code(name)
             if code is None:
+                self._keep_standby(name, track)
                 continue
             now = self.clock()
             if track.due is None:                                   # a new exit
@@ -111,6 +125,7 @@ class Supervisor:
             if now >= track.due:
                 track.due = None
                 track.started_at = now
+                track.standby_at = 0.0               # its spare (if any) is used up by this restart
                 self.restarts[name] = self.restarts.get(name, 0) + 1
                 try:
                     self.cluster.restart(name)
@@ -118,6 +133,20 @@ class Supervisor:
                 except ConfigError as e:                            # exited while starting: the next
                     log.warning("%s", e)                            # poll counts it as a failure
         return True
+
+    def _keep_standby(self, name: str, track: _Track) -> None:
+        """Starts a spare process for running service `name` when it has none (see the module doc)."""
+        if not self.standby or name not in STANDBYS or self.cluster.has_standby(name):
+            return
+        now = self.clock()
+        if now < max(track.started_at + STANDBY_AFTER_S, track.standby_at):
+            return
+        track.standby_at = now + STANDBY_RETRY_S
+        self.standbys[name] = self.standbys.get(name, 0) + 1
+        try:
+            self.cluster.spawn_standby(name)
+        except (OSError, ConfigError) as e:
+            log.warning("%s: no standby process (%s)", name, e)
 
     def run(self, stop: threading.Event, interval_s: float = 0.3) -> None:
         """poll() every interval_s until `stop` is set or it gives up (a thread's target in tests)."""

@@ -58,6 +58,7 @@ from common.flags import ENV_PREFIX, RESERVED_ENV, Flags, HelpFormatter  # noqa:
 from common.metadata.redis_server import RedisServer  # noqa: E402
 from common.metadata.store import MetadataStore  # noqa: E402
 from common.pool_config import POOL_DEFAULTS  # noqa: E402
+from common.standby import STANDBY_ENV  # noqa: E402
 from scripts.certs import ensure_certs  # noqa: E402
 from scripts.supervisor import Supervisor  # noqa: E402
 from services.router.config import RouterConfig  # noqa: E402
@@ -123,6 +124,10 @@ class ClusterConfig:
     start_timeout_s: float = 300.0           # how long each service may take to start
     supervise: bool = True                   # restart a service that exits (scripts/supervisor.py; no: stop
                                              # everything when one exits)
+    standby: bool = True                     # the supervisor keeps one imported spare process per service and
+                                             # starts it in place of one that exits (common/standby.py): a
+                                             # restart skips the interpreter's imports (~2-4 s); costs the
+                                             # spares' memory (no: a restart starts a new process)
     log_dir: str = ""                        # where the services' logs go (empty = a new temporary directory)
     admission: bool = True                   # the router's SLO-aware admission
     auth: bool = True                        # clients need an API key: one is generated for this checkout
@@ -231,6 +236,7 @@ class Service:
     name: str
     proc: subprocess.Popen
     log_path: pathlib.Path
+    args: list[str] = field(default_factory=list)   # what it was started with (before the cluster-wide flags)
     address: str = ""
     metrics_url: str = ""                    # its /metrics endpoint (printed at start)
     http_url: str = ""                       # the router's OpenAI-compatible API, http://HOST:PORT/v1
@@ -259,6 +265,7 @@ class Cluster:
         self.redis_url = config.redis_url
         self.api_key: str | None = None                 # the generated key clients present (auth, no keys file)
         self.services: dict[str, Service] = {}
+        self.standbys: dict[str, Service] = {}          # spare processes by service (spawn_standby)
         self.stopping = False                           # stop() began: nothing is restarted any more
         self.log_dir = pathlib.Path(config.log_dir or tempfile.mkdtemp(prefix="mnemosyne-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -338,17 +345,17 @@ class Cluster:
         if old.proc.poll() is None:
             raise RuntimeError(f"{name} (pid {old.pid}) is still running")
         self._kill_group(old)                            # grid workers left behind by a killed driver
-        port = old.address.rpartition(":")[2] if old.address else "0"
-        if name == "kvstore":
-            args = self._kvstore_args(port)
-        elif name == "router":
-            http = old.http_url.removesuffix("/v1").rpartition(":")[2] if old.http_url else None
-            args = self._router_args(port if self.config.router_port == 0 else None, http)
-        else:
+        if name in ("prefill", "decode"):
             self._forget(old)
-            args = self._engine_args(name)
+        args = self._restart_args(name, old)
         old.log_path.rename(old.log_path.with_suffix(f".{old.pid}.log"))
-        svc = self._spawn(name, args)
+        spare = self.standbys.pop(name, None)
+        if spare is not None and spare.proc.poll() is None and spare.args == args:
+            svc = self._take_over(spare, old.log_path)
+        else:
+            if spare is not None:
+                self._end_standby(spare)
+            svc = self._spawn(name, args)
         try:
             self._wait(svc)
         except ConfigError:
@@ -356,6 +363,63 @@ class Cluster:
             svc.proc.wait(5)
             raise
         return svc
+
+    def _restart_args(self, name: str, old: Service) -> list[str]:
+        """The arguments a service started in place of `old` gets: the kvstore and the router keep
+        their ports (the pools and the clients know them); a pool instance takes new ones."""
+        port = old.address.rpartition(":")[2] if old.address else "0"
+        if name == "kvstore":
+            return self._kvstore_args(port)
+        if name == "router":
+            http = old.http_url.removesuffix("/v1").rpartition(":")[2] if old.http_url else None
+            return self._router_args(port if self.config.router_port == 0 else None, http)
+        return self._engine_args(name)
+
+    # ---- standbys (common/standby.py) ----------------------------------------------------------
+    def spawn_standby(self, name: str) -> Service:
+        """Starts a spare process for service `name` ("redis" has none): it imports the service's
+        code, then waits for restart() to start it in place of the running one once that exits."""
+        old = self.services[name]
+        if name in self.standbys:
+            self._end_standby(self.standbys.pop(name))
+        spare = self._spawn(name, self._restart_args(name, old), standby=True)
+        self.standbys[name] = spare
+        return spare
+
+    def has_standby(self, name: str) -> bool:
+        spare = self.standbys.get(name)
+        return spare is not None and spare.proc.poll() is None
+
+    def _take_over(self, spare: Service, log_path: pathlib.Path) -> Service:
+        """The spare becomes the service: its log becomes the service's, and it is told to start."""
+        spare.log_path.rename(log_path)
+        spare.log_path = log_path
+        try:
+            spare.proc.stdin.write(b"go\n")
+            spare.proc.stdin.close()
+        except OSError as e:                              # it died since: the next poll restarts it anew
+            raise ConfigError(f"{spare.name}: its standby process (pid {spare.pid}) is gone: {e}") from e
+        self.services[spare.name] = spare
+        log.info("%s: standby process %d takes over", spare.name, spare.pid)
+        return spare
+
+    def _end_standby(self, spare: Service, timeout_s: float = 5.0) -> None:
+        """A spare told to exit (the end of its stdin), killed if it does not."""
+        try:
+            if spare.proc.stdin is not None and not spare.proc.stdin.closed:
+                spare.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            spare.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._kill_group(spare)
+            spare.proc.wait(5)
+        for path in (spare.log_path,):
+            try:
+                path.unlink()
+            except OSError:
+                pass
 
     def _restart_redis(self) -> RedisServer:
         if self.redis is None:
@@ -472,9 +536,10 @@ class Cluster:
         o = self.config.observability
         return ["--log-format", o.log_format] + (["--otlp-endpoint", o.otlp_endpoint] if o.otlp_endpoint else [])
 
-    def _spawn(self, name: str, args: list[str]) -> Service:
+    def _spawn(self, name: str, args: list[str], standby: bool = False) -> Service:
+        given = args
         args = args + self._observability_args() + list(self.config.extra.get(name, ()))
-        log_path = self.log_dir / f"{name}.log"
+        log_path = self.log_dir / (f"{name}.standby.log" if standby else f"{name}.log")
         # Settings reach the services as flags only: MNEMOSYNE_* settings of this shell stay here.
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) or k in RESERVED_ENV}
         env.update(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -489,12 +554,16 @@ class Cluster:
         # every process' first NIXL agent, a grid worker's included (0.025 s without; measured, see
         # bench/results/faults.md). An operator's own setting wins.
         env.setdefault("UCX_MEM_MMAP_HOOK_MODE", "none")
+        if standby:
+            env[STANDBY_ENV] = "1"
         with open(log_path, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], cwd=ROOT, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.PIPE if standby else subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT,
                                     start_new_session=True)    # Ctrl-C reaches up.py only; it stops them in order
-        svc = Service(name, proc, log_path)
-        self.services[name] = svc
+        svc = Service(name, proc, log_path, args=given)
+        if not standby:
+            self.services[name] = svc
         return svc
 
     def _wait(self, svc: Service) -> None:
@@ -532,6 +601,9 @@ class Cluster:
             self.kill()
 
     def _stop_in_order(self, timeout_s: float) -> None:
+        for spare in self.standbys.values():
+            self._end_standby(spare)
+        self.standbys.clear()
         for stage in (("router",), ("prefill", "decode"), ("kvstore",)):
             running = [self.services[n] for n in stage if n in self.services
                        and self.services[n].proc.poll() is None]
@@ -552,17 +624,18 @@ class Cluster:
         after stop(), or at once on a second Ctrl-C. Idempotent. wait=False only signals (safe in
         a signal handler); with wait it also reaps them."""
         self.stopping = True
-        for svc in self.services.values():
+        for svc in [*self.services.values(), *self.standbys.values()]:
             self._kill_group(svc)
         if self.redis is not None:
             self.redis.kill()
         if not wait:
             return
-        for svc in self.services.values():
+        for svc in [*self.services.values(), *self.standbys.values()]:
             try:
                 svc.proc.wait(5)
             except subprocess.TimeoutExpired:
                 log.error("%s (pid %d) survived SIGKILL", svc.name, svc.pid)
+        self.standbys.clear()
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
@@ -694,7 +767,7 @@ def main(argv: list[str] | None = None, prog: str = "make up") -> int:
 def watch(cluster: Cluster, interval_s: float = 0.3) -> int:
     """Until a service exits for good: restarting the ones that exit (--supervise), or returning
     when the first one does (--no-supervise). 1 then; the caller stops the cluster."""
-    supervisor = Supervisor(cluster) if cluster.config.supervise else None
+    supervisor = Supervisor(cluster, standby=cluster.config.standby) if cluster.config.supervise else None
     while True:
         if supervisor is not None:
             if not supervisor.poll():

@@ -11,6 +11,7 @@ import sys
 
 from common.errors import ConfigError, MnemosyneError
 from common.logs import exit_process, setup_logging
+from common.standby import hold
 from common.rpc.server import serve_until_signal
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.service import KVStoreService
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kvstore").error("%s", e)
         return 2
     setup_logging("kvstore", config.observability.log_format)
+    hold(lambda: None, "kvstore")          # a standby (make up's supervisor) waits here
     try:
         asyncio.run(_main(config))
     except ConfigError as e:

@@ -5,11 +5,13 @@ Prints "router listening on HOST:PORT" once serving; SIGTERM or SIGINT stop it g
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
 
 from common.errors import MnemosyneError
 from common.logs import exit_process, setup_logging
+from common.standby import hold
 from common.tracing import setup_tracing, shutdown_tracing, tracer
 from common.rpc.server import serve_until_signal
 from services.router.config import RouterConfig
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("router").error("%s", e)
         return 2
     setup_logging("router", config.observability.log_format)
+    hold(lambda: importlib.import_module("services.router.service"), "router")   # a standby (make up) waits here
     provider = setup_tracing("router", config.observability)
     try:
         asyncio.run(_main(config, tracer(provider)))

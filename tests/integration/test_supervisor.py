@@ -1,7 +1,9 @@
 """`make up`'s supervisor with real processes (scripts/up.py's Cluster, TCP backend, the tiny random
 model): a SIGKILLed decode instance, kvstore or redis-server is started again and the deployment
 serves again within seconds; the decode instance's dead registration is gone at once; a placement
-and the registrations held in Redis survive its SIGKILL (the append-only file)."""
+and the registrations held in Redis survive its SIGKILL (the append-only file). As under make up,
+each service has a standby process (common/standby.py) that takes over: the restarted decode
+instance and kvstore are the processes that stood by, and new standbys follow."""
 from __future__ import annotations
 
 import logging
@@ -50,7 +52,7 @@ def cluster(model, tmp_path_factory):
 def supervisor(cluster):
     """What `make up` runs, in a thread: stopped before the cluster is (it must not restart what
     the teardown stops)."""
-    sup = Supervisor(cluster, RestartPolicy(first_backoff_s=0.2))
+    sup = Supervisor(cluster, RestartPolicy(first_backoff_s=0.2), standby=cluster.config.standby)
     stop = threading.Event()
     thread = threading.Thread(target=sup.run, args=(stop, 0.1), name="supervisor", daemon=True)
     thread.start()
@@ -68,6 +70,14 @@ def serves(cluster: Cluster) -> bool:
         return len(c.complete(token_ids=PROMPT, max_tokens=4).token_ids) == 4
 
 
+def standing_by(cluster: Cluster, name: str) -> int:
+    """The pid of `name`'s standby process once it has imported its code and waits."""
+    def ready():
+        spare = cluster.standbys.get(name)
+        return spare is not None and cluster.has_standby(name) and "standing by" in spare.log_tail() and spare.pid
+    return wait_until(ready, 60, f"a standby {name} process")
+
+
 def report(what: str, seconds: float) -> None:
     print(f"\n{what}: {seconds:.1f} s")          # -s shows it; the report quotes these
     log.warning("%s: %.1f s", what, seconds)
@@ -75,6 +85,8 @@ def report(what: str, seconds: float) -> None:
 
 def test_a_killed_decode_instance_is_restarted_and_serves(cluster, store):
     assert serves(cluster)
+    assert cluster.config.standby                                   # make up's default
+    spare = standing_by(cluster, "decode")
     old = cluster.services["decode"]
     (registered,) = store.list_instances("decode")
     os.kill(old.pid, signal.SIGKILL)
@@ -87,16 +99,21 @@ def test_a_killed_decode_instance_is_restarted_and_serves(cluster, store):
                "only the new decode instance registered")
     wait_until(lambda: serves(cluster), BACK_WITHIN_S, "served again")
     report("decode SIGKILL -> serving again", time.monotonic() - t0)
+    assert new.pid == spare                                             # the standby took over
+    assert "decode taking over" in new.log_tail() and new.log_path == cluster.log_dir / "decode.log"
     assert (cluster.log_dir / f"decode.{old.pid}.log").exists()        # the dead one's log is kept
+    assert standing_by(cluster, "decode") not in (spare, old.pid)        # and a new standby follows
 
 
 def test_a_killed_kvstore_comes_back_on_its_port(cluster, store):
+    spare = standing_by(cluster, "kvstore")
     old = cluster.services["kvstore"]
     os.kill(old.pid, signal.SIGKILL)
     t0 = time.monotonic()
     wait_until(lambda: cluster.services["kvstore"] is not old and cluster.services["kvstore"].address, 30,
                "kvstore restarted")
     assert cluster.services["kvstore"].address == old.address          # the pools and router know it
+    assert cluster.services["kvstore"].pid == spare
     wait_until(lambda: serves(cluster), BACK_WITHIN_S, "served again")
     report("kvstore SIGKILL -> serving again", time.monotonic() - t0)
 

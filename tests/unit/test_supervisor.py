@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from common.errors import ConfigError
-from scripts.supervisor import RestartPolicy, Supervisor
+from scripts.supervisor import STANDBY_AFTER_S, STANDBY_RETRY_S, RestartPolicy, Supervisor
 
 
 class Clock:
@@ -49,17 +49,27 @@ class FakeCluster:
         self.stopping = False
         self.restarted: list[str] = []
         self.fail_starts = fail_starts         # this many restarts exit while starting
+        self.spares: dict[str, Svc] = {}
+        self.spawned: list[str] = []           # standby processes started, in order
 
     def restart(self, name: str) -> None:
         self.restarted.append(name)
         if name == "redis":
             self.redis = Redis()
             return
-        self.services[name] = Svc(name)
+        spare = self.spares.pop(name, None)             # the real cluster starts its spare, if it lives
+        self.services[name] = spare if spare is not None and spare.proc.code is None else Svc(name)
         if self.fail_starts:
             self.fail_starts -= 1
             self.services[name].proc.code = 1
             raise ConfigError(f"{name} exited with code 1 while starting")
+
+    def has_standby(self, name: str) -> bool:
+        return name in self.spares and self.spares[name].proc.code is None
+
+    def spawn_standby(self, name: str) -> None:
+        self.spawned.append(name)
+        self.spares[name] = Svc(name)
 
     def kill(self, name: str, code: int = -9) -> None:
         if name == "redis":
@@ -177,3 +187,41 @@ def test_nothing_is_restarted_while_the_cluster_stops() -> None:
 def test_a_bad_policy_is_refused(bad) -> None:
     with pytest.raises(ConfigError):
         RestartPolicy(**bad)
+
+
+def test_standbys_follow_their_services() -> None:
+    """A spare per Python service (not Redis), STANDBY_AFTER_S after the service started; a restart
+    uses it up and a new one follows as late again; a spare that dies is replaced at most every
+    STANDBY_RETRY_S; none without standby."""
+    cluster, clock = FakeCluster(), Clock()
+    sup = Supervisor(cluster, POLICY, clock=clock, standby=True)
+    sup.poll()
+    assert cluster.spawned == []                        # not while the services start
+    clock.now += STANDBY_AFTER_S
+    sup.poll()
+    assert sorted(cluster.spawned) == ["decode", "kvstore", "prefill", "router"]
+    spare = cluster.spares["decode"]
+    cluster.kill("decode")
+    sup.poll()
+    clock.now += POLICY.backoff_s(1)
+    sup.poll()
+    assert cluster.services["decode"] is spare and "decode" not in cluster.spares   # it took over
+    sup.poll()
+    assert cluster.spawned.count("decode") == 1          # the next one waits for the new one's start
+    clock.now += STANDBY_AFTER_S
+    sup.poll()
+    assert cluster.spawned.count("decode") == 2
+    cluster.spares["decode"].proc.code = 1               # a spare that dies
+    clock.now += STANDBY_RETRY_S / 2
+    sup.poll()
+    assert cluster.spawned.count("decode") == 2
+    clock.now += STANDBY_RETRY_S / 2
+    sup.poll()
+    assert cluster.spawned.count("decode") == 3 and cluster.has_standby("decode")
+    assert sup.standbys == {"kvstore": 1, "prefill": 1, "decode": 3, "router": 1}
+
+    cluster, clock = FakeCluster(), Clock()
+    sup = Supervisor(cluster, POLICY, clock=clock)      # standby off (the default of the class)
+    clock.now += 10 * STANDBY_RETRY_S
+    sup.poll()
+    assert cluster.spawned == []
