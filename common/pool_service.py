@@ -132,6 +132,7 @@ class PoolService:
         instance.on_request_end = self.membership.beat_now  # freed load and cached blocks: reported at once
         self._supervisor: asyncio.Task[None] | None = None
         self._joined = False                          # registered with the kvstore
+        self.engine_epoch = 0                         # engines built before this one (registered: Instance)
         self._scheduling: tuple[Any, SchedulingInfo] | None = None
 
     # ---- what a role defines -----------------------------------------------------------------
@@ -236,6 +237,7 @@ class PoolService:
         await self.membership.stop()
 
     async def _rejoin(self) -> None:
+        self.engine_epoch += 1                        # a rebuilt engine: routers retrying on it see it is new
         await self._join()
         await self.server.set_serving(True)
 

@@ -282,7 +282,8 @@ class MetadataStore:
         fields = {"role": inst.role, "address": inst.address, "block_size": inst.block_size,
                   "kvp_tokens": inst.kvp_tokens, "num_groups": inst.num_groups,
                   "capacity": _csv(inst.capacity), "free": _csv(inst.free),
-                  "scheduling": "" if inst.scheduling is None else json.dumps(inst.scheduling.to_dict())}
+                  "scheduling": "" if inst.scheduling is None else json.dumps(inst.scheduling.to_dict()),
+                  "engine_epoch": inst.engine_epoch}
         flat = [str(x) for kv in fields.items() for x in kv]
         self._register(keys=[self._inst(inst.instance_id), self._instances],
                        args=[inst.instance_id, _ms(ttl_s), *flat])
@@ -344,7 +345,8 @@ class MetadataStore:
                 reserved=tuple(int(resv.get(str(g), 0)) for g in range(groups)),
                 heartbeat_age_s=max(0, now_ms - int(h["heartbeat_ms"])) / 1000,
                 scheduling=SchedulingInfo.from_dict(json.loads(h["scheduling"])) if h.get("scheduling") else None,
-                load=load, load_age_s=max(0, now_ms - int(h["load_ms"])) / 1000 if load is not None else 0.0))
+                load=load, load_age_s=max(0, now_ms - int(h["load_ms"])) / 1000 if load is not None else 0.0,
+                engine_epoch=int(h.get("engine_epoch", 0))))
         if dead:
             self.redis.srem(self._instances, *dead)
         return out

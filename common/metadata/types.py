@@ -154,6 +154,7 @@ class Instance:
     scheduling: SchedulingInfo | None = None # its performance model and scheduler (None = unknown)
     load: LoadReport | None = None
     load_age_s: float = 0.0
+    engine_epoch: int = 0                    # engines built before the current one (rebuilt after a lost worker)
 
     def __post_init__(self) -> None:
         check_id("instance_id", self.instance_id)

@@ -42,7 +42,8 @@ def instance_to_proto(inst: Instance) -> kvstore_pb2.InstanceInfo:
         capacity_blocks=inst.capacity, free_blocks=inst.free, reserved_blocks=inst.reserved,
         heartbeat_age_s=inst.heartbeat_age_s,
         scheduling=None if inst.scheduling is None else scheduling_to_proto(inst.scheduling),
-        load=None if inst.load is None else load_to_proto(inst.load), load_age_s=inst.load_age_s)
+        load=None if inst.load is None else load_to_proto(inst.load), load_age_s=inst.load_age_s,
+        engine_epoch=inst.engine_epoch)
 
 
 def instance_from_proto(msg: kvstore_pb2.InstanceInfo) -> Instance:
@@ -56,7 +57,8 @@ def instance_from_proto(msg: kvstore_pb2.InstanceInfo) -> Instance:
         capacity=tuple(msg.capacity_blocks), free=tuple(msg.free_blocks),
         reserved=tuple(msg.reserved_blocks), heartbeat_age_s=msg.heartbeat_age_s,
         scheduling=scheduling_from_proto(msg.scheduling) if msg.HasField("scheduling") else None,
-        load=load_from_proto(msg.load) if msg.HasField("load") else None, load_age_s=msg.load_age_s)
+        load=load_from_proto(msg.load) if msg.HasField("load") else None, load_age_s=msg.load_age_s,
+        engine_epoch=msg.engine_epoch)
 
 
 def load_to_proto(load: LoadReport) -> kvstore_pb2.InstanceLoad:

@@ -36,7 +36,7 @@ class DecodeService(PoolService):
         block_size, kvp_tokens = kv_layout(self.config)
         return Instance(self.instance.instance_id, "decode", self.address, block_size, kvp_tokens,
                         self.instance.stats().total_blocks, self.free_blocks(),
-                        scheduling=self.scheduling())
+                        scheduling=self.scheduling(), engine_epoch=self.engine_epoch)
 
     def free_blocks(self) -> tuple[int, ...]:
         return self.instance.stats().free_blocks

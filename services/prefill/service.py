@@ -36,4 +36,4 @@ class PrefillService(PoolService):
 
     def info(self) -> Instance:
         return Instance(self.instance.instance_id, "prefill", self.address, self.config.engine.cache.block_size,
-                        scheduling=self.scheduling())
+                        scheduling=self.scheduling(), engine_epoch=self.engine_epoch)

@@ -39,6 +39,9 @@ class RouterConfig:
     retries: int = 1                      # new attempts (a new placement) for a request whose instance failed before
                                           # its first token reached the client (0 = fail it at once)
     retry_wait_s: float = 30.0            # how long a retry waits for an instance to place it on (one restarting)
+    prefill_wait_s: float = 3.0           # a retry whose prefill instance failed waits up to this long for a prefill
+                                          # instance (it rebuilt, a restarted one, another) before the decode instance
+                                          # prefills the prompt itself (0 = at once)
     discovery_ttl_s: float = 0.5          # how long a list of live instances is reused
     grace_s: float = 5.0                  # shutdown grace period
     deployment: str = "default"           # deployment name: the metrics' pool label; the pool admission watches
@@ -69,6 +72,8 @@ class RouterConfig:
         for name in ("short_prompt_tokens", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"router: {name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_wait_s < 0:
+            raise ConfigError(f"router: prefill_wait_s must be >= 0, got {self.prefill_wait_s}")
         if self.retries < 0:
             raise ConfigError(f"router: retries must be >= 0, got {self.retries}")
         if self.max_prompt_tokens < 0:

@@ -416,9 +416,10 @@ class Router:
         log.warning("request %s: %s; retrying (a new placement)", rid, failure)
         if self.metrics is not None:
             self.metrics.observe_retry(reason)
-        # A prefill instance that died is not asked again: another one, else the decode instance
-        # prefills the request itself (slower for a long prompt, but it does not wait for a restart).
-        failed_prefill = old.prefill.instance_id if old.prefill is not None and old.prefill_down else None
+        # A prefill instance that failed is not asked again before it rebuilt its engine; another one,
+        # else one that comes within prefill_wait_s, else the decode instance prefills the request
+        # itself (see below).
+        failed_prefill = old.prefill if old.prefill is not None and old.prefill_down else None
         # The decode side failed under a live prefill instance: that instance computes the prompt into
         # its prefix cache while the decode instance recovers (cache_only), so the new attempt streams
         # the prompt's KV from the cache instead of computing it only once the decode is back.
@@ -436,17 +437,26 @@ class Router:
             await asyncio.sleep(RETRY_POLL_S)        # refused at once: give a dead instance time to leave
         last: BaseException = failure
         prefill: Instance | None = None
+        # The failed prefill instance is taken again once it registered a newer engine (its grid rebuilt:
+        # 0.1-0.5 s here); a restarted process registers under a new id. Until one is there, or until
+        # prefill_wait_s, the retry waits rather than have the decode instance prefill a long prompt
+        # itself (seconds more on the built-in model for 600 tokens: bench/results/faults.md).
+        prefill_wait_until = time.monotonic() + self.config.prefill_wait_s if failed_prefill else 0.0
         while not st.aborted:
             try:
+                waiting = False
                 if n >= self.config.short_prompt_tokens:
                     live = await self.discovery.instances("prefill", fresh=True)
-                    live = [i for i in live if i.instance_id != failed_prefill]
+                    live = [i for i in live if failed_prefill is None or i.instance_id != failed_prefill.instance_id
+                            or i.engine_epoch > failed_prefill.engine_epoch]
                     # the warmed instance first: it holds the prompt's KV
                     prefill = min(live, key=lambda i: (warm_on is None or i.instance_id != warm_on.instance_id,
                                                        self.discovery.inflight[i.instance_id], i.instance_id),
                                   default=None)
-                st.placement = await self.kvstore.reserve(st.job.request_id, n, max_new)
-                break
+                    waiting = prefill is None and time.monotonic() < prefill_wait_until
+                if not waiting:
+                    st.placement = await self.kvstore.reserve(st.job.request_id, n, max_new)
+                    break
             except MnemosyneError as e:               # no room (the instance restarting) or kvstore away
                 last = e
             if time.monotonic() >= deadline:

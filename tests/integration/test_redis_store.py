@@ -80,6 +80,9 @@ def test_register_list_heartbeat_deregister(store):
     assert not store.heartbeat("nope", (1,), ttl_s=30)
     assert store.deregister_instance("p0")
     assert [i.instance_id for i in store.list_instances()] == ["d0"]
+    assert store.get_instance("d0").engine_epoch == 0
+    store.register_instance(Instance("p0", "prefill", "127.0.0.1:2", engine_epoch=2), ttl_s=30)   # rebuilt twice
+    assert store.get_instance("p0").engine_epoch == 2
 
 
 def test_heartbeat_load_is_stored_with_its_age_on_the_redis_clock(store):

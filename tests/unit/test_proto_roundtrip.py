@@ -110,6 +110,7 @@ def test_group_round_trip():
     Instance("decode-0", "decode", "10.0.0.1:50060", 16, 4096, (1000, 1000), (900, 1000),
              (100, 0), 1.5),
     Instance("prefill-0", "prefill", "10.0.0.2:50061"),
+    Instance("prefill-1", "prefill", "10.0.0.2:50062", engine_epoch=3),
 ])
 def test_instance_round_trip(inst):
     assert convert.instance_from_proto(_wire(convert.instance_to_proto(inst))) == inst
