@@ -137,11 +137,11 @@ def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, ar
         print(f"  {row['layout']}: up in {row['startup_s']} s", flush=True)
         probe = None
         if args.probe_tokens and spp == args.layouts[0][0] and kvp == args.layouts[0][1]:
-            probe_ids = [random.Random(1).randrange(4, 320) for _ in range(args.probe_tokens)]
+            probe_ids = random_ids(args.probe_tokens, 1)
             row["probe_idle"] = stream(cluster, probe_ids, 2, own_slo=False)["ttft_s"]
             # Another prompt of the same length during the long prefill: the idle probe's own prompt
             # would now hit the decode instance's prefix cache and skip the prefill pool.
-            probe = {"ids": [random.Random(2).randrange(4, 320) for _ in range(args.probe_tokens)],
+            probe = {"ids": random_ids(args.probe_tokens, 2),
                      "sent": threading.Event(), "result": None}
 
             def send_probe() -> None:
@@ -260,8 +260,16 @@ def checkpoint(args: argparse.Namespace) -> str:
     return model
 
 
+def random_ids(n: int, seed: int) -> list[int]:
+    """n token ids drawn from one seeded generator (ids 0-3: special tokens). A prompt of one repeated
+    id would make every value vector alike, and attention over any set of positions give the same
+    output: no test of exactness at all."""
+    rng = random.Random(seed)
+    return [rng.randrange(4, 320) for _ in range(n)]
+
+
 def prompt_ids(n: int) -> list[int]:
-    return [random.Random(0).randrange(4, 320) for _ in range(n)]      # (ids 0-3: special tokens)
+    return random_ids(n, 0)
 
 
 def add_transformers(args: argparse.Namespace) -> dict:

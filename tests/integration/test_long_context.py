@@ -55,7 +55,8 @@ def reference(model: str, ids: list[int], max_model_len: int) -> tuple[list[int]
 
 @pytest.mark.parametrize("n", [131_072, pytest.param(262_144, marks=pytest.mark.slow)], ids=["131k", "262k"])
 def test_long_prompt_served_over_spp2_kvp4_equals_one_process(model, tmp_path, n):
-    ids = [random.Random(n).randrange(4, 320) for _ in range(n)]
+    rng = random.Random(n)
+    ids = [rng.randrange(4, 320) for _ in range(n)]                # (one seeded generator: not one id n times)
     max_model_len = n + 64
     cfg = ClusterConfig(model=model, max_model_len=max_model_len, kv_backend="tcp", router_port=0, http_port=-1,
                         prefill_spp=2, decode_kvp=KVP, lease_s=LEASE_S, dtype="float32",

@@ -25,7 +25,8 @@ from tests.fixtures.hf_models import write_random_hf_model
 from tests.unit.test_weight_layout import assert_layout, fused, logits
 
 VOCAB = 321
-PROMPT = [random.Random(7).randrange(4, VOCAB) for _ in range(29)]
+_rng = random.Random(7)
+PROMPT = [_rng.randrange(4, VOCAB) for _ in range(29)]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ CHECKPOINTS = {
     "untied": dict(arch="llama", seed=31, tie_word_embeddings=False),
     "tied-qwen2": dict(arch="qwen2", seed=32, tie_word_embeddings=True),     # q/k/v bias
 }
-PROMPT = [random.Random(5).randrange(4, VOCAB) for _ in range(37)]
+_rng = random.Random(5)
+PROMPT = [_rng.randrange(4, VOCAB) for _ in range(37)]
 
 
 @pytest.fixture(scope="module")
