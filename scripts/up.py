@@ -379,6 +379,8 @@ class Cluster:
     def spawn_standby(self, name: str) -> Service:
         """Starts a spare process for service `name` ("redis" has none): it imports the service's
         code, then waits for restart() to start it in place of the running one once that exits."""
+        if self.stopping:
+            raise ConfigError(f"{name}: no standby process while the cluster stops")
         old = self.services[name]
         if name in self.standbys:
             self._end_standby(self.standbys.pop(name))
@@ -415,11 +417,8 @@ class Cluster:
         except subprocess.TimeoutExpired:
             self._kill_group(spare)
             spare.proc.wait(5)
-        for path in (spare.log_path,):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+        if spare.proc.returncode == 0:                   # it ended as told: its log says nothing more
+            spare.log_path.unlink(missing_ok=True)
 
     def _restart_redis(self) -> RedisServer:
         if self.redis is None:

@@ -17,9 +17,9 @@ from common.rpc.server import serve_until_signal
 from services.router.config import RouterConfig
 
 
-async def _main(config: RouterConfig, tracer) -> None:
+async def _main(config: RouterConfig, tracer, frontend=None) -> None:
     from services.router.service import RouterService
-    svc = await RouterService.start(config, tracer)
+    svc = await RouterService.start(config, tracer, frontend)
     print(f"router listening on {svc.address}", flush=True)
     if svc.http is not None:
         print(f"router http on {svc.http.url}", flush=True)
@@ -36,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("router").error("%s", e)
         return 2
     setup_logging("router", config.observability.log_format)
-    hold(lambda: importlib.import_module("services.router.service"), "router")   # a standby (make up) waits here
+    loaded = []                           # a standby process (make up's supervisor) loads the tokenizer, then waits
+    hold(lambda: loaded.append(importlib.import_module("services.router.service").load_frontend(config)), "router")
     provider = setup_tracing("router", config.observability)
     try:
-        asyncio.run(_main(config, tracer(provider)))
+        asyncio.run(_main(config, tracer(provider), loaded[0] if loaded else None))
     except MnemosyneError as e:
         logging.getLogger("router").error("%s", e)
         return 2

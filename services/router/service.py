@@ -56,13 +56,15 @@ class RouterService:
         return self.server.address
 
     @classmethod
-    async def start(cls, config: RouterConfig, tracer=NOOP) -> "RouterService":
-        """Serving on return; `tracer` receives the requests' spans (common/tracing.py)."""
+    async def start(cls, config: RouterConfig, tracer=NOOP, frontend: Frontend | None = None) -> "RouterService":
+        """Serving on return; `tracer` receives the requests' spans (common/tracing.py); `frontend`:
+        load_frontend(config) done already (a standby process loads it while it waits)."""
         keys = KeyRing.from_file(config.api_keys_file)         # a bad keys file fails before any loading
         if not keys.required:
             log.warning("no --api-keys-file: the router serves every caller without authentication")
         tls = config.tls.load()               # our certificate towards the internal services
-        frontend = await asyncio.to_thread(load_frontend, config)
+        if frontend is None:
+            frontend = await asyncio.to_thread(load_frontend, config)
         kvstore = KVStoreClient(config.kvstore, timeout_s=config.rpc_timeout_s, tls=tls)
         metrics = Metrics(new_registry(), role="router", pool=config.deployment,
                           instance=config.instance_id or f"router-{socket.gethostname()}-{os.getpid()}",
