@@ -19,39 +19,17 @@ import grpc
 import pytest
 
 from common.client import RouterClient
-from common.config import CacheConfig, EngineConfig, SchedulerConfig
-from common.engine.engine import LLMEngine
-from common.model.tokenizer import load_tokenizer
 from common.rpc import client as rpc_client
 from common.rpc.protos import router_pb2_grpc
-from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
-from tests.fixtures.hf_models import write_random_hf_model
 from tests.fixtures.processes import grid_workers
 from tests.fixtures.waiting import wait_until
+# test_retry's model, 1,000-token prompt (63 chunks of 16: about a second of prefill) and reference
+from tests.integration.test_retry import MAX_TOKENS, PROMPT, model, reference  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
 
 LEASE_S = 2.0
-PROMPT = [(13 * i + 7) % 300 + 10 for i in range(1000)]     # 63 chunks of 16: about a second of prefill
-MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    return str(write_random_hf_model(tmp_path_factory.mktemp("prefill-retry-model"), "llama", num_attention_heads=8,
-                                     num_key_value_heads=2, head_dim=64, num_hidden_layers=6,
-                                     intermediate_size=1024, max_position_embeddings=2048, seed=17))
-
-
-@pytest.fixture(scope="module")
-def reference(model) -> list[int]:
-    engine = LLMEngine(EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=128),
-                                    scheduler=SchedulerConfig(chunk_size=64)),
-                       extra_eos_ids=load_tokenizer(model).eos_token_ids)
-    ids = engine.generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS))[0].token_ids
-    assert len(ids) == MAX_TOKENS
-    return ids
 
 
 @pytest.fixture(scope="module")
