@@ -11,7 +11,6 @@ setting (common/flags.py RESERVED_ENV).
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -19,8 +18,6 @@ from typing import Callable
 
 STANDBY_ENV = "MNEMOSYNE_STANDBY_PROCESS"
 GO = "go"
-
-log = logging.getLogger(__name__)
 
 
 def standing_by() -> bool:
