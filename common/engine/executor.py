@@ -31,7 +31,8 @@ from common.kv_connector.types import KVAck, KVEvent, KVSink, kv_layout
 from common.kv_connector.worker import KVWorker
 from common.model.llama import LlamaModel, to_empty
 from common.model.loader import Checkpoint
-from common.model.packed_cache import PackedCache, shard_key
+from common.model.packed_cache import PackedCache
+from common.parallel.tp import build_shard, tp_shard
 from common.sampling_params import TopLogprobs
 from common.scheduler.scheduler import SchedulerOutput
 
@@ -92,27 +93,17 @@ class Executor(ABC):
 
 def build_model(cfg: ModelConfig, checkpoint: Checkpoint, dtype: torch.dtype, device: str,
                 first_layer: int = 0, last_layer: int | None = None, cache: PackedCache | None = None) -> LlamaModel:
-    """Builds a stage of the model without initialising weights, then loads its tensors. On the CPU
-    with `cache`, mapped from the stage's packed file when one was saved (common/model/packed_cache.py)."""
-    def build() -> LlamaModel:
-        with torch.device("meta"):
-            model = LlamaModel(cfg, first_layer, last_layer)
-        model = to_empty(model, device)
-        model.load_weights(checkpoint.weights(model.wanted))
-        model = model.to(dtype).eval()
-        if torch.device(device).type == "cpu":
-            model.pack_weights()
-        return model
-
-    if cache is None or torch.device(device).type != "cpu":
-        return build()
-
-    def empty() -> LlamaModel:
-        with torch.device("meta"):
-            return LlamaModel(cfg, first_layer, last_layer)
-
+    """Builds a stage of the model without initialising weights, then loads its tensors. On the CPU it
+    is a grid rank's build with the whole model (common/parallel/tp.py build_shard: packed, and with
+    `cache` mapped from the stage's packed file when one was saved)."""
     last = cfg.num_layers if last_layer is None else last_layer
-    return cache.model(shard_key(checkpoint.source, cfg, dtype, first_layer, last), build, empty)
+    if torch.device(device).type == "cpu":
+        return build_shard(checkpoint, tp_shard(cfg, 0, 1), None, first_layer, last, dtype, cache)
+    with torch.device("meta"):
+        model = LlamaModel(cfg, first_layer, last_layer)
+    model = to_empty(model, device)
+    model.load_weights(checkpoint.weights(model.wanted))
+    return model.to(dtype).eval()
 
 
 def dump_kv_file(cache: PagedKVCache, table: list[int], num_tokens: int, path: str) -> str:

@@ -182,5 +182,6 @@ def build_shard(ckpt, shard: TPShard, groups, first_layer: int, last_layer: int,
             apply_tp(model, shard, groups)
         return model
 
-    key = shard_key(ckpt.source, ckpt.config, dtype, first_layer, last_layer, shard)
+    # a TP group of one holds the whole model: the single-process engine's file
+    key = shard_key(ckpt.source, ckpt.config, dtype, first_layer, last_layer, shard if shard.size > 1 else None)
     return cache.model(key, build, empty)
