@@ -231,6 +231,11 @@ def busy_port(config: ClusterConfig) -> str | None:
     return None
 
 
+# How long after both pools registered the router's views of them have refreshed (its discovery_ttl_s,
+# 0.5 s, and admission's scrape_interval_s, 0.25 s, by default).
+ROUTER_REFRESH_S = 1.0
+
+
 @dataclass
 class Service:
     name: str
@@ -329,10 +334,23 @@ class Cluster:
                        self._spawn("router", self._router_args())]
             for svc in started:
                 self._wait(svc)
+            self._wait_routable()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_routable(self) -> None:
+        """Until the kvstore lists both pools and the router's views of them (its instance list,
+        discovery_ttl_s; admission's load, scrape_interval_s) have refreshed since: the router may
+        have looked before the pools registered, and a long prompt it places on that view is
+        prefilled by the decode instance itself (the route of a deployment without a prefill pool)."""
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while self.registered_roles() < {"prefill", "decode"}:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"the pools did not register within {self.config.start_timeout_s:.0f} s")
+            time.sleep(0.1)
+        time.sleep(ROUTER_REFRESH_S)
 
     def restart(self, name: str) -> Service | RedisServer:
         """Starts service `name` ("redis" too) again after it died or was killed, with the same
@@ -350,11 +368,8 @@ class Cluster:
         args = self._restart_args(name, old)
         old.log_path.rename(old.log_path.with_suffix(f".{old.pid}.log"))
         spare = self.standbys.pop(name, None)
-        if spare is not None and spare.proc.poll() is None and spare.args == args:
-            svc = self._take_over(spare, old.log_path)
-        else:
-            if spare is not None:
-                self._end_standby(spare)
+        svc = self._take_over(spare, args, old.log_path) if spare is not None else None
+        if svc is None:
             svc = self._spawn(name, args)
         try:
             self._wait(svc)
@@ -392,15 +407,20 @@ class Cluster:
         spare = self.standbys.get(name)
         return spare is not None and spare.proc.poll() is None
 
-    def _take_over(self, spare: Service, log_path: pathlib.Path) -> Service:
-        """The spare becomes the service: its log becomes the service's, and it is told to start."""
-        spare.log_path.rename(log_path)
-        spare.log_path = log_path
+    def _take_over(self, spare: Service, args: list[str], log_path: pathlib.Path) -> Service | None:
+        """The spare becomes the service, started with `args`: told to start, its log becomes the
+        service's. None (the spare ended) when it is gone or was started with other arguments."""
         try:
+            if spare.proc.poll() is not None or spare.args != args:
+                raise OSError("gone" if spare.proc.poll() is not None else "started with other arguments")
             spare.proc.stdin.write(b"go\n")
             spare.proc.stdin.close()
-        except OSError as e:                              # it died since: the next poll restarts it anew
-            raise ConfigError(f"{spare.name}: its standby process (pid {spare.pid}) is gone: {e}") from e
+        except OSError as e:
+            log.warning("%s: standby process %d not used (%s); starting a new one", spare.name, spare.pid, e)
+            self._end_standby(spare)
+            return None
+        spare.log_path.rename(log_path)
+        spare.log_path = log_path
         self.services[spare.name] = spare
         log.info("%s: standby process %d takes over", spare.name, spare.pid)
         return spare

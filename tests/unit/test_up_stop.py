@@ -55,3 +55,28 @@ def test_kill_without_wait_only_signals(cluster):
 def test_no_supervise_flag():
     assert parse_args([]).supervise is True
     assert parse_args(["--no-supervise"]).supervise is False
+
+
+def standby(tmp_path, script: str, args: list[str]) -> Service:
+    proc = subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            start_new_session=True)
+    log = tmp_path / "decode.standby.log"
+    log.write_text("decode standing by\n")
+    return Service("decode", proc, log, args=args)
+
+
+def test_a_standby_takes_over_only_alive_and_with_the_same_arguments(cluster, tmp_path):
+    """A spare that died, or that was started with other arguments, is not used (restart() then starts a
+    new process); a live one is told "go" and takes the service's log and place."""
+    log = tmp_path / "decode.log"
+    dead = standby(tmp_path, "exit 3", ["--port", "0"])
+    dead.proc.wait(10)
+    assert cluster._take_over(dead, ["--port", "0"], log) is None
+    assert cluster.services["decode"] is not dead and not log.exists()
+    other = standby(tmp_path, "read line; echo \"$line\"", ["--port", "0"])
+    assert cluster._take_over(other, ["--port", "1"], log) is None
+    assert other.proc.poll() is not None                             # ended: its stdin closed
+    live = standby(tmp_path, "read line; echo \"$line\"", ["--port", "0"])
+    assert cluster._take_over(live, ["--port", "0"], log) is live
+    assert live.proc.stdout.read() == b"go\n" and live.proc.wait(10) == 0
+    assert cluster.services["decode"] is live and live.log_path == log and log.read_text() == "decode standing by\n"
