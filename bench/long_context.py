@@ -98,18 +98,6 @@ def stream(cluster, ids: list[int], max_tokens: int, on_progress=None, own_slo: 
             "tokens": tokens, "logprobs": logprobs, "progress_events": progress, "route": route}
 
 
-def wait_pools(cluster, timeout_s: float = 600.0) -> None:
-    """Until the kvstore lists both pools and the router's view of them has refreshed: a long prompt
-    sent while the prefill instance is still calibrating is prefilled by the decode instance itself
-    (the route a deployment without a live prefill instance takes), which measures another layout."""
-    deadline = time.monotonic() + timeout_s
-    while cluster.registered_roles() < {"prefill", "decode"}:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"both pools not registered within {timeout_s:.0f} s")
-        time.sleep(0.5)
-    time.sleep(2.0)                         # the router's instance list (discovery_ttl_s) is fresh
-
-
 def group_tokens(args: argparse.Namespace, kvp: int) -> int:
     """M, the tokens of each KVP group: --kvp-tokens, else the prompt and output over `kvp` groups in
     whole blocks. Every group but the last holds exactly M tokens and generated tokens extend the last,
@@ -131,8 +119,7 @@ def run_layout(model: str, ids: list[int], spp: int, kvp: int, m: int | None, ar
     row: dict = {"layout": f"spp{spp}_kvp{kvp}", "prefill_spp": spp, "decode_kvp": kvp,
                  "kvp_tokens": sized.kvp_tokens if kvp > 1 else None}
     t0 = time.monotonic()
-    with Cluster(cfg) as cluster:
-        wait_pools(cluster)
+    with Cluster(cfg) as cluster:                 # both pools registered, the router's view refreshed
         row["startup_s"] = round(time.monotonic() - t0, 1)
         print(f"  {row['layout']}: up in {row['startup_s']} s", flush=True)
         probe = None
