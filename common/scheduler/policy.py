@@ -21,6 +21,19 @@ would miss moves forward to the latest position where it meets its deadline, pro
 passes still meets its own deadline afterwards (a request already late is never passed, and one
 without a deadline is only ever behind). Nobody who would have met a deadline loses it, so this only
 adds met deadlines to what rho ordering gives.
+
+Finishing what started (with slack stealing): rho alone re-ranks the prefills every iteration, and
+two similar prompts trade places as they run (the running one's rho stays put while the waiting
+one's falls), so they share the iterations and both finish at about the sum of their times: a prompt
+whose prefill was under way when another arrived ends up to twice as late as alone, with no
+deadline gained (least-laxity thrashing). So a prefill already started (a chunk of it ran since it
+was last queued, `ReqView.started`) moves ahead of the requests before it in the LARS order that have
+at least as much work left (it would be done first anyway, were the machine shared), whenever that
+costs nobody a deadline: every request that meets its deadline in the LARS order (serial finish
+estimate, as above) still meets it, and none already late finishes later. A shorter prompt still
+passes a long prefill under way (shortest remaining work first), and a tight one passes anything
+that would make it miss. What admission predicts at a request's arrival then holds when a later,
+similar one comes.
 """
 from __future__ import annotations
 
@@ -82,11 +95,13 @@ class EDF(Policy):
 class LARS(Policy):
     name = "lars"
 
-    def __init__(self, rho_max: float = DEFAULT_RHO_MAX, steal_slack: bool = True) -> None:
+    def __init__(self, rho_max: float = DEFAULT_RHO_MAX, steal_slack: bool = True,
+                 finish_started: bool | None = None) -> None:
         if not 0.0 <= rho_max < 1.0:
             raise ConfigError(f"lars: rho_max must be in [0, 1), got {rho_max}")
         self.rho_max = rho_max
         self.steal_slack = steal_slack
+        self.finish_started = steal_slack if finish_started is None else finish_started
 
     @property
     def protects_deadlines(self) -> bool:
@@ -95,7 +110,9 @@ class LARS(Policy):
 
     def arrange(self, entries, now):
         ordered = super().arrange(entries, now)
-        return steal_slack(ordered, now) if self.steal_slack else ordered
+        if self.steal_slack:
+            ordered = steal_slack(ordered, now)
+        return finish_started(ordered, now) if self.finish_started else ordered
 
     @staticmethod
     def rho(req: ReqView, now: float, remaining_work_s: float, total_work_s: float) -> float | None:
@@ -143,6 +160,46 @@ def steal_slack(ordered: list[Entry], now: float, window: int = STEAL_WINDOW) ->
     return seq + rest
 
 
+def _serial_finishes(seq: list[Entry], now: float) -> dict[str, float]:
+    """Each request's predicted finish when `seq` runs one after another from `now`."""
+    out, t = {}, now
+    for req, rem, _ in seq:
+        t += rem
+        out[req.request_id] = t
+    return out
+
+
+def finish_started(ordered: list[Entry], now: float, window: int = STEAL_WINDOW) -> list[Entry]:
+    """`ordered` with each started prefill moved ahead of the requests before it that have at least
+    as much work left (see the module docstring), when that costs no deadline; `ordered` itself
+    otherwise. Requests after the first `window` stay in place."""
+    seq, rest = list(ordered[:window]), list(ordered[window:])
+    started = sorted((e for e in seq if e[0].started and e[0].in_prefill),
+                     key=lambda e: (e[0].arrival_s, e[0].request_id))
+    if not started:
+        return ordered
+    kept = list(seq)
+    for entry in started:
+        i = p = kept.index(entry)
+        rem = entry[1]
+        while p > 0 and (entry[0].ttft_deadline_s is not None or kept[p - 1][0].ttft_deadline_s is None) \
+                and (kept[p - 1][1] > rem + DEADLINE_EPS_S
+                     or (not kept[p - 1][0].started and kept[p - 1][1] >= rem - DEADLINE_EPS_S)):
+            p -= 1
+        if p < i:
+            kept.insert(p, kept.pop(i))
+    if [e[0].request_id for e in kept] == [e[0].request_id for e in seq]:
+        return ordered
+    before, after = _serial_finishes(seq, now), _serial_finishes(kept, now)
+    for req, _, _ in seq:
+        due, rid = req.ttft_deadline_s, req.request_id
+        if due is None:
+            continue
+        if after[rid] > (due if before[rid] <= due + DEADLINE_EPS_S else before[rid]) + DEADLINE_EPS_S:
+            return ordered
+    return kept + rest
+
+
 def effective_budget(t_target_s: float, rho: float | None, rho_max: float = DEFAULT_RHO_MAX) -> float:
     """t_target * (1 - clip(rho, 0, rho_max)); the whole budget when there is no deadline."""
     if rho is None:
@@ -160,7 +217,8 @@ POLICIES: dict[str, type[Policy]] = {"fcfs": FCFS, "edf": EDF, "lars": LARS}
 
 
 def make_policy(name: str, *, rho_max: float = DEFAULT_RHO_MAX, steal_slack: bool = True) -> Policy:
-    """The policy registered under `name`; ConfigError for an unknown one."""
+    """The policy registered under `name`; ConfigError for an unknown one. LARS finishes started
+    prefills first exactly when it steals slack (both reorder only as far as no deadline is lost)."""
     cls = POLICIES.get(name.lower() if isinstance(name, str) else name)
     if cls is None:
         raise ConfigError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -298,7 +298,8 @@ class Scheduler:
         when it recomputes after a preemption) are the prompt, `next_pos` of them are done."""
         return ReqView(req.request_id, req.arrival_s, req.num_tokens, req.next_pos or self.cached_prefix(req),
                        len(req.output_ids),
-                       req.ttft_deadline_s, req.tbt_slo_s, req.last_chunk, self.kvp_tokens)
+                       req.ttft_deadline_s, req.tbt_slo_s, req.last_chunk, self.kvp_tokens,
+                       started=req.next_pos > req.num_cached_tokens)
 
     # ---- prefix caching ----------------------------------------------------------------------------
     def _hashes(self, req: Request, num_tokens: int) -> list[bytes]:

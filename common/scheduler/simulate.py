@@ -115,7 +115,7 @@ class _State:
         r = self.request
         return ReqView(r.request_id, r.arrival_s, r.prompt_len, self.num_computed, self.num_generated,
                        None if r.ttft_slo_s is None else r.arrival_s + r.ttft_slo_s, r.tbt_slo_s,
-                       self.last_chunk, kvp_tokens)
+                       self.last_chunk, kvp_tokens, started=self.num_computed > 0)
 
 
 def simulate(requests: Iterable[SimRequest], model: PerfModel, config: SimConfig = SimConfig(),

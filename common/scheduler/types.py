@@ -19,7 +19,9 @@ class ReqView:
     `ttft_deadline_s` is absolute (same clock as `arrival_s` and `now`); None means no deadline.
     `last_chunk` is the size of the request's previous prefill chunk, 0 if none (the adaptive chunker
     grows a chunk at most 2x per step). `kvp_tokens` is M, the tokens one KVP group holds (None: no
-    KVP): a chunk never crosses a multiple of M.
+    KVP): a chunk never crosses a multiple of M. `started`: a prefill chunk of it has run (or is
+    running) since it was last queued, cached prefix tokens aside (LARS finishes those first when no
+    deadline is lost, policy.finish_started).
     """
     request_id: str
     arrival_s: float
@@ -30,6 +32,7 @@ class ReqView:
     tbt_slo_s: float | None = None
     last_chunk: int = 0
     kvp_tokens: int | None = None
+    started: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt_len <= 0:
@@ -59,7 +62,7 @@ class ReqView:
 
     def advanced(self, num_tokens: int) -> "ReqView":
         """The view after a prefill chunk of `num_tokens` ran (used by the simulator and the table)."""
-        return replace(self, num_computed=self.num_computed + num_tokens, last_chunk=num_tokens)
+        return replace(self, num_computed=self.num_computed + num_tokens, last_chunk=num_tokens, started=True)
 
 
 @dataclass(frozen=True)

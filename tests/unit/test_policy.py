@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 
 from common.errors import ConfigError
-from common.scheduler.policy import (EDF, FCFS, LARS, POLICIES, effective_budget, is_long_prefill,
-                                     make_policy, order, steal_slack)
+from common.scheduler.policy import (EDF, FCFS, LARS, POLICIES, effective_budget, finish_started,
+                                     is_long_prefill, make_policy, order, steal_slack)
 from common.scheduler.types import ReqView
 
 
-def req(rid, arrival=0.0, prompt=1000, done=0, deadline=None):
-    return ReqView(rid, arrival, prompt, num_computed=done, ttft_deadline_s=deadline)
+def req(rid, arrival=0.0, prompt=1000, done=0, deadline=None, started=None):
+    return ReqView(rid, arrival, prompt, num_computed=done, ttft_deadline_s=deadline,
+                   started=done > 0 if started is None else started)
 
 
 def linear_work(per_token=1e-3):
@@ -108,6 +109,70 @@ def test_slack_stealing_moves_to_the_latest_position_that_meets():
     # but not past a request it would make late: a' (4 s due at 4.5) cannot absorb c' (1 s due at 3)
     a2, c2 = req("a2", 0.0, prompt=4000, deadline=4.5), req("c2", 0.1, prompt=1000, deadline=3.0)
     assert [e[0].request_id for e in LARS().arrange([(r, *work(r)) for r in (c2, a2)], 0.0)] == ["a2", "c2"]
+
+
+def test_lars_finishes_a_started_prefill_when_no_deadline_is_lost():
+    """Two similar prompts: a (0.8 s, started 0.6 s ago, 0.2 s left) and b (0.9 s, just arrived),
+    both due 2 s after arrival. rho ranks b first (1.1 / 0.9 = 1.22 against 1.2 / 0.8 = 1.5), and the
+    two would trade places every iteration (least-laxity thrashing: both finish at ~the sum). LARS
+    finishes a first: b still meets its deadline behind it."""
+    work = linear_work(1e-3)
+    a = req("a", 0.0, prompt=800, done=600, deadline=2.0)
+    b = req("b", 0.6, prompt=900, deadline=2.6)
+    entries = [(r, *work(r)) for r in (a, b)]
+    assert LARS.rho(b, 0.6, *work(b)) < LARS.rho(a, 0.6, *work(a))
+    assert [v.request_id for v, _, _ in LARS(finish_started=False).arrange(entries, 0.6)] == ["b", "a"]
+    assert [v.request_id for v, _, _ in LARS().arrange(entries, 0.6)] == ["a", "b"]
+    # the paper's rule alone (make_policy with steal_slack off) keeps rho order
+    assert not make_policy("lars", steal_slack=False).finish_started
+    # but a short prompt still passes a long prefill under way that would make it miss
+    long = req("long", 0.0, prompt=10_000, done=5_000, deadline=16.0)
+    short = req("short", 5.0, prompt=500, deadline=6.0)
+    entries = [(r, *work(r)) for r in (long, short)]
+    assert [v.request_id for v, _, _ in LARS().arrange(entries, 5.0)] == ["short", "long"]
+    # a prompt under way never passes one with less work left that LARS runs first (d: 0.1 s, due
+    # 0.15 s after arrival, rho 0.5), only those with more (b)
+    d = req("d", 0.65, prompt=100, deadline=0.8)
+    entries = [(r, *work(r)) for r in (a, b, d)]
+    assert [v.request_id for v, _, _ in LARS(finish_started=False).arrange(entries, 0.65)] == ["d", "b", "a"]
+    assert [v.request_id for v, _, _ in LARS().arrange(entries, 0.65)] == ["d", "a", "b"]
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_finishing_started_prefills_loses_no_deadline(seed):
+    """Random queues: whatever finish_started returns, every request meeting its deadline in the
+    order it was given (serial finish estimate) still meets it, and none already late finishes
+    later; when it reorders, the started prefills lead in arrival order."""
+    import random
+    rng = random.Random(seed)
+    now = rng.uniform(0, 5)
+    entries = []
+    for i in range(rng.randint(1, 9)):
+        rem = rng.choice([0.05, 0.2, 0.5, 1.0, 3.0]) * rng.uniform(0.5, 1.5)
+        total = rem * rng.uniform(1.0, 2.0)
+        deadline = None if rng.random() < 0.15 else now + rng.uniform(-1.0, 10.0)
+        entries.append((req(f"r{i}", rng.uniform(0, now), prompt=1000, done=rng.choice([0, 0, 300]),
+                            deadline=deadline), rem, total))
+    given = LARS(finish_started=False).arrange(entries, now)
+    out = finish_started(given, now)
+    assert [e[0].request_id for e in LARS().arrange(entries, now)] == [e[0].request_id for e in out]
+    assert sorted(e[0].request_id for e in out) == sorted(e[0].request_id for e in given)
+    before, after = _finishes(given, now), _finishes(out, now)
+    for v, _, _ in given:
+        if v.ttft_deadline_s is None:
+            continue
+        limit = v.ttft_deadline_s if before[v.request_id] <= v.ttft_deadline_s + 1e-9 else before[v.request_id]
+        assert after[v.request_id] <= limit + 1e-9
+    # only started prefills move, and only past requests with at least as much work left
+    rank = {e[0].request_id: i for i, e in enumerate(given)}
+    rem = {e[0].request_id: e[1] for e in given}
+    assert [e[0].request_id for e in out if not e[0].started] == \
+        [e[0].request_id for e in given if not e[0].started]
+    for i, (v, _, _) in enumerate(out):
+        for w, _, _ in out[i + 1:]:
+            if rank[w.request_id] < rank[v.request_id]:        # v passed w
+                assert v.started and rem[w.request_id] >= rem[v.request_id] - 1e-9
+                assert v.ttft_deadline_s is not None or w.ttft_deadline_s is None
 
 
 def test_lars_puts_requests_without_deadline_last_and_late_ones_first():

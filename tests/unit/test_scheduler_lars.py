@@ -330,6 +330,24 @@ def test_three_requests_arriving_mid_iteration_lose_only_the_iteration_in_flight
     assert max(lars.ttft("s1"), lars.ttft("s2")) <= 1.0 + (boundary - 5.0) + 1e-9
 
 
+def test_lars_finishes_the_prompt_under_way_before_a_similar_later_one():
+    """a (0.8 s of work) runs alone from t = 0; b (0.9 s) arrives at 0.6, both due 2 s after arrival.
+    By rho alone b ranks first when it arrives (1.1 / 0.9 against 1.2 / 0.8); then the waiting
+    one's rho falls below the running one's every few iterations and the two share the machine: a
+    gets its first token well after its 0.8 s alone, with no deadline gained. LARS (finishing what
+    started when no deadline is lost) serves a by 0.8 s and b right after: the TTFT admission
+    predicted for a at its arrival holds."""
+    specs = [Spec("a", 0.0, tokens(0.8), 1, 2.0), Spec("b", 0.6, tokens(0.9), 1, 2.0)]
+    lars = drive(specs, LINEAR, policy="lars")
+    rho_only = drive(specs, LINEAR, policy="lars", slack_stealing=False)
+    assert lars.ttft("a") == pytest.approx(0.8, abs=1.1 * BUDGET)
+    assert lars.first_token["b"] == pytest.approx(1.7, abs=1.1 * BUDGET)
+    assert rho_only.ttft("a") > 0.8 + 2 * BUDGET          # shared with b (the thrashing above)
+    assert all(run.met(r) for run in (lars, rho_only) for r in ("a", "b"))
+    # nothing of b ran before a's last iteration (which b's first chunk fills up)
+    assert not [t for t, _, _ in lars.chunks("b") if t < lars.first_token["a"] - 1.1 * BUDGET]
+
+
 def test_edf_starves_the_long_request_under_steady_short_load_then_convoys():
     """80% load of 0.2 s requests due 1 s after arrival (overload together with the long one): their
     deadlines stay ahead of the long one's until it is lost; then it is the earliest deadline and runs
