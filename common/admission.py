@@ -17,7 +17,8 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
                                                            upper estimate (attention is superlinear);
              on a LARS pool only the tokens LARS runs before this prompt: this router's own admitted
              prompts there are ordered by the pool's LARS (their deadlines and tokens left are known
-             here), tokens known only from the gauge count as ahead of everything (_lars_order); a
+             here; one with progress has started, and LARS finishes started prompts first where
+             that costs no deadline), tokens known only from the gauge count as ahead of everything (_lars_order); a
              prompt that LARS would run first is rejected when an admitted prompt it passes would
              then miss its deadline (_passes_past_deadline)
   model    = work * slowdown / (1 - decode share)
@@ -29,8 +30,9 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
              running, an iteration in flight): the geometric mean of measured / predicted over the
              pool's recent requests admitted in that state, >= 1 (what later arrivals and the load's
              own CPU add, which no prediction at admission sees); 1 on an idle candidate
-  in flight = half the instance's recent mean iteration time when it is busy (measured: a new
-             request waits for the iteration under way)
+  in flight = half the instance's recent mean iteration time when it is busy and nothing is
+             predicted ahead of the request (measured: a new request waits for the iteration under
+             way; behind others, that iteration's chunk is in the work ahead)
   host contention (common.perf_model.ttft_correction.HostContention): when another instance on the
              candidate's host (the same address host) is predicted to keep prefilling a prompt this
              router admitted there for busy_s more seconds, the corrected model time runs `factor`
@@ -40,10 +42,12 @@ Prediction (seconds from now, on one candidate, with the candidate's own model):
              was busy, which the pool's correction then does not learn from (1 before any).
   slowdown = recent mean iteration time / (iteration budget x correction ratio), clipped to
              [1, max_slowdown]: the model's error on this instance right now beyond what the pool's
-             correction already knows (1 when idle or unknown, and on instances with fixed chunks,
-             whose iterations do not fill the budget)
-  decode share (decode instances only, short prompts prefilled there): the predicted time of the
-             running decodes' step over the budget, capped at max_decode_share: what is left for chunks.
+             correction already knows (1 when idle or unknown, on instances with fixed chunks,
+             whose iterations do not fill the budget, and on decode instances, whose iterations mix
+             decode steps and short prompts' chunks: _slowdown)
+  decode share (decode instances only, short prompts prefilled there): what the running decodes add
+             to an iteration of one smallest chunk (their marginal time: the iteration's fixed cost is
+             the chunk's anyway) over the budget, capped at max_decode_share: what is left for chunks.
   correction[pool] (pool = prefill | decode): overhead + ratio * model, fitted on the measured vs
              predicted TTFTs of the pool's recent admitted requests, those admitted to an idle
              instance once there are three (observe_ttft;
@@ -414,7 +418,8 @@ class AdmissionController:
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
         # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left,
-        # prompt tokens, arrival, predicted first token, predicted seconds of its own prefill]
+        # prompt tokens, arrival, predicted first token, predicted seconds of its own prefill (0 where
+        # progress is reported), admitted with nothing ahead of it]
         self._awaiting: dict[str, list] = {}
         # admitted, not ended: rid -> [prefill instance, decode instance, prompt tokens, first token at]
         self._routes: dict[str, list] = {}
@@ -591,7 +596,10 @@ class AdmissionController:
             lf = load.factor if self._loaded(parts[l.instance_id], self._inflight_s(l)) else 1.0
             scored.append((contention(corr(model_s) * lf, busy), model_s, busy, lf, l))
         timed, model_s, busy, lf, best = min(scored, key=lambda c: (c[0], c[4].instance_id))
-        inflight = self._inflight_s(best)
+        # a new request waits for the iteration under way only when nothing is predicted ahead of it:
+        # the work ahead holds that iteration's chunk (counted twice, a prompt behind another's last
+        # 100 tokens was predicted 0.11 s late each time)
+        inflight = 0.0 if parts[best.instance_id].get("ahead_tokens") else self._inflight_s(best)
         pred = timed + inflight
         if waited + pred > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + pred,
@@ -641,7 +649,7 @@ class AdmissionController:
             t = math.ceil(t / pool.budget_s - 1e-9) * pool.budget_s
         share = 0.0
         if l.role == "decode" and l.running_decodes:
-            share = min(self._decode_step_s(pool, l, extra=None) / pool.budget_s, self.config.max_decode_share)
+            share = min(self._decode_share(pool, l), self.config.max_decode_share)
             t /= 1.0 - share
         slow = self._slowdown(pool, l, self.correction(l.role).ratio)
         if parts is not None:
@@ -663,8 +671,18 @@ class AdmissionController:
         long one first."""
         ratio = self.correction(l.role).ratio
         mine = [(rid, a) for rid, a in self._awaiting.items() if a[0] == l.instance_id and a[2] > 0]
-        unknown = max(l.queued_prefill_tokens - sum(a[2] for _, a in mine), 0)
-        entries = [(ReqView(rid, a[4], a[3], ttft_deadline_s=None if math.isinf(a[1]) else a[1]),
+        # the sample counted this router's prompts as they were when it was taken, not as they are
+        # now: what they had left then is theirs, not unknown (a sample 0.3 s old counted 101 tokens
+        # of a prompt predicted to have 30 left, as 71 unknown ones ahead of the next prompt)
+        then = sum(self._left_at(a, l.observed_at, self.config.visibility_lag_s)
+                   for a in self._awaiting.values() if a[0] == l.instance_id)
+        unknown = max(l.queued_prefill_tokens - max(then, sum(a[2] for _, a in mine)), 0)
+        # a prompt with progress (reported, or predicted on a decode instance), or admitted first in
+        # line, has started there: the pool's LARS finishes it before others when no deadline is lost
+        # (policy.finish_started; admitted 0.07 s after a 79-token prompt on an idle instance, a
+        # 98-token one was predicted to pass it by rho, 0.44 s, and took 0.83 s behind it)
+        entries = [(ReqView(rid, a[4], a[3], a[3] - min(a[2], a[3]), started=a[2] < a[3] or a[7],
+                            ttft_deadline_s=None if math.isinf(a[1]) else a[1]),
                     ratio * pool.table.time(a[2]), ratio * pool.table.time(a[3])) for rid, a in mine]
         mine_left = req.tokens_left(l.instance_id)
         own = ratio * pool.table.time(mine_left)
@@ -698,6 +716,19 @@ class AdmissionController:
             if without <= due < with_req:
                 worst = max(worst, with_req - due)
         return worst
+
+    def _decode_share(self, pool: PoolModel, l: InstanceLoad) -> float:
+        """The share of each iteration's budget the running decodes take from the prompt's chunks:
+        what they add to an iteration of one smallest chunk (the iteration's fixed cost is paid
+        once, by the chunk, whether decodes ride along or not), over the budget. Their step alone
+        counted that fixed cost again: one running decode took 67% of each iteration by it, and a
+        prompt predicted 2.8 s took 0.97 s, as long as alone."""
+        used_tokens = sum(l.kv_used_blocks) * max(l.kv_block_size, 1)
+        ctx = used_tokens // max(l.running_decodes, 1)
+        chunk = ((pool.table.min_chunk, 0),)
+        extra = (pool.model.predict(BatchShape(prefills=chunk, decodes=(ctx,) * l.running_decodes))
+                 - pool.model.predict(BatchShape(prefills=chunk)))
+        return max(extra, 0.0) / pool.budget_s
 
     def _decode_step_s(self, pool: PoolModel, l: InstanceLoad, extra: int | None) -> float:
         """Predicted step of the running decodes (mean context from the KV in use), plus one new
@@ -760,14 +791,21 @@ class AdmissionController:
                        kv_free_blocks=tuple(free), kv_used_blocks=tuple(used))
 
     def _without_ended(self, l: InstanceLoad) -> InstanceLoad:
-        """`l` less the requests this router saw end after the sample was taken: the sample may
+        """`l` less the requests this router saw end (or finish their prefill there: their queued
+        tokens) after the sample was taken: the sample may
         still count them (an active request, a running decode, a cancelled prompt's queued tokens),
         and an instance that just finished its last request is idle, not busy. Its KV blocks stay
         counted as the sample has them: the decode instance may have freed them before the sample,
         and under-counting free blocks only queues a request until the next sample."""
         gone = [e for e in self._ended if e.at > l.observed_at and l.instance_id in (e.prefill_id, e.decode_id)]
+        # and the prompts whose first token came after the sample (still decoding): their prefill is
+        # over, though the sample may still count their queued tokens (one sampled mid-prefill counted
+        # 79 tokens ahead of the next prompt, which then waited for nothing: predicted 1.59 s, took 0.57)
+        prefilled = sum(r[2] for r in self._routes.values()
+                        if (r[0] or r[1]) == l.instance_id and l.observed_at < r[3] < math.inf)
         if not gone:
-            return l
+            return l if not prefilled else replace(
+                l, queued_prefill_tokens=max(l.queued_prefill_tokens - prefilled, 0))
         # a prompt whose first token came after the sample may have been queued there, whole at
         # most: taking out too much is safe, _effective counts this router's own live prompts anyway
         queued = sum(e.prompt_tokens for e in gone
@@ -775,7 +813,7 @@ class AdmissionController:
         decoded = sum(1 for e in gone if e.decode_id == l.instance_id)
         return replace(l, active_requests=max(l.active_requests - len(gone), 0),
                        running_decodes=max(l.running_decodes - decoded, 0),
-                       queued_prefill_tokens=max(l.queued_prefill_tokens - queued, 0))
+                       queued_prefill_tokens=max(l.queued_prefill_tokens - queued - prefilled, 0))
 
     def _admitted(self, req: AdmissionRequest, d: Decision, now: float) -> None:
         if d.decode_instance is not None:
@@ -789,7 +827,10 @@ class AdmissionController:
                                               req.arrival_s + (d.predicted_ttft_s or 0.0),
                                               # prefilled where it decodes: no progress reports
                                               self.correction(d.pool)(d.parts["own_s"])
-                                              if d.prefill_instance is None and "own_s" in d.parts else 0.0]
+                                              if d.prefill_instance is None and "own_s" in d.parts else 0.0,
+                                              # first in line there: the instance starts it at its next
+                                              # iteration, before a later arrival can be ordered first
+                                              not d.parts.get("ahead_tokens")]
 
     @staticmethod
     def _inflight_s(l: InstanceLoad) -> float:
@@ -804,10 +845,25 @@ class AdmissionController:
         it twice would predict r^2). 1 on an idle instance: its mean iteration time still
         remembers the last request's iterations, and an idle instance must be judged by its model
         (and the pool's TTFT correction) alone, or a prompt would be predicted slower than the
-        deadline its own prediction alone sets."""
-        if not (pool.budgeted and l.busy):
+        deadline its own prediction alone sets. 1 on a decode instance: its iterations mix decode
+        steps with short prompts' chunks, and one heartbeat's mean of them said nothing of the next
+        prompt (in 9 of 9 cases over four runs of bench/admission.py a slowdown of 1.5-2.7 seen
+        there over-predicted the prompt by 75-140%); the load factor learns what load adds there."""
+        if not (pool.budgeted and l.busy) or l.role == "decode":
             return 1.0
         return l.slowdown(pool.budget_s * known, self.config.max_slowdown)
+
+    @classmethod
+    def _left_at(cls, a: list, at: float, lag: float) -> int:
+        """Prompt tokens an admitted prompt counts for in a load sample taken at `at`: all of them when
+        the sample may not show it yet (admitted within `lag` before it: _effective adds them whole),
+        else what it had left then by its prediction on a decode instance, or (its instance reports
+        progress) what it has left now."""
+        if a[4] > at - lag:
+            return a[3]
+        if not a[6] > 0:
+            return a[2]
+        return max(a[2], cls._predicted_left(a, at))
 
     @staticmethod
     def _predicted_left(a: list, now: float) -> int:

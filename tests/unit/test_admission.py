@@ -295,6 +295,52 @@ def test_slow_instances_are_predicted_slower():
     assert (idle.outcome, idle.predicted_ttft_s) == (Outcome.ADMIT, pytest.approx(1.0))
 
 
+def test_a_decode_instance_s_recent_iterations_do_not_stretch_its_predictions():
+    """A decode instance's iterations mix decode steps and short prompts' chunks: one heartbeat's
+    mean of them said nothing of the next prompt (a slowdown of 2.67 seen after a prompt's first
+    token predicted an 84-token prompt at 1.77 s; it took 0.45 s). A prefill instance's do."""
+    slow = dict(iteration_s=0.3, active_requests=1)                     # 3x the 0.1 s budget
+    d = controller().decide(request("a", prompt=100, ttft_slo_s=60.0),
+                            snap(decode("d1", queued_prefill_tokens=150, **slow)), NOW)
+    assert d.parts["slowdown"] == 1.0
+    assert d.model_ttft_s == pytest.approx(0.3)          # 0.25 s of work, to the end of its iteration
+    p = controller().decide(request("b", prompt=1000, ttft_slo_s=60.0), snap(prefill("p1", **slow), decode("d1")), NOW)
+    assert p.parts["slowdown"] == pytest.approx(3.0)
+
+
+def test_the_decode_share_is_what_running_decodes_add_to_a_chunk_s_iteration():
+    """Decodes ride in the same iteration as a prompt's chunk: they take what they add to it, not
+    their step alone (which pays the iteration's fixed cost again: with a 50 ms fixed cost one running
+    decode took half of each 0.1 s iteration by it, and prompts were predicted 2-3x too slow)."""
+    class Fixed(Linear):
+        def predict(self, b: BatchShape) -> float:
+            return 0.0 if b.is_empty else 0.05 + super().predict(b)
+
+    ctl = AdmissionController(AdmissionConfig(slo=SLO, short_prompt_tokens=256, tbt_slo_s=0.1),
+                              decode=PoolModel.build(Fixed(), 0.1), prefill=PoolModel.build(Fixed(), 0.1))
+    d = ctl.decide(request("a", prompt=100, ttft_slo_s=60.0),
+                   snap(decode("d1", running=1, used=(4,) + (0,) * 7)), NOW)   # one decode of 64 tokens
+    assert d.parts["decode_share"] == pytest.approx((1e-3 + 64e-6) / 0.1)
+
+
+def test_a_prompt_whose_first_token_came_after_the_sample_is_not_queued_work():
+    """A load sample taken mid-prefill still counts the prompt's queued tokens after its first token
+    came (it decodes on): the next prompt must not wait behind them (79 such tokens predicted an
+    84-token prompt at 1.59 s; it took 0.57 s)."""
+    def after_first_token() -> AdmissionController:
+        ctl = controller()
+        ctl.decide(request("a", prompt=200, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+        ctl.first_token("a", NOW + 0.2)
+        return ctl
+
+    new = request("b", prompt=50, arrival=NOW + 0.35, ttft_slo_s=60.0)
+    mid = snap(decode("d1", at=NOW + 0.1, queued_prefill_tokens=100, active_requests=1))
+    assert after_first_token().decide(new, mid, NOW + 0.35).parts["ahead_tokens"] == 0
+    # a sample taken after the first token is believed: those are another router's tokens
+    later = snap(decode("d1", at=NOW + 0.3, queued_prefill_tokens=100, active_requests=2))
+    assert after_first_token().decide(new, later, NOW + 0.35).parts["ahead_tokens"] == 100
+
+
 def test_a_decode_instance_whose_step_would_break_the_tbt_slo_has_no_room():
     ctl = controller()
     # 120 running decodes: step = 121 tokens * 1 ms > 0.1 s TBT SLO
@@ -550,6 +596,53 @@ def test_a_prompt_prefilled_on_a_decode_instance_counts_ahead_by_its_predicted_p
     c = ctl.decide(request("c", prompt=100, arrival=NOW + 0.4, ttft_slo_s=60.0), snap(decode("d1", at=NOW + 0.4)),
                    NOW + 0.4)
     assert c.parts["ahead_tokens"] == 100          # a is done by its prediction; b (admitted at 0.2) is not
+
+
+def test_a_prompt_admitted_first_in_line_is_not_predicted_to_be_passed():
+    """The instance starts a prompt admitted with nothing ahead at its next iteration, and its LARS
+    then keeps it before a later arrival with more work wherever no deadline is lost
+    (policy.finish_started): a 98-token prompt admitted 0.07 s after a 79-token one on a decode
+    instance finishing an iteration was predicted to pass it by rho alone (0.44 s) and took 0.83 s
+    behind it. A prompt admitted behind others has not started."""
+    from dataclasses import replace as _replace
+    ctl = controller(short_prompt_tokens=1000)
+    ctl.decode = _replace(PoolModel.build(Linear(), 0.1), ordered=True)        # a LARS decode pool
+    busy = snap(decode("d1", running=1, used=(4,) + (0,) * 7, iteration_s=0.2))  # an iteration in flight
+    a = ctl.decide(request("a", prompt=400), busy, NOW)
+    assert a.parts["ahead_tokens"] == 0 and a.inflight_s > 0.01     # its predicted start is not yet
+    b = ctl.decide(request("b", prompt=500, arrival=NOW + 0.01), busy, NOW + 0.01)
+    assert b.parts["ahead_tokens"] == 400
+    # by rho alone b (slack 1.5 s over 0.5 s) ranks before a (slack 1.59 s over 0.4 s)
+    view = lambda rid, arrival, n: ReqView(rid, arrival, n, ttft_deadline_s=arrival + 2.0)
+    alone = LARS(finish_started=False).arrange([(view("a", NOW, 400), 0.4, 0.4),
+                                                (view("b", NOW + 0.01, 500), 0.5, 0.5)], NOW + 0.01)
+    assert [v.request_id for v, _, _ in alone] == ["b", "a"]
+    # b was admitted behind a, so it has not started: c (rho 1.4 / 0.6 = 2.3 against b's 3) passes
+    # it, not a; b still meets its deadline behind c
+    c = ctl.decide(request("c", prompt=600, arrival=NOW + 0.02), busy, NOW + 0.02)
+    assert c.parts["ahead_tokens"] == 400
+
+
+def test_a_load_sample_counts_this_router_s_prompts_as_they_were_when_it_was_taken():
+    """A prompt prefilled on a (LARS) decode instance reports no progress; a sample taken 0.25 s into
+    it shows its 150 tokens left then. At 0.35 s it has 50 left by its prediction: the other 100 of
+    the sample's are its own, done since, not another router's work ahead of the next prompt (seen: a
+    0.3 s old sample counted 101 tokens of a prompt predicted to have 30 left, and the next prompt
+    was predicted 0.4 s late)."""
+    from dataclasses import replace as _replace
+    ctl = controller(short_prompt_tokens=1000)
+    ctl.decode = _replace(PoolModel.build(Linear(), 0.1), ordered=True)
+    ctl.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    sample = snap(decode("d1", at=NOW + 0.25, queued_prefill_tokens=150, active_requests=1))  # 150 of a's
+    b = ctl.decide(request("b", prompt=100, arrival=NOW + 0.35, ttft_slo_s=60.0), sample, NOW + 0.35)
+    assert b.parts["ahead_tokens"] == 50          # a has 50 left by its prediction
+    # what the sample holds beyond this router's prompts is still ahead of everything
+    more = snap(decode("d1", at=NOW + 0.25, queued_prefill_tokens=350, active_requests=2))
+    c = controller(short_prompt_tokens=1000)
+    c.decode = ctl.decode
+    c.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    d = c.decide(request("b", prompt=100, arrival=NOW + 0.35, ttft_slo_s=60.0), more, NOW + 0.35)
+    assert d.parts["ahead_tokens"] == 50 + 200
 
 
 def test_a_prompt_behind_others_on_a_decode_instance_is_predicted_to_the_end_of_its_iteration():
@@ -854,8 +947,10 @@ def test_a_sample_taken_before_a_request_ended_does_not_keep_its_instance_busy()
     assert again.predicted_ttft_s == pytest.approx(1.0)
     later = snap(prefill("p1", at=NOW + 1.3, active_requests=1, iteration_s=0.4), decode("d1", at=NOW + 1.3))
     busy = ctl.decide(request("three", arrival=NOW + 1.3, ttft_slo_s=60.0), later, NOW + 1.3)
-    # "two" still prefills there (1,000 tokens ahead), at the sample's 4x pace
-    assert busy.predicted_ttft_s == pytest.approx((1.0 + 1.0) * 4 + 0.2)
+    # "two" still prefills there (1,000 tokens ahead), at the sample's 4x pace; the iteration in
+    # flight is one of its chunks, in the work ahead (not waited for again)
+    assert busy.predicted_ttft_s == pytest.approx((1.0 + 1.0) * 4)
+    assert busy.inflight_s == 0.0
 
 
 def test_a_cancelled_prompt_leaves_a_stale_queue_gauge_at_once():
