@@ -1,6 +1,7 @@
 """Scheduling policies side by side in the simulator: FCFS + fixed chunks (2048 tokens, one chunk's
 worth of tokens per iteration: a Sarathi-style token budget), EDF, LARS by rho alone, and LARS with slack
-stealing (the default), at long-context scale.
+stealing (the default; with it, a prefill under way also runs before later requests with more work
+left where no deadline is lost: common/scheduler/policy.py), at long-context scale.
 
 The engine's own batch formation (common/scheduler/planner.py through common/scheduler/simulate.py)
 runs with a performance model standing in for the forward pass, so the results are deterministic:
