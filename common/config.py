@@ -186,8 +186,9 @@ class SchedulerConfig:
                server (preemption granularity), and equal-time chunks keep pipeline stages balanced.
     LARS: a prefill that has processed >= `long_threshold` tokens is long (at most one per batch) and
     fills only t * (1 - clip(rho, 0, rho_max)) of the budget. With `slack_stealing` a request that
-    would miss its deadline in rho order moves ahead of requests that keep theirs, and the prefills
-    already under way run before the others whenever that costs no deadline (policy.py).
+    would miss its deadline in rho order moves ahead of requests that keep theirs, and a prefill
+    already under way runs before requests with at least as much work left whenever that costs no
+    deadline (policy.py).
     """
     chunk_size: int = 512              # fixed prefill chunk (tokens) when adaptive chunking is off
     max_batch_tokens: int = 8192       # tokens in one forward pass
@@ -208,7 +209,8 @@ class SchedulerConfig:
     long_threshold: int = 256 * 1024   # LARS: prompt tokens processed before a prefill counts as long
     rho_max: float = 0.4               # LARS: cap of the budget share a long prefill yields
     slack_stealing: bool = True        # LARS: a request that would miss its deadline moves ahead of ones with
-                                       # slack, and prefills under way finish first where no deadline is lost
+                                       # slack, and a prefill under way runs before later ones with more work
+                                       # left where no deadline is lost
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
