@@ -676,7 +676,7 @@ class AdmissionController:
         # of a prompt predicted to have 30 left, as 71 unknown ones ahead of the next prompt)
         then = sum(self._left_at(a, l.observed_at, self.config.visibility_lag_s)
                    for a in self._awaiting.values() if a[0] == l.instance_id)
-        unknown = max(l.queued_prefill_tokens - max(then, sum(a[2] for _, a in mine)), 0)
+        unknown = max(l.queued_prefill_tokens - then, 0)          # (each term of `then` >= its a[2])
         # a prompt with progress (reported, or predicted on a decode instance), or admitted first in
         # line, has started there: the pool's LARS finishes it before others when no deadline is lost
         # (policy.finish_started; admitted 0.07 s after a 79-token prompt on an idle instance, a
@@ -723,19 +723,21 @@ class AdmissionController:
         once, by the chunk, whether decodes ride along or not), over the budget. Their step alone
         counted that fixed cost again: one running decode took 67% of each iteration by it, and a
         prompt predicted 2.8 s took 0.97 s, as long as alone."""
-        used_tokens = sum(l.kv_used_blocks) * max(l.kv_block_size, 1)
-        ctx = used_tokens // max(l.running_decodes, 1)
         chunk = ((pool.table.min_chunk, 0),)
-        extra = (pool.model.predict(BatchShape(prefills=chunk, decodes=(ctx,) * l.running_decodes))
+        extra = (pool.model.predict(BatchShape(prefills=chunk, decodes=self._decode_contexts(l)))
                  - pool.model.predict(BatchShape(prefills=chunk)))
         return max(extra, 0.0) / pool.budget_s
+
+    @staticmethod
+    def _decode_contexts(l: InstanceLoad) -> tuple[int, ...]:
+        """The running decodes' contexts, each the mean of the KV in use."""
+        used_tokens = sum(l.kv_used_blocks) * max(l.kv_block_size, 1)
+        return (used_tokens // max(l.running_decodes, 1),) * l.running_decodes
 
     def _decode_step_s(self, pool: PoolModel, l: InstanceLoad, extra: int | None) -> float:
         """Predicted step of the running decodes (mean context from the KV in use), plus one new
         decode of context `extra`."""
-        used_tokens = sum(l.kv_used_blocks) * max(l.kv_block_size, 1)
-        ctx = used_tokens // max(l.running_decodes, 1)
-        batch = BatchShape(decodes=(ctx,) * l.running_decodes + (() if extra is None else (extra,)))
+        batch = BatchShape(decodes=self._decode_contexts(l) + (() if extra is None else (extra,)))
         return pool.model.predict(batch)
 
     @staticmethod
@@ -803,9 +805,8 @@ class AdmissionController:
         # 79 tokens ahead of the next prompt, which then waited for nothing: predicted 1.59 s, took 0.57)
         prefilled = sum(r[2] for r in self._routes.values()
                         if (r[0] or r[1]) == l.instance_id and l.observed_at < r[3] < math.inf)
-        if not gone:
-            return l if not prefilled else replace(
-                l, queued_prefill_tokens=max(l.queued_prefill_tokens - prefilled, 0))
+        if not gone and not prefilled:
+            return l
         # a prompt whose first token came after the sample may have been queued there, whole at
         # most: taking out too much is safe, _effective counts this router's own live prompts anyway
         queued = sum(e.prompt_tokens for e in gone

@@ -598,15 +598,20 @@ def test_a_prompt_prefilled_on_a_decode_instance_counts_ahead_by_its_predicted_p
     assert c.parts["ahead_tokens"] == 100          # a is done by its prediction; b (admitted at 0.2) is not
 
 
+def lars_decode_controller() -> AdmissionController:
+    """A decode pool that prefills every prompt (short_prompt_tokens 1000) in LARS order."""
+    ctl = controller(short_prompt_tokens=1000)
+    ctl.decode = replace(PoolModel.build(Linear(), 0.1), ordered=True)
+    return ctl
+
+
 def test_a_prompt_admitted_first_in_line_is_not_predicted_to_be_passed():
     """The instance starts a prompt admitted with nothing ahead at its next iteration, and its LARS
     then keeps it before a later arrival with more work wherever no deadline is lost
     (policy.finish_started): a 98-token prompt admitted 0.07 s after a 79-token one on a decode
     instance finishing an iteration was predicted to pass it by rho alone (0.44 s) and took 0.83 s
     behind it. A prompt admitted behind others has not started."""
-    from dataclasses import replace as _replace
-    ctl = controller(short_prompt_tokens=1000)
-    ctl.decode = _replace(PoolModel.build(Linear(), 0.1), ordered=True)        # a LARS decode pool
+    ctl = lars_decode_controller()
     busy = snap(decode("d1", running=1, used=(4,) + (0,) * 7, iteration_s=0.2))  # an iteration in flight
     a = ctl.decide(request("a", prompt=400), busy, NOW)
     assert a.parts["ahead_tokens"] == 0 and a.inflight_s > 0.01     # its predicted start is not yet
@@ -629,9 +634,7 @@ def test_a_load_sample_counts_this_router_s_prompts_as_they_were_when_it_was_tak
     the sample's are its own, done since, not another router's work ahead of the next prompt (seen: a
     0.3 s old sample counted 101 tokens of a prompt predicted to have 30 left, and the next prompt
     was predicted 0.4 s late)."""
-    from dataclasses import replace as _replace
-    ctl = controller(short_prompt_tokens=1000)
-    ctl.decode = _replace(PoolModel.build(Linear(), 0.1), ordered=True)
+    ctl = lars_decode_controller()
     ctl.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW)
     sample = snap(decode("d1", at=NOW + 0.25, queued_prefill_tokens=150, active_requests=1))  # 150 of a's
     b = ctl.decide(request("b", prompt=100, arrival=NOW + 0.35, ttft_slo_s=60.0), sample, NOW + 0.35)
@@ -966,9 +969,8 @@ def test_a_cancelled_prompt_leaves_a_stale_queue_gauge_at_once():
 
 def lars_controller() -> AdmissionController:
     """A prefill pool that runs its queued prompts in LARS order (what `make up` deploys)."""
-    from dataclasses import replace as _replace
     ctl = controller()
-    ctl.prefill = _replace(PoolModel.build(Linear(), 0.1), ordered=True)
+    ctl.prefill = replace(PoolModel.build(Linear(), 0.1), ordered=True)
     return ctl
 
 
