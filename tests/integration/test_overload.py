@@ -67,6 +67,21 @@ def one(stub: router_pb2_grpc.RouterStub, ids: list[int]) -> dict:
                 "details": e.details()}
 
 
+def router_metrics(cluster: Cluster) -> list[str]:
+    return urllib.request.urlopen(cluster.metrics_urls["router"], timeout=10).read().decode().splitlines()
+
+
+def router_ttft_totals(cluster: Cluster) -> tuple[float, float]:
+    """(count, sum) of the router's first-token histogram, over all prompt classes."""
+    count = total = 0.0
+    for line in router_metrics(cluster):
+        if line.startswith("mnemosyne_time_to_first_token_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("mnemosyne_time_to_first_token_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return count, total
+
+
 def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluster):
     with rpc_client.blocking_channel(cluster.router_address, metadata=bearer(resolve_api_key())) as ch:
         grpc.channel_ready_future(ch).result(timeout=30)
@@ -79,11 +94,12 @@ def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluste
         with ThreadPoolExecutor(BURST) as pool:
             list(pool.map(lambda i: one(stub, prompt(PROMPT, 100 + i)), range(BURST)))
         time.sleep(1.0)
+        before = router_ttft_totals(cluster)
         with ThreadPoolExecutor(BURST) as pool:
             results = list(pool.map(lambda i: one(stub, prompt(PROMPT, i)), range(BURST)))
-    learned = [line for line in urllib.request.urlopen(cluster.metrics_urls["router"], timeout=10).read()
-               .decode().splitlines() if line.startswith(("mnemosyne_admission_load_factor",
-                                                          "mnemosyne_admission_ttft_"))]
+    after = router_ttft_totals(cluster)
+    learned = [line for line in router_metrics(cluster) if line.startswith(("mnemosyne_admission_load_factor",
+                                                                           "mnemosyne_admission_ttft_"))]
     print("router learned:", learned)
     ok = [r for r in results if r["code"] == "OK"]
     rejected = [r for r in results if r["code"] != "OK"]
@@ -104,5 +120,11 @@ def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluste
     # bursts met the SLO with every admitted request, the worst with 57% (before the iteration ends and
     # the load factor: mean 0.50-0.54 s here, 0.62 s once in CI, p90 0.78-0.99 s).
     assert p90 <= TTFT_SLO_S + 3 * ITERATION_BUDGET_S, ttfts
-    assert sum(ttfts) / len(ttfts) <= TTFT_SLO_S, ttfts
+    # The SLO and the prediction run from the request's arrival at the router (router.proto Started);
+    # the client's clock above also holds the test's own 96 threads on the same 2 cores (0.25 s of a
+    # 0.48 s mean, with the machine loaded): the mean is judged on the router's TTFTs of the burst.
+    count, total = after[0] - before[0], after[1] - before[1]
+    print(f"router-side TTFT mean {total / count:.3f}s over {count}; client-side {sum(ttfts) / len(ttfts):.3f}s")
+    assert count == len(ok)
+    assert total / count <= TTFT_SLO_S, (total / count, ttfts)
     assert all(r["s"] < DEADLINE_S for r in results)

@@ -598,6 +598,22 @@ def test_a_prompt_prefilled_on_a_decode_instance_counts_ahead_by_its_predicted_p
     assert c.parts["ahead_tokens"] == 100          # a is done by its prediction; b (admitted at 0.2) is not
 
 
+def test_an_overdue_prompt_on_a_decode_instance_counts_whole_until_its_first_token():
+    """Predicted done at NOW + 0.4 and no first token at NOW + 0.5: the instance runs slower than
+    predicted and the prompt's iteration has not ended, so it is still ahead of the next prompt (taken
+    as done, a burst on a slowed CI machine saw an idle instance behind 24 prompts and predicted two
+    new ones 0.013 s; they took 0.67 s). Its first token takes it out."""
+    ctl = controller(short_prompt_tokens=1000)
+    ctl.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    b = ctl.decide(request("b", prompt=100, arrival=NOW + 0.5, ttft_slo_s=60.0), snap(decode("d1", at=NOW + 0.5)),
+                   NOW + 0.5)
+    assert b.parts["ahead_tokens"] == 400
+    ctl.first_token("a", NOW + 0.6)
+    c = ctl.decide(request("c", prompt=100, arrival=NOW + 0.6, ttft_slo_s=60.0), snap(decode("d1", at=NOW + 0.6)),
+                   NOW + 0.6)
+    assert c.parts["ahead_tokens"] == 100          # b's, predicted to finish at 0.5 + 0.4 + 0.1 s
+
+
 def lars_decode_controller() -> AdmissionController:
     """A decode pool that prefills every prompt (short_prompt_tokens 1000) in LARS order."""
     ctl = controller(short_prompt_tokens=1000)
