@@ -53,7 +53,12 @@ class KVStreamer:
         self.connect_timeout_s = connect_timeout_s
         self.send_timeout_s = send_timeout_s
         self.senders: dict[tuple[str, str], object] = {}
-        self.handles: dict[str, list] = {}
+        # Each request's sends not yet confirmed, and how many were: status() is polled every few ms
+        # by a grid worker's watcher, under the lock its streaming thread takes after every chunk, so
+        # it looks only at the sends in flight (scanning every handle, ~25,000 of them late in a
+        # 1M-token prefill, made each poll tens of ms and the whole prefill O(chunks^2)).
+        self.pending: dict[str, list] = {}
+        self.done: dict[str, int] = {}
         self.errors: dict[str, str] = {}
         self.sealed: set[str] = set()          # requests whose last chunk has been sent
         self.sent_upto: dict[tuple[str, int, int], int] = {}   # (request, layers) -> tokens sent
@@ -70,7 +75,7 @@ class KVStreamer:
         m, end = sink.kvp_tokens, start + k.shape[1]
         pos = max(start, self.sent_upto.get(key, 0), sink.cached_prefix)
         self.sent_upto[key] = max(end, self.sent_upto.get(key, 0))
-        handles = self.handles.setdefault(request_id, [])
+        handles = self.pending.setdefault(request_id, [])
         try:
             while pos < end:
                 g = pos // m
@@ -99,24 +104,40 @@ class KVStreamer:
             self.senders[key] = sender
         return sender
 
+    def _sweep(self, request_id: str) -> None:
+        """Takes the request's terminal sends out of its pending list: DONE ones are counted, the
+        first FAILED one's reason fails the request."""
+        pending = self.pending.get(request_id)
+        if not pending:
+            return
+        keep = []
+        for h in pending:
+            state = h.state                      # (a send past its deadline fails here)
+            if state is TransferState.DONE:
+                self.done[request_id] = self.done.get(request_id, 0) + 1
+            elif state is TransferState.FAILED:
+                self.errors.setdefault(request_id, h.reason or "KV transfer failed")
+            else:
+                keep.append(h)
+        self.pending[request_id] = keep
+
     def status(self, request_id: str) -> tuple[str, str | None]:
-        """("pending" | "done" | "failed", reason). Done needs the last chunk sent and every handle DONE."""
+        """("pending" | "done" | "failed", reason). Done needs the last chunk sent and every send DONE."""
+        self._sweep(request_id)
         if request_id in self.errors:
             return "failed", self.errors[request_id]
-        handles = self.handles.get(request_id, [])
-        for h in handles:
-            if h.state is TransferState.FAILED:
-                return "failed", h.reason or "KV transfer failed"
-        if request_id in self.sealed and all(h.state is TransferState.DONE for h in handles):
+        if request_id in self.sealed and not self.pending.get(request_id):
             return "done", None
         return "pending", None
 
     def confirmed(self, request_id: str) -> int:
         """Chunks of the request the receivers have confirmed so far."""
-        return sum(h.state is TransferState.DONE for h in self.handles.get(request_id, ()))
+        self._sweep(request_id)
+        return self.done.get(request_id, 0)
 
     def forget(self, request_id: str) -> None:
-        self.handles.pop(request_id, None)
+        self.pending.pop(request_id, None)
+        self.done.pop(request_id, None)
         self.errors.pop(request_id, None)
         self.sealed.discard(request_id)
         for key in [k for k in self.sent_upto if k[0] == request_id]:

@@ -90,3 +90,44 @@ def test_the_kv_timeout_counts_from_the_last_progress(monkeypatch):
     assert "stopped arriving" in error and "5 s" in error
     assert blocks.num_used == 0 and "s" in ex.cancelled and not kv.progress
     blocks.check()
+
+
+def test_a_poll_reads_only_the_sends_still_in_flight(monkeypatch):
+    """The sender's status is polled every few ms (a grid worker's watcher, under the lock its
+    streaming thread takes after each chunk): it must not re-read every send of the request. With
+    every read counted, after 40 chunks were confirmed a poll reads none of them; the count of
+    confirmed chunks and the final state are still right. (Re-reading all of them, ~25,000 sends late
+    in a 1M-token prefill, made each poll tens of ms.)"""
+    from common.kv_transfer import base
+    reads = [0]
+    state = base.TransferHandle.state
+
+    def counted(self):
+        reads[0] += 1
+        return state.fget(self)
+    monkeypatch.setattr(base.TransferHandle, "state", property(counted))
+    n, chunks = 16, 40
+    table = list(range(chunks))
+    src = PagedKVCache(range(2), chunks, 16, 1, 16, torch.float32)
+    src.data.normal_()
+    dst = PagedKVCache(range(2), chunks, 16, 1, 16, torch.float32)
+    tx = KVWorker(0, LAYOUT, src, "tcp", "127.0.0.1", receive=False)
+    rx = KVWorker(1, LAYOUT, dst, "tcp", "127.0.0.1")
+    try:
+        assert rx.expect("r", [table], n * chunks).ok
+        sink = KVSink("tcp", 1 << 62, [GroupSink(0, 0, table, [rx.address])])
+        for c in range(chunks - 1):
+            tx.stream("r", c * n, n, table, last=False, sink=sink if c == 0 else None)
+        end = time.monotonic() + 10
+        while tx.streamer.confirmed("r") < chunks - 1 and time.monotonic() < end:
+            time.sleep(0.01)
+        assert tx.streamer.confirmed("r") == chunks - 1
+        reads[0] = 0
+        assert tx.streamer.status("r") == ("pending", None) and tx.streamer.confirmed("r") == chunks - 1
+        assert reads[0] == 0                                    # nothing in flight: nothing read
+        tx.stream("r", (chunks - 1) * n, n, table, last=True)
+        assert [(e.kind, e.state) for e in _events(tx, "done")][-1] == ("sent", "done")
+        assert torch.equal(dst.data[:, :, :chunks], src.data[:, :, :chunks])
+    finally:
+        tx.close()
+        rx.close()
