@@ -27,7 +27,7 @@ from common.kv_connector.types import KVAck, KVEvent, KVSink
 from common.parallel import comm
 from common.parallel.forkserver import worker_context
 from common.parallel.groups import DRIVER_RANK, Coord, Groups, init_world, master_store, worker_rank, world_size
-from common.parallel.plan import SeqPlan, StepPlan, StepResult, decode_result, encode_plan
+from common.parallel.plan import SeqPlan, StepPlan, StepResult, TableDelta, decode_result, encode_plan
 from common.parallel.worker import WorkerArgs, worker_main
 from common.scheduler.scheduler import SchedulerOutput
 
@@ -97,6 +97,7 @@ class GridExecutor(Executor):
         self.inflight: deque[int] = deque()
         self.forgotten: list[str] = []
         self.step_ids = itertools.count()
+        self.table_delta = TableDelta()   # block tables in plans: what changed since the last one
         self.results: dict[int, StepResult] = {}
         self.acks: dict[str, dict[int, KVAck]] = {}
         self.events: list[KVEvent] = []
@@ -116,6 +117,10 @@ class GridExecutor(Executor):
                                 p.seed, sink.to_dict() if sink is not None else None, it.output_index,
                                 p.top_logprobs))
         step_id = next(self.step_ids)
+        for rid in self.forgotten:
+            self.table_delta.forget(rid)
+        seqs = [self.table_delta.seq(step_id, s) for s in seqs]
+        self.table_delta.prune(step_id)
         data = encode_plan(StepPlan(step_id, seqs, self.forgotten))
         self.forgotten = []
         self.control.broadcast(data)

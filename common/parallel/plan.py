@@ -8,8 +8,9 @@ states, each stage appending its (start, end) timestamps so the last stage can r
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from common.errors import WorkerFailedError
 from common.sampling_params import TopLogprobs
 
 
@@ -27,6 +28,9 @@ class SeqPlan:
     sink: dict | None = None          # KVSink.to_dict(): stream this request's KV (on its first chunk)
     output_index: int = 0             # when sampling: which output token of the request (seeded draws)
     top_logprobs: int = 0             # when sampling: report this many most likely tokens too
+    table_from: list[int] | None = None   # tables[g] holds blocks [table_from[g], ...) of group g's
+                                          # table, the rest as in the previous plan (TableDelta);
+                                          # None: whole tables
 
     @property
     def num_tokens(self) -> int:
@@ -84,3 +88,79 @@ def decode_result(data: bytes) -> StepResult:
                       error=d.get("error"),
                       top_logprobs={k: tuple((int(t), float(lp)) for t, lp in v)
                                     for k, v in d.get("top_logprobs", {}).items()})
+
+
+class TableDelta:
+    """Driver side: a request's block tables as what changed since the plan that last carried them.
+
+    A table only grows while its request lives (blocks are appended; a preempted request's table is
+    freed and built anew), and a 1M-token request's 65,536 block ids in every plan cost ~6 ms of JSON
+    a step on each side: a long prefill's thousands of small chunks, and every decode step at that
+    length. When the table carried last still starts the new one (checked, not assumed), only its new
+    tail goes (SeqPlan.table_from); otherwise the whole table. Records go when the request is forgotten
+    and when it was not in a plan for PRUNE_STEPS steps (it is then sent whole again)."""
+
+    PRUNE_STEPS = 1024
+
+    def __init__(self) -> None:
+        self.sent: dict[str, tuple[int, list[list[int]]]] = {}     # rid -> (step it was sent at, tables)
+
+    def seq(self, step_id: int, seq: SeqPlan) -> SeqPlan:
+        """`seq` (whole tables) as it goes in plan `step_id`."""
+        last = self.sent.get(seq.request_id)
+        self.sent[seq.request_id] = (step_id, seq.tables)
+        if last is None or len(last[1]) != len(seq.tables):
+            return seq
+        froms, tails = [], []
+        for old, new in zip(last[1], seq.tables):
+            n = len(old)
+            if len(new) >= n and new[:n] == old:
+                froms.append(n)
+                tails.append(new[n:])
+            else:
+                froms.append(0)
+                tails.append(new)
+        return replace(seq, tables=tails, table_from=froms)
+
+    def forget(self, request_id: str) -> None:
+        self.sent.pop(request_id, None)
+
+    def prune(self, step_id: int) -> None:
+        if step_id % self.PRUNE_STEPS == 0:
+            for rid in [r for r, (at, _) in self.sent.items() if step_id - at > self.PRUNE_STEPS]:
+                del self.sent[rid]
+
+
+class TableCache:
+    """Worker side of TableDelta: every worker sees every plan, in order, and keeps the tables each
+    request's last plan gave it; `apply` returns the plan with whole tables. It forgets a request
+    with the plan's `forget` and after twice the driver's PRUNE_STEPS without it (never before the
+    driver, which then sends the whole table)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, tuple[int, list[list[int]]]] = {}
+
+    def apply(self, plan: StepPlan) -> StepPlan:
+        for rid in plan.forget:
+            self.tables.pop(rid, None)
+        if not plan.seqs:
+            return plan
+        seqs = []
+        for s in plan.seqs:
+            if s.table_from is None:
+                tables = s.tables
+            else:
+                have = self.tables.get(s.request_id)
+                if have is None or len(have[1]) != len(s.table_from) or any(
+                        len(old) < k for old, k in zip(have[1], s.table_from)):
+                    raise WorkerFailedError(f"plan {plan.step_id}: request {s.request_id}'s block tables "
+                                            f"continue ones this worker does not have")
+                tables = [old[:k] + tail for old, k, tail in zip(have[1], s.table_from, s.tables)]
+                s = replace(s, tables=tables, table_from=None)
+            self.tables[s.request_id] = (plan.step_id, tables)
+            seqs.append(s)
+        if plan.step_id % TableDelta.PRUNE_STEPS == 0:
+            limit = 2 * TableDelta.PRUNE_STEPS
+            for rid in [r for r, (at, _) in self.tables.items() if plan.step_id - at > limit]:
+                del self.tables[rid]
+        return replace(plan, seqs=seqs)

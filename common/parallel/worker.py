@@ -32,7 +32,7 @@ from common.model.loader import load_checkpoint
 from common.model.packed_cache import PackedCache
 from common.parallel import comm
 from common.parallel.groups import Groups, init_world, stage_layers
-from common.parallel.plan import StepPlan, StepResult, decode_plan, encode_result
+from common.parallel.plan import StepPlan, StepResult, TableCache, decode_plan, encode_result
 from common.parallel.tp import build_shard, tp_shard
 from common.sampling_params import SamplingParams, TopLogprobs
 
@@ -96,6 +96,7 @@ class Worker:
             return "driver process exited" if self.args.local and os.getppid() != ppid else None
 
         pending: list = []                        # in-flight sends to the next stage (one step)
+        tables = TableCache()
         try:
             while True:
                 raw = comm.recv_msg(ctl, IDLE_TIMEOUT_S, driver_alive, "the driver")
@@ -108,6 +109,7 @@ class Worker:
                 if plan.dump is not None:
                     self.dump(plan.dump)
                     continue
+                plan = tables.apply(plan)             # whole block tables (plans carry what changed)
                 if not plan.seqs:
                     continue
                 timeline = torch.zeros(2 * g.coord.stage + 2, dtype=torch.float64)
