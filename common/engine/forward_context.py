@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from common.attention.base import AttentionBackend
@@ -39,13 +40,24 @@ class SeqAttn:
 
 
 Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+VECTOR_BLOCKS = 64         # block_runs scans tables longer than this in numpy
 
 
 def block_runs(table: list[int], num_tokens: int, block_size: int, max_runs: int = MAX_RUNS
                ) -> list[tuple[int, int, int]] | None:
     """The first `num_tokens` keys of a block table as runs of consecutive blocks: (first token,
-    first block, tokens) each, in token order; None when there are more than `max_runs`."""
+    first block, tokens) each, in token order; None when there are more than `max_runs`. Long tables
+    are scanned in numpy (every prefill chunk of a 1M-token prompt scans its 65,536 blocks: 5.5 ms a
+    chunk in a Python loop)."""
     nb = -(-num_tokens // block_size)
+    if nb > VECTOR_BLOCKS:
+        ids = np.asarray(table[:nb], dtype=np.int64)
+        starts = np.flatnonzero(np.diff(ids) != 1) + 1
+        if len(starts) >= max_runs:
+            return None
+        bounds = [0, *starts.tolist(), nb]
+        return [(i * block_size, int(ids[i]), min(j * block_size, num_tokens) - i * block_size)
+                for i, j in zip(bounds[:-1], bounds[1:])]
     runs: list[tuple[int, int, int]] = []
     i = 0
     while i < nb:
@@ -97,8 +109,11 @@ class ForwardContext:
             dev = cache.data.device
             bs = cache.block_size
             nb = max(-(-s.kv_len // bs) for s in decode)
-            self.decode_tables = torch.tensor([s.block_table[:nb] + [-1] * (nb - len(s.block_table[:nb]))
-                                               for s in decode], dtype=torch.int32, device=dev)  # [B, nb]
+            tables = np.full((len(decode), nb), -1, dtype=np.int32)      # (numpy: 4x torch.tensor on a list)
+            for i, s in enumerate(decode):
+                row = s.block_table[:nb]
+                tables[i, :len(row)] = row
+            self.decode_tables = torch.from_numpy(tables).to(dev)          # [B, nb]
             self.decode_lens = torch.tensor([s.kv_len for s in decode], dtype=torch.int32, device=dev)
             starts = [s.rows.start for s in decode]
             self.decode_rows = torch.tensor(starts, dtype=torch.long, device=dev)

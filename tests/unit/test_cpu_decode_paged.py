@@ -286,6 +286,27 @@ def test_block_runs():
     assert block_runs([], 0, 4) == []
 
 
+def test_block_runs_of_long_tables_in_numpy_equal_the_loop(monkeypatch):
+    """Tables over VECTOR_BLOCKS blocks are scanned in numpy: the same runs (or None past
+    max_runs) as the loop, on 2,000 random tables of runs, block sizes, lengths and limits."""
+    import random
+
+    from common.engine import forward_context as fc
+    rng = random.Random(0)
+    cases = []
+    for _ in range(2000):
+        table = []
+        for _ in range(rng.randrange(1, 12)):
+            start = rng.randrange(0, 5000)
+            table += range(start, start + rng.randrange(1, 120))
+        bs = rng.choice([1, 4, 16])
+        cases.append((table, rng.randrange(0, len(table) * bs + 1), bs, rng.choice([1, 2, 5, 16, 1000])))
+    vector = [fc.block_runs(*c) for c in cases]
+    assert sum(-(-c[1] // c[2]) > fc.VECTOR_BLOCKS for c in cases) > 1000       # most took the numpy path
+    monkeypatch.setattr(fc, "VECTOR_BLOCKS", 1 << 40)
+    assert vector == [fc.block_runs(*c) for c in cases]
+
+
 @pytest.mark.parametrize("max_runs", [16, 0], ids=["runs", "gathered"])
 @pytest.mark.parametrize("kv_map", [None, ((0, 2, 0), (2, 6, 1))], ids=["gqa", "kv_map"])
 def test_prefill_chunk_over_block_runs_matches_one_gathered_call(monkeypatch, max_runs, kv_map):
