@@ -299,7 +299,8 @@ def run(args: argparse.Namespace) -> dict:
     cfg = ClusterConfig(router_port=0, http_port=-1, lease_s=args.lease_s, log_dir=str(work / "logs"),
                         deployment=f"faults-{uuid.uuid4().hex[:8]}")
     kinds = [k for k in KINDS if not args.kinds or k in args.kinds]
-    prompts = [trial_prompt(n) for n in range(args.trials * len(kinds) + REFERENCE_RUNS)]
+    # the trials' prompts, then one per round for its fault-free reference, then the start's references
+    prompts = [trial_prompt(n) for n in range(args.trials * (len(kinds) + 1) + REFERENCE_RUNS)]
     oracle = Reference()
     answers = [oracle.tokens(p) for p in prompts]
     t_start = time.monotonic()
@@ -317,15 +318,26 @@ def run(args: argparse.Namespace) -> dict:
                 assert ref["outcome"] == "completed" and ref["tokens"] == answers[-k], (ref, answers[-k])
                 ref_s.append(ref["seconds"])
             reference_s = statistics.median(ref_s)
-            trials = []
+            trials, round_ref_s = [], []
             for i in range(args.trials):
+                # This machine's speed drifts within a run (a fault-free request took 5.9 s at one hour
+                # and 6.8 s at the next): each round measures its own fault-free request, and a fault's
+                # added seconds are counted from the one of its round.
+                n = args.trials * len(kinds) + i
+                round_s = None
+                if wait_pools(SERVE_TIMEOUT_S, cluster) is not None and wait_serving(cluster, SERVE_TIMEOUT_S) is not None:
+                    time.sleep(1.0)
+                    ref = run_request(cluster, f"reference-round-{i}", None, prompts[n])
+                    if ref["outcome"] == "completed" and ref["tokens"] == answers[n]:
+                        round_s = ref["seconds"]
+                round_ref_s.append(round_s)
                 for j, kind in enumerate(kinds):
                     n = i * len(kinds) + j
                     try:
-                        t = trial(cluster, kind, prompts[n], answers[n], cfg.lease_s, reference_s)
+                        t = trial(cluster, kind, prompts[n], answers[n], cfg.lease_s, round_s)
                     except Exception as e:  # noqa: BLE001 - one broken trial must not lose the others
                         t = {"kind": kind, "bench_error": f"{type(e).__name__}: {e}"[:400]}
-                    t["round"], t["load"] = i, load()
+                    t["round"], t["load"], t["round_reference_s"] = i, load(), round_s
                     trials.append(t)
                     print(json.dumps(t), flush=True)
                     if args.partial:
@@ -339,7 +351,8 @@ def run(args: argparse.Namespace) -> dict:
                        "secure": not cfg.insecure, "model": "built-in", "prompt_tokens": len(PROMPT),
                        "max_tokens": MAX_TOKENS, "prefill_spp": cfg.prefill_spp, "decode_kvp": cfg.decode_kvp},
             "machine": {"cpus": psutil.cpu_count(), "platform": platform.platform(), "load_at_end": load()},
-            "reference_seconds": reference_s, "reference_runs": ref_s, "seconds": round(time.monotonic() - t_start, 1),
+            "reference_seconds": reference_s, "reference_runs": ref_s, "round_reference_runs": round_ref_s,
+            "seconds": round(time.monotonic() - t_start, 1),
             "supervisor_restarts": restarts, "supervisor_gave_up": gave_up, "trials": trials}
 
 
@@ -359,6 +372,14 @@ def _ref(r: dict) -> str:
     return f"{r['reference_seconds']:.1f}" + (f" ({', '.join(f'{x:.1f}' for x in runs)})" if runs else "")
 
 
+def _rounds(r: dict) -> str:
+    runs = r.get("round_reference_runs")
+    if not runs:
+        return ""
+    return ("; each round's own fault-free run, before its faults: "
+            + ", ".join("-" if x is None else f"{x:.1f}" for x in runs) + " s")
+
+
 def markdown(r: dict, json_name: str = "faults.json") -> str:
     c = r["config"]
     lines = ["# Faults: SIGKILL of each process kind mid-request", "",
@@ -369,9 +390,10 @@ def markdown(r: dict, json_name: str = "faults.json") -> str:
              f"tokens. {r['machine']['cpus']} CPUs shared with other work; load average at the end "
              f"{r['machine']['load_at_end']}. {r['seconds']} s in all.", "",
              f"The same request without a fault takes {_ref(r)} s served (median of its fault-free runs, each "
-             "on a prompt of its own).", "",
+             "on a prompt of its own)" + _rounds(r) + ".", "",
              "Columns: outcome counts; median seconds from the fault to the client's outcome; median seconds "
-             "the fault added to a completed request (its time minus the fault-free one's); median seconds "
+             "the fault added to a completed request (its time minus the fault-free one's, of its round when "
+             "rounds measured one); median seconds "
              "from the fault until a new request is served (a short probe every 0.25 s from the fault on, "
              "beside the struck request) and until both pools are registered again after one left (looked at as "
              "often; `stayed`: no pool left the registry); trials with nothing left (no lease, placement, reserved or used "
