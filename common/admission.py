@@ -555,7 +555,7 @@ class AdmissionController:
         for a in self._awaiting.values():
             # reported progress only falls; predicted progress (a decode instance's prompts, which
             # report none) is re-predicted each time: an overdue prompt is whole again
-            a[2] = self._predicted_left(a, now) if a[6] > 0 else a[2]
+            a[2] = self._predicted_left(a, now)
         short = self.prefill is None or req.prompt_tokens < cfg.short_prompt_tokens
         self._hosts = {l.instance_id: l.host for l in snapshot.loads.values()}
         decodes = [self._effective(l) for l in snapshot.fresh(now, cfg.max_staleness_s, "decode")]
@@ -864,9 +864,9 @@ class AdmissionController:
         progress) what it has left now."""
         if a[4] > at - lag:
             return a[3]
-        if not a[6] > 0:
-            return a[2]
-        return cls._predicted_left(a, at)
+        # (at least what it has left now: an overdue prompt is whole now, and the sample taken
+        # before it was overdue also holds the tokens its prediction took as done by then)
+        return max(a[2], cls._predicted_left(a, at))
 
     @staticmethod
     def _predicted_left(a: list, now: float) -> int:

@@ -612,6 +612,13 @@ def test_an_overdue_prompt_on_a_decode_instance_counts_whole_until_its_first_tok
     c = ctl.decide(request("c", prompt=100, arrival=NOW + 0.6, ttft_slo_s=60.0), snap(decode("d1", at=NOW + 0.6)),
                    NOW + 0.6)
     assert c.parts["ahead_tokens"] == 100          # b's, predicted to finish at 0.5 + 0.4 + 0.1 s
+    # on a LARS pool, a sample taken before it was overdue, still holding all of it, is not read as
+    # another router's work besides
+    ctl = lars_decode_controller()
+    ctl.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    sample = snap(decode("d1", at=NOW + 0.3, queued_prefill_tokens=400, active_requests=1))
+    d = ctl.decide(request("d", prompt=100, arrival=NOW + 0.5, ttft_slo_s=60.0), sample, NOW + 0.5)
+    assert d.parts["ahead_tokens"] == 400
 
 
 def lars_decode_controller() -> AdmissionController:
