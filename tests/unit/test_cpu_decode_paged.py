@@ -135,6 +135,50 @@ def test_pieces_buckets_and_merges(monkeypatch, lens, threads):
         torch.set_num_threads(prev)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (8, 1), (9, 3)])
+def test_runs_of_consecutive_blocks_are_attended_in_place(monkeypatch, dtype, threads, hq, hkv):
+    """Runs of >= MIN_VIEW_BLOCKS consecutive blocks are attended as strided views of the cache (cut
+    into equal pieces, the last masked), the rest of the table gathered: the same as the reference
+    for runs ending on a full or a partial block, in the middle or at the end of a table, several runs
+    in one row, rows with none, and a run whose padded pieces would pass the cache's end (gathered)."""
+    monkeypatch.setattr(cpu, "MIN_VIEW_BLOCKS", 3)
+    monkeypatch.setattr(cpu, "MIN_PIECE_KEYS", 5)
+    monkeypatch.setattr(cpu, "VIEW_PIECE_KEYS", 13)
+    bs, d, num_blocks = 4, 8, 64
+    k_cache, v_cache = _cache(num_blocks, bs, hkv, d, dtype, seed=hq)
+    rows = [
+        list(range(10, 17)),                        # one run, 7 blocks
+        [40, 41, 42, 43, 5, 30, 31, 32, 33, 2],     # two runs, a single block between and after
+        [3, 8, 21, 9],                              # no run: gathered
+        [60, 61, 62, 63],                           # a run at the cache's end
+    ]
+    lens = [25, 38, 15, 14]                         # partial last blocks (25 = 6 blocks + 1 key)
+    width = max(map(len, rows))
+    tables = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
+    q = torch.randn(len(rows), hq, d, generator=torch.Generator().manual_seed(9)).to(dtype)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        be = CpuFlashBackend()
+        _check(be, q, k_cache, v_cache, tables, lens)
+        views = be._plan.views
+        assert sorted({v.row for v in views}) == [0, 1, 3]
+        assert len([v for v in views if v.row == 1]) == 2
+        assert any(v.mask is not None for v in views) and any(v.pieces > 1 for v in views)
+        for v in views:
+            assert v.start + v.pieces * v.piece_len <= num_blocks * bs
+        # the run at the cache's end, 16 keys in 3 pieces of 6: its padded last piece would pass the
+        # end, so it is gathered instead
+        monkeypatch.setattr(cpu, "VIEW_PIECE_KEYS", 6)
+        be = CpuFlashBackend()
+        _check(be, q, k_cache, v_cache, tables, [25, 38, 15, 16])
+        assert sorted({v.row for v in be._plan.views}) == [0, 1]
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_plan_is_rebuilt_when_tables_are_refilled_in_place():
     # A caller may reuse the same tensors for the next step (CUDA-graph style staging buffers).
     be = CpuFlashBackend()
@@ -245,9 +289,11 @@ def test_forward_context_writes_before_attending():
 
 # --- the engine, with every decode path taken -----------------------------------------------------------
 
-def test_engine_with_pieces_matches_reference_engine(monkeypatch):
+@pytest.mark.parametrize("views", [False, True], ids=["gathered", "views"])
+def test_engine_with_pieces_matches_reference_engine(monkeypatch, views):
     """The built-in model, two prompts batched, 4-token blocks: with small pieces the decodes cut each
-    sequence into pieces, bucket pieces of both sequences together and merge. Greedy tokens equal the
+    sequence into pieces, bucket pieces of both sequences together and merge (and with short view runs,
+    attend the runs of consecutive blocks the chunks allocated in place). Greedy tokens equal the
     reference backend's (which test_engine_builtin.py holds to Hugging Face), logprobs within 1e-4."""
     from common.config import CacheConfig, EngineConfig, SchedulerConfig
     from common.engine.engine import LLMEngine
@@ -255,6 +301,8 @@ def test_engine_with_pieces_matches_reference_engine(monkeypatch):
     from common.sampling_params import SamplingParams
     monkeypatch.setattr(cpu, "PIECE_BYTES", 5 * 4 * 2 * 3 * 64 * 4)     # 5 blocks of 4 tokens (3 KV heads x 64)
     monkeypatch.setattr(cpu, "BUCKET_BYTES", 3 * 5 * 4 * 2 * 3 * 64 * 4)
+    monkeypatch.setattr(cpu, "MIN_VIEW_BLOCKS", 4 if views else 1 << 40)
+    monkeypatch.setattr(cpu, "MIN_PIECE_KEYS", 8)
     checkpoint = load_checkpoint(None)
     prompts = [[(37 * i + 11) % 40000 + 100 for i in range(90)], [(53 * i + 7) % 30000 + 200 for i in range(41)]]
     results = {}
@@ -268,7 +316,8 @@ def test_engine_with_pieces_matches_reference_engine(monkeypatch):
             results[backend] = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
             if backend == "cpu_flash":
                 plan = engine.executor.backend._plan
-                assert plan is not None and plan.slots > 1 and len(plan.buckets) > 1
+                assert plan is not None and plan.slots > 1 and len(plan.buckets) > (0 if views else 1)
+                assert bool(plan.views) == views
     finally:
         torch.set_num_threads(prev)
     for ref, got in zip(results["reference"], results["cpu_flash"]):
