@@ -32,14 +32,14 @@ with `merge_stacked`. Why (measured in the engine, 2 cores, bench/results/engine
 Every piece has at least one real key, so no row is fully masked (where the kernel's lse would be 0).
 The mask's dtype must be the query's (a float32 mask on float64 inputs gives wrong results).
 
-A run of at least MIN_VIEW_BLOCKS consecutive blocks in a sequence's table (what a long prompt gets
-from a fresh or tidy pool) is not gathered: its keys lie in the cache as one [tokens, Hkv, D] range,
-so it is cut into equal pieces that are one strided view ([pieces, Hkv, piece_len, D], the last piece
-masked past the run's keys) and attended in one call (`_View`). The gather was half of a long decode:
-measured at 262,144 keys (1 KV head of dim 16, one thread), 15.4 ms gathered vs 7.3 ms in place; at
-8K keys of the built-in model (3 KV heads, strided rows) in place is no slower. A masked tail may read
-up to a piece's length of slots past the run (finite: the cache starts zeroed and holds only K/V),
-never past the cache's end (such a run is gathered instead).
+A run of consecutive blocks in a sequence's table (what a long prompt gets from a fresh or tidy
+pool) holding at least MIN_VIEW_BLOCKS blocks and MIN_VIEW_BYTES of K and V is not gathered: its keys
+lie in the cache as one [tokens, Hkv, D] range, so it is cut into equal pieces that are one strided
+view ([pieces, Hkv, piece_len, D], the last piece masked past the run's keys) and attended in one
+call (`_View`). The gather was up to half of a long decode (bench/results/decode_paged.md); a shorter
+run costs less gathered, bucketed with other rows' pieces, than in a kernel call of its own. A masked
+tail may read up to a piece's length of slots past the run (finite: the cache starts zeroed and holds
+only K/V), never past the cache's end (such a run is gathered instead).
 """
 from __future__ import annotations
 
@@ -59,9 +59,12 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 PIECE_BYTES = 3 << 20
 BUCKET_BYTES = 6 << 20
 PAD_SLACK = 1.25
-# Runs of consecutive blocks attended where they lie (`_View`): the shortest such run, the most keys
-# per piece, the fewest keys a piece is cut to (pieces share the kernel's tasks among threads).
-MIN_VIEW_BLOCKS = 64
+# Runs of consecutive blocks attended where they lie (`_View`): the shortest such run (in blocks and
+# in K+V bytes: a shorter one is cheaper bucketed with other rows' pieces in one gathered call than in
+# a kernel call of its own), the most keys per piece, the fewest keys a piece is cut to (pieces share
+# the kernel's tasks among threads).
+MIN_VIEW_BLOCKS = 16
+MIN_VIEW_BYTES = 2 << 20
 VIEW_PIECE_KEYS = 1 << 15
 MIN_PIECE_KEYS = 512
 
@@ -264,11 +267,12 @@ class _DecodePlan:
             nb = -(-n // bs)
             own = tables[row, :nb].astype(np.int64)
             keep = None                                         # blocks left to gather (all: None)
-            if nb >= MIN_VIEW_BLOCKS:
+            min_run = max(MIN_VIEW_BLOCKS, -(-MIN_VIEW_BYTES // (bs * token_bytes)))
+            if nb >= min_run:
                 cut = np.flatnonzero(np.diff(own) != 1) + 1
                 starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [nb]))
                 for a, b in zip(starts.tolist(), ends.tolist()):
-                    if b - a < MIN_VIEW_BLOCKS:
+                    if b - a < min_run:
                         continue
                     vw = _view(row, slots[row], int(own[a]) * bs, min(b * bs, n) - a * bs, hkv, threads,
                                num_blocks * bs, dtype, dev)

@@ -139,11 +139,13 @@ def test_pieces_buckets_and_merges(monkeypatch, lens, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (8, 1), (9, 3)])
 def test_runs_of_consecutive_blocks_are_attended_in_place(monkeypatch, dtype, threads, hq, hkv):
-    """Runs of >= MIN_VIEW_BLOCKS consecutive blocks are attended as strided views of the cache (cut
-    into equal pieces, the last masked), the rest of the table gathered: the same as the reference
-    for runs ending on a full or a partial block, in the middle or at the end of a table, several runs
-    in one row, rows with none, and a run whose padded pieces would pass the cache's end (gathered)."""
+    """Runs of >= MIN_VIEW_BLOCKS consecutive blocks (and MIN_VIEW_BYTES) are attended as strided
+    views of the cache (cut into equal pieces, the last masked), the rest of the table gathered: the
+    same as the reference for runs ending on a full or a partial block, in the middle or at the end of
+    a table, several runs in one row, rows with none, and a run whose padded pieces would pass the
+    cache's end (gathered)."""
     monkeypatch.setattr(cpu, "MIN_VIEW_BLOCKS", 3)
+    monkeypatch.setattr(cpu, "MIN_VIEW_BYTES", 0)
     monkeypatch.setattr(cpu, "MIN_PIECE_KEYS", 5)
     monkeypatch.setattr(cpu, "VIEW_PIECE_KEYS", 13)
     bs, d, num_blocks = 4, 8, 64
@@ -302,6 +304,7 @@ def test_engine_with_pieces_matches_reference_engine(monkeypatch, views):
     monkeypatch.setattr(cpu, "PIECE_BYTES", 5 * 4 * 2 * 3 * 64 * 4)     # 5 blocks of 4 tokens (3 KV heads x 64)
     monkeypatch.setattr(cpu, "BUCKET_BYTES", 3 * 5 * 4 * 2 * 3 * 64 * 4)
     monkeypatch.setattr(cpu, "MIN_VIEW_BLOCKS", 4 if views else 1 << 40)
+    monkeypatch.setattr(cpu, "MIN_VIEW_BYTES", 0)
     monkeypatch.setattr(cpu, "MIN_PIECE_KEYS", 8)
     checkpoint = load_checkpoint(None)
     prompts = [[(37 * i + 11) % 40000 + 100 for i in range(90)], [(53 * i + 7) % 30000 + 200 for i in range(41)]]
