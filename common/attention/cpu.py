@@ -35,11 +35,10 @@ The mask's dtype must be the query's (a float32 mask on float64 inputs gives wro
 A run of consecutive blocks in a sequence's table (what a long prompt gets from a fresh or tidy
 pool) holding at least MIN_VIEW_BLOCKS blocks and MIN_VIEW_BYTES of K and V is not gathered: its keys
 lie in the cache as one [tokens, Hkv, D] range, so it is cut into equal pieces that are one strided
-view ([pieces, Hkv, piece_len, D], the last piece masked past the run's keys) and attended in one
-call (`_View`). The gather was up to half of a long decode (bench/results/decode_paged.md); a shorter
-run costs less gathered, bucketed with other rows' pieces, than in a kernel call of its own. A masked
-tail may read up to a piece's length of slots past the run (finite: the cache starts zeroed and holds
-only K/V), never past the cache's end (such a run is gathered instead).
+view ([pieces, Hkv, piece_len, D]) attended in one call, and the few keys left over (fewer than the
+pieces) in a second (`_View`). No mask, and nothing outside the run is read. The gather was up to
+half of a long decode (bench/results/decode_paged.md); a shorter run costs less gathered, bucketed
+with other rows' pieces, than in a kernel call of its own.
 """
 from __future__ import annotations
 
@@ -155,7 +154,7 @@ class CpuFlashBackend(AttentionBackend):
         b, hq, d = q.shape
         shape = tuple(k_cache.shape[1:])                                    # block_size, Hkv, D
         plan = self._plan
-        key = (shape, k_cache.dtype, q.dtype, k_cache.shape[0], torch.get_num_threads())
+        key = (shape, k_cache.dtype, q.dtype, torch.get_num_threads())
         if plan is None or not plan.matches(block_tables, seq_lens, key):
             plan = self._plan = _DecodePlan.build(block_tables, seq_lens, key)
         if plan.slots == 0:
@@ -207,19 +206,18 @@ class CpuFlashBackend(AttentionBackend):
         kf = k_cache.view(-1, hkv, d)[span].view(vw.pieces, vw.piece_len, hkv, d).permute(0, 2, 1, 3)
         vf = v_cache.view(-1, hkv, d)[span].view(vw.pieces, vw.piece_len, hkv, d).permute(0, 2, 1, 3)
         qb = _unit_last(q[vw.row].reshape(1, hkv, hq // hkv, d)).expand(vw.pieces, -1, -1, -1)
-        o, l = _flash(qb, kf, vf, 0.0, False, attn_mask=vw.mask, scale=scale)      # [p, Hkv, g, D]
+        o, l = _flash(qb, kf, vf, 0.0, False, scale=scale)                          # [p, Hkv, g, D]
         return o.reshape(vw.pieces, hq, d), l.reshape(vw.pieces, hq)
 
 
 @dataclass(frozen=True)
 class _View:
-    """A run of consecutive blocks of one sequence, cut into equal pieces attended in place."""
+    """Keys of one sequence lying in consecutive cache slots, in equal pieces attended in place."""
     row: int                       # its batch row
     slot: int                      # its first piece's partial-result index in the row
-    start: int                     # its first key's cache slot (block * block_size)
+    start: int                     # its first key's cache slot (block * block_size + offset)
     pieces: int
-    piece_len: int                 # keys per piece; the last piece masked past the run's keys
-    mask: torch.Tensor | None      # [pieces, 1, 1, piece_len] additive 0 / -inf in q's dtype
+    piece_len: int                 # keys per piece
 
 
 @dataclass(frozen=True)
@@ -235,7 +233,7 @@ class _Bucket:
 
 @dataclass(frozen=True)
 class _DecodePlan:
-    key: tuple                     # (block_size, Hkv, D), cache dtype, query dtype, cache blocks, threads
+    key: tuple                     # (block_size, Hkv, D), cache dtype, query dtype, torch threads
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     views: list[_View]
@@ -252,7 +250,7 @@ class _DecodePlan:
     @staticmethod
     def build(block_tables: torch.Tensor, seq_lens: torch.Tensor, key: tuple) -> _DecodePlan:
         dev = block_tables.device
-        (bs, hkv, d), cache_dtype, dtype, num_blocks, threads = key
+        (bs, hkv, d), cache_dtype, dtype, threads = key
         token_bytes = 2 * hkv * d * torch.empty((), dtype=cache_dtype).element_size()      # K and V
         piece_blocks = max(1, PIECE_BYTES // (bs * token_bytes))
         max_slots = max(bs, BUCKET_BYTES // token_bytes)
@@ -274,12 +272,9 @@ class _DecodePlan:
                 for a, b in zip(starts.tolist(), ends.tolist()):
                     if b - a < min_run:
                         continue
-                    vw = _view(row, slots[row], int(own[a]) * bs, min(b * bs, n) - a * bs, hkv, threads,
-                               num_blocks * bs, dtype, dev)
-                    if vw is None:
-                        continue
-                    views.append(vw)
-                    slots[row] += vw.pieces
+                    for vw in _views(row, slots[row], int(own[a]) * bs, min(b * bs, n) - a * bs, hkv, threads):
+                        views.append(vw)
+                        slots[row] += vw.pieces
                     if keep is None:
                         keep = np.ones(nb, dtype=bool)
                     keep[a:b] = False
@@ -319,22 +314,17 @@ class _DecodePlan:
                            max(slots, default=0), not views and len(buckets) == 1 and buckets[0].rows is None)
 
 
-def _view(row: int, slot: int, start: int, keys: int, hkv: int, threads: int, cache_slots: int,
-          dtype: torch.dtype, dev: torch.device) -> _View | None:
-    """`keys` keys from cache slot `start` on, cut into equal pieces: enough for every thread to have
-    kernel tasks (the kernel splits over pieces x KV heads) and at most VIEW_PIECE_KEYS each, but none
-    under MIN_PIECE_KEYS. None when the last piece would read past the cache's end."""
+def _views(row: int, slot: int, start: int, keys: int, hkv: int, threads: int) -> list[_View]:
+    """`keys` keys from cache slot `start` on: equal pieces, enough for every thread to have kernel
+    tasks (the kernel splits over pieces x KV heads) and at most VIEW_PIECE_KEYS each, none under
+    MIN_PIECE_KEYS; then the keys left over (fewer than the pieces), if any, as one piece."""
     p = max(-(-2 * threads // hkv), -(-keys // VIEW_PIECE_KEYS))
     p = max(1, min(p, keys // MIN_PIECE_KEYS))
-    piece_len = -(-keys // p)
-    p = -(-keys // piece_len)                   # every piece holds a real key
-    if start + p * piece_len > cache_slots:
-        return None
-    mask = None
-    if p * piece_len != keys:
-        mask = torch.zeros(p, 1, 1, piece_len, dtype=dtype, device=dev)
-        mask[-1, :, :, keys - (p - 1) * piece_len:] = float("-inf")
-    return _View(row, slot, start, p, piece_len, mask)
+    piece_len = keys // p
+    out = [_View(row, slot, start, p, piece_len)]
+    if keys > p * piece_len:
+        out.append(_View(row, slot + p, start + p * piece_len, 1, keys - p * piece_len))
+    return out
 
 
 def decode_buckets(lens: list[int], block_size: int, pad_slack: float = PAD_SLACK,

@@ -140,10 +140,9 @@ def test_pieces_buckets_and_merges(monkeypatch, lens, threads):
 @pytest.mark.parametrize("hq,hkv", [(6, 2), (8, 1), (9, 3)])
 def test_runs_of_consecutive_blocks_are_attended_in_place(monkeypatch, dtype, threads, hq, hkv):
     """Runs of >= MIN_VIEW_BLOCKS consecutive blocks (and MIN_VIEW_BYTES) are attended as strided
-    views of the cache (cut into equal pieces, the last masked), the rest of the table gathered: the
+    views of the cache (equal pieces, then the keys left over), the rest of the table gathered: the
     same as the reference for runs ending on a full or a partial block, in the middle or at the end of
-    a table, several runs in one row, rows with none, and a run whose padded pieces would pass the
-    cache's end (gathered)."""
+    a table, several runs in one row, and rows with none."""
     monkeypatch.setattr(cpu, "MIN_VIEW_BLOCKS", 3)
     monkeypatch.setattr(cpu, "MIN_VIEW_BYTES", 0)
     monkeypatch.setattr(cpu, "MIN_PIECE_KEYS", 5)
@@ -167,16 +166,15 @@ def test_runs_of_consecutive_blocks_are_attended_in_place(monkeypatch, dtype, th
         _check(be, q, k_cache, v_cache, tables, lens)
         views = be._plan.views
         assert sorted({v.row for v in views}) == [0, 1, 3]
-        assert len([v for v in views if v.row == 1]) == 2
-        assert any(v.mask is not None for v in views) and any(v.pieces > 1 for v in views)
-        for v in views:
-            assert v.start + v.pieces * v.piece_len <= num_blocks * bs
-        # the run at the cache's end, 16 keys in 3 pieces of 6: its padded last piece would pass the
-        # end, so it is gathered instead
-        monkeypatch.setattr(cpu, "VIEW_PIECE_KEYS", 6)
-        be = CpuFlashBackend()
-        _check(be, q, k_cache, v_cache, tables, [25, 38, 15, 16])
-        assert sorted({v.row for v in be._plan.views}) == [0, 1]
+        assert {v.start for v in views if v.row == 1 and v.pieces > 1} == {40 * bs, 30 * bs}
+        assert any(v.pieces > 1 for v in views)
+        # every key of a run in exactly one piece: 25 keys of row 0 (with 25 = 3 x 8 + 1 or 5 x 5 ...)
+        for row, keys in ((0, 25), (3, 14)):
+            mine = [v for v in views if v.row == row]
+            assert sum(v.pieces * v.piece_len for v in mine) == keys
+            assert mine[0].start == rows[row][0] * bs and all(
+                a.start + a.pieces * a.piece_len == b.start for a, b in zip(mine, mine[1:]))
+        assert any(v.row == 0 and v.pieces == 1 and v.piece_len < 5 for v in views) == (25 % views[0].pieces != 0)
     finally:
         torch.set_num_threads(prev)
 
