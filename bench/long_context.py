@@ -220,7 +220,9 @@ def run(args: argparse.Namespace) -> dict:
               "prompt_tokens": n, "max_tokens": args.max_tokens, "kv_backend": args.backend,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)", "threads_per_process": 1,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    if args.reference:
+    if args.reference_from:
+        earlier_reference(args, result, main_row)
+    elif args.reference:
         ref = reference(model, ids, args.max_tokens)
         diff = max((abs(a - b) for a, b in zip(main_row["logprobs"], ref["logprobs"])), default=math.inf)
         result["reference"] = {"engine_s": ref["seconds"], "same_tokens": main_row["tokens"] == ref["tokens"],
@@ -235,6 +237,28 @@ def run(args: argparse.Namespace) -> dict:
                                   "same_tokens": hf["tokens"] == main_row["tokens"], "tokens": hf["tokens"]}
         print(f"  transformers: same tokens {result['transformers']['same_tokens']}", flush=True)
     return result
+
+
+def earlier_reference(args: argparse.Namespace, result: dict, main_row: dict) -> None:
+    """The comparisons of an earlier run on the same prompt (--reference-from NAME), instead of running
+    the single-process engine (and transformers) again: this run's main tokens and logprobs against
+    that run's main ones, which it compared with the engine's (and transformers' tokens). Exact only
+    through an earlier run whose logprobs equalled the engine's to the bit; its difference is added."""
+    earlier = json.loads((OUT / f"{args.reference_from}.json").read_text())
+    if (earlier["prompt_tokens"], earlier["max_tokens"]) != (result["prompt_tokens"], result["max_tokens"]):
+        raise SystemExit(f"{args.reference_from}.json is a run of {earlier['prompt_tokens']} + "
+                         f"{earlier['max_tokens']} tokens")
+    ref, then = earlier.get("reference"), earlier["rows"][0]
+    if not ref or not ref["same_tokens"]:
+        raise SystemExit(f"{args.reference_from}.json has no main layout equal to the engine's to compare with")
+    diff = max((abs(a - b) for a, b in zip(main_row["logprobs"], then["logprobs"])), default=math.inf)
+    result["reference"] = {"engine_s": ref["engine_s"], "same_tokens": main_row["tokens"] == then["tokens"],
+                           "max_logprob_diff": diff + ref["max_logprob_diff"], "from": args.reference_from,
+                           "from_date": earlier["date"]}
+    hf = earlier.get("transformers")
+    if hf:
+        result["transformers"] = {**hf, "same_tokens": hf["tokens"] == main_row["tokens"],
+                                  "from": args.reference_from}
 
 
 def checkpoint(args: argparse.Namespace) -> str:
@@ -322,8 +346,10 @@ def write(result: dict, name: str) -> None:
         lines.append(f"- {svc}: " + ", ".join(f"{k} {_mb(v)}" for k, v in procs.items()))
     ref = result.get("reference")
     if ref:
+        via = (f" (through `{ref['from']}.json` of {ref['from_date']}: its main layout's, which were compared "
+               "with the engine's there)" if "from" in ref else "")
         lines += ["", f"Exactness: the main layout's tokens {'equal' if ref['same_tokens'] else 'DIFFER FROM'} "
-                      f"the single-process engine's; logprobs within {ref['max_logprob_diff']:.1e} "
+                      f"the single-process engine's{via}; logprobs within {ref['max_logprob_diff']:.1e} "
                       f"(engine alone: {ref['engine_s']:.1f} s)."]
         others = [r for r in result["rows"][1:] if "same_tokens_as_reference" in r]
         if others:
@@ -332,7 +358,8 @@ def write(result: dict, name: str) -> None:
     hf = result.get("transformers")
     if hf:
         lines.append(f"Hugging Face transformers (prefilled in chunks of {hf['chunk']} with its own cache, "
-                     f"{hf['seconds']:.1f} s): {'same' if hf['same_tokens'] else 'DIFFERENT'} tokens.")
+                     f"{hf['seconds']:.1f} s{', in ' + hf['from'] + '.json' if 'from' in hf else ''}): "
+                     f"{'same' if hf['same_tokens'] else 'DIFFERENT'} tokens.")
     main = result["rows"][0]
     if "probe_idle" in main:
         during = main.get("probe_during_long_prefill")
@@ -360,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="tcp", choices=("tcp", "nixl"))
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the single-process engine run (as long as the prefill again)")
+    p.add_argument("--reference-from", default="", metavar="NAME",
+                   help="compare with the main layout of an earlier run on the same prompt (bench/results/NAME.json, "
+                        "itself compared with the engine and transformers) instead of running them again")
     p.add_argument("--transformers", action="store_true", help="also compare with transformers' greedy tokens")
     p.add_argument("--add-transformers", action="store_true",
                    help="only run transformers on the prompt of an earlier run's results (--out-name, same --tokens "
