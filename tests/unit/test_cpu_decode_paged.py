@@ -289,39 +289,46 @@ def test_forward_context_writes_before_attending():
 
 # --- the engine, with every decode path taken -----------------------------------------------------------
 
-@pytest.mark.parametrize("views", [False, True], ids=["gathered", "views"])
-def test_engine_with_pieces_matches_reference_engine(monkeypatch, views):
-    """The built-in model, two prompts batched, 4-token blocks: with small pieces the decodes cut each
-    sequence into pieces, bucket pieces of both sequences together and merge (and with short view runs,
-    attend the runs of consecutive blocks the chunks allocated in place). Greedy tokens equal the
-    reference backend's (which test_engine_builtin.py holds to Hugging Face), logprobs within 1e-4."""
+ENGINE_PROMPTS = [[(37 * i + 11) % 40000 + 100 for i in range(90)], [(53 * i + 7) % 30000 + 200 for i in range(41)]]
+
+
+def _engine_outputs(backend: str):
     from common.config import CacheConfig, EngineConfig, SchedulerConfig
     from common.engine.engine import LLMEngine
     from common.model.loader import load_checkpoint
     from common.sampling_params import SamplingParams
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = EngineConfig(attention_backend=backend, cache=CacheConfig(block_size=4, max_kv_tokens=512),
+                           scheduler=SchedulerConfig(chunk_size=24))
+        engine = LLMEngine(cfg, load_checkpoint(None))
+        return engine, engine.generate(ENGINE_PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def reference_engine_outputs():
+    return _engine_outputs("reference")[1]
+
+
+@pytest.mark.parametrize("views", [False, True], ids=["gathered", "views"])
+def test_engine_with_pieces_matches_reference_engine(monkeypatch, views, reference_engine_outputs):
+    """The built-in model, two prompts batched, 4-token blocks: with small pieces the decodes cut each
+    sequence into pieces, bucket pieces of both sequences together and merge (and with short view runs,
+    attend the runs of consecutive blocks the chunks allocated in place). Greedy tokens equal the
+    reference backend's (which test_engine_builtin.py holds to Hugging Face), logprobs within 1e-4."""
     monkeypatch.setattr(cpu, "PIECE_BYTES", 5 * 4 * 2 * 3 * 64 * 4)     # 5 blocks of 4 tokens (3 KV heads x 64)
     monkeypatch.setattr(cpu, "BUCKET_BYTES", 3 * 5 * 4 * 2 * 3 * 64 * 4)
     monkeypatch.setattr(cpu, "MIN_VIEW_BLOCKS", 4 if views else 1 << 40)
     monkeypatch.setattr(cpu, "MIN_VIEW_BYTES", 0)
     monkeypatch.setattr(cpu, "MIN_PIECE_KEYS", 8)
-    checkpoint = load_checkpoint(None)
-    prompts = [[(37 * i + 11) % 40000 + 100 for i in range(90)], [(53 * i + 7) % 30000 + 200 for i in range(41)]]
-    results = {}
-    prev = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for backend in ("reference", "cpu_flash"):
-            cfg = EngineConfig(attention_backend=backend, cache=CacheConfig(block_size=4, max_kv_tokens=512),
-                               scheduler=SchedulerConfig(chunk_size=24))
-            engine = LLMEngine(cfg, checkpoint)
-            results[backend] = engine.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
-            if backend == "cpu_flash":
-                plan = engine.executor.backend._plan
-                assert plan is not None and plan.slots > 1 and len(plan.buckets) > (0 if views else 1)
-                assert bool(plan.views) == views
-    finally:
-        torch.set_num_threads(prev)
-    for ref, got in zip(results["reference"], results["cpu_flash"]):
+    engine, outputs = _engine_outputs("cpu_flash")
+    plan = engine.executor.backend._plan
+    assert plan is not None and plan.slots > 1 and len(plan.buckets) > (0 if views else 1)
+    assert bool(plan.views) == views
+    for ref, got in zip(reference_engine_outputs, outputs):
         assert got.token_ids == ref.token_ids
         assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) <= 1e-4
 
