@@ -23,8 +23,10 @@ bucket is gathered into one reused workspace and attended in one kernel call ove
 [pieces, Hkv, L_max, D] with an additive 0/-inf mask on the padding; a sequence's pieces are merged
 with `merge_stacked`. Why (measured in the engine, 2 cores, bench/results/engine.md):
   - a gathered piece is still in the cache when the kernel reads it; the kernel reading the cache's
-    [token, head, dim] rows where they lie (a strided view, cold) was slower than copying first, and
-    one gather of a whole batch (100 MB at 8 x 8K tokens) no longer fits in any cache;
+    [token, head, dim] rows where they lie (a strided view, cold) was slower than copying first (in
+    that engine measurement, with a plan of scattered blocks; for whole runs of consecutive blocks
+    in place is faster, below), and one gather of a whole batch (100 MB at 8 x 8K tokens) no longer
+    fits in any cache;
   - a fresh multi-megabyte gather buffer per call cost page faults that took longer than the copy
     (hence the reused workspace, index_select with out=);
   - the kernel parallelises over batch x heads: one sequence in one piece gives only Hkv tasks, badly
@@ -194,7 +196,6 @@ class CpuFlashBackend(AttentionBackend):
         o, l = _flash(qb, kv[0], kv[1], 0.0, False, attn_mask=bk.mask, scale=scale)   # [n, Hkv, g, D]
         return o.reshape(n, hq, d), l.reshape(n, hq)
 
-
     @staticmethod
     def _attend_view(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, vw: _View, scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,6 +255,7 @@ class _DecodePlan:
         token_bytes = 2 * hkv * d * torch.empty((), dtype=cache_dtype).element_size()      # K and V
         piece_blocks = max(1, PIECE_BYTES // (bs * token_bytes))
         max_slots = max(bs, BUCKET_BYTES // token_bytes)
+        min_run = max(MIN_VIEW_BLOCKS, -(-MIN_VIEW_BYTES // (bs * token_bytes)))
         lens = [int(n) for n in seq_lens.tolist()]
         tables = block_tables.cpu().numpy()
         slots = [0] * len(lens)
@@ -265,7 +267,6 @@ class _DecodePlan:
             nb = -(-n // bs)
             own = tables[row, :nb].astype(np.int64)
             keep = None                                         # blocks left to gather (all: None)
-            min_run = max(MIN_VIEW_BLOCKS, -(-MIN_VIEW_BYTES // (bs * token_bytes)))
             if nb >= min_run:
                 cut = np.flatnonzero(np.diff(own) != 1) + 1
                 starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [nb]))
