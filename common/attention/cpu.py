@@ -34,11 +34,12 @@ with `merge_stacked`. Why (measured in the engine, 2 cores, bench/results/engine
 Every piece has at least one real key, so no row is fully masked (where the kernel's lse would be 0).
 The mask's dtype must be the query's (a float32 mask on float64 inputs gives wrong results).
 
-A run of consecutive blocks in a sequence's table (what a long prompt gets from a fresh or tidy
-pool) holding at least MIN_VIEW_BLOCKS blocks and MIN_VIEW_BYTES of K and V is not gathered: its keys
-lie in the cache as one [tokens, Hkv, D] range, so it is cut into equal pieces that are one strided
-view ([pieces, Hkv, piece_len, D]) attended in one call, and the few keys left over (fewer than the
-pieces) in a second (`_View`). No mask, and nothing outside the run is read. The gather was up to
+A run of consecutive blocks in a sequence's table (its blocks but the last taken in id order: a
+decode query sees every key, so their order is free, and a pool that freed blocks tail first hands
+them out descending) holding at least MIN_VIEW_BLOCKS blocks and MIN_VIEW_BYTES of K and V is not
+gathered: its keys lie in the cache as one [tokens, Hkv, D] range, so it is cut into equal pieces
+that are one strided view ([pieces, Hkv, piece_len, D]) attended in one call, and the few keys left
+over (fewer than the pieces) in a second (`_View`). No mask, and nothing outside the run is read. The gather was up to
 half of a long decode (bench/results/decode_paged.md); a shorter run costs less gathered, bucketed
 with other rows' pieces, than in a kernel call of its own.
 """
@@ -266,6 +267,10 @@ class _DecodePlan:
                 continue
             nb = -(-n // bs)
             own = tables[row, :nb].astype(np.int64)
+            # The one query sees every key, so their order is free: the full blocks in id order (a
+            # pool hands freed blocks out tail first, descending) lie in runs of consecutive memory;
+            # the last block, partial or not, stays last (the key counts below assume it).
+            own[:-1].sort()
             keep = None                                         # blocks left to gather (all: None)
             if nb >= min_run:
                 cut = np.flatnonzero(np.diff(own) != 1) + 1

@@ -179,6 +179,30 @@ def test_runs_of_consecutive_blocks_are_attended_in_place(monkeypatch, dtype, th
         torch.set_num_threads(prev)
 
 
+def test_blocks_handed_out_descending_are_attended_in_place(monkeypatch):
+    """A pool frees a table tail first, so reused blocks come descending: the full blocks are taken
+    in id order (the query sees every key), the last (partial) block last. Views, and the reference's
+    result."""
+    monkeypatch.setattr(cpu, "MIN_VIEW_BLOCKS", 4)
+    monkeypatch.setattr(cpu, "MIN_VIEW_BYTES", 0)
+    monkeypatch.setattr(cpu, "MIN_PIECE_KEYS", 4)
+    bs, hq, hkv, d = 4, 6, 2, 8
+    k_cache, v_cache = _cache(64, bs, hkv, d, torch.float32, seed=21)
+    rows = [list(range(30, 20, -1)),                 # 10 blocks descending, the last one partial
+            list(range(50, 44, -1)) + [3, 7]]        # a descending run, then two stray blocks
+    lens = [38, 31]
+    tables = torch.tensor([r + [-1] * (10 - len(r)) for r in rows], dtype=torch.int32)
+    q = torch.randn(2, hq, d, generator=torch.Generator().manual_seed(4))
+    be = CpuFlashBackend()
+    _check(be, q, k_cache, v_cache, tables, lens)
+    views = be._plan.views
+    assert {v.row for v in views} == {0, 1}
+    for row, first, keys in ((0, 22, 9 * bs), (1, 45, 6 * bs)):   # blocks 22-30 (not 21, the partial last), 45-50
+        mine = [v for v in views if v.row == row]
+        assert mine[0].start == first * bs and sum(v.pieces * v.piece_len for v in mine) == keys
+    assert torch.equal(tables[0, :10], torch.arange(30, 20, -1, dtype=torch.int32))   # not reordered
+
+
 def test_plan_is_rebuilt_when_tables_are_refilled_in_place():
     # A caller may reuse the same tensors for the next step (CUDA-graph style staging buffers).
     be = CpuFlashBackend()
