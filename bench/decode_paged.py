@@ -132,11 +132,7 @@ def main_engine(a: argparse.Namespace) -> int:
             rows.append(row)
             print(f"{dtype} {context}: gathered {row['gathered_ms']:.1f} ms, in place {row['in_place_ms']:.1f} ms "
                   f"({row['speedup']:.2f}x), floor {row['floor_ms']:.1f} ms, load {row['loadavg'][0]:.1f}", flush=True)
-    result = {"benchmark": "decode_paged --engine", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": a.rounds,
-              "steps": a.steps, "floor_gbs": a.floor_gbs, "rows": rows}
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{a.out_name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = _result("decode_paged --engine", a, rows, steps=a.steps)
     lines = [
         "# Engine decode steps on the CPU: K/V gathered vs attended where they lie",
         "",
@@ -152,8 +148,20 @@ def main_engine(a: argparse.Namespace) -> int:
         lines.append(f"| {r['dtype']} | {r['context']} | {r['gathered_ms']:.1f} | {r['in_place_ms']:.1f} "
                      f"| {r['speedup']:.2f}x | {r['floor_ms']:.1f} | {r['in_place_x_floor']:.1f} "
                      f"| {r['loadavg'][0]:.1f}-{r['loadavg'][1]:.1f} |")
-    (OUT / f"{a.out_name}.md").write_text("\n".join(lines) + "\n")
+    _write(a, result, lines)
     return 0
+
+
+def _result(name: str, a: argparse.Namespace, rows: list[dict], **extra) -> dict:
+    return {"benchmark": name, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": a.rounds,
+            "floor_gbs": a.floor_gbs, **extra, "rows": rows}
+
+
+def _write(a: argparse.Namespace, result: dict, lines: list[str]) -> None:
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{a.out_name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (OUT / f"{a.out_name}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"T={threads} {label} {keys}x{batch} {row['dtype']}: gathered {row['gathered_ms']:.2f} ms, "
                   f"in place {row['in_place_ms']:.2f} ms ({row['speedup']:.2f}x), load {row['loadavg'][0]:.1f}",
                   flush=True)
-    result = {"benchmark": "decode_paged", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": a.rounds,
-              "floor_gbs": a.floor_gbs, "min_view_blocks": cpu.MIN_VIEW_BLOCKS,
-              "min_view_bytes": cpu.MIN_VIEW_BYTES, "rows": rows}
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{a.out_name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = _result("decode_paged", a, rows, min_view_blocks=cpu.MIN_VIEW_BLOCKS, min_view_bytes=cpu.MIN_VIEW_BYTES)
     lines = [
         "# Paged decode on the CPU: K/V gathered vs attended where they lie",
         "",
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"| {r['in_place_ms']:.2f} | {r['speedup']:.2f}x | {r['in_place_gbs']:.1f} "
                      f"| {r['in_place_x_floor']:.1f} | {r['max_abs_diff']:.1e} "
                      f"| {r['loadavg'][0]:.1f}-{r['loadavg'][1]:.1f} |")
-    (OUT / f"{a.out_name}.md").write_text("\n".join(lines) + "\n")
+    _write(a, result, lines)
     return 0
 
 
