@@ -255,6 +255,8 @@ def earlier_reference(args: argparse.Namespace, result: dict, main_row: dict) ->
     result["reference"] = {"engine_s": ref["engine_s"], "same_tokens": main_row["tokens"] == then["tokens"],
                            "max_logprob_diff": diff + ref["max_logprob_diff"], "from": args.reference_from,
                            "from_date": earlier["date"]}
+    for row in result["rows"][1:]:
+        row["same_tokens_as_reference"] = row["tokens"] == then["tokens"]
     hf = earlier.get("transformers")
     if hf:
         result["transformers"] = {**hf, "same_tokens": hf["tokens"] == main_row["tokens"],
