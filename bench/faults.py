@@ -334,7 +334,8 @@ def run(args: argparse.Namespace) -> dict:
                 for j, kind in enumerate(kinds):
                     n = i * len(kinds) + j
                     try:
-                        t = trial(cluster, kind, prompts[n], answers[n], cfg.lease_s, round_s)
+                        t = trial(cluster, kind, prompts[n], answers[n], cfg.lease_s,
+                                  round_s if round_s is not None else reference_s)
                     except Exception as e:  # noqa: BLE001 - one broken trial must not lose the others
                         t = {"kind": kind, "bench_error": f"{type(e).__name__}: {e}"[:400]}
                     t["round"], t["load"], t["round_reference_s"] = i, load(), round_s

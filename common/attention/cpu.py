@@ -267,12 +267,12 @@ class _DecodePlan:
                 continue
             nb = -(-n // bs)
             own = tables[row, :nb].astype(np.int64)
-            # The one query sees every key, so their order is free: the full blocks in id order (a
-            # pool hands freed blocks out tail first, descending) lie in runs of consecutive memory;
-            # the last block, partial or not, stays last (the key counts below assume it).
-            own[:-1].sort()
             keep = None                                         # blocks left to gather (all: None)
             if nb >= min_run:
+                # The one query sees every key, so their order is free: the full blocks in id order
+                # (a pool hands freed blocks out tail first, descending) lie in runs of consecutive
+                # memory; the last block, partial or not, stays last (the key counts assume it).
+                own[:-1].sort()
                 cut = np.flatnonzero(np.diff(own) != 1) + 1
                 starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [nb]))
                 for a, b in zip(starts.tolist(), ends.tolist()):
@@ -286,7 +286,7 @@ class _DecodePlan:
                     keep[a:b] = False
             gathered = own if keep is None else own[keep]
             # Keys the gathered blocks hold: all of each block, but the last block's only up to n (it
-            # is gathered last: the table's order is kept).
+            # is gathered last: it stays last in `own`).
             keys = len(gathered) * bs - (nb * bs - n if keep is None or keep[-1] else 0)
             gathered = gathered.tolist()
             for p0 in range(0, len(gathered), piece_blocks):
