@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable, ParamSpec, Sequence, TypeVar
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import EqualJitterBackoff
 from redis.retry import Retry
 
 from common.errors import ConfigError, InvalidRequestError, StalePlacementError, WorkerFailedError
@@ -51,8 +51,11 @@ R = TypeVar("R")
 
 
 #: A command that meets a refused or dropped connection (Redis restarting) is retried with backoff for
-#: about 1.5 s in all before it is StoreUnavailableError; a timeout is not retried (it already waited).
-STORE_RETRIES = 5
+#: 1.55-3.1 s in all before it is StoreUnavailableError; a timeout is not retried (it already waited).
+#: Equal jitter (half of each delay fixed, half random) so the window has a floor: full jitter
+#: (ExponentialWithJitterBackoff) could draw a total of a few ms and give up on a Redis restarting
+#: in half a second (a CI run failed that way).
+STORE_RETRIES = 6
 STORE_BACKOFF_BASE_S = 0.05
 STORE_BACKOFF_CAP_S = 0.8
 
@@ -60,7 +63,7 @@ STORE_BACKOFF_CAP_S = 0.8
 def store_retry() -> Retry:
     """redis-py's own retry for the metadata store's connections (Lua scripts are idempotent, and
     redis-py reloads one a restarted Redis no longer has)."""
-    return Retry(ExponentialWithJitterBackoff(base=STORE_BACKOFF_BASE_S, cap=STORE_BACKOFF_CAP_S), STORE_RETRIES,
+    return Retry(EqualJitterBackoff(base=STORE_BACKOFF_BASE_S, cap=STORE_BACKOFF_CAP_S), STORE_RETRIES,
                  supported_errors=(redis.exceptions.ConnectionError,))
 
 

@@ -10,7 +10,7 @@ import redis
 
 from common.errors import ConfigError, InvalidRequestError
 from common.metadata.redis_server import RedisServer
-from common.metadata.store import MetadataStore, StoreUnavailableError
+from common.metadata.store import STORE_RETRIES, MetadataStore, StoreUnavailableError, store_retry
 from common.metadata.types import GroupRange, Instance, LoadReport, Placement
 
 
@@ -202,6 +202,17 @@ def test_deployments_are_isolated(redis_url, store):
         assert other.try_reserve(placement("r")).reason == "gone"
     finally:
         other.close()
+
+
+def test_the_store_retry_window_has_a_floor(monkeypatch):
+    """However the jitter falls, a refused command is retried for at least 1.5 s (a Redis restart
+    takes a few hundred ms) and at most ~3 s: full jitter once drew a total of a few ms in CI."""
+    import random
+    for draw in (0.0, 1.0):
+        monkeypatch.setattr(random, "uniform", lambda a, b, draw=draw: a + draw * (b - a))
+        backoff = store_retry()._backoff
+        total = sum(backoff.compute(f) for f in range(1, STORE_RETRIES + 1))
+        assert (1.5 <= total <= 1.6) if draw == 0.0 else (3.0 <= total <= 3.2), (draw, total)
 
 
 def test_a_command_outlives_a_redis_restart(tmp_path):
