@@ -11,6 +11,14 @@ over a view of the cache where their blocks are consecutive, and where the table
 consecutive blocks (a long prompt's table with the holes of blocks other requests held or the prefix
 cache keeps), once per run, merged exactly like KVP shards: without copying the keys. Gathering a
 524,288-token context into one tensor took 45 ms a layer here, as long as a 32-token chunk's attention.
+
+A table of many runs (`plan_parts`): the blocks wholly at or before the chunk's first query position
+are seen by every query of the chunk, so their order does not matter; they are taken in id order, and
+the longest runs of consecutive ids (at most MAX_RUNS, each >= MIN_VIEW_BLOCKS) are attended where
+they lie, the few blocks left over gathered into one tensor. Only the blocks the chunk itself spans
+keep their positions (few: one chunk's worth). A pool that served a few requests hands blocks back
+tail first (BlockPool.free), so a long prompt's later blocks come descending, one run each: the
+served 524K-token prefill spent 35% of its time gathering its whole context for every chunk.
 """
 from __future__ import annotations
 
@@ -25,8 +33,12 @@ from common.attention.merge import merge_attention_states
 from common.kv_cache.paged import PagedKVCache
 
 #: A prefill sequence whose blocks form at most this many runs of consecutive blocks is attended per
-#: run (views of the cache, merged); one with more is gathered into one tensor (a copy).
+#: run (views of the cache, merged); one with more is planned by `plan_parts`.
 MAX_RUNS = 16
+#: plan_parts: a run of consecutive block ids shorter than this is gathered with the other short ones.
+MIN_VIEW_BLOCKS = 8
+#: plan_parts: the blocks a chunk spans form at most this many runs, else they are gathered (in order).
+MAX_TAIL_RUNS = 4
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,55 @@ def block_runs(table: list[int], num_tokens: int, block_size: int, max_runs: int
     return runs
 
 
+@dataclass(frozen=True)
+class Part:
+    """Keys of one backend call: `n` keys whose first has local position `t0` (its absolute position
+    is kv_start + t0), either the consecutive blocks from `b0` (a view) or the blocks `gather` (a copy,
+    int64 on the cache's device)."""
+    t0: int
+    n: int
+    b0: int = -1
+    gather: torch.Tensor | None = None
+
+
+def plan_parts(table: list[int], kv_start: int, kv_len: int, q_start: int, block_size: int,
+               device: torch.device | str = "cpu") -> list[Part]:
+    """How a prefill sequence attends its `kv_len` keys held here (see the module docstring): one
+    part per run when there are at most MAX_RUNS; else the full blocks every query sees (positions
+    <= q_start) in id order, as views of their longest runs and one gathered rest, then the blocks
+    the chunk spans in position order."""
+    runs = block_runs(table, kv_len, block_size, MAX_RUNS)
+    if runs is not None:
+        return [Part(t0, n, b0) for t0, b0, n in runs]
+    bs = block_size
+    nb = -(-kv_len // bs)
+    n_pre = max(0, min((q_start - kv_start + 1) // bs, kv_len // bs, nb))   # full blocks seen by all queries
+    parts: list[Part] = []
+    if n_pre:
+        ids = np.sort(np.asarray(table[:n_pre], dtype=np.int64))
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(ids) != 1) + 1, [n_pre]])
+        lens = np.diff(starts)
+        order = np.argsort(-lens, kind="stable")[:MAX_RUNS]
+        views = [int(i) for i in order if lens[i] >= MIN_VIEW_BLOCKS]
+        # A part of n keys given t0 = 0 is visible to every query (its keys' positions are taken as
+        # kv_start .. kv_start + n - 1 <= q_start): the attention is the same whatever their order.
+        parts += [Part(0, int(lens[i]) * bs, int(ids[starts[i]])) for i in sorted(views)]
+        keep = np.ones(n_pre, dtype=bool)
+        for i in views:
+            keep[starts[i]:starts[i + 1]] = False
+        rest = ids[keep]
+        if len(rest):
+            parts.append(Part(0, len(rest) * bs, gather=torch.from_numpy(rest).to(device)))
+    tail, t_tail = table[n_pre:nb], n_pre * bs
+    if kv_len > t_tail:
+        tail_runs = block_runs(tail, kv_len - t_tail, bs, MAX_TAIL_RUNS)
+        if tail_runs is not None:
+            parts += [Part(t_tail + t0, n, b0) for t0, b0, n in tail_runs]
+        else:
+            parts.append(Part(t_tail, kv_len - t_tail, gather=torch.tensor(tail, dtype=torch.long, device=device)))
+    return parts
+
+
 class ForwardContext:
     def __init__(self, cache: PagedKVCache, backend: AttentionBackend, seqs: list[SeqAttn], scale: float,
                  write_rows: torch.Tensor | None, write_slots: torch.Tensor | None,
@@ -96,13 +157,14 @@ class ForwardContext:
         # Under kv_map the per-run head slices of the cache are not contiguous: keep the general loop.
         decode: list[SeqAttn] = []
         self.rest: list[SeqAttn] = []                       # attended one by one
-        self.runs: list[list[tuple[int, int, int]] | None] = []   # per rest seq: block_runs (None: gather)
+        self.parts: list[list[Part]] = []                  # per rest seq: its backend calls
         for s in seqs:
             if kv_map is None and s.rows.stop - s.rows.start == 1 and 0 < s.kv_len <= s.q_start + 1 - s.kv_start:
                 decode.append(s)
             elif s.kv_len > 0:
                 self.rest.append(s)
-                self.runs.append(block_runs(s.block_table, s.kv_len, cache.block_size, MAX_RUNS))
+                self.parts.append(plan_parts(s.block_table, s.kv_start, s.kv_len, s.q_start, cache.block_size,
+                                             cache.data.device))
         self.decode_rows: torch.Tensor | None = None       # [B] int64 query rows of the decodes
         self.decode_in_order = False                        # rows are 0 .. T-1: no gather/scatter
         if decode:
@@ -139,13 +201,16 @@ class ForwardContext:
                                              scale=self.scale)                  # [B, Hq, D], [B, Hq]
             out.index_copy_(0, self.decode_rows, o)
             lse.index_copy_(0, self.decode_rows, l.float())
-        for s, runs in zip(self.rest, self.runs):
-            if runs is None:                             # fragmented: one gathered copy
-                parts = [(0, *self.cache.gather(layer, s.block_table, s.kv_len))]
-            else:                                        # views of the cache, run by run
-                k_all, v_all, bs = self.cache.k(layer), self.cache.v(layer), self.cache.block_size
-                parts = [(t0, k_all[b0:b0 + -(-n // bs)].flatten(0, 1)[:n], v_all[b0:b0 + -(-n // bs)].flatten(0, 1)[:n])
-                         for t0, b0, n in runs]
+        k_all, v_all, bs = self.cache.k(layer), self.cache.v(layer), self.cache.block_size
+        for s, plan in zip(self.rest, self.parts):
+            parts = []
+            for p in plan:
+                if p.gather is None:                     # a view of consecutive blocks
+                    b1 = p.b0 + -(-p.n // bs)
+                    parts.append((p.t0, k_all[p.b0:b1].flatten(0, 1)[:p.n], v_all[p.b0:b1].flatten(0, 1)[:p.n]))
+                else:                                    # scattered blocks: a copy
+                    parts.append((p.t0, k_all.index_select(0, p.gather).flatten(0, 1)[:p.n],
+                                  v_all.index_select(0, p.gather).flatten(0, 1)[:p.n]))
             heads = [(slice(None), slice(None))] if self.kv_map is None else \
                 [(slice(q_lo, q_hi), slice(kv, kv + 1)) for q_lo, q_hi, kv in self.kv_map]
             for qh, kvh in heads:

@@ -404,7 +404,11 @@ def test_prefill_chunk_over_block_runs_matches_one_gathered_call(monkeypatch, ma
     seqs = [SeqAttn(slice(0, 10), 30, 0, 40, table)]
     q = torch.randn(10, hq, d, generator=g)
     ctx = ForwardContext(cache, CpuFlashBackend(), seqs, 0.3, None, None, kv_map=kv_map)
-    assert (ctx.runs[0] is None) == (max_runs == 0) and (max_runs == 0 or len(ctx.runs[0]) == 3)
+    # three runs as three views; past MAX_RUNS, the 7 full blocks before position 30 in id order (runs
+    # 4-8 and 12-13, shorter than MIN_VIEW_BLOCKS: gathered) and the 3 blocks the chunk spans, a view
+    assert [(p.t0, p.n, p.b0, p.gather is None) for p in ctx.parts[0]] == (
+        [(0, 20, 4, True), (20, 8, 12, True), (28, 12, 20, True)] if max_runs else
+        [(0, 28, -1, False), (28, 12, 20, True)])
     out = ctx.attend(0, q, q[:, :2], q[:, :2])
     k, v = cache.gather(0, table, 40)
     if kv_map is None:
@@ -413,3 +417,128 @@ def test_prefill_chunk_over_block_runs_matches_one_gathered_call(monkeypatch, ma
         ro = torch.cat([REF.forward(q[:, lo:hi], k[:, kv:kv + 1], v[:, kv:kv + 1], q_start=30, k_start=0,
                                     scale=0.3)[0] for lo, hi, kv in kv_map], dim=1)
     torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
+
+
+def _shuffled_table(kind, nb, rng):
+    if kind == "descending":                  # what a churned pool hands a long prompt (BlockPool.free)
+        return list(range(3 * nb, 2 * nb, -1))
+    runs, b = [], 0                           # runs of 1..12 consecutive blocks, shuffled, gaps between
+    while sum(map(len, runs)) < nb:
+        n = rng.choice([1, 1, 2, 3, 9, 12])
+        runs.append(list(range(b, b + n)))
+        b += n + rng.randrange(0, 3)
+    rng.shuffle(runs)
+    return [x for r in runs for x in r][:nb]
+
+
+PLAN_CASES = {                                # kv_start, kv_len, q_start, queries
+    "chunk_at_end": (0, 203, 160, 43),
+    "query_inside_a_block": (0, 203, 161, 42),
+    "earlier_kvp_shard": (100, 128, 300, 8),  # every key before every query
+    "shard_starting_inside_the_chunk": (180, 23, 160, 43),
+    "one_block_prefix": (0, 40, 5, 35),
+}
+
+
+@pytest.mark.parametrize("kind", ["descending", "shuffled_runs"])
+@pytest.mark.parametrize("case", list(PLAN_CASES), ids=list(PLAN_CASES))
+@pytest.mark.parametrize("kv_map", [None, ((0, 2, 0), (2, 6, 1))], ids=["gqa", "kv_map"])
+def test_prefill_chunk_over_a_shuffled_table_matches_one_gathered_call(monkeypatch, kind, case, kv_map):
+    """Past MAX_RUNS runs, the keys every query sees are attended in block id order (views of the long
+    runs, the short ones gathered), the chunk's own blocks in position order: equal to one call over
+    the keys gathered in position order (the reference backend), for a chunk at the end of the keys,
+    a first query inside a block, a KVP shard wholly before the chunk and one that starts inside it."""
+    import random
+
+    import common.engine.forward_context as fc
+    monkeypatch.setattr(fc, "MAX_RUNS", 2)
+    monkeypatch.setattr(fc, "MIN_VIEW_BLOCKS", 3)
+    kv_start, kv_len, q_start, nq = PLAN_CASES[case]
+    bs, hq, hkv, d = 4, 6, 2, 8
+    nb = -(-kv_len // bs)
+    table = _shuffled_table(kind, nb, random.Random(hash((kind, case)) % 1000))
+    g = torch.Generator().manual_seed(5)
+    cache = PagedKVCache(range(1), max(table) + 1, bs, hkv, d, torch.float32)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=g))
+    q = torch.randn(nq, hq, d, generator=g)
+    ctx = ForwardContext(cache, CpuFlashBackend(), [SeqAttn(slice(0, nq), q_start, kv_start, kv_len, table)],
+                         0.3, None, None, kv_map=kv_map)
+    parts = ctx.parts[0]
+    n_pre = max(0, min((q_start - kv_start + 1) // bs, kv_len // bs))
+    assert sum(p.n for p in parts) == kv_len
+    assert all(p.t0 == 0 for p in parts if p.t0 < n_pre * bs)            # the keys all queries see
+    if kind == "descending" and n_pre >= fc.MIN_VIEW_BLOCKS:
+        assert parts[0] == fc.Part(0, n_pre * bs, min(table[:n_pre]))   # one view of them all
+    assert len(parts) <= fc.MAX_RUNS + 1 + fc.MAX_TAIL_RUNS
+    out = ctx.attend(0, q, q[:, :hkv], q[:, :hkv])
+    k, v = cache.gather(0, table, kv_len)
+    if kv_map is None:
+        ro, _ = REF.forward(q, k, v, q_start=q_start, k_start=kv_start, scale=0.3)
+    else:
+        ro = torch.cat([REF.forward(q[:, lo:hi], k[:, kv:kv + 1], v[:, kv:kv + 1], q_start=q_start,
+                                    k_start=kv_start, scale=0.3)[0] for lo, hi, kv in kv_map], dim=1)
+    torch.testing.assert_close(out, ro, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_parts_cover_each_key_once():
+    """On 2,000 random tables, positions and limits: a plan's parts hold each of the first kv_len keys
+    (block, offset) exactly once, the keys after the first query's position keep their positions,
+    and there are at most MAX_RUNS + 1 + MAX_TAIL_RUNS of them."""
+    import random
+
+    import common.engine.forward_context as fc
+    rng = random.Random(1)
+    bs = 4
+    for _ in range(2000):
+        nb = rng.randrange(1, 80)
+        table = _shuffled_table(rng.choice(["descending", "shuffled_runs"]), nb, rng)
+        kv_len = rng.randrange(1, nb * bs + 1)
+        kv_start = rng.randrange(0, 50)
+        q_start = rng.randrange(0, kv_start + kv_len + 20)
+        parts = fc.plan_parts(table, kv_start, kv_len, q_start, bs)
+        keys = []
+        for p in parts:
+            blocks = p.gather.tolist() if p.gather is not None else range(p.b0, p.b0 + -(-p.n // bs))
+            got = [(b, o) for b in blocks for o in range(bs)][:p.n]
+            keys += got
+            late = [t for t in range(p.t0, p.t0 + p.n) if kv_start + t > q_start]
+            for t in late:                                        # position kept where it matters
+                assert got[t - p.t0] == (table[t // bs], t % bs)
+        want = [(table[t // bs], t % bs) for t in range(kv_len)]
+        assert sorted(keys) == sorted(want)
+        assert len(parts) <= fc.MAX_RUNS + 1 + fc.MAX_TAIL_RUNS
+
+
+def test_engine_on_a_churned_pool_matches_reference_engine(monkeypatch, reference_engine_outputs):
+    """The same two prompts after a 500-token request has come and gone: the pool (prefix caching on)
+    hands its blocks back tail first, so the prompts' later blocks come descending, one run each; their
+    chunks attend the blocks every query sees in id order (plan_parts). Greedy tokens equal the
+    reference backend's on a fresh pool, logprobs within 1e-4."""
+    import common.engine.forward_context as fc
+    from common.config import CacheConfig, EngineConfig, SchedulerConfig
+    from common.engine.engine import LLMEngine
+    from common.model.loader import load_checkpoint
+    from common.sampling_params import SamplingParams
+    monkeypatch.setattr(fc, "MAX_RUNS", 2)
+    monkeypatch.setattr(fc, "MIN_VIEW_BLOCKS", 2)
+    plans = []
+    plan_parts = fc.plan_parts
+    monkeypatch.setattr(fc, "plan_parts", lambda *a: plans.append((a, plan_parts(*a))) or plans[-1][1])
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = EngineConfig(attention_backend="cpu_flash", cache=CacheConfig(block_size=4, max_kv_tokens=512),
+                           scheduler=SchedulerConfig(chunk_size=24))
+        engine = LLMEngine(cfg, load_checkpoint(None))
+        engine.generate([[(11 * i + 5) % 30000 + 300 for i in range(500)]], SamplingParams(max_tokens=1))
+        plans.clear()
+        outputs = engine.generate(ENGINE_PROMPTS, SamplingParams(max_tokens=12, ignore_eos=True))
+    finally:
+        torch.set_num_threads(prev)
+    # chunks whose tables were past MAX_RUNS runs, and attended their keys in id order, as views
+    churned = [plan for (table, kv_start, kv_len, q_start, bs, _), plan in plans
+               if fc.block_runs(table, kv_len, bs, fc.MAX_RUNS) is None and table[:q_start // bs] != sorted(table[:q_start // bs])]
+    assert len(churned) >= 3 and any(p.t0 == 0 and p.gather is None and p.n > 8 for plan in churned for p in plan)
+    for ref, got in zip(reference_engine_outputs, outputs):
+        assert got.token_ids == ref.token_ids
+        assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) <= 1e-4
