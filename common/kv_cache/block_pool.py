@@ -100,8 +100,9 @@ class BlockPool:
                 del self.tables[request_id]
             raise CapacityError(f"KV cache full: request {request_id} needs {need} more blocks, "
                                 f"{self.num_free} of {self.num_blocks} free")
-        for _ in range(max(need, 0)):
-            block = self._take()
+        # One allocation's blocks in id order: runs of consecutive blocks (attended and transferred as
+        # views) even where the free list hands them out descending (free() releases tails first).
+        for block in sorted(self._take() for _ in range(max(need, 0))):
             self.ref_counts[block] = 1
             table.append(block)
         return table
@@ -158,7 +159,8 @@ class BlockPool:
     def free(self, request_id: str) -> int:
         """Drops the request's references; returns how many blocks nobody references any more (back
         to the free list, or to the cache when named). The table's tail goes first, so that under
-        eviction a prefix outlives its continuations."""
+        eviction a prefix outlives its continuations. When no table is left, the free list is put
+        in id order."""
         freed = 0
         self.named.pop(request_id, None)
         for block in reversed(self.tables.pop(request_id, ())):
@@ -169,6 +171,11 @@ class BlockPool:
                 else:
                     self.free_ids.append(block)
                 freed += 1
+        if not self.tables and freed:
+            # Idle: nothing to keep apart, so the next requests get consecutive blocks. Without it a
+            # pool's start-up calibration (blocks handed out one at a time, interleaved) leaves the
+            # free list scattered, and a long prompt's table a run per block.
+            self.free_ids = deque(sorted(self.free_ids))
         return freed
 
     def check(self) -> None:

@@ -135,3 +135,54 @@ def test_random_operations_keep_invariants():
         pool.free(r)
     pool.check()
     assert pool.num_used == 0 and pool.num_free == 32
+
+
+def _runs(table: list[int]) -> int:
+    return 1 + sum(b != a + 1 for a, b in zip(table, table[1:]))
+
+
+def test_one_allocation_gets_its_blocks_in_id_order():
+    """free() releases a table's tail first, so a later request takes those blocks descending; each
+    allocation sorts what it takes: a 3-block chunk is one run of consecutive blocks."""
+    pool = BlockPool(16, 4)
+    pool.allocate("keep", 4)                      # the pool is not idle: no reordering on free
+    pool.allocate("a", 24)                        # blocks 1..6
+    pool.free("a")                                # free list: 7..15, then 6, 5, ..., 1
+    pool.allocate("b", 36)                        # 9 blocks: 7..15
+    assert pool.table("b") == list(range(7, 16))
+    pool.allocate("b", 48)                        # 3 more, taken as 6, 5, 4
+    assert pool.table("b")[9:] == [4, 5, 6]
+    pool.check()
+
+
+def test_an_idle_pool_hands_out_consecutive_blocks_after_a_calibration_churn():
+    """A pool's start-up calibration allocates a block at a time for interleaved sequences and frees
+    them: when no table is left, the free list is put back in id order, so the next long prompt gets
+    one run of consecutive blocks (before: one run per block, gathered for every chunk)."""
+    pool = BlockPool(64, 4)
+    for k in range(1, 9):                         # as common/engine/profile.py does
+        for rid in ("p0", "p1", "spacer"):
+            pool.allocate(rid, 4 * k)
+    pool.free("spacer")
+    pool.free("p1")
+    assert _runs(list(pool.free_ids)) > 8         # not idle yet: tails first, scattered
+    pool.free("p0")
+    assert list(pool.free_ids) == list(range(64))
+    table = []
+    for n in range(16, 257, 16):                  # a long prompt, chunk by chunk
+        table = pool.allocate("long", n)
+    assert table == list(range(64))
+    pool.check()
+
+
+def test_idle_reordering_leaves_cached_prefix_blocks_alone():
+    """With prefix caching, freed named blocks stay in the LRU cache (reclaimable, in eviction order);
+    only the free list is reordered."""
+    pool = BlockPool(8, 2, prefix_caching=True)
+    pool.allocate("a", 6)
+    pool.register("a", [b"h1", b"h2"])
+    pool.free("a")                                # blocks 0, 1 named, 2 not; the tail goes first
+    assert list(pool.cached) == [1, 0]            # evicted 1 before 0: the prefix outlives its tail
+    assert list(pool.free_ids) == [2, 3, 4, 5, 6, 7]   # was 3..7, 2
+    assert pool.acquire("b", [b"h1", b"h2"]) == 2
+    pool.check()

@@ -538,7 +538,7 @@ def test_engine_on_a_churned_pool_matches_reference_engine(monkeypatch, referenc
     # chunks whose tables were past MAX_RUNS runs, and attended their keys in id order, as views
     churned = [plan for (table, kv_start, kv_len, q_start, bs, _), plan in plans
                if fc.block_runs(table, kv_len, bs, fc.MAX_RUNS) is None and table[:q_start // bs] != sorted(table[:q_start // bs])]
-    assert len(churned) >= 3 and any(p.t0 == 0 and p.gather is None and p.n > 8 for plan in churned for p in plan)
+    assert len(churned) >= 2 and any(p.t0 == 0 and p.gather is None and p.n > 8 for plan in churned for p in plan)
     for ref, got in zip(reference_engine_outputs, outputs):
         assert got.token_ids == ref.token_ids
         assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) <= 1e-4
