@@ -511,8 +511,9 @@ def test_plan_parts_cover_each_key_once():
 
 def test_engine_on_a_churned_pool_matches_reference_engine(monkeypatch, reference_engine_outputs):
     """The same two prompts after a 500-token request has come and gone: the pool (prefix caching on)
-    hands its blocks back tail first, so the prompts' later blocks come descending, one run each; their
-    chunks attend the blocks every query sees in id order (plan_parts). Greedy tokens equal the
+    evicts its cached blocks tail first, so the prompts' later chunks get them in descending runs (one
+    run per allocation); with MAX_RUNS = 2 their chunks attend the blocks every query sees in id order
+    (plan_parts). Greedy tokens equal the
     reference backend's on a fresh pool, logprobs within 1e-4."""
     import common.engine.forward_context as fc
     from common.config import CacheConfig, EngineConfig, SchedulerConfig
