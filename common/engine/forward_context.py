@@ -55,15 +55,15 @@ Combine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VECTOR_BLOCKS = 64         # block_runs scans tables longer than this in numpy
 
 
-def block_runs(table: list[int], num_tokens: int, block_size: int, max_runs: int = MAX_RUNS
-               ) -> list[tuple[int, int, int]] | None:
+def block_runs(table: list[int], num_tokens: int, block_size: int, max_runs: int = MAX_RUNS,
+               ids: np.ndarray | None = None) -> list[tuple[int, int, int]] | None:
     """The first `num_tokens` keys of a block table as runs of consecutive blocks: (first token,
     first block, tokens) each, in token order; None when there are more than `max_runs`. Long tables
     are scanned in numpy (every prefill chunk of a 1M-token prompt scans its 65,536 blocks: 5.5 ms a
-    chunk in a Python loop)."""
+    chunk in a Python loop); `ids`: those blocks as an int64 array, where the caller has it."""
     nb = -(-num_tokens // block_size)
     if nb > VECTOR_BLOCKS:
-        ids = np.asarray(table[:nb], dtype=np.int64)
+        ids = np.asarray(table[:nb], dtype=np.int64) if ids is None else ids[:nb]
         starts = np.flatnonzero(np.diff(ids) != 1) + 1
         if len(starts) >= max_runs:
             return None
@@ -100,15 +100,16 @@ def plan_parts(table: list[int], kv_start: int, kv_len: int, q_start: int, block
     part per run when there are at most MAX_RUNS; else the full blocks every query sees (positions
     <= q_start) in id order, as views of their longest runs and one gathered rest, then the blocks
     the chunk spans in position order."""
-    runs = block_runs(table, kv_len, block_size, MAX_RUNS)
-    if runs is not None:
-        return [Part(t0, n, b0) for t0, b0, n in runs]
     bs = block_size
     nb = -(-kv_len // bs)
+    table_ids = np.asarray(table[:nb], dtype=np.int64) if nb > VECTOR_BLOCKS else None   # converted once
+    runs = block_runs(table, kv_len, bs, MAX_RUNS, table_ids)
+    if runs is not None:
+        return [Part(t0, n, b0) for t0, b0, n in runs]
     n_pre = max(0, min((q_start - kv_start + 1) // bs, kv_len // bs, nb))   # full blocks seen by all queries
     parts: list[Part] = []
     if n_pre:
-        ids = np.sort(np.asarray(table[:n_pre], dtype=np.int64))
+        ids = np.sort(table_ids[:n_pre] if table_ids is not None else np.asarray(table[:n_pre], dtype=np.int64))
         starts = np.concatenate([[0], np.flatnonzero(np.diff(ids) != 1) + 1, [n_pre]])
         lens = np.diff(starts)
         order = np.argsort(-lens, kind="stable")[:MAX_RUNS]
