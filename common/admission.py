@@ -73,7 +73,8 @@ Decision, with waited = now - arrival and the request's deadlines (slo_for):
                                a bounded queue ordered by LARS until room appears (poll), its TTFT no
                                longer fits, or max_queue_wait_s passes
   REJECT ttft_slo              the TTFT does not fit; retry_after = the excess (backlog must drain)
-         ttft_unattainable     not even an idle instance would meet it (no retry hint)
+         ttft_unattainable     not even an idle instance would meet it from arrival (no retry hint);
+                               one that would have, but waited too long for a decision, is ttft_slo
          kv_too_large          no live decode instance could ever hold it (INVALID_ARGUMENT)
          queue_full | queue_timeout | no_instance
   ADMIT  (fail_open)           no fresh load at all and config.fail_open (default off)
@@ -587,10 +588,17 @@ class AdmissionController:
                  for l in ((hits or room or fits_ever) if short else prefills)]
         alone = corr(min(self.model_of(l).prefill_alone_s(req.tokens_left(l.instance_id)) for _, l in cands))
         slos = dict(ttft_slo_s=ttft_slo, tbt_slo_s=tbt_slo, waited_s=waited)
-        if waited + alone > ttft_slo:
+        if alone > ttft_slo:
             return Decision(Outcome.REJECT, "ttft_unattainable", predicted_ttft_s=waited + alone,
                             detail=f"prefilling {req.prompt_tokens} tokens alone takes ~{alone:.2f}s; "
                                    f"TTFT SLO {ttft_slo:.2f}s", **slos)
+        if waited + alone > ttft_slo:
+            # attainable on arrival, lost to the time it waited (a queue for room): a retry is a new
+            # arrival with a new deadline, so this one gets a hint (a queued one ends as queue_timeout)
+            return Decision(Outcome.REJECT, "ttft_slo", predicted_ttft_s=waited + alone,
+                            retry_after_s=self._retry(0.0),
+                            detail=f"waited {waited:.2f}s for a decision; prefilling {req.prompt_tokens} "
+                                   f"tokens alone takes ~{alone:.2f}s; TTFT SLO {ttft_slo:.2f}s", **slos)
         contention, load = self.contention[role], self.load[role]
         scored = []
         for model_s, l in cands:

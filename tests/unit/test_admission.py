@@ -133,8 +133,14 @@ def test_a_rejection_retrying_cannot_fix_pushes_back_minus_one():
 
 
 def test_time_already_waited_counts_against_the_deadline():
-    d = controller().decide(request(arrival=NOW - 1.5), snap(prefill("p1"), decode("d1")), NOW)
-    assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_unattainable")
+    """A prompt an idle instance would serve in time from arrival, which waited too long for a
+    decision, is late, not unattainable: a retry is a new arrival, so it gets a hint (a queued one
+    that lost its deadline this way is a queue_timeout: CI saw one told retrying would not help)."""
+    ctl = controller()
+    d = ctl.decide(request(arrival=NOW - 1.5), snap(prefill("p1"), decode("d1")), NOW)
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_slo")
+    assert d.retry_after_s is not None and d.retry_after_s > 0 and "waited 1.50s" in d.detail
+    assert ctl.decide(request(arrival=NOW), snap(prefill("p1"), decode("d1")), NOW).outcome is Outcome.ADMIT
 
 
 def test_unattainable_ttft_gets_no_retry_hint_and_own_slo_overrides_the_default():
@@ -208,6 +214,20 @@ def test_queued_request_is_rejected_once_it_can_no_longer_make_its_deadline():
     [(_, d)] = ctl.poll(full, NOW + 1.01)                    # latest start was NOW + 1
     assert (d.outcome, d.reason) == (Outcome.REJECT, "queue_timeout")
     assert d.retry_after_s > 0 and isinstance(d.error("r"), AdmissionRejected)
+
+
+def test_a_queued_request_a_slower_correction_makes_late_times_out_with_a_retry_hint():
+    """CI: a queued prompt, still before its latest start, was re-judged after the correction grew;
+    it would have been in time from arrival, so it is a queue_timeout a retry can fix, not
+    ttft_unattainable (which tells a client's retry policy to stop)."""
+    ctl = controller(max_queue_wait_s=30.0)
+    full = snap(prefill("p1"), decode("d1", **FULL))
+    assert ctl.decide(request(), full, NOW).outcome is Outcome.QUEUE      # 1 s alone, 2 s SLO
+    ctl.correction("prefill").ratio = 1.5                                 # now 1.5 s alone
+    [(_, d)] = ctl.poll(full, NOW + 0.6)                                  # 0.6 + 1.5 > 2
+    assert (d.outcome, d.reason) == (Outcome.REJECT, "queue_timeout")
+    assert d.retry_after_s is not None and d.retry_after_s > 0
+    assert "retry after" in str(d.error("r"))
 
 
 def test_max_queue_wait_bounds_the_wait():
