@@ -46,6 +46,7 @@ model's name (the router's Frontend.name; a pool's --model-name or its checkpoin
 | mnemosyne_scheduler_waiting_requests           | gauge     |                           | prefill/decode: requests not yet scheduled |
 | mnemosyne_kv_blocks_used / _free               | gauge     | group, tp_rank            | prefill/decode workers (group: KVP group, or SPP stage on prefill) |
 | mnemosyne_kv_blocks_cached                     | gauge     | group, tp_rank            | prefill/decode: free blocks still holding a cached prefix (reclaimable, part of _free) |
+| mnemosyne_kv_blocks_quarantined                | gauge     | group, tp_rank            | decode: blocks withheld for good (a granted NIXL write neither finished nor was recalled; part of _used) |
 | mnemosyne_prefix_cache_query_tokens_total*     | counter   |                           | prefill/decode engines: prompt tokens of requests started here (looked up in the prefix cache) |
 | mnemosyne_prefix_cache_hit_tokens_total*       | counter   |                           | ... of them, tokens whose KV came from the cache (not computed); hit rate = hit / query |
 | mnemosyne_kv_block_size_tokens                 | gauge     |                           | prefill/decode (admission turns tokens into blocks) |
@@ -204,6 +205,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("mnemosyne_kv_blocks_cached", "gauge",
          "KV cache blocks free but still holding a cached prefix (reclaimable, counted as free), per worker.",
          ("group", "tp_rank"), (), ("prefill", "decode")),
+    Spec("mnemosyne_kv_blocks_quarantined", "gauge",
+         "KV cache blocks withheld for good: a KV write granted before their request was cancelled may still "
+         "land in them (counted as used), per worker.", ("group", "tp_rank"), (), ("prefill", "decode")),
     Spec("mnemosyne_prefix_cache_query_tokens_total", "counter",
          "Prompt tokens of the requests started on this instance (each looked up in the prefix cache).",
          (), (), ("prefill", "decode"), per_model=True),
@@ -524,12 +528,15 @@ class Metrics:
         self._child("mnemosyne_scheduler_running_decodes").set(running_decodes)
         self._child("mnemosyne_scheduler_waiting_requests").set(waiting_requests)
 
-    def set_kv_blocks(self, group: int, tp_rank: int, *, used: int, free: int, cached: int = 0) -> None:
-        """`free` includes the `cached` blocks (reclaimable: an allocation evicts them)."""
+    def set_kv_blocks(self, group: int, tp_rank: int, *, used: int, free: int, cached: int = 0,
+                      quarantined: int = 0) -> None:
+        """`free` includes the `cached` blocks (reclaimable: an allocation evicts them), `used` the
+        `quarantined` ones (withheld for good)."""
         labels = {"group": str(group), "tp_rank": str(tp_rank)}
         self._child("mnemosyne_kv_blocks_used", **labels).set(used)
         self._child("mnemosyne_kv_blocks_free", **labels).set(free)
         self._child("mnemosyne_kv_blocks_cached", **labels).set(cached)
+        self._child("mnemosyne_kv_blocks_quarantined", **labels).set(quarantined)
 
     def observe_prefix_cache(self, prompt_tokens: int, hit_tokens: int) -> None:
         """A request started here: its prompt tokens, and how many of them the prefix cache held."""

@@ -119,9 +119,10 @@ class StepRecorder:
         self.metrics.set_scheduler_load(queued_prefill_tokens=stats.queued_prefill_tokens,
                                         running_decodes=stats.running_decodes,
                                         waiting_requests=stats.waiting)
-        cached = stats.cached_blocks or (0,) * len(stats.total_blocks)
-        for g, (total, free, c) in enumerate(zip(stats.total_blocks, stats.free_blocks, cached)):
-            self.metrics.set_kv_blocks(g, 0, used=total - free, free=free, cached=c)
+        zeros = (0,) * len(stats.total_blocks)
+        for g, (total, free, c, q) in enumerate(zip(stats.total_blocks, stats.free_blocks,
+                                                    stats.cached_blocks or zeros, stats.quarantined_blocks or zeros)):
+            self.metrics.set_kv_blocks(g, 0, used=total - free, free=free, cached=c, quarantined=q)
 
 
 class _Stream:

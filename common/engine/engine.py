@@ -56,6 +56,7 @@ class EngineStats:
     total_blocks: tuple[int, ...] = ()      # per KVP group
     free_blocks: tuple[int, ...] = ()       # including the cached ones (reclaimable)
     cached_blocks: tuple[int, ...] = ()     # free blocks still holding a cached prefix
+    quarantined_blocks: tuple[int, ...] = ()   # used blocks withheld for good (BlockPool.quarantine)
     queued_prefill_tokens: int = 0          # prompt tokens of unfinished requests not yet prefilled
     running_decodes: int = 0                # requests past their prefill
 
@@ -170,6 +171,7 @@ class LLMEngine:
                            total_blocks=tuple(p.num_blocks for p in pools),
                            free_blocks=tuple(p.num_free for p in pools),
                            cached_blocks=tuple(p.num_cached for p in pools),
+                           quarantined_blocks=tuple(p.num_quarantined for p in pools),
                            queued_prefill_tokens=sum(max(r.prompt_len - r.num_computed, 0) for r in reqs),
                            running_decodes=sum(1 for r in sched.running if r.num_computed >= r.prompt_len))
 

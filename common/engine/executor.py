@@ -70,7 +70,10 @@ class Executor(ABC):
         holder."""
 
     @abstractmethod
-    def kv_cancel(self, request_id: str) -> None: ...
+    def kv_cancel(self, request_id: str) -> dict[int, list[int]]:
+        """Every holder forgets the request, and answers once it did (a grid waits for all): returns
+        {KVP group: its blocks a late write may still land in} (a NIXL write granted, neither
+        finished nor recalled): the caller withholds them for good."""
 
     @abstractmethod
     def kv_events(self) -> list[KVEvent]:
@@ -199,8 +202,9 @@ class LocalExecutor(Executor):
                   cached: int = 0) -> list[KVAck]:
         return [self.kv.expect(request_id, tables, num_tokens, epoch, cached)]
 
-    def kv_cancel(self, request_id: str) -> None:
-        self.kv.cancel(request_id)
+    def kv_cancel(self, request_id: str) -> dict[int, list[int]]:
+        poisoned = self.kv.cancel(request_id)
+        return {0: poisoned} if poisoned else {}
 
     def kv_events(self) -> list[KVEvent]:
         return self.kv.poll_events()

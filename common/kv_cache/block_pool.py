@@ -13,8 +13,13 @@ dropped) and handed out. A referenced block is never in `cached`, so a block in 
 Cached blocks count as free (`num_free`: what an allocation can get); `num_cached` says how many of
 them are reclaimable cache.
 
-`check()` verifies used + free + cached == total, that counts match the live tables, and that the
-names and the cache agree; tests call it after every operation.
+Quarantine: a block a KV transfer may still write into (NIXL granted a one-sided write that neither
+completed nor could be recalled when its request was cancelled) is never handed out again: once
+nobody references it, it stays out of the free list and the cache (`num_quarantined`, counted as
+used), so a late write lands in a block no request reads.
+
+`check()` verifies used + free + cached (+ unreferenced quarantined) == total, that counts match the
+live tables, and that the names and the cache agree; tests call it after every operation.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ class BlockPool:
         self.block_hash: dict[int, bytes] = {}                 # named block -> its hash
         self.by_hash: dict[bytes, int] = {}                    # and back
         self.named: dict[str, int] = {}                        # request -> leading table entries registered
+        self.quarantined: set[int] = set()                     # never handed out again (see the docstring)
         self.evictions = 0
 
     # ---- queries -------------------------------------------------------------------------------
@@ -53,6 +59,11 @@ class BlockPool:
     def num_cached(self) -> int:
         """Reclaimable blocks that still hold a named prefix (part of num_free)."""
         return len(self.cached)
+
+    @property
+    def num_quarantined(self) -> int:
+        """Blocks withheld for good: a write may still land in them (part of num_used)."""
+        return len(self.quarantined)
 
     @property
     def num_used(self) -> int:
@@ -156,6 +167,26 @@ class BlockPool:
         self.tables[dst_id] = table
         return table
 
+    def quarantine(self, blocks: Sequence[int]) -> int:
+        """Withholds `blocks` for good: a late write may land in them. Their names are dropped (no
+        prefix is ever served from them); a referenced one leaves circulation when its last holder
+        frees it. Returns how many were not quarantined before."""
+        new = 0
+        for block in blocks:
+            if block in self.quarantined:
+                continue
+            self.quarantined.add(block)
+            new += 1
+            h = self.block_hash.pop(block, None)
+            if h is not None:
+                del self.by_hash[h]
+            if self.ref_counts[block] == 0:
+                if block in self.cached:
+                    del self.cached[block]
+                else:
+                    self.free_ids.remove(block)
+        return new
+
     def free(self, request_id: str) -> int:
         """Drops the request's references; returns how many blocks nobody references any more (back
         to the free list, or to the cache when named). The table's tail goes first, so that under
@@ -166,6 +197,8 @@ class BlockPool:
         for block in reversed(self.tables.pop(request_id, ())):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
+                if block in self.quarantined:
+                    continue                    # out of circulation for good (not counted as freed)
                 if block in self.block_hash:
                     self.cached[block] = None
                 else:
@@ -190,13 +223,17 @@ class BlockPool:
         assert all(self.ref_counts[b] == 0 for b in free), "a referenced block is on the free list"
         assert all(self.ref_counts[b] == 0 for b in self.cached), "a referenced block is in the cache"
         assert not free & self.cached.keys(), "a block is both free and cached"
+        assert not self.quarantined & (free | self.cached.keys()), "a quarantined block is free or cached"
+        assert not any(b in self.block_hash for b in self.quarantined), "a quarantined block has a name"
         assert all(b in self.block_hash for b in self.cached), "a cached block has no name"
         assert not any(b in self.block_hash for b in free), "a free block still has a name"
         assert len(self.by_hash) == len(self.block_hash) and all(
             self.by_hash.get(h) == b for b, h in self.block_hash.items()), "block names are not one-to-one"
         assert self.prefix_caching or not self.block_hash, "a block is named with prefix caching off"
         used = sum(1 for c in self.ref_counts if c > 0)
-        assert used + len(free) + len(self.cached) == self.num_blocks, (
-            f"used {used} + free {len(free)} + cached {len(self.cached)} != total {self.num_blocks}")
+        idle = sum(1 for b in self.quarantined if self.ref_counts[b] == 0)
+        assert used + idle + len(free) + len(self.cached) == self.num_blocks, (
+            f"used {used} + quarantined unreferenced {idle} + free {len(free)} + cached {len(self.cached)} "
+            f"!= total {self.num_blocks}")
         assert all(rid in self.tables and n <= len(self.tables[rid]) for rid, n in self.named.items()), (
             "a registration count outlives its table")

@@ -13,7 +13,7 @@ the manager turns it off otherwise.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 from common.errors import CapacityError
 from common.kv_cache.block_pool import BlockPool
@@ -140,6 +140,15 @@ class KVPBlockManager:
 
     def free(self, request_id: str) -> int:
         return sum(p.free(request_id) for p in self.pools)
+
+    def quarantine(self, by_group: Mapping[int, Iterable[int]]) -> int:
+        """Withholds for good the blocks a late KV write may land in ({group: local block ids}:
+        BlockPool.quarantine); returns how many were newly withheld."""
+        return sum(self.pools[g].quarantine(list(ids)) for g, ids in by_group.items())
+
+    @property
+    def num_quarantined(self) -> int:
+        return sum(p.num_quarantined for p in self.pools)
 
     def check(self) -> None:
         for p in self.pools:

@@ -23,7 +23,9 @@ Block ownership:
 - prepare_receive allocates the blocks, or shares cached ones (a CapacityError leaves nothing
   behind); from then on they belong to the request.
 - While the request awaits its KV, this object owns them: a failure, a timeout or an abort frees
-  them here (and cancels the holders' expectations).
+  them here, once the holders answered the cancel of their expectations; blocks a NIXL write
+  granted before the cancel may still land in (the holders say which) are withheld for good
+  (BlockPool.quarantine), so such a write can never reach another request's KV.
 - Once admitted, the Scheduler owns them as for any request: it frees them when the request
   finishes, is preempted or aborted. Holders never allocate or free blocks.
 - A prefill request's blocks are the Scheduler's throughout; what is in flight to the decode side are
@@ -33,6 +35,7 @@ Block ownership:
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -46,6 +49,8 @@ from common.scheduler.request import FinishReason, Request
 if TYPE_CHECKING:
     from common.engine.executor import Executor
     from common.scheduler.scheduler import ScheduledItem, Scheduler
+
+log = logging.getLogger(__name__)
 
 FINAL_KEPT = 4096                  # terminal kv_status answers remembered
 
@@ -256,16 +261,24 @@ class KVConnectorScheduler:
         self.final.pop(rid, None)
         self.progress.pop(rid, None)
         if found:
-            self.executor.kv_cancel(rid)
+            self._withhold(self.executor.kv_cancel(rid))
         if rid in self.prepared and rid not in self.scheduler.requests:
             self.blocks.free(rid)
         self._forget(rid)
         return found
 
     def _undo(self, rid: str) -> None:
-        self.executor.kv_cancel(rid)
+        self._withhold(self.executor.kv_cancel(rid))
         self.blocks.free(rid)
         self._forget(rid)
+
+    def _withhold(self, poisoned: dict[int, list[int]]) -> None:
+        """Blocks a late KV write may still land in (the holders' answer to a cancel) never go back
+        to the pool: freed with their request, they stay out of circulation."""
+        if poisoned:
+            n = self.blocks.quarantine(poisoned)
+            log.error("withheld %d KV blocks for good (a granted write neither finished nor was recalled): "
+                      "%s; %d withheld in all", n, poisoned, self.blocks.num_quarantined)
 
     def _forget(self, rid: str) -> None:
         for d in (self.recv, self.expecting, self.prepared, self.awaiting, self.progress, self.reused):

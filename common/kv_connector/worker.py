@@ -160,6 +160,7 @@ class KVIntake:
         self.receiver = make_receiver(backend, layout, caches, address=f"{host}:0")
         self.layers = cache.layers
         self.expected: set[str] = set()
+        self.poisoned: dict[str, set[int]] = {}   # rid -> blocks a late write may land in (take_poisoned)
 
     @property
     def address(self) -> str:
@@ -191,9 +192,16 @@ class KVIntake:
     def cancel(self, request_id: str) -> None:
         self.expected.discard(request_id)
         try:
-            self.receiver.cancel(request_id)
+            blocks = self.receiver.cancel(request_id)
         except KVTransferError:
-            pass                                 # never registered, or already forgotten
+            return                               # never registered, or already forgotten
+        if blocks:
+            self.poisoned.setdefault(request_id, set()).update(blocks)
+
+    def take_poisoned(self, request_id: str) -> set[int]:
+        """The request's blocks a granted write may still land in, found by its cancels (here, or
+        when it failed): the scheduler side withholds them for good."""
+        return self.poisoned.pop(request_id, set())
 
     def close(self) -> None:
         self.receiver.close()
@@ -280,15 +288,19 @@ class KVWorker:
             return KVAck(self.holder, rid, False, str(e))
         return KVAck(self.holder, rid, True)
 
-    def cancel(self, rid: str) -> None:
+    def cancel(self, rid: str) -> list[int]:
+        """Forgets the request; returns the blocks of this holder's table a late write may still land
+        in (KVIntake.take_poisoned; sorted)."""
         with self.lock:
             self.sinks.pop(rid, None)
             self.sealed.discard(rid)
             self.streamer.forget(rid)
             self.reported.pop(("sent", rid), None)
             self.reported.pop(("recv", rid), None)
-            if self._intake is not None:
-                self._intake.cancel(rid)
+            if self._intake is None:
+                return []
+            self._intake.cancel(rid)
+            return sorted(self._intake.take_poisoned(rid))
 
     # ---- reporting -----------------------------------------------------------------------------
     def poll_events(self) -> list[KVEvent]:

@@ -324,8 +324,11 @@ class KVReceiver(ABC):
         passed first; raises KVTransferError (with the reason) if the request FAILED."""
 
     @abstractmethod
-    def cancel(self, request_id: str) -> None:
-        """Forgets the request (any state); later chunks for it are refused."""
+    def cancel(self, request_id: str) -> set[int]:
+        """Forgets the request (any state); later chunks for it are refused. Returns the blocks of
+        its table a write may still land in (a one-sided write granted before the cancel that
+        neither finished nor could be recalled): their owner must never reuse them. Empty for a
+        receiver that writes its cache itself (TCP): no write lands after cancel returns."""
 
     @abstractmethod
     def close(self) -> None:

@@ -363,18 +363,25 @@ class NixlReceiver(ReceiverBase):
                     h.update(byte_view(flat[slot:slot + n]))
         return h.intdigest()
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str) -> set[int]:
         """Forgets the request. A write already granted may still be landing in its blocks (RDMA
         cannot be recalled), so this waits up to `cancel_timeout` for those to finish; if one does
-        not, its sender's connection is closed and an error is logged."""
+        not, its sender's connection is closed, an error is logged, and its blocks are returned:
+        the owner withholds them for good (a late write must never land in another request's KV)."""
+        poisoned: set[int] = set()
+        deadline = time.monotonic() + self._cancel_timeout
         for res in self._tracker.cancel(request_id):
-            if not res.resolved.wait(self._cancel_timeout):
-                log.error("%s: granted write for cancelled %s did not finish in %.1f s; dropping its "
-                          "sender", self.name, request_id, self._cancel_timeout)
+            if not res.resolved.wait(max(0.0, deadline - time.monotonic())):
+                blocks = res.blocks(self.layout.block_size)
+                poisoned.update(blocks)
+                log.error("%s: granted write for cancelled %s (tokens %s) did not finish in %.1f s; dropping "
+                          "its sender and withholding blocks %s for good", self.name, request_id,
+                          list(res.tokens), self._cancel_timeout, blocks)
                 with self._conns_lock:
                     conn = self._conns.get(res.conn_id)
                 if conn is not None:
                     conn.close()
+        return poisoned
 
     def _on_conn_closed(self, conn: Conn) -> None:
         with self._cond:

@@ -264,8 +264,11 @@ class ReceiverBase(KVReceiver):
     def wait_complete(self, request_id: str, timeout: float) -> bool:
         return self._tracker.wait(request_id, timeout)
 
-    def cancel(self, request_id: str) -> None:
+    def cancel(self, request_id: str) -> set[int]:
+        """(TCP: a chunk's bytes are written under the tracker's lock, checked live, so once the
+        request is forgotten nothing more lands: no block to withhold.)"""
         self._tracker.cancel(request_id)
+        return set()
 
     def close(self) -> None:
         if self._closing:

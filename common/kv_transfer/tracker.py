@@ -46,6 +46,11 @@ class Reservation:
     group_start: int
     resolved: threading.Event = field(default_factory=threading.Event)
 
+    def blocks(self, block_size: int) -> list[int]:
+        """The blocks of the table its cells lie in."""
+        lo, hi = self.tokens[0] - self.group_start, self.tokens[1] - self.group_start
+        return list(self.block_table[lo // block_size:-(-hi // block_size)])
+
 
 class _Request:
     def __init__(self, block_table: Sequence[int], group_start: int, layers: Sequence[int],

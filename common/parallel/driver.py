@@ -100,6 +100,7 @@ class GridExecutor(Executor):
         self.table_delta = TableDelta()   # block tables in plans: what changed since the last one
         self.results: dict[int, StepResult] = {}
         self.acks: dict[str, dict[int, KVAck]] = {}
+        self.cancelled: dict[str, dict[int, tuple[int, list[int]]]] = {}   # rid -> holder -> (group, poisoned)
         self.events: list[KVEvent] = []
         self.timelines: list[list[tuple[int, float, float]]] = []
         self.record_timeline = False
@@ -164,6 +165,8 @@ class GridExecutor(Executor):
         elif kind == "kv_ack":
             ack = KVAck.from_dict(msg)
             self.acks.setdefault(ack.request_id, {})[ack.holder] = ack
+        elif kind == "kv_cancelled":
+            self.cancelled.setdefault(msg["rid"], {})[int(msg["holder"])] = (int(msg["group"]), list(msg["blocks"]))
         else:
             self.results[msg["step_id"]] = decode_result(raw)
         return True
@@ -186,9 +189,24 @@ class GridExecutor(Executor):
             self._pump(min(0.5, max(0.0, deadline - time.monotonic())))
         return list(self.acks.pop(request_id).values())
 
-    def kv_cancel(self, request_id: str) -> None:
-        if not self.closed:
-            self.control.broadcast(json.dumps({"cmd": "cancel", "rid": request_id}).encode())
+    def kv_cancel(self, request_id: str) -> dict[int, list[int]]:
+        """Waits for every worker's answer (within the grid's timeout), as kv_expect does: a
+        request's blocks are freed only once no holder can still write into them, and those a late
+        NIXL write may land in come back to be withheld."""
+        if self.closed:
+            return {}
+        self.control.broadcast(json.dumps({"cmd": "cancel", "rid": request_id}).encode())
+        deadline = time.monotonic() + self.timeout_s
+        while len(self.cancelled.get(request_id, {})) < self.kv_holders:
+            if time.monotonic() > deadline:
+                self.cancelled.pop(request_id, None)
+                raise WorkerFailedError(f"workers did not cancel request {request_id} within {self.timeout_s:.0f} s")
+            self._pump(min(0.5, max(0.0, deadline - time.monotonic())))
+        poisoned: dict[int, list[int]] = {}
+        for group, blocks in self.cancelled.pop(request_id).values():
+            if blocks:
+                poisoned[group] = sorted(set(poisoned.get(group, [])) | set(blocks))
+        return poisoned
 
     def kv_events(self) -> list[KVEvent]:
         if not self.closed:

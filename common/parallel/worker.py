@@ -144,13 +144,15 @@ class Worker:
 
     def command(self, msg: dict) -> None:
         """The KV connector's commands between steps: expect (decode: register a request's KV; answered
-        with a KVAck), cancel."""
+        with a KVAck), cancel (answered with the blocks a late write may still land in)."""
         rid = msg["rid"]
         if msg["cmd"] == "expect":
             self.send(self.kv.expect(rid, msg["tables"], msg["num_tokens"], int(msg.get("epoch", 0)),
                                      int(msg.get("cached", 0))).to_dict())
         elif msg["cmd"] == "cancel":
-            self.kv.cancel(rid)
+            blocks = self.kv.cancel(rid)
+            self.send({"type": "kv_cancelled", "rid": rid, "holder": self.args.rank,
+                       "group": self.groups.coord.kvp, "blocks": blocks})
 
     def send(self, msg: dict) -> None:
         with self.send_lock:

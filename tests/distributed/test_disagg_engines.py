@@ -10,10 +10,13 @@ import multiprocessing as mp
 import time
 
 import pytest
+import torch
 
 from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from common.engine.engine import LLMEngine, make_engine
 from common.kv_connector.types import KVSink
+from common.kv_transfer import KVChunk, KVDest
+from common.kv_transfer.nixl import NixlSender
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
 
@@ -184,3 +187,60 @@ def test_abort_prepared_request_frees_blocks(model):
     assert dec.abort("r1")
     dec.pool.check()
     assert dec.pool.num_used == 0
+
+
+class StalledSender(NixlSender):
+    """A real NIXL sender whose granted writes are never posted: a one-sided write stuck in flight,
+    which the receiver can neither wait out nor recall."""
+
+    def __init__(self, layout) -> None:
+        super().__init__(layout)
+        self.granted: list[int] = []
+
+    def _on_grant(self, seq: int) -> None:
+        self.granted.append(seq)
+
+
+def _send_stalled_chunk(layout, sink, tokens: tuple[int, int]):
+    """Connects a stalled sender to `sink`'s receiver and gets one chunk of `tokens` granted."""
+    s = StalledSender(layout)
+    s.connect(sink.addresses[0], timeout=10)
+    n = tokens[1] - tokens[0]
+    shape = (layout.num_layers, n, layout.num_kv_heads, layout.head_dim)
+    s.send(KVChunk("r1", (0, layout.num_layers), tokens, torch.zeros(shape), torch.zeros(shape), 0),
+           KVDest(sink.block_table, sink.token_start))
+    deadline = time.monotonic() + 10
+    while not s.granted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.granted, "the decode side never granted the chunk"
+    return s
+
+
+@pytest.mark.parametrize("kvp", [1, 2], ids=["one-process", "kvp2-grid"])
+def test_blocks_a_stuck_nixl_write_may_land_in_are_withheld_after_abort(model, kvp):
+    """A request aborted while a granted NIXL write into its blocks neither finished nor can be
+    recalled (the receiver waits 5 s for it): its other blocks are freed, those the write may land
+    in are withheld for good, and later requests never get them. On a grid the worker that holds the
+    receiver answers the cancel with them (group 1 here)."""
+    parallel = dict(kvp=2, kvp_tokens=64) if kvp == 2 else {}
+    with make_engine(config(model, "nixl", **parallel)) as dec:
+        groups = dec.prepare_receive("r1", len(PROMPT), 4)
+        sink = groups[-1]                                    # group 1 (tokens 64-89) on the grid
+        lo = sink.token_start
+        chunk = (lo + 16, min(lo + 48, len(PROMPT)))         # the sink's 2nd block on
+        bs = 16
+        stuck = set(sink.block_table[(chunk[0] - lo) // bs:-(-(chunk[1] - lo) // bs)])
+        sender = _send_stalled_chunk(dec.kv_layout, sink, chunk)
+        try:
+            assert dec.abort("r1")
+        finally:
+            sender.close()
+        pool = dec.blocks.pools[sink.group]
+        dec.blocks.check()
+        assert pool.quarantined == stuck and dec.blocks.num_used == len(stuck)
+        for i in range(3):                                  # later requests: never a withheld block
+            for g in dec.prepare_receive(f"n{i}", len(PROMPT), 4):
+                assert not set(g.block_table) & (stuck if g.group == sink.group else set())
+            assert dec.abort(f"n{i}")
+        dec.blocks.check()
+        assert dec.blocks.num_used == len(stuck)

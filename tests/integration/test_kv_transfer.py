@@ -252,6 +252,41 @@ def test_cancel_drops_state(remote, sender, block_pool):
     assert remote.call("wait_complete", "c", 10.0) is True
 
 
+def test_a_granted_nixl_write_that_never_finishes_poisons_its_blocks():
+    """NIXL cannot recall a one-sided write it granted. A cancel that waited `cancel_timeout` for one
+    in vain returns the blocks it may still land in (the scheduler side withholds them for good:
+    test_engine_kv_connector.py), drops that sender's connection (its transfer fails), and tells
+    nothing of a write that finished in time."""
+    from common.kv_transfer.nixl import NixlReceiver, NixlSender
+    granted: list[int] = []
+
+    class Stalled(NixlSender):
+        def _on_grant(self, seq: int) -> None:
+            granted.append(seq)                       # granted, never posted (a write stuck in flight)
+
+    caches = make_caches(LAYOUT, 32)
+    with NixlReceiver(LAYOUT, caches, cancel_timeout=0.3) as rx:
+        with make_sender("nixl", LAYOUT) as ok:
+            ok.connect(rx.address, timeout=10)
+            rx.expect("fine", [3, 8], 0, range(4), 32)
+            send_all(ok, [chunk_of(LAYOUT, "fine", 2, (0, 4), (0, 16))], KVDest([3, 8], 0))
+            assert rx.cancel("fine") == set()           # its write landed before the cancel
+        with Stalled(LAYOUT) as s:
+            s.connect(rx.address, timeout=10)
+            table = [9, 4, 21]
+            rx.expect("late", table, 0, range(4), 40)
+            h = s.send(chunk_of(LAYOUT, "late", 3, (0, 4), (16, 40)), KVDest(table, 0))
+            deadline = time.monotonic() + 10
+            while not granted and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert granted, "the receiver never granted the chunk"
+            t0 = time.monotonic()
+            assert rx.cancel("late") == {4, 21}          # tokens 16-39: the table's 2nd and 3rd blocks
+            assert 0.25 <= time.monotonic() - t0 < 5
+            with pytest.raises(KVTransferError):
+                h.wait(10)                              # its connection was dropped
+
+
 def test_a_chunk_of_another_placement_epoch_is_refused_and_the_request_goes_on(remote, sender, block_pool):
     """The blocks were prepared for placement epoch 7: a chunk stamped 6 (a sender holding a stale
     placement) is refused before a byte lands, without failing the live request."""

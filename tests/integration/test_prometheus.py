@@ -1,7 +1,7 @@
 """deploy/prometheus against the real thing.
 
 promtool accepts the config and the rules and passes the alert unit tests
-(deploy/prometheus/tests/alerts_test.yml: multi-window burn, KV full, no decode instance, lease
+(deploy/prometheus/tests/alerts_test.yml: multi-window burn, KV full, KV blocks withheld, no decode instance, lease
 expiries counted with max). A real Prometheus (the Debian package, started here on a free port)
 scrapes four real exporters (router, prefill, decode and kvstore registries of common/metrics.py,
 fed synthetic observations of every metric) through the repository's scrape job; then every PromQL
@@ -188,7 +188,8 @@ class Synthetic:
                                  running_decodes=15 if decode else 0, waiting_requests=1)
             for group in (0, 1):
                 for tp in (0, 1):
-                    m.set_kv_blocks(group, tp, used=50 if decode else 97, free=50 if decode else 3)
+                    m.set_kv_blocks(group, tp, used=50 if decode else 97, free=50 if decode else 3,
+                                    quarantined=2 if decode and group == 1 else 0)
             m.set_kv_layout(16, 4096 if decode else 0)
             m.observe_queue_time(0.1)
             m.observe_prefix_cache(1000, 600 if decode else 0)

@@ -186,3 +186,32 @@ def test_idle_reordering_leaves_cached_prefix_blocks_alone():
     assert list(pool.free_ids) == [2, 3, 4, 5, 6, 7]   # was 3..7, 2
     assert pool.acquire("b", [b"h1", b"h2"]) == 2
     pool.check()
+
+
+def test_quarantined_blocks_never_come_back_free_cached_or_shared():
+    """A block a late KV write may land in leaves circulation for good: a free one at once, a cached
+    (named) one with its name, a referenced one when its last holder frees it; the pool's counts and
+    invariants hold, and nothing later is handed one of them."""
+    from common.kv_cache.prefix import extend_hashes
+    pool = BlockPool(8, 4, prefix_caching=True)
+    ids = list(range(12))
+    hashes = extend_hashes([], pool.hash_root, 4, 12, lambda a, b: ids[a:b])
+    a = list(pool.allocate("a", 12))                 # blocks 0-2, named
+    pool.register("a", hashes)
+    b = list(pool.allocate("b", 8))                  # blocks 3-4, referenced
+    pool.free("a")                                   # 0-2 cached
+    assert pool.num_cached == 3
+    assert pool.quarantine([a[1], b[0], 7]) == 3 and pool.quarantine([7]) == 0
+    pool.check()
+    assert pool.num_cached == 2 and pool.num_quarantined == 3 and pool.num_free == 4   # 0, 2 cached; 5, 6 free
+    assert pool.lookup(hashes) == 1                  # the name of a[1] is gone: the prefix stops there
+    assert pool.free("b") == 1                       # b[1] comes back, b[0] does not
+    pool.check()
+    assert pool.num_used == 3 and pool.num_free == 5
+    got = pool.allocate("c", 20)                     # everything that is left
+    assert not set(got) & {a[1], b[0], 7} and len(got) == 5
+    with pytest.raises(CapacityError):
+        pool.allocate("d", 1)
+    pool.free("c")
+    pool.check()
+    assert pool.num_free == 5 and sorted(pool.free_ids) == sorted(set(range(8)) - {a[1], b[0], 7})

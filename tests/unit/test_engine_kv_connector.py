@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.config import ParallelConfig, SchedulerConfig
-from common.errors import ConfigError, KVTransferError
+from common.errors import CapacityError, ConfigError, KVTransferError
 from common.kv_cache.kvp_blocks import KVPBlockManager
 from common.kv_connector.scheduler import KVConnectorScheduler
 from common.kv_connector.types import GroupSink, KVAck, KVEvent, KVSink
@@ -34,6 +34,7 @@ class FakeExecutor:
         self.events: list[KVEvent] = []
         self.cancelled: list[str] = []
         self.error: str | None = None
+        self.poisoned: dict[int, list[int]] = {}     # what the holders answer a cancel with
 
     def kv_expect(self, rid, tables, num_tokens, epoch=0, cached=0):
         self.expected = (rid, cached)
@@ -41,6 +42,7 @@ class FakeExecutor:
 
     def kv_cancel(self, rid):
         self.cancelled.append(rid)
+        return self.poisoned
 
     def kv_events(self):
         out, self.events = self.events, []
@@ -127,6 +129,34 @@ def test_failed_late_or_aborted_receives_free_their_blocks():
     with pytest.raises(KVTransferError, match="no receiver"):
         kv.prepare_receive("d", 20, 4)
     assert blocks.num_used == 0 and not kv.prepared
+    blocks.check()
+
+
+def test_blocks_a_late_write_may_land_in_are_withheld_for_good():
+    """A holder answers the cancel of a failed (or aborted) receive with blocks a granted NIXL write
+    may still land in: freed with the request, they never go back to the pool, so no later request
+    is handed a block that write could overwrite; the rest of its blocks are free again."""
+    kv, blocks, sched, ex, ended = connector(caching=True)
+    kv.prepare_receive("a", 40, 4, prompt_ids=list(range(1, 41)))
+    a = blocks.table("a")
+    kv.add_prefilled(prefilled("a", 40), 60.0)
+    ex.poisoned = {1: [a[1][0]]}                      # group 1's first block
+    ex.events.append(KVEvent(2, "recv", "a", "failed", "checksum mismatch"))
+    assert kv.admit_arrived() == ["checksum mismatch"]
+    assert blocks.num_quarantined == 1 and blocks.num_used == 1 and blocks.pools[1].num_free == 7
+    blocks.check()
+    ex.poisoned = {0: [a[0][0]]}
+    kv.prepare_receive("b", 40, 4)
+    b = blocks.table("b")
+    assert a[1][0] not in b[1]
+    assert kv.abort("b") and blocks.num_quarantined == 2 and a[0][0] in blocks.pools[0].quarantined
+    # what is left of both pools is handed out, never the withheld blocks
+    for i in range(7):                                # one-token requests live in group 0
+        kv.prepare_receive(f"c{i}", 1, 0)
+    held = {blk for rid in blocks.pools[0].tables for blk in blocks.pools[0].tables[rid]}
+    assert len(held) == 7 and a[0][0] not in held and blocks.pools[0].num_free == 0
+    with pytest.raises(CapacityError):
+        kv.prepare_receive("c7", 1, 0)
     blocks.check()
 
 
