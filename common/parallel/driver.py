@@ -202,11 +202,11 @@ class GridExecutor(Executor):
                 self.cancelled.pop(request_id, None)
                 raise WorkerFailedError(f"workers did not cancel request {request_id} within {self.timeout_s:.0f} s")
             self._pump(min(0.5, max(0.0, deadline - time.monotonic())))
-        poisoned: dict[int, list[int]] = {}
+        poisoned: dict[int, set[int]] = {}
         for group, blocks in self.cancelled.pop(request_id).values():
-            if blocks:
-                poisoned[group] = sorted(set(poisoned.get(group, [])) | set(blocks))
-        return poisoned
+            if blocks:                         # (a group's TP ranks name the same blocks)
+                poisoned.setdefault(group, set()).update(blocks)
+        return {group: sorted(blocks) for group, blocks in poisoned.items()}
 
     def kv_events(self) -> list[KVEvent]:
         if not self.closed:
