@@ -1,8 +1,15 @@
 """C[l]: predicted seconds to prefill l tokens alone with adaptive chunking under a budget.
 
-Built once by walking one prompt through the chunker (each chunk's batch is predicted alone) and
+Built by walking one prompt through the chunker (each chunk's batch is predicted alone) and
 interpolated linearly between chunk boundaries; it grows on demand when asked past its end. LARS
 uses remaining(total, done) = C[total] - C[done] and total work C[total].
+
+A scaled model (an engine's OnlineCorrection, a published model's scale: `base` and `scale`) is walked
+unscaled and its *current* scale multiplies every answer. The table grows lazily, so walking the
+scaled model froze each stretch of it at the scale of the moment it was first asked for: a decode
+pool whose warm-up ran beside a long prefill kept its short prompts' work 1.7x too long for the rest
+of its life, its LARS saw a 117-token prompt miss behind a 192-token one that it would have met, and
+moved it ahead, against what admission (on the pool's corrected level) had predicted.
 """
 from __future__ import annotations
 
@@ -22,6 +29,12 @@ class PrefillTable:
         """`fixed_chunk`: chunks of this many tokens (fixed chunking) instead of adaptive ones."""
         if not budget_s > 0:
             raise ValueError(f"prefill table: budget_s must be positive, got {budget_s}")
+        self.scaled = model                      # read for its scale at every answer (see above)
+        base = getattr(model, "base", None)
+        if base is not None and hasattr(model, "scale"):
+            model = base
+        else:
+            self.scaled = None
         self.model = model
         self.budget_s = budget_s
         self.chunker = (FixedChunker(fixed_chunk) if fixed_chunk
@@ -46,8 +59,13 @@ class PrefillTable:
             self.times.append(self.times[-1] + t)
         self._req = req
 
-    def time(self, num_tokens: int) -> float:
-        """C[num_tokens]."""
+    @property
+    def scale(self) -> float:
+        """The scaled model's scale now (1.0 for an unscaled one)."""
+        return 1.0 if self.scaled is None else float(self.scaled.scale)
+
+    def _time(self, num_tokens: int) -> float:
+        """C[num_tokens] of the unscaled model."""
         if num_tokens <= 0:
             return 0.0
         self.extend(num_tokens)
@@ -58,9 +76,15 @@ class PrefillTable:
         t0, t1 = self.times[i - 1], self.times[i]
         return t0 + (t1 - t0) * (num_tokens - l0) / (l1 - l0)
 
+    def time(self, num_tokens: int) -> float:
+        """C[num_tokens] at the model's current scale."""
+        return self.scale * self._time(num_tokens)
+
     def remaining(self, total: int, done: int) -> float:
-        return max(self.time(total) - self.time(done), 0.0)
+        return self.scale * max(self._time(total) - self._time(done), 0.0)
 
     def work(self, req: ReqView) -> tuple[float, float]:
-        """(remaining, total) predicted prefill seconds: the `work` callback of the planner."""
-        return self.remaining(req.prompt_len, req.num_computed), self.time(req.prompt_len)
+        """(remaining, total) predicted prefill seconds at one scale: the `work` callback of the planner."""
+        scale = self.scale
+        return (scale * max(self._time(req.prompt_len) - self._time(req.num_computed), 0.0),
+                scale * self._time(req.prompt_len))

@@ -206,6 +206,40 @@ def test_prefill_table_sums_adaptive_chunks():
     assert incr == sorted(incr)                                           # quadratic attention: convex
 
 
+def test_prefill_table_answers_at_the_models_scale_now():
+    """A table over an online-corrected model answers at its current scale, also for the stretch it
+    walked while the scale was different (the decode pool's table kept its warm-up's 1.7x, and its
+    LARS moved a short prompt ahead of a started one that admission had predicted first)."""
+    from common.perf_model.online import OnlineCorrection
+    from common.scheduler.policy import LARS
+    base = CalibratedModel(TRUE)
+    online = OnlineCorrection(base, alpha=1.0)
+    unscaled = PrefillTable(base, budget_s=0.05)
+    table = PrefillTable(online, budget_s=0.05)
+    online.observe(prefill(64, 0), 1.7 * base.predict(prefill(64, 0)))      # warm-up beside a prefill
+    assert online.scale == pytest.approx(1.7)
+    assert table.time(192) == pytest.approx(1.7 * unscaled.time(192))      # walked now, at 1.7
+    online.observe(prefill(64, 0), base.predict(prefill(64, 0)))            # the machine is quiet again
+    assert online.scale == pytest.approx(1.0)
+    for n in (117, 192, 5000):                                              # old stretch and new
+        assert table.time(n) == pytest.approx(unscaled.time(n))
+    assert table.work(ReqView("r", 0.0, 192, 32)) == pytest.approx(unscaled.work(ReqView("r", 0.0, 192, 32)))
+    # the pair of the admission benchmark: a 192-token prompt started (32 done), a 117-token one
+    # arriving, their deadlines as the bench's pool saw them (1.38 and 2.09 x the pair's work at the
+    # true speed): LARS keeps the started one first by rho and both meet; at the stale 1.7x the short
+    # one seems to miss behind it and slack stealing moves it ahead
+    work = unscaled.remaining(192, 32) + unscaled.time(117)
+    long = ReqView("long", 0.0, 192, 32, ttft_deadline_s=2.09 * work, started=True)
+    short = ReqView("short", 0.0, 117, 0, ttft_deadline_s=1.38 * work)
+
+    def first(tab):
+        return LARS().arrange([(r, *tab.work(r)) for r in (short, long)], 0.0)[0][0].request_id
+    assert first(table) == "long"
+    stale = PrefillTable(OnlineCorrection(base, alpha=1.0), budget_s=0.05)
+    stale.scaled.observe(prefill(64, 0), 1.7 * base.predict(prefill(64, 0)))
+    assert first(stale) == "short"
+
+
 def test_prefill_chunk_and_context_features():
     """Format 2 adds a per-chunk cost and a cost per cached token a chunk reads; format-1 (five
     coefficient) models and files still work, with those at 0."""
