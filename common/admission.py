@@ -258,6 +258,7 @@ class InstanceLoad:
     kv_block_size: int = 0
     kvp_tokens: int = 0
     iteration_s: float | None = None      # recent mean iteration time; None = idle or unknown
+    model_scale: float | None = None      # its performance model's online scale now (None = unknown)
     host: str = ""                        # the host part of its address ("" = unknown: shares with no one)
 
     @property
@@ -673,13 +674,11 @@ class AdmissionController:
         and has not seen a first token of (their deadlines and the tokens they have left are known
         here): (queued prompt tokens ahead of it, [(deadline, prompt tokens up to and including that
         request's own) for each of them it would pass]). Queued tokens this router knows nothing
-        of (another router's, or a gauge that lags) are taken as ahead of everything. The work LARS
-        weighs against the deadlines is in measured seconds (the model's times x the pool's corrected
-        ratio), as the pool's own LARS weighs its online-corrected model's: the deadlines are set in
-        measured seconds, and with a model 17% fast a long prompt admitted with 1 s of slack looked 6 s
-        slack here, so a short prompt was predicted to pass it and admitted, while the pool kept the
-        long one first."""
-        ratio = self.correction(l.role).ratio
+        of (another router's, or a gauge that lags) are taken as ahead of everything. The work is
+        weighed against the deadlines at the level the pool's own LARS weighs it (`_lars_level`): with
+        a model 17% fast a long prompt admitted with 1 s of slack looked 6 s slack here, so a short
+        prompt was predicted to pass it and admitted, while the pool kept the long one first."""
+        ratio = self._lars_level(pool, l)
         mine = [(rid, a) for rid, a in self._awaiting.items() if a[0] == l.instance_id and a[2] > 0]
         # the sample counted this router's prompts as they were when it was taken, not as they are
         # now: what they had left then is theirs, not unknown (a sample 0.3 s old counted 101 tokens
@@ -707,6 +706,18 @@ class AdmissionController:
             tokens += left[rid]
             passed.append((self._awaiting[rid][1], tokens))
         return ahead, passed
+
+    def _lars_level(self, pool: PoolModel, l: InstanceLoad) -> float:
+        """The factor from the published table's seconds to those instance `l`'s LARS weighs work in
+        now: its model's live online scale (the load's model_scale) over the scale it published, which
+        gives its scheduler's own numbers; without a live scale, this pool's TTFT correction ratio
+        (measured seconds, which that online scale tracks). (With the ratio alone, a pool slowed by a
+        neighbour's prefill ran a 117-token prompt ahead of a started 192-token one, its slack
+        stealing seeing the short one miss, while admission, on a ratio learned over minutes, had
+        predicted the long one first: 0.9 and 0.6 relative errors, the two worst of a run.)"""
+        if l.model_scale is not None:
+            return l.model_scale / pool.table.scale
+        return self.correction(l.role).ratio
 
     def _passes_past_deadline(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float,
                               deadline: float) -> float:
@@ -940,6 +951,7 @@ _GAUGES = {
     "mnemosyne_kvp_group_tokens": "kvp_tokens",
 }
 _KV = {"mnemosyne_kv_blocks_free": "free", "mnemosyne_kv_blocks_used": "used"}
+_FLOATS = {"mnemosyne_perf_model_scale": "model_scale"}
 
 
 class _Acc:
@@ -947,7 +959,7 @@ class _Acc:
 
     def __init__(self, labels: Mapping[str, str]) -> None:
         self.instance_id, self.role, self.pool = labels["instance"], labels["role"], labels["pool"]
-        self.values: dict[str, int] = {}
+        self.values: dict[str, int | float] = {}
         self.kv: dict[str, dict[int, list[float]]] = {"free": {}, "used": {}}
         self.iter_sum = self.iter_count = 0.0
 
@@ -956,6 +968,9 @@ class _Acc:
             return
         if name in _GAUGES:
             self.values[_GAUGES[name]] = int(value)
+        elif name in _FLOATS:
+            if value > 0 and math.isfinite(value):
+                self.values[_FLOATS[name]] = value
         elif name in _KV:
             self.kv[_KV[name]].setdefault(int(labels.get("group", 0)), []).append(value)
         elif name == "mnemosyne_iteration_seconds_sum":
@@ -992,7 +1007,8 @@ def heartbeat_loads(instances: Iterable[Instance], now: float, pool: str = "defa
             inst.instance_id, inst.role, pool, now - inst.load_age_s, active_requests=r.active_requests,
             queued_prefill_tokens=r.queued_prefill_tokens, running_decodes=r.running_decodes,
             kv_free_blocks=r.kv_free_blocks, kv_used_blocks=r.kv_used_blocks, kv_block_size=r.kv_block_size,
-            kvp_tokens=r.kvp_tokens, iteration_s=r.iteration_s, host=address_host(inst.address))
+            kvp_tokens=r.kvp_tokens, iteration_s=r.iteration_s, model_scale=r.model_scale,
+            host=address_host(inst.address))
     return LoadSnapshot(loads, now)
 
 
@@ -1021,7 +1037,7 @@ class PrometheusSource:
 
     def queries(self) -> dict[str, str]:
         sel = f',pool="{self.pool}"' if self.pool else ""
-        names = "|".join(n.removeprefix("mnemosyne_") for n in (*_GAUGES, *_KV))
+        names = "|".join(n.removeprefix("mnemosyne_") for n in (*_GAUGES, *_KV, *_FLOATS))
         by = "sum by (pool, role, instance)"
         return {
             "gauges": f'{{__name__=~"mnemosyne_({names})"{sel}}}',

@@ -44,6 +44,7 @@ model's name (the router's Frontend.name; a pool's --model-name or its checkpoin
 | mnemosyne_scheduler_queued_prefill_tokens      | gauge     |                           | prefill/decode: prompt tokens not yet prefilled |
 | mnemosyne_scheduler_running_decodes            | gauge     |                           | decode: requests in the decode phase |
 | mnemosyne_scheduler_waiting_requests           | gauge     |                           | prefill/decode: requests not yet scheduled |
+| mnemosyne_perf_model_scale                     | gauge     |                           | prefill/decode: the scheduler's performance model's online scale (measured / profiled); LARS weighs work at it |
 | mnemosyne_kv_blocks_used / _free               | gauge     | group, tp_rank            | prefill/decode workers (group: KVP group, or SPP stage on prefill) |
 | mnemosyne_kv_blocks_cached                     | gauge     | group, tp_rank            | prefill/decode: free blocks still holding a cached prefix (reclaimable, part of _free) |
 | mnemosyne_kv_blocks_quarantined                | gauge     | group, tp_rank            | decode: blocks withheld for good (a granted NIXL write neither finished nor was recalled; part of _used) |
@@ -198,6 +199,10 @@ SPECS: tuple[Spec, ...] = (
          "Requests in the decode phase on this instance.", (), (), ("prefill", "decode")),
     Spec("mnemosyne_scheduler_waiting_requests", "gauge",
          "Requests on this instance not scheduled yet.", (), (), ("prefill", "decode")),
+    Spec("mnemosyne_perf_model_scale", "gauge",
+         "The online scale of the scheduler's performance model (measured / profiled iteration time, a moving "
+         "average): the level LARS weighs prompts' work at, and admission's copy of its order.",
+         (), (), ("prefill", "decode")),
     Spec("mnemosyne_kv_blocks_used", "gauge", "KV cache blocks in use, per worker.",
          ("group", "tp_rank"), (), ("prefill", "decode")),
     Spec("mnemosyne_kv_blocks_free", "gauge", "KV cache blocks free, per worker.",
@@ -522,11 +527,14 @@ class Metrics:
             self._child("mnemosyne_tokens_total", kind="generated").inc(generated_tokens)
 
     def set_scheduler_load(self, *, queued_prefill_tokens: int, running_decodes: int,
-                           waiting_requests: int) -> None:
-        """The load the router's admission reads (call after every step, or on change)."""
+                           waiting_requests: int, model_scale: float | None = None) -> None:
+        """The load the router's admission reads (call after every step, or on change);
+        `model_scale` None: the scheduler has no online-corrected model (the gauge is not set)."""
         self._child("mnemosyne_scheduler_queued_prefill_tokens").set(queued_prefill_tokens)
         self._child("mnemosyne_scheduler_running_decodes").set(running_decodes)
         self._child("mnemosyne_scheduler_waiting_requests").set(waiting_requests)
+        if model_scale is not None:
+            self._child("mnemosyne_perf_model_scale").set(model_scale)
 
     def set_kv_blocks(self, group: int, tp_rank: int, *, used: int, free: int, cached: int = 0,
                       quarantined: int = 0) -> None:

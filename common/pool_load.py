@@ -1,8 +1,9 @@
 """The load a prefill or decode instance sends with each kvstore heartbeat (common/client.py
 Membership), which the router's admission judges it by (common/admission.py InstanceLoad). The same
 numbers as its /metrics gauges (common/metrics.py: active requests, queued prefill tokens, running
-decodes, KV blocks free / used per group, KV layout, iteration time), read from the engine's last
-stats and the instance's counters: no Prometheus text is rendered on the heartbeat's path.
+decodes, KV blocks free / used per group, KV layout, iteration time, the performance model's online
+scale), read from the engine's last stats and the instance's counters: no Prometheus text is
+rendered on the heartbeat's path.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Stats(Protocol):
     free_blocks: tuple[int, ...]
     queued_prefill_tokens: int
     running_decodes: int
+    model_scale: float | None
 
 
 class LoadSampler:
@@ -51,4 +53,5 @@ class LoadSampler:
             active_requests=active, queued_prefill_tokens=stats.queued_prefill_tokens,
             running_decodes=stats.running_decodes, kv_free_blocks=tuple(stats.free_blocks),
             kv_used_blocks=tuple(t - f for t, f in zip(stats.total_blocks, stats.free_blocks)),
-            kv_block_size=self.block_size, kvp_tokens=self.kvp_tokens, iteration_s=self._mean)
+            kv_block_size=self.block_size, kvp_tokens=self.kvp_tokens, iteration_s=self._mean,
+            model_scale=getattr(stats, "model_scale", None))

@@ -118,7 +118,7 @@ class StepRecorder:
     def load(self, stats: EngineStats) -> None:
         self.metrics.set_scheduler_load(queued_prefill_tokens=stats.queued_prefill_tokens,
                                         running_decodes=stats.running_decodes,
-                                        waiting_requests=stats.waiting)
+                                        waiting_requests=stats.waiting, model_scale=stats.model_scale)
         zeros = (0,) * len(stats.total_blocks)
         for g, (total, free, c, q) in enumerate(zip(stats.total_blocks, stats.free_blocks,
                                                     stats.cached_blocks or zeros, stats.quarantined_blocks or zeros)):

@@ -59,6 +59,7 @@ class EngineStats:
     quarantined_blocks: tuple[int, ...] = ()   # used blocks withheld for good (BlockPool.quarantine)
     queued_prefill_tokens: int = 0          # prompt tokens of unfinished requests not yet prefilled
     running_decodes: int = 0                # requests past their prefill
+    model_scale: float | None = None        # the scheduler's performance model's online scale (None: none)
 
 
 @dataclass
@@ -71,6 +72,13 @@ class GenerationResult:
     tbt_s: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)   # one per token, when asked
     num_cached_tokens: int = 0              # prompt tokens whose KV came from the prefix cache
+
+
+def model_scale(model: PerfModel | None) -> float | None:
+    """The scale an online-corrected model (common/perf_model/online.py) predicts at now; None for
+    any other (it has no live level to publish)."""
+    from common.perf_model.online import OnlineCorrection
+    return float(model.scale) if isinstance(model, OnlineCorrection) else None
 
 
 def validate_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:
@@ -173,7 +181,8 @@ class LLMEngine:
                            cached_blocks=tuple(p.num_cached for p in pools),
                            quarantined_blocks=tuple(p.num_quarantined for p in pools),
                            queued_prefill_tokens=sum(max(r.prompt_len - r.num_computed, 0) for r in reqs),
-                           running_decodes=sum(1 for r in sched.running if r.num_computed >= r.prompt_len))
+                           running_decodes=sum(1 for r in sched.running if r.num_computed >= r.prompt_len),
+                           model_scale=model_scale(self.perf_model))
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,

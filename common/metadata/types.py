@@ -100,7 +100,8 @@ class LoadReport:
 
     KV lists are per KVP group (SPP stage on a prefill instance); `kv_used_blocks` is empty or as
     long as `kv_free_blocks`. `iteration_s`: the mean time of the engine iterations since the
-    previous report (None = idle or unknown)."""
+    previous report (None = idle or unknown). `model_scale`: the scale its scheduler's performance
+    model runs at now (the online correction; None = none), the level its LARS weighs work at."""
     active_requests: int = 0
     queued_prefill_tokens: int = 0
     running_decodes: int = 0
@@ -109,6 +110,7 @@ class LoadReport:
     kv_block_size: int = 0
     kvp_tokens: int = 0
     iteration_s: float | None = None
+    model_scale: float | None = None
 
     def __post_init__(self) -> None:
         counts = (self.active_requests, self.queued_prefill_tokens, self.running_decodes,
@@ -120,6 +122,8 @@ class LoadReport:
                                       f"{len(self.kv_free_blocks)} KVP groups")
         if self.iteration_s is not None and not (math.isfinite(self.iteration_s) and self.iteration_s >= 0):
             raise InvalidRequestError(f"load report: iteration_s must be >= 0, got {self.iteration_s}")
+        if self.model_scale is not None and not (math.isfinite(self.model_scale) and self.model_scale > 0):
+            raise InvalidRequestError(f"load report: model_scale must be > 0, got {self.model_scale}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v

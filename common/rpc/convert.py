@@ -68,6 +68,8 @@ def load_to_proto(load: LoadReport) -> kvstore_pb2.InstanceLoad:
         kv_used_blocks=load.kv_used_blocks, kv_block_size=load.kv_block_size, kvp_tokens=load.kvp_tokens)
     if load.iteration_s is not None:
         msg.iteration_s = load.iteration_s
+    if load.model_scale is not None:
+        msg.model_scale = load.model_scale
     return msg
 
 
@@ -77,7 +79,8 @@ def load_from_proto(msg: kvstore_pb2.InstanceLoad) -> LoadReport:
         active_requests=msg.active_requests, queued_prefill_tokens=msg.queued_prefill_tokens,
         running_decodes=msg.running_decodes, kv_free_blocks=tuple(msg.kv_free_blocks),
         kv_used_blocks=tuple(msg.kv_used_blocks), kv_block_size=msg.kv_block_size, kvp_tokens=msg.kvp_tokens,
-        iteration_s=msg.iteration_s if msg.HasField("iteration_s") else None)
+        iteration_s=msg.iteration_s if msg.HasField("iteration_s") else None,
+        model_scale=msg.model_scale if msg.HasField("model_scale") else None)
 
 
 _SCHED_SCALARS = ("iteration_budget_s", "pipeline_depth", "policy", "chunking", "chunk_size", "min_chunk",

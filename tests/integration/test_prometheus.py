@@ -185,7 +185,8 @@ class Synthetic:
                                 chunk_tokens=(64,) if decode else (512, 256),
                                 generated_tokens=15 if decode else 0)
             m.set_scheduler_load(queued_prefill_tokens=300 if decode else 5000,
-                                 running_decodes=15 if decode else 0, waiting_requests=1)
+                                 running_decodes=15 if decode else 0, waiting_requests=1,
+                                 model_scale=0.75 if decode else None)
             for group in (0, 1):
                 for tp in (0, 1):
                     m.set_kv_blocks(group, tp, used=50 if decode else 97, free=50 if decode else 3,
@@ -371,6 +372,7 @@ def test_admission_reads_the_load_through_prometheus(prom):
     assert (decode.running_decodes, decode.kv_block_size, decode.kvp_tokens) == (15, 16, 4096)
     assert decode.kv_used_blocks == (50, 50)
     assert decode.iteration_s == pytest.approx(0.03) and prefill.iteration_s == pytest.approx(0.1)
+    assert decode.model_scale == pytest.approx(0.75) and prefill.model_scale is None   # (never set)
 
 
 # ---- the kvstore's own metrics (a real kvstore over the session's redis-server) ----------------

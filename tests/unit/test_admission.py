@@ -391,7 +391,8 @@ def test_config_and_request_validation():
 def test_heartbeat_loads_age_on_the_store_clock_and_skip_instances_without_one():
     """A fake kvstore listing: each instance's last heartbeat load, with its age as Redis saw it."""
     report = LoadReport(active_requests=2, queued_prefill_tokens=700, running_decodes=3, kv_free_blocks=(89, 69),
-                        kv_used_blocks=(11, 31), kv_block_size=16, kvp_tokens=1024, iteration_s=0.02)
+                        kv_used_blocks=(11, 31), kv_block_size=16, kvp_tokens=1024, iteration_s=0.02,
+                        model_scale=0.7)
     listing = [Instance("d1", "decode", "h:1", 16, 1024, (100, 100), load=report, load_age_s=0.5),
                Instance("p1", "prefill", "h:2", load=LoadReport(queued_prefill_tokens=5), load_age_s=9.0),
                Instance("d2", "decode", "h:3", 16, 0, (50,))]          # registered, no heartbeat load yet
@@ -400,7 +401,7 @@ def test_heartbeat_loads_age_on_the_store_clock_and_skip_instances_without_one()
     d1 = snap.loads["d1"]
     assert d1 == InstanceLoad("d1", "decode", "p", NOW - 0.5, active_requests=2, queued_prefill_tokens=700,
                               running_decodes=3, kv_free_blocks=(89, 69), kv_used_blocks=(11, 31),
-                              kv_block_size=16, kvp_tokens=1024, iteration_s=0.02, host="h")
+                              kv_block_size=16, kvp_tokens=1024, iteration_s=0.02, model_scale=0.7, host="h")
     assert d1.kv_capacity == (100, 100) and d1.busy
     assert [l.instance_id for l in snap.fresh(NOW, 5.0)] == ["d1"]     # p1's 9 s old load is stale
     assert snap.loads["p1"].iteration_s is None
@@ -1035,6 +1036,32 @@ def test_on_a_lars_pool_a_tight_prompt_is_predicted_ahead_of_a_long_one_with_sla
     lars = lars_controller()
     lars.decide(request("long", prompt=4000, ttft_slo_s=60.0), s, NOW)
     assert lars.decide(request("t", prompt=500, ttft_slo_s=2.0), s, NOW).outcome is Outcome.ADMIT
+
+
+def test_admission_orders_a_lars_pool_at_the_level_its_scheduler_weighs_work_now():
+    """A 4,000-token prompt due in 6 s is admitted on p1, then a 500-token one due in 4.8 s. At the
+    model's level (4 s + 0.5 s) the short one makes it behind the long one: LARS keeps the long one
+    first (less slack per work), predicted 4.5 s. The pool's load says its model runs 1.2x slow now
+    (model_scale): its LARS sees the short one miss behind (5.4 s) and its slack stealing runs it
+    first (the long one still makes 6 s), so admission predicts it at its own 0.5 s. With no live
+    scale in the load, admission's own correction ratio is the level (1 here)."""
+    roomy = {"free": (1000,) * 8, "used": (0,) * 8}
+    for scale, expected in ((None, 4.5), (1.0, 4.5), (1.2, 0.5)):
+        s = snap(prefill("p1", model_scale=scale), decode("d1", **roomy))
+        ctl = lars_controller()
+        assert ctl.decide(request("long", prompt=4000, ttft_slo_s=6.0), s, NOW).outcome is Outcome.ADMIT
+        d = ctl.decide(request("short", prompt=500, ttft_slo_s=4.8), s, NOW)
+        assert d.outcome is Outcome.ADMIT and d.predicted_ttft_s == pytest.approx(expected), scale
+    # the level is the live scale over the one the pool published (its table's): equal, no change
+    from common.perf_model.online import OnlineCorrection
+    scaled = OnlineCorrection(Linear())
+    scaled.start_at(1.2)
+    published = lars_controller()
+    published.prefill = replace(published.prefill, table=adm.PrefillTable(scaled, 0.1))
+    s = snap(prefill("p1", model_scale=1.2), decode("d1", **roomy))
+    published.decide(request("long", prompt=4000, ttft_slo_s=6.0 * 1.2), s, NOW)
+    d = published.decide(request("short", prompt=500, ttft_slo_s=4.8 * 1.2), s, NOW)
+    assert d.predicted_ttft_s == pytest.approx(4.5 * 1.2)
 
 
 def test_on_a_lars_pool_a_prompt_that_would_make_an_admitted_one_miss_is_rejected():

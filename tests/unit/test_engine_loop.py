@@ -275,3 +275,7 @@ def test_engine_falls_back_to_the_analytic_model_without_a_profile(checkpoint, t
     assert isinstance(engine.perf_model.base, AnalyticModel)
     assert engine.generate(prompts((40,)), GREEDY)[0].token_ids == alone(checkpoint, prompts((40,))[0])
     assert engine.perf_model.observations > 0            # every step's time corrected the model
+    # its stats (what the heartbeat and the gauge publish) carry the scale it runs at now
+    assert engine.stats().model_scale == pytest.approx(engine.perf_model.scale)
+    assert engine.scheduler.table.scale == pytest.approx(engine.perf_model.scale)
+    assert make_engine(checkpoint).stats().model_scale is None       # FCFS + fixed: no model

@@ -15,14 +15,15 @@ from common.pool_load import LoadSampler
 
 IDLE = EngineStats(total_blocks=(100, 100), free_blocks=(100, 100))
 BUSY = EngineStats(running=2, waiting=1, total_blocks=(100, 100), free_blocks=(60, 90),
-                   queued_prefill_tokens=300, running_decodes=1)
+                   queued_prefill_tokens=300, running_decodes=1, model_scale=1.25)
 
 
 def test_the_report_holds_the_gauges_admission_reads():
     r = LoadSampler(16, 4096).sample(3, BUSY, (0.0, 0))
     assert r == LoadReport(active_requests=3, queued_prefill_tokens=300, running_decodes=1,
                            kv_free_blocks=(60, 90), kv_used_blocks=(40, 10), kv_block_size=16,
-                           kvp_tokens=4096, iteration_s=None)
+                           kvp_tokens=4096, iteration_s=None, model_scale=1.25)
+    assert LoadSampler(16, 0).sample(0, IDLE, (0.0, 0)).model_scale is None      # no online model
 
 
 def test_iteration_time_is_the_mean_since_the_last_heartbeat():

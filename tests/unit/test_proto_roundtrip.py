@@ -118,7 +118,7 @@ def test_instance_round_trip(inst):
 
 LOAD = LoadReport(active_requests=3, queued_prefill_tokens=70_000, running_decodes=2,
                   kv_free_blocks=(90, 70), kv_used_blocks=(10, 30), kv_block_size=16, kvp_tokens=4096,
-                  iteration_s=0.03125)
+                  iteration_s=0.03125, model_scale=0.8125)
 
 
 @pytest.mark.parametrize("load", [LOAD, LoadReport(), LoadReport(iteration_s=0.0, kv_free_blocks=(5,))])
@@ -126,6 +126,7 @@ def test_load_report_round_trip(load):
     msg = convert.load_to_proto(load)
     assert convert.load_from_proto(_wire(msg)) == load
     assert msg.HasField("iteration_s") == (load.iteration_s is not None)   # 0.0 is not "unknown"
+    assert msg.HasField("model_scale") == (load.model_scale is not None)
     assert LoadReport.from_dict(load.to_dict()) == load                    # as the store keeps it
 
 
@@ -144,6 +145,8 @@ def test_load_travels_on_heartbeats_and_in_the_listing():
     (kvstore_pb2.InstanceLoad(kv_free_blocks=[1, 2], kv_used_blocks=[3]), "KVP groups"),
     (kvstore_pb2.InstanceLoad(iteration_s=-0.5), "iteration_s"),
     (kvstore_pb2.InstanceLoad(iteration_s=float("nan")), "iteration_s"),
+    (kvstore_pb2.InstanceLoad(model_scale=0.0), "model_scale"),
+    (kvstore_pb2.InstanceLoad(model_scale=float("inf")), "model_scale"),
 ])
 def test_malformed_load_is_an_invalid_request(msg, match):
     with pytest.raises(InvalidRequestError, match=match):
