@@ -116,7 +116,7 @@ from common.perf_model.base import PerfModel
 from common.perf_model.prefill_table import PrefillTable
 from common.perf_model.ttft_correction import HostContention, LoadFactor, TTFTCorrection
 from common.scheduler.chunking import ChunkingConfig
-from common.scheduler.policy import LARS
+from common.scheduler.policy import LARS, replay
 from common.scheduler.types import BatchShape, ReqView
 
 log = logging.getLogger(__name__)
@@ -417,6 +417,7 @@ class AdmissionController:
                      for pool in ("prefill", "decode")}
         self._hosts: dict[str, str] = {}        # instance id -> host, from the latest snapshot
         self._lars = LARS()
+        self._orders: dict[tuple, tuple[int, list[tuple[float, int]]]] = {}   # _lars_order's, this decision's
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
         # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left,
@@ -548,6 +549,7 @@ class AdmissionController:
 
     def _evaluate(self, req: AdmissionRequest, snapshot: LoadSnapshot, now: float) -> Decision:
         cfg = self.config
+        self._orders = {}
         ttft_slo, tbt_slo = self.slo_for(req)
         waited = now - req.arrival_s
         self._pending = [p for p in self._pending if now - p.at <= cfg.max_staleness_s + cfg.visibility_lag_s]
@@ -677,7 +679,19 @@ class AdmissionController:
         of (another router's, or a gauge that lags) are taken as ahead of everything. The work is
         weighed against the deadlines at the level the pool's own LARS weighs it (`_lars_level`): with
         a model 17% fast a long prompt admitted with 1 s of slack looked 6 s slack here, so a short
-        prompt was predicted to pass it and admitted, while the pool kept the long one first."""
+        prompt was predicted to pass it and admitted, while the pool kept the long one first. The
+        order is the one they finish in when the pool arranges them again every iteration
+        (policy.replay, one budget of work per step), not one arrangement now: a prompt ranked behind
+        a started one by rho can lead it an iteration later (its slack falls as it waits, the running
+        one's does not); `ahead` then counts the tokens the others computed before `req` finishes.
+        Computed once per decision (`_evaluate` and `_passes_past_deadline` both ask)."""
+        key = (l.instance_id, req.request_id, now, deadline)       # (_evaluate empties it first)
+        if key not in self._orders:
+            self._orders[key] = self._replay_order(pool, l, req, now, deadline)
+        return self._orders[key]
+
+    def _replay_order(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float,
+                      deadline: float) -> tuple[int, list[tuple[float, int]]]:
         ratio = self._lars_level(pool, l)
         mine = [(rid, a) for rid, a in self._awaiting.items() if a[0] == l.instance_id and a[2] > 0]
         # the sample counted this router's prompts as they were when it was taken, not as they are
@@ -697,14 +711,19 @@ class AdmissionController:
         own = ratio * pool.table.time(mine_left)
         entries.append((ReqView(req.request_id, req.arrival_s, mine_left,
                                 ttft_deadline_s=None if math.isinf(deadline) else deadline), own, own))
-        order = [view.request_id for view, _, _ in self._lars.arrange(entries, now)]
+        # the order they finish in, as the pool re-ranks them every iteration (policy.replay), and
+        # the prompt tokens computed by each one's finish (work done converted at each one's rate)
+        finished = replay(self._lars, entries, now, pool.budget_s)
         left = {rid: a[2] for rid, a in mine}
+        left[req.request_id] = mine_left
+        work = {view.request_id: rem for view, rem, _ in entries}
+
+        def tokens_by(done: dict[str, float]) -> int:
+            return unknown + round(sum(left[r] * min(w / work[r], 1.0) for r, w in done.items() if work[r] > 0))
+        order = [rid for rid, _ in finished]
         at = order.index(req.request_id)
-        ahead = unknown + sum(left[rid] for rid in order[:at])
-        passed, tokens = [], ahead + mine_left
-        for rid in order[at + 1:]:
-            tokens += left[rid]
-            passed.append((self._awaiting[rid][1], tokens))
+        ahead = tokens_by(finished[at][1]) - mine_left
+        passed = [(self._awaiting[rid][1], tokens_by(done)) for rid, done in finished[at + 1:]]
         return ahead, passed
 
     def _lars_level(self, pool: PoolModel, l: InstanceLoad) -> float:

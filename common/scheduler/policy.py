@@ -38,6 +38,7 @@ similar one comes.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Iterable
 
 from common.errors import ConfigError
@@ -198,6 +199,40 @@ def finish_started(ordered: list[Entry], now: float, window: int = STEAL_WINDOW)
         if after[rid] > (due if before[rid] <= due + DEADLINE_EPS_S else before[rid]) + DEADLINE_EPS_S:
             return ordered
     return kept + rest
+
+
+def replay(policy: Policy, entries: Iterable[Entry], now: float, step_s: float,
+           max_steps: int = 128) -> list[tuple[str, dict[str, float]]]:
+    """The order in which a server running `policy` finishes `entries` when, as the engine does, it
+    arranges them again before every step of `step_s` seconds of work and runs the first (one request
+    at a time: the serial estimate steal_slack works with). The order at `now` is not the order of
+    finishing: a waiting request's rho falls as time passes while the running one's stays (its slack
+    and its remaining work fall together), so a request ranked second at `now` can pass the first
+    before it is done (a 117-token prompt behind a started 192-token one, ranked 2.47 against 1.93 by
+    rho on arrival, led by rho 0.3 s later; finish_started keeps the started one first only while it
+    has less work left). A request that ran is started from then on. Returns, for each request in the
+    order they finish, the work (seconds) each request had done by then. Steps grow so that at most
+    `max_steps` are taken (the work in all, `max_steps` equal parts)."""
+    views, left, total = {}, {}, {}
+    for view, rem, tot in entries:
+        views[view.request_id], left[view.request_id], total[view.request_id] = view, max(rem, 0.0), tot
+    step = max(step_s, sum(left.values()) / max_steps, 1e-9)
+    done = dict.fromkeys(left, 0.0)
+    out: list[tuple[str, dict[str, float]]] = []
+    t = now
+    while left:
+        first = policy.arrange([(views[rid], left[rid], total[rid]) for rid in left], t)[0][0]
+        rid = first.request_id
+        dt = min(step, left[rid])
+        left[rid] -= dt
+        done[rid] += dt
+        t += dt
+        if not first.started:
+            views[rid] = replace(first, started=True)
+        if left[rid] <= DEADLINE_EPS_S:
+            del left[rid]
+            out.append((rid, dict(done)))
+    return out
 
 
 def effective_budget(t_target_s: float, rho: float | None, rho_max: float = DEFAULT_RHO_MAX) -> float:

@@ -1064,21 +1064,65 @@ def test_admission_orders_a_lars_pool_at_the_level_its_scheduler_weighs_work_now
     assert d.predicted_ttft_s == pytest.approx(4.5 * 1.2)
 
 
-def test_on_a_lars_pool_a_prompt_that_would_make_an_admitted_one_miss_is_rejected():
+def test_admission_predicts_the_pools_lars_as_it_re_ranks_every_iteration():
+    """A started 850-token prompt (700 left, due in 2.35 s) ranks ahead of a 500-token one due in
+    1.48 s by rho at its arrival (1.94 against 1.96), but the short one's slack falls while it waits
+    and the long one's does not while it runs: one iteration (0.1 s) later the short one leads, and
+    having less work left it is not passed back. Predicted at 0.6 s (one iteration of the long one, then
+    its own 0.5 s), not behind the long one's 0.7 s (1.2 s), which is what the pool's LARS does (the
+    pair that arrived together in bench/admission.py: 192 and 117 tokens, the short one run first in
+    half the runs while admission, ordering once at the arrival, predicted it behind)."""
+    roomy = {"free": (1000,) * 8, "used": (0,) * 8}
+    s = snap(prefill("p1"), decode("d1", **roomy))
+    ctl = lars_controller()
+    assert ctl.decide(request("long", prompt=850, ttft_slo_s=2.35), s, NOW).outcome is Outcome.ADMIT
+    ctl.progress("long", 150)
+    d = ctl.decide(request("short", prompt=500, ttft_slo_s=1.48), s, NOW)
+    assert d.outcome is Outcome.ADMIT and d.predicted_ttft_s == pytest.approx(0.6), d
+    assert d.parts["ahead_tokens"] == 100
+
+
+def test_on_a_lars_pool_a_prompt_that_would_take_an_admitted_ones_time_is_predicted_late():
     """The 4,000-token prompt has 4.3 s for 4 s of work (rho = 0.3 / 4); a 500-token prompt due in
-    0.52 s has rho 0.02 / 0.5, so LARS would run it first, and the long one would finish at 4.5 s,
-    past its deadline: rejected, with the overrun as the retry hint. With 4.6 s the long one survives
-    it: admitted. (A prompt LARS would keep behind is judged by its place there: predicted too late.)"""
+    0.52 s has rho 0.02 / 0.5 and runs first, but the pool arranges its prompts again every iteration
+    (0.1 s): the long one's slack runs out while it waits, and it takes iterations back (least slack
+    per work first; each would now be late behind the other, so they alternate): the short one is
+    predicted an iteration past its deadline and rejected. So is one due in 1 s: the long one runs
+    first, the short one passes it once its slack falls below the long one's, and the long one takes
+    an iteration back. With 4.6 s the long one has room: the short one runs first, at its own 0.5 s.
+    (Ordered once, at the arrival, the first was predicted at 0.5 s, the second behind the whole
+    long prompt at 4.5 s.)"""
     roomy = {"free": (1000,) * 8, "used": (0,) * 8}
     s = snap(prefill("p1"), decode("d1", **roomy))
     ctl = lars_controller()
     assert ctl.decide(request("long", prompt=4000, ttft_slo_s=4.3), s, NOW).outcome is Outcome.ADMIT
     d = ctl.decide(request("tight", prompt=500, ttft_slo_s=0.52), s, NOW)
-    assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_slo"), d
-    assert "miss its deadline by 0.20s" in d.detail and d.retry_after_s == pytest.approx(0.5)
+    assert (d.outcome, d.reason, d.predicted_ttft_s) == (Outcome.REJECT, "ttft_slo", pytest.approx(0.6)), d
     behind = ctl.decide(request("behind", prompt=500, ttft_slo_s=1.0), s, NOW)
-    assert behind.outcome is Outcome.REJECT and behind.predicted_ttft_s == pytest.approx(4.5)
+    assert behind.outcome is Outcome.REJECT and behind.predicted_ttft_s == pytest.approx(1.1)
     ok = lars_controller()
     ok.decide(request("long", prompt=4000, ttft_slo_s=4.6), s, NOW)
     d = ok.decide(request("tight", prompt=500, ttft_slo_s=0.52), s, NOW)
     assert d.outcome is Outcome.ADMIT and d.predicted_ttft_s == pytest.approx(0.5)
+
+
+def test_on_a_lars_pool_a_prompt_that_would_make_an_admitted_one_miss_is_rejected():
+    """The pool's LARS weighs work at its model's scale (1.0 here) while its prompts take 1.5x that
+    (admission's correction ratio): the 4,000-token prompt, due in 6.7 s, has room by the pool's
+    numbers (4 s of work) and a 500-token prompt due in 0.76 s runs first there (rho 0.52 against
+    0.675, and the long one's still 0.55 when it is done). Measured, the short one makes it (0.75 s)
+    and the long one does not (6.75 s against 6.0 s without it): rejected, with the overrun as the
+    retry hint. Due in 6.9 s, the long one survives it: admitted."""
+    roomy = {"free": (1000,) * 8, "used": (0,) * 8}
+    s = snap(prefill("p1", model_scale=1.0), decode("d1", **roomy))
+    for long_slo, admitted in ((6.7, False), (6.9, True)):
+        ctl = lars_controller()
+        ctl.correction("prefill").ratio = 1.5
+        long = ctl.decide(request("long", prompt=4000, ttft_slo_s=long_slo), s, NOW)
+        assert long.outcome is Outcome.ADMIT and long.predicted_ttft_s == pytest.approx(6.0)
+        d = ctl.decide(request("tight", prompt=500, ttft_slo_s=0.76), s, NOW)
+        if admitted:
+            assert d.outcome is Outcome.ADMIT and d.predicted_ttft_s == pytest.approx(0.75), d
+            continue
+        assert (d.outcome, d.reason) == (Outcome.REJECT, "ttft_slo"), d
+        assert "miss its deadline by 0.05s" in d.detail and d.retry_after_s == pytest.approx(0.5)

@@ -138,6 +138,28 @@ def test_lars_finishes_a_started_prefill_when_no_deadline_is_lost():
     assert [v.request_id for v, _, _ in LARS().arrange(entries, 0.65)] == ["d", "a", "b"]
 
 
+def test_replay_finishes_in_the_order_lars_reaches_by_re_ranking():
+    """A started prompt (0.7 s left of 0.85, due in 2.35 s) leads a new 0.5 s one (due in 1.48 s) by
+    rho (1.94 against 1.96), so a single arrangement finishes it first; re-ranked every 0.05 s step,
+    the waiting one's rho falls below the running one's at the first step, and with less work left it
+    keeps the lead: it finishes first, at 0.55 s, the long one having done one step. Without a
+    crossing the replay is the arrangement's serial order."""
+    from common.scheduler.policy import replay
+    long = req("long", 0.0, prompt=850, done=150, deadline=2.35)
+    short = req("short", 0.0, prompt=500, deadline=1.48)
+    entries = [(long, 0.7, 0.85), (short, 0.5, 0.5)]
+    assert [v.request_id for v, _, _ in LARS().arrange(entries, 0.0)] == ["long", "short"]
+    out = replay(LARS(), entries, 0.0, 0.05)
+    assert [rid for rid, _ in out] == ["short", "long"]
+    assert out[0][1] == pytest.approx({"long": 0.05, "short": 0.5})
+    assert out[1][1] == pytest.approx({"long": 0.7, "short": 0.5})
+    roomy = req("roomy", 0.0, prompt=500, deadline=5.0)
+    out = replay(LARS(), [(long, 0.7, 0.85), (roomy, 0.5, 0.5)], 0.0, 0.05)
+    assert [rid for rid, _ in out] == ["long", "roomy"] and out[0][1] == pytest.approx({"long": 0.7, "roomy": 0.0})
+    # steps grow to keep at most max_steps; FCFS never re-ranks
+    assert [rid for rid, _ in replay(FCFS(), entries, 0.0, 1e-6, max_steps=4)] == ["long", "short"]
+
+
 @pytest.mark.parametrize("seed", range(200))
 def test_finishing_started_prefills_loses_no_deadline(seed):
     """Random queues: whatever finish_started returns, every request meeting its deadline in the
