@@ -11,7 +11,8 @@ So `forward` never calls it with an empty side or a mask, and the keys are split
     B = keys at positions q_start+1 .. q_start+n-1   seen by queries 1..n-1 (top-left causal is right:
         query i sees B key j iff j <= i - 1, and rows past the last key see all of B)
 
-and the two are merged with `merge_attention_states`. Keys after the last query are dropped; queries
+and the two are merged with `merge_attention_states` (when A is the first query's own key alone, A + B
+is one top-left causal call, no merge). Keys after the last query are dropped; queries
 before the first key (k_start > q_start) are empty rows (0, -inf) and the rest start at k_start. Decode
 (n == 1, L == q_start + 1 - k_start) is a single non-causal call.
 
@@ -135,6 +136,12 @@ class CpuFlashBackend(AttentionBackend):
         n_b = min(k.shape[0], q_start + n - k_start) - n_a           # keys in (q_start, q_start + n)
         if n == 0 or n_a <= 0:
             return _empty(n, q)
+        if n_a == 1:
+            # no key before the chunk's first query (a prompt's first chunk): A is that query's own
+            # key, and A + B is one top-left causal call, with no merge (the merge's elementwise
+            # passes were 6-9% of a 1K-token prefill on 2 cores, float32 and bfloat16)
+            out, lse = _causal_topleft(q, k[:1 + n_b], v[:1 + n_b], scale)
+            return out.to(q.dtype), lse.to(lse_dtype)
         out, lse = _noncausal(q, k[:n_a], v[:n_a], scale)
         if n_b > 0:
             out_b, lse_b = _causal_topleft(q[1:], k[n_a:n_a + n_b], v[n_a:n_a + n_b], scale)

@@ -108,6 +108,15 @@ def test_chunk_over_cached_context(chunk, cached, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n,keys,start", [(64, 64, 0), (10, 6, 0), (33, 33, 4096), (1, 1, 7)])
+def test_a_chunk_with_no_key_before_it_is_one_causal_call(n, keys, start, dtype):
+    """A prompt's first chunk, or a chunk at a KVP shard's first position (k_start == q_start): one
+    top-left causal call, no merge; queries past the last key see every key."""
+    q, k, v = _qkv(n, 6, 2, keys, dtype=dtype)
+    _check_against_reference(FLASH, q, k, v, q_start=start, k_start=start)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_decode_single_query(dtype):
     q, k, v = _qkv(1, 8, 2, 333, dtype=dtype)
     _check_against_reference(FLASH, q, k, v, q_start=332, k_start=0)
