@@ -158,7 +158,9 @@ def run_once(a: argparse.Namespace, model: str | None, tmp: pathlib.Path, label:
         t0 = time.monotonic()
 
         def one(i: int, n: int) -> None:
+            sent = time.monotonic() - t0
             r = call(client, prompt(n, i), a.max_tokens, i)
+            r["sent_s"] = round(sent, 3)
             with lock:
                 results.append(r)
         with ThreadPoolExecutor(128) as pool:
@@ -175,8 +177,11 @@ def run_once(a: argparse.Namespace, model: str | None, tmp: pathlib.Path, label:
     row.update(floor)
     row["wall_s"] = round(wall, 1)
     row["corrections"] = corrections
-    row["samples"] = [[r["prompt"], r["route"], round(r["predicted"], 4), round(r["ttft"], 4)]
-                      for r in results if r["code"] == "OK" and r["predicted"] is not None]
+    # [prompt tokens, route, predicted TTFT, measured TTFT, seconds into the load it was sent]: the
+    # send time tells which prompts overlapped (a miss's neighbours), in arrival order
+    row["samples"] = [[r["prompt"], r["route"], round(r["predicted"], 4), round(r["ttft"], 4), r["sent_s"]]
+                      for r in sorted(results, key=lambda r: r["sent_s"])
+                      if r["code"] == "OK" and r["predicted"] is not None]
     print(label, json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
     return row
 
