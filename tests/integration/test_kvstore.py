@@ -162,13 +162,15 @@ def test_heartbeat_load_reads_back_in_the_listing(kvstore):
     _, stub = kvstore()
     register(stub, "d0")
     load = LoadReport(active_requests=1, running_decodes=1, kv_free_blocks=(40, 50), kv_used_blocks=(10, 0),
-                      kv_block_size=16, kvp_tokens=64, iteration_s=0.05)
+                      kv_block_size=16, kvp_tokens=64, iteration_s=0.05, model_scale=0.625)
     stub.Heartbeat(pb.HeartbeatRequest(instance_id="d0", free_blocks=[40, 50], load=convert.load_to_proto(load)))
     [d0] = stub.ListInstances(pb.ListInstancesRequest()).instances
     inst = convert.instance_from_proto(d0)
     assert inst.load == load and 0 <= inst.load_age_s < 1.0
     err = rpc_error(stub.Heartbeat, pb.HeartbeatRequest(instance_id="d0", load=pb.InstanceLoad(active_requests=-1)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    err = rpc_error(stub.Heartbeat, pb.HeartbeatRequest(instance_id="d0", load=pb.InstanceLoad(model_scale=-1.0)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_scale" in err.details()
 
 
 def test_reserve_get_renew_release(kvstore):

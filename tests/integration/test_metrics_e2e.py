@@ -97,6 +97,7 @@ def test_every_service_exports_its_metrics(cluster: Cluster):
         assert total(e, "mnemosyne_kv_block_size_tokens") == 16
         assert total(e, "mnemosyne_scheduler_queued_prefill_tokens") == 0
         assert total(e, "mnemosyne_active_requests") == 0
+        assert 0 < total(e, "mnemosyne_perf_model_scale") < 100    # LARS + adaptive: an online-corrected model
     long_prompts = [x for x in PROMPTS if len(x) >= SHORT]
     assert total(p, "mnemosyne_kv_transfer_seconds_count", backend="tcp", direction="send") == len(long_prompts)
     assert total(d, "mnemosyne_kv_transfer_seconds_count", backend="tcp", direction="recv") == len(long_prompts)

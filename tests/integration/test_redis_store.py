@@ -89,7 +89,7 @@ def test_heartbeat_load_is_stored_with_its_age_on_the_redis_clock(store):
     store.register_instance(decode("d0"), ttl_s=30)
     assert store.get_instance("d0").load is None                  # none until a heartbeat carries one
     load = LoadReport(active_requests=2, queued_prefill_tokens=300, running_decodes=1, kv_free_blocks=(7, 9),
-                      kv_used_blocks=(3, 1), kv_block_size=16, kvp_tokens=64, iteration_s=0.02)
+                      kv_used_blocks=(3, 1), kv_block_size=16, kvp_tokens=64, iteration_s=0.02, model_scale=1.25)
     assert store.heartbeat("d0", (7, 9), ttl_s=30, load=load)
     got = store.get_instance("d0")
     assert got.load == load and 0 <= got.load_age_s < 0.5
