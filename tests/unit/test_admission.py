@@ -1082,6 +1082,25 @@ def test_admission_predicts_the_pools_lars_as_it_re_ranks_every_iteration():
     assert d.parts["ahead_tokens"] == 100
 
 
+def test_the_replay_behind_a_deep_queue_takes_fewer_steps(monkeypatch):
+    """Each replay step arranges every prompt admitted there: behind 100 of them a decision replays
+    in 2048 // 101 = 20 steps (at least 16, at most 128), so its cost stays bounded."""
+    steps = []
+    real = adm.replay
+
+    def spy(policy, entries, now, step_s, max_steps=128):
+        steps.append((len(entries), max_steps))
+        return real(policy, entries, now, step_s, max_steps)
+    monkeypatch.setattr(adm, "replay", spy)
+    roomy = {"free": (100_000,) * 8, "used": (0,) * 8}
+    s = snap(prefill("p1"), decode("d1", **roomy))
+    ctl = lars_controller()
+    for i in range(101):
+        ctl.decide(request(f"r{i}", prompt=300, ttft_slo_s=3600.0), s, NOW)
+    assert steps[0] == (1, 128) and steps[-1] == (101, 20)
+    assert (9, 128) in steps and (64, 32) in steps and all(16 <= m <= 128 for _, m in steps)
+
+
 def test_on_a_lars_pool_a_prompt_that_would_take_an_admitted_ones_time_is_predicted_late():
     """The 4,000-token prompt has 4.3 s for 4 s of work (rho = 0.3 / 4); a 500-token prompt due in
     0.52 s has rho 0.02 / 0.5 and runs first, but the pool arranges its prompts again every iteration
