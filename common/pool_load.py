@@ -54,4 +54,4 @@ class LoadSampler:
             running_decodes=stats.running_decodes, kv_free_blocks=tuple(stats.free_blocks),
             kv_used_blocks=tuple(t - f for t, f in zip(stats.total_blocks, stats.free_blocks)),
             kv_block_size=self.block_size, kvp_tokens=self.kvp_tokens, iteration_s=self._mean,
-            model_scale=getattr(stats, "model_scale", None))
+            model_scale=stats.model_scale)

@@ -28,6 +28,7 @@ from common.kv_connector.scheduler import KVConnectorScheduler
 from common.kv_connector.types import GroupSink, KVSink, kv_layout
 from common.model.loader import Checkpoint, load_checkpoint
 from common.perf_model.base import PerfModel
+from common.perf_model.online import OnlineCorrection
 from common.sampling_params import SamplingParams, TopLogprobs
 from common.scheduler.request import FinishReason, Request
 from common.scheduler.scheduler import Scheduler, SchedulerOutput
@@ -77,7 +78,6 @@ class GenerationResult:
 def model_scale(model: PerfModel | None) -> float | None:
     """The scale an online-corrected model (common/perf_model/online.py) predicts at now; None for
     any other (it has no live level to publish)."""
-    from common.perf_model.online import OnlineCorrection
     return float(model.scale) if isinstance(model, OnlineCorrection) else None
 
 

@@ -85,6 +85,6 @@ class PrefillTable:
 
     def work(self, req: ReqView) -> tuple[float, float]:
         """(remaining, total) predicted prefill seconds at one scale: the `work` callback of the planner."""
+        total = self._time(req.prompt_len)
         scale = self.scale
-        return (scale * max(self._time(req.prompt_len) - self._time(req.num_computed), 0.0),
-                scale * self._time(req.prompt_len))
+        return scale * max(total - self._time(req.num_computed), 0.0), scale * total
