@@ -45,6 +45,7 @@ model's name (the router's Frontend.name; a pool's --model-name or its checkpoin
 | mnemosyne_scheduler_running_decodes            | gauge     |                           | decode: requests in the decode phase |
 | mnemosyne_scheduler_waiting_requests           | gauge     |                           | prefill/decode: requests not yet scheduled |
 | mnemosyne_perf_model_scale                     | gauge     |                           | prefill/decode: the scheduler's performance model's online scale (measured / profiled); LARS weighs work at it |
+| mnemosyne_worker_replacements_total            | counter   |                           | prefill/decode: grid workers that died and were replaced in place (the others kept their KV) |
 | mnemosyne_kv_blocks_used / _free               | gauge     | group, tp_rank            | prefill/decode workers (group: KVP group, or SPP stage on prefill) |
 | mnemosyne_kv_blocks_cached                     | gauge     | group, tp_rank            | prefill/decode: free blocks still holding a cached prefix (reclaimable, part of _free) |
 | mnemosyne_kv_blocks_quarantined                | gauge     | group, tp_rank            | decode: blocks withheld for good (a granted NIXL write neither finished nor was recalled; part of _used) |
@@ -203,6 +204,10 @@ SPECS: tuple[Spec, ...] = (
          "The online scale of the scheduler's performance model (measured / profiled iteration time, a moving "
          "average): the level LARS weighs prompts' work at, and admission's copy of its order.",
          (), (), ("prefill", "decode")),
+    Spec("mnemosyne_worker_replacements_total", "counter",
+         "Grid workers that died and were replaced in place: the other workers kept their processes and KV, "
+         "the requests that lost KV computed it again (or, still receiving it, were retried).",
+         (), (), ("prefill", "decode")),
     Spec("mnemosyne_kv_blocks_used", "gauge", "KV cache blocks in use, per worker.",
          ("group", "tp_rank"), (), ("prefill", "decode")),
     Spec("mnemosyne_kv_blocks_free", "gauge", "KV cache blocks free, per worker.",
@@ -247,7 +252,7 @@ _KNOWN_VALUES: dict[str, tuple[str, ...]] = {
     "outcome": RESERVATION_OUTCOMES, "member_role": ("prefill", "decode"), "target": PREFIX_ROUTES,
 }
 _PREINIT = {"mnemosyne_slo_requests_total", "mnemosyne_requests_finished_total",
-            "mnemosyne_tokens_total", "mnemosyne_kvstore_reservations_total",
+            "mnemosyne_worker_replacements_total", "mnemosyne_tokens_total", "mnemosyne_kvstore_reservations_total",
             "mnemosyne_kvstore_live_instances", "mnemosyne_time_to_first_token_seconds",
             "mnemosyne_request_latency_seconds", "mnemosyne_active_requests",
             "mnemosyne_admission_queued_requests", "mnemosyne_scheduler_queued_prefill_tokens",
@@ -535,6 +540,11 @@ class Metrics:
         self._child("mnemosyne_scheduler_waiting_requests").set(waiting_requests)
         if model_scale is not None:
             self._child("mnemosyne_perf_model_scale").set(model_scale)
+
+    def observe_worker_replacements(self, count: int) -> None:
+        """Grid workers replaced in place since the last call."""
+        if count > 0:
+            self._child("mnemosyne_worker_replacements_total").inc(count)
 
     def set_kv_blocks(self, group: int, tp_rank: int, *, used: int, free: int, cached: int = 0,
                       quarantined: int = 0) -> None:

@@ -14,9 +14,11 @@ Outputs cross to asyncio with `loop.call_soon_threadsafe`; commands come back as
 `concurrent.futures.Future`s awaited with a timeout. Every wait has a timeout.
 
 Ownership: a request's stream (`generate`, `add_prefilled`) owns the request: leaving the stream
-early (consumer cancelled, stream closed) aborts it in the engine. A step that raises (e.g. a grid
-worker died: WorkerFailedError) fails the engine: every open stream and watch gets that error,
-the engine is shut down, and later calls raise WorkerFailedError. The owner may then build a new one.
+early (consumer cancelled, stream closed) aborts it in the engine. A grid worker that dies
+is replaced in place where the grid can do that (a decode grid: LLMEngine._recover), and only the
+requests whose KV it held end, with an error. A step that raises (e.g. a worker of a pipeline died:
+WorkerFailedError) fails the engine: every open stream and watch gets that error, the engine is
+shut down, and later calls raise WorkerFailedError. The owner may then build a new one.
 """
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ class StepRecorder:
         # (seconds, count) of the iterations mnemosyne_iteration_seconds observed, for the load the
         # instance heartbeats (common/pool_load.py): one tuple, replaced whole, read from any thread.
         self.iterations: tuple[float, int] = (0.0, 0)
+        self.replacements = 0                    # the engine's worker replacements counted so far
 
     def track(self, request_id: str, computed: int) -> None:
         self._computed[request_id] = computed
@@ -116,6 +119,8 @@ class StepRecorder:
         self.load(stats)
 
     def load(self, stats: EngineStats) -> None:
+        self.metrics.observe_worker_replacements(stats.worker_replacements - self.replacements)
+        self.replacements = max(self.replacements, stats.worker_replacements)
         self.metrics.set_scheduler_load(queued_prefill_tokens=stats.queued_prefill_tokens,
                                         running_decodes=stats.running_decodes,
                                         waiting_requests=stats.waiting, model_scale=stats.model_scale)
@@ -386,10 +391,10 @@ class AsyncEngine:
             busy = e.has_unfinished()
             if not self._drain_commands(block=not busy and not self._watches):
                 return
-            if not busy:
-                e.check_alive()              # a lost worker fails the engine now, not at the next request
+            # A lost worker is replaced now (or fails the engine), not at the next request.
+            lost = (e.check_alive() or []) if not busy else []
             t0 = time.perf_counter()
-            outs = e.step() if e.has_unfinished() else []
+            outs = lost + (e.step() if e.has_unfinished() else [])
             seconds = time.perf_counter() - t0
             for o in outs:
                 if o.request_id in self._routes:

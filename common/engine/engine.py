@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 from common.config import EngineConfig
 from common.engine.executor import Executor, LocalExecutor
 from common.engine.stream import RequestStream, StreamHub
-from common.errors import CapacityError, ConfigError, InvalidRequestError
+from common.errors import CapacityError, ConfigError, InvalidRequestError, WorkerFailedError
 from common.kv_cache.kvp_blocks import KVPBlockManager
 from common.kv_connector.scheduler import KVConnectorScheduler
 from common.kv_connector.types import GroupSink, KVSink, kv_layout
@@ -61,6 +61,7 @@ class EngineStats:
     queued_prefill_tokens: int = 0          # prompt tokens of unfinished requests not yet prefilled
     running_decodes: int = 0                # requests past their prefill
     model_scale: float | None = None        # the scheduler's performance model's online scale (None: none)
+    worker_replacements: int = 0            # grid workers replaced in place since the engine started
 
 
 @dataclass
@@ -148,6 +149,7 @@ class LLMEngine:
         self.streams = StreamHub()
         self.inflight: deque[SchedulerOutput] = deque()
         self._ids = itertools.count()
+        self.repairs: list[float] = []               # seconds each in-place worker replacement took
         self.closed = False
 
     # ---- the typed interface's attributes -------------------------------------------------------
@@ -182,7 +184,7 @@ class LLMEngine:
                            quarantined_blocks=tuple(p.num_quarantined for p in pools),
                            queued_prefill_tokens=sum(max(r.prompt_len - r.num_computed, 0) for r in reqs),
                            running_decodes=sum(1 for r in sched.running if r.num_computed >= r.prompt_len),
-                           model_scale=model_scale(self.perf_model))
+                           model_scale=model_scale(self.perf_model), worker_replacements=len(self.repairs))
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -253,10 +255,17 @@ class LLMEngine:
         self.kv.add_prefilled(req, kv_timeout_s)
         return request_id
 
-    def check_alive(self) -> None:
-        """WorkerFailedError when a worker process of the executor died (an idle engine steps no
-        grid, so nothing else would notice until its next request)."""
-        self.executor.check_alive()
+    def check_alive(self) -> list[StepOutput]:
+        """Looks for a dead worker process of the executor (an idle engine steps no grid, so nothing
+        else would notice until its next request): replaced in place where the executor can (the
+        outputs of the requests that lost their KV are returned), else WorkerFailedError."""
+        try:
+            self.executor.check_alive()
+        except WorkerFailedError as e:
+            outs = self._recover(e)
+            self.streams.publish(outs)
+            return outs
+        return []
 
     def kv_status(self, request_id: str) -> tuple[str, str | None]:
         """Prefill role: "pending" | "done" | "failed", reason."""
@@ -278,30 +287,89 @@ class LLMEngine:
             req = self.scheduler.requests.get(rid)
             if req is not None and self.abort(rid):
                 outs.append(self._ended(req, FinishReason.ABORT, f"KV of request {rid} could not be sent: {reason}"))
-        while len(self.inflight) < self.executor.depth:
-            sched = self.scheduler.schedule()
-            if not sched.items:
-                break
-            self.executor.submit(sched, self.kv.sinks_for(sched.items))
-            self.inflight.append(sched)
-        if self.inflight:
-            sched = self.inflight.popleft()
-            res = self.executor.collect()
-            self.scheduler.postprocess(sched, res.tokens)
-            self.kv.sampled(sched.items)
-            observe = getattr(self.perf_model, "observe", None)
-            if observe is not None and sched.batch is not None and res.service_s is not None:
-                observe(sched.batch, res.service_s)          # online correction of the model
-            for it in sched.items:
-                req = it.request
-                tok = res.tokens.get(req.request_id) if it.sample else None
-                if req.finished:
-                    self.executor.forget(req.request_id)
-                outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
-                                       req.num_computed, req.prompt_len, req.finish_reason,
-                                       top_logprobs=res.top_logprobs.get(req.request_id, ()),
-                                       num_cached_tokens=req.num_cached_tokens))
+        try:
+            while len(self.inflight) < self.executor.depth:
+                sched = self.scheduler.schedule()
+                if not sched.items:
+                    break
+                self.inflight.append(sched)              # (before submit: a failed one is submitted again)
+                self.executor.submit(sched, self.kv.sinks_for(sched.items))
+            if self.inflight:
+                res = self.executor.collect()
+                outs += self._completed(self.inflight.popleft(), res)
+        except WorkerFailedError as e:
+            outs += self._recover(e)
         self.streams.publish(outs)
+        return outs
+
+    def _completed(self, sched: SchedulerOutput, res) -> list[StepOutput]:
+        outs = []
+        self.scheduler.postprocess(sched, res.tokens)
+        self.kv.sampled(sched.items)
+        observe = getattr(self.perf_model, "observe", None)
+        if observe is not None and sched.batch is not None and res.service_s is not None:
+            observe(sched.batch, res.service_s)          # online correction of the model
+        for it in sched.items:
+            req = it.request
+            tok = res.tokens.get(req.request_id) if it.sample else None
+            if req.finished:
+                self.executor.forget(req.request_id)
+            outs.append(StepOutput(req.request_id, tok[0] if tok else None, tok[1] if tok else None,
+                                   req.num_computed, req.prompt_len, req.finish_reason,
+                                   top_logprobs=res.top_logprobs.get(req.request_id, ()),
+                                   num_cached_tokens=req.num_cached_tokens))
+        return outs
+
+    # ---- a lost worker -------------------------------------------------------------------------------
+    def _recover(self, err: WorkerFailedError) -> list[StepOutput]:
+        """A worker died (`err`). Where the executor can replace it in place (a decode grid), the
+        instance goes on, and so do its requests: one the scheduler holds resumes, computing again
+        the KV it had in the dead worker's KVP group (Scheduler.rewind: from that group's first
+        token, the groups before it kept theirs) before it samples its next token; one whose KV was
+        still arriving from a prefill instance ends with an error that says so (KVTransferError to
+        its caller: the router retries it, and a retry here brings only the lost group's share, the
+        others' being cached: KVConnectorScheduler.lose). The steps in flight are submitted again
+        without the rewound and ended requests (a step's KV writes are idempotent; its sampling
+        had not happened). Otherwise `err` goes on up (the owner rebuilds the whole engine)."""
+        if not self.executor.repairable:
+            raise err
+        t0 = time.monotonic()
+        lost = self.executor.repair()
+        took = time.monotonic() - t0
+        self.repairs.append(took)
+        why = (f"a worker of KVP group {', '.join(map(str, sorted(lost)))} died ({err}); the KV it held is "
+               f"lost (the worker was replaced in {took:.1f} s)")
+        outs, rewound = [], set()
+        for rid in list(self.kv.prepared):               # KV still arriving: the caller retries
+            if any(self.blocks.table(rid)[g] for g in lost):
+                req = (self.kv.awaiting.get(rid) or (None,))[0]
+                self.kv.lose(rid, lost, why)
+                self.executor.forget(rid)
+                if req is not None:
+                    outs.append(self._ended(req, FinishReason.ABORT, why))
+        for rid, req in list(self.scheduler.requests.items()):
+            if rid in self.kv.streaming and any(self.blocks.table(rid)[g] for g in lost):
+                # Prefill role: part of its KV went out from the lost worker; the caller retries.
+                self.kv.abort(rid)
+                self.scheduler.abort(rid)
+                self.executor.forget(rid)
+                outs.append(self._ended(req, FinishReason.ABORT, why))
+            elif self.scheduler.rewind(rid, lost):
+                rewound.add(rid)
+        for g in lost:
+            self.blocks.pools[g].drop_names()            # what its cache named is gone with the worker
+        replay, self.inflight = list(self.inflight), deque()
+        for sched in replay:
+            items = [it for it in sched.items if it.request.request_id in self.scheduler.requests
+                     and it.request.request_id not in rewound]
+            if not items:
+                continue
+            if len(items) != len(sched.items):
+                sched.items, sched.batch = items, None    # (not the batch the model predicted)
+            self.inflight.append(sched)
+            self.executor.submit(sched, self.kv.sinks_for(items))
+        log.warning("%s; %d request(s) compute their lost KV again, %d whose KV was arriving ended, %d step(s) "
+                    "submitted again", why, len(rewound), len(outs), len(self.inflight))
         return outs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
@@ -317,7 +385,6 @@ class LLMEngine:
     # ---- lifecycle ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self.closed:
-            from common.errors import WorkerFailedError
             raise WorkerFailedError("the engine is shut down")
 
     def shutdown(self) -> None:

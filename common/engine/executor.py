@@ -7,6 +7,7 @@
     depth                  how many steps may be in flight (1 here; spp for a grid's pipeline)
     forget(rid)            the request ended: drop its sampler state
     kv_holders, kv_expect, kv_cancel, kv_events, kv_addresses   the KV connector's worker side
+    repairable, repair()   replace a dead worker in place (a decode grid), reporting the KV lost
     dump_kv, shutdown
 
 `LocalExecutor` (this file) runs the model, the sampler and the KV cache in this process.
@@ -64,10 +65,10 @@ class Executor(ABC):
 
     @abstractmethod
     def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0,
-                  cached: int = 0) -> list[KVAck]:
+                  cached: int | list[int] = 0) -> list[KVAck]:
         """Every holder registers its part of a request's incoming KV (chunks of placement `epoch`
-        only; the first `cached` tokens are in the tables already and never arrive); one ack per
-        holder."""
+        only; the tokens `cached` says are in the tables already and never arrive: the prompt's
+        first `cached`, or per group its leading tokens); one ack per holder."""
 
     @abstractmethod
     def kv_cancel(self, request_id: str) -> dict[int, list[int]]:
@@ -83,12 +84,26 @@ class Executor(ABC):
     def kv_addresses(self, group: int) -> list[str]:
         """The KV receivers of a KVP group, one per TP rank."""
 
+    def kv_group_holders(self, group: int) -> list[int]:
+        """The holder ids (KVAck.holder, KVEvent.holder) of a KVP group's KV."""
+        return [0]
+
     @abstractmethod
     def dump_kv(self, tables: list[list[int]], num_tokens: int, directory: str) -> list[str]: ...
 
     def check_alive(self) -> None:
         """WorkerFailedError when a process of this executor died (called while the engine idles,
         when no step would notice). In-process executors have none to lose."""
+
+    #: whether `repair` can replace a dead process in place
+    repairable: bool = False
+
+    def repair(self) -> set[int]:
+        """After a WorkerFailedError: replaces the dead processes, keeping the others and their KV;
+        returns the KVP groups whose KV was lost. Steps in flight are dropped (the caller submits
+        them again). Raises WorkerFailedError when it cannot."""
+        from common.errors import WorkerFailedError
+        raise WorkerFailedError("this executor cannot replace a process in place")
 
     def shutdown(self) -> None:
         pass
@@ -199,7 +214,7 @@ class LocalExecutor(Executor):
         self.sampler.forget(request_id)
 
     def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0,
-                  cached: int = 0) -> list[KVAck]:
+                  cached: int | list[int] = 0) -> list[KVAck]:
         return [self.kv.expect(request_id, tables, num_tokens, epoch, cached)]
 
     def kv_cancel(self, request_id: str) -> dict[int, list[int]]:

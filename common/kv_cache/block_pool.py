@@ -187,6 +187,18 @@ class BlockPool:
                     self.free_ids.remove(block)
         return new
 
+    def drop_names(self) -> int:
+        """Forgets every block's name: the K/V of this pool's blocks is gone (the worker that held
+        them was replaced with an empty cache). Cached blocks become free. Returns how many names
+        were dropped."""
+        n = len(self.block_hash)
+        self.free_ids.extend(self.cached)
+        self.cached.clear()
+        self.block_hash.clear()
+        self.by_hash.clear()
+        self.named.clear()
+        return n
+
     def free(self, request_id: str) -> int:
         """Drops the request's references; returns how many blocks nobody references any more (back
         to the free list, or to the cache when named). The table's tail goes first, so that under

@@ -98,7 +98,7 @@ class KVPBlockManager:
             if n:
                 p.allocate(request_id, n)
 
-    def _by_group(self, hashes: Sequence[bytes]) -> list[Sequence[bytes]]:
+    def by_group(self, hashes: Sequence[bytes]) -> list[Sequence[bytes]]:
         """The request's block hashes cut into each group's run (global block j -> group j // (M/B))."""
         if self.group_blocks is None:
             return [hashes]
@@ -108,7 +108,7 @@ class KVPBlockManager:
     def lookup(self, hashes: Sequence[bytes]) -> int:
         """How many leading blocks named by `hashes` the groups hold."""
         n = 0
-        for pool, run in zip(self.pools, self._by_group(hashes)):
+        for pool, run in zip(self.pools, self.by_group(hashes)):
             k = pool.lookup(run)
             n += k
             if k < len(run) or not run:
@@ -121,16 +121,28 @@ class KVPBlockManager:
         if any(request_id in p.tables for p in self.pools):
             raise ValueError(f"request {request_id} already has blocks")
         n = 0
-        for pool, run in zip(self.pools, self._by_group(hashes)):
+        for pool, run in zip(self.pools, self.by_group(hashes)):
             k = pool.acquire(request_id, run)
             n += k
             if k < len(run) or not run:
                 break
         return n
 
+    def acquire_groups(self, request_id: str, hashes: Sequence[bytes]) -> list[int]:
+        """Starts each group's table with the longest cached run of that group's own blocks, group by
+        group whether or not the groups before it had theirs (a block's name covers every token
+        before it, so a cached later group is valid alone: after a worker holding an earlier group
+        was replaced, the KV of the groups that survived is reused). Returns the blocks reused per
+        group. The request must hold no blocks."""
+        if any(request_id in p.tables for p in self.pools):
+            raise ValueError(f"request {request_id} already has blocks")
+        runs = self.by_group(hashes)
+        return [pool.acquire(request_id, runs[k]) if k < len(runs) and runs[k] else 0
+                for k, pool in enumerate(self.pools)]
+
     def register(self, request_id: str, hashes: Sequence[bytes]) -> None:
         """Names the request's full computed blocks, `hashes` covering them in token order."""
-        for pool, run in zip(self.pools, self._by_group(hashes)):
+        for pool, run in zip(self.pools, self.by_group(hashes)):
             if not run:
                 break
             pool.register(request_id, run)

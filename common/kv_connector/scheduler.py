@@ -73,7 +73,9 @@ class KVConnectorScheduler:
         self.recv: dict[str, dict[int, tuple[str, str | None]]] = {}
         self.expecting: dict[str, set[int]] = {}                         # rid -> holders receiving
         self.prepared: dict[str, int] = {}                               # rid -> prompt tokens
-        self.reused: dict[str, list[bytes]] = {}                         # rid -> names of the cached blocks it took
+        self.hashes: dict[str, list[bytes]] = {}                         # rid -> names of its prompt's full blocks
+        self.reused: dict[str, list[int]] = {}                           # rid -> cached blocks it took, per group
+        self.lost: dict[str, str] = {}                                   # rid -> why its KV was lost (bounded)
         self.awaiting: dict[str, tuple[Request, float, float]] = {}      # rid -> (request, since, timeout)
         self.progress: dict[str, float] = {}                             # rid -> last KV intake progress
 
@@ -170,8 +172,10 @@ class KVConnectorScheduler:
         if prompt_ids is not None and len(prompt_ids) != num_tokens:
             raise InvalidRequestError(f"request {rid}: {len(prompt_ids)} prompt token ids for a placement "
                                       f"of {num_tokens} tokens")
-        hashes = self._cached_hashes(rid, num_tokens, prompt_ids)
-        cached = len(hashes) * self.blocks.block_size
+        hashes = self._prompt_hashes(num_tokens, prompt_ids)
+        reused = self.blocks.acquire_groups(rid, hashes) if hashes else [0] * len(self.blocks.pools)
+        bs = self.blocks.block_size
+        cached = [k * bs for k in reused]                      # per group: its leading tokens held
         try:
             self.blocks.allocate(rid, num_tokens)              # CapacityError leaves nothing behind
         except BaseException:
@@ -189,40 +193,70 @@ class KVConnectorScheduler:
             raise KVTransferError(f"cannot receive request {rid}: {errors[0]}")
         self.expecting[rid] = {a.holder for a in acks if a.ok}
         self.prepared[rid] = num_tokens
+        self.lost.pop(rid, None)
         if hashes:
-            self.reused[rid] = hashes
+            self.hashes[rid] = hashes
+            if any(reused):
+                self.reused[rid] = reused
         m = self.blocks.kvp_tokens
-        return [GroupSink(g, g * m, tables[g], self.executor.kv_addresses(g), max(0, min(cached - g * m, n)))
+        return [GroupSink(g, g * m, tables[g], self.executor.kv_addresses(g), min(cached[g], n))
                 for g, n in enumerate(self.blocks.split(num_tokens)) if n]
 
-    def _cached_hashes(self, rid: str, num_tokens: int, prompt_ids: list[int] | None) -> list[bytes]:
-        """Takes for `rid` the cached blocks of the prompt's longest cached full-block prefix (none
-        without `prompt_ids` or prefix caching); returns their names."""
+    def _prompt_hashes(self, num_tokens: int, prompt_ids: list[int] | None) -> list[bytes]:
+        """The names of the prompt's full blocks (none without `prompt_ids` or prefix caching)."""
         if prompt_ids is None or not self.blocks.prefix_caching:
             return []
-        hashes = extend_hashes([], self.blocks.hash_root, self.blocks.block_size, num_tokens,
-                               lambda a, b: prompt_ids[a:b])
-        return hashes[:self.blocks.acquire(rid, hashes)]
+        return extend_hashes([], self.blocks.hash_root, self.blocks.block_size, num_tokens,
+                             lambda a, b: prompt_ids[a:b])
 
     def cached_tokens(self, rid: str) -> int:
         """Prompt tokens of a prepared request that its KV need not bring (reused from the cache)."""
-        return len(self.reused.get(rid, ())) * self.blocks.block_size
+        return sum(self.reused.get(rid, ())) * self.blocks.block_size
+
+    def lose(self, rid: str, groups: set[int], why: str) -> None:
+        """A worker holding part of `rid`'s KV died with KVP `groups`' share of it; the request ends.
+        First, what the other groups received of its prompt, complete, is named in their prefix
+        caches (an admitted request's was named when it was admitted): a retry prepared here then
+        reuses it, and only the lost groups' share is sent again. Then it is forgotten as by abort
+        (its blocks freed here; the scheduler frees an admitted one's), and a later add_prefilled of
+        it fails with `why` (retryable) rather than as never prepared."""
+        hashes = self.hashes.get(rid)
+        if hashes and rid in self.prepared:
+            self.poll()
+            for k, run in enumerate(self.blocks.by_group(hashes)):
+                if run and k not in groups and self._received(rid, k):
+                    self.blocks.pools[k].register(rid, run)
+        self.abort(rid)
+        self.lost[rid] = why
+        while len(self.lost) > FINAL_KEPT:
+            self.lost.pop(next(iter(self.lost)))
+
+    def _received(self, rid: str, group: int) -> bool:
+        """Whether every holder of `group` has all of `rid`'s KV it expected (one with nothing to
+        receive has)."""
+        expecting, states = self.expecting.get(rid, set()), self.recv.get(rid, {})
+        return all(h not in expecting or states.get(h, ("",))[0] == "done"
+                   for h in self.executor.kv_group_holders(group))
 
     def add_prefilled(self, req: Request, kv_timeout_s: float) -> None:
         """`req`: all prompt tokens computed, the first token appended (it may already finish it).
         Its KV must then arrive with no pause longer than `kv_timeout_s`: the timeout counts from
         now or from the last progress a holder reported, whichever is later (a long tail that keeps
         moving is waited for; a stalled one fails kv_timeout_s after it stalled)."""
+        if req.request_id in self.lost:
+            raise KVTransferError(f"request {req.request_id}: {self.lost[req.request_id]}")
         if self.prepared.get(req.request_id) != req.prompt_len:
             raise InvalidRequestError(f"request {req.request_id!r} was not prepared to receive "
                                       f"{req.prompt_len} tokens")
         reused = self.reused.get(req.request_id)
-        if reused:                                  # its cached blocks must hold this prompt's prefix
+        if reused:                                  # its cached blocks must hold this prompt's tokens
+            theirs = self.hashes[req.request_id]
             mine = extend_hashes(req.block_hashes, self.blocks.hash_root, self.blocks.block_size,
-                                 len(reused) * self.blocks.block_size, req.token_ids)
-            if mine[:len(reused)] != reused:
+                                 len(theirs) * self.blocks.block_size, req.token_ids)
+            runs, names = self.blocks.by_group(theirs), self.blocks.by_group(mine)
+            if any(names[k][:n] != runs[k][:n] for k, n in enumerate(reused) if n):
                 raise InvalidRequestError(f"request {req.request_id!r}: its prompt differs from the one "
-                                          "prepared (the prefix reused from the cache is another's)")
+                                          "prepared (the KV reused from the cache is another's)")
         self.awaiting[req.request_id] = (req, time.monotonic(), kv_timeout_s)
 
     def admit_arrived(self) -> list:
@@ -281,5 +315,5 @@ class KVConnectorScheduler:
                       "%s; %d withheld in all", n, poisoned, self.blocks.num_quarantined)
 
     def _forget(self, rid: str) -> None:
-        for d in (self.recv, self.expecting, self.prepared, self.awaiting, self.progress, self.reused):
+        for d in (self.recv, self.expecting, self.prepared, self.awaiting, self.progress, self.reused, self.hashes):
             d.pop(rid, None)

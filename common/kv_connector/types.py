@@ -23,7 +23,9 @@ class GroupSink:
     block_table: list[int]     # the group's blocks for this request, in token order
     addresses: list[str]       # one KV receiver "host:port" per decode TP rank
     cached: int = 0            # leading tokens of the group the decode side holds already (its prefix
-                               # cache): never sent; the receivers count them as arrived
+                               # cache; each group's own: after a lost worker a later group may hold
+                               # its share while an earlier one does not): never sent; the receivers
+                               # count them as arrived
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,24 @@ class KVSink:
     epoch: int = 0             # the decode placement's epoch, stamped on every chunk
 
     @property
-    def cached_prefix(self) -> int:
-        """Tokens [0, cached_prefix) the decode side holds already: the sender skips them. (A cached
-        prefix fills the groups in order, so only the last group with cached tokens matters.)"""
-        return max((g.token_start + g.cached for g in self.groups if g.cached), default=0)
+    def cached_tokens(self) -> int:
+        """Prompt tokens the decode side holds already (never sent), over every group."""
+        return sum(g.cached for g in self.groups)
+
+    def skip_cached(self, pos: int) -> int:
+        """The first token at or after `pos` whose KV the decode side does not hold already: each
+        group holds its leading `cached` tokens (a prefix cached in order, or, after a decode worker
+        was replaced, the groups that kept their share while the lost one's is sent again)."""
+        m = self.kvp_tokens
+        while 0 <= pos // m < len(self.groups):
+            gs = self.groups[pos // m]
+            held = gs.token_start + gs.cached
+            if pos >= held:
+                return pos
+            pos = held
+            if held < gs.token_start + m:             # the group's tail is not held
+                return pos
+        return pos
 
     def to_dict(self) -> dict:
         return asdict(self)

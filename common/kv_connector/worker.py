@@ -70,10 +70,10 @@ class KVStreamer:
         Tokens below what was already sent for these layers are skipped: a request preempted and
         recomputed (after its blocks were freed) passes the same positions again, and the receiver takes
         each cell exactly once. What it has is the KV of the same tokens at the same positions. So are
-        the tokens of the sink's cached prefix (the decode side holds them in its prefix cache)."""
+        the tokens each decode group holds already (its prefix cache: GroupSink.cached)."""
         key = (request_id, layers.start, layers.stop)
         m, end = sink.kvp_tokens, start + k.shape[1]
-        pos = max(start, self.sent_upto.get(key, 0), sink.cached_prefix)
+        pos = sink.skip_cached(max(start, self.sent_upto.get(key, 0)))
         self.sent_upto[key] = max(end, self.sent_upto.get(key, 0))
         handles = self.pending.setdefault(request_id, [])
         try:
@@ -89,7 +89,7 @@ class KVStreamer:
                                 k[:, pos - start:stop - start].contiguous(), v[:, pos - start:stop - start].contiguous(),
                                 epoch=sink.epoch)
                 handles.append(sender.send(chunk, KVDest(gs.block_table, gs.token_start), self.send_timeout_s))
-                pos = stop
+                pos = sink.skip_cached(stop)
         except KVTransferError as e:
             self.errors[request_id] = str(e)
         if last:
@@ -260,7 +260,7 @@ class KVWorker:
         layers = self.cache.layers
         with self.lock:
             lo = min(start, self.streamer.sent_upto.get((rid, layers.start, layers.stop), 0))
-            lo = min(max(lo, sink.cached_prefix), start + n)          # never gather what is not sent
+            lo = min(sink.skip_cached(lo), start + n)                 # never gather what is not sent
             k, v = gather_chunk(self.cache, table, lo, start + n)     # [layers, n', Hkv, D] each
             self.streamer.send(rid, sink, layers, lo, k, v, last)
             if last:
@@ -268,14 +268,19 @@ class KVWorker:
                 self.sealed.add(rid)
 
     # ---- decode role ---------------------------------------------------------------------------
-    def expect(self, rid: str, tables: list[list[int]], num_tokens: int, epoch: int = 0, cached: int = 0) -> KVAck:
+    def expect(self, rid: str, tables: list[list[int]], num_tokens: int, epoch: int = 0,
+               cached: int | list[int] = 0) -> KVAck:
         """Registers this group's part of a request whose prompt has `num_tokens` tokens (`tables`:
-        one block table per KVP group), to be sent under placement `epoch`; its first `cached` tokens
-        are in the tables already (the prefix cache) and will not be sent. Never raises: a failure
-        is the ack's error; a group with nothing to receive acks not ok, without an error."""
+        one block table per KVP group), to be sent under placement `epoch`; tokens in the tables
+        already (the prefix cache) will not be sent: `cached` is the prompt's first `cached` tokens,
+        or per group its leading tokens held. Never raises: a failure is the ack's error; a group
+        with nothing to receive acks not ok, without an error."""
         g0 = self.group * self.kvp_tokens
         n = max(0, min(num_tokens - g0, self.kvp_tokens))
-        have = max(0, min(cached - g0, n))
+        if isinstance(cached, list):
+            have = max(0, min(cached[self.group] if self.group < len(cached) else 0, n))
+        else:
+            have = max(0, min(cached - g0, n))
         if n == have:
             return KVAck(self.holder, rid, False)
         try:

@@ -26,7 +26,8 @@ from common.kv_cache.kvp_blocks import KVPBlockManager
 from common.kv_connector.types import KVAck, KVEvent, KVSink
 from common.parallel import comm
 from common.parallel.forkserver import worker_context
-from common.parallel.groups import DRIVER_RANK, Coord, Groups, init_world, master_store, worker_rank, world_size
+from common.parallel.groups import (DRIVER_RANK, Coord, Groups, coord_of, init_world, master_store, worker_rank,
+                                   world_size)
 from common.parallel.plan import SeqPlan, StepPlan, StepResult, TableDelta, decode_result, encode_plan
 from common.parallel.worker import WorkerArgs, worker_main
 from common.scheduler.scheduler import SchedulerOutput
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 #: survivor that reads the stop exits within ~0.1 s (a decode grid's), one blocked on the dead peer
 #: never does (a prefill stage's pipeline send)
 DEAD_PEER_GRACE_S = 0.3
+#: a repair waits this long for the worker whose loss failed a step to be seen dead (its peers see
+#: its sockets close before the forkserver has reaped it)
+REAP_WAIT_S = 2.0
 
 
 def free_port() -> int:
@@ -62,7 +66,10 @@ class GridExecutor(Executor):
         self.kv_holders = pcfg.world_size
         self.threads = threads_per_worker
         self.timeout_s = timeout_s
-        blocks_per_group = blocks.pools[0].num_blocks
+        self.master_addr = master_addr
+        self.load_timeout_s = load_timeout_s
+        self.spawn_workers = spawn_workers
+        self.blocks_per_group = blocks_per_group = blocks.pools[0].num_blocks
         self.store = master_store("0.0.0.0" if not spawn_workers else master_addr, master_port or 0, pcfg, timeout_s)
         self.master_port = self.store.port
         self.control = comm.ControlServer(master_addr if spawn_workers else "0.0.0.0",
@@ -73,13 +80,8 @@ class GridExecutor(Executor):
         ranks = list(range(1, world_size(pcfg)))
         try:
             if spawn_workers:
-                ctx = worker_context()
                 for rank in ranks:
-                    args = WorkerArgs(rank, cfg, master_addr, self.master_port, self.control.port, timeout_s,
-                                      threads_per_worker, blocks_per_group, local=True, env=dict(os.environ))
-                    p = ctx.Process(target=worker_main, args=(args,), daemon=True, name=f"mnemosyne-worker-{rank}")
-                    p.start()
-                    self.procs.append(p)
+                    self.procs.append(self._spawn(rank))
             else:                               # workers run elsewhere: `mnemosyne worker --driver ...`
                 log.warning("waiting for %d workers: mnemosyne worker --driver HOST:%d --rank R (R = 1..%d)",
                             len(ranks), self.control.port, len(ranks))
@@ -103,6 +105,9 @@ class GridExecutor(Executor):
         self.cancelled: dict[str, dict[int, tuple[int, list[int]]]] = {}   # rid -> holder -> (group, poisoned)
         self.events: list[KVEvent] = []
         self.timelines: list[list[tuple[int, float, float]]] = []
+        self.step_failures: dict[int, str] = {}   # step id -> a survivor's report that it failed
+        self.first_step = 0                       # results of earlier steps are stale (a repair)
+        self.repairs: list[tuple[list[int], float]] = []   # (ranks replaced, seconds it took)
         self.record_timeline = False
         self.comm_s = 0.0                 # the reporter's cumulative time in communication
 
@@ -138,6 +143,8 @@ class GridExecutor(Executor):
         step_id = self.inflight.popleft()
         deadline = time.monotonic() + self.timeout_s
         while step_id not in self.results:
+            if step_id in self.step_failures:
+                raise WorkerFailedError(f"step {step_id} failed on a worker: {self.step_failures[step_id]}")
             if time.monotonic() > deadline:
                 raise WorkerFailedError(f"no result for step {step_id} within {self.timeout_s:.0f} s")
             self._pump(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -167,7 +174,10 @@ class GridExecutor(Executor):
             self.acks.setdefault(ack.request_id, {})[ack.holder] = ack
         elif kind == "kv_cancelled":
             self.cancelled.setdefault(msg["rid"], {})[int(msg["holder"])] = (int(msg["group"]), list(msg["blocks"]))
-        else:
+        elif kind == "step_failed":
+            if msg["step_id"] >= self.first_step:
+                self.step_failures.setdefault(msg["step_id"], f"rank {msg['rank']}: {msg['error']}")
+        elif msg["step_id"] >= self.first_step:    # (a step from before a repair: nobody waits for it)
             self.results[msg["step_id"]] = decode_result(raw)
         return True
 
@@ -177,7 +187,7 @@ class GridExecutor(Executor):
 
     # ---- the KV connector's worker side --------------------------------------------------------------
     def kv_expect(self, request_id: str, tables: list[list[int]], num_tokens: int, epoch: int = 0,
-                  cached: int = 0, timeout_s: float = 30.0) -> list[KVAck]:
+                  cached: int | list[int] = 0, timeout_s: float = 30.0) -> list[KVAck]:
         self._check_open()
         self.control.broadcast(json.dumps({"cmd": "expect", "rid": request_id, "tables": tables,
                                            "num_tokens": num_tokens, "epoch": epoch, "cached": cached}).encode())
@@ -218,6 +228,9 @@ class GridExecutor(Executor):
         return [self.control.hello[worker_rank(self.pcfg, Coord(group, 0, t))]["kv_address"]
                 for t in range(self.pcfg.tp)]
 
+    def kv_group_holders(self, group: int) -> list[int]:
+        return [worker_rank(self.pcfg, Coord(group, 0, t)) for t in range(self.pcfg.tp)]
+
     def dump_kv(self, tables: list[list[int]], num_tokens: int, directory: str, timeout_s: float = 60.0) -> list[str]:
         spec = {"dir": directory, "tables": tables, "num_tokens": num_tokens}
         self.control.broadcast(encode_plan(StepPlan(-1, [], dump=spec)))
@@ -231,6 +244,70 @@ class GridExecutor(Executor):
         return paths
 
     # ---- lifecycle -----------------------------------------------------------------------------------
+    def _spawn(self, rank: int):
+        args = WorkerArgs(rank, self.cfg, self.master_addr, self.master_port, self.control.port, self.timeout_s,
+                          self.threads, self.blocks_per_group, local=True, env=dict(os.environ))
+        p = worker_context().Process(target=worker_main, args=(args,), daemon=True, name=f"mnemosyne-worker-{rank}")
+        p.start()
+        return p
+
+    @property
+    def repairable(self) -> bool:
+        """A grid whose dead worker can be replaced in place: one this driver spawned, without a
+        sequence pipeline (a decode grid: each rank's KV is its own, no step is between stages)."""
+        return self.spawn_workers and self.pcfg.spp == 1 and not self.closed
+
+    def repair(self) -> set[int]:
+        """Replaces the workers that died, keeping the others and what they hold (weights, KV,
+        receivers): the survivors finish or fail the step in flight (a collective with the dead rank
+        raises within ~50 ms), then every rank joins a new world on a new rendezvous, with the dead
+        ranks started afresh (an empty KV cache and a new KV receiver, which kv_addresses then
+        gives). Returns the KVP groups whose KV is lost (a dead rank's group: its heads of every
+        token it held); steps in flight are dropped (the engine submits them again).
+        WorkerFailedError when the grid cannot be repaired or no worker died."""
+        if not self.repairable:
+            raise WorkerFailedError("this grid cannot replace a worker in place (a pipeline, or workers "
+                                    "started elsewhere)")
+        t0 = time.monotonic()
+        deadline = t0 + REAP_WAIT_S
+        while not (dead := [r for r, p in enumerate(self.procs, start=1) if not p.is_alive()]):
+            if time.monotonic() > deadline:
+                raise WorkerFailedError("a step failed, but no worker died: nothing to replace")
+            time.sleep(0.01)
+        for r in dead:
+            log.error("worker rank %d exited with code %s: replacing it", r, self.procs[r - 1].exitcode)
+            conn = self.control.peers.pop(r, None)
+            if conn is not None:
+                conn.close()
+            self.control.hello.pop(r, None)
+            self.procs[r - 1].join(1.0)
+        lost = {coord_of(self.pcfg, r).kvp for r in dead}
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.store = master_store(self.master_addr, 0, self.pcfg, self.timeout_s)
+        self.master_port = self.store.port
+        try:
+            for r in dead:
+                self.procs[r - 1] = self._spawn(r)
+            self.control.broadcast(json.dumps({"cmd": "regroup", "master_port": self.master_port}).encode())
+            init_world(self.pcfg, DRIVER_RANK, self.master_addr, self.master_port, self.timeout_s, store=self.store,
+                       join_timeout_s=self.load_timeout_s)
+            self.groups = Groups(self.pcfg, DRIVER_RANK)
+            self.control.accept(list(range(1, world_size(self.pcfg))), self.load_timeout_s, self._dead_worker)
+        except BaseException:
+            self.closed = True
+            self._stop_workers(5.0)
+            raise
+        self.inflight.clear()
+        self.first_step = next(self.step_ids)
+        self.results.clear()
+        self.step_failures.clear()
+        self.table_delta = TableDelta()            # the survivors dropped their copies of the tables
+        took = time.monotonic() - t0
+        self.repairs.append((dead, took))
+        log.warning("replaced worker rank(s) %s in %.2f s; KV of KVP group(s) %s is lost", dead, took, sorted(lost))
+        return lost
+
     def _dead_worker(self) -> str | None:
         for p in self.procs:
             if not p.is_alive():

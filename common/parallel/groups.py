@@ -102,6 +102,13 @@ class Groups:
         self.rank = rank
         self.comm_s = 0.0          # seconds spent inside collectives (transfer + waiting for peers)
         self.coord = coord_of(cfg, rank) if rank != DRIVER_RANK else None
+        self.build()
+
+    def build(self) -> None:
+        """Creates this rank's process groups in the current world. Called again, in place, after
+        the world was re-created with a replaced rank (GridExecutor.repair): the model's layers hold
+        this object, so they use the new groups from then on."""
+        cfg, rank = self.cfg, self.rank
         self.tp_group = self.kvp_group = None
         self.tp_ranks: list[int] = []
         self.kvp_ranks: list[int] = []

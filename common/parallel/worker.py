@@ -83,7 +83,6 @@ class Worker:
     # ---- the loop ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self) -> None:
-        g = self.groups
         ctl = comm.connect(self.args.master_addr, self.args.control_port, self.args.rank, self.args.timeout_s,
                            kv_address=self.kv.address)
         self.ctl = ctl
@@ -96,7 +95,7 @@ class Worker:
             return "driver process exited" if self.args.local and os.getppid() != ppid else None
 
         pending: list = []                        # in-flight sends to the next stage (one step)
-        tables = TableCache()
+        self.tables = TableCache()
         try:
             while True:
                 raw = comm.recv_msg(ctl, IDLE_TIMEOUT_S, driver_alive, "the driver")
@@ -109,46 +108,86 @@ class Worker:
                 if plan.dump is not None:
                     self.dump(plan.dump)
                     continue
-                plan = tables.apply(plan)             # whole block tables (plans carry what changed)
+                plan = self.tables.apply(plan)        # whole block tables (plans carry what changed)
                 if not plan.seqs:
                     continue
-                timeline = torch.zeros(2 * g.coord.stage + 2, dtype=torch.float64)
-                hidden = None
-                comm0 = g.comm_s
-                if not g.is_first_stage:             # announced by the plan: arrives promptly
-                    hidden = torch.empty(plan.num_tokens, self.mc.hidden_size, dtype=self.dtype)
-                    t_recv = time.perf_counter()
-                    dist.recv(hidden, g.prev_rank)
-                    dist.recv(timeline[:-2], g.prev_rank)
-                    g.comm_s += time.perf_counter() - t_recv
-                timeline[-2] = time.monotonic()
-                hidden, logits_rows = self.forward(plan, hidden)
-                self.stream_kv(plan)
-                timeline[-1] = time.monotonic()
-                if g.next_rank is not None:
-                    for w in pending:
-                        w.wait()                      # at most one step buffered per link
-                    pending = [dist.isend(hidden.contiguous(), g.next_rank),
-                               dist.isend(timeline, g.next_rank)]
-                    continue
-                logits = self.model.logits(hidden.index_select(0, logits_rows)) if logits_rows.numel() else None
-                if g.is_reporter:
-                    t = timeline.tolist()
-                    self.report(ctl, plan, logits, [(i, t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)],
-                                g.comm_s - comm0)
+                try:
+                    pending = self.step(ctl, plan, pending)
+                except RuntimeError as e:
+                    if not self.repairable:
+                        raise
+                    # A peer died in a collective (gloo: the connection closed). This rank's KV and
+                    # weights are intact: it tells the driver and waits for `regroup` (the dead rank
+                    # replaced) or `stop`.
+                    log.warning("worker rank %d: step %d failed (%s); waiting for the driver", self.args.rank,
+                                plan.step_id, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    self.send({"type": "step_failed", "step_id": plan.step_id, "rank": self.args.rank,
+                               "error": str(e).splitlines()[0] if str(e) else type(e).__name__})
         finally:
             for w in pending:
                 w.wait()
             self.kv.close()
             ctl.close()
 
+    @property
+    def repairable(self) -> bool:
+        """A grid without a sequence pipeline (a decode grid) survives a lost peer: no step is
+        half-way between stages, and every rank's KV is its own (GridExecutor.repair)."""
+        return self.pcfg.spp == 1
+
+    def step(self, ctl, plan: StepPlan, pending: list) -> list:
+        """Runs one plan on this rank: receives the previous stage's hidden states, runs the layers,
+        streams the KV it wrote, then hands the output on (returned: the sends in flight) or, on the
+        last stage, computes the logits and (the reporter) samples and reports."""
+        g = self.groups
+        timeline = torch.zeros(2 * g.coord.stage + 2, dtype=torch.float64)
+        hidden = None
+        comm0 = g.comm_s
+        if not g.is_first_stage:             # announced by the plan: arrives promptly
+            hidden = torch.empty(plan.num_tokens, self.mc.hidden_size, dtype=self.dtype)
+            t_recv = time.perf_counter()
+            dist.recv(hidden, g.prev_rank)
+            dist.recv(timeline[:-2], g.prev_rank)
+            g.comm_s += time.perf_counter() - t_recv
+        timeline[-2] = time.monotonic()
+        hidden, logits_rows = self.forward(plan, hidden)
+        self.stream_kv(plan)
+        timeline[-1] = time.monotonic()
+        if g.next_rank is not None:
+            for w in pending:
+                w.wait()                      # at most one step buffered per link
+            return [dist.isend(hidden.contiguous(), g.next_rank), dist.isend(timeline, g.next_rank)]
+        logits = self.model.logits(hidden.index_select(0, logits_rows)) if logits_rows.numel() else None
+        if g.is_reporter:
+            t = timeline.tolist()
+            self.report(ctl, plan, logits, [(i, t[2 * i], t[2 * i + 1]) for i in range(len(t) // 2)],
+                        g.comm_s - comm0)
+        return pending
+
+    def regroup(self, master_port: int) -> None:
+        """Joins the grid again after the driver replaced a dead rank (GridExecutor.repair): a new
+        default group on the driver's new rendezvous, this rank's groups rebuilt in place, and the
+        block tables sent whole again. Its KV cache, receiver and weights stay as they are."""
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the old group's peer is gone; it is dropped either way
+            log.debug("destroying the old process group", exc_info=True)
+        init_world(self.pcfg, self.args.rank, self.args.master_addr, master_port, self.args.timeout_s)
+        self.groups.build()
+        self.tables = TableCache()
+
     def command(self, msg: dict) -> None:
         """The KV connector's commands between steps: expect (decode: register a request's KV; answered
-        with a KVAck), cancel (answered with the blocks a late write may still land in)."""
+        with a KVAck), cancel (answered with the blocks a late write may still land in); and regroup
+        (the driver replaced a dead rank)."""
+        if msg["cmd"] == "regroup":
+            self.regroup(int(msg["master_port"]))
+            return
         rid = msg["rid"]
         if msg["cmd"] == "expect":
+            cached = msg.get("cached", 0)
             self.send(self.kv.expect(rid, msg["tables"], msg["num_tokens"], int(msg.get("epoch", 0)),
-                                     int(msg.get("cached", 0))).to_dict())
+                                     [int(c) for c in cached] if isinstance(cached, list) else int(cached)).to_dict())
         elif msg["cmd"] == "cancel":
             blocks = self.kv.cancel(rid)
             self.send({"type": "kv_cancelled", "rid": rid, "holder": self.args.rank,
@@ -251,6 +290,16 @@ def unpack_partials(packed: torch.Tensor, heads: int, out_dtype: torch.dtype) ->
     return packed[..., :heads * d].reshape(s, t, heads, d).to(out_dtype), packed[..., heads * d:]
 
 
+def name_process(name: str) -> None:
+    """Names this process for ps/top (Linux: the first 15 bytes of `name`, its comm), so that an
+    operator (or a fault test) tells a grid's ranks apart; elsewhere nothing happens."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)     # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 def worker_main(args: WorkerArgs) -> None:
     """Entry point of a worker process (forked by a local driver's forkserver, or `mnemosyne worker` on
     another machine)."""
@@ -258,6 +307,7 @@ def worker_main(args: WorkerArgs) -> None:
         os.environ.clear()
         os.environ.update(args.env)
     logging.basicConfig(level=os.environ.get("MNEMOSYNE_LOG", "WARNING"))
+    name_process(f"mnemosyne-w{args.rank}")
     torch.set_num_threads(args.threads)
     init_world(args.engine.parallel, args.rank, args.master_addr, args.master_port, args.timeout_s)
     try:

@@ -411,6 +411,30 @@ class Scheduler:
         self.waiting.appendleft(req)
         out.preempted.append(req.request_id)
 
+    # ---- a lost worker -----------------------------------------------------------------------------
+    def rewind(self, request_id: str, groups: set[int]) -> bool:
+        """The KV the request held in KVP `groups` is gone (their worker was replaced with an empty
+        cache): it is computed again from the first lost group's first token on, as a preempted
+        request is from 0, while the request keeps its place, its output so far and its KV in the
+        groups before (the later groups' blocks are written again as the recompute passes them).
+        Once the recompute reaches its newest token the next one is sampled as before. Its steps in
+        flight must be dropped by the caller (their tokens no longer count). Returns whether it had
+        KV in `groups` (otherwise nothing changes)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        pools = getattr(self.pool, "pools", None) or [self.pool]
+        lost = [g for g in groups if g < len(pools) and pools[g].table(request_id)]
+        if not lost:
+            return False
+        start = min(lost) * self.kvp_tokens if self.kvp_tokens else 0
+        for g in (range(len(pools)) if start == 0 else lost):     # from 0: all of it, as a preemption
+            pools[g].free(request_id)
+        req.num_computed = min(req.num_computed, start)
+        req.num_inflight = 0
+        req.last_chunk = 0
+        return True
+
 
 def is_decode(req: Request) -> bool:
     """Its whole known sequence but the newest token is cached and nothing is in flight."""

@@ -186,7 +186,7 @@ class PrefillInstance:
                         yield FirstToken(out.token_id, out.logprob, t_first - t0, out.top_logprobs)
             if t_first is None:
                 raise RequestAbortedError(f"prefill of {rid} was aborted")
-            kv_bytes = kv_transfer_bytes(layout, len(job.token_ids) - job.sink.cached_prefix, self.tp)
+            kv_bytes = kv_transfer_bytes(layout, len(job.token_ids) - job.sink.cached_tokens, self.tp)
             try:
                 await self.engine.wait_kv(rid, self.kv_timeout_s)
             except KVTransferError as e:

@@ -1,8 +1,8 @@
 """Failures with real processes (scripts/up.py's Cluster, TCP backend, short leases).
 
-- A decode grid worker is SIGKILLed while a request decodes: the client gets UNAVAILABLE naming the
-  failure within seconds (no hang), the placement leaves Redis, the surviving worker exits (its blocks
-  go with it), and the instance rebuilds its grid, registers again and serves correctly.
+- A decode grid worker is SIGKILLed while a request decodes: the surviving worker keeps running and
+  the dead one is replaced in place (the instance stays registered), and the request resumes: the
+  client gets every token, exactly, with no error.
 - The router is SIGKILLed mid-request: nobody can release the placement, so its lease expires in
   Redis (counted as an expiry); the decode instance sees its Decode call cancelled and frees its
   blocks at once.
@@ -21,6 +21,7 @@ import pytest
 from common.client import RouterClient
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
+from common.metrics import scrape, total
 from common.model.tokenizer import load_tokenizer
 from common.rpc import client as rpc_client
 from common.rpc.protos import decode_pb2, decode_pb2_grpc, router_pb2_grpc
@@ -83,56 +84,63 @@ def decode_workers(cluster: Cluster) -> list[psutil.Process]:
 
 
 def start_request(cluster: Cluster, rid: str):
-    """Opens a Generate stream and reads until the decode instance produced a few tokens."""
+    """Opens a Generate stream and reads until the decode instance produced a few tokens; returns
+    the channel, the call and the tokens read."""
     ch = rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata)
     call = router_pb2_grpc.RouterStub(ch).Generate(
         RouterClient.request(token_ids=PROMPT, max_tokens=MAX_TOKENS, request_id=rid), timeout=60)
-    seen = 0
+    seen: list[int] = []
     for ev in call:
         if ev.HasField("delta"):
-            seen += len(ev.delta.token_ids)
-        if seen >= 3:
-            return ch, call
+            seen += ev.delta.token_ids
+        if len(seen) >= 3:
+            return ch, call, seen
     raise AssertionError("the request ended before the fault")
 
 
-def test_killed_decode_worker_gives_a_clear_error_fast_and_frees_everything(cluster, store, reference):
+def test_killed_decode_worker_is_replaced_in_place_and_the_request_resumes(cluster, store, reference):
+    """The request decoding over both KVP groups loses group 1's KV with its worker. The other worker
+    keeps its process; the dead one is replaced in place, so the instance never leaves the pool (same
+    registration, same engine), and the request resumes: its group-1 KV is computed again on the
+    decode instance and the client gets every token, exactly the single-process ones, with one
+    longer gap and no error."""
     workers = decode_workers(cluster)
     assert len(workers) == 2
-    rid = f"doomed-{uuid.uuid4().hex[:8]}"
-    ch, call = start_request(cluster, rid)
+    registered = [(i.instance_id, i.engine_epoch) for i in store.list_instances() if i.role == "decode"]
+    replaced = total(scrape(cluster.metrics_urls["decode"]), "mnemosyne_worker_replacements_total")
+    rid = f"resumed-{uuid.uuid4().hex[:8]}"
+    ch, call, toks = start_request(cluster, rid)
     try:
         assert placement_for(store, rid) is not None
-        t_kill = time.monotonic()
+        t_kill = last = time.monotonic()
         os.kill(workers[1].pid, signal.SIGKILL)                 # the worker of KVP group 1
-        with pytest.raises(grpc.RpcError) as info:
-            for _ in call:
-                pass
-        elapsed = time.monotonic() - t_kill
+        gap = 0.0
+        for ev in call:
+            if ev.HasField("delta"):
+                now = time.monotonic()
+                gap, last = max(gap, now - last), now
+                toks += ev.delta.token_ids
     finally:
         ch.close()
-    err = info.value
-    assert err.code() is grpc.StatusCode.UNAVAILABLE, err
-    assert "decode instance" in err.details() and "worker" in err.details(), err.details()
-    assert elapsed < 10, f"the client waited {elapsed:.1f} s"
-
-    wait_until(lambda: placement_for(store, rid) is None and store.num_placements() == 0, LEASE_S + 5,
-               "placement removed from Redis")
-    workers[0].wait(15)                                         # the surviving worker is gone, blocks and all
-
-    # The instance rebuilds its grid, registers again and serves the same tokens.
-    wait_until(lambda: len(decode_workers(cluster)) == 2 and decode_all_free(cluster), 90, "decode instance back")
-    wait_until(lambda: [i.role for i in store.list_instances()].count("decode") == 1, 30, "decode registered")
+    assert toks == reference
+    assert gap < 5, f"the client waited {gap:.1f} s for a token"
+    now = decode_workers(cluster)
+    assert len(now) == 2 and now[0].pid == workers[0].pid and now[1].pid != workers[1].pid   # only the dead rank
+    assert [(i.instance_id, i.engine_epoch) for i in store.list_instances() if i.role == "decode"] == registered
+    assert total(scrape(cluster.metrics_urls["decode"]), "mnemosyne_worker_replacements_total") == replaced + 1
+    wait_until(lambda: decode_all_free(cluster) and store.num_placements() == 0, LEASE_S + 5,
+               "blocks freed and placement released")
     with RouterClient(cluster.router_address, timeout_s=120) as c:
         out = c.complete(token_ids=PROMPT, max_tokens=MAX_TOKENS)
-    assert out.route == "disaggregated" and out.token_ids == reference
+    assert out.token_ids == reference
     wait_until(lambda: decode_all_free(cluster), 10, "decode blocks freed")
+    assert time.monotonic() - t_kill < 60
 
 
 def test_killed_router_lets_the_lease_expire_and_the_decode_side_frees(cluster, store):
     expired = store.expired_total()
     rid = f"orphan-{uuid.uuid4().hex[:8]}"
-    ch, call = start_request(cluster, rid)
+    ch, call, _ = start_request(cluster, rid)
     try:
         os.kill(cluster.services["router"].pid, signal.SIGKILL)
         cluster.services["router"].proc.wait(10)

@@ -5,9 +5,15 @@
   answer, equal to the offline engine's, as if nothing happened; the retry is counted by reason, and
   while the decode instance rebuilds, the prefill instance computes the prompt into its prefix cache
   (starting from what the failed attempt computed), and the retry sends that KV, not computing it again.
-- A decode grid worker is SIGKILLed after tokens were streamed: no retry (the client would see a
+- The same, once the prefill has passed KVP group 0's share of the prompt (the decode side holds it
+  whole): the decode instance replaces the worker in place and keeps group 0's share, so the retry
+  receives only group 1's (232 of the 1000 tokens' KV).
+- A decode grid worker is SIGKILLed after tokens were streamed: the worker is replaced in place and
+  the request resumes (its group-1 KV computed again on the decode instance): the client gets every
+  token, equal to the offline engine's, with no retry.
+- The decode main process is SIGKILLed after tokens were streamed: no retry (the client would see a
   seam); the stream ends within 5 s with UNAVAILABLE saying tokens were already sent.
-Either way no placement, lease or decode block is left afterwards.
+In every case no placement, lease or decode block is left afterwards.
 - The decode instance's registration lapses just before a request is placed (its record gone from
   Redis, as when a clock step on Redis's host expires it; the instance registers again on its next
   heartbeat): the router places the request again after a heartbeat and the client gets its answer,
@@ -56,14 +62,23 @@ def model(tmp_path_factory) -> str:
                                      intermediate_size=1024, max_position_embeddings=2048, seed=17))
 
 
-@pytest.fixture(scope="module")
-def reference(model) -> list[int]:
+def offline(model: str, prompt: list[int]) -> list[int]:
     engine = LLMEngine(EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=128),
                                     scheduler=SchedulerConfig(chunk_size=64)),
                        extra_eos_ids=load_tokenizer(model).eos_token_ids)
-    ids = engine.generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS))[0].token_ids
+    ids = engine.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS))[0].token_ids
     assert len(ids) == MAX_TOKENS
     return ids
+
+
+@pytest.fixture(scope="module")
+def reference(model) -> list[int]:
+    return offline(model, PROMPT)
+
+
+def fresh(n: int) -> list[int]:
+    """PROMPT with another first token: no instance has any of its blocks cached."""
+    return [n] + PROMPT[1:]
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +121,17 @@ def back_to_idle(cluster: Cluster, store: MetadataStore) -> None:
     wait_until(lambda: [i.role for i in store.list_instances()].count("decode") == 1, 30, "decode registered")
 
 
-def stream(cluster: Cluster, rid: str, kill_when):
-    """Runs one request; SIGKILLs the decode worker at the first event for which `kill_when(event,
-    tokens so far)` holds. Returns (tokens, error or None, seconds from the kill to the end)."""
+def stream(cluster: Cluster, rid: str, kill_when, victim: psutil.Process | None = None,
+           prompt: list[int] = PROMPT):
+    """Runs one request; SIGKILLs `victim` (default: the decode worker of KVP group 1) at the first
+    event for which `kill_when(event, tokens so far)` holds. Returns (tokens, error or None, seconds
+    from the kill to the end)."""
     tokens: list[int] = []
     t_kill = None
     with rpc_client.blocking_channel(cluster.router_address, metadata=cluster.auth_metadata) as ch:
         call = router_pb2_grpc.RouterStub(ch).Generate(
-            RouterClient.request(token_ids=PROMPT, max_tokens=MAX_TOKENS, request_id=rid), timeout=120)
-        victim = decode_worker(cluster)
+            RouterClient.request(token_ids=prompt, max_tokens=MAX_TOKENS, request_id=rid), timeout=120)
+        victim = victim or decode_worker(cluster)
         try:
             for ev in call:
                 if ev.HasField("delta"):
@@ -148,21 +165,49 @@ def test_a_worker_lost_before_the_first_token_is_retried_invisibly(cluster, stor
     back_to_idle(cluster, store)
 
 
-def test_a_worker_lost_after_tokens_were_sent_ends_clearly_within_5_s(cluster, store):
+def decode_kv_received(cluster: Cluster) -> float:
+    return total(scrape(cluster.metrics_urls["decode"]), "mnemosyne_kv_transfer_bytes_total", direction="recv")
+
+
+def test_a_worker_lost_once_its_groups_share_arrived_is_retried_with_only_the_lost_share(cluster, store, model):
+    """Killed when the prefill has computed 800 of the 1000 tokens (no token sent yet): group 0's 768
+    tokens have reached the decode instance, which keeps them through the worker's replacement (named
+    in group 0's prefix cache); the router's retry, placed on the same instance, gets them from there
+    and receives only group 1's 232 tokens' KV. (The decode side counts KV received by requests whose
+    intake completed: the failed attempt's adds nothing.)"""
+    prompt = fresh(5)
+    wait_until(lambda: decode_all_free(cluster), 60, "decode instance serving")
+    before, received = retries(cluster), decode_kv_received(cluster)
+    tokens, err, _ = stream(cluster, f"share-{uuid.uuid4().hex[:8]}",
+                            lambda ev, toks: ev.HasField("progress") and ev.progress.tokens_done >= 800 and not toks,
+                            prompt=prompt)
+    assert err is None, f"{err.code()}: {err.details()}"
+    assert tokens == offline(model, prompt)
+    assert retries(cluster) == before + 1
+    share = decode_kv_received(cluster) - received
+    # a fault-free request of another fresh 1000-token prompt: the KV of all of it
+    back_to_idle(cluster, store)
+    with RouterClient(cluster.router_address, timeout_s=120) as c:
+        assert len(c.complete(token_ids=fresh(6), max_tokens=2).token_ids) == 2
+    whole = decode_kv_received(cluster) - received - share
+    assert share * len(prompt) == whole * (len(prompt) - M), (share, whole)
+    back_to_idle(cluster, store)
+
+
+def test_a_worker_lost_after_tokens_were_sent_is_replaced_and_the_request_resumes(cluster, store, model):
+    prompt = fresh(7)
     wait_until(lambda: decode_all_free(cluster), 60, "decode instance serving")
     before = retries(cluster)
-    rid = f"seam-{uuid.uuid4().hex[:8]}"
-    tokens, err, elapsed = stream(cluster, rid, lambda ev, toks: len(toks) >= 3)
-    assert err is not None, "the request completed although its decode worker died"
-    assert err.code() is grpc.StatusCode.UNAVAILABLE, err
-    assert "token(s) were streamed" in err.details() and "not retried" in err.details(), err.details()
-    assert elapsed < 5, f"the client waited {elapsed:.1f} s"
+    pids = {p.pid for p in grid_workers(cluster.services["decode"].pid)}
+    rid = f"resume-{uuid.uuid4().hex[:8]}"
+    tokens, err, elapsed = stream(cluster, rid, lambda ev, toks: len(toks) >= 3, prompt=prompt)
+    assert err is None, f"{err.code()}: {err.details()}"
+    assert tokens == offline(model, prompt)
+    assert elapsed < 10, f"the rest of the request took {elapsed:.1f} s"
     assert retries(cluster) == before
-    assert placement_for(store, rid) is None or wait_until(lambda: placement_for(store, rid) is None, LEASE_S + 5,
-                                                           "placement released")
+    now = {p.pid for p in grid_workers(cluster.services["decode"].pid)}
+    assert len(now) == 2 and len(now & pids) == 1          # the survivor, and the replaced worker
     back_to_idle(cluster, store)
-    with RouterClient(cluster.router_address, timeout_s=60) as c:      # and it serves again
-        assert len(c.complete(token_ids=PROMPT, max_tokens=4).token_ids) == 4
 
 
 def test_a_request_placed_while_the_decode_registration_lapsed_is_placed_again(cluster, store):
@@ -194,3 +239,24 @@ def test_a_request_placed_while_the_decode_registration_lapsed_is_placed_again(c
         else:
             pytest.fail("no attempt reached the kvstore while the registration was gone: the path was not exercised")
     back_to_idle(cluster, store)
+
+
+def test_a_decode_instance_lost_after_tokens_were_sent_ends_clearly_within_5_s(cluster, store):
+    """Its main process killed: nothing is left to resume the request, and a retry would show the
+    client a seam. Last in this module: the instance is started again at the end."""
+    wait_until(lambda: decode_all_free(cluster), 60, "decode instance serving")
+    before = retries(cluster)
+    rid = f"seam-{uuid.uuid4().hex[:8]}"
+    tokens, err, elapsed = stream(cluster, rid, lambda ev, toks: len(toks) >= 3,
+                                  victim=psutil.Process(cluster.services["decode"].pid), prompt=fresh(8))
+    assert err is not None, "the request completed although its decode instance died"
+    assert err.code() is grpc.StatusCode.UNAVAILABLE, err
+    assert "token(s) were streamed" in err.details() and "not retried" in err.details(), err.details()
+    assert elapsed < 5, f"the client waited {elapsed:.1f} s"
+    assert retries(cluster) == before
+    wait_until(lambda: placement_for(store, rid) is None, LEASE_S + 5, "placement released")
+    cluster.services["decode"].proc.wait(10)
+    cluster.restart("decode")
+    back_to_idle(cluster, store)
+    with RouterClient(cluster.router_address, timeout_s=60) as c:      # and it serves again
+        assert len(c.complete(token_ids=PROMPT, max_tokens=4).token_ids) == 4

@@ -215,3 +215,18 @@ def test_quarantined_blocks_never_come_back_free_cached_or_shared():
     pool.free("c")
     pool.check()
     assert pool.num_free == 5 and sorted(pool.free_ids) == sorted(set(range(8)) - {a[1], b[0], 7})
+
+
+def test_drop_names_forgets_every_name_and_frees_the_cached_blocks():
+    """A pool whose worker was replaced: its cached blocks go back to the free list, no name is left
+    to serve a prefix from, and the invariants hold."""
+    pool = BlockPool(8, 4, prefix_caching=True)
+    names = [bytes([i]) * 16 for i in range(3)]
+    pool.allocate("a", 12)
+    pool.register("a", names)
+    pool.free("a")
+    pool.quarantine([7])
+    assert pool.num_cached == 3
+    assert pool.drop_names() == 3
+    assert pool.num_cached == 0 and pool.num_free == 7 and pool.lookup(names) == 0
+    pool.check()

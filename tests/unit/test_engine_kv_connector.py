@@ -22,7 +22,14 @@ def test_kv_messages_round_trip():
     assert KVAck.from_dict(json.loads(json.dumps(ack.to_dict()))) == ack
     sink = KVSink("tcp", 64, [GroupSink(0, 0, [3, 1], ["h:1", "h:2"], 64), GroupSink(1, 64, [0], ["h:3", "h:4"], 16)])
     assert KVSink.from_dict(json.loads(json.dumps(sink.to_dict()))) == sink
-    assert sink.cached_prefix == 80
+    assert sink.cached_tokens == 80
+    assert [sink.skip_cached(p) for p in (0, 63, 64, 79, 80, 100)] == [80, 80, 80, 80, 80, 100]
+    # After a lost decode worker: group 1 holds its share, group 0 must be sent whole.
+    held = KVSink("tcp", 64, [GroupSink(0, 0, [3, 1], ["h:1"], 0), GroupSink(1, 64, [0, 2], ["h:3"], 26)])
+    assert held.cached_tokens == 26
+    assert [held.skip_cached(p) for p in (0, 63, 64, 70, 90)] == [0, 63, 90, 90, 90]
+    # A group held whole: the sender goes on at the next one's first token not held.
+    assert KVSink("tcp", 64, [GroupSink(0, 0, [3], ["h:1"], 64), GroupSink(1, 64, [0], ["h:3"], 0)]).skip_cached(5) == 64
     assert ev.to_dict()["type"] == "kv_event" and ack.to_dict()["type"] == "kv_ack"
 
 
@@ -50,6 +57,9 @@ class FakeExecutor:
 
     def kv_addresses(self, group):
         return [f"g{group}:1"]
+
+    def kv_group_holders(self, group):
+        return [group]
 
 
 def connector(kvp=2, spp=1, holders=2, caching=False):
@@ -91,7 +101,7 @@ def test_receive_reuses_the_cached_prefix_of_the_prompt():
     kv, blocks, sched, ex, ended = connector(caching=True)
     prompt = list(range(1, 41))
     kv.prepare_receive("a", 40, 4, prompt_ids=prompt)
-    assert ex.expected == ("a", 0)
+    assert ex.expected == ("a", [0, 0])
     kv.add_prefilled(prefilled("a", 40), 60.0)
     ex.events += [KVEvent(0, "recv", "a", "done"), KVEvent(1, "recv", "a", "done")]
     kv.admit_arrived()
@@ -99,13 +109,61 @@ def test_receive_reuses_the_cached_prefix_of_the_prompt():
     sched.abort("a")
     assert blocks.num_cached == 2 and blocks.num_used == 0
     sinks = kv.prepare_receive("b", 40, 4, prompt_ids=prompt)
-    assert [s.cached for s in sinks] == [32, 0] and ex.expected == ("b", 32) and kv.cached_tokens("b") == 32
+    assert [s.cached for s in sinks] == [32, 0] and ex.expected == ("b", [32, 0]) and kv.cached_tokens("b") == 32
     assert sinks[0].block_table == a_blocks and blocks.num_used == 3
     with pytest.raises(InvalidRequestError, match="differs"):
         kv.add_prefilled(_with_prompt(prefilled("b", 40), [9] + prompt[1:]), 60.0)
     with pytest.raises(InvalidRequestError, match="prompt token ids"):
         kv.prepare_receive("c", 40, 4, prompt_ids=prompt[:39])
     assert kv.abort("b") and blocks.num_used == 0 and blocks.num_cached == 2
+    blocks.check()
+
+
+def test_a_request_that_lost_a_group_leaves_the_other_groups_share_for_its_retry():
+    """Request a awaits its 40 tokens (M = 32); group 0's holder has all of its share when the worker
+    of group 1 dies. lose() names group 0's blocks before freeing them; a retry of the same prompt
+    takes them (group 0 held whole, group 1 expected: sent again) and a late add_prefilled of a fails
+    with a retryable error that says why."""
+    kv, blocks, sched, ex, ended = connector(caching=True)
+    prompt = list(range(1, 41))
+    kv.prepare_receive("a", 40, 4, prompt_ids=prompt)
+    ex.events.append(KVEvent(0, "recv", "a", "done"))
+    kv.lose("a", {1}, "group 1's worker died")
+    assert blocks.num_used == 0 and blocks.pools[0].num_cached == 2 and blocks.pools[1].num_cached == 0
+    with pytest.raises(KVTransferError, match="group 1's worker died"):
+        kv.add_prefilled(prefilled("a", 40), 60.0)
+    sinks = kv.prepare_receive("b", 40, 4, prompt_ids=prompt)
+    assert [s.cached for s in sinks] == [32, 0] and ex.expected == ("b", [32, 0])
+    assert kv.abort("b")
+    # A group whose holder had not received all of its share names nothing.
+    kv.prepare_receive("c", 40, 4, prompt_ids=[5] + prompt[1:])
+    kv.lose("c", {1}, "again")
+    assert blocks.pools[0].num_cached == 2 and blocks.num_used == 0
+    blocks.check()
+
+
+def test_a_later_groups_cached_share_is_reused_without_the_earlier_groups():
+    """Group 1 holds its share of the prompt (named), group 0 lost its own (its worker was replaced):
+    the receive takes group 1's block and expects all of group 0 and the rest of group 1; a prompt
+    that differs in group 0 names other blocks and takes nothing."""
+    from common.kv_cache.prefix import extend_hashes
+    kv, blocks, sched, ex, ended = connector(caching=True)
+    prompt = list(range(1, 51))
+    hashes = extend_hashes([], blocks.hash_root, 16, 50, lambda a, b: prompt[a:b])
+    blocks.allocate("old", 50)
+    blocks.register("old", hashes)
+    blocks.free("old")
+    blocks.pools[0].drop_names()
+    assert blocks.pools[0].num_cached == 0 and blocks.pools[1].num_cached == 1
+    sinks = kv.prepare_receive("r", 50, 4, prompt_ids=prompt)
+    assert [s.cached for s in sinks] == [0, 16] and ex.expected == ("r", [0, 16]) and kv.cached_tokens("r") == 16
+    req = prefilled("r", 50)
+    req.prompt_ids = list(prompt)
+    kv.add_prefilled(req, 60.0)
+    assert kv.abort("r")
+    sinks = kv.prepare_receive("s", 50, 4, prompt_ids=[0] + prompt[1:])
+    assert [s.cached for s in sinks] == [0, 0]
+    assert kv.abort("s")
     blocks.check()
 
 

@@ -1,0 +1,183 @@
+"""A decode grid that loses one KVP rank replaces it in place (GridExecutor.repair, LLMEngine._recover).
+
+The other ranks keep their processes, weights and KV. Requests the scheduler holds resume with exactly
+the single-process tokens: those with KV in the lost group compute it again from that group's first
+token, the others decode on. One whose KV was still arriving ends with a retryable error; its retry,
+prepared on the same instance, finds the surviving groups' share in their prefix caches, so only the
+lost group's share travels again.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from common.engine.engine import LLMEngine, make_engine
+from common.errors import KVTransferError
+from common.kv_connector.types import KVSink
+from common.kv_connector.worker import KVStreamer
+from common.sampling_params import SamplingParams
+from tests.fixtures.hf_models import write_random_hf_model
+
+pytestmark = pytest.mark.timeout(300)
+M = 64
+PROMPT = [(7 * i + 3) % 300 + 10 for i in range(90)]      # tokens 0..63 in group 0, 64..89 in group 1
+SHORT = [(5 * i + 1) % 300 + 10 for i in range(30)]       # group 0 only
+PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+def config(model: str, **parallel) -> EngineConfig:
+    return EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=64),
+                        scheduler=SchedulerConfig(chunk_size=24), kv_backend="tcp",
+                        parallel=ParallelConfig(**parallel))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(write_random_hf_model(tmp_path_factory.mktemp("m"), "llama", num_attention_heads=6,
+                                     num_key_value_heads=2, num_hidden_layers=4, seed=7))
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    one = LLMEngine(config(model))
+    return {name: one.generate([p], PARAMS)[0] for name, p in (("long", PROMPT), ("short", SHORT))}
+
+
+def kill(proc) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+
+
+@pytest.mark.parametrize("group", [1, 0], ids=["group-1", "group-0-the-reporter"])
+def test_a_lost_kvp_rank_is_replaced_in_place_and_its_requests_resume_exactly(model, reference, group):
+    """`long` has KV in both groups, `short` in group 0 only. The worker of `group` is killed while
+    both decode: it is replaced, the other keeps its process, and both requests finish with exactly
+    the single-process tokens: what lost KV computes it again from the lost group's first token
+    (group 1: long's tokens 64..; group 0: everything), the rest decodes on."""
+    with make_engine(config(model, kvp=2, kvp_tokens=M)) as eng:
+        procs = list(eng.executor.procs)
+        eng.add_request(PROMPT, PARAMS, request_id="long")
+        eng.add_request(SHORT, PARAMS, request_id="short")
+        toks: dict[str, list[int]] = {"long": [], "short": []}
+        lps: dict[str, list[float]] = {"long": [], "short": []}
+        while min(len(t) for t in toks.values()) < 3:
+            for o in eng.step():
+                if o.token_id is not None:
+                    toks[o.request_id].append(o.token_id)
+                    lps[o.request_id].append(o.logprob)
+        computed = {rid: eng.scheduler.requests[rid].num_computed for rid in toks}
+        kill(procs[group])
+        t0, gaps, rewound = time.monotonic(), {}, {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                assert o.error is None, o.error
+                rewound.setdefault(o.request_id, o.num_computed)
+                if o.token_id is not None:
+                    gaps.setdefault(o.request_id, time.monotonic() - t0)
+                    toks[o.request_id].append(o.token_id)
+                    lps[o.request_id].append(o.logprob)
+        for rid in toks:
+            assert toks[rid] == reference[rid].token_ids, rid
+            assert max(abs(a - b) for a, b in zip(lps[rid], reference[rid].logprobs)) < 1e-5, rid
+            assert gaps[rid] < 5, f"{rid} waited {gaps[rid]:.1f} s for its next token"
+        # What was recomputed: long from its lost group's first token (group 1 at 64), short not at
+        # all when group 1 died; both from 0 when group 0 did.
+        first_chunk = eng.cfg.scheduler.chunk_size
+        if group == 1:
+            assert rewound["long"] == M + first_chunk and rewound["short"] == computed["short"] + 1
+        else:
+            assert rewound["long"] == first_chunk and rewound["short"] == first_chunk
+        survivor = 1 - group
+        assert eng.executor.procs[survivor] is procs[survivor] and procs[survivor].is_alive()
+        assert eng.executor.procs[group].pid != procs[group].pid and eng.executor.procs[group].is_alive()
+        assert len(eng.repairs) == 1 and eng.repairs[0] < 5
+        assert [psutil.Process(p.pid).name() for p in eng.executor.procs] == ["mnemosyne-w1", "mnemosyne-w2"]
+        eng.blocks.check()
+        assert eng.blocks.num_used == 0
+
+
+def run_prefill(engine, rid: str, sink: KVSink, prompt: list[int] = PROMPT) -> tuple[int, float]:
+    engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True), request_id=rid, kv_sink=sink)
+    first = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.token_id is not None:
+                first = (o.token_id, o.logprob)
+    deadline = time.monotonic() + 30
+    while engine.kv_status(rid)[0] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.kv_status(rid) == ("done", None)
+    return first
+
+
+PROMPT2 = [(3 * i + 7) % 300 + 10 for i in range(90)]
+
+
+def test_a_received_request_resumes_and_a_receiving_one_is_retried_with_only_the_lost_share(model, reference,
+                                                                                           monkeypatch):
+    sent: list[tuple[str, tuple[int, int]]] = []
+    make_sender = KVStreamer._sender
+
+    def recording(self, backend, address):                # every chunk the prefill side sends
+        sender = make_sender(self, backend, address)
+        if not getattr(sender, "_recorded", False):
+            send = sender.send
+
+            def send_recorded(chunk, dest, timeout):
+                sent.append((chunk.request_id, chunk.tokens))
+                return send(chunk, dest, timeout)
+            sender.send, sender._recorded = send_recorded, True
+        return sender
+    monkeypatch.setattr(KVStreamer, "_sender", recording)
+    ref2 = LLMEngine(config(model)).generate([PROMPT2], PARAMS)[0].token_ids
+
+    pre = LLMEngine(config(model))
+    with make_engine(config(model, kvp=2, kvp_tokens=M)) as dec:
+        # 1. Received and decoding: r1 resumes, its group-1 KV computed again on the decode grid.
+        groups = dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens, prompt_ids=PROMPT)
+        first = run_prefill(pre, "r1", KVSink("tcp", M, groups))
+        dec.add_prefilled(PROMPT, PARAMS, "r1", first[0], first[1], kv_timeout_s=30)
+        toks = [first[0]]
+        while len(toks) < 4:
+            toks += [o.token_id for o in dec.step() if o.token_id is not None]
+        kill(dec.executor.procs[1])
+        while dec.has_unfinished():
+            for o in dec.step():
+                assert o.error is None, o.error
+                if o.token_id is not None:
+                    toks.append(o.token_id)
+        assert toks == reference["long"].token_ids
+        assert sorted(t for rid, t in sent if rid == "r1") == [(0, 24), (24, 48), (48, 64), (64, 72), (72, 90)]
+
+        # 2. Received, not yet decoding (its first token still on the way): r2 ends; group 0 keeps
+        # its share, named, and a later Decode of r2 fails with a retryable error.
+        groups = dec.prepare_receive("r2", len(PROMPT2), PARAMS.max_tokens, prompt_ids=PROMPT2)
+        first = run_prefill(pre, "r2", KVSink("tcp", M, groups), PROMPT2)
+        cached0 = dec.blocks.pools[0].num_cached
+        kill(dec.executor.procs[1])
+        assert dec.check_alive() == [] and len(dec.repairs) == 2
+        assert dec.blocks.pools[0].num_cached == cached0 + 4 and dec.blocks.num_used == 0
+        with pytest.raises(KVTransferError, match="KVP group 1"):
+            dec.add_prefilled(PROMPT2, PARAMS, "r2", first[0], first[1], kv_timeout_s=30)
+
+        # 3. The retry, on the same instance: group 0 is held, only group 1's 26 tokens travel.
+        groups = dec.prepare_receive("r3", len(PROMPT2), PARAMS.max_tokens, prompt_ids=PROMPT2)
+        assert [(g.group, g.cached) for g in groups] == [(0, M), (1, 0)]
+        first3 = run_prefill(pre, "r3", KVSink("tcp", M, groups), PROMPT2)
+        assert first3 == first
+        assert [t for rid, t in sent if rid == "r3"] == [(64, 90)]
+        dec.add_prefilled(PROMPT2, PARAMS, "r3", first3[0], first3[1], kv_timeout_s=30)
+        toks = [first3[0]]
+        while dec.has_unfinished():
+            for o in dec.step():
+                assert o.error is None, o.error
+                if o.token_id is not None:
+                    toks.append(o.token_id)
+        assert toks == ref2
+        dec.blocks.check()
+        assert dec.blocks.num_used == 0
