@@ -260,6 +260,8 @@ class LLMEngine:
         else would notice until its next request): replaced in place where the executor can (the
         outputs of the requests that lost their KV are returned), else WorkerFailedError."""
         try:
+            if self.kv.holder_lost is not None:          # a KV cancel found a worker gone
+                raise self.kv.holder_lost
             self.executor.check_alive()
         except WorkerFailedError as e:
             outs = self._recover(e)
@@ -288,6 +290,8 @@ class LLMEngine:
             if req is not None and self.abort(rid):
                 outs.append(self._ended(req, FinishReason.ABORT, f"KV of request {rid} could not be sent: {reason}"))
         try:
+            if self.kv.holder_lost is not None:          # a KV cancel found a worker gone
+                raise self.kv.holder_lost
             while len(self.inflight) < self.executor.depth:
                 sched = self.scheduler.schedule()
                 if not sched.items:
@@ -339,6 +343,7 @@ class LLMEngine:
         self.repairs.append(took)
         why = (f"a worker of KVP group {', '.join(map(str, sorted(lost)))} died ({err}); the KV it held is "
                f"lost (the worker was replaced in {took:.1f} s)")
+        self.kv.settle()
         outs, rewound = [], set()
         for rid in list(self.kv.prepared):               # KV still arriving: the caller retries
             if any(self.blocks.table(rid)[g] for g in lost):

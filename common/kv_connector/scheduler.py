@@ -76,6 +76,8 @@ class KVConnectorScheduler:
         self.hashes: dict[str, list[bytes]] = {}                         # rid -> names of its prompt's full blocks
         self.reused: dict[str, list[int]] = {}                           # rid -> cached blocks it took, per group
         self.lost: dict[str, str] = {}                                   # rid -> why its KV was lost (bounded)
+        self.unsettled: set[str] = set()     # cancels a dead holder interrupted: blocks held until `settle`
+        self.holder_lost = None              # the WorkerFailedError of such a cancel, for the engine
         self.awaiting: dict[str, tuple[Request, float, float]] = {}      # rid -> (request, since, timeout)
         self.progress: dict[str, float] = {}                             # rid -> last KV intake progress
 
@@ -164,7 +166,7 @@ class KVConnectorScheduler:
         `prompt_ids` (its prompt) the cached blocks of its prefix are reused and not received."""
         if self.parallel.spp != 1:
             raise ConfigError("a decode grid that receives KV must have spp = 1")
-        if rid in self.prepared or rid in self.scheduler.requests:
+        if rid in self.prepared or rid in self.scheduler.requests or rid in self.unsettled:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
         if num_tokens < 1 or num_tokens + 1 > self.max_model_len:
             raise InvalidRequestError(f"cannot receive {num_tokens} prompt tokens "
@@ -294,17 +296,42 @@ class KVConnectorScheduler:
         self.streaming.discard(rid)
         self.final.pop(rid, None)
         self.progress.pop(rid, None)
-        if found:
-            self._withhold(self.executor.kv_cancel(rid))
-        if rid in self.prepared and rid not in self.scheduler.requests:
+        mine = rid in self.prepared and rid not in self.scheduler.requests
+        if (not found or self._cancel(rid)) and mine:
             self.blocks.free(rid)
         self._forget(rid)
         return found
 
     def _undo(self, rid: str) -> None:
-        self._withhold(self.executor.kv_cancel(rid))
-        self.blocks.free(rid)
+        if self._cancel(rid):
+            self.blocks.free(rid)
         self._forget(rid)
+
+    def _cancel(self, rid: str) -> bool:
+        """Cancels the request's intake on every holder, withholding the blocks a late write may
+        land in; False when a holder is gone (a worker died): the request's blocks are kept until
+        the grid is repaired (`settle`) or rebuilt, since a holder that did not answer may still
+        write, and `holder_lost` tells the engine."""
+        from common.errors import WorkerFailedError
+        try:
+            self._withhold(self.executor.kv_cancel(rid))
+        except WorkerFailedError as e:
+            log.warning("request %s: its KV intake could not be cancelled everywhere (%s); its blocks are "
+                        "freed once the grid is repaired", rid, e)
+            self.unsettled.add(rid)
+            self.holder_lost = self.holder_lost or e
+            return False
+        return True
+
+    def settle(self) -> None:
+        """After the grid was repaired: the requests whose cancel a dead holder interrupted are
+        cancelled again (every holder answers now) and their blocks freed."""
+        for rid in list(self.unsettled):
+            self._withhold(self.executor.kv_cancel(rid))
+            self.unsettled.discard(rid)
+            if rid not in self.scheduler.requests and rid not in self.prepared:
+                self.blocks.free(rid)
+        self.holder_lost = None
 
     def _withhold(self, poisoned: dict[int, list[int]]) -> None:
         """Blocks a late KV write may still land in (the holders' answer to a cancel) never go back

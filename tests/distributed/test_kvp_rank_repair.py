@@ -181,3 +181,21 @@ def test_a_received_request_resumes_and_a_receiving_one_is_retried_with_only_the
         assert toks == ref2
         dec.blocks.check()
         assert dec.blocks.num_used == 0
+
+
+def test_an_abort_that_finds_a_worker_dead_frees_its_blocks_once_the_grid_is_repaired(model):
+    """r1 awaits KV in both groups when the worker of group 1 dies; its abort reaches only the
+    survivor, so its blocks stay held (a holder that did not answer may still write) until the idle
+    engine's next look replaces the worker and cancels again: then all of them are free and a new
+    request with the same id is accepted."""
+    with make_engine(config(model, kvp=2, kvp_tokens=M)) as dec:
+        dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens, prompt_ids=PROMPT)
+        used = dec.blocks.num_used
+        kill(dec.executor.procs[1])
+        assert dec.abort("r1")
+        assert dec.blocks.num_used == used and dec.kv.unsettled == {"r1"}
+        assert dec.check_alive() == [] and len(dec.repairs) == 1
+        assert dec.blocks.num_used == 0 and not dec.kv.unsettled
+        dec.blocks.check()
+        dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens)
+        assert dec.abort("r1") and dec.blocks.num_used == 0

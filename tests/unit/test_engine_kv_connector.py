@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.config import ParallelConfig, SchedulerConfig
-from common.errors import CapacityError, ConfigError, KVTransferError
+from common.errors import CapacityError, ConfigError, InvalidRequestError, KVTransferError
 from common.kv_cache.kvp_blocks import KVPBlockManager
 from common.kv_connector.scheduler import KVConnectorScheduler
 from common.kv_connector.types import GroupSink, KVAck, KVEvent, KVSink
@@ -42,12 +42,15 @@ class FakeExecutor:
         self.cancelled: list[str] = []
         self.error: str | None = None
         self.poisoned: dict[int, list[int]] = {}     # what the holders answer a cancel with
+        self.dead = None                             # a WorkerFailedError every cancel raises
 
     def kv_expect(self, rid, tables, num_tokens, epoch=0, cached=0):
         self.expected = (rid, cached)
         return [KVAck(h, rid, self.error is None, self.error) for h in range(self.kv_holders)]
 
     def kv_cancel(self, rid):
+        if self.dead is not None:
+            raise self.dead
         self.cancelled.append(rid)
         return self.poisoned
 
@@ -164,6 +167,28 @@ def test_a_later_groups_cached_share_is_reused_without_the_earlier_groups():
     sinks = kv.prepare_receive("s", 50, 4, prompt_ids=[0] + prompt[1:])
     assert [s.cached for s in sinks] == [0, 0]
     assert kv.abort("s")
+    blocks.check()
+
+
+def test_a_cancel_a_dead_holder_interrupted_keeps_the_blocks_until_the_grid_is_repaired():
+    """A holder died: the cancels of a failed intake and of an abort cannot be answered by every
+    holder, so the blocks stay held (a holder that did not answer may still write), the engine is
+    told (holder_lost), the id stays in use, and settle() after the repair cancels and frees."""
+    from common.errors import WorkerFailedError
+    kv, blocks, sched, ex, ended = connector()
+    kv.prepare_receive("a", 40, 4)
+    kv.add_prefilled(prefilled("a", 40), 60.0)
+    kv.prepare_receive("b", 20, 4)
+    ex.dead = WorkerFailedError("worker rank 2 closed the connection")
+    ex.events.append(KVEvent(0, "recv", "a", "failed", "peer gone"))
+    assert kv.admit_arrived() == ["peer gone"]                # the request ends all the same
+    assert kv.abort("b")
+    assert blocks.num_used == 5 and kv.unsettled == {"a", "b"} and kv.holder_lost is ex.dead
+    with pytest.raises(InvalidRequestError, match="in use"):
+        kv.prepare_receive("a", 40, 4)
+    ex.dead = None
+    kv.settle()
+    assert blocks.num_used == 0 and not kv.unsettled and kv.holder_lost is None and ex.cancelled == ["a", "b"]
     blocks.check()
 
 
