@@ -24,7 +24,9 @@ tokens); the trial records
 - the leftovers lease_s + 2 s after the outcome: placements / leases in Redis, blocks the kvstore
   counts as reserved, decode KV blocks in use (its /metrics); and when they were all gone.
 
-Kinds: prefill_worker, prefill_main, decode_worker, decode_main, kvstore, router, redis_kill (SIGKILL)
+Kinds: prefill_worker, prefill_main, decode_worker (the worker of the decode instance's KVP group 0,
+which holds the prompt's KV, struck while the KV arrives), decode_worker_decoding (the same worker,
+struck while the request decodes), decode_main, kvstore, router, redis_kill (SIGKILL)
 and redis_restart (SIGTERM: a clean shutdown; the supervisor starts it again). Trials run round-robin
 over the kinds, so the supervisor sees one service fail at most every few minutes (as in production,
 not a crash loop: its backoff would grow and its give-up count would be reached).
@@ -57,14 +59,14 @@ from common.rpc import client as rpc_client  # noqa: E402
 from common.rpc.protos import router_pb2, router_pb2_grpc  # noqa: E402
 from scripts.supervisor import Supervisor  # noqa: E402
 from scripts.up import Cluster, ClusterConfig  # noqa: E402
-from tests.fixtures.processes import grid_workers  # noqa: E402
+from tests.fixtures.processes import grid_worker, grid_workers  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-KINDS = ("prefill_worker", "prefill_main", "decode_worker", "decode_main", "kvstore", "router", "redis_kill",
-         "redis_restart")
+KINDS = ("prefill_worker", "prefill_main", "decode_worker", "decode_worker_decoding", "decode_main", "kvstore",
+         "router", "redis_kill", "redis_restart")
 PHASE = {"prefill_worker": "prefill", "prefill_main": "prefill", "decode_worker": "prefill",
-         "decode_main": "prefill", "kvstore": "decode", "router": "decode", "redis_kill": "decode",
-         "redis_restart": "decode"}
+         "decode_worker_decoding": "decode", "decode_main": "prefill", "kvstore": "decode", "router": "decode",
+         "redis_kill": "decode", "redis_restart": "decode"}
 PROMPT = [(7 * i + 3) % 5000 + 100 for i in range(600)]      # long: the prefill instance's
 
 
@@ -96,8 +98,12 @@ OUTCOME_TIMEOUT_S = 180.0
 
 def strike(cluster: Cluster, kind: str) -> int:
     """Delivers the fault; returns the pid it hit."""
-    if kind in ("prefill_worker", "decode_worker"):
-        pid = grid_workers(cluster.services[kind.split("_")[0]].pid)[-1].pid
+    if kind == "prefill_worker":
+        pid = grid_workers(cluster.services["prefill"].pid)[-1].pid
+    elif kind in ("decode_worker", "decode_worker_decoding"):
+        # KVP group 0's: the one holding the prompt's KV (M is half of max_model_len, so a prompt
+        # shorter than that lives in group 0 alone; the worker of group 1 would cost it nothing)
+        pid = grid_worker(cluster.services["decode"].pid, 1).pid
     elif kind in ("prefill_main", "decode_main"):
         pid = cluster.services[kind.split("_")[0]].pid
     elif kind in ("kvstore", "router"):
@@ -248,18 +254,36 @@ def prefill_cache_hits(cluster: Cluster) -> float | None:
         return None
 
 
+def decode_kv_received(cluster: Cluster) -> float | None:
+    """KV bytes the decode instance has received (its counter; None while it restarts)."""
+    try:
+        return total(scrape(cluster.metrics_urls["decode"], timeout_s=3.0), "mnemosyne_kv_transfer_bytes_total",
+                     direction="recv")
+    except Exception:  # noqa: BLE001 - decode restarting
+        return None
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return b - a if a is not None and b is not None and b >= a else None
+
+
 def trial(cluster: Cluster, kind: str, prompt: list[int], reference: list[int], lease_s: float,
-          reference_s: float | None = None) -> dict:
-    """`reference_s`: the fault-free request's served seconds (median), for `added_s`."""
+          reference_s: float | None = None, reference_kv: float | None = None) -> dict:
+    """`reference_s`: the fault-free request's served seconds (median), for `added_s`; `reference_kv`:
+    the KV bytes the decode instance received for it, for `kv_received_x`."""
     # Every trial starts from a whole deployment (the previous fault's instance rebuilt and back in
     # its pool), so that the long prompt takes the disaggregated route.
     if wait_pools(SERVE_TIMEOUT_S, cluster) is None or wait_serving(cluster, SERVE_TIMEOUT_S) is None:
         return {"kind": kind, "skipped": "the deployment was not whole before the trial"}
     time.sleep(1.0)                                   # the probe's own cleanup
-    hits0 = prefill_cache_hits(cluster)
+    hits0, kv0 = prefill_cache_hits(cluster), decode_kv_received(cluster)
     r = run_request(cluster, f"fault-{kind}-{uuid.uuid4().hex[:6]}", kind, prompt)
     t_kill, t_end, prober = r.pop("t_kill"), r.pop("t_end"), r.pop("prober", None)
-    hits1 = prefill_cache_hits(cluster)
+    hits1, kv1 = prefill_cache_hits(cluster), decode_kv_received(cluster)
+    # KV the decode instance received for the request and its retries (the same process before and
+    # after; the probes beside it are decoded there alone), in units of the fault-free request's.
+    kv = _delta(kv0, kv1)
+    r["kv_received_x"] = round(kv / reference_kv, 2) if kv is not None and reference_kv else None
     # Tokens this prefill instance (the same process before and after) found cached: a retry's reuse.
     r["prefill_cache_hit_tokens"] = hits1 - hits0 if hits0 is not None and hits1 is not None and hits1 >= hits0 else None
     tokens = r.pop("tokens")
@@ -324,18 +348,19 @@ def run(args: argparse.Namespace) -> dict:
                 # and 6.8 s at the next): each round measures its own fault-free request, and a fault's
                 # added seconds are counted from the one of its round.
                 n = args.trials * len(kinds) + i
-                round_s = None
+                round_s = round_kv = None
                 if wait_pools(SERVE_TIMEOUT_S, cluster) is not None and wait_serving(cluster, SERVE_TIMEOUT_S) is not None:
                     time.sleep(1.0)
+                    kv0 = decode_kv_received(cluster)
                     ref = run_request(cluster, f"reference-round-{i}", None, prompts[n])
                     if ref["outcome"] == "completed" and ref["tokens"] == answers[n]:
-                        round_s = ref["seconds"]
+                        round_s, round_kv = ref["seconds"], _delta(kv0, decode_kv_received(cluster))
                 round_ref_s.append(round_s)
                 for j, kind in enumerate(kinds):
                     n = i * len(kinds) + j
                     try:
                         t = trial(cluster, kind, prompts[n], answers[n], cfg.lease_s,
-                                  round_s if round_s is not None else reference_s)
+                                  round_s if round_s is not None else reference_s, round_kv)
                     except Exception as e:  # noqa: BLE001 - one broken trial must not lose the others
                         t = {"kind": kind, "bench_error": f"{type(e).__name__}: {e}"[:400]}
                     t["round"], t["load"], t["round_reference_s"] = i, load(), round_s
@@ -360,6 +385,11 @@ def run(args: argparse.Namespace) -> dict:
 def _median(xs: list) -> str:
     xs = [x for x in xs if x is not None]
     return f"{statistics.median(xs):.1f}" if xs else "-"
+
+
+def _median2(xs: list) -> str:
+    xs = [x for x in xs if x is not None]
+    return f"{statistics.median(xs):.2f}" if xs else "-"
 
 
 def _whole(ts: list[dict]) -> str:
@@ -400,13 +430,16 @@ def markdown(r: dict, json_name: str = "faults.json") -> str:
              "often; `stayed`: no pool left the registry); trials with nothing left (no lease, placement, reserved or used "
              "decode block) lease + 2 s after the outcome; median seconds from the fault until nothing was left; "
              "median prompt tokens the prefill instance found in its prefix cache during the trial (a retry "
-             "re-sending what its failed attempt computed; - when the prefill instance itself restarted).",
+             "re-sending what its failed attempt computed; - when the prefill instance itself restarted); median "
+             "KV bytes the decode instance received during the trial, in units of its round's fault-free "
+             "request's (1.0: the prompt's KV once; - when the decode instance itself restarted).",
              "Fault at: `prefill` = at the request's first prefill progress event, or at its first token when "
              "the prefill sent none (adaptive chunking may take a short prompt in one chunk); `decode` = after 3 "
              "streamed tokens; the column says where it struck (tokens already streamed, median).",
              "", "| kind | fault at | struck after tokens | outcomes | to outcome (s) | added (s) | serves again (s) | "
-             "both pools back (s) | clean after lease | clean after (s) | prefill cache hits (tokens) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "both pools back (s) | clean after lease | clean after (s) | prefill cache hits (tokens) | "
+             "decode KV received (x) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in KINDS:
         ts = [t for t in r["trials"] if t["kind"] == kind and "outcome" in t]
         if not ts:
@@ -424,7 +457,8 @@ def markdown(r: dict, json_name: str = "faults.json") -> str:
                      f"{_median([t.get('serves_again_after_s') for t in ts])} | "
                      f"{_whole(ts)} | {clean_n}/{len(ts)} | "
                      f"{_median([t.get('clean_after_s') for t in ts])} | "
-                     f"{_median([t.get('prefill_cache_hit_tokens') for t in ts])} |")
+                     f"{_median([t.get('prefill_cache_hit_tokens') for t in ts])} | "
+                     f"{_median2([t.get('kv_received_x') for t in ts])} |")
     lines += ["", "Messages the client got (one per kind and status):", ""]
     seen = set()
     for t in r["trials"]:
