@@ -150,6 +150,7 @@ class LLMEngine:
         self.inflight: deque[SchedulerOutput] = deque()
         self._ids = itertools.count()
         self.repairs: list[float] = []               # seconds each in-place worker replacement took
+        self.recovered: list[StepOutput] = []        # outputs of a replacement outside step(), not yet out
         self.closed = False
 
     # ---- the typed interface's attributes -------------------------------------------------------
@@ -233,7 +234,8 @@ class LLMEngine:
         self.streams.subscribe(request_id, callback)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.inflight) or bool(self.kv.awaiting)
+        return (self.scheduler.has_unfinished() or bool(self.inflight) or bool(self.kv.awaiting)
+                or bool(self.recovered))
 
     # ---- disaggregation (common/kv_connector) ---------------------------------------------------------
     def prepare_receive(self, request_id: str, num_prompt_tokens: int, max_new_tokens: int,
@@ -244,6 +246,14 @@ class LLMEngine:
         full-block prefix are reused: GroupSink.cached says which tokens are not to be sent, and
         add_prefilled must then bring the same prompt."""
         self._check_open()
+        try:
+            return self.kv.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch, prompt_ids)
+        except WorkerFailedError as e:
+            if not self.executor.repairable:
+                raise
+            # a worker died since the last step: replaced now, and the receive is prepared on the
+            # repaired grid (the other requests' outputs go out with the next step's)
+            self.recovered += self._recover(e)
         return self.kv.prepare_receive(request_id, num_prompt_tokens, max_new_tokens, epoch, prompt_ids)
 
     def add_prefilled(self, prompt_ids: list[int], params: SamplingParams, request_id: str, first_token: int,
@@ -264,10 +274,10 @@ class LLMEngine:
                 raise self.kv.holder_lost
             self.executor.check_alive()
         except WorkerFailedError as e:
-            outs = self._recover(e)
-            self.streams.publish(outs)
-            return outs
-        return []
+            self.recovered += self._recover(e)
+        outs, self.recovered = self.recovered, []
+        self.streams.publish(outs)
+        return outs
 
     def kv_status(self, request_id: str) -> tuple[str, str | None]:
         """Prefill role: "pending" | "done" | "failed", reason."""
@@ -284,12 +294,13 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """Fills the pipeline (at most `pipeline_depth` steps in flight), then completes the oldest."""
         self._check_open()
-        outs = self.kv.admit_arrived()
-        for rid, reason in self.kv.failed_streams().items():     # prefill role: the KV has nowhere to go
-            req = self.scheduler.requests.get(rid)
-            if req is not None and self.abort(rid):
-                outs.append(self._ended(req, FinishReason.ABORT, f"KV of request {rid} could not be sent: {reason}"))
+        outs, self.recovered = self.recovered, []
         try:
+            outs += self.kv.admit_arrived()
+            for rid, reason in self.kv.failed_streams().items():     # prefill role: the KV has nowhere to go
+                req = self.scheduler.requests.get(rid)
+                if req is not None and self.abort(rid):
+                    outs.append(self._ended(req, FinishReason.ABORT, f"KV of request {rid} could not be sent: {reason}"))
             if self.kv.holder_lost is not None:          # a KV cancel found a worker gone
                 raise self.kv.holder_lost
             while len(self.inflight) < self.executor.depth:

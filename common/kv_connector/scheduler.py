@@ -216,22 +216,33 @@ class KVConnectorScheduler:
         return sum(self.reused.get(rid, ())) * self.blocks.block_size
 
     def lose(self, rid: str, groups: set[int], why: str) -> None:
-        """A worker holding part of `rid`'s KV died with KVP `groups`' share of it; the request ends.
-        First, what the other groups received of its prompt, complete, is named in their prefix
-        caches (an admitted request's was named when it was admitted): a retry prepared here then
-        reuses it, and only the lost groups' share is sent again. Then it is forgotten as by abort
-        (its blocks freed here; the scheduler frees an admitted one's), and a later add_prefilled of
-        it fails with `why` (retryable) rather than as never prepared."""
-        hashes = self.hashes.get(rid)
-        if hashes and rid in self.prepared:
-            self.poll()
-            for k, run in enumerate(self.blocks.by_group(hashes)):
-                if run and k not in groups and self._received(rid, k):
-                    self.blocks.pools[k].register(rid, run)
+        """A worker holding part of `rid`'s KV died with KVP `groups`' share of it; the request ends:
+        forgotten as by abort (what the other groups received of its prompt, complete, stays named in
+        their prefix caches, so a retry prepared here receives only the lost groups' share), and a
+        later add_prefilled of it fails with `why` (retryable) rather than as never prepared."""
+        self._keep_arrived(rid, groups)
         self.abort(rid)
         self.lost[rid] = why
         while len(self.lost) > FINAL_KEPT:
             self.lost.pop(next(iter(self.lost)))
+
+    def _keep_arrived(self, rid: str, skip: set[int] = frozenset()) -> None:
+        """Before a request still receiving its KV is dropped (aborted, failed, its worker lost):
+        the groups (but `skip`) whose every holder received all of its share name their blocks in
+        their prefix cache. That KV is whole and exact, so a retry prepared here reuses it, and
+        only the rest travels again. (The prefix cache drops the names of a group whose worker is
+        replaced: BlockPool.drop_names.)"""
+        hashes = self.hashes.get(rid)
+        if not hashes or rid not in self.prepared or rid in self.scheduler.requests:
+            return
+        from common.errors import WorkerFailedError
+        try:
+            self.poll()
+        except WorkerFailedError as e:           # a holder is gone: go by the reports already in
+            self.holder_lost = self.holder_lost or e
+        for k, run in enumerate(self.blocks.by_group(hashes)):
+            if run and k not in skip and self._received(rid, k):
+                self.blocks.pools[k].register(rid, run)
 
     def _received(self, rid: str, group: int) -> bool:
         """Whether every holder of `group` has all of `rid`'s KV it expected (one with nothing to
@@ -297,12 +308,14 @@ class KVConnectorScheduler:
         self.final.pop(rid, None)
         self.progress.pop(rid, None)
         mine = rid in self.prepared and rid not in self.scheduler.requests
+        self._keep_arrived(rid)
         if (not found or self._cancel(rid)) and mine:
             self.blocks.free(rid)
         self._forget(rid)
         return found
 
     def _undo(self, rid: str) -> None:
+        self._keep_arrived(rid)
         if self._cancel(rid):
             self.blocks.free(rid)
         self._forget(rid)
@@ -326,7 +339,7 @@ class KVConnectorScheduler:
     def settle(self) -> None:
         """After the grid was repaired: the requests whose cancel a dead holder interrupted are
         cancelled again (every holder answers now) and their blocks freed."""
-        for rid in list(self.unsettled):
+        for rid in sorted(self.unsettled):
             self._withhold(self.executor.kv_cancel(rid))
             self.unsettled.discard(rid)
             if rid not in self.scheduler.requests and rid not in self.prepared:

@@ -199,3 +199,20 @@ def test_an_abort_that_finds_a_worker_dead_frees_its_blocks_once_the_grid_is_rep
         dec.blocks.check()
         dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens)
         assert dec.abort("r1") and dec.blocks.num_used == 0
+
+
+def test_a_receive_prepared_after_a_worker_died_repairs_the_grid_first(model):
+    """The worker of group 1 dies while r1 awaits KV and the engine has not looked since: the next
+    prepare_receive finds it dead, the grid is repaired there and then (r1 ends, its output goes out
+    with the next step), and r2 is prepared on the repaired grid."""
+    with make_engine(config(model, kvp=2, kvp_tokens=M)) as dec:
+        dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens, prompt_ids=PROMPT)
+        dec.add_prefilled(PROMPT, PARAMS, "r1", 5, -1.0, kv_timeout_s=30)
+        kill(dec.executor.procs[1])
+        groups = dec.prepare_receive("r2", len(PROMPT), PARAMS.max_tokens, prompt_ids=PROMPT)
+        assert len(dec.repairs) == 1 and [g.group for g in groups] == [0, 1]
+        assert dec.has_unfinished()
+        outs = dec.step()
+        assert [(o.request_id, "KVP group 1" in (o.error or "")) for o in outs] == [("r1", True)]
+        assert dec.abort("r2") and dec.blocks.num_used == 0
+        dec.blocks.check()

@@ -141,7 +141,8 @@ def test_kubernetes_resources_validate_against_the_crds(name):
 class Synthetic:
     """Four exporters (one per role, as four processes would be) fed an overload every 0.2 s:
     half the requests miss their SLO, most are rejected, KV is 97% full on the prefill instance,
-    leases expire, no decode instance is alive in the kvstore, RPCs fail with UNAVAILABLE."""
+    leases expire, no decode instance is alive in the kvstore, RPCs fail with UNAVAILABLE, the decode
+    instance replaces a dead worker every tick."""
 
     def __init__(self) -> None:
         self.metrics = {role: Metrics(new_registry(), role=role, pool=POOL, instance=f"{role}-0",
@@ -197,6 +198,8 @@ class Synthetic:
             for backend in ("nixl", "tcp"):
                 m.observe_kv_transfer(backend, "recv" if decode else "send", 1 << 20, 0.02)
             m.observe_kv_transfer("tcp", "recv" if decode else "send", 0, 5.0, ok=False)
+            if decode:
+                m.observe_worker_replacements(1)          # a worker that keeps dying
         k.observe_reservation(None)
         k.observe_reservation(CapacityError("full"))
         k.add_lease_expiries(1)
