@@ -110,8 +110,15 @@ class ControlServer:
             if err:
                 raise WorkerFailedError(err)
             return None
-        rank = socks[ready[0]]
-        return rank, recv_msg(ready[0], 30.0, alive, f"worker rank {rank}")
+        # A dead worker's connection reads as ready (closed): the live ones' messages are read first,
+        # so that what a survivor reported (a KV intake done) is not lost behind the failure.
+        error = None
+        for sock in sorted(ready, key=lambda c: socks[c]):
+            try:
+                return socks[sock], recv_msg(sock, 30.0, alive, f"worker rank {socks[sock]}")
+            except WorkerFailedError as e:
+                error = error or e
+        raise error
 
     def broadcast(self, data: bytes) -> None:
         for rank, conn in self.peers.items():

@@ -219,9 +219,17 @@ class GridExecutor(Executor):
         return {group: sorted(blocks) for group, blocks in poisoned.items()}
 
     def kv_events(self) -> list[KVEvent]:
+        """The reports that arrived; a dead worker raises only once the survivors' reports are
+        out (its closed connection stays readable: the next call, or the next step, finds it)."""
+        failure = None
         if not self.closed:
-            self._drain()
+            try:
+                self._drain()
+            except WorkerFailedError as e:
+                failure = e
         events, self.events = self.events, []
+        if failure is not None and not events:
+            raise failure
         return events
 
     def kv_addresses(self, group: int) -> list[str]:

@@ -216,3 +216,23 @@ def test_a_receive_prepared_after_a_worker_died_repairs_the_grid_first(model):
         assert [(o.request_id, "KVP group 1" in (o.error or "")) for o in outs] == [("r1", True)]
         assert dec.abort("r2") and dec.blocks.num_used == 0
         dec.blocks.check()
+
+
+def test_an_intake_aborted_before_the_grid_noticed_its_lost_worker_keeps_the_whole_groups(model):
+    """The router's clean-up of the failed attempt can reach the decode instance before its engine
+    noticed the dead worker: the abort still reads what the survivors reported (group 0 received its
+    share whole) before it finds the dead one, so group 0's blocks stay named and the retry takes
+    them."""
+    pre = LLMEngine(config(model))
+    with make_engine(config(model, kvp=2, kvp_tokens=M)) as dec:
+        groups = dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens, prompt_ids=PROMPT)
+        run_prefill(pre, "r1", KVSink("tcp", M, groups))
+        time.sleep(0.2)                                   # (the holders' reports are in; nobody read them)
+        kill(dec.executor.procs[1])
+        assert dec.abort("r1") and dec.kv.unsettled == {"r1"}
+        assert dec.check_alive() == [] and len(dec.repairs) == 1
+        assert dec.blocks.pools[0].num_cached == 4 and dec.blocks.num_used == 0
+        groups = dec.prepare_receive("r2", len(PROMPT), PARAMS.max_tokens, prompt_ids=PROMPT)
+        assert [(g.group, g.cached) for g in groups] == [(0, M), (1, 0)]
+        assert dec.abort("r2")
+        dec.blocks.check()

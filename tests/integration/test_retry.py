@@ -170,7 +170,7 @@ def decode_kv_received(cluster: Cluster) -> float:
 
 
 def test_a_worker_lost_once_its_groups_share_arrived_is_retried_with_only_the_lost_share(cluster, store, model):
-    """Killed when the prefill has computed 800 of the 1000 tokens (no token sent yet): group 0's 768
+    """Killed when the prefill has computed 896 of the 1000 tokens (no token sent yet): group 0's 768
     tokens have reached the decode instance, which keeps them through the worker's replacement (named
     in group 0's prefix cache); the router's retry, placed on the same instance, gets them from there
     and receives only group 1's 232 tokens' KV. (The decode side counts KV received by requests whose
@@ -179,7 +179,7 @@ def test_a_worker_lost_once_its_groups_share_arrived_is_retried_with_only_the_lo
     wait_until(lambda: decode_all_free(cluster), 60, "decode instance serving")
     before, received = retries(cluster), decode_kv_received(cluster)
     tokens, err, _ = stream(cluster, f"share-{uuid.uuid4().hex[:8]}",
-                            lambda ev, toks: ev.HasField("progress") and ev.progress.tokens_done >= 800 and not toks,
+                            lambda ev, toks: ev.HasField("progress") and ev.progress.tokens_done >= 896 and not toks,
                             prompt=prompt)
     assert err is None, f"{err.code()}: {err.details()}"
     assert tokens == offline(model, prompt)
