@@ -12,13 +12,13 @@ import time
 import pytest
 import torch
 
-from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine, make_engine
 from common.kv_connector.types import KVSink
 from common.kv_transfer import KVChunk, KVDest
 from common.kv_transfer.nixl import NixlSender
 from common.sampling_params import SamplingParams
-from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.disagg import engine_config, prefill_streaming, small_llama
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = [(7 * i + 3) % 300 + 10 for i in range(90)]      # spans both decode groups at M=64
@@ -26,22 +26,11 @@ PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
 def config(model: str, backend: str, **parallel) -> EngineConfig:
-    return EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=64),
-                        scheduler=SchedulerConfig(chunk_size=24), kv_backend=backend,
-                        parallel=ParallelConfig(**parallel))
+    return engine_config(model, backend, **parallel)
 
 
 def run_prefill(engine, sink: KVSink) -> tuple[tuple[int, float], tuple[str, str | None]]:
-    engine.add_request(PROMPT, SamplingParams(max_tokens=1, ignore_eos=True), request_id="r1", kv_sink=sink)
-    first = None
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.token_id is not None:
-                first = (o.token_id, o.logprob)
-    deadline = time.monotonic() + 30
-    while engine.kv_status("r1")[0] == "pending" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return first, engine.kv_status("r1")
+    return prefill_streaming(engine, "r1", PROMPT, sink)
 
 
 def prefill_child(model, backend, q_in, q_out):
@@ -66,8 +55,7 @@ def decode(engine, first) -> tuple[list[int], list[float]]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return str(write_random_hf_model(tmp_path_factory.mktemp("m"), "llama", num_attention_heads=6,
-                                     num_key_value_heads=2, num_hidden_layers=4, seed=7))
+    return small_llama(tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")

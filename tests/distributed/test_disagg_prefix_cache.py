@@ -8,16 +8,14 @@ the sender). The decode gives the tokens and logprobs of one process with cachin
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from common.config import EngineConfig
 from common.engine.engine import LLMEngine, make_engine
 from common.errors import InvalidRequestError
 from common.kv_connector.types import KVSink
 from common.sampling_params import SamplingParams
-from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.disagg import engine_config, prefill_streaming, record_sends, small_llama
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = [(7 * i + 3) % 300 + 10 for i in range(90)]      # spans both decode groups at M=64
@@ -26,52 +24,25 @@ PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
 def config(model: str, caching: bool = True, **parallel) -> EngineConfig:
-    return EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=64, prefix_caching=caching),
-                        scheduler=SchedulerConfig(chunk_size=24), kv_backend="tcp",
-                        parallel=ParallelConfig(**parallel))
+    return engine_config(model, "tcp", caching, **parallel)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return str(write_random_hf_model(tmp_path_factory.mktemp("m"), "llama", num_attention_heads=6,
-                                     num_key_value_heads=2, num_hidden_layers=4, seed=7))
+    return small_llama(tmp_path_factory.mktemp("m"))
 
 
-def counting(engine: LLMEngine) -> dict[str, int]:
-    """Wraps the prefill engine's KV senders: tokens sent per request (over all layers' chunks of the
-    one holder, counted once per token range and layer range)."""
-    sent: dict[str, int] = {}
-    streamer = engine.executor.kv.streamer
-    make = streamer._sender
-
-    def sender(backend, address):
-        s = make(backend, address)
-        if not getattr(s, "_counted", False):
-            send = s.send
-
-            def counted(chunk, dest, timeout_s):
-                sent[chunk.request_id] = sent.get(chunk.request_id, 0) + chunk.tokens[1] - chunk.tokens[0]
-                return send(chunk, dest, timeout_s)
-            s.send, s._counted = counted, True
-        return s
-    streamer._sender = sender
-    return sent
+def tokens_sent(sends: list, rid: str) -> int:
+    """Tokens of `rid` the prefill engine's KV senders sent (record_sends: over all layers' chunks of
+    the one holder, counted once per token range and layer range)."""
+    return sum(b - a for r, (a, b) in sends if r == rid)
 
 
 def turn(pre: LLMEngine, dec: LLMEngine, rid: str, prompt: list[int], kvp_tokens: int) -> tuple[list, list, list]:
     """One disaggregated request: prepare (with the prompt), prefill and stream, decode."""
     groups = dec.prepare_receive(rid, len(prompt), PARAMS.max_tokens, prompt_ids=prompt)
-    pre.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True), request_id=rid,
-                    kv_sink=KVSink("tcp", kvp_tokens, groups))
-    first = None
-    while pre.has_unfinished():
-        for o in pre.step():
-            if o.token_id is not None:
-                first = (o.token_id, o.logprob)
-    deadline = time.monotonic() + 30
-    while pre.kv_status(rid)[0] == "pending" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pre.kv_status(rid) == ("done", None)
+    first, status = prefill_streaming(pre, rid, prompt, KVSink("tcp", kvp_tokens, groups))
+    assert status == ("done", None)
     dec.add_prefilled(prompt, PARAMS, rid, first[0], first[1], kv_timeout_s=30)
     toks, lps = [first[0]], [first[1]]
     while dec.has_unfinished():
@@ -87,17 +58,17 @@ def turn(pre: LLMEngine, dec: LLMEngine, rid: str, prompt: list[int], kvp_tokens
 def test_second_turn_sends_only_what_the_decode_cache_lacks(model, kvp):
     ref_engine = LLMEngine(config(model, caching=False))
     pre = LLMEngine(config(model))
-    sent = counting(pre)
+    sent = record_sends(pre)
     parallel = dict(kvp=2, kvp_tokens=64) if kvp == 2 else {}
     with make_engine(config(model, **parallel)) as dec:
         m = 64 if kvp == 2 else 1 << 30
         groups1, toks1, lps1 = turn(pre, dec, "t1", PROMPT, m)
-        assert all(g.cached == 0 for g in groups1) and sent["t1"] == len(PROMPT)
+        assert all(g.cached == 0 for g in groups1) and tokens_sent(sent, "t1") == len(PROMPT)
         second = PROMPT + toks1 + QUESTION                 # 110 tokens; the decode side computed 101
         groups2, toks2, lps2 = turn(pre, dec, "t2", second, m)
         # 6 full blocks (96 tokens) are cached at the decode side: group 0's 64 and 32 of group 1's
         assert [g.cached for g in groups2] == ([64, 32] if kvp == 2 else [96])
-        assert sent["t2"] == len(second) - 96
+        assert tokens_sent(sent, "t2") == len(second) - 96
         dec.blocks.check()
         assert dec.blocks.num_used == 0
     for prompt, toks, lps in ((PROMPT, toks1, lps1), (second, toks2, lps2)):
@@ -129,10 +100,10 @@ def test_a_prompt_held_whole_at_the_decode_side_travels_not_at_all(model):
     tokens of one process with caching off."""
     prompt = PROMPT[:80] + QUESTION + QUESTION[:8]
     dec, pre = LLMEngine(config(model)), LLMEngine(config(model))
-    sent = counting(pre)
+    sent = record_sends(pre)
     dec.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True))
     groups, toks, lps = turn(pre, dec, "whole", prompt, 1 << 30)
-    assert [g.cached for g in groups] == [96] and sent.get("whole", 0) == 0
+    assert [g.cached for g in groups] == [96] and tokens_sent(sent, "whole") == 0
     ref = LLMEngine(config(model, caching=False)).generate([prompt], PARAMS)[0]
     assert toks == ref.token_ids
     assert max(abs(a - b) for a, b in zip(lps, ref.logprobs)) < 1e-5

@@ -15,13 +15,12 @@ import time
 import psutil
 import pytest
 
-from common.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from common.config import EngineConfig
 from common.engine.engine import LLMEngine, make_engine
 from common.errors import KVTransferError
 from common.kv_connector.types import KVSink
-from common.kv_connector.worker import KVStreamer
 from common.sampling_params import SamplingParams
-from tests.fixtures.hf_models import write_random_hf_model
+from tests.fixtures.disagg import engine_config, prefill_streaming, record_sends, small_llama
 
 pytestmark = pytest.mark.timeout(300)
 M = 64
@@ -31,15 +30,12 @@ PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
 
 
 def config(model: str, **parallel) -> EngineConfig:
-    return EngineConfig(model=model, cache=CacheConfig(block_size=16, num_blocks=64),
-                        scheduler=SchedulerConfig(chunk_size=24), kv_backend="tcp",
-                        parallel=ParallelConfig(**parallel))
+    return engine_config(model, **parallel)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return str(write_random_hf_model(tmp_path_factory.mktemp("m"), "llama", num_attention_heads=6,
-                                     num_key_value_heads=2, num_hidden_layers=4, seed=7))
+    return small_llama(tmp_path_factory.mktemp("m"))
 
 
 @pytest.fixture(scope="module")
@@ -102,41 +98,19 @@ def test_a_lost_kvp_rank_is_replaced_in_place_and_its_requests_resume_exactly(mo
 
 
 def run_prefill(engine, rid: str, sink: KVSink, prompt: list[int] = PROMPT) -> tuple[int, float]:
-    engine.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True), request_id=rid, kv_sink=sink)
-    first = None
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.token_id is not None:
-                first = (o.token_id, o.logprob)
-    deadline = time.monotonic() + 30
-    while engine.kv_status(rid)[0] == "pending" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.kv_status(rid) == ("done", None)
+    first, status = prefill_streaming(engine, rid, prompt, sink)
+    assert status == ("done", None)
     return first
 
 
 PROMPT2 = [(3 * i + 7) % 300 + 10 for i in range(90)]
 
 
-def test_a_received_request_resumes_and_a_receiving_one_is_retried_with_only_the_lost_share(model, reference,
-                                                                                           monkeypatch):
-    sent: list[tuple[str, tuple[int, int]]] = []
-    make_sender = KVStreamer._sender
-
-    def recording(self, backend, address):                # every chunk the prefill side sends
-        sender = make_sender(self, backend, address)
-        if not getattr(sender, "_recorded", False):
-            send = sender.send
-
-            def send_recorded(chunk, dest, timeout):
-                sent.append((chunk.request_id, chunk.tokens))
-                return send(chunk, dest, timeout)
-            sender.send, sender._recorded = send_recorded, True
-        return sender
-    monkeypatch.setattr(KVStreamer, "_sender", recording)
+def test_a_received_request_resumes_and_a_receiving_one_is_retried_with_only_the_lost_share(model, reference):
     ref2 = LLMEngine(config(model)).generate([PROMPT2], PARAMS)[0].token_ids
 
     pre = LLMEngine(config(model))
+    sent = record_sends(pre)
     with make_engine(config(model, kvp=2, kvp_tokens=M)) as dec:
         # 1. Received and decoding: r1 resumes, its group-1 KV computed again on the decode grid.
         groups = dec.prepare_receive("r1", len(PROMPT), PARAMS.max_tokens, prompt_ids=PROMPT)

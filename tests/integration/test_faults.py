@@ -29,7 +29,7 @@ from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
 from tests.fixtures.placements import placement_for
-from tests.fixtures.processes import grid_workers
+from tests.fixtures.processes import grid_worker, grid_workers
 from tests.fixtures.waiting import wait_until as _wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,8 +104,8 @@ def test_killed_decode_worker_is_replaced_in_place_and_the_request_resumes(clust
     registration, same engine), and the request resumes: its group-1 KV is computed again on the
     decode instance and the client gets every token, exactly the single-process ones, with one
     longer gap and no error."""
-    workers = decode_workers(cluster)
-    assert len(workers) == 2
+    workers = [grid_worker(cluster.services["decode"].pid, rank) for rank in (1, 2)]
+    assert len(decode_workers(cluster)) == 2
     registered = [(i.instance_id, i.engine_epoch) for i in store.list_instances() if i.role == "decode"]
     replaced = total(scrape(cluster.metrics_urls["decode"]), "mnemosyne_worker_replacements_total")
     rid = f"resumed-{uuid.uuid4().hex[:8]}"
@@ -124,8 +124,8 @@ def test_killed_decode_worker_is_replaced_in_place_and_the_request_resumes(clust
         ch.close()
     assert toks == reference
     assert gap < 5, f"the client waited {gap:.1f} s for a token"
-    now = decode_workers(cluster)
-    assert len(now) == 2 and now[0].pid == workers[0].pid and now[1].pid != workers[1].pid   # only the dead rank
+    now = [grid_worker(cluster.services["decode"].pid, rank) for rank in (1, 2)]
+    assert now[0].pid == workers[0].pid and now[1].pid != workers[1].pid     # only the dead rank is new
     assert [(i.instance_id, i.engine_epoch) for i in store.list_instances() if i.role == "decode"] == registered
     assert total(scrape(cluster.metrics_urls["decode"]), "mnemosyne_worker_replacements_total") == replaced + 1
     wait_until(lambda: decode_all_free(cluster) and store.num_placements() == 0, LEASE_S + 5,

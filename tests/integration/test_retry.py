@@ -42,7 +42,7 @@ from common.sampling_params import SamplingParams
 from scripts.up import Cluster, ClusterConfig
 from tests.fixtures.hf_models import write_random_hf_model
 from tests.fixtures.placements import placement_for
-from tests.fixtures.processes import grid_workers
+from tests.fixtures.processes import grid_worker, grid_workers
 from tests.fixtures.waiting import wait_until as _wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -104,10 +104,9 @@ def decode_all_free(cluster: Cluster) -> bool:
 
 
 def decode_worker(cluster: Cluster) -> psutil.Process:
-    """The decode instance's last grid worker (KVP group 1)."""
-    live = grid_workers(cluster.services["decode"].pid)
-    assert len(live) == 2, live
-    return max(live, key=lambda p: p.create_time())
+    """The decode instance's worker of KVP group 1 (rank 2)."""
+    assert len(grid_workers(cluster.services["decode"].pid)) == 2
+    return grid_worker(cluster.services["decode"].pid, 2)
 
 
 def retries(cluster: Cluster) -> float:
