@@ -363,14 +363,8 @@ class LLMEngine:
                 self.executor.forget(rid)
                 if req is not None:
                     outs.append(self._ended(req, FinishReason.ABORT, why))
-        for rid, req in list(self.scheduler.requests.items()):
-            if rid in self.kv.streaming and any(self.blocks.table(rid)[g] for g in lost):
-                # Prefill role: part of its KV went out from the lost worker; the caller retries.
-                self.kv.abort(rid)
-                self.scheduler.abort(rid)
-                self.executor.forget(rid)
-                outs.append(self._ended(req, FinishReason.ABORT, why))
-            elif self.scheduler.rewind(rid, lost):
+        for rid in list(self.scheduler.requests):
+            if self.scheduler.rewind(rid, lost):
                 rewound.add(rid)
         for g in lost:
             self.blocks.pools[g].drop_names()            # what its cache named is gone with the worker

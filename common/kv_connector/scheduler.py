@@ -11,9 +11,11 @@ with the first failure. A terminal answer is remembered (bounded) so that repeat
 
 Decode role: `prepare_receive` reserves the request's blocks in every KVP group and registers the
 token ranges with the holders; given the prompt's token ids and with prefix caching on, it first
-takes the blocks of the longest cached full-block prefix of the prompt (e.g. the previous turn of a
-chat decoded here): those tokens are not transferred (GroupSink.cached tells the sender, the holders
-count them as arrived), and `add_prefilled` refuses a prompt whose prefix is not the one prepared.
+takes in each KVP group the longest cached run of that group's blocks of the prompt (e.g. the
+previous turn of a chat decoded here; or, after a worker was replaced, what the other groups had
+received whole of a retried request): those tokens are not transferred (GroupSink.cached, per group,
+tells the sender; the holders count them as arrived), and `add_prefilled` refuses a prompt whose
+tokens are not the ones prepared.
 `add_prefilled` queues the request (all prompt tokens computed, the
 first token sampled elsewhere). `admit_arrived`, at the start of every engine step, moves requests
 whose KV arrived at every expecting holder into the Scheduler, and ends those that failed or passed
@@ -25,7 +27,9 @@ Block ownership:
 - While the request awaits its KV, this object owns them: a failure, a timeout or an abort frees
   them here, once the holders answered the cancel of their expectations; blocks a NIXL write
   granted before the cancel may still land in (the holders say which) are withheld for good
-  (BlockPool.quarantine), so such a write can never reach another request's KV.
+  (BlockPool.quarantine), so such a write can never reach another request's KV. The groups it had
+  received whole are named in the prefix cache first (`_keep_arrived`). A cancel a dead holder
+  cannot answer keeps the blocks (`unsettled`) until the engine repaired the grid (`settle`).
 - Once admitted, the Scheduler owns them as for any request: it frees them when the request
   finishes, is preempted or aborted. Holders never allocate or free blocks.
 - A prefill request's blocks are the Scheduler's throughout; what is in flight to the decode side are
@@ -40,7 +44,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from common.config import ParallelConfig
-from common.errors import ConfigError, InvalidRequestError, KVTransferError
+from common.errors import ConfigError, InvalidRequestError, KVTransferError, WorkerFailedError
 from common.kv_cache.kvp_blocks import KVPBlockManager
 from common.kv_cache.prefix import extend_hashes
 from common.kv_connector.types import GroupSink, KVEvent, KVSink
@@ -77,7 +81,7 @@ class KVConnectorScheduler:
         self.reused: dict[str, list[int]] = {}                           # rid -> cached blocks it took, per group
         self.lost: dict[str, str] = {}                                   # rid -> why its KV was lost (bounded)
         self.unsettled: set[str] = set()     # cancels a dead holder interrupted: blocks held until `settle`
-        self.holder_lost = None              # the WorkerFailedError of such a cancel, for the engine
+        self.holder_lost: WorkerFailedError | None = None   # such a cancel's error, for the engine
         self.awaiting: dict[str, tuple[Request, float, float]] = {}      # rid -> (request, since, timeout)
         self.progress: dict[str, float] = {}                             # rid -> last KV intake progress
 
@@ -163,7 +167,7 @@ class KVConnectorScheduler:
     def prepare_receive(self, rid: str, num_tokens: int, max_new_tokens: int, epoch: int = 0,
                         prompt_ids: list[int] | None = None) -> list[GroupSink]:
         """Reserves the blocks of a request whose `num_tokens` prompt tokens' KV will arrive; with
-        `prompt_ids` (its prompt) the cached blocks of its prefix are reused and not received."""
+        `prompt_ids` (its prompt) each group's cached blocks of it are reused and not received."""
         if self.parallel.spp != 1:
             raise ConfigError("a decode grid that receives KV must have spp = 1")
         if rid in self.prepared or rid in self.scheduler.requests or rid in self.unsettled:
@@ -235,7 +239,6 @@ class KVConnectorScheduler:
         hashes = self.hashes.get(rid)
         if not hashes or rid not in self.prepared or rid in self.scheduler.requests:
             return
-        from common.errors import WorkerFailedError
         try:
             self.poll()
         except WorkerFailedError as e:           # a holder is gone: go by the reports already in
@@ -325,7 +328,6 @@ class KVConnectorScheduler:
         land in; False when a holder is gone (a worker died): the request's blocks are kept until
         the grid is repaired (`settle`) or rebuilt, since a holder that did not answer may still
         write, and `holder_lost` tells the engine."""
-        from common.errors import WorkerFailedError
         try:
             self._withhold(self.executor.kv_cancel(rid))
         except WorkerFailedError as e:

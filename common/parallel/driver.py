@@ -262,8 +262,10 @@ class GridExecutor(Executor):
     @property
     def repairable(self) -> bool:
         """A grid whose dead worker can be replaced in place: one this driver spawned, without a
-        sequence pipeline (a decode grid: each rank's KV is its own, no step is between stages)."""
-        return self.spawn_workers and self.pcfg.spp == 1 and not self.closed
+        sequence pipeline (each rank's KV is its own, no step is between stages), not streaming KV
+        out (a prefill pool's: it rebuilds whole, and the router retries its requests)."""
+        return (self.spawn_workers and self.pcfg.spp == 1 and self.cfg.scheduler.role != "prefill"
+                and not self.closed)
 
     def repair(self) -> set[int]:
         """Replaces the workers that died, keeping the others and what they hold (weights, KV,

@@ -131,9 +131,10 @@ class Worker:
 
     @property
     def repairable(self) -> bool:
-        """A grid without a sequence pipeline (a decode grid) survives a lost peer: no step is
-        half-way between stages, and every rank's KV is its own (GridExecutor.repair)."""
-        return self.pcfg.spp == 1
+        """A grid without a sequence pipeline that streams no KV out (a decode grid) survives a lost
+        peer: no step is half-way between stages, and every rank's KV is its own
+        (GridExecutor.repairable)."""
+        return self.pcfg.spp == 1 and self.args.engine.scheduler.role != "prefill"
 
     def step(self, ctl, plan: StepPlan, pending: list) -> list:
         """Runs one plan on this rank: receives the previous stage's hidden states, runs the layers,

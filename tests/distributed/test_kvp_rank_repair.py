@@ -210,3 +210,20 @@ def test_an_intake_aborted_before_the_grid_noticed_its_lost_worker_keeps_the_who
         assert [(g.group, g.cached) for g in groups] == [(0, M), (1, 0)]
         assert dec.abort("r2")
         dec.blocks.check()
+
+
+def test_a_prefill_role_grid_is_not_repaired_in_place(model):
+    """A prefill pool's grid streams its KV out: a lost worker fails the engine as before (its owner
+    rebuilds it whole and the router retries the requests), it is not replaced in place."""
+    from dataclasses import replace
+    from common.errors import WorkerFailedError
+    cfg = config(model, tp=2)
+    with make_engine(replace(cfg, scheduler=replace(cfg.scheduler, role="prefill"))) as eng:
+        assert not eng.executor.repairable
+        eng.add_request(SHORT, PARAMS, request_id="r")
+        eng.step()
+        kill(eng.executor.procs[1])
+        with pytest.raises(WorkerFailedError):
+            while eng.has_unfinished():
+                eng.step()
+        assert eng.repairs == []
