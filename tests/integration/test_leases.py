@@ -35,7 +35,7 @@ MAX_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
-    # 16 layers and 8-token chunks: a prefill of PROMPT takes a few leases, even on a fast machine
+    # 16 layers and 4-token chunks: a prefill of PROMPT takes a few leases, even on a fast machine
     return str(write_random_hf_model(tmp_path_factory.mktemp("lease-model"), "llama", num_attention_heads=6,
                                      num_key_value_heads=2, num_hidden_layers=16, max_position_embeddings=1024,
                                      seed=13))
@@ -45,9 +45,10 @@ def model(tmp_path_factory) -> str:
 def cluster(model, tmp_path_factory):
     cfg = ClusterConfig(insecure=True,   # the test calls the kvstore, decode and Redis directly (plaintext)
                         model=model, kv_backend="tcp", router_port=0, kvp_tokens=512, decode_kv_tokens=2048,
-                        prefill_kv_tokens=1024, chunk_size=8, short_prompt_tokens=64, lease_s=LEASE_S,
-                        # fixed 8-token chunks (the pools default to adaptive ones, which would take
-                        # the whole prompt at once on an idle machine)
+                        prefill_kv_tokens=1024, chunk_size=4, short_prompt_tokens=64, lease_s=LEASE_S,
+                        # fixed 4-token chunks (the pools default to adaptive ones, which would take
+                        # the whole prompt at once on an idle machine; 8-token ones took 0.96 s on a
+                        # quiet one, under the two leases the test needs)
                         pool_flags=("--chunking", "fixed"),
                         deployment=f"leases-{uuid.uuid4().hex[:8]}", admission=False,
                         log_dir=str(tmp_path_factory.mktemp("lease-logs")))
