@@ -276,8 +276,8 @@ class GridExecutor(Executor):
         token it held); steps in flight are dropped (the engine submits them again).
         WorkerFailedError when the grid cannot be repaired or no worker died."""
         if not self.repairable:
-            raise WorkerFailedError("this grid cannot replace a worker in place (a pipeline, or workers "
-                                    "started elsewhere)")
+            raise WorkerFailedError("this grid cannot replace a worker in place (a pipeline, a prefill "
+                                    "pool's grid, or workers started elsewhere)")
         t0 = time.monotonic()
         deadline = t0 + REAP_WAIT_S
         while not (dead := [r for r, p in enumerate(self.procs, start=1) if not p.is_alive()]):
@@ -304,9 +304,12 @@ class GridExecutor(Executor):
                        join_timeout_s=self.load_timeout_s)
             self.groups = Groups(self.pcfg, DRIVER_RANK)
             self.control.accept(list(range(1, world_size(self.pcfg))), self.load_timeout_s, self._dead_worker)
-        except BaseException:
+        except BaseException:                  # the grid is lost: nothing is left to shut down after this
             self.closed = True
             self._stop_workers(5.0)
+            if dist.is_initialized():
+                dist.destroy_process_group()       # (the owner's next grid builds its own)
+            self.store = None
             raise
         self.inflight.clear()
         self.first_step = next(self.step_ids)
