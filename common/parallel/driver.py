@@ -304,12 +304,14 @@ class GridExecutor(Executor):
                        join_timeout_s=self.load_timeout_s)
             self.groups = Groups(self.pcfg, DRIVER_RANK)
             self.control.accept(list(range(1, world_size(self.pcfg))), self.load_timeout_s, self._dead_worker)
-        except BaseException:                  # the grid is lost: nothing is left to shut down after this
+        except BaseException as e:             # the grid is lost: nothing is left to shut down after this
             self.closed = True
             self._stop_workers(5.0)
             if dist.is_initialized():
                 dist.destroy_process_group()       # (the owner's next grid builds its own)
             self.store = None
+            if isinstance(e, Exception) and not isinstance(e, WorkerFailedError):
+                raise WorkerFailedError(f"replacing worker rank(s) {dead} failed: {e}") from e
             raise
         self.inflight.clear()
         self.first_step = next(self.step_ids)

@@ -227,3 +227,27 @@ def test_a_prefill_role_grid_is_not_repaired_in_place(model):
             while eng.has_unfinished():
                 eng.step()
         assert eng.repairs == []
+
+
+def test_a_repair_that_fails_leaves_nothing_behind_and_the_next_grid_starts(model, reference):
+    """The replacement never joins (here: it exits at once): the repair gives up after the join
+    timeout, the engine fails as before (its owner rebuilds it), and a new grid in the same process
+    starts and serves exactly (no process group or worker is left over)."""
+    from common.errors import WorkerFailedError
+    with make_engine(config(model, kvp=2, kvp_tokens=M), timeout_s=5.0, load_timeout_s=5.0) as eng:
+        ctx_spawn = eng.executor._spawn
+
+        def stillborn(rank):
+            p = ctx_spawn(rank)
+            kill(p)
+            return p
+        eng.executor._spawn = stillborn
+        eng.add_request(SHORT, PARAMS, request_id="r")
+        eng.step()
+        kill(eng.executor.procs[1])
+        with pytest.raises(WorkerFailedError):
+            while eng.has_unfinished():
+                eng.step()
+        assert eng.executor.closed and not any(p.is_alive() for p in eng.executor.procs)
+    with make_engine(config(model, kvp=2, kvp_tokens=M)) as again:
+        assert again.generate([SHORT], PARAMS)[0].token_ids == reference["short"].token_ids
