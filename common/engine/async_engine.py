@@ -15,8 +15,9 @@ Outputs cross to asyncio with `loop.call_soon_threadsafe`; commands come back as
 
 Ownership: a request's stream (`generate`, `add_prefilled`) owns the request: leaving the stream
 early (consumer cancelled, stream closed) aborts it in the engine. A grid worker that dies
-is replaced in place where the grid can do that (a decode grid: LLMEngine._recover), and only the
-requests whose KV it held end, with an error. A step that raises (e.g. a worker of a pipeline died:
+is replaced in place where the grid can do that (a decode grid: LLMEngine._recover): its requests
+go on (those that lost KV compute it again; those still receiving it end with a retryable error).
+A step that raises (e.g. a worker of a pipeline died:
 WorkerFailedError) fails the engine: every open stream and watch gets that error, the engine is
 shut down, and later calls raise WorkerFailedError. The owner may then build a new one.
 """

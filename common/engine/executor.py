@@ -26,6 +26,7 @@ from common.attention.registry import get_backend
 from common.config import EngineConfig, ModelConfig
 from common.engine.model_runner import ModelRunner
 from common.engine.sampler import Sampler
+from common.errors import WorkerFailedError
 from common.kv_cache.block_pool import BlockPool
 from common.kv_cache.paged import PagedKVCache
 from common.kv_connector.types import KVAck, KVEvent, KVSink, kv_layout
@@ -102,7 +103,6 @@ class Executor(ABC):
         """After a WorkerFailedError: replaces the dead processes, keeping the others and their KV;
         returns the KVP groups whose KV was lost. Steps in flight are dropped (the caller submits
         them again). Raises WorkerFailedError when it cannot."""
-        from common.errors import WorkerFailedError
         raise WorkerFailedError("this executor cannot replace a process in place")
 
     def shutdown(self) -> None:
