@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
 
 from common.config import EngineConfig
 from common.engine.engine import LLMEngine, make_engine
-from common.errors import KVTransferError
+from common.errors import KVTransferError, WorkerFailedError
 from common.kv_connector.types import KVSink
 from common.sampling_params import SamplingParams
 from tests.fixtures.disagg import engine_config, prefill_streaming, record_sends, small_llama
@@ -212,20 +213,23 @@ def test_an_intake_aborted_before_the_grid_noticed_its_lost_worker_keeps_the_who
         dec.blocks.check()
 
 
+def fails_after_a_lost_worker(eng) -> None:
+    """A request runs a step, the worker of rank 2 is killed: the engine's next steps raise."""
+    eng.add_request(SHORT, PARAMS, request_id="r")
+    eng.step()
+    kill(eng.executor.procs[1])
+    with pytest.raises(WorkerFailedError):
+        while eng.has_unfinished():
+            eng.step()
+
+
 def test_a_prefill_role_grid_is_not_repaired_in_place(model):
     """A prefill pool's grid streams its KV out: a lost worker fails the engine as before (its owner
     rebuilds it whole and the router retries the requests), it is not replaced in place."""
-    from dataclasses import replace
-    from common.errors import WorkerFailedError
     cfg = config(model, tp=2)
     with make_engine(replace(cfg, scheduler=replace(cfg.scheduler, role="prefill"))) as eng:
         assert not eng.executor.repairable
-        eng.add_request(SHORT, PARAMS, request_id="r")
-        eng.step()
-        kill(eng.executor.procs[1])
-        with pytest.raises(WorkerFailedError):
-            while eng.has_unfinished():
-                eng.step()
+        fails_after_a_lost_worker(eng)
         assert eng.repairs == []
 
 
@@ -233,7 +237,6 @@ def test_a_repair_that_fails_leaves_nothing_behind_and_the_next_grid_starts(mode
     """The replacement never joins (here: it exits at once): the repair gives up after the join
     timeout, the engine fails as before (its owner rebuilds it), and a new grid in the same process
     starts and serves exactly (no process group or worker is left over)."""
-    from common.errors import WorkerFailedError
     with make_engine(config(model, kvp=2, kvp_tokens=M), timeout_s=5.0, load_timeout_s=5.0) as eng:
         ctx_spawn = eng.executor._spawn
 
@@ -242,12 +245,7 @@ def test_a_repair_that_fails_leaves_nothing_behind_and_the_next_grid_starts(mode
             kill(p)
             return p
         eng.executor._spawn = stillborn
-        eng.add_request(SHORT, PARAMS, request_id="r")
-        eng.step()
-        kill(eng.executor.procs[1])
-        with pytest.raises(WorkerFailedError):
-            while eng.has_unfinished():
-                eng.step()
+        fails_after_a_lost_worker(eng)
         assert eng.executor.closed and not any(p.is_alive() for p in eng.executor.procs)
     with make_engine(config(model, kvp=2, kvp_tokens=M)) as again:
         assert again.generate([SHORT], PARAMS)[0].token_ids == reference["short"].token_ids
