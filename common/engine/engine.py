@@ -357,7 +357,7 @@ class LLMEngine:
         self.kv.settle()
         outs, rewound = [], set()
         for rid in list(self.kv.prepared):               # KV still arriving: the caller retries
-            if any(self.blocks.table(rid)[g] for g in lost):
+            if any(self.blocks.pools[g].table(rid) for g in lost):
                 req = (self.kv.awaiting.get(rid) or (None,))[0]
                 self.kv.lose(rid, lost, why)
                 self.executor.forget(rid)

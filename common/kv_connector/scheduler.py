@@ -224,8 +224,7 @@ class KVConnectorScheduler:
         forgotten as by abort (what the other groups received of its prompt, complete, stays named in
         their prefix caches, so a retry prepared here receives only the lost groups' share), and a
         later add_prefilled of it fails with `why` (retryable) rather than as never prepared."""
-        self._keep_arrived(rid, groups)
-        self.abort(rid)
+        self.abort(rid, lost=groups)
         self.lost[rid] = why
         while len(self.lost) > FINAL_KEPT:
             self.lost.pop(next(iter(self.lost)))
@@ -302,8 +301,9 @@ class KVConnectorScheduler:
         return outs
 
     # ---- both ------------------------------------------------------------------------------------
-    def abort(self, rid: str) -> bool:
-        """Forgets the request here and on the holders; frees its blocks if it is still ours."""
+    def abort(self, rid: str, lost: set[int] = frozenset()) -> bool:
+        """Forgets the request here and on the holders; frees its blocks if it is still ours. What
+        it received whole is kept in the prefix cache, but in KVP groups `lost` (their worker died)."""
         found = rid in self.prepared or rid in self.sinks or rid in self.streaming
         self.sinks.pop(rid, None)
         self.sent.pop(rid, None)
@@ -311,7 +311,7 @@ class KVConnectorScheduler:
         self.final.pop(rid, None)
         self.progress.pop(rid, None)
         mine = rid in self.prepared and rid not in self.scheduler.requests
-        self._keep_arrived(rid)
+        self._keep_arrived(rid, lost)
         if (not found or self._cancel(rid)) and mine:
             self.blocks.free(rid)
         self._forget(rid)
