@@ -393,7 +393,7 @@ class AsyncEngine:
             if not self._drain_commands(block=not busy and not self._watches):
                 return
             # A lost worker is replaced now (or fails the engine), not at the next request.
-            lost = (e.check_alive() or []) if not busy else []
+            lost = e.check_alive() if not busy else []
             t0 = time.perf_counter()
             outs = lost + (e.step() if e.has_unfinished() else [])
             seconds = time.perf_counter() - t0

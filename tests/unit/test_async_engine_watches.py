@@ -29,8 +29,8 @@ class _KVEngine:
     def has_unfinished(self) -> bool:
         return False
 
-    def check_alive(self) -> None:
-        pass
+    def check_alive(self) -> list:
+        return []
 
     def step(self) -> list:
         return []
@@ -170,8 +170,8 @@ class _PrepEngine(_KVEngine):
     def has_unfinished(self) -> bool:
         return self.prepared
 
-    def check_alive(self) -> None:
-        pass
+    def check_alive(self) -> list:
+        return []
 
     def step(self) -> list:
         self.release.wait(10)
