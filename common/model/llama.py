@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
-from common.model import fused
+from common.model import cpu_gemv, fused
 from common.model.rope import Rope, apply_rope
 
 
@@ -66,10 +66,21 @@ def _set_storage(linear: nn.Linear, transposed: bool) -> None:
 
 
 def transposed_by_default(weight: torch.Tensor) -> bool:
-    """The measured layout choice (bench/results/cpu_layout_ab.md): [in, out] storage for float32 on
-    the CPU, where MKL's matrix-vector product streams it faster; never for bfloat16 (this CPU's bf16
-    kernels are many times slower with it) nor off the CPU (not measured there)."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32
+    """The measured layout choice: [out, in] wherever the CPU decode kernel runs (common/model/cpu_gemv.py
+    streams rows of that layout, 2x MKL's rate on either); without it, [in, out] storage for float32 on
+    the CPU, where MKL's matrix-vector product streams it faster (bench/results/cpu_layout_ab.md);
+    never for bfloat16 (this CPU's bf16 kernels are many times slower with it) nor off the CPU (not
+    measured there)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and cpu_gemv.library() is None)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product goes through `cpu_gemv.linear`: the CPU decode kernel for a few rows,
+    F.linear otherwise. Same parameters and names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_gemv.linear(x, self.weight, self.bias)
 
 
 def weights_transposed(linear: nn.Linear) -> bool:
@@ -98,10 +109,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.qkv: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None  # set by pack()
 
     def pack(self, transposed: bool) -> None:
@@ -132,7 +143,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         if self.qkv is not None:
             w, b, sizes = self.qkv
-            q, k, v = F.linear(x, w, b).split(sizes, dim=-1)                       # strided views
+            q, k, v = cpu_gemv.linear(x, w, b).split(sizes, dim=-1)                     # strided views
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(t, -1, self.head_dim)                   # [T, Hq_local, D]
@@ -149,9 +160,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gate_up: torch.Tensor | None = None          # [2 I, hidden], set by pack()
 
     def pack(self, transposed: bool) -> None:
@@ -171,7 +182,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)                  # [T, I] each
+            gate, up = cpu_gemv.linear(x, self.gate_up).chunk(2, dim=-1)                # [T, I] each
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -237,7 +248,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i)
                                      for i in range(self.first_layer, self.last_layer)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> hidden [T, hidden]."""

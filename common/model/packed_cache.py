@@ -11,7 +11,7 @@ the page cache's, shared by every process that maps them instead of copied into 
 
 A file is named by everything its tensors depend on: the checkpoint's files (path, size, mtime), the
 model config (less max_position, which no weight depends on), the layers, the TP shard, the dtype and
-the layout (FORMAT). It is written to a temporary file and renamed, by one process at a time (a lock
+the layout (FORMAT, and whether float32 weights are stored transposed). It is written to a temporary file and renamed, by one process at a time (a lock
 file; a lock left by a dead process is taken over), so a reader never maps a partial file; a file
 that fails to load is removed and the shard built again. The directory keeps the most recently used
 files up to MAX_BYTES (oldest removed first); a shard larger than that is not cached.
@@ -61,12 +61,13 @@ def source_identity(source: str) -> list:
 
 
 def shard_key(source: str, cfg: ModelConfig, dtype: torch.dtype, first_layer: int, last_layer: int,
-              shard: object = None) -> str:
-    """The name of a shard's file: a hash of everything its tensors depend on."""
+              shard: object = None, transposed: bool = False) -> str:
+    """The name of a shard's file: a hash of everything its tensors depend on (`transposed`: the
+    weights' storage, LlamaModel.pack_weights; it depends on whether the CPU decode kernel runs)."""
     config = dataclasses.asdict(cfg)
     config.pop("max_position", None)
     raw = json.dumps({"format": FORMAT, "source": source_identity(source), "config": config,
-                      "dtype": str(dtype), "layers": [first_layer, last_layer],
+                      "dtype": str(dtype), "layers": [first_layer, last_layer], "transposed": transposed,
                       "shard": dataclasses.asdict(shard) if shard is not None else None},
                      sort_keys=True, default=str)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]

@@ -16,7 +16,7 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.errors import ConfigError
-from common.model.llama import LlamaModel, meta_weight, to_empty
+from common.model.llama import Linear, LlamaModel, meta_weight, to_empty, transposed_by_default
 from common.model.packed_cache import PackedCache, shard_key
 
 
@@ -84,7 +84,7 @@ def slice_weight(shard: TPShard, cfg: ModelConfig, name: str, t: torch.Tensor) -
     return t
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """Each rank multiplies its input slice; the partial sums are all-reduced over the TP group."""
 
     def __init__(self, in_features: int, out_features: int, groups) -> None:
@@ -109,7 +109,7 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.groups.all_reduce_tp(out)
 
 
-class VocabParallelHead(nn.Linear):
+class VocabParallelHead(Linear):
     def __init__(self, dim: int, num: int, per_rank: int, vocab_size: int, groups) -> None:
         super().__init__(dim, num, bias=False)
         self.per_rank = per_rank
@@ -134,13 +134,13 @@ def apply_tp(model: LlamaModel, shard: TPShard, groups) -> None:
     ni = shard.inter[1] - shard.inter[0]
     for layer in model.layers.values():
         a = layer.self_attn
-        a.q_proj = nn.Linear(h, nq, bias=cfg.qkv_bias)
-        a.k_proj = nn.Linear(h, nkv, bias=cfg.qkv_bias)
-        a.v_proj = nn.Linear(h, nkv, bias=cfg.qkv_bias)
+        a.q_proj = Linear(h, nq, bias=cfg.qkv_bias)
+        a.k_proj = Linear(h, nkv, bias=cfg.qkv_bias)
+        a.v_proj = Linear(h, nkv, bias=cfg.qkv_bias)
         a.o_proj = RowParallelLinear(nq, h, groups)
         m = layer.mlp
-        m.gate_proj = nn.Linear(h, ni, bias=False)
-        m.up_proj = nn.Linear(h, ni, bias=False)
+        m.gate_proj = Linear(h, ni, bias=False)
+        m.up_proj = Linear(h, ni, bias=False)
         m.down_proj = RowParallelLinear(ni, h, groups)
     nv = shard.vocab[1] - shard.vocab[0]
     if model.embed_tokens is not None:
@@ -183,5 +183,6 @@ def build_shard(ckpt, shard: TPShard, groups, first_layer: int, last_layer: int,
         return model
 
     # a TP group of one holds the whole model: the single-process engine's file
-    key = shard_key(ckpt.source, ckpt.config, dtype, first_layer, last_layer, shard if shard.size > 1 else None)
+    key = shard_key(ckpt.source, ckpt.config, dtype, first_layer, last_layer, shard if shard.size > 1 else None,
+                    transposed_by_default(torch.empty(0, dtype=dtype)))
     return cache.model(key, build, empty)

@@ -22,7 +22,7 @@ from common.model.loader import load_checkpoint
 from common.model.packed_cache import PackedCache, shard_key
 from common.parallel.tp import build_shard, tp_shard
 from tests.fixtures.hf_models import write_random_hf_model
-from tests.unit.test_weight_layout import assert_layout, fused, logits
+from tests.unit.test_weight_layout import F32_DEFAULT, assert_layout, fused, logits
 
 VOCAB = 321
 _rng = random.Random(7)
@@ -59,7 +59,7 @@ def same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[name], sb[name]) and sa[name].stride() == sb[name].stride(), name
 
 
-@pytest.mark.parametrize("dtype,transposed", [(torch.float32, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("dtype,transposed", [(torch.float32, F32_DEFAULT), (torch.bfloat16, False)])
 def test_mapped_model_is_the_built_one(checkpoint, tmp_path, dtype, transposed):
     ckpt = load_checkpoint(checkpoint)
     cache = PackedCache(tmp_path)
@@ -90,9 +90,10 @@ def test_tp_shards_are_cached_apart(checkpoint, tmp_path, rank):
     mapped = build_shard(ckpt, shard, None, 0, n, torch.float32, cache)
     build_shard(ckpt, shard, None, 0, n // 2, torch.float32, cache)                          # another stage
     assert len(files(cache)) == 3
-    assert_layout(mapped, transposed=True)
+    assert_layout(mapped, transposed=F32_DEFAULT)
     same_tensors(plain, mapped)
-    assert mapped_from(fused(mapped)["0.qkv"], cache.path(shard_key(ckpt.source, ckpt.config, torch.float32, 0, n, shard)))
+    assert mapped_from(fused(mapped)["0.qkv"], cache.path(shard_key(ckpt.source, ckpt.config, torch.float32, 0, n, shard,
+                                                                                   F32_DEFAULT)))
 
 
 def test_key_follows_the_checkpoint_files(checkpoint, tmp_path):
@@ -101,6 +102,7 @@ def test_key_follows_the_checkpoint_files(checkpoint, tmp_path):
     assert key == shard_key(ckpt.source, ckpt.config, torch.float32, 0, 2)
     assert key != shard_key(ckpt.source, ckpt.config, torch.bfloat16, 0, 2)
     assert key != shard_key(ckpt.source, ckpt.config, torch.float32, 0, 1)
+    assert key != shard_key(ckpt.source, ckpt.config, torch.float32, 0, 2, transposed=True)    # the layout
     longer = load_checkpoint(checkpoint, max_model_len=4096)       # no weight depends on max_position
     assert key == shard_key(longer.source, longer.config, torch.float32, 0, 2)
     weights = next(p for p in os.scandir(checkpoint) if p.name.endswith(".safetensors"))

@@ -17,10 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from common.engine.executor import build_model
-from common.model.llama import LlamaModel, weights_transposed
+from common.model.llama import LlamaModel, transposed_by_default, weights_transposed
 from common.model.loader import load_checkpoint
 from common.parallel.tp import load_shard, slice_weight, tp_shard
 from tests.fixtures.hf_models import write_random_hf_model
+
+# float32's CPU layout: [out, in] where the decode kernel runs (common/model/cpu_gemv.py), else [in, out]
+F32_DEFAULT = transposed_by_default(torch.empty(0))
 
 VOCAB = 321                        # odd: a TP=2 vocab split leaves the last slice one row short
 CHECKPOINTS = {
@@ -101,19 +104,19 @@ def test_float32_layout_matches_transformers_on_and_off(checkpoints, name):
     ckpt = load_checkpoint(path)
     assert ckpt.config.tie_word_embeddings == (name == "tied-qwen2")
     model = build_model(ckpt.config, ckpt, torch.float32, "cpu")
-    assert_layout(model, transposed=True)                # the default for float32 on the CPU
+    assert_layout(model, transposed=F32_DEFAULT)         # the default for float32 on the CPU
     ref = hf_logits(path, PROMPT)                        # [T, vocab]
     on = logits(model, PROMPT)
     torch.testing.assert_close(on, ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(on.argmax(-1), ref.argmax(-1))
 
-    model.pack_weights(transposed=False)                 # the [out, in] layout, same values
-    assert_layout(model, transposed=False)
+    model.pack_weights(transposed=not F32_DEFAULT)       # the other layout, same values
+    assert_layout(model, transposed=not F32_DEFAULT)
     off = logits(model, PROMPT)
     torch.testing.assert_close(off, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
-    model.pack_weights(transposed=True)                  # and back
-    assert_layout(model, transposed=True)
+    model.pack_weights(transposed=F32_DEFAULT)           # and back
+    assert_layout(model, transposed=F32_DEFAULT)
     torch.testing.assert_close(logits(model, PROMPT), on, rtol=0, atol=0)
 
 
@@ -127,15 +130,16 @@ def test_bfloat16_keeps_the_checkpoint_layout(checkpoints):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_tp_shards_are_transposed_and_hold_their_slices(checkpoints, rank):
+def test_tp_shards_are_laid_out_and_hold_their_slices(checkpoints, rank):
     """A TP=2 worker's model (as common/parallel/worker.py builds it): row-parallel o_proj/down_proj
-    and the vocab-sliced head of a tied checkpoint are transposed and hold the checkpoint's slices."""
+    and the vocab-sliced head of a tied checkpoint are laid out as the single process's and hold the
+    checkpoint's slices."""
     ckpt = load_checkpoint(checkpoints("tied-qwen2"))
     cfg = ckpt.config
     shard = tp_shard(cfg, rank, 2)
     model = load_shard(ckpt, shard, groups=None).to(torch.float32).eval()     # as a worker loads its slice
     model.pack_weights()
-    assert_layout(model, transposed=True)
+    assert_layout(model, transposed=F32_DEFAULT)
     full = dict(ckpt.weights())
     lo, hi = shard.vocab
     assert model.lm_head.weight.shape == (hi - lo, cfg.hidden_size) == ((161 if rank == 0 else 160), cfg.hidden_size)

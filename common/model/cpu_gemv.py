@@ -1,0 +1,184 @@
+"""The decode step's linears on the CPU: a matrix-vector kernel that streams the weight at memory speed.
+
+At decode a linear multiplies a few rows of activations (one per sequence in the batch) by its whole
+weight, so its floor is the time to read the weight. torch's CPU kernels for that shape reach 10-17
+GB/s on this machine where a plain read reaches 35-55; `cpu_gemv.cpp` reaches 23-60
+(bench/results/cpu_gemv.md). `linear(x, w, b)` takes that kernel for up to MAX_ROWS rows of float32 or
+bfloat16 against a weight stored [out, in] row-major, and F.linear for everything else (prefill chunks,
+other dtypes and layouts, autograd, other devices).
+
+The kernel is compiled here, on first use, by the machine's C++ compiler for the machine's own
+processor (`-march=native`), into $MNEMOSYNE_CACHE/kernels (default ~/.cache/mnemosyne/kernels) under a
+name that hashes the source, the compiler, the flags and the processor's feature flags: another CPU or
+an edited source builds its own file. The build takes ~1 s; it writes a temporary file and renames it,
+so processes that build at once never load a partial library. `make setup` installs the compiler and
+builds it once (`python -m common.model.cpu_gemv`). Where no compiler works the engine runs on
+F.linear, as before, and says so once in its log; MNEMOSYNE_CPU_GEMV=0 turns the kernel off (the A/B
+benchmarks).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+MAX_ROWS = 4                # rows of x one pass of the kernel multiplies; more go to F.linear
+BUILD_TIMEOUT_S = 120.0
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}          # "lib": the loaded library or None (not available), "why"
+
+
+def enabled() -> bool:
+    return os.environ.get("MNEMOSYNE_CPU_GEMV", "1") != "0"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def library_path(cache: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path | None:
+    """Where this machine's build of the kernel lives (None: no compiler)."""
+    cxx = _compiler()
+    if cxx is None:
+        return None
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    raw = "\n".join([SOURCE.read_text(), cxx, version, " ".join(flags), _cpu_flags()])
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:16]
+    if cache is None:
+        from common.model.gguf_loader import default_cache_dir
+        cache = default_cache_dir() / "kernels"
+    return cache / f"cpu_gemv-{digest}.so"
+
+
+def build(path: Path, flags: tuple[str, ...] = FLAGS) -> None:
+    """Compiles the kernel into `path` (a temporary file renamed into place); raises on failure."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at `path` with its functions' signatures set."""
+    lib = ctypes.CDLL(str(path))
+    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    for fn in (lib.mn_gemv_f32, lib.mn_gemv_bf16):
+        fn.argtypes = args
+        fn.restype = None
+    lib.mn_gemv_isa.restype = ctypes.c_char_p
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """This machine's kernel, built on first use; None when it cannot be (no compiler, a failed build)
+    or is turned off. Logged once either way."""
+    if "lib" in _state:
+        return _state["lib"]            # type: ignore[return-value]
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]        # type: ignore[return-value]
+        lib = None
+        if not enabled():
+            _state["why"] = "off (MNEMOSYNE_CPU_GEMV=0)"
+        else:
+            try:
+                path = library_path()
+                if path is None:
+                    raise RuntimeError("no C++ compiler (g++) found")
+                if not path.exists():
+                    build(path)
+                lib = load(path)
+                _state["why"] = f"on ({lib.mn_gemv_isa().decode()})"
+                log.info("CPU decode kernel %s: %s", _state["why"], path)
+            except Exception as e:      # noqa: BLE001 - any failure leaves F.linear in place
+                _state["why"] = f"unavailable: {e}"
+                log.warning("CPU decode kernel %s; the decode linears run on F.linear", _state["why"])
+        _state["lib"] = lib
+        return lib
+
+
+def status() -> str:
+    """'on (float32=avx512 bfloat16=avx512_bf16)', 'off (...)' or 'unavailable: <why>'."""
+    library()
+    return str(_state["why"])
+
+
+_FUNCS = {torch.float32: "mn_gemv_f32", torch.bfloat16: "mn_gemv_bf16"}
+
+
+def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `linear` takes the kernel for these operands."""
+    return (x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in _FUNCS
+            and w.dtype == x.dtype and w.device.type == "cpu" and w.dim() == 2 and w.stride(1) == 1
+            and x.stride(1) == 1 and x.shape[1] == w.shape[1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
+def gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T with the kernel (the caller checked `applies`)."""
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype)
+    getattr(lib, _FUNCS[x.dtype])(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), y.data_ptr(), n, m, n, k)
+    return y
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, b), through the kernel where it applies."""
+    if applies(x, w):
+        lib = library()
+        if lib is not None:
+            y = gemv(lib, x, w)
+            return y if b is None else y.add_(b)
+    return F.linear(x, w, b)
+
+
+def main() -> int:
+    """`python -m common.model.cpu_gemv`: builds this machine's kernel now (make setup), prints its status."""
+    logging.basicConfig(level=logging.INFO)
+    print(f"CPU decode kernel: {status()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
