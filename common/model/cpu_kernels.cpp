@@ -1,0 +1,398 @@
+// Matrix-vector products of a decode step on the CPU: y[m, n] = sum_k x[m, k] * w[n, k] for a few
+// rows of x (M <= 4) against a weight stored [N, K] row-major (nn.Linear's [out, in]).
+//
+// At decode a linear reads its whole weight for a handful of activations, so it can go no faster than
+// the weight streams from memory. torch's CPU kernels for that shape (MKL / oneDNN through F.linear)
+// reach 10-17 GB/s here where a plain read of the same bytes reaches 35-55
+// (bench/results/cpu_kernels.md). This kernel streams each thread's contiguous block of rows once, front
+// to back, each row loaded once and multiplied with every row of x, products
+// accumulated in float32 (bfloat16 rows: each pair of products exact in float32, as the vdpbf16ps
+// instruction computes them), the bfloat16 result rounded to nearest-even once, as torch rounds its
+// float32 accumulator. Only the order of the sum differs from torch's kernels, so results agree to
+// rounding, not bitwise.
+//
+// Compiled by common/model/cpu_kernels.py on the machine that runs it (-march=native): the AVX-512 paths
+// where the compiler targets them, a portable loop the compiler vectorises (OpenMP simd) elsewhere.
+// Threads: OpenMP, the runtime torch itself loaded (libgomp.so.1 is resolved to the loaded one), so
+// torch.set_num_threads applies here too.
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {           // round to nearest even, as torch's conversion
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);   // a NaN stays a NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+inline void store(float* y, float v) { *y = v; }
+inline void store(uint16_t* y, float v) { *y = f32_to_bf16(v); }
+
+// ---- portable: one row of w at a time, the compiler vectorises the reduction ----------------------
+template <typename T>
+inline float load(const T* p, int64_t k);
+template <>
+inline float load<float>(const float* p, int64_t k) { return p[k]; }
+template <>
+inline float load<uint16_t>(const uint16_t* p, int64_t k) { return bf16_to_f32(p[k]); }
+
+template <typename T, int M>
+void rows_portable(const T* x, int64_t ldx, const T* w, int64_t ldw, T* y, int64_t ldy, int64_t r0,
+                   int64_t r1, int64_t K) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* wr = w + r * ldw;
+    for (int m = 0; m < M; ++m) {
+      const T* xm = x + m * ldx;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += load(xm, k) * load(wr, k);
+      store(y + m * ldy + r, acc);
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// ---- AVX-512: four rows of w per pass, every row of x against each ------------------------------
+struct F32 {                                     // 16 floats a step
+  using T = float;
+  using V = __m512;
+  static constexpr int64_t STEP = 16;
+  static V load(const T* p) { return _mm512_loadu_ps(p); }
+  static V load_tail(const T* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  static __m512 fma(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+
+#if defined(__AVX512BF16__)
+struct BF16 {                                    // 32 bfloat16 a step, products summed in pairs
+  using T = uint16_t;
+  using V = __m512i;
+  static constexpr int64_t STEP = 32;
+  static V load(const T* p) { return _mm512_loadu_si512(p); }
+  static V load_tail(const T* p, int64_t n) { return _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p); }
+  static __m512 fma(__m512 acc, V x, V w) { return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w); }
+};
+#define MN_BF16_ISA "avx512_bf16"
+#elif defined(__AVX512BW__)
+struct BF16 {                                    // 16 bfloat16 a step, widened to float32
+  using T = uint16_t;
+  using V = __m512;
+  static constexpr int64_t STEP = 16;
+  static V widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  static V load(const T* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
+  static V load_tail(const T* p, int64_t n) { return widen(_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p)); }
+  static __m512 fma(__m512 acc, V x, V w) { return _mm512_fmadd_ps(x, w, acc); }
+};
+#define MN_BF16_ISA "avx512"
+#endif
+
+template <typename P, int M>
+void rows_avx512(const typename P::T* x, int64_t ldx, const typename P::T* w, int64_t ldw, typename P::T* y,
+                 int64_t ldy, int64_t r0, int64_t r1, int64_t K) {
+  // One row of w at a time, front to back: a thread's block of rows is one sequential stream, which
+  // the hardware prefetcher follows (four rows at a time, four streams, read half as fast here).
+  // Four accumulators per row of x hide the multiply-add latency.
+  const int64_t body = K - K % P::STEP, tail = K % P::STEP;
+  for (int64_t r = r0; r < r1; ++r) {
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_ps();
+    const typename P::T* wr = w + r * ldw;
+    int64_t k = 0;
+    for (; k + 4 * P::STEP <= body; k += 4 * P::STEP) {
+      typename P::V wv[4];
+      for (int j = 0; j < 4; ++j) wv[j] = P::load(wr + k + j * P::STEP);
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j) acc[m][j] = P::fma(acc[m][j], P::load(x + m * ldx + k + j * P::STEP), wv[j]);
+    }
+    for (; k < body; k += P::STEP) {
+      typename P::V wv = P::load(wr + k);
+      for (int m = 0; m < M; ++m) acc[m][0] = P::fma(acc[m][0], P::load(x + m * ldx + k), wv);
+    }
+    if (tail) {
+      typename P::V wv = P::load_tail(wr + body, tail);
+      for (int m = 0; m < M; ++m) acc[m][1] = P::fma(acc[m][1], P::load_tail(x + m * ldx + body, tail), wv);
+    }
+    for (int m = 0; m < M; ++m)
+      store(y + m * ldy + r, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                                                 _mm512_add_ps(acc[m][2], acc[m][3]))));
+  }
+}
+#endif
+
+// The path each type takes on this build.
+template <typename T, int M>
+void rows(const T* x, int64_t ldx, const T* w, int64_t ldw, T* y, int64_t ldy, int64_t r0, int64_t r1, int64_t K) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(T) == 4) {
+    rows_avx512<F32, M>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+    return;
+  }
+#if defined(MN_BF16_ISA)
+  if constexpr (sizeof(T) == 2) {
+    rows_avx512<BF16, M>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+    return;
+  }
+#endif
+#endif
+  rows_portable<T, M>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+}
+
+template <typename T>
+void gemv(const T* x, int64_t ldx, const T* w, int64_t ldw, T* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+  // Each thread takes one contiguous block of rows, so each streams its part of w front to back; a
+  // small matrix is not worth waking a second thread for.
+  const int threads = N * K < 65536 ? 1 : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+  {
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = (N + nt - 1) / nt;
+    const int64_t r0 = t * per, r1 = r0 + per < N ? r0 + per : N;
+    for (int64_t m = 0; r0 < r1 && m < M; m += 4) {
+      const T* xm = x + m * ldx;
+      T* ym = y + m * ldy;
+      switch (M - m < 4 ? M - m : 4) {
+        case 1: rows<T, 1>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
+        case 2: rows<T, 2>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
+        case 3: rows<T, 3>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
+        default: rows<T, 4>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Which instructions each dtype's path uses in this build, e.g. "float32=avx512 bfloat16=avx512_bf16".
+const char* mn_gemv_isa() {
+#if defined(__AVX512F__) && defined(MN_BF16_ISA)
+  return "float32=avx512 bfloat16=" MN_BF16_ISA;
+#elif defined(__AVX512F__)
+  return "float32=avx512 bfloat16=portable";
+#else
+  return "float32=portable bfloat16=portable";
+#endif
+}
+
+void mn_gemv_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy, int64_t M,
+                 int64_t N, int64_t K) {
+  gemv<float>(x, ldx, w, ldw, y, ldy, M, N, K);
+}
+
+void mn_gemv_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, uint16_t* y, int64_t ldy,
+                  int64_t M, int64_t N, int64_t K) {
+  gemv<uint16_t>(x, ldx, w, ldw, y, ldy, M, N, K);
+}
+}
+
+// ---- decode attention over the paged KV cache ---------------------------------------------------
+//
+// One query token per sequence against all of its keys, read where they lie in the cache: the cache
+// of a layer is [num_blocks, block_size, Hkv, D] and a sequence's keys are the blocks its table row
+// names, in order, its length counting from the first. Every token's K and V rows of all KV heads are
+// read once, front to back, by one thread (no gather into a workspace, no padding, no mask).
+//
+// A sequence's blocks are cut into spans that threads take in turn; a span keeps, per query head, the
+// running maximum score m, the sum l of exp(score - m) and the float32 sum acc of exp(score - m) * v
+// (the online softmax), and the spans of a sequence are then merged exactly as merge_attention_states
+// merges partial results: out = sum_i acc_i e^(m_i - M) / L, lse = M + log L (natural log, as the
+// flash kernel's). Scores and the softmax are float32 in both dtypes (bfloat16 K and q products are
+// exact in float32; V is widened, p is not rounded to bfloat16), so results agree with torch's flash
+// kernel to rounding. AVX-512 only: elsewhere mn_decode_attention_isa returns 0 and the caller keeps
+// the flash kernel.
+#if defined(__AVX512F__)
+namespace {
+
+// e^x for x <= 0 (scores minus their maximum), float32, to ~1 ulp: x = n ln2 + r, |r| <= ln2/2,
+// e^r by its Taylor polynomial to r^7 (error < 1e-8 relative), times 2^n (scalef: 0 below ~-104).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+// Row loads as float32 vectors of 16 lanes: chunk c of a D-vector.
+inline __m512 chunk(const float* p, int c) { return _mm512_loadu_ps(p + 16 * c); }
+inline __m512 chunk(const uint16_t* p, int c) { return widen_bf16(_mm256_loadu_si256((const __m256i*)(p + 16 * c))); }
+
+constexpr int MAX_D = 256, MAX_HQ = 256, TILE = 16;
+
+struct Span { int64_t seq, t0, t1; };           // keys [t0, t1) of sequence seq
+
+// One span: its partial result into m[Hq], l[Hq], acc[Hq][D].
+template <typename T>
+void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int64_t t0, int64_t t1,
+                 int64_t bs, int64_t hq, int64_t hkv, int64_t d, float scale, float* m, float* l, float* acc) {
+  const int64_t g = hq / hkv, nc = d / 16, row = hkv * d;
+  for (int64_t h = 0; h < hq; ++h) { m[h] = -INFINITY; l[h] = 0.f; }
+  for (int64_t i = 0; i < hq * d; ++i) acc[i] = 0.f;
+  // q in float32, scaled once
+  alignas(64) float qf[MAX_HQ * MAX_D / 16];    // hq * d <= 4096 (checked by the caller)
+  for (int64_t h = 0; h < hq; ++h)
+    for (int c = 0; c < nc; ++c) _mm512_storeu_ps(qf + h * d + 16 * c, _mm512_mul_ps(chunk(q + h * d, c), _mm512_set1_ps(scale)));
+  alignas(64) float s[MAX_HQ][TILE];
+  for (int64_t t = t0; t < t1; t += TILE) {
+    const int64_t n = t1 - t < TILE ? t1 - t : TILE;
+    const __mmask16 valid = (__mmask16)((1u << n) - 1);
+    const T* krow[TILE];
+    const T* vrow[TILE];
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = t + j, blk = table[pos / bs], off = pos % bs;
+      krow[j] = kc + (blk * bs + off) * row;
+      vrow[j] = vc + (blk * bs + off) * row;
+    }
+    // scores of the tile: s[h][j] = q_h . k_j (q scaled)
+    for (int64_t kh = 0; kh < hkv; ++kh)
+      for (int64_t j = 0; j < n; ++j) {
+        __m512 kv[MAX_D / 16];
+        for (int c = 0; c < nc; ++c) kv[c] = chunk(krow[j] + kh * d, c);
+        for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
+          __m512 a = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qf + h * d));
+          for (int c = 1; c < nc; ++c) a = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qf + h * d + 16 * c), a);
+          s[h][j] = _mm512_reduce_add_ps(a);
+        }
+      }
+    // online softmax over the tile, then p-weighted V rows into acc
+    alignas(64) float p[MAX_HQ][TILE];
+    for (int64_t h = 0; h < hq; ++h) {
+      const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, s[h]);
+      const float mt = _mm512_reduce_max_ps(sv);
+      const float mn = mt > m[h] ? mt : m[h];
+      const float corr = m[h] == -INFINITY ? 0.f : expf(m[h] - mn);
+      const __m512 pv = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(sv, _mm512_set1_ps(mn))));
+      _mm512_store_ps(p[h], pv);
+      l[h] = l[h] * corr + _mm512_reduce_add_ps(pv);
+      m[h] = mn;
+      if (corr != 1.f)
+        for (int c = 0; c < nc; ++c)
+          _mm512_storeu_ps(acc + h * d + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + h * d + 16 * c), _mm512_set1_ps(corr)));
+    }
+    for (int64_t kh = 0; kh < hkv; ++kh)
+      for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
+        __m512 a[MAX_D / 16];
+        for (int c = 0; c < nc; ++c) a[c] = _mm512_loadu_ps(acc + h * d + 16 * c);
+        for (int64_t j = 0; j < n; ++j) {
+          const __m512 pj = _mm512_set1_ps(p[h][j]);
+          for (int c = 0; c < nc; ++c) a[c] = _mm512_fmadd_ps(pj, chunk(vrow[j] + kh * d, c), a[c]);
+        }
+        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(acc + h * d + 16 * c, a[c]);
+      }
+  }
+}
+
+inline void put(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+inline void put(uint16_t* y, __m512 v) {
+  alignas(64) float f[16];
+  _mm512_store_ps(f, v);
+  for (int i = 0; i < 16; ++i) y[i] = f32_to_bf16(f[i]);
+}
+
+template <typename T>
+int decode_attention(const T* q, const T* kc, const T* vc, const int32_t* tables, int64_t ld_table,
+                     const int32_t* lens, int64_t b, int64_t hq, int64_t hkv, int64_t d, int64_t bs, float scale,
+                     int64_t span_keys, T* out, float* lse) {
+  if (d % 16 || d > MAX_D || hq > MAX_HQ || hq % hkv || hq * d > MAX_HQ * MAX_D / 16) return -1;
+  std::vector<Span> spans;
+  std::vector<int64_t> first(b + 1);
+  for (int64_t i = 0; i < b; ++i) {
+    first[i] = (int64_t)spans.size();
+    for (int64_t t = 0; t < lens[i]; t += span_keys) spans.push_back({i, t, t + span_keys < lens[i] ? t + span_keys : lens[i]});
+  }
+  first[b] = (int64_t)spans.size();
+  const int64_t ns = (int64_t)spans.size(), per = hq * (d + 2);
+  std::vector<float> part(ns * per);
+#pragma omp parallel for schedule(dynamic, 1) if (ns > 1)
+  for (int64_t i = 0; i < ns; ++i) {
+    float* pp = part.data() + i * per;
+    const Span& sp = spans[i];
+    attend_span<T>(q + sp.seq * hq * d, kc, vc, tables + sp.seq * ld_table, sp.t0, sp.t1, bs, hq, hkv, d, scale,
+                   pp, pp + hq, pp + 2 * hq);
+  }
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t h = 0; h < hq; ++h) {
+      T* o = out + (i * hq + h) * d;
+      if (first[i] == first[i + 1]) {             // no keys: zeros, lse -inf
+        for (int c = 0; c < d / 16; ++c) put(o + 16 * c, _mm512_setzero_ps());
+        lse[i * hq + h] = -INFINITY;
+        continue;
+      }
+      float mx = -INFINITY;
+      for (int64_t s = first[i]; s < first[i + 1]; ++s) mx = std::max(mx, part[s * per + h]);
+      float total = 0.f;
+      __m512 a[MAX_D / 16];
+      for (int c = 0; c < d / 16; ++c) a[c] = _mm512_setzero_ps();
+      for (int64_t s = first[i]; s < first[i + 1]; ++s) {
+        const float* pp = part.data() + s * per;
+        const float w = expf(pp[h] - mx);
+        total += pp[hq + h] * w;
+        for (int c = 0; c < d / 16; ++c) a[c] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(pp + 2 * hq + h * d + 16 * c), a[c]);
+      }
+      for (int c = 0; c < d / 16; ++c) put(o + 16 * c, _mm512_div_ps(a[c], _mm512_set1_ps(total)));
+      lse[i * hq + h] = mx + logf(total);
+    }
+  return 0;
+}
+
+}  // namespace
+#endif
+
+extern "C" {
+
+// 1 where this build has the decode attention kernel (AVX-512), else 0.
+int mn_decode_attention_isa() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// q [B, Hq, D], caches [num_blocks, bs, Hkv, D], tables [B, ld_table] int32, lens [B] int32 (all
+// contiguous, q and caches of one dtype: 0 float32, 1 bfloat16) -> out [B, Hq, D] (that dtype),
+// lse [B, Hq] float32. span_keys: keys per unit of work. Returns 0, or -1 for an unsupported shape.
+int mn_decode_attention(int dtype, const void* q, const void* kc, const void* vc, const int32_t* tables,
+                        int64_t ld_table, const int32_t* lens, int64_t b, int64_t hq, int64_t hkv, int64_t d,
+                        int64_t bs, float scale, int64_t span_keys, void* out, float* lse) {
+#if defined(__AVX512F__)
+  if (dtype == 0)
+    return decode_attention<float>((const float*)q, (const float*)kc, (const float*)vc, tables, ld_table, lens, b,
+                                   hq, hkv, d, bs, scale, span_keys, (float*)out, lse);
+  if (dtype == 1)
+    return decode_attention<uint16_t>((const uint16_t*)q, (const uint16_t*)kc, (const uint16_t*)vc, tables, ld_table,
+                                      lens, b, hq, hkv, d, bs, scale, span_keys, (uint16_t*)out, lse);
+#endif
+  return -1;
+}
+}

@@ -1,0 +1,231 @@
+"""The CPU decode kernel (common/model/cpu_kernels.py): every build of it against a float64 reference, the
+cases that must stay on F.linear, and that the engine's decode steps take it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.model import cpu_kernels
+
+ROOT = Path(__file__).resolve().parents[2]
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.library() is None, reason=f"kernel {cpu_kernels.status()}")
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict[str, object]:
+    """The kernel as this machine loads it, and as machines without AVX-512 (x86-64-v3: AVX2) and with
+    no vector extension beyond SSE2 (x86-64) build it: the portable paths, run on this processor."""
+    if cpu_kernels.library() is None:
+        pytest.skip(f"kernel {cpu_kernels.status()}")
+    out = {"native": cpu_kernels.library()}
+    cache = tmp_path_factory.mktemp("kernels")
+    for arch in ("x86-64-v3", "x86-64"):
+        flags = tuple("-march=" + arch if f == "-march=native" else f for f in cpu_kernels.FLAGS)
+        path = cpu_kernels.library_path(cache, flags)
+        cpu_kernels.build(path, flags)
+        out[arch] = cpu_kernels.load(path)
+    return out
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The exact product of the stored values, rounded once to the dtype."""
+    return F.linear(x.double(), w.double()).to(x.dtype)
+
+
+def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    ref = reference(x, w)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    scale = F.linear(x.double().abs(), w.double().abs())           # bound of the sum's rounding error
+    if x.dtype == torch.float32:
+        tol = 4e-7 * x.shape[1] ** 0.5 * scale + 1e-30
+    else:                   # the float32 sum is far finer than bfloat16: the two round to neighbours
+        tol = ref.double().abs() * 2.0 ** -7 + 1e-6 * scale
+    err = (y.double() - ref.double()).abs()
+    assert bool((err <= tol).all()), f"max error {err.max().item():.3e}"
+
+
+SHAPES = [(1, 576, 960), (2, 576, 1536), (3, 1536, 576), (4, 37, 5), (1, 100, 1), (4, 1, 3), (1, 64, 257)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("build", ["native", "x86-64-v3", "x86-64"])
+def test_every_build_matches_the_exact_product(builds, build, dtype):
+    torch.manual_seed(0)
+    lib = builds[build]
+    for m, k, n in SHAPES:
+        x = torch.randn(m, k).to(dtype)
+        w = torch.randn(n, k).to(dtype)
+        check(cpu_kernels.gemv(lib, x, w), x, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_operands_and_thread_counts(builds, dtype):
+    """x rows and w rows with a leading stride beyond K (views of wider tensors, as the fused q/k/v
+    split is); one thread and two give the same bits (each row is one thread's)."""
+    torch.manual_seed(1)
+    lib = builds["native"]
+    xs = torch.randn(3, 700).to(dtype)
+    ws = torch.randn(1000, 640).to(dtype)
+    x, w = xs[:, 50:626], ws[100:900, 64:]
+    assert x.stride() == (700, 1) and w.stride() == (640, 1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.gemv(lib, x, w)
+        torch.set_num_threads(2)
+        two = cpu_kernels.gemv(lib, x, w)
+    finally:
+        torch.set_num_threads(threads)
+    check(one, x, w)
+    assert torch.equal(one, two)
+
+
+def test_isa_names_the_paths(builds):
+    assert builds["x86-64"].mn_gemv_isa().decode() == "float32=portable bfloat16=portable"
+    assert builds["x86-64-v3"].mn_gemv_isa().decode() == "float32=portable bfloat16=portable"
+    native = builds["native"].mn_gemv_isa().decode()
+    flags = cpu_kernels._cpu_flags().split()
+    if "avx512f" in flags:
+        assert native.startswith("float32=avx512")
+        assert native.endswith("avx512_bf16" if "avx512_bf16" in flags else ("avx512" if "avx512bw" in flags
+                                                                             else "portable"))
+    assert cpu_kernels.status() == f"on ({native})"
+
+
+@needs_kernel
+def test_linear_takes_the_kernel_only_where_it_applies(monkeypatch):
+    calls = []
+    real = cpu_kernels.gemv
+    monkeypatch.setattr(cpu_kernels, "gemv", lambda lib, x, w: calls.append(x.shape) or real(lib, x, w))
+    torch.manual_seed(2)
+    w = torch.randn(48, 32)
+    b = torch.randn(48)
+    for m in (1, 4):                                               # decode rows: the kernel, bias added
+        x = torch.randn(m, 32)
+        torch.testing.assert_close(cpu_kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-6, atol=1e-5)
+    assert calls == [(1, 32), (4, 32)]
+    calls.clear()
+    x5 = torch.randn(5, 32)
+    assert torch.equal(cpu_kernels.linear(x5, w), F.linear(x5, w))    # a prefill chunk: F.linear itself
+    wt = w.t().contiguous().t()                                    # stored [in, out]
+    x1 = torch.randn(1, 32)
+    assert torch.equal(cpu_kernels.linear(x1, wt), F.linear(x1, wt))
+    assert torch.equal(cpu_kernels.linear(x1.half(), w.half()), F.linear(x1.half(), w.half()))
+    assert torch.equal(cpu_kernels.linear(x1[:, ::2], w[:, ::2]), F.linear(x1[:, ::2], w[:, ::2]))
+    wg = w.clone().requires_grad_(True)
+    out = cpu_kernels.linear(x1, wg)                                  # autograd: F.linear
+    assert out.requires_grad
+    with torch.no_grad():
+        assert not cpu_kernels.linear(x1, wg).requires_grad
+    assert calls == [(1, 32)]
+
+
+@needs_kernel
+def test_the_engine_decodes_on_the_kernel(monkeypatch):
+    """make up's engines: every linear of a decode step (30 layers x 4 + the LM head) and every layer's
+    attention take the kernels; float32 weights keep the [out, in] layout the linears stream."""
+    from bench.engine import decode_step_times, make_engine
+    from common.model.llama import weights_transposed
+    from common.model.loader import load_checkpoint
+
+    ckpt = load_checkpoint(None)
+    engine = make_engine(ckpt, "float32", 256, 64, ())
+    model = engine.executor.model
+    assert not any(weights_transposed(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    calls, attends = [], []
+    real, real_attend = cpu_kernels.gemv, cpu_kernels.decode_attention
+    monkeypatch.setattr(cpu_kernels, "gemv", lambda lib, x, w: calls.append(x.shape[0]) or real(lib, x, w))
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: attends.append(a[1].shape[0]) or real_attend(*a))
+    decode_step_times(engine, list(range(100, 140)), 2)
+    layers = ckpt.config.num_layers
+    assert calls == [1] * (4 * layers + 1) * 3        # the entering step (one new token) and 2 decode steps
+    assert attends == [1] * layers * 3
+
+
+def test_no_compiler_leaves_f_linear_in_place(tmp_path):
+    """A machine without a working compiler serves on F.linear and says why; the off switch too."""
+    code = ("import torch; from common.model import cpu_kernels; x = torch.randn(1, 8); w = torch.randn(4, 8);"
+            "assert torch.equal(cpu_kernels.linear(x, w), torch.nn.functional.linear(x, w));"
+            "print(cpu_kernels.status())")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MNEMOSYNE_CACHE": str(tmp_path), "CXX": "/bin/false"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("unavailable: "), done.stdout
+    assert "the decode linears run on F.linear" in done.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MNEMOSYNE_CPU_KERNELS": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "off (MNEMOSYNE_CPU_KERNELS=0)", done.stderr
+
+
+def test_builds_are_named_by_what_they_depend_on(tmp_path):
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no compiler")
+    a = cpu_kernels.library_path(tmp_path)
+    assert a == cpu_kernels.library_path(tmp_path)
+    assert a != cpu_kernels.library_path(tmp_path, cpu_kernels.FLAGS + ("-DX",))
+    assert a.parent == tmp_path and a.name.startswith("cpu_kernels-") and a.suffix == ".so"
+
+
+def paged(lens: list[int], bs: int, hkv: int, d: int, dtype: torch.dtype, seed: int):
+    """A cache holding sequences of `lens` keys in scattered blocks, and their tables."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = sum(-(-n // bs) for n in lens) + 3
+    k = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
+    v = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
+    order = torch.randperm(blocks, generator=g).to(torch.int32)
+    tables = torch.full((len(lens), max(1, max(-(-n // bs) for n in lens))), -1, dtype=torch.int32)
+    used = 0
+    for row, n in enumerate(lens):
+        nb = -(-n // bs)
+        tables[row, :nb] = order[used:used + nb]
+        used += nb
+    return k, v, tables, torch.tensor(lens, dtype=torch.int32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(16, 3, 9, 64), (32, 2, 2, 128), (5, 1, 4, 16)])
+def test_decode_attention_matches_the_exact_reference(dtype, shape):
+    """Batches with empty, one-key, partial-block and many-span sequences (5,000 keys: about 20 units
+    of work merged), against the float64 reference over the same paged cache."""
+    from common.attention.reference import ReferenceBackend
+    lib = cpu_kernels.library()
+    bs, hkv, hq, d = shape
+    lens = [1, 17, 0, 300, 5000, bs]
+    k, v, tables, seq_lens = paged(lens, bs, hkv, d, dtype, seed=bs + d)
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(9)).to(dtype)
+    assert cpu_kernels.attention_applies(lib, q, k)
+    out, lse = cpu_kernels.decode_attention(lib, q, k, v, tables, seq_lens, d ** -0.5)
+    ref_out, ref_lse = ReferenceBackend().decode_paged(q.double(), k.double(), v.double(), tables, seq_lens,
+                                                       scale=d ** -0.5)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and bool((lse[2] == float("-inf")).all())
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2e-3)
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse.to(torch.float64), rtol=1e-6, atol=1e-5)
+
+
+@needs_kernel
+def test_the_cpu_backend_decodes_on_the_kernel_where_it_applies(monkeypatch):
+    from common.attention.cpu import CpuFlashBackend
+    from common.attention.reference import ReferenceBackend
+    calls = []
+    real = cpu_kernels.decode_attention
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(a[1].dtype) or real(*a))
+    backend = CpuFlashBackend()
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        k, v, tables, lens = paged([40, 7], 16, 2, 32, dtype, seed=3)
+        q = torch.randn(2, 4, 32).to(dtype)
+        out, lse = backend.decode_paged(q, k, v, tables, lens, scale=0.2)
+        ref_out, _ = ReferenceBackend().decode_paged(q.double(), k.double(), v.double(), tables, lens, scale=0.2)
+        torch.testing.assert_close(out.double(), ref_out, rtol=2 ** -7, atol=2e-3)
+    assert calls == [torch.float32, torch.bfloat16]                 # float64: the flash path
+    k, v, tables, lens = paged([40], 16, 2, 24, torch.float32, seed=4)   # head dim 24: not a multiple of 16
+    assert not cpu_kernels.attention_applies(cpu_kernels.library(), torch.randn(1, 4, 24), k)
