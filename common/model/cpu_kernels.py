@@ -35,7 +35,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
 MAX_ROWS = 4                # rows of x one pass of the kernel multiplies; more go to F.linear
 BUILD_TIMEOUT_S = 120.0
 
@@ -106,6 +106,12 @@ def load(path: Path) -> ctypes.CDLL:
         fn.argtypes = args
         fn.restype = None
     lib.mn_gemv_isa.restype = ctypes.c_char_p
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.mn_rms_norm.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float]
+    lib.mn_rope.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.mn_silu_mul.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64]
+    for fn in (lib.mn_rms_norm, lib.mn_rope, lib.mn_silu_mul):
+        fn.restype = None
     lib.mn_decode_attention_isa.restype = ctypes.c_int
     lib.mn_decode_attention.restype = ctypes.c_int
     lib.mn_decode_attention.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -213,6 +219,53 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v
     if rc != 0:
         raise ValueError(f"decode attention kernel: unsupported shape q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
     return out, lse
+
+
+# ---- the elementwise steps of a decode layer (RMSNorm, RoPE, SiLU-and-multiply) -----------------
+SMALL_ROWS = 16              # rows up to which one single-threaded call beats torch's several ops
+
+
+def small(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The library when x (rows first) is a decode-sized float32/bfloat16 CPU activation, else None."""
+    if (x.device.type == "cpu" and x.dtype in _ATTN_DTYPES and 0 < x.shape[0] <= SMALL_ROWS
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return library()
+    return None
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """Hugging Face's LlamaRMSNorm of x [rows, n] (the caller checked `small`); None where it does not
+    apply (the caller's eager code)."""
+    if x.dim() != 2 or x.stride(1) != 1 or w.dtype != x.dtype or not w.is_contiguous() or w.shape != x.shape[1:]:
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    lib.mn_rms_norm(_ATTN_DTYPES[x.dtype], x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), out.stride(0),
+                    x.shape[0], x.shape[1], eps)
+    return out
+
+
+def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """apply_rope (common/model/rope.py) of x [rows, heads, D] with cos/sin [rows, 1, D]; None where it
+    does not apply."""
+    if (x.dim() != 3 or x.stride(2) != 1 or cos.dtype != x.dtype or sin.dtype != x.dtype
+            or cos.shape != (x.shape[0], 1, x.shape[2]) or sin.shape != cos.shape
+            or not (cos.is_contiguous() and sin.is_contiguous())):
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    lib.mn_rope(_ATTN_DTYPES[x.dtype], x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
+                out.data_ptr(), x.shape[0], x.shape[1], x.shape[2])
+    return out
+
+
+def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor | None:
+    """F.silu(gate) * up for gate_up [rows, 2 I] = [gate | up]; None where it does not apply."""
+    if gate_up.dim() != 2 or gate_up.stride(1) != 1 or gate_up.shape[1] % 2:
+        return None
+    n = gate_up.shape[1] // 2
+    out = torch.empty(gate_up.shape[0], n, dtype=gate_up.dtype)
+    lib.mn_silu_mul(_ATTN_DTYPES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(),
+                    gate_up.shape[0], n)
+    return out
 
 
 def main() -> int:

@@ -98,6 +98,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.enabled_for(x) and fused.rms_norm_supported(x, self.weight):
             return fused.rms_norm(x, self.weight, self.eps)
+        lib = cpu_kernels.small(x)
+        if lib is not None:
+            out = cpu_kernels.rms_norm(lib, x, self.weight, self.eps)
+            if out is not None:
+                return out
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -149,8 +154,12 @@ class Attention(nn.Module):
         q = q.view(t, -1, self.head_dim)                   # [T, Hq_local, D]
         k = k.view(t, -1, self.head_dim)                   # [T, Hkv_local, D]
         v = v.view(t, -1, self.head_dim)
+        lib = cpu_kernels.small(q)
         if fused.enabled_for(q) and fused.rope_supported(q, k, cos):
             q, k = fused.rope_qk(q, k, cos, sin)
+        elif lib is not None and (qr := cpu_kernels.rope(lib, q, cos, sin)) is not None \
+                and (kr := cpu_kernels.rope(lib, k, cos, sin)) is not None:
+            q, k = qr, kr
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = ctx.attend(self.layer, q, k, v)                # [T, Hq_local, D]
@@ -182,7 +191,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = cpu_kernels.linear(x, self.gate_up).chunk(2, dim=-1)                # [T, I] each
+            gate_up = cpu_kernels.linear(x, self.gate_up)                                    # [T, 2 I]
+            lib = cpu_kernels.small(gate_up)
+            if lib is not None and (act := cpu_kernels.silu_mul(lib, gate_up)) is not None:
+                return self.down_proj(act)
+            gate, up = gate_up.chunk(2, dim=-1)                                               # [T, I] each
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

@@ -229,3 +229,46 @@ def test_the_cpu_backend_decodes_on_the_kernel_where_it_applies(monkeypatch):
     assert calls == [torch.float32, torch.bfloat16]                 # float64: the flash path
     k, v, tables, lens = paged([40], 16, 2, 24, torch.float32, seed=4)   # head dim 24: not a multiple of 16
     assert not cpu_kernels.attention_applies(cpu_kernels.library(), torch.randn(1, 4, 24), k)
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of the dtype lie between a and b (same sign assumed)."""
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[a.dtype]
+    return (a.view(bits).to(torch.int64) - b.view(bits).to(torch.int64)).abs()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_elementwise_steps_are_the_eager_ones(dtype):
+    """RMSNorm, RoPE and SiLU-and-multiply of a few rows, against the model's eager expressions: RoPE bit
+    for bit; the others within a few units in the last place (a reduction's order, exp's last bit)."""
+    from common.model.llama import RMSNorm
+    from common.model.rope import Rope, apply_rope
+    from common.config import RopeScaling
+    lib = cpu_kernels.small(torch.zeros(3, 8, dtype=dtype))
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(3, 576, generator=g) * 3).to(dtype)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576, generator=g))
+        eager = norm.weight * (lambda f: f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + 1e-5))(x.float()).to(dtype)
+        got = cpu_kernels.rms_norm(lib, x, norm.weight.detach(), 1e-5)
+    # float32: the sum of squares in another order moves a row's scale by an ulp, its values by a few;
+    # bfloat16: rounding hides that but for the few values at a rounding boundary
+    assert got is not None and int(ulps_apart(got, eager).max()) <= (4 if dtype == torch.float32 else 1)
+    assert dtype == torch.float32 or float((got != eager).float().mean()) < 0.05
+
+    qkv = torch.randn(3, 9 * 64 + 2 * 3 * 64, generator=g).to(dtype)
+    q = qkv[:, :576].view(3, 9, 64)                                   # strided, as Attention.forward's
+    cos, sin = Rope(64, 10000.0, RopeScaling()).cos_sin(torch.tensor([0, 7, 4000]), dtype)
+    got = cpu_kernels.rope(lib, q, cos, sin)
+    assert got is not None and torch.equal(got, apply_rope(q, cos, sin))
+
+    gate_up = (torch.randn(3, 2 * 1536, generator=g) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    got = cpu_kernels.silu_mul(lib, gate_up)
+    eager = F.silu(gate) * up
+    assert got is not None and int(ulps_apart(got, eager).max()) <= (4 if dtype == torch.float32 else 1)
+
+    assert cpu_kernels.small(torch.zeros(cpu_kernels.SMALL_ROWS + 1, 8, dtype=dtype)) is None   # a prefill chunk
+    assert cpu_kernels.small(torch.zeros(2, 8, dtype=torch.float64)) is None
