@@ -46,6 +46,7 @@ from bench import roofline
 from bench.engine import decode_bytes, prefill_flops
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
+from common.model import cpu_kernels
 from common.model.builtin import builtin_model_path
 from common.model.loader import load_checkpoint
 from common.sampling_params import SamplingParams
@@ -191,7 +192,8 @@ def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, ch
                     row["decode_floor_ms"] = 1e3 * decode_bytes(mc, L, d) / (floors["read_gbs"][d] * 1e9)
                 rows.append(row)
         return {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                            "cpu_kernels": cpu_kernels.status()},
                 "config": {"contexts": contexts, "dtypes": dtypes, "rounds": rounds, "decode_tokens": new_tokens,
                            "chunk": chunk, "layout_ab": layout_ab, "sides": names,
                            "rounds_done": len(rounds_load)},
@@ -232,7 +234,8 @@ def markdown(report: dict) -> str:
         "# Mnemosyne's CPU engine vs Hugging Face transformers (built-in SmolLM2-135M, same GGUF)",
         "",
         f"{report['machine']['platform']}, torch {report['machine']['torch']} "
-        f"({report['machine']['cpu_capability']}), {report['machine']['threads']} threads. "
+        f"({report['machine']['cpu_capability']}), {report['machine']['threads']} threads; our CPU kernels "
+        f"(common/model/cpu_kernels.py): {report['machine'].get('cpu_kernels', 'not recorded')}. "
         f"{c['rounds']} rounds alternating the two; medians over rounds. Prompt = context - "
         f"{c['decode_tokens']} tokens; decode = median ms per token of the {c['decode_tokens'] - 1} steps after "
         f"the first token; our prefill in chunks of {c['chunk']}.",

@@ -252,10 +252,12 @@ constexpr int MAX_D = 256, MAX_HQ = 256, TILE = 16;
 struct Span { int64_t seq, t0, t1; };           // keys [t0, t1) of sequence seq
 
 // One span: its partial result into m[Hq], l[Hq], acc[Hq][D].
-template <typename T>
+// NC = d / 16 is a compile-time constant so that a row's vectors live in registers.
+template <typename T, int NC>
 void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int64_t t0, int64_t t1,
-                 int64_t bs, int64_t hq, int64_t hkv, int64_t d, float scale, float* m, float* l, float* acc) {
-  const int64_t g = hq / hkv, nc = d / 16, row = hkv * d;
+                 int64_t bs, int64_t hq, int64_t hkv, float scale, float* m, float* l, float* acc) {
+  constexpr int64_t d = 16 * NC, nc = NC;
+  const int64_t g = hq / hkv, row = hkv * d;
   for (int64_t h = 0; h < hq; ++h) { m[h] = -INFINITY; l[h] = 0.f; }
   for (int64_t i = 0; i < hq * d; ++i) acc[i] = 0.f;
   // q in float32, scaled once
@@ -273,10 +275,22 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
       krow[j] = kc + (blk * bs + off) * row;
       vrow[j] = vc + (blk * bs + off) * row;
     }
+    // The next tile's rows into L2 while this one computes: a sequence's blocks are scattered, and
+    // the hardware prefetcher learns each 16-token run only after it has started (reading a cold
+    // cache, 10-15 GB/s without this, ~22 with it; bench/results/cpu_kernels.md).
+    for (int64_t j = 0; j < TILE && t + TILE + j < t1; ++j) {
+      const int64_t pos = t + TILE + j, blk = table[pos / bs], off = pos % bs;
+      const char* kp = (const char*)(kc + (blk * bs + off) * row);
+      const char* vp = (const char*)(vc + (blk * bs + off) * row);
+      for (int64_t c = 0; c < row * (int64_t)sizeof(T); c += 64) {
+        _mm_prefetch(kp + c, _MM_HINT_T1);
+        _mm_prefetch(vp + c, _MM_HINT_T1);
+      }
+    }
     // scores of the tile: s[h][j] = q_h . k_j (q scaled)
     for (int64_t kh = 0; kh < hkv; ++kh)
       for (int64_t j = 0; j < n; ++j) {
-        __m512 kv[MAX_D / 16];
+        __m512 kv[NC];
         for (int c = 0; c < nc; ++c) kv[c] = chunk(krow[j] + kh * d, c);
         for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
           __m512 a = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qf + h * d));
@@ -301,7 +315,7 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
     }
     for (int64_t kh = 0; kh < hkv; ++kh)
       for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
-        __m512 a[MAX_D / 16];
+        __m512 a[NC];
         for (int c = 0; c < nc; ++c) a[c] = _mm512_loadu_ps(acc + h * d + 16 * c);
         for (int64_t j = 0; j < n; ++j) {
           const __m512 pj = _mm512_set1_ps(p[h][j]);
@@ -323,7 +337,9 @@ template <typename T>
 int decode_attention(const T* q, const T* kc, const T* vc, const int32_t* tables, int64_t ld_table,
                      const int32_t* lens, int64_t b, int64_t hq, int64_t hkv, int64_t d, int64_t bs, float scale,
                      int64_t span_keys, T* out, float* lse) {
-  if (d % 16 || d > MAX_D || hq > MAX_HQ || hq % hkv || hq * d > MAX_HQ * MAX_D / 16) return -1;
+  if (d % 16 || d > MAX_D || d == 112 || (d > 128 && d != 256) || hq > MAX_HQ || hq % hkv
+      || hq * d > MAX_HQ * MAX_D / 16)
+    return -1;
   std::vector<Span> spans;
   std::vector<int64_t> first(b + 1);
   for (int64_t i = 0; i < b; ++i) {
@@ -337,8 +353,19 @@ int decode_attention(const T* q, const T* kc, const T* vc, const int32_t* tables
   for (int64_t i = 0; i < ns; ++i) {
     float* pp = part.data() + i * per;
     const Span& sp = spans[i];
-    attend_span<T>(q + sp.seq * hq * d, kc, vc, tables + sp.seq * ld_table, sp.t0, sp.t1, bs, hq, hkv, d, scale,
-                   pp, pp + hq, pp + 2 * hq);
+    const T* qs = q + sp.seq * hq * d;
+    const int32_t* tb = tables + sp.seq * ld_table;
+    float *m = pp, *l = pp + hq, *acc = pp + 2 * hq;
+    switch (d / 16) {
+      case 1: attend_span<T, 1>(qs, kc, vc, tb, sp.t0, sp.t1, bs, hq, hkv, scale, m, l, acc); break;
+      case 2: attend_span<T, 2>(qs, kc, vc, tb, sp.t0, sp.t1, bs, hq, hkv, scale, m, l, acc); break;
+      case 3: attend_span<T, 3>(qs, kc, vc, tb, sp.t0, sp.t1, bs, hq, hkv, scale, m, l, acc); break;
+      case 4: attend_span<T, 4>(qs, kc, vc, tb, sp.t0, sp.t1, bs, hq, hkv, scale, m, l, acc); break;
+      case 5: attend_span<T, 5>(qs, kc, vc, tb, sp.t0, sp.t1, bs, hq, hkv, scale, m, l, acc); break;
+      case 6: attend_span<T, 6>(qs, kc, vc, tb, sp.t0, sp.t1, bs, hq, hkv, scale, m, l, acc); break;
+      case 8: attend_span<T, 8>(qs, kc, vc, tb, sp.t0, sp.t1, bs, hq, hkv, scale, m, l, acc); break;
+      case 16: attend_span<T, 16>(qs, kc, vc, tb, sp.t0, sp.t1, bs, hq, hkv, scale, m, l, acc); break;
+    }
   }
   for (int64_t i = 0; i < b; ++i)
     for (int64_t h = 0; h < hq; ++h) {

@@ -1,23 +1,34 @@
-"""The decode step's linears on the CPU: a matrix-vector kernel that streams the weight at memory speed.
+"""The CPU engine's decode step in C++ (`cpu_kernels.cpp`): the work of a step at memory speed, and
+one call where eager torch makes several.
 
-At decode a linear multiplies a few rows of activations (one per sequence in the batch) by its whole
-weight, so its floor is the time to read the weight. torch's CPU kernels for that shape reach 10-17
-GB/s on this machine where a plain read reaches 35-55; `cpu_kernels.cpp` reaches 23-60
-(bench/results/cpu_kernels.md). `linear(x, w, b)` takes that kernel for up to MAX_ROWS rows of float32 or
-bfloat16 against a weight stored [out, in] row-major, and F.linear for everything else (prefill chunks,
-other dtypes and layouts, autograd, other devices).
+A decode step of a small model on this CPU was ~3x its floor (the bytes it must read at the rate a
+plain read reaches): torch's kernels stream a linear's weight at 10-17 GB/s for one row of
+activations where a plain read reaches 35-55, its flash kernel reads a paged cache through a gather
+or strided views, and each layer's elementwise steps are ~25 small torch ops. Three kernels, compiled
+for the machine's processor (bench/results/cpu_kernels.md measures each against what it replaces):
+  linear            `linear(x, w, b)`: for up to MAX_ROWS rows of float32 or bfloat16 against a weight
+                    stored [out, in] row-major, a matrix-vector product that streams each thread's block
+                    of rows front to back (F.linear for everything else: prefill chunks, other dtypes
+                    and layouts, autograd, other devices);
+  decode attention  `decode_attention`: each sequence's one query against its keys where they lie in
+                    the paged cache (AVX-512 builds; elsewhere the flash planner of
+                    common/attention/cpu.py);
+  elementwise       `rms_norm`, `rope`, `silu_mul`: one call each for up to SMALL_ROWS rows, with the
+                    eager code's roundings.
+Each returns what its torch counterpart returns, to rounding (the tests hold every build to a float64
+reference and to the eager expressions).
 
-The kernel is compiled here, on first use, by the machine's C++ compiler for the machine's own
+The library is compiled here, on first use, by the machine's C++ compiler for the machine's own
 processor (`-march=native`), into $MNEMOSYNE_CACHE/kernels (default ~/.cache/mnemosyne/kernels) under a
 name that hashes the source, the compiler, the flags and the processor's feature flags: another CPU or
 an edited source builds its own file. The build takes ~1 s; it writes a temporary file and renames it,
 so processes that build at once never load a partial library. `make setup` installs the compiler and
 builds it once (`python -m common.model.cpu_kernels`). Where no compiler works the engine runs on
-F.linear, as before, and says so once in its log; MNEMOSYNE_CPU_KERNELS=0 turns the kernel off (the A/B
-benchmarks).
+torch's ops, as before, and says so once in its log; MNEMOSYNE_CPU_KERNELS=0 turns the kernels off.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -28,6 +39,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -141,12 +153,26 @@ def library() -> ctypes.CDLL | None:
                     build(path)
                 lib = load(path)
                 _state["why"] = f"on ({lib.mn_gemv_isa().decode()})"
-                log.info("CPU decode kernel %s: %s", _state["why"], path)
+                log.info("CPU decode kernels %s: %s", _state["why"], path)
             except Exception as e:      # noqa: BLE001 - any failure leaves F.linear in place
                 _state["why"] = f"unavailable: {e}"
-                log.warning("CPU decode kernel %s; the decode linears run on F.linear", _state["why"])
+                log.warning("CPU decode kernels %s; the decode step runs on torch's ops", _state["why"])
         _state["lib"] = lib
         return lib
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within it `library()` is None, as on a machine without the kernels: the benchmarks' other side
+    (an engine built inside it also gets the layout F.linear prefers)."""
+    library()
+    saved = dict(_state)
+    _state.update(lib=None, why="off (disabled())")
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
 
 
 def status() -> str:
@@ -186,6 +212,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
 
 
 _ATTN_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+ATTN_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)      # the kernel's instantiations
 MIN_SPAN_KEYS = 256          # keys per unit of the attention kernel's work: at least this many,
 MAX_SPAN_KEYS = 8192         # at most this many, else about four units per thread
 
@@ -193,7 +220,7 @@ MAX_SPAN_KEYS = 8192         # at most this many, else about four units per thre
 def attention_applies(lib: ctypes.CDLL | None, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `decode_attention` takes these operands (else the caller's flash path)."""
     return (lib is not None and q.device.type == "cpu" and q.dtype in _ATTN_DTYPES and k_cache.dtype == q.dtype
-            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and q.shape[1] * q.shape[2] <= 4096
+            and q.shape[-1] in ATTN_HEAD_DIMS and q.shape[1] * q.shape[2] <= 4096
             and q.shape[1] % k_cache.shape[2] == 0 and bool(lib.mn_decode_attention_isa()))
 
 
@@ -271,7 +298,7 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor | None:
 def main() -> int:
     """`python -m common.model.cpu_kernels`: builds this machine's kernel now (make setup), prints its status."""
     logging.basicConfig(level=logging.INFO)
-    print(f"CPU decode kernel: {status()}")
+    print(f"CPU decode kernels: {status()}")
     return 0
 
 
