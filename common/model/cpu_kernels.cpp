@@ -193,6 +193,21 @@ const char* mn_gemv_isa() {
 #endif
 }
 
+// The most rows of x for which this build's path beats torch's kernels (measured: the portable
+// bfloat16 loop converts each weight once per row of x, and falls behind beyond one row).
+int64_t mn_gemv_max_rows(int dtype) {
+#if defined(__AVX512F__) && defined(MN_BF16_ISA)
+  (void)dtype;
+  return 4;
+#else
+#if defined(__AVX512F__)
+  return 4 * (dtype == 0) + 1 * (dtype != 0);
+#else
+  return dtype == 0 ? 4 : 1;
+#endif
+#endif
+}
+
 void mn_gemv_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy, int64_t M,
                  int64_t N, int64_t K) {
   gemv<float>(x, ldx, w, ldw, y, ldy, M, N, K);

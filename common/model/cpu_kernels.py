@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
+_CODES = {torch.float32: 0, torch.bfloat16: 1}    # the library's dtype argument
 MAX_ROWS = 4                # rows of x one pass of the kernel multiplies; more go to F.linear
 BUILD_TIMEOUT_S = 120.0
 
@@ -118,6 +119,8 @@ def load(path: Path) -> ctypes.CDLL:
         fn.argtypes = args
         fn.restype = None
     lib.mn_gemv_isa.restype = ctypes.c_char_p
+    lib.mn_gemv_max_rows.restype = ctypes.c_int64
+    lib.mn_gemv_max_rows.argtypes = [ctypes.c_int]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.mn_rms_norm.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float]
     lib.mn_rope.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, i64, i64]
@@ -152,6 +155,7 @@ def library() -> ctypes.CDLL | None:
                 if not path.exists():
                     build(path)
                 lib = load(path)
+                _state["max_rows"] = {dt: lib.mn_gemv_max_rows(code) for dt, code in _CODES.items()}
                 _state["why"] = f"on ({lib.mn_gemv_isa().decode()})"
                 log.info("CPU decode kernels %s: %s", _state["why"], path)
             except Exception as e:      # noqa: BLE001 - any failure leaves F.linear in place
@@ -205,13 +209,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     """F.linear(x, w, b), through the kernel where it applies."""
     if applies(x, w):
         lib = library()
-        if lib is not None:
+        if lib is not None and x.shape[0] <= _state["max_rows"][x.dtype]:      # type: ignore[index]
             y = gemv(lib, x, w)
             return y if b is None else y.add_(b)
     return F.linear(x, w, b)
 
 
-_ATTN_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 ATTN_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)      # the kernel's instantiations
 MIN_SPAN_KEYS = 256          # keys per unit of the attention kernel's work: at least this many,
 MAX_SPAN_KEYS = 8192         # at most this many, else about four units per thread
@@ -219,7 +222,7 @@ MAX_SPAN_KEYS = 8192         # at most this many, else about four units per thre
 
 def attention_applies(lib: ctypes.CDLL | None, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `decode_attention` takes these operands (else the caller's flash path)."""
-    return (lib is not None and q.device.type == "cpu" and q.dtype in _ATTN_DTYPES and k_cache.dtype == q.dtype
+    return (lib is not None and q.device.type == "cpu" and q.dtype in _CODES and k_cache.dtype == q.dtype
             and q.shape[-1] in ATTN_HEAD_DIMS and q.shape[1] * q.shape[2] <= 4096
             and q.shape[1] % k_cache.shape[2] == 0 and bool(lib.mn_decode_attention_isa()))
 
@@ -240,7 +243,7 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v
     total = int(lens.sum()) if b else 0
     span = -(-total // (4 * torch.get_num_threads())) if total else MIN_SPAN_KEYS
     span = min(max(span, MIN_SPAN_KEYS), MAX_SPAN_KEYS)
-    rc = lib.mn_decode_attention(_ATTN_DTYPES[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+    rc = lib.mn_decode_attention(_CODES[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                  tables.data_ptr(), tables.stride(0) if b else 0, lens.data_ptr(), b, hq, hkv, d,
                                  bs, scale, span, out.data_ptr(), lse.data_ptr())
     if rc != 0:
@@ -254,7 +257,7 @@ SMALL_ROWS = 16              # rows up to which one single-threaded call beats t
 
 def small(x: torch.Tensor) -> ctypes.CDLL | None:
     """The library when x (rows first) is a decode-sized float32/bfloat16 CPU activation, else None."""
-    if (x.device.type == "cpu" and x.dtype in _ATTN_DTYPES and 0 < x.shape[0] <= SMALL_ROWS
+    if (x.device.type == "cpu" and x.dtype in _CODES and 0 < x.shape[0] <= SMALL_ROWS
             and not (torch.is_grad_enabled() and x.requires_grad)):
         return library()
     return None
@@ -266,7 +269,7 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, eps: float) -> 
     if x.dim() != 2 or x.stride(1) != 1 or w.dtype != x.dtype or not w.is_contiguous() or w.shape != x.shape[1:]:
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
-    lib.mn_rms_norm(_ATTN_DTYPES[x.dtype], x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), out.stride(0),
+    lib.mn_rms_norm(_CODES[x.dtype], x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), out.stride(0),
                     x.shape[0], x.shape[1], eps)
     return out
 
@@ -279,7 +282,7 @@ def rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             or not (cos.is_contiguous() and sin.is_contiguous())):
         return None
     out = torch.empty(x.shape, dtype=x.dtype)
-    lib.mn_rope(_ATTN_DTYPES[x.dtype], x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
+    lib.mn_rope(_CODES[x.dtype], x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(),
                 out.data_ptr(), x.shape[0], x.shape[1], x.shape[2])
     return out
 
@@ -290,7 +293,7 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor | None:
         return None
     n = gate_up.shape[1] // 2
     out = torch.empty(gate_up.shape[0], n, dtype=gate_up.dtype)
-    lib.mn_silu_mul(_ATTN_DTYPES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(),
+    lib.mn_silu_mul(_CODES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(),
                     gate_up.shape[0], n)
     return out
 

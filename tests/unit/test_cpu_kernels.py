@@ -90,6 +90,8 @@ def test_strided_operands_and_thread_counts(builds, dtype):
 def test_isa_names_the_paths(builds):
     assert builds["x86-64"].mn_gemv_isa().decode() == "float32=portable bfloat16=portable"
     assert builds["x86-64-v3"].mn_gemv_isa().decode() == "float32=portable bfloat16=portable"
+    for arch in ("x86-64", "x86-64-v3"):             # the portable bfloat16 loop: one row (measured)
+        assert [builds[arch].mn_gemv_max_rows(code) for code in (0, 1)] == [4, 1]
     native = builds["native"].mn_gemv_isa().decode()
     flags = cpu_kernels._cpu_flags().split()
     if "avx512f" in flags:
