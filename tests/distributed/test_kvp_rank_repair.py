@@ -144,7 +144,9 @@ def test_a_received_request_resumes_and_a_receiving_one_is_retried_with_only_the
         groups = dec.prepare_receive("r3", len(PROMPT2), PARAMS.max_tokens, prompt_ids=PROMPT2)
         assert [(g.group, g.cached) for g in groups] == [(0, M), (1, 0)]
         first3 = run_prefill(pre, "r3", KVSink("tcp", M, groups), PROMPT2)
-        assert first3 == first
+        # the prefill's own prefix cache served most of the prompt this time, so its last rows went
+        # through the decode kernels (a few rows): the same token, its logprob to rounding
+        assert first3[0] == first[0] and first3[1] == pytest.approx(first[1], abs=1e-5)
         assert [t for rid, t in sent if rid == "r3"] == [(64, 90)]
         dec.add_prefilled(PROMPT2, PARAMS, "r3", first3[0], first3[1], kv_timeout_s=30)
         toks = [first3[0]]
