@@ -99,8 +99,17 @@ def prefill_marks(engine: LLMEngine, prompt: list[int], marks: list[int]) -> dic
 
 
 def decode_step_times(engine: LLMEngine, prompt: list[int], steps: int) -> list[float]:
-    """Times of `steps` decode steps over a len(prompt)-token context (prefill skipped)."""
+    """Times of `steps` decode steps over a len(prompt)-token context (prefill skipped).
+
+    The skipped prefill's KV is random values written into the cache once per engine: the cache is
+    allocated lazily zeroed, and unwritten pages all map the kernel's one zero page, which every
+    read finds in cache (before this, decode attention was timed that way: 2.5x too fast at 8K with
+    the CPU decode kernel, bench/results/cpu_kernels.md)."""
     L = len(prompt)
+    cache = getattr(engine.executor, "cache", None)
+    if cache is not None and not getattr(cache, "bench_written", False):
+        cache.data.normal_(0.0, 0.5)
+        cache.bench_written = True
     rid = engine.add_request(prompt, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
     req = engine.scheduler.requests[rid]
     engine.pool.allocate(rid, L)       # the first L-1 positions count as cached: their values are

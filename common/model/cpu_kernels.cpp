@@ -238,9 +238,14 @@ void mn_gemv_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw
 namespace {
 
 // e^x for x <= 0 (scores minus their maximum), float32, to ~1 ulp: x = n ln2 + r, |r| <= ln2/2,
-// e^r by its Taylor polynomial to r^7 (error < 1e-8 relative), times 2^n (scalef: 0 below ~-104).
+// e^r by its Taylor polynomial to r^7 (error < 1e-8 relative), times 2^n. 0 below -87 (FLUSH):
+// e^-87 is the smallest normal float32, and a denormal weight costs a microcode assist in every
+// multiply-add it enters (real attention is peaked: the 8K decode took 1.7x as long with them);
+// the weights are relative to the row's maximum (weight 1), so what is flushed is below rounding.
+constexpr float FLUSH = -87.f;
 inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(FLUSH), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(FLUSH));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -253,8 +258,10 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
+
+inline float exp_flushed(float x) { return x < FLUSH ? 0.f : expf(x); }
 
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
@@ -265,6 +272,37 @@ inline __m512 chunk(const uint16_t* p, int c) { return widen_bf16(_mm256_loadu_s
 constexpr int MAX_D = 256, MAX_HQ = 256, TILE = 16;
 
 struct Span { int64_t seq, t0, t1; };           // keys [t0, t1) of sequence seq
+
+// The sums of each vector's 16 lanes: [sum a, sum b, sum c, sum d] (a transposing add tree, a
+// quarter of the instructions of four _mm512_reduce_add_ps).
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));   // a0+a2 b0+b2 a1+a3 b1+b3
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));     // a b c d per 128 bits
+  const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+}
+
+// Where the keys of a sequence lie: walks its positions block by block (no division per key).
+template <typename T>
+struct Rows {
+  const T *kc, *vc;
+  const int32_t* table;
+  int64_t bs, row, bi, off;
+  Rows(const T* k, const T* v, const int32_t* t, int64_t bs_, int64_t row_, int64_t pos)
+      : kc(k), vc(v), table(t), bs(bs_), row(row_), bi(pos / bs_), off(pos % bs_) {}
+  // the next n keys' K and V rows
+  void next(int64_t n, const T** kr, const T** vr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t slot = ((int64_t)table[bi] * bs + off) * row;
+      kr[j] = kc + slot;
+      vr[j] = vc + slot;
+      if (++off == bs) { off = 0; ++bi; }
+    }
+  }
+};
 
 // One span: its partial result into m[Hq], l[Hq], acc[Hq][D].
 // NC = d / 16 is a compile-time constant so that a row's vectors live in registers.
@@ -280,31 +318,43 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   for (int64_t h = 0; h < hq; ++h)
     for (int c = 0; c < nc; ++c) _mm512_storeu_ps(qf + h * d + 16 * c, _mm512_mul_ps(chunk(q + h * d, c), _mm512_set1_ps(scale)));
   alignas(64) float s[MAX_HQ][TILE];
+  Rows<T> rows(kc, vc, table, bs, row, t0);
+  const T* krow[TILE];
+  const T* vrow[TILE];
+  const T* knext[TILE];
+  const T* vnext[TILE];
+  rows.next(t1 - t0 < TILE ? t1 - t0 : TILE, knext, vnext);
   for (int64_t t = t0; t < t1; t += TILE) {
     const int64_t n = t1 - t < TILE ? t1 - t : TILE;
     const __mmask16 valid = (__mmask16)((1u << n) - 1);
-    const T* krow[TILE];
-    const T* vrow[TILE];
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t pos = t + j, blk = table[pos / bs], off = pos % bs;
-      krow[j] = kc + (blk * bs + off) * row;
-      vrow[j] = vc + (blk * bs + off) * row;
-    }
+    for (int64_t j = 0; j < n; ++j) { krow[j] = knext[j]; vrow[j] = vnext[j]; }
     // The next tile's rows into L2 while this one computes: a sequence's blocks are scattered, and
     // the hardware prefetcher learns each 16-token run only after it has started (reading a cold
     // cache, 10-15 GB/s without this, ~22 with it; bench/results/cpu_kernels.md).
-    for (int64_t j = 0; j < TILE && t + TILE + j < t1; ++j) {
-      const int64_t pos = t + TILE + j, blk = table[pos / bs], off = pos % bs;
-      const char* kp = (const char*)(kc + (blk * bs + off) * row);
-      const char* vp = (const char*)(vc + (blk * bs + off) * row);
+    const int64_t n_next = t1 - (t + n) < TILE ? t1 - (t + n) : TILE;
+    rows.next(n_next, knext, vnext);
+    for (int64_t j = 0; j < n_next; ++j)
       for (int64_t c = 0; c < row * (int64_t)sizeof(T); c += 64) {
-        _mm_prefetch(kp + c, _MM_HINT_T1);
-        _mm_prefetch(vp + c, _MM_HINT_T1);
+        _mm_prefetch((const char*)knext[j] + c, _MM_HINT_T1);
+        _mm_prefetch((const char*)vnext[j] + c, _MM_HINT_T1);
       }
-    }
-    // scores of the tile: s[h][j] = q_h . k_j (q scaled)
-    for (int64_t kh = 0; kh < hkv; ++kh)
-      for (int64_t j = 0; j < n; ++j) {
+    // scores of the tile: s[h][j] = q_h . k_j (q scaled), four keys at a time
+    for (int64_t kh = 0; kh < hkv; ++kh) {
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {
+        __m512 kv[4][NC];
+        for (int u = 0; u < 4; ++u)
+          for (int c = 0; c < nc; ++c) kv[u][c] = chunk(krow[j + u] + kh * d, c);
+        for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
+          __m512 a[4];
+          for (int u = 0; u < 4; ++u) {
+            a[u] = _mm512_mul_ps(kv[u][0], _mm512_loadu_ps(qf + h * d));
+            for (int c = 1; c < nc; ++c) a[u] = _mm512_fmadd_ps(kv[u][c], _mm512_loadu_ps(qf + h * d + 16 * c), a[u]);
+          }
+          _mm_storeu_ps(&s[h][j], reduce4(a[0], a[1], a[2], a[3]));
+        }
+      }
+      for (; j < n; ++j) {
         __m512 kv[NC];
         for (int c = 0; c < nc; ++c) kv[c] = chunk(krow[j] + kh * d, c);
         for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
@@ -313,13 +363,14 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
           s[h][j] = _mm512_reduce_add_ps(a);
         }
       }
+    }
     // online softmax over the tile, then p-weighted V rows into acc
     alignas(64) float p[MAX_HQ][TILE];
     for (int64_t h = 0; h < hq; ++h) {
       const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, s[h]);
       const float mt = _mm512_reduce_max_ps(sv);
       const float mn = mt > m[h] ? mt : m[h];
-      const float corr = m[h] == -INFINITY ? 0.f : expf(m[h] - mn);
+      const float corr = m[h] == -INFINITY ? 0.f : exp_flushed(m[h] - mn);
       const __m512 pv = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(sv, _mm512_set1_ps(mn))));
       _mm512_store_ps(p[h], pv);
       l[h] = l[h] * corr + _mm512_reduce_add_ps(pv);
@@ -397,7 +448,7 @@ int decode_attention(const T* q, const T* kc, const T* vc, const int32_t* tables
       for (int c = 0; c < d / 16; ++c) a[c] = _mm512_setzero_ps();
       for (int64_t s = first[i]; s < first[i + 1]; ++s) {
         const float* pp = part.data() + s * per;
-        const float w = expf(pp[h] - mx);
+        const float w = exp_flushed(pp[h] - mx);
         total += pp[hq + h] * w;
         for (int c = 0; c < d / 16; ++c) a[c] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(pp + 2 * hq + h * d + 16 * c), a[c]);
       }
