@@ -265,6 +265,23 @@ inline float exp_flushed(float x) { return x < FLUSH ? 0.f : expf(x); }
 
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
+// The softmax weights that multiply V, as torch's flash kernel (the prefill chunks' attention) takes
+// them: rounded to the cache's dtype (bfloat16: to nearest even, still as float32) while their sum
+// stays unrounded, so a bfloat16 prompt's last row rounds alike whether it is attended as a chunk or
+// as a decode row. bfloat16 logits are coarse enough for two tokens to tie, and the greedy choice
+// then follows whichever rounding came last (a float32-weights variant of a chunk kernel flipped
+// test_engine_builtin's bf16 chat prompt that way).
+template <typename T>
+inline __m512 weights_for_v(__m512 p) {
+  if constexpr (sizeof(T) == 2) {
+    const __m512i bits = _mm512_castps_si512(p);              // finite, non-negative
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+  }
+  return p;
+}
+
 // Row loads as float32 vectors of 16 lanes: chunk c of a D-vector.
 inline __m512 chunk(const float* p, int c) { return _mm512_loadu_ps(p + 16 * c); }
 inline __m512 chunk(const uint16_t* p, int c) { return widen_bf16(_mm256_loadu_si256((const __m256i*)(p + 16 * c))); }
@@ -372,7 +389,7 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
       const float mn = mt > m[h] ? mt : m[h];
       const float corr = m[h] == -INFINITY ? 0.f : exp_flushed(m[h] - mn);
       const __m512 pv = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(sv, _mm512_set1_ps(mn))));
-      _mm512_store_ps(p[h], pv);
+      _mm512_store_ps(p[h], weights_for_v<T>(pv));
       l[h] = l[h] * corr + _mm512_reduce_add_ps(pv);
       m[h] = mn;
       if (corr != 1.f)
