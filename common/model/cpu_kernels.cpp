@@ -54,8 +54,8 @@ inline float load<float>(const float* p, int64_t k) { return p[k]; }
 template <>
 inline float load<uint16_t>(const uint16_t* p, int64_t k) { return bf16_to_f32(p[k]); }
 
-template <typename T, int M>
-void rows_portable(const T* x, int64_t ldx, const T* w, int64_t ldw, T* y, int64_t ldy, int64_t r0,
+template <typename T, int M, typename Y>
+void rows_portable(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, int64_t r0,
                    int64_t r1, int64_t K) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* wr = w + r * ldw;
@@ -103,8 +103,8 @@ struct BF16 {                                    // 16 bfloat16 a step, widened 
 #define MN_BF16_ISA "avx512"
 #endif
 
-template <typename P, int M>
-void rows_avx512(const typename P::T* x, int64_t ldx, const typename P::T* w, int64_t ldw, typename P::T* y,
+template <typename P, int M, typename Y>
+void rows_avx512(const typename P::T* x, int64_t ldx, const typename P::T* w, int64_t ldw, Y* y,
                  int64_t ldy, int64_t r0, int64_t r1, int64_t K) {
   // One row of w at a time, front to back: a thread's block of rows is one sequential stream, which
   // the hardware prefetcher follows (four rows at a time, four streams, read half as fast here).
@@ -138,25 +138,25 @@ void rows_avx512(const typename P::T* x, int64_t ldx, const typename P::T* w, in
 #endif
 
 // The path each type takes on this build.
-template <typename T, int M>
-void rows(const T* x, int64_t ldx, const T* w, int64_t ldw, T* y, int64_t ldy, int64_t r0, int64_t r1, int64_t K) {
+template <typename T, int M, typename Y>
+void rows(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, int64_t r0, int64_t r1, int64_t K) {
 #if defined(__AVX512F__)
   if constexpr (sizeof(T) == 4) {
-    rows_avx512<F32, M>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+    rows_avx512<F32, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
     return;
   }
 #if defined(MN_BF16_ISA)
   if constexpr (sizeof(T) == 2) {
-    rows_avx512<BF16, M>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+    rows_avx512<BF16, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
     return;
   }
 #endif
 #endif
-  rows_portable<T, M>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+  rows_portable<T, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
 }
 
-template <typename T>
-void gemv(const T* x, int64_t ldx, const T* w, int64_t ldw, T* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+template <typename T, typename Y>
+void gemv(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
   // Each thread takes one contiguous block of rows, so each streams its part of w front to back; a
   // small matrix is not worth waking a second thread for.
   const int threads = N * K < 65536 ? 1 : omp_get_max_threads();
@@ -167,12 +167,12 @@ void gemv(const T* x, int64_t ldx, const T* w, int64_t ldw, T* y, int64_t ldy, i
     const int64_t r0 = t * per, r1 = r0 + per < N ? r0 + per : N;
     for (int64_t m = 0; r0 < r1 && m < M; m += 4) {
       const T* xm = x + m * ldx;
-      T* ym = y + m * ldy;
+      Y* ym = y + m * ldy;
       switch (M - m < 4 ? M - m : 4) {
-        case 1: rows<T, 1>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
-        case 2: rows<T, 2>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
-        case 3: rows<T, 3>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
-        default: rows<T, 4>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
+        case 1: rows<T, 1, Y>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
+        case 2: rows<T, 2, Y>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
+        case 3: rows<T, 3, Y>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
+        default: rows<T, 4, Y>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
       }
     }
   }
@@ -210,12 +210,18 @@ int64_t mn_gemv_max_rows(int dtype) {
 
 void mn_gemv_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy, int64_t M,
                  int64_t N, int64_t K) {
-  gemv<float>(x, ldx, w, ldw, y, ldy, M, N, K);
+  gemv<float, float>(x, ldx, w, ldw, y, ldy, M, N, K);
+}
+
+// bfloat16 operands, the float32 sums not rounded (the LM head: logits rounded to bfloat16 can tie).
+void mn_gemv_bf16_f32(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, float* y, int64_t ldy,
+                      int64_t M, int64_t N, int64_t K) {
+  gemv<uint16_t, float>(x, ldx, w, ldw, y, ldy, M, N, K);
 }
 
 void mn_gemv_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, uint16_t* y, int64_t ldy,
                   int64_t M, int64_t N, int64_t K) {
-  gemv<uint16_t>(x, ldx, w, ldw, y, ldy, M, N, K);
+  gemv<uint16_t, uint16_t>(x, ldx, w, ldw, y, ldy, M, N, K);
 }
 }
 
@@ -594,5 +600,189 @@ void mn_rope(int dtype, const void* x, int64_t sx0, int64_t sx1, const void* cos
 void mn_silu_mul(int dtype, const void* gu, int64_t ld, void* out, int64_t rows, int64_t n) {
   if (dtype == 0) silu_mul<float>((const float*)gu, ld, (float*)out, rows, n);
   else silu_mul<uint16_t>((const uint16_t*)gu, ld, (uint16_t*)out, rows, n);
+}
+}
+
+// ---- a bfloat16 prefill chunk's attention (AVX512-BF16) ----------------------------------------
+//
+// Queries [n, Hq, D] at positions q_start + i against keys [L, Hkv, D] at positions k_start + j:
+// query i sees key j iff k_start + j <= q_start + i (causal by position; every key when the chunk
+// comes after all of them), in one call: no split into a non-causal and a causal part, no merge.
+// Work: (KV head, block of QB query positions) tasks, later blocks (more keys) first; a task walks the
+// keys in tiles of BK, packs each tile's K as pairs along D and V as pairs along the keys, and runs an
+// online softmax over register blocks of RB query rows (the g query heads of the KV head are rows too:
+// GQA without copies). Both products are vdpbf16ps (two bfloat16 products summed in float32 per lane:
+// twice the float32 multiply-add rate), the numerics of torch's flash kernel for bfloat16: scores
+// from exact bfloat16 products summed in float32 and then scaled, the softmax in float32, its weights
+// rounded to bfloat16 for the product with V (their sum not), the output rounded once.
+#if defined(__AVX512BF16__)
+namespace {
+
+constexpr int CBK = 64, CQB = 32, CRB = 6;
+
+inline uint16_t bf16_of(float f) { return f32_to_bf16(f); }
+
+template <int NC>
+void chunk_task_bf16(const uint16_t* q, int64_t sq0, int64_t sq1, const uint16_t* k, int64_t sk0, const uint16_t* v,
+                     int64_t sv0, int64_t i0, int64_t i1, int64_t kh, int64_t g, int64_t L, int64_t diag, float scale,
+                     uint16_t* out, int64_t hq, float* lse, float* work) {
+  constexpr int64_t d = 16 * NC;
+  const int64_t rows = (i1 - i0) * g;                     // row r: position i0 + r / g, head kh * g + r % g
+  float* o = work;                                        // [rows][d] running sums
+  float* m = o + rows * d;                                // [rows]
+  float* l = m + rows;                                    // [rows]
+  uint32_t* qp = (uint32_t*)(l + rows);                   // [rows][d / 2] q as bf16 pairs
+  uint32_t* kp = qp + rows * d / 2;                       // [d / 2][CBK] K pairs along d
+  uint32_t* vp = kp + d / 2 * CBK;                        // [CBK / 2][d] V pairs along the keys
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* qr = q + (i0 + r / g) * sq0 + (kh * g + r % g) * sq1;
+    memcpy(qp + r * d / 2, qr, d * sizeof(uint16_t));
+    for (int64_t e = 0; e < d; ++e) o[r * d + e] = 0.f;
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+  }
+  const int64_t kend = std::min(L, i1 + diag);            // keys the task's last query sees
+  alignas(64) float p[CRB][CBK];
+  for (int64_t j0 = 0; j0 < kend; j0 += CBK) {
+    const int64_t nk = std::min<int64_t>(CBK, kend - j0);
+    for (int64_t j = 0; j < CBK; ++j) {                     // K pairs: kp[e2][j] = (k[j][2 e2], k[j][2 e2 + 1])
+      if (j < nk) {
+        const uint32_t* kr = (const uint32_t*)(k + (j0 + j) * sk0 + kh * d);
+        for (int64_t e2 = 0; e2 < d / 2; ++e2) kp[e2 * CBK + j] = kr[e2];
+      } else {
+        for (int64_t e2 = 0; e2 < d / 2; ++e2) kp[e2 * CBK + j] = 0;
+      }
+    }
+    for (int64_t j2 = 0; j2 < CBK / 2; ++j2) {             // V pairs: vp[j2][e] = (v[2 j2][e], v[2 j2 + 1][e])
+      const int64_t ja = j0 + 2 * j2, jb = ja + 1;
+      const uint16_t* va = ja < j0 + nk ? v + ja * sv0 + kh * d : nullptr;
+      const uint16_t* vb = jb < j0 + nk ? v + jb * sv0 + kh * d : nullptr;
+      uint16_t* dst = (uint16_t*)(vp + j2 * d);
+      for (int64_t e = 0; e < d; ++e) {
+        dst[2 * e] = va ? va[e] : 0;
+        dst[2 * e + 1] = vb ? vb[e] : 0;
+      }
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += CRB) {
+      const int rb = (int)std::min<int64_t>(CRB, rows - r0);
+      __m512 s[CRB][4];
+      for (int r = 0; r < CRB; ++r)
+        for (int u = 0; u < 4; ++u) s[r][u] = _mm512_setzero_ps();
+      for (int64_t e2 = 0; e2 < d / 2; ++e2) {
+        __m512i kv[4];
+        for (int u = 0; u < 4; ++u) kv[u] = _mm512_loadu_si512(kp + e2 * CBK + 16 * u);
+        for (int r = 0; r < CRB; ++r) {
+          if (r >= rb) break;
+          const __m512i qb = _mm512_set1_epi32((int)qp[(r0 + r) * d / 2 + e2]);
+          for (int u = 0; u < 4; ++u) s[r][u] = _mm512_dpbf16_ps(s[r][u], (__m512bh)qb, (__m512bh)kv[u]);
+        }
+      }
+      for (int r = 0; r < rb; ++r) {
+        const int64_t rr = r0 + r;
+        const int64_t last = (i0 + rr / g) + diag - j0;     // the last key (tile index) this row sees
+        float mt = -INFINITY;
+        for (int u = 0; u < 4; ++u) {
+          const int64_t lim = std::min<int64_t>(nk, last + 1) - 16 * u;
+          const __mmask16 vis = lim >= 16 ? (__mmask16)0xFFFF : lim <= 0 ? (__mmask16)0 : (__mmask16)((1u << lim) - 1);
+          s[r][u] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), vis, _mm512_mul_ps(s[r][u], _mm512_set1_ps(scale)));
+          mt = std::max(mt, _mm512_reduce_max_ps(s[r][u]));
+        }
+        if (mt == -INFINITY) {
+          for (int u = 0; u < 4; ++u) _mm512_store_ps(p[r] + 16 * u, _mm512_setzero_ps());
+          continue;
+        }
+        const float mn = std::max(m[rr], mt);
+        const float corr = m[rr] == -INFINITY ? 0.f : exp_flushed(m[rr] - mn);
+        __m512 sum = _mm512_setzero_ps();
+        for (int u = 0; u < 4; ++u) {
+          const __m512 pu = exp_ps(_mm512_sub_ps(s[r][u], _mm512_set1_ps(mn)));
+          _mm512_store_ps(p[r] + 16 * u, pu);
+          sum = _mm512_add_ps(sum, pu);
+        }
+        l[rr] = l[rr] * corr + _mm512_reduce_add_ps(sum);
+        m[rr] = mn;
+        if (corr != 1.f)
+          for (int c = 0; c < NC; ++c)
+            _mm512_storeu_ps(o + rr * d + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(o + rr * d + 16 * c), _mm512_set1_ps(corr)));
+      }
+      // o += p . V, the weights as bf16 pairs along the keys
+      alignas(64) uint32_t pp[CRB][CBK / 2];
+      for (int r = 0; r < rb; ++r)
+        for (int64_t j2 = 0; j2 < CBK / 2; ++j2)
+          pp[r][j2] = (uint32_t)bf16_of(p[r][2 * j2]) | ((uint32_t)bf16_of(p[r][2 * j2 + 1]) << 16);
+      __m512 acc[CRB][NC];
+      for (int r = 0; r < CRB; ++r) {
+        if (r >= rb) break;
+        for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(o + (r0 + r) * d + 16 * c);
+      }
+      const int64_t npairs = (nk + 1) / 2;
+      for (int64_t j2 = 0; j2 < npairs; ++j2) {
+        __m512i vv[NC];
+        for (int c = 0; c < NC; ++c) vv[c] = _mm512_loadu_si512(vp + j2 * d + 16 * c);
+        for (int r = 0; r < CRB; ++r) {
+          if (r >= rb) break;
+          const __m512i pb = _mm512_set1_epi32((int)pp[r][j2]);
+          for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)pb, (__m512bh)vv[c]);
+        }
+      }
+      for (int r = 0; r < CRB; ++r) {
+        if (r >= rb) break;
+        for (int c = 0; c < NC; ++c) _mm512_storeu_ps(o + (r0 + r) * d + 16 * c, acc[r][c]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r / g, h = kh * g + r % g;
+    uint16_t* dst = out + (i * hq + h) * d;
+    if (l[r] == 0.f) {                                    // no visible key: zeros, lse -inf
+      for (int64_t e = 0; e < d; ++e) dst[e] = 0;
+      lse[i * hq + h] = -INFINITY;
+      continue;
+    }
+    const float inv = 1.f / l[r];
+    for (int64_t e = 0; e < d; ++e) dst[e] = f32_to_bf16(o[r * d + e] * inv);
+    lse[i * hq + h] = m[r] + logf(l[r]);
+  }
+}
+
+template <int NC>
+void chunk_attention_bf16(const uint16_t* q, int64_t sq0, int64_t sq1, const uint16_t* k, int64_t sk0,
+                          const uint16_t* v, int64_t sv0, int64_t n, int64_t L, int64_t hq, int64_t hkv, int64_t diag,
+                          float scale, uint16_t* out, float* lse) {
+  const int64_t g = hq / hkv, blocks = (n + CQB - 1) / CQB, tasks = hkv * blocks, d = 16 * NC;
+  const int64_t per = CQB * g * d + CQB * g * 2 + CQB * g * d / 2 + d / 2 * CBK + CBK / 2 * d + 64;
+#pragma omp parallel
+  {
+    std::vector<float> work(per);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t kh = t % hkv, blk = blocks - 1 - t / hkv;   // later query blocks see more keys: first
+      const int64_t i0 = blk * CQB, i1 = std::min(n, i0 + CQB);
+      chunk_task_bf16<NC>(q, sq0, sq1, k, sk0, v, sv0, i0, i1, kh, g, L, diag, scale, out, hq, lse, work.data());
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+extern "C" {
+
+// bfloat16 q [n, Hq, D] strides (sq0, sq1, 1); k, v [L, Hkv, D] strides (sk0 / sv0, D, 1); query i sees
+// key j iff j <= i + diag (diag = q_start - k_start) -> out [n, Hq, D] contiguous bfloat16, lse [n, Hq]
+// float32. Returns 0, or -1 where this build cannot (no AVX512-BF16, another head dim).
+int mn_chunk_attention_bf16(const void* q, int64_t sq0, int64_t sq1, const void* k, int64_t sk0, const void* v,
+                            int64_t sv0, int64_t n, int64_t L, int64_t hq, int64_t hkv, int64_t d, int64_t diag,
+                            float scale, void* out, float* lse) {
+#if defined(__AVX512BF16__)
+  if (hq % hkv || n <= 0 || L <= 0) return -1;
+  const uint16_t *qq = (const uint16_t*)q, *kk = (const uint16_t*)k, *vv = (const uint16_t*)v;
+  switch (d) {
+    case 64: chunk_attention_bf16<4>(qq, sq0, sq1, kk, sk0, vv, sv0, n, L, hq, hkv, diag, scale, (uint16_t*)out, lse); return 0;
+    case 128: chunk_attention_bf16<8>(qq, sq0, sq1, kk, sk0, vv, sv0, n, L, hq, hkv, diag, scale, (uint16_t*)out, lse); return 0;
+    case 32: chunk_attention_bf16<2>(qq, sq0, sq1, kk, sk0, vv, sv0, n, L, hq, hkv, diag, scale, (uint16_t*)out, lse); return 0;
+  }
+#endif
+  return -1;
 }
 }

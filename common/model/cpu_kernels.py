@@ -115,7 +115,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-    for fn in (lib.mn_gemv_f32, lib.mn_gemv_bf16):
+    for fn in (lib.mn_gemv_f32, lib.mn_gemv_bf16, lib.mn_gemv_bf16_f32):
         fn.argtypes = args
         fn.restype = None
     lib.mn_gemv_isa.restype = ctypes.c_char_p
@@ -127,6 +127,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mn_silu_mul.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64]
     for fn in (lib.mn_rms_norm, lib.mn_rope, lib.mn_silu_mul):
         fn.restype = None
+    lib.mn_chunk_attention_bf16.restype = ctypes.c_int
+    lib.mn_chunk_attention_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
+                                            ctypes.c_float, ptr, ptr]
     lib.mn_decode_attention_isa.restype = ctypes.c_int
     lib.mn_decode_attention.restype = ctypes.c_int
     lib.mn_decode_attention.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -196,21 +199,26 @@ def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
-def gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T with the kernel (the caller checked `applies`)."""
+def gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, float_out: bool = False) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T with the kernel (the caller checked `applies`); `float_out`: bfloat16
+    operands' float32 sums returned unrounded."""
     m, k = x.shape
     n = w.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
-    getattr(lib, _FUNCS[x.dtype])(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), y.data_ptr(), n, m, n, k)
+    wide = float_out and x.dtype == torch.bfloat16
+    y = torch.empty(m, n, dtype=torch.float32 if wide else x.dtype)
+    fn = lib.mn_gemv_bf16_f32 if wide else getattr(lib, _FUNCS[x.dtype])
+    fn(x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), y.data_ptr(), n, m, n, k)
     return y
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b), through the kernel where it applies."""
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:
+    """F.linear(x, w, b), through the kernel where it applies. `float_out` (the LM head): where the
+    kernel runs, bfloat16 operands give their float32 sums unrounded (logits rounded to bfloat16's 8
+    bits tie often: two tokens 0.08 apart in float32 came out equal, and greedy took the lower id)."""
     if applies(x, w):
         lib = library()
         if lib is not None and x.shape[0] <= _state["max_rows"][x.dtype]:      # type: ignore[index]
-            y = gemv(lib, x, w)
+            y = gemv(lib, x, w, float_out)
             return y if b is None else y.add_(b)
     return F.linear(x, w, b)
 
@@ -249,6 +257,31 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v
     if rc != 0:
         raise ValueError(f"decode attention kernel: unsupported shape q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
     return out, lse
+
+
+CHUNK_HEAD_DIMS = (32, 64, 128)       # the bfloat16 chunk attention kernel's instantiations
+
+
+def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
+                    k_start: int, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A bfloat16 prefill chunk's attention (the AttentionBackend.forward contract): q [n, Hq, D] at
+    positions q_start.., k, v [L, Hkv, D] at k_start..; query i sees key j iff k_start + j <= q_start + i.
+    Returns out [n, Hq, D] bfloat16 and lse [n, Hq] float32, or None where the kernel does not apply
+    (a build without AVX512-BF16, float32, another head dim, strides it does not take): the caller's
+    flash path. (A float32 variant on multiply-adds ran at the flash kernel's speed: not kept.)"""
+    n, hq, d = q.shape
+    L, hkv = k.shape[0], k.shape[1]
+    if (lib is None or q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.dtype != q.dtype
+            or v.dtype != q.dtype or d not in CHUNK_HEAD_DIMS or n == 0 or L == 0 or hq % hkv
+            or q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or k.stride(1) != d or v.stride(1) != d
+            or (torch.is_grad_enabled() and q.requires_grad)):
+        return None
+    out = torch.empty(n, hq, d, dtype=q.dtype)
+    lse = torch.empty(n, hq, dtype=torch.float32)
+    rc = lib.mn_chunk_attention_bf16(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), v.data_ptr(),
+                                     v.stride(0), n, L, hq, hkv, d, q_start - k_start, scale, out.data_ptr(),
+                                     lse.data_ptr())
+    return None if rc != 0 else (out, lse)
 
 
 # ---- the elementwise steps of a decode layer (RMSNorm, RoPE, SiLU-and-multiply) -----------------

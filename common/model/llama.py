@@ -77,10 +77,13 @@ def transposed_by_default(weight: torch.Tensor) -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear whose product goes through `cpu_kernels.linear`: the CPU decode kernel for a few rows,
-    F.linear otherwise. Same parameters and names."""
+    F.linear otherwise. Same parameters and names. `float_out` (the LM head): bfloat16 logits of the
+    kernel's rows not rounded to bfloat16 (float32, as the engine samples them anyway)."""
+
+    float_out = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear(x, self.weight, self.bias)
+        return cpu_kernels.linear(x, self.weight, self.bias, self.float_out)
 
 
 def weights_transposed(linear: nn.Linear) -> bool:
@@ -262,6 +265,8 @@ class LlamaModel(nn.Module):
                                      for i in range(self.first_layer, self.last_layer)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
+        if self.lm_head is not None:
+            self.lm_head.float_out = True
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> hidden [T, hidden]."""

@@ -110,6 +110,8 @@ class VocabParallelEmbedding(nn.Embedding):
 
 
 class VocabParallelHead(Linear):
+    float_out = True                  # as LlamaModel's head: bfloat16 logits of the kernel's rows unrounded
+
     def __init__(self, dim: int, num: int, per_rank: int, vocab_size: int, groups) -> None:
         super().__init__(dim, num, bias=False)
         self.per_rank = per_rank

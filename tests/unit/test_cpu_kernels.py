@@ -65,6 +65,20 @@ def test_every_build_matches_the_exact_product(builds, build, dtype):
         check(cpu_kernels.gemv(lib, x, w), x, w)
 
 
+@pytest.mark.parametrize("build", ["native", "x86-64"])
+def test_bf16_logits_are_the_unrounded_sums(builds, build):
+    """The LM head's variant: bfloat16 operands, float32 sums returned as they are (bfloat16 logits
+    tie: 8 bits), within float32 rounding of the exact product."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 576).to(torch.bfloat16)
+    w = torch.randn(1000, 576).to(torch.bfloat16)
+    y = cpu_kernels.gemv(builds[build], x, w, float_out=True)
+    exact = F.linear(x.double(), w.double())
+    assert y.dtype == torch.float32
+    assert bool(((y.double() - exact).abs() <= 4e-7 * 24 * F.linear(x.double().abs(), w.double().abs())).all())
+    assert not torch.equal(y, y.to(torch.bfloat16).float())             # not rounded to bfloat16
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strided_operands_and_thread_counts(builds, dtype):
     """x rows and w rows with a leading stride beyond K (views of wider tensors, as the fused q/k/v
@@ -105,7 +119,7 @@ def test_isa_names_the_paths(builds):
 def test_linear_takes_the_kernel_only_where_it_applies(monkeypatch):
     calls = []
     real = cpu_kernels.gemv
-    monkeypatch.setattr(cpu_kernels, "gemv", lambda lib, x, w: calls.append(x.shape) or real(lib, x, w))
+    monkeypatch.setattr(cpu_kernels, "gemv", lambda lib, x, w, *a: calls.append(x.shape) or real(lib, x, w, *a))
     torch.manual_seed(2)
     w = torch.randn(48, 32)
     b = torch.randn(48)
@@ -143,7 +157,7 @@ def test_the_engine_decodes_on_the_kernel(monkeypatch):
     assert not any(weights_transposed(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
     calls, attends = [], []
     real, real_attend = cpu_kernels.gemv, cpu_kernels.decode_attention
-    monkeypatch.setattr(cpu_kernels, "gemv", lambda lib, x, w: calls.append(x.shape[0]) or real(lib, x, w))
+    monkeypatch.setattr(cpu_kernels, "gemv", lambda lib, x, w, *a: calls.append(x.shape[0]) or real(lib, x, w, *a))
     monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: attends.append(a[1].shape[0]) or real_attend(*a))
     decode_step_times(engine, list(range(100, 140)), 2)
     layers = ckpt.config.num_layers
@@ -274,3 +288,41 @@ def test_decode_elementwise_steps_are_the_eager_ones(dtype):
 
     assert cpu_kernels.small(torch.zeros(cpu_kernels.SMALL_ROWS + 1, 8, dtype=dtype)) is None   # a prefill chunk
     assert cpu_kernels.small(torch.zeros(2, 8, dtype=torch.float64)) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+def test_bf16_chunk_attention_matches_the_reference(heads):
+    """A prefill chunk against keys before and inside it, by position: a prompt's first chunk, a later
+    chunk over its prefix, a shard whose keys start after the chunk's first queries (empty rows), fewer
+    keys than queries, keys ending before the chunk, odd key counts; strided q (as the fused q/k/v
+    split gives). Against the float64 reference, and no further from it than torch's flash kernel."""
+    from common.attention.cpu import CpuFlashBackend
+    from common.attention.reference import ReferenceBackend
+    lib = cpu_kernels.library()
+    if cpu_kernels.chunk_attention(lib, torch.zeros(1, 2, 32, dtype=torch.bfloat16),
+                                   torch.zeros(1, 2, 32, dtype=torch.bfloat16),
+                                   torch.zeros(1, 2, 32, dtype=torch.bfloat16), 0, 0, 1.0) is None:
+        pytest.skip("no AVX512-BF16 build")
+    hq, hkv, d = heads
+    g = torch.Generator().manual_seed(hq + d)
+    ref, flash = ReferenceBackend(), CpuFlashBackend()
+    for n, L, q_start, k_start in [(100, 100, 0, 0), (37, 301, 264, 0), (70, 200, 130, 150), (50, 21, 40, 30),
+                                   (33, 129, 500, 0), (1, 65, 64, 0), (130, 130, 0, 0)]:
+        qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(torch.bfloat16)
+        q = qkv[:, :hq * d].view(n, hq, d)
+        k = torch.randn(L, hkv, d, generator=g).to(torch.bfloat16)
+        v = torch.randn(L, hkv, d, generator=g).to(torch.bfloat16)
+        got = cpu_kernels.chunk_attention(lib, q, k, v, q_start, k_start, d ** -0.5)
+        assert got is not None
+        out, lse = got
+        want_out, want_lse = ref.forward(q.double(), k.double(), v.double(), q_start=q_start, k_start=k_start,
+                                         scale=d ** -0.5)
+        torch.testing.assert_close(out.double(), want_out, rtol=2 ** -7, atol=4e-3)
+        with cpu_kernels.disabled():
+            f_out, _ = flash.forward(q, k, v, q_start=q_start, k_start=k_start, scale=d ** -0.5)
+        assert (out.double() - want_out).abs().max() <= 1.5 * (f_out.double() - want_out).abs().max() + 1e-3
+        assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+        fin = torch.isfinite(want_lse)
+        torch.testing.assert_close(lse.double()[fin], want_lse[fin], rtol=1e-5, atol=1e-3)
+    assert cpu_kernels.chunk_attention(lib, q.float(), k.float(), v.float(), 0, 0, 0.2) is None    # float32
