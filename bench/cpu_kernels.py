@@ -1,6 +1,6 @@
-"""The CPU decode kernels (common/model/cpu_kernels.py) against what they replace, side by side in one run.
+"""The CPU kernels (common/model/cpu_kernels.py) against what they replace, side by side in one run.
 
-Three parts, each alternating the two sides, --rounds rounds, medians (each round's load average kept):
+Four parts, each alternating the two sides, --rounds rounds, medians (each round's load average kept):
   gemv       one decode step's linears of the built-in model's shapes (q/k/v, o, gate/up, down: 30
              distinct weights each, as the model's layers, so they stream from memory; the LM head once),
              for 1 and 4 rows: F.linear on the layout torch streams fastest ([in, out] for float32,
@@ -9,6 +9,8 @@ Three parts, each alternating the two sides, --rounds rounds, medians (each roun
   attention  one layer's decode attention over the paged cache (scattered blocks, block 16, 3 KV heads
              x 64, 9 query heads), 1 and 4 sequences of 1K, 8K and 32K keys: the flash planner
              (common/attention/cpu.py) vs the kernel; microseconds a call and GB/s of K+V bytes;
+  chunk      one layer's attention of a bfloat16 prefill chunk (1,024 queries over 1K, 4K, 8K keys;
+             128 over 64K): the flash path vs the chunk kernel; ms and GFLOP/s;
   engine     the built-in model's decode step (one request, prefill skipped as in bench/engine.py) at
              1K, 4K and 8K in float32 and bfloat16: an engine with the kernels vs one built and run
              inside `cpu_kernels.disabled()` (so with float32 weights [in, out], the layout it used).
@@ -101,6 +103,23 @@ def attention_round(dtype: torch.dtype, keys: int, batch: int) -> dict:
     return {"bytes": nbytes, "flash_us": 1e6 * t_flash, "kernel_us": 1e6 * t_kernel}
 
 
+def chunk_round(queries: int, keys: int) -> dict:
+    """One layer's attention of a bfloat16 prefill chunk (the chunk's queries are the last of `keys`
+    positions): the flash path of common/attention/cpu.py vs the chunk kernel."""
+    from common.attention.cpu import CpuFlashBackend
+    q = torch.randn(queries, 9, 64).to(torch.bfloat16)
+    k = torch.randn(keys, 3, 64).to(torch.bfloat16)
+    v = torch.randn(keys, 3, 64).to(torch.bfloat16)
+    start = keys - queries
+    flash = CpuFlashBackend()
+    lib = cpu_kernels.library()
+    with cpu_kernels.disabled():
+        t_flash = timed(lambda: flash.forward(q, k, v, q_start=start, k_start=0, scale=0.125), 3)
+    t_kernel = timed(lambda: cpu_kernels.chunk_attention(lib, q, k, v, start, 0, 0.125), 3)
+    flops = 4 * 9 * 64 * (queries * start + queries * queries / 2)
+    return {"flops": flops, "flash_ms": 1e3 * t_flash, "kernel_ms": 1e3 * t_kernel}
+
+
 def engine_round(engines: dict, context: int, steps: int) -> dict:
     from bench.engine import decode_step_times
     prompt = [100 + (i * 7919) % 30000 for i in range(context - steps - 2)]
@@ -117,7 +136,7 @@ def engine_round(engines: dict, context: int, steps: int) -> dict:
 
 def markdown(report: dict) -> str:
     c = report["config"]
-    lines = ["# CPU decode kernels vs what they replace (common/model/cpu_kernels.py)", "",
+    lines = ["# CPU kernels vs what they replace (common/model/cpu_kernels.py)", "",
              f"{report['machine']['platform']}, torch {report['machine']['torch']}, {c['threads']} threads; "
              f"kernels {report['machine']['cpu_kernels']}. {c['rounds']} rounds, the two sides alternating; "
              "medians over rounds; load average per round in the JSON "
@@ -146,6 +165,16 @@ def markdown(report: dict) -> str:
             k = statistics.median(r["kernel_us"] for r in rs)
             lines.append(f"| {key} | {f:.0f} ({b / f / 1e3:.1f}) | {k:.0f} ({b / k / 1e3:.1f}) | {f / k:.2f}x |")
         lines.append("")
+    if "chunk" in report:
+        lines += ["## One layer's attention of a bfloat16 prefill chunk (9 query heads, 3 KV heads x 64)", "",
+                  "| queries x keys | flash path ms (GFLOP/s) | kernel ms (GFLOP/s) | kernel speed-up |",
+                  "|---|---:|---:|---:|"]
+        for key, rs in report["chunk"].items():
+            fl = rs[0]["flops"]
+            f = statistics.median(r["flash_ms"] for r in rs)
+            k = statistics.median(r["kernel_ms"] for r in rs)
+            lines.append(f"| {key} | {f:.1f} ({fl / f / 1e6:.0f}) | {k:.1f} ({fl / k / 1e6:.0f}) | {f / k:.2f}x |")
+        lines.append("")
     if "engine" in report:
         lines += ["## The built-in model's decode step (one request)", "",
                   "| context, dtype | without the kernels ms | with ms | speed-up | rounds (without; with) |",
@@ -162,7 +191,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--parts", default="gemv,attention,engine")
+    p.add_argument("--parts", default="gemv,attention,chunk,engine")
     p.add_argument("--contexts", default="1024,4096,8192")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=12, help="decode steps per engine round")
@@ -197,6 +226,9 @@ def main() -> None:
                 for batch, keys in ((1, 1024), (1, 8192), (1, 32768), (4, 8192)):
                     report.setdefault("attention", {}).setdefault(f"{d}, {batch} x {keys}", []).append(
                         attention_round(dt, keys, batch))
+        if "chunk" in parts:
+            for queries, keys in ((1024, 1024), (1024, 4096), (1024, 8192), (128, 65536)):
+                report.setdefault("chunk", {}).setdefault(f"{queries} x {keys}", []).append(chunk_round(queries, keys))
         if "engine" in parts:
             for d in DTYPES:
                 pair = dict(engines[d]) if r % 2 == 0 else dict(reversed(list(engines[d].items())))
