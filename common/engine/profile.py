@@ -132,13 +132,13 @@ class Calibration:
 def hardware_id(device: str | torch.device = "cpu", threads: int | None = None) -> str:
     """What the timings depend on besides the model: the processor, how many threads torch uses
     (`threads`: those of the processes that run the model, e.g. a grid's workers; default this one's)
-    and, on the CPU, whether the decode linears run on common/model/cpu_kernels.py's kernel ("-gemv"):
-    a profile measured without it is ~2x slow at decode."""
+    and, on the CPU, which build of common/model/cpu_kernels.py's kernels runs ("-k<hash>"): a profile
+    measured without them is ~2x slow at decode, and an edited kernel may change any iteration's time."""
     dev = torch.device(device)
     if dev.type == "cuda":
         return "cuda-" + torch.cuda.get_device_name(dev).replace(" ", "_")
     cpu = _cpu_name() or platform.machine() or "unknown"
-    kernel = "-gemv" if cpu_kernels.library() is not None else ""
+    kernel = f"-k{cpu_kernels.fingerprint()}" if cpu_kernels.library() is not None else ""
     return f"cpu-{cpu.replace(' ', '_')}-{threads or torch.get_num_threads()}t{kernel}"
 
 

@@ -1,20 +1,25 @@
-// Matrix-vector products of a decode step on the CPU: y[m, n] = sum_k x[m, k] * w[n, k] for a few
-// rows of x (M <= 4) against a weight stored [N, K] row-major (nn.Linear's [out, in]).
+// The CPU engine's kernels (common/model/cpu_kernels.py loads them; bench/results/cpu_kernels.md
+// measures each against what it replaces):
+//   matrix-vector products  a decode step's linears: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows of
+//                           x (M <= 4) against a weight stored [N, K] row-major (nn.Linear's [out, in]);
+//   decode attention        one query per sequence against its keys where they lie in the paged cache;
+//   elementwise steps       RMSNorm, RoPE, SiLU-and-multiply of a few rows, with the eager roundings;
+//   chunk attention         a bfloat16 prefill chunk against every key it sees, on vdpbf16ps.
 //
-// At decode a linear reads its whole weight for a handful of activations, so it can go no faster than
-// the weight streams from memory. torch's CPU kernels for that shape (MKL / oneDNN through F.linear)
-// reach 10-17 GB/s here where a plain read of the same bytes reaches 35-55
-// (bench/results/cpu_kernels.md). This kernel streams each thread's contiguous block of rows once, front
-// to back, each row loaded once and multiplied with every row of x, products
-// accumulated in float32 (bfloat16 rows: each pair of products exact in float32, as the vdpbf16ps
-// instruction computes them), the bfloat16 result rounded to nearest-even once, as torch rounds its
-// float32 accumulator. Only the order of the sum differs from torch's kernels, so results agree to
-// rounding, not bitwise.
+// Matrix-vector products. At decode a linear reads its whole weight for a handful of activations, so
+// it can go no faster than the weight streams from memory. torch's CPU kernels for that shape (MKL /
+// oneDNN through F.linear) reach 10-17 GB/s here where a plain read of the same bytes reaches 35-55.
+// This kernel streams each thread's contiguous block of rows once, front to back, each row loaded once
+// and multiplied with every row of x, products accumulated in float32 (bfloat16 rows: each pair of
+// products exact in float32, as the vdpbf16ps instruction computes them), the bfloat16 result rounded
+// to nearest-even once, as torch rounds its float32 accumulator (or not at all: the LM head's
+// variant). Only the order of the sum differs from torch's kernels, so results agree to rounding, not
+// bitwise.
 //
 // Compiled by common/model/cpu_kernels.py on the machine that runs it (-march=native): the AVX-512 paths
-// where the compiler targets them, a portable loop the compiler vectorises (OpenMP simd) elsewhere.
-// Threads: OpenMP, the runtime torch itself loaded (libgomp.so.1 is resolved to the loaded one), so
-// torch.set_num_threads applies here too.
+// where the compiler targets them, portable loops the compiler vectorises (OpenMP simd) elsewhere (the
+// attention kernels only exist in AVX-512 builds). Threads: OpenMP, the runtime torch itself loaded
+// (libgomp.so.1 is resolved to the loaded one), so torch.set_num_threads applies here too.
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -237,8 +242,8 @@ void mn_gemv_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw
 // (the online softmax), and the spans of a sequence are then merged exactly as merge_attention_states
 // merges partial results: out = sum_i acc_i e^(m_i - M) / L, lse = M + log L (natural log, as the
 // flash kernel's). Scores and the softmax are float32 in both dtypes (bfloat16 K and q products are
-// exact in float32; V is widened, p is not rounded to bfloat16), so results agree with torch's flash
-// kernel to rounding. AVX-512 only: elsewhere mn_decode_attention_isa returns 0 and the caller keeps
+// exact in float32; V is widened; the weights that multiply V are rounded to bfloat16, as the flash
+// kernel rounds them, weights_for_v), so results agree with torch's flash kernel to rounding. AVX-512 only: elsewhere mn_decode_attention_isa returns 0 and the caller keeps
 // the flash kernel.
 #if defined(__AVX512F__)
 namespace {

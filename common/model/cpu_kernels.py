@@ -1,18 +1,20 @@
-"""The CPU engine's decode step in C++ (`cpu_kernels.cpp`): the work of a step at memory speed, and
-one call where eager torch makes several.
+"""The CPU engine's hot paths in C++ (`cpu_kernels.cpp`): a decode step's work at memory speed, one call
+where eager torch makes several, and a bfloat16 prefill chunk's attention at twice the flash kernel's rate.
 
 A decode step of a small model on this CPU was ~3x its floor (the bytes it must read at the rate a
 plain read reaches): torch's kernels stream a linear's weight at 10-17 GB/s for one row of
 activations where a plain read reaches 35-55, its flash kernel reads a paged cache through a gather
-or strided views, and each layer's elementwise steps are ~25 small torch ops. Three kernels, compiled
+or strided views, and each layer's elementwise steps are ~25 small torch ops. The kernels, compiled
 for the machine's processor (bench/results/cpu_kernels.md measures each against what it replaces):
   linear            `linear(x, w, b)`: for up to MAX_ROWS rows of float32 or bfloat16 against a weight
                     stored [out, in] row-major, a matrix-vector product that streams each thread's block
                     of rows front to back (F.linear for everything else: prefill chunks, other dtypes
-                    and layouts, autograd, other devices);
+                    and layouts, autograd, other devices); the LM head's bfloat16 logits unrounded;
   decode attention  `decode_attention`: each sequence's one query against its keys where they lie in
                     the paged cache (AVX-512 builds; elsewhere the flash planner of
                     common/attention/cpu.py);
+  chunk attention   `chunk_attention`: a bfloat16 prefill chunk against every key it sees, by position,
+                    on vdpbf16ps (AVX512-BF16 builds; float32 and other machines: the flash kernel);
   elementwise       `rms_norm`, `rope`, `silu_mul`: one call each for up to SMALL_ROWS rows, with the
                     eager code's roundings.
 Each returns what its torch counterpart returns, to rounding (the tests hold every build to a float64
@@ -158,6 +160,7 @@ def library() -> ctypes.CDLL | None:
                 if not path.exists():
                     build(path)
                 lib = load(path)
+                _state["digest"] = path.stem.rsplit("-", 1)[-1][:8]
                 _state["max_rows"] = {dt: lib.mn_gemv_max_rows(code) for dt, code in _CODES.items()}
                 _state["why"] = f"on ({lib.mn_gemv_isa().decode()})"
                 log.info("CPU decode kernels %s: %s", _state["why"], path)
@@ -180,6 +183,12 @@ def disabled() -> Iterator[None]:
     finally:
         _state.clear()
         _state.update(saved)
+
+
+def fingerprint() -> str | None:
+    """A short hash of the loaded library (its source, compiler, flags and CPU), None without one:
+    what a timing measured on these kernels depends on (common/engine/profile.py hardware_id)."""
+    return None if library() is None else str(_state["digest"])
 
 
 def status() -> str:

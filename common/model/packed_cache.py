@@ -11,10 +11,11 @@ the page cache's, shared by every process that maps them instead of copied into 
 
 A file is named by everything its tensors depend on: the checkpoint's files (path, size, mtime), the
 model config (less max_position, which no weight depends on), the layers, the TP shard, the dtype and
-the layout (FORMAT, and whether float32 weights are stored transposed). It is written to a temporary file and renamed, by one process at a time (a lock
-file; a lock left by a dead process is taken over), so a reader never maps a partial file; a file
-that fails to load is removed and the shard built again. The directory keeps the most recently used
-files up to MAX_BYTES (oldest removed first); a shard larger than that is not cached.
+the layout (FORMAT, and whether float32 weights are stored transposed). It is written to a temporary
+file and renamed, by one process at a time (a lock file; a lock left by a dead process is taken
+over), so a reader never maps a partial file; a file that fails to load is removed and the shard
+built again. The directory keeps the most recently used files up to MAX_BYTES (oldest removed
+first); a shard larger than that is not cached.
 
 Mapped pages are copy-on-write (MAP_PRIVATE): nothing writes to weights, and a write would only make
 a private copy, never change the file.
