@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from common.model import cpu_kernels
+from tests.fixtures.paged import scattered_cache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,23 +77,9 @@ def gemv_round(dtype: torch.dtype, rows: int) -> dict:
     return out
 
 
-def paged(lens: list[int], dtype: torch.dtype, bs: int = 16, hkv: int = 3, d: int = 64):
-    blocks = sum(-(-n // bs) for n in lens)
-    k = torch.randn(blocks, bs, hkv, d).to(dtype)
-    v = torch.randn(blocks, bs, hkv, d).to(dtype)
-    order = torch.randperm(blocks).to(torch.int32)
-    tables = torch.zeros(len(lens), max(-(-n // bs) for n in lens), dtype=torch.int32)
-    used = 0
-    for row, n in enumerate(lens):
-        nb = -(-n // bs)
-        tables[row, :nb] = order[used:used + nb]
-        used += nb
-    return k, v, tables, torch.tensor(lens, dtype=torch.int32)
-
-
 def attention_round(dtype: torch.dtype, keys: int, batch: int) -> dict:
     from common.attention.cpu import CpuFlashBackend
-    k, v, tables, lens = paged([keys] * batch, dtype)
+    k, v, tables, lens = scattered_cache([keys] * batch, 16, 3, 64, dtype)
     q = torch.randn(batch, 9, 64).to(dtype)
     lib = cpu_kernels.library()
     flash = CpuFlashBackend()
@@ -155,25 +142,19 @@ def markdown(report: dict) -> str:
             b = rs[0]["step"]["bytes"]
             lines.append(f"| {key} | plain read of the step's bytes | | {rd:.2f} ({b / rd / 1e6:.1f}) | |")
         lines.append("")
-    if "attention" in report:
-        lines += ["## One layer's decode attention over the paged cache (scattered blocks)", "",
-                  "| dtype, sequences x keys | flash planner us (GB/s of K+V) | kernel us (GB/s) | kernel speed-up |",
-                  "|---|---:|---:|---:|"]
-        for key, rs in report["attention"].items():
-            b = rs[0]["bytes"]
-            f = statistics.median(r["flash_us"] for r in rs)
-            k = statistics.median(r["kernel_us"] for r in rs)
-            lines.append(f"| {key} | {f:.0f} ({b / f / 1e3:.1f}) | {k:.0f} ({b / k / 1e3:.1f}) | {f / k:.2f}x |")
-        lines.append("")
-    if "chunk" in report:
-        lines += ["## One layer's attention of a bfloat16 prefill chunk (9 query heads, 3 KV heads x 64)", "",
-                  "| queries x keys | flash path ms (GFLOP/s) | kernel ms (GFLOP/s) | kernel speed-up |",
-                  "|---|---:|---:|---:|"]
-        for key, rs in report["chunk"].items():
-            fl = rs[0]["flops"]
-            f = statistics.median(r["flash_ms"] for r in rs)
-            k = statistics.median(r["kernel_ms"] for r in rs)
-            lines.append(f"| {key} | {f:.1f} ({fl / f / 1e6:.0f}) | {k:.1f} ({fl / k / 1e6:.0f}) | {f / k:.2f}x |")
+    for part, title, head, unit, work, rate in (
+            ("attention", "One layer's decode attention over the paged cache (scattered blocks)",
+             "dtype, sequences x keys | flash planner us (GB/s of K+V) | kernel us (GB/s)", "us", "bytes", 1e3),
+            ("chunk", "One layer's attention of a bfloat16 prefill chunk (9 query heads, 3 KV heads x 64)",
+             "queries x keys | flash path ms (GFLOP/s) | kernel ms (GFLOP/s)", "ms", "flops", 1e6)):
+        if part not in report:
+            continue
+        lines += [f"## {title}", "", f"| {head} | kernel speed-up |", "|---|---:|---:|---:|"]
+        for key, rs in report[part].items():
+            w = rs[0][work]
+            f = statistics.median(r[f"flash_{unit}"] for r in rs)
+            k = statistics.median(r[f"kernel_{unit}"] for r in rs)
+            lines.append(f"| {key} | {f:.1f} ({w / f / rate:.1f}) | {k:.1f} ({w / k / rate:.1f}) | {f / k:.2f}x |")
         lines.append("")
     if "engine" in report:
         lines += ["## The built-in model's decode step (one request)", "",

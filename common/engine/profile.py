@@ -143,13 +143,7 @@ def hardware_id(device: str | torch.device = "cpu", threads: int | None = None) 
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return cpu_kernels.cpuinfo("model name") or platform.processor()
 
 
 def profile_key(engine: "LLMEngine") -> ProfileKey:

@@ -528,13 +528,6 @@ int mn_decode_attention(int dtype, const void* q, const void* kc, const void* vc
 // rounding). Only reductions (RMSNorm's sum of squares) and exp (SiLU) may differ in the last bit.
 namespace {
 
-template <typename T>
-inline float ld(const T* p, int64_t i);
-template <>
-inline float ld<float>(const float* p, int64_t i) { return p[i]; }
-template <>
-inline float ld<uint16_t>(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
-
 inline float rnd(float v, float) { return v; }                      // to the dtype: float32 as is,
 inline float rnd(float v, uint16_t) { return bf16_to_f32(f32_to_bf16(v)); }   // bfloat16 rounded
 
@@ -545,10 +538,10 @@ void rms_norm(const T* x, int64_t ldx, const T* w, T* out, int64_t ldo, int64_t 
     const T* xr = x + r * ldx;
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t i = 0; i < n; ++i) ss += ld(xr, i) * ld(xr, i);
+    for (int64_t i = 0; i < n; ++i) ss += load(xr, i) * load(xr, i);
     const float inv = 1.f / std::sqrt(ss / (float)n + eps);
     T* o = out + r * ldo;
-    for (int64_t i = 0; i < n; ++i) store(o + i, ld(w, i) * rnd(ld(xr, i) * inv, T{}));
+    for (int64_t i = 0; i < n; ++i) store(o + i, load(w, i) * rnd(load(xr, i) * inv, T{}));
   }
 }
 
@@ -565,8 +558,8 @@ void rope(const T* x, int64_t sx0, int64_t sx1, const T* cos, const T* sin, T* o
       const T* s = sin + r * d;
       T* o = out + (r * heads + h) * d;
       for (int64_t i = 0; i < d; ++i) {
-        const float rot = i < half ? -ld(xr, i + half) : ld(xr, i - half);
-        store(o + i, rnd(ld(xr, i) * ld(c, i), T{}) + rnd(rot * ld(s, i), T{}));
+        const float rot = i < half ? -load(xr, i + half) : load(xr, i - half);
+        store(o + i, rnd(load(xr, i) * load(c, i), T{}) + rnd(rot * load(s, i), T{}));
       }
     }
 }
@@ -579,8 +572,8 @@ void silu_mul(const T* gu, int64_t ldgu, T* out, int64_t rows, int64_t n) {
     const T* u = g + n;
     T* o = out + r * n;
     for (int64_t i = 0; i < n; ++i) {
-      const float a = ld(g, i);
-      store(o + i, rnd(a / (1.f + std::exp(-a)), T{}) * ld(u, i));
+      const float a = load(g, i);
+      store(o + i, rnd(a / (1.f + std::exp(-a)), T{}) * load(u, i));
     }
   }
 }

@@ -66,14 +66,19 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def _cpu_flags() -> str:
+def cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ("model name", "flags"), "" where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def _cpu_flags() -> str:
+    return cpuinfo("flags")
 
 
 def library_path(cache: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path | None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from common.model import cpu_kernels
+from tests.fixtures.paged import scattered_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,19 +191,8 @@ def test_builds_are_named_by_what_they_depend_on(tmp_path):
 
 
 def paged(lens: list[int], bs: int, hkv: int, d: int, dtype: torch.dtype, seed: int):
-    """A cache holding sequences of `lens` keys in scattered blocks, and their tables."""
-    g = torch.Generator().manual_seed(seed)
-    blocks = sum(-(-n // bs) for n in lens) + 3
-    k = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
-    v = torch.randn(blocks, bs, hkv, d, generator=g).to(dtype)
-    order = torch.randperm(blocks, generator=g).to(torch.int32)
-    tables = torch.full((len(lens), max(1, max(-(-n // bs) for n in lens))), -1, dtype=torch.int32)
-    used = 0
-    for row, n in enumerate(lens):
-        nb = -(-n // bs)
-        tables[row, :nb] = order[used:used + nb]
-        used += nb
-    return k, v, tables, torch.tensor(lens, dtype=torch.int32)
+    """A cache holding sequences of `lens` keys in scattered blocks (3 spare), and their tables."""
+    return scattered_cache(lens, bs, hkv, d, dtype, torch.Generator().manual_seed(seed), spare_blocks=3)
 
 
 @needs_kernel
