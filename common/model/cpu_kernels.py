@@ -148,7 +148,7 @@ def load(path: Path) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """This machine's kernels, built on first use; None when they cannot be (no compiler, a failed build)
-    or is turned off. Logged once either way."""
+    or are turned off. Logged once either way."""
     if "lib" in _state:
         return _state["lib"]            # type: ignore[return-value]
     with _lock:
