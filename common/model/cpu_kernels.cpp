@@ -243,8 +243,8 @@ void mn_gemv_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw
 // merges partial results: out = sum_i acc_i e^(m_i - M) / L, lse = M + log L (natural log, as the
 // flash kernel's). Scores and the softmax are float32 in both dtypes (bfloat16 K and q products are
 // exact in float32; V is widened; the weights that multiply V are rounded to bfloat16, as the flash
-// kernel rounds them, weights_for_v), so results agree with torch's flash kernel to rounding. AVX-512 only: elsewhere mn_decode_attention_isa returns 0 and the caller keeps
-// the flash kernel.
+// kernel rounds them, weights_for_v), so results agree with torch's flash kernel to rounding.
+// AVX-512 only: elsewhere mn_decode_attention_isa returns 0 and the caller keeps the flash kernel.
 #if defined(__AVX512F__)
 namespace {
 
@@ -618,8 +618,6 @@ namespace {
 
 constexpr int CBK = 64, CQB = 32, CRB = 6;
 
-inline uint16_t bf16_of(float f) { return f32_to_bf16(f); }
-
 template <int NC>
 void chunk_task_bf16(const uint16_t* q, int64_t sq0, int64_t sq1, const uint16_t* k, int64_t sk0, const uint16_t* v,
                      int64_t sv0, int64_t i0, int64_t i1, int64_t kh, int64_t g, int64_t L, int64_t diag, float scale,
@@ -707,7 +705,7 @@ void chunk_task_bf16(const uint16_t* q, int64_t sq0, int64_t sq1, const uint16_t
       alignas(64) uint32_t pp[CRB][CBK / 2];
       for (int r = 0; r < rb; ++r)
         for (int64_t j2 = 0; j2 < CBK / 2; ++j2)
-          pp[r][j2] = (uint32_t)bf16_of(p[r][2 * j2]) | ((uint32_t)bf16_of(p[r][2 * j2 + 1]) << 16);
+          pp[r][j2] = (uint32_t)f32_to_bf16(p[r][2 * j2]) | ((uint32_t)f32_to_bf16(p[r][2 * j2 + 1]) << 16);
       __m512 acc[CRB][NC];
       for (int r = 0; r < CRB; ++r) {
         if (r >= rb) break;
@@ -765,6 +763,15 @@ void chunk_attention_bf16(const uint16_t* q, int64_t sq0, int64_t sq1, const uin
 #endif
 
 extern "C" {
+
+// 1 where this build has the bfloat16 chunk attention kernel (AVX512-BF16), else 0.
+int mn_chunk_attention_isa() {
+#if defined(__AVX512BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // bfloat16 q [n, Hq, D] strides (sq0, sq1, 1); k, v [L, Hkv, D] strides (sk0 / sv0, D, 1); query i sees
 // key j iff j <= i + diag (diag = q_start - k_start) -> out [n, Hq, D] contiguous bfloat16, lse [n, Hq]

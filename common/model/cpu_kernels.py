@@ -134,6 +134,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mn_silu_mul.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64]
     for fn in (lib.mn_rms_norm, lib.mn_rope, lib.mn_silu_mul):
         fn.restype = None
+    lib.mn_chunk_attention_isa.restype = ctypes.c_int
     lib.mn_chunk_attention_bf16.restype = ctypes.c_int
     lib.mn_chunk_attention_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
                                             ctypes.c_float, ptr, ptr]
@@ -288,7 +289,7 @@ def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v
     if (lib is None or q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.dtype != q.dtype
             or v.dtype != q.dtype or d not in CHUNK_HEAD_DIMS or n == 0 or L == 0 or hq % hkv
             or q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or k.stride(1) != d or v.stride(1) != d
-            or (torch.is_grad_enabled() and q.requires_grad)):
+            or (torch.is_grad_enabled() and q.requires_grad) or not lib.mn_chunk_attention_isa()):
         return None
     out = torch.empty(n, hq, d, dtype=q.dtype)
     lse = torch.empty(n, hq, dtype=torch.float32)

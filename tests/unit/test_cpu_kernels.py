@@ -107,8 +107,11 @@ def test_isa_names_the_paths(builds):
     assert builds["x86-64-v3"].mn_gemv_isa().decode() == "float32=portable bfloat16=portable"
     for arch in ("x86-64", "x86-64-v3"):             # the portable bfloat16 loop: one row (measured)
         assert [builds[arch].mn_gemv_max_rows(code) for code in (0, 1)] == [4, 1]
+        assert builds[arch].mn_decode_attention_isa() == 0 and builds[arch].mn_chunk_attention_isa() == 0
     native = builds["native"].mn_gemv_isa().decode()
     flags = cpu_kernels._cpu_flags().split()
+    assert builds["native"].mn_decode_attention_isa() == ("avx512f" in flags)
+    assert builds["native"].mn_chunk_attention_isa() == ("avx512_bf16" in flags)
     if "avx512f" in flags:
         assert native.startswith("float32=avx512")
         assert native.endswith("avx512_bf16" if "avx512_bf16" in flags else ("avx512" if "avx512bw" in flags
@@ -290,9 +293,7 @@ def test_bf16_chunk_attention_matches_the_reference(heads):
     from common.attention.cpu import CpuFlashBackend
     from common.attention.reference import ReferenceBackend
     lib = cpu_kernels.library()
-    if cpu_kernels.chunk_attention(lib, torch.zeros(1, 2, 32, dtype=torch.bfloat16),
-                                   torch.zeros(1, 2, 32, dtype=torch.bfloat16),
-                                   torch.zeros(1, 2, 32, dtype=torch.bfloat16), 0, 0, 1.0) is None:
+    if not lib.mn_chunk_attention_isa():
         pytest.skip("no AVX512-BF16 build")
     hq, hkv, d = heads
     g = torch.Generator().manual_seed(hq + d)
