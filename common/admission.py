@@ -393,7 +393,7 @@ class AdmissionController:
         d = ctl.decide(req, snapshot, now)        # ADMIT: route to d.prefill_instance / d.decode_instance
         if d.outcome is Outcome.QUEUE: wait for a poll() result naming req.request_id
         if d.outcome is Outcome.REJECT: raise d.error(req.request_id)
-        ctl.progress(rid, tokens_done)            # an admitted request's prefill progress, and
+        ctl.progress(rid, tokens_done, now)       # an admitted request's prefill progress, and
         ctl.first_token(rid, now)                 # its first token: it no longer waits for a prefill
         ctl.ended(rid, now)                       # its end (finished, failed, cancelled): gone
         ctl.observe_ttft(d, ttft_s)               # its measured TTFT: the online correction learns
@@ -423,9 +423,11 @@ class AdmissionController:
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
         # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left,
-        # prompt tokens, arrival, predicted first token, predicted seconds of its own prefill (0 where
-        # progress is reported), admitted with nothing ahead of it]
+        # prompt tokens, arrival, predicted first token, predicted seconds of its own prefill (0 on a
+        # prefill instance: its reports are the count), admitted with nothing ahead of it, progress
+        # reports of a decode instance's prompt [(when, tokens left)]]
         self._awaiting: dict[str, list] = {}
+        self._iterations: dict[str, float] = {}  # instance id -> its recent mean iteration, latest snapshot
         # admitted, not ended: rid -> [prefill instance, decode instance, prompt tokens, first token at]
         self._routes: dict[str, list] = {}
         self._ended: list[_Ended] = []          # recently ended: older load samples may still count them
@@ -465,11 +467,16 @@ class AdmissionController:
         if route is not None:
             self._ended.append(_Ended(now, *route))
 
-    def progress(self, request_id: str, tokens_done: int) -> None:
-        """An admitted request's prefill progressed (the router sees each chunk's progress)."""
+    def progress(self, request_id: str, tokens_done: int, now: float) -> None:
+        """An admitted request's prefill progressed, at `now` (the router sees each chunk's
+        progress: a prefill instance's Prefill stream, or the Decode stream of a decode instance
+        that prefills a short prompt itself)."""
         a = self._awaiting.get(request_id)
         if a is not None:
-            a[2] = min(a[2], max(a[3] - tokens_done, 0))
+            left = max(a[3] - tokens_done, 0)
+            a[2] = min(a[2], left)
+            if a[6] > 0:
+                a[8].append((now, left))
 
     def observe_ttft(self, decision: Decision, ttft_s: float) -> None:
         """Learns from an admitted request's measured TTFT (seconds from arrival)."""
@@ -558,12 +565,13 @@ class AdmissionController:
         self._ended = [e for e in self._ended if now - e.at <= cfg.max_staleness_s + cfg.visibility_lag_s]
         for rid in [r for r, a in self._awaiting.items() if now > a[1] + cfg.max_queue_wait_s]:
             del self._awaiting[rid]          # long overdue: its first token must have been missed
+        self._hosts = {l.instance_id: l.host for l in snapshot.loads.values()}
+        self._iterations = {l.instance_id: l.iteration_s for l in snapshot.loads.values() if l.iteration_s}
         for a in self._awaiting.values():
-            # reported progress only falls; predicted progress (a decode instance's prompts, which
-            # report none) is re-predicted each time: an overdue prompt is whole again
+            # a prefill instance's reported progress only falls; a decode instance's prompts are
+            # re-estimated each time, from their last report (or their prediction before any)
             a[2] = self._predicted_left(a, now)
         short = self.prefill is None or req.prompt_tokens < cfg.short_prompt_tokens
-        self._hosts = {l.instance_id: l.host for l in snapshot.loads.values()}
         decodes = [self._effective(l) for l in snapshot.fresh(now, cfg.max_staleness_s, "decode")]
         prefills = [] if short else [self._effective(l) for l in
                                      snapshot.fresh(now, cfg.max_staleness_s, "prefill")]
@@ -871,12 +879,12 @@ class AdmissionController:
                                               req.arrival_s + (d.ttft_slo_s or math.inf),
                                               left, req.prompt_tokens, req.arrival_s,
                                               req.arrival_s + (d.predicted_ttft_s or 0.0),
-                                              # prefilled where it decodes: no progress reports
+                                              # prefilled where it decodes: its predicted rate
                                               self.correction(d.pool)(d.parts["own_s"])
                                               if d.prefill_instance is None and "own_s" in d.parts else 0.0,
                                               # first in line there: the instance starts it at its next
                                               # iteration, before a later arrival can be ordered first
-                                              not d.parts.get("ahead_tokens")]
+                                              not d.parts.get("ahead_tokens"), []]
 
     @staticmethod
     def _inflight_s(l: InstanceLoad) -> float:
@@ -899,32 +907,51 @@ class AdmissionController:
             return 1.0
         return l.slowdown(pool.budget_s * known, self.config.max_slowdown)
 
-    @classmethod
-    def _left_at(cls, a: list, at: float, lag: float) -> int:
+    def _left_at(self, a: list, at: float, lag: float) -> int:
         """Prompt tokens an admitted prompt counts for in a load sample taken at `at`: all of them when
         the sample may not show it yet (admitted within `lag` before it: _effective adds them whole),
-        else what it had left then by its prediction on a decode instance, or (its instance reports
-        progress) what it has left now."""
+        else, on a decode instance, what its last progress report by then left (the sample and the
+        report both count the steps that instance had ended) or, before any, what it had left by its
+        prediction; or (a prefill instance's prompt) what it has left now."""
         if a[4] > at - lag:
             return a[3]
+        seen = self._reported(a, at)
+        if seen is not None:
+            return seen[1]
         # (at least what it has left now: an overdue prompt is whole now, and the sample taken
         # before it was overdue also holds the tokens its prediction took as done by then)
-        return max(a[2], cls._predicted_left(a, at))
+        return max(a[2], self._predicted_left(a, at))
 
     @staticmethod
-    def _predicted_left(a: list, now: float) -> int:
-        """Prompt tokens a prompt admitted to a decode instance has left by its prediction: all of
-        them until its own prefill was predicted to start (its first token less its own prefill
-        time), then in proportion to the time left. Such a prompt reports no progress (the prefill
-        pool's do, and keep their count: a[6] is 0): without this, one about to produce its first
-        token still counted whole ahead of a new prompt (predicted 1.45 s for one that took 0.92).
-        Once past its predicted first token with none yet (overdue), it counts whole again: its
-        iteration has not ended, the instance runs slower than predicted, and taking it as done
-        let a burst on a slowed machine see an idle instance behind 24 prompts predicted to finish
-        in 0.2 s (two new prompts predicted 0.013 s took 0.67 s, in CI)."""
+    def _reported(a: list, at: float) -> tuple[float, int] | None:
+        """A decode instance's prompt: its last progress report by `at`, (when, tokens left)."""
+        return next((r for r in reversed(a[8]) if r[0] <= at), None)
+
+    def _predicted_left(self, a: list, now: float) -> int:
+        """Prompt tokens a prompt admitted to a decode instance has left (a prefill instance's
+        prompts keep the count their reports left: a[6] is 0).
+
+        Once that instance has reported its progress (after each of its chunks), what its last
+        report left, less what the iteration under way computes of it since: at its own predicted
+        rate, for one iteration at most (the instance's recent mean iteration; the next report comes
+        when it ends). Before any report, by its prediction: all of it until its own prefill was
+        predicted to start (its first token less its own prefill time), then in proportion to the
+        time left (without this, one about to produce its first token still counted whole ahead of
+        a new prompt: predicted 1.45 s for one that took 0.92); once past its predicted first token
+        with no report (overdue), whole again: the instance runs slower than predicted, and taking
+        it as done let a burst on a slowed machine see an idle instance behind 24 prompts predicted
+        to finish in 0.2 s (two new prompts predicted 0.013 s took 0.67 s, in CI). Predicted progress
+        alone erred both ways on overlapping short prompts: a 165-token prompt 0.01 s overdue
+        counted whole ahead of the next one (predicted 1.17 s, took 0.83), and one predicted to have
+        65 tokens left counted 188 through a lagging gauge (predicted 1.40 s, took 0.80)."""
         own = a[6]
         if not own > 0:
             return a[2]
+        seen = self._reported(a, now)
+        if seen is not None:
+            at, left = seen
+            step = self._iterations.get(a[0]) or own
+            return max(left - round(a[3] / own * min(now - at, step)), 0)
         if now > a[5]:
             return a[3]
         return round(a[3] * min(max((a[5] - now) / own, 0.0), 1.0))

@@ -371,7 +371,8 @@ class RouterClient:
     def complete(self, on_text: Callable[[str], None] | None = None,
                  on_progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> Completion:
         """Runs one request to its end (kwargs as for `request`); `on_text(delta)` as text arrives,
-        `on_progress(tokens_done, tokens_total)` for each PrefillProgress (a long prompt's prefill)."""
+        `on_progress(tokens_done, tokens_total)` for each PrefillProgress (a prompt's prefill, a chunk
+        at a time, on either route)."""
         t0 = time.monotonic()
         last = t0
         out = Completion()

@@ -53,7 +53,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise InvalidRequestError("request_id must not be empty")
         reason = None
         count = 0
+        done = -1                  # a prompt prefilled here: its tokens computed, last reported (a
+                                   # preempted prompt's count goes back)
         async for out in self.instance.decode(job, parent_from(context)):
+            if out.token_id is None and not count and out.finish_reason is None \
+                    and job.first_token is None and done != out.num_computed < out.prompt_len:
+                done = out.num_computed          # its prefill's progress (the router's admission reads it)
+                yield decode_pb2.DecodeResponse(progress=decode_pb2.DecodeProgress(
+                    tokens_done=out.num_computed, tokens_total=out.prompt_len))
             if out.token_id is not None:
                 count += 1
                 delta = common_pb2.TokenDelta(token_ids=[out.token_id])

@@ -147,8 +147,9 @@ class AdmissionGate:
         self.metrics.set_tbt_target(ctl.tbt_slo_s)      # the dashboard's TBT line: what requests get
 
     def progress(self, request_id: str, tokens_done: int) -> None:
-        """A disaggregated request's prefill progress (the prefill instance's stream)."""
-        self.controller.progress(request_id, tokens_done)
+        """An admitted request's prefill progress (the prefill instance's stream, or the decode
+        instance's when it prefills the prompt itself)."""
+        self.controller.progress(request_id, tokens_done, time.monotonic())
 
     def first_token(self, request_id: str) -> None:
         """An admitted request got its first token."""

@@ -18,7 +18,7 @@ echo, suffix, tools, response formats other than text) are refused with 400, nev
 
 Mnemosyne's extensions, documented fields beside OpenAI's:
 - request: `ttft_slo_s`, `tbt_slo_s` (the request's own SLOs), `top_k`, `ignore_eos`, and
-  `stream_options.include_progress` (prefill progress chunks while a long prompt is prefilled);
+  `stream_options.include_progress` (prefill progress chunks while a prompt is prefilled);
 - response: `mnemosyne` = {"requests": [{index, request_id, route, prefill_instance, decode_instance,
   predicted_ttft_s, ttft_slo_s, tbt_slo_s, ttft_s, tbt_mean_s, e2e_s, queue_s}]}; when streaming, the
   first chunk of each choice carries its `mnemosyne` entry (without timings) and progress chunks have

@@ -697,6 +697,9 @@ class Router:
                                                [convert.top_logprobs_from_proto(t) for t in ev.delta.top_logprobs])
                     elif ev.HasField("finished"):
                         st.reason = FINISH.get(ev.finished.finish_reason, "stop")
+                    elif ev.HasField("progress") and first is None:
+                        # a short prompt's prefill there: admission counts what it has left
+                        yield Progress(ev.progress.tokens_done, ev.progress.tokens_total)
             except grpc.aio.AioRpcError as e:
                 if st.failure is not None:
                     raise st.failure from None

@@ -120,6 +120,18 @@ def test_a_second_turn_receives_only_the_tokens_the_decode_cache_lacks(rpc, mode
         assert toks == ref.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))[0].token_ids
 
 
+def test_a_prompt_the_decode_instance_prefills_itself_streams_its_progress(rpc):
+    """Decode without first_token_id: the instance prefills the prompt in chunks (64 tokens here) and
+    sends DecodeProgress after each one before the first token (the router's admission counts what
+    such a prompt has left by them)."""
+    ids = [(13 * i + 7) % 290 + 11 for i in range(150)]
+    evs = list(rpc.decode.Decode(decode_pb2.DecodeRequest(request_id=f"dp-{uuid.uuid4().hex[:10]}",
+                                                          prompt_token_ids=ids, sampling=SAMPLING), timeout=60))
+    kinds = [e.WhichOneof("event") for e in evs]
+    assert kinds == ["progress", "progress"] + ["delta"] * MAX_TOKENS + ["finished"]
+    assert [(e.progress.tokens_done, e.progress.tokens_total) for e in evs[:2]] == [(64, 150), (128, 150)]
+
+
 def test_a_decode_with_another_prompt_than_the_prepared_one_is_refused(rpc):
     toks, _, _ = turn(rpc, PROMPT)                           # (cached at the decode side if not yet)
     rid = f"pr-{uuid.uuid4().hex[:10]}"

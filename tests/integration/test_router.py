@@ -402,9 +402,13 @@ def test_without_a_live_prefill_instance_long_prompts_take_the_short_path(stack,
     time.sleep(0.3)                                      # discovery_ttl_s = 0.1
     try:
         ids = prompt(120, 4)
+        seen = []
         with stack.client() as c:
-            out = c.complete(token_ids=ids, max_tokens=12)
+            out = c.complete(token_ids=ids, max_tokens=12, on_progress=lambda done, total: seen.append((done, total)))
         assert out.route == "decode_only" and out.token_ids == offline(ids).token_ids
+        # the decode instance prefilled it in chunks and reported each one (DecodeProgress), relayed
+        dones = [d for d, _ in seen]
+        assert dones and dones == sorted(set(dones)) and dones[-1] < 120 and {t for _, t in seen} == {120}
     finally:
         stack.prefill = stack.start_prefill()
 

@@ -642,6 +642,35 @@ def test_an_overdue_prompt_on_a_decode_instance_counts_whole_until_its_first_tok
     assert d.parts["ahead_tokens"] == 400
 
 
+def test_a_prompt_prefilled_on_a_decode_instance_counts_ahead_by_its_last_progress_report():
+    """A decode instance reports the progress of the prompts it prefills (DecodeProgress): the last
+    report counts, less what the iteration under way computes of it at its predicted rate (one
+    iteration at most), whatever its prediction said. A load sample is read against the report that
+    instance had sent by then: what the prompt has done since is not another router's work (an
+    admitted 170-token prompt counted 188 tokens ahead, the next prompt was predicted 1.40 s and took
+    0.80)."""
+    def reported():
+        ctl = lars_decode_controller()
+        ctl.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW)   # predicted 0.4 s alone
+        ctl.progress("a", 100, NOW + 0.25)
+        ctl.progress("a", 300, NOW + 0.5)                # overdue by its prediction, 100 left by the report
+        return ctl
+
+    def ahead(ctl, now, queued, sample_at=NOW + 0.3):
+        load = decode("d1", at=sample_at, queued_prefill_tokens=queued, active_requests=1, iteration_s=0.05)
+        return ctl.decide(request("b", prompt=100, arrival=now, ttft_slo_s=60.0), snap(load), now).parts["ahead_tokens"]
+    # the sample at NOW + 0.3 counted the 300 tokens the report before it left: none unknown
+    assert ahead(reported(), NOW + 0.5, 300) == 100
+    assert ahead(reported(), NOW + 0.52, 300) == 80     # 0.02 s at 1,000 tokens/s since the report
+    assert ahead(reported(), NOW + 0.9, 300) == 50      # no report for 0.4 s: one iteration's worth
+    # another router's 150 tokens, in the sample beside a's: ahead of everything
+    assert ahead(reported(), NOW + 0.5, 450) == 250
+    # without a report, the prediction: overdue at NOW + 0.5, whole
+    ctl = lars_decode_controller()
+    ctl.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    assert ahead(ctl, NOW + 0.5, 400) == 400
+
+
 def lars_decode_controller() -> AdmissionController:
     """A decode pool that prefills every prompt (short_prompt_tokens 1000) in LARS order."""
     ctl = controller(short_prompt_tokens=1000)
@@ -851,7 +880,7 @@ def test_admitted_prompts_count_until_their_first_token_even_when_the_gauge_lags
     later = snap(prefill("p1", at=NOW + 2), decode("d1", at=NOW + 2))     # gauge still shows 0
     d = ctl.decide(request("next", prompt=500, arrival=NOW + 2, ttft_slo_s=60.0), later, NOW + 2)
     assert d.predicted_ttft_s == pytest.approx(3.5)                        # 3000 ahead + 500 own
-    ctl.progress("long", 2000)
+    ctl.progress("long", 2000, NOW + 2)
     d = ctl.decide(request("next2", prompt=500, arrival=NOW + 2, ttft_slo_s=60.0), later, NOW + 2)
     assert d.predicted_ttft_s == pytest.approx(1000e-3 + 500e-3 + 500e-3)  # next's 500 counts too now
     ctl.first_token("long", NOW + 2)
@@ -1004,7 +1033,7 @@ def test_a_cancelled_prompt_leaves_a_stale_queue_gauge_at_once():
     ctl = controller()
     s = snap(prefill("p1"), decode("d1"))
     ctl.decide(request("long", prompt=8000, ttft_slo_s=60.0), s, NOW)
-    ctl.progress("long", 1000)
+    ctl.progress("long", 1000, NOW + 1)
     gauge = snap(prefill("p1", queued=7000, at=NOW + 1, active_requests=1), decode("d1", at=NOW + 1))
     ctl.ended("long", NOW + 1.5)
     d = ctl.decide(request("next", arrival=NOW + 1.6, ttft_slo_s=60.0), gauge, NOW + 1.6)
@@ -1076,7 +1105,7 @@ def test_admission_predicts_the_pools_lars_as_it_re_ranks_every_iteration():
     s = snap(prefill("p1"), decode("d1", **roomy))
     ctl = lars_controller()
     assert ctl.decide(request("long", prompt=850, ttft_slo_s=2.35), s, NOW).outcome is Outcome.ADMIT
-    ctl.progress("long", 150)
+    ctl.progress("long", 150, NOW)
     d = ctl.decide(request("short", prompt=500, ttft_slo_s=1.48), s, NOW)
     assert d.outcome is Outcome.ADMIT and d.predicted_ttft_s == pytest.approx(0.6), d
     assert d.parts["ahead_tokens"] == 100
