@@ -12,8 +12,10 @@ Four parts, each alternating the two sides, --rounds rounds, medians (each round
   chunk      one layer's attention of a bfloat16 prefill chunk (1,024 queries over 1K, 4K, 8K keys;
              128 over 64K): the flash path vs the chunk kernel; ms and GFLOP/s;
   engine     the built-in model's decode step (one request, prefill skipped as in bench/engine.py) at
-             1K, 4K and 8K in float32 and bfloat16: an engine with the kernels vs one built and run
-             inside `cpu_kernels.disabled()` (so with float32 weights [in, out], the layout it used).
+             1K, 4K and 8K in float32 and bfloat16: an engine with the kernels (its layers in one call,
+             common/model/decode_layers.py), the same engine with its layers module by module
+             (`decode_layers.disabled()`), and one built and run inside `cpu_kernels.disabled()` (so
+             with float32 weights [in, out], the layout it used).
 
 Writes bench/results/cpu_kernels.{json,md} (--name: another stem).
 Run: PYTHONPATH=. python -m bench.cpu_kernels [--rounds 3] [--parts gemv,attention,engine]
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.model import cpu_kernels
+from common.model import cpu_kernels, decode_layers
 from tests.fixtures.paged import scattered_cache
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -114,6 +116,9 @@ def engine_round(engines: dict, context: int, steps: int) -> dict:
     for side, engine in engines.items():
         if side == "kernels":
             ts = decode_step_times(engine, prompt, steps)
+        elif side == "per_op":
+            with decode_layers.disabled():
+                ts = decode_step_times(engine, prompt, steps)
         else:
             with cpu_kernels.disabled():
                 ts = decode_step_times(engine, prompt, steps)
@@ -158,13 +163,18 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "engine" in report:
         lines += ["## The built-in model's decode step (one request)", "",
-                  "| context, dtype | without the kernels ms | with ms | speed-up | rounds (without; with) |",
-                  "|---|---:|---:|---:|---|"]
+                  "Without the kernels; with them, the layers module by module (`decode_layers.disabled()`); "
+                  "with them, the layers in one call (common/model/decode_layers.py, what the engine runs).", "",
+                  "| context, dtype | without the kernels ms | per-op kernels ms | one call ms | speed-up (vs without; "
+                  "vs per-op) | rounds (without; per-op; one call) |",
+                  "|---|---:|---:|---:|---:|---|"]
         for key, rs in report["engine"].items():
             a = statistics.median(r["without"] for r in rs)
             k = statistics.median(r["kernels"] for r in rs)
-            per = "/".join(f"{r['without']:.1f}" for r in rs) + "; " + "/".join(f"{r['kernels']:.1f}" for r in rs)
-            lines.append(f"| {key} | {a:.1f} | {k:.1f} | {a / k:.2f}x | {per} |")
+            po = [r["per_op"] for r in rs if "per_op" in r]
+            o = statistics.median(po) if po else float("nan")
+            per = "; ".join("/".join(f"{r[s]:.1f}" for r in rs if s in r) for s in ("without", "per_op", "kernels"))
+            lines.append(f"| {key} | {a:.1f} | {o:.1f} | {k:.1f} | {a / k:.2f}x; {o / k:.2f}x | {per} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -195,6 +205,7 @@ def main() -> None:
         longest = max(int(c) for c in args.contexts.split(","))
         for d in DTYPES:
             engines[d] = {"kernels": make_engine(ckpt, d, longest + 8, 1024, ())}
+            engines[d]["per_op"] = engines[d]["kernels"]          # the same engine, its layers module by module
             with cpu_kernels.disabled():
                 engines[d]["without"] = make_engine(ckpt, d, longest + 8, 1024, ())
     for r in range(args.rounds):

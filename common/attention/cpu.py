@@ -116,6 +116,9 @@ def _causal_topleft(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 class CpuFlashBackend(AttentionBackend):
     name = "cpu_flash"
+    # decode_paged runs cpu_kernels.decode_attention wherever it applies: a whole decode step may then
+    # run in one kernel call (common/model/decode_layers.py, ForwardContext.in_place_decode)
+    cpu_decode_kernel = True
 
     def __init__(self) -> None:
         self._workspace: torch.Tensor | None = None     # gathered K/V of decode buckets, reused

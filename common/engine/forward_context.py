@@ -182,6 +182,18 @@ class ForwardContext:
             self.decode_rows = torch.tensor(starts, dtype=torch.long, device=dev)
             self.decode_in_order = starts == list(range(len(starts)))
 
+    def in_place_decode(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(block tables [rows, nb] int32, lengths [rows] int32, cache slots [rows] int64) when this step
+        is `rows` decodes in row order and nothing else, every row's K/V stored at its slot as computed,
+        attention on a backend whose decode_paged runs the CPU decode kernel where it applies (no
+        KV-parallel combine, no per-run head map): what common/model/decode_layers.py runs in one call.
+        None otherwise."""
+        if not (self.write_all and self.decode_in_order and not self.rest and self.combine is None
+                and self.kv_map is None and self.decode_rows is not None and len(self.decode_rows) == rows
+                and len(self.write_rows) == rows and getattr(self.backend, "cpu_decode_kernel", False)):
+            return None
+        return self.decode_tables, self.decode_lens, self.write_slots
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]."""
         if self.write_all and len(self.write_rows) == k.shape[0]:

@@ -791,3 +791,87 @@ int mn_chunk_attention_bf16(const void* q, int64_t sq0, int64_t sq1, const void*
   return -1;
 }
 }
+
+// ---- a decode step through all the layers of a stage, in one call -------------------------------
+//
+// What LlamaModel's layers compute for a few rows that each decode one token (common/model/
+// decode_layers.py checks that the step is that and that every step below is the one the module
+// would take), through the functions above in the modules' order: RMSNorm, the fused q/k/v
+// product, RoPE of q and of k, K and V stored at the rows' cache slots, decode attention, the o
+// product, the residual sum, RMSNorm, the gate/up product, SiLU-and-multiply, the down product, the
+// residual sum (each sum rounded to the dtype, as torch's add). So the hidden states are the per-op
+// path's bit for bit, without the ~15 Python calls and tensor allocations of each layer.
+#if defined(__AVX512F__)
+namespace {
+
+template <typename T>
+void add_into(T* x, const T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) store(x + i, load(x, i) + load(y, i));
+}
+
+template <typename T>
+int decode_layers(int64_t layers, T* x, int64_t rows, int64_t hidden, const void* const* ln1, const void* const* wqkv,
+                  const void* const* wo, const void* const* ln2, const void* const* wgu, const void* const* wdown,
+                  int64_t inter, float eps, const T* cos, const T* sin, int64_t hq, int64_t hkv, int64_t d,
+                  void* const* kcache, void* const* vcache, const int64_t* slots, const int32_t* tables,
+                  int64_t ld_table, const int32_t* lens, int64_t bs, float scale, int64_t span) {
+  const int64_t nq = hq * d, nkv = hkv * d, nqkv = nq + 2 * nkv;
+  std::vector<T> h(rows * hidden), qkv(rows * nqkv), q(rows * nq), k(rows * nkv), o(rows * nq), y(rows * hidden),
+      gu(rows * 2 * inter), act(rows * inter);
+  std::vector<float> lse(rows * hq);
+  for (int64_t l = 0; l < layers; ++l) {
+    rms_norm<T>(x, hidden, (const T*)ln1[l], h.data(), hidden, rows, hidden, eps);
+    gemv<T, T>(h.data(), hidden, (const T*)wqkv[l], hidden, qkv.data(), nqkv, rows, nqkv, hidden);
+    rope<T>(qkv.data(), nqkv, d, cos, sin, q.data(), rows, hq, d);
+    rope<T>(qkv.data() + nq, nqkv, d, cos, sin, k.data(), rows, hkv, d);
+    T* kc = (T*)kcache[l];
+    T* vc = (T*)vcache[l];
+    for (int64_t r = 0; r < rows; ++r) {
+      memcpy(kc + slots[r] * nkv, k.data() + r * nkv, nkv * sizeof(T));
+      memcpy(vc + slots[r] * nkv, qkv.data() + r * nqkv + nq + nkv, nkv * sizeof(T));
+    }
+    if (decode_attention<T>(q.data(), kc, vc, tables, ld_table, lens, rows, hq, hkv, d, bs, scale, span, o.data(),
+                            lse.data()))
+      return -1;
+    gemv<T, T>(o.data(), nq, (const T*)wo[l], nq, y.data(), hidden, rows, hidden, nq);
+    add_into<T>(x, y.data(), rows * hidden);
+    rms_norm<T>(x, hidden, (const T*)ln2[l], h.data(), hidden, rows, hidden, eps);
+    gemv<T, T>(h.data(), hidden, (const T*)wgu[l], hidden, gu.data(), 2 * inter, rows, 2 * inter, hidden);
+    silu_mul<T>(gu.data(), 2 * inter, act.data(), rows, inter);
+    gemv<T, T>(act.data(), inter, (const T*)wdown[l], inter, y.data(), hidden, rows, hidden, inter);
+    add_into<T>(x, y.data(), rows * hidden);
+  }
+  return 0;
+}
+
+}  // namespace
+#endif
+
+extern "C" {
+
+// x [rows, hidden] (contiguous, updated in place): the hidden states entering the first layer, leaving
+// the last. Per layer l: RMSNorm weights ln1[l], ln2[l] [hidden]; weights [out, in] contiguous: wqkv[l]
+// [(hq + 2 hkv) d, hidden], wo[l] [hidden, hq d], wgu[l] [2 inter, hidden] (gate | up), wdown[l]
+// [hidden, inter]; the K and V caches kcache[l], vcache[l] [num_blocks, bs, hkv, d]. cos, sin [rows, d];
+// slots [rows] int64 (where each row's K and V go), tables [rows, ld_table] and lens [rows] int32 (its
+// keys, its own included). dtype 0 float32, 1 bfloat16. Returns 0, or -1 (nothing is complete then)
+// for a shape the attention kernel does not take or a build without it.
+int mn_decode_layers(int dtype, int64_t layers, void* x, int64_t rows, int64_t hidden, const void* const* ln1,
+                     const void* const* wqkv, const void* const* wo, const void* const* ln2, const void* const* wgu,
+                     const void* const* wdown, int64_t inter, float eps, const void* cos, const void* sin, int64_t hq,
+                     int64_t hkv, int64_t d, void* const* kcache, void* const* vcache, const int64_t* slots,
+                     const int32_t* tables, int64_t ld_table, const int32_t* lens, int64_t bs, float scale,
+                     int64_t span) {
+#if defined(__AVX512F__)
+  if (dtype == 0)
+    return decode_layers<float>(layers, (float*)x, rows, hidden, ln1, wqkv, wo, ln2, wgu, wdown, inter, eps,
+                                (const float*)cos, (const float*)sin, hq, hkv, d, kcache, vcache, slots, tables,
+                                ld_table, lens, bs, scale, span);
+  if (dtype == 1)
+    return decode_layers<uint16_t>(layers, (uint16_t*)x, rows, hidden, ln1, wqkv, wo, ln2, wgu, wdown, inter, eps,
+                                   (const uint16_t*)cos, (const uint16_t*)sin, hq, hkv, d, kcache, vcache, slots,
+                                   tables, ld_table, lens, bs, scale, span);
+#endif
+  return -1;
+}
+}

@@ -226,6 +226,13 @@ def gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, float_out: bool = F
     return y
 
 
+def max_rows(dtype: torch.dtype) -> int:
+    """The most rows of x for which `linear` takes the kernel in `dtype` (0 without the kernels)."""
+    if library() is None:
+        return 0
+    return _state["max_rows"].get(dtype, 0)          # type: ignore[union-attr]
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:
     """F.linear(x, w, b), through the kernel where it applies. `float_out` (the LM head): where the
     kernel runs, bfloat16 operands give their float32 sums unrounded (logits rounded to bfloat16's 8
@@ -250,6 +257,13 @@ def attention_applies(lib: ctypes.CDLL | None, q: torch.Tensor, k_cache: torch.T
             and q.shape[1] % k_cache.shape[2] == 0 and bool(lib.mn_decode_attention_isa()))
 
 
+def span_keys(seq_lens: torch.Tensor) -> int:
+    """Keys per unit of the attention kernel's work for these sequences: about four units per thread."""
+    total = int(seq_lens.sum()) if seq_lens.numel() else 0
+    span = -(-total // (4 * torch.get_num_threads())) if total else MIN_SPAN_KEYS
+    return min(max(span, MIN_SPAN_KEYS), MAX_SPAN_KEYS)
+
+
 def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,12 +277,9 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v
     lens = seq_lens.to(torch.int32).contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(b, hq, dtype=torch.float32)
-    total = int(lens.sum()) if b else 0
-    span = -(-total // (4 * torch.get_num_threads())) if total else MIN_SPAN_KEYS
-    span = min(max(span, MIN_SPAN_KEYS), MAX_SPAN_KEYS)
     rc = lib.mn_decode_attention(_CODES[q.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                  tables.data_ptr(), tables.stride(0) if b else 0, lens.data_ptr(), b, hq, hkv, d,
-                                 bs, scale, span, out.data_ptr(), lse.data_ptr())
+                                 bs, scale, span_keys(lens), out.data_ptr(), lse.data_ptr())
     if rc != 0:
         raise ValueError(f"decode attention kernel: unsupported shape q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
     return out, lse

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import ModelConfig
-from common.model import cpu_kernels, fused
+from common.model import cpu_kernels, decode_layers, fused
 from common.model.rope import Rope, apply_rope
 
 
@@ -275,6 +275,9 @@ class LlamaModel(nn.Module):
     def forward(self, hidden: torch.Tensor, positions: torch.Tensor, ctx: AttendFn) -> torch.Tensor:
         """hidden [T, hidden] entering this stage, positions [T] -> hidden leaving it."""
         cos, sin = self.rope.cos_sin(positions, hidden.dtype)
+        out = decode_layers.run(self, hidden, cos, sin, ctx)      # a CPU decode step in one kernel call
+        if out is not None:
+            return out
         for layer in self.layers.values():
             hidden = layer(hidden, cos, sin, ctx)
         return hidden

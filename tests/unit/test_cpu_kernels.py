@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.model import cpu_kernels
+from common.model import cpu_kernels, decode_layers
 from tests.fixtures.paged import scattered_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,14 +159,67 @@ def test_the_engine_decodes_on_the_kernel(monkeypatch):
     engine = make_engine(ckpt, "float32", 256, 64, ())
     model = engine.executor.model
     assert not any(weights_transposed(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
-    calls, attends = [], []
-    real, real_attend = cpu_kernels.gemv, cpu_kernels.decode_attention
+    calls, attends, whole = [], [], []
+    real, real_attend, real_run = cpu_kernels.gemv, cpu_kernels.decode_attention, decode_layers.run
     monkeypatch.setattr(cpu_kernels, "gemv", lambda lib, x, w, *a: calls.append(x.shape[0]) or real(lib, x, w, *a))
     monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: attends.append(a[1].shape[0]) or real_attend(*a))
-    decode_step_times(engine, list(range(100, 140)), 2)
+    monkeypatch.setattr(decode_layers, "run", lambda *a: whole.append(real_run(*a) is not None) or real_run(*a))
+    with decode_layers.disabled():                    # the layers one module at a time
+        decode_step_times(engine, list(range(100, 140)), 2)
     layers = ckpt.config.num_layers
     assert calls == [1] * (4 * layers + 1) * 3        # the entering step (one new token) and 2 decode steps
     assert attends == [1] * layers * 3
+    calls.clear(), attends.clear(), whole.clear()
+    decode_step_times(engine, list(range(100, 140)), 2)
+    assert whole == [True] * 3 and calls == [1] * 3 and attends == []     # one call; the LM head apart
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch, shape", [("llama", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+                                         ("llama", dict(num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+                                                        num_hidden_layers=3)),
+                                         ("mistral", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=32)),
+                                         ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16))])
+def test_a_decode_step_in_one_call_equals_the_modules_bit_for_bit(tmp_path, monkeypatch, dtype, arch, shape):
+    """common/model/decode_layers.py: four prompts decoding together (1-4 rows as they start and
+    finish), greedy, with the layers in one kernel call and module by module: the same tokens and the
+    same logprobs bit for bit, the same KV left in the cache. qwen2 (q/k/v biases) keeps the modules."""
+    from common.config import CacheConfig, EngineConfig, SchedulerConfig
+    from common.engine.engine import LLMEngine
+    from common.model.loader import load_checkpoint
+    from common.model.random_hf import write_random_hf_model
+    from common.sampling_params import SamplingParams
+
+    ckpt = load_checkpoint(str(write_random_hf_model(tmp_path / arch, arch, seed=11, tokenizer=False, **shape)))
+    prompts = [[(7 * i + 13 * j) % 300 + 10 for i in range(n)] for j, n in enumerate((5, 40, 17, 70))]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (9, 4, 12, 7)]
+
+    def run() -> tuple[list, torch.Tensor, list[bool]]:
+        engine = LLMEngine(EngineConfig(model="(preloaded)", dtype=dtype,
+                                        cache=CacheConfig(block_size=16, num_blocks=64, prefix_caching=False),
+                                        scheduler=SchedulerConfig(chunk_size=32)), ckpt)
+        taken: list[bool] = []
+        real = decode_layers.run
+        monkeypatch.setattr(decode_layers, "run", lambda *a: (lambda out: taken.append(out is not None) or out)(real(*a)))
+        rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        outs = {r: [] for r in rids}
+        while engine.has_unfinished():
+            for o in engine.step():
+                if o.token_id is not None:
+                    outs[o.request_id].append((o.token_id, o.logprob))
+        monkeypatch.setattr(decode_layers, "run", real)
+        return [outs[r] for r in rids], engine.executor.cache.data.clone(), taken
+
+    fused, cache, taken = run()
+    with decode_layers.disabled():
+        ref, ref_cache, _ = run()
+    assert fused == ref and all(lp is not None for out in fused for _, lp in out)
+    assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
+    if arch == "qwen2":
+        assert not any(taken)
+    else:
+        assert sum(taken) >= 8 and not all(taken)     # the all-decode steps, not the prefill chunks
 
 
 def test_no_compiler_leaves_f_linear_in_place(tmp_path):
