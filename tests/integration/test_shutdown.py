@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 
 import grpc
@@ -29,6 +30,7 @@ from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.engine.engine import LLMEngine
 from common.metadata.store import MetadataStore
 from common.model.tokenizer import load_tokenizer
+from common.pool_service import LEAVE_SETTLE_S
 from common.rpc import client as rpc_client
 from common.rpc.protos import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2_grpc
 from common.sampling_params import SamplingParams
@@ -112,6 +114,7 @@ class Reader(threading.Thread):
         except grpc.RpcError as e:
             self.error = e
         finally:
+            self.done_at = time.monotonic()
             self.channel.close()
 
 
@@ -122,6 +125,7 @@ def test_sigterm_leaves_the_kvstore_first_and_the_request_in_flight_completes(cl
     reader.start()
     wait_until(lambda: len(reader.tokens) >= 3 or not reader.is_alive(), 60, "first tokens")
     assert reader.is_alive() and reader.error is None, reader.error
+    sent = time.monotonic()
     decode.proc.send_signal(signal.SIGTERM)
 
     wait_until(lambda: not decode_ids(store), 10, "decode instance gone from the kvstore")
@@ -135,7 +139,10 @@ def test_sigterm_leaves_the_kvstore_first_and_the_request_in_flight_completes(cl
     assert reader.tokens == reference and reader.finish == common_pb2.FINISH_REASON_LENGTH
     assert decode.proc.wait(30) == 0, decode.log_tail()
     assert not decode_ids(store)
-    assert "draining its requests" in decode.log_path.read_text()
+    # Once out of the kvstore the instance waits LEAVE_SETTLE_S for requests on their way, then drains
+    # what still runs; a request that ended within that second (the CPU kernels decode this model's
+    # 200 tokens in well under one) needed no drain.
+    assert "draining its requests" in decode.log_path.read_text() or reader.done_at - sent < LEAVE_SETTLE_S + 0.5
 
 
 def test_an_rpc_right_after_the_instance_left_is_still_served(cluster, store, decode, offline):
