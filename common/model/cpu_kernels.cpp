@@ -332,6 +332,27 @@ struct Rows {
   }
 };
 
+// acc[h..h+G) += sum over the tile's keys j < n of p[h'][j] * V row j (its kv head's part at koff): for
+// each head and lane the same multiply-adds in the same order as one head at a time, each V row loaded
+// once for the G heads.
+template <typename T, int NC, int G>
+inline void pv_heads(const float (*p)[TILE], int64_t h, const T* const* vrow, int64_t n, int64_t koff, float* acc) {
+  constexpr int64_t d = 16 * NC;
+  __m512 a[G][NC];
+  for (int gi = 0; gi < G; ++gi)
+    for (int c = 0; c < NC; ++c) a[gi][c] = _mm512_loadu_ps(acc + (h + gi) * d + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 v[NC];
+    for (int c = 0; c < NC; ++c) v[c] = chunk(vrow[j] + koff, c);
+    for (int gi = 0; gi < G; ++gi) {
+      const __m512 pj = _mm512_set1_ps(p[h + gi][j]);
+      for (int c = 0; c < NC; ++c) a[gi][c] = _mm512_fmadd_ps(pj, v[c], a[gi][c]);
+    }
+  }
+  for (int gi = 0; gi < G; ++gi)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + (h + gi) * d + 16 * c, a[gi][c]);
+}
+
 // One span: its partial result into m[Hq], l[Hq], acc[Hq][D].
 // NC = d / 16 is a compile-time constant so that a row's vectors live in registers.
 template <typename T, int NC>
@@ -407,15 +428,18 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
         for (int c = 0; c < nc; ++c)
           _mm512_storeu_ps(acc + h * d + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + h * d + 16 * c), _mm512_set1_ps(corr)));
     }
+    // p-weighted V rows: each V row loaded (and widened) once for a block of the heads that share it
+    constexpr int64_t gmax = NC <= 4 ? 4 : (NC <= 8 ? 2 : 1);     // accumulators that stay in registers
     for (int64_t kh = 0; kh < hkv; ++kh)
-      for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
-        __m512 a[NC];
-        for (int c = 0; c < nc; ++c) a[c] = _mm512_loadu_ps(acc + h * d + 16 * c);
-        for (int64_t j = 0; j < n; ++j) {
-          const __m512 pj = _mm512_set1_ps(p[h][j]);
-          for (int c = 0; c < nc; ++c) a[c] = _mm512_fmadd_ps(pj, chunk(vrow[j] + kh * d, c), a[c]);
+      for (int64_t h = kh * g; h < (kh + 1) * g;) {
+        const int64_t gb = (kh + 1) * g - h < gmax ? (kh + 1) * g - h : gmax;
+        switch (gb) {
+          case 1: pv_heads<T, NC, 1>(p, h, vrow, n, kh * d, acc); break;
+          case 2: pv_heads<T, NC, 2>(p, h, vrow, n, kh * d, acc); break;
+          case 3: pv_heads<T, NC, 3>(p, h, vrow, n, kh * d, acc); break;
+          default: pv_heads<T, NC, 4>(p, h, vrow, n, kh * d, acc); break;
         }
-        for (int c = 0; c < nc; ++c) _mm512_storeu_ps(acc + h * d + 16 * c, a[c]);
+        h += gb;
       }
   }
 }
