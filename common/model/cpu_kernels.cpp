@@ -332,20 +332,20 @@ struct Rows {
   }
 };
 
-// acc[h..h+G) += sum over the tile's keys j < n of p[h'][j] * V row j (its kv head's part at koff): for
-// each head and lane the same multiply-adds in the same order as one head at a time, each V row loaded
-// once for the G heads.
+// acc[h..h+G) += sum over keys j in [j0, j1) of p[h'][j] * V row j (its kv head's part at koff), p[h'] at
+// p + h' * ld: each V row loaded (and widened) once for the G heads that share it, their sums in registers.
 template <typename T, int NC, int G>
-inline void pv_heads(const float (*p)[TILE], int64_t h, const T* const* vrow, int64_t n, int64_t koff, float* acc) {
+inline void pv_heads(const float* p, int64_t ld, int64_t h, const T* const* vrow, int64_t j0, int64_t j1,
+                     int64_t koff, float* acc) {
   constexpr int64_t d = 16 * NC;
   __m512 a[G][NC];
   for (int gi = 0; gi < G; ++gi)
     for (int c = 0; c < NC; ++c) a[gi][c] = _mm512_loadu_ps(acc + (h + gi) * d + 16 * c);
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     __m512 v[NC];
     for (int c = 0; c < NC; ++c) v[c] = chunk(vrow[j] + koff, c);
     for (int gi = 0; gi < G; ++gi) {
-      const __m512 pj = _mm512_set1_ps(p[h + gi][j]);
+      const __m512 pj = _mm512_set1_ps(p[(h + gi) * ld + j]);
       for (int c = 0; c < NC; ++c) a[gi][c] = _mm512_fmadd_ps(pj, v[c], a[gi][c]);
     }
   }
@@ -353,91 +353,116 @@ inline void pv_heads(const float (*p)[TILE], int64_t h, const T* const* vrow, in
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + (h + gi) * d + 16 * c, a[gi][c]);
 }
 
+// A thread's scratch for attend_span, kept between calls (a span of 8,192 keys and 9 heads takes
+// ~0.4 MB: allocated per call, it was mapped and unmapped each time).
+struct SpanScratch {
+  std::vector<float> s;
+  std::vector<const void*> k, v;
+};
+inline SpanScratch& span_scratch() {
+  static thread_local SpanScratch sc;
+  return sc;
+}
+
+constexpr int64_t AHEAD = 16;      // keys prefetched ahead of the ones being read
+constexpr int64_t V_BLOCK = 256;   // keys whose V rows all the kv heads' passes read while they are in L1/L2
+
 // One span: its partial result into m[Hq], l[Hq], acc[Hq][D].
 // NC = d / 16 is a compile-time constant so that a row's vectors live in registers.
+//
+// In three passes over the span, not one online pass per tile of keys: the scores of every key (the K
+// rows alone, front to back, AHEAD keys prefetched into L1), the softmax weights from the span's
+// maximum, then the weighted V rows (the V rows alone). Interleaving a tile's K and V rows kept the
+// kernel at ~40% of its own speed on data in L3 when it read a cold cache (15 GB/s in bfloat16, 20 in
+// float32, where a plain read reaches 45); one stream at a time reads it 1.3x faster
+// (bench/results/cpu_kernels_layers.md). The weights that multiply V are rounded as torch's flash
+// kernel rounds them (weights_for_v), their sum is not.
 template <typename T, int NC>
 void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int64_t t0, int64_t t1,
                  int64_t bs, int64_t hq, int64_t hkv, float scale, float* m, float* l, float* acc) {
   constexpr int64_t d = 16 * NC, nc = NC;
-  const int64_t g = hq / hkv, row = hkv * d;
-  for (int64_t h = 0; h < hq; ++h) { m[h] = -INFINITY; l[h] = 0.f; }
+  const int64_t g = hq / hkv, row = hkv * d, n = t1 - t0, ns = (n + 15) & ~(int64_t)15;
+  const int64_t line_bytes = row * (int64_t)sizeof(T);
   for (int64_t i = 0; i < hq * d; ++i) acc[i] = 0.f;
   // q in float32, scaled once
   alignas(64) float qf[MAX_HQ * MAX_D / 16];    // hq * d <= 4096 (checked by the caller)
   for (int64_t h = 0; h < hq; ++h)
     for (int c = 0; c < nc; ++c) _mm512_storeu_ps(qf + h * d + 16 * c, _mm512_mul_ps(chunk(q + h * d, c), _mm512_set1_ps(scale)));
-  alignas(64) float s[MAX_HQ][TILE];
+  SpanScratch& sc = span_scratch();
+  if ((int64_t)sc.s.size() < hq * ns) sc.s.resize(hq * ns);
+  if ((int64_t)sc.k.size() < ns) { sc.k.resize(ns); sc.v.resize(ns); }
+  float* s = sc.s.data();                        // s[h * ns + j]: scores, then weights
+  const T** kr = (const T**)sc.k.data();
+  const T** vr = (const T**)sc.v.data();
   Rows<T> rows(kc, vc, table, bs, row, t0);
-  const T* krow[TILE];
-  const T* vrow[TILE];
-  const T* knext[TILE];
-  const T* vnext[TILE];
-  rows.next(t1 - t0 < TILE ? t1 - t0 : TILE, knext, vnext);
-  for (int64_t t = t0; t < t1; t += TILE) {
-    const int64_t n = t1 - t < TILE ? t1 - t : TILE;
-    const __mmask16 valid = (__mmask16)((1u << n) - 1);
-    for (int64_t j = 0; j < n; ++j) { krow[j] = knext[j]; vrow[j] = vnext[j]; }
-    // The next tile's rows into L2 while this one computes: a sequence's blocks are scattered, and
-    // the hardware prefetcher learns each 16-token run only after it has started (reading a cold
-    // cache, 10-15 GB/s without this, ~22 with it; bench/results/cpu_kernels.md).
-    const int64_t n_next = t1 - (t + n) < TILE ? t1 - (t + n) : TILE;
-    rows.next(n_next, knext, vnext);
-    for (int64_t j = 0; j < n_next; ++j)
-      for (int64_t c = 0; c < row * (int64_t)sizeof(T); c += 64) {
-        _mm_prefetch((const char*)knext[j] + c, _MM_HINT_T1);
-        _mm_prefetch((const char*)vnext[j] + c, _MM_HINT_T1);
-      }
-    // scores of the tile: s[h][j] = q_h . k_j (q scaled), four keys at a time
+  rows.next(n, kr, vr);
+  for (int64_t j = n; j < ns; ++j) { kr[j] = kr[0]; vr[j] = vr[0]; }     // padding: scored, then masked
+  // 1. scores s[h][j] = q_h . k_j (q scaled), four keys at a time
+  for (int64_t j = 0; j < ns; j += 4) {
+    for (int64_t u = j + AHEAD; u < j + AHEAD + 4 && u < n; ++u)
+      for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)kr[u] + c, _MM_HINT_T0);
     for (int64_t kh = 0; kh < hkv; ++kh) {
-      int64_t j = 0;
-      for (; j + 4 <= n; j += 4) {
-        __m512 kv[4][NC];
-        for (int u = 0; u < 4; ++u)
-          for (int c = 0; c < nc; ++c) kv[u][c] = chunk(krow[j + u] + kh * d, c);
-        for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
-          __m512 a[4];
-          for (int u = 0; u < 4; ++u) {
-            a[u] = _mm512_mul_ps(kv[u][0], _mm512_loadu_ps(qf + h * d));
-            for (int c = 1; c < nc; ++c) a[u] = _mm512_fmadd_ps(kv[u][c], _mm512_loadu_ps(qf + h * d + 16 * c), a[u]);
-          }
-          _mm_storeu_ps(&s[h][j], reduce4(a[0], a[1], a[2], a[3]));
+      __m512 kv[4][NC];
+      for (int u = 0; u < 4; ++u)
+        for (int c = 0; c < nc; ++c) kv[u][c] = chunk(kr[j + u] + kh * d, c);
+      for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
+        __m512 a[4];
+        for (int u = 0; u < 4; ++u) {
+          a[u] = _mm512_mul_ps(kv[u][0], _mm512_loadu_ps(qf + h * d));
+          for (int c = 1; c < nc; ++c) a[u] = _mm512_fmadd_ps(kv[u][c], _mm512_loadu_ps(qf + h * d + 16 * c), a[u]);
         }
-      }
-      for (; j < n; ++j) {
-        __m512 kv[NC];
-        for (int c = 0; c < nc; ++c) kv[c] = chunk(krow[j] + kh * d, c);
-        for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
-          __m512 a = _mm512_mul_ps(kv[0], _mm512_loadu_ps(qf + h * d));
-          for (int c = 1; c < nc; ++c) a = _mm512_fmadd_ps(kv[c], _mm512_loadu_ps(qf + h * d + 16 * c), a);
-          s[h][j] = _mm512_reduce_add_ps(a);
-        }
+        _mm_storeu_ps(s + h * ns + j, reduce4(a[0], a[1], a[2], a[3]));
       }
     }
-    // online softmax over the tile, then p-weighted V rows into acc
-    alignas(64) float p[MAX_HQ][TILE];
-    for (int64_t h = 0; h < hq; ++h) {
-      const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, s[h]);
-      const float mt = _mm512_reduce_max_ps(sv);
-      const float mn = mt > m[h] ? mt : m[h];
-      const float corr = m[h] == -INFINITY ? 0.f : exp_flushed(m[h] - mn);
-      const __m512 pv = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(sv, _mm512_set1_ps(mn))));
-      _mm512_store_ps(p[h], weights_for_v<T>(pv));
-      l[h] = l[h] * corr + _mm512_reduce_add_ps(pv);
-      m[h] = mn;
-      if (corr != 1.f)
-        for (int c = 0; c < nc; ++c)
-          _mm512_storeu_ps(acc + h * d + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + h * d + 16 * c), _mm512_set1_ps(corr)));
+  }
+  // 2. the weights, from the span's maximum per head
+  for (int64_t h = 0; h < hq; ++h) {
+    float* sh = s + h * ns;
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < ns; j += 16) {
+      const __mmask16 valid = (__mmask16)(n - j >= 16 ? 0xffffu : (1u << (n - j)) - 1);
+      mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, sh + j));
     }
-    // p-weighted V rows: each V row loaded (and widened) once for a block of the heads that share it
-    constexpr int64_t gmax = NC <= 4 ? 4 : (NC <= 8 ? 2 : 1);     // accumulators that stay in registers
+    const float mx = _mm512_reduce_max_ps(mv);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < ns; j += 16) {
+      const __mmask16 valid = (__mmask16)(n - j >= 16 ? 0xffffu : (1u << (n - j)) - 1);
+      const __m512 pv = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sh + j), _mm512_set1_ps(mx))));
+      sum = _mm512_add_ps(sum, pv);
+      _mm512_storeu_ps(sh + j, weights_for_v<T>(pv));
+    }
+    m[h] = mx;
+    l[h] = _mm512_reduce_add_ps(sum);
+  }
+  // 3. the weighted V rows, a block of keys at a time (its rows stay close while every kv head reads
+  // its part of them), each V row loaded once for the query heads that share it
+  constexpr int64_t gmax = NC <= 4 ? 4 : (NC <= 8 ? 2 : 1);     // accumulators that stay in registers
+  for (int64_t j0 = 0; j0 < n; j0 += V_BLOCK) {
+    const int64_t j1 = j0 + V_BLOCK < n ? j0 + V_BLOCK : n;
+    for (int64_t j = j0; j < j1 && j < j0 + AHEAD; ++j)
+      for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)vr[j] + c, _MM_HINT_T0);
     for (int64_t kh = 0; kh < hkv; ++kh)
       for (int64_t h = kh * g; h < (kh + 1) * g;) {
         const int64_t gb = (kh + 1) * g - h < gmax ? (kh + 1) * g - h : gmax;
-        switch (gb) {
-          case 1: pv_heads<T, NC, 1>(p, h, vrow, n, kh * d, acc); break;
-          case 2: pv_heads<T, NC, 2>(p, h, vrow, n, kh * d, acc); break;
-          case 3: pv_heads<T, NC, 3>(p, h, vrow, n, kh * d, acc); break;
-          default: pv_heads<T, NC, 4>(p, h, vrow, n, kh * d, acc); break;
+        if (kh == 0 && h == 0) {                  // the first pass over the block fetches its rows
+          for (int64_t j = j0; j < j1; j += 4) {
+            for (int64_t u = j + AHEAD; u < j + AHEAD + 4 && u < j1; ++u)
+              for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)vr[u] + c, _MM_HINT_T0);
+            const int64_t je = j + 4 < j1 ? j + 4 : j1;
+            switch (gb) {
+              case 1: pv_heads<T, NC, 1>(s, ns, h, vr, j, je, kh * d, acc); break;
+              case 2: pv_heads<T, NC, 2>(s, ns, h, vr, j, je, kh * d, acc); break;
+              case 3: pv_heads<T, NC, 3>(s, ns, h, vr, j, je, kh * d, acc); break;
+              default: pv_heads<T, NC, 4>(s, ns, h, vr, j, je, kh * d, acc); break;
+            }
+          }
+        } else {
+          switch (gb) {
+            case 1: pv_heads<T, NC, 1>(s, ns, h, vr, j0, j1, kh * d, acc); break;
+            case 2: pv_heads<T, NC, 2>(s, ns, h, vr, j0, j1, kh * d, acc); break;
+            case 3: pv_heads<T, NC, 3>(s, ns, h, vr, j0, j1, kh * d, acc); break;
+            default: pv_heads<T, NC, 4>(s, ns, h, vr, j0, j1, kh * d, acc); break;
+          }
         }
         h += gb;
       }

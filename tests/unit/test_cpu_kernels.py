@@ -253,10 +253,13 @@ def paged(lens: list[int], bs: int, hkv: int, d: int, dtype: torch.dtype, seed: 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(16, 3, 9, 64), (32, 2, 2, 128), (5, 1, 4, 16)])
+@pytest.mark.parametrize("shape", [(16, 3, 9, 64), (32, 2, 2, 128), (5, 1, 4, 16), (16, 2, 14, 64), (16, 4, 16, 128),
+                                   (16, 1, 5, 48), (16, 1, 2, 256)])
 def test_decode_attention_matches_the_exact_reference(dtype, shape):
     """Batches with empty, one-key, partial-block and many-span sequences (5,000 keys: about 20 units
-    of work merged), against the float64 reference over the same paged cache."""
+    of work merged, each span several blocks of V rows and a padded tail), against the float64
+    reference over the same paged cache; query heads per kv head from 1 to 7 (the V sums' head blocks
+    of 1 to 4), head dims 16 to 256."""
     from common.attention.reference import ReferenceBackend
     lib = cpu_kernels.library()
     bs, hkv, hq, d = shape
