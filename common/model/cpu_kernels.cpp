@@ -297,7 +297,7 @@ inline __m512 weights_for_v(__m512 p) {
 inline __m512 chunk(const float* p, int c) { return _mm512_loadu_ps(p + 16 * c); }
 inline __m512 chunk(const uint16_t* p, int c) { return widen_bf16(_mm256_loadu_si256((const __m256i*)(p + 16 * c))); }
 
-constexpr int MAX_D = 256, MAX_HQ = 256, TILE = 16;
+constexpr int MAX_D = 256, MAX_HQ = 256;
 
 struct Span { int64_t seq, t0, t1; };           // keys [t0, t1) of sequence seq
 
@@ -374,8 +374,8 @@ constexpr int64_t V_BLOCK = 256;   // keys whose V rows all the kv heads' passes
 // rows alone, front to back, AHEAD keys prefetched into L1), the softmax weights from the span's
 // maximum, then the weighted V rows (the V rows alone). Interleaving a tile's K and V rows kept the
 // kernel at ~40% of its own speed on data in L3 when it read a cold cache (15 GB/s in bfloat16, 20 in
-// float32, where a plain read reaches 45); one stream at a time reads it 1.3x faster
-// (bench/results/cpu_kernels_layers.md). The weights that multiply V are rounded as torch's flash
+// float32, where a plain read reaches 45); one stream at a time reads it 1.4-1.5x faster
+// (bench/results/cpu_kernels_twopass.md). The weights that multiply V are rounded as torch's flash
 // kernel rounds them (weights_for_v), their sum is not.
 template <typename T, int NC>
 void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int64_t t0, int64_t t1,
