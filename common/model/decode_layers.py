@@ -3,8 +3,8 @@ in common/model/cpu_kernels.cpp), where the step is one the per-op kernels would
 
 A decode step of the built-in model calls ~15 Python functions and allocates ~10 tensors per layer
 around the kernels (RMSNorm, the fused q/k/v product, RoPE, the KV write, decode attention, the o
-product, the residual sums, the MLP): ~3 ms of a 12 ms bfloat16 step at 1K tokens on this machine's 2
-cores, none of it reading weights. `run` hands the whole stack to one C++ call that runs the same
+product, the residual sums, the MLP): ~2.9 ms of a 10 ms bfloat16 step at 1K tokens on this machine's
+2 cores (bench/results/cpu_kernels_layers.md), none of it reading weights. `run` hands the whole stack to one C++ call that runs the same
 kernel functions in the same order with the same roundings, so the hidden states (and so the logits)
 are the per-op path's bit for bit (tests/unit/test_cpu_kernels.py compares them).
 
