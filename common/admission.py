@@ -420,6 +420,7 @@ class AdmissionController:
         self._hosts: dict[str, str] = {}        # instance id -> host, from the latest snapshot
         self._lars = LARS()
         self._orders: dict[tuple, tuple[int, list[tuple[float, int]]]] = {}   # _lars_order's, this decision's
+        self._unknown: dict[str, int] = {}     # instance -> queued tokens its sample had beyond this router's
         self._queue: dict[str, _Queued] = {}
         self._pending: list[_Pending] = []
         # admitted, no first token yet: rid -> [instance that prefills it, due, prompt tokens left,
@@ -559,6 +560,7 @@ class AdmissionController:
     def _evaluate(self, req: AdmissionRequest, snapshot: LoadSnapshot, now: float) -> Decision:
         cfg = self.config
         self._orders = {}
+        self._unknown = {}
         ttft_slo, tbt_slo = self.slo_for(req)
         waited = now - req.arrival_s
         self._pending = [p for p in self._pending if now - p.at <= cfg.max_staleness_s + cfg.visibility_lag_s]
@@ -678,6 +680,9 @@ class AdmissionController:
         if parts is not None:
             parts.update(ahead_tokens=ahead, ahead_s=pool.table.time(ahead), own_s=own, decode_share=share,
                          running_decodes=l.running_decodes, slowdown=slow)
+            if pool.ordered:        # what of `ahead` the load sample had beyond this router's prompts
+                parts.update(gauge_tokens=l.queued_prefill_tokens, unknown_tokens=self._unknown.get(l.instance_id, 0),
+                             sample_age_s=round(now - l.observed_at, 3))
         return t * slow
 
     def _lars_order(self, pool: PoolModel, l: InstanceLoad, req: AdmissionRequest, now: float,
@@ -710,6 +715,7 @@ class AdmissionController:
         then = sum(self._left_at(a, l.observed_at, self.config.visibility_lag_s)
                    for a in self._awaiting.values() if a[0] == l.instance_id)
         unknown = max(l.queued_prefill_tokens - then, 0)          # (each term of `then` >= its a[2])
+        self._unknown[l.instance_id] = unknown                    # (the request log shows it)
         # a prompt with progress (reported, or predicted on a decode instance), or admitted first in
         # line, has started there: the pool's LARS finishes it before others when no deadline is lost
         # (policy.finish_started; admitted 0.07 s after a 79-token prompt on an idle instance, a
@@ -820,9 +826,10 @@ class AdmissionController:
         return min((f - n for n, f in zip(self._need(req, l), l.kv_free_blocks)), default=0)
 
     def _effective(self, l: InstanceLoad) -> InstanceLoad:
-        """`l` plus the admissions its sample cannot show yet. The queued prefill tokens are at
-        least what this router's admitted requests still have to prefill there (an engine's gauge
-        is only updated after a step, which may take seconds with a long chunk)."""
+        """`l` plus the admissions its sample cannot show yet (not those a decode instance reported
+        a chunk of before the sample: it shows them). The queued prefill tokens are at least what
+        this router's admitted requests still have to prefill there (an engine's gauge is only
+        updated after a step, which may take seconds with a long chunk)."""
         l = self._without_ended(l)
         mine = [p for p in self._pending if p.at > l.observed_at - self.config.visibility_lag_s
                 and l.instance_id in (p.prefill_id, p.decode_id)]
@@ -834,7 +841,10 @@ class AdmissionController:
         for k, f in enumerate(free):
             used[k] -= f
         for p in mine:
-            if p.prefill_id == l.instance_id or (p.prefill_id is None and p.decode_id == l.instance_id):
+            a = self._awaiting.get(p.request_id)
+            shown = a is not None and self._reported(a, l.observed_at) is not None   # it reported a chunk by then
+            if (p.prefill_id == l.instance_id or (p.prefill_id is None and p.decode_id == l.instance_id)) \
+                    and not shown:
                 queued += p.prompt_tokens
             if p.decode_id == l.instance_id:
                 if p.request_id not in self._awaiting:
@@ -911,13 +921,15 @@ class AdmissionController:
         """Prompt tokens an admitted prompt counts for in a load sample taken at `at`: all of them when
         the sample may not show it yet (admitted within `lag` before it: _effective adds them whole),
         else, on a decode instance, what its last progress report by then left (the sample and the
-        report both count the steps that instance had ended) or, before any, what it had left by its
+        report both count the steps that instance had ended; a prompt that reported a chunk before the
+        sample is in it, however recently admitted: counted whole besides, a 165-token prompt with 133
+        left was taken as 298 tokens ahead of the next one) or, before any, what it had left by its
         prediction; or (a prefill instance's prompt) what it has left now."""
-        if a[4] > at - lag:
-            return a[3]
         seen = self._reported(a, at)
         if seen is not None:
             return seen[1]
+        if a[4] > at - lag:
+            return a[3]
         # (at least what it has left now: an overdue prompt is whole now, and the sample taken
         # before it was overdue also holds the tokens its prediction took as done by then)
         return max(a[2], self._predicted_left(a, at))

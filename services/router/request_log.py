@@ -14,7 +14,7 @@ unique to this attempt), api_key (the id of the key
 that sent it, "anonymous" on an open router), route (decode_only | disaggregated | none: never
 routed), prompt_tokens, max_tokens, admission (admitted | rejected | unobserved: no instance to judge
 | off: admission disabled | waiting: the client left before the decision | refused: invalid or
-unauthenticated, never reached admission: `refused()`), admission_reason, queued_s (arrival to the decision), predicted_ttft_s, admission_detail (the prediction's terms: queued tokens ahead and their seconds, own prefill seconds, decode share, slowdown, model and corrected seconds, host_busy_s, inflight_s, the instance), ttft_s, tbt_mean_s, completion_tokens, e2e_s, outcome (stop |
+unauthenticated, never reached admission: `refused()`), admission_reason, queued_s (arrival to the decision), predicted_ttft_s, admission_detail (the prediction's terms: queued tokens ahead and their seconds, own prefill seconds, decode share, slowdown, on a LARS pool the instance's load sample's queued tokens, how many of them were not this router's prompts and the sample's age, model and corrected seconds, host_busy_s, inflight_s, the instance), ttft_s, tbt_mean_s, completion_tokens, e2e_s, outcome (stop |
 length | abort | error), error_type and error_status (the gRPC status the client got). Never the
 prompt's or the completion's text.
 """

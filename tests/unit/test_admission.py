@@ -665,6 +665,12 @@ def test_a_prompt_prefilled_on_a_decode_instance_counts_ahead_by_its_last_progre
     assert ahead(reported(), NOW + 0.9, 300) == 50      # no report for 0.4 s: one iteration's worth
     # another router's 150 tokens, in the sample beside a's: ahead of everything
     assert ahead(reported(), NOW + 0.5, 450) == 250
+    # a sample taken within the visibility lag of a's admission but after its first report shows it:
+    # a is counted by that report, not whole again on top of the gauge (165 + 133 = 298 ahead, once)
+    ctl = lars_decode_controller()
+    ctl.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW)
+    ctl.progress("a", 100, NOW + 0.1)
+    assert ahead(ctl, NOW + 0.15, 300, sample_at=NOW + 0.12) == 300 - 50      # 0.05 s at 1,000 tokens/s
     # without a report, the prediction: overdue at NOW + 0.5, whole
     ctl = lars_decode_controller()
     ctl.decide(request("a", prompt=400, ttft_slo_s=60.0), snap(decode("d1")), NOW)
