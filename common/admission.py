@@ -953,9 +953,8 @@ class AdmissionController:
         with no report (overdue), whole again: the instance runs slower than predicted, and taking
         it as done let a burst on a slowed machine see an idle instance behind 24 prompts predicted
         to finish in 0.2 s (two new prompts predicted 0.013 s took 0.67 s, in CI). Predicted progress
-        alone erred both ways on overlapping short prompts: a 165-token prompt 0.01 s overdue
-        counted whole ahead of the next one (predicted 1.17 s, took 0.83), and one predicted to have
-        65 tokens left counted 188 through a lagging gauge (predicted 1.40 s, took 0.80)."""
+        alone erred on overlapping short prompts: a 165-token prompt 0.01 s overdue counted whole
+        ahead of the next one (predicted 1.17 s, took 0.83)."""
         own = a[6]
         if not own > 0:
             return a[2]
