@@ -437,6 +437,14 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   // 3. the weighted V rows, a block of keys at a time (its rows stay close while every kv head reads
   // its part of them), each V row loaded once for the query heads that share it
   constexpr int64_t gmax = NC <= 4 ? 4 : (NC <= 8 ? 2 : 1);     // accumulators that stay in registers
+  auto pv = [&](int64_t gb, int64_t h, int64_t ja, int64_t jb, int64_t koff) {
+    switch (gb) {
+      case 1: pv_heads<T, NC, 1>(s, ns, h, vr, ja, jb, koff, acc); break;
+      case 2: pv_heads<T, NC, 2>(s, ns, h, vr, ja, jb, koff, acc); break;
+      case 3: pv_heads<T, NC, 3>(s, ns, h, vr, ja, jb, koff, acc); break;
+      default: pv_heads<T, NC, 4>(s, ns, h, vr, ja, jb, koff, acc); break;
+    }
+  };
   for (int64_t j0 = 0; j0 < n; j0 += V_BLOCK) {
     const int64_t j1 = j0 + V_BLOCK < n ? j0 + V_BLOCK : n;
     for (int64_t j = j0; j < j1 && j < j0 + AHEAD; ++j)
@@ -448,21 +456,10 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
           for (int64_t j = j0; j < j1; j += 4) {
             for (int64_t u = j + AHEAD; u < j + AHEAD + 4 && u < j1; ++u)
               for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)vr[u] + c, _MM_HINT_T0);
-            const int64_t je = j + 4 < j1 ? j + 4 : j1;
-            switch (gb) {
-              case 1: pv_heads<T, NC, 1>(s, ns, h, vr, j, je, kh * d, acc); break;
-              case 2: pv_heads<T, NC, 2>(s, ns, h, vr, j, je, kh * d, acc); break;
-              case 3: pv_heads<T, NC, 3>(s, ns, h, vr, j, je, kh * d, acc); break;
-              default: pv_heads<T, NC, 4>(s, ns, h, vr, j, je, kh * d, acc); break;
-            }
+            pv(gb, h, j, j + 4 < j1 ? j + 4 : j1, kh * d);
           }
         } else {
-          switch (gb) {
-            case 1: pv_heads<T, NC, 1>(s, ns, h, vr, j0, j1, kh * d, acc); break;
-            case 2: pv_heads<T, NC, 2>(s, ns, h, vr, j0, j1, kh * d, acc); break;
-            case 3: pv_heads<T, NC, 3>(s, ns, h, vr, j0, j1, kh * d, acc); break;
-            default: pv_heads<T, NC, 4>(s, ns, h, vr, j0, j1, kh * d, acc); break;
-          }
+          pv(gb, h, j0, j1, kh * d);
         }
         h += gb;
       }

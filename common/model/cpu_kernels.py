@@ -77,10 +77,6 @@ def cpuinfo(field: str) -> str:
     return ""
 
 
-def _cpu_flags() -> str:
-    return cpuinfo("flags")
-
-
 def library_path(cache: Path | None = None, flags: tuple[str, ...] = FLAGS) -> Path | None:
     """Where this machine's build of the kernel lives (None: no compiler)."""
     cxx = _compiler()
@@ -90,7 +86,7 @@ def library_path(cache: Path | None = None, flags: tuple[str, ...] = FLAGS) -> P
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    raw = "\n".join([SOURCE.read_text(), cxx, version, " ".join(flags), _cpu_flags()])
+    raw = "\n".join([SOURCE.read_text(), cxx, version, " ".join(flags), cpuinfo("flags")])
     digest = hashlib.sha256(raw.encode()).hexdigest()[:16]
     if cache is None:
         from common.model.gguf_loader import default_cache_dir
@@ -138,6 +134,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mn_chunk_attention_bf16.restype = ctypes.c_int
     lib.mn_chunk_attention_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
                                             ctypes.c_float, ptr, ptr]
+    pp = ctypes.POINTER(ctypes.c_void_p)
+    lib.mn_decode_layers.restype = ctypes.c_int
+    lib.mn_decode_layers.argtypes = [ctypes.c_int, i64, ptr, i64, i64, pp, pp, pp, pp, pp, pp, i64, ctypes.c_float,
+                                     ptr, ptr, i64, i64, i64, pp, pp, ptr, ptr, i64, ptr, i64, ctypes.c_float, i64]
     lib.mn_decode_attention_isa.restype = ctypes.c_int
     lib.mn_decode_attention.restype = ctypes.c_int
     lib.mn_decode_attention.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
