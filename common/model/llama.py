@@ -268,6 +268,10 @@ class LlamaModel(nn.Module):
         if self.lm_head is not None:
             self.lm_head.float_out = True
 
+    def _apply(self, fn, recurse: bool = True):
+        decode_layers.forget(self)                  # .to(), .float(), ...: new parameters
+        return super()._apply(fn, recurse)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> hidden [T, hidden]."""
         return self.embed_tokens(input_ids)
@@ -305,6 +309,7 @@ class LlamaModel(nn.Module):
         hidden] rows for the lookup while the head is transposed."""
         if transposed is None:
             transposed = transposed_by_default(next(self.parameters()))     # one dtype and device
+        decode_layers.forget(self)
         for layer in self.layers.values():
             layer.self_attn.pack(transposed)
             layer.mlp.pack(transposed)
@@ -315,6 +320,7 @@ class LlamaModel(nn.Module):
         """After its tensors were assigned from a saved packed model (common/model/packed_cache.py):
         the fused q/k/v and gate/up matrices taken from their views; ValueError when a layer's
         tensors are not the views pack_weights makes (a file of another layout)."""
+        decode_layers.forget(self)
         for i, layer in self.layers.items():
             if not (layer.self_attn.adopt_packed() and layer.mlp.adopt_packed()):
                 raise ValueError(f"layer {i}: the tensors are not a packed layout")
@@ -336,6 +342,7 @@ class LlamaModel(nn.Module):
 
         `transform(target_name, tensor)` may cut each tensor first (tensor-parallel slices); it is
         called once per target parameter, always with the full checkpoint tensor."""
+        decode_layers.forget(self)
         params = dict(self._param_names())
         loaded: set[str] = set()
         for name, tensor in weights:

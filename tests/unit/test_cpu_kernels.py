@@ -172,6 +172,15 @@ def test_the_engine_decodes_on_the_kernel(monkeypatch):
     calls.clear(), attends.clear(), whole.clear()
     decode_step_times(engine, list(range(100, 140)), 2)
     assert whole == [True] * 3 and calls == [1] * 3 and attends == []     # one call; the LM head apart
+    # the layers' check is kept per model and made again when its parameters change
+    model.pack_weights(transposed=True)               # [in, out] storage: not what the kernel reads
+    whole.clear()
+    decode_step_times(engine, list(range(100, 140)), 2)
+    assert whole == [False] * 3
+    model.pack_weights(transposed=False)
+    whole.clear()
+    decode_step_times(engine, list(range(100, 140)), 2)
+    assert whole == [True] * 3
 
 
 @needs_kernel
