@@ -18,7 +18,9 @@ by someone else's load):
           exactly the bytes a decode step streams: the linear layers and the LM head in that dtype);
           decode floor = (weight bytes + KV bytes of the context) / that rate;
   matmul  dense matmul rate per dtype at the model's prefill shape; prefill floor = FLOPs / that rate
-          (FLOPs as in bench/engine.py: linears + causal attention).
+          (FLOPs as in bench/engine.py: linears + causal attention). bfloat16 on a CPU without
+          bfloat16 instructions: the better of torch's bfloat16 GEMM and a float32 GEMM of the
+          widened operands (what the engine runs there, cpu_kernels.bf16_widened).
 
 Writes bench/results/cpu_vs_transformers.{json,md}.
 
@@ -75,6 +77,12 @@ def matmul_gflops(dtype: torch.dtype, reps: int = 3) -> float:
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
     bt = b.t().contiguous()          # the weight's [out, in] layout: bf16 on AVX2 is much faster with it
     best = min(roofline._best_time(lambda: torch.mm(a, b), reps), roofline._best_time(lambda: torch.mm(a, bt.t()), reps))
+    if dtype == torch.bfloat16 and cpu_kernels.bf16_widened():
+        # a CPU without bfloat16 instructions: the fastest bfloat16 product here is a float32 one of
+        # the widened operands (cpu_kernels.bf16_widened), so that is the floor's rate (the widening
+        # itself not counted)
+        af, bf = a.float(), bt.float()
+        best = min(best, roofline._best_time(lambda: torch.mm(af, bf.t()), reps))
     return 2 * m * k * n / best / 1e9
 
 
@@ -193,7 +201,7 @@ def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, ch
                 rows.append(row)
         return {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                            "cpu_kernels": cpu_kernels.status()},
+                            "cpu_kernels": cpu_kernels.status(), "bf16_widened": cpu_kernels.bf16_widened()},
                 "config": {"contexts": contexts, "dtypes": dtypes, "rounds": rounds, "decode_tokens": new_tokens,
                            "chunk": chunk, "layout_ab": layout_ab, "sides": names,
                            "rounds_done": len(rounds_load)},
@@ -235,7 +243,9 @@ def markdown(report: dict) -> str:
         "",
         f"{report['machine']['platform']}, torch {report['machine']['torch']} "
         f"({report['machine']['cpu_capability']}), {report['machine']['threads']} threads; our CPU kernels "
-        f"(common/model/cpu_kernels.py): {report['machine'].get('cpu_kernels', 'not recorded')}. "
+        f"(common/model/cpu_kernels.py): {report['machine'].get('cpu_kernels', 'not recorded')}"
+        + ("; bfloat16 products widened to float32 (no bfloat16 instructions on this CPU). "
+           if report['machine'].get('bf16_widened') else ". ") +
         f"{c['rounds']} rounds alternating the two; medians over rounds. Prompt = context - "
         f"{c['decode_tokens']} tokens; decode = median ms per token of the {c['decode_tokens'] - 1} steps after "
         f"the first token; our prefill in chunks of {c['chunk']}.",

@@ -233,15 +233,55 @@ def max_rows(dtype: torch.dtype) -> int:
     return _state["max_rows"].get(dtype, 0)          # type: ignore[union-attr]
 
 
+# ---- bfloat16 products on a CPU without bfloat16 instructions ------------------------------------
+BF16_NATIVE_FLAGS = ("avx512_bf16", "amx_bf16")   # /proc/cpuinfo flags of a CPU that multiplies bfloat16 itself
+_widen: dict[str, bool] = {}                      # "on": whether `linear` widens bfloat16 products (cached)
+
+
+def bf16_widened() -> bool:
+    """Whether `linear` computes a bfloat16 product of more rows than the kernel takes in float32:
+    operands widened (exactly), one float32 GEMM, the result rounded to bfloat16 once. Where the CPU
+    has no bfloat16 instructions (no AVX512-BF16, no AMX), torch's bfloat16 GEMM is a slow generic
+    loop: 16 GFLOP/s against float32's 162 on an AVX2 EPYC (bench/results/bf16_widen.md), so a
+    bfloat16 prefill took 5x a float32 one. The numerics are a bfloat16 GEMM's: every product of two
+    bfloat16 values is exact in float32, the sum is float32, the output rounded once (to nearest
+    even, as torch rounds); only the order of the sum may differ from torch's, as between its own
+    kernels. x86 only (elsewhere torch's kernels are kept); MNEMOSYNE_CPU_KERNELS=0 keeps them too."""
+    if "on" not in _widen:
+        import platform
+        flags = cpuinfo("flags").split()
+        _widen["on"] = (enabled() and platform.machine() in ("x86_64", "AMD64") and bool(flags)
+                        and not any(f in flags for f in BF16_NATIVE_FLAGS))
+    return _widen["on"]
+
+
+@contextlib.contextmanager
+def bf16_widening(on: bool) -> Iterator[None]:
+    """Within it `bf16_widened()` is `on` (the benchmark's two sides, the tests of both paths)."""
+    saved = dict(_widen)
+    _widen["on"] = on
+    try:
+        yield
+    finally:
+        _widen.clear()
+        _widen.update(saved)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, float_out: bool = False) -> torch.Tensor:
     """F.linear(x, w, b), through the kernel where it applies. `float_out` (the LM head): where the
     kernel runs, bfloat16 operands give their float32 sums unrounded (logits rounded to bfloat16's 8
-    bits tie often: two tokens 0.08 apart in float32 came out equal, and greedy took the lower id)."""
+    bits tie often: two tokens 0.08 apart in float32 came out equal, and greedy took the lower id).
+    bfloat16 rows the kernel does not take are widened to float32 where `bf16_widened()` (the same
+    float_out rule: the sums unrounded)."""
     if applies(x, w):
         lib = library()
         if lib is not None and x.shape[0] <= _state["max_rows"][x.dtype]:      # type: ignore[index]
             y = gemv(lib, x, w, float_out)
             return y if b is None else y.add_(b)
+    if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and w.device.type == "cpu" and bf16_widened()):
+        y = F.linear(x.float(), w.float(), None if b is None else b.float())
+        return y if float_out else y.to(torch.bfloat16)
     return F.linear(x, w, b)
 
 

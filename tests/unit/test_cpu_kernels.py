@@ -147,6 +147,44 @@ def test_linear_takes_the_kernel_only_where_it_applies(monkeypatch):
     assert calls == [(1, 32)]
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_rows_past_the_kernel_are_a_widened_float32_product(bias):
+    """bfloat16 rows the kernel does not take: on a CPU without bfloat16 instructions one float32 GEMM
+    of the exactly widened operands, rounded once (as torch's bfloat16 GEMM: exact products, a float32
+    sum); else torch's bfloat16 F.linear. Both within one bfloat16 rounding of the exact product."""
+    torch.manual_seed(7)
+    x = torch.randn(64, 96).bfloat16()
+    w = torch.randn(80, 96).bfloat16()
+    b = torch.randn(80).bfloat16() if bias else None
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    with cpu_kernels.bf16_widening(True):
+        assert cpu_kernels.bf16_widened()
+        y = cpu_kernels.linear(x, w, b)
+        logits = cpu_kernels.linear(x, w, b, float_out=True)
+        yt = cpu_kernels.linear(x, w.t().contiguous().t(), b)            # stored [in, out]
+    assert y.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    wide = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert torch.equal(logits, wide) and torch.equal(y, wide.bfloat16()) and torch.equal(yt, y)
+    torch.testing.assert_close(logits.double(), exact, rtol=1e-6, atol=1e-4)     # float32 sums of exact products
+    ulp = exact.abs().clamp_min(1e-3) * 2.0 ** -8
+    assert ((y.double() - exact).abs() <= ulp).all()
+    with cpu_kernels.bf16_widening(False):
+        assert torch.equal(cpu_kernels.linear(x, w, b), F.linear(x, w, b))    # torch's own kernel
+    torch.testing.assert_close(F.linear(x, w, b).double(), exact, rtol=2.0 ** -7, atol=1e-2)
+
+
+def test_bf16_widening_follows_the_cpu_flags(monkeypatch):
+    """Widened exactly where the CPU lacks bfloat16 instructions (and the kernels are not turned off)."""
+    for flags, want in (("fpu sse2 avx2 fma", True), ("avx2 avx512f avx512_bf16", False), ("avx2 amx_bf16", False)):
+        monkeypatch.setattr(cpu_kernels, "cpuinfo", lambda field, f=flags: f)
+        monkeypatch.setattr(cpu_kernels, "_widen", {})
+        monkeypatch.setattr("platform.machine", lambda: "x86_64")
+        assert cpu_kernels.bf16_widened() is want, flags
+    monkeypatch.setattr(cpu_kernels, "_widen", {})
+    monkeypatch.setenv("MNEMOSYNE_CPU_KERNELS", "0")
+    assert cpu_kernels.bf16_widened() is False
+
+
 @needs_kernel
 def test_the_engine_decodes_on_the_kernel(monkeypatch):
     """make up's engines: every linear of a decode step (30 layers x 4 + the LM head) and every layer's
