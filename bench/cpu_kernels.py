@@ -9,8 +9,9 @@ Four parts, each alternating the two sides, --rounds rounds, medians (each round
   attention  one layer's decode attention over the paged cache (scattered blocks, block 16, 3 KV heads
              x 64, 9 query heads), 1 and 4 sequences of 1K, 8K and 32K keys: the flash planner
              (common/attention/cpu.py) vs the kernel; microseconds a call and GB/s of K+V bytes;
-  chunk      one layer's attention of a bfloat16 prefill chunk (1,024 queries over 1K, 4K, 8K keys;
-             128 over 64K): the flash path vs the chunk kernel; ms and GFLOP/s;
+  chunk      one layer's attention of a prefill chunk (1,024 queries over 1K, 4K, 8K keys; 128 over
+             64K) in each dtype a chunk kernel takes on this build (bfloat16 on AVX512-BF16; float32
+             and bfloat16 on AVX2): the flash path vs the chunk kernel; ms and GFLOP/s;
   engine     the built-in model's decode step (one request, prefill skipped as in bench/engine.py) at
              1K, 4K and 8K in float32 and bfloat16: an engine with the kernels (its layers in one call,
              common/model/decode_layers.py), the same engine with its layers module by module
@@ -92,16 +93,18 @@ def attention_round(dtype: torch.dtype, keys: int, batch: int) -> dict:
     return {"bytes": nbytes, "flash_us": 1e6 * t_flash, "kernel_us": 1e6 * t_kernel}
 
 
-def chunk_round(queries: int, keys: int) -> dict:
-    """One layer's attention of a bfloat16 prefill chunk (the chunk's queries are the last of `keys`
-    positions): the flash path of common/attention/cpu.py vs the chunk kernel."""
+def chunk_round(dtype: torch.dtype, queries: int, keys: int) -> dict | None:
+    """One layer's attention of a prefill chunk (the chunk's queries are the last of `keys` positions):
+    the flash path of common/attention/cpu.py vs the chunk kernel; None where no kernel takes `dtype`."""
     from common.attention.cpu import CpuFlashBackend
-    q = torch.randn(queries, 9, 64).to(torch.bfloat16)
-    k = torch.randn(keys, 3, 64).to(torch.bfloat16)
-    v = torch.randn(keys, 3, 64).to(torch.bfloat16)
+    q = torch.randn(queries, 9, 64).to(dtype)
+    k = torch.randn(keys, 3, 64).to(dtype)
+    v = torch.randn(keys, 3, 64).to(dtype)
     start = keys - queries
     flash = CpuFlashBackend()
     lib = cpu_kernels.library()
+    if cpu_kernels.chunk_attention(lib, q[:1], k[:1], v[:1], 0, 0, 0.125) is None:
+        return None
     with cpu_kernels.disabled():
         t_flash = timed(lambda: flash.forward(q, k, v, q_start=start, k_start=0, scale=0.125), 3)
     t_kernel = timed(lambda: cpu_kernels.chunk_attention(lib, q, k, v, start, 0, 0.125), 3)
@@ -150,8 +153,8 @@ def markdown(report: dict) -> str:
     for part, title, head, unit, work, rate in (
             ("attention", "One layer's decode attention over the paged cache (scattered blocks)",
              "dtype, sequences x keys | flash planner us (GB/s of K+V) | kernel us (GB/s)", "us", "bytes", 1e3),
-            ("chunk", "One layer's attention of a bfloat16 prefill chunk (9 query heads, 3 KV heads x 64)",
-             "queries x keys | flash path ms (GFLOP/s) | kernel ms (GFLOP/s)", "ms", "flops", 1e6)):
+            ("chunk", "One layer's attention of a prefill chunk (9 query heads, 3 KV heads x 64)",
+             "dtype, queries x keys | flash path ms (GFLOP/s) | kernel ms (GFLOP/s)", "ms", "flops", 1e6)):
         if part not in report:
             continue
         lines += [f"## {title}", "", f"| {head} | kernel speed-up |", "|---|---:|---:|---:|"]
@@ -219,8 +222,10 @@ def main() -> None:
                     report.setdefault("attention", {}).setdefault(f"{d}, {batch} x {keys}", []).append(
                         attention_round(dt, keys, batch))
         if "chunk" in parts:
-            for queries, keys in ((1024, 1024), (1024, 4096), (1024, 8192), (128, 65536)):
-                report.setdefault("chunk", {}).setdefault(f"{queries} x {keys}", []).append(chunk_round(queries, keys))
+            for d, dt in DTYPES.items():
+                for queries, keys in ((1024, 1024), (1024, 4096), (1024, 8192), (128, 65536)):
+                    if (row := chunk_round(dt, queries, keys)) is not None:
+                        report.setdefault("chunk", {}).setdefault(f"{d}, {queries} x {keys}", []).append(row)
         if "engine" in parts:
             for d in DTYPES:
                 pair = dict(engines[d]) if r % 2 == 0 else dict(reversed(list(engines[d].items())))

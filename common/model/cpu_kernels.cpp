@@ -4,7 +4,9 @@
 //                           x (M <= 4) against a weight stored [N, K] row-major (nn.Linear's [out, in]);
 //   decode attention        one query per sequence against its keys where they lie in the paged cache;
 //   elementwise steps       RMSNorm, RoPE, SiLU-and-multiply of a few rows, with the eager roundings;
-//   chunk attention         a bfloat16 prefill chunk against every key it sees, on vdpbf16ps.
+//   chunk attention         a prefill chunk against every key it sees: bfloat16 on vdpbf16ps (AVX512-BF16),
+//                           float32 and bfloat16 on float32 multiply-adds (AVX2 builds);
+//   decode layers           a decode step through all the layers of a stage in one call.
 //
 // Matrix-vector products. At decode a linear reads its whole weight for a handful of activations, so
 // it can go no faster than the weight streams from memory. torch's CPU kernels for that shape (MKL /
@@ -17,8 +19,10 @@
 // bitwise.
 //
 // Compiled by common/model/cpu_kernels.py on the machine that runs it (-march=native): the AVX-512 paths
-// where the compiler targets them, portable loops the compiler vectorises (OpenMP simd) elsewhere (the
-// attention kernels only exist in AVX-512 builds). Threads: OpenMP, the runtime torch itself loaded
+// where the compiler targets them, AVX2 (with FMA) paths on machines without AVX-512, portable loops
+// the compiler vectorises (OpenMP simd) elsewhere (no attention kernels there). The attention kernels
+// and the one-call decode step are written once on a 16-lane float32 type (`vf`: one AVX-512 register
+// or two AVX2 ones). Threads: OpenMP, the runtime torch itself loaded
 // (libgomp.so.1 is resolved to the loaded one), so torch.set_num_threads applies here too.
 #include <omp.h>
 #include <stdint.h>
@@ -27,7 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -142,6 +146,64 @@ void rows_avx512(const typename P::T* x, int64_t ldx, const typename P::T* w, in
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// ---- AVX2: the same passes on 8 lanes, two accumulators per row of x (16 registers) ---------------
+struct F32x8 {                                   // 8 floats a step
+  using T = float;
+  static constexpr int64_t STEP = 8;
+  static __m256 load(const T* p) { return _mm256_loadu_ps(p); }
+  static __m256 load_tail(const T* p, int64_t n) {
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  }
+};
+struct BF16x8 {                                  // 8 bfloat16 a step, widened to float32 (exact)
+  using T = uint16_t;
+  static constexpr int64_t STEP = 8;
+  static __m256 widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+  static __m256 load(const T* p) { return widen(_mm_loadu_si128((const __m128i*)p)); }
+  static __m256 load_tail(const T* p, int64_t n) {
+    alignas(16) uint16_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(b, p, n * sizeof(T));
+    return widen(_mm_load_si128((const __m128i*)b));
+  }
+};
+#define MN_AVX2_GEMV 1
+
+inline float hsum256(__m256 a) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+template <typename P, int M, typename Y>
+void rows_avx2(const typename P::T* x, int64_t ldx, const typename P::T* w, int64_t ldw, Y* y, int64_t ldy,
+               int64_t r0, int64_t r1, int64_t K) {
+  const int64_t body = K - K % P::STEP, tail = K % P::STEP;
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[M][2];
+    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    const typename P::T* wr = w + r * ldw;
+    int64_t k = 0;
+    for (; k + 2 * P::STEP <= body; k += 2 * P::STEP) {
+      const __m256 w0 = P::load(wr + k), w1 = P::load(wr + k + P::STEP);
+      for (int m = 0; m < M; ++m) {
+        acc[m][0] = _mm256_fmadd_ps(P::load(x + m * ldx + k), w0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(P::load(x + m * ldx + k + P::STEP), w1, acc[m][1]);
+      }
+    }
+    for (; k < body; k += P::STEP) {
+      const __m256 w0 = P::load(wr + k);
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fmadd_ps(P::load(x + m * ldx + k), w0, acc[m][0]);
+    }
+    if (tail) {
+      const __m256 w0 = P::load_tail(wr + body, tail);
+      for (int m = 0; m < M; ++m) acc[m][1] = _mm256_fmadd_ps(P::load_tail(x + m * ldx + body, tail), w0, acc[m][1]);
+    }
+    for (int m = 0; m < M; ++m) store(y + m * ldy + r, hsum256(_mm256_add_ps(acc[m][0], acc[m][1])));
+  }
+}
+#endif
+
 // The path each type takes on this build.
 template <typename T, int M, typename Y>
 void rows(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, int64_t r0, int64_t r1, int64_t K) {
@@ -156,6 +218,15 @@ void rows(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, i
     return;
   }
 #endif
+#endif
+#if defined(MN_AVX2_GEMV)
+  if constexpr (sizeof(T) == 4) {
+    rows_avx2<F32x8, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+    return;
+  } else {
+    rows_avx2<BF16x8, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+    return;
+  }
 #endif
   rows_portable<T, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
 }
@@ -193,6 +264,8 @@ const char* mn_gemv_isa() {
   return "float32=avx512 bfloat16=" MN_BF16_ISA;
 #elif defined(__AVX512F__)
   return "float32=avx512 bfloat16=portable";
+#elif defined(MN_AVX2_GEMV)
+  return "float32=avx2 bfloat16=avx2";
 #else
   return "float32=portable bfloat16=portable";
 #endif
@@ -207,6 +280,9 @@ int64_t mn_gemv_max_rows(int dtype) {
 #else
 #if defined(__AVX512F__)
   return 4 * (dtype == 0) + 1 * (dtype != 0);
+#elif defined(MN_AVX2_GEMV)
+  (void)dtype;
+  return 4;
 #else
   return dtype == 0 ? 4 : 1;
 #endif
@@ -244,16 +320,45 @@ void mn_gemv_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw
 // flash kernel's). Scores and the softmax are float32 in both dtypes (bfloat16 K and q products are
 // exact in float32; V is widened; the weights that multiply V are rounded to bfloat16, as the flash
 // kernel rounds them, weights_for_v), so results agree with torch's flash kernel to rounding.
-// AVX-512 only: elsewhere mn_decode_attention_isa returns 0 and the caller keeps the flash kernel.
-#if defined(__AVX512F__)
+// AVX-512 and AVX2 (with FMA) builds: elsewhere mn_decode_attention_isa returns 0 and the caller keeps the
+// flash kernel.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define MN_DECODE_ATTENTION 1
 namespace {
+
+// ---- 16 float32 lanes: one AVX-512 register, or two AVX2 registers --------------------------------
+// The kernels below are written once on this type; each operation is the one instruction (or the
+// two, one per half) that the AVX-512 code used, so an AVX-512 build computes what it computed before
+// and an AVX2 build the same values (the lane order of the horizontal sums aside).
+constexpr float FLUSH = -87.f;
+
+#if defined(__AVX512F__)
+#define MN_ATTENTION_ISA "avx512"
+struct vf { __m512 v; };
+inline vf vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline vf vload(const uint16_t* p) { return {widen_bf16(_mm256_loadu_si256((const __m256i*)p))}; }
+inline void vstore(float* p, vf a) { _mm512_storeu_ps(p, a.v); }
+inline vf vset1(float x) { return {_mm512_set1_ps(x)}; }
+inline vf vzero() { return {_mm512_setzero_ps()}; }
+inline vf vadd(vf a, vf b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline vf vsub(vf a, vf b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline vf vmul(vf a, vf b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline vf vdiv(vf a, vf b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline vf vmax(vf a, vf b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline vf vfma(vf a, vf b, vf c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }        // a * b + c
+inline float vreduce_add(vf a) { return _mm512_reduce_add_ps(a.v); }
+inline float vreduce_max(vf a) { return _mm512_reduce_max_ps(a.v); }
+inline __mmask16 first_lanes(int64_t n) { return (__mmask16)(n >= 16 ? 0xffffu : (1u << n) - 1); }
+// p[0..n) and `fill` in the other lanes (only the n floats are read); a's first n lanes, zeros after
+inline vf vload_first(const float* p, int64_t n, float fill) { return {_mm512_mask_loadu_ps(_mm512_set1_ps(fill), first_lanes(n), p)}; }
+inline vf vkeep_first(vf a, int64_t n) { return {_mm512_maskz_mov_ps(first_lanes(n), a.v)}; }
 
 // e^x for x <= 0 (scores minus their maximum), float32, to ~1 ulp: x = n ln2 + r, |r| <= ln2/2,
 // e^r by its Taylor polynomial to r^7 (error < 1e-8 relative), times 2^n. 0 below -87 (FLUSH):
 // e^-87 is the smallest normal float32, and a denormal weight costs a microcode assist in every
 // multiply-add it enters (real attention is peaked: the 8K decode took 1.7x as long with them);
 // the weights are relative to the row's maximum (weight 1), so what is flushed is below rounding.
-constexpr float FLUSH = -87.f;
 inline __m512 exp_ps(__m512 x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(FLUSH), _CMP_GE_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(FLUSH));
@@ -271,10 +376,110 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
+inline vf vexp(vf x) { return {exp_ps(x.v)}; }
+
+// float32 values rounded to bfloat16 precision (to nearest even), still float32; finite, >= 0
+inline vf vround_bf16(vf p) {
+  const __m512i bits = _mm512_castps_si512(p.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
+  return {_mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)))};
+}
+
+// out[0..4) = the sums of each vector's 16 lanes (a transposing add tree, a quarter of the
+// instructions of four reductions)
+inline void vsum4(vf a, vf b, vf c, vf d, float* out) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a.v, b.v), _mm512_unpackhi_ps(a.v, b.v));   // a0+a2 b0+b2 a1+a3 b1+b3
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c.v, d.v), _mm512_unpackhi_ps(c.v, d.v));
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));     // a b c d per 128 bits
+  const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1)));
+}
+constexpr int VREGS = 32;           // vector registers of the build (for how many sums stay in them)
+#else
+#define MN_ATTENTION_ISA "avx2"
+struct vf { __m256 lo, hi; };
+inline vf vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline __m256 widen8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline vf vload(const uint16_t* p) { return {widen8(p), widen8(p + 8)}; }
+inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
+inline vf vset1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline vf vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline vf vadd(vf a, vf b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline vf vsub(vf a, vf b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+inline vf vmul(vf a, vf b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline vf vdiv(vf a, vf b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+inline vf vmax(vf a, vf b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline vf vfma(vf a, vf b, vf c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+inline float hsum8(__m256 a) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+inline float hmax8(__m256 a) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+inline float vreduce_add(vf a) { return hsum8(_mm256_add_ps(a.lo, a.hi)); }
+inline float vreduce_max(vf a) { return hmax8(_mm256_max_ps(a.lo, a.hi)); }
+inline __m256i lanes_below(int64_t n) {          // all ones in lanes i < n of 8
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(std::max<int64_t>(n, 0), 8)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 load_first8(const float* p, int64_t n, float fill) {
+  const __m256i m = lanes_below(n);
+  return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+}
+inline vf vload_first(const float* p, int64_t n, float fill) { return {load_first8(p, n, fill), load_first8(p + 8, n - 8, fill)}; }
+inline vf vkeep_first(vf a, int64_t n) {
+  return {_mm256_and_ps(a.lo, _mm256_castsi256_ps(lanes_below(n))), _mm256_and_ps(a.hi, _mm256_castsi256_ps(lanes_below(n - 8)))};
+}
+
+// e^x as the AVX-512 exp_ps above (x <= 0; 0 below FLUSH), 2^n built in the exponent bits
+// (n >= -126 there, so 2^n is a normal float32 and the product rounds as scalef's)
+inline __m256 exp8(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(FLUSH), _CMP_GE_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(FLUSH));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+inline vf vexp(vf x) { return {exp8(x.lo), exp8(x.hi)}; }
+
+inline __m256 round_bf16_8(__m256 p) {
+  const __m256i bits = _mm256_castps_si256(p);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb);
+  return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+}
+inline vf vround_bf16(vf p) { return {round_bf16_8(p.lo), round_bf16_8(p.hi)}; }
+
+inline void vsum4(vf a, vf b, vf c, vf d, float* out) {
+  const __m256 ab = _mm256_hadd_ps(_mm256_add_ps(a.lo, a.hi), _mm256_add_ps(b.lo, b.hi));   // a01 a23 b01 b23 | a45 a67 b45 b67
+  const __m256 cd = _mm256_hadd_ps(_mm256_add_ps(c.lo, c.hi), _mm256_add_ps(d.lo, d.hi));
+  const __m256 x = _mm256_hadd_ps(ab, cd);                                                  // a b c d | a b c d
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1)));
+}
+constexpr int VREGS = 8;            // 16 registers of 8 lanes: 8 of 16
+#endif
 
 inline float exp_flushed(float x) { return x < FLUSH ? 0.f : expf(x); }
-
-inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 // The softmax weights that multiply V, as torch's flash kernel (the prefill chunks' attention) takes
 // them: rounded to the cache's dtype (bfloat16: to nearest even, still as float32) while their sum
@@ -283,35 +488,14 @@ inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi
 // then follows whichever rounding came last (a float32-weights variant of a chunk kernel flipped
 // test_engine_builtin's bf16 chat prompt that way).
 template <typename T>
-inline __m512 weights_for_v(__m512 p) {
-  if constexpr (sizeof(T) == 2) {
-    const __m512i bits = _mm512_castps_si512(p);              // finite, non-negative
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
-    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
-  }
+inline vf weights_for_v(vf p) {
+  if constexpr (sizeof(T) == 2) return vround_bf16(p);
   return p;
 }
-
-// Row loads as float32 vectors of 16 lanes: chunk c of a D-vector.
-inline __m512 chunk(const float* p, int c) { return _mm512_loadu_ps(p + 16 * c); }
-inline __m512 chunk(const uint16_t* p, int c) { return widen_bf16(_mm256_loadu_si256((const __m256i*)(p + 16 * c))); }
 
 constexpr int MAX_D = 256, MAX_HQ = 256;
 
 struct Span { int64_t seq, t0, t1; };           // keys [t0, t1) of sequence seq
-
-// The sums of each vector's 16 lanes: [sum a, sum b, sum c, sum d] (a transposing add tree, a
-// quarter of the instructions of four _mm512_reduce_add_ps).
-inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));   // a0+a2 b0+b2 a1+a3 b1+b3
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                                 _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));     // a b c d per 128 bits
-  const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
-}
 
 // Where the keys of a sequence lie: walks its positions block by block (no division per key).
 template <typename T>
@@ -338,19 +522,19 @@ template <typename T, int NC, int G>
 inline void pv_heads(const float* p, int64_t ld, int64_t h, const T* const* vrow, int64_t j0, int64_t j1,
                      int64_t koff, float* acc) {
   constexpr int64_t d = 16 * NC;
-  __m512 a[G][NC];
+  vf a[G][NC];
   for (int gi = 0; gi < G; ++gi)
-    for (int c = 0; c < NC; ++c) a[gi][c] = _mm512_loadu_ps(acc + (h + gi) * d + 16 * c);
+    for (int c = 0; c < NC; ++c) a[gi][c] = vload(acc + (h + gi) * d + 16 * c);
   for (int64_t j = j0; j < j1; ++j) {
-    __m512 v[NC];
-    for (int c = 0; c < NC; ++c) v[c] = chunk(vrow[j] + koff, c);
-    for (int gi = 0; gi < G; ++gi) {
-      const __m512 pj = _mm512_set1_ps(p[(h + gi) * ld + j]);
-      for (int c = 0; c < NC; ++c) a[gi][c] = _mm512_fmadd_ps(pj, v[c], a[gi][c]);
+    vf pj[G];
+    for (int gi = 0; gi < G; ++gi) pj[gi] = vset1(p[(h + gi) * ld + j]);
+    for (int c = 0; c < NC; ++c) {
+      const vf v = vload(vrow[j] + koff + 16 * c);
+      for (int gi = 0; gi < G; ++gi) a[gi][c] = vfma(pj[gi], v, a[gi][c]);
     }
   }
   for (int gi = 0; gi < G; ++gi)
-    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + (h + gi) * d + 16 * c, a[gi][c]);
+    for (int c = 0; c < NC; ++c) vstore(acc + (h + gi) * d + 16 * c, a[gi][c]);
 }
 
 // A thread's scratch for attend_span, kept between calls (a span of 8,192 keys and 9 heads takes
@@ -387,7 +571,7 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   // q in float32, scaled once
   alignas(64) float qf[MAX_HQ * MAX_D / 16];    // hq * d <= 4096 (checked by the caller)
   for (int64_t h = 0; h < hq; ++h)
-    for (int c = 0; c < nc; ++c) _mm512_storeu_ps(qf + h * d + 16 * c, _mm512_mul_ps(chunk(q + h * d, c), _mm512_set1_ps(scale)));
+    for (int c = 0; c < nc; ++c) vstore(qf + h * d + 16 * c, vmul(vload(q + h * d + 16 * c), vset1(scale)));
   SpanScratch& sc = span_scratch();
   if ((int64_t)sc.s.size() < hq * ns) sc.s.resize(hq * ns);
   if ((int64_t)sc.k.size() < ns) { sc.k.resize(ns); sc.v.resize(ns); }
@@ -402,41 +586,48 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
     for (int64_t u = j + AHEAD; u < j + AHEAD + 4 && u < n; ++u)
       for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)kr[u] + c, _MM_HINT_T0);
     for (int64_t kh = 0; kh < hkv; ++kh) {
-      __m512 kv[4][NC];
-      for (int u = 0; u < 4; ++u)
-        for (int c = 0; c < nc; ++c) kv[u][c] = chunk(kr[j + u] + kh * d, c);
-      for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
-        __m512 a[4];
-        for (int u = 0; u < 4; ++u) {
-          a[u] = _mm512_mul_ps(kv[u][0], _mm512_loadu_ps(qf + h * d));
-          for (int c = 1; c < nc; ++c) a[u] = _mm512_fmadd_ps(kv[u][c], _mm512_loadu_ps(qf + h * d + 16 * c), a[u]);
+      if constexpr (VREGS == 32 || 4 * NC <= VREGS / 2) {   // the 4 keys' rows stay in registers for the g heads
+        vf kv[4][NC];
+        for (int u = 0; u < 4; ++u)
+          for (int c = 0; c < nc; ++c) kv[u][c] = vload(kr[j + u] + kh * d + 16 * c);
+        for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
+          vf a[4];
+          for (int u = 0; u < 4; ++u) {
+            a[u] = vmul(kv[u][0], vload(qf + h * d));
+            for (int c = 1; c < nc; ++c) a[u] = vfma(kv[u][c], vload(qf + h * d + 16 * c), a[u]);
+          }
+          vsum4(a[0], a[1], a[2], a[3], s + h * ns + j);
         }
-        _mm_storeu_ps(s + h * ns + j, reduce4(a[0], a[1], a[2], a[3]));
+      } else {                                   // fewer registers: each head loads them (from L1)
+        for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
+          vf a[4];
+          for (int u = 0; u < 4; ++u) {
+            a[u] = vmul(vload(kr[j + u] + kh * d), vload(qf + h * d));
+            for (int c = 1; c < nc; ++c) a[u] = vfma(vload(kr[j + u] + kh * d + 16 * c), vload(qf + h * d + 16 * c), a[u]);
+          }
+          vsum4(a[0], a[1], a[2], a[3], s + h * ns + j);
+        }
       }
     }
   }
   // 2. the weights, from the span's maximum per head
   for (int64_t h = 0; h < hq; ++h) {
     float* sh = s + h * ns;
-    __m512 mv = _mm512_set1_ps(-INFINITY);
+    vf mv = vset1(-INFINITY);
+    for (int64_t j = 0; j < ns; j += 16) mv = vmax(mv, vload_first(sh + j, n - j, -INFINITY));
+    const float mx = vreduce_max(mv);
+    vf sum = vzero();
     for (int64_t j = 0; j < ns; j += 16) {
-      const __mmask16 valid = (__mmask16)(n - j >= 16 ? 0xffffu : (1u << (n - j)) - 1);
-      mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, sh + j));
-    }
-    const float mx = _mm512_reduce_max_ps(mv);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < ns; j += 16) {
-      const __mmask16 valid = (__mmask16)(n - j >= 16 ? 0xffffu : (1u << (n - j)) - 1);
-      const __m512 pv = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sh + j), _mm512_set1_ps(mx))));
-      sum = _mm512_add_ps(sum, pv);
-      _mm512_storeu_ps(sh + j, weights_for_v<T>(pv));
+      const vf pv = vkeep_first(vexp(vsub(vload(sh + j), vset1(mx))), n - j);
+      sum = vadd(sum, pv);
+      vstore(sh + j, weights_for_v<T>(pv));
     }
     m[h] = mx;
-    l[h] = _mm512_reduce_add_ps(sum);
+    l[h] = vreduce_add(sum);
   }
   // 3. the weighted V rows, a block of keys at a time (its rows stay close while every kv head reads
   // its part of them), each V row loaded once for the query heads that share it
-  constexpr int64_t gmax = NC <= 4 ? 4 : (NC <= 8 ? 2 : 1);     // accumulators that stay in registers
+  constexpr int64_t gmax = NC * 4 <= VREGS / 2 ? 4 : NC * 2 <= VREGS / 2 ? 2 : 1;   // sums that stay in registers
   auto pv = [&](int64_t gb, int64_t h, int64_t ja, int64_t jb, int64_t koff) {
     switch (gb) {
       case 1: pv_heads<T, NC, 1>(s, ns, h, vr, ja, jb, koff, acc); break;
@@ -466,10 +657,10 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   }
 }
 
-inline void put(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
-inline void put(uint16_t* y, __m512 v) {
+inline void put(float* y, vf v) { vstore(y, v); }
+inline void put(uint16_t* y, vf v) {
   alignas(64) float f[16];
-  _mm512_store_ps(f, v);
+  vstore(f, v);
   for (int i = 0; i < 16; ++i) y[i] = f32_to_bf16(f[i]);
 }
 
@@ -511,22 +702,22 @@ int decode_attention(const T* q, const T* kc, const T* vc, const int32_t* tables
     for (int64_t h = 0; h < hq; ++h) {
       T* o = out + (i * hq + h) * d;
       if (first[i] == first[i + 1]) {             // no keys: zeros, lse -inf
-        for (int c = 0; c < d / 16; ++c) put(o + 16 * c, _mm512_setzero_ps());
+        for (int c = 0; c < d / 16; ++c) put(o + 16 * c, vzero());
         lse[i * hq + h] = -INFINITY;
         continue;
       }
       float mx = -INFINITY;
       for (int64_t s = first[i]; s < first[i + 1]; ++s) mx = std::max(mx, part[s * per + h]);
       float total = 0.f;
-      __m512 a[MAX_D / 16];
-      for (int c = 0; c < d / 16; ++c) a[c] = _mm512_setzero_ps();
+      vf a[MAX_D / 16];
+      for (int c = 0; c < d / 16; ++c) a[c] = vzero();
       for (int64_t s = first[i]; s < first[i + 1]; ++s) {
         const float* pp = part.data() + s * per;
         const float w = exp_flushed(pp[h] - mx);
         total += pp[hq + h] * w;
-        for (int c = 0; c < d / 16; ++c) a[c] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(pp + 2 * hq + h * d + 16 * c), a[c]);
+        for (int c = 0; c < d / 16; ++c) a[c] = vfma(vset1(w), vload(pp + 2 * hq + h * d + 16 * c), a[c]);
       }
-      for (int c = 0; c < d / 16; ++c) put(o + 16 * c, _mm512_div_ps(a[c], _mm512_set1_ps(total)));
+      for (int c = 0; c < d / 16; ++c) put(o + 16 * c, vdiv(a[c], vset1(total)));
       lse[i * hq + h] = mx + logf(total);
     }
   return 0;
@@ -537,9 +728,9 @@ int decode_attention(const T* q, const T* kc, const T* vc, const int32_t* tables
 
 extern "C" {
 
-// 1 where this build has the decode attention kernel (AVX-512), else 0.
+// 1 where this build has the decode attention kernel (AVX-512, or AVX2 with FMA), else 0.
 int mn_decode_attention_isa() {
-#if defined(__AVX512F__)
+#if defined(MN_DECODE_ATTENTION)
   return 1;
 #else
   return 0;
@@ -552,7 +743,7 @@ int mn_decode_attention_isa() {
 int mn_decode_attention(int dtype, const void* q, const void* kc, const void* vc, const int32_t* tables,
                         int64_t ld_table, const int32_t* lens, int64_t b, int64_t hq, int64_t hkv, int64_t d,
                         int64_t bs, float scale, int64_t span_keys, void* out, float* lse) {
-#if defined(__AVX512F__)
+#if defined(MN_DECODE_ATTENTION)
   if (dtype == 0)
     return decode_attention<float>((const float*)q, (const float*)kc, (const float*)vc, tables, ld_table, lens, b,
                                    hq, hkv, d, bs, scale, span_keys, (float*)out, lse);
@@ -838,6 +1029,211 @@ int mn_chunk_attention_bf16(const void* q, int64_t sq0, int64_t sq1, const void*
 }
 }
 
+// ---- a prefill chunk's attention on float32 multiply-adds (AVX2 builds) ---------------------------
+//
+// Queries [n, Hq, D] at positions q_start + i against keys [L, Hkv, D] at k_start + j, query i seeing
+// key j iff j <= i + diag (diag = q_start - k_start), as mn_chunk_attention_bf16 but for float32 and
+// bfloat16 on machines without AVX-512, where torch's flash kernel reached 70-110 GFLOP/s against a
+// float32 GEMM's 160-180 (bench/results/cpu_chunk_avx2.md). K is laid out once per call as K^T per KV
+// head (float32, bfloat16 widened exactly), shared by every task; V is read where it lies. A task is
+// (KV head, QB query positions): its rows are those positions times the g query heads of the KV head
+// (GQA without copies); it walks the keys its last position sees in blocks of CK: scores of RB rows x
+// 16 keys in registers (one multiply-add per key and dimension), the online softmax in float32 over
+// the block (scores scaled after the product, as the flash kernel scales them), the weights that
+// multiply V rounded to the input dtype as the flash kernel rounds them (weights_for_v; their sum
+// not), then o += p . V for RB rows x 16 dimensions in registers. The output is rounded once.
+#if defined(MN_DECODE_ATTENTION) && !defined(__AVX512F__)
+#define MN_CHUNK_F32 1
+namespace {
+
+constexpr int64_t CK = 64, FQB = 32, FRB = 6;   // keys per block, positions per task, rows per register block
+
+struct ChunkScratch { std::vector<float> kt; };
+inline ChunkScratch& chunk_scratch() {
+  static thread_local ChunkScratch sc;
+  return sc;
+}
+
+template <typename T>
+void chunk_task_f32(const T* q, int64_t sq0, int64_t sq1, const float* kt, int64_t nblk, const T* v, int64_t sv0,
+                    int64_t i0, int64_t i1, int64_t kh, int64_t g, int64_t d, int64_t kend_all, int64_t diag,
+                    float scale, T* out, int64_t hq, float* lse, float* work) {
+  const int64_t rows = (i1 - i0) * g;            // row r: position i0 + r / g, head kh * g + r % g
+  float* qs = work;                              // [rows][d] q in float32
+  float* o = qs + rows * d;                      // [rows][d] running sums
+  float* m = o + rows * d;                       // [rows]
+  float* l = m + rows;                           // [rows]
+  float* p = l + rows;                           // [FRB][CK] a register block's scores, then weights
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* qr = q + (i0 + r / g) * sq0 + (kh * g + r % g) * sq1;
+    for (int64_t e = 0; e < d; e += 16) {
+      vstore(qs + r * d + e, vload(qr + e));
+      vstore(o + r * d + e, vzero());
+    }
+    m[r] = -INFINITY;
+    l[r] = 0.f;
+  }
+  const float* kth = kt + kh * nblk * d * CK;    // K^T of this kv head: [blocks][d][CK]
+  const int64_t kend = std::min(kend_all, i1 - 1 + diag + 1);    // keys the task's last position sees
+  // Block by block of keys, and within a block register block by register block of rows: the scores,
+  // the softmax and the product with V of FRB rows one after the other, so that the block's K and V
+  // (2 CK d floats) stay in L1 across the rows of the task.
+  for (int64_t j0 = 0; j0 < kend; j0 += CK) {
+    const int64_t nk = std::min(CK, kend - j0), nv = (nk + 15) / 16;
+    const float* kp = kth + (j0 / CK) * d * CK;
+    const T* vb = v + j0 * sv0 + kh * d;
+    for (int64_t r0 = 0; r0 < rows; r0 += FRB) {
+      const int rb = (int)std::min<int64_t>(FRB, rows - r0);
+      // scores p[r][j] = q_r . k_{j0+j}, FRB rows x 16 keys in registers
+      for (int64_t jv = 0; jv < nv; ++jv) {
+        vf sr[FRB];
+        for (int r = 0; r < FRB; ++r) sr[r] = vzero();
+        const float* kc = kp + 16 * jv;
+        const float* qb = qs + r0 * d;
+        if (rb == FRB) {
+          for (int64_t e = 0; e < d; ++e) {
+            const vf kv = vload(kc + e * CK);
+            for (int r = 0; r < FRB; ++r) sr[r] = vfma(vset1(qb[r * d + e]), kv, sr[r]);
+          }
+        } else {
+          for (int64_t e = 0; e < d; ++e) {
+            const vf kv = vload(kc + e * CK);
+            for (int r = 0; r < rb; ++r) sr[r] = vfma(vset1(qb[r * d + e]), kv, sr[r]);
+          }
+        }
+        for (int r = 0; r < rb; ++r) vstore(p + r * CK + 16 * jv, sr[r]);
+      }
+      // the online softmax of each row over the block
+      for (int r = 0; r < rb; ++r) {
+        const int64_t rr = r0 + r;
+        float* pr = p + r * CK;
+        const int64_t see = std::min(nk, (i0 + rr / g) + diag - j0 + 1);    // keys of the block this row sees
+        if (see <= 0) {
+          for (int64_t jv = 0; jv < nv; ++jv) vstore(pr + 16 * jv, vzero());
+          continue;
+        }
+        vf mv = vset1(-INFINITY);
+        for (int64_t jv = 0; jv < nv; ++jv) mv = vmax(mv, vload_first(pr + 16 * jv, see - 16 * jv, -INFINITY));
+        const float mt = vreduce_max(mv) * scale;
+        const float mn = std::max(m[rr], mt);
+        const float corr = m[rr] == -INFINITY ? 0.f : exp_flushed(m[rr] - mn);
+        vf sum = vzero();
+        for (int64_t jv = 0; jv < nv; ++jv) {
+          const vf pv = vkeep_first(vexp(vsub(vmul(vload(pr + 16 * jv), vset1(scale)), vset1(mn))), see - 16 * jv);
+          sum = vadd(sum, pv);
+          vstore(pr + 16 * jv, weights_for_v<T>(pv));
+        }
+        l[rr] = l[rr] * corr + vreduce_add(sum);
+        m[rr] = mn;
+        if (corr != 1.f)
+          for (int64_t e = 0; e < d; e += 16) vstore(o + rr * d + e, vmul(vload(o + rr * d + e), vset1(corr)));
+      }
+      // o += p . V, FRB rows x 16 dimensions in registers
+      for (int64_t e = 0; e < d; e += 16) {
+        vf a[FRB];
+        for (int r = 0; r < rb; ++r) a[r] = vload(o + (r0 + r) * d + e);
+        if (rb == FRB) {
+          for (int64_t j = 0; j < nk; ++j) {
+            const vf vv = vload(vb + j * sv0 + e);
+            for (int r = 0; r < FRB; ++r) a[r] = vfma(vset1(p[r * CK + j]), vv, a[r]);
+          }
+        } else {
+          for (int64_t j = 0; j < nk; ++j) {
+            const vf vv = vload(vb + j * sv0 + e);
+            for (int r = 0; r < rb; ++r) a[r] = vfma(vset1(p[r * CK + j]), vv, a[r]);
+          }
+        }
+        for (int r = 0; r < rb; ++r) vstore(o + (r0 + r) * d + e, a[r]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r / g, h = kh * g + r % g;
+    T* dst = out + (i * hq + h) * d;
+    if (l[r] == 0.f) {                                    // no visible key: zeros, lse -inf
+      for (int64_t e = 0; e < d; e += 16) put(dst + e, vzero());
+      lse[i * hq + h] = -INFINITY;
+      continue;
+    }
+    const vf inv = vset1(1.f / l[r]);
+    for (int64_t e = 0; e < d; e += 16) put(dst + e, vmul(vload(o + r * d + e), inv));
+    lse[i * hq + h] = m[r] + logf(l[r]);
+  }
+}
+
+template <typename T>
+int chunk_attention_f32(const T* q, int64_t sq0, int64_t sq1, const T* k, int64_t sk0, const T* v, int64_t sv0,
+                        int64_t n, int64_t L, int64_t hq, int64_t hkv, int64_t d, int64_t diag, float scale, T* out,
+                        float* lse) {
+  if (hq % hkv || n <= 0 || L <= 0 || d % 16 || d > MAX_D) return -1;
+  const int64_t g = hq / hkv, kend = std::max<int64_t>(0, std::min(L, n - 1 + diag + 1));
+  // K^T in blocks of CK keys, [kh][block][d][CK]: a block's rows CK floats apart (rows of the whole
+  // length apart, a multiple of 4 KiB, all fell in one L1 set and ran 1.4x slower at 8K keys)
+  const int64_t nblk = (kend + CK - 1) / CK;
+  ChunkScratch& sc = chunk_scratch();
+  if ((int64_t)sc.kt.size() < hkv * nblk * d * CK) sc.kt.resize(hkv * nblk * d * CK);
+  float* kt = sc.kt.data();
+  const int64_t kblocks = nblk * CK / 16;
+#pragma omp parallel for schedule(static) if (hkv * kblocks > 1)
+  for (int64_t t = 0; t < hkv * kblocks; ++t) {          // kt[kh][j / CK][e][j % CK] = k[j][kh][e], 16 keys a task
+    const int64_t kh = t / kblocks, j0 = 16 * (t % kblocks);
+    float* dst = kt + (kh * nblk + j0 / CK) * d * CK + j0 % CK;
+    for (int64_t jj = 0; jj < 16; ++jj) {
+      const int64_t j = j0 + jj;
+      if (j < kend) {
+        const T* src = k + j * sk0 + kh * d;
+        for (int64_t e = 0; e < d; ++e) dst[e * CK + jj] = load(src, e);
+      } else {
+        for (int64_t e = 0; e < d; ++e) dst[e * CK + jj] = 0.f;
+      }
+    }
+  }
+  const int64_t blocks = (n + FQB - 1) / FQB, tasks = hkv * blocks;
+  const int64_t per = FQB * g * (2 * d + 2) + FRB * CK + 64;
+#pragma omp parallel
+  {
+    std::vector<float> work(per);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t kh = t % hkv, blk = blocks - 1 - t / hkv;   // later query blocks see more keys: first
+      const int64_t i0 = blk * FQB, i1 = std::min(n, i0 + FQB);
+      chunk_task_f32<T>(q, sq0, sq1, kt, nblk, v, sv0, i0, i1, kh, g, d, kend, diag, scale, out, hq, lse, work.data());
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+#endif
+
+extern "C" {
+
+// 1 where this build has the float32 / widened-bfloat16 chunk attention kernel (AVX2 builds), else 0.
+int mn_chunk_attention_f32_isa() {
+#if defined(MN_CHUNK_F32)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// As mn_chunk_attention_bf16, for dtype 0 float32 or 1 bfloat16 (out in that dtype). Returns 0, or -1
+// where this build cannot (no such kernel, a head dim not a multiple of 16 or over 256).
+int mn_chunk_attention_f32(int dtype, const void* q, int64_t sq0, int64_t sq1, const void* k, int64_t sk0,
+                           const void* v, int64_t sv0, int64_t n, int64_t L, int64_t hq, int64_t hkv, int64_t d,
+                           int64_t diag, float scale, void* out, float* lse) {
+#if defined(MN_CHUNK_F32)
+  if (dtype == 0)
+    return chunk_attention_f32<float>((const float*)q, sq0, sq1, (const float*)k, sk0, (const float*)v, sv0, n, L, hq,
+                                      hkv, d, diag, scale, (float*)out, lse);
+  if (dtype == 1)
+    return chunk_attention_f32<uint16_t>((const uint16_t*)q, sq0, sq1, (const uint16_t*)k, sk0, (const uint16_t*)v,
+                                         sv0, n, L, hq, hkv, d, diag, scale, (uint16_t*)out, lse);
+#endif
+  return -1;
+}
+}
+
 // ---- a decode step through all the layers of a stage, in one call -------------------------------
 //
 // What LlamaModel's layers compute for a few rows that each decode one token (common/model/
@@ -847,7 +1243,7 @@ int mn_chunk_attention_bf16(const void* q, int64_t sq0, int64_t sq1, const void*
 // product, the residual sum, RMSNorm, the gate/up product, SiLU-and-multiply, the down product, the
 // residual sum (each sum rounded to the dtype, as torch's add). So the hidden states are the per-op
 // path's bit for bit, without the ~15 Python calls and tensor allocations of each layer.
-#if defined(__AVX512F__)
+#if defined(MN_DECODE_ATTENTION)
 namespace {
 
 template <typename T>
@@ -908,7 +1304,7 @@ int mn_decode_layers(int dtype, int64_t layers, void* x, int64_t rows, int64_t h
                      int64_t hkv, int64_t d, void* const* kcache, void* const* vcache, const int64_t* slots,
                      const int32_t* tables, int64_t ld_table, const int32_t* lens, int64_t bs, float scale,
                      int64_t span) {
-#if defined(__AVX512F__)
+#if defined(MN_DECODE_ATTENTION)
   if (dtype == 0)
     return decode_layers<float>(layers, (float*)x, rows, hidden, ln1, wqkv, wo, ln2, wgu, wdown, inter, eps,
                                 (const float*)cos, (const float*)sin, hq, hkv, d, kcache, vcache, slots, tables,

@@ -8,13 +8,16 @@ or strided views, and each layer's elementwise steps are ~25 small torch ops. Th
 for the machine's processor (bench/results/cpu_kernels.md measures each against what it replaces):
   linear            `linear(x, w, b)`: for up to MAX_ROWS rows of float32 or bfloat16 against a weight
                     stored [out, in] row-major, a matrix-vector product that streams each thread's block
-                    of rows front to back (F.linear for everything else: prefill chunks, other dtypes
-                    and layouts, autograd, other devices); the LM head's bfloat16 logits unrounded;
+                    of rows front to back (AVX-512, AVX2, or portable loops; F.linear for everything
+                    else: prefill chunks, other dtypes and layouts, autograd, other devices); the LM
+                    head's bfloat16 logits unrounded; bfloat16 prefill rows widened to one float32 GEMM
+                    on CPUs without bfloat16 instructions (`bf16_widened`);
   decode attention  `decode_attention`: each sequence's one query against its keys where they lie in
-                    the paged cache (AVX-512 builds; elsewhere the flash planner of
+                    the paged cache (AVX-512 and AVX2 builds; elsewhere the flash planner of
                     common/attention/cpu.py);
-  chunk attention   `chunk_attention`: a bfloat16 prefill chunk against every key it sees, by position,
-                    on vdpbf16ps (AVX512-BF16 builds; float32 and other machines: the flash kernel);
+  chunk attention   `chunk_attention`: a prefill chunk against every key it sees, by position: bfloat16
+                    on vdpbf16ps (AVX512-BF16 builds), float32 and bfloat16 on float32 multiply-adds
+                    (AVX2 builds without AVX-512); elsewhere (float32 on AVX-512) the flash kernel;
   elementwise       `rms_norm`, `rope`, `silu_mul`: one call each for up to SMALL_ROWS rows, with the
                     eager code's roundings.
 Each returns what its torch counterpart returns, to rounding (the tests hold every build to a float64
@@ -131,6 +134,10 @@ def load(path: Path) -> ctypes.CDLL:
     for fn in (lib.mn_rms_norm, lib.mn_rope, lib.mn_silu_mul):
         fn.restype = None
     lib.mn_chunk_attention_isa.restype = ctypes.c_int
+    lib.mn_chunk_attention_f32_isa.restype = ctypes.c_int
+    lib.mn_chunk_attention_f32.restype = ctypes.c_int
+    lib.mn_chunk_attention_f32.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64,
+                                           i64, i64, ctypes.c_float, ptr, ptr]
     lib.mn_chunk_attention_bf16.restype = ctypes.c_int
     lib.mn_chunk_attention_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
                                             ctypes.c_float, ptr, ptr]
@@ -330,23 +337,28 @@ CHUNK_HEAD_DIMS = (32, 64, 128)       # the bfloat16 chunk attention kernel's in
 
 def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
                     k_start: int, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A bfloat16 prefill chunk's attention (the AttentionBackend.forward contract): q [n, Hq, D] at
-    positions q_start.., k, v [L, Hkv, D] at k_start..; query i sees key j iff k_start + j <= q_start + i.
-    Returns out [n, Hq, D] bfloat16 and lse [n, Hq] float32, or None where the kernel does not apply
-    (a build without AVX512-BF16, float32, another head dim, strides it does not take): the caller's
-    flash path. (A float32 variant on multiply-adds ran at the flash kernel's speed: not kept.)"""
+    """A prefill chunk's attention (the AttentionBackend.forward contract): q [n, Hq, D] at positions
+    q_start.., k, v [L, Hkv, D] at k_start..; query i sees key j iff k_start + j <= q_start + i.
+    Returns out [n, Hq, D] in q's dtype and lse [n, Hq] float32, or None where no kernel applies: the
+    caller's flash path. The kernels: bfloat16 on vdpbf16ps (AVX512-BF16 builds, head dims
+    CHUNK_HEAD_DIMS); float32 and bfloat16 on float32 multiply-adds (AVX2 builds without AVX-512, head
+    dims a multiple of 16 up to 256). Elsewhere (float32 on AVX-512: a multiply-add variant ran at the
+    flash kernel's speed there) the flash kernel."""
     n, hq, d = q.shape
     L, hkv = k.shape[0], k.shape[1]
-    if (lib is None or q.device.type != "cpu" or q.dtype != torch.bfloat16 or k.dtype != q.dtype
-            or v.dtype != q.dtype or d not in CHUNK_HEAD_DIMS or n == 0 or L == 0 or hq % hkv
+    if (lib is None or q.device.type != "cpu" or q.dtype not in _CODES or k.dtype != q.dtype
+            or v.dtype != q.dtype or n == 0 or L == 0 or hq % hkv
             or q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or k.stride(1) != d or v.stride(1) != d
-            or (torch.is_grad_enabled() and q.requires_grad) or not lib.mn_chunk_attention_isa()):
+            or (torch.is_grad_enabled() and q.requires_grad)):
+        return None
+    native = q.dtype == torch.bfloat16 and d in CHUNK_HEAD_DIMS and bool(lib.mn_chunk_attention_isa())
+    if not native and not (d % 16 == 0 and d <= 256 and lib.mn_chunk_attention_f32_isa()):
         return None
     out = torch.empty(n, hq, d, dtype=q.dtype)
     lse = torch.empty(n, hq, dtype=torch.float32)
-    rc = lib.mn_chunk_attention_bf16(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), v.data_ptr(),
-                                     v.stride(0), n, L, hq, hkv, d, q_start - k_start, scale, out.data_ptr(),
-                                     lse.data_ptr())
+    args = (q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, L, hq,
+            hkv, d, q_start - k_start, scale, out.data_ptr(), lse.data_ptr())
+    rc = lib.mn_chunk_attention_bf16(*args) if native else lib.mn_chunk_attention_f32(_CODES[q.dtype], *args)
     return None if rc != 0 else (out, lse)
 
 

@@ -104,18 +104,25 @@ def test_strided_operands_and_thread_counts(builds, dtype):
 
 def test_isa_names_the_paths(builds):
     assert builds["x86-64"].mn_gemv_isa().decode() == "float32=portable bfloat16=portable"
-    assert builds["x86-64-v3"].mn_gemv_isa().decode() == "float32=portable bfloat16=portable"
-    for arch in ("x86-64", "x86-64-v3"):             # the portable bfloat16 loop: one row (measured)
-        assert [builds[arch].mn_gemv_max_rows(code) for code in (0, 1)] == [4, 1]
-        assert builds[arch].mn_decode_attention_isa() == 0 and builds[arch].mn_chunk_attention_isa() == 0
+    assert builds["x86-64-v3"].mn_gemv_isa().decode() == "float32=avx2 bfloat16=avx2"
+    assert [builds["x86-64"].mn_gemv_max_rows(code) for code in (0, 1)] == [4, 1]   # the portable bfloat16 loop: one row
+    assert [builds["x86-64-v3"].mn_gemv_max_rows(code) for code in (0, 1)] == [4, 4]
+    assert builds["x86-64"].mn_decode_attention_isa() == 0 and builds["x86-64-v3"].mn_decode_attention_isa() == 1
+    for arch in ("x86-64", "x86-64-v3"):
+        assert builds[arch].mn_chunk_attention_isa() == 0
+    assert builds["x86-64"].mn_chunk_attention_f32_isa() == 0 and builds["x86-64-v3"].mn_chunk_attention_f32_isa() == 1
     native = builds["native"].mn_gemv_isa().decode()
     flags = cpu_kernels.cpuinfo("flags").split()
-    assert builds["native"].mn_decode_attention_isa() == ("avx512f" in flags)
+    avx2 = "avx2" in flags and "fma" in flags
+    assert builds["native"].mn_decode_attention_isa() == ("avx512f" in flags or avx2)
     assert builds["native"].mn_chunk_attention_isa() == ("avx512_bf16" in flags)
+    assert builds["native"].mn_chunk_attention_f32_isa() == ("avx512f" not in flags and avx2)
     if "avx512f" in flags:
         assert native.startswith("float32=avx512")
         assert native.endswith("avx512_bf16" if "avx512_bf16" in flags else ("avx512" if "avx512bw" in flags
                                                                              else "portable"))
+    elif avx2:
+        assert native == "float32=avx2 bfloat16=avx2"
     assert cpu_kernels.status() == f"on ({native})"
 
 
@@ -299,16 +306,19 @@ def paged(lens: list[int], bs: int, hkv: int, d: int, dtype: torch.dtype, seed: 
 
 
 @needs_kernel
+@pytest.mark.parametrize("build", ["native", "x86-64-v3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(16, 3, 9, 64), (32, 2, 2, 128), (5, 1, 4, 16), (16, 2, 14, 64), (16, 4, 16, 128),
                                    (16, 1, 5, 48), (16, 1, 2, 256)])
-def test_decode_attention_matches_the_exact_reference(dtype, shape):
+def test_decode_attention_matches_the_exact_reference(builds, build, dtype, shape):
     """Batches with empty, one-key, partial-block and many-span sequences (5,000 keys: about 20 units
     of work merged, each span several blocks of V rows and a padded tail), against the float64
     reference over the same paged cache; query heads per kv head from 1 to 7 (the V sums' head blocks
-    of 1 to 4), head dims 16 to 256."""
+    of 1 to 4), head dims 16 to 256. This machine's build and the AVX2 one (x86-64-v3)."""
     from common.attention.reference import ReferenceBackend
-    lib = cpu_kernels.library()
+    lib = builds[build]
+    if not lib.mn_decode_attention_isa():
+        pytest.skip("no decode attention kernel in this build")
     bs, hkv, hq, d = shape
     lens = [1, 17, 0, 300, 5000, bs]
     k, v, tables, seq_lens = paged(lens, bs, hkv, d, dtype, seed=bs + d)
@@ -387,36 +397,45 @@ def test_decode_elementwise_steps_are_the_eager_ones(dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
-def test_bf16_chunk_attention_matches_the_reference(heads):
+@pytest.mark.parametrize("build, dtype", [("native", torch.bfloat16), ("native", torch.float32),
+                                          ("x86-64-v3", torch.bfloat16), ("x86-64-v3", torch.float32)])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (5, 1, 48)])
+def test_chunk_attention_matches_the_reference(builds, build, dtype, heads):
     """A prefill chunk against keys before and inside it, by position: a prompt's first chunk, a later
     chunk over its prefix, a shard whose keys start after the chunk's first queries (empty rows), fewer
     keys than queries, keys ending before the chunk, odd key counts; strided q (as the fused q/k/v
-    split gives). Against the float64 reference, and no further from it than torch's flash kernel."""
+    split gives). Against the float64 reference, and no further from it than torch's flash kernel.
+    Whichever kernel the build has for the dtype: bfloat16 on vdpbf16ps (AVX512-BF16), float32 and
+    bfloat16 on multiply-adds (AVX2: x86-64-v3 here on any x86-64 machine with AVX2)."""
     from common.attention.cpu import CpuFlashBackend
     from common.attention.reference import ReferenceBackend
-    lib = cpu_kernels.library()
-    if not lib.mn_chunk_attention_isa():
-        pytest.skip("no AVX512-BF16 build")
+    lib = builds[build]
     hq, hkv, d = heads
+    probe = torch.zeros(1, hq, d, dtype=dtype), torch.zeros(1, hkv, d, dtype=dtype)
+    if cpu_kernels.chunk_attention(lib, probe[0], probe[1], probe[1], 0, 0, 1.0) is None:
+        assert not (lib.mn_chunk_attention_f32_isa() and d % 16 == 0)      # the AVX2 kernel takes both dtypes
+        pytest.skip(f"no chunk attention kernel for {dtype}, head dim {d} in this build")
     g = torch.Generator().manual_seed(hq + d)
     ref, flash = ReferenceBackend(), CpuFlashBackend()
+    tol = dict(rtol=2 ** -7, atol=4e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    slack = 1e-3 if dtype == torch.bfloat16 else 1e-6
     for n, L, q_start, k_start in [(100, 100, 0, 0), (37, 301, 264, 0), (70, 200, 130, 150), (50, 21, 40, 30),
                                    (33, 129, 500, 0), (1, 65, 64, 0), (130, 130, 0, 0)]:
-        qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(torch.bfloat16)
+        qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(dtype)
         q = qkv[:, :hq * d].view(n, hq, d)
-        k = torch.randn(L, hkv, d, generator=g).to(torch.bfloat16)
-        v = torch.randn(L, hkv, d, generator=g).to(torch.bfloat16)
+        k = torch.randn(L, hkv, d, generator=g).to(dtype)
+        v = torch.randn(L, hkv, d, generator=g).to(dtype)
         got = cpu_kernels.chunk_attention(lib, q, k, v, q_start, k_start, d ** -0.5)
         assert got is not None
         out, lse = got
+        assert out.dtype == dtype and lse.dtype == torch.float32
         want_out, want_lse = ref.forward(q.double(), k.double(), v.double(), q_start=q_start, k_start=k_start,
                                          scale=d ** -0.5)
-        torch.testing.assert_close(out.double(), want_out, rtol=2 ** -7, atol=4e-3)
+        torch.testing.assert_close(out.double(), want_out, **tol)
         with cpu_kernels.disabled():
             f_out, _ = flash.forward(q, k, v, q_start=q_start, k_start=k_start, scale=d ** -0.5)
-        assert (out.double() - want_out).abs().max() <= 1.5 * (f_out.double() - want_out).abs().max() + 1e-3
+        assert (out.double() - want_out).abs().max() <= 1.5 * (f_out.double() - want_out).abs().max() + slack
         assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
         fin = torch.isfinite(want_lse)
         torch.testing.assert_close(lse.double()[fin], want_lse[fin], rtol=1e-5, atol=1e-3)
-    assert cpu_kernels.chunk_attention(lib, q.float(), k.float(), v.float(), 0, 0, 0.2) is None    # float32
+    assert cpu_kernels.chunk_attention(lib, q.double(), k.double(), v.double(), 0, 0, 0.2) is None   # float64
