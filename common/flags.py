@@ -43,8 +43,8 @@ from common.errors import ConfigError
 
 ENV_PREFIX = "MNEMOSYNE_"
 # Process-wide variables that are not settings of a config tree (read where they are used).
-RESERVED_ENV = frozenset({"MNEMOSYNE_CACHE", "MNEMOSYNE_FUSED_OPS", "MNEMOSYNE_CPU_KERNELS", "MNEMOSYNE_LOG",
-                          "MNEMOSYNE_LAUNCHER_PID", "MNEMOSYNE_STANDBY_PROCESS"})
+RESERVED_ENV = frozenset({"MNEMOSYNE_CACHE", "MNEMOSYNE_FUSED_OPS", "MNEMOSYNE_CPU_KERNELS", "MNEMOSYNE_HOST_MALLOC",
+                          "MNEMOSYNE_LOG", "MNEMOSYNE_LAUNCHER_PID", "MNEMOSYNE_STANDBY_PROCESS"})
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 NONE = ("none", "")

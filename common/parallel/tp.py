@@ -18,6 +18,7 @@ from common.config import ModelConfig
 from common.errors import ConfigError
 from common.model.llama import Linear, LlamaModel, meta_weight, to_empty, transposed_by_default
 from common.model.packed_cache import PackedCache, shard_key
+from common.model import host_memory
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def build_shard(ckpt, shard: TPShard, groups, first_layer: int, last_layer: int,
     """load_shard, cast to `dtype` and packed (the CPU layout): what a grid worker serves. With
     `cache` (common/model/packed_cache.py), mapped from the shard's file when an earlier build saved
     it (a rebuilt grid, a restarted instance, another KVP rank of the same shard)."""
+    host_memory.tune()                       # a CPU engine's process: its ops' memory reused, not faulted in again
     def build() -> LlamaModel:
         model = load_shard(ckpt, shard, groups, first_layer, last_layer).to(dtype).eval()
         model.pack_weights()
