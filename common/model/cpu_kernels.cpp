@@ -1033,55 +1033,50 @@ int mn_chunk_attention_bf16(const void* q, int64_t sq0, int64_t sq1, const void*
 //
 // Queries [n, Hq, D] at positions q_start + i against keys [L, Hkv, D] at k_start + j, query i seeing
 // key j iff j <= i + diag (diag = q_start - k_start), as mn_chunk_attention_bf16 but for float32 and
-// bfloat16 on machines without AVX-512, where torch's flash kernel reached 70-110 GFLOP/s against a
-// float32 GEMM's 160-180 (bench/results/cpu_chunk_avx2.md). K is laid out once per call as K^T per KV
-// head (float32, bfloat16 widened exactly), shared by every task; V is read where it lies. A task is
-// (KV head, QB query positions): its rows are those positions times the g query heads of the KV head
-// (GQA without copies); it walks the keys its last position sees in blocks of CK: scores of RB rows x
-// 16 keys in registers (one multiply-add per key and dimension), the online softmax in float32 over
-// the block (scores scaled after the product, as the flash kernel scales them), the weights that
-// multiply V rounded to the input dtype as the flash kernel rounds them (weights_for_v; their sum
-// not), then o += p . V for RB rows x 16 dimensions in registers. The output is rounded once.
+// bfloat16 on machines without AVX-512, where torch's flash kernel reached 60-110 GFLOP/s against a
+// float32 GEMM's 140-180 (bench/results/cpu_kernels_avx2.md). K is laid out as K^T per KV head (float32,
+// bfloat16 widened exactly) a window of KW keys at a time, shared by every task; V is read where it
+// lies (float32) or widened once per window (bfloat16: widened per block of rows, 128 queries over
+// 64K keys took 388 ms where the flash path took 290; widened once, 217 against 236). A task is (KV head, FQB query positions): its rows are those positions times the g query
+// heads of the KV head (GQA without copies); it walks the keys its last position sees in blocks of CK:
+// scores of FRB rows x 16 keys in registers (one multiply-add per key and dimension), the online
+// softmax in float32 over the block (scores scaled after the product, as the flash kernel scales
+// them), the weights that multiply V rounded to the input dtype as the flash kernel rounds them
+// (weights_for_v; their sum not), then o += p . V for FRB rows x 16 dimensions in registers. The
+// output is rounded once.
 #if defined(MN_DECODE_ATTENTION) && !defined(__AVX512F__)
 #define MN_CHUNK_F32 1
 namespace {
 
 constexpr int64_t CK = 64, FQB = 32, FRB = 6;   // keys per block, positions per task, rows per register block
+constexpr int64_t KW = 16384;                    // keys laid out as K^T at a time (its scratch: KW Hkv D floats)
 
-struct ChunkScratch { std::vector<float> kt; };
+struct ChunkScratch { std::vector<float> kt, vw; };
 inline ChunkScratch& chunk_scratch() {
   static thread_local ChunkScratch sc;
   return sc;
 }
 
-template <typename T>
-void chunk_task_f32(const T* q, int64_t sq0, int64_t sq1, const float* kt, int64_t nblk, const T* v, int64_t sv0,
-                    int64_t i0, int64_t i1, int64_t kh, int64_t g, int64_t d, int64_t kend_all, int64_t diag,
-                    float scale, T* out, int64_t hq, float* lse, float* work) {
-  const int64_t rows = (i1 - i0) * g;            // row r: position i0 + r / g, head kh * g + r % g
-  float* qs = work;                              // [rows][d] q in float32
-  float* o = qs + rows * d;                      // [rows][d] running sums
-  float* m = o + rows * d;                       // [rows]
-  float* l = m + rows;                           // [rows]
-  float* p = l + rows;                           // [FRB][CK] a register block's scores, then weights
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* qr = q + (i0 + r / g) * sq0 + (kh * g + r % g) * sq1;
-    for (int64_t e = 0; e < d; e += 16) {
-      vstore(qs + r * d + e, vload(qr + e));
-      vstore(o + r * d + e, vzero());
-    }
-    m[r] = -INFINITY;
-    l[r] = 0.f;
-  }
-  const float* kth = kt + kh * nblk * d * CK;    // K^T of this kv head: [blocks][d][CK]
-  const int64_t kend = std::min(kend_all, i1 - 1 + diag + 1);    // keys the task's last position sees
+// A task's state between windows of keys: rows = its positions x the g heads of its kv head, row r
+// position i0 + r / g, head kh * g + r % g.
+struct ChunkRows {
+  float *qs, *o, *m, *l;                         // [rows][d] q in float32, [rows][d] running sums, [rows], [rows]
+};
+
+// Keys [j_begin, j_end) (whole blocks of CK from the window's first key w0; kt: the window's K^T of
+// the task's kv head, [block][d][CK]) into a task's rows.
+template <typename T, typename TV>
+void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, const TV* v, int64_t sv0, int64_t i0,
+                    int64_t kh, int64_t g, int64_t d, int64_t j_begin, int64_t j_end, int64_t diag, float scale,
+                    float* p) {
+  float *qs = st.qs, *o = st.o, *m = st.m, *l = st.l;
   // Block by block of keys, and within a block register block by register block of rows: the scores,
   // the softmax and the product with V of FRB rows one after the other, so that the block's K and V
   // (2 CK d floats) stay in L1 across the rows of the task.
-  for (int64_t j0 = 0; j0 < kend; j0 += CK) {
-    const int64_t nk = std::min(CK, kend - j0), nv = (nk + 15) / 16;
-    const float* kp = kth + (j0 / CK) * d * CK;
-    const T* vb = v + j0 * sv0 + kh * d;
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += CK) {
+    const int64_t nk = std::min(CK, j_end - j0), nv = (nk + 15) / 16;
+    const float* kp = kt + ((j0 - w0) / CK) * d * CK;
+    const TV* vb = v + (j0 - w0) * sv0;
     for (int64_t r0 = 0; r0 < rows; r0 += FRB) {
       const int rb = (int)std::min<int64_t>(FRB, rows - r0);
       // scores p[r][j] = q_r . k_{j0+j}, FRB rows x 16 keys in registers
@@ -1147,18 +1142,6 @@ void chunk_task_f32(const T* q, int64_t sq0, int64_t sq1, const float* kt, int64
       }
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = i0 + r / g, h = kh * g + r % g;
-    T* dst = out + (i * hq + h) * d;
-    if (l[r] == 0.f) {                                    // no visible key: zeros, lse -inf
-      for (int64_t e = 0; e < d; e += 16) put(dst + e, vzero());
-      lse[i * hq + h] = -INFINITY;
-      continue;
-    }
-    const vf inv = vset1(1.f / l[r]);
-    for (int64_t e = 0; e < d; e += 16) put(dst + e, vmul(vload(o + r * d + e), inv));
-    lse[i * hq + h] = m[r] + logf(l[r]);
-  }
 }
 
 template <typename T>
@@ -1166,38 +1149,98 @@ int chunk_attention_f32(const T* q, int64_t sq0, int64_t sq1, const T* k, int64_
                         int64_t n, int64_t L, int64_t hq, int64_t hkv, int64_t d, int64_t diag, float scale, T* out,
                         float* lse) {
   if (hq % hkv || n <= 0 || L <= 0 || d % 16 || d > MAX_D) return -1;
-  const int64_t g = hq / hkv, kend = std::max<int64_t>(0, std::min(L, n - 1 + diag + 1));
-  // K^T in blocks of CK keys, [kh][block][d][CK]: a block's rows CK floats apart (rows of the whole
-  // length apart, a multiple of 4 KiB, all fell in one L1 set and ran 1.4x slower at 8K keys)
-  const int64_t nblk = (kend + CK - 1) / CK;
+  const int64_t g = hq / hkv, kend = std::max<int64_t>(0, std::min(L, n - 1 + diag + 1));   // keys any query sees
+  const int64_t blocks = (n + FQB - 1) / FQB, tasks = hkv * blocks, per_task = FQB * g;
+  // every task's rows (the output's size in float32, twice, and two floats a row): kept across windows
+  std::vector<float> state(tasks * per_task * (2 * d + 2));
+  auto rows_of = [&](int64_t t, int64_t* kh, int64_t* i0, int64_t* i1) -> ChunkRows {
+    *kh = t % hkv;
+    const int64_t blk = blocks - 1 - t / hkv;             // later query blocks see more keys: first
+    *i0 = blk * FQB;
+    *i1 = std::min(n, *i0 + FQB);
+    float* base = state.data() + t * per_task * (2 * d + 2);
+    return {base, base + per_task * d, base + 2 * per_task * d, base + 2 * per_task * d + per_task};
+  };
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    int64_t kh, i0, i1;
+    const ChunkRows st = rows_of(t, &kh, &i0, &i1);
+    for (int64_t r = 0; r < (i1 - i0) * g; ++r) {
+      const T* qr = q + (i0 + r / g) * sq0 + (kh * g + r % g) * sq1;
+      for (int64_t e = 0; e < d; e += 16) {
+        vstore(st.qs + r * d + e, vload(qr + e));
+        vstore(st.o + r * d + e, vzero());
+      }
+      st.m[r] = -INFINITY;
+      st.l[r] = 0.f;
+    }
+  }
+  // Windows of KW keys: K^T laid out in blocks of CK keys, [kh][block][d][CK] (a block's rows CK floats
+  // apart: rows the whole length apart, a multiple of 4 KiB, all fell in one L1 set and ran 1.4x
+  // slower at 8K keys), then every task's keys of the window. The scratch is KW Hkv D floats at most,
+  // whatever the context.
   ChunkScratch& sc = chunk_scratch();
-  if ((int64_t)sc.kt.size() < hkv * nblk * d * CK) sc.kt.resize(hkv * nblk * d * CK);
-  float* kt = sc.kt.data();
-  const int64_t kblocks = nblk * CK / 16;
+  for (int64_t w0 = 0; w0 < kend; w0 += KW) {
+    const int64_t w1 = std::min(kend, w0 + KW), nblk = (w1 - w0 + CK - 1) / CK, kblocks = nblk * CK / 16;
+    if ((int64_t)sc.kt.size() < hkv * nblk * d * CK) sc.kt.resize(hkv * nblk * d * CK);
+    float* kt = sc.kt.data();
+    float* vw = nullptr;
+    if constexpr (sizeof(T) == 2) {
+      if ((int64_t)sc.vw.size() < hkv * (w1 - w0) * d) sc.vw.resize(hkv * (w1 - w0) * d);
+      vw = sc.vw.data();
+    }
 #pragma omp parallel for schedule(static) if (hkv * kblocks > 1)
-  for (int64_t t = 0; t < hkv * kblocks; ++t) {          // kt[kh][j / CK][e][j % CK] = k[j][kh][e], 16 keys a task
-    const int64_t kh = t / kblocks, j0 = 16 * (t % kblocks);
-    float* dst = kt + (kh * nblk + j0 / CK) * d * CK + j0 % CK;
-    for (int64_t jj = 0; jj < 16; ++jj) {
-      const int64_t j = j0 + jj;
-      if (j < kend) {
-        const T* src = k + j * sk0 + kh * d;
-        for (int64_t e = 0; e < d; ++e) dst[e * CK + jj] = load(src, e);
-      } else {
-        for (int64_t e = 0; e < d; ++e) dst[e * CK + jj] = 0.f;
+    for (int64_t t = 0; t < hkv * kblocks; ++t) {        // kt[kh][j / CK][e][j % CK] = k[w0 + j][kh][e], 16 keys a task
+      const int64_t kh = t / kblocks, j0 = 16 * (t % kblocks);
+      float* dst = kt + (kh * nblk + j0 / CK) * d * CK + j0 % CK;
+      for (int64_t jj = 0; jj < 16; ++jj) {
+        const int64_t j = w0 + j0 + jj;
+        if (j < w1) {
+          const T* src = k + j * sk0 + kh * d;
+          for (int64_t e = 0; e < d; ++e) dst[e * CK + jj] = load(src, e);
+          if constexpr (sizeof(T) == 2) {        // bfloat16 V widened once, not once per block of rows
+            const T* vs = v + j * sv0 + kh * d;
+            float* vd = vw + (kh * (w1 - w0) + (j - w0)) * d;
+            for (int64_t e = 0; e < d; e += 16) vstore(vd + e, vload(vs + e));
+          }
+        } else {
+          for (int64_t e = 0; e < d; ++e) dst[e * CK + jj] = 0.f;
+        }
+      }
+    }
+#pragma omp parallel
+    {
+      std::vector<float> p(FRB * CK);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        int64_t kh, i0, i1;
+        const ChunkRows st = rows_of(t, &kh, &i0, &i1);
+        const int64_t sees = std::min(w1, i1 - 1 + diag + 1);    // keys the task's last position sees
+        if (sees <= w0) continue;
+        if constexpr (sizeof(T) == 2)            // the window's V widened: [kh][key][d]
+          chunk_keys_f32<T, float>(st, (i1 - i0) * g, kt + kh * nblk * d * CK, w0, vw + kh * (w1 - w0) * d, d, i0,
+                                   kh, g, d, w0, sees, diag, scale, p.data());
+        else                                     // float32 V where it lies
+          chunk_keys_f32<T, T>(st, (i1 - i0) * g, kt + kh * nblk * d * CK, w0, v + w0 * sv0 + kh * d, sv0, i0, kh,
+                               g, d, w0, sees, diag, scale, p.data());
       }
     }
   }
-  const int64_t blocks = (n + FQB - 1) / FQB, tasks = hkv * blocks;
-  const int64_t per = FQB * g * (2 * d + 2) + FRB * CK + 64;
-#pragma omp parallel
-  {
-    std::vector<float> work(per);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t kh = t % hkv, blk = blocks - 1 - t / hkv;   // later query blocks see more keys: first
-      const int64_t i0 = blk * FQB, i1 = std::min(n, i0 + FQB);
-      chunk_task_f32<T>(q, sq0, sq1, kt, nblk, v, sv0, i0, i1, kh, g, d, kend, diag, scale, out, hq, lse, work.data());
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    int64_t kh, i0, i1;
+    const ChunkRows st = rows_of(t, &kh, &i0, &i1);
+    for (int64_t r = 0; r < (i1 - i0) * g; ++r) {
+      const int64_t i = i0 + r / g, h = kh * g + r % g;
+      T* dst = out + (i * hq + h) * d;
+      if (st.l[r] == 0.f) {                              // no visible key: zeros, lse -inf
+        for (int64_t e = 0; e < d; e += 16) put(dst + e, vzero());
+        lse[i * hq + h] = -INFINITY;
+        continue;
+      }
+      const vf inv = vset1(1.f / st.l[r]);
+      for (int64_t e = 0; e < d; e += 16) put(dst + e, vmul(vload(st.o + r * d + e), inv));
+      lse[i * hq + h] = st.m[r] + logf(st.l[r]);
     }
   }
   return 0;

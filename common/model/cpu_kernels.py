@@ -249,8 +249,8 @@ def bf16_widened() -> bool:
     """Whether `linear` computes a bfloat16 product of more rows than the kernel takes in float32:
     operands widened (exactly), one float32 GEMM, the result rounded to bfloat16 once. Where the CPU
     has no bfloat16 instructions (no AVX512-BF16, no AMX), torch's bfloat16 GEMM is a slow generic
-    loop: 16 GFLOP/s against float32's 162 on an AVX2 EPYC (bench/results/bf16_widen.md), so a
-    bfloat16 prefill took 5x a float32 one. The numerics are a bfloat16 GEMM's: every product of two
+    loop: 16 GFLOP/s against float32's 162 on an AVX2 EPYC, so a bfloat16 prefill took 5x a float32
+    one (bench/results/cpu_vs_transformers_avx2.md: transformers' bfloat16 prefill beside ours). The numerics are a bfloat16 GEMM's: every product of two
     bfloat16 values is exact in float32, the sum is float32, the output rounded once (to nearest
     even, as torch rounds); only the order of the sum may differ from torch's, as between its own
     kernels. x86 only (elsewhere torch's kernels are kept); MNEMOSYNE_CPU_KERNELS=0 keeps them too."""
@@ -333,6 +333,11 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v
 
 
 CHUNK_HEAD_DIMS = (32, 64, 128)       # the bfloat16 chunk attention kernel's instantiations
+# float32 chunks on the AVX2 kernel up to this many visible keys: measured 1.3-1.4x the flash path with
+# 1K keys, 1.0-1.16x with 4K, 0.89-0.99x with 8K and 0.93-1.02x with 64K (bench/results/
+# cpu_kernels_avx2.md and the run before it); bfloat16 chunks take it at any length (0.96-1.0x at 8K,
+# 1.08-1.15x at 64K: the flash path widens bfloat16 as it goes)
+F32_CHUNK_MAX_KEYS = 4096
 
 
 def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
@@ -342,8 +347,8 @@ def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v
     Returns out [n, Hq, D] in q's dtype and lse [n, Hq] float32, or None where no kernel applies: the
     caller's flash path. The kernels: bfloat16 on vdpbf16ps (AVX512-BF16 builds, head dims
     CHUNK_HEAD_DIMS); float32 and bfloat16 on float32 multiply-adds (AVX2 builds without AVX-512, head
-    dims a multiple of 16 up to 256). Elsewhere (float32 on AVX-512: a multiply-add variant ran at the
-    flash kernel's speed there) the flash kernel."""
+    dims a multiple of 16 up to 256; float32 up to F32_CHUNK_MAX_KEYS visible keys). Elsewhere (float32
+    on AVX-512: a multiply-add variant ran at the flash kernel's speed there) the flash kernel."""
     n, hq, d = q.shape
     L, hkv = k.shape[0], k.shape[1]
     if (lib is None or q.device.type != "cpu" or q.dtype not in _CODES or k.dtype != q.dtype
@@ -354,6 +359,8 @@ def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v
     native = q.dtype == torch.bfloat16 and d in CHUNK_HEAD_DIMS and bool(lib.mn_chunk_attention_isa())
     if not native and not (d % 16 == 0 and d <= 256 and lib.mn_chunk_attention_f32_isa()):
         return None
+    if not native and q.dtype == torch.float32 and min(L, n + q_start - k_start) > F32_CHUNK_MAX_KEYS:
+        return None                                 # keys the chunk sees: the flash path is as fast there
     out = torch.empty(n, hq, d, dtype=q.dtype)
     lse = torch.empty(n, hq, dtype=torch.float32)
     args = (q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, L, hq,
