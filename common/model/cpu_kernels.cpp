@@ -331,6 +331,10 @@ namespace {
 // two, one per half) that the AVX-512 code used, so an AVX-512 build computes what it computed before
 // and an AVX2 build the same values (the lane order of the horizontal sums aside).
 constexpr float FLUSH = -87.f;
+// e^x = 2^n e^r, n = round(x log2 e), r = x - n ln2 (ln2 in two parts, so r is exact), e^r by its
+// Taylor polynomial to r^7 (Horner, highest term first)
+constexpr float LOG2E = 1.44269504088896341f, LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
+constexpr float EXP_POLY[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
 
 #if defined(__AVX512F__)
 #define MN_ATTENTION_ISA "avx512"
@@ -355,25 +359,19 @@ inline vf vload_first(const float* p, int64_t n, float fill) { return {_mm512_ma
 inline vf vkeep_first(vf a, int64_t n) { return {_mm512_maskz_mov_ps(first_lanes(n), a.v)}; }
 
 // e^x for x <= 0 (scores minus their maximum), float32, to ~1 ulp: x = n ln2 + r, |r| <= ln2/2,
-// e^r by its Taylor polynomial to r^7 (error < 1e-8 relative), times 2^n. 0 below -87 (FLUSH):
+// e^r by its Taylor polynomial to r^7 (EXP_POLY; error < 1e-8 relative), times 2^n. 0 below -87 (FLUSH):
 // e^-87 is the smallest normal float32, and a denormal weight costs a microcode assist in every
 // multiply-add it enters (real attention is peaked: the 8K decode took 1.7x as long with them);
 // the weights are relative to the row's maximum (weight 1), so what is flushed is below rounding.
 inline __m512 exp_ps(__m512 x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(FLUSH), _CMP_GE_OQ);
   x = _mm512_max_ps(x, _mm512_set1_ps(FLUSH));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+  __m512 p = _mm512_set1_ps(EXP_POLY[0]);
+  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLY[i]));
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
 inline vf vexp(vf x) { return {exp_ps(x.v)}; }
@@ -445,18 +443,11 @@ inline vf vkeep_first(vf a, int64_t n) {
 inline __m256 exp8(__m256 x) {
   const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(FLUSH), _CMP_GE_OQ);
   x = _mm256_max_ps(x, _mm256_set1_ps(FLUSH));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.f / 5040);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 720));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+  __m256 p = _mm256_set1_ps(EXP_POLY[0]);
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_POLY[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
