@@ -128,8 +128,9 @@ class CpuFlashBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int, k_start: int,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         check_shapes(q, k, v)
-        # bfloat16 on AVX512-BF16 builds: the chunk attention kernel of common/model/cpu_kernels.cpp,
-        # one call by position (no split and merge below), ~2x the flash kernel's rate
+        # the chunk attention kernels of common/model/cpu_kernels.cpp where one applies (bfloat16 on
+        # AVX512-BF16 builds, ~2x the flash kernel's rate; float32 and bfloat16 on AVX2 builds): one
+        # call by position, no split and merge below
         done = cpu_kernels.chunk_attention(cpu_kernels.library(), q, k, v, q_start, k_start, scale)
         if done is not None:
             return done
@@ -162,7 +163,7 @@ class CpuFlashBackend(AttentionBackend):
                      block_tables: torch.Tensor, seq_lens: torch.Tensor, *, scale: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched decode (contract in the base class): on the decode attention kernel of
-        common/model/cpu_kernels.cpp where it runs (AVX-512; it reads each key where it lies, as one
+        common/model/cpu_kernels.cpp where it runs (AVX-512, AVX2; it reads each key where it lies, as one
         stream per thread), else planned over the flash kernel as in the module docstring.
 
         q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] contiguous (a layer of

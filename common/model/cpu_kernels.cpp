@@ -148,32 +148,36 @@ void rows_avx512(const typename P::T* x, int64_t ldx, const typename P::T* w, in
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 // ---- AVX2: the same passes on 8 lanes, two accumulators per row of x (16 registers) ---------------
-struct F32x8 {                                   // 8 floats a step
-  using T = float;
-  static constexpr int64_t STEP = 8;
-  static __m256 load(const T* p) { return _mm256_loadu_ps(p); }
-  static __m256 load_tail(const T* p, int64_t n) {
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-  }
-};
-struct BF16x8 {                                  // 8 bfloat16 a step, widened to float32 (exact)
-  using T = uint16_t;
-  static constexpr int64_t STEP = 8;
-  static __m256 widen(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
-  static __m256 load(const T* p) { return widen(_mm_loadu_si128((const __m128i*)p)); }
-  static __m256 load_tail(const T* p, int64_t n) {
-    alignas(16) uint16_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    memcpy(b, p, n * sizeof(T));
-    return widen(_mm_load_si128((const __m128i*)b));
-  }
-};
-#define MN_AVX2_GEMV 1
-
-inline float hsum256(__m256 a) {
+// (the 8-lane helpers here serve the AVX2 attention kernels below too)
+inline __m256i lanes_below(int64_t n) {          // all ones in lanes i < n of 8
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(std::max<int64_t>(n, 0), 8)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 widen8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+inline __m256 widen8(const uint16_t* p) { return widen8(_mm_loadu_si128((const __m128i*)p)); }
+inline float hsum8(__m256 a) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
+
+struct F32x8 {                                   // 8 floats a step
+  using T = float;
+  static constexpr int64_t STEP = 8;
+  static __m256 load(const T* p) { return _mm256_loadu_ps(p); }
+  static __m256 load_tail(const T* p, int64_t n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+};
+struct BF16x8 {                                  // 8 bfloat16 a step, widened to float32 (exact)
+  using T = uint16_t;
+  static constexpr int64_t STEP = 8;
+  static __m256 load(const T* p) { return widen8(p); }
+  static __m256 load_tail(const T* p, int64_t n) {
+    alignas(16) uint16_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(b, p, n * sizeof(T));
+    return widen8(_mm_load_si128((const __m128i*)b));
+  }
+};
+#define MN_AVX2_GEMV 1
 
 template <typename P, int M, typename Y>
 void rows_avx2(const typename P::T* x, int64_t ldx, const typename P::T* w, int64_t ldw, Y* y, int64_t ldy,
@@ -199,7 +203,7 @@ void rows_avx2(const typename P::T* x, int64_t ldx, const typename P::T* w, int6
       const __m256 w0 = P::load_tail(wr + body, tail);
       for (int m = 0; m < M; ++m) acc[m][1] = _mm256_fmadd_ps(P::load_tail(x + m * ldx + body, tail), w0, acc[m][1]);
     }
-    for (int m = 0; m < M; ++m) store(y + m * ldy + r, hsum256(_mm256_add_ps(acc[m][0], acc[m][1])));
+    for (int m = 0; m < M; ++m) store(y + m * ldy + r, hsum8(_mm256_add_ps(acc[m][0], acc[m][1])));
   }
 }
 #endif
@@ -337,7 +341,6 @@ constexpr float LOG2E = 1.44269504088896341f, LN2_HI = 0.693359375f, LN2_LO = -2
 constexpr float EXP_POLY[] = {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
 
 #if defined(__AVX512F__)
-#define MN_ATTENTION_ISA "avx512"
 struct vf { __m512 v; };
 inline vf vload(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
@@ -396,13 +399,9 @@ inline void vsum4(vf a, vf b, vf c, vf d, float* out) {
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1)));
 }
 constexpr int VREGS = 32;           // vector registers of the build (for how many sums stay in them)
-#else
-#define MN_ATTENTION_ISA "avx2"
+#else                                            // AVX2: the 8-lane helpers of the AVX2 linears above
 struct vf { __m256 lo, hi; };
 inline vf vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-inline __m256 widen8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
 inline vf vload(const uint16_t* p) { return {widen8(p), widen8(p + 8)}; }
 inline void vstore(float* p, vf a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
 inline vf vset1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
@@ -413,11 +412,6 @@ inline vf vmul(vf a, vf b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.
 inline vf vdiv(vf a, vf b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
 inline vf vmax(vf a, vf b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
 inline vf vfma(vf a, vf b, vf c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
-inline float hsum8(__m256 a) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
 inline float hmax8(__m256 a) {
   const __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -425,10 +419,6 @@ inline float hmax8(__m256 a) {
 }
 inline float vreduce_add(vf a) { return hsum8(_mm256_add_ps(a.lo, a.hi)); }
 inline float vreduce_max(vf a) { return hmax8(_mm256_max_ps(a.lo, a.hi)); }
-inline __m256i lanes_below(int64_t n) {          // all ones in lanes i < n of 8
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(std::max<int64_t>(n, 0), 8)),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 inline __m256 load_first8(const float* p, int64_t n, float fill) {
   const __m256i m = lanes_below(n);
   return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
@@ -1028,8 +1018,9 @@ int mn_chunk_attention_bf16(const void* q, int64_t sq0, int64_t sq1, const void*
 // float32 GEMM's 140-180 (bench/results/cpu_kernels_avx2.md). K is laid out as K^T per KV head (float32,
 // bfloat16 widened exactly) a window of KW keys at a time, shared by every task; V is read where it
 // lies (float32) or widened once per window (bfloat16: widened per block of rows, 128 queries over
-// 64K keys took 388 ms where the flash path took 290; widened once, 217 against 236). A task is (KV head, FQB query positions): its rows are those positions times the g query
-// heads of the KV head (GQA without copies); it walks the keys its last position sees in blocks of CK:
+// 64K keys took 388 ms where the flash path took 290; widened once, 217 against 236). A task is (KV
+// head, FQB query positions): its rows are those positions times the g query heads of the KV head
+// (GQA without copies); it walks the keys its last position sees in blocks of CK:
 // scores of FRB rows x 16 keys in registers (one multiply-add per key and dimension), the online
 // softmax in float32 over the block (scores scaled after the product, as the flash kernel scales
 // them), the weights that multiply V rounded to the input dtype as the flash kernel rounds them
@@ -1055,11 +1046,10 @@ struct ChunkRows {
 };
 
 // Keys [j_begin, j_end) (whole blocks of CK from the window's first key w0; kt: the window's K^T of
-// the task's kv head, [block][d][CK]) into a task's rows.
+// the task's kv head, [block][d][CK]; v: its V from key w0 on, rows sv0 apart) into a task's rows.
 template <typename T, typename TV>
 void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, const TV* v, int64_t sv0, int64_t i0,
-                    int64_t kh, int64_t g, int64_t d, int64_t j_begin, int64_t j_end, int64_t diag, float scale,
-                    float* p) {
+                    int64_t g, int64_t d, int64_t j_begin, int64_t j_end, int64_t diag, float scale, float* p) {
   float *qs = st.qs, *o = st.o, *m = st.m, *l = st.l;
   // Block by block of keys, and within a block register block by register block of rows: the scores,
   // the softmax and the product with V of FRB rows one after the other, so that the block's K and V
@@ -1210,10 +1200,10 @@ int chunk_attention_f32(const T* q, int64_t sq0, int64_t sq1, const T* k, int64_
         if (sees <= w0) continue;
         if constexpr (sizeof(T) == 2)            // the window's V widened: [kh][key][d]
           chunk_keys_f32<T, float>(st, (i1 - i0) * g, kt + kh * nblk * d * CK, w0, vw + kh * (w1 - w0) * d, d, i0,
-                                   kh, g, d, w0, sees, diag, scale, p.data());
+                                   g, d, w0, sees, diag, scale, p.data());
         else                                     // float32 V where it lies
-          chunk_keys_f32<T, T>(st, (i1 - i0) * g, kt + kh * nblk * d * CK, w0, v + w0 * sv0 + kh * d, sv0, i0, kh,
-                               g, d, w0, sees, diag, scale, p.data());
+          chunk_keys_f32<T, T>(st, (i1 - i0) * g, kt + kh * nblk * d * CK, w0, v + w0 * sv0 + kh * d, sv0, i0, g,
+                               d, w0, sees, diag, scale, p.data());
       }
     }
   }

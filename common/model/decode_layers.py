@@ -3,14 +3,14 @@ in common/model/cpu_kernels.cpp), where the step is one the per-op kernels would
 
 A decode step of the built-in model calls ~15 Python functions and allocates ~10 tensors per layer
 around the kernels (RMSNorm, the fused q/k/v product, RoPE, the KV write, decode attention, the o
-product, the residual sums, the MLP): ~2.9 ms of a 10 ms bfloat16 step at 1K tokens on this machine's
-2 cores (bench/results/cpu_kernels_layers.md), none of it reading weights. `run` hands the whole
+product, the residual sums, the MLP): ~2.9 ms of a 10 ms bfloat16 step at 1K tokens on the AVX-512
+host of bench/results/cpu_kernels_layers.md (2 cores), none of it reading weights. `run` hands the whole
 stack to one C++ call that runs the same kernel functions in the same order with the same roundings,
 so the hidden states (and so the logits) are the per-op path's bit for bit
 (tests/unit/test_cpu_kernels.py compares them).
 
 It applies when every piece of the per-op path would have taken its kernel: a CPU float32/bfloat16
-model on an AVX-512 build, up to the kernels' row limit of rows each decoding one token in row order
+model on an AVX-512 or AVX2 build, up to the kernels' row limit of rows each decoding one token in row order
 with nothing else in the batch (ForwardContext.in_place_decode: no prefill chunk, no KV-parallel
 combine, no tensor-parallel head map), plain modules (no tensor-parallel linears, which all-reduce),
 fused q/k/v and gate/up weights without biases, [out, in] contiguous weights, a head dim the attention
