@@ -386,6 +386,19 @@ inline vf vround_bf16(vf p) {
   const __m512i r = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
   return {_mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)))};
 }
+// any float32 rounded to bfloat16 as f32_to_bf16 rounds it (NaN kept a NaN), still float32; and
+// bfloat16 values (so rounded) stored as bfloat16
+inline vf vround_bf16_any(vf p) {
+  const __m512i bits = _mm512_castps_si512(p.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), hi);
+  const __m512i nan = _mm512_and_si512(_mm512_or_si512(bits, _mm512_set1_epi32(0x400000)), hi);
+  return {_mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(p.v, p.v, _CMP_UNORD_Q), r, nan))};
+}
+inline void vstore_bf16(uint16_t* y, vf p) {
+  _mm256_storeu_si256((__m256i*)y, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(p.v), 16)));
+}
 
 // out[0..4) = the sums of each vector's 16 lanes (a transposing add tree, a quarter of the
 // instructions of four reductions)
@@ -450,6 +463,19 @@ inline __m256 round_bf16_8(__m256 p) {
   return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
 }
 inline vf vround_bf16(vf p) { return {round_bf16_8(p.lo), round_bf16_8(p.hi)}; }
+inline __m256 round_bf16_any8(__m256 p) {
+  const __m256i bits = _mm256_castps_si256(p);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), hi);
+  const __m256i nan = _mm256_and_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x400000)), hi);
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(p, p, _CMP_UNORD_Q))));
+}
+inline vf vround_bf16_any(vf p) { return {round_bf16_any8(p.lo), round_bf16_any8(p.hi)}; }
+inline void vstore_bf16(uint16_t* y, vf p) {                 // 16-bit halves packed in order
+  const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(p.lo), 16), hi = _mm256_srli_epi32(_mm256_castps_si256(p.hi), 16);
+  _mm256_storeu_si256((__m256i*)y, _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8));
+}
 
 inline void vsum4(vf a, vf b, vf c, vf d, float* out) {
   const __m256 ab = _mm256_hadd_ps(_mm256_add_ps(a.lo, a.hi), _mm256_add_ps(b.lo, b.hi));   // a01 a23 b01 b23 | a45 a67 b45 b67
@@ -639,11 +665,7 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
 }
 
 inline void put(float* y, vf v) { vstore(y, v); }
-inline void put(uint16_t* y, vf v) {
-  alignas(64) float f[16];
-  vstore(f, v);
-  for (int i = 0; i < 16; ++i) y[i] = f32_to_bf16(f[i]);
-}
+inline void put(uint16_t* y, vf v) { vstore_bf16(y, vround_bf16_any(v)); }   // as f32_to_bf16
 
 template <typename T>
 int decode_attention(const T* q, const T* kc, const T* vc, const int32_t* tables, int64_t ld_table,
@@ -736,29 +758,93 @@ int mn_decode_attention(int dtype, const void* q, const void* kc, const void* vc
 }
 }
 
-// ---- the elementwise steps of a decode layer ----------------------------------------------------
+// ---- the elementwise steps of a layer ------------------------------------------------------------
 //
 // For a few rows the eager expressions below cost a handful of torch ops each (RMSNorm 8, RoPE of q
-// and k 10, SiLU-and-multiply 3), microseconds of dispatch apiece around nanoseconds of arithmetic.
-// Each is one call here, computing what the eager code computes with the same roundings: float32
-// arithmetic, each eager op's result rounded to the activations' dtype where the eager op rounds it
-// (the file is compiled with -ffp-contract=off, so a product and a sum are never fused into one
-// rounding). Only reductions (RMSNorm's sum of squares) and exp (SiLU) may differ in the last bit.
+// and k 10, SiLU-and-multiply 3), microseconds of dispatch apiece around nanoseconds of arithmetic;
+// for a prefill chunk's rows they are passes over memory each (the elementwise steps of 30 layers of
+// a 1K chunk took ~140 ms in torch's ops, bench/results/elementwise_prefill.md). Each is one call
+// here, computing what the eager code computes with the same roundings: float32 arithmetic, each
+// eager op's result rounded to the activations' dtype where the eager op rounds it (the file is
+// compiled with -ffp-contract=off, so a product and a sum are never fused into one rounding). Only
+// reductions (RMSNorm's sum of squares) and exp (SiLU) may differ in the last bit. Builds with the
+// 16-lane type (AVX-512, AVX2 + FMA) run rows whose length is a multiple of 16 on it; more than
+// ELEMENTWISE_SERIAL_ROWS rows are split over the threads.
 namespace {
+
+constexpr int64_t ELEMENTWISE_SERIAL_ROWS = 16;
 
 inline float rnd(float v, float) { return v; }                      // to the dtype: float32 as is,
 inline float rnd(float v, uint16_t) { return bf16_to_f32(f32_to_bf16(v)); }   // bfloat16 rounded
 
+#if defined(MN_DECODE_ATTENTION)
+// 16 lanes rounded to the dtype as rnd rounds one value (bfloat16: to nearest even, NaN kept a NaN)
+inline vf vrnd(vf v, float) { return v; }
+inline vf vrnd(vf v, uint16_t) { return vround_bf16_any(v); }
+// e^x over float32's whole range, for SiLU's e^-a (attention's vexp flushes below -87, where SiLU
+// still has normal results): x clamped to [-104, 89] (e^x rounds to 0 below, overflows above), the
+// polynomial as vexp's, times 2^n with denormal results and overflow rounded once (AVX-512: scalef;
+// AVX2: as 2^(n/2) 2^(n - n/2), the first product exact). A NaN comes back as a number: SiLU's
+// numerator keeps it a NaN.
+#if defined(__AVX512F__)
+inline __m512 exp_full_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+  __m512 p = _mm512_set1_ps(EXP_POLY[0]);
+  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLY[i]));
+  return _mm512_scalef_ps(p, n);
+}
+// silu(a) = a / (1 + e^-a), the eager expression's operations
+inline vf vsilu(vf a) {
+  return {_mm512_div_ps(a.v, _mm512_add_ps(_mm512_set1_ps(1.f), exp_full_ps(_mm512_sub_ps(_mm512_setzero_ps(), a.v))))};
+}
+#else
+inline __m256 exp_full8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.f)), _mm256_set1_ps(89.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+  __m256 p = _mm256_set1_ps(EXP_POLY[0]);
+  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_POLY[i]));
+  const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+inline __m256 silu8(__m256 a) {               // a / (1 + e^-a), the eager expression's operations
+  return _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.f), exp_full8(_mm256_sub_ps(_mm256_setzero_ps(), a))));
+}
+inline vf vsilu(vf a) { return {silu8(a.lo), silu8(a.hi)}; }
+#endif
+#endif
+
 // Hugging Face's LlamaRMSNorm: y = (x * rsqrt(mean(x^2) + eps)) in the dtype, then weight * y in it.
 template <typename T>
 void rms_norm(const T* x, int64_t ldx, const T* w, T* out, int64_t ldo, int64_t rows, int64_t n, float eps) {
+#pragma omp parallel for schedule(static) if (rows > ELEMENTWISE_SERIAL_ROWS)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * ldx;
+    T* o = out + r * ldo;
+#if defined(MN_DECODE_ATTENTION)
+    if (n % 16 == 0) {
+      vf ss = vzero();
+      for (int64_t i = 0; i < n; i += 16) {
+        const vf xi = vload(xr + i);
+        ss = vadd(ss, vmul(xi, xi));
+      }
+      const vf inv = vset1(1.f / std::sqrt(vreduce_add(ss) / (float)n + eps));
+      for (int64_t i = 0; i < n; i += 16) put(o + i, vmul(vload(w + i), vrnd(vmul(vload(xr + i), inv), T{})));
+      continue;
+    }
+#endif
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < n; ++i) ss += load(xr, i) * load(xr, i);
     const float inv = 1.f / std::sqrt(ss / (float)n + eps);
-    T* o = out + r * ldo;
     for (int64_t i = 0; i < n; ++i) store(o + i, load(w, i) * rnd(load(xr, i) * inv, T{}));
   }
 }
@@ -769,12 +855,23 @@ template <typename T>
 void rope(const T* x, int64_t sx0, int64_t sx1, const T* cos, const T* sin, T* out, int64_t rows, int64_t heads,
           int64_t d) {
   const int64_t half = d / 2;
+#pragma omp parallel for schedule(static) if (rows > ELEMENTWISE_SERIAL_ROWS)
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t h = 0; h < heads; ++h) {
       const T* xr = x + r * sx0 + h * sx1;
       const T* c = cos + r * d;
       const T* s = sin + r * d;
       T* o = out + (r * heads + h) * d;
+#if defined(MN_DECODE_ATTENTION)
+      if (half % 16 == 0) {
+        for (int64_t i = 0; i < d; i += 16) {
+          // rotate_half: -x[i + half] in the first half, x[i - half] in the second (negation is exact)
+          const vf rot = i < half ? vsub(vzero(), vload(xr + i + half)) : vload(xr + i - half);
+          put(o + i, vadd(vrnd(vmul(vload(xr + i), vload(c + i)), T{}), vrnd(vmul(rot, vload(s + i)), T{})));
+        }
+        continue;
+      }
+#endif
       for (int64_t i = 0; i < d; ++i) {
         const float rot = i < half ? -load(xr, i + half) : load(xr, i - half);
         store(o + i, rnd(load(xr, i) * load(c, i), T{}) + rnd(rot * load(s, i), T{}));
@@ -785,10 +882,17 @@ void rope(const T* x, int64_t sx0, int64_t sx1, const T* cos, const T* sin, T* o
 // silu(gate) * up, gate and up the two halves of each row of gu [rows, 2n] (row stride ldgu).
 template <typename T>
 void silu_mul(const T* gu, int64_t ldgu, T* out, int64_t rows, int64_t n) {
+#pragma omp parallel for schedule(static) if (rows > ELEMENTWISE_SERIAL_ROWS)
   for (int64_t r = 0; r < rows; ++r) {
     const T* g = gu + r * ldgu;
     const T* u = g + n;
     T* o = out + r * n;
+#if defined(MN_DECODE_ATTENTION)
+    if (n % 16 == 0) {
+      for (int64_t i = 0; i < n; i += 16) put(o + i, vmul(vrnd(vsilu(vload(g + i)), T{}), vload(u + i)));
+      continue;
+    }
+#endif
     for (int64_t i = 0; i < n; ++i) {
       const float a = load(g, i);
       store(o + i, rnd(a / (1.f + std::exp(-a)), T{}) * load(u, i));
@@ -816,6 +920,17 @@ void mn_rope(int dtype, const void* x, int64_t sx0, int64_t sx1, const void* cos
 void mn_silu_mul(int dtype, const void* gu, int64_t ld, void* out, int64_t rows, int64_t n) {
   if (dtype == 0) silu_mul<float>((const float*)gu, ld, (float*)out, rows, n);
   else silu_mul<uint16_t>((const uint16_t*)gu, ld, (uint16_t*)out, rows, n);
+}
+
+// 1 where the elementwise steps run on the 16-lane type (rows of a multiple of 16 values) and split
+// rows over the threads: worth taking a prefill chunk's rows; 0 where they are scalar loops (only a
+// decode step's few rows beat torch's ops with them).
+int mn_elementwise_isa() {
+#if defined(MN_DECODE_ATTENTION)
+  return 1;
+#else
+  return 0;
+#endif
 }
 }
 

@@ -18,8 +18,9 @@ for the machine's processor (bench/results/cpu_kernels.md measures each against 
   chunk attention   `chunk_attention`: a prefill chunk against every key it sees, by position: bfloat16
                     on vdpbf16ps (AVX512-BF16 builds), float32 and bfloat16 on float32 multiply-adds
                     (AVX2 builds without AVX-512); elsewhere (float32 on AVX-512) the flash kernel;
-  elementwise       `rms_norm`, `rope`, `silu_mul`: one call each for up to SMALL_ROWS rows, with the
-                    eager code's roundings.
+  elementwise       `rms_norm`, `rope`, `silu_mul`: one call each, with the eager code's roundings: for
+                    any number of rows on the 16-lane builds (AVX-512, AVX2), split over the threads
+                    (`elementwise`); elsewhere scalar loops for up to SMALL_ROWS rows (`small`).
 Each returns what its torch counterpart returns, to rounding (the tests hold every build to a float64
 reference and to the eager expressions).
 
@@ -133,6 +134,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mn_silu_mul.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, i64]
     for fn in (lib.mn_rms_norm, lib.mn_rope, lib.mn_silu_mul):
         fn.restype = None
+    lib.mn_elementwise_isa.restype = ctypes.c_int
     lib.mn_chunk_attention_isa.restype = ctypes.c_int
     lib.mn_chunk_attention_f32_isa.restype = ctypes.c_int
     lib.mn_chunk_attention_f32.restype = ctypes.c_int
@@ -369,7 +371,7 @@ def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v
     return None if rc != 0 else (out, lse)
 
 
-# ---- the elementwise steps of a decode layer (RMSNorm, RoPE, SiLU-and-multiply) -----------------
+# ---- the elementwise steps of a layer (RMSNorm, RoPE, SiLU-and-multiply) --------------------------
 SMALL_ROWS = 16              # rows up to which one single-threaded call beats torch's several ops
 
 
@@ -379,6 +381,18 @@ def small(x: torch.Tensor) -> ctypes.CDLL | None:
             and not (torch.is_grad_enabled() and x.requires_grad)):
         return library()
     return None
+
+
+def elementwise(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The library for the elementwise steps of x (rows first, a float32/bfloat16 CPU activation): any
+    number of rows where the build runs them on 16 lanes over the threads (mn_elementwise_isa; a 1K
+    chunk's steps over 30 layers: bench/results/elementwise_prefill.md), else up to SMALL_ROWS."""
+    lib = small(x)
+    if lib is not None or x.device.type != "cpu" or x.dtype not in _CODES or x.shape[0] == 0 \
+            or (torch.is_grad_enabled() and x.requires_grad):
+        return lib
+    lib = library()
+    return lib if lib is not None and lib.mn_elementwise_isa() else None
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:

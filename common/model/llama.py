@@ -101,7 +101,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused.enabled_for(x) and fused.rms_norm_supported(x, self.weight):
             return fused.rms_norm(x, self.weight, self.eps)
-        lib = cpu_kernels.small(x)
+        lib = cpu_kernels.elementwise(x)
         if lib is not None:
             out = cpu_kernels.rms_norm(lib, x, self.weight, self.eps)
             if out is not None:
@@ -157,7 +157,7 @@ class Attention(nn.Module):
         q = q.view(t, -1, self.head_dim)                   # [T, Hq_local, D]
         k = k.view(t, -1, self.head_dim)                   # [T, Hkv_local, D]
         v = v.view(t, -1, self.head_dim)
-        lib = cpu_kernels.small(q)
+        lib = cpu_kernels.elementwise(q)
         if fused.enabled_for(q) and fused.rope_supported(q, k, cos):
             q, k = fused.rope_qk(q, k, cos, sin)
         elif lib is not None and (qr := cpu_kernels.rope(lib, q, cos, sin)) is not None \
@@ -195,7 +195,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
             gate_up = cpu_kernels.linear(x, self.gate_up)                                    # [T, 2 I]
-            lib = cpu_kernels.small(gate_up)
+            lib = cpu_kernels.elementwise(gate_up)
             if lib is not None and (act := cpu_kernels.silu_mul(lib, gate_up)) is not None:
                 return self.down_proj(act)
             gate, up = gate_up.chunk(2, dim=-1)                                               # [T, I] each

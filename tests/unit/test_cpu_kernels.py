@@ -108,6 +108,7 @@ def test_isa_names_the_paths(builds):
     assert [builds["x86-64"].mn_gemv_max_rows(code) for code in (0, 1)] == [4, 1]   # the portable bfloat16 loop: one row
     assert [builds["x86-64-v3"].mn_gemv_max_rows(code) for code in (0, 1)] == [4, 4]
     assert builds["x86-64"].mn_decode_attention_isa() == 0 and builds["x86-64-v3"].mn_decode_attention_isa() == 1
+    assert builds["x86-64"].mn_elementwise_isa() == 0 and builds["x86-64-v3"].mn_elementwise_isa() == 1
     for arch in ("x86-64", "x86-64-v3"):
         assert builds[arch].mn_chunk_attention_isa() == 0
     assert builds["x86-64"].mn_chunk_attention_f32_isa() == 0 and builds["x86-64-v3"].mn_chunk_attention_f32_isa() == 1
@@ -360,16 +361,21 @@ def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernel
+@pytest.mark.parametrize("build", ["native", "x86-64-v3", "x86-64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_elementwise_steps_are_the_eager_ones(dtype):
-    """RMSNorm, RoPE and SiLU-and-multiply of a few rows, against the model's eager expressions: RoPE bit
-    for bit; the others within a few units in the last place (a reduction's order, exp's last bit)."""
+@pytest.mark.parametrize("rows", [3, 100])
+def test_elementwise_steps_are_the_eager_ones(builds, build, dtype, rows):
+    """RMSNorm, RoPE and SiLU-and-multiply of a decode step's few rows and of a prefill chunk's (100:
+    split over the threads), against the model's eager expressions: RoPE bit for bit; the others within
+    a few units in the last place (a reduction's order, exp's last bit). Every build: the 16-lane ones
+    (this machine's, AVX2) and the portable scalar loops (x86-64); values past exp's range, infinities
+    and NaN come out as the eager code's."""
     from common.model.llama import RMSNorm
     from common.model.rope import Rope, apply_rope
     from common.config import RopeScaling
-    lib = cpu_kernels.small(torch.zeros(3, 8, dtype=dtype))
+    lib = builds[build]
     g = torch.Generator().manual_seed(6)
-    x = (torch.randn(3, 576, generator=g) * 3).to(dtype)
+    x = (torch.randn(rows, 576, generator=g) * 3).to(dtype)
     norm = RMSNorm(576, 1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(576, generator=g))
@@ -380,20 +386,38 @@ def test_decode_elementwise_steps_are_the_eager_ones(dtype):
     assert got is not None and int(ulps_apart(got, eager).max()) <= (4 if dtype == torch.float32 else 1)
     assert dtype == torch.float32 or float((got != eager).float().mean()) < 0.05
 
-    qkv = torch.randn(3, 9 * 64 + 2 * 3 * 64, generator=g).to(dtype)
-    q = qkv[:, :576].view(3, 9, 64)                                   # strided, as Attention.forward's
-    cos, sin = Rope(64, 10000.0, RopeScaling()).cos_sin(torch.tensor([0, 7, 4000]), dtype)
+    qkv = (torch.randn(rows, 9 * 64 + 2 * 3 * 64, generator=g) * 50).to(dtype)
+    qkv[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3e38])      # bfloat16 rounding's edges
+    q = qkv[:, :576].view(rows, 9, 64)                                # strided, as Attention.forward's
+    cos, sin = Rope(64, 10000.0, RopeScaling()).cos_sin(torch.arange(rows) * 37, dtype)
     got = cpu_kernels.rope(lib, q, cos, sin)
-    assert got is not None and torch.equal(got, apply_rope(q, cos, sin))
+    want = apply_rope(q, cos, sin)
+    assert got is not None and torch.equal(got.isnan(), want.isnan()) and bool(want.isnan().any())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
 
-    gate_up = (torch.randn(3, 2 * 1536, generator=g) * 4).to(dtype)
+    gate_up = (torch.randn(rows, 2 * 1536, generator=g) * 4).to(dtype)
+    gate_up[0, :6] = torch.tensor([-100.0, 100.0, -87.5, 89.0, float("-inf"), float("inf")])
+    gate_up[1, 1536:1540] = torch.tensor([float("nan"), float("inf"), 0.0, -0.0])
     gate, up = gate_up.chunk(2, dim=-1)
     got = cpu_kernels.silu_mul(lib, gate_up)
     eager = F.silu(gate) * up
-    assert got is not None and int(ulps_apart(got, eager).max()) <= (4 if dtype == torch.float32 else 1)
+    assert got is not None and torch.equal(got.isnan(), eager.isnan())
+    fin = torch.isfinite(eager)
+    assert torch.equal(got[~fin & ~eager.isnan()], eager[~fin & ~eager.isnan()])
+    assert int(ulps_apart(got[fin], eager[fin]).max()) <= (4 if dtype == torch.float32 else 1)
 
-    assert cpu_kernels.small(torch.zeros(cpu_kernels.SMALL_ROWS + 1, 8, dtype=dtype)) is None   # a prefill chunk
+
+def test_elementwise_takes_prefill_rows_where_the_build_is_vectorised():
+    """`small` takes a decode step's rows only; `elementwise` takes any rows where the loaded build runs
+    the steps on 16 lanes (AVX-512, AVX2), else the decode rows only; never float64."""
+    lib = cpu_kernels.library()
+    for dtype in (torch.float32, torch.bfloat16):
+        assert cpu_kernels.small(torch.zeros(cpu_kernels.SMALL_ROWS + 1, 8, dtype=dtype)) is None   # a prefill chunk
+        big = cpu_kernels.elementwise(torch.zeros(1024, 8, dtype=dtype))
+        assert (big is not None) == bool(lib is not None and lib.mn_elementwise_isa())
+        assert cpu_kernels.elementwise(torch.zeros(3, 8, dtype=dtype)) is lib
     assert cpu_kernels.small(torch.zeros(2, 8, dtype=torch.float64)) is None
+    assert cpu_kernels.elementwise(torch.zeros(1024, 8, dtype=torch.float64)) is None
 
 
 @needs_kernel
