@@ -544,6 +544,25 @@ inline void pv_heads(const float* p, int64_t ld, int64_t h, const T* const* vrow
     for (int c = 0; c < NC; ++c) vstore(acc + (h + gi) * d + 16 * c, a[gi][c]);
 }
 
+// As pv_heads for the dimensions [16 c0, 16 (c0 + CC)) of the rows only: AVX2's 16 registers hold G x CC
+// sums where they cannot hold G x NC, so the g heads of a kv head share each V row's widening in
+// NC / CC passes instead of loading (and widening) it once per head.
+template <typename T, int CC, int G>
+inline void pv_heads_part(const float* p, int64_t ld, int64_t h, const T* const* vrow, int64_t j0, int64_t j1,
+                          int64_t koff, int64_t d, int64_t c0, float* acc) {
+  vf a[G][CC];
+  for (int gi = 0; gi < G; ++gi)
+    for (int c = 0; c < CC; ++c) a[gi][c] = vload(acc + (h + gi) * d + 16 * (c0 + c));
+  for (int64_t j = j0; j < j1; ++j) {
+    for (int c = 0; c < CC; ++c) {
+      const vf v = vload(vrow[j] + koff + 16 * (c0 + c));
+      for (int gi = 0; gi < G; ++gi) a[gi][c] = vfma(vset1(p[(h + gi) * ld + j]), v, a[gi][c]);
+    }
+  }
+  for (int gi = 0; gi < G; ++gi)
+    for (int c = 0; c < CC; ++c) vstore(acc + (h + gi) * d + 16 * (c0 + c), a[gi][c]);
+}
+
 // A thread's scratch for attend_span, kept between calls (a span of 8,192 keys and 9 heads takes
 // ~0.4 MB: allocated per call, it was mapped and unmapped each time).
 struct SpanScratch {
@@ -556,7 +575,8 @@ inline SpanScratch& span_scratch() {
 }
 
 constexpr int64_t AHEAD = 16;      // keys prefetched ahead of the ones being read
-constexpr int64_t V_BLOCK = 256;   // keys whose V rows all the kv heads' passes read while they are in L1/L2
+constexpr int64_t V_BLOCK = 256;
+constexpr int64_t SCORE_HEADS = 8;  // query heads per kv head up to which AVX2 widens a K row once for all   // keys whose V rows all the kv heads' passes read while they are in L1/L2
 
 // One span: its partial result into m[Hq], l[Hq], acc[Hq][D].
 // NC = d / 16 is a compile-time constant so that a row's vectors live in registers.
@@ -605,6 +625,22 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
           }
           vsum4(a[0], a[1], a[2], a[3], s + h * ns + j);
         }
+      } else if (NC <= 4 && g <= SCORE_HEADS) {   // AVX2: each key's row widened once for the g heads (in
+        // registers), the g sums of a key stored and reduced four keys at a time (bfloat16's widening
+        // per head had the scores pass compute-bound: 11 GB/s at 8K keys)
+        alignas(64) float part[SCORE_HEADS][4][16];
+        for (int u = 0; u < 4; ++u) {
+          vf kv[NC];
+          for (int c = 0; c < nc; ++c) kv[c] = vload(kr[j + u] + kh * d + 16 * c);
+          for (int64_t hh = 0; hh < g; ++hh) {
+            const float* qh = qf + (kh * g + hh) * d;
+            vf a = vmul(kv[0], vload(qh));
+            for (int c = 1; c < nc; ++c) a = vfma(kv[c], vload(qh + 16 * c), a);
+            vstore(part[hh][u], a);
+          }
+        }
+        for (int64_t hh = 0; hh < g; ++hh)
+          vsum4(vload(part[hh][0]), vload(part[hh][1]), vload(part[hh][2]), vload(part[hh][3]), s + (kh * g + hh) * ns + j);
       } else {                                   // fewer registers: each head loads them (from L1)
         for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
           vf a[4];
@@ -635,7 +671,18 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   // 3. the weighted V rows, a block of keys at a time (its rows stay close while every kv head reads
   // its part of them), each V row loaded once for the query heads that share it
   constexpr int64_t gmax = NC * 4 <= VREGS / 2 ? 4 : NC * 2 <= VREGS / 2 ? 2 : 1;   // sums that stay in registers
+  // AVX2 (gmax 1 for d >= 64): up to 3 heads x 2 of the row's 16-lane parts in registers, a pass per 2 parts
+  constexpr bool parts = VREGS == 8 && NC % 2 == 0;
   auto pv = [&](int64_t gb, int64_t h, int64_t ja, int64_t jb, int64_t koff) {
+    if constexpr (parts) {
+      for (int64_t c0 = 0; c0 < nc; c0 += 2)
+        switch (gb) {
+          case 1: pv_heads_part<T, 2, 1>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
+          case 2: pv_heads_part<T, 2, 2>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
+          default: pv_heads_part<T, 2, 3>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
+        }
+      return;
+    }
     switch (gb) {
       case 1: pv_heads<T, NC, 1>(s, ns, h, vr, ja, jb, koff, acc); break;
       case 2: pv_heads<T, NC, 2>(s, ns, h, vr, ja, jb, koff, acc); break;
@@ -649,7 +696,8 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
       for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)vr[j] + c, _MM_HINT_T0);
     for (int64_t kh = 0; kh < hkv; ++kh)
       for (int64_t h = kh * g; h < (kh + 1) * g;) {
-        const int64_t gb = (kh + 1) * g - h < gmax ? (kh + 1) * g - h : gmax;
+        const int64_t gm = parts ? 3 : gmax;
+        const int64_t gb = (kh + 1) * g - h < gm ? (kh + 1) * g - h : gm;
         if (kh == 0 && h == 0) {                  // the first pass over the block fetches its rows
           for (int64_t j = j0; j < j1; j += 4) {
             for (int64_t u = j + AHEAD; u < j + AHEAD + 4 && u < j1; ++u)
