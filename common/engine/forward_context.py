@@ -184,15 +184,35 @@ class ForwardContext:
 
     def in_place_decode(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(block tables [rows, nb] int32, lengths [rows] int32, cache slots [rows] int64) when this step
-        is `rows` decodes in row order and nothing else, every row's K/V stored at its slot as computed,
-        attention on a backend whose decode_paged runs the CPU decode kernel where it applies (no
-        KV-parallel combine, no per-run head map): what common/model/decode_layers.py runs in one call.
+        is `rows` one-token decodes and nothing else, attention on a backend whose decode_paged runs the
+        CPU decode kernel where it applies, no per-run head map: what common/model/decode_layers.py runs
+        in one call (merging each layer's partial results through `combine` under KV-cache
+        parallelism). Without combine every row is a decode in row order whose K/V this process stores
+        at its slot as computed. Under KV-cache parallelism a row may have no keys in this group (length
+        0: zeros, lse -inf, as attend gives) and its K/V may be stored by another group (slot -1).
         None otherwise."""
-        if not (self.write_all and self.decode_in_order and not self.rest and self.combine is None
-                and self.kv_map is None and self.decode_rows is not None and len(self.decode_rows) == rows
-                and len(self.write_rows) == rows and getattr(self.backend, "cpu_decode_kernel", False)):
+        if (self.rest or self.kv_map is not None or rows == 0 or self.write_rows is None
+                or not getattr(self.backend, "cpu_decode_kernel", False)):
             return None
-        return self.decode_tables, self.decode_lens, self.write_slots
+        if self.combine is None:
+            if not (self.write_all and len(self.write_rows) == rows and self.decode_in_order
+                    and self.decode_rows is not None and len(self.decode_rows) == rows):
+                return None
+            return self.decode_tables, self.decode_lens, self.write_slots
+        if self.write_rows.device.type != "cpu" or (self.decode_rows is not None and self.decode_rows.device.type != "cpu"):
+            return None
+        slots = torch.full((rows,), -1, dtype=torch.int64)
+        if self.write_rows.numel():
+            slots[self.write_rows] = self.write_slots.to(torch.int64)
+        if self.decode_rows is None:                           # no keys of any row here
+            return torch.full((rows, 1), -1, dtype=torch.int32), torch.zeros(rows, dtype=torch.int32), slots
+        if self.decode_in_order and len(self.decode_rows) == rows:
+            return self.decode_tables, self.decode_lens, slots
+        tables = torch.full((rows, self.decode_tables.shape[1]), -1, dtype=torch.int32)
+        lens = torch.zeros(rows, dtype=torch.int32)
+        tables[self.decode_rows] = self.decode_tables.to(torch.int32)
+        lens[self.decode_rows] = self.decode_lens
+        return tables, lens, slots
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]."""

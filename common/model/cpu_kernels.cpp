@@ -1443,11 +1443,14 @@ int decode_layers(int64_t layers, T* x, int64_t rows, int64_t hidden, const void
                   const void* const* wo, const void* const* ln2, const void* const* wgu, const void* const* wdown,
                   int64_t inter, float eps, const T* cos, const T* sin, int64_t hq, int64_t hkv, int64_t d,
                   void* const* kcache, void* const* vcache, const int64_t* slots, const int32_t* tables,
-                  int64_t ld_table, const int32_t* lens, int64_t bs, float scale, int64_t span) {
+                  int64_t ld_table, const int32_t* lens, int64_t bs, float scale, int64_t span, T* o_buf,
+                  float* lse_buf, int (*combine)(int64_t)) {
   const int64_t nq = hq * d, nkv = hkv * d, nqkv = nq + 2 * nkv;
-  std::vector<T> h(rows * hidden), qkv(rows * nqkv), q(rows * nq), k(rows * nkv), o(rows * nq), y(rows * hidden),
-      gu(rows * 2 * inter), act(rows * inter);
-  std::vector<float> lse(rows * hq);
+  std::vector<T> h(rows * hidden), qkv(rows * nqkv), q(rows * nq), k(rows * nkv), o_own(o_buf ? 0 : rows * nq),
+      y(rows * hidden), gu(rows * 2 * inter), act(rows * inter);
+  std::vector<float> lse_own(lse_buf ? 0 : rows * hq);
+  T* o = o_buf ? o_buf : o_own.data();
+  float* lse = lse_buf ? lse_buf : lse_own.data();
   for (int64_t l = 0; l < layers; ++l) {
     rms_norm<T>(x, hidden, (const T*)ln1[l], h.data(), hidden, rows, hidden, eps);
     gemv<T, T>(h.data(), hidden, (const T*)wqkv[l], hidden, qkv.data(), nqkv, rows, nqkv, hidden);
@@ -1456,13 +1459,14 @@ int decode_layers(int64_t layers, T* x, int64_t rows, int64_t hidden, const void
     T* kc = (T*)kcache[l];
     T* vc = (T*)vcache[l];
     for (int64_t r = 0; r < rows; ++r) {
+      if (slots[r] < 0) continue;                // a row whose K and V another KV-parallel group stores
       memcpy(kc + slots[r] * nkv, k.data() + r * nkv, nkv * sizeof(T));
       memcpy(vc + slots[r] * nkv, qkv.data() + r * nqkv + nq + nkv, nkv * sizeof(T));
     }
-    if (decode_attention<T>(q.data(), kc, vc, tables, ld_table, lens, rows, hq, hkv, d, bs, scale, span, o.data(),
-                            lse.data()))
+    if (decode_attention<T>(q.data(), kc, vc, tables, ld_table, lens, rows, hq, hkv, d, bs, scale, span, o, lse))
       return -1;
-    gemv<T, T>(o.data(), nq, (const T*)wo[l], nq, y.data(), hidden, rows, hidden, nq);
+    if (combine && combine(l)) return -2;        // the groups' partial results merged into o (KV parallel)
+    gemv<T, T>(o, nq, (const T*)wo[l], nq, y.data(), hidden, rows, hidden, nq);
     add_into<T>(x, y.data(), rows * hidden);
     rms_norm<T>(x, hidden, (const T*)ln2[l], h.data(), hidden, rows, hidden, eps);
     gemv<T, T>(h.data(), hidden, (const T*)wgu[l], hidden, gu.data(), 2 * inter, rows, 2 * inter, hidden);
@@ -1483,23 +1487,29 @@ extern "C" {
 // [(hq + 2 hkv) d, hidden], wo[l] [hidden, hq d], wgu[l] [2 inter, hidden] (gate | up), wdown[l]
 // [hidden, inter]; the K and V caches kcache[l], vcache[l] [num_blocks, bs, hkv, d]. cos, sin [rows, d];
 // slots [rows] int64 (where each row's K and V go), tables [rows, ld_table] and lens [rows] int32 (its
-// keys, its own included). dtype 0 float32, 1 bfloat16. Returns 0, or -1 (nothing is complete then)
-// for a shape the attention kernel does not take or a build without it.
+// keys, its own included; a row with no keys here has length 0: zeros, lse -inf). A slot < 0: the row's
+// K and V are not stored here (another KV-parallel group stores them). o_buf [rows, hq d] in the dtype and
+// lse_buf [rows, hq] float32, if not null, receive each layer's attention output and log-sum-exp (else
+// scratch of the call's own); combine, if not null, is called after each layer's attention with the
+// layer's index (0 .. layers - 1) and leaves the merged output of every KV-parallel group in o_buf,
+// returning 0 (anything else stops the step). dtype 0 float32, 1 bfloat16. Returns 0; -1 (nothing is
+// complete then) for a shape the attention kernel does not take or a build without it; -2 where
+// combine failed (the layers before it are done, and their K and V stored).
 int mn_decode_layers(int dtype, int64_t layers, void* x, int64_t rows, int64_t hidden, const void* const* ln1,
                      const void* const* wqkv, const void* const* wo, const void* const* ln2, const void* const* wgu,
                      const void* const* wdown, int64_t inter, float eps, const void* cos, const void* sin, int64_t hq,
                      int64_t hkv, int64_t d, void* const* kcache, void* const* vcache, const int64_t* slots,
                      const int32_t* tables, int64_t ld_table, const int32_t* lens, int64_t bs, float scale,
-                     int64_t span) {
+                     int64_t span, void* o_buf, float* lse_buf, int (*combine)(int64_t)) {
 #if defined(MN_DECODE_ATTENTION)
   if (dtype == 0)
     return decode_layers<float>(layers, (float*)x, rows, hidden, ln1, wqkv, wo, ln2, wgu, wdown, inter, eps,
                                 (const float*)cos, (const float*)sin, hq, hkv, d, kcache, vcache, slots, tables,
-                                ld_table, lens, bs, scale, span);
+                                ld_table, lens, bs, scale, span, (float*)o_buf, lse_buf, combine);
   if (dtype == 1)
     return decode_layers<uint16_t>(layers, (uint16_t*)x, rows, hidden, ln1, wqkv, wo, ln2, wgu, wdown, inter, eps,
                                    (const uint16_t*)cos, (const uint16_t*)sin, hq, hkv, d, kcache, vcache, slots,
-                                   tables, ld_table, lens, bs, scale, span);
+                                   tables, ld_table, lens, bs, scale, span, (uint16_t*)o_buf, lse_buf, combine);
 #endif
   return -1;
 }

@@ -117,6 +117,10 @@ def build(path: Path, flags: tuple[str, ...] = FLAGS) -> None:
             os.unlink(tmp)
 
 
+# mn_decode_layers' per-layer callback: the layer's index -> 0, or nonzero to stop the step
+COMBINE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64)
+
+
 def load(path: Path) -> ctypes.CDLL:
     """The library at `path` with its functions' signatures set."""
     lib = ctypes.CDLL(str(path))
@@ -146,7 +150,8 @@ def load(path: Path) -> ctypes.CDLL:
     pp = ctypes.POINTER(ctypes.c_void_p)
     lib.mn_decode_layers.restype = ctypes.c_int
     lib.mn_decode_layers.argtypes = [ctypes.c_int, i64, ptr, i64, i64, pp, pp, pp, pp, pp, pp, i64, ctypes.c_float,
-                                     ptr, ptr, i64, i64, i64, pp, pp, ptr, ptr, i64, ptr, i64, ctypes.c_float, i64]
+                                     ptr, ptr, i64, i64, i64, pp, pp, ptr, ptr, i64, ptr, i64, ctypes.c_float, i64,
+                                     ptr, ptr, COMBINE]
     lib.mn_decode_attention_isa.restype = ctypes.c_int
     lib.mn_decode_attention.restype = ctypes.c_int
     lib.mn_decode_attention.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,

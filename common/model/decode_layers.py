@@ -11,12 +11,19 @@ so the hidden states (and so the logits) are the per-op path's bit for bit
 
 It applies when every piece of the per-op path would have taken its kernel: a CPU float32/bfloat16
 model on an AVX-512 or AVX2 build, up to the kernels' row limit of rows each decoding one token in row order
-with nothing else in the batch (ForwardContext.in_place_decode: no prefill chunk, no KV-parallel
-combine, no tensor-parallel head map), plain modules (no tensor-parallel linears, which all-reduce),
+with nothing else in the batch (ForwardContext.in_place_decode: no prefill chunk, no tensor-parallel
+head map), plain modules (no tensor-parallel linears, which all-reduce),
 fused q/k/v and gate/up weights without biases, [out, in] contiguous weights, a head dim the attention
 kernel takes. Anything else returns None and the modules run as before. The layers are checked once
 per model (`forget` when its parameters change: LlamaModel calls it), the cache's per-layer
 pointers once per cache. `disabled()` turns it off (the benchmark's A/B and the tests' reference).
+
+Under KV-cache parallelism (a grid worker whose context has `combine`), the step runs in one call as
+well: after each layer's attention over this group's keys the kernel calls back into Python
+(`cpu_kernels.COMBINE`), which merges the groups' partial outputs through `combine` (the same
+all-gather and merge as the per-op path, so the same bits) into the buffer the kernel goes on from;
+rows with no keys in this group attend to nothing (zeros, lse -inf), rows another group stores are not
+written here. An exception in the callback stops the kernel and is raised again here.
 """
 from __future__ import annotations
 
@@ -150,10 +157,29 @@ def run(model, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) 
     tables = tables.to(torch.int32).contiguous()
     lens = lens.to(torch.int32).contiguous()
     slots = slots.to(torch.int64).contiguous()
+    merge = getattr(ctx, "combine", None)
+    out = lse = callback = None
+    failed: list[BaseException] = []
+    if merge is not None:                    # KV-cache parallel: each layer's partials merged across groups
+        out = torch.empty(rows, st.hq, st.d, dtype=dt)
+        lse = torch.empty(rows, st.hq, dtype=torch.float32)
+
+        def combine(layer: int) -> int:
+            try:
+                out.copy_(merge(out, lse))
+                return 0
+            except BaseException as e:     # noqa: BLE001 - raised again below, once the kernel returned
+                failed.append(e)
+                return 1
+        callback = cpu_kernels.COMBINE(combine)
     rc = lib.mn_decode_layers(_CODES[dt], len(st.layer_ids), x.data_ptr(), rows, size, *st.weights, st.inter,
                               st.eps, cos.data_ptr(), sin.data_ptr(), st.hq, st.hkv, st.d, *kv, slots.data_ptr(),
                               tables.data_ptr(), tables.stride(0), lens.data_ptr(), cache.block_size, ctx.scale,
-                              cpu_kernels.span_keys(lens))
+                              cpu_kernels.span_keys(lens), None if out is None else out.data_ptr(),
+                              None if lse is None else lse.data_ptr(),
+                              callback if callback is not None else cpu_kernels.COMBINE())
+    if failed:
+        raise failed[0]
     if rc != 0:
         raise RuntimeError(f"decode layers kernel: unsupported shape (rows {rows}, heads {st.hq}/{st.hkv}, "
                            f"dim {st.d})")

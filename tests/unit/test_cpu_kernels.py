@@ -277,6 +277,84 @@ def test_a_decode_step_in_one_call_equals_the_modules_bit_for_bit(tmp_path, monk
         assert sum(taken) >= 8 and not all(taken)     # the all-decode steps, not the prefill chunks
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_kv_parallel_decode_step_in_one_call_equals_the_modules(tmp_path, monkeypatch, dtype):
+    """A KV-cache-parallel group's decode step (a grid worker's ForwardContext with `combine`): three
+    rows, one whose keys lie here and whose K/V this group stores, one with no keys here, one whose
+    earlier keys lie here and whose K/V another group stores. The one-call step merges each layer's
+    partials through combine from inside the kernel: the same hidden states and the same cache bit for
+    bit as module by module, combine called once per layer with the same partials; an exception in
+    combine comes out of the step."""
+    from common.attention.merge import merge_stacked
+    from common.config import CacheConfig, EngineConfig, SchedulerConfig
+    from common.engine.engine import LLMEngine
+    from common.engine.forward_context import ForwardContext, SeqAttn
+    from common.model.loader import load_checkpoint
+    from common.model.random_hf import write_random_hf_model
+
+    ckpt = load_checkpoint(str(write_random_hf_model(tmp_path / "llama", "llama", seed=5, tokenizer=False,
+                                                     num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+                                                     num_hidden_layers=3)))
+    engine = LLMEngine(EngineConfig(model="(preloaded)", dtype=dtype,
+                                    cache=CacheConfig(block_size=16, num_blocks=16, prefix_caching=False),
+                                    scheduler=SchedulerConfig(chunk_size=32)), ckpt)
+    ex = engine.executor
+    model, cache, dt = ex.model, ex.cache, ex.dtype
+    g = torch.Generator().manual_seed(2)
+    cache.data.copy_(torch.randn(cache.data.shape, generator=g).to(dt))
+    start = cache.data.clone()
+    seqs = [SeqAttn(slice(0, 1), 40, 0, 41, [0, 1, 2]),        # keys 0..40 here, its own stored here
+            SeqAttn(slice(2, 3), 70, 0, 32, [3, 4])]           # keys 0..31 here, stored by another group
+    ids, positions = torch.tensor([11, 12, 13]), torch.tensor([40, 99, 70])
+
+    def step(calls: list) -> torch.Tensor:
+        def combine(out, lse):                  # another group's partials: the same each run, per call
+            calls.append((out.clone(), lse.clone()))
+            gen = torch.Generator().manual_seed(len(calls))
+            other = torch.randn(out.shape, generator=gen).to(out.dtype)
+            other_lse = torch.randn(lse.shape, generator=gen)
+            return merge_stacked(torch.stack([out, other]), torch.stack([lse.float(), other_lse]))[0].to(out.dtype)
+        cache.data.copy_(start)
+        ctx = ForwardContext(cache, ex.backend, seqs, next(iter(model.layers.values())).self_attn.head_dim ** -0.5,
+                             torch.tensor([0]), torch.tensor(cache.slots([0, 1, 2], 40, 41)), combine=combine)
+        with torch.inference_mode():                    # as the engine and the grid workers run
+            return model(model.embed(ids).to(dt), positions, ctx)
+
+    taken: list[bool] = []
+    real = decode_layers.run
+    monkeypatch.setattr(decode_layers, "run", lambda *a: (lambda out: taken.append(out is not None) or out)(real(*a)))
+    one_calls: list = []
+    one = step(one_calls)
+    one_cache = cache.data.clone()
+    with decode_layers.disabled():
+        mod_calls: list = []
+        mods = step(mod_calls)
+    assert taken == [True, False]
+    assert torch.equal(one.view(torch.uint8), mods.view(torch.uint8))
+    assert torch.equal(one_cache.view(torch.uint8), cache.data.view(torch.uint8))
+    assert len(one_calls) == len(mod_calls) == 3
+    for (a, la), (b, lb) in zip(one_calls, mod_calls):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and torch.equal(la, lb)
+        assert torch.equal(la[1], torch.full_like(la[1], float("-inf"))) and not bool(a[1].any())   # no keys here
+    # K/V written for row 0 only (slot 2 * 16 + 8 of every layer), none for the rows stored elsewhere
+    written = (one_cache != start).reshape(cache.data.shape[0], 2, -1, cache.data.shape[-2] * cache.data.shape[-1])
+    assert written.any(dim=-1).nonzero()[:, 2].unique().tolist() == [2 * 16 + 8]
+
+    failed: list[int] = []
+
+    def failing(out, lse):                      # the second layer's merge fails (a peer died, say)
+        failed.append(1)
+        if len(failed) == 2:
+            raise ValueError("the other group is gone")
+        return out
+    ctx = ForwardContext(cache, ex.backend, seqs, 0.125, torch.tensor([0]), torch.tensor(cache.slots([0, 1, 2], 40, 41)),
+                         combine=failing)
+    with pytest.raises(ValueError, match="the other group is gone") as raised, torch.inference_mode():
+        model(model.embed(ids).to(dt), positions, ctx)
+    assert len(failed) == 2 and any(Path(str(e.path)).name == "decode_layers.py" for e in raised.traceback)
+
+
 def test_no_compiler_leaves_f_linear_in_place(tmp_path):
     """A machine without a working compiler serves on F.linear and says why; the off switch too."""
     code = ("import torch; from common.model import cpu_kernels; x = torch.randn(1, 8); w = torch.randn(4, 8);"
