@@ -48,8 +48,6 @@ def op_times(dtype: torch.dtype, rows: int, reps: int) -> dict[str, dict[str, fl
     from common.model import cpu_kernels
     from common.model.rope import Rope, apply_rope
     lib = cpu_kernels.elementwise(torch.zeros(rows, 16, dtype=dtype))
-    if lib is None:
-        raise SystemExit("this build does not take a prefill chunk's rows (mn_elementwise_isa() == 0)")
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, 576, generator=g).to(dtype), torch.randn(576, generator=g).to(dtype)
     qkv = torch.randn(rows, 960, generator=g).to(dtype)
@@ -88,6 +86,9 @@ def main() -> int:
     from common.model import cpu_kernels
     from common.model.loader import load_checkpoint
 
+    if cpu_kernels.elementwise(torch.zeros(a.rows, 16)) is None:
+        print(f"elementwise_prefill: skipped, the kernels do not take a prefill chunk's rows here ({cpu_kernels.status()})")
+        return 0
     checkpoint = load_checkpoint(None)
     prompt = prompt_tokens(a.context)
     kernel_gate = cpu_kernels.elementwise
