@@ -366,15 +366,19 @@ inline vf vkeep_first(vf a, int64_t n) { return {_mm512_maskz_mov_ps(first_lanes
 // e^-87 is the smallest normal float32, and a denormal weight costs a microcode assist in every
 // multiply-add it enters (real attention is peaked: the 8K decode took 1.7x as long with them);
 // the weights are relative to the row's maximum (weight 1), so what is flushed is below rounding.
-inline __m512 exp_ps(__m512 x) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(FLUSH), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(FLUSH));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+// x = n ln2 + r: n (into *n) and e^r, for x in the caller's range
+inline __m512 exp_poly_ps(__m512 x, __m512* n) {
+  *n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(*n, _mm512_set1_ps(LN2_HI), x);
+  r = _mm512_fnmadd_ps(*n, _mm512_set1_ps(LN2_LO), r);
   __m512 p = _mm512_set1_ps(EXP_POLY[0]);
   for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLY[i]));
+  return p;
+}
+inline __m512 exp_ps(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(FLUSH), _CMP_GE_OQ);
+  __m512 n;
+  const __m512 p = exp_poly_ps(_mm512_max_ps(x, _mm512_set1_ps(FLUSH)), &n);
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
 inline vf vexp(vf x) { return {exp_ps(x.v)}; }
@@ -443,14 +447,18 @@ inline vf vkeep_first(vf a, int64_t n) {
 
 // e^x as the AVX-512 exp_ps above (x <= 0; 0 below FLUSH), 2^n built in the exponent bits
 // (n >= -126 there, so 2^n is a normal float32 and the product rounds as scalef's)
-inline __m256 exp8(__m256 x) {
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(FLUSH), _CMP_GE_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(FLUSH));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+inline __m256 exp_poly8(__m256 x, __m256* n) {  // as exp_poly_ps: n (into *n) and e^r
+  *n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(*n, _mm256_set1_ps(LN2_HI), x);
+  r = _mm256_fnmadd_ps(*n, _mm256_set1_ps(LN2_LO), r);
   __m256 p = _mm256_set1_ps(EXP_POLY[0]);
   for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_POLY[i]));
+  return p;
+}
+inline __m256 exp8(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(FLUSH), _CMP_GE_OQ);
+  __m256 n;
+  const __m256 p = exp_poly8(_mm256_max_ps(x, _mm256_set1_ps(FLUSH)), &n);
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
@@ -836,13 +844,8 @@ inline vf vrnd(vf v, uint16_t) { return vround_bf16_any(v); }
 // numerator keeps it a NaN.
 #if defined(__AVX512F__)
 inline __m512 exp_full_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-  __m512 p = _mm512_set1_ps(EXP_POLY[0]);
-  for (int i = 1; i < 8; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLY[i]));
+  __m512 n;
+  const __m512 p = exp_poly_ps(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f)), &n);
   return _mm512_scalef_ps(p, n);
 }
 // silu(a) = a / (1 + e^-a), the eager expression's operations
@@ -851,12 +854,8 @@ inline vf vsilu(vf a) {
 }
 #else
 inline __m256 exp_full8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.f)), _mm256_set1_ps(89.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-  __m256 p = _mm256_set1_ps(EXP_POLY[0]);
-  for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_POLY[i]));
+  __m256 n;
+  const __m256 p = exp_poly8(_mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.f)), _mm256_set1_ps(89.f)), &n);
   const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
   const __m256i bias = _mm256_set1_epi32(127);
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
