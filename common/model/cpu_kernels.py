@@ -401,7 +401,7 @@ def elementwise(x: torch.Tensor) -> ctypes.CDLL | None:
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """Hugging Face's LlamaRMSNorm of x [rows, n] (the caller checked `small`); None where it does not
+    """Hugging Face's LlamaRMSNorm of x [rows, n] (the caller checked `elementwise`); None where it does not
     apply (the caller's eager code)."""
     if x.dim() != 2 or x.stride(1) != 1 or w.dtype != x.dtype or not w.is_contiguous() or w.shape != x.shape[1:]:
         return None
