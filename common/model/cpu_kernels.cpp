@@ -147,7 +147,7 @@ void rows_avx512(const typename P::T* x, int64_t ldx, const typename P::T* w, in
 #endif
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-// ---- AVX2: the same passes on 8 lanes, two accumulators per row of x (16 registers) ---------------
+// ---- AVX2: 8 lanes, 16 registers ----------------------------------------------------------------
 // (the 8-lane helpers here serve the AVX2 attention kernels below too)
 inline __m256i lanes_below(int64_t n) {          // all ones in lanes i < n of 8
   return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(std::max<int64_t>(n, 0), 8)),
@@ -161,56 +161,112 @@ inline float hsum8(__m256 a) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-struct F32x8 {                                   // 8 floats a step
-  using T = float;
-  static constexpr int64_t STEP = 8;
-  static __m256 load(const T* p) { return _mm256_loadu_ps(p); }
-  static __m256 load_tail(const T* p, int64_t n) { return _mm256_maskload_ps(p, lanes_below(n)); }
-};
-struct BF16x8 {                                  // 8 bfloat16 a step, widened to float32 (exact)
-  using T = uint16_t;
-  static constexpr int64_t STEP = 8;
-  static __m256 load(const T* p) { return widen8(p); }
-  static __m256 load_tail(const T* p, int64_t n) {
-    alignas(16) uint16_t b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    memcpy(b, p, n * sizeof(T));
-    return widen8(_mm_load_si128((const __m128i*)b));
-  }
-};
+inline __m256 maskload8(const float* p, int64_t n) { return _mm256_maskload_ps(p, lanes_below(n)); }   // lanes >= n 0
 #define MN_AVX2_GEMV 1
 
-template <typename P, int M, typename Y>
-void rows_avx2(const typename P::T* x, int64_t ldx, const typename P::T* w, int64_t ldw, Y* y, int64_t ldy,
-               int64_t r0, int64_t r1, int64_t K) {
-  const int64_t body = K - K % P::STEP, tail = K % P::STEP;
+// float32: one row of w a pass, A accumulators per row of x (A = 4 for one or two rows of x: the
+// multiply-add latency is 4 cycles and two issue a cycle, so two accumulators held one row to a
+// quarter of the adds it could issue; A = 2 from three rows, 16 registers).
+template <int M, int A, typename Y>
+void rows_avx2_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, Y* y, int64_t ldy, int64_t r0,
+                   int64_t r1, int64_t K) {
+  const int64_t body = K - K % 8, tail = K % 8;
   for (int64_t r = r0; r < r1; ++r) {
-    __m256 acc[M][2];
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    const typename P::T* wr = w + r * ldw;
+    __m256 acc[M][A];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+    const float* wr = w + r * ldw;
     int64_t k = 0;
-    for (; k + 2 * P::STEP <= body; k += 2 * P::STEP) {
-      const __m256 w0 = P::load(wr + k), w1 = P::load(wr + k + P::STEP);
-      for (int m = 0; m < M; ++m) {
-        acc[m][0] = _mm256_fmadd_ps(P::load(x + m * ldx + k), w0, acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(P::load(x + m * ldx + k + P::STEP), w1, acc[m][1]);
+    for (; k + 8 * A <= body; k += 8 * A)
+      for (int a = 0; a < A; ++a) {
+        const __m256 wv = _mm256_loadu_ps(wr + k + 8 * a);
+        for (int m = 0; m < M; ++m) acc[m][a] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k + 8 * a), wv, acc[m][a]);
       }
-    }
-    for (; k < body; k += P::STEP) {
-      const __m256 w0 = P::load(wr + k);
-      for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fmadd_ps(P::load(x + m * ldx + k), w0, acc[m][0]);
+    for (; k < body; k += 8) {
+      const __m256 wv = _mm256_loadu_ps(wr + k);
+      for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * ldx + k), wv, acc[m][0]);
     }
     if (tail) {
-      const __m256 w0 = P::load_tail(wr + body, tail);
-      for (int m = 0; m < M; ++m) acc[m][1] = _mm256_fmadd_ps(P::load_tail(x + m * ldx + body, tail), w0, acc[m][1]);
+      const __m256 wv = maskload8(wr + body, tail);
+      for (int m = 0; m < M; ++m) acc[m][1] = _mm256_fmadd_ps(maskload8(x + m * ldx + body, tail), wv, acc[m][1]);
     }
-    for (int m = 0; m < M; ++m) store(y + m * ldy + r, hsum8(_mm256_add_ps(acc[m][0], acc[m][1])));
+    for (int m = 0; m < M; ++m) {
+      __m256 s = _mm256_add_ps(acc[m][0], acc[m][1]);
+      if constexpr (A == 4) s = _mm256_add_ps(s, _mm256_add_ps(acc[m][2], acc[m][3]));
+      store(y + m * ldy + r, hsum8(s));
+    }
   }
+}
+
+// bfloat16: a 256-bit load holds 16 weights, a pair in each 32-bit lane; the even one of a pair becomes
+// its float32 by a shift left, the odd one by clearing the low half (one integer operation per 8
+// weights, where widening 8 through vpmovzxwd took a shuffle and a shift). x is split once per call
+// into its even and odd elements in float32 (xs: [M][K16 / 2 even | K16 / 2 odd], K16 = K rounded down
+// to 16), so the loop multiplies even weights by even elements and odd by odd. 2 * U accumulators per
+// row of x (8 for one or two rows of x, 16 registers). The products are exact in float32; the last
+// K % 16 elements are summed in scalar after the vector sums.
+template <int M, int U, typename Y>
+void rows_avx2_bf16(const float* xs, const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, Y* y,
+                    int64_t ldy, int64_t r0, int64_t r1, int64_t K) {
+  const int64_t k16 = K - K % 16, half = k16 / 2;
+  const __m256i odd = _mm256_set1_epi32((int)0xffff0000u);
+  for (int64_t r = r0; r < r1; ++r) {
+    __m256 acc[M][2 * U];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < 2 * U; ++a) acc[m][a] = _mm256_setzero_ps();
+    const uint16_t* wr = w + r * ldw;
+    int64_t k = 0;
+    for (; k + 16 * U <= k16; k += 16 * U)
+      for (int u = 0; u < U; ++u) {
+        const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k + 16 * u));
+        const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+        const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, odd));
+        for (int m = 0; m < M; ++m) {
+          const float* xe = xs + m * k16 + (k + 16 * u) / 2;
+          acc[m][2 * u] = _mm256_fmadd_ps(_mm256_loadu_ps(xe), we, acc[m][2 * u]);
+          acc[m][2 * u + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + half), wo, acc[m][2 * u + 1]);
+        }
+      }
+    for (; k < k16; k += 16) {
+      const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k));
+      const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+      const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(wv, odd));
+      for (int m = 0; m < M; ++m) {
+        const float* xe = xs + m * k16 + k / 2;
+        acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xe), we, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xe + half), wo, acc[m][1]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      __m256 s = _mm256_add_ps(acc[m][0], acc[m][1]);
+      for (int a = 2; a < 2 * U; a += 2) s = _mm256_add_ps(s, _mm256_add_ps(acc[m][a], acc[m][a + 1]));
+      float v = hsum8(s);
+      for (int64_t j = k16; j < K; ++j) v += bf16_to_f32(x[m * ldx + j]) * bf16_to_f32(wr[j]);
+      store(y + m * ldy + r, v);
+    }
+  }
+}
+
+// x's rows split for rows_avx2_bf16, in a buffer of the calling thread's (its team reads it).
+inline const float* split_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
+  thread_local std::vector<float> xs;
+  const int64_t k16 = K - K % 16, half = k16 / 2;
+  if ((int64_t)xs.size() < M * k16) xs.resize(M * k16);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < half; ++j) {
+      xs[m * k16 + j] = bf16_to_f32(x[m * ldx + 2 * j]);
+      xs[m * k16 + half + j] = bf16_to_f32(x[m * ldx + 2 * j + 1]);
+    }
+  return xs.data();
 }
 #endif
 
-// The path each type takes on this build.
+// The path each type takes on this build, for rows [r0, r1) of w and M <= 4 rows of x (xs: x split for
+// the AVX2 bfloat16 path, else null).
 template <typename T, int M, typename Y>
-void rows(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, int64_t r0, int64_t r1, int64_t K) {
+void rows(const T* x, int64_t ldx, const float* xs, const T* w, int64_t ldw, Y* y, int64_t ldy, int64_t r0,
+          int64_t r1, int64_t K) {
+  (void)xs;
 #if defined(__AVX512F__)
   if constexpr (sizeof(T) == 4) {
     rows_avx512<F32, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
@@ -225,10 +281,10 @@ void rows(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, i
 #endif
 #if defined(MN_AVX2_GEMV)
   if constexpr (sizeof(T) == 4) {
-    rows_avx2<F32x8, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+    rows_avx2_f32<M, M <= 2 ? 4 : 2, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
     return;
   } else {
-    rows_avx2<BF16x8, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
+    rows_avx2_bf16<M, M <= 2 ? 4 / M : 1, Y>(xs, x, ldx, w, ldw, y, ldy, r0, r1, K);
     return;
   }
 #endif
@@ -237,6 +293,11 @@ void rows(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, i
 
 template <typename T, typename Y>
 void gemv(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+  const float* xs = nullptr;
+#if defined(MN_AVX2_GEMV)
+  if constexpr (sizeof(T) == 2) xs = split_bf16(x, ldx, M, K);
+#endif
+  const int64_t k16 = K - K % 16;
   // Each thread takes one contiguous block of rows, so each streams its part of w front to back; a
   // small matrix is not worth waking a second thread for.
   const int threads = N * K < 65536 ? 1 : omp_get_max_threads();
@@ -247,12 +308,13 @@ void gemv(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, i
     const int64_t r0 = t * per, r1 = r0 + per < N ? r0 + per : N;
     for (int64_t m = 0; r0 < r1 && m < M; m += 4) {
       const T* xm = x + m * ldx;
+      const float* xsm = xs ? xs + m * k16 : nullptr;
       Y* ym = y + m * ldy;
       switch (M - m < 4 ? M - m : 4) {
-        case 1: rows<T, 1, Y>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
-        case 2: rows<T, 2, Y>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
-        case 3: rows<T, 3, Y>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
-        default: rows<T, 4, Y>(xm, ldx, w, ldw, ym, ldy, r0, r1, K); break;
+        case 1: rows<T, 1, Y>(xm, ldx, xsm, w, ldw, ym, ldy, r0, r1, K); break;
+        case 2: rows<T, 2, Y>(xm, ldx, xsm, w, ldw, ym, ldy, r0, r1, K); break;
+        case 3: rows<T, 3, Y>(xm, ldx, xsm, w, ldw, ym, ldy, r0, r1, K); break;
+        default: rows<T, 4, Y>(xm, ldx, xsm, w, ldw, ym, ldy, r0, r1, K); break;
       }
     }
   }
