@@ -261,6 +261,141 @@ inline const float* split_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_
 }
 #endif
 
+#if defined(MN_AVX2_GEMV)
+// ---- AVX2: a prefill chunk's linears, y [M, N] = x [M, K] w [N, K]^T in float32 ---------------------
+// torch's float32 GEMM reached 100-170 GFLOP/s on the model's chunk shapes here (K = 576 or 1536; the
+// FMA peak of 2 cores is ~190), and a bfloat16 chunk paid for widening its weight to float32 first.
+// Each thread takes its own panels of 16 columns of y (16 rows of w), NB of them at a time: their w
+// rows are packed, KC values of k at a time, into [KC][16] float32 (bfloat16 widened exactly on the
+// way), which stay in L1/L2 while a 6 x 16 tile of y at a time (12 accumulators, rows of x broadcast)
+// runs down all M rows of x. Every element of y is its k-ordered float32 sum of products, a block of
+// KC at a time added to the blocks before it: the same bits for any M, any row's position in x, and any
+// number of threads.
+constexpr int64_t GEMM_KC = 576, GEMM_NB = 4, GEMM_MR = 6;
+
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const uint16_t* p) { return widen8(p); }
+inline float load1f(const float* p) { return *p; }
+inline float load1f(const uint16_t* p) { return bf16_to_f32(*p); }
+
+template <typename T>
+inline void transpose8x8(const T* src, int64_t lds, float* dst, int64_t ldd) {   // dst[c][r] = src[r][c]
+  const __m256 r0 = load8f(src), r1 = load8f(src + lds), r2 = load8f(src + 2 * lds), r3 = load8f(src + 3 * lds),
+               r4 = load8f(src + 4 * lds), r5 = load8f(src + 5 * lds), r6 = load8f(src + 6 * lds),
+               r7 = load8f(src + 7 * lds);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+               t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+               t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst, _mm256_permute2f128_ps(s0, s4, 0x20));
+  _mm256_storeu_ps(dst + ldd, _mm256_permute2f128_ps(s1, s5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(s2, s6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(s3, s7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(s0, s4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(s1, s5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(s2, s6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+
+// w rows [n0, n0 + 16) (those < N; the others zeros), columns [k0, k0 + kc), into pack[kc][16]
+template <typename T>
+void pack_panel(const T* w, int64_t ldw, int64_t N, int64_t n0, int64_t k0, int64_t kc, float* pack) {
+  int64_t kk = 0;
+  if (n0 + 16 <= N)
+    for (; kk + 8 <= kc; kk += 8) {
+      transpose8x8(w + n0 * ldw + k0 + kk, ldw, pack + kk * 16, 16);
+      transpose8x8(w + (n0 + 8) * ldw + k0 + kk, ldw, pack + kk * 16 + 8, 16);
+    }
+  for (; kk < kc; ++kk)
+    for (int64_t j = 0; j < 16; ++j) pack[kk * 16 + j] = n0 + j < N ? load1f(w + (n0 + j) * ldw + k0 + kk) : 0.f;
+}
+
+// y rows [0, MR) x 16 columns (+)= x rows [0, MR) x pack: the 12 sums as named registers (held in an
+// array, GCC kept them on the stack through the loop)
+template <int MR>
+inline void gemm_tile(const float* x, int64_t ldx, const float* b, int64_t kc, float* y, int64_t ldy, bool add) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx, *x4 = x + 4 * ldx, *x5 = x + 5 * ldx;
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(b + 16 * k), b1 = _mm256_load_ps(b + 16 * k + 8);
+    __m256 a = _mm256_broadcast_ss(x0 + k);
+    c00 = _mm256_fmadd_ps(a, b0, c00);
+    c01 = _mm256_fmadd_ps(a, b1, c01);
+    if constexpr (MR > 1) { a = _mm256_broadcast_ss(x1 + k); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11); }
+    if constexpr (MR > 2) { a = _mm256_broadcast_ss(x2 + k); c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21); }
+    if constexpr (MR > 3) { a = _mm256_broadcast_ss(x3 + k); c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31); }
+    if constexpr (MR > 4) { a = _mm256_broadcast_ss(x4 + k); c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41); }
+    if constexpr (MR > 5) { a = _mm256_broadcast_ss(x5 + k); c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51); }
+  }
+  auto put = [&](int i, __m256 lo, __m256 hi) {
+    float* yi = y + i * ldy;
+    if (add) {
+      lo = _mm256_add_ps(_mm256_loadu_ps(yi), lo);
+      hi = _mm256_add_ps(_mm256_loadu_ps(yi + 8), hi);
+    }
+    _mm256_storeu_ps(yi, lo);
+    _mm256_storeu_ps(yi + 8, hi);
+  };
+  put(0, c00, c01);
+  if constexpr (MR > 1) put(1, c10, c11);
+  if constexpr (MR > 2) put(2, c20, c21);
+  if constexpr (MR > 3) put(3, c30, c31);
+  if constexpr (MR > 4) put(4, c40, c41);
+  if constexpr (MR > 5) put(5, c50, c51);
+}
+
+template <int MR>
+inline void gemm_tile_cols(const float* x, int64_t ldx, const float* b, int64_t kc, float* y, int64_t ldy, bool add,
+                           int64_t cols) {      // as gemm_tile for the first `cols` < 16 columns of y only
+  alignas(32) float t[MR * 16] = {};
+  if (add)
+    for (int i = 0; i < MR; ++i) memcpy(t + 16 * i, y + i * ldy, cols * sizeof(float));
+  gemm_tile<MR>(x, ldx, b, kc, t, 16, add);
+  for (int i = 0; i < MR; ++i) memcpy(y + i * ldy, t + 16 * i, cols * sizeof(float));
+}
+
+template <int MR>
+inline void gemm_rows(const float* x, int64_t ldx, const float* b, int64_t kc, float* y, int64_t ldy, bool add,
+                      int64_t cols) {
+  if (cols == 16) gemm_tile<MR>(x, ldx, b, kc, y, ldy, add);
+  else gemm_tile_cols<MR>(x, ldx, b, kc, y, ldy, add, cols);
+}
+
+template <typename T>
+void gemm(const float* x, int64_t ldx, const T* w, int64_t ldw, float* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+  const int64_t panels = (N + 15) / 16;
+  const int threads = M * N * K < (1 << 22) ? 1 : omp_get_max_threads();
+#pragma omp parallel num_threads(threads)
+  {
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = (panels + nt - 1) / nt, p0 = t * per, p1 = std::min(panels, p0 + per);
+    static thread_local std::vector<float> buf;
+    if ((int64_t)buf.size() < GEMM_NB * GEMM_KC * 16 + 8) buf.resize(GEMM_NB * GEMM_KC * 16 + 8);
+    float* pack = (float*)(((uintptr_t)buf.data() + 31) & ~(uintptr_t)31);     // 32-byte aligned
+    for (int64_t g0 = p0; g0 < p1; g0 += GEMM_NB) {
+      const int64_t g1 = std::min(p1, g0 + GEMM_NB);
+      for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+        const int64_t kc = std::min(GEMM_KC, K - k0);
+        for (int64_t p = g0; p < g1; ++p) pack_panel(w, ldw, N, 16 * p, k0, kc, pack + (p - g0) * GEMM_KC * 16);
+        int64_t m = 0;
+        for (; m + GEMM_MR <= M; m += GEMM_MR)
+          for (int64_t p = g0; p < g1; ++p)
+            gemm_rows<GEMM_MR>(x + m * ldx + k0, ldx, pack + (p - g0) * GEMM_KC * 16, kc, y + m * ldy + 16 * p, ldy,
+                               k0 > 0, std::min<int64_t>(16, N - 16 * p));
+        for (; m < M; ++m)
+          for (int64_t p = g0; p < g1; ++p)
+            gemm_rows<1>(x + m * ldx + k0, ldx, pack + (p - g0) * GEMM_KC * 16, kc, y + m * ldy + 16 * p, ldy, k0 > 0,
+                         std::min<int64_t>(16, N - 16 * p));
+      }
+    }
+  }
+}
+#endif
+
 // The path each type takes on this build, for rows [r0, r1) of w and M <= 4 rows of x (xs: x split for
 // the AVX2 bfloat16 path, else null).
 template <typename T, int M, typename Y>
@@ -369,6 +504,28 @@ void mn_gemv_bf16_f32(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t
 void mn_gemv_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t ldw, uint16_t* y, int64_t ldy,
                   int64_t M, int64_t N, int64_t K) {
   gemv<uint16_t, uint16_t>(x, ldx, w, ldw, y, ldy, M, N, K);
+}
+
+// 1 where this build has the prefill GEMM below (AVX2 builds), else 0.
+int mn_gemm_isa() {
+#if defined(MN_AVX2_GEMV)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// y [M, N] (float32, row stride ldy) = x [M, K] (float32) times w [N, K]^T, w float32 (wdtype 0) or
+// bfloat16 (1, widened exactly); rows of x and w contiguous (strides ldx, ldw). Returns 0, or -1 where
+// this build has no such kernel.
+int mn_gemm(int wdtype, const float* x, int64_t ldx, const void* w, int64_t ldw, float* y, int64_t ldy, int64_t M,
+            int64_t N, int64_t K) {
+#if defined(MN_AVX2_GEMV)
+  if (wdtype == 0) { gemm<float>(x, ldx, (const float*)w, ldw, y, ldy, M, N, K); return 0; }
+  if (wdtype == 1) { gemm<uint16_t>(x, ldx, (const uint16_t*)w, ldw, y, ldy, M, N, K); return 0; }
+#endif
+  (void)wdtype; (void)x; (void)ldx; (void)w; (void)ldw; (void)y; (void)ldy; (void)M; (void)N; (void)K;
+  return -1;
 }
 }
 

@@ -8,10 +8,11 @@ or strided views, and each layer's elementwise steps are ~25 small torch ops. Th
 for the machine's processor (bench/results/cpu_kernels.md measures each against what it replaces):
   linear            `linear(x, w, b)`: for up to MAX_ROWS rows of float32 or bfloat16 against a weight
                     stored [out, in] row-major, a matrix-vector product that streams each thread's block
-                    of rows front to back (AVX-512, AVX2, or portable loops; F.linear for everything
-                    else: prefill chunks, other dtypes and layouts, autograd, other devices); the LM
-                    head's bfloat16 logits unrounded; bfloat16 prefill rows widened to one float32 GEMM
-                    on CPUs without bfloat16 instructions (`bf16_widened`);
+                    of rows front to back (AVX-512, AVX2, or portable loops); the LM head's bfloat16
+                    logits unrounded; more rows (prefill chunks) through the AVX2 builds' GEMM (`gemm`:
+                    weight panels packed per call, float32 sums; bfloat16 operands widened exactly where
+                    the CPU has no bfloat16 instructions, `bf16_widened`), through F.linear elsewhere
+                    (other builds, dtypes and layouts, autograd, other devices);
   decode attention  `decode_attention`: each sequence's one query against its keys where they lie in
                     the paged cache (AVX-512 and AVX2 builds; elsewhere the flash planner of
                     common/attention/cpu.py);
@@ -130,6 +131,10 @@ def load(path: Path) -> ctypes.CDLL:
         fn.argtypes = args
         fn.restype = None
     lib.mn_gemv_isa.restype = ctypes.c_char_p
+    lib.mn_gemm_isa.restype = ctypes.c_int
+    lib.mn_gemm.restype = ctypes.c_int
+    lib.mn_gemm.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.mn_gemv_max_rows.restype = ctypes.c_int64
     lib.mn_gemv_max_rows.argtypes = [ctypes.c_int]
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -182,6 +187,7 @@ def library() -> ctypes.CDLL | None:
                 lib = load(path)
                 _state["digest"] = path.stem.rsplit("-", 1)[-1][:8]
                 _state["max_rows"] = {dt: lib.mn_gemv_max_rows(code) for dt, code in _CODES.items()}
+                _state["gemm"] = bool(lib.mn_gemm_isa())
                 _state["why"] = f"on ({lib.mn_gemv_isa().decode()})"
                 log.info("CPU decode kernels %s: %s", _state["why"], path)
             except Exception as e:      # noqa: BLE001 - any failure leaves F.linear in place
@@ -240,6 +246,31 @@ def gemv(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, float_out: bool = F
     return y
 
 
+def gemm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `linear` takes the GEMM kernel for these operands (more rows than the matrix-vector
+    kernel takes; float32, or bfloat16 where it is widened)."""
+    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] > 0 and w.dtype == x.dtype
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and bf16_widened()))
+            and w.device.type == "cpu" and w.dim() == 2 and w.stride(1) == 1 and x.shape[1] == w.shape[1]
+            and w.shape[0] > 0 and x.shape[1] > 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and library() is not None and bool(_state.get("gemm")))
+
+
+def gemm(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T in float32 (the caller checked `gemm_applies`; bfloat16 x widened here,
+    bfloat16 w as the kernel packs it)."""
+    xf = x.float() if x.dtype != torch.float32 else x
+    if xf.stride(1) != 1:
+        xf = xf.contiguous()
+    m, k = xf.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if lib.mn_gemm(_CODES[w.dtype], xf.data_ptr(), xf.stride(0), w.data_ptr(), w.stride(0), y.data_ptr(), n, m, n, k):
+        raise RuntimeError("mn_gemm: no GEMM kernel in this build")
+    return y
+
+
 def max_rows(dtype: torch.dtype) -> int:
     """The most rows of x for which `linear` takes the kernel in `dtype` (0 without the kernels)."""
     if library() is None:
@@ -285,13 +316,19 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, floa
     """F.linear(x, w, b), through the kernel where it applies. `float_out` (the LM head): where the
     kernel runs, bfloat16 operands give their float32 sums unrounded (logits rounded to bfloat16's 8
     bits tie often: two tokens 0.08 apart in float32 came out equal, and greedy took the lower id).
-    bfloat16 rows the kernel does not take are widened to float32 where `bf16_widened()` (the same
-    float_out rule: the sums unrounded)."""
+    More rows: the GEMM kernel where the build has it (float32; bfloat16 where `bf16_widened()`, its
+    float32 sums rounded once, the same float_out rule), else bfloat16 rows widened to one float32
+    F.linear where `bf16_widened()`, else F.linear."""
     if applies(x, w):
         lib = library()
         if lib is not None and x.shape[0] <= _state["max_rows"][x.dtype]:      # type: ignore[index]
             y = gemv(lib, x, w, float_out)
             return y if b is None else y.add_(b)
+    if gemm_applies(x, w):
+        y = gemm(_state["lib"], x, w)                    # type: ignore[arg-type]
+        if b is not None:
+            y.add_(b.float() if b.dtype != torch.float32 else b)
+        return y if float_out or x.dtype == torch.float32 else y.to(torch.bfloat16)
     if (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
             and w.device.type == "cpu" and bf16_widened()):
         y = F.linear(x.float(), w.float(), None if b is None else b.float())

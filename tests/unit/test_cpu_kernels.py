@@ -112,12 +112,14 @@ def test_isa_names_the_paths(builds):
     for arch in ("x86-64", "x86-64-v3"):
         assert builds[arch].mn_chunk_attention_isa() == 0
     assert builds["x86-64"].mn_chunk_attention_f32_isa() == 0 and builds["x86-64-v3"].mn_chunk_attention_f32_isa() == 1
+    assert builds["x86-64"].mn_gemm_isa() == 0 and builds["x86-64-v3"].mn_gemm_isa() == 1
     native = builds["native"].mn_gemv_isa().decode()
     flags = cpu_kernels.cpuinfo("flags").split()
     avx2 = "avx2" in flags and "fma" in flags
     assert builds["native"].mn_decode_attention_isa() == ("avx512f" in flags or avx2)
     assert builds["native"].mn_chunk_attention_isa() == ("avx512_bf16" in flags)
     assert builds["native"].mn_chunk_attention_f32_isa() == ("avx512f" not in flags and avx2)
+    assert builds["native"].mn_gemm_isa() == ("avx512f" not in flags and avx2)
     if "avx512f" in flags:
         assert native.startswith("float32=avx512")
         assert native.endswith("avx512_bf16" if "avx512_bf16" in flags else ("avx512" if "avx512bw" in flags
@@ -125,6 +127,48 @@ def test_isa_names_the_paths(builds):
     elif avx2:
         assert native == "float32=avx2 bfloat16=avx2"
     assert cpu_kernels.status() == f"on ({native})"
+
+
+GEMM_SHAPES = [(1024, 576, 960), (13, 1536, 576), (7, 1000, 33), (100, 1201, 50), (5, 3, 7), (6, 8, 16), (1, 17, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("build", ["native", "x86-64-v3"])
+def test_gemm_is_the_exact_product_to_float32_rounding(builds, build, dtype):
+    """The prefill GEMM (AVX2 builds): float32 x against float32 or bfloat16 weights, shapes with every
+    kind of edge (M not a multiple of the 6-row tile, N of the 16-column panel, K of the 8-wide packing
+    or over the 576-wide k block), within float32 rounding of the float64 product; a row's result the
+    same bits wherever it lies in x and whatever M is, one thread or two."""
+    lib = builds[build]
+    if not lib.mn_gemm_isa():
+        pytest.skip("no GEMM kernel in this build (AVX-512 builds)")
+    torch.manual_seed(4)
+    for m, k, n in GEMM_SHAPES:
+        x = torch.randn(m, k).to(dtype).float()
+        w = torch.randn(n, k).to(dtype)
+        y = cpu_kernels.gemm(lib, x, w)
+        exact = F.linear(x.double(), w.double())
+        bound = 4e-7 * (k ** 0.5 + 4) * F.linear(x.double().abs(), w.double().abs())
+        assert y.dtype == torch.float32 and bool(((y.double() - exact).abs() <= bound).all()), (m, k, n)
+        assert torch.equal(cpu_kernels.gemm(lib, x[m // 2:].contiguous(), w), y[m // 2:])
+    xs = torch.randn(20, 700)
+    x, w = xs[:, 50:626], torch.randn(96, 640).to(dtype)[:, :576]      # strided rows of both
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.gemm(lib, x, w)
+        torch.set_num_threads(2)
+        two = cpu_kernels.gemm(lib, x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    torch.testing.assert_close(one.double(), F.linear(x.double(), w.double()), rtol=1e-5, atol=1e-4)
+
+
+def test_builds_without_the_gemm_say_so(builds):
+    x, w = torch.randn(8, 16), torch.randn(16, 16)
+    y = torch.empty(8, 16)
+    assert builds["x86-64"].mn_gemm(0, x.data_ptr(), 16, w.data_ptr(), 16, y.data_ptr(), 16, 8, 16, 16) == -1
 
 
 @needs_kernel
@@ -141,8 +185,17 @@ def test_linear_takes_the_kernel_only_where_it_applies(monkeypatch):
     assert calls == [(1, 32), (4, 32)]
     calls.clear()
     x5 = torch.randn(5, 32)
-    assert torch.equal(cpu_kernels.linear(x5, w), F.linear(x5, w))    # a prefill chunk: F.linear itself
     wt = w.t().contiguous().t()                                    # stored [in, out]
+    if cpu_kernels._state.get("gemm"):                             # a prefill chunk: the GEMM kernel
+        gemms = []
+        real_gemm = cpu_kernels.gemm
+        monkeypatch.setattr(cpu_kernels, "gemm", lambda lib, x, w: gemms.append(x.shape) or real_gemm(lib, x, w))
+        torch.testing.assert_close(cpu_kernels.linear(x5, w, b), F.linear(x5, w, b), rtol=1e-6, atol=1e-5)
+        assert gemms == [(5, 32)]
+        assert torch.equal(cpu_kernels.linear(x5, wt), F.linear(x5, wt))    # [in, out]: F.linear
+        assert gemms == [(5, 32)]
+    else:
+        assert torch.equal(cpu_kernels.linear(x5, w), F.linear(x5, w))     # F.linear itself
     x1 = torch.randn(1, 32)
     assert torch.equal(cpu_kernels.linear(x1, wt), F.linear(x1, wt))
     assert torch.equal(cpu_kernels.linear(x1.half(), w.half()), F.linear(x1.half(), w.half()))
@@ -172,10 +225,14 @@ def test_bf16_rows_past_the_kernel_are_a_widened_float32_product(bias):
         yt = cpu_kernels.linear(x, w.t().contiguous().t(), b)            # stored [in, out]
     assert y.dtype == torch.bfloat16 and logits.dtype == torch.float32
     wide = F.linear(x.float(), w.float(), None if b is None else b.float())
-    assert torch.equal(logits, wide) and torch.equal(y, wide.bfloat16()) and torch.equal(yt, y)
+    assert torch.equal(y, logits.bfloat16())                                     # rounded once
+    if cpu_kernels._state.get("gemm"):       # the GEMM kernel's float32 sums ([in, out]: F.linear's)
+        assert torch.equal(yt, wide.bfloat16())
+    else:
+        assert torch.equal(logits, wide) and torch.equal(yt, y)
     torch.testing.assert_close(logits.double(), exact, rtol=1e-6, atol=1e-4)     # float32 sums of exact products
     ulp = exact.abs().clamp_min(1e-3) * 2.0 ** -8
-    assert ((y.double() - exact).abs() <= ulp).all()
+    assert ((y.double() - exact).abs() <= ulp).all() and ((yt.double() - exact).abs() <= ulp).all()
     with cpu_kernels.bf16_widening(False):
         assert torch.equal(cpu_kernels.linear(x, w, b), F.linear(x, w, b))    # torch's own kernel
     torch.testing.assert_close(F.linear(x, w, b).double(), exact, rtol=2.0 ** -7, atol=1e-2)
