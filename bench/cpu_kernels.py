@@ -1,6 +1,6 @@
 """The CPU kernels (common/model/cpu_kernels.py) against what they replace, side by side in one run.
 
-Four parts, each alternating the two sides, --rounds rounds, medians (each round's load average kept):
+Five parts, each alternating the two sides, --rounds rounds, medians (each round's load average kept):
   gemv       one decode step's linears of the built-in model's shapes (q/k/v, o, gate/up, down: 30
              distinct weights each, as the model's layers, so they stream from memory; the LM head once),
              for 1 and 4 rows: F.linear on the layout torch streams fastest ([in, out] for float32,
@@ -13,6 +13,10 @@ Four parts, each alternating the two sides, --rounds rounds, medians (each round
              64K) in each dtype a chunk kernel takes on this build (bfloat16 on AVX512-BF16; float32
              and bfloat16 on AVX2): the flash path vs the chunk kernel (at every length, past the
              float32 cap cpu_kernels.F32_CHUNK_MAX_KEYS too); ms and GFLOP/s;
+  gemm       one prefill chunk's linears of the built-in model (1,024 rows through q/k/v, o, gate/up,
+             down; 30 distinct weights each, so they stream from memory, in AVX2 builds only): what
+             `linear` ran before the GEMM kernel (float32: F.linear; bfloat16: F.linear of the operands
+             widened to float32, rounded once) vs the kernel (cpu_kernels.gemm); ms and GFLOP/s;
   engine     the built-in model's decode step (one request, prefill skipped as in bench/engine.py) at
              1K, 4K and 8K in float32 and bfloat16: an engine with the kernels (its layers in one call,
              common/model/decode_layers.py), the same engine with its layers module by module
@@ -20,7 +24,7 @@ Four parts, each alternating the two sides, --rounds rounds, medians (each round
              with float32 weights [in, out], the layout it used).
 
 Writes bench/results/cpu_kernels.{json,md} (--name: another stem).
-Run: PYTHONPATH=. python -m bench.cpu_kernels [--rounds 3] [--parts gemv,attention,engine]
+Run: PYTHONPATH=. python -m bench.cpu_kernels [--rounds 3] [--parts gemv,attention,chunk,gemm,engine]
 """
 from __future__ import annotations
 
@@ -78,6 +82,40 @@ def gemv_round(dtype: torch.dtype, rows: int) -> dict:
     read = min(timed(buf.sum, 3) for _ in range(2))
     out["step"] = {"bytes": nbytes_all, "torch_ms": 1e3 * total["torch"], "kernel_ms": 1e3 * total["kernel"],
                    "read_ms": 1e3 * read}
+    return out
+
+
+def gemm_round(dtype: torch.dtype, rows: int = 1024) -> dict | None:
+    lib = cpu_kernels.library()
+    probe_x, probe_w = torch.randn(8, 16).to(dtype), torch.randn(16, 16).to(dtype)
+    if not cpu_kernels.gemm_applies(probe_x, probe_w):
+        return None
+
+    def before(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:     # linear's path before the kernel
+        if dtype == torch.bfloat16:
+            return F.linear(x.float(), w.float()).to(torch.bfloat16)
+        return F.linear(x, w)
+
+    def kernel(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = cpu_kernels.gemm(lib, x, w)
+        return y if dtype == torch.float32 else y.to(torch.bfloat16)
+
+    out = {}
+    total = {"torch": 0.0, "kernel": 0.0, "flops": 0.0}
+    for name, (o, i) in SHAPES.items():
+        if name == "lm_head":
+            continue
+        ws = [torch.randn(o, i).to(dtype) for _ in range(LAYERS)]
+        x = torch.randn(rows, i).to(dtype)
+        flops = 2.0 * rows * o * i * LAYERS
+        t_torch = timed(lambda: [before(x, w) for w in ws], 3)
+        t_kernel = timed(lambda: [kernel(x, w) for w in ws], 3)
+        out[name] = {"flops": flops, "torch_ms": 1e3 * t_torch, "kernel_ms": 1e3 * t_kernel}
+        total["torch"] += t_torch
+        total["kernel"] += t_kernel
+        total["flops"] += flops
+        del ws
+    out["chunk"] = {"flops": total["flops"], "torch_ms": 1e3 * total["torch"], "kernel_ms": 1e3 * total["kernel"]}
     return out
 
 
@@ -171,6 +209,19 @@ def markdown(report: dict) -> str:
             k = statistics.median(r[f"kernel_{unit}"] for r in rs)
             lines.append(f"| {key} | {f:.1f} ({w / f / rate:.1f}) | {k:.1f} ({w / k / rate:.1f}) | {f / k:.2f}x |")
         lines.append("")
+    if "gemm" in report:
+        lines += ["## A prefill chunk's linears (1,024 rows; 30 distinct weights per shape, as the model's layers)", "",
+                  "Before: F.linear (bfloat16: of the operands widened to float32, rounded once); kernel: "
+                  "cpu_kernels.gemm (the same rounding).", "",
+                  "| dtype | shape | before ms (GFLOP/s) | kernel ms (GFLOP/s) | kernel speed-up |",
+                  "|---|---|---:|---:|---:|"]
+        for key, rs in report["gemm"].items():
+            for shape in [n for n in SHAPES if n != "lm_head"] + ["chunk"]:
+                fl = rs[0][shape]["flops"]
+                t = statistics.median(r[shape]["torch_ms"] for r in rs)
+                k = statistics.median(r[shape]["kernel_ms"] for r in rs)
+                lines.append(f"| {key} | {shape} | {t:.1f} ({fl / t / 1e6:.0f}) | {k:.1f} ({fl / k / 1e6:.0f}) | {t / k:.2f}x |")
+        lines.append("")
     if "engine" in report:
         lines += ["## The built-in model's decode step (one request)", "",
                   "Without the kernels; with them, the layers module by module (`decode_layers.disabled()`); "
@@ -192,7 +243,7 @@ def markdown(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--parts", default="gemv,attention,chunk,engine")
+    p.add_argument("--parts", default="gemv,attention,chunk,gemm,engine")
     p.add_argument("--contexts", default="1024,4096,8192")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=12, help="decode steps per engine round")
@@ -228,6 +279,10 @@ def main() -> None:
                 for batch, keys in ((1, 1024), (1, 8192), (1, 32768), (4, 8192)):
                     report.setdefault("attention", {}).setdefault(f"{d}, {batch} x {keys}", []).append(
                         attention_round(dt, keys, batch))
+        if "gemm" in parts:
+            for d, dt in DTYPES.items():
+                if (row := gemm_round(dt)) is not None:
+                    report.setdefault("gemm", {}).setdefault(d, []).append(row)
         if "chunk" in parts:
             for d, dt in DTYPES.items():
                 for queries, keys in ((1024, 1024), (1024, 4096), (1024, 8192), (128, 65536)):

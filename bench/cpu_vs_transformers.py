@@ -17,10 +17,12 @@ by someone else's load):
   read    a plain streaming read of the weights' bytes (torch.sum over a float32 view of a buffer of
           exactly the bytes a decode step streams: the linear layers and the LM head in that dtype);
           decode floor = (weight bytes + KV bytes of the context) / that rate;
-  matmul  dense matmul rate per dtype at the model's prefill shape; prefill floor = FLOPs / that rate
+  matmul  dense matmul rate per dtype at the model's prefill shape, the fastest product measured: torch's
+          GEMM and the engine's own (cpu_kernels.gemm, AVX2 builds); prefill floor = FLOPs / that rate
           (FLOPs as in bench/engine.py: linears + causal attention). bfloat16 on a CPU without
-          bfloat16 instructions: the better of torch's bfloat16 GEMM and a float32 GEMM of the
-          widened operands (what the engine runs there, cpu_kernels.bf16_widened).
+          bfloat16 instructions: the best of torch's bfloat16 GEMM, a float32 GEMM of the widened
+          operands and the engine's GEMM on bfloat16 weights (what the engine runs there,
+          cpu_kernels.bf16_widened).
 
 Writes bench/results/cpu_vs_transformers.{json,md}.
 
@@ -70,9 +72,11 @@ def read_gbs(nbytes: int, reps: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def matmul_gflops(dtype: torch.dtype, reps: int = 3) -> float:
+def matmul_rates(dtype: torch.dtype, reps: int = 5) -> dict[str, float]:
     """GFLOP/s of the model's own prefill shape (a 2048-token chunk through an MLP projection), best of
-    `reps` and of both weight layouts: bench/roofline.py's first shape (its 2048^3 one takes minutes in bfloat16 on AVX2)."""
+    `reps`, per product this machine has: torch's GEMM (best of both weight layouts) and the engine's
+    own (cpu_kernels.gemm, AVX2 builds). bench/roofline.py's first shape (its 2048^3 one takes minutes in
+    bfloat16 on AVX2)."""
     m, k, n = roofline.MATMUL_SHAPES[0]
     a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
     bt = b.t().contiguous()          # the weight's [out, in] layout: bf16 on AVX2 is much faster with it
@@ -83,7 +87,12 @@ def matmul_gflops(dtype: torch.dtype, reps: int = 3) -> float:
         # itself not counted)
         af, bf = a.float(), bt.float()
         best = min(best, roofline._best_time(lambda: torch.mm(af, bf.t()), reps))
-    return 2 * m * k * n / best / 1e9
+    rates = {"torch": 2 * m * k * n / best / 1e9}
+    if cpu_kernels.gemm_applies(a, bt):
+        lib = cpu_kernels.library()
+        af = a.float()
+        rates["engine_gemm"] = 2 * m * k * n / roofline._best_time(lambda: cpu_kernels.gemm(lib, af, bt), reps) / 1e9
+    return rates
 
 
 def weight_bytes(mc, dtype: str) -> int:
@@ -174,7 +183,7 @@ def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, ch
     mc = checkpoint.config
     samples: dict = {}
     floors = {"read_gbs": {d: 0.0 for d in dtypes}, "matmul_gflops": {d: 0.0 for d in dtypes},
-              "read_gbs_rounds": {d: [] for d in dtypes}}
+              "read_gbs_rounds": {d: [] for d in dtypes}, "matmul_gflops_by_product": {}}
     rounds_load: list[list[float]] = []
     names = list(LAYOUT_SIDES) if layout_ab else ["ours", "transformers"]
 
@@ -215,7 +224,10 @@ def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, ch
                 rate = read_gbs(weight_bytes(mc, d))
                 floors["read_gbs_rounds"][d].append(rate)
                 floors["read_gbs"][d] = max(floors["read_gbs"][d], rate)
-                floors["matmul_gflops"][d] = max(floors["matmul_gflops"][d], matmul_gflops(DTYPES[d]))
+                rates = matmul_rates(DTYPES[d])
+                for src, rate in rates.items():
+                    floors["matmul_gflops_by_product"].setdefault(d, {}).setdefault(src, []).append(rate)
+                floors["matmul_gflops"][d] = max(floors["matmul_gflops"][d], *rates.values())
             for L in contexts:
                 prompt = prompt_tokens(L - new_tokens)
                 sides = list(pair)
@@ -254,6 +266,10 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{d} {f['read_gbs'][d]:.1f} GB/s (rounds: "
                     + " / ".join(f"{x:.1f}" for x in f['read_gbs_rounds'][d]) + ")" for d in c["dtypes"])
         + "; matmul " + ", ".join(f"{d} {f['matmul_gflops'][d]:.0f} GFLOP/s" for d in c["dtypes"])
+        + (" (best per product: " + "; ".join(
+            f"{d} " + ", ".join(f"{src} {max(v):.0f}" for src, v in f["matmul_gflops_by_product"][d].items())
+            for d in c["dtypes"] if d in f.get("matmul_gflops_by_product", {})) + ")"
+           if f.get("matmul_gflops_by_product") else "")
         + ". Decode floor = (weights + KV bytes) / read rate; prefill floor = FLOPs / matmul rate.",
         "",
         "| context, dtype | ours prefill s (x floor) | transformers prefill s | ours decode ms/token (x floor) "
