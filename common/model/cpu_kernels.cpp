@@ -1414,7 +1414,9 @@ namespace {
 constexpr int64_t CK = 64, FQB = 32, FRB = 6;   // keys per block, positions per task, rows per register block
 constexpr int64_t KW = 16384;                    // keys laid out as K^T at a time (its scratch: KW Hkv D floats)
 
-struct ChunkScratch { std::vector<float> kt, vw; };
+struct ChunkScratch { std::vector<float> kt, vw, state; };   // kept between calls (a call's state at 1,024
+                                                                // queries is ~4.8 MB: allocated per call, it
+                                                                // was mapped and faulted in each time)
 inline ChunkScratch& chunk_scratch() {
   static thread_local ChunkScratch sc;
   return sc;
@@ -1514,13 +1516,15 @@ int chunk_attention_f32(const T* q, int64_t sq0, int64_t sq1, const T* k, int64_
   const int64_t g = hq / hkv, kend = std::max<int64_t>(0, std::min(L, n - 1 + diag + 1));   // keys any query sees
   const int64_t blocks = (n + FQB - 1) / FQB, tasks = hkv * blocks, per_task = FQB * g;
   // every task's rows (the output's size in float32, twice, and two floats a row): kept across windows
-  std::vector<float> state(tasks * per_task * (2 * d + 2));
+  ChunkScratch& sc = chunk_scratch();
+  if ((int64_t)sc.state.size() < tasks * per_task * (2 * d + 2)) sc.state.resize(tasks * per_task * (2 * d + 2));
+  float* const state = sc.state.data();
   auto rows_of = [&](int64_t t, int64_t* kh, int64_t* i0, int64_t* i1) -> ChunkRows {
     *kh = t % hkv;
     const int64_t blk = blocks - 1 - t / hkv;             // later query blocks see more keys: first
     *i0 = blk * FQB;
     *i1 = std::min(n, *i0 + FQB);
-    float* base = state.data() + t * per_task * (2 * d + 2);
+    float* base = state + t * per_task * (2 * d + 2);
     return {base, base + per_task * d, base + 2 * per_task * d, base + 2 * per_task * d + per_task};
   };
 #pragma omp parallel for schedule(static)
@@ -1541,7 +1545,6 @@ int chunk_attention_f32(const T* q, int64_t sq0, int64_t sq1, const T* k, int64_
   // apart: rows the whole length apart, a multiple of 4 KiB, all fell in one L1 set and ran 1.4x
   // slower at 8K keys), then every task's keys of the window. The scratch is KW Hkv D floats at most,
   // whatever the context.
-  ChunkScratch& sc = chunk_scratch();
   for (int64_t w0 = 0; w0 < kend; w0 += KW) {
     const int64_t w1 = std::min(kend, w0 + KW), nblk = (w1 - w0 + CK - 1) / CK, kblocks = nblk * CK / 16;
     if ((int64_t)sc.kt.size() < hkv * nblk * d * CK) sc.kt.resize(hkv * nblk * d * CK);
