@@ -277,10 +277,11 @@ def markdown(report: dict) -> str:
         "|---|---:|---:|---:|---:|:---:|---|",
     ]
     loads = [x for r in report["rows"] for side in ("ours", "transformers") for x in r[side]["loadavg_rounds"]]
-    if max(loads) > 2:
-        lines[2:2] = [f"**Caution:** the load average reached {max(loads):.1f} on this 2-core machine during the "
-                      "run (other jobs shared it): times include heavy interference, and the floors measured "
-                      "under that load are too low, so the x-floor ratios are not meaningful.", ""]
+    threads = report["machine"]["threads"]
+    if max(loads) > threads + 0.5:       # the run's own threads hold the load average at about `threads`
+        lines[2:2] = [f"**Caution:** the load average reached {max(loads):.1f} during the run, more than its own "
+                      f"{threads} threads (other jobs shared the machine): times include heavy interference, and "
+                      "the floors measured under that load are too low, so the x-floor ratios are not meaningful.", ""]
     for r in report["rows"]:
         o, t = r["ours"], r["transformers"]
         loads = ("/".join(f"{x:.1f}" for x in o["loadavg_rounds"]) + "; "
