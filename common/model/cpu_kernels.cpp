@@ -2,6 +2,7 @@
 // measures each against what it replaces):
 //   matrix-vector products  a decode step's linears: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows of
 //                           x (M <= 4) against a weight stored [N, K] row-major (nn.Linear's [out, in]);
+//   GEMM                    a prefill chunk's linears, the same product for many rows of x (AVX2 builds);
 //   decode attention        one query per sequence against its keys where they lie in the paged cache;
 //   elementwise steps       RMSNorm, RoPE, SiLU-and-multiply of a few rows, with the eager roundings;
 //   chunk attention         a prefill chunk against every key it sees: bfloat16 on vdpbf16ps (AVX512-BF16),

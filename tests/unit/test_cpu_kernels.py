@@ -52,6 +52,18 @@ def check(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     assert bool((err <= tol).all()), f"max error {err.max().item():.3e}"
 
 
+def one_and_two_threads(fn):
+    """fn() run with one torch (OpenMP) thread, then with two."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        return one, fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 SHAPES = [(1, 576, 960), (2, 576, 1536), (3, 1536, 576), (4, 37, 5), (1, 100, 1), (4, 1, 3), (1, 64, 257)]
 
 
@@ -90,14 +102,7 @@ def test_strided_operands_and_thread_counts(builds, dtype):
     ws = torch.randn(1000, 640).to(dtype)
     x, w = xs[:, 50:626], ws[100:900, 64:]
     assert x.stride() == (700, 1) and w.stride() == (640, 1)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_kernels.gemv(lib, x, w)
-        torch.set_num_threads(2)
-        two = cpu_kernels.gemv(lib, x, w)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = one_and_two_threads(lambda: cpu_kernels.gemv(lib, x, w))
     check(one, x, w)
     assert torch.equal(one, two)
 
@@ -153,14 +158,7 @@ def test_gemm_is_the_exact_product_to_float32_rounding(builds, build, dtype):
         assert torch.equal(cpu_kernels.gemm(lib, x[m // 2:].contiguous(), w), y[m // 2:])
     xs = torch.randn(20, 700)
     x, w = xs[:, 50:626], torch.randn(96, 640).to(dtype)[:, :576]      # strided rows of both
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_kernels.gemm(lib, x, w)
-        torch.set_num_threads(2)
-        two = cpu_kernels.gemm(lib, x, w)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = one_and_two_threads(lambda: cpu_kernels.gemm(lib, x, w))
     assert torch.equal(one, two)
     torch.testing.assert_close(one.double(), F.linear(x.double(), w.double()), rtol=1e-5, atol=1e-4)
 
