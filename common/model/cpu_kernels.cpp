@@ -276,8 +276,6 @@ constexpr int64_t GEMM_KC = 576, GEMM_NB = 4, GEMM_MR = 6;
 
 inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8f(const uint16_t* p) { return widen8(p); }
-inline float load1f(const float* p) { return *p; }
-inline float load1f(const uint16_t* p) { return bf16_to_f32(*p); }
 
 template <typename T>
 inline void transpose8x8(const T* src, int64_t lds, float* dst, int64_t ldd) {   // dst[c][r] = src[r][c]
@@ -311,7 +309,7 @@ void pack_panel(const T* w, int64_t ldw, int64_t N, int64_t n0, int64_t k0, int6
       transpose8x8(w + (n0 + 8) * ldw + k0 + kk, ldw, pack + kk * 16 + 8, 16);
     }
   for (; kk < kc; ++kk)
-    for (int64_t j = 0; j < 16; ++j) pack[kk * 16 + j] = n0 + j < N ? load1f(w + (n0 + j) * ldw + k0 + kk) : 0.f;
+    for (int64_t j = 0; j < 16; ++j) pack[kk * 16 + j] = n0 + j < N ? load(w + (n0 + j) * ldw, k0 + kk) : 0.f;
 }
 
 // y rows [0, MR) x 16 columns (+)= x rows [0, MR) x pack: the 12 sums as named registers (held in an
@@ -820,6 +818,20 @@ inline void pv_heads_part8(const float* p, int64_t ld, int64_t h, const T* const
 }
 #endif
 
+// One AVX2 pass of the V products over dimensions [16 c0, 16 c0 + 32) for G heads: pv_heads_part8 for
+// bfloat16, pv_heads_part for float32 (AVX-512 builds do not take passes).
+template <typename T, int G>
+inline void pv_pass(const float* p, int64_t ld, int64_t h, const T* const* vrow, int64_t j0, int64_t j1,
+                    int64_t koff, int64_t d, int64_t c0, float* acc) {
+#if !defined(__AVX512F__)
+  if constexpr (sizeof(T) == 2) {
+    pv_heads_part8<T, G>(p, ld, h, vrow, j0, j1, koff, d, c0, acc);
+    return;
+  }
+#endif
+  pv_heads_part<T, 2, G>(p, ld, h, vrow, j0, j1, koff, d, c0, acc);
+}
+
 // A thread's scratch for attend_span, kept between calls (a span of 8,192 keys and 9 heads takes
 // ~0.4 MB: allocated per call, it was mapped and unmapped each time).
 struct SpanScratch {
@@ -931,23 +943,12 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   // AVX2 (gmax 1 for d >= 64): up to 3 heads x 2 of the row's 16-lane parts in registers, a pass per 2 parts
   constexpr bool parts = VREGS == 8 && NC % 2 == 0;
   auto pv = [&](int64_t gb, int64_t h, int64_t ja, int64_t jb, int64_t koff) {
-#if !defined(__AVX512F__)
-    if constexpr (parts && sizeof(T) == 2) {     // bfloat16: see pv_heads_part8
+    if constexpr (parts) {
       for (int64_t c0 = 0; c0 < nc; c0 += 2)
         switch (gb) {
-          case 1: pv_heads_part8<T, 1>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
-          case 2: pv_heads_part8<T, 2>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
-          default: pv_heads_part8<T, 3>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
-        }
-      return;
-    }
-#endif
-    if constexpr (parts) {                       // float32
-      for (int64_t c0 = 0; c0 < nc; c0 += 2)
-        switch (gb) {
-          case 1: pv_heads_part<T, 2, 1>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
-          case 2: pv_heads_part<T, 2, 2>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
-          default: pv_heads_part<T, 2, 3>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
+          case 1: pv_pass<T, 1>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
+          case 2: pv_pass<T, 2>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
+          default: pv_pass<T, 3>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
         }
       return;
     }
