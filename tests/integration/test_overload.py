@@ -15,6 +15,7 @@ import pytest
 
 from common.auth import bearer, resolve_api_key
 from common.client import RouterClient
+from common.metrics import TTFT_BUCKETS
 from common.rpc import client as rpc_client
 from common.rpc.protos import router_pb2_grpc
 from common.rpc.status import retry_after_s
@@ -30,6 +31,9 @@ PROMPT = 200               # the burst's 96 prompts of 200 tokens take ~1 s here
                            # served all 96 within 0.64 s: no overload)
 ITERATION_BUDGET_S = 0.16
 DEADLINE_S = 30.0
+# p90 within three iterations of the SLO, on the router's clock: the largest bucket bound of its
+# first-token histogram within that (1.0 s for 0.6 + 3 x 0.16)
+P90_BOUND_S = max(b for b in TTFT_BUCKETS if b <= TTFT_SLO_S + 3 * ITERATION_BUDGET_S)
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -71,15 +75,18 @@ def router_metrics(cluster: Cluster) -> list[str]:
     return urllib.request.urlopen(cluster.metrics_urls["router"], timeout=10).read().decode().splitlines()
 
 
-def router_ttft_totals(cluster: Cluster) -> tuple[float, float]:
-    """(count, sum) of the router's first-token histogram, over all prompt classes."""
-    count = total = 0.0
+def router_ttft_totals(cluster: Cluster, within_s: float) -> tuple[float, float, float]:
+    """(count, sum, count at most `within_s`: one of its bucket bounds) of the router's first-token
+    histogram, over all prompt classes."""
+    count = total = within = 0.0
     for line in router_metrics(cluster):
         if line.startswith("mnemosyne_time_to_first_token_seconds_count"):
             count += float(line.rsplit(" ", 1)[1])
         elif line.startswith("mnemosyne_time_to_first_token_seconds_sum"):
             total += float(line.rsplit(" ", 1)[1])
-    return count, total
+        elif line.startswith("mnemosyne_time_to_first_token_seconds_bucket") and f'le="{within_s}"' in line:
+            within += float(line.rsplit(" ", 1)[1])
+    return count, total, within
 
 
 def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluster):
@@ -94,10 +101,10 @@ def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluste
         with ThreadPoolExecutor(BURST) as pool:
             list(pool.map(lambda i: one(stub, prompt(PROMPT, 100 + i)), range(BURST)))
         time.sleep(1.0)
-        before = router_ttft_totals(cluster)
+        before = router_ttft_totals(cluster, P90_BOUND_S)
         with ThreadPoolExecutor(BURST) as pool:
             results = list(pool.map(lambda i: one(stub, prompt(PROMPT, i)), range(BURST)))
-    after = router_ttft_totals(cluster)
+    after = router_ttft_totals(cluster, P90_BOUND_S)
     learned = [line for line in router_metrics(cluster) if line.startswith(("mnemosyne_admission_load_factor",
                                                                            "mnemosyne_admission_ttft_"))]
     print("router learned:", learned)
@@ -112,19 +119,20 @@ def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluste
         r["details"] for r in rejected if not r["retry"]]
     assert max(r["s"] for r in rejected) < TTFT_SLO_S + 1.0      # rejected promptly
     ttfts = sorted(r["ttft"] for r in ok)
-    p90 = ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]
     # Admission predicts each prompt to the end of the decode instance's iteration (up to its budget,
     # 0.8 x the 0.2 s TBT SLO) that finishes it, times the load factor learned from the first burst.
     # How fast a burst runs still varies with what else the 2 cores do (its iterations took 0.15-0.42 s
     # for the same work): over 17 runs here the mean was 0.25-0.47 s and the p90 0.28-0.73 s, 11 of 17
     # bursts met the SLO with every admitted request, the worst with 57% (before the iteration ends and
     # the load factor: mean 0.50-0.54 s here, 0.62 s once in CI, p90 0.78-0.99 s).
-    assert p90 <= TTFT_SLO_S + 3 * ITERATION_BUDGET_S, ttfts
     # The SLO and the prediction run from the request's arrival at the router (router.proto Started);
     # the client's clock above also holds the test's own 96 threads on the same 2 cores (0.25 s of a
-    # 0.48 s mean, with the machine loaded): the mean is judged on the router's TTFTs of the burst.
-    count, total = after[0] - before[0], after[1] - before[1]
-    print(f"router-side TTFT mean {total / count:.3f}s over {count}; client-side {sum(ttfts) / len(ttfts):.3f}s")
+    # 0.48 s mean, with the machine loaded; its p90 reached 1.15 s in 3 of 7 runs on a slow day): the
+    # mean and the p90 are judged on the router's TTFTs of the burst, the p90 by its histogram's bucket.
+    count, total, within = (a - b for a, b in zip(after, before))
+    print(f"router-side TTFT mean {total / count:.3f}s over {count}, {within:.0f} within {P90_BOUND_S}s; "
+          f"client-side mean {sum(ttfts) / len(ttfts):.3f}s, p90 {ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))]:.3f}s")
     assert count == len(ok)
     assert total / count <= TTFT_SLO_S, (total / count, ttfts)
+    assert within >= 0.9 * count, (within, count, ttfts)
     assert all(r["s"] < DEADLINE_S for r in results)
