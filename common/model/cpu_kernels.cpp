@@ -35,6 +35,9 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(MN_CHUNK_PHASES)
+#include <x86intrin.h>             // __rdtsc: the profiling build's phase ticks
+#endif
 
 namespace {
 
@@ -1475,6 +1478,19 @@ namespace {
 constexpr int64_t CK = 128, FQB = 32, FRB = 6;   // keys per block, positions per task, rows per register block
 constexpr int64_t KW = 16384;                    // keys laid out as K^T at a time (its scratch: KW Hkv D floats)
 
+// A profiling build (-DMN_CHUNK_PHASES, bench/chunk_phases.py) counts the time-stamp counter's ticks
+// each thread spends in the three phases of a register block: scores, softmax, V product.
+#if defined(MN_CHUNK_PHASES)
+#define MN_PHASE_MARK(t) const uint64_t t = __rdtsc()
+#define MN_PHASE_ADD(k, a, b) (chunk_phase_ticks[omp_get_thread_num() % PHASE_THREADS].t[k] += (b) - (a))
+constexpr int PHASE_THREADS = 256;
+struct alignas(64) PhaseTicks { uint64_t t[3]; };
+PhaseTicks chunk_phase_ticks[PHASE_THREADS];
+#else
+#define MN_PHASE_MARK(t)
+#define MN_PHASE_ADD(k, a, b)
+#endif
+
 struct ChunkScratch { std::vector<float> kt, vw, state; };   // kept between calls (a call's state at 1,024
                                                                 // queries is ~4.8 MB: allocated per call, it
                                                                 // was mapped and faulted in each time)
@@ -1512,6 +1528,7 @@ void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, con
       // products on keys after the diagonal)
       const int64_t seen = std::min(nk, (i0 + (r0 + rb - 1) / g) + diag - j0 + 1), nvr = (seen + 15) / 16;
       if (seen <= 0) continue;               // its rows see none of the block: their state stays as it is
+      MN_PHASE_MARK(t0);
       // scores p[r][j] = q_r . k_{j0+j}, FRB rows x 16 keys in registers
       for (int64_t jv = 0; jv < nvr; ++jv) {
         vf sr[FRB];
@@ -1531,6 +1548,7 @@ void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, con
         }
         for (int r = 0; r < rb; ++r) vstore(p + r * CK + 16 * jv, sr[r]);
       }
+      MN_PHASE_MARK(t1);
       // the online softmax of each row over the block: maxima and corrections first, then the weights;
       // a row's correction of o is applied where the product with V loads its sums (x 1 where the
       // maximum held: exact), not in a pass of its own
@@ -1576,6 +1594,7 @@ void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, con
         }
         l[r0 + r] = l[r0 + r] * corr[r] + vreduce_add(sum);
       }
+      MN_PHASE_MARK(t2);
       // o += p . V, FRB rows x 16 dimensions in registers
       for (int64_t e = 0; e < d; e += 16) {
         vf a[FRB];
@@ -1593,6 +1612,10 @@ void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, con
         }
         for (int r = 0; r < rb; ++r) vstore(o + (r0 + r) * d + e, a[r]);
       }
+      MN_PHASE_MARK(t3);
+      MN_PHASE_ADD(0, t0, t1);
+      MN_PHASE_ADD(1, t1, t2);
+      MN_PHASE_ADD(2, t2, t3);
     }
   }
 }
@@ -1706,6 +1729,26 @@ int chunk_attention_f32(const T* q, int64_t sq0, int64_t sq1, const T* k, int64_
 #endif
 
 extern "C" {
+
+// The profiling build's ticks in the float32 chunk kernel's phases (scores, softmax, V product), summed
+// over threads since the last call, into out[0..3), and the time-stamp counter into out[3]. Returns 0,
+// or -1 in other builds (out untouched).
+int mn_chunk_phases(uint64_t* out) {
+#if defined(MN_CHUNK_PHASES) && defined(MN_CHUNK_F32)
+  for (int k = 0; k < 3; ++k) {
+    out[k] = 0;
+    for (int t = 0; t < PHASE_THREADS; ++t) {
+      out[k] += chunk_phase_ticks[t].t[k];
+      chunk_phase_ticks[t].t[k] = 0;
+    }
+  }
+  out[3] = __rdtsc();
+  return 0;
+#else
+  (void)out;
+  return -1;
+#endif
+}
 
 // 1 where this build has the float32 / widened-bfloat16 chunk attention kernel (AVX2 builds), else 0.
 int mn_chunk_attention_f32_isa() {

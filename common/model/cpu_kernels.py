@@ -149,6 +149,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mn_chunk_attention_f32.restype = ctypes.c_int
     lib.mn_chunk_attention_f32.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64,
                                            i64, i64, ctypes.c_float, ptr, ptr]
+    lib.mn_chunk_phases.restype = ctypes.c_int
+    lib.mn_chunk_phases.argtypes = [ptr]
     lib.mn_chunk_attention_bf16.restype = ctypes.c_int
     lib.mn_chunk_attention_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
                                             ctypes.c_float, ptr, ptr]

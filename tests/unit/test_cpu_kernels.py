@@ -2,6 +2,7 @@
 cases that must stay on F.linear, and that the engine's decode steps take it."""
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -604,3 +605,32 @@ def test_chunk_attention_matches_the_reference(builds, build, dtype, heads, monk
         monkeypatch.setattr(cpu_kernels, "F32_CHUNK_MAX_KEYS", 64)
         assert cpu_kernels.chunk_attention(lib, q[:1], k[:65], v[:65], 64, 0, 0.2) is None
         assert cpu_kernels.chunk_attention(lib, q[:1], k[:64], v[:64], 63, 0, 0.2) is not None
+
+
+@needs_kernel
+def test_the_phases_build_counts_the_chunk_kernel_and_changes_nothing(builds, tmp_path):
+    """bench/chunk_phases.py's profiling build (-DMN_CHUNK_PHASES; x86-64-v3, the AVX2 kernel): the
+    same bits as the build without it, ticks in each of its three phases (and none counted twice: no
+    more than the threads' wall time), reset by each read; builds without it answer -1."""
+    flags = tuple("-march=x86-64-v3" if f == "-march=native" else f for f in cpu_kernels.FLAGS)
+    path = cpu_kernels.library_path(tmp_path, flags + ("-DMN_CHUNK_PHASES",))
+    cpu_kernels.build(path, flags + ("-DMN_CHUNK_PHASES",))
+    lib = cpu_kernels.load(path)
+    out = (ctypes.c_uint64 * 4)()
+    for arch in ("x86-64", "x86-64-v3"):
+        assert builds[arch].mn_chunk_phases(out) == -1
+    assert lib.mn_chunk_phases(out) == 0
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(300, 9, 64, generator=g).to(dtype)
+        k, v = (torch.randn(1000, 3, 64, generator=g).to(dtype) for _ in range(2))
+        plain = cpu_kernels.chunk_attention(builds["x86-64-v3"], q, k, v, 700, 0, 0.125)
+        lib.mn_chunk_phases(out)
+        t0 = out[3]
+        got = cpu_kernels.chunk_attention(lib, q, k, v, 700, 0, 0.125)
+        assert lib.mn_chunk_phases(out) == 0
+        assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+        assert all(out[i] > 0 for i in range(3))
+        assert sum(out[i] for i in range(3)) <= (out[3] - t0) * torch.get_num_threads()
+        lib.mn_chunk_phases(out)
+        assert [out[i] for i in range(3)] == [0, 0, 0]
