@@ -1467,10 +1467,12 @@ int mn_chunk_attention_bf16(const void* q, int64_t sq0, int64_t sq1, const void*
 // softmax in float32 over the block (scores scaled after the product, as the flash kernel scales
 // them), the weights that multiply V rounded to the input dtype as the flash kernel rounds them
 // (weights_for_v; their sum not), then o += p . V for FRB rows x 16 dimensions in registers. The
-// output is rounded once. Measured on this kernel (2 threads, rdtsc per phase on thread 0): the two
-// products run at 70-85% of the FMA peak and the softmax takes ~20% of the time: e^x is 12 ops on
-// the multiply pipes per 8 scores where the products take 16 per score, and its Horner chain is
-// long enough that one exp at a time left the pipes idle (two at a time, exp8x4: 2-4% faster).
+// output is rounded once. Measured by phase (bench/results/chunk_phases.md, a build with
+// -DMN_CHUNK_PHASES): the two products run at 0.71-0.90 of the GEMM's rate on a core and the softmax
+// takes 16-19% of the threads' time: e^x is 12 ops on the multiply pipes per 8 scores where the
+// products take 16 per score, and its Horner chain is long enough that one exp at a time left the
+// pipes idle (two at a time, exp8x4: 2-4% faster). The two products' inner loops are unrolled by 4
+// (5-6% faster in paired runs at 4K and 8K keys; by 8: no better).
 #if defined(MN_DECODE_ATTENTION) && !defined(__AVX512F__)
 #define MN_CHUNK_F32 1
 namespace {
@@ -1536,6 +1538,7 @@ void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, con
         const float* kc = kp + jv * 16 * d;
         const float* qb = qs + r0 * d;
         if (rb == FRB) {
+#pragma GCC unroll 4
           for (int64_t e = 0; e < d; ++e) {
             const vf kv = vload(kc + e * 16);
             for (int r = 0; r < FRB; ++r) sr[r] = vfma(vset1(qb[r * d + e]), kv, sr[r]);
@@ -1600,6 +1603,7 @@ void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, con
         vf a[FRB];
         for (int r = 0; r < rb; ++r) a[r] = vmul(vload(o + (r0 + r) * d + e), vset1(corr[r]));   // x 1: exact
         if (rb == FRB) {
+#pragma GCC unroll 4
           for (int64_t j = 0; j < seen; ++j) {
             const vf vv = vload(vb + j * sv0 + e);
             for (int r = 0; r < FRB; ++r) a[r] = vfma(vset1(p[r * CK + j]), vv, a[r]);
