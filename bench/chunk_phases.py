@@ -12,8 +12,8 @@ KV heads of 64), in float32 and bfloat16, --rounds rounds, medians. Per point:
   phase shares       of the threads' ticks in the three phases, and the rest of the call (laying K out,
                      the state's set-up and the output) as the wall time's share not in them;
   products / core    each product's FLOPs / its ticks summed over threads, in GFLOP/s a core, against
-                     the engine's GEMM on one core on operands in cache (cpu_kernels.gemm, measured in
-                     the same run: the FMA peak the products could reach);
+                     the engine's GEMM on one core on operands in cache (cpu_kernels.gemm, measured
+                     before every point, the best of the run: the FMA peak the products could reach);
   softmax / score    ticks (time-stamp counter, not core cycles) per visible score;
   ceiling            the kernel's rate if both products ran at the GEMM's rate and everything else took
                      what it took: what the softmax and the call's set-up alone cost.
@@ -160,21 +160,23 @@ def main() -> None:
         lib = phases_build(Path(tmp))
         counters(lib)
         hz = tick_rate(lib)
-        peak = gemm_core_gflops(lib, args.threads)
-        points = []
+        peaks, points = [], []
         for name in args.dtypes.split(","):
             for keys in map(int, args.keys.split(",")):
+                peaks.append(gemm_core_gflops(lib, args.threads))     # before every point: the best counts
                 row = {"dtype": name, **point(lib, DTYPES[name], keys, args.rounds, hz)}
-                # every thread's products at the GEMM's rate, the softmax and the rest as measured
-                wall = statistics.median(r["wall_s"] for r in row["rounds"])
-                other = wall * args.threads * (row["share"]["softmax"] + row["share"]["rest"])
-                row["ceiling_gflops"] = row["flops"] / ((row["flops"] / (peak * 1e9) + other) / args.threads) / 1e9
                 points.append(row)
                 print(f"{name} {keys} keys: {row['kernel_gflops']:.1f} GFLOP/s, shares "
                       + ", ".join(f"{k} {v:.0%}" for k, v in row["share"].items()), flush=True)
+    peak = max(peaks)
+    for row in points:
+        # every thread's products at the GEMM's rate, the softmax and the rest as measured
+        wall = statistics.median(r["wall_s"] for r in row["rounds"])
+        other = wall * args.threads * (row["share"]["softmax"] + row["share"]["rest"])
+        row["ceiling_gflops"] = row["flops"] / ((row["flops"] / (peak * 1e9) + other) / args.threads) / 1e9
     report = {"config": {"rounds": args.rounds, "threads": args.threads, "cpu": cpu_kernels.cpuinfo("model name"),
                          "machine": platform.machine(), "load_avg": os.getloadavg()},
-              "tick_hz": hz, "gemm_core_gflops": peak, "points": points}
+              "tick_hz": hz, "gemm_core_gflops": peak, "gemm_core_gflops_runs": peaks, "points": points}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
