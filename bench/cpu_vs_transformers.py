@@ -23,6 +23,8 @@ by someone else's load):
           bfloat16 instructions: the best of torch's bfloat16 GEMM, a float32 GEMM of the widened
           operands and the engine's GEMM on bfloat16 weights (what the engine runs there,
           cpu_kernels.bf16_widened).
+Beside the ratios to those floors, ours against each round's own floors (the machine's speed moves
+between rounds, and the best floor is one moment's), median over rounds (`ours_x_round_floor`).
 
 Writes bench/results/cpu_vs_transformers.{json,md}.
 
@@ -207,6 +209,16 @@ def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, ch
                 if not layout_ab:
                     row["prefill_floor_s"] = prefill_flops(mc, L) / (floors["matmul_gflops"][d] * 1e9)
                     row["decode_floor_ms"] = 1e3 * decode_bytes(mc, L, d) / (floors["read_gbs"][d] * 1e9)
+                    # against the floors measured in the same round (the machine's speed moves between
+                    # rounds: the run's best floor is one moment's), median over rounds
+                    o = row[names[0]]
+                    matmul = [max(v[i] for v in floors["matmul_gflops_by_product"][d].values())
+                              for i in range(len(o["prefill_s_rounds"]))]
+                    row["ours_x_round_floor"] = {
+                        "prefill": statistics.median(p * m * 1e9 / prefill_flops(mc, L)
+                                                     for p, m in zip(o["prefill_s_rounds"], matmul)),
+                        "decode": statistics.median(ms * rd * 1e9 / (1e3 * decode_bytes(mc, L, d)) for ms, rd
+                                                    in zip(o["decode_ms_rounds"], floors["read_gbs_rounds"][d]))}
                 rows.append(row)
         return {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -270,11 +282,13 @@ def markdown(report: dict) -> str:
             f"{d} " + ", ".join(f"{src} {max(v):.0f}" for src, v in f["matmul_gflops_by_product"][d].items())
             for d in c["dtypes"] if d in f.get("matmul_gflops_by_product", {})) + ")"
            if f.get("matmul_gflops_by_product") else "")
-        + ". Decode floor = (weights + KV bytes) / read rate; prefill floor = FLOPs / matmul rate.",
+        + ". Decode floor = (weights + KV bytes) / read rate; prefill floor = FLOPs / matmul rate. "
+        "x round floors: each round's time against the floors measured in that round, median over rounds.",
         "",
         "| context, dtype | ours prefill s (x floor) | transformers prefill s | ours decode ms/token (x floor) "
-        "| transformers decode ms | same greedy tokens | load avg per round (ours; transformers) |",
-        "|---|---:|---:|---:|---:|:---:|---|",
+        "| transformers decode ms | ours x round floors (prefill; decode) | same greedy tokens "
+        "| load avg per round (ours; transformers) |",
+        "|---|---:|---:|---:|---:|---:|:---:|---|",
     ]
     loads = [x for r in report["rows"] for side in ("ours", "transformers") for x in r[side]["loadavg_rounds"]]
     threads = report["machine"]["threads"]
@@ -286,10 +300,12 @@ def markdown(report: dict) -> str:
         o, t = r["ours"], r["transformers"]
         loads = ("/".join(f"{x:.1f}" for x in o["loadavg_rounds"]) + "; "
                  + "/".join(f"{x:.1f}" for x in t["loadavg_rounds"]))
+        rf = (f"{r['ours_x_round_floor']['prefill']:.2f}x; {r['ours_x_round_floor']['decode']:.2f}x"
+              if "ours_x_round_floor" in r else "-")
         lines.append(
             f"| {r['context'] // 1024}K, {r['dtype']} | {o['prefill_s']:.2f} ({o['prefill_s'] / r['prefill_floor_s']:.2f}x) "
             f"| {t['prefill_s']:.2f} | {o['decode_ms']:.1f} ({o['decode_ms'] / r['decode_floor_ms']:.2f}x) "
-            f"| {t['decode_ms']:.1f} | {'yes' if r['same_greedy_tokens'] else 'no'} | {loads} |")
+            f"| {t['decode_ms']:.1f} | {rf} | {'yes' if r['same_greedy_tokens'] else 'no'} | {loads} |")
     return "\n".join(lines) + "\n"
 
 
