@@ -2,8 +2,9 @@
 
 A prefill chunk's attention is two products (scores q . k and the weights times V, 2 d FLOPs a score
 each) with an online softmax between them, which costs time the FLOP count does not see: on a CPU
-without AVX-512 an e^x is ~12 multiply-pipe instructions per 8 scores where the two products take 16 per
-score, so the softmax alone is ~1/5 of the products' time. This benchmark builds the kernel with
+without AVX-512 the products take 16 8-lane multiply-adds a score at d = 64 (8 cycles at two a cycle),
+the softmax ~26 instructions per 8 scores (e^x alone 18), ~1.1-1.4 cycles a score where nothing else
+runs: ~1/6 to 1/5 of the products' time. This benchmark builds the kernel with
 -DMN_CHUNK_PHASES (time-stamp counter ticks per thread in each phase of every register block:
 scores, softmax, V product; the build otherwise the one the engine loads) and runs one layer's
 attention of a 1,024-query chunk over 1K, 4K and 8K keys (the built-in model's heads: 9 query heads, 3
@@ -18,7 +19,7 @@ KV heads of 64), in float32 and bfloat16, --rounds rounds, medians. Per point:
   ceiling            the kernel's rate if both products ran at the GEMM's rate and everything else took
                      what it took: what the softmax and the call's set-up alone cost.
 The ticks are wall-clock cycles of the time-stamp counter (its rate measured in the run); the phases are
-timed per register block (6 rows x 128 keys: ~200K FLOPs, four counter reads), which adds ~2%.
+timed per register block (6 rows x 128 keys: ~200K FLOPs between four counter reads).
 
 Writes bench/results/chunk_phases.{json,md} (--name: another stem). AVX2 builds only (the kernel's
 float32 path); elsewhere it says so and writes nothing.

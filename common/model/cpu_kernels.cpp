@@ -1468,10 +1468,10 @@ int mn_chunk_attention_bf16(const void* q, int64_t sq0, int64_t sq1, const void*
 // them), the weights that multiply V rounded to the input dtype as the flash kernel rounds them
 // (weights_for_v; their sum not), then o += p . V for FRB rows x 16 dimensions in registers. The
 // output is rounded once. Measured by phase (bench/results/chunk_phases.md, a build with
-// -DMN_CHUNK_PHASES): the two products run at 0.71-0.90 of the GEMM's rate on a core and the softmax
-// takes 16-19% of the threads' time: e^x is 12 ops on the multiply pipes per 8 scores where the
-// products take 16 per score, and its Horner chain is long enough that one exp at a time left the
-// pipes idle (two at a time, exp8x4: 2-4% faster). The two products' inner loops are unrolled by 4
+// -DMN_CHUNK_PHASES): the two products run at 0.71-0.89 of the GEMM's rate on a core and the softmax
+// takes 18-21% of the threads' time: ~26 instructions per 8 scores (e^x alone 18) where the products
+// take 16 8-lane multiply-adds per score, and e^x's Horner chain is long enough that one exp at a time
+// left the pipes idle (two at a time, exp8x4: 2-4% faster). The two products' inner loops are unrolled by 4
 // (5-6% faster in paired runs at 4K and 8K keys; by 8: no better).
 #if defined(MN_DECODE_ATTENTION) && !defined(__AVX512F__)
 #define MN_CHUNK_F32 1
