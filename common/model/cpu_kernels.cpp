@@ -851,6 +851,42 @@ inline void pv_pass(const float* p, int64_t ld, int64_t h, const T* const* vrow,
   pv_heads_part<T, 2, G>(p, ld, h, vrow, j0, j1, koff, d, c0, acc);
 }
 
+#if !defined(__AVX512F__)
+// The AVX2 scores of 4 keys for G <= 3 query heads of one kv head: 4 G sums of 8 lanes stay in registers
+// (12 of the 16 for 3 heads), each 16 dimensions of a key's row loaded once for the G heads, q read from
+// L1 by the multiply-adds; the 4 sums of a head then reduced together (3 horizontal adds) and stored.
+// bfloat16 rows are widened by halves of their 32-bit words (the even dimension shifted up, the odd one
+// masked: 3 instructions for 16 values), so qp holds each 16 dimensions of q with its even ones first;
+// float32 rows are read in order (qp is q). It replaced a pass that stored each key's per-head sums and
+// reduced them from memory (1.15-1.2x on a K row in L1; bench/results/cpu_kernels_decode_s26.md).
+template <typename T, int G>
+inline void scores4(const float* qp, const T* const* kr, int64_t koff, int64_t d, float* s, int64_t ns) {
+  __m256 a[G][4];
+  for (int gi = 0; gi < G; ++gi)
+    for (int u = 0; u < 4; ++u) a[gi][u] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16)
+    for (int u = 0; u < 4; ++u) {
+      __m256 lo, hi;
+      if constexpr (sizeof(T) == 2) {
+        const __m256i x = _mm256_loadu_si256((const __m256i*)(kr[u] + koff + c));
+        lo = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+        hi = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
+      } else {
+        lo = _mm256_loadu_ps(kr[u] + koff + c);
+        hi = _mm256_loadu_ps(kr[u] + koff + c + 8);
+      }
+      for (int gi = 0; gi < G; ++gi) {
+        a[gi][u] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(qp + gi * d + c), a[gi][u]);
+        a[gi][u] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(qp + gi * d + c + 8), a[gi][u]);
+      }
+    }
+  for (int gi = 0; gi < G; ++gi) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[gi][0], a[gi][1]), _mm256_hadd_ps(a[gi][2], a[gi][3]));
+    _mm_storeu_ps(s + gi * ns, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  }
+}
+#endif
+
 // A thread's scratch for attend_span, kept between calls (a span of 8,192 keys and 9 heads takes
 // ~0.4 MB: allocated per call, it was mapped and unmapped each time).
 struct SpanScratch {
@@ -863,8 +899,32 @@ inline SpanScratch& span_scratch() {
 }
 
 constexpr int64_t AHEAD = 16;      // keys prefetched ahead of the ones being read
-constexpr int64_t V_BLOCK = 256;
-constexpr int64_t SCORE_HEADS = 8;  // query heads per kv head up to which AVX2 widens a K row once for all   // keys whose V rows all the kv heads' passes read while they are in L1/L2
+// Bytes of V rows that all the kv heads' passes over a block read while they stay in L1/L2, the next
+// block's rows arriving beside them: 128 keys of bfloat16 rows of 3 heads x 64, 64 of float32 ones.
+// 48 KB and 96 KB were even on cold caches (8K keys, 30 layers: 1.10-1.15x the old kernel), 192 KB
+// behind them (1.05-1.07x), and on a layer already in L3 96 KB cost float32 8% where 48 KB did not
+// (the prefetched block evicted the one being read).
+#ifndef MN_V_BLOCK_BYTES
+#define MN_V_BLOCK_BYTES 49152
+#endif
+constexpr int64_t V_BLOCK_BYTES = MN_V_BLOCK_BYTES;
+constexpr int64_t V_STEP = 32;     // keys a pass reads between two of its prefetches of the next block
+
+// Prefetches the cache lines of rows [j, j1) (`lines` lines of 64 bytes each) a few at a time, `per`
+// lines a step(): spread over the steps of work that come before the rows are read.
+template <typename T>
+struct LineFetch {
+  const T* const* rows;
+  int64_t j, j1, lines, per, line = 0;
+  LineFetch(const T* const* r, int64_t j_, int64_t j1_, int64_t lines_, int64_t steps)
+      : rows(r), j(j_), j1(j1_), lines(lines_), per(steps > 0 ? ((j1_ - j_) * lines_ + steps - 1) / steps : 0) {}
+  void step() {
+    for (int64_t e = 0; e < per && j < j1; ++e) {
+      _mm_prefetch((const char*)rows[j] + 64 * line, _MM_HINT_T0);
+      if (++line == lines) { line = 0; ++j; }
+    }
+  }
+};
 
 // One span: its partial result into m[Hq], l[Hq], acc[Hq][D].
 // NC = d / 16 is a compile-time constant so that a row's vectors live in registers.
@@ -887,6 +947,14 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   alignas(64) float qf[MAX_HQ * MAX_D / 16];    // hq * d <= 4096 (checked by the caller)
   for (int64_t h = 0; h < hq; ++h)
     for (int c = 0; c < nc; ++c) vstore(qf + h * d + 16 * c, vmul(vload(q + h * d + 16 * c), vset1(scale)));
+#if !defined(__AVX512F__)
+  if constexpr (sizeof(T) == 2)                  // scores4's order: each 16 dimensions' even ones first
+    for (int64_t i = 0; i < hq * d; i += 16) {
+      float t[16];
+      memcpy(t, qf + i, sizeof t);
+      for (int e = 0; e < 8; ++e) { qf[i + e] = t[2 * e]; qf[i + 8 + e] = t[2 * e + 1]; }
+    }
+#endif
   SpanScratch& sc = span_scratch();
   if ((int64_t)sc.s.size() < hq * ns) sc.s.resize(hq * ns);
   if ((int64_t)sc.k.size() < ns) { sc.k.resize(ns); sc.v.resize(ns); }
@@ -901,47 +969,33 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
     for (int64_t u = j + AHEAD; u < j + AHEAD + 4 && u < n; ++u)
       for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)kr[u] + c, _MM_HINT_T0);
     for (int64_t kh = 0; kh < hkv; ++kh) {
-      if constexpr (VREGS == 32 || 4 * NC <= VREGS / 2) {   // the 4 keys' rows stay in registers for the g heads
-        vf kv[4][NC];
-        for (int u = 0; u < 4; ++u)
-          for (int c = 0; c < nc; ++c) kv[u][c] = vload(kr[j + u] + kh * d + 16 * c);
-        for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
-          vf a[4];
-          for (int u = 0; u < 4; ++u) {
-            a[u] = vmul(kv[u][0], vload(qf + h * d));
-            for (int c = 1; c < nc; ++c) a[u] = vfma(kv[u][c], vload(qf + h * d + 16 * c), a[u]);
-          }
-          vsum4(a[0], a[1], a[2], a[3], s + h * ns + j);
-        }
-      } else if (NC <= 4 && g <= SCORE_HEADS) {   // AVX2: each key's row widened once for the g heads (in
-        // registers), the g sums of a key stored and reduced four keys at a time (bfloat16's widening
-        // per head had the scores pass compute-bound: 11 GB/s at 8K keys)
-        alignas(64) float part[SCORE_HEADS][4][16];
+#if defined(__AVX512F__)                         // the 4 keys' rows stay in registers for the g heads
+      vf kv[4][NC];
+      for (int u = 0; u < 4; ++u)
+        for (int c = 0; c < nc; ++c) kv[u][c] = vload(kr[j + u] + kh * d + 16 * c);
+      for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
+        vf a[4];
         for (int u = 0; u < 4; ++u) {
-          vf kv[NC];
-          for (int c = 0; c < nc; ++c) kv[c] = vload(kr[j + u] + kh * d + 16 * c);
-          for (int64_t hh = 0; hh < g; ++hh) {
-            const float* qh = qf + (kh * g + hh) * d;
-            vf a = vmul(kv[0], vload(qh));
-            for (int c = 1; c < nc; ++c) a = vfma(kv[c], vload(qh + 16 * c), a);
-            vstore(part[hh][u], a);
-          }
+          a[u] = vmul(kv[u][0], vload(qf + h * d));
+          for (int c = 1; c < nc; ++c) a[u] = vfma(kv[u][c], vload(qf + h * d + 16 * c), a[u]);
         }
-        for (int64_t hh = 0; hh < g; ++hh)
-          vsum4(vload(part[hh][0]), vload(part[hh][1]), vload(part[hh][2]), vload(part[hh][3]), s + (kh * g + hh) * ns + j);
-      } else {                                   // fewer registers: each head loads them (from L1)
-        for (int64_t h = kh * g; h < (kh + 1) * g; ++h) {
-          vf a[4];
-          for (int u = 0; u < 4; ++u) {
-            a[u] = vmul(vload(kr[j + u] + kh * d), vload(qf + h * d));
-            for (int c = 1; c < nc; ++c) a[u] = vfma(vload(kr[j + u] + kh * d + 16 * c), vload(qf + h * d + 16 * c), a[u]);
-          }
-          vsum4(a[0], a[1], a[2], a[3], s + h * ns + j);
-        }
+        vsum4(a[0], a[1], a[2], a[3], s + h * ns + j);
       }
+#else                                            // AVX2: 4 keys x up to 3 heads of sums in registers
+      for (int64_t h = kh * g; h < (kh + 1) * g;) {
+        const int64_t gb = (kh + 1) * g - h < 3 ? (kh + 1) * g - h : 3;
+        if (gb == 3) scores4<T, 3>(qf + h * d, kr + j, kh * d, d, s + h * ns + j, ns);
+        else if (gb == 2) scores4<T, 2>(qf + h * d, kr + j, kh * d, d, s + h * ns + j, ns);
+        else scores4<T, 1>(qf + h * d, kr + j, kh * d, d, s + h * ns + j, ns);
+        h += gb;
+      }
+#endif
     }
   }
-  // 2. the weights, from the span's maximum per head
+  // 2. the weights, from the span's maximum per head; meanwhile the first block of V rows is fetched
+  const int64_t lines = (line_bytes + 63) / 64;
+  const int64_t vblock = std::max<int64_t>(V_STEP, V_BLOCK_BYTES / line_bytes / V_STEP * V_STEP);   // keys
+  LineFetch<T> first(vr, 0, n < vblock ? n : vblock, lines, hq * (ns / 16));
   for (int64_t h = 0; h < hq; ++h) {
     float* sh = s + h * ns;
     vf mv = vset1(-INFINITY);
@@ -949,6 +1003,7 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
     const float mx = vreduce_max(mv);
     vf sum = vzero();
     for (int64_t j = 0; j < ns; j += 16) {
+      first.step();
       const vf pv = vkeep_first(vexp(vsub(vload(sh + j), vset1(mx))), n - j);
       sum = vadd(sum, pv);
       vstore(sh + j, weights_for_v<T>(pv));
@@ -957,18 +1012,23 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
     l[h] = vreduce_add(sum);
   }
   // 3. the weighted V rows, a block of keys at a time (its rows stay close while every kv head reads
-  // its part of them), each V row loaded once for the query heads that share it
+  // its part of them, in passes of up to 3 heads and 2 16-lane parts of the row on AVX2), each V row
+  // loaded once for the query heads that share it. The next block's rows are fetched while this block
+  // is read, a few lines every V_STEP keys of every pass: the memory stream runs under all the passes'
+  // multiply-adds (fetched in a block's first pass, as before, that pass waited on memory and the other
+  // five fetched nothing: 1.14-1.2x for a bfloat16 8K decode's attention, bench/results/
+  // cpu_kernels_decode_s26.md).
   constexpr int64_t gmax = NC * 4 <= VREGS / 2 ? 4 : NC * 2 <= VREGS / 2 ? 2 : 1;   // sums that stay in registers
   // AVX2 (gmax 1 for d >= 64): up to 3 heads x 2 of the row's 16-lane parts in registers, a pass per 2 parts
   constexpr bool parts = VREGS == 8 && NC % 2 == 0;
-  auto pv = [&](int64_t gb, int64_t h, int64_t ja, int64_t jb, int64_t koff) {
+  constexpr int64_t gm = parts ? 3 : gmax, part_passes = parts ? NC / 2 : 1;
+  auto pv = [&](int64_t gb, int64_t h, int64_t ja, int64_t jb, int64_t koff, int64_t c0) {
     if constexpr (parts) {
-      for (int64_t c0 = 0; c0 < nc; c0 += 2)
-        switch (gb) {
-          case 1: pv_pass<T, 1>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
-          case 2: pv_pass<T, 2>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
-          default: pv_pass<T, 3>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
-        }
+      switch (gb) {
+        case 1: pv_pass<T, 1>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
+        case 2: pv_pass<T, 2>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
+        default: pv_pass<T, 3>(s, ns, h, vr, ja, jb, koff, d, c0, acc); break;
+      }
       return;
     }
     switch (gb) {
@@ -978,23 +1038,18 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
       default: pv_heads<T, NC, 4>(s, ns, h, vr, ja, jb, koff, acc); break;
     }
   };
-  for (int64_t j0 = 0; j0 < n; j0 += V_BLOCK) {
-    const int64_t j1 = j0 + V_BLOCK < n ? j0 + V_BLOCK : n;
-    for (int64_t j = j0; j < j1 && j < j0 + AHEAD; ++j)
-      for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)vr[j] + c, _MM_HINT_T0);
+  const int64_t passes = hkv * ((g + gm - 1) / gm) * part_passes;    // passes over each block
+  for (int64_t j0 = 0; j0 < n; j0 += vblock) {
+    const int64_t j1 = j0 + vblock < n ? j0 + vblock : n, j2 = j1 + vblock < n ? j1 + vblock : n;
+    LineFetch<T> next(vr, j1, j2, lines, passes * ((j1 - j0 + V_STEP - 1) / V_STEP));
     for (int64_t kh = 0; kh < hkv; ++kh)
       for (int64_t h = kh * g; h < (kh + 1) * g;) {
-        const int64_t gm = parts ? 3 : gmax;
         const int64_t gb = (kh + 1) * g - h < gm ? (kh + 1) * g - h : gm;
-        if (kh == 0 && h == 0) {                  // the first pass over the block fetches its rows
-          for (int64_t j = j0; j < j1; j += 4) {
-            for (int64_t u = j + AHEAD; u < j + AHEAD + 4 && u < j1; ++u)
-              for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)vr[u] + c, _MM_HINT_T0);
-            pv(gb, h, j, j + 4 < j1 ? j + 4 : j1, kh * d);
+        for (int64_t c0 = 0; c0 < 2 * part_passes; c0 += 2)
+          for (int64_t ja = j0; ja < j1; ja += V_STEP) {
+            next.step();
+            pv(gb, h, ja, ja + V_STEP < j1 ? ja + V_STEP : j1, kh * d, c0);
           }
-        } else {
-          pv(gb, h, j0, j1, kh * d);
-        }
         h += gb;
       }
   }

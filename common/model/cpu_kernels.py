@@ -99,8 +99,9 @@ def library_path(cache: Path | None = None, flags: tuple[str, ...] = FLAGS) -> P
     return cache / f"cpu_kernels-{digest}.so"
 
 
-def build(path: Path, flags: tuple[str, ...] = FLAGS) -> None:
-    """Compiles the kernel into `path` (a temporary file renamed into place); raises on failure."""
+def build(path: Path, flags: tuple[str, ...] = FLAGS, source: Path = SOURCE) -> None:
+    """Compiles the kernel (`source`: another revision's, bench/kernel_ab.py) into `path` (a temporary file
+    renamed into place); raises on failure."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
@@ -108,7 +109,7 @@ def build(path: Path, flags: tuple[str, ...] = FLAGS) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([cxx, *flags, str(source), "-o", tmp], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -206,6 +207,20 @@ def disabled() -> Iterator[None]:
     library()
     saved = dict(_state)
     _state.update(lib=None, why="off (disabled())")
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
+
+
+@contextlib.contextmanager
+def using(lib: ctypes.CDLL) -> Iterator[None]:
+    """Within it `library()` is `lib` (a `load`ed build of another revision: bench/kernel_ab.py's sides)."""
+    library()
+    saved = dict(_state)
+    _state.update(lib=lib, why=f"on ({lib.mn_gemv_isa().decode()}, using())", gemm=bool(lib.mn_gemm_isa()),
+                  max_rows={dt: lib.mn_gemv_max_rows(code) for dt, code in _CODES.items()})
     try:
         yield
     finally:

@@ -28,12 +28,27 @@ def builds(tmp_path_factory) -> dict[str, object]:
         pytest.skip(f"kernel {cpu_kernels.status()}")
     out = {"native": cpu_kernels.library()}
     cache = tmp_path_factory.mktemp("kernels")
+    copy = cache / "copy.cpp"                 # the x86-64 build from a copy: build()'s `source` (bench/kernel_ab.py)
+    copy.write_text(cpu_kernels.SOURCE.read_text())
     for arch in ("x86-64-v3", "x86-64"):
         flags = tuple("-march=" + arch if f == "-march=native" else f for f in cpu_kernels.FLAGS)
         path = cpu_kernels.library_path(cache, flags)
-        cpu_kernels.build(path, flags)
+        cpu_kernels.build(path, flags, **({"source": copy} if arch == "x86-64" else {}))
         out[arch] = cpu_kernels.load(path)
     return out
+
+
+@needs_kernel
+def test_using_serves_another_build_and_restores_this_one(builds):
+    """bench/kernel_ab.py's sides: within `using(lib)` the engine's calls go to lib (its row limits
+    too), and after it to this machine's build again."""
+    native, portable = builds["native"], builds["x86-64"]
+    assert cpu_kernels.library() is native
+    with cpu_kernels.using(portable):
+        assert cpu_kernels.library() is portable
+        assert cpu_kernels.max_rows(torch.float32) == portable.mn_gemv_max_rows(0)
+        assert "using()" in cpu_kernels.status()
+    assert cpu_kernels.library() is native and "using()" not in cpu_kernels.status()
 
 
 def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,234 @@
+"""Two builds of the CPU kernels side by side: another revision's `common/model/cpu_kernels.cpp` against the
+working tree's, paired rounds in one run.
+
+On this project's shared hosts the machine's speed moves by up to 2x from one minute to the next, so a
+kernel change is judged here by paired rounds: each round times both builds back to back (the order
+alternating: ABBA), and the figure is the median of the per-round ratios (baseline time / current
+time: above 1 the current build is faster), with its quartiles.
+
+Parts:
+  attention  the decode attention kernel (cpu_kernels.decode_attention) over `--layers` distinct layers'
+             paged caches (block 16, 3 KV heads x 64, 9 query heads: the built-in model's shape), as a
+             decode step reads them: every layer's K and V cold, from memory (`cold`; `--scattered`
+             adds a run with the blocks in a random order), and one layer read `--layers` times, in
+             cache (`warm`). One sequence of each --contexts length. The outputs of the two builds
+             are compared with each other and with a float64 reference.
+  engine     the built-in model's decode step (one request, the prefill skipped as in bench/engine.py)
+             at each --engine-contexts length: the steps of one request alternate between the builds
+             (`cpu_kernels.using`), median step time per side.
+
+Writes bench/results/<name>.{json,md} (default name kernel_ab).
+Run: PYTHONPATH=. python -m bench.kernel_ab --baseline HEAD [--rounds 12] [--parts attention,engine]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common.model import cpu_kernels
+from tests.fixtures.paged import scattered_cache
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HQ, HKV, D, BLOCK = 9, 3, 64, 16
+
+
+def build_revision(rev: str, out: Path):
+    """The kernel source at git revision `rev`, built and loaded."""
+    src = subprocess.run(["git", "show", f"{rev}:common/model/cpu_kernels.cpp"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    path = out / "baseline.cpp"
+    path.write_text(src)
+    so = out / "baseline.so"
+    cpu_kernels.build(so, source=path)
+    return cpu_kernels.load(so)
+
+
+def build_current(out: Path):
+    so = out / "current.so"
+    cpu_kernels.build(so)
+    return cpu_kernels.load(so)
+
+
+def quartiles(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    return {"median": statistics.median(xs), "q1": xs[len(xs) // 4], "q3": xs[(3 * len(xs)) // 4]}
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+    """float64 attention of q [1, Hq, D] over the first n keys of the paged cache (table row 0)."""
+    rows = (table[0, : -(-n // BLOCK)].long()[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)[:n]
+    kk = k.reshape(-1, HKV, D)[rows].double().repeat_interleave(HQ // HKV, 1)       # [n, Hq, D]
+    vv = v.reshape(-1, HKV, D)[rows].double().repeat_interleave(HQ // HKV, 1)
+    s = torch.einsum("hd,nhd->hn", q[0].double() * D ** -0.5, kk)
+    return torch.einsum("hn,nhd->hd", s.softmax(-1), vv)
+
+
+def attention_part(libs: dict, dtype: torch.dtype, keys: int, layers: int, rounds: int, scattered: bool) -> dict:
+    nb = keys // BLOCK
+    gen = torch.Generator().manual_seed(keys)
+    caches = [(torch.randn(nb, BLOCK, HKV, D, generator=gen).to(dtype), torch.randn(nb, BLOCK, HKV, D, generator=gen).to(dtype))
+              for _ in range(layers)]
+    table = (torch.randperm(nb, generator=gen) if scattered else torch.arange(nb)).to(torch.int32)[None]
+    lens = torch.tensor([keys], dtype=torch.int32)
+    q = torch.randn(1, HQ, D, generator=gen).to(dtype)
+    scale = D ** -0.5
+    ref = reference(q, *caches[0], table, keys)
+    out = {side: cpu_kernels.decode_attention(lib, q, *caches[0], table, lens, scale)[0][0] for side, lib in libs.items()}
+    sides = list(libs)
+    check = {"max_abs_between": float((out[sides[0]].float() - out[sides[1]].float()).abs().max()),
+             **{f"max_abs_vs_float64_{s}": float((o.double() - ref).abs().max()) for s, o in out.items()}}
+
+    def run(lib, warm: bool) -> float:
+        t = time.perf_counter()
+        for i in range(layers):
+            cpu_kernels.decode_attention(lib, q, *caches[0 if warm else i], table, lens, scale)
+        return time.perf_counter() - t
+
+    res = {}
+    for mode in ("cold", "warm"):
+        for lib in libs.values():
+            run(lib, mode == "warm")
+        times = {s: [] for s in sides}
+        ratios = []
+        for r in range(rounds):
+            order = sides if r % 2 == 0 else sides[::-1]
+            t = {s: run(libs[s], mode == "warm") for s in order}
+            for s in sides:
+                times[s].append(t[s])
+            ratios.append(t[sides[0]] / t[sides[1]])
+        kv = layers * 2 * caches[0][0].numel() * caches[0][0].element_size()
+        res[mode] = {"ms": {s: 1e3 * statistics.median(v) for s, v in times.items()},
+                     "gbs": {s: kv / statistics.median(v) / 1e9 for s, v in times.items()},
+                     "ratio": quartiles(ratios)}
+    return {**res, "check": check}
+
+
+def engine_part(libs: dict, checkpoint, dtype: str, context: int, steps: int) -> dict:
+    from bench.engine import make_engine
+    from common.sampling_params import SamplingParams
+    engine = make_engine(checkpoint, dtype, context + steps + 8, 1024, ())
+    cache = engine.executor.cache
+    cache.data.normal_(0.0, 0.5)       # as bench/engine.decode_step_times: real values, not the zero page
+    prompt = [100 + (i * 7919) % 30000 for i in range(context)]
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
+    engine.pool.allocate(rid, context)
+    engine.scheduler.requests[rid].num_computed = context - 1
+    sides = list(libs)
+    times = {s: [] for s in sides}
+    i = 0
+    while engine.has_unfinished():
+        side = sides[(i // 2) % 2]          # two steps each: A A B B A A ...
+        with cpu_kernels.using(libs[side]):
+            t = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t
+        if i > 0:                           # the first step enters the request
+            times[side].append(dt)
+        i += 1
+    engine.pool.check()
+    return {"ms": {s: 1e3 * statistics.median(v) for s, v in times.items()},
+            "steps": {s: len(v) for s, v in times.items()},
+            "ratio": statistics.median(times[sides[0]]) / statistics.median(times[sides[1]])}
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# Kernel A/B: {c['baseline']} (baseline) vs the working tree (current)", "",
+             f"{report['machine']['platform']}, torch {report['machine']['torch']}, {c['threads']} threads, "
+             f"kernels {report['machine']['cpu_kernels']}. Load average before {report['loadavg_before'][0]:.2f}, "
+             f"after {report['loadavg_after'][0]:.2f}.", "",
+             f"Paired rounds ({c['rounds']}, ABBA order); x = baseline time / current time, median of the "
+             "per-round ratios (q1-q3): above 1 the current build is faster.", ""]
+    if "attention" in report:
+        lines += ["## Decode attention", "",
+                  f"One sequence, {c['layers']} layers (cold: each layer's own cache, read from memory as a "
+                  "decode step reads it; warm: one layer read again and again, in cache).", "",
+                  "| keys, dtype, blocks | mode | baseline ms | current ms | current GB/s | x (q1-q3) | max abs: between, vs float64 (baseline / current) |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for key, row in report["attention"].items():
+            ch = row["check"]
+            for mode in ("cold", "warm"):
+                m = row[mode]
+                lines.append(f"| {key} | {mode} | {m['ms']['baseline']:.2f} | {m['ms']['current']:.2f} "
+                             f"| {m['gbs']['current']:.1f} | {m['ratio']['median']:.3f} ({m['ratio']['q1']:.3f}-"
+                             f"{m['ratio']['q3']:.3f}) | {ch['max_abs_between']:.1e}; {ch['max_abs_vs_float64_baseline']:.1e} / "
+                             f"{ch['max_abs_vs_float64_current']:.1e} |")
+        lines.append("")
+    if "engine" in report:
+        lines += ["## Engine decode step", "",
+                  "The built-in model, one request, its steps alternating between the builds (two each).", "",
+                  "| context, dtype | baseline ms/step | current ms/step | x |", "|---|---:|---:|---:|"]
+        for key, rows in report["engine"].items():
+            b = statistics.median(r["ms"]["baseline"] for r in rows)
+            cur = statistics.median(r["ms"]["current"] for r in rows)
+            x = statistics.median(r["ratio"] for r in rows)
+            lines.append(f"| {key} | {b:.2f} | {cur:.2f} | {x:.3f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", default="HEAD", help="git revision whose cpu_kernels.cpp is the baseline")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--parts", default="attention,engine")
+    p.add_argument("--contexts", default="1024,4096,8192")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--scattered", action="store_true", help="also the cold run with blocks in a random order")
+    p.add_argument("--engine-contexts", default="8192")
+    p.add_argument("--engine-rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=24, help="decode steps per engine round")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="kernel_ab")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    parts = args.parts.split(",")
+    rev = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    report: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                                "cpu_kernels": cpu_kernels.status()},
+                    "config": {"baseline": f"{args.baseline} ({rev})", "rounds": args.rounds, "layers": args.layers,
+                               "threads": args.threads, "parts": parts},
+                    "loadavg_before": list(os.getloadavg())}
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"baseline": build_revision(args.baseline, Path(tmp)), "current": build_current(Path(tmp))}
+        if "attention" in parts:
+            for d, dt in DTYPES.items():
+                for keys in (int(k) for k in args.contexts.split(",")):
+                    for scattered in ((False, True) if args.scattered else (False,)):
+                        key = f"{keys // 1024}K, {d}, {'scattered' if scattered else 'in order'}"
+                        report.setdefault("attention", {})[key] = attention_part(
+                            libs, dt, keys, args.layers, args.rounds, scattered)
+                        print(key, json.dumps(report["attention"][key]), flush=True)
+        if "engine" in parts:
+            from common.model.loader import load_checkpoint
+            ckpt = load_checkpoint(None)
+            for d in DTYPES:
+                for ctx in (int(c) for c in args.engine_contexts.split(",")):
+                    key = f"{ctx // 1024}K, {d}"
+                    for _ in range(args.engine_rounds):
+                        report.setdefault("engine", {}).setdefault(key, []).append(
+                            engine_part(libs, ckpt, d, ctx, args.steps))
+                    print(key, json.dumps(report["engine"][key]), flush=True)
+    report["loadavg_after"] = list(os.getloadavg())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
