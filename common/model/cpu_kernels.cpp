@@ -858,7 +858,9 @@ inline void pv_pass(const float* p, int64_t ld, int64_t h, const T* const* vrow,
 // bfloat16 rows are widened by halves of their 32-bit words (the even dimension shifted up, the odd one
 // masked: 3 instructions for 16 values), so qp holds each 16 dimensions of q with its even ones first;
 // float32 rows are read in order (qp is q). It replaced a pass that stored each key's per-head sums and
-// reduced them from memory (1.15-1.2x on a K row in L1; bench/results/cpu_kernels_decode_s26.md).
+// reduced them from memory: the bfloat16 scores pass 10-15% faster in a development build's phase
+// timings, the whole kernel within the noise of it (the pass waits on memory about as long as it
+// computes; what moved the kernel is the V rows' prefetch below).
 template <typename T, int G>
 inline void scores4(const float* qp, const T* const* kr, int64_t koff, int64_t d, float* s, int64_t ns) {
   __m256 a[G][4];
@@ -1016,8 +1018,10 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   // loaded once for the query heads that share it. The next block's rows are fetched while this block
   // is read, a few lines every V_STEP keys of every pass: the memory stream runs under all the passes'
   // multiply-adds (fetched in a block's first pass, as before, that pass waited on memory and the other
-  // five fetched nothing: 1.14-1.2x for a bfloat16 8K decode's attention, bench/results/
-  // cpu_kernels_decode_s26.md).
+  // five fetched nothing). With the scores above, against the kernel before (bench/results/
+  // cpu_kernels_decode_s26.md, 30 layers' caches read cold as a decode step reads them): 1.04-1.14x in
+  // float32, 0.97-1.11x in bfloat16; a layer already in cache 0.90-0.99x in float32 (the prefetches
+  // cost instructions and L1 there); the built-in model's 8K decode step 1.05x / 1.08x.
   constexpr int64_t gmax = NC * 4 <= VREGS / 2 ? 4 : NC * 2 <= VREGS / 2 ? 2 : 1;   // sums that stay in registers
   // AVX2 (gmax 1 for d >= 64): up to 3 heads x 2 of the row's 16-lane parts in registers, a pass per 2 parts
   constexpr bool parts = VREGS == 8 && NC % 2 == 0;
