@@ -903,9 +903,9 @@ inline SpanScratch& span_scratch() {
 constexpr int64_t AHEAD = 16;      // keys prefetched ahead of the ones being read
 // Bytes of V rows that all the kv heads' passes over a block read while they stay in L1/L2, the next
 // block's rows arriving beside them: 128 keys of bfloat16 rows of 3 heads x 64, 64 of float32 ones.
-// 48 KB and 96 KB were even on cold caches (8K keys, 30 layers: 1.10-1.15x the old kernel), 192 KB
-// behind them (1.05-1.07x), and on a layer already in L3 96 KB cost float32 8% where 48 KB did not
-// (the prefetched block evicted the one being read).
+// In a development A/B 48 KB and 96 KB were even on cold caches (8K keys, 30 layers: 1.10-1.15x the old
+// kernel), 192 KB behind them (1.05-1.07x), and on a layer already in L3 96 KB cost float32 8% where
+// 48 KB did not (the prefetched block evicted the one being read).
 #ifndef MN_V_BLOCK_BYTES
 #define MN_V_BLOCK_BYTES 49152
 #endif

@@ -201,31 +201,29 @@ def library() -> ctypes.CDLL | None:
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
+def _swapped(**state: object) -> Iterator[None]:
+    """Within it the loaded library's state is `state` over this machine's; restored after."""
+    library()
+    saved = dict(_state)
+    _state.update(state)
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
+
+
+def disabled() -> contextlib.AbstractContextManager[None]:
     """Within it `library()` is None, as on a machine without the kernels: the benchmarks' other side
     (an engine built inside it also gets the layout F.linear prefers)."""
-    library()
-    saved = dict(_state)
-    _state.update(lib=None, why="off (disabled())")
-    try:
-        yield
-    finally:
-        _state.clear()
-        _state.update(saved)
+    return _swapped(lib=None, why="off (disabled())")
 
 
-@contextlib.contextmanager
-def using(lib: ctypes.CDLL) -> Iterator[None]:
-    """Within it `library()` is `lib` (a `load`ed build of another revision: bench/kernel_ab.py's sides)."""
-    library()
-    saved = dict(_state)
-    _state.update(lib=lib, why=f"on ({lib.mn_gemv_isa().decode()}, using())", gemm=bool(lib.mn_gemm_isa()),
-                  max_rows={dt: lib.mn_gemv_max_rows(code) for dt, code in _CODES.items()})
-    try:
-        yield
-    finally:
-        _state.clear()
-        _state.update(saved)
+def using(lib: ctypes.CDLL) -> contextlib.AbstractContextManager[None]:
+    """Within it `library()` is `lib` (a `load`ed build of another revision: bench/kernel_ab.py's sides),
+    with its row limits."""
+    return _swapped(lib=lib, why=f"on ({lib.mn_gemv_isa().decode()}, using())", gemm=bool(lib.mn_gemm_isa()),
+                    max_rows={dt: lib.mn_gemv_max_rows(code) for dt, code in _CODES.items()})
 
 
 def fingerprint() -> str | None:
