@@ -13,12 +13,15 @@ Parts:
              adds a run with the blocks in a random order), and one layer read `--layers` times, in
              cache (`warm`). One sequence of each --contexts length. The outputs of the two builds
              are compared with each other and with a float64 reference.
+  chunk      a prefill chunk's attention (cpu_kernels.chunk_attention: 1,024 queries, the last of
+             --contexts keys, one layer of the built-in model's shape; the float32 cap lifted, as
+             bench/cpu_kernels.py does) timed 3 times a side a round; GFLOP/s and the outputs compared.
   engine     the built-in model's decode step (one request, the prefill skipped as in bench/engine.py)
              at each --engine-contexts length: the steps of one request alternate between the builds
              (`cpu_kernels.using`), median step time per side.
 
 Writes bench/results/<name>.{json,md} (default name kernel_ab).
-Run: PYTHONPATH=. python -m bench.kernel_ab --baseline HEAD [--rounds 12] [--parts attention,engine]
+Run: PYTHONPATH=. python -m bench.kernel_ab --baseline HEAD [--rounds 12] [--parts attention,chunk,engine]
 """
 from __future__ import annotations
 
@@ -114,6 +117,45 @@ def attention_part(libs: dict, dtype: torch.dtype, keys: int, layers: int, round
     return {**res, "check": check}
 
 
+def chunk_part(libs: dict, dtype: torch.dtype, keys: int, rounds: int, queries: int = 1024) -> dict | None:
+    """None where a build has no chunk kernel for `dtype`."""
+    gen = torch.Generator().manual_seed(keys + 1)
+    q = torch.randn(queries, HQ, D, generator=gen).to(dtype)
+    k = torch.randn(keys, HKV, D, generator=gen).to(dtype)
+    v = torch.randn(keys, HKV, D, generator=gen).to(dtype)
+    start, scale = keys - queries, D ** -0.5
+    cap = cpu_kernels.F32_CHUNK_MAX_KEYS
+    cpu_kernels.F32_CHUNK_MAX_KEYS = 1 << 30          # the kernel at every length
+    try:
+        out = {side: cpu_kernels.chunk_attention(lib, q, k, v, start, 0, scale) for side, lib in libs.items()}
+        if any(o is None for o in out.values()):
+            return None
+        sides = list(libs)
+
+        def run(lib) -> float:
+            t = time.perf_counter()
+            for _ in range(3):
+                cpu_kernels.chunk_attention(lib, q, k, v, start, 0, scale)
+            return (time.perf_counter() - t) / 3
+
+        times = {s: [] for s in sides}
+        ratios = []
+        for r in range(rounds):
+            order = sides if r % 2 == 0 else sides[::-1]
+            t = {s: run(libs[s]) for s in order}
+            for s in sides:
+                times[s].append(t[s])
+            ratios.append(t[sides[0]] / t[sides[1]])
+    finally:
+        cpu_kernels.F32_CHUNK_MAX_KEYS = cap
+    flops = 4 * HQ * D * (queries * start + queries * queries / 2)
+    a, b = (out[s][0].float() for s in sides)
+    return {"ms": {s: 1e3 * statistics.median(v) for s, v in times.items()},
+            "gflops": {s: flops / statistics.median(v) / 1e9 for s, v in times.items()},
+            "ratio": quartiles(ratios), "max_abs_between": float((a - b).abs().max()),
+            "same_bits": bool(torch.equal(out[sides[0]][0], out[sides[1]][0]))}
+
+
 def engine_part(libs: dict, checkpoint, dtype: str, context: int, steps: int) -> dict:
     from bench.engine import make_engine
     from common.sampling_params import SamplingParams
@@ -165,6 +207,16 @@ def markdown(report: dict) -> str:
                              f"{m['ratio']['q3']:.3f}) | {ch['max_abs_between']:.1e}; {ch['max_abs_vs_float64_baseline']:.1e} / "
                              f"{ch['max_abs_vs_float64_current']:.1e} |")
         lines.append("")
+    if "chunk" in report:
+        lines += ["## Prefill chunk attention", "",
+                  "1,024 queries, the last of the keys, one layer (9 query heads, 3 kv heads, head dim 64).", "",
+                  "| keys, dtype | baseline ms | current ms | baseline GFLOP/s | current GFLOP/s | x (q1-q3) | same bits (max abs) |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for key, m in report["chunk"].items():
+            lines.append(f"| {key} | {m['ms']['baseline']:.1f} | {m['ms']['current']:.1f} | {m['gflops']['baseline']:.0f} "
+                         f"| {m['gflops']['current']:.0f} | {m['ratio']['median']:.3f} ({m['ratio']['q1']:.3f}-"
+                         f"{m['ratio']['q3']:.3f}) | {'yes' if m['same_bits'] else 'no'} ({m['max_abs_between']:.1e}) |")
+        lines.append("")
     if "engine" in report:
         lines += ["## Engine decode step", "",
                   "The built-in model, one request, its steps alternating between the builds (two each).", "",
@@ -182,7 +234,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", default="HEAD", help="git revision whose cpu_kernels.cpp is the baseline")
     p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--parts", default="attention,engine")
+    p.add_argument("--parts", default="attention,chunk,engine")
     p.add_argument("--contexts", default="1024,4096,8192")
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--scattered", action="store_true", help="also the cold run with blocks in a random order")
@@ -212,6 +264,12 @@ def main() -> None:
                         report.setdefault("attention", {})[key] = attention_part(
                             libs, dt, keys, args.layers, args.rounds, scattered)
                         print(key, json.dumps(report["attention"][key]), flush=True)
+        if "chunk" in parts:
+            for d, dt in DTYPES.items():
+                for keys in (int(k) for k in args.contexts.split(",")):
+                    if (row := chunk_part(libs, dt, keys, args.rounds)) is not None:
+                        report.setdefault("chunk", {})[f"{keys // 1024}K, {d}"] = row
+                        print(f"chunk {keys} {d}", json.dumps(row), flush=True)
         if "engine" in parts:
             from common.model.loader import load_checkpoint
             ckpt = load_checkpoint(None)
