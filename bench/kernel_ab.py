@@ -11,8 +11,9 @@ Parts:
              paged caches (block 16, 3 KV heads x 64, 9 query heads: the built-in model's shape), as a
              decode step reads them: every layer's K and V cold, from memory (`cold`; `--scattered`
              adds a run with the blocks in a random order), and one layer read `--layers` times, in
-             cache (`warm`). One sequence of each --contexts length. The outputs of the two builds
-             are compared with each other and with a float64 reference.
+             cache (`warm`). One sequence of each --contexts length, and the --batches (B sequences
+             of KEYS keys, blocks scattered). The outputs of the two builds are compared with each
+             other and, for the first sequence, with a float64 reference.
   chunk      a prefill chunk's attention (cpu_kernels.chunk_attention: 1,024 queries, the last of
              --contexts keys, one layer of the built-in model's shape; the float32 cap lifted, as
              bench/cpu_kernels.py does) timed 3 times a side a round; GFLOP/s and the outputs compared.
@@ -77,16 +78,22 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Te
     return torch.einsum("hn,nhd->hd", s.softmax(-1), vv)
 
 
-def attention_part(libs: dict, dtype: torch.dtype, keys: int, layers: int, rounds: int, scattered: bool) -> dict:
+def attention_part(libs: dict, dtype: torch.dtype, keys: int, layers: int, rounds: int, scattered: bool,
+                   batch: int = 1) -> dict:
+    """`batch` sequences of `keys` keys each (their blocks interleaved at random where batch > 1)."""
     nb = keys // BLOCK
     gen = torch.Generator().manual_seed(keys)
-    caches = [(torch.randn(nb, BLOCK, HKV, D, generator=gen).to(dtype), torch.randn(nb, BLOCK, HKV, D, generator=gen).to(dtype))
-              for _ in range(layers)]
-    table = (torch.randperm(nb, generator=gen) if scattered else torch.arange(nb)).to(torch.int32)[None]
-    lens = torch.tensor([keys], dtype=torch.int32)
-    q = torch.randn(1, HQ, D, generator=gen).to(dtype)
+    if batch == 1:
+        caches = [(torch.randn(nb, BLOCK, HKV, D, generator=gen).to(dtype),
+                   torch.randn(nb, BLOCK, HKV, D, generator=gen).to(dtype)) for _ in range(layers)]
+        table = (torch.randperm(nb, generator=gen) if scattered else torch.arange(nb)).to(torch.int32)[None]
+    else:
+        made = [scattered_cache([keys] * batch, BLOCK, HKV, D, dtype, gen) for _ in range(layers)]
+        caches, table = [(k, v) for k, v, _, _ in made], made[0][2]       # one table: every layer's blocks alike
+    lens = torch.full((batch,), keys, dtype=torch.int32)
+    q = torch.randn(batch, HQ, D, generator=gen).to(dtype)
     scale = D ** -0.5
-    ref = reference(q, *caches[0], table, keys)
+    ref = reference(q[:1], *caches[0], table, keys)
     out = {side: cpu_kernels.decode_attention(lib, q, *caches[0], table, lens, scale)[0][0] for side, lib in libs.items()}
     sides = list(libs)
     check = {"max_abs_between": float((out[sides[0]].float() - out[sides[1]].float()).abs().max()),
@@ -194,7 +201,7 @@ def markdown(report: dict) -> str:
              "per-round ratios (q1-q3): above 1 the current build is faster.", ""]
     if "attention" in report:
         lines += ["## Decode attention", "",
-                  f"One sequence, {c['layers']} layers (cold: each layer's own cache, read from memory as a "
+                  f"One sequence (B x keys: B sequences), {c['layers']} layers (cold: each layer's own cache, read from memory as a "
                   "decode step reads it; warm: one layer read again and again, in cache).", "",
                   "| keys, dtype, blocks | mode | baseline ms | current ms | current GB/s | x (q1-q3) | max abs: between, vs float64 (baseline / current) |",
                   "|---|---|---:|---:|---:|---:|---|"]
@@ -238,6 +245,8 @@ def main() -> None:
     p.add_argument("--contexts", default="1024,4096,8192")
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--scattered", action="store_true", help="also the cold run with blocks in a random order")
+    p.add_argument("--batches", default="16x512,64x128",
+                   help="decode batches BxKEYS for the attention part (blocks scattered; empty: none)")
     p.add_argument("--engine-contexts", default="8192")
     p.add_argument("--engine-rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=24, help="decode steps per engine round")
@@ -264,6 +273,12 @@ def main() -> None:
                         report.setdefault("attention", {})[key] = attention_part(
                             libs, dt, keys, args.layers, args.rounds, scattered)
                         print(key, json.dumps(report["attention"][key]), flush=True)
+                for shape in filter(None, args.batches.split(",")):
+                    batch, keys = (int(x) for x in shape.split("x"))
+                    key = f"{batch} x {keys}, {d}, scattered"
+                    report.setdefault("attention", {})[key] = attention_part(
+                        libs, dt, keys, args.layers, args.rounds, True, batch)
+                    print(key, json.dumps(report["attention"][key]), flush=True)
         if "chunk" in parts:
             for d, dt in DTYPES.items():
                 for keys in (int(k) for k in args.contexts.split(",")):
