@@ -1019,9 +1019,11 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   // is read, a few lines every V_STEP keys of every pass: the memory stream runs under all the passes'
   // multiply-adds (fetched in a block's first pass, as before, that pass waited on memory and the other
   // five fetched nothing). With the scores above, against the kernel before (bench/results/
-  // cpu_kernels_decode_s26.md, 30 layers' caches read cold as a decode step reads them): 1.04-1.14x in
-  // float32, 0.97-1.11x in bfloat16; a layer already in cache 0.90-0.99x in float32 (the prefetches
-  // cost instructions and L1 there); the built-in model's 8K decode step 1.05x / 1.08x.
+  // cpu_kernels_decode_s26.md, 30 layers' caches read cold as a decode step reads them, one sequence of
+  // 1K-8K keys or batches of 16 x 512 and 64 x 128): 1.04-1.11x in float32, 1.00-1.21x in bfloat16; a
+  // layer already in cache 0.86-0.98x in float32 (the prefetches cost instructions and L1 there: a
+  // decode step never finds its KV there, the weights stream through between layers); the built-in
+  // model's decode step 1.05-1.08x.
   constexpr int64_t gmax = NC * 4 <= VREGS / 2 ? 4 : NC * 2 <= VREGS / 2 ? 2 : 1;   // sums that stay in registers
   // AVX2 (gmax 1 for d >= 64): up to 3 heads x 2 of the row's 16-lane parts in registers, a pass per 2 parts
   constexpr bool parts = VREGS == 8 && NC % 2 == 0;
