@@ -27,6 +27,7 @@ Run: PYTHONPATH=. python -m bench.kernel_ab --baseline HEAD [--rounds 12] [--par
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -47,18 +48,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HQ, HKV, D, BLOCK = 9, 3, 64, 16
 
 
-def build_revision(rev: str, out: Path):
-    """The kernel source at git revision `rev`, built and loaded."""
+def build_revision(rev: str, out: Path) -> ctypes.CDLL:
+    """The kernel source at git revision `rev`, built and loaded (its library must export what
+    cpu_kernels.load declares: revisions from the twenty-fifth session's on)."""
     src = subprocess.run(["git", "show", f"{rev}:common/model/cpu_kernels.cpp"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     path = out / "baseline.cpp"
     path.write_text(src)
     so = out / "baseline.so"
     cpu_kernels.build(so, source=path)
-    return cpu_kernels.load(so)
+    try:
+        return cpu_kernels.load(so)
+    except AttributeError as e:
+        raise SystemExit(f"the kernel of {rev} lacks a function cpu_kernels.load declares ({e}): pick a newer baseline")
 
 
-def build_current(out: Path):
+def build_current(out: Path) -> ctypes.CDLL:
     so = out / "current.so"
     cpu_kernels.build(so)
     return cpu_kernels.load(so)
