@@ -74,6 +74,20 @@ def quartiles(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "q1": xs[len(xs) // 4], "q3": xs[(3 * len(xs)) // 4]}
 
 
+def paired(libs: dict, run, rounds: int) -> tuple[dict[str, list[float]], list[float]]:
+    """`run(lib)` -> seconds, for both sides each round (ABBA order): the times per side and the per-round
+    ratios baseline / current."""
+    sides = list(libs)
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    ratios = []
+    for r in range(rounds):
+        t = {s: run(libs[s]) for s in (sides if r % 2 == 0 else sides[::-1])}
+        for s in sides:
+            times[s].append(t[s])
+        ratios.append(t[sides[0]] / t[sides[1]])
+    return times, ratios
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
     """float64 attention of q [1, Hq, D] over the first n keys of the paged cache (table row 0)."""
     rows = (table[0, : -(-n // BLOCK)].long()[:, None] * BLOCK + torch.arange(BLOCK)).reshape(-1)[:n]
@@ -114,14 +128,7 @@ def attention_part(libs: dict, dtype: torch.dtype, keys: int, layers: int, round
     for mode in ("cold", "warm"):
         for lib in libs.values():
             run(lib, mode == "warm")
-        times = {s: [] for s in sides}
-        ratios = []
-        for r in range(rounds):
-            order = sides if r % 2 == 0 else sides[::-1]
-            t = {s: run(libs[s], mode == "warm") for s in order}
-            for s in sides:
-                times[s].append(t[s])
-            ratios.append(t[sides[0]] / t[sides[1]])
+        times, ratios = paired(libs, lambda lib: run(lib, mode == "warm"), rounds)
         kv = layers * 2 * caches[0][0].numel() * caches[0][0].element_size()
         res[mode] = {"ms": {s: 1e3 * statistics.median(v) for s, v in times.items()},
                      "gbs": {s: kv / statistics.median(v) / 1e9 for s, v in times.items()},
@@ -150,14 +157,7 @@ def chunk_part(libs: dict, dtype: torch.dtype, keys: int, rounds: int, queries: 
                 cpu_kernels.chunk_attention(lib, q, k, v, start, 0, scale)
             return (time.perf_counter() - t) / 3
 
-        times = {s: [] for s in sides}
-        ratios = []
-        for r in range(rounds):
-            order = sides if r % 2 == 0 else sides[::-1]
-            t = {s: run(libs[s]) for s in order}
-            for s in sides:
-                times[s].append(t[s])
-            ratios.append(t[sides[0]] / t[sides[1]])
+        times, ratios = paired(libs, run, rounds)
     finally:
         cpu_kernels.F32_CHUNK_MAX_KEYS = cap
     flops = 4 * HQ * D * (queries * start + queries * queries / 2)
