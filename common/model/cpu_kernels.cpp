@@ -906,10 +906,7 @@ constexpr int64_t AHEAD = 16;      // keys prefetched ahead of the ones being re
 // In a development A/B 48 KB and 96 KB were even on cold caches (8K keys, 30 layers: 1.10-1.15x the old
 // kernel), 192 KB behind them (1.05-1.07x), and on a layer already in L3 96 KB cost float32 8% where
 // 48 KB did not (the prefetched block evicted the one being read).
-#ifndef MN_V_BLOCK_BYTES
-#define MN_V_BLOCK_BYTES 49152
-#endif
-constexpr int64_t V_BLOCK_BYTES = MN_V_BLOCK_BYTES;
+constexpr int64_t V_BLOCK_BYTES = 49152;
 constexpr int64_t V_STEP = 32;     // keys a pass reads between two of its prefetches of the next block
 
 // Prefetches the cache lines of rows [j, j1) (`lines` lines of 64 bytes each) a few at a time, `per`
