@@ -96,20 +96,15 @@ def point(lib: ctypes.CDLL, dtype: torch.dtype, keys: int, rounds: int, hz: floa
     start = keys - QUERIES
     scores = HQ * (QUERIES * start + QUERIES * (QUERIES + 1) / 2)       # visible (query head, key) pairs
     flops = 4 * D * scores
-    cap = cpu_kernels.F32_CHUNK_MAX_KEYS
-    cpu_kernels.F32_CHUNK_MAX_KEYS = 1 << 30          # the kernel at every length (the float32 cap aside)
-    try:
-        assert cpu_kernels.chunk_attention(lib, q, k, v, start, 0, D ** -0.5) is not None
-        counters(lib)
-        rows = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            cpu_kernels.chunk_attention(lib, q, k, v, start, 0, D ** -0.5)
-            wall = time.perf_counter() - t
-            c = counters(lib)
-            rows.append({"wall_s": wall, **{p: c[i] for i, p in enumerate(PHASES)}})
-    finally:
-        cpu_kernels.F32_CHUNK_MAX_KEYS = cap
+    assert cpu_kernels.chunk_attention(lib, q, k, v, start, 0, D ** -0.5) is not None
+    counters(lib)
+    rows = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        cpu_kernels.chunk_attention(lib, q, k, v, start, 0, D ** -0.5)
+        wall = time.perf_counter() - t
+        c = counters(lib)
+        rows.append({"wall_s": wall, **{p: c[i] for i, p in enumerate(PHASES)}})
     med = {key: statistics.median(r[key] for r in rows) for key in ("wall_s", *PHASES)}
     threads = torch.get_num_threads()
     thread_ticks = med["wall_s"] * hz * threads

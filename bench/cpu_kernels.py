@@ -11,8 +11,7 @@ Five parts, each alternating the two sides, --rounds rounds, medians (each round
              (common/attention/cpu.py) vs the kernel; microseconds a call and GB/s of K+V bytes;
   chunk      one layer's attention of a prefill chunk (1,024 queries over 1K, 4K, 8K keys; 128 over
              64K) in each dtype a chunk kernel takes on this build (bfloat16 on AVX512-BF16; float32
-             and bfloat16 on AVX2): the flash path vs the chunk kernel (at every length, past the
-             float32 cap cpu_kernels.F32_CHUNK_MAX_KEYS too); ms and GFLOP/s;
+             and bfloat16 on AVX2): the flash path vs the chunk kernel; ms and GFLOP/s;
   gemm       one prefill chunk's linears of the built-in model (1,024 rows through q/k/v, o, gate/up,
              down; 30 distinct weights each, so they stream from memory, in AVX2 builds only): what
              `linear` ran before the GEMM kernel (float32: F.linear; bfloat16: F.linear of the operands
@@ -146,13 +145,8 @@ def chunk_round(dtype: torch.dtype, queries: int, keys: int) -> dict | None:
         return None
     with cpu_kernels.disabled():
         t_flash = timed(lambda: flash.forward(q, k, v, q_start=start, k_start=0, scale=0.125), 3)
-    cap = cpu_kernels.F32_CHUNK_MAX_KEYS
-    cpu_kernels.F32_CHUNK_MAX_KEYS = 1 << 30          # the kernel at every length (the data behind the cap)
-    try:
-        assert cpu_kernels.chunk_attention(lib, q[:1], k, v, start, 0, 0.125) is not None
-        t_kernel = timed(lambda: cpu_kernels.chunk_attention(lib, q, k, v, start, 0, 0.125), 3)
-    finally:
-        cpu_kernels.F32_CHUNK_MAX_KEYS = cap
+    assert cpu_kernels.chunk_attention(lib, q[:1], k, v, start, 0, 0.125) is not None
+    t_kernel = timed(lambda: cpu_kernels.chunk_attention(lib, q, k, v, start, 0, 0.125), 3)
     flops = 4 * 9 * 64 * (queries * start + queries * queries / 2)
     return {"flops": flops, "flash_ms": 1e3 * t_flash, "kernel_ms": 1e3 * t_kernel}
 

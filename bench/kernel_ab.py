@@ -15,8 +15,8 @@ Parts:
              of KEYS keys, blocks scattered). The outputs of the two builds are compared with each
              other and, for the first sequence, with a float64 reference.
   chunk      a prefill chunk's attention (cpu_kernels.chunk_attention: 1,024 queries, the last of
-             --contexts keys, one layer of the built-in model's shape; the float32 cap lifted, as
-             bench/cpu_kernels.py does) timed 3 times a side a round; GFLOP/s and the outputs compared.
+             --contexts keys, one layer of the built-in model's shape) timed 3 times a side a round;
+             GFLOP/s and the outputs compared.
   engine     the built-in model's decode step (one request, the prefill skipped as in bench/engine.py)
              at each --engine-contexts length: the steps of one request alternate between the builds
              (`cpu_kernels.using`), median step time per side.
@@ -143,23 +143,18 @@ def chunk_part(libs: dict, dtype: torch.dtype, keys: int, rounds: int, queries: 
     k = torch.randn(keys, HKV, D, generator=gen).to(dtype)
     v = torch.randn(keys, HKV, D, generator=gen).to(dtype)
     start, scale = keys - queries, D ** -0.5
-    cap = cpu_kernels.F32_CHUNK_MAX_KEYS
-    cpu_kernels.F32_CHUNK_MAX_KEYS = 1 << 30          # the kernel at every length
-    try:
-        out = {side: cpu_kernels.chunk_attention(lib, q, k, v, start, 0, scale) for side, lib in libs.items()}
-        if any(o is None for o in out.values()):
-            return None
-        sides = list(libs)
+    out = {side: cpu_kernels.chunk_attention(lib, q, k, v, start, 0, scale) for side, lib in libs.items()}
+    if any(o is None for o in out.values()):
+        return None
+    sides = list(libs)
 
-        def run(lib) -> float:
-            t = time.perf_counter()
-            for _ in range(3):
-                cpu_kernels.chunk_attention(lib, q, k, v, start, 0, scale)
-            return (time.perf_counter() - t) / 3
+    def run(lib) -> float:
+        t = time.perf_counter()
+        for _ in range(3):
+            cpu_kernels.chunk_attention(lib, q, k, v, start, 0, scale)
+        return (time.perf_counter() - t) / 3
 
-        times, ratios = paired(libs, run, rounds)
-    finally:
-        cpu_kernels.F32_CHUNK_MAX_KEYS = cap
+    times, ratios = paired(libs, run, rounds)
     flops = 4 * HQ * D * (queries * start + queries * queries / 2)
     a, b = (out[s][0].float() for s in sides)
     return {"ms": {s: 1e3 * statistics.median(v) for s, v in times.items()},

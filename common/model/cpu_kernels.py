@@ -392,11 +392,6 @@ def decode_attention(lib: ctypes.CDLL, q: torch.Tensor, k_cache: torch.Tensor, v
 
 
 CHUNK_HEAD_DIMS = (32, 64, 128)       # the bfloat16 chunk attention kernel's instantiations
-# float32 chunks on the AVX2 kernel up to this many visible keys: measured 1.3-1.4x the flash path with
-# 1K keys, 1.0-1.16x with 4K, 0.89-0.99x with 8K and 0.93-1.02x with 64K (bench/results/
-# cpu_kernels_avx2.md and the run before it); bfloat16 chunks take it at any length (0.96-1.0x at 8K,
-# 1.08-1.15x at 64K: the flash path widens bfloat16 as it goes)
-F32_CHUNK_MAX_KEYS = 4096
 
 
 def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
@@ -406,8 +401,10 @@ def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v
     Returns out [n, Hq, D] in q's dtype and lse [n, Hq] float32, or None where no kernel applies: the
     caller's flash path. The kernels: bfloat16 on vdpbf16ps (AVX512-BF16 builds, head dims
     CHUNK_HEAD_DIMS); float32 and bfloat16 on float32 multiply-adds (AVX2 builds without AVX-512, head
-    dims a multiple of 16 up to 256; float32 up to F32_CHUNK_MAX_KEYS visible keys). Elsewhere (float32
-    on AVX-512: a multiply-add variant ran at the flash kernel's speed there) the flash kernel."""
+    dims a multiple of 16 up to 256, any number of keys: in float32 1.7x the flash path over 1K keys,
+    1.18-1.33x over 4K-64K, bench/results/cpu_kernels_chunk_s27.md; a cap at 4,096 keys, from when
+    the kernel was only even with the flash path there, went). Elsewhere (float32 on AVX-512: a
+    multiply-add variant ran at the flash kernel's speed there) the flash kernel."""
     n, hq, d = q.shape
     L, hkv = k.shape[0], k.shape[1]
     if (lib is None or q.device.type != "cpu" or q.dtype not in _CODES or k.dtype != q.dtype
@@ -418,8 +415,6 @@ def chunk_attention(lib: ctypes.CDLL | None, q: torch.Tensor, k: torch.Tensor, v
     native = q.dtype == torch.bfloat16 and d in CHUNK_HEAD_DIMS and bool(lib.mn_chunk_attention_isa())
     if not native and not (d % 16 == 0 and d <= 256 and lib.mn_chunk_attention_f32_isa()):
         return None
-    if not native and q.dtype == torch.float32 and min(L, n + q_start - k_start) > F32_CHUNK_MAX_KEYS:
-        return None                                 # keys the chunk sees: the flash path is as fast there
     out = torch.empty(n, hq, d, dtype=q.dtype)
     lse = torch.empty(n, hq, dtype=torch.float32)
     args = (q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), n, L, hq,

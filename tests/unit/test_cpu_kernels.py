@@ -573,7 +573,7 @@ def test_elementwise_takes_prefill_rows_where_the_build_is_vectorised():
 @pytest.mark.parametrize("build, dtype", [("native", torch.bfloat16), ("native", torch.float32),
                                           ("x86-64-v3", torch.bfloat16), ("x86-64-v3", torch.float32)])
 @pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (5, 1, 48)])
-def test_chunk_attention_matches_the_reference(builds, build, dtype, heads, monkeypatch):
+def test_chunk_attention_matches_the_reference(builds, build, dtype, heads):
     """A prefill chunk against keys before and inside it, by position: a prompt's first chunk, a later
     chunk over its prefix, a shard whose keys start after the chunk's first queries (empty rows), fewer
     keys than queries, keys ending before the chunk, odd key counts; strided q (as the fused q/k/v
@@ -596,7 +596,6 @@ def test_chunk_attention_matches_the_reference(builds, build, dtype, heads, monk
              (1, 65, 64, 0), (130, 130, 0, 0)]
     if heads == (9, 3, 64):            # more keys than the AVX2 kernel lays out at a time (KW = 16,384)
         cases += [(40, 20000, 19960, 0), (70, 17000, 16390, 20)]
-        monkeypatch.setattr(cpu_kernels, "F32_CHUNK_MAX_KEYS", 1 << 20)    # float32 there too
     for n, L, q_start, k_start in cases:
         qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g).to(dtype)
         q = qkv[:, :hq * d].view(n, hq, d)
@@ -616,10 +615,6 @@ def test_chunk_attention_matches_the_reference(builds, build, dtype, heads, monk
         fin = torch.isfinite(want_lse)
         torch.testing.assert_close(lse.double()[fin], want_lse[fin], rtol=1e-5, atol=1e-3)
     assert cpu_kernels.chunk_attention(lib, q.double(), k.double(), v.double(), 0, 0, 0.2) is None   # float64
-    if lib.mn_chunk_attention_f32_isa() and dtype == torch.float32:     # float32 past its measured gain: flash
-        monkeypatch.setattr(cpu_kernels, "F32_CHUNK_MAX_KEYS", 64)
-        assert cpu_kernels.chunk_attention(lib, q[:1], k[:65], v[:65], 64, 0, 0.2) is None
-        assert cpu_kernels.chunk_attention(lib, q[:1], k[:64], v[:64], 63, 0, 0.2) is not None
 
 
 @needs_kernel
