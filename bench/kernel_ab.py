@@ -17,9 +17,10 @@ Parts:
   chunk      a prefill chunk's attention (cpu_kernels.chunk_attention: 1,024 queries, the last of
              --contexts keys, one layer of the built-in model's shape) timed 3 times a side a round;
              GFLOP/s and the outputs compared.
-  engine     the built-in model's decode step (one request, the prefill skipped as in bench/engine.py)
-             at each --engine-contexts length: the steps of one request alternate between the builds
-             (`cpu_kernels.using`), median step time per side.
+  engine     the built-in model's decode step (the prefill skipped as in bench/engine.py) at each
+             --engine-contexts length, for each --engine-batches count of requests decoding together
+             (each over that many cached positions): the steps alternate between the builds
+             (`cpu_kernels.using`, the builds' row limits with them), median step time per side.
 
 Writes bench/results/<name>.{json,md} (default name kernel_ab).
 Run: PYTHONPATH=. python -m bench.kernel_ab --baseline HEAD [--rounds 12] [--parts attention,chunk,engine]
@@ -163,16 +164,21 @@ def chunk_part(libs: dict, dtype: torch.dtype, keys: int, rounds: int, queries: 
             "same_bits": bool(torch.equal(out[sides[0]][0], out[sides[1]][0]))}
 
 
-def engine_part(libs: dict, checkpoint, dtype: str, context: int, steps: int) -> dict:
-    from bench.engine import make_engine
+def engine_part(libs: dict, checkpoint, dtype: str, context: int, steps: int, batch: int = 1) -> dict:
+    from common.config import CacheConfig, EngineConfig, SchedulerConfig
+    from common.engine.engine import LLMEngine
     from common.sampling_params import SamplingParams
-    engine = make_engine(checkpoint, dtype, context + steps + 8, 1024, ())
+    cfg = EngineConfig(dtype=dtype, max_model_len=context + steps + 8,
+                       cache=CacheConfig(max_kv_tokens=batch * (context + steps + 32), prefix_caching=False),
+                       scheduler=SchedulerConfig(chunk_size=1024, max_batch_tokens=8192))
+    engine = LLMEngine(cfg, checkpoint)
     cache = engine.executor.cache
     cache.data.normal_(0.0, 0.5)       # as bench/engine.decode_step_times: real values, not the zero page
     prompt = [100 + (i * 7919) % 30000 for i in range(context)]
-    rid = engine.add_request(prompt, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
-    engine.pool.allocate(rid, context)
-    engine.scheduler.requests[rid].num_computed = context - 1
+    for _ in range(batch):
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
+        engine.pool.allocate(rid, context)
+        engine.scheduler.requests[rid].num_computed = context - 1
     sides = list(libs)
     times = {s: [] for s in sides}
     i = 0
@@ -182,7 +188,7 @@ def engine_part(libs: dict, checkpoint, dtype: str, context: int, steps: int) ->
             t = time.perf_counter()
             engine.step()
             dt = time.perf_counter() - t
-        if i > 0:                           # the first step enters the request
+        if i > 0:                           # the first step enters the requests
             times[side].append(dt)
         i += 1
     engine.pool.check()
@@ -226,8 +232,9 @@ def markdown(report: dict) -> str:
         lines.append("")
     if "engine" in report:
         lines += ["## Engine decode step", "",
-                  "The built-in model, one request, its steps alternating between the builds (two each).", "",
-                  "| context, dtype | baseline ms/step | current ms/step | x |", "|---|---:|---:|---:|"]
+                  "The built-in model, B requests decoding together, the steps alternating between the builds "
+                  "(two each).", "",
+                  "| context, dtype, B | baseline ms/step | current ms/step | x |", "|---|---:|---:|---:|"]
         for key, rows in report["engine"].items():
             b = statistics.median(r["ms"]["baseline"] for r in rows)
             cur = statistics.median(r["ms"]["current"] for r in rows)
@@ -248,6 +255,7 @@ def main() -> None:
     p.add_argument("--batches", default="16x512,64x128",
                    help="decode batches BxKEYS for the attention part (blocks scattered; empty: none)")
     p.add_argument("--engine-contexts", default="8192")
+    p.add_argument("--engine-batches", default="1,8", help="requests decoding together in the engine part")
     p.add_argument("--engine-rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=24, help="decode steps per engine round")
     p.add_argument("--threads", type=int, default=2)
@@ -290,11 +298,12 @@ def main() -> None:
             ckpt = load_checkpoint(None)
             for d in DTYPES:
                 for ctx in (int(c) for c in args.engine_contexts.split(",")):
-                    key = f"{ctx // 1024}K, {d}"
-                    for _ in range(args.engine_rounds):
-                        report.setdefault("engine", {}).setdefault(key, []).append(
-                            engine_part(libs, ckpt, d, ctx, args.steps))
-                    print(key, json.dumps(report["engine"][key]), flush=True)
+                    for batch in (int(b) for b in args.engine_batches.split(",")):
+                        key = f"{ctx // 1024}K, {d}, {batch}"
+                        for _ in range(args.engine_rounds):
+                            report.setdefault("engine", {}).setdefault(key, []).append(
+                                engine_part(libs, ckpt, d, ctx, args.steps, batch))
+                        print(key, json.dumps(report["engine"][key]), flush=True)
     report["loadavg_after"] = list(os.getloadavg())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

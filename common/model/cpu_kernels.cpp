@@ -1,7 +1,8 @@
 // The CPU engine's kernels (common/model/cpu_kernels.py loads them; bench/results/cpu_kernels.md
 // measures each against what it replaces):
 //   matrix-vector products  a decode step's linears: y[m, n] = sum_k x[m, k] * w[n, k] for a few rows of
-//                           x (M <= 4) against a weight stored [N, K] row-major (nn.Linear's [out, in]);
+//                           x (a batch's decode rows, up to mn_gemv_max_rows) against a weight stored
+//                           [N, K] row-major (nn.Linear's [out, in]);
 //   GEMM                    a prefill chunk's linears, the same product for many rows of x (AVX2 builds);
 //   decode attention        one query per sequence against its keys where they lie in the paged cache;
 //   elementwise steps       RMSNorm, RoPE, SiLU-and-multiply of a few rows, with the eager roundings;
@@ -436,6 +437,14 @@ void rows(const T* x, int64_t ldx, const float* xs, const T* w, int64_t ldw, Y* 
   rows_portable<T, M, Y>(x, ldx, w, ldw, y, ldy, r0, r1, K);
 }
 
+// Past 4 rows of x (a batch of decode rows), each thread multiplies a block of this many bytes of its
+// rows of w by every 4 rows of x in turn: the first 4 read the block from memory, the others from L2
+// (4 rows at a time over the whole of w read it from memory once per 4 rows). The model's decode
+// linears (30 layers' weights, cold) on the AVX2 build: 5-16 rows 1.1-2.5x the GEMM, which packs the
+// weights on every call and was the path past 4 rows (24 rows: 0.8x, so the AVX2 builds take up to 16
+// rows here); blocks of 16-256 KB about the same; a kernel of two rows of w by 4 of x was no faster.
+constexpr int64_t GEMV_BLOCK_BYTES = 32768;
+
 template <typename T, typename Y>
 void gemv(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
   const float* xs = nullptr;
@@ -451,15 +460,19 @@ void gemv(const T* x, int64_t ldx, const T* w, int64_t ldw, Y* y, int64_t ldy, i
     const int nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t per = (N + nt - 1) / nt;
     const int64_t r0 = t * per, r1 = r0 + per < N ? r0 + per : N;
-    for (int64_t m = 0; r0 < r1 && m < M; m += 4) {
-      const T* xm = x + m * ldx;
-      const float* xsm = xs ? xs + m * k16 : nullptr;
-      Y* ym = y + m * ldy;
-      switch (M - m < 4 ? M - m : 4) {
-        case 1: rows<T, 1, Y>(xm, ldx, xsm, w, ldw, ym, ldy, r0, r1, K); break;
-        case 2: rows<T, 2, Y>(xm, ldx, xsm, w, ldw, ym, ldy, r0, r1, K); break;
-        case 3: rows<T, 3, Y>(xm, ldx, xsm, w, ldw, ym, ldy, r0, r1, K); break;
-        default: rows<T, 4, Y>(xm, ldx, xsm, w, ldw, ym, ldy, r0, r1, K); break;
+    const int64_t block = M <= 4 ? r1 - r0 : std::max<int64_t>(1, GEMV_BLOCK_BYTES / (K * (int64_t)sizeof(T)));
+    for (int64_t b0 = r0; b0 < r1; b0 += block) {
+      const int64_t b1 = std::min(r1, b0 + block);
+      for (int64_t m = 0; m < M; m += 4) {
+        const T* xm = x + m * ldx;
+        const float* xsm = xs ? xs + m * k16 : nullptr;
+        Y* ym = y + m * ldy;
+        switch (M - m < 4 ? M - m : 4) {
+          case 1: rows<T, 1, Y>(xm, ldx, xsm, w, ldw, ym, ldy, b0, b1, K); break;
+          case 2: rows<T, 2, Y>(xm, ldx, xsm, w, ldw, ym, ldy, b0, b1, K); break;
+          case 3: rows<T, 3, Y>(xm, ldx, xsm, w, ldw, ym, ldy, b0, b1, K); break;
+          default: rows<T, 4, Y>(xm, ldx, xsm, w, ldw, ym, ldy, b0, b1, K); break;
+        }
       }
     }
   }
@@ -482,8 +495,9 @@ const char* mn_gemv_isa() {
 #endif
 }
 
-// The most rows of x for which this build's path beats torch's kernels (measured: the portable
-// bfloat16 loop converts each weight once per row of x, and falls behind beyond one row).
+// The most rows of x for which this build's path beats the alternative (measured: the portable
+// bfloat16 loop converts each weight once per row of x, and falls behind torch's kernels beyond one
+// row; on AVX2 builds the GEMM below takes over past 16, see GEMV_BLOCK_BYTES).
 int64_t mn_gemv_max_rows(int dtype) {
 #if defined(__AVX512F__) && defined(MN_BF16_ISA)
   (void)dtype;
@@ -493,7 +507,7 @@ int64_t mn_gemv_max_rows(int dtype) {
   return 4 * (dtype == 0) + 1 * (dtype != 0);
 #elif defined(MN_AVX2_GEMV)
   (void)dtype;
-  return 4;
+  return 16;
 #else
   return dtype == 0 ? 4 : 1;
 #endif

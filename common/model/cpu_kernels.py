@@ -6,7 +6,7 @@ plain read reaches): torch's kernels stream a linear's weight at 10-17 GB/s for 
 activations where a plain read reaches 35-55, its flash kernel reads a paged cache through a gather
 or strided views, and each layer's elementwise steps are ~25 small torch ops. The kernels, compiled
 for the machine's processor (bench/results/cpu_kernels.md measures each against what it replaces):
-  linear            `linear(x, w, b)`: for up to MAX_ROWS rows of float32 or bfloat16 against a weight
+  linear            `linear(x, w, b)`: for up to max_rows rows of float32 or bfloat16 against a weight
                     stored [out, in] row-major, a matrix-vector product that streams each thread's block
                     of rows front to back (AVX-512, AVX2, or portable loops); the LM head's bfloat16
                     logits unrounded; more rows (prefill chunks) through the AVX2 builds' GEMM (`gemm`:
@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
 _CODES = {torch.float32: 0, torch.bfloat16: 1}    # the library's dtype argument
-MAX_ROWS = 4                # rows of x one pass of the kernel multiplies; more go to F.linear
+MAX_ROWS = 16               # rows of x the matrix-vector kernel takes in any build (mn_gemv_max_rows: 4 or 1
+                            # but on AVX2, 16); more go to the GEMM kernel or F.linear
 BUILD_TIMEOUT_S = 120.0
 
 _lock = threading.Lock()

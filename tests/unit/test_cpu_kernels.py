@@ -80,7 +80,8 @@ def one_and_two_threads(fn):
         torch.set_num_threads(threads)
 
 
-SHAPES = [(1, 576, 960), (2, 576, 1536), (3, 1536, 576), (4, 37, 5), (1, 100, 1), (4, 1, 3), (1, 64, 257)]
+SHAPES = [(1, 576, 960), (2, 576, 1536), (3, 1536, 576), (4, 37, 5), (1, 100, 1), (4, 1, 3), (1, 64, 257),
+          (6, 576, 960), (16, 1536, 576), (9, 37, 5), (13, 1000, 700)]       # batches: blocks of w by 4 rows of x
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -127,7 +128,7 @@ def test_isa_names_the_paths(builds):
     assert builds["x86-64"].mn_gemv_isa().decode() == "float32=portable bfloat16=portable"
     assert builds["x86-64-v3"].mn_gemv_isa().decode() == "float32=avx2 bfloat16=avx2"
     assert [builds["x86-64"].mn_gemv_max_rows(code) for code in (0, 1)] == [4, 1]   # the portable bfloat16 loop: one row
-    assert [builds["x86-64-v3"].mn_gemv_max_rows(code) for code in (0, 1)] == [4, 4]
+    assert [builds["x86-64-v3"].mn_gemv_max_rows(code) for code in (0, 1)] == [16, 16]   # decode batches
     assert builds["x86-64"].mn_decode_attention_isa() == 0 and builds["x86-64-v3"].mn_decode_attention_isa() == 1
     assert builds["x86-64"].mn_elementwise_isa() == 0 and builds["x86-64-v3"].mn_elementwise_isa() == 1
     for arch in ("x86-64", "x86-64-v3"):
@@ -193,21 +194,23 @@ def test_linear_takes_the_kernel_only_where_it_applies(monkeypatch):
     torch.manual_seed(2)
     w = torch.randn(48, 32)
     b = torch.randn(48)
-    for m in (1, 4):                                               # decode rows: the kernel, bias added
+    most = cpu_kernels.max_rows(torch.float32)                     # 16 on AVX2 builds, else 4
+    assert most == (16 if cpu_kernels.library().mn_gemm_isa() else 4)
+    for m in (1, 4, most):                                         # decode rows: the kernel, bias added
         x = torch.randn(m, 32)
         torch.testing.assert_close(cpu_kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-6, atol=1e-5)
-    assert calls == [(1, 32), (4, 32)]
+    assert calls == [(1, 32), (4, 32), (most, 32)]
     calls.clear()
-    x5 = torch.randn(5, 32)
+    x5 = torch.randn(most + 1, 32)
     wt = w.t().contiguous().t()                                    # stored [in, out]
     if cpu_kernels._state.get("gemm"):                             # a prefill chunk: the GEMM kernel
         gemms = []
         real_gemm = cpu_kernels.gemm
         monkeypatch.setattr(cpu_kernels, "gemm", lambda lib, x, w: gemms.append(x.shape) or real_gemm(lib, x, w))
         torch.testing.assert_close(cpu_kernels.linear(x5, w, b), F.linear(x5, w, b), rtol=1e-6, atol=1e-5)
-        assert gemms == [(5, 32)]
+        assert gemms == [(most + 1, 32)]
         assert torch.equal(cpu_kernels.linear(x5, wt), F.linear(x5, wt))    # [in, out]: F.linear
-        assert gemms == [(5, 32)]
+        assert gemms == [(most + 1, 32)]
     else:
         assert torch.equal(cpu_kernels.linear(x5, w), F.linear(x5, w))     # F.linear itself
     x1 = torch.randn(1, 32)
@@ -308,9 +311,10 @@ def test_the_engine_decodes_on_the_kernel(monkeypatch):
                                          ("mistral", dict(num_attention_heads=4, num_key_value_heads=4, head_dim=32)),
                                          ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16))])
 def test_a_decode_step_in_one_call_equals_the_modules_bit_for_bit(tmp_path, monkeypatch, dtype, arch, shape):
-    """common/model/decode_layers.py: four prompts decoding together (1-4 rows as they start and
-    finish), greedy, with the layers in one kernel call and module by module: the same tokens and the
-    same logprobs bit for bit, the same KV left in the cache. qwen2 (q/k/v biases) keeps the modules."""
+    """common/model/decode_layers.py: six prompts decoding together (1-6 rows as they start and
+    finish: past 4, the batch path of the AVX2 builds' linears), greedy, with the layers in one kernel
+    call and module by module: the same tokens and the same logprobs bit for bit, the same KV left in
+    the cache. qwen2 (q/k/v biases) keeps the modules."""
     from common.config import CacheConfig, EngineConfig, SchedulerConfig
     from common.engine.engine import LLMEngine
     from common.model.loader import load_checkpoint
@@ -318,8 +322,8 @@ def test_a_decode_step_in_one_call_equals_the_modules_bit_for_bit(tmp_path, monk
     from common.sampling_params import SamplingParams
 
     ckpt = load_checkpoint(str(write_random_hf_model(tmp_path / arch, arch, seed=11, tokenizer=False, **shape)))
-    prompts = [[(7 * i + 13 * j) % 300 + 10 for i in range(n)] for j, n in enumerate((5, 40, 17, 70))]
-    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (9, 4, 12, 7)]
+    prompts = [[(7 * i + 13 * j) % 300 + 10 for i in range(n)] for j, n in enumerate((5, 40, 17, 70, 23, 9))]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (9, 4, 12, 7, 10, 6)]
 
     def run() -> tuple[list, torch.Tensor, list[bool]]:
         engine = LLMEngine(EngineConfig(model="(preloaded)", dtype=dtype,
