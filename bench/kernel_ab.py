@@ -7,6 +7,11 @@ alternating: ABBA), and the figure is the median of the per-round ratios (baseli
 time: above 1 the current build is faster), with its quartiles.
 
 Parts:
+  linears    the built-in model's decode linears (q/k/v, o, gate/up, down: --layers distinct weights each,
+             so they stream from memory as a decode step reads them, and the LM head) for each
+             --linear-rows count of rows of x, through each build's matrix-vector kernel
+             (cpu_kernels.gemv: the batch path past 4 rows); GB/s of weight bytes beside a plain read
+             of the same bytes (torch.sum, best of 5 before and after), the outputs compared;
   attention  the decode attention kernel (cpu_kernels.decode_attention) over `--layers` distinct layers'
              paged caches (block 16, 3 KV heads x 64, 9 query heads: the built-in model's shape), as a
              decode step reads them: every layer's K and V cold, from memory (`cold`; `--scattered`
@@ -23,7 +28,7 @@ Parts:
              (`cpu_kernels.using`, the builds' row limits with them), median step time per side.
 
 Writes bench/results/<name>.{json,md} (default name kernel_ab).
-Run: PYTHONPATH=. python -m bench.kernel_ab --baseline HEAD [--rounds 12] [--parts attention,chunk,engine]
+Run: PYTHONPATH=. python -m bench.kernel_ab --baseline HEAD [--rounds 12] [--parts linears,attention,chunk,engine]
 """
 from __future__ import annotations
 
@@ -164,6 +169,42 @@ def chunk_part(libs: dict, dtype: torch.dtype, keys: int, rounds: int, queries: 
             "same_bits": bool(torch.equal(out[sides[0]][0], out[sides[1]][0]))}
 
 
+LINEAR_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))     # [out, in]: q/k/v, o, gate/up, down
+VOCAB = 49152
+
+
+def linears_part(libs: dict, dtype: torch.dtype, rows: int, layers: int, rounds: int) -> dict:
+    gen = torch.Generator().manual_seed(rows)
+    ws = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(layers) for n, k in LINEAR_SHAPES]
+    ws.append(torch.randn(VOCAB, 576, generator=gen).to(dtype))
+    xs = {k: torch.randn(rows, k, generator=gen).to(dtype) for k in (576, 1536)}
+    nbytes = sum(w.numel() * w.element_size() for w in ws)
+    flat = torch.ones(nbytes // 4)
+
+    def read() -> float:
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            flat.sum()
+            best = min(best, time.perf_counter() - t)
+        return nbytes / best / 1e9
+
+    def run(lib) -> float:
+        t = time.perf_counter()
+        for w in ws:
+            cpu_kernels.gemv(lib, xs[w.shape[1]], w)
+        return time.perf_counter() - t
+
+    reads = [read()]
+    times, ratios = paired(libs, run, rounds)
+    reads.append(read())
+    a, b = (cpu_kernels.gemv(lib, xs[ws[2].shape[1]], ws[2]) for lib in libs.values())
+    return {"ms": {s: 1e3 * statistics.median(v) for s, v in times.items()},
+            "gbs": {s: nbytes / statistics.median(v) / 1e9 for s, v in times.items()}, "read_gbs": max(reads),
+            "ratio": quartiles(ratios), "same_bits": bool(torch.equal(a, b)),
+            "max_abs_between": float((a.float() - b.float()).abs().max())}
+
+
 def engine_part(libs: dict, checkpoint, dtype: str, context: int, steps: int, batch: int = 1) -> dict:
     from common.config import CacheConfig, EngineConfig, SchedulerConfig
     from common.engine.engine import LLMEngine
@@ -205,6 +246,18 @@ def markdown(report: dict) -> str:
              f"after {report['loadavg_after'][0]:.2f}.", "",
              f"Paired rounds ({c['rounds']}, ABBA order); x = baseline time / current time, median of the "
              "per-round ratios (q1-q3): above 1 the current build is faster.", ""]
+    if "linears" in report:
+        lines += ["## Decode linears", "",
+                  f"The built-in model's decode linears, {c['layers']} layers' weights (cold) and the LM head, "
+                  "R rows of x; a plain read of the same bytes beside them.", "",
+                  "| dtype, R | baseline ms (GB/s) | current ms (GB/s) | plain read GB/s | x (q1-q3) | same bits (max abs) |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for key, m in report["linears"].items():
+            lines.append(f"| {key} | {m['ms']['baseline']:.2f} ({m['gbs']['baseline']:.1f}) | {m['ms']['current']:.2f} "
+                         f"({m['gbs']['current']:.1f}) | {m['read_gbs']:.1f} | {m['ratio']['median']:.3f} "
+                         f"({m['ratio']['q1']:.3f}-{m['ratio']['q3']:.3f}) | {'yes' if m['same_bits'] else 'no'} "
+                         f"({m['max_abs_between']:.1e}) |")
+        lines.append("")
     if "attention" in report:
         lines += ["## Decode attention", "",
                   f"One sequence (B x keys: B sequences), {c['layers']} layers (cold: each layer's own cache, read from memory as a "
@@ -248,7 +301,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", default="HEAD", help="git revision whose cpu_kernels.cpp is the baseline")
     p.add_argument("--rounds", type=int, default=12)
-    p.add_argument("--parts", default="attention,chunk,engine")
+    p.add_argument("--parts", default="linears,attention,chunk,engine")
+    p.add_argument("--linear-rows", default="1,8", help="rows of x in the linears part")
     p.add_argument("--contexts", default="1024,4096,8192")
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--scattered", action="store_true", help="also the cold run with blocks in a random order")
@@ -273,6 +327,12 @@ def main() -> None:
                     "loadavg_before": list(os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"baseline": build_revision(args.baseline, Path(tmp)), "current": build_current(Path(tmp))}
+        if "linears" in parts:
+            for d, dt in DTYPES.items():
+                for rows in (int(r) for r in args.linear_rows.split(",")):
+                    key = f"{d}, {rows}"
+                    report.setdefault("linears", {})[key] = linears_part(libs, dt, rows, args.layers, args.rounds)
+                    print("linears", key, json.dumps(report["linears"][key]), flush=True)
         if "attention" in parts:
             for d, dt in DTYPES.items():
                 for keys in (int(k) for k in args.contexts.split(",")):

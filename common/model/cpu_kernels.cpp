@@ -210,10 +210,12 @@ void rows_avx2_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, Y* 
 // to 16), so the loop multiplies even weights by even elements and odd by odd. 2 * U accumulators per
 // row of x (8 for one or two rows of x, 16 registers). The products are exact in float32; the last
 // K % 16 elements are summed in scalar after the vector sums.
-// The weights' lines are prefetched this many bytes ahead of the loads (bfloat16 only): the loop's
-// widening leaves its loads too far apart for the hardware prefetcher alone to keep the stream in flight
-// (all the model's decode linears, 269 MB cold: 1.05x at 1,024 or 1,536 bytes ahead, 1.02-1.04x at 512 or
-// 2,048, none at 3,072; float32's loop, half the work a byte, was 4-7% slower with it).
+// The weights' lines are prefetched this many bytes ahead of the loads (bfloat16, one or two rows of
+// x): the loop's widening leaves its loads too far apart for the hardware prefetcher alone to keep the
+// stream in flight (all the model's decode linears, 269 MB cold: 1.05-1.10x at 1,024 or 1,536 bytes
+// ahead for one row, 1.08x for two; 1.02-1.04x at 512 or 2,048, none at 3,072). With 3 or 4 rows, whose
+// loop has twice the loads to issue, it cost 6-8%; float32's loop, half the work a byte, was 4-7% slower
+// with it.
 constexpr int64_t GEMV_BF16_AHEAD = 1024;
 
 template <int M, int U, typename Y>
@@ -229,7 +231,7 @@ void rows_avx2_bf16(const float* xs, const uint16_t* x, int64_t ldx, const uint1
     int64_t k = 0;
     for (; k + 16 * U <= k16; k += 16 * U)
       for (int u = 0; u < U; ++u) {
-        if ((U > 1 && u % 2 == 0) || (U == 1 && k % 32 == 0))   // one a line (32 weights)
+        if (U > 1 && u % 2 == 0)                 // one a line (32 weights); 1-2 rows of x only
           _mm_prefetch((const char*)(wr + k + 16 * u) + GEMV_BF16_AHEAD, _MM_HINT_T0);
         const __m256i wv = _mm256_loadu_si256((const __m256i*)(wr + k + 16 * u));
         const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
@@ -439,7 +441,8 @@ void rows(const T* x, int64_t ldx, const float* xs, const T* w, int64_t ldw, Y* 
 
 // Past 4 rows of x (a batch of decode rows), each thread multiplies a block of this many bytes of its
 // rows of w by every 4 rows of x in turn: the first 4 read the block from memory, the others from L2
-// (4 rows at a time over the whole of w read it from memory once per 4 rows). The model's decode
+// (4 rows at a time over the whole of w read it from memory once per 4 rows: float32 8 rows 1.22-1.26x
+// that order; bfloat16, whose loop is bound more by its arithmetic, 0.90-1.07x). The model's decode
 // linears (30 layers' weights, cold) on the AVX2 build: 5-16 rows 1.1-2.5x the GEMM, which packs the
 // weights on every call and was the path past 4 rows (24 rows: 0.8x, so the AVX2 builds take up to 16
 // rows here); blocks of 16-256 KB about the same; a kernel of two rows of w by 4 of x was no faster.
