@@ -263,16 +263,19 @@ void rows_avx2_bf16(const float* xs, const uint16_t* x, int64_t ldx, const uint1
 }
 
 // x's rows split for rows_avx2_bf16, in a buffer of the calling thread's (its team reads it).
+// The split is 64-byte aligned: the loop loads it 32 bytes at a time, and a vector's 16-byte alignment
+// left those loads straddling cache lines in some processes and not others (3-4 rows of x: ~15% apart).
 inline const float* split_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
-  thread_local std::vector<float> xs;
+  thread_local std::vector<float> buf;
   const int64_t k16 = K - K % 16, half = k16 / 2;
-  if ((int64_t)xs.size() < M * k16) xs.resize(M * k16);
+  if ((int64_t)buf.size() < M * k16 + 16) buf.resize(M * k16 + 16);
+  float* xs = (float*)(((uintptr_t)buf.data() + 63) & ~(uintptr_t)63);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < half; ++j) {
       xs[m * k16 + j] = bf16_to_f32(x[m * ldx + 2 * j]);
       xs[m * k16 + half + j] = bf16_to_f32(x[m * ldx + 2 * j + 1]);
     }
-  return xs.data();
+  return xs;
 }
 #endif
 
@@ -441,8 +444,8 @@ void rows(const T* x, int64_t ldx, const float* xs, const T* w, int64_t ldw, Y* 
 
 // Past 4 rows of x (a batch of decode rows), each thread multiplies a block of this many bytes of its
 // rows of w by every 4 rows of x in turn: the first 4 read the block from memory, the others from L2
-// (4 rows at a time over the whole of w read it from memory once per 4 rows: float32 8 rows 1.22-1.26x
-// that order; bfloat16, whose loop is bound more by its arithmetic, 0.90-1.07x). The model's decode
+// (4 rows at a time over the whole of w read it from memory once per 4 rows: float32 8 and 16 rows
+// 1.20-1.33x that order). The model's decode
 // linears (30 layers' weights, cold) on the AVX2 build: 5-16 rows 1.1-2.5x the GEMM, which packs the
 // weights on every call and was the path past 4 rows (24 rows: 0.8x, so the AVX2 builds take up to 16
 // rows here); blocks of 16-256 KB about the same; a kernel of two rows of w by 4 of x was no faster.
