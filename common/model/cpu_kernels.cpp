@@ -264,7 +264,7 @@ void rows_avx2_bf16(const float* xs, const uint16_t* x, int64_t ldx, const uint1
 
 // x's rows split for rows_avx2_bf16, in a buffer of the calling thread's (its team reads it).
 // The split is 64-byte aligned: the loop loads it 32 bytes at a time, and a vector's 16-byte alignment
-// left those loads straddling cache lines in some processes and not others (3-4 rows of x: ~15% apart).
+// left those loads straddling cache lines in some processes and not others (4 rows of x: up to 1.26x).
 inline const float* split_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K) {
   thread_local std::vector<float> buf;
   const int64_t k16 = K - K % 16, half = k16 / 2;
@@ -445,10 +445,11 @@ void rows(const T* x, int64_t ldx, const float* xs, const T* w, int64_t ldw, Y* 
 // Past 4 rows of x (a batch of decode rows), each thread multiplies a block of this many bytes of its
 // rows of w by every 4 rows of x in turn: the first 4 read the block from memory, the others from L2
 // (4 rows at a time over the whole of w read it from memory once per 4 rows: float32 8 and 16 rows
-// 1.20-1.33x that order). The model's decode
-// linears (30 layers' weights, cold) on the AVX2 build: 5-16 rows 1.1-2.5x the GEMM, which packs the
-// weights on every call and was the path past 4 rows (24 rows: 0.8x, so the AVX2 builds take up to 16
-// rows here); blocks of 16-256 KB about the same; a kernel of two rows of w by 4 of x was no faster.
+// 1.20-1.33x that order, bfloat16 0.79-1.07x over five runs, within the paired method's noise for
+// those rows). The model's decode linears (30 layers' weights, cold) on the AVX2 build: 5-16 rows
+// 1.1-2.5x the GEMM, which packs the weights on every call and was the path past 4 rows (24 rows: 0.8x,
+// so the AVX2 builds take up to 16 rows here); blocks of 16-256 KB about the same; a kernel of two rows
+// of w by 4 of x was no faster.
 constexpr int64_t GEMV_BLOCK_BYTES = 32768;
 
 template <typename T, typename Y>

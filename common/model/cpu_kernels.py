@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
 _CODES = {torch.float32: 0, torch.bfloat16: 1}    # the library's dtype argument
-MAX_ROWS = 16               # rows of x the matrix-vector kernel takes in any build (mn_gemv_max_rows: 4 or 1
-                            # but on AVX2, 16); more go to the GEMM kernel or F.linear
+MAX_ROWS = 16               # the most rows of x any build's matrix-vector kernel takes (mn_gemv_max_rows:
+                            # 16 on AVX2 builds, 4 or 1 elsewhere); more go to the GEMM kernel or F.linear
 BUILD_TIMEOUT_S = 120.0
 
 _lock = threading.Lock()
