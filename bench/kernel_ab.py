@@ -238,6 +238,16 @@ def engine_part(libs: dict, checkpoint, dtype: str, context: int, steps: int, ba
             "ratio": statistics.median(times[sides[0]]) / statistics.median(times[sides[1]])}
 
 
+def section(title: str, intro: str, columns: list[str], rule: str | None = None) -> list[str]:
+    """A report section's heading, sentence and table head (the first column left, the others right)."""
+    return [f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |",
+            rule or "|---|" + "---:|" * (len(columns) - 1)]
+
+
+def ratio(r: dict) -> str:
+    return f"{r['median']:.3f} ({r['q1']:.3f}-{r['q3']:.3f})"
+
+
 def markdown(report: dict) -> str:
     c = report["config"]
     lines = [f"# Kernel A/B: {c['baseline']} (baseline) vs the working tree (current)", "",
@@ -247,47 +257,44 @@ def markdown(report: dict) -> str:
              f"Paired rounds ({c['rounds']}, ABBA order); x = baseline time / current time, median of the "
              "per-round ratios (q1-q3): above 1 the current build is faster.", ""]
     if "linears" in report:
-        lines += ["## Decode linears", "",
-                  f"The built-in model's decode linears, {c['layers']} layers' weights (cold) and the LM head, "
-                  "R rows of x; a plain read of the same bytes beside them.", "",
-                  "| dtype, R | baseline ms (GB/s) | current ms (GB/s) | plain read GB/s | x (q1-q3) | same bits (max abs) |",
-                  "|---|---:|---:|---:|---:|---|"]
+        lines += section("Decode linears", f"The built-in model's decode linears, {c['layers']} layers' weights (cold) "
+                         "and the LM head, R rows of x; a plain read of the same bytes beside them.",
+                         ["dtype, R", "baseline ms (GB/s)", "current ms (GB/s)", "plain read GB/s", "x (q1-q3)",
+                          "same bits (max abs)"], "|---|---:|---:|---:|---:|---|")
         for key, m in report["linears"].items():
             lines.append(f"| {key} | {m['ms']['baseline']:.2f} ({m['gbs']['baseline']:.1f}) | {m['ms']['current']:.2f} "
-                         f"({m['gbs']['current']:.1f}) | {m['read_gbs']:.1f} | {m['ratio']['median']:.3f} "
-                         f"({m['ratio']['q1']:.3f}-{m['ratio']['q3']:.3f}) | {'yes' if m['same_bits'] else 'no'} "
-                         f"({m['max_abs_between']:.1e}) |")
+                         f"({m['gbs']['current']:.1f}) | {m['read_gbs']:.1f} | {ratio(m['ratio'])} "
+                         f"| {'yes' if m['same_bits'] else 'no'} ({m['max_abs_between']:.1e}) |")
         lines.append("")
     if "attention" in report:
-        lines += ["## Decode attention", "",
-                  f"One sequence (B x keys: B sequences), {c['layers']} layers (cold: each layer's own cache, read from memory as a "
-                  "decode step reads it; warm: one layer read again and again, in cache).", "",
-                  "| keys, dtype, blocks | mode | baseline ms | current ms | current GB/s | x (q1-q3) | max abs: between, vs float64 (baseline / current) |",
-                  "|---|---|---:|---:|---:|---:|---|"]
+        lines += section("Decode attention", f"One sequence (B x keys: B sequences), {c['layers']} layers (cold: each "
+                         "layer's own cache, read from memory as a decode step reads it; warm: one layer read again "
+                         "and again, in cache).",
+                         ["keys, dtype, blocks", "mode", "baseline ms", "current ms", "current GB/s", "x (q1-q3)",
+                          "max abs: between, vs float64 (baseline / current)"], "|---|---|---:|---:|---:|---:|---|")
         for key, row in report["attention"].items():
             ch = row["check"]
             for mode in ("cold", "warm"):
                 m = row[mode]
                 lines.append(f"| {key} | {mode} | {m['ms']['baseline']:.2f} | {m['ms']['current']:.2f} "
-                             f"| {m['gbs']['current']:.1f} | {m['ratio']['median']:.3f} ({m['ratio']['q1']:.3f}-"
-                             f"{m['ratio']['q3']:.3f}) | {ch['max_abs_between']:.1e}; {ch['max_abs_vs_float64_baseline']:.1e} / "
+                             f"| {m['gbs']['current']:.1f} | {ratio(m['ratio'])} "
+                             f"| {ch['max_abs_between']:.1e}; {ch['max_abs_vs_float64_baseline']:.1e} / "
                              f"{ch['max_abs_vs_float64_current']:.1e} |")
         lines.append("")
     if "chunk" in report:
-        lines += ["## Prefill chunk attention", "",
-                  "1,024 queries, the last of the keys, one layer (9 query heads, 3 kv heads, head dim 64).", "",
-                  "| keys, dtype | baseline ms | current ms | baseline GFLOP/s | current GFLOP/s | x (q1-q3) | same bits (max abs) |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+        lines += section("Prefill chunk attention",
+                         "1,024 queries, the last of the keys, one layer (9 query heads, 3 kv heads, head dim 64).",
+                         ["keys, dtype", "baseline ms", "current ms", "baseline GFLOP/s", "current GFLOP/s", "x (q1-q3)",
+                          "same bits (max abs)"], "|---|---:|---:|---:|---:|---:|---|")
         for key, m in report["chunk"].items():
             lines.append(f"| {key} | {m['ms']['baseline']:.1f} | {m['ms']['current']:.1f} | {m['gflops']['baseline']:.0f} "
-                         f"| {m['gflops']['current']:.0f} | {m['ratio']['median']:.3f} ({m['ratio']['q1']:.3f}-"
-                         f"{m['ratio']['q3']:.3f}) | {'yes' if m['same_bits'] else 'no'} ({m['max_abs_between']:.1e}) |")
+                         f"| {m['gflops']['current']:.0f} | {ratio(m['ratio'])} "
+                         f"| {'yes' if m['same_bits'] else 'no'} ({m['max_abs_between']:.1e}) |")
         lines.append("")
     if "engine" in report:
-        lines += ["## Engine decode step", "",
-                  "The built-in model, B requests decoding together, the steps alternating between the builds "
-                  "(two each).", "",
-                  "| context, dtype, B | baseline ms/step | current ms/step | x |", "|---|---:|---:|---:|"]
+        lines += section("Engine decode step", "The built-in model, B requests decoding together, the steps "
+                         "alternating between the builds (two each).",
+                         ["context, dtype, B", "baseline ms/step", "current ms/step", "x"])
         for key, rows in report["engine"].items():
             b = statistics.median(r["ms"]["baseline"] for r in rows)
             cur = statistics.median(r["ms"]["current"] for r in rows)
