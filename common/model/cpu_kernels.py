@@ -56,8 +56,6 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off")
 _CODES = {torch.float32: 0, torch.bfloat16: 1}    # the library's dtype argument
-MAX_ROWS = 16               # the most rows of x any build's matrix-vector kernel takes (mn_gemv_max_rows:
-                            # 16 on AVX2 builds, 4 or 1 elsewhere); more go to the GEMM kernel or F.linear
 BUILD_TIMEOUT_S = 120.0
 
 _lock = threading.Lock()
@@ -243,8 +241,10 @@ _FUNCS = {torch.float32: "mn_gemv_f32", torch.bfloat16: "mn_gemv_bf16"}
 
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `linear` takes the kernel for these operands."""
-    return (x.device.type == "cpu" and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype in _FUNCS
+    """Whether `linear` takes the matrix-vector kernel for these operands: up to the loaded build's
+    `max_rows` rows (mn_gemv_max_rows: 16 on AVX2 builds, 4 or 1 elsewhere; more go to the GEMM kernel
+    or F.linear)."""
+    return (x.device.type == "cpu" and x.dim() == 2 and x.dtype in _FUNCS and 0 < x.shape[0] <= max_rows(x.dtype)
             and w.dtype == x.dtype and w.device.type == "cpu" and w.dim() == 2 and w.stride(1) == 1
             and x.stride(1) == 1 and x.shape[1] == w.shape[1]
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
@@ -336,10 +336,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, floa
     float32 sums rounded once, the same float_out rule), else bfloat16 rows widened to one float32
     F.linear where `bf16_widened()`, else F.linear."""
     if applies(x, w):
-        lib = library()
-        if lib is not None and x.shape[0] <= _state["max_rows"][x.dtype]:      # type: ignore[index]
-            y = gemv(lib, x, w, float_out)
-            return y if b is None else y.add_(b)
+        y = gemv(_state["lib"], x, w, float_out)             # type: ignore[arg-type]
+        return y if b is None else y.add_(b)
     if gemm_applies(x, w):
         y = gemm(_state["lib"], x, w)                    # type: ignore[arg-type]
         if b is not None:
