@@ -212,10 +212,10 @@ void rows_avx2_f32(const float* x, int64_t ldx, const float* w, int64_t ldw, Y* 
 // K % 16 elements are summed in scalar after the vector sums.
 // The weights' lines are prefetched this many bytes ahead of the loads (bfloat16, one or two rows of
 // x): the loop's widening leaves its loads too far apart for the hardware prefetcher alone to keep the
-// stream in flight (all the model's decode linears, 269 MB cold: 1.05-1.10x at 1,024 or 1,536 bytes
-// ahead for one row, 1.08x for two; 1.02-1.04x at 512 or 2,048, none at 3,072). With 3 or 4 rows, whose
-// loop has twice the loads to issue, it cost 6-8%; float32's loop, half the work a byte, was 4-7% slower
-// with it.
+// stream in flight (development A/Bs, all the model's decode linears, 269 MB cold: 1.05-1.10x at 1,024
+// or 1,536 bytes ahead for one row, 1.08x for two; 1.02-1.04x at 512 or 2,048, none at 3,072). With 3
+// or 4 rows, whose loop has twice the loads to issue, it cost 6-8%; float32's loop, half the work a
+// byte, was 4-7% slower with it.
 constexpr int64_t GEMV_BF16_AHEAD = 1024;
 
 template <int M, int U, typename Y>
