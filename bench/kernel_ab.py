@@ -22,6 +22,8 @@ Parts:
   chunk      a prefill chunk's attention (cpu_kernels.chunk_attention: 1,024 queries, the last of
              --contexts keys, one layer of the built-in model's shape) timed 3 times a side a round;
              GFLOP/s and the outputs compared.
+  prefill    the built-in model's prefill at each --prefill-contexts length (chunks of --chunk), one prefill a
+             side a round (--prefill-rounds, ABBA), from submitting the prompt to its first token;
   engine     the built-in model's decode step (the prefill skipped as in bench/engine.py) at each
              --engine-contexts length, for each --engine-batches count of requests decoding together
              (each over that many cached positions): the steps alternate between the builds
@@ -29,6 +31,7 @@ Parts:
 
 Writes bench/results/<name>.{json,md} (default name kernel_ab).
 Run: PYTHONPATH=. python -m bench.kernel_ab --baseline HEAD [--rounds 12] [--parts linears,attention,chunk,engine]
+     (prefill: --parts prefill [--prefill-contexts 1024,4096] [--prefill-rounds 4] [--chunk 2048])
 """
 from __future__ import annotations
 
@@ -238,6 +241,28 @@ def engine_part(libs: dict, checkpoint, dtype: str, context: int, steps: int, ba
             "ratio": statistics.median(times[sides[0]]) / statistics.median(times[sides[1]])}
 
 
+def prefill_part(libs: dict, checkpoint, dtype: str, context: int, rounds: int, chunk: int) -> dict:
+    """The built-in model's prefill of `context` - 1 tokens (within its 8,192) through one engine, chunked by
+    `chunk`, the builds alternating in ABBA order, one prefill a side a round (as bench/cpu_vs_transformers.py
+    times it: from submitting the prompt to its first token)."""
+    from bench.cpu_vs_transformers import Ours, prompt_tokens
+    ours = Ours(checkpoint, dtype, context, chunk)
+    prompt = prompt_tokens(context - 1)
+
+    tokens: dict[str, set] = {s: set() for s in libs}
+
+    def run(lib) -> float:
+        with cpu_kernels.using(lib):
+            seconds, _, out = ours.run(prompt, 1)
+        tokens[next(s for s, v in libs.items() if v is lib)].add(tuple(out))
+        return seconds
+
+    times, ratios = paired(libs, run, rounds)
+    ours.engine.pool.check()
+    return {"s": {s: statistics.median(v) for s, v in times.items()}, "ratio": quartiles(ratios), "rounds": rounds,
+            "same_token": len(set().union(*tokens.values())) == 1}
+
+
 def section(title: str, intro: str, columns: list[str], rule: str | None = None) -> list[str]:
     """A report section's heading, sentence and table head (the first column left, the others right)."""
     return [f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |",
@@ -291,6 +316,16 @@ def markdown(report: dict) -> str:
                          f"| {m['gflops']['current']:.0f} | {ratio(m['ratio'])} "
                          f"| {'yes' if m['same_bits'] else 'no'} ({m['max_abs_between']:.1e}) |")
         lines.append("")
+    if "prefill" in report:
+        lines += section("Engine prefill", f"The built-in model's prefill of the context's tokens less one, chunks of "
+                         f"{c.get('chunk', 2048)}, one prefill a side a round ({c.get('prefill_rounds', '-')} rounds, "
+                         "ABBA), as bench/cpu_vs_transformers.py times it.",
+                         ["context, dtype", "baseline s", "current s", "x (q1-q3)", "same first token"],
+                         "|---|---:|---:|---:|---|")
+        for key, m in report["prefill"].items():
+            lines.append(f"| {key} | {m['s']['baseline']:.2f} | {m['s']['current']:.2f} | {ratio(m['ratio'])} "
+                         f"| {'yes' if m['same_token'] else 'no'} |")
+        lines.append("")
     if "engine" in report:
         lines += section("Engine decode step", "The built-in model, B requests decoding together, the steps "
                          "alternating between the builds (two each).",
@@ -315,6 +350,9 @@ def main() -> None:
     p.add_argument("--scattered", action="store_true", help="also the cold run with blocks in a random order")
     p.add_argument("--batches", default="16x512,64x128",
                    help="decode batches BxKEYS for the attention part (blocks scattered; empty: none)")
+    p.add_argument("--prefill-contexts", default="1024,4096", help="contexts of the prefill part")
+    p.add_argument("--prefill-rounds", type=int, default=4)
+    p.add_argument("--chunk", type=int, default=2048, help="the prefill part's chunk size")
     p.add_argument("--engine-contexts", default="8192")
     p.add_argument("--engine-batches", default="1,8", help="requests decoding together in the engine part")
     p.add_argument("--engine-rounds", type=int, default=2)
@@ -330,7 +368,8 @@ def main() -> None:
     report: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
                                 "cpu_kernels": cpu_kernels.status()},
                     "config": {"baseline": f"{args.baseline} ({rev})", "rounds": args.rounds, "layers": args.layers,
-                               "threads": args.threads, "parts": parts},
+                               "threads": args.threads, "parts": parts, "chunk": args.chunk,
+                               "prefill_rounds": args.prefill_rounds},
                     "loadavg_before": list(os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"baseline": build_revision(args.baseline, Path(tmp)), "current": build_current(Path(tmp))}
@@ -360,6 +399,15 @@ def main() -> None:
                     if (row := chunk_part(libs, dt, keys, args.rounds)) is not None:
                         report.setdefault("chunk", {})[f"{keys // 1024}K, {d}"] = row
                         print(f"chunk {keys} {d}", json.dumps(row), flush=True)
+        if "prefill" in parts:
+            from common.model.loader import load_checkpoint
+            ckpt = load_checkpoint(None)
+            for d in DTYPES:
+                for ctx in (int(c) for c in args.prefill_contexts.split(",")):
+                    key = f"{ctx // 1024}K, {d}"
+                    report.setdefault("prefill", {})[key] = prefill_part(libs, ckpt, d, ctx, args.prefill_rounds,
+                                                                         args.chunk)
+                    print("prefill", key, json.dumps(report["prefill"][key]), flush=True)
         if "engine" in parts:
             from common.model.loader import load_checkpoint
             ckpt = load_checkpoint(None)
