@@ -3,8 +3,9 @@
 A prefill chunk's attention is two products (scores q . k and the weights times V, 2 d FLOPs a score
 each) with an online softmax between them, which costs time the FLOP count does not see: on a CPU
 without AVX-512 the products take 16 8-lane multiply-adds a score at d = 64 (8 cycles at two a cycle),
-the softmax ~26 instructions per 8 scores (e^x alone 18), ~1.1-1.4 cycles a score where nothing else
-runs: ~1/6 to 1/5 of the products' time. This benchmark builds the kernel with
+the softmax ~25 instructions per 8 scores off the diagonal (e^x alone 18; ~35 through the masks of the
+diagonal's rows), ~1-1.4 cycles a score where nothing else runs: ~1/7 to 1/5 of the products' time.
+This benchmark builds the kernel with
 -DMN_CHUNK_PHASES (time-stamp counter ticks per thread in each phase of every register block:
 scores, softmax, V product; the build otherwise the one the engine loads) and runs one layer's
 attention of a 1,024-query chunk over 1K, 4K and 8K keys (the built-in model's heads: 9 query heads, 3

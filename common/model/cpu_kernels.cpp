@@ -1555,11 +1555,17 @@ int mn_chunk_attention_bf16(const void* q, int64_t sq0, int64_t sq1, const void*
 // them), the weights that multiply V rounded to the input dtype as the flash kernel rounds them
 // (weights_for_v; their sum not), then o += p . V for FRB rows x 16 dimensions in registers. The
 // output is rounded once. Measured by phase (bench/results/chunk_phases.md, a build with
-// -DMN_CHUNK_PHASES): the two products run at 0.71-0.89 of the GEMM's rate on a core and the softmax
-// takes 18-21% of the threads' time: ~26 instructions per 8 scores (e^x alone 18) where the products
-// take 16 8-lane multiply-adds per score, and e^x's Horner chain is long enough that one exp at a time
-// left the pipes idle (two at a time, exp8x4: 2-4% faster). The two products' inner loops are unrolled by 4
-// (5-6% faster in paired runs at 4K and 8K keys; by 8: no better).
+// -DMN_CHUNK_PHASES): the two products run at 0.83-0.96 of the GEMM's rate on a core (0.71-0.89 in a
+// noisier run) and the softmax takes 14-18% of the threads' time (18-21% while every row's scores were
+// loaded through masks): ~25 instructions per 8 scores off the diagonal (e^x alone 18) where the
+// products take 16 8-lane multiply-adds per score, and e^x's Horner chain is long enough that one exp
+// at a time left the pipes idle (two at a time, exp8x4: 2-4% faster). The two products' inner loops are
+// unrolled by 4 (5-6% faster in paired runs at 4K and 8K keys; by 8: no better). Tried in paired
+// development runs and not kept, none faster beyond the method's noise (~5%): e^x by Estrin's scheme
+// or with n rounded by adding 1.5 * 2^23, the rows' corrections in one vector e^x, the K panels
+// prefetched, d a constant 64 (unrolled 4 or 16; fully: 0.77-0.98x), blocks of 192 or 256 keys (64:
+// 0.94-0.99x), 16 or 64 positions a task, and each phase run for up to 96 rows before the next (fewer
+// switches between the three loops).
 #if defined(MN_DECODE_ATTENTION) && !defined(__AVX512F__)
 #define MN_CHUNK_F32 1
 namespace {
@@ -1648,8 +1654,9 @@ void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, con
         see[r] = std::min(nk, (i0 + (r0 + r) / g) + diag - j0 + 1);    // keys of the block row r sees
         float mt = -INFINITY;
         // a row that sees every key of the block's vectors (all rows but those at the diagonal) loads
-        // them without masks: each masked 8 lanes cost ~6 more instructions, more than the max and as
-        // many as an exp took (1.02-1.08x the whole kernel in paired runs, kernel_ab_chunk_s28)
+        // them without masks: a mask cost ~6 instructions per 8 scores in each of the two passes, ~12
+        // of the ~35 the softmax took per 8 scores (the kernel 1.05-1.08x in float32 in paired runs,
+        // bench/results/kernel_ab_chunk_s28.md)
         if (see[r] >= 16 * nvr) {
           const float* pr = p + r * CK;
           vf mv = vload(pr);
