@@ -248,8 +248,7 @@ def prefill_part(libs: dict, checkpoint, dtype: str, context: int, rounds: int, 
     from bench.cpu_vs_transformers import Ours, prompt_tokens
     ours = Ours(checkpoint, dtype, context, chunk)
     prompt = prompt_tokens(context - 1)
-
-    tokens: dict[str, set] = {s: set() for s in libs}
+    tokens: dict[str, set] = {s: set() for s in libs}       # each side's greedy first tokens
 
     def run(lib) -> float:
         with cpu_kernels.using(lib):
@@ -399,9 +398,10 @@ def main() -> None:
                     if (row := chunk_part(libs, dt, keys, args.rounds)) is not None:
                         report.setdefault("chunk", {})[f"{keys // 1024}K, {d}"] = row
                         print(f"chunk {keys} {d}", json.dumps(row), flush=True)
-        if "prefill" in parts:
+        if "prefill" in parts or "engine" in parts:
             from common.model.loader import load_checkpoint
             ckpt = load_checkpoint(None)
+        if "prefill" in parts:
             for d in DTYPES:
                 for ctx in (int(c) for c in args.prefill_contexts.split(",")):
                     key = f"{ctx // 1024}K, {d}"
@@ -409,8 +409,6 @@ def main() -> None:
                                                                          args.chunk)
                     print("prefill", key, json.dumps(report["prefill"][key]), flush=True)
         if "engine" in parts:
-            from common.model.loader import load_checkpoint
-            ckpt = load_checkpoint(None)
             for d in DTYPES:
                 for ctx in (int(c) for c in args.engine_contexts.split(",")):
                     for batch in (int(b) for b in args.engine_batches.split(",")):
