@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -1648,26 +1649,52 @@ void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, con
       // the online softmax of each row over the block: maxima and corrections first, then the weights;
       // a row's correction of o is applied where the product with V loads its sums (x 1 where the
       // maximum held: exact), not in a pass of its own
+      // A row that sees every key of the block's vectors (all rows but those at the diagonal) takes both
+      // loops without masks (`masked` false): a mask cost ~6 instructions per 8 scores in each loop, ~12
+      // of the ~35 the softmax took per 8 scores (the kernel 1.05-1.08x in float32 in paired runs,
+      // bench/results/kernel_ab_chunk_s28.md). The same values either way.
+      auto row_max = [&](const float* pr, int64_t n, auto masked) {      // max of the row's n scores
+        auto at = [&](int64_t jv) {
+          if constexpr (decltype(masked)::value) return vload_first(pr + 16 * jv, n - 16 * jv, -INFINITY);
+          else return vload(pr + 16 * jv);
+        };
+        vf mv = at(0);
+        for (int64_t jv = 1; jv < nvr; ++jv) mv = vmax(mv, at(jv));
+        return vreduce_max(mv);
+      };
+      auto row_weights = [&](float* pr, int64_t n, float mxr, auto masked) {   // weights in place; their sum
+        auto keep = [&](vf v, int64_t jv) {
+          if constexpr (decltype(masked)::value) return vkeep_first(v, n - 16 * jv);
+          else return v;
+        };
+        const vf sc = vset1(scale), mx = vset1(mxr);
+        vf sum = vzero();
+        int64_t jv = 0;
+        for (; jv + 1 < nvr; jv += 2) {        // two at a time: exp's steps interleaved (its chain is long)
+          const vf a = vsub(vmul(vload(pr + 16 * jv), sc), mx), b = vsub(vmul(vload(pr + 16 * jv + 16), sc), mx);
+          __m256 x[4] = {a.lo, a.hi, b.lo, b.hi};
+          exp8x4(x);
+          const vf pa = keep(vf{x[0], x[1]}, jv), pb = keep(vf{x[2], x[3]}, jv + 1);
+          sum = vadd(sum, pa);
+          sum = vadd(sum, pb);
+          vstore(pr + 16 * jv, weights_for_v<T>(pa));
+          vstore(pr + 16 * jv + 16, weights_for_v<T>(pb));
+        }
+        for (; jv < nvr; ++jv) {
+          const vf pv = keep(vexp(vsub(vmul(vload(pr + 16 * jv), sc), mx)), jv);
+          sum = vadd(sum, pv);
+          vstore(pr + 16 * jv, weights_for_v<T>(pv));
+        }
+        return sum;
+      };
       int64_t see[FRB];
       float mn[FRB], corr[FRB];
       for (int r = 0; r < rb; ++r) {
         see[r] = std::min(nk, (i0 + (r0 + r) / g) + diag - j0 + 1);    // keys of the block row r sees
-        float mt = -INFINITY;
-        // a row that sees every key of the block's vectors (all rows but those at the diagonal) loads
-        // them without masks: a mask cost ~6 instructions per 8 scores in each of the two passes, ~12
-        // of the ~35 the softmax took per 8 scores (the kernel 1.05-1.08x in float32 in paired runs,
-        // bench/results/kernel_ab_chunk_s28.md)
-        if (see[r] >= 16 * nvr) {
-          const float* pr = p + r * CK;
-          vf mv = vload(pr);
-          for (int64_t jv = 1; jv < nvr; ++jv) mv = vmax(mv, vload(pr + 16 * jv));
-          mt = vreduce_max(mv) * scale;
-        } else if (see[r] > 0) {
-          const float* pr = p + r * CK;
-          vf mv = vload_first(pr, see[r], -INFINITY);
-          for (int64_t jv = 1; jv < nvr; ++jv) mv = vmax(mv, vload_first(pr + 16 * jv, see[r] - 16 * jv, -INFINITY));
-          mt = vreduce_max(mv) * scale;
-        }
+        const float* pr = p + r * CK;
+        const float mt = see[r] >= 16 * nvr ? row_max(pr, see[r], std::false_type{}) * scale
+                         : see[r] > 0      ? row_max(pr, see[r], std::true_type{}) * scale
+                                           : -INFINITY;
         const float mo = m[r0 + r];
         mn[r] = std::max(mo, mt);
         corr[r] = mo == mn[r] ? 1.f : mo == -INFINITY ? 0.f : exp_flushed(mo - mn[r]);
@@ -1676,45 +1703,12 @@ void chunk_keys_f32(ChunkRows st, int64_t rows, const float* kt, int64_t w0, con
       for (int r = 0; r < rb; ++r) {
         float* pr = p + r * CK;
         vf sum = vzero();
-        if (see[r] <= 0) {
+        if (see[r] <= 0)
           for (int64_t jv = 0; jv < nvr; ++jv) vstore(pr + 16 * jv, vzero());
-        } else if (see[r] >= 16 * nvr) {         // no masks, as in the maxima
-          const vf sc = vset1(scale), mx = vset1(mn[r]);
-          int64_t jv = 0;
-          for (; jv + 1 < nvr; jv += 2) {
-            const vf a = vsub(vmul(vload(pr + 16 * jv), sc), mx), b = vsub(vmul(vload(pr + 16 * jv + 16), sc), mx);
-            __m256 x[4] = {a.lo, a.hi, b.lo, b.hi};
-            exp8x4(x);
-            const vf pa{x[0], x[1]}, pb{x[2], x[3]};
-            sum = vadd(sum, pa);
-            sum = vadd(sum, pb);
-            vstore(pr + 16 * jv, weights_for_v<T>(pa));
-            vstore(pr + 16 * jv + 16, weights_for_v<T>(pb));
-          }
-          for (; jv < nvr; ++jv) {
-            const vf pv = vexp(vsub(vmul(vload(pr + 16 * jv), sc), mx));
-            sum = vadd(sum, pv);
-            vstore(pr + 16 * jv, weights_for_v<T>(pv));
-          }
-        } else {
-          const vf sc = vset1(scale), mx = vset1(mn[r]);
-          int64_t jv = 0;
-          for (; jv + 1 < nvr; jv += 2) {      // two at a time: exp's steps interleaved (its chain is long)
-            const vf a = vsub(vmul(vload(pr + 16 * jv), sc), mx), b = vsub(vmul(vload(pr + 16 * jv + 16), sc), mx);
-            __m256 x[4] = {a.lo, a.hi, b.lo, b.hi};
-            exp8x4(x);
-            const vf pa = vkeep_first(vf{x[0], x[1]}, see[r] - 16 * jv), pb = vkeep_first(vf{x[2], x[3]}, see[r] - 16 * jv - 16);
-            sum = vadd(sum, pa);
-            sum = vadd(sum, pb);
-            vstore(pr + 16 * jv, weights_for_v<T>(pa));
-            vstore(pr + 16 * jv + 16, weights_for_v<T>(pb));
-          }
-          for (; jv < nvr; ++jv) {
-            const vf pv = vkeep_first(vexp(vsub(vmul(vload(pr + 16 * jv), sc), mx)), see[r] - 16 * jv);
-            sum = vadd(sum, pv);
-            vstore(pr + 16 * jv, weights_for_v<T>(pv));
-          }
-        }
+        else if (see[r] >= 16 * nvr)
+          sum = row_weights(pr, see[r], mn[r], std::false_type{});
+        else
+          sum = row_weights(pr, see[r], mn[r], std::true_type{});
         l[r0 + r] = l[r0 + r] * corr[r] + vreduce_add(sum);
       }
       MN_PHASE_MARK(t2);
