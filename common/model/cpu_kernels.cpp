@@ -917,6 +917,47 @@ inline void scores4(const float* qp, const T* const* kr, int64_t koff, int64_t d
     _mm_storeu_ps(s + gi * ns, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
   }
 }
+
+// The AVX2 scores of 3 keys for 3 query heads of one kv head (a GQA group of 3, the built-in model's):
+// the 9 sums, the 3 keys' halves of 8 dimensions and one of q's vectors fill the 16 registers, so each
+// vector of q is loaded once for the 3 keys where scores4 reads it from L1 once per key: 12 loads per
+// 16 dimensions for 18 multiply-adds where scores4 has 28 for 24 (a load per multiply-add or more: the
+// loads bounded the loop). Each 16 dimensions in two halves (the 3 keys' first 8, then their last 8:
+// a bfloat16 row's even dimensions, then its odd ones, its 32-bit words read again for the second), so
+// every sum takes its multiply-adds in scores4's order and is reduced by the same adds: the same bits.
+template <typename T>
+inline void scores3(const float* qp, const T* const* kr, int64_t koff, int64_t d, float* s, int64_t ns) {
+  __m256 a0[3], a1[3], a2[3];                     // a<head>[key]
+  for (int u = 0; u < 3; ++u) a0[u] = a1[u] = a2[u] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16)
+    for (int half = 0; half < 2; ++half) {
+      __m256 k[3];
+      for (int u = 0; u < 3; ++u) {
+        if constexpr (sizeof(T) == 2) {
+          const __m256i x = _mm256_loadu_si256((const __m256i*)(kr[u] + koff + c));
+          k[u] = half == 0 ? _mm256_castsi256_ps(_mm256_slli_epi32(x, 16))
+                           : _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
+        } else {
+          k[u] = _mm256_loadu_ps(kr[u] + koff + c + 8 * half);
+        }
+      }
+      __m256 qv = _mm256_loadu_ps(qp + c + 8 * half);
+      for (int u = 0; u < 3; ++u) a0[u] = _mm256_fmadd_ps(k[u], qv, a0[u]);
+      qv = _mm256_loadu_ps(qp + d + c + 8 * half);
+      for (int u = 0; u < 3; ++u) a1[u] = _mm256_fmadd_ps(k[u], qv, a1[u]);
+      qv = _mm256_loadu_ps(qp + 2 * d + c + 8 * half);
+      for (int u = 0; u < 3; ++u) a2[u] = _mm256_fmadd_ps(k[u], qv, a2[u]);
+    }
+  auto put = [&](__m256* a, float* out) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[2]));
+    const __m128 r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    _mm_storel_pi((__m64*)out, r);
+    _mm_store_ss(out + 2, _mm_movehl_ps(r, r));
+  };
+  put(a0, s);
+  put(a1, s + ns);
+  put(a2, s + 2 * ns);
+}
 #endif
 
 // A thread's scratch for attend_span, kept between calls (a span of 8,192 keys and 9 heads takes
@@ -993,7 +1034,20 @@ void attend_span(const T* q, const T* kc, const T* vc, const int32_t* table, int
   Rows<T> rows(kc, vc, table, bs, row, t0);
   rows.next(n, kr, vr);
   for (int64_t j = n; j < ns; ++j) { kr[j] = kr[0]; vr[j] = vr[0]; }     // padding: scored, then masked
-  // 1. scores s[h][j] = q_h . k_j (q scaled), four keys at a time
+  // 1. scores s[h][j] = q_h . k_j (q scaled), four keys at a time (three for AVX2's groups of 3 heads)
+#if !defined(__AVX512F__)
+  if (g == 3) {
+    int64_t j = 0;
+    for (; j + 3 <= ns; j += 3) {
+      for (int64_t u = j + AHEAD; u < j + AHEAD + 3 && u < n; ++u)
+        for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)kr[u] + c, _MM_HINT_T0);
+      for (int64_t kh = 0; kh < hkv; ++kh) scores3<T>(qf + 3 * kh * d, kr + j, kh * d, d, s + 3 * kh * ns + j, ns);
+    }
+    if (j < ns)                   // ns % 3 keys left: the last 4 again, as scores4 takes them (the same bits)
+      for (int64_t kh = 0; kh < hkv; ++kh)
+        scores4<T, 3>(qf + 3 * kh * d, kr + ns - 4, kh * d, d, s + 3 * kh * ns + ns - 4, ns);
+  } else
+#endif
   for (int64_t j = 0; j < ns; j += 4) {
     for (int64_t u = j + AHEAD; u < j + AHEAD + 4 && u < n; ++u)
       for (int64_t c = 0; c < line_bytes; c += 64) _mm_prefetch((const char*)kr[u] + c, _MM_HINT_T0);
