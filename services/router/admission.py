@@ -13,11 +13,12 @@ its age on Redis's clock (common.admission.heartbeat_loads), read every scrape_i
 instance registered (registrations hold none). The models come from the registrations too: every
 instance publishes the performance model, budget, chunking and TBT SLO its scheduler runs with
 (Instance.scheduling); the decode pool's TBT SLO is the default one. A queued request waits for a
-poll() that admits or rejects it; every wait is bounded by the controller (max_queue_wait_s, the
-request's TTFT SLO). `observe_ttft` feeds each admitted request's measured TTFT back (the online
-correction, exported as mnemosyne_admission_ttft_correction_ratio and _overhead_seconds, the host
-contention factor, mnemosyne_admission_host_contention_factor, and the load factor,
-mnemosyne_admission_load_factor).
+poll() that admits or rejects it (after each load read, when a request ends, and at the request's own
+latest start, so a rejection is never later than its deadline plus the loop's delay); every wait is
+bounded by the controller (max_queue_wait_s, the request's TTFT SLO). `observe_ttft` feeds each
+admitted request's measured TTFT back (the online correction, exported as
+mnemosyne_admission_ttft_correction_ratio and _overhead_seconds, the host contention factor,
+mnemosyne_admission_host_contention_factor, and the load factor, mnemosyne_admission_load_factor).
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ from services.router.config import RouterConfig
 from services.router.discovery import Discovery
 
 log = logging.getLogger(__name__)
+
+#: A queued request's deadline poll runs this long after its latest start (asyncio may run a timer up
+#: to its clock's resolution early; the controller rejects a request only once its time has come).
+DEADLINE_SLACK_S = 0.002
 
 
 def admission_config(config: RouterConfig) -> AdmissionConfig:
@@ -214,9 +219,15 @@ class AdmissionGate:
             d = self.controller.decide(req, self.snapshot, time.monotonic())
         self.metrics.observe_admission(d.outcome.value, d.reason)
         if d.outcome is Outcome.QUEUE:
-            fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[Decision] = loop.create_future()
             self._waiting[req.request_id] = fut
             self.metrics.set_admission_queue(self.controller.queue_length)
+            # Judged again at its latest start, where the controller rejects it if it is still queued:
+            # a rejection at its deadline, not at the next load read (up to scrape_interval_s and the
+            # listing's round trip later, which a burst that fills the event loop stretches).
+            deadline = None if d.latest_start_s is None else \
+                loop.call_later(max(0.0, d.latest_start_s - time.monotonic()) + DEADLINE_SLACK_S, self.poll)
             try:
                 # The controller bounds the wait (latest_start_s); the timeout is a safety net.
                 d = await asyncio.wait_for(fut, self.config.max_queue_wait_s + 5 * self.config.scrape_interval_s)
@@ -224,6 +235,8 @@ class AdmissionGate:
                 self.controller.cancel(req.request_id)
                 raise CapacityError(f"request {req.request_id}: admission queue wait timed out") from None
             finally:
+                if deadline is not None:
+                    deadline.cancel()
                 if self._waiting.pop(req.request_id, None) is not None:
                     self.controller.cancel(req.request_id)       # the client gave up
                 self.metrics.set_admission_queue(self.controller.queue_length)

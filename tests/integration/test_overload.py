@@ -117,7 +117,10 @@ def test_overload_admits_what_meets_the_slo_and_rejects_the_rest(cluster: Cluste
     assert codes == {"RESOURCE_EXHAUSTED"}
     assert all(r["retry"] is not None and r["retry"] > 0 for r in rejected), [
         r["details"] for r in rejected if not r["retry"]]
-    assert max(r["s"] for r in rejected) < TTFT_SLO_S + 1.0      # rejected promptly
+    # rejected promptly: the router rejects a queued request at its latest start (within the SLO on its
+    # clock); the rest is this machine's 2 cores shared by the burst's 96 client threads and the services
+    assert max(r["s"] for r in rejected) < TTFT_SLO_S + 1.0, sorted((round(r["s"], 3), r["details"])
+                                                                 for r in rejected)[-3:]
     ttfts = sorted(r["ttft"] for r in ok)
     # Admission predicts each prompt to the end of the decode instance's iteration (up to its budget,
     # 0.8 x the 0.2 s TBT SLO) that finishes it, times the load factor learned from the first burst.

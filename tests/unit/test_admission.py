@@ -989,6 +989,39 @@ def test_the_gate_reads_the_load_from_the_kvstore_listing_asked_each_refresh():
     assert not asyncio.run(gate._observable())
 
 
+def test_the_gate_rejects_a_queued_request_at_its_deadline_not_at_the_next_load_read():
+    """A request queued for KV that never frees: rejected (queue_timeout, with a retry hint) at its
+    latest start, though no load read comes (the watcher not started; scrape_interval_s 30 s). It
+    waited for the next read before: a burst's rejections came late (tests/integration/test_overload)."""
+    import asyncio
+    import time
+    from services.router.admission import AdmissionGate
+    from services.router.config import RouterConfig
+
+    class FakeDiscovery:
+        async def instances(self, role=None, *, fresh=False):
+            full = LoadReport(running_decodes=4, active_requests=4, kv_free_blocks=(0,), kv_used_blocks=(64,),
+                              kv_block_size=16)
+            return [Instance("d1", "decode", "127.0.0.1:1", capacity=(64,), load=full, load_age_s=0.0)]
+
+    gate = AdmissionGate(RouterConfig(kvstore="127.0.0.1:1", deployment="dep", scrape_interval_s=30.0,
+                                      max_queue_wait_s=10.0), Metrics(new_registry(), role="router"),
+                         discovery=FakeDiscovery())
+
+    async def judged() -> tuple[BaseException, float, float]:
+        await gate.refresh()
+        t0 = time.monotonic()
+        req = AdmissionRequest("q", 100, 4, t0, ttft_slo_s=0.5)
+        with pytest.raises(AdmissionRejected) as rejected:
+            await asyncio.wait_for(gate.admit(req), 5.0)
+        return rejected.value, t0, time.monotonic()
+
+    error, t0, t1 = asyncio.run(judged())
+    assert "no decode instance had room" in str(error) and status_for(error) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert 0.2 < t1 - t0 < 0.6, t1 - t0                  # at its latest start: 0.5 s less the predicted TTFT
+    assert gate.controller.queue_length == 0 and not gate._waiting
+
+
 def test_the_slowdown_counts_only_what_the_correction_does_not_already_know():
     """A model 3x too fast: the correction learned ratio 3 from measured TTFTs, and adaptive chunks
     take 3 budgets on every instance. A busy instance at that pace is not slower than the correction
