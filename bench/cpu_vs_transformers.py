@@ -246,7 +246,9 @@ def run(contexts: list[int], dtypes: list[str], rounds: int, new_tokens: int, ch
                                  "decode_ms": statistics.median(x["decode_ms"] for x in s),
                                  "prefill_s_rounds": [x["prefill_s"] for x in s],
                                  "decode_ms_rounds": [x["decode_ms"] for x in s],
-                                 "loadavg_rounds": [x["loadavg"] for x in s]}
+                                 "loadavg_rounds": [x["loadavg"] for x in s],
+                                 **({"adjacent_floor_rounds": [x["adjacent_floor"] for x in s]}
+                                    if all("adjacent_floor" in x for x in s) else {})}
                 row["same_greedy_tokens"] = all(a["tokens"] == b["tokens"] for a, b in
                                                 zip(samples[(d, L, names[0])], samples[(d, L, names[1])]))
                 if not layout_ab:
