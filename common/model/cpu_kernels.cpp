@@ -919,12 +919,13 @@ inline void scores4(const float* qp, const T* const* kr, int64_t koff, int64_t d
 }
 
 // The AVX2 scores of 3 keys for 3 query heads of one kv head (a GQA group of 3, the built-in model's):
-// the 9 sums, the 3 keys' halves of 8 dimensions and one of q's vectors fill the 16 registers, so each
-// vector of q is loaded once for the 3 keys where scores4 reads it from L1 once per key: 12 loads per
-// 16 dimensions for 18 multiply-adds where scores4 has 28 for 24 (a load per multiply-add or more: the
-// loads bounded the loop). Each 16 dimensions in two halves (the 3 keys' first 8, then their last 8:
-// a bfloat16 row's even dimensions, then its odd ones, its 32-bit words read again for the second), so
-// every sum takes its multiply-adds in scores4's order and is reduced by the same adds: the same bits.
+// 9 sums in registers, each 16 dimensions in two halves (the 3 keys' first 8, then their last 8: a
+// bfloat16 row's even dimensions, then its odd ones), so every sum takes its multiply-adds in scores4's
+// order and is reduced by the same adds: the same bits. Written to load each of q's vectors once for
+// the 3 keys; GCC folds those loads into the multiply-adds instead (keeping registers for the sums), and
+// forcing q into registers (an empty asm) made the bfloat16 scores 0.91x and float32's 1.06-1.10x (one
+// thread's phase ticks, paired). Against scores4 (bench/results/kernel_ab_decode_scores3_s29.md, 30
+// layers' caches read cold): the kernel 1.00-1.10x, the decode step 0.99-1.06x.
 template <typename T>
 inline void scores3(const float* qp, const T* const* kr, int64_t koff, int64_t d, float* s, int64_t ns) {
   __m256 a0[3], a1[3], a2[3];                     // a<head>[key]

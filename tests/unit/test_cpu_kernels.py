@@ -468,7 +468,8 @@ def test_decode_attention_matches_the_exact_reference(builds, build, dtype, shap
     """Batches with empty, one-key, partial-block and many-span sequences (5,000 keys: about 20 units
     of work merged, each span several blocks of V rows and a padded tail), against the float64
     reference over the same paged cache; query heads per kv head from 1 to 7 (the V sums' head blocks
-    of 1 to 4; groups of 3 take AVX2's three-key scores), head dims 16 to 256. This machine's build and the AVX2 one (x86-64-v3)."""
+    of 1 to 4; groups of 3 take AVX2's three-key scores), head dims 16 to 256. This machine's build and
+    the AVX2 one (x86-64-v3)."""
     from common.attention.reference import ReferenceBackend
     lib = builds[build]
     if not lib.mn_decode_attention_isa():
