@@ -511,6 +511,10 @@ class AdmissionController:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    def next_expiry(self) -> float | None:
+        """The earliest time a queued request is rejected at if still queued (None: none queued)."""
+        return min((q.expires_at for q in self._queue.values()), default=None)
+
     def queued_ids(self, now: float) -> list[str]:
         """Queued request ids in LARS order at `now` (first = admitted first when room appears)."""
         return [q.request.request_id for q in self._ordered(now)]

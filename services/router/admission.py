@@ -38,8 +38,8 @@ from services.router.discovery import Discovery
 
 log = logging.getLogger(__name__)
 
-#: A queued request's deadline poll runs this long after its latest start (asyncio may run a timer up
-#: to its clock's resolution early; the controller rejects a request only once its time has come).
+#: The deadline poll runs this long after the earliest queued request's latest start (asyncio may run a
+#: timer up to its clock's resolution early; the controller rejects a request only once its time has come).
 DEADLINE_SLACK_S = 0.002
 
 
@@ -75,6 +75,7 @@ class AdmissionGate:
         self._source: PrometheusSource | None = None      # None: the kvstore's heartbeat loads
         self._task: asyncio.Task[None] | None = None
         self._fresh = asyncio.Event()
+        self._deadline: asyncio.TimerHandle | None = None   # a poll at the queue's earliest latest start
 
     def start(self) -> None:
         if self.config.prometheus_url:
@@ -87,6 +88,9 @@ class AdmissionGate:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(CapacityError("the router is shutting down"))
@@ -193,6 +197,30 @@ class AdmissionGate:
             if fut is not None and not fut.done():
                 fut.set_result(d)
         self.metrics.set_admission_queue(self.controller.queue_length)
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        """One timer for the whole queue, at its earliest latest start (where the controller rejects a
+        request still queued): a rejection at its deadline, not at the next load read (up to
+        scrape_interval_s and the listing's round trip later, which a burst that fills the event loop
+        stretches). The poll it runs arms it again for the next deadline."""
+        when = self.controller.next_expiry()
+        if when is None:
+            return                                      # a timer already armed fires once, harmlessly
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:                            # polled outside the event loop (tests)
+            return
+        at = loop.time() + max(0.0, when - time.monotonic()) + DEADLINE_SLACK_S
+        if self._deadline is not None:
+            if self._deadline.when() <= at:             # an earlier poll re-arms it after it runs
+                return
+            self._deadline.cancel()
+        self._deadline = loop.call_at(at, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        self.poll()
 
     async def admit(self, req: AdmissionRequest) -> Decision | None:
         """An ADMIT decision (instances chosen), after queueing if needed; None when no instance is
@@ -219,15 +247,10 @@ class AdmissionGate:
             d = self.controller.decide(req, self.snapshot, time.monotonic())
         self.metrics.observe_admission(d.outcome.value, d.reason)
         if d.outcome is Outcome.QUEUE:
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[Decision] = loop.create_future()
+            fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
             self._waiting[req.request_id] = fut
             self.metrics.set_admission_queue(self.controller.queue_length)
-            # Judged again at its latest start, where the controller rejects it if it is still queued:
-            # a rejection at its deadline, not at the next load read (up to scrape_interval_s and the
-            # listing's round trip later, which a burst that fills the event loop stretches).
-            deadline = None if d.latest_start_s is None else \
-                loop.call_later(max(0.0, d.latest_start_s - time.monotonic()) + DEADLINE_SLACK_S, self.poll)
+            self._arm_deadline()                         # judged again at its latest start at the latest
             try:
                 # The controller bounds the wait (latest_start_s); the timeout is a safety net.
                 d = await asyncio.wait_for(fut, self.config.max_queue_wait_s + 5 * self.config.scrape_interval_s)
@@ -235,8 +258,6 @@ class AdmissionGate:
                 self.controller.cancel(req.request_id)
                 raise CapacityError(f"request {req.request_id}: admission queue wait timed out") from None
             finally:
-                if deadline is not None:
-                    deadline.cancel()
                 if self._waiting.pop(req.request_id, None) is not None:
                     self.controller.cancel(req.request_id)       # the client gave up
                 self.metrics.set_admission_queue(self.controller.queue_length)

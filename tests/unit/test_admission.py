@@ -1008,18 +1008,22 @@ def test_the_gate_rejects_a_queued_request_at_its_deadline_not_at_the_next_load_
                                       max_queue_wait_s=10.0), Metrics(new_registry(), role="router"),
                          discovery=FakeDiscovery())
 
-    async def judged() -> tuple[BaseException, float, float]:
+    async def one(rid: str, slo: float, t0: float) -> tuple[BaseException, float]:
+        with pytest.raises(AdmissionRejected) as rejected:
+            await asyncio.wait_for(gate.admit(AdmissionRequest(rid, 100, 4, t0, ttft_slo_s=slo)), 5.0)
+        return rejected.value, time.monotonic() - t0
+
+    async def judged() -> list[tuple[BaseException, float]]:
         await gate.refresh()
         t0 = time.monotonic()
-        req = AdmissionRequest("q", 100, 4, t0, ttft_slo_s=0.5)
-        with pytest.raises(AdmissionRejected) as rejected:
-            await asyncio.wait_for(gate.admit(req), 5.0)
-        return rejected.value, t0, time.monotonic()
+        # the later deadline queued first: the one timer moves to the earlier one, then on to it
+        return await asyncio.gather(one("late", 0.8, t0), one("q", 0.5, t0))
 
-    error, t0, t1 = asyncio.run(judged())
+    (late, late_s), (error, waited) = asyncio.run(judged())
     assert "no decode instance had room" in str(error) and status_for(error) is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert 0.2 < t1 - t0 < 0.6, t1 - t0                  # at its latest start: 0.5 s less the predicted TTFT
-    assert gate.controller.queue_length == 0 and not gate._waiting
+    assert 0.2 < waited < 0.6, waited                     # at its latest start: 0.5 s less the predicted TTFT
+    assert 0.5 < late_s < 0.9 and late_s - waited > 0.2, (waited, late_s)     # at its own, 0.3 s later
+    assert gate.controller.queue_length == 0 and not gate._waiting and gate._deadline is None
 
 
 def test_the_slowdown_counts_only_what_the_correction_does_not_already_know():
